@@ -1,0 +1,472 @@
+"""A hand-coded Llama / Qwen2 / Mistral forward pass on safetensors, with steering, ablation and capture.
+
+    model, tok = load("HuggingFaceTB/SmolLM2-135M-Instruct")
+    logits = model(torch.tensor([tok.encode("Hello")]))            # [1, T, vocab]
+
+The layer convention, used everywhere in this project:
+    hidden index 0     = the token embeddings (input of block 1)
+    hidden index L > 0 = the output of block L (the residual stream after it), before the final norm
+so a model with N blocks has N + 1 indices, as Hugging Face `hidden_states` and the official persona-vectors
+files ([N + 1, hidden]) do. One difference: Hugging Face applies the final RMSNorm to its last entry; here
+index N is the raw residual, the same stream that steering at N adds to.
+
+Interventions are arguments of `forward`, applied after a block in this order: ablation, steering, capture.
+"""
+import json
+import math
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class Config:
+    """Fields are named like `config.json` keys; unknown keys are ignored."""
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None  # grouped-query attention; None = one kv head per query head
+    head_dim: int | None = None  # None = hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": 8.0, ...} for Llama-3.1+
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Llama option: bias on q, k, v and o (Qwen2 always has it on q, k, v only)
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        d = dict(d)
+        if "rope_parameters" in d:  # transformers >= 5 writes rope settings as one dict
+            rp = d.pop("rope_parameters") or {}
+            d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+            if rp.get("rope_type", "default") != "default":
+                d.setdefault("rope_scaling", rp)
+        known = {f.name for f in fields(cls)}
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"config.json lacks required key(s) {', '.join(missing)}: is this a causal-LM config?")
+        if d["model_type"] not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {d['model_type']!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        c = cls(**{k: v for k, v in d.items() if k in known})
+        c.num_key_value_heads = c.num_key_value_heads or c.num_attention_heads
+        c.head_dim = c.head_dim or c.hidden_size // c.num_attention_heads
+        if c.hidden_act != "silu":
+            raise ValueError(f"unsupported hidden_act {c.hidden_act!r}; only 'silu' (Llama/Qwen2/Mistral) is implemented")
+        rope_type = (c.rope_scaling or {}).get("rope_type", (c.rope_scaling or {}).get("type", "default"))
+        if rope_type not in ("default", "llama3", "linear"):
+            raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: default, linear, llama3")
+        return c
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "Config":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+
+def rope_inv_freq(c: Config) -> torch.Tensor:
+    """Rotary inverse frequencies [head_dim / 2] in fp32, with Llama-3.1-style or linear scaling if configured.
+
+    >>> rope_inv_freq(Config("llama", 10, 8, 8, 1, 2, rope_theta=10000.0))  # head_dim 4 -> theta^(-0/4), theta^(-2/4)
+    tensor([1.0000, 0.0100])
+    """
+    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
+    rs = c.rope_scaling or {}
+    rope_type = rs.get("rope_type", rs.get("type", "default"))
+    if rope_type == "linear":
+        inv_freq = inv_freq / rs["factor"]
+    elif rope_type == "llama3":
+        # Long wavelengths (beyond the original context / low_freq_factor) are slowed by `factor`, short ones are
+        # kept, and the band in between is interpolated smoothly.
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_len = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + head_dim/2) of x [B, H, T, hd] by the angles in cos/sin [B, 1, T, hd]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # fp32 whatever the dtype: the mean of squares overflows/underflows in bf16
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated: [B, n_kv_heads, max_len, head_dim] each; `length` filled."""
+    def __init__(self, c: Config, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.num_hidden_layers)]
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        T = k.shape[2]
+        self.k[layer][:, :, self.length:self.length + T] = k
+        self.v[layer][:, :, self.length:self.length + T] = v
+        return self.k[layer][:, :, :self.length + T], self.v[layer][:, :, :self.length + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, c: Config, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv, self.hd = layer, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        qkv_bias = c.model_type == "qwen2" or c.attention_bias
+        self.q_proj = nn.Linear(c.hidden_size, self.n_head * self.hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.hd, c.hidden_size, bias=c.attention_bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # [B, n_head, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, n_kv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, n_kv, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # [B, n_kv, S, hd], S = cached + T
+        # softmax(q @ k^T / sqrt(hd), masked) @ v, each group of n_head / n_kv query heads sharing one kv head;
+        # the fused kernel accumulates the softmax in fp32 for bf16 inputs.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: Config, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c, layer)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class Steer:
+    """Add `coef * vector` to hidden index `layer` (1..N: output of block `layer`; 0: embeddings).
+
+    positions: "all" (every token), "prompt" (tokens before `response_start`), or "response" (tokens at or after
+    `response_start`). In generation the response is the generated tokens, so at prefill "response" steers nothing
+    and the first new token is sampled from unsteered logits; the prompt's keys and values stay as without steering.
+    (The official persona-vectors code also steers the last prompt token at prefill.)
+    """
+    layer: int
+    vector: torch.Tensor  # [hidden]
+    coef: float = 1.0
+    positions: str = "all"
+
+    def __post_init__(self):
+        check_intervention(self.layer, self.vector, self.coef, self.positions)
+
+
+@dataclass
+class Ablate:
+    """Remove the component along `direction` from hidden index `layer`: h <- h - (h . u) u, u = direction / |direction|."""
+    layer: int
+    direction: torch.Tensor  # [hidden]
+    positions: str = "all"
+
+    def __post_init__(self):
+        check_intervention(self.layer, self.direction, 1.0, self.positions)
+        self.direction = self.direction / self.direction.norm()
+
+
+def check_intervention(layer: int, vector: torch.Tensor, coef: float, positions: str) -> None:
+    # once, at construction: a finiteness check inside forward would sync the GPU at every decoded token
+    if positions not in ("all", "prompt", "response"):
+        raise ValueError(f"positions must be all, prompt or response, not {positions!r}")
+    if not (math.isfinite(coef) and torch.isfinite(vector).all()):
+        raise ValueError(f"intervention at layer {layer}: coefficient or vector has non-finite values; recompute the vector")
+
+
+@dataclass
+class Capture:
+    """Per-layer summaries of the residual stream, accumulated over one or several forward calls.
+
+    After the calls, `prompt_mean()`, `response_mean()` and `prompt_last()` return [B, N + 1, hidden] fp32 tensors
+    (hidden indices as in the module docstring). Means are over non-padding tokens of the span; a row with an empty
+    span gives zeros. Only running sums are kept; `token_layers` also keeps every token's state at those indices
+    (`tokens[layer]`: list of [B, T, hidden] fp32, one per forward call), for per-token projections.
+    """
+    token_layers: tuple = ()
+    sums: dict = field(default_factory=dict)  # span -> [B, N + 1, hidden] fp32
+    counts: dict = field(default_factory=dict)  # span -> [B] number of tokens summed
+    tokens: dict = field(default_factory=dict)  # layer -> list of [B, T, hidden]
+
+    def record(self, layer: int, h: torch.Tensor, spans: dict, n_layers: int):
+        """Add the states h [B, T, hidden] at `layer` to each span's sum; spans: name -> [B, T] 0/1 weights."""
+        for span, m in spans.items():
+            if span not in self.sums:
+                self.sums[span] = h.new_zeros(h.shape[0], n_layers + 1, h.shape[-1], dtype=torch.float32)
+                self.counts[span] = h.new_zeros(h.shape[0], dtype=torch.float32)
+            self.sums[span][:, layer] += (h.float() * m[..., None]).sum(1)
+            if layer == 0:
+                self.counts[span] += m.sum(1)
+        if layer in self.token_layers:
+            self.tokens.setdefault(layer, []).append(h.detach().float())
+
+    def _mean(self, span):
+        return self.sums[span] / self.counts[span].clamp(min=1)[:, None, None]
+
+    def prompt_mean(self): return self._mean("prompt")
+    def response_mean(self): return self._mean("response")
+    def prompt_last(self): return self.sums["last"]  # a one-token span: the sum is the value
+
+
+class Transformer(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.config = c
+        self.model = nn.Module()  # attribute names follow Hugging Face, so checkpoints load as an identity map
+        self.model.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.model.layers = nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers))
+        self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(c), persistent=False)
+        self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, response_start: torch.Tensor | None = None,
+                steer: list[Steer] = (), ablate: list[Ablate] = (), capture: Capture | None = None,
+                logits: str = "all") -> torch.Tensor | None:
+        """input_ids [B, T] (left-padded) -> logits [B, T, vocab] ("all"), [B, 1, vocab] ("last") or None ("none").
+
+        attention_mask [B, S]: 1 = token, 0 = padding, over the cached columns and these T (S = cache.length + T).
+        response_start [B]: column (in those S) where each row's response begins; None = all prompt.
+        """
+        B, T = input_ids.shape
+        N = self.config.num_hidden_layers
+        start = cache.length if cache is not None else 0
+        cols = torch.arange(start, start + T, device=input_ids.device)  # [T] absolute columns of these tokens
+        if attention_mask is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+            pos = cols.expand(B, T)
+            mask = None if start == 0 or T == 1 else (cols[:, None] >= torch.arange(start + T, device=cols.device))
+        else:
+            am = attention_mask.bool()
+            assert am.shape == (B, start + T), f"attention_mask must be [B, cached + new] = {(B, start + T)}"
+            valid = am[:, start:]
+            pos = (am.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # left padding: count real tokens only
+            keys = torch.arange(start + T, device=cols.device)
+            # causal and not padding; every query may see itself, so a padding row is never empty (no NaN)
+            mask = (cols[:, None] >= keys) & am[:, None, :] | (cols[:, None] == keys)  # [B, T, S]
+        if mask is not None and mask.dim() == 2:
+            mask = mask[None]
+        mask = mask[:, None] if mask is not None else None  # [B or 1, 1, T, S], broadcast over heads
+
+        freqs = pos[..., None].float() * self.inv_freq  # [B, T, hd/2] in fp32
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
+        dtype = self.model.embed_tokens.weight.dtype
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+        if response_start is None:
+            is_resp = torch.zeros(B, T, dtype=torch.bool, device=cols.device)
+        else:
+            is_resp = cols[None, :] >= response_start[:, None]
+        spans = {"all": None, "prompt": valid & ~is_resp, "response": valid & is_resp}
+        for s in list(steer) + list(ablate):
+            v = s.vector if isinstance(s, Steer) else s.direction
+            if not 0 <= s.layer <= N:
+                raise ValueError(f"layer {s.layer} out of range: this model has hidden indices 0..{N}")
+            if v.shape != (self.config.hidden_size,):
+                raise ValueError(f"vector of shape {tuple(v.shape)} at layer {s.layer}, but the model's hidden size "
+                                 f"is {self.config.hidden_size}: was it extracted from another model?")
+        if capture is not None:
+            last = response_start[:, None] - 1 if response_start is not None else start + T - 1
+            last_prompt = cols[None, :] == last  # [B, T]
+            cap = {"prompt": spans["prompt"].float(), "response": spans["response"].float(),
+                   "last": (last_prompt & valid).float()}
+
+        def intervene(i: int, h: torch.Tensor) -> torch.Tensor:
+            for a in ablate:
+                if a.layer == i:
+                    u = a.direction.to(h)
+                    hu = h - (h @ u)[..., None] * u
+                    h = hu if spans[a.positions] is None else torch.where(spans[a.positions][..., None], hu, h)
+            for s in steer:
+                if s.layer == i:
+                    hs = h + s.coef * s.vector.to(h)
+                    h = hs if spans[s.positions] is None else torch.where(spans[s.positions][..., None], hs, h)
+            if capture is not None:
+                capture.record(i, h, cap, N)
+            return h
+
+        h = intervene(0, self.model.embed_tokens(input_ids))  # [B, T, hidden]
+        for i, block in enumerate(self.model.layers, start=1):
+            if self.gradient_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                h = block(h, cos, sin, mask, cache)
+            h = intervene(i, h)
+        if cache is not None:
+            cache.length += T
+        if logits == "none":
+            return None
+        if logits == "last":
+            h = h[:, -1:]  # left padding puts every row's last token in the last column
+        return self.lm_head(self.model.norm(h))
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # bf16 is ~6x slower on CPU
+
+
+def load_weights(model: Transformer, model_dir: Path, device, dtype) -> None:
+    """Assign safetensors weights (single file or sharded) to a meta-device model; every key and shape checked."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (model_dir / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
+                                "(only safetensors weights are supported; convert .bin checkpoints first)")
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tied = model.config.tie_word_embeddings
+    state = {}
+    for name in files:
+        path = model_dir / name
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and tied):
+                        continue  # recomputed / tied to the embedding: harmless extras
+                    if key not in expected:
+                        raise ValueError(f"unexpected tensor {key!r} in {path}: not a {model.config.model_type} checkpoint?")
+                    t = f.get_tensor(key)
+                    if t.shape != expected[key]:
+                        raise ValueError(f"tensor {key!r} in {path} has shape {tuple(t.shape)}, "
+                                         f"expected {tuple(expected[key])}: config.json does not match the weights")
+                    state[key] = t.to(device=device, dtype=dtype)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read {path} ({e}); the file is missing or truncated: download it again") from None
+    if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        model.config.tie_word_embeddings = True  # tied, or no separate head in the checkpoint: share the embedding
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s), first {missing[0]!r}: incomplete download?")
+    model.load_state_dict(state, strict=True, assign=True)
+    if model.config.tie_word_embeddings:  # one Parameter, so training updates both uses together
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(model.config).to(device)
+
+
+def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> Transformer:
+    """Build the model of a Hugging Face-layout directory on the meta device and assign its weights (in eval mode)."""
+    model_dir = Path(model_dir)
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    config = Config.from_json(model_dir / "config.json")
+    with torch.device("meta"):  # no memory for random init: the weights are assigned straight from the files
+        model = Transformer(config)
+    load_weights(model, model_dir, device, dtype)
+    return model.eval()
+
+
+def load(name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None):
+    """Load a model and its tokenizer from a local Hugging Face-layout directory or a hub id -> (model, tokenizer)."""
+    import hub
+    from tokenizer import Tokenizer
+    model_dir = hub.resolve(name_or_path)
+    model = load_model(model_dir, device, dtype)
+    model.name_or_path = str(name_or_path)
+    return model, Tokenizer(model_dir)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from logits [B, vocab]: argmax when temperature == 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        p, idx = probs.sort(dim=-1, descending=True)
+        drop = p.cumsum(-1) - p > top_p  # tokens after the nucleus; the most likely token always stays
+        probs = torch.zeros_like(probs).scatter_(-1, idx, p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(), pad_id: int = 0,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+             steer: list[Steer] = (), capture: Capture | None = None) -> list[list[int]]:
+    """Batched generation with left padding and a KV cache -> the new tokens of each prompt, stop token excluded.
+
+    A row stops at its first token in `stop_ids`; its later columns are masked out, so a `capture` sees exactly
+    the prompt (prompt_mean, prompt_last) and the generated tokens that were fed back (response_mean).
+    """
+    device = model.model.embed_tokens.weight.device
+    B, T0 = len(prompts), max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("empty prompt: every prompt needs at least one token")
+    ids = torch.full((B, T0), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, T0 + max_new_tokens, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        ids[b, T0 - len(p):] = torch.tensor(p)
+        mask[b, T0 - len(p):T0] = True
+    ids, mask = ids.to(device), mask.to(device)
+    response_start = torch.full((B,), T0, device=device)
+    cache = KVCache(model.config, B, T0 + max_new_tokens, device, model.model.embed_tokens.weight.dtype)
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = []
+    logits = model(ids, mask[:, :T0], cache, response_start, steer=steer, capture=capture, logits="last")
+    for t in range(max_new_tokens):
+        nxt = sample(logits[:, -1], temperature, top_p, generator)
+        done |= torch.isin(nxt, stop)
+        out.append(torch.where(done, -1, nxt))
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        mask[:, T0 + t] = ~done  # a finished row's filler token is padding from now on
+        logits = model(nxt[:, None], mask[:, :T0 + t + 1], cache, response_start, steer=steer, capture=capture,
+                       logits="last")
+    tokens = torch.stack(out, 1).tolist()
+    return [[x for x in row if x >= 0] for row in tokens]
