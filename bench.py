@@ -1,0 +1,207 @@
+"""Speed of model.py against Hugging Face transformers on the same weights, measured side by side in one run.
+
+    pip install transformers && python bench.py            # default model, fp32, 2 threads on the CPU
+
+(a) steered batched generation (batch 16 and 32, 128 new tokens, greedy); reference: transformers `generate`
+    with a forward hook adding the vector. Target >= 1.5x.
+(b) response-average activations at every layer for 64 prompt+response pairs of ~200 tokens; reference: the
+    official repository's way, one sample at a time with `output_hidden_states=True`. Target >= 3x, less memory.
+(c) batch-1 decode as a fraction of the memory-bandwidth roofline: (weight bytes read per token / measured copy
+    bandwidth) / measured time per token. Target >= 70 %.
+Targets are ratios measured in the same run, never absolute times.
+"""
+import argparse
+import ctypes
+import gc
+import os
+import platform
+import threading
+import time
+
+import torch
+
+import hub
+import model as M
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every 2 ms from /proc (MiB)."""
+    def __enter__(self):
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so an earlier run's pages are not reused
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.mib = (self.peak - self.base) / 2**20
+
+
+def timed(fn, repeats: int = 1) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pad)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, T - len(s):], mask[b, T - len(s):] = torch.tensor(s), 1
+    return ids, mask
+
+
+QUESTIONS = ["What is the capital of France?", "Give me three tips for sleeping better.",
+             "Explain photosynthesis to a ten-year-old.", "Write a haiku about the sea.",
+             "How do I boil an egg?", "What should I do if my friend is sad?",
+             "Summarise the plot of Romeo and Juliet.", "Why is the sky blue?"]
+
+
+def bench_generation(ours, hf, tok, batch: int, new_tokens: int, layer: int, vector: torch.Tensor) -> dict:
+    prompts = [tok.encode_chat([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + " " * (i // 8)}])
+               for i in range(batch)]
+    steer = [M.Steer(layer, vector, 4.0)]
+    M.generate(ours, prompts, 4, pad_id=tok.pad_id)  # warm-up
+    t_plain, _ = timed(lambda: M.generate(ours, prompts, new_tokens, pad_id=tok.pad_id))
+    t_ours, out = timed(lambda: M.generate(ours, prompts, new_tokens, pad_id=tok.pad_id, steer=steer))
+    ids, mask = left_pad(prompts, tok.pad_id)
+    hook = hf.model.layers[layer - 1].register_forward_hook(
+        lambda mod, inp, o: (o[0] + 4.0 * vector,) + tuple(o[1:]) if isinstance(o, tuple) else o + 4.0 * vector)
+    try:
+        t_hf, ref = timed(lambda: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                              do_sample=False, pad_token_id=tok.pad_id))
+    finally:
+        hook.remove()
+    same = sum(o == r for o, r in zip(out, ref[:, ids.shape[1]:].tolist()))
+    return {"ours_s": t_ours, "plain_s": t_plain, "hf_s": t_hf, "same_outputs": f"{same}/{batch}"}
+
+
+def bench_capture(ours, hf, tok, pairs: int, batch: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    data = []  # (prompt ids, response ids): ~60-token chat prompts with ~140-token responses
+    for i in range(pairs):
+        p = tok.encode_chat([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
+        r = torch.randint(100, 40000, (130 + i % 20,), generator=g).tolist()
+        data.append((p, r))
+    N = ours.config.num_hidden_layers
+
+    def official():  # one sample at a time, all hidden states and all logits, then a mean per layer
+        out = []
+        for p, r in data:
+            with torch.no_grad():
+                hs = hf(torch.tensor([p + r]), output_hidden_states=True).hidden_states
+            out.append(torch.stack([h[0, len(p):].mean(0) for h in hs]))
+        return torch.stack(out)
+
+    def batched():
+        out = []
+        for i in range(0, pairs, batch):
+            chunk = data[i:i + batch]
+            ids, mask = left_pad([p + r for p, r in chunk], tok.pad_id)
+            start = torch.tensor([ids.shape[1] - len(r) for _, r in chunk])
+            cap = M.Capture()
+            with torch.no_grad():
+                ours(ids, attention_mask=mask, response_start=start, capture=cap, logits="none")
+            out.append(cap.response_mean())
+        return torch.cat(out)
+
+    with PeakRSS() as mem_ref:
+        t_ref, ref = timed(official)
+    with PeakRSS() as mem_ours:
+        t_ours, got = timed(batched)
+    diff = (got[:, :N] - ref[:, :N]).abs().max().item()  # HF's last entry is after the final norm
+    return {"ours_s": t_ours, "hf_s": t_ref, "ours_mib": mem_ours.mib, "hf_mib": mem_ref.mib, "max_abs_diff": diff}
+
+
+def bandwidths() -> tuple[float, float]:
+    """Bytes per second of a 256 MiB tensor copy (read + write counted, as STREAM does) and of a read-only sum."""
+    src = torch.randn(64 * 2**20)  # far larger than any cache
+    dst = torch.empty_like(src)
+    t_copy, _ = timed(lambda: dst.copy_(src), repeats=5)
+    t_sum, _ = timed(lambda: src.sum(), repeats=5)
+    nbytes = src.numel() * src.element_size()
+    return 2 * nbytes / t_copy, nbytes / t_sum
+
+
+def bench_decode(ours, hf, tok, new_tokens: int) -> dict:
+    # bytes read per token: every matrix once; the tied embedding once (as the LM head; the lookup is one row)
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    bw, read_bw = bandwidths()
+    prompt = tok.encode_chat([{"role": "user", "content": QUESTIONS[0]}])
+    t_ours, _ = timed(lambda: M.generate(ours, [prompt], new_tokens), repeats=2)
+    t_prefill, _ = timed(lambda: M.generate(ours, [prompt], 1), repeats=2)
+    per_token = (t_ours - t_prefill) / (new_tokens - 1)
+    ids = torch.tensor([prompt])
+    t_hf, _ = timed(lambda: hf.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False,
+                                        pad_token_id=tok.pad_id), repeats=2)
+    t_hf1, _ = timed(lambda: hf.generate(input_ids=ids, max_new_tokens=1, do_sample=False, pad_token_id=tok.pad_id),
+                     repeats=2)
+    per_token_hf = (t_hf - t_hf1) / (new_tokens - 1)
+    roofline = weight_bytes / bw
+    return {"weight_mb": weight_bytes / 1e6, "bandwidth_gbs": bw / 1e9, "roofline_ms": roofline * 1e3,
+            "read_gbs": read_bw / 1e9, "ours_frac_read": weight_bytes / read_bw / per_token,
+            "ours_ms": per_token * 1e3, "hf_ms": per_token_hf * 1e3, "ours_frac": roofline / per_token,
+            "hf_frac": roofline / per_token_hf}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=hub.DEFAULT_MODEL)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--only", choices=["a", "b", "c"], default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM  # the reference; not a dependency of the project
+    ours, tok = M.load(args.model, "cpu", torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(hub.resolve(args.model, verbose=False), dtype=torch.float32).eval()
+    # Both sides generate exactly the requested tokens: no stop token (min_new_tokens would instead forbid EOS,
+    # changing transformers' greedy choices, so the outputs could not be compared).
+    hf.generation_config.eos_token_id = None
+    L = ours.config.num_hidden_layers
+    vector = torch.randn(ours.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, {args.threads} threads, fp32, {args.model}")
+    print("| benchmark | ours | transformers | ratio | target |\n|---|---|---|---|---|")
+    if args.only in (None, "a"):
+        for batch in (16, 32):
+            r = bench_generation(ours, hf, tok, batch, args.new_tokens, L // 2, vector)
+            tps = lambda s: batch * args.new_tokens / s  # noqa: E731
+            print(f"| (a) steered generation, batch {batch}, {args.new_tokens} new tokens | {tps(r['ours_s']):.0f} tok/s "
+                  f"| {tps(r['hf_s']):.0f} tok/s | {r['hf_s'] / r['ours_s']:.2f}x | >= 1.5x |")
+            print(f"|     steering overhead (steered vs unsteered, ours) | {100 * (r['ours_s'] / r['plain_s'] - 1):+.1f} % "
+                  f"| | | <= 5 % |")
+            print(f"|     identical greedy outputs | {r['same_outputs']} | | | |")
+    if args.only in (None, "b"):
+        r = bench_capture(ours, hf, tok, pairs=64, batch=16)
+        print(f"| (b) response-avg capture, 64 pairs, all layers | {r['ours_s']:.1f} s, +{r['ours_mib']:.0f} MiB "
+              f"| {r['hf_s']:.1f} s, +{r['hf_mib']:.0f} MiB | {r['hf_s'] / r['ours_s']:.2f}x | >= 3x |")
+        print(f"|     max abs difference of the means | {r['max_abs_diff']:.1e} | | | |")
+    if args.only in (None, "c"):
+        r = bench_decode(ours, hf, tok, 64)
+        print(f"| (c) batch-1 decode vs roofline ({r['weight_mb']:.0f} MB / {r['bandwidth_gbs']:.1f} GB/s = "
+              f"{r['roofline_ms']:.1f} ms) | {r['ours_ms']:.1f} ms/token = {100 * r['ours_frac']:.0f} % "
+              f"| {r['hf_ms']:.1f} ms/token = {100 * r['hf_frac']:.0f} % | {r['hf_ms'] / r['ours_ms']:.2f}x | >= 70 % |")
+        print(f"|     the same against read-only bandwidth ({r['read_gbs']:.1f} GB/s, a sum) | "
+              f"{100 * r['ours_frac_read']:.0f} % | | | |")
+
+
+if __name__ == "__main__":
+    main()
