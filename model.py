@@ -245,6 +245,10 @@ class Capture:
             self.sums[span][:, layer] += (h.float() * m[..., None]).sum(1)
             if layer == 0:
                 self.counts[span] += m.sum(1)
+        if "response" in spans:  # mean per-token norm: the scale against which a steering coefficient is judged
+            if "response_norm" not in self.sums:
+                self.sums["response_norm"] = h.new_zeros(h.shape[0], n_layers + 1, dtype=torch.float32)
+            self.sums["response_norm"][:, layer] += (h.float().norm(dim=-1) * spans["response"]).sum(1)
         if layer in self.token_layers:
             self.tokens.setdefault(layer, []).append(h.detach().float())
 
@@ -254,6 +258,7 @@ class Capture:
     def prompt_mean(self): return self._mean("prompt")
     def response_mean(self): return self._mean("response")
     def prompt_last(self): return self.sums["last"]  # a one-token span: the sum is the value
+    def response_norm(self): return self.sums["response_norm"] / self.counts["response"].clamp(min=1)[:, None]
 
 
 class Transformer(nn.Module):
@@ -418,7 +423,7 @@ def load(name_or_path: str, device: str | None = None, dtype: torch.dtype | None
     from tokenizer import Tokenizer
     model_dir = hub.resolve(name_or_path)
     model = load_model(model_dir, device, dtype)
-    model.name_or_path = str(name_or_path)
+    model.name_or_path, model.source_dir = str(name_or_path), model_dir  # recorded in the files we write
     return model, Tokenizer(model_dir)
 
 
@@ -441,7 +446,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     """Batched generation with left padding and a KV cache -> the new tokens of each prompt, stop token excluded.
 
     A row stops at its first token in `stop_ids`; its later columns are masked out, so a `capture` sees exactly
-    the prompt (prompt_mean, prompt_last) and the generated tokens that were fed back (response_mean).
+    the prompt (prompt_mean, prompt_last) and every generated token before the stop (response_mean): the same
+    states as a forward pass over prompt + answer.
     """
     device = model.model.embed_tokens.weight.device
     B, T0 = len(prompts), max(len(p) for p in prompts)
@@ -466,7 +472,13 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         nxt = sample(logits[:, -1], temperature, top_p, generator)
         done |= torch.isin(nxt, stop)
         out.append(torch.where(done, -1, nxt))
-        if t == max_new_tokens - 1 or bool(done.all()):
+        if bool(done.all()):
+            break
+        if t == max_new_tokens - 1:
+            if capture is not None:  # feed the last tokens too, so the capture covers the whole answer
+                mask[:, T0 + t] = ~done
+                model(nxt[:, None], mask[:, :T0 + t + 1], cache, response_start, steer=steer, capture=capture,
+                      logits="none")
             break
         mask[:, T0 + t] = ~done  # a finished row's filler token is padding from now on
         logits = model(nxt[:, None], mask[:, :T0 + t + 1], cache, response_start, steer=steer, capture=capture,

@@ -104,6 +104,7 @@ class Tokenizer:
         if not tok_file.is_file():
             raise FileNotFoundError(f"{tok_file} not found (a Hugging Face-layout model directory is needed)")
         self._tok = _HFTokenizer.from_file(str(tok_file))
+        self.backend = self._tok  # the `tokenizers.Tokenizer`, for what this wrapper does not cover
         config = _read_json(model_dir / "tokenizer_config.json")
         gen_config = _read_json(model_dir / "generation_config.json")
         model_config = _read_json(model_dir / "config.json")

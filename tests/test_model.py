@@ -221,11 +221,21 @@ def test_capture_during_generation_matches_teacher_forcing():
     outs = M.generate(m, prompts, max_new_tokens=6, capture=cap)
     for b, (p, out) in enumerate(zip(prompts, outs)):
         ref = M.Capture()
-        # the last sampled token is never fed back, so generation saw out[:-1]
-        m(torch.tensor([p + out[:-1]]), response_start=torch.tensor([len(p)]), capture=ref, logits="none")
+        m(torch.tensor([p + out]), response_start=torch.tensor([len(p)]), capture=ref, logits="none")
         assert torch.allclose(cap.prompt_mean()[b], ref.prompt_mean()[0], atol=1e-5)
         assert torch.allclose(cap.response_mean()[b], ref.response_mean()[0], atol=1e-5)
         assert torch.allclose(cap.prompt_last()[b], ref.prompt_last()[0], atol=1e-5)
+        assert torch.allclose(cap.response_norm()[b], ref.response_norm()[0], atol=1e-4)
+        assert cap.counts["response"][b] == len(out)
+    # a row that stops early: its stop token and the filler after it are not part of the response
+    stop = outs[0][2]
+    cap = M.Capture()
+    stopped = M.generate(m, prompts, max_new_tokens=6, stop_ids={stop}, capture=cap)
+    assert stopped[0] == outs[0][:outs[0].index(stop)] and cap.counts["response"][0] == len(stopped[0])
+    outs = stopped
+    ref = M.Capture()
+    m(torch.tensor([prompts[0] + outs[0]]), response_start=torch.tensor([4]), capture=ref, logits="none")
+    assert torch.allclose(cap.response_mean()[0], ref.response_mean()[0], atol=1e-5)
 
 
 def test_bad_interventions_fail_clearly():

@@ -1,0 +1,178 @@
+"""The extraction pipeline end to end on a tiny random chat model (and, slow, on the default model)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as M
+import persona_vectors as pv
+from tiny import make_tiny_chat_model
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+class FakeJudge:
+    """Gives every prompt the same score and counts what it was asked."""
+    def __init__(self, name, value):
+        self.name, self.value, self.asked = name, value, 0
+
+    def score(self, prompts, on_result=None):
+        self.asked += len(prompts)
+        for i in range(len(prompts)):
+            if on_result:
+                on_result(i, self.value)
+        return [self.value] * len(prompts)
+
+
+def run_extract(tiny_dir, out, **kw):
+    args = dict(model_name=str(tiny_dir), judge="none", rollouts=1, max_new_tokens=6, questions=2, out=str(out),
+                batch_size=7, seed=3, device="cpu") | kw
+    return pv.extract("evil", **args)
+
+
+def test_extract_end_to_end_and_vector_equals_hand_computed_mean_difference(tiny_dir, tmp_path, capsys):
+    paths = run_extract(tiny_dir, tmp_path)
+    err = capsys.readouterr().err
+    assert "judge: NONE" in err and "kept 10/10 pairs" in err
+    vec, meta = pv.load_vector(paths["response_avg"])
+    assert vec.shape == (4, 64) and meta["judge"] == "none" and meta["kept_pairs"] == 10 and meta["total_pairs"] == 10
+    assert meta["variant"] == "response_avg" and len(meta["residual_norm"]) == 4 and "index 0" in meta["layer_convention"]
+    # recompute every kept answer's activations with a plain forward pass over prompt + generated tokens
+    model, tok = M.load(str(tiny_dir), "cpu", torch.float32)
+    rows = []
+    work = next((tmp_path / ".work").glob("evil-*"))
+    from safetensors import safe_open
+    for f in sorted(work.glob("batch-*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            rows += json.loads(h.metadata()["rows"])
+    means = {}
+    for side in ("pos", "neg"):
+        caps = []
+        for r in (r for r in rows if r["side"] == side):
+            p = tok.encode_chat([{"role": "system", "content": r["system"]}, {"role": "user", "content": r["question"]}])
+            cap = M.Capture()
+            with torch.no_grad():
+                model(torch.tensor([p + r["answer_ids"]]), response_start=torch.tensor([len(p)]), capture=cap,
+                      logits="none")
+            caps.append(cap)
+        means[side] = {v: torch.cat([getattr(c, {"response_avg": "response_mean", "prompt_avg": "prompt_mean",
+                                                   "prompt_last": "prompt_last"}[v])() for c in caps]).mean(0)
+                       for v in pv.VARIANTS}
+    for variant in pv.VARIANTS:
+        got, _ = pv.load_vector(paths[variant])
+        assert torch.allclose(got, means["pos"][variant] - means["neg"][variant], atol=1e-4), variant
+    # the rollouts as CSV, official columns first
+    header = paths["csv_pos"].read_text().splitlines()[0]
+    assert header.startswith("question,prompt,answer,question_id,evil,coherence")
+
+
+def test_kill_and_resume_gives_the_same_vector_without_regenerating(tiny_dir, tmp_path):
+    ref = run_extract(tiny_dir, tmp_path / "ref", batch_size=4)
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "persona_vectors.py"), "extract", "evil", "--model", str(tiny_dir), "--judge",
+           "none", "--rollouts", "1", "--max-new-tokens", "6", "--questions", "2", "--batch-size", "4", "--seed", "3",
+           "--out", str(out), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # kill -9 as soon as the first batch is on disk
+        if line.startswith("rollouts: 4/20"):
+            proc.kill()
+            break
+    proc.wait()
+    work = next((out / ".work").glob("evil-*"))
+    before = {p.name: p.stat().st_mtime_ns for p in work.glob("batch-*.safetensors")}
+    assert 1 <= len(before) < 5 and not list(out.glob("*.safetensors"))
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"rollouts: {4 * len(before)} of 20 loaded" in r.stderr
+    assert all(work.joinpath(n).stat().st_mtime_ns == t for n, t in before.items())  # not regenerated
+    for variant in pv.VARIANTS:
+        assert torch.equal(pv.load_vector(out / f"evil_{variant}_diff.safetensors")[0],
+                           pv.load_vector(ref[variant])[0])
+
+
+def test_keep_pairs_thresholds():
+    rows = []
+    for i, (p, n, cp, cn) in enumerate([(80, 10, 90, 90), (40, 10, 90, 90), (80, 60, 90, 90), (80, 10, 30, 90),
+                                        (None, 10, 90, 90)]):
+        rows += [dict(key=f"pos:0:{i}:0", side="pos", evil=p, coherence=cp),
+                 dict(key=f"neg:0:{i}:0", side="neg", evil=n, coherence=cn)]
+    pos, neg, why = pv.keep_pairs(rows, "evil", True, 50, 50, 50)
+    assert pos == [0] and neg == [1]
+    assert why == {"pos trait score": 2, "neg trait score": 1, "coherence": 1}
+    assert pv.keep_pairs(rows, "evil", True, 30, 70, 20)[0] == [0, 2, 4, 6]
+    assert pv.keep_pairs(rows, "evil", False, 50, 50, 50)[0] == [0, 2, 4, 6, 8]  # no judge: keep everything
+
+
+def test_no_surviving_pair_names_the_threshold(tiny_dir, tmp_path, monkeypatch):
+    import judge as J
+    harsh = FakeJudge("fake:harsh", 10.0)  # nothing is evil enough, and everything is incoherent
+    monkeypatch.setattr(J, "make_judge", lambda spec: harsh)
+    with pytest.raises(ValueError, match="no pair of 10 survived.*relax --"):
+        run_extract(tiny_dir, tmp_path, judge="fake")
+
+
+def test_judge_results_are_cached_and_recorded(tiny_dir, tmp_path, monkeypatch):
+    import judge as J
+    fake = FakeJudge("fake:scores", 80.0)
+    monkeypatch.setattr(J, "make_judge", lambda spec: fake)
+    paths = run_extract(tiny_dir, tmp_path, judge="fake", pos_threshold=0, neg_threshold=101)
+    first = fake.asked  # 20 answers x (trait + coherence), identical prompts asked once
+    assert pv.load_vector(paths["response_avg"])[1]["judge"] == "fake:scores" and 0 < first <= 40
+    run_extract(tiny_dir, tmp_path, judge="fake", pos_threshold=0, neg_threshold=101)
+    assert fake.asked == first  # the rerun paid for no judgment
+
+
+def test_bad_input(tiny_dir, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="evil"):
+        pv.extract("no_such_trait", model_name=str(tiny_dir), judge="none")
+    with pytest.raises(ValueError):
+        pv.extract("../evil", model_name=str(tiny_dir), judge="none")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setattr(M, "load", lambda *a, **k: pytest.fail("generation started before the judge was checked"))
+    with pytest.raises(ValueError, match="OPENAI_API_KEY"):
+        pv.extract("evil", model_name=str(tiny_dir), judge="openai")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="choose another --out"):
+        run_extract(tiny_dir, blocker / "sub")
+
+
+def test_import_vector(tmp_path):
+    vec = torch.randn(31, 576)
+    src = tmp_path / "evil_response_avg_diff.pt"
+    torch.save(vec, src)
+    dest = pv.import_vector(str(src), str(tmp_path / "out"), "Qwen/Qwen2.5-7B-Instruct")
+    got, meta = pv.load_vector(dest)
+    assert torch.equal(got, vec) and meta["trait"] == "evil" and meta["variant"] == "response_avg"
+    assert meta["model"] == "Qwen/Qwen2.5-7B-Instruct"
+    torch.save({"not": "a tensor"}, tmp_path / "x_prompt_last_diff.pt")
+    with pytest.raises(ValueError, match="expected one"):
+        pv.import_vector(str(tmp_path / "x_prompt_last_diff.pt"))
+    torch.save(NotATensor(), tmp_path / "y.pt")  # weights_only loading refuses anything but tensors
+    with pytest.raises(ValueError, match="cannot read"):
+        pv.import_vector(str(tmp_path / "y.pt"))
+
+
+class NotATensor:
+    pass
+
+
+@pytest.mark.slow
+def test_extract_on_the_default_model_with_a_tiny_budget(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "persona_vectors.py"), "extract", "evil", "--judge", "none",
+                        "--questions", "1", "--max-new-tokens", "8", "--out", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    vec, meta = pv.load_vector(tmp_path / "evil_response_avg_diff.safetensors")
+    assert vec.shape == (31, 576) and meta["kept_pairs"] == 5 and meta["judge"] == "none"
+    assert torch.isfinite(vec).all() and vec[1:].norm(dim=-1).min() > 0
