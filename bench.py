@@ -74,23 +74,35 @@ QUESTIONS = ["What is the capital of France?", "Give me three tips for sleeping 
              "Summarise the plot of Romeo and Juliet.", "Why is the sky blue?"]
 
 
-def bench_generation(ours, hf, tok, batch: int, new_tokens: int, layer: int, vector: torch.Tensor) -> dict:
+def bench_generation(ours, hf, tok, batch: int, new_tokens: int, layer: int, vector: torch.Tensor,
+                     repeats: int = 3) -> dict:
     prompts = [tok.encode_chat([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + " " * (i // 8)}])
                for i in range(batch)]
     steer = [M.Steer(layer, vector, 4.0)]
-    M.generate(ours, prompts, 4, pad_id=tok.pad_id)  # warm-up
-    t_plain, _ = timed(lambda: M.generate(ours, prompts, new_tokens, pad_id=tok.pad_id))
-    t_ours, out = timed(lambda: M.generate(ours, prompts, new_tokens, pad_id=tok.pad_id, steer=steer))
     ids, mask = left_pad(prompts, tok.pad_id)
-    hook = hf.model.layers[layer - 1].register_forward_hook(
-        lambda mod, inp, o: (o[0] + 4.0 * vector,) + tuple(o[1:]) if isinstance(o, tuple) else o + 4.0 * vector)
-    try:
-        t_hf, ref = timed(lambda: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                              do_sample=False, pad_token_id=tok.pad_id))
-    finally:
-        hook.remove()
-    same = sum(o == r for o, r in zip(out, ref[:, ids.shape[1]:].tolist()))
-    return {"ours_s": t_ours, "plain_s": t_plain, "hf_s": t_hf, "same_outputs": f"{same}/{batch}"}
+
+    def hook(mod, inp, o):
+        return (o[0] + 4.0 * vector,) + tuple(o[1:]) if isinstance(o, tuple) else o + 4.0 * vector
+
+    def hf_steered():
+        handle = hf.model.layers[layer - 1].register_forward_hook(hook)
+        try:
+            return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=tok.pad_id)
+        finally:
+            handle.remove()
+
+    runs = {"plain_s": lambda: M.generate(ours, prompts, new_tokens, pad_id=tok.pad_id),
+            "ours_s": lambda: M.generate(ours, prompts, new_tokens, pad_id=tok.pad_id, steer=steer),
+            "hf_s": hf_steered}
+    M.generate(ours, prompts, 4, pad_id=tok.pad_id)  # warm-up
+    best, outputs = {k: float("inf") for k in runs}, {}
+    for _ in range(repeats):  # interleaved, best of each: a noisy machine slows every side alike
+        for k, fn in runs.items():
+            t, outputs[k] = timed(fn)
+            best[k] = min(best[k], t)
+    same = sum(o == r for o, r in zip(outputs["ours_s"], outputs["hf_s"][:, ids.shape[1]:].tolist()))
+    return best | {"same_outputs": f"{same}/{batch}"}
 
 
 def bench_capture(ours, hf, tok, pairs: int, batch: int) -> dict:
@@ -190,7 +202,7 @@ def main():
                   f"| | | <= 5 % |")
             print(f"|     identical greedy outputs | {r['same_outputs']} | | | |")
     if args.only in (None, "b"):
-        r = bench_capture(ours, hf, tok, pairs=64, batch=16)
+        r = bench_capture(ours, hf, tok, pairs=64, batch=4)
         print(f"| (b) response-avg capture, 64 pairs, all layers | {r['ours_s']:.1f} s, +{r['ours_mib']:.0f} MiB "
               f"| {r['hf_s']:.1f} s, +{r['hf_mib']:.0f} MiB | {r['hf_s'] / r['ours_s']:.2f}x | >= 3x |")
         print(f"|     max abs difference of the means | {r['max_abs_diff']:.1e} | | | |")

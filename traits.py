@@ -188,6 +188,13 @@ def validate(data: dict, source: str, stem: str | None = None) -> Trait:
                  eval_prompt=prompt, graded_system_prompts=graded, many_shot_examples=shots)
 
 
+def validate_name(name: str) -> str:
+    """A trait name must be a plain word: it becomes a file name under data/traits/ and a metadata field."""
+    if not NAME_RE.fullmatch(name):
+        raise ValueError(f"trait names are plain words (lowercase letters, digits, underscores), not {name!r}")
+    return name
+
+
 def load_trait(name_or_path: str) -> Trait:
     """A trait by name ("evil": data/traits/evil.json) or by the path of a .json file anywhere."""
     path = Path(name_or_path)

@@ -119,6 +119,13 @@ def test_no_surviving_pair_names_the_threshold(tiny_dir, tmp_path, monkeypatch):
         run_extract(tiny_dir, tmp_path, judge="fake")
 
 
+def test_a_judge_without_numbers_is_a_clear_error(tiny_dir, tmp_path, monkeypatch):
+    import judge as J
+    monkeypatch.setattr(J, "make_judge", lambda spec: FakeJudge("fake:mute", None))
+    with pytest.raises(ValueError, match="gave no score to any of 20 answers"):
+        run_extract(tiny_dir, tmp_path, judge="fake")
+
+
 def test_judge_results_are_cached_and_recorded(tiny_dir, tmp_path, monkeypatch):
     import judge as J
     fake = FakeJudge("fake:scores", 80.0)

@@ -267,3 +267,20 @@ def test_training_with_steering_and_checkpointing():
     m.gradient_checkpointing = True
     loss2, g2 = grads()
     assert torch.allclose(loss, loss2) and torch.allclose(g, g2, atol=1e-6) and g.abs().sum() > 0
+
+
+def test_split_linear_equals_f_linear():
+    torch.manual_seed(0)
+    lin = M.Linear(48, 96, bias=True)
+    threads = torch.get_num_threads()
+    try:
+        for g in (2, 3, 5):  # 5 does not divide 96: plain F.linear
+            torch.set_num_threads(g)
+            for shape in [(1, 48), (3, 1, 48), (4, 16, 48), (2, 40, 48)]:  # the last has 80 rows: plain F.linear
+                x = torch.randn(*shape, requires_grad=True)
+                y = lin(x)
+                torch.testing.assert_close(y, torch.nn.functional.linear(x, lin.weight, lin.bias))
+                y.sum().backward()  # differentiable like nn.Linear
+                torch.testing.assert_close(x.grad, lin.weight.sum(0).expand_as(x))
+    finally:
+        torch.set_num_threads(threads)
