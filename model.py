@@ -399,7 +399,9 @@ def load_weights(model: Transformer, model_dir: Path, device, dtype) -> None:
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tied = model.config.tie_word_embeddings
     state = {}
-    for name in files:
+    for n, name in enumerate(files, start=1):
+        if len(files) > 1:
+            print(f"loading {name} ({n}/{len(files)})", file=sys.stderr, flush=True)
         path = model_dir / name
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
