@@ -80,7 +80,7 @@ class Config:
 def rope_inv_freq(c: Config) -> torch.Tensor:
     """Rotary inverse frequencies [head_dim / 2] in fp32, with Llama-3.1-style or linear scaling if configured.
 
-    >>> rope_inv_freq(Config("llama", 10, 8, 8, 1, 2, rope_theta=10000.0))  # head_dim 4 -> theta^(-0/4), theta^(-2/4)
+    >>> rope_inv_freq(Config("llama", 10, 8, 8, 1, 2, head_dim=4, rope_theta=1e4))  # theta^(-0/4), theta^(-2/4)
     tensor([1.0000, 0.0100])
     """
     inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))

@@ -10,6 +10,7 @@ import csv
 import datetime
 import hashlib
 import json
+import math
 import os
 import pickle
 import sys
@@ -30,17 +31,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def generate(prompts: list[str], model_name: str = DEFAULT_MODEL, system: str | None = None,
              max_new_tokens: int = 200, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             device: str | None = None, dtype: torch.dtype | None = None) -> list[str]:
-    """Answer each prompt as a single-turn chat (greedy unless temperature > 0) -> the answers.
+             steer: list[str] = (), layer: int | None = None, positions: str = "response", all_layers: bool = False,
+             vectors: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> list[str]:
+    """Answer each prompt as a single-turn chat (greedy unless temperature > 0), optionally steered -> the answers.
 
-    With system=None the model's own chat template decides (Qwen2.5 and SmolLM2 insert their default system prompt).
+    steer: specs like "evil:1.5", "humorous:-0.1r" or "path/v.safetensors:2" (see `steering`); negative coefficients
+    steer away from the trait. With system=None the model's own chat template decides (Qwen2.5 and SmolLM2 insert
+    their default system prompt).
     """
     model, tok = M.load(model_name, device, dtype)
+    interventions = steering(list(steer), model, vectors, layer, positions, all_layers)
     messages = [([{"role": "system", "content": system}] if system is not None else [])
                 + [{"role": "user", "content": p}] for p in prompts]
     ids = [tok.encode_chat(m) for m in messages]
     out = M.generate(model, ids, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
-                     temperature=temperature, top_p=top_p, seed=seed, progress=True)
+                     temperature=temperature, top_p=top_p, seed=seed, steer=interventions, progress=True)
     return [tok.decode(o) for o in out]
 
 
@@ -108,9 +113,11 @@ def rollout_jobs(trait, questions: int, rollouts: int) -> list[dict]:
     return jobs
 
 
-def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, work: Path) -> list[dict]:
+def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, work: Path,
+                    steer: list[M.Steer] = ()) -> tuple[list[dict], dict]:
     """Generate every job's answer and capture its activations, batch by batch, each batch saved as it finishes.
 
+    jobs: dicts with "key", "question" and "system" (None: no system message, the template decides).
     A batch file holds the batch's rows (metadata) and their per-layer activations; a rerun loads finished batches
     and samples only the missing ones, each with its own seed, so the result does not depend on interruptions.
     """
@@ -120,12 +127,12 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
     for b, batch in enumerate(batches):
         path = work / f"batch-{b:05d}.safetensors"
         if not path.exists():
-            convs = [[{"role": "system", "content": j["system"]}, {"role": "user", "content": j["question"]}]
-                     for j in batch]
+            convs = [([{"role": "system", "content": j["system"]}] if j["system"] is not None else [])
+                     + [{"role": "user", "content": j["question"]}] for j in batch]
             cap = M.Capture()
             outs = M.generate(model, [tok.encode_chat(c) for c in convs], budget.max_new_tokens,
                               stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=budget.temperature,
-                              top_p=budget.top_p, seed=seed * 1_000_003 + b, capture=cap)
+                              top_p=budget.top_p, seed=seed * 1_000_003 + b, steer=steer, capture=cap)
             new = [j | {"answer": tok.decode(o), "answer_ids": o, "n_tokens": len(o), "prompt": tok.chat(c)}
                    for j, o, c in zip(batch, outs, convs)]
             tensors = {"response_avg": cap.response_mean(), "prompt_avg": cap.prompt_mean(),
@@ -151,9 +158,6 @@ def judge_rollouts(trait, rows: list[dict], judge_spec: str | None, cache_path: 
     """Trait score and coherence for every row (None: refusal, no score, or no judge)."""
     import judge as J
     judge = J.make_judge(judge_spec)
-    if judge.name == "none":
-        print("judge: NONE -- no answer is filtered; the vector averages every sample (recorded in its metadata)",
-              file=sys.stderr)
     cache = J.JudgeCache(cache_path)
     prompts = [trait.judge_prompt(r["question"], r["answer"]) for r in rows]
     prompts += [J.COHERENCE_PROMPT.replace("{question}", r["question"]).replace("{answer}", r["answer"]) for r in rows]
@@ -216,18 +220,14 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
     if judge not in (None, "none"):
         J.make_judge(judge)  # a judge that cannot work (no key) fails here, before any generation
     model, tok = M.load(model_name, device, dtype)
-    dev = str(model.model.embed_tokens.weight.device)
-    b = default_budget(dev, sum(p.numel() for p in model.parameters()))
-    b = Budget(rollouts or b.rollouts, max_new_tokens or b.max_new_tokens,
-               b.temperature if temperature is None else temperature, b.top_p if top_p is None else top_p,
-               batch_size or b.batch_size)
-    out_dir = Path(out) if out else Path("vectors") / Path(model_name.rstrip("/")).name
+    b = _budget(model, rollouts, max_new_tokens, temperature, top_p, batch_size)
+    out_dir = Path(out) if out else default_vectors_dir(model_name)
     check_writable(out_dir)
     questions = min(questions, len(t.extract_questions))
     settings = dict(model=model_name, trait=t.name, trait_sha=hashlib.sha256(json.dumps(asdict(t), default=str)
                     .encode()).hexdigest(), questions=questions, seed=seed, dtype=str(model.lm_head.weight.dtype),
                     **asdict(b))
-    work = out_dir / ".work" / f"{t.name}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]}"
+    work = out_dir / ".work" / f"{t.name}-{_settings_hash(settings)}"
     work.mkdir(parents=True, exist_ok=True)
     jobs = rollout_jobs(t, questions, b.rollouts)
     print(f"extract {t.name}: {len(jobs)} answers ({questions} questions x {len(t.instructions)} instruction pairs x "
@@ -236,6 +236,9 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
     rows, acts = sample_rollouts(model, tok, jobs, b, seed, work)
     judge_name = judge_rollouts(t, rows, judge, out_dir / ".work" / "judgments.jsonl")
     judged = judge_name != "none"
+    if not judged:
+        print("judge: NONE -- no answer is filtered; the vector averages every sample (recorded in its metadata)",
+              file=sys.stderr)
     if judged and all(r[t.name] is None for r in rows):
         raise ValueError(f"the judge ({judge_name}) gave no score to any of {len(rows)} answers (refusals, or no "
                          "numbers among its top tokens): check the judge model and the trait's eval_prompt")
@@ -311,6 +314,262 @@ def import_vector(pt_file: str, out: str | None = None, model_name: str | None =
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Steering: add coef * v to the residual stream while generating.
+
+def default_vectors_dir(model_name: str) -> Path:
+    return Path("vectors") / Path(model_name.rstrip("/")).name
+
+
+def parse_steer_spec(spec: str) -> tuple[str, float, bool]:
+    """'TRAIT:COEF' or 'FILE.safetensors:COEF', COEF raw or relative ('r' suffix) -> (source, coef, relative).
+
+    >>> parse_steer_spec("evil:1.5"), parse_steer_spec("humorous:-0.1r")
+    (('evil', 1.5, False), ('humorous', -0.1, True))
+    """
+    source, sep, coef = spec.rpartition(":")
+    relative = coef.endswith("r")
+    try:
+        value = float(coef[:-1] if relative else coef)
+    except ValueError:
+        value = None
+    if not sep or not source or value is None:
+        raise ValueError(f"--steer {spec!r}: expected TRAIT:COEF or FILE.safetensors:COEF, e.g. evil:1.5 or evil:0.1r")
+    if not math.isfinite(value):
+        raise ValueError(f"--steer {spec!r}: the coefficient must be a finite number")
+    return source, value, relative
+
+
+def steering(specs: list[str], model: M.Transformer, vectors_dir: str | Path | None = None, layer: int | None = None,
+             positions: str = "response", all_layers: bool = False) -> list[M.Steer]:
+    """The Steer interventions for --steer specs.
+
+    Units: a raw coefficient multiplies the vector as saved (the paper's `coef * v`); a relative one ('0.1r') adds
+    a vector whose norm is that fraction of the mean residual norm at the layer (recorded by `extract`), i.e.
+    raw = rel * residual_norm[layer] / |v[layer]|, so a setting transfers between models.
+    Layer: `layer`, else the best layer recorded in the file (by a sweep), else the middle block.
+    all_layers: the paper's multi-layer variant, coef * (v[l] - v[l-1]) added after every block l, so that the
+    total added by block l is coef * (v[l] - v[0]).
+    """
+    N, d = model.config.num_hidden_layers, model.config.hidden_size
+    vectors_dir = Path(vectors_dir) if vectors_dir else default_vectors_dir(getattr(model, "name_or_path", "model"))
+    out = []
+    for spec in specs:
+        source, coef, relative = parse_steer_spec(spec)
+        path = Path(source) if source.endswith(".safetensors") else vectors_dir / f"{source}_response_avg_diff.safetensors"
+        if not path.is_file():
+            raise ValueError(f"--steer {spec!r}: no vector file {path}; run `extract {source}` first"
+                             if not source.endswith(".safetensors") else f"--steer {spec!r}: {path} does not exist")
+        vec, meta = load_vector(path)
+        if vec.shape != (N + 1, d):
+            raise ValueError(f"{path} is [{vec.shape[0]}, {vec.shape[1]}] (extracted from {meta.get('model', '?')}), "
+                             f"but this model needs [{N + 1}, {d}]: use a vector extracted from this model")
+        L = layer if layer is not None else meta.get("best_layer", N // 2)
+        if not 1 <= L <= N:
+            raise ValueError(f"--layer {L} out of range: this model has blocks 1..{N}")
+        if relative:
+            coef = coef * meta["residual_norm"][L] / float(vec[L].norm())
+        if all_layers:
+            out += [M.Steer(l, vec[l] - vec[l - 1], coef, positions) for l in range(1, N + 1)]
+        else:
+            out.append(M.Steer(L, vec[L], coef, positions))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: how strongly does the (steered) model express the trait on the held-out questions?
+
+def mean_se(values) -> tuple[float | None, float | None, int]:
+    """Mean, standard error and count of the values that are not None.
+
+    >>> m, se, n = mean_se([1.0, 2.0, 3.0, None]); (m, round(se, 4), n)
+    (2.0, 0.5774, 3)
+    """
+    xs = [float(x) for x in values if x is not None]
+    if not xs:
+        return None, None, 0
+    m = sum(xs) / len(xs)
+    se = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5 if len(xs) > 1 else 0.0
+    return m, se, len(xs)
+
+
+def _settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _evaluate(t, model, tok, judge_spec, budget: Budget, questions: int, steer_specs: list[str], layer, positions,
+              all_layers: bool, vectors_dir: Path, out_dir: Path, seed: int, label: str) -> dict:
+    interventions = steering(steer_specs, model, vectors_dir, layer, positions, all_layers)
+    jobs = [dict(key=f"eval:{qi}:{r}", question_id=qi, rollout=r, question=q, system=None)
+            for qi, q in enumerate(t.eval_questions[:questions]) for r in range(budget.rollouts)]
+    settings = dict(model=model.name_or_path, trait=t.name, questions=questions, seed=seed, steer=steer_specs,
+                    layer=layer, positions=positions, all_layers=all_layers, **asdict(budget))
+    work = out_dir / ".work" / f"eval-{t.name}-{_settings_hash(settings)}"
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"eval {t.name} [{label}]: {len(jobs)} answers ({questions} questions x {budget.rollouts} samples)",
+          file=sys.stderr)
+    rows, acts = sample_rollouts(model, tok, jobs, budget, seed, work, steer=interventions)
+    judge_name = judge_rollouts(t, rows, judge_spec, out_dir / ".work" / "judgments.jsonl")
+    # projection of each answer's mean activation onto the trait's unit vector, at the steered (or middle) layer
+    proj_layer = interventions[0].layer if interventions and not all_layers else (
+        layer or model.config.num_hidden_layers // 2)
+    vec_path = vectors_dir / f"{t.name}_response_avg_diff.safetensors"
+    if vec_path.is_file():
+        v = load_vector(vec_path)[0][proj_layer]
+        for r, p in zip(rows, (acts["response_avg"][:, proj_layer] @ (v / v.norm())).tolist()):
+            r["projection"] = p
+    trait_m, trait_se, n = mean_se(r[t.name] for r in rows)
+    coh_m, coh_se, _ = mean_se(r["coherence"] for r in rows)
+    proj_m, proj_se, _ = mean_se(r.get("projection") for r in rows)
+    csv_path = out_dir / "eval" / f"{t.name}_{label}.csv"
+    columns = ["question", "answer", "question_id", "rollout", t.name, "coherence", "projection"]
+
+    def write(p):
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    atomic_write(csv_path, write)
+    return dict(trait=t.name, label=label, judge=judge_name, n=len(rows), judged=n, trait_mean=trait_m,
+                trait_se=trait_se, coherence_mean=coh_m, coherence_se=coh_se, projection_mean=proj_m,
+                projection_se=proj_se, projection_layer=proj_layer, csv=str(csv_path))
+
+
+def _format(x, se=None) -> str:
+    return "n/a" if x is None else f"{x:.1f}" + ("" if se is None else f" +- {se:.1f}")
+
+
+def evaluate(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None, samples: int | None = None,
+             questions: int = 20, steer: list[str] = (), layer: int | None = None, positions: str = "response",
+             all_layers: bool = False, vectors: str | None = None, out: str | None = None,
+             max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+             batch_size: int | None = None, seed: int = 0, device: str | None = None,
+             dtype: torch.dtype | None = None) -> dict:
+    """Trait expression on the trait's evaluation questions (never the extraction ones), optionally steered.
+
+    Answers are sampled with no system prompt, `samples` per question, and judged for the trait and coherence ->
+    means with standard errors, the mean projection on the trait's vector, and the answers as CSV. With the `none`
+    judge only the answers and projections are reported.
+    """
+    from traits import load_trait
+    t = load_trait(trait)
+    model, tok = M.load(model_name, device, dtype)
+    b = _budget(model, samples, max_new_tokens, temperature, top_p, batch_size)
+    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
+    out_dir = Path(out) if out else vectors_dir
+    check_writable(out_dir)
+    label = "base" if not steer else "_".join(spec.replace("/", "-").replace(":", "@") for spec in steer) + (
+        f"_L{layer}" if layer is not None else "") + ("_all" if all_layers else "")
+    r = _evaluate(t, model, tok, judge, b, min(questions, len(t.eval_questions)), list(steer), layer, positions,
+                  all_layers, vectors_dir, out_dir, seed, label)
+    print(f"{t.name} [{label}]: trait {_format(r['trait_mean'], r['trait_se'])}, coherence "
+          f"{_format(r['coherence_mean'], r['coherence_se'])} ({r['judged']}/{r['n']} judged by {r['judge']}); "
+          f"projection at layer {r['projection_layer']}: {_format(r['projection_mean'], r['projection_se'])}; "
+          f"answers in {r['csv']}", file=sys.stderr)
+    return r
+
+
+def _budget(model, rollouts, max_new_tokens, temperature, top_p, batch_size) -> Budget:
+    dev = str(model.model.embed_tokens.weight.device)
+    b = default_budget(dev, sum(p.numel() for p in model.parameters()))
+    return Budget(rollouts or b.rollouts, max_new_tokens or b.max_new_tokens,
+                  b.temperature if temperature is None else temperature, b.top_p if top_p is None else top_p,
+                  batch_size or b.batch_size)
+
+
+def best_setting(results: list[dict], coherence_min: float = 75) -> dict | None:
+    """The sweep's choice: the highest mean trait score among settings whose mean coherence stays >= coherence_min.
+
+    >>> best_setting([dict(layer=10, coef=2, trait_mean=80, coherence_mean=60),
+    ...               dict(layer=12, coef=1, trait_mean=55, coherence_mean=81)])["layer"]
+    12
+    """
+    ok = [r for r in results if r["trait_mean"] is not None and r["coherence_mean"] is not None
+          and r["coherence_mean"] >= coherence_min]
+    return max(ok, key=lambda r: r["trait_mean"]) if ok else None
+
+
+def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None, layers: list[int] | None = None,
+          coefs: list[float] | None = None, relative: bool = False, samples: int | None = None, questions: int = 20,
+          coherence_min: float = 75, vectors: str | None = None, out: str | None = None,
+          max_new_tokens: int | None = None, batch_size: int | None = None, seed: int = 0,
+          device: str | None = None, dtype: torch.dtype | None = None) -> dict:
+    """Evaluate steering over a grid of layers x coefficients -> CSV, plot, and the best layer recorded in the vector.
+
+    Defaults: six layers spread over the middle two thirds of the network, the paper's coefficients 0.5 to 2.5 (raw),
+    or 0.05 to 0.25 of the residual norm with relative=True. The best setting (highest trait score with coherence >=
+    coherence_min) is written into the vector file's metadata (best_layer, best_coef), so later commands default
+    to it. Each setting is cached like `extract`, so an interrupted sweep resumes.
+    """
+    from traits import load_trait
+    t = load_trait(trait)
+    model, tok = M.load(model_name, device, dtype)
+    N = model.config.num_hidden_layers
+    layers = layers or sorted({round(N / 6 + i * (2 * N / 3) / 5) for i in range(6)})
+    coefs = coefs or ([0.05, 0.1, 0.15, 0.2, 0.25] if relative else [0.5, 1.0, 1.5, 2.0, 2.5])
+    b = _budget(model, samples, max_new_tokens, None, None, batch_size)
+    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
+    out_dir = Path(out) if out else vectors_dir
+    check_writable(out_dir)
+    vec_path = vectors_dir / f"{t.name}_response_avg_diff.safetensors"
+    results = []
+    for i, (layer, coef) in enumerate((l, c) for l in layers for c in coefs):
+        print(f"sweep {t.name}: setting {i + 1}/{len(layers) * len(coefs)} (layer {layer}, coef {coef})", file=sys.stderr)
+        spec = f"{vec_path}:{coef}{'r' if relative else ''}"
+        r = _evaluate(t, model, tok, judge, b, min(questions, len(t.eval_questions)), [spec], layer, "response",
+                      False, vectors_dir, out_dir, seed, f"L{layer}_c{coef}{'r' if relative else ''}")
+        results.append(dict(layer=layer, coef=coef, relative=relative) | {k: r[k] for k in (
+            "trait_mean", "trait_se", "coherence_mean", "coherence_se", "projection_mean", "n", "judged")})
+    csv_path = out_dir / f"{t.name}_sweep.csv"
+
+    def write(p):
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, list(results[0]))
+            w.writeheader()
+            w.writerows(results)
+    atomic_write(csv_path, write)
+    plot = plot_sweep(results, t.name, out_dir / f"{t.name}_sweep.png")
+    best = best_setting(results, coherence_min)
+    if best is None:
+        print(f"sweep {t.name}: no setting kept coherence >= {coherence_min}" if results[0]["judged"] else
+              f"sweep {t.name}: no judge, so no best layer can be chosen (the CSV has the projections)", file=sys.stderr)
+    else:
+        vec, meta = load_vector(vec_path)
+        meta |= dict(best_layer=best["layer"], best_coef=f"{best['coef']}{'r' if relative else ''}",
+                     best_trait_mean=best["trait_mean"], best_coherence_mean=best["coherence_mean"])
+        atomic_write(vec_path, lambda p: save_file({"vector": vec}, p,
+                                                   metadata={k: json.dumps(v) for k, v in meta.items()}))
+        print(f"sweep {t.name}: best layer {best['layer']} at coef {meta['best_coef']} (trait "
+              f"{best['trait_mean']:.1f}, coherence {best['coherence_mean']:.1f}); recorded in {vec_path}",
+              file=sys.stderr)
+    print(f"wrote {csv_path}" + (f", {plot}" if plot else " (pip install matplotlib for the plot)"), file=sys.stderr)
+    return dict(results=results, best=best, csv=csv_path, plot=plot)
+
+
+def plot_sweep(results: list[dict], trait: str, path: Path) -> Path | None:
+    """Trait score against layer, one line per coefficient, coherence dashed (like the paper's Figure 3)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for coef in sorted({r["coef"] for r in results}):
+        rs = [r for r in results if r["coef"] == coef]
+        line, = ax.plot([r["layer"] for r in rs], [r["trait_mean"] if r["trait_mean"] is not None else float("nan")
+                                                   for r in rs], marker="o", label=f"coef {coef}")
+        ax.plot([r["layer"] for r in rs], [r["coherence_mean"] if r["coherence_mean"] is not None else float("nan")
+                                           for r in rs], linestyle="--", color=line.get_color(), alpha=0.5)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"{trait} score (solid), coherence (dashed)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Writing a new trait file with an LLM.
 
 TRAIT_WRITER_PROMPT = """I am building a dataset to find the direction in a language model's activations that controls one \
@@ -371,15 +630,6 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
         sp.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
 
-    g = sub.add_parser("generate", help="answer prompts with the chat model")
-    g.add_argument("prompts", nargs="+", help="one or more user messages")
-    g.add_argument("--system", default=None, help="system prompt (default: the model's own template decides)")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    common(g)
-
     e = sub.add_parser("extract", help="extract a persona vector for a trait in data/traits (or a trait .json file)")
     e.add_argument("trait")
     e.add_argument("--judge", default=None, help="openai[:MODEL] | local:MODEL | none (default: openai when "
@@ -405,6 +655,57 @@ def main(argv: list[str] | None = None) -> int:
     gt.add_argument("--out", default=None, help="directory (default: data/traits)")
     gt.add_argument("--force", action="store_true", help="overwrite an existing file")
 
+    def steering_flags(sp):
+        sp.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF",
+                        help="TRAIT:COEF or FILE.safetensors:COEF, raw or relative to the residual norm (0.1r); "
+                             "repeatable; negative coefficients mitigate")
+        sp.add_argument("--layer", type=int, default=None, help="block to steer (default: the vector's best layer, "
+                        "else the middle)")
+        sp.add_argument("--positions", choices=["response", "all", "prompt"], default="response")
+        sp.add_argument("--all-layers", action="store_true", help="steer every block with v[l] - v[l-1]")
+        sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
+
+    ev = sub.add_parser("eval", help="trait expression on the evaluation questions, optionally steered")
+    ev.add_argument("trait")
+    ev.add_argument("--judge", default=None, help="openai[:MODEL] | local:MODEL | none")
+    ev.add_argument("--samples", type=int, default=None, help="answers per question (default: 10 on CUDA, 1 on CPU)")
+    ev.add_argument("--questions", type=int, default=20)
+    ev.add_argument("--max-new-tokens", type=int, default=None)
+    ev.add_argument("--temperature", type=float, default=None)
+    ev.add_argument("--top-p", type=float, default=None)
+    ev.add_argument("--batch-size", type=int, default=None)
+    ev.add_argument("--out", default=None, help="default: the vectors directory")
+    ev.add_argument("--seed", type=int, default=0)
+    steering_flags(ev)
+    common(ev)
+
+    sw = sub.add_parser("sweep", help="steer over layers x coefficients; record the best layer in the vector file")
+    sw.add_argument("trait")
+    sw.add_argument("--judge", default=None, help="openai[:MODEL] | local:MODEL | none")
+    sw.add_argument("--layers", type=lambda x: [int(v) for v in x.split(",")], default=None, help="e.g. 8,12,16")
+    sw.add_argument("--coefs", type=lambda x: [float(v) for v in x.split(",")], default=None, help="e.g. 0.5,1,2")
+    sw.add_argument("--relative", action="store_true", help="coefficients relative to the residual norm")
+    sw.add_argument("--coherence-min", type=float, default=75)
+    sw.add_argument("--samples", type=int, default=None)
+    sw.add_argument("--questions", type=int, default=20)
+    sw.add_argument("--max-new-tokens", type=int, default=None)
+    sw.add_argument("--batch-size", type=int, default=None)
+    sw.add_argument("--vectors", default=None)
+    sw.add_argument("--out", default=None)
+    sw.add_argument("--seed", type=int, default=0)
+    common(sw)
+
+    g = sub.add_parser("generate", help="answer prompts with the chat model, optionally steered")
+    g.add_argument("prompts", nargs="*", help="one or more user messages")
+    g.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    g.add_argument("--system", default=None, help="system prompt (default: the model's own template decides)")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    steering_flags(g)
+    common(g)
+
     iv = sub.add_parser("import-vector", help="convert an official-repository .pt vector file to .safetensors")
     iv.add_argument("file")
     iv.add_argument("--out", default=None, help="output directory (default: beside the file)")
@@ -416,14 +717,29 @@ def main(argv: list[str] | None = None) -> int:
             extract(args.trait, args.model, args.judge, args.rollouts, args.max_new_tokens, args.questions,
                     args.out, args.batch_size, args.seed, args.temperature, args.top_p, args.pos_threshold,
                     args.neg_threshold, args.coherence_threshold, args.device, DTYPES.get(args.dtype))
+        elif args.command == "eval":
+            evaluate(args.trait, args.model, args.judge, args.samples, args.questions, args.steer, args.layer,
+                     args.positions, args.all_layers, args.vectors, args.out, args.max_new_tokens, args.temperature,
+                     args.top_p, args.batch_size, args.seed, args.device, DTYPES.get(args.dtype))
+        elif args.command == "sweep":
+            sweep(args.trait, args.model, args.judge, args.layers, args.coefs, args.relative, args.samples,
+                  args.questions, args.coherence_min, args.vectors, args.out, args.max_new_tokens, args.batch_size,
+                  args.seed, args.device, DTYPES.get(args.dtype))
         elif args.command == "generate-trait":
             print(generate_trait(args.name, args.description, args.model, args.out, args.force))
         elif args.command == "import-vector":
             print(import_vector(args.file, args.out, args.model))
         elif args.command == "generate":
             t0 = time.time()
-            answers = generate(args.prompts, args.model, args.system, args.max_new_tokens, args.temperature,
-                               args.top_p, args.seed, args.device, DTYPES.get(args.dtype))
+            prompts = list(args.prompts)
+            if args.prompts_file:
+                prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+            if not prompts:
+                raise ValueError("no prompt: give one or more, or --prompts-file FILE")
+            args.prompts = prompts
+            answers = generate(prompts, args.model, args.system, args.max_new_tokens, args.temperature, args.top_p,
+                               args.seed, args.steer, args.layer, args.positions, args.all_layers, args.vectors,
+                               args.device, DTYPES.get(args.dtype))
             for prompt, answer in zip(args.prompts, answers):
                 print(f">>> {prompt}\n{answer}\n")
             print(f"({time.time() - t0:.1f} s)", file=sys.stderr)

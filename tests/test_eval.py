@@ -1,0 +1,106 @@
+"""eval and sweep on a tiny random chat model, with a stand-in judge."""
+import csv
+import doctest
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import model as M
+import persona_vectors as pv
+from tiny import make_tiny_chat_model
+from traits import load_trait
+
+
+class HashJudge:
+    """A deterministic stand-in: the score is a hash of the prompt, so different answers get different scores."""
+    name = "fake:hash"
+
+    def __init__(self):
+        self.asked = 0
+
+    def score(self, prompts, on_result=None):
+        self.asked += len(prompts)
+        out = [float(int(hashlib.sha256(p.encode()).hexdigest(), 16) % 101) for p in prompts]
+        for i, s in enumerate(out):
+            if on_result:
+                on_result(i, s)
+        return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    d = make_tiny_chat_model(root / "model")
+    vectors = root / "vectors"
+    vectors.mkdir()
+    meta = {"model": str(d), "residual_norm": [10.0, 11.0, 12.0, 13.0]}
+    save_file({"vector": torch.randn(4, 64, generator=torch.Generator().manual_seed(0))},
+              vectors / "evil_response_avg_diff.safetensors", metadata={k: json.dumps(v) for k, v in meta.items()})
+    return d, vectors
+
+
+def test_doctests():
+    for module in (pv, M):
+        assert doctest.testmod(module).failed == 0
+
+
+def test_best_setting_respects_the_coherence_guard():
+    rows = [dict(layer=5, coef=2.5, trait_mean=90.0, coherence_mean=40.0),
+            dict(layer=10, coef=1.0, trait_mean=70.0, coherence_mean=80.0),
+            dict(layer=15, coef=1.5, trait_mean=75.0, coherence_mean=76.0),
+            dict(layer=20, coef=0.5, trait_mean=None, coherence_mean=None)]
+    assert pv.best_setting(rows)["layer"] == 15
+    assert pv.best_setting(rows, coherence_min=78)["layer"] == 10
+    assert pv.best_setting(rows, coherence_min=95) is None
+
+
+def test_eval_uses_only_evaluation_questions(tiny, tmp_path, monkeypatch):
+    import judge as J
+    d, vectors = tiny
+    monkeypatch.setattr(J, "make_judge", lambda spec: HashJudge())
+    r = pv.evaluate("evil", str(d), judge="fake", samples=2, questions=3, vectors=str(vectors), out=str(tmp_path),
+                    max_new_tokens=5, device="cpu")
+    rows = list(csv.DictReader(open(r["csv"])))
+    t = load_trait("evil")
+    assert len(rows) == 6 and {row["question"] for row in rows} == set(t.eval_questions[:3])
+    assert not {row["question"] for row in rows} & set(t.extract_questions)
+    assert r["n"] == r["judged"] == 6 and r["trait_mean"] == pytest.approx(sum(float(x["evil"]) for x in rows) / 6)
+    assert r["projection_mean"] is not None and r["projection_layer"] == 1  # the middle of 3 blocks
+
+
+def test_steered_eval_differs_and_none_judge_reports_projections(tiny, tmp_path, capsys):
+    d, vectors = tiny
+    kw = dict(model_name=str(d), judge="none", questions=4, vectors=str(vectors), out=str(tmp_path),
+              max_new_tokens=6, device="cpu")
+    base = pv.evaluate("evil", **kw)
+    steered = pv.evaluate("evil", steer=["evil:20"], layer=2, **kw)
+    assert base["trait_mean"] is None and base["judge"] == "none"
+    assert steered["projection_layer"] == 2 and steered["label"] == "evil@20_L2"
+    assert steered["projection_mean"] != base["projection_mean"]
+
+
+def test_sweep_end_to_end_records_the_best_layer_and_resumes(tiny, tmp_path, monkeypatch):
+    import judge as J
+    d, vectors = tiny
+    judge = HashJudge()
+    monkeypatch.setattr(J, "make_judge", lambda spec: judge)
+    vec_dir = tmp_path / "vectors"
+    vec_dir.mkdir()
+    (vec_dir / "evil_response_avg_diff.safetensors").write_bytes(
+        (vectors / "evil_response_avg_diff.safetensors").read_bytes())
+    kw = dict(model_name=str(d), judge="fake", layers=[1, 2], coefs=[0.5, 4.0], questions=2, vectors=str(vec_dir),
+              max_new_tokens=5, coherence_min=0, device="cpu")
+    result = pv.sweep("evil", **kw)
+    rows = list(csv.DictReader(open(result["csv"])))
+    assert [(int(r["layer"]), float(r["coef"])) for r in rows] == [(1, 0.5), (1, 4.0), (2, 0.5), (2, 4.0)]
+    best = pv.best_setting(result["results"], 0)
+    _, meta = pv.load_vector(vec_dir / "evil_response_avg_diff.safetensors")
+    assert meta["best_layer"] == best["layer"] and meta["best_coef"] == str(best["coef"])
+    assert pv.steering(["evil:1"], M.load(str(d), "cpu")[0], vec_dir)[0].layer == best["layer"]  # the new default
+    asked, calls = judge.asked, []
+    monkeypatch.setattr(M, "generate", lambda *a, **k: calls.append(1))
+    pv.sweep("evil", **kw)  # everything cached: no generation, no judgment
+    assert calls == [] and judge.asked == asked
