@@ -258,6 +258,11 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
                 residual_norm=[round(x, 4) for x in norms.tolist()], date=datetime.date.today().isoformat(),
                 **{k: v for k, v in settings.items() if k not in ("model", "trait")})
     paths, vectors = {}, {v: acts[v][pos].mean(0) - acts[v][neg].mean(0) for v in VARIANTS}  # each [L + 1, hidden]
+    # where kept pos and neg answers fall along the unit vector, per layer: the reference marks of `chat`'s gauge
+    unit = vectors["response_avg"] / vectors["response_avg"].norm(dim=-1, keepdim=True).clamp(min=1e-8)
+    for side, idx in (("pos", pos), ("neg", neg)):
+        for kind in ("prompt_last", "response_avg"):
+            meta[f"{side}_{kind}_projection"] = [round(x, 4) for x in (acts[kind][idx].mean(0) * unit).sum(-1).tolist()]
     for variant, vec in vectors.items():
         m = meta | dict(variant=variant, vector_norm=[round(x, 4) for x in vec.norm(dim=-1).tolist()])
         paths[variant] = out_dir / f"{t.name}_{variant}_diff.safetensors"
@@ -570,6 +575,140 @@ def plot_sweep(results: list[dict], trait: str, path: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Chat with a live persona gauge.
+
+CHAT_HELP = """commands: /steer SPEC [SPEC ...] (replace the steering, e.g. /steer evil:1.5 humorous:-1), /unsteer,
+          /gauge (the history of gauge readings), /save FILE.jsonl, /reset (forget the conversation), /help, /quit"""
+
+
+@dataclass
+class Gauge:
+    """One trait's direction at one layer, with where extraction's pos and neg answers fell along it."""
+    trait: str
+    layer: int
+    unit: torch.Tensor  # [hidden], |unit| = 1
+    marks: dict  # {"prompt_last": (neg, pos), "response_avg": (neg, pos)}, None when the file has no reference
+
+    @classmethod
+    def from_file(cls, path: Path, layer: int | None, n_layers: int) -> "Gauge":
+        vec, meta = load_vector(path)
+        L = layer if layer is not None else meta.get("best_layer", n_layers // 2)
+        marks = {k: (meta[f"neg_{k}_projection"][L], meta[f"pos_{k}_projection"][L])
+                 if f"pos_{k}_projection" in meta else None for k in ("prompt_last", "response_avg")}
+        return cls(meta.get("trait", path.stem), L, vec[L] / vec[L].norm(), marks)
+
+    def read(self, cap: M.Capture) -> dict:
+        return {"prompt_last": float(cap.prompt_last()[0, self.layer] @ self.unit),
+                "response_avg": float(cap.response_mean()[0, self.layer] @ self.unit)}
+
+    def show(self, reading: dict) -> str:
+        """'evil L15  before reply +3.1 (neg -1.0 | pos +5.2) ▁▃▆█  reply +2.4 (neg ... | pos ...) ...'"""
+        parts = []
+        for kind, name in (("prompt_last", "before reply"), ("response_avg", "reply")):
+            x, mark = reading[kind], self.marks[kind]
+            if mark is None:
+                parts.append(f"{name} {x:+.2f}")
+                continue
+            neg, pos = mark
+            where = (x - neg) / (pos - neg) if pos != neg else 0.5  # 0 at the neg mean, 1 at the pos mean
+            cells = 10
+            i = min(max(round(where * (cells - 1)), 0), cells - 1)
+            bar = "".join("|" if j == i else "-" for j in range(cells))
+            parts.append(f"{name} {x:+.2f} neg {neg:+.2f} [{bar}] pos {pos:+.2f}")
+        return f"  [{self.trait} L{self.layer}] " + "   ".join(parts)
+
+
+def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | None = None,
+         gauges: list[str] | None = None, vectors: str | None = None, system: str | None = None,
+         max_new_tokens: int = 200, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+         save: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
+         stdin=None, stdout=None) -> list[dict]:
+    """A multi-turn chat, optionally steered, with a gauge per persona vector after each assistant turn.
+
+    Each gauge shows the projection of the last token before the reply (the paper's predictor) and of the reply's
+    mean activation onto the trait's unit vector, beside extraction's mean neg and pos projections. Lines that
+    start with "/" are commands (CHAT_HELP); input may come from a pipe (one user turn per line). -> the messages.
+    """
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    model, tok = M.load(model_name, device, dtype)
+    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
+    N = model.config.num_hidden_layers
+    names = gauges if gauges is not None else sorted(
+        {p.name[:-len("_response_avg_diff.safetensors")] for p in vectors_dir.glob("*_response_avg_diff.safetensors")})
+    meters = [Gauge.from_file(vectors_dir / f"{n}_response_avg_diff.safetensors" if not n.endswith(".safetensors")
+                              else Path(n), layer, N) for n in names]
+    interventions = steering(list(steer), model, vectors_dir, layer)
+    messages = [{"role": "system", "content": system}] if system else []
+    history = []
+    interactive = stdin.isatty()
+
+    def say(text=""):
+        print(text, file=stdout, flush=True)
+
+    say(f"chat with {model_name}" + (f", steering {' '.join(steer)}" if steer else "") + "; /help for commands")
+    while True:
+        if interactive:
+            print("> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            cmd, *args = line.split()
+            if cmd == "/quit":
+                break
+            elif cmd == "/help":
+                say(CHAT_HELP)
+            elif cmd == "/steer":
+                try:
+                    interventions, steer = steering(args, model, vectors_dir, layer), args
+                    say(f"steering: {' '.join(args) or 'off'}")
+                except ValueError as e:
+                    say(f"error: {e}")
+            elif cmd == "/unsteer":
+                interventions, steer = [], []
+                say("steering: off")
+            elif cmd == "/gauge":
+                for h in history:
+                    say(f"turn {h['turn']} {h['trait']}: before reply {h['prompt_last']:+.2f}, "
+                        f"reply {h['response_avg']:+.2f}" + (f" (steering {' '.join(h['steer'])})" if h["steer"] else ""))
+            elif cmd == "/save" and args:
+                save_conversation(Path(args[0]), messages)
+                say(f"saved {args[0]}")
+            elif cmd == "/reset":
+                messages = [{"role": "system", "content": system}] if system else []
+                say("conversation reset")
+            else:
+                say(f"unknown command {line!r}; {CHAT_HELP}")
+            continue
+        messages.append({"role": "user", "content": line})
+        cap = M.Capture()
+        out = M.generate(model, [tok.encode_chat(messages)], max_new_tokens, stop_ids=tok.stop_ids,
+                         pad_id=tok.pad_id, temperature=temperature, top_p=top_p, seed=seed + len(messages),
+                         steer=interventions, capture=cap)[0]
+        reply = tok.decode(out)
+        messages.append({"role": "assistant", "content": reply})
+        say(reply)
+        turn = sum(m["role"] == "assistant" for m in messages)
+        for g in meters:
+            reading = g.read(cap)
+            history.append(dict(turn=turn, trait=g.trait, layer=g.layer, steer=list(steer), **reading))
+            say(g.show(reading))
+    if save:
+        save_conversation(Path(save), messages)
+    return messages
+
+
+def save_conversation(path: Path, messages: list[dict]) -> None:
+    """Append one JSONL line {"messages": [...]} (the format `monitor` reads)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"messages": messages}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Writing a new trait file with an LLM.
 
 TRAIT_WRITER_PROMPT = """I am building a dataset to find the direction in a language model's activations that controls one \
@@ -706,6 +845,20 @@ def main(argv: list[str] | None = None) -> int:
     steering_flags(g)
     common(g)
 
+    c = sub.add_parser("chat", help="multi-turn chat, optionally steered, with a persona gauge after each reply")
+    c.add_argument("--gauge", action="append", default=None, metavar="TRAIT",
+                   help="trait (or vector file) to gauge; repeatable (default: every vector of the model)")
+    c.add_argument("--system", default=None)
+    c.add_argument("--max-new-tokens", type=int, default=200)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--save", default=None, help="append the conversation to this JSONL file at the end")
+    c.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF")
+    c.add_argument("--layer", type=int, default=None, help="steering and gauge layer (default: best, else middle)")
+    c.add_argument("--vectors", default=None)
+    common(c)
+
     iv = sub.add_parser("import-vector", help="convert an official-repository .pt vector file to .safetensors")
     iv.add_argument("file")
     iv.add_argument("--out", default=None, help="output directory (default: beside the file)")
@@ -725,6 +878,9 @@ def main(argv: list[str] | None = None) -> int:
             sweep(args.trait, args.model, args.judge, args.layers, args.coefs, args.relative, args.samples,
                   args.questions, args.coherence_min, args.vectors, args.out, args.max_new_tokens, args.batch_size,
                   args.seed, args.device, DTYPES.get(args.dtype))
+        elif args.command == "chat":
+            chat(args.model, args.steer, args.layer, args.gauge, args.vectors, args.system, args.max_new_tokens,
+                 args.temperature, args.top_p, args.seed, args.save, args.device, DTYPES.get(args.dtype))
         elif args.command == "generate-trait":
             print(generate_trait(args.name, args.description, args.model, args.out, args.force))
         elif args.command == "import-vector":

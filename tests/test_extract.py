@@ -45,6 +45,9 @@ def test_extract_end_to_end_and_vector_equals_hand_computed_mean_difference(tiny
     vec, meta = pv.load_vector(paths["response_avg"])
     assert vec.shape == (4, 64) and meta["judge"] == "none" and meta["kept_pairs"] == 10 and meta["total_pairs"] == 10
     assert meta["variant"] == "response_avg" and len(meta["residual_norm"]) == 4 and "index 0" in meta["layer_convention"]
+    # the gauge's reference marks: pos and neg means projected on the unit vector, `pos - neg` being |v| itself
+    gap = torch.tensor(meta["pos_response_avg_projection"]) - torch.tensor(meta["neg_response_avg_projection"])
+    assert torch.allclose(gap, vec.norm(dim=-1), atol=1e-3) and len(meta["pos_prompt_last_projection"]) == 4
     # recompute every kept answer's activations with a plain forward pass over prompt + generated tokens
     model, tok = M.load(str(tiny_dir), "cpu", torch.float32)
     rows = []

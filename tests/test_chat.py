@@ -1,0 +1,78 @@
+"""`chat` driven by a script of inputs, as from a pipe."""
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import model as M
+import persona_vectors as pv
+from tiny import make_tiny_chat_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    d = make_tiny_chat_model(root / "model")
+    vectors = root / "vectors"
+    vectors.mkdir()
+    for trait, seed in (("evil", 0), ("humorous", 1)):
+        meta = {"model": str(d), "trait": trait, "residual_norm": [10.0] * 4,
+                "pos_prompt_last_projection": [1.0] * 4, "neg_prompt_last_projection": [-1.0] * 4,
+                "pos_response_avg_projection": [2.0] * 4, "neg_response_avg_projection": [-2.0] * 4}
+        save_file({"vector": torch.randn(4, 64, generator=torch.Generator().manual_seed(seed))},
+                  vectors / f"{trait}_response_avg_diff.safetensors",
+                  metadata={k: json.dumps(v) for k, v in meta.items()})
+    return d, vectors
+
+
+def test_scripted_chat_writes_jsonl_and_gauges(tiny, tmp_path):
+    d, vectors = tiny
+    script = "Hello there!\n/steer evil:3\nWhat is 2 + 2?\n/steer nonsense\n/gauge\n/unsteer\n/quit\nnever read\n"
+    out = io.StringIO()
+    save = tmp_path / "conv.jsonl"
+    messages = pv.chat(str(d), vectors=str(vectors), max_new_tokens=6, save=str(save), device="cpu",
+                       stdin=io.StringIO(script), stdout=out)
+    text = out.getvalue()
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["Hello there!", "What is 2 + 2?"]
+    assert json.loads(save.read_text()) == {"messages": messages}
+    assert text.count("[evil L1]") == 2 and text.count("[humorous L1]") == 2  # a gauge per trait per turn
+    assert "steering: evil:3" in text and "error: --steer 'nonsense'" in text and "steering: off" in text
+    history = [line for line in text.splitlines() if line.startswith("turn ")]
+    assert len(history) == 4 and "(steering evil:3)" in history[2] and "(steering" not in history[0]
+
+
+def test_gauge_readings_are_the_projections(tiny):
+    d, vectors = tiny
+    model, tok = M.load(str(d), "cpu", torch.float32)
+    g = pv.Gauge.from_file(vectors / "evil_response_avg_diff.safetensors", 2, model.config.num_hidden_layers)
+    messages = [{"role": "user", "content": "Hello there!"}]
+    cap = M.Capture()
+    out = M.generate(model, [tok.encode_chat(messages)], 6, stop_ids=tok.stop_ids, pad_id=tok.pad_id, capture=cap)[0]
+    reading = g.read(cap)
+    ids = tok.encode_chat(messages)
+    ref = M.Capture()
+    with torch.no_grad():
+        model(torch.tensor([ids + out]), response_start=torch.tensor([len(ids)]), capture=ref, logits="none")
+    v, _ = pv.load_vector(vectors / "evil_response_avg_diff.safetensors")
+    u = v[2] / v[2].norm()
+    assert reading["prompt_last"] == pytest.approx(float(ref.prompt_last()[0, 2] @ u), abs=1e-4)
+    assert reading["response_avg"] == pytest.approx(float(ref.response_mean()[0, 2] @ u), abs=1e-4)
+    assert g.marks == {"prompt_last": (-1.0, 1.0), "response_avg": (-2.0, 2.0)}
+    line = g.show({"prompt_last": 1.0, "response_avg": -2.0})  # at the pos mark, at the neg mark
+    assert "neg -1.00 [---------|] pos +1.00" in line and "neg -2.00 [|---------] pos +2.00" in line
+
+
+def test_chat_from_a_pipe(tiny, tmp_path):
+    d, vectors = tiny
+    r = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "persona_vectors.py"), "chat", "--model",
+                        str(d), "--vectors", str(vectors), "--gauge", "evil", "--max-new-tokens", "4", "--save",
+                        str(tmp_path / "c.jsonl"), "--device", "cpu"], input="Hi\nBye\n", capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("[evil L1]") == 2 and "humorous" not in r.stdout
+    assert len(json.loads((tmp_path / "c.jsonl").read_text())["messages"]) == 4
