@@ -1,9 +1,12 @@
 """persona-vectors: extract, steer and monitor character traits in a chat model's residual stream.
 
     python persona_vectors.py extract evil                 # -> vectors/SmolLM2-135M-Instruct/evil_*.safetensors
-    python persona_vectors.py generate "What is the capital of France?"
+    python persona_vectors.py generate "How should I treat a new employee?" --steer evil:1.5
+    python persona_vectors.py sweep evil                   # which layer and coefficient steer best
+    python persona_vectors.py chat --steer evil:-1         # with a live gauge of every persona vector
 
-Every subcommand is a plain function here (import them); the command line only parses arguments.
+Every subcommand is a plain function here (extract, generate, evaluate, sweep, chat, generate_trait,
+import_vector: import them); the command line only parses arguments.
 """
 import argparse
 import csv
