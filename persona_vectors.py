@@ -120,7 +120,8 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
                     steer: list[M.Steer] = ()) -> tuple[list[dict], dict]:
     """Generate every job's answer and capture its activations, batch by batch, each batch saved as it finishes.
 
-    jobs: dicts with "key", "question" and "system" (None: no system message, the template decides).
+    jobs: dicts with "key", "question" and "system" (None: no system message, the template decides), and
+    optionally "shots": earlier user/assistant messages placed before the question.
     A batch file holds the batch's rows (metadata) and their per-layer activations; a rerun loads finished batches
     and samples only the missing ones, each with its own seed, so the result does not depend on interruptions.
     """
@@ -131,7 +132,7 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
         path = work / f"batch-{b:05d}.safetensors"
         if not path.exists():
             convs = [([{"role": "system", "content": j["system"]}] if j["system"] is not None else [])
-                     + [{"role": "user", "content": j["question"]}] for j in batch]
+                     + j.get("shots", []) + [{"role": "user", "content": j["question"]}] for j in batch]
             cap = M.Capture()
             outs = M.generate(model, [tok.encode_chat(c) for c in convs], budget.max_new_tokens,
                               stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=budget.temperature,
@@ -601,8 +602,8 @@ class Gauge:
         return cls(meta.get("trait", path.stem), L, vec[L] / vec[L].norm(), marks)
 
     def read(self, cap: M.Capture) -> dict:
-        return {"prompt_last": float(cap.prompt_last()[0, self.layer] @ self.unit),
-                "response_avg": float(cap.response_mean()[0, self.layer] @ self.unit)}
+        return {"prompt_last": float(cap.prompt_last()[0, self.layer].cpu() @ self.unit),
+                "response_avg": float(cap.response_mean()[0, self.layer].cpu() @ self.unit)}
 
     def show(self, reading: dict) -> str:
         """'evil L15  before reply +3.1 (neg -1.0 | pos +5.2) ▁▃▆█  reply +2.4 (neg ... | pos ...) ...'"""
@@ -709,6 +710,285 @@ def save_conversation(path: Path, messages: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps({"messages": messages}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Monitoring: does the projection before the reply predict the trait the reply will show?
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of two 1-D tensors (nan when either is constant).
+
+    >>> round(pearson(torch.tensor([1., 2., 3.]), torch.tensor([2., 4., 7.])), 4)
+    0.9934
+    """
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    den = (x.norm() * y.norm()).item()
+    return float((x @ y).item() / den) if den > 0 else float("nan")
+
+
+def within_r(x: torch.Tensor, y: torch.Tensor, groups: list) -> float:
+    """Mean over conditions of the correlation inside each condition (conditions with a constant side skipped)."""
+    rs = [pearson(x[idx], y[idx]) for g in dict.fromkeys(groups)
+          if len(idx := torch.tensor([i for i, h in enumerate(groups) if h == g])) > 2]
+    rs = [r for r in rs if r == r]
+    return sum(rs) / len(rs) if rs else float("nan")
+
+
+def bootstrap_ci(stat, n: int, boots: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of stat(indices) over `boots` resamples of range(n) with replacement."""
+    g = torch.Generator().manual_seed(seed)
+    vals = sorted(v for _ in range(boots) if (v := stat(torch.randint(0, n, (n,), generator=g))) == v)
+    if not vals:
+        return float("nan"), float("nan")
+    return vals[int(0.025 * (len(vals) - 1))], vals[int(0.975 * (len(vals) - 1))]
+
+
+def random_directions(n: int, norm: float, hidden: int, seed: int = 0) -> torch.Tensor:
+    """n random directions [n, hidden], each of the given norm (the null baseline for projections)."""
+    d = torch.randn(n, hidden, generator=torch.Generator().manual_seed(seed))
+    return d / d.norm(dim=-1, keepdim=True) * norm
+
+
+def monitor_conditions(t, kind: str, seed: int = 0) -> list[tuple[str, str | None, list[dict]]]:
+    """(label, system prompt, earlier turns) for each condition of the experiment."""
+    if kind == "system":
+        if not t.graded_system_prompts:
+            raise ValueError(f"trait {t.name} has no graded_system_prompts; add them to its file (data/traits/SCHEMA.md)")
+        return [(f"sys{i}", p, []) for i, p in enumerate(t.graded_system_prompts)]
+    if kind == "many-shot":
+        pool = list(t.many_shot_examples or [])
+        if len(pool) < 20:
+            raise ValueError(f"trait {t.name} needs at least 20 many_shot_examples for k up to 20, has {len(pool)}")
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
+        shots = [m for i in order for m in ({"role": "user", "content": pool[i]["question"]},
+                                             {"role": "assistant", "content": pool[i]["answer"]})]
+        return [(f"k{k}", None, shots[:2 * k]) for k in (0, 5, 10, 15, 20)]
+    raise ValueError(f"--kind must be system or many-shot, not {kind!r}")
+
+
+def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAULT_MODEL, judge: str | None = None,
+                       rollouts: int | None = None, questions: int = 20, layer: int | None = None,
+                       vectors: str | None = None, out: str | None = None, max_new_tokens: int | None = None,
+                       batch_size: int | None = None, n_random: int = 100, seed: int = 0,
+                       device: str | None = None, dtype: torch.dtype | None = None) -> dict:
+    """Projection of the last prompt token (before any reply) vs the judged trait score of the reply.
+
+    Conditions: the trait's 8 graded system prompts, or k = 0, 5, 10, 15, 20 trait-exhibiting example exchanges.
+    Reports Pearson r overall and within conditions with bootstrap intervals, against two controls computed on
+    the same activations: `n_random` random directions of the vector's norm at the same layer (95th percentile of
+    their r) and every other trait's vector found beside this one. Answers, projections and scores go to CSV.
+    """
+    from traits import load_trait
+    t = load_trait(trait)
+    conditions = monitor_conditions(t, kind, seed)
+    model, tok = M.load(model_name, device, dtype)
+    b = _budget(model, rollouts, max_new_tokens, None, None, batch_size)
+    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
+    out_dir = Path(out) if out else vectors_dir
+    check_writable(out_dir)
+    vec_path = vectors_dir / f"{t.name}_response_avg_diff.safetensors"
+    if not vec_path.is_file():
+        raise ValueError(f"no vector file {vec_path}; run `extract {t.name}` first")
+    vec, meta = load_vector(vec_path)
+    N = model.config.num_hidden_layers
+    if vec.shape != (N + 1, model.config.hidden_size):
+        raise ValueError(f"{vec_path} was extracted from {meta.get('model', '?')}: [{vec.shape[0]}, {vec.shape[1]}] "
+                         f"does not fit this model's [{N + 1}, {model.config.hidden_size}]")
+    L = layer if layer is not None else meta.get("best_layer", N // 2)
+    qs = t.eval_questions[:questions]
+    jobs = [dict(key=f"{label}:{qi}:{r}", condition=label, question_id=qi, rollout=r, question=q, system=system,
+                 shots=shots) for label, system, shots in conditions for qi, q in enumerate(qs)
+            for r in range(b.rollouts)]
+    settings = dict(model=model_name, trait=t.name, kind=kind, questions=len(qs), seed=seed, **asdict(b))
+    work = out_dir / ".work" / f"monitor-{t.name}-{_settings_hash(settings)}"
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"monitor-experiment {t.name} ({kind}): {len(conditions)} conditions x {len(qs)} questions x "
+          f"{b.rollouts} rollouts = {len(jobs)} answers; projection at layer {L}", file=sys.stderr)
+    rows, acts = sample_rollouts(model, tok, jobs, b, seed, work)
+    judge_name = judge_rollouts(t, rows, judge, out_dir / ".work" / "judgments.jsonl")
+    h = acts["prompt_last"][:, L]  # [rows, hidden]: the state the reply will be written from
+    proj = h @ (vec[L] / vec[L].norm())
+    for r, p in zip(rows, proj.tolist()):
+        r["projection"] = p
+    csv_path = out_dir / f"{t.name}_monitor_{kind}.csv"
+    columns = ["condition", "question", "question_id", "rollout", "projection", t.name, "coherence", "answer"]
+
+    def write(p):
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    atomic_write(csv_path, write)
+    per_condition = {label: mean_se(r["projection"] for r in rows if r["condition"] == label)[0]
+                     for label, _, _ in conditions}
+    result = dict(trait=t.name, kind=kind, layer=L, judge=judge_name, csv=csv_path, mean_projection=per_condition)
+    print("mean projection before the reply, by condition: "
+          + ", ".join(f"{k} {v:+.2f}" for k, v in per_condition.items()), file=sys.stderr)
+    scored = [i for i, r in enumerate(rows) if r[t.name] is not None]
+    if judge_name == "none" or len(scored) < 3:
+        print("correlations need judged scores: run with a judge (--judge openai or local:MODEL)", file=sys.stderr)
+        return result
+    idx = torch.tensor(scored)
+    y = torch.tensor([rows[i][t.name] for i in scored])
+    groups = [rows[i]["condition"] for i in scored]
+
+    def r_of(direction):
+        x = h[idx] @ direction
+        return pearson(x, y), within_r(x, y, groups)
+
+    x = proj[idx]
+    r_all, r_within = r_of(vec[L] / vec[L].norm())
+    ci_all = bootstrap_ci(lambda s: pearson(x[s], y[s]), len(idx), seed=seed)
+    ci_within = bootstrap_ci(lambda s: within_r(x[s], y[s], [groups[i] for i in s.tolist()]), len(idx), boots=300,
+                             seed=seed)
+    null = torch.tensor([r_of(d)[0] for d in random_directions(n_random, float(vec[L].norm()), h.shape[1], seed)])
+    null = null[~null.isnan()]
+    null_abs95 = float(null.abs().quantile(0.95)) if len(null) else float("nan")
+    others = {}
+    for p in sorted(vectors_dir.glob("*_response_avg_diff.safetensors")):
+        other = p.name[:-len("_response_avg_diff.safetensors")]
+        if other != t.name:
+            ov = load_vector(p)[0]
+            if ov.shape == vec.shape:
+                others[other] = r_of(ov[L] / ov[L].norm())[0]
+    result |= dict(r=r_all, r_ci=ci_all, r_within=r_within, r_within_ci=ci_within, random_abs_r_95=null_abs95,
+                   random_r_fraction_above=float((null.abs() >= abs(r_all)).float().mean()) if len(null) else None,
+                   cross_trait_r=others, n=len(idx))
+    print(f"r = {r_all:.2f} [{ci_all[0]:.2f}, {ci_all[1]:.2f}] overall, {r_within:.2f} [{ci_within[0]:.2f}, "
+          f"{ci_within[1]:.2f}] within conditions (n = {len(idx)}); {n_random} random directions: 95th percentile "
+          f"|r| = {null_abs95:.2f}; other traits: " + (", ".join(f"{k} {v:.2f}" for k, v in others.items()) or "none"),
+          file=sys.stderr)
+    result["plot"] = plot_monitor(rows, t.name, L, out_dir / f"{t.name}_monitor_{kind}.png")
+    return result
+
+
+def plot_monitor(rows: list[dict], trait: str, layer: int, path: Path) -> Path | None:
+    """Projection before the reply against the judged score, one colour per condition (like the paper's Figure 4)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in dict.fromkeys(r["condition"] for r in rows):
+        rs = [r for r in rows if r["condition"] == label and r[trait] is not None]
+        ax.scatter([r["projection"] for r in rs], [r[trait] for r in rs], s=12, label=label)
+    ax.set_xlabel(f"projection of the last prompt token, layer {layer}")
+    ax.set_ylabel(f"{trait} score")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return path
+
+
+def token_strip(tokens: list[str], values: list[float], center: float, scale: float) -> str:
+    """Each token followed by its sign and a 0-9 magnitude of (value - center) / scale, e.g. 'Sure+2 ,-0'.
+
+    >>> token_strip(["Hi", " you"], [3.0, -1.0], center=1.0, scale=1.0)
+    'Hi+6  you-6'
+    """
+    out = []
+    for tk, v in zip(tokens, values):
+        z = (v - center) / scale if scale > 0 else 0.0
+        out.append(f"{tk.replace(chr(10), '⏎')}{'+' if z >= 0 else '-'}{min(9, int(abs(z) * 3))}")
+    return " ".join(out)
+
+
+def monitor(path: str, model_name: str = DEFAULT_MODEL, traits: list[str] | None = None, layer: int | None = None,
+            vectors: str | None = None, out: str | None = None, tokens: bool = False, device: str | None = None,
+            dtype: torch.dtype | None = None) -> Path:
+    """Per assistant turn of each conversation in a JSONL file ({"messages": [...]} per line): the projection of
+    the last token before the reply and of the reply's mean, on each persona vector -> a JSONL (or .csv) file.
+
+    The file is streamed (one conversation in memory at a time). With tokens=True each reply's per-token
+    projections are saved and printed as a strip (see `token_strip`), centred between extraction's neg and pos
+    means. Conversations without an assistant turn, or with roles other than system/user/assistant, are skipped
+    and counted.
+    """
+    src = Path(path)
+    if not src.is_file():
+        raise ValueError(f"{src} does not exist")
+    model, tok = M.load(model_name, device, dtype)
+    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
+    N, d = model.config.num_hidden_layers, model.config.hidden_size
+    names = traits or sorted(p.name[:-len("_response_avg_diff.safetensors")]
+                             for p in vectors_dir.glob("*_response_avg_diff.safetensors"))
+    if not names:
+        raise ValueError(f"no vectors in {vectors_dir}: run `extract TRAIT` first or pass --vectors DIR")
+    gauges = []
+    for n in names:
+        p = vectors_dir / f"{n}_response_avg_diff.safetensors"
+        if not p.is_file():
+            raise ValueError(f"no vector file {p}; run `extract {n}` first")
+        vec, meta = load_vector(p)
+        if vec.shape != (N + 1, d):
+            raise ValueError(f"{p} was extracted from {meta.get('model', '?')}: [{vec.shape[0]}, {vec.shape[1]}] does "
+                             f"not fit this model's [{N + 1}, {d}]")
+        gauges.append(Gauge.from_file(p, layer, N))
+    dest = Path(out) if out else src.with_suffix(".monitor.jsonl")
+    as_csv = dest.suffix == ".csv"
+    skipped = {"no assistant turn": 0, "unknown role": 0}
+    n_rows = n_conv = 0
+    t0 = time.time()
+
+    def write(tmp: Path):
+        nonlocal n_rows, n_conv
+        with open(src) as f, open(tmp, "w", newline="") as o:
+            w = csv.DictWriter(o, ["conversation", "turn", "trait", "layer", "prompt_last", "response_avg"],
+                               extrasaction="ignore") if as_csv else None
+            if w:
+                w.writeheader()
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    messages = json.loads(line)["messages"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{src}:{lineno}: expected a JSON object with a `messages` list") from None
+                if any(m.get("role") not in ("system", "user", "assistant") for m in messages):
+                    skipped["unknown role"] += 1
+                    continue
+                turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+                if not turns:
+                    skipped["no assistant turn"] += 1
+                    continue
+                for k, i in enumerate(turns, start=1):
+                    prompt = tok.encode_chat(messages[:i])
+                    reply = tok.encode(messages[i]["content"])
+                    cap = M.Capture(token_layers=tuple(sorted({g.layer for g in gauges})) if tokens else ())
+                    with torch.no_grad():
+                        model(torch.tensor([prompt + reply], device=model.lm_head.weight.device),
+                              response_start=torch.tensor([len(prompt)], device=model.lm_head.weight.device),
+                              capture=cap, logits="none")
+                    for g in gauges:
+                        row = dict(conversation=n_conv, turn=k, trait=g.trait, layer=g.layer, **g.read(cap))
+                        if tokens:
+                            per_token = (cap.tokens[g.layer][0][0, len(prompt):].cpu() @ g.unit).tolist()
+                            pieces = [tok.decode([x], skip_special_tokens=False) for x in reply]
+                            row |= dict(tokens=pieces, token_projections=[round(v, 4) for v in per_token])
+                            mark = g.marks["response_avg"]
+                            center, scale = ((sum(mark) / 2, abs(mark[1] - mark[0]) / 2) if mark else
+                                             (sum(per_token) / len(per_token), 1.0))
+                            print(f"conversation {n_conv} turn {k} [{g.trait} L{g.layer}]: "
+                                  + token_strip(pieces, per_token, center, scale))
+                        if w:
+                            w.writerow(row)
+                        else:
+                            o.write(json.dumps(row) + "\n")
+                        n_rows += 1
+                n_conv += 1
+                if n_conv % 50 == 0:
+                    print(f"monitor: {n_conv} conversations ({n_conv / (time.time() - t0):.1f}/s)", file=sys.stderr)
+
+    atomic_write(dest, write)
+    if n_conv == 0:
+        dest.unlink()
+        raise ValueError(f"{src}: no conversation with an assistant turn (skipped: {skipped})")
+    print(f"monitor: {n_rows} rows for {n_conv} conversations -> {dest}"
+          + "".join(f"; skipped {v} with {k}" for k, v in skipped.items() if v), file=sys.stderr)
+    return dest
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -862,6 +1142,30 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--vectors", default=None)
     common(c)
 
+    me = sub.add_parser("monitor-experiment", help="does the projection before the reply predict the trait score?")
+    me.add_argument("trait")
+    me.add_argument("--kind", choices=["system", "many-shot"], default="system")
+    me.add_argument("--judge", default=None, help="openai[:MODEL] | local:MODEL | none")
+    me.add_argument("--rollouts", type=int, default=None, help="answers per condition and question")
+    me.add_argument("--questions", type=int, default=20)
+    me.add_argument("--layer", type=int, default=None, help="default: the vector's best layer, else the middle")
+    me.add_argument("--random", type=int, default=100, help="random directions for the null baseline")
+    me.add_argument("--max-new-tokens", type=int, default=None)
+    me.add_argument("--batch-size", type=int, default=None)
+    me.add_argument("--vectors", default=None)
+    me.add_argument("--out", default=None)
+    me.add_argument("--seed", type=int, default=0)
+    common(me)
+
+    mo = sub.add_parser("monitor", help="projections of each assistant turn of JSONL conversations")
+    mo.add_argument("file", help='JSONL, one {"messages": [...]} per line')
+    mo.add_argument("--trait", action="append", default=None, help="repeatable (default: every vector of the model)")
+    mo.add_argument("--layer", type=int, default=None)
+    mo.add_argument("--tokens", action="store_true", help="per-token projections of each reply (printed and saved)")
+    mo.add_argument("--vectors", default=None)
+    mo.add_argument("--out", default=None, help="output .jsonl or .csv (default: FILE.monitor.jsonl)")
+    common(mo)
+
     iv = sub.add_parser("import-vector", help="convert an official-repository .pt vector file to .safetensors")
     iv.add_argument("file")
     iv.add_argument("--out", default=None, help="output directory (default: beside the file)")
@@ -884,6 +1188,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "chat":
             chat(args.model, args.steer, args.layer, args.gauge, args.vectors, args.system, args.max_new_tokens,
                  args.temperature, args.top_p, args.seed, args.save, args.device, DTYPES.get(args.dtype))
+        elif args.command == "monitor-experiment":
+            monitor_experiment(args.trait, args.kind, args.model, args.judge, args.rollouts, args.questions,
+                               args.layer, args.vectors, args.out, args.max_new_tokens, args.batch_size, args.random,
+                               args.seed, args.device, DTYPES.get(args.dtype))
+        elif args.command == "monitor":
+            print(monitor(args.file, args.model, args.trait, args.layer, args.vectors, args.out, args.tokens,
+                          args.device, DTYPES.get(args.dtype)))
         elif args.command == "generate-trait":
             print(generate_trait(args.name, args.description, args.model, args.out, args.force))
         elif args.command == "import-vector":

@@ -229,6 +229,42 @@ def test_optional_fields_invalid(tmp_path, field, value, fragment):
     expect_error(broken(tmp_path, setitem(top, value)), field, fragment)
 
 
+# the traits whose shipped files carry the optional prompt ladder and many-shot pool
+LADDER_TRAITS = ["evil", "sycophantic", "hallucinating"]
+
+
+def fold(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+@pytest.mark.parametrize("name", LADDER_TRAITS)
+def test_shipped_graded_system_prompts(name):
+    data, t = raw(name), load_trait(name)
+    assert "graded_system_prompts" in data
+    prompts = t.graded_system_prompts
+    assert prompts == data["graded_system_prompts"]
+    assert len(prompts) == 8
+    assert all(isinstance(p, str) and p.strip() for p in prompts)
+    assert len({fold(p) for p in prompts}) == 8
+    assert all(p.startswith("You are") for p in prompts)     # addressed to the assistant
+
+
+@pytest.mark.parametrize("name", LADDER_TRAITS)
+def test_shipped_many_shot_examples(name):
+    data, t = raw(name), load_trait(name)
+    assert "many_shot_examples" in data
+    pool = t.many_shot_examples
+    assert pool == data["many_shot_examples"]
+    assert len(pool) >= 20                                   # enough for k = 0, 5, 10, 15, 20 shots
+    for ex in pool:
+        assert set(ex) == {"question", "answer"}
+        assert ex["question"].strip() and ex["answer"].strip()
+    questions = [fold(ex["question"]) for ex in pool]
+    assert len(set(questions)) == len(questions)            # no repeated shot
+    held = {fold(q) for q in t.extract_questions + t.eval_questions}
+    assert not set(questions) & held                         # shots never leak extraction or evaluation questions
+
+
 # ---------------------------------------------------------------------------------------------- name resolution
 
 def test_unknown_trait_lists_available():

@@ -1,0 +1,129 @@
+"""Monitoring: projection math, the random-direction null, the experiment's bookkeeping, and `monitor` on files."""
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import model as M
+import persona_vectors as pv
+from tiny import make_tiny_chat_model
+
+
+class HashJudge:
+    name = "fake:hash"
+
+    def score(self, prompts, on_result=None):
+        import hashlib
+        out = [float(int(hashlib.sha256(p.encode()).hexdigest(), 16) % 101) for p in prompts]
+        for i, s in enumerate(out):
+            if on_result:
+                on_result(i, s)
+        return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    d = make_tiny_chat_model(root / "model")
+    vectors = root / "vectors"
+    vectors.mkdir()
+    for trait, seed in (("evil", 0), ("humorous", 1)):
+        meta = {"model": str(d), "trait": trait, "residual_norm": [10.0] * 4,
+                "pos_response_avg_projection": [2.0] * 4, "neg_response_avg_projection": [-2.0] * 4}
+        save_file({"vector": torch.randn(4, 64, generator=torch.Generator().manual_seed(seed))},
+                  vectors / f"{trait}_response_avg_diff.safetensors",
+                  metadata={k: json.dumps(v) for k, v in meta.items()})
+    return d, vectors
+
+
+def test_projection_math_by_hand():
+    assert pv.pearson(torch.tensor([1., 2., 3., 4.]), torch.tensor([10., 20., 30., 40.])) == pytest.approx(1.0)
+    assert pv.pearson(torch.tensor([1., 2., 3.]), torch.tensor([3., 2., 1.])) == pytest.approx(-1.0)
+    x, y = torch.tensor([1., 2., 3., 1., 2., 3.]), torch.tensor([1., 2., 3., 3., 2., 1.])
+    assert pv.within_r(x, y, ["a"] * 3 + ["b"] * 3) == pytest.approx(0.0)  # +1 and -1
+    d = pv.random_directions(100, 7.5, 64, seed=1)
+    assert d.shape == (100, 64) and torch.allclose(d.norm(dim=-1), torch.full((100,), 7.5))
+    lo, hi = pv.bootstrap_ci(lambda s: float(x[s].mean()), 6)
+    assert 1.0 <= lo <= 2.0 <= hi <= 3.0
+    assert pv.token_strip(["a", "b"], [0.0, 2.0], center=1.0, scale=1.0) == "a-3 b+3"
+
+
+def test_monitor_experiment_bookkeeping(tiny, tmp_path, monkeypatch):
+    import judge as J
+    d, vectors = tiny
+    monkeypatch.setattr(J, "make_judge", lambda spec: HashJudge())
+    r = pv.monitor_experiment("evil", "system", str(d), judge="fake", rollouts=1, questions=3, layer=2,
+                              vectors=str(vectors), out=str(tmp_path), max_new_tokens=4, n_random=20, device="cpu")
+    rows = list(csv.DictReader(open(r["csv"])))
+    assert len(rows) == 8 * 3 and [row["condition"] for row in rows[::3]] == [f"sys{i}" for i in range(8)]
+    assert r["layer"] == 2 and r["n"] == 24 and set(r["cross_trait_r"]) == {"humorous"}
+    assert -1 <= r["r"] <= 1 and r["r_ci"][0] <= r["r_ci"][1] and 0 <= r["random_abs_r_95"] <= 1
+    # a row's projection is the last prompt token's state at layer 2 on the unit vector
+    from traits import load_trait
+    t = load_trait("evil")
+    model, tok = M.load(str(d), "cpu", torch.float32)
+    ids = tok.encode_chat([{"role": "system", "content": t.graded_system_prompts[5]},
+                           {"role": "user", "content": t.eval_questions[1]}])
+    cap = M.Capture()
+    with torch.no_grad():
+        model(torch.tensor([ids]), capture=cap, logits="none")
+    v = pv.load_vector(vectors / "evil_response_avg_diff.safetensors")[0][2]
+    row = next(x for x in rows if x["condition"] == "sys5" and x["question_id"] == "1")
+    assert float(row["projection"]) == pytest.approx(float(cap.prompt_last()[0, 2] @ (v / v.norm())), abs=1e-4)
+
+
+def test_monitor_experiment_many_shot_and_no_judge(tiny, tmp_path, capsys):
+    d, vectors = tiny
+    r = pv.monitor_experiment("evil", "many-shot", str(d), judge="none", rollouts=1, questions=2,
+                              vectors=str(vectors), out=str(tmp_path), max_new_tokens=3, device="cpu")
+    assert list(r["mean_projection"]) == ["k0", "k5", "k10", "k15", "k20"] and "r" not in r
+    assert "correlations need judged scores" in capsys.readouterr().err
+
+
+def test_monitor_conversations(tiny, tmp_path):
+    d, vectors = tiny
+    conv = [{"role": "user", "content": "Hello there!"}, {"role": "assistant", "content": "Hi! How can I help?"},
+            {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "It is 4."}]
+    src = tmp_path / "c.jsonl"
+    src.write_text(json.dumps({"messages": conv}) + "\n" + json.dumps({"messages": conv[:1]}) + "\n"
+                   + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    out = pv.monitor(str(src), str(d), ["evil"], layer=2, vectors=str(vectors), tokens=True, device="cpu")
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["turn"], r["trait"]) for r in rows] == [(1, "evil"), (2, "evil")]
+    model, tok = M.load(str(d), "cpu", torch.float32)
+    v = pv.load_vector(vectors / "evil_response_avg_diff.safetensors")[0][2]
+    u = v / v.norm()
+    for row, i in zip(rows, (1, 3)):
+        prompt, reply = tok.encode_chat(conv[:i]), tok.encode(conv[i]["content"])
+        cap = M.Capture(token_layers=(2,))
+        with torch.no_grad():
+            model(torch.tensor([prompt + reply]), response_start=torch.tensor([len(prompt)]), capture=cap,
+                  logits="none")
+        h = cap.tokens[2][0][0]
+        assert row["prompt_last"] == pytest.approx(float(h[len(prompt) - 1] @ u), abs=1e-4)
+        assert row["response_avg"] == pytest.approx(float(h[len(prompt):].mean(0) @ u), abs=1e-4)
+        assert len(row["tokens"]) == len(reply) and "".join(row["tokens"]) == conv[i]["content"]
+        assert row["token_projections"] == pytest.approx((h[len(prompt):] @ u).tolist(), abs=1e-3)
+    csv_out = pv.monitor(str(src), str(d), None, vectors=str(vectors), out=str(tmp_path / "m.csv"), device="cpu")
+    assert len(list(csv.DictReader(open(csv_out)))) == 4  # 2 turns x 2 traits
+
+
+def test_monitor_bad_input(tiny, tmp_path):
+    d, vectors = tiny
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="no conversation with an assistant turn"):
+        pv.monitor(str(empty), str(d), vectors=str(vectors), device="cpu")
+    assert not (tmp_path / "empty.monitor.jsonl").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: expected a JSON object"):
+        pv.monitor(str(bad), str(d), vectors=str(vectors), device="cpu")
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file({"vector": torch.randn(31, 576)}, other / "evil_response_avg_diff.safetensors",
+              metadata={"model": json.dumps("HuggingFaceTB/SmolLM2-135M-Instruct")})
+    with pytest.raises(ValueError, match="extracted from HuggingFaceTB/SmolLM2-135M-Instruct"):
+        pv.monitor(str(bad), str(d), vectors=str(other), device="cpu")
