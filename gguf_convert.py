@@ -258,7 +258,7 @@ def hf_tensors(g):
 def hf_config(g):
     """config.json for transformers' LlamaForCausalLM (and for our own model code)."""
     _check_llama(g)
-    m, tokens = g.metadata, g.metadata.get("tokenizer.ggml.tokens", [])
+    m = g.metadata
     n_head, d = m["llama.attention.head_count"], m["llama.embedding_length"]
     f32 = lambda x: float(str(np.float32(x)))  # shortest spelling of a float32 value: 1e-05, not 9.99999974e-06
     return {

@@ -194,10 +194,8 @@ def keep_pairs(rows: list[dict], trait: str, judged: bool, pos_min: float, neg_m
     return pos, neg, why
 
 
-def write_rollouts_csv(path: Path, rows: list[dict], trait: str) -> None:
-    """The official repository's columns first (question, prompt, answer, question_id, <trait>, coherence)."""
-    columns = ["question", "prompt", "answer", "question_id", trait, "coherence", "instruction", "rollout", "kept"]
-
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """Rows as CSV with these columns (other keys left out), written atomically."""
     def write(p):
         with open(p, "w", newline="") as f:
             w = csv.DictWriter(f, columns, extrasaction="ignore")
@@ -277,7 +275,9 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
         r["kept"] = n in kept
     for side in ("pos", "neg"):
         paths[f"csv_{side}"] = out_dir / f"{t.name}_{side}_instruct.csv"
-        write_rollouts_csv(paths[f"csv_{side}"], [r for r in rows if r["side"] == side], t.name)
+        # the official repository's columns first
+        write_csv(paths[f"csv_{side}"], [r for r in rows if r["side"] == side],
+                  ["question", "prompt", "answer", "question_id", t.name, "coherence", "instruction", "rollout", "kept"])
     rel = vectors["response_avg"].norm(dim=-1) / norms.clamp(min=1e-6)
     top = rel[1:].topk(min(5, len(rel) - 1)).indices + 1
     print(f"kept {len(pos)}/{n_pairs} pairs (pos {len(pos)}/{n_pairs}, neg {len(neg)}/{n_pairs}); judge: {judge_name}"
@@ -430,14 +430,7 @@ def _evaluate(t, model, tok, judge_spec, budget: Budget, questions: int, steer_s
     coh_m, coh_se, _ = mean_se(r["coherence"] for r in rows)
     proj_m, proj_se, _ = mean_se(r.get("projection") for r in rows)
     csv_path = out_dir / "eval" / f"{t.name}_{label}.csv"
-    columns = ["question", "answer", "question_id", "rollout", t.name, "coherence", "projection"]
-
-    def write(p):
-        with open(p, "w", newline="") as f:
-            w = csv.DictWriter(f, columns, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-    atomic_write(csv_path, write)
+    write_csv(csv_path, rows, ["question", "answer", "question_id", "rollout", t.name, "coherence", "projection"])
     return dict(trait=t.name, label=label, judge=judge_name, n=len(rows), judged=n, trait_mean=trait_m,
                 trait_se=trait_se, coherence_mean=coh_m, coherence_se=coh_se, projection_mean=proj_m,
                 projection_se=proj_se, projection_layer=proj_layer, csv=str(csv_path))
@@ -529,13 +522,7 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
         results.append(dict(layer=layer, coef=coef, relative=relative) | {k: r[k] for k in (
             "trait_mean", "trait_se", "coherence_mean", "coherence_se", "projection_mean", "n", "judged")})
     csv_path = out_dir / f"{t.name}_sweep.csv"
-
-    def write(p):
-        with open(p, "w", newline="") as f:
-            w = csv.DictWriter(f, list(results[0]))
-            w.writeheader()
-            w.writerows(results)
-    atomic_write(csv_path, write)
+    write_csv(csv_path, results, list(results[0]))
     plot = plot_sweep(results, t.name, out_dir / f"{t.name}_sweep.png")
     best = best_setting(results, coherence_min)
     if best is None:
@@ -811,14 +798,8 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
     for r, p in zip(rows, proj.tolist()):
         r["projection"] = p
     csv_path = out_dir / f"{t.name}_monitor_{kind}.csv"
-    columns = ["condition", "question", "question_id", "rollout", "projection", t.name, "coherence", "answer"]
-
-    def write(p):
-        with open(p, "w", newline="") as f:
-            w = csv.DictWriter(f, columns, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-    atomic_write(csv_path, write)
+    write_csv(csv_path, rows, ["condition", "question", "question_id", "rollout", "projection", t.name, "coherence",
+                               "answer"])
     per_condition = {label: mean_se(r["projection"] for r in rows if r["condition"] == label)[0]
                      for label, _, _ in conditions}
     result = dict(trait=t.name, kind=kind, layer=L, judge=judge_name, csv=csv_path, mean_projection=per_condition)
@@ -826,7 +807,9 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
           + ", ".join(f"{k} {v:+.2f}" for k, v in per_condition.items()), file=sys.stderr)
     scored = [i for i, r in enumerate(rows) if r[t.name] is not None]
     if judge_name == "none" or len(scored) < 3:
-        print("correlations need judged scores: run with a judge (--judge openai or local:MODEL)", file=sys.stderr)
+        print("correlations need judged scores: run with a judge (--judge openai or local:MODEL)" if judge_name == "none"
+              else f"correlations need judged scores: {judge_name} scored only {len(scored)} of {len(rows)} answers",
+              file=sys.stderr)
         return result
     idx = torch.tensor(scored)
     y = torch.tensor([rows[i][t.name] for i in scored])
@@ -1052,23 +1035,28 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
         sp.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
 
+    def pipeline(sp, samples_flag: str, samples_help: str):
+        sp.add_argument("trait")
+        sp.add_argument("--judge", default=None, help="openai[:MODEL] | local:MODEL | none (default: openai when "
+                        "OPENAI_API_KEY is set, else none)")
+        sp.add_argument(samples_flag, type=int, default=None, help=samples_help + " (default: 10 on CUDA, 1 on CPU)")
+        sp.add_argument("--questions", type=int, default=20, help="how many of the trait's 20 questions")
+        sp.add_argument("--max-new-tokens", type=int, default=None, help="default: 1000 on CUDA, 96 on CPU")
+        sp.add_argument("--batch-size", type=int, default=None, help="default: 64 on CUDA, 40 on CPU")
+        sp.add_argument("--out", default=None, help="output directory (default: vectors/<model name>/)")
+        sp.add_argument("--seed", type=int, default=0)
+        common(sp)
+
+    def sampling(sp):
+        sp.add_argument("--temperature", type=float, default=None, help="default: 1.0 (0.7 for models under 1B on CPU)")
+        sp.add_argument("--top-p", type=float, default=None, help="default: 1.0 (0.9 for models under 1B on CPU)")
+
     e = sub.add_parser("extract", help="extract a persona vector for a trait in data/traits (or a trait .json file)")
-    e.add_argument("trait")
-    e.add_argument("--judge", default=None, help="openai[:MODEL] | local:MODEL | none (default: openai when "
-                   "OPENAI_API_KEY is set, else none)")
-    e.add_argument("--rollouts", type=int, default=None, help="answers per question and instruction "
-                   "(default: 10 on CUDA, 1 on CPU)")
-    e.add_argument("--max-new-tokens", type=int, default=None, help="default: 1000 on CUDA, 96 on CPU")
-    e.add_argument("--questions", type=int, default=20, help="how many of the 20 extraction questions")
-    e.add_argument("--temperature", type=float, default=None, help="default: 1.0 (0.7 for models under 1B on CPU)")
-    e.add_argument("--top-p", type=float, default=None, help="default: 1.0 (0.9 for models under 1B on CPU)")
-    e.add_argument("--batch-size", type=int, default=None, help="default: 64 on CUDA, 40 on CPU")
+    pipeline(e, "--rollouts", "answers per question and instruction")
+    sampling(e)
     e.add_argument("--pos-threshold", type=float, default=50, help="keep pairs whose pos answer scores >= this")
     e.add_argument("--neg-threshold", type=float, default=50, help="... and whose neg answer scores < this")
     e.add_argument("--coherence-threshold", type=float, default=50, help="... and both coherences >= this")
-    e.add_argument("--out", default=None, help="output directory (default: vectors/<model name>/)")
-    e.add_argument("--seed", type=int, default=0)
-    common(e)
 
     gt = sub.add_parser("generate-trait", help="write data/traits/NAME.json with an LLM (OpenAI-compatible API)")
     gt.add_argument("name")
@@ -1088,34 +1076,17 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
 
     ev = sub.add_parser("eval", help="trait expression on the evaluation questions, optionally steered")
-    ev.add_argument("trait")
-    ev.add_argument("--judge", default=None, help="openai[:MODEL] | local:MODEL | none")
-    ev.add_argument("--samples", type=int, default=None, help="answers per question (default: 10 on CUDA, 1 on CPU)")
-    ev.add_argument("--questions", type=int, default=20)
-    ev.add_argument("--max-new-tokens", type=int, default=None)
-    ev.add_argument("--temperature", type=float, default=None)
-    ev.add_argument("--top-p", type=float, default=None)
-    ev.add_argument("--batch-size", type=int, default=None)
-    ev.add_argument("--out", default=None, help="default: the vectors directory")
-    ev.add_argument("--seed", type=int, default=0)
+    pipeline(ev, "--samples", "answers per question")
+    sampling(ev)
     steering_flags(ev)
-    common(ev)
 
     sw = sub.add_parser("sweep", help="steer over layers x coefficients; record the best layer in the vector file")
-    sw.add_argument("trait")
-    sw.add_argument("--judge", default=None, help="openai[:MODEL] | local:MODEL | none")
+    pipeline(sw, "--samples", "answers per question and setting")
     sw.add_argument("--layers", type=lambda x: [int(v) for v in x.split(",")], default=None, help="e.g. 8,12,16")
     sw.add_argument("--coefs", type=lambda x: [float(v) for v in x.split(",")], default=None, help="e.g. 0.5,1,2")
     sw.add_argument("--relative", action="store_true", help="coefficients relative to the residual norm")
     sw.add_argument("--coherence-min", type=float, default=75)
-    sw.add_argument("--samples", type=int, default=None)
-    sw.add_argument("--questions", type=int, default=20)
-    sw.add_argument("--max-new-tokens", type=int, default=None)
-    sw.add_argument("--batch-size", type=int, default=None)
     sw.add_argument("--vectors", default=None)
-    sw.add_argument("--out", default=None)
-    sw.add_argument("--seed", type=int, default=0)
-    common(sw)
 
     g = sub.add_parser("generate", help="answer prompts with the chat model, optionally steered")
     g.add_argument("prompts", nargs="*", help="one or more user messages")
@@ -1143,19 +1114,11 @@ def main(argv: list[str] | None = None) -> int:
     common(c)
 
     me = sub.add_parser("monitor-experiment", help="does the projection before the reply predict the trait score?")
-    me.add_argument("trait")
+    pipeline(me, "--rollouts", "answers per condition and question")
     me.add_argument("--kind", choices=["system", "many-shot"], default="system")
-    me.add_argument("--judge", default=None, help="openai[:MODEL] | local:MODEL | none")
-    me.add_argument("--rollouts", type=int, default=None, help="answers per condition and question")
-    me.add_argument("--questions", type=int, default=20)
     me.add_argument("--layer", type=int, default=None, help="default: the vector's best layer, else the middle")
     me.add_argument("--random", type=int, default=100, help="random directions for the null baseline")
-    me.add_argument("--max-new-tokens", type=int, default=None)
-    me.add_argument("--batch-size", type=int, default=None)
     me.add_argument("--vectors", default=None)
-    me.add_argument("--out", default=None)
-    me.add_argument("--seed", type=int, default=0)
-    common(me)
 
     mo = sub.add_parser("monitor", help="projections of each assistant turn of JSONL conversations")
     mo.add_argument("file", help='JSONL, one {"messages": [...]} per line')

@@ -46,7 +46,7 @@ def main():
     whole_words = {w[1:].lower() for w in vocab if w.startswith("Ġ") and w[1:].isalpha()}
     layer = model.config.num_hidden_layers // 2
     jobs = pv.rollout_jobs(trait, args.questions, 1)
-    print(f"| temperature | top-p | degenerate | non-words | ended | separation (d) |\n|---|---|---|---|---|---|")
+    print("| temperature | top-p | degenerate | non-words | ended | separation (d) |\n|---|---|---|---|---|---|")
     for temperature, top_p in SETTINGS:
         budget = pv.Budget(1, args.max_new_tokens, temperature, top_p, 40)
         with tempfile.TemporaryDirectory() as work:

@@ -7,27 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import model as M
 import persona_vectors as pv
-from tiny import make_tiny_chat_model
+from tiny import tiny_model_with_vectors
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    d = make_tiny_chat_model(root / "model")
-    vectors = root / "vectors"
-    vectors.mkdir()
-    for trait, seed in (("evil", 0), ("humorous", 1)):
-        meta = {"model": str(d), "trait": trait, "residual_norm": [10.0] * 4,
-                "pos_prompt_last_projection": [1.0] * 4, "neg_prompt_last_projection": [-1.0] * 4,
-                "pos_response_avg_projection": [2.0] * 4, "neg_response_avg_projection": [-2.0] * 4}
-        save_file({"vector": torch.randn(4, 64, generator=torch.Generator().manual_seed(seed))},
-                  vectors / f"{trait}_response_avg_diff.safetensors",
-                  metadata={k: json.dumps(v) for k, v in meta.items()})
-    return d, vectors
+    return tiny_model_with_vectors(tmp_path_factory.mktemp("tiny"))
 
 
 def test_scripted_chat_writes_jsonl_and_gauges(tiny, tmp_path):

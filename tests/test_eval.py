@@ -1,45 +1,18 @@
 """eval and sweep on a tiny random chat model, with a stand-in judge."""
 import csv
 import doctest
-import hashlib
-import json
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 import model as M
 import persona_vectors as pv
-from tiny import make_tiny_chat_model
+from tiny import FakeJudge, tiny_model_with_vectors
 from traits import load_trait
-
-
-class HashJudge:
-    """A deterministic stand-in: the score is a hash of the prompt, so different answers get different scores."""
-    name = "fake:hash"
-
-    def __init__(self):
-        self.asked = 0
-
-    def score(self, prompts, on_result=None):
-        self.asked += len(prompts)
-        out = [float(int(hashlib.sha256(p.encode()).hexdigest(), 16) % 101) for p in prompts]
-        for i, s in enumerate(out):
-            if on_result:
-                on_result(i, s)
-        return out
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    d = make_tiny_chat_model(root / "model")
-    vectors = root / "vectors"
-    vectors.mkdir()
-    meta = {"model": str(d), "residual_norm": [10.0, 11.0, 12.0, 13.0]}
-    save_file({"vector": torch.randn(4, 64, generator=torch.Generator().manual_seed(0))},
-              vectors / "evil_response_avg_diff.safetensors", metadata={k: json.dumps(v) for k, v in meta.items()})
-    return d, vectors
+    return tiny_model_with_vectors(tmp_path_factory.mktemp("tiny"))
 
 
 def test_doctests():
@@ -60,7 +33,7 @@ def test_best_setting_respects_the_coherence_guard():
 def test_eval_uses_only_evaluation_questions(tiny, tmp_path, monkeypatch):
     import judge as J
     d, vectors = tiny
-    monkeypatch.setattr(J, "make_judge", lambda spec: HashJudge())
+    monkeypatch.setattr(J, "make_judge", lambda spec: FakeJudge(hashed=True))
     r = pv.evaluate("evil", str(d), judge="fake", samples=2, questions=3, vectors=str(vectors), out=str(tmp_path),
                     max_new_tokens=5, device="cpu")
     rows = list(csv.DictReader(open(r["csv"])))
@@ -85,7 +58,7 @@ def test_steered_eval_differs_and_none_judge_reports_projections(tiny, tmp_path,
 def test_sweep_end_to_end_records_the_best_layer_and_resumes(tiny, tmp_path, monkeypatch):
     import judge as J
     d, vectors = tiny
-    judge = HashJudge()
+    judge = FakeJudge(hashed=True)
     monkeypatch.setattr(J, "make_judge", lambda spec: judge)
     vec_dir = tmp_path / "vectors"
     vec_dir.mkdir()

@@ -9,7 +9,7 @@ import torch
 
 import model as M
 import persona_vectors as pv
-from tiny import make_tiny_chat_model
+from tiny import FakeJudge, make_tiny_chat_model
 
 ROOT = Path(__file__).parent.parent
 
@@ -17,19 +17,6 @@ ROOT = Path(__file__).parent.parent
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return make_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-class FakeJudge:
-    """Gives every prompt the same score and counts what it was asked."""
-    def __init__(self, name, value):
-        self.name, self.value, self.asked = name, value, 0
-
-    def score(self, prompts, on_result=None):
-        self.asked += len(prompts)
-        for i in range(len(prompts)):
-            if on_result:
-                on_result(i, self.value)
-        return [self.value] * len(prompts)
 
 
 def run_extract(tiny_dir, out, **kw):

@@ -7,9 +7,7 @@ against independent readers (llama.cpp's `gguf` package and transformers) when t
 import contextlib
 import doctest
 import json
-import os
 import struct
-import sys
 import time
 from pathlib import Path
 

@@ -8,34 +8,12 @@ from safetensors.torch import save_file
 
 import model as M
 import persona_vectors as pv
-from tiny import make_tiny_chat_model
-
-
-class HashJudge:
-    name = "fake:hash"
-
-    def score(self, prompts, on_result=None):
-        import hashlib
-        out = [float(int(hashlib.sha256(p.encode()).hexdigest(), 16) % 101) for p in prompts]
-        for i, s in enumerate(out):
-            if on_result:
-                on_result(i, s)
-        return out
+from tiny import FakeJudge, tiny_model_with_vectors
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    d = make_tiny_chat_model(root / "model")
-    vectors = root / "vectors"
-    vectors.mkdir()
-    for trait, seed in (("evil", 0), ("humorous", 1)):
-        meta = {"model": str(d), "trait": trait, "residual_norm": [10.0] * 4,
-                "pos_response_avg_projection": [2.0] * 4, "neg_response_avg_projection": [-2.0] * 4}
-        save_file({"vector": torch.randn(4, 64, generator=torch.Generator().manual_seed(seed))},
-                  vectors / f"{trait}_response_avg_diff.safetensors",
-                  metadata={k: json.dumps(v) for k, v in meta.items()})
-    return d, vectors
+    return tiny_model_with_vectors(tmp_path_factory.mktemp("tiny"))
 
 
 def test_projection_math_by_hand():
@@ -53,7 +31,7 @@ def test_projection_math_by_hand():
 def test_monitor_experiment_bookkeeping(tiny, tmp_path, monkeypatch):
     import judge as J
     d, vectors = tiny
-    monkeypatch.setattr(J, "make_judge", lambda spec: HashJudge())
+    monkeypatch.setattr(J, "make_judge", lambda spec: FakeJudge(hashed=True))
     r = pv.monitor_experiment("evil", "system", str(d), judge="fake", rollouts=1, questions=3, layer=2,
                               vectors=str(vectors), out=str(tmp_path), max_new_tokens=4, n_random=20, device="cpu")
     rows = list(csv.DictReader(open(r["csv"])))

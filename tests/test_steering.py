@@ -1,13 +1,10 @@
 """Steering specs, units, layers and the multi-layer variant (persona_vectors.steering / generate --steer)."""
-import json
-
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import model as M
 import persona_vectors as pv
-from tiny import make_tiny_chat_model
+from tiny import make_tiny_chat_model, write_vector
 
 
 @pytest.fixture(scope="module")
@@ -15,12 +12,6 @@ def tiny(tmp_path_factory):
     d = make_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "model")
     model, tok = M.load(str(d), "cpu", torch.float32)
     return d, model
-
-
-def vector_file(path, vec, **meta):
-    meta = {"model": "tiny", "residual_norm": [float(10 + i) for i in range(vec.shape[0])]} | meta
-    save_file({"vector": vec}, path, metadata={k: json.dumps(v) for k, v in meta.items()})
-    return path
 
 
 def test_parse_steer_spec():
@@ -38,14 +29,14 @@ def test_parse_steer_spec():
 def test_units_layers_and_lookup(tiny, tmp_path):
     d, model = tiny
     vec = torch.randn(4, 64)
-    vector_file(tmp_path / "evil_response_avg_diff.safetensors", vec)
+    write_vector(tmp_path / "evil_response_avg_diff.safetensors", vec)
     (s,) = pv.steering(["evil:2"], model, tmp_path)
     assert s.layer == 1 and s.coef == 2.0 and torch.equal(s.vector, vec[1]) and s.positions == "response"
     (s,) = pv.steering(["evil:0.5r"], model, tmp_path, layer=2)
     # a relative coefficient adds 0.5 x the mean residual norm at that layer (12.0 here) along v
     assert s.layer == 2 and s.coef == pytest.approx(0.5 * 12.0 / float(vec[2].norm()))
     assert float((s.coef * s.vector).norm()) == pytest.approx(0.5 * 12.0)
-    vector_file(tmp_path / "best.safetensors", vec, best_layer=3)
+    write_vector(tmp_path / "best.safetensors", vec, best_layer=3)
     assert pv.steering([f"{tmp_path}/best.safetensors:1"], model)[0].layer == 3  # the sweep's choice by default
     two = pv.steering(["evil:1", f"{tmp_path}/best.safetensors:-1"], model, tmp_path, positions="all")
     assert [(s.layer, s.coef, s.positions) for s in two] == [(1, 1.0, "all"), (3, -1.0, "all")]
@@ -54,7 +45,7 @@ def test_units_layers_and_lookup(tiny, tmp_path):
 def test_all_layers_adds_increments(tiny, tmp_path):
     d, model = tiny
     vec = torch.randn(4, 64)
-    vector_file(tmp_path / "evil_response_avg_diff.safetensors", vec)
+    write_vector(tmp_path / "evil_response_avg_diff.safetensors", vec)
     steer = pv.steering(["evil:1.5"], model, tmp_path, all_layers=True)
     assert [s.layer for s in steer] == [1, 2, 3]
     for s in steer:
@@ -75,10 +66,10 @@ def test_errors(tiny, tmp_path):
     d, model = tiny
     with pytest.raises(ValueError, match="run `extract evil` first"):
         pv.steering(["evil:1"], model, tmp_path)
-    vector_file(tmp_path / "other.safetensors", torch.randn(31, 576), model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    write_vector(tmp_path / "other.safetensors", torch.randn(31, 576), model="HuggingFaceTB/SmolLM2-135M-Instruct")
     with pytest.raises(ValueError, match=r"\[31, 576\] \(extracted from HuggingFaceTB/SmolLM2-135M-Instruct\)"):
         pv.steering([f"{tmp_path}/other.safetensors:1"], model)
-    vector_file(tmp_path / "evil_response_avg_diff.safetensors", torch.randn(4, 64))
+    write_vector(tmp_path / "evil_response_avg_diff.safetensors", torch.randn(4, 64))
     with pytest.raises(ValueError, match=r"--layer 4 out of range.*1\.\.3"):
         pv.steering(["evil:1"], model, tmp_path, layer=4)
     with pytest.raises(ValueError, match="does not exist"):
@@ -88,7 +79,7 @@ def test_errors(tiny, tmp_path):
 def test_generate_with_steering(tiny, tmp_path):
     d, _ = tiny
     vec = torch.randn(4, 64)
-    vector_file(tmp_path / "evil_response_avg_diff.safetensors", vec)
+    write_vector(tmp_path / "evil_response_avg_diff.safetensors", vec)
     kw = dict(model_name=str(d), max_new_tokens=8, vectors=str(tmp_path), device="cpu")
     base = pv.generate(["Hello", "What is 2 + 2?"], **kw)
     assert pv.generate(["Hello", "What is 2 + 2?"], steer=["evil:0"], **kw) == base

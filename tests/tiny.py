@@ -1,7 +1,10 @@
 """A tiny random chat model with a real (byte-level BPE, ChatML) tokenizer, for end-to-end tests of the pipeline."""
+import hashlib
 import json
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from make_golden_models import random_weights, write_checkpoint
@@ -30,3 +33,38 @@ def make_tiny_chat_model(path: Path, seed: int = 0) -> Path:
         chat_template=TEMPLATE, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
         unk_token="<|endoftext|>", tokenizer_class="PreTrainedTokenizerFast")))
     return path
+
+
+def tiny_model_with_vectors(root: Path) -> tuple[Path, Path]:
+    """The tiny model and a vectors directory with random `evil` and `humorous` vectors, with gauge marks."""
+    d = make_tiny_chat_model(root / "model")
+    vectors = root / "vectors"
+    vectors.mkdir()
+    for trait, seed in (("evil", 0), ("humorous", 1)):
+        write_vector(vectors / f"{trait}_response_avg_diff.safetensors",
+                     torch.randn(4, 64, generator=torch.Generator().manual_seed(seed)), model=str(d), trait=trait,
+                     pos_prompt_last_projection=[1.0] * 4, neg_prompt_last_projection=[-1.0] * 4,
+                     pos_response_avg_projection=[2.0] * 4, neg_response_avg_projection=[-2.0] * 4)
+    return d, vectors
+
+
+def write_vector(path: Path, vec: torch.Tensor, **meta) -> Path:
+    """A vector file as `extract` writes it (tensor `vector`, JSON metadata), with a residual norm of 10 + layer."""
+    meta = {"model": "tiny", "residual_norm": [float(10 + i) for i in range(vec.shape[0])]} | meta
+    save_file({"vector": vec}, path, metadata={k: json.dumps(v) for k, v in meta.items()})
+    return path
+
+
+class FakeJudge:
+    """A stand-in judge: the same score for every prompt, or (value=None) a hash of the prompt 0-100; counts asks."""
+    def __init__(self, name: str = "fake:hash", value: float | None = None, hashed: bool = False):
+        self.name, self.value, self.hashed, self.asked = name, value, hashed, 0
+
+    def score(self, prompts, on_result=None):
+        self.asked += len(prompts)
+        out = [float(int(hashlib.sha256(p.encode()).hexdigest(), 16) % 101) if self.hashed else self.value
+               for p in prompts]
+        for i, s in enumerate(out):
+            if on_result:
+                on_result(i, s)
+        return out
