@@ -141,7 +141,7 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
                    for j, o, c in zip(batch, outs, convs)]
             tensors = {"response_avg": cap.response_mean(), "prompt_avg": cap.prompt_mean(),
                        "prompt_last": cap.prompt_last(), "response_norm": cap.response_norm()}
-            atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p,
+            atomic_write(path, lambda p: save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, p,
                                                    metadata={"rows": json.dumps(new)}))
             done_now += len(batch)
             rate = done_now / (time.time() - t0)
@@ -372,6 +372,7 @@ def steering(specs: list[str], model: M.Transformer, vectors_dir: str | Path | N
         if vec.shape != (N + 1, d):
             raise ValueError(f"{path} is [{vec.shape[0]}, {vec.shape[1]}] (extracted from {meta.get('model', '?')}), "
                              f"but this model needs [{N + 1}, {d}]: use a vector extracted from this model")
+        vec = vec.to(model.lm_head.weight.device)  # once, not at every decoding step
         L = layer if layer is not None else meta.get("best_layer", N // 2)
         if not 1 <= L <= N:
             raise ValueError(f"--layer {L} out of range: this model has blocks 1..{N}")
