@@ -69,6 +69,11 @@ def test_sweep_end_to_end_records_the_best_layer_and_resumes(tiny, tmp_path, mon
     result = pv.sweep("evil", **kw)
     rows = list(csv.DictReader(open(result["csv"])))
     assert [(int(r["layer"]), float(r["coef"])) for r in rows] == [(1, 0.5), (1, 4.0), (2, 0.5), (2, 4.0)]
+    try:  # the plot is optional: a PNG when matplotlib is installed
+        import matplotlib  # noqa: F401
+        assert result["plot"].read_bytes()[:4] == b"\x89PNG"
+    except ImportError:
+        assert result["plot"] is None
     best = pv.best_setting(result["results"], 0)
     _, meta = pv.load_vector(vec_dir / "evil_response_avg_diff.safetensors")
     assert meta["best_layer"] == best["layer"] and meta["best_coef"] == str(best["coef"])

@@ -38,6 +38,11 @@ def test_monitor_experiment_bookkeeping(tiny, tmp_path, monkeypatch):
     assert len(rows) == 8 * 3 and [row["condition"] for row in rows[::3]] == [f"sys{i}" for i in range(8)]
     assert r["layer"] == 2 and r["n"] == 24 and set(r["cross_trait_r"]) == {"humorous"}
     assert -1 <= r["r"] <= 1 and r["r_ci"][0] <= r["r_ci"][1] and 0 <= r["random_abs_r_95"] <= 1
+    try:  # the scatter plot is optional: a PNG when matplotlib is installed
+        import matplotlib  # noqa: F401
+        assert r["plot"].read_bytes()[:4] == b"\x89PNG"
+    except ImportError:
+        assert r["plot"] is None
     # a row's projection is the last prompt token's state at layer 2 on the unit vector
     from traits import load_trait
     t = load_trait("evil")
