@@ -443,8 +443,8 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dt
 
 def load(name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None):
     """Load a model and its tokenizer from a local Hugging Face-layout directory or a hub id -> (model, tokenizer)."""
-    import hub
-    from tokenizer import Tokenizer
+    from support import hub
+    from support.tokenizer import Tokenizer
     model_dir = hub.resolve(name_or_path)
     model = load_model(model_dir, device, dtype)
     model.name_or_path, model.source_dir = str(name_or_path), model_dir  # recorded in the files we write

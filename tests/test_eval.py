@@ -7,7 +7,7 @@ import pytest
 import model as M
 import persona_vectors as pv
 from tiny import FakeJudge, tiny_model_with_vectors
-from traits import load_trait
+from support.traits import load_trait
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import persona_vectors as pv
-from traits import TRAITS_DIR, load_trait
+from support.traits import TRAITS_DIR, load_trait
 
 
 @pytest.fixture

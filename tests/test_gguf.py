@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import gguf_convert as pg
-import hub
+import support.gguf_convert as pg
+from support import hub
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

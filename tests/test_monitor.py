@@ -44,7 +44,7 @@ def test_monitor_experiment_bookkeeping(tiny, tmp_path, monkeypatch):
     except ImportError:
         assert r["plot"] is None
     # a row's projection is the last prompt token's state at layer 2 on the unit vector
-    from traits import load_trait
+    from support.traits import load_trait
     t = load_trait("evil")
     model, tok = M.load(str(d), "cpu", torch.float32)
     ids = tok.encode_chat([{"role": "system", "content": t.graded_system_prompts[5]},

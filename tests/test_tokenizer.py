@@ -12,8 +12,8 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-import tokenizer as tokenizer_module
-from tokenizer import Tokenizer
+import support.tokenizer as tokenizer_module
+from support.tokenizer import Tokenizer
 
 GOLDEN = Path(__file__).parent / "golden"
 SOURCES = json.loads((GOLDEN / "templates" / "SOURCES.json").read_text(encoding="utf-8"))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import traits
-from traits import Trait, available_traits, load_trait, save_trait, validate
+from support import traits
+from support.traits import Trait, available_traits, load_trait, save_trait, validate
 
 REQUIRED_TRAITS = ["evil", "sycophantic", "hallucinating", "impolite", "apathetic", "humorous", "optimistic"]
 

@@ -16,7 +16,7 @@ with ne = [in, out]. Quantized types pack 32 values into a block: Q8_0 is an f16
 (x = d*q + m). llama.cpp also reorders the rows of the q/k projections for its rotary embedding, which
 we undo (see `unpermute_rotary`). Usage:
 
-    python gguf_convert.py SmolLM2-135M-Instruct.Q4_1.gguf out/smollm2   # config.json, model.safetensors, ...
+    python -m support.gguf_convert SmolLM2-135M-Instruct.Q4_1.gguf out/smollm2   # config.json, model.safetensors, ...
 """
 
 import json
@@ -380,5 +380,5 @@ def convert_gguf(gguf_path, out_dir):
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: python gguf_convert.py MODEL.gguf OUT_DIR")
+        sys.exit("usage: python -m support.gguf_convert MODEL.gguf OUT_DIR")
     print(convert_gguf(sys.argv[1], sys.argv[2]))

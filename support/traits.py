@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-TRAITS_DIR = Path(__file__).parent / "data" / "traits"
+TRAITS_DIR = Path(__file__).resolve().parent.parent / "data" / "traits"
 
 N_INSTRUCTIONS, N_QUESTIONS, N_GRADED = 5, 20, 8        # pairs; questions per split; graded system prompts
 NAME_RE = re.compile(r"[a-z][a-z0-9_]*")                 # a trait name doubles as a file name: keep it plain

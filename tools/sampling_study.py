@@ -1,6 +1,6 @@
 """Which temperature / top-p should extraction sample small models with when no judge filters the answers?
 
-    python sampling_study.py [--trait evil] [--questions 10] [--max-new-tokens 96]
+    python tools/sampling_study.py [--trait evil] [--questions 10] [--max-new-tokens 96]
 
 For each setting, answers are sampled under the trait's pos and neg system prompts (as `extract` does) and scored
 with measures that need no judge:
@@ -15,15 +15,18 @@ The README's "Sampling defaults" section reports a run of this script.
 """
 import argparse
 import re
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
+
 import model as M
 import persona_vectors as pv
-from hub import DEFAULT_MODEL
-from traits import load_trait
+from support.hub import DEFAULT_MODEL
+from support.traits import load_trait
 
 SETTINGS = [(1.0, 1.0), (1.0, 0.9), (0.7, 0.9), (0.7, 1.0), (0.4, 1.0)]
 

@@ -373,7 +373,7 @@ def _offline_default_model(why: str) -> Path:
     out_dir = cache_dir() / "models" / GGUF_MODEL_DIR
     if out_dir.is_dir() and not missing_files(out_dir):
         return out_dir
-    import gguf_convert  # lazily: only this fallback needs the GGUF reader
+    from support import gguf_convert  # lazily: only this fallback needs the GGUF reader
     return Path(gguf_convert.convert_gguf(default_gguf(why), out_dir))
 
 

@@ -1,6 +1,6 @@
 """Speed of model.py against Hugging Face transformers on the same weights, measured side by side in one run.
 
-    pip install transformers && python bench.py            # default model, fp32, 2 threads on the CPU
+    pip install transformers && python tools/bench.py            # default model, fp32, 2 threads on the CPU
 
 (a) steered batched generation (batch 16 and 32, 128 new tokens, greedy); reference: transformers `generate`
     with a forward hook adding the vector. Target >= 1.5x.
@@ -15,12 +15,16 @@ import ctypes
 import gc
 import os
 import platform
+import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 
-import hub
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
+
+from support import hub
 import model as M
 
 

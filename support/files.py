@@ -1,0 +1,112 @@
+"""Files the project writes: atomic writes, CSV, and the persona-vector files (their name, saving, loading, fit)."""
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from support import UserError
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename into place: an interrupted run never leaves a half-written file.
+
+    The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_writable(out: Path) -> None:
+    """Fail now, not after the work, when `out` (a directory) cannot be created or written."""
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to {out} ({e.strerror}): choose another --out") from None
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """Rows as CSV with these columns (other keys left out), written atomically."""
+    def write(p):
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    atomic_write(path, write)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Persona-vector files: tensor "vector" [num_layers + 1, hidden] (hidden index 0 = embeddings, L = output of
+# block L) and JSON-encoded metadata, named like the official repository's files.
+
+VARIANTS = ("response_avg", "prompt_avg", "prompt_last")  # the official file names: <trait>_<variant>_diff
+SUFFIX = "_response_avg_diff.safetensors"  # the paper's vector, the one every command uses by default
+
+
+def default_vectors_dir(model_name: str) -> Path:
+    """vectors/<model name>/: where extract writes and every other command looks."""
+    return Path("vectors") / Path(str(model_name).rstrip("/")).name
+
+
+def vector_path(vectors_dir: Path, trait: str, variant: str = "response_avg") -> Path:
+    return Path(vectors_dir) / f"{trait}_{variant}_diff.safetensors"
+
+
+def traits_in(vectors_dir: Path) -> list[str]:
+    """The traits that have a (response_avg) vector in a directory, sorted."""
+    return sorted(p.name[:-len(SUFFIX)] for p in Path(vectors_dir).glob("*" + SUFFIX))
+
+
+def save_vector(path: Path, vector: torch.Tensor, meta: dict) -> Path:
+    atomic_write(path, lambda p: save_file({"vector": vector.float().contiguous()}, p,
+                                           metadata={k: json.dumps(v) for k, v in meta.items()}))
+    return path
+
+
+def load_vector(path: str | Path) -> tuple[torch.Tensor, dict]:
+    """A vector file of this project -> (tensor [L + 1, hidden], metadata with JSON values decoded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no vector file {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = {}
+            for k, v in (f.metadata() or {}).items():
+                try:
+                    meta[k] = json.loads(v)
+                except json.JSONDecodeError:  # metadata written by other tools, e.g. {"format": "pt"}
+                    meta[k] = v
+            if "vector" not in f.keys():
+                raise UserError(f"{path} has no tensor 'vector' (it has {', '.join(f.keys()) or 'none'}): "
+                                "is it a persona-vector file?")
+            vec = f.get_tensor("vector")
+    except SafetensorError as e:
+        raise UserError(f"cannot read {path} ({e}): the file is truncated or not safetensors; extract it again") from None
+    if vec.dim() != 2 or not torch.isfinite(vec).all():
+        raise UserError(f"{path}: expected a finite [num_layers + 1, hidden] tensor, got {tuple(vec.shape)}"
+                        + ("" if torch.isfinite(vec).all() else " with non-finite values"))
+    return vec.float(), meta
+
+
+def check_fits(vec: torch.Tensor, meta: dict, path: Path, num_layers: int, hidden: int) -> None:
+    """The model-fit check: a vector must be [num_layers + 1, hidden] for the model it is used with."""
+    if tuple(vec.shape) != (num_layers + 1, hidden):
+        raise UserError(f"{path} is [{vec.shape[0]}, {vec.shape[1]}] (extracted from {meta.get('model', '?')}), but "
+                        f"this model needs [{num_layers + 1}, {hidden}]: use a vector extracted from this model")
