@@ -57,10 +57,15 @@ class Trait:
         return f"You are {article(name)} {name} assistant. {self.instructions[i][side == 'neg']}"
 
     def judge_prompt(self, question: str, answer: str) -> str:
-        """The eval prompt with both slots filled. One regex pass instead of str.format (an answer full of braces,
-        e.g. code, would break it) or two str.replace calls (a question containing "{answer}" would be filled)."""
-        values = {"question": question, "answer": answer}
-        return SLOT_RE.sub(lambda m: values[m.group(1)], self.eval_prompt)
+        return fill_judge_prompt(self.eval_prompt, question, answer)
+
+
+def fill_judge_prompt(template: str, question: str, answer: str) -> str:
+    """A judge prompt with its {question} and {answer} slots filled. One regex pass instead of str.format (an answer
+    full of braces, e.g. code, would break it) or two str.replace calls (a question containing "{answer}" would be
+    filled)."""
+    values = {"question": question, "answer": answer}
+    return SLOT_RE.sub(lambda m: values[m.group(1)], template)
 
 
 def article(word: str) -> str:
