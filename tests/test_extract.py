@@ -98,12 +98,12 @@ def test_keep_pairs_thresholds():
     assert pos == [0] and neg == [1]
     assert why == {"pos trait score": 2, "neg trait score": 1, "coherence": 1, "empty answer": 0}
     assert pv.keep_pairs(rows, "evil", True, 30, 70, 20)[0] == [0, 2, 4, 6]
+    assert pv.keep_pairs(rows, "evil", False, 50, 50, 50)[0] == [0, 2, 4, 6, 8]  # no judge: keep everything
     # an empty answer has no mean activation: its pair never enters the means, judged or not
     rows[2]["n_tokens"] = 0
     assert pv.keep_pairs(rows, "evil", True, 30, 70, 20)[0] == [0, 4, 6]
     pos, neg, why = pv.keep_pairs(rows, "evil", False, 50, 50, 50)
     assert pos == [0, 4, 6, 8] and why["empty answer"] == 1
-    assert pv.keep_pairs(rows, "evil", False, 50, 50, 50)[0] == [0, 2, 4, 6, 8]  # no judge: keep everything
 
 
 def test_no_surviving_pair_names_the_threshold(tiny_dir, tmp_path, monkeypatch):
