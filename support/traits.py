@@ -15,10 +15,11 @@ not surface hours later as a strange vector.
 """
 import dataclasses
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from support.files import atomic_write
 
 TRAITS_DIR = Path(__file__).resolve().parent.parent / "data" / "traits"
 
@@ -222,21 +223,11 @@ def load_trait(name_or_path: str) -> Trait:
 
 
 def save_trait(trait_dict: dict, path: Path, force: bool = False) -> Path:
-    """Validate, then write atomically: a temporary file beside the target, then os.replace, so a crash or a full
-    disk never leaves a half-written trait file. An existing file is kept unless force=True (--force)."""
+    """Validate, then write atomically, so a crash or a full disk never leaves a half-written trait file. An existing file is kept unless force=True (--force)."""
     path = Path(path)
     validate(trait_dict, str(path), stem=path.stem)
     if path.exists() and not force:
         raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(trait_dict, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)           # only still there if something failed before os.replace
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(trait_dict, indent=2, ensure_ascii=False) + "\n",
+                                                  encoding="utf-8"))
     return path
