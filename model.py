@@ -205,10 +205,17 @@ class Block(nn.Module):
 class Steer:
     """Add `coef * vector` to hidden index `layer` (1..N: output of block `layer`; 0: embeddings).
 
-    positions: "all" (every token), "prompt" (tokens before `response_start`), or "response" (tokens at or after
-    `response_start`). In generation the response is the generated tokens, so at prefill "response" steers nothing
-    and the first new token is sampled from unsteered logits; the prompt's keys and values stay as without steering.
-    (The official persona-vectors code also steers the last prompt token at prefill.)
+    positions (the same for Ablate):
+      "all"       every token;
+      "prompt"    the prompt: the tokens before `response_start`;
+      "response"  the LAST prompt token and every token after it (columns >= response_start - 1).
+    "response" is the official persona-vectors hook (ActivationSteerer, positions="response"), which adds the vector
+    at the last position of every forward call: at prefill that is the last prompt token, so the first new token is
+    already sampled from steered logits, and with a KV cache each later call holds only the new token. A forward
+    over prompt + answer with `response_start` therefore steers exactly the tokens that steered generation did, and
+    gives the same logits; a call without `response_start` is all prompt, and "response" steers its last token.
+    "prompt" is the official "prompt" hook too (every position of the prefill, no generated token). Capture's spans
+    are not these: its response is the generated tokens only.
     """
     layer: int
     vector: torch.Tensor  # [hidden]
@@ -329,11 +336,9 @@ class Transformer(nn.Module):
         dtype = self.model.embed_tokens.weight.dtype
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
 
-        if response_start is None:
-            is_resp = torch.zeros(B, T, dtype=torch.bool, device=cols.device)
-        else:
-            is_resp = cols[None, :] >= response_start[:, None]
-        spans = {"all": None, "prompt": valid & ~is_resp, "response": valid & is_resp}
+        # the last prompt token of each row; without response_start, these T tokens are all prompt
+        last = response_start[:, None] - 1 if response_start is not None else cols[-1:].expand(B, 1)  # [B, 1]
+        spans = {"all": None, "prompt": valid & (cols <= last), "response": valid & (cols >= last)}  # see Steer
         for s in list(steer) + list(ablate):
             v = s.vector if isinstance(s, Steer) else s.direction
             if not 0 <= s.layer <= N:
@@ -341,11 +346,9 @@ class Transformer(nn.Module):
             if v.shape != (self.config.hidden_size,):
                 raise ValueError(f"vector of shape {tuple(v.shape)} at layer {s.layer}, but the model's hidden size "
                                  f"is {self.config.hidden_size}: was it extracted from another model?")
-        if capture is not None:
-            last = response_start[:, None] - 1 if response_start is not None else start + T - 1
-            last_prompt = cols[None, :] == last  # [B, T]
-            cap = {"prompt": spans["prompt"].float(), "response": spans["response"].float(),
-                   "last": (last_prompt & valid).float()}
+        if capture is not None:  # the response is the generated tokens only: after the last prompt token
+            cap = {"prompt": spans["prompt"].float(), "response": (valid & (cols > last)).float(),
+                   "last": (valid & (cols == last)).float()}
 
         def intervene(i: int, h: torch.Tensor) -> torch.Tensor:
             for a in ablate:

@@ -172,14 +172,89 @@ def test_steering_changes_exactly_the_chosen_layer_and_positions(positions):
     steered = hidden_states(m, ids, steer=[M.Steer(L, v, coef, positions)], **kw)
     assert torch.equal(steered[:L], base[:L])  # indices below the steered one are untouched
     cols = torch.arange(ids.shape[1])[None]
+    # "response" starts at the last prompt token, as the official hook does (see M.Steer)
     chosen = {"all": torch.ones_like(mask, dtype=torch.bool), "prompt": (cols < start[:, None]) & mask.bool(),
-              "response": (cols >= start[:, None]) & mask.bool()}[positions]
+              "response": (cols >= start[:, None] - 1) & mask.bool()}[positions]
     assert torch.equal(steered[L][chosen], (base[L] + coef * v)[chosen])
     assert torch.equal(steered[L][~chosen], base[L][~chosen])
-    if positions == "response":  # no prompt position changes at any layer
-        prompt = (cols < start[:, None]) & mask.bool()
-        assert torch.equal(steered[:, prompt], base[:, prompt])
+    if positions == "response":  # no prompt position before the last one changes, at any layer
+        early = (cols < start[:, None] - 1) & mask.bool()
+        assert torch.equal(steered[:, early], base[:, early])
     assert not torch.allclose(steered[L + 1][chosen], base[L + 1][chosen])
+
+
+def official_hook(block: torch.nn.Module, positions: str, vector: torch.Tensor):
+    """The official persona-vectors steering hook (ActivationSteerer), rewritten: on a block's output [B, T, d],
+    "all" adds the vector everywhere, "prompt" everywhere but only in calls of more than one token (the prefill),
+    "response" at the last position of every call."""
+    def hook(module, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        h = h.clone()
+        if positions == "all" or (positions == "prompt" and h.shape[1] > 1):
+            h += vector
+        elif positions == "response":
+            h[:, -1] += vector
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+    return block.register_forward_hook(hook)
+
+
+def hooked_greedy(m: M.Transformer, prompt: list[int], n: int, L: int, vector, positions):
+    """Greedy decoding with a KV cache, one forward call per token, steered by `official_hook` on block L alone
+    -> (new tokens, logits [n, vocab] each token was chosen from)."""
+    handle = official_hook(m.model.layers[L - 1], positions, vector)
+    try:
+        cache = M.KVCache(m.config, 1, len(prompt) + n, "cpu", torch.float32)
+        logits = m(torch.tensor([prompt]), cache=cache, logits="last")[0, -1]
+        tokens, steps = [], []
+        for _ in range(n):
+            steps.append(logits)
+            tokens.append(int(logits.argmax()))
+            logits = m(torch.tensor([[tokens[-1]]]), cache=cache, logits="last")[0, -1]
+    finally:
+        handle.remove()
+    return tokens, torch.stack(steps)
+
+
+@pytest.mark.parametrize("positions", ["response", "prompt", "all"])
+@pytest.mark.parametrize("name, L", [("tiny-llama3", 2), ("tiny-qwen2", 1), ("tiny-tied", 2)])
+def test_steered_generation_equals_the_official_hook(name, L, positions):
+    m = tiny(name)
+    v = 3.0 * torch.randn(64, generator=torch.Generator().manual_seed(L))
+    prompts, n = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 40], [20, 21, 22, 23, 24]], 10
+    steer = [M.Steer(L, v, 1.0, positions)]
+    got = M.generate(m, prompts, n, steer=steer)  # batched, left-padded
+    for p, out in zip(prompts, got):
+        tokens, logits = hooked_greedy(m, p, n, L, v, positions)
+        assert out == tokens
+        # one forward over prompt + answer, steered the same way, gives the logits each token was sampled from
+        full = m(torch.tensor([p + out]), response_start=torch.tensor([len(p)]), steer=steer)[0, len(p) - 1:-1]
+        torch.testing.assert_close(full, logits, rtol=1e-5, atol=1e-4)
+    if positions == "response":  # the first token already differs from unsteered generation for some prompt
+        plain = M.generate(m, prompts, n)
+        assert any(a[0] != b[0] for a, b in zip(got, plain))
+
+
+@pytest.mark.parametrize("positions", ["response", "prompt"])
+def test_steered_generation_equals_the_official_hook_on_transformers(positions):
+    transformers = pytest.importorskip("transformers")
+    name, L, n = "tiny-llama3", 2, 8
+    hf = transformers.AutoModelForCausalLM.from_pretrained(GOLDEN / name, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # no stop token, like M.generate without stop_ids
+    hf.generation_config.pad_token_id = 0
+    m, v = tiny(name), 3.0 * torch.randn(64, generator=torch.Generator().manual_seed(0))
+    steer = [M.Steer(L, v, 1.0, positions)]
+    for p in [[5, 6, 7, 8, 9, 10, 11], [30, 31, 32]]:
+        handle = official_hook(hf.model.layers[L - 1], positions, v)
+        try:
+            with torch.no_grad():
+                ref = hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  use_cache=True, output_logits=True, return_dict_in_generate=True)
+        finally:
+            handle.remove()
+        out = M.generate(m, [p], n, steer=steer)[0]
+        assert out == ref.sequences[0, len(p):].tolist()
+        full = m(torch.tensor([p + out]), response_start=torch.tensor([len(p)]), steer=steer)[0, len(p) - 1:-1]
+        torch.testing.assert_close(full, torch.cat(ref.logits), rtol=1e-4, atol=1e-4)
 
 
 def test_several_vectors_and_layers_add_up():
