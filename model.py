@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
+from support import UserError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -251,8 +253,10 @@ class Capture:
     """Per-layer summaries of the residual stream, accumulated over one or several forward calls.
 
     After the calls, `prompt_mean()`, `response_mean()` and `prompt_last()` return [B, N + 1, hidden] fp32 tensors
-    (hidden indices as in the module docstring). Means are over non-padding tokens of the span; a row with an empty
-    span gives zeros. Only running sums are kept; `token_layers` also keeps every token's state at those indices
+    (hidden indices as in the module docstring). Means are over non-padding tokens of the span. A row whose span is
+    empty (e.g. a forward over a prompt with no answer) gives NaN, never a silent zero: leave such rows out, or
+    fail. `generate` always makes at least one new token, so its response span is never empty. Only running sums
+    are kept; `token_layers` also keeps every token's state at those indices
     (`tokens[layer]`: list of [B, T, hidden] fp32, one per forward call), for per-token projections.
     """
     token_layers: tuple = ()
@@ -276,13 +280,15 @@ class Capture:
         if layer in self.token_layers:
             self.tokens.setdefault(layer, []).append(h.detach().float())
 
-    def _mean(self, span):
-        return self.sums[span] / self.counts[span].clamp(min=1)[:, None, None]
+    def _mean(self, span, sums=None):
+        sums = self.sums[span] if sums is None else sums  # [B, ...]
+        count = self.counts[span].reshape(-1, *[1] * (sums.dim() - 1))
+        return torch.where(count > 0, sums / count.clamp(min=1), math.nan)  # an empty span: NaN, not 0
 
     def prompt_mean(self): return self._mean("prompt")
     def response_mean(self): return self._mean("response")
-    def prompt_last(self): return self.sums["last"]  # a one-token span: the sum is the value
-    def response_norm(self): return self.sums["response_norm"] / self.counts["response"].clamp(min=1)[:, None]
+    def prompt_last(self): return self._mean("last")  # a one-token span: the value itself
+    def response_norm(self): return self._mean("response", self.sums["response_norm"])
 
 
 def padding_and_positions(cols: torch.Tensor, attention_mask: torch.Tensor | None, B: int):
@@ -472,14 +478,18 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
              steer: list[Steer] = (), capture: Capture | None = None, progress: bool = False) -> list[list[int]]:
     """Batched generation with left padding and a KV cache -> the new tokens of each prompt, stop token excluded.
 
-    A row stops at its first token in `stop_ids`; its later columns are masked out, so a `capture` sees exactly
-    the prompt (prompt_mean, prompt_last) and every generated token before the stop (response_mean): the same
-    states as a forward pass over prompt + answer.
+    Every row gets at least one new token: at the first step the stop tokens cannot be chosen (the official
+    sampling's minimum of one new token), so no answer is empty. After that a row stops at its first token in
+    `stop_ids`; its later columns are masked out, so a `capture` sees exactly the prompt (prompt_mean,
+    prompt_last) and every generated token before the stop (response_mean): the same states as a forward pass
+    over prompt + answer.
     """
     device = model.model.embed_tokens.weight.device
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise UserError("empty prompt: every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     B, T0 = len(prompts), max(len(p) for p in prompts)
-    if min(len(p) for p in prompts) == 0:
-        raise ValueError("empty prompt: every prompt needs at least one token")
     ids = torch.full((B, T0), pad_id, dtype=torch.long)
     mask = torch.zeros(B, T0 + max_new_tokens, dtype=torch.bool)
     for b, p in enumerate(prompts):
@@ -496,7 +506,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     for t in range(max_new_tokens):
         if progress:
             print(f"\rgenerating: {t}/{max_new_tokens} tokens", end="", file=sys.stderr, flush=True)
-        nxt = sample(logits[:, -1], temperature, top_p, generator)
+        step = logits[:, -1] if t > 0 else logits[:, -1].index_fill(-1, stop, -math.inf)  # [B, vocab]
+        nxt = sample(step, temperature, top_p, generator)
         done |= torch.isin(nxt, stop)
         out.append(torch.where(done, -1, nxt))
         if bool(done.all()):

@@ -3,6 +3,7 @@
 The tiny random checkpoints and reference outputs in tests/golden/tiny-*/ come from tests/make_golden_models.py.
 """
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model as M
+from support import UserError
 
 GOLDEN = Path(__file__).parent / "golden"
 TINY = ["tiny-llama3", "tiny-qwen2", "tiny-tied"]
@@ -141,6 +143,53 @@ def test_generation_stops_per_row_and_excludes_the_stop_token():
     out = M.generate(m, [[5, 6, 7], [40, 41]], max_new_tokens=10, stop_ids={stop})
     assert out[0] == free[0][:free[0].index(stop)]
     assert stop not in out[1] and out[1] == free[1][:len(out[1])]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_at_least_one_new_token_even_when_the_first_choice_is_a_stop_token(name):
+    m, prompts = tiny(name), [[5, 6, 7], [40, 41, 42, 43]]
+    first = [out[0] for out in M.generate(m, prompts, 1)]
+    stop = set(first)  # each row's greedy first token is a stop token
+    cap = M.Capture()
+    outs = M.generate(m, prompts, 6, stop_ids=stop, capture=cap)
+    for b, (p, out) in enumerate(zip(prompts, outs)):
+        # reference: the best token other than the stop tokens, then plain greedy decoding until a stop token
+        logits = m(torch.tensor([p]))[0, -1]
+        logits[sorted(stop)] = -math.inf
+        ref = [int(logits.argmax())]
+        while len(ref) < 6:
+            nxt = int(m(torch.tensor([p + ref]))[0, -1].argmax())
+            if nxt in stop:
+                break
+            ref.append(nxt)
+        assert out == ref and len(out) >= 1
+        full = M.Capture()
+        m(torch.tensor([p + out]), response_start=torch.tensor([len(p)]), capture=full, logits="none")
+        assert cap.counts["response"][b] == len(out)
+        torch.testing.assert_close(cap.response_mean()[b], full.response_mean()[0], rtol=1e-5, atol=1e-5)
+    # sampling obeys the same rule: a nucleus holding only the top token still avoids the stop tokens
+    sampled = M.generate(m, prompts, 1, stop_ids=stop, temperature=1.0, top_p=1e-6, seed=0)
+    assert [out[0] for out in sampled] == [out[0] for out in outs]
+
+
+def test_empty_spans_are_nan_not_zero():
+    m, ref = tiny("tiny-tied"), load_file(GOLDEN / "tiny-tied" / "reference.safetensors")
+    ids, mask = ref["ids_batch"], ref["mask_batch"]
+    T = ids.shape[1]
+    cap = M.Capture()
+    m(ids, attention_mask=mask, response_start=torch.tensor([10, T, 15]), capture=cap, logits="none")  # row 1: no answer
+    assert cap.response_mean()[1].isnan().all() and cap.response_norm()[1].isnan().all()
+    assert cap.response_mean()[[0, 2]].isfinite().all() and cap.response_norm()[[0, 2]].isfinite().all()
+    assert cap.prompt_mean().isfinite().all() and cap.prompt_last().isfinite().all()
+
+
+def test_generate_rejects_no_tokens():
+    m = tiny("tiny-llama3")
+    for bad in (0, -4):
+        with pytest.raises(UserError, match="max_new_tokens must be at least 1"):
+            M.generate(m, [[5, 6]], bad)
+    with pytest.raises(UserError, match="empty prompt"):
+        M.generate(m, [[5, 6], []], 4)
 
 
 def test_sampling_is_seeded_and_top_p_small_is_greedy():
@@ -303,7 +352,7 @@ def test_capture_during_generation_matches_teacher_forcing():
         assert torch.allclose(cap.response_norm()[b], ref.response_norm()[0], atol=1e-4)
         assert cap.counts["response"][b] == len(out)
     # a row that stops early: its stop token and the filler after it are not part of the response
-    stop = outs[0][2]
+    stop = next(t for i, t in enumerate(outs[0]) if i >= 2 and t not in outs[0][:i])  # first seen at >= 2
     cap = M.Capture()
     stopped = M.generate(m, prompts, max_new_tokens=6, stop_ids={stop}, capture=cap)
     assert stopped[0] == outs[0][:outs[0].index(stop)] and cap.counts["response"][0] == len(stopped[0])
