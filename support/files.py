@@ -32,6 +32,21 @@ def atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+def read_json(path: Path):
+    """The parsed JSON of a file; a missing, unreadable or malformed file is a UserError that names it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} not found") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror})") from None
+
+
 def check_writable(out: Path) -> None:
     """Fail now, not after the work, when `out` (a directory) cannot be created or written."""
     try:

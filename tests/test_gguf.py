@@ -207,6 +207,11 @@ def test_convert_tiny_model(tmp_path):
     assert tok_config["eos_token"] == "<|endoftext|>" and tok_config["chat_template"] == "{{x}}"
     with pytest.raises(FileExistsError):
         pg.convert_gguf(path, out)
+    # the conversion is recorded in the weights, and hub.source reports it (a local directory here)
+    types = pg.tensor_types(pg.GGUFFile(path))
+    assert types == f"F32 x{len(tensors)}"  # every tensor of the tiny file is F32
+    assert hub.source(str(out), out) == {"repo": None, "path": str(out), "origin": "local", "revision": None,
+                                         "quantization": f"GGUF tiny.gguf ({types}), dequantized to fp32"}
 
 
 # ---------------------------------------------------------------------------------------------------------

