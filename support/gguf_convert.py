@@ -20,7 +20,6 @@ we undo (see `unpermute_rotary`). Usage:
 """
 
 import json
-import os
 import shutil
 import struct
 import sys
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from support.files import remove_stale_temps, temp_path
 
 # Metadata value types. Fixed-size ones map to a numpy dtype; 8 is a string and 9 an array.
 _VALUE_DTYPES = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
@@ -360,7 +361,8 @@ def convert_gguf(gguf_path, out_dir):
     """Write a Hugging Face model directory (float32 weights) for a Llama GGUF and return its path.
 
     Everything goes to a temporary sibling directory that is renamed into place at the end, so an
-    interrupted conversion never leaves a half-written `out_dir`.
+    interrupted conversion never leaves a half-written `out_dir`; one killed outright (kill -9) leaves that
+    directory, which the next conversion deletes.
     """
     g, out_dir = GGUFFile(gguf_path), Path(out_dir)
     if out_dir.exists():
@@ -371,7 +373,9 @@ def convert_gguf(gguf_path, out_dir):
         hf_name(info.name)
         g.raw(info.name)
     print(f"converting {g.path.name} -> {out_dir}", file=sys.stderr)
-    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    for stale in remove_stale_temps(out_dir):  # a conversion killed with -9 left its folder (~250 MB) behind
+        print(f"removed {stale}, left by an interrupted conversion", file=sys.stderr)
+    tmp = temp_path(out_dir)
     tmp.mkdir(parents=True)
     try:
         _write_safetensors(tmp / "model.safetensors", g)

