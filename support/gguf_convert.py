@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from support import UserError
 from support.files import remove_stale_temps, temp_path
 
 # Metadata value types. Fixed-size ones map to a numpy dtype; 8 is a string and 9 an array.
@@ -68,8 +69,8 @@ class _Reader:
 
     def take(self, n):
         if self.pos + n > len(self.buf):
-            raise ValueError(f"{self.path}: truncated GGUF header (needs byte {self.pos + n:,}, file has "
-                             f"{len(self.buf):,}); re-download or re-convert the file")
+            raise UserError(f"{self.path}: truncated GGUF header (needs byte {self.pos + n:,}, file has "
+                            f"{len(self.buf):,}); re-download or re-convert the file")
         self.pos += n
         return self.buf[self.pos - n:self.pos]
 
@@ -91,7 +92,7 @@ class _Reader:
             return [self.value(etype) for _ in range(count)]
         if vtype in _VALUE_DTYPES:
             return self.scalar(_VALUE_DTYPES[vtype])
-        raise ValueError(f"{self.path}: unknown metadata value type {vtype}; the file is corrupt")
+        raise UserError(f"{self.path}: unknown metadata value type {vtype}; the file is corrupt")
 
 
 class GGUFFile:
@@ -102,15 +103,15 @@ class GGUFFile:
         with open(self.path, "rb") as f:
             head = f.read(8)
         if head[:4] != b"GGUF":
-            raise ValueError(f"{self.path}: not a GGUF file (starts with {head[:4]!r}, expected b'GGUF'); "
-                             "pass the path of a .gguf model file")
+            raise UserError(f"{self.path}: not a GGUF file (starts with {head[:4]!r}, expected b'GGUF'); "
+                            "pass the path of a .gguf model file")
         if len(head) < 8:
-            raise ValueError(f"{self.path}: truncated GGUF header ({len(head)} bytes); re-download the file")
+            raise UserError(f"{self.path}: truncated GGUF header ({len(head)} bytes); re-download the file")
         self.version = struct.unpack("<I", head[4:8])[0]
         if self.version not in (2, 3):  # v1 used 32-bit counts; a byte-swapped 2 or 3 is a big-endian file
             hint = "big-endian files are not supported" if self.version in (2 << 24, 3 << 24) else "use v2 or v3"
-            raise ValueError(f"{self.path}: unsupported GGUF version {self.version} ({hint}); "
-                             "re-convert with a recent llama.cpp")
+            raise UserError(f"{self.path}: unsupported GGUF version {self.version} ({hint}); "
+                            "re-convert with a recent llama.cpp")
         self.data = np.memmap(self.path, dtype=np.uint8, mode="r")
         r = _Reader(memoryview(self.data), self.path)
         r.pos = 8
@@ -132,21 +133,21 @@ class GGUFFile:
             if ggml_type in GGML_TYPES:
                 type_str, block, block_bytes = GGML_TYPES[ggml_type]
                 if int(np.prod(shape)) % block:
-                    raise ValueError(f"{self.path}: tensor {name!r} of shape {shape} does not fill whole {type_str} "
-                                     f"blocks of {block}; the file is corrupt")
+                    raise UserError(f"{self.path}: tensor {name!r} of shape {shape} does not fill whole {type_str} "
+                                    f"blocks of {block}; the file is corrupt")
                 nbytes = int(np.prod(shape)) // block * block_bytes
             end = data_start + offset + (nbytes or 0)
             if end > len(self.data):
-                raise ValueError(f"{self.path}: truncated file: tensor {name!r} ends at byte {end:,} but the file "
-                                 f"has {len(self.data):,}; re-download the file")
+                raise UserError(f"{self.path}: truncated file: tensor {name!r} ends at byte {end:,} but the file "
+                                f"has {len(self.data):,}; re-download the file")
             self.tensors[name] = TensorInfo(name, shape, ggml_type, data_start + offset, nbytes)
 
     def raw(self, name):
         """The tensor's bytes, as a view into the memory map (nothing is read yet)."""
         info = self.tensors[name]
         if info.nbytes is None:
-            raise ValueError(f"{self.path}: tensor {name!r} has type {type_name(info.ggml_type)}, which this reader "
-                             f"cannot decode (supported: {SUPPORTED}); use a GGUF quantized to one of those")
+            raise UserError(f"{self.path}: tensor {name!r} has type {type_name(info.ggml_type)}, which this reader "
+                            f"cannot decode (supported: {SUPPORTED}); use a GGUF quantized to one of those")
         return self.data[info.offset:info.offset + info.nbytes]
 
     def dequantize(self, name):
@@ -186,7 +187,7 @@ def dequantize(raw, ggml_type, shape):
         else:  # multiply, round to float32, then add: what gguf-py does (and ggml's C, unless fused)
             out = _f16(blocks[:, :2]) * q.astype(np.float32) + _f16(blocks[:, 2:4])
     else:
-        raise ValueError(f"cannot decode ggml type {type_name(ggml_type)} (supported: {SUPPORTED})")
+        raise UserError(f"cannot decode ggml type {type_name(ggml_type)} (supported: {SUPPORTED})")
     return out.reshape(shape)
 
 
@@ -231,15 +232,15 @@ def hf_name(gguf_name):
         return f"model.layers.{parts[1]}.{_IN_BLOCK[parts[2]]}.{kind}"
     if base in _TOP_LEVEL:
         return f"{_TOP_LEVEL[base]}.{kind}"
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama counterpart; only plain Llama "
-                     "models are supported")
+    raise UserError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama counterpart; only plain Llama "
+                    "models are supported")
 
 
 def _check_llama(g):
     arch = g.metadata.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{g.path}: architecture {arch!r} is not supported (only 'llama'); "
-                         "use a Llama-family GGUF such as SmolLM2")
+        raise UserError(f"{g.path}: architecture {arch!r} is not supported (only 'llama'); "
+                        "use a Llama-family GGUF such as SmolLM2")
 
 
 def hf_tensors(g):
@@ -296,8 +297,8 @@ def tokenizer_json(g):
     m = g.metadata
     model, pre = m.get("tokenizer.ggml.model"), m.get("tokenizer.ggml.pre", "default")
     if model != "gpt2" or pre not in PRE_TOKENIZERS:
-        raise ValueError(f"{g.path}: tokenizer {model!r} with pre-tokenizer {pre!r} is not supported (byte-level "
-                         f"BPE 'gpt2' with pre {sorted(PRE_TOKENIZERS)} is); use a SmolLM2 GGUF")
+        raise UserError(f"{g.path}: tokenizer {model!r} with pre-tokenizer {pre!r} is not supported (byte-level "
+                        f"BPE 'gpt2' with pre {sorted(PRE_TOKENIZERS)} is); use a SmolLM2 GGUF")
     tokens = m["tokenizer.ggml.tokens"]
     types = m.get("tokenizer.ggml.token_type", [1] * len(tokens))
     # Control tokens (<|im_start|>, ...) must be matched whole in the text, never split by BPE.
@@ -366,7 +367,7 @@ def convert_gguf(gguf_path, out_dir):
     """
     g, out_dir = GGUFFile(gguf_path), Path(out_dir)
     if out_dir.exists():
-        raise FileExistsError(f"{out_dir} already exists; delete it to convert again")
+        raise UserError(f"{out_dir} already exists; delete it to convert again")
     # Fail before writing anything: every tensor must have a name and a type we can decode.
     config, tok, tok_config = hf_config(g), tokenizer_json(g), tokenizer_config(g)
     for info in g.tensors.values():

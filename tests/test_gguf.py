@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import support.gguf_convert as pg
-from support import hub
+from support import UserError, hub
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -205,7 +205,7 @@ def test_convert_tiny_model(tmp_path):
     assert tok.encode("ab<|endoftext|>ba").ids == [3, 0, 2, 1]
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tok_config["eos_token"] == "<|endoftext|>" and tok_config["chat_template"] == "{{x}}"
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UserError, match="already exists; delete it to convert again"):
         pg.convert_gguf(path, out)
     # the conversion is recorded in the weights, and hub.source reports it (a local directory here)
     types = pg.tensor_types(pg.GGUFFile(path))
