@@ -291,6 +291,9 @@ def check_intervention(layer: int, vector: torch.Tensor, coef: float, positions:
         raise UserError(f"positions must be all, prompt or response, not {positions!r}")
     if not (math.isfinite(coef) and torch.isfinite(vector).all()):
         raise UserError(f"intervention at layer {layer}: coefficient or vector has non-finite values; recompute the vector")
+    if not torch.isfinite((coef * vector.float()).pow(2).sum()):  # RMSNorm squares the steered state in fp32
+        raise UserError(f"intervention at layer {layer}: coefficient {coef:g} is too large (coef * vector overflows "
+                        "float32 in the next norm); use a coefficient of the order of the residual norm or less")
 
 
 @dataclass
@@ -556,6 +559,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     B, T0 = len(prompts), max(len(p) for p in prompts)
+    if T0 + max_new_tokens > model.config.max_position_embeddings:
+        print(f"warning: {T0} prompt tokens + {max_new_tokens} new ones exceed the model's context of "
+              f"{model.config.max_position_embeddings} tokens (max_position_embeddings): positions past it were "
+              "never trained, so expect degraded text; shorten the prompt or --max-new-tokens", file=sys.stderr)
     ids = torch.full((B, T0), pad_id, dtype=torch.long)
     mask = torch.zeros(B, T0 + max_new_tokens, dtype=torch.bool)
     for b, p in enumerate(prompts):

@@ -242,6 +242,15 @@ def test_generate_rejects_no_tokens():
         M.generate(m, [[5, 6], []], 4)
 
 
+def test_generation_past_the_context_warns(capsys):
+    m = tiny("tiny-llama3")  # max_position_embeddings 256
+    capsys.readouterr()
+    M.generate(m, [[5] * 250], 6)
+    assert capsys.readouterr().err == ""
+    M.generate(m, [[5] * 250], 7)
+    assert "250 prompt tokens + 7 new ones exceed the model's context of 256 tokens" in capsys.readouterr().err
+
+
 def test_sampling_is_seeded_and_top_p_small_is_greedy():
     m = tiny("tiny-llama3")
     a = M.generate(m, [[5, 6, 7]] * 4, 16, temperature=1.0, seed=1)
@@ -424,6 +433,9 @@ def test_bad_interventions_fail_clearly():
         M.Steer(1, torch.randn(64), float("inf"))
     with pytest.raises(ValueError, match="positions"):
         M.Steer(1, torch.randn(64), 1.0, "middle")
+    with pytest.raises(UserError, match="coefficient 1e\\+30 is too large"):  # finite, but squared in the norm: inf
+        M.Steer(1, torch.ones(64), 1e30)
+    M.Steer(1, torch.ones(64), 1e15)  # large, but the norm's arithmetic holds
 
 
 def test_training_with_steering_and_checkpointing():
