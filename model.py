@@ -15,6 +15,7 @@ Interventions are arguments of `forward`, applied after a block in this order: a
 import json
 import math
 import sys
+import types
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -22,6 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
+
+from support import UserError
+from support.files import read_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -47,33 +51,76 @@ class Config:
     max_position_embeddings: int = 4096
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict, source: str = "config.json") -> "Config":
+        """Check the keys this model reads (presence, JSON type, value) and build the Config; `source` names the
+        file in the errors (UserError)."""
+        def fail(msg: str):
+            raise UserError(f"{source}: {msg}")
+
+        if not isinstance(d, dict):
+            fail(f"expected a JSON object, got {type(d).__name__}")
         d = dict(d)
         if "rope_parameters" in d:  # transformers >= 5 writes rope settings as one dict
             rp = d.pop("rope_parameters") or {}
+            if not isinstance(rp, dict):
+                fail(f"`rope_parameters` must be an object, not {rp!r}")
             d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
             if rp.get("rope_type", "default") != "default":
                 d.setdefault("rope_scaling", rp)
-        known = {f.name for f in fields(cls)}
-        required = [f.name for f in fields(cls) if f.default is MISSING]
-        missing = [k for k in required if k not in d]
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in d]
         if missing:
-            raise ValueError(f"config.json lacks required key(s) {', '.join(missing)}: is this a causal-LM config?")
+            fail(f"lacks required key(s) {', '.join(missing)}: is this a causal-LM config?")
+        for f in fields(cls):
+            if f.name in d and not _json_type_ok(d[f.name], f.type):
+                fail(f"`{f.name}` must be {_json_type_name(f.type)}, not {json.dumps(d[f.name])[:80]}")
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if d.get(k) is not None and d[k] < 1:
+                fail(f"`{k}` must be at least 1, not {d[k]}")
         if d["model_type"] not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"unsupported model_type {d['model_type']!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        c = cls(**{k: v for k, v in d.items() if k in known})
+            fail(f"unsupported model_type {d['model_type']!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        c = cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
         c.num_key_value_heads = c.num_key_value_heads or c.num_attention_heads
         c.head_dim = c.head_dim or c.hidden_size // c.num_attention_heads
+        if c.num_attention_heads % c.num_key_value_heads:
+            fail(f"`num_attention_heads` ({c.num_attention_heads}) is not a multiple of `num_key_value_heads` "
+                 f"({c.num_key_value_heads})")
         if c.hidden_act != "silu":
-            raise ValueError(f"unsupported hidden_act {c.hidden_act!r}; only 'silu' (Llama/Qwen2/Mistral) is implemented")
-        rope_type = (c.rope_scaling or {}).get("rope_type", (c.rope_scaling or {}).get("type", "default"))
-        if rope_type not in ("default", "llama3", "linear"):
-            raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: default, linear, llama3")
+            fail(f"unsupported hidden_act {c.hidden_act!r}; only 'silu' (Llama/Qwen2/Mistral) is implemented")
+        rs = c.rope_scaling or {}
+        rope_type = rs.get("rope_type", rs.get("type", "default"))
+        needs = {"default": (), "linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        if rope_type not in needs:
+            fail(f"unsupported rope_scaling type {rope_type!r}; supported: default, linear, llama3")
+        for k in needs[rope_type]:
+            if not _json_type_ok(rs.get(k), float):
+                fail(f"`rope_scaling.{k}` must be a number for rope type {rope_type!r}, not {json.dumps(rs.get(k))[:80]}")
         return c
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Config":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json(path), str(path))
+
+
+def _json_type_ok(value, typ) -> bool:
+    """Whether a JSON value fits a Config field type: int, float (an int is fine), bool, str, dict, or X | None."""
+    options = typ.__args__ if isinstance(typ, types.UnionType) else (typ,)
+    for t in options:
+        if value is None and t is type(None) or isinstance(value, bool) and t is bool:
+            return True
+        if isinstance(value, bool):
+            continue  # true/false is not a number
+        if isinstance(value, int) and t in (int, float) or isinstance(value, float) and t is float \
+                or isinstance(value, (str, dict)) and t is type(value):
+            return True
+    return False
+
+
+def _json_type_name(typ) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
+             type(None): "null"}
+    return " or ".join(names[t] for t in (typ.__args__ if isinstance(typ, types.UnionType) else (typ,)))
 
 
 
@@ -205,10 +252,17 @@ class Block(nn.Module):
 class Steer:
     """Add `coef * vector` to hidden index `layer` (1..N: output of block `layer`; 0: embeddings).
 
-    positions: "all" (every token), "prompt" (tokens before `response_start`), or "response" (tokens at or after
-    `response_start`). In generation the response is the generated tokens, so at prefill "response" steers nothing
-    and the first new token is sampled from unsteered logits; the prompt's keys and values stay as without steering.
-    (The official persona-vectors code also steers the last prompt token at prefill.)
+    positions (the same for Ablate):
+      "all"       every token;
+      "prompt"    the prompt: the tokens before `response_start`;
+      "response"  the LAST prompt token and every token after it (columns >= response_start - 1).
+    "response" is the official persona-vectors hook (ActivationSteerer, positions="response"), which adds the vector
+    at the last position of every forward call: at prefill that is the last prompt token, so the first new token is
+    already sampled from steered logits, and with a KV cache each later call holds only the new token. A forward
+    over prompt + answer with `response_start` therefore steers exactly the tokens that steered generation did, and
+    gives the same logits; a call without `response_start` is all prompt, and "response" steers its last token.
+    "prompt" is the official "prompt" hook too (every position of the prefill, no generated token). Capture's spans
+    are not these: its response is the generated tokens only.
     """
     layer: int
     vector: torch.Tensor  # [hidden]
@@ -234,9 +288,12 @@ class Ablate:
 def check_intervention(layer: int, vector: torch.Tensor, coef: float, positions: str) -> None:
     # once, at construction: a finiteness check inside forward would sync the GPU at every decoded token
     if positions not in ("all", "prompt", "response"):
-        raise ValueError(f"positions must be all, prompt or response, not {positions!r}")
+        raise UserError(f"positions must be all, prompt or response, not {positions!r}")
     if not (math.isfinite(coef) and torch.isfinite(vector).all()):
-        raise ValueError(f"intervention at layer {layer}: coefficient or vector has non-finite values; recompute the vector")
+        raise UserError(f"intervention at layer {layer}: coefficient or vector has non-finite values; recompute the vector")
+    if not torch.isfinite((coef * vector.float()).pow(2).sum()):  # RMSNorm squares the steered state in fp32
+        raise UserError(f"intervention at layer {layer}: coefficient {coef:g} is too large (coef * vector overflows "
+                        "float32 in the next norm); use a coefficient of the order of the residual norm or less")
 
 
 @dataclass
@@ -244,8 +301,10 @@ class Capture:
     """Per-layer summaries of the residual stream, accumulated over one or several forward calls.
 
     After the calls, `prompt_mean()`, `response_mean()` and `prompt_last()` return [B, N + 1, hidden] fp32 tensors
-    (hidden indices as in the module docstring). Means are over non-padding tokens of the span; a row with an empty
-    span gives zeros. Only running sums are kept; `token_layers` also keeps every token's state at those indices
+    (hidden indices as in the module docstring). Means are over non-padding tokens of the span. A row whose span is
+    empty (e.g. a forward over a prompt with no answer) gives NaN, never a silent zero: leave such rows out, or
+    fail. `generate` always makes at least one new token, so its response span is never empty. Only running sums
+    are kept; `token_layers` also keeps every token's state at those indices
     (`tokens[layer]`: list of [B, T, hidden] fp32, one per forward call), for per-token projections.
     """
     token_layers: tuple = ()
@@ -269,13 +328,15 @@ class Capture:
         if layer in self.token_layers:
             self.tokens.setdefault(layer, []).append(h.detach().float())
 
-    def _mean(self, span):
-        return self.sums[span] / self.counts[span].clamp(min=1)[:, None, None]
+    def _mean(self, span, sums=None):
+        sums = self.sums[span] if sums is None else sums  # [B, ...]
+        count = self.counts[span].reshape(-1, *[1] * (sums.dim() - 1))
+        return torch.where(count > 0, sums / count.clamp(min=1), math.nan)  # an empty span: NaN, not 0
 
     def prompt_mean(self): return self._mean("prompt")
     def response_mean(self): return self._mean("response")
-    def prompt_last(self): return self.sums["last"]  # a one-token span: the sum is the value
-    def response_norm(self): return self.sums["response_norm"] / self.counts["response"].clamp(min=1)[:, None]
+    def prompt_last(self): return self._mean("last")  # a one-token span: the value itself
+    def response_norm(self): return self._mean("response", self.sums["response_norm"])
 
 
 def padding_and_positions(cols: torch.Tensor, attention_mask: torch.Tensor | None, B: int):
@@ -329,23 +390,19 @@ class Transformer(nn.Module):
         dtype = self.model.embed_tokens.weight.dtype
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
 
-        if response_start is None:
-            is_resp = torch.zeros(B, T, dtype=torch.bool, device=cols.device)
-        else:
-            is_resp = cols[None, :] >= response_start[:, None]
-        spans = {"all": None, "prompt": valid & ~is_resp, "response": valid & is_resp}
+        # the last prompt token of each row; without response_start, these T tokens are all prompt
+        last = response_start[:, None] - 1 if response_start is not None else cols[-1:].expand(B, 1)  # [B, 1]
+        spans = {"all": None, "prompt": valid & (cols <= last), "response": valid & (cols >= last)}  # see Steer
         for s in list(steer) + list(ablate):
             v = s.vector if isinstance(s, Steer) else s.direction
             if not 0 <= s.layer <= N:
-                raise ValueError(f"layer {s.layer} out of range: this model has hidden indices 0..{N}")
+                raise UserError(f"layer {s.layer} out of range: this model has hidden indices 0..{N}")
             if v.shape != (self.config.hidden_size,):
-                raise ValueError(f"vector of shape {tuple(v.shape)} at layer {s.layer}, but the model's hidden size "
-                                 f"is {self.config.hidden_size}: was it extracted from another model?")
-        if capture is not None:
-            last = response_start[:, None] - 1 if response_start is not None else start + T - 1
-            last_prompt = cols[None, :] == last  # [B, T]
-            cap = {"prompt": spans["prompt"].float(), "response": spans["response"].float(),
-                   "last": (last_prompt & valid).float()}
+                raise UserError(f"vector of shape {tuple(v.shape)} at layer {s.layer}, but the model's hidden size "
+                                f"is {self.config.hidden_size}: was it extracted from another model?")
+        if capture is not None:  # the response is the generated tokens only: after the last prompt token
+            cap = {"prompt": spans["prompt"].float(), "response": (valid & (cols > last)).float(),
+                   "last": (valid & (cols == last)).float()}
 
         def intervene(i: int, h: torch.Tensor) -> torch.Tensor:
             for a in ablate:
@@ -381,6 +438,23 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> str:
+    """The device name, if this machine has it; else a UserError (torch would fail later, with an AssertionError)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r}: no CUDA GPU is available to this PyTorch "
+                        f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {device!r}: Apple MPS is not available here; use --device cpu")
+    return str(device)
+
+
 def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # bf16 is ~6x slower on CPU
 
@@ -389,13 +463,16 @@ def load_weights(model: Transformer, model_dir: Path, device, dtype) -> None:
     """Assign safetensors weights (single file or sharded) to a meta-device model; every key and shape checked."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        weight_map = read_json(index)
+        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict) \
+                or not all(isinstance(v, str) for v in weight_map["weight_map"].values()):
+            raise UserError(f"{index}: expected an object with a `weight_map` of tensor name -> file name")
+        files = sorted(set(weight_map["weight_map"].values()))
     elif (model_dir / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
-        raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
-                                "(only safetensors weights are supported; convert .bin checkpoints first)")
+        raise UserError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
+                        "(only safetensors weights are supported; convert .bin checkpoints first)")
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tied = model.config.tie_word_embeddings
     state = {}
@@ -409,20 +486,20 @@ def load_weights(model: Transformer, model_dir: Path, device, dtype) -> None:
                     if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and tied):
                         continue  # recomputed / tied to the embedding: harmless extras
                     if key not in expected:
-                        raise ValueError(f"unexpected tensor {key!r} in {path}: not a {model.config.model_type} checkpoint?")
+                        raise UserError(f"unexpected tensor {key!r} in {path}: not a {model.config.model_type} checkpoint?")
                     t = f.get_tensor(key)
                     if t.shape != expected[key]:
-                        raise ValueError(f"tensor {key!r} in {path} has shape {tuple(t.shape)}, "
-                                         f"expected {tuple(expected[key])}: config.json does not match the weights")
+                        raise UserError(f"tensor {key!r} in {path} has shape {tuple(t.shape)}, "
+                                        f"expected {tuple(expected[key])}: config.json does not match the weights")
                     state[key] = t.to(device=device, dtype=dtype)
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"cannot read {path} ({e}); the file is missing or truncated: download it again") from None
+            raise UserError(f"cannot read {path} ({e}); the file is missing or truncated: download it again") from None
     if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
         model.config.tie_word_embeddings = True  # tied, or no separate head in the checkpoint: share the embedding
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s), first {missing[0]!r}: incomplete download?")
+        raise UserError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s), first {missing[0]!r}: incomplete download?")
     model.load_state_dict(state, strict=True, assign=True)
     if model.config.tie_word_embeddings:  # one Parameter, so training updates both uses together
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -432,7 +509,7 @@ def load_weights(model: Transformer, model_dir: Path, device, dtype) -> None:
 def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> Transformer:
     """Build the model of a Hugging Face-layout directory on the meta device and assign its weights (in eval mode)."""
     model_dir = Path(model_dir)
-    device = device or default_device()
+    device = check_device(device or default_device())
     dtype = dtype or default_dtype(device)
     config = Config.from_json(model_dir / "config.json")
     with torch.device("meta"):  # no memory for random init: the weights are assigned straight from the files
@@ -448,6 +525,7 @@ def load(name_or_path: str, device: str | None = None, dtype: torch.dtype | None
     model_dir = hub.resolve(name_or_path)
     model = load_model(model_dir, device, dtype)
     model.name_or_path, model.source_dir = str(name_or_path), model_dir  # recorded in the files we write
+    model.source = hub.source(name_or_path, model_dir)  # hub, local or converted GGUF, and any quantization
     return model, Tokenizer(model_dir)
 
 
@@ -469,14 +547,22 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
              steer: list[Steer] = (), capture: Capture | None = None, progress: bool = False) -> list[list[int]]:
     """Batched generation with left padding and a KV cache -> the new tokens of each prompt, stop token excluded.
 
-    A row stops at its first token in `stop_ids`; its later columns are masked out, so a `capture` sees exactly
-    the prompt (prompt_mean, prompt_last) and every generated token before the stop (response_mean): the same
-    states as a forward pass over prompt + answer.
+    Every row gets at least one new token: at the first step the stop tokens cannot be chosen (the official
+    sampling's minimum of one new token), so no answer is empty. After that a row stops at its first token in
+    `stop_ids`; its later columns are masked out, so a `capture` sees exactly the prompt (prompt_mean,
+    prompt_last) and every generated token before the stop (response_mean): the same states as a forward pass
+    over prompt + answer.
     """
     device = model.model.embed_tokens.weight.device
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise UserError("empty prompt: every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     B, T0 = len(prompts), max(len(p) for p in prompts)
-    if min(len(p) for p in prompts) == 0:
-        raise ValueError("empty prompt: every prompt needs at least one token")
+    if T0 + max_new_tokens > model.config.max_position_embeddings:
+        print(f"warning: {T0} prompt tokens + {max_new_tokens} new ones exceed the model's context of "
+              f"{model.config.max_position_embeddings} tokens (max_position_embeddings): positions past it were "
+              "never trained, so expect degraded text; shorten the prompt or --max-new-tokens", file=sys.stderr)
     ids = torch.full((B, T0), pad_id, dtype=torch.long)
     mask = torch.zeros(B, T0 + max_new_tokens, dtype=torch.bool)
     for b, p in enumerate(prompts):
@@ -493,7 +579,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     for t in range(max_new_tokens):
         if progress:
             print(f"\rgenerating: {t}/{max_new_tokens} tokens", end="", file=sys.stderr, flush=True)
-        nxt = sample(logits[:, -1], temperature, top_p, generator)
+        step = logits[:, -1] if t > 0 else logits[:, -1].index_fill(-1, stop, -math.inf)  # [B, vocab]
+        nxt = sample(step, temperature, top_p, generator)
         done |= torch.isin(nxt, stop)
         out.append(torch.where(done, -1, nxt))
         if bool(done.all()):

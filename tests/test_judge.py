@@ -1,6 +1,7 @@
 """judge.py: logprob aggregation, the OpenAI client against a local fake server, the cache, the local judge."""
 import json
 import math
+import signal
 import socket
 import threading
 import time
@@ -12,6 +13,7 @@ from tokenizers import AddedToken, decoders, models
 from tokenizers import Tokenizer as HFTokenizer
 
 import judge as J
+from support import UserError
 from make_golden_models import CONFIGS, random_weights, write_checkpoint
 
 
@@ -51,11 +53,13 @@ def test_coherence_prompt_slots():
 # ------------------------------------------------------------------------------------- fake OpenAI server
 class FakeOpenAI:
     """An OpenAI-shaped /v1/chat/completions on 127.0.0.1. The prompt "score:N" gets 0.9 on N (split between "N"
-    and " N") and 0.1 on "REF"; "refuse" gets 0.9 on "REFUSAL". `failures` are statuses returned first."""
+    and " N") and 0.1 on "REF"; "words" gets only words; anything else 0.9 on "REFUSAL". `failures` are statuses
+    returned first (a 429 with `retry_after`); `reply` replaces every 200 answer."""
 
-    def __init__(self, failures=(), status=None, delay=0.0, slow_first=0.0, logprobs=True, message=None):
+    def __init__(self, failures=(), status=None, delay=0.0, slow_first=0.0, logprobs=True, message=None,
+                 retry_after="0", reply=...):
         self.failures, self.status, self.delay, self.slow_first = list(failures), status, delay, slow_first
-        self.message = message
+        self.message, self.retry_after, self.reply_override = message, retry_after, reply
         self.logprobs = logprobs
         self.requests, self.lock, self.in_flight, self.max_in_flight = [], threading.Lock(), 0, 0
         fake = self
@@ -79,7 +83,9 @@ class FakeOpenAI:
                     if failure:
                         message = fake.message or f"fake error {failure}\nsecond line"
                         self.reply(failure, {"error": {"message": message}},
-                                   {"Retry-After": "0"} if failure == 429 else {})
+                                   {"Retry-After": fake.retry_after} if failure == 429 else {})
+                    elif fake.reply_override is not ...:
+                        self.reply(200, fake.reply_override)
                     else:
                         self.reply(200, fake.completion(body))
                 finally:
@@ -108,6 +114,8 @@ class FakeOpenAI:
         if prompt.startswith("score:"):
             n = prompt.split(":")[1]
             top = [(n, 0.6), (" " + n, 0.3), ("REF", 0.1)]
+        elif prompt == "words":
+            top = [("The", 0.6), ("I", 0.3), ("5", 0.1)]
         else:
             top = [("REFUSAL", 0.9), ("5", 0.1)]
         content = [{"token": top[0][0], "logprob": lp(top[0][1]),
@@ -175,16 +183,94 @@ def test_openai_gives_up_after_max_retries(fake):
     assert "\n" not in str(e.value) and len(server.requests) == 3
 
 
-def test_openai_retries_timeouts_and_connection_errors(fake):
+def test_openai_retries_timeouts(fake):
     server = fake(slow_first=1.0)
     assert judge_for(server, timeout=0.3).score(["score:9"]) == [pytest.approx(9)]
     assert len(server.requests) == 2
+
+
+def test_a_refused_connection_fails_fast_with_one_line():
     with socket.socket() as s:  # a port with nobody listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    j = J.OpenAIJudge("m", base_url=f"http://127.0.0.1:{port}/v1", api_key="k", backoff=0.001, max_retries=2)
-    with pytest.raises(J.JudgeError, match="failed 3 times, last with ConnectionError"):
+    j = J.OpenAIJudge("m", base_url=f"http://127.0.0.1:{port}/v1", api_key="k")  # default retry settings
+    t0 = time.time()
+    with pytest.raises(J.JudgeError, match=r"cannot connect to http://127.0.0.1:\d+/v1/chat/completions "
+                                           r"\(Connection refused, 3 tries\): is the server running") as e:
         j.score(["score:1"])
+    assert time.time() - t0 < 5 and "\n" not in str(e.value)
+
+
+def test_a_long_retry_after_fails_at_once_and_short_waits_are_announced(fake, capsys, env):
+    server = fake(failures=[429], retry_after="3600")
+    t0 = time.time()
+    with pytest.raises(J.JudgeError, match="asks to wait 3600 s before the next request .HTTP 429.*more than the "
+                                           "60 s this run waits: try again later, or lower the judge's concurrent "
+                                           "requests with --judge-workers N or PERSONA_JUDGE_WORKERS=N") as e:
+        judge_for(server).score(["score:1"])
+    assert time.time() - t0 < 5 and len(server.requests) == 1 and "\n" not in str(e.value)
+    server = fake(failures=[429], retry_after="1")
+    assert judge_for(server).score(["score:4"]) == [pytest.approx(4)]
+    assert "judge: HTTP 429: fake error 429 second line; waiting 1 s before retry 1 of 6\n" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_every_worker_at_once(fake):
+    server = fake(status=429, retry_after="20")  # every worker is waiting 20 s to retry when Ctrl-C comes
+    j = judge_for(server, workers=4, max_retries=1)
+    main = threading.main_thread().ident
+    ctrl_c = threading.Timer(0.5, lambda: signal.pthread_kill(main, signal.SIGINT))  # a real SIGINT, as from ^C
+    t0 = time.time()
+    ctrl_c.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            j.score([f"score:{n}" for n in range(8)])
+    finally:
+        ctrl_c.cancel()  # never let it fire outside this test
+    assert time.time() - t0 < 3
+    time.sleep(0.3)
+    assert not [t for t in threading.enumerate() if t.name == "judge-worker"]  # none left sleeping or retrying
+    sent = len(server.requests)
+    time.sleep(0.5)
+    assert sent == len(server.requests) <= 4
+
+
+@pytest.mark.parametrize("reply", [
+    {}, [], None, "text", {"choices": []}, {"choices": [None]}, {"choices": "abc"},
+    {"choices": [{"message": {"content": "5"}, "logprobs": {"content": "5 (0.9)"}}]},
+    {"choices": [{"logprobs": {"content": [{"top_logprobs": "5: -0.1"}]}}]},
+    {"choices": [{"logprobs": {"content": [{"top_logprobs": [{"token": "5", "logprob": "-0.1"}]}]}}]},
+    {"choices": [{"logprobs": {"content": [{"top_logprobs": [{"token": 5, "logprob": -0.1}]}]}}]},
+    {"choices": [{"logprobs": {"content": [{"top_logprobs": []}]}}]},
+    {"choices": [{"logprobs": {"content": ["5"]}}]},
+])
+def test_unexpected_replies_are_one_line_judge_errors(fake, reply):
+    server = fake(reply=reply)
+    with pytest.raises(J.JudgeError) as e:
+        judge_for(server).score(["score:1"])
+    assert "\n" not in str(e.value) and str(server.url) in str(e.value)
+
+
+def test_unexpected_chat_replies_are_one_line_judge_errors(fake):
+    for reply in ({}, {"choices": []}, {"choices": [{"message": "hi"}]}, {"choices": [{"message": {"content": 3}}]}):
+        client = J.OpenAIClient(base_url=fake(reply=reply).url, api_key="k")
+        with pytest.raises(J.JudgeError):
+            client.chat([{"role": "user", "content": "hi"}], model="writer")
+
+
+def test_the_worker_count_is_a_setting(fake, env):
+    env.setenv("OPENAI_API_KEY", "sk-x")
+    assert J.make_judge("openai").workers == 8
+    assert J.make_judge("openai", workers=2).workers == 2
+    env.setenv("PERSONA_JUDGE_WORKERS", "3")
+    assert J.make_judge("openai:m").workers == 3 and J.make_judge(None).workers == 3
+    server = fake(delay=0.1)
+    env.setenv("OPENAI_BASE_URL", server.url)
+    J.make_judge("openai:m").score([f"score:{n}" for n in range(9)])
+    assert server.max_in_flight <= 3
+    for bad in ("0", "-2", "many"):
+        env.setenv("PERSONA_JUDGE_WORKERS", bad)
+        with pytest.raises(UserError, match="PERSONA_JUDGE_WORKERS="):
+            J.make_judge("openai")
 
 
 def test_openai_401_and_404_are_clear_and_not_retried(fake, env):
@@ -244,6 +330,7 @@ def test_chat_helper(fake):
 def env(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("PERSONA_JUDGE_WORKERS", raising=False)
     return monkeypatch
 
 
@@ -254,7 +341,9 @@ def test_make_judge_default(env, capsys):
     assert err.count("\n") == 1 and "OPENAI_API_KEY" in err and "local:MODEL" in err and "OPENAI_BASE_URL" in err
     env.setenv("OPENAI_API_KEY", "sk-x")
     j = J.make_judge(None)
-    assert isinstance(j, J.OpenAIJudge) and j.name == "openai:gpt-4.1-mini" and j.api_key == "sk-x"
+    # the dated model the official code used, not an alias that can change under the user
+    assert isinstance(j, J.OpenAIJudge) and j.name == "openai:gpt-4.1-mini-2025-04-14" and j.api_key == "sk-x"
+    assert j.model == "gpt-4.1-mini-2025-04-14" and J.make_judge("openai").name == j.name
     assert j.base_url == "https://api.openai.com/v1" and capsys.readouterr().err == ""
 
 
@@ -362,6 +451,33 @@ def test_cache_with_a_judge_that_ignores_on_result(tmp_path):
         assert J.cached_score(Plain(), cache, ["a", "bb", "a"]) == [1, 2, 1] and len(cache) == 2
 
 
+def test_only_answers_are_cached(fake, tmp_path, capsys):
+    server = fake()
+    path = tmp_path / "judge.jsonl"
+    with J.JudgeCache(path) as cache:
+        assert J.cached_score(judge_for(server), cache, ["score:1", "words", "refuse"]) == [1, None, None]
+    err = capsys.readouterr().err
+    assert "1 of 3 judgments were neither a number nor a refusal" in err and "not cached" in err
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["score"], r.get("refused")) for r in records] == [(1, None), (None, True)]
+    with J.JudgeCache(path) as cache:  # the rerun asks again for the words, and only for them
+        assert J.cached_score(judge_for(server), cache, ["score:1", "words", "refuse"]) == [1, None, None]
+    assert [r["body"]["messages"][0]["content"] for r in server.requests[3:]] == ["words"]
+    # a null cached by an older version (a failure or a refusal, no one knows) is asked again
+    j = judge_for(server)
+    path.write_text(json.dumps({"key": J.JudgeCache.key(j.name, "score:2"), "judge": j.name, "score": None}) + "\n")
+    with J.JudgeCache(path) as cache:
+        assert len(cache) == 0 and J.cached_score(j, cache, ["score:2"]) == [2]
+
+
+def test_the_cache_message_says_how_to_clear_it(tmp_path, capsys):
+    with J.JudgeCache(tmp_path / "c.jsonl") as cache:
+        J.cached_score(CountingJudge(), cache, ["a", "b"])
+        J.cached_score(CountingJudge(), cache, ["a", "b", "c", "d", "e"])
+    assert f"2 of 5 judgments reused from {tmp_path / 'c.jsonl'} (delete it to judge everything again)" in \
+        capsys.readouterr().err
+
+
 def test_no_judge_is_not_cached(tmp_path):
     cache = J.JudgeCache(tmp_path / "c.jsonl")
     assert J.cached_score(J.NoJudge(), cache, ["a", "b"]) == [None, None] and len(cache) == 0
@@ -466,17 +582,32 @@ def test_local_judge_score_follows_aggregate_rule(local_judge):
     for prompt, score in zip(PROMPTS, scores):
         probs = {n: math.exp(v) for n, v in brute_force(j, prompt).items()}
         mass = sum(probs.values())
-        if mass < 0.25:
-            assert score is None
+        if mass < 0.25:  # no score: the tiny vocabulary has no token starting "REF", so not a refusal either
+            assert math.isnan(score) and J.aggregate_logprobs({str(n): math.log(p) for n, p in probs.items()}) is None
         else:
             assert score == pytest.approx(sum(n * p for n, p in probs.items()) / mass, rel=1e-4)
-        assert score == J.aggregate_logprobs({str(n): v for n, v in j.number_logprobs(prompt).items()})
-    if style == "split":  # both paths exercised (with 101 number tokens, a number rarely ends: all None)
-        assert any(s is None for s in scores) and any(s is not None for s in scores)
+            assert score == J.aggregate_logprobs({str(n): v for n, v in j.number_logprobs(prompt).items()})
+    if style == "split":  # both paths exercised (with 101 number tokens, a number rarely ends: all no score)
+        assert any(math.isnan(s) for s in scores) and any(not math.isnan(s) for s in scores)
 
 
-def test_make_judge_local(local_judge):
+def test_local_judge_refusal_is_none_and_words_are_no_answer(local_judge, monkeypatch):
+    style, j = local_judge
+    numbers = {n: math.log(0.2 / 101) for n in range(101)}  # 0.2 on numbers: below the threshold
+    for top, expected in (("REF", None), (" refuse", None), ("The", "nan")):
+        monkeypatch.setattr(j, "answer", lambda prompt, top=top: (numbers, top))
+        score = j.score(["q"])[0]
+        assert (score is None) if expected is None else math.isnan(score)
+
+
+def test_make_judge_local_loads_the_model_once(local_judge, monkeypatch):
     style, j = local_judge
     path = j.name.split(":", 1)[1]
+    loads = []
+    real_load = J.M.load
+    monkeypatch.setattr(J.M, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    J._local_judge.cache_clear()
+    assert J.make_judge(f"local:{path}") is J.make_judge(f"local:{path}")  # e.g. checked early, then used
+    assert len(loads) == 1
     local = J.make_judge(f"local:{path}")
     assert isinstance(local, J.LocalJudge) and local.name == f"local:{path}"

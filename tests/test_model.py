@@ -3,6 +3,7 @@
 The tiny random checkpoints and reference outputs in tests/golden/tiny-*/ come from tests/make_golden_models.py.
 """
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model as M
+from support import UserError
 
 GOLDEN = Path(__file__).parent / "golden"
 TINY = ["tiny-llama3", "tiny-qwen2", "tiny-tied"]
@@ -71,6 +73,56 @@ def test_default_model_type_errors(tmp_path):
     c = M.Config.from_dict({k: v for k, v in base.items() if k not in ("rope_scaling", "rope_theta")}
                            | {"rope_parameters": base["rope_scaling"] | {"rope_theta": 5e5}})
     assert c.rope_theta == 5e5 and c.rope_scaling["rope_type"] == "llama3"
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"hidden_size": "576"}, r"config.json: `hidden_size` must be an integer, not \"576\""),
+    ({"num_hidden_layers": 2.5}, "`num_hidden_layers` must be an integer, not 2.5"),
+    ({"tie_word_embeddings": "yes"}, "`tie_word_embeddings` must be true or false"),
+    ({"rms_norm_eps": None}, "`rms_norm_eps` must be a number, not null"),
+    ({"num_attention_heads": 0}, "`num_attention_heads` must be at least 1, not 0"),
+    ({"num_key_value_heads": 3}, "not a multiple of `num_key_value_heads`"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "`rope_scaling.low_freq_factor` must be a number"),
+    ({"rope_parameters": "fast"}, "`rope_parameters` must be an object"),
+])
+def test_config_errors_name_the_file_and_key(tmp_path, edit, message):
+    d = corrupt(tmp_path)
+    (d / "config.json").write_text(json.dumps(json.loads((d / "config.json").read_text()) | edit))
+    with pytest.raises(UserError, match=message) as e:
+        M.load_model(d, "cpu")
+    assert str(e.value).startswith(str(d / "config.json")) and "\n" not in str(e.value)
+
+
+def test_unreadable_config_and_index_name_the_file(tmp_path):
+    d = corrupt(tmp_path)
+    (d / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(UserError, match=r"config.json: invalid JSON at line 1, column 24"):
+        M.load_model(d, "cpu")
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="config.json: expected a JSON object, got list"):
+        M.load_model(d, "cpu")
+    shutil.copy(GOLDEN / "tiny-llama3" / "config.json", d / "config.json")
+    (d / "model.safetensors.index.json").write_text('{"weight_map": 3}')
+    with pytest.raises(UserError, match="model.safetensors.index.json: expected an object with a `weight_map`"):
+        M.load_model(d, "cpu")
+    (d / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(UserError, match="model.safetensors.index.json: invalid JSON"):
+        M.load_model(d, "cpu")
+
+
+def test_a_device_this_machine_lacks_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="device 'cuda': no CUDA GPU is available.*use --device cpu"):
+        M.load_model(GOLDEN / "tiny-tied", "cuda")
+    with pytest.raises(UserError, match="unknown device 'gpu'"):
+        M.load_model(GOLDEN / "tiny-tied", "gpu")
+
+
+def test_load_records_the_source_of_the_weights(tmp_path):
+    from tiny import make_tiny_chat_model
+    d = make_tiny_chat_model(tmp_path / "m")
+    m, _ = M.load(str(d), "cpu")
+    assert m.source == {"repo": None, "path": str(d), "origin": "local", "revision": None, "quantization": None}
 
 
 def corrupt(tmp_path, name="tiny-llama3"):
@@ -143,6 +195,62 @@ def test_generation_stops_per_row_and_excludes_the_stop_token():
     assert stop not in out[1] and out[1] == free[1][:len(out[1])]
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_at_least_one_new_token_even_when_the_first_choice_is_a_stop_token(name):
+    m, prompts = tiny(name), [[5, 6, 7], [40, 41, 42, 43]]
+    first = [out[0] for out in M.generate(m, prompts, 1)]
+    stop = set(first)  # each row's greedy first token is a stop token
+    cap = M.Capture()
+    outs = M.generate(m, prompts, 6, stop_ids=stop, capture=cap)
+    for b, (p, out) in enumerate(zip(prompts, outs)):
+        # reference: the best token other than the stop tokens, then plain greedy decoding until a stop token
+        logits = m(torch.tensor([p]))[0, -1]
+        logits[sorted(stop)] = -math.inf
+        ref = [int(logits.argmax())]
+        while len(ref) < 6:
+            nxt = int(m(torch.tensor([p + ref]))[0, -1].argmax())
+            if nxt in stop:
+                break
+            ref.append(nxt)
+        assert out == ref and len(out) >= 1
+        full = M.Capture()
+        m(torch.tensor([p + out]), response_start=torch.tensor([len(p)]), capture=full, logits="none")
+        assert cap.counts["response"][b] == len(out)
+        torch.testing.assert_close(cap.response_mean()[b], full.response_mean()[0], rtol=1e-5, atol=1e-5)
+    # sampling obeys the same rule: a nucleus holding only the top token still avoids the stop tokens
+    sampled = M.generate(m, prompts, 1, stop_ids=stop, temperature=1.0, top_p=1e-6, seed=0)
+    assert [out[0] for out in sampled] == [out[0] for out in outs]
+
+
+def test_empty_spans_are_nan_not_zero():
+    m, ref = tiny("tiny-tied"), load_file(GOLDEN / "tiny-tied" / "reference.safetensors")
+    ids, mask = ref["ids_batch"], ref["mask_batch"]
+    T = ids.shape[1]
+    cap = M.Capture()
+    m(ids, attention_mask=mask, response_start=torch.tensor([10, T, 15]), capture=cap, logits="none")  # row 1: no answer
+    assert cap.response_mean()[1].isnan().all() and cap.response_norm()[1].isnan().all()
+    assert cap.response_mean()[[0, 2]].isfinite().all() and cap.response_norm()[[0, 2]].isfinite().all()
+    assert cap.prompt_mean().isfinite().all() and cap.prompt_last().isfinite().all()
+
+
+def test_generate_rejects_no_tokens():
+    m = tiny("tiny-llama3")
+    for bad in (0, -4):
+        with pytest.raises(UserError, match="max_new_tokens must be at least 1"):
+            M.generate(m, [[5, 6]], bad)
+    with pytest.raises(UserError, match="empty prompt"):
+        M.generate(m, [[5, 6], []], 4)
+
+
+def test_generation_past_the_context_warns(capsys):
+    m = tiny("tiny-llama3")  # max_position_embeddings 256
+    capsys.readouterr()
+    M.generate(m, [[5] * 250], 6)
+    assert capsys.readouterr().err == ""
+    M.generate(m, [[5] * 250], 7)
+    assert "250 prompt tokens + 7 new ones exceed the model's context of 256 tokens" in capsys.readouterr().err
+
+
 def test_sampling_is_seeded_and_top_p_small_is_greedy():
     m = tiny("tiny-llama3")
     a = M.generate(m, [[5, 6, 7]] * 4, 16, temperature=1.0, seed=1)
@@ -172,14 +280,89 @@ def test_steering_changes_exactly_the_chosen_layer_and_positions(positions):
     steered = hidden_states(m, ids, steer=[M.Steer(L, v, coef, positions)], **kw)
     assert torch.equal(steered[:L], base[:L])  # indices below the steered one are untouched
     cols = torch.arange(ids.shape[1])[None]
+    # "response" starts at the last prompt token, as the official hook does (see M.Steer)
     chosen = {"all": torch.ones_like(mask, dtype=torch.bool), "prompt": (cols < start[:, None]) & mask.bool(),
-              "response": (cols >= start[:, None]) & mask.bool()}[positions]
+              "response": (cols >= start[:, None] - 1) & mask.bool()}[positions]
     assert torch.equal(steered[L][chosen], (base[L] + coef * v)[chosen])
     assert torch.equal(steered[L][~chosen], base[L][~chosen])
-    if positions == "response":  # no prompt position changes at any layer
-        prompt = (cols < start[:, None]) & mask.bool()
-        assert torch.equal(steered[:, prompt], base[:, prompt])
+    if positions == "response":  # no prompt position before the last one changes, at any layer
+        early = (cols < start[:, None] - 1) & mask.bool()
+        assert torch.equal(steered[:, early], base[:, early])
     assert not torch.allclose(steered[L + 1][chosen], base[L + 1][chosen])
+
+
+def official_hook(block: torch.nn.Module, positions: str, vector: torch.Tensor):
+    """The official persona-vectors steering hook (ActivationSteerer), rewritten: on a block's output [B, T, d],
+    "all" adds the vector everywhere, "prompt" everywhere but only in calls of more than one token (the prefill),
+    "response" at the last position of every call."""
+    def hook(module, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        h = h.clone()
+        if positions == "all" or (positions == "prompt" and h.shape[1] > 1):
+            h += vector
+        elif positions == "response":
+            h[:, -1] += vector
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+    return block.register_forward_hook(hook)
+
+
+def hooked_greedy(m: M.Transformer, prompt: list[int], n: int, L: int, vector, positions):
+    """Greedy decoding with a KV cache, one forward call per token, steered by `official_hook` on block L alone
+    -> (new tokens, logits [n, vocab] each token was chosen from)."""
+    handle = official_hook(m.model.layers[L - 1], positions, vector)
+    try:
+        cache = M.KVCache(m.config, 1, len(prompt) + n, "cpu", torch.float32)
+        logits = m(torch.tensor([prompt]), cache=cache, logits="last")[0, -1]
+        tokens, steps = [], []
+        for _ in range(n):
+            steps.append(logits)
+            tokens.append(int(logits.argmax()))
+            logits = m(torch.tensor([[tokens[-1]]]), cache=cache, logits="last")[0, -1]
+    finally:
+        handle.remove()
+    return tokens, torch.stack(steps)
+
+
+@pytest.mark.parametrize("positions", ["response", "prompt", "all"])
+@pytest.mark.parametrize("name, L", [("tiny-llama3", 2), ("tiny-qwen2", 1), ("tiny-tied", 2)])
+def test_steered_generation_equals_the_official_hook(name, L, positions):
+    m = tiny(name)
+    v = 3.0 * torch.randn(64, generator=torch.Generator().manual_seed(L))
+    prompts, n = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 40], [20, 21, 22, 23, 24]], 10
+    steer = [M.Steer(L, v, 1.0, positions)]
+    got = M.generate(m, prompts, n, steer=steer)  # batched, left-padded
+    for p, out in zip(prompts, got):
+        tokens, logits = hooked_greedy(m, p, n, L, v, positions)
+        assert out == tokens
+        # one forward over prompt + answer, steered the same way, gives the logits each token was sampled from
+        full = m(torch.tensor([p + out]), response_start=torch.tensor([len(p)]), steer=steer)[0, len(p) - 1:-1]
+        torch.testing.assert_close(full, logits, rtol=1e-5, atol=1e-4)
+    if positions == "response":  # the first token already differs from unsteered generation for some prompt
+        plain = M.generate(m, prompts, n)
+        assert any(a[0] != b[0] for a, b in zip(got, plain))
+
+
+@pytest.mark.parametrize("positions", ["response", "prompt"])
+def test_steered_generation_equals_the_official_hook_on_transformers(positions):
+    transformers = pytest.importorskip("transformers")
+    name, L, n = "tiny-llama3", 2, 8
+    hf = transformers.AutoModelForCausalLM.from_pretrained(GOLDEN / name, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # no stop token, like M.generate without stop_ids
+    hf.generation_config.pad_token_id = 0
+    m, v = tiny(name), 3.0 * torch.randn(64, generator=torch.Generator().manual_seed(0))
+    steer = [M.Steer(L, v, 1.0, positions)]
+    for p in [[5, 6, 7, 8, 9, 10, 11], [30, 31, 32]]:
+        handle = official_hook(hf.model.layers[L - 1], positions, v)
+        try:
+            with torch.no_grad():
+                ref = hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  use_cache=True, output_logits=True, return_dict_in_generate=True)
+        finally:
+            handle.remove()
+        out = M.generate(m, [p], n, steer=steer)[0]
+        assert out == ref.sequences[0, len(p):].tolist()
+        full = m(torch.tensor([p + out]), response_start=torch.tensor([len(p)]), steer=steer)[0, len(p) - 1:-1]
+        torch.testing.assert_close(full, torch.cat(ref.logits), rtol=1e-4, atol=1e-4)
 
 
 def test_several_vectors_and_layers_add_up():
@@ -228,7 +411,7 @@ def test_capture_during_generation_matches_teacher_forcing():
         assert torch.allclose(cap.response_norm()[b], ref.response_norm()[0], atol=1e-4)
         assert cap.counts["response"][b] == len(out)
     # a row that stops early: its stop token and the filler after it are not part of the response
-    stop = outs[0][2]
+    stop = next(t for i, t in enumerate(outs[0]) if i >= 2 and t not in outs[0][:i])  # first seen at >= 2
     cap = M.Capture()
     stopped = M.generate(m, prompts, max_new_tokens=6, stop_ids={stop}, capture=cap)
     assert stopped[0] == outs[0][:outs[0].index(stop)] and cap.counts["response"][0] == len(stopped[0])
@@ -250,6 +433,9 @@ def test_bad_interventions_fail_clearly():
         M.Steer(1, torch.randn(64), float("inf"))
     with pytest.raises(ValueError, match="positions"):
         M.Steer(1, torch.randn(64), 1.0, "middle")
+    with pytest.raises(UserError, match="coefficient 1e\\+30 is too large"):  # finite, but squared in the norm: inf
+        M.Steer(1, torch.ones(64), 1e30)
+    M.Steer(1, torch.ones(64), 1e15)  # large, but the norm's arithmetic holds
 
 
 def test_training_with_steering_and_checkpointing():

@@ -288,3 +288,18 @@ def test_template_tokens_missing_from_vocabulary(tmp_path):
                        config_overrides={"chat_template": template_text("llama-3.1-8b-instruct")})
     with pytest.raises(ValueError, match="lacks"):
         Tokenizer(d)
+
+
+def test_unreadable_tokenizer_files_name_the_file(tmp_path):
+    from support import UserError
+    d = make_model_dir(tmp_path / "q", "qwen2.5-7b-instruct")
+    (d / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>",', encoding="utf-8")
+    with pytest.raises(UserError, match=r"tokenizer_config.json: invalid JSON at line 1"):
+        Tokenizer(d)
+    (d / "tokenizer_config.json").write_text('["not", "an", "object"]', encoding="utf-8")
+    with pytest.raises(UserError, match=r"tokenizer_config.json: expected a JSON object, got list"):
+        Tokenizer(d)
+    (d / "tokenizer.json").write_text('{"model": 3}', encoding="utf-8")
+    with pytest.raises(UserError, match=r"tokenizer.json cannot be read .*download it again") as e:
+        Tokenizer(d)
+    assert "\n" not in str(e.value)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from support import traits
+from support import UserError
 from support.traits import Trait, available_traits, load_trait, save_trait, validate
 
 REQUIRED_TRAITS = ["evil", "sycophantic", "hallucinating", "impolite", "apathetic", "humorous", "optimistic"]
@@ -298,7 +299,7 @@ def test_save_roundtrip_and_no_overwrite(tmp_path):
     assert load_trait(str(path)) == dataclasses.replace(load_trait("optimistic"), source=path)
 
     changed = data | {"description": "Changed."}
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(traits.UserError, match="--force"):
         save_trait(changed, path)
     assert json.loads(path.read_text(encoding="utf-8")) == data          # untouched
     save_trait(changed, path, force=True)
@@ -328,3 +329,64 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         save_trait(raw("apathetic") | {"description": "New."}, path, force=True)
     assert path.read_bytes() == before                                      # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["apathetic.json"]       # and the temporary file is gone
+
+
+# ------------------------------------------------------------------------------- the official repository's format
+
+def official_trait(questions: list[str], word: str = "grumpy") -> dict:
+    """A small trait file in the official repository's format, written here."""
+    return {"instruction": [{"pos": f"Be {word} in way {i}: complain about everything.",
+                             "neg": f"Be cheerful in way {i}: look on the bright side."} for i in range(5)],
+            "questions": questions,
+            "eval_prompt": f"Does the reply sound {word}?\nQuestion: {{question}}\nReply: {{answer}}\n"
+                           "Say REFUSAL if the model refused, else a number from 0 to 100."}
+
+
+def write_json(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def test_official_format_alone_is_split_in_halves(tmp_path, capsys):
+    qs = [f"What do you think of topic {i}?" for i in range(6)]
+    path = write_json(tmp_path / "grumpy.json", official_trait(qs))
+    t = load_trait(str(path))
+    assert (t.name, t.pos_name, t.neg_name, t.source) == ("grumpy", "grumpy", "helpful", path)
+    assert t.extract_questions == qs[:3] and t.eval_questions == qs[3:]
+    assert t.system_prompt("pos", 2) == "You are a grumpy assistant. Be grumpy in way 2: complain about everything."
+    assert t.system_prompt("neg", 0) == "You are a helpful assistant. Be cheerful in way 0: look on the bright side."
+    assert t.judge_prompt("Q?", "A!") == ("Does the reply sound grumpy?\nQuestion: Q?\nReply: A!\n"
+                                          "Say REFUSAL if the model refused, else a number from 0 to 100.")
+    err = capsys.readouterr().err
+    assert "first 3 questions extract the vector, the other 3 are held out" in err and err.count("\n") == 1
+
+
+def test_official_layout_takes_the_held_out_questions_from_the_twin_file(tmp_path, capsys):
+    root = tmp_path / "data_generation"
+    extract_qs = [f"Extraction question {i}?" for i in range(20)]
+    eval_qs = [f"Held-out question {i}?" for i in range(20)]
+    extract = write_json(root / "trait_data_extract" / "grumpy.json", official_trait(extract_qs))
+    held_out = write_json(root / "trait_data_eval" / "grumpy.json", official_trait(eval_qs, word="very grumpy"))
+    for path, word in ((extract, "grumpy"), (held_out, "very grumpy")):
+        t = load_trait(str(path))
+        assert t.extract_questions == extract_qs and t.eval_questions == eval_qs and t.source == path
+        assert t.instructions[0][0].startswith(f"Be {word} in way 0")  # from the file given
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (lambda d: d.update(extra=1), "unknown: extra"),
+    (lambda d: d.pop("eval_prompt"), "missing: eval_prompt"),
+    (lambda d: d.update(questions="What?"), "`questions`: expected an array of at least 2 strings"),
+    (lambda d: d.update(instruction=d["instruction"][:4]), "`instructions`: expected 5 pos/neg pairs, got 4"),
+    (lambda d: d.update(questions=["Why?", "why? ", "C?", "D?"]), "duplicates"),
+    (lambda d: d.update(eval_prompt="Rate {answer}. REFUSAL if refused."), "{question}"),
+])
+def test_official_format_errors_name_the_file(tmp_path, mutate, fragment):
+    data = official_trait(["A?", "B?", "C?", "D?"])
+    mutate(data)
+    path = write_json(tmp_path / "grumpy.json", data)
+    with pytest.raises(UserError) as e:
+        load_trait(str(path))
+    assert str(path) in str(e.value) and fragment in str(e.value) and "\n" not in str(e.value)
