@@ -236,7 +236,8 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
             chats = [conversation(j) for j in batch]
             outs, tensors = answer_with_activations(model, tok, chats, budget.max_new_tokens, budget.temperature,
                                                     budget.top_p, seed * 1_000_003 + b, steer)
-            if not all(torch.isfinite(t).all() for t in tensors.values()):
+            answered = torch.tensor([len(o) > 0 for o in outs])  # an empty answer's means are NaN by design
+            if not (torch.isfinite(tensors["prompt_last"]).all() and torch.isfinite(tensors["response_avg"][answered]).all()):
                 raise UserError("the activations became non-finite (inf/NaN) while generating: the steering "
                                 "coefficient is too large for this model; use a smaller one")
             new = [j | {"answer": tok.decode(o), "answer_ids": o, "n_tokens": len(o), "prompt": tok.chat(c)}
@@ -264,10 +265,10 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
     return rows, {k: torch.cat(v) for k, v in acts.items()}
 
 
-def make_judge(spec: str | None):
+def make_judge(spec: str | None, workers: int | None = None):
     """The judge, made once before any generation: a judge that cannot work (no API key) fails here."""
     import judge as J
-    return J.make_judge(spec)
+    return J.make_judge(spec, workers=workers)
 
 
 def judge_rollouts(trait, rows: list[dict], judge, cache_path: Path) -> str:
@@ -290,8 +291,8 @@ def model_record(model) -> dict:
                 model_source=getattr(model, "source", None))
 
 
-def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None, rollouts: int | None = None,
-            max_new_tokens: int | None = None, questions: int = 20, out: str | None = None,
+def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None, judge_workers: int | None = None,
+            rollouts: int | None = None, max_new_tokens: int | None = None, questions: int = 20, out: str | None = None,
             batch_size: int | None = None, seed: int = 0, temperature: float | None = None,
             top_p: float | None = None, pos_threshold: float = 50, neg_threshold: float = 50,
             coherence_threshold: float = 50, device: str | None = None, dtype: torch.dtype | None = None) -> dict:
@@ -305,7 +306,8 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
     from support.traits import load_trait
     t = load_trait(trait)
     check_count("questions", questions)
-    judge_ = make_judge(judge)
+    M.check_device(device or M.default_device())
+    judge_ = make_judge(judge, judge_workers)
     model, tok = M.load(model_name, device, dtype)
     b = budget_for(model, rollouts, max_new_tokens, temperature, top_p, batch_size)
     out_dir = Path(out) if out else default_vectors_dir(model_name)
@@ -327,7 +329,8 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
               file=sys.stderr)
     if judged and all(r[t.name] is None for r in rows):
         raise UserError(f"the judge ({judge_name}) gave no score to any of {len(rows)} answers (refusals, or no "
-                        "numbers among its top tokens): check the judge model and the trait's eval_prompt")
+                        "numbers among its top tokens): check the judge model and the trait's eval_prompt, then "
+                        f"delete {out_dir / '.work' / 'judgments.jsonl'} to judge again")
     pos, neg, why = keep_pairs(rows, t.name, judged, pos_threshold, neg_threshold, coherence_threshold)
     n_pairs = len(jobs) // 2
     if not pos:
@@ -502,12 +505,13 @@ def steering(specs: list[str], model: M.Transformer, vectors_dir: str | Path | N
 # Generation, evaluation and sweeps.
 
 def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors: str | None = None,
-                 judge: str | None = "none"):
-    """Check what can be checked before the model loads (steering files, the judge), then load it.
+                 judge: str | None = "none", judge_workers: int | None = None):
+    """Check what can be checked before the model loads (device, steering files, the judge), then load it.
     -> (model, tokenizer, vectors_dir, judge)."""
+    M.check_device(device or M.default_device())
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
     steer_sources(list(steer), vectors_dir)
-    judge_ = make_judge(judge)
+    judge_ = make_judge(judge, judge_workers)
     model, tok = M.load(model_name, device, dtype)
     return model, tok, vectors_dir, judge_
 
@@ -591,7 +595,8 @@ def _format(x, se=None) -> str:
     return "n/a" if x is None else f"{x:.1f}" + ("" if se is None else f" +- {se:.1f}")
 
 
-def evaluate(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None, samples: int | None = None,
+def evaluate(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None, judge_workers: int | None = None,
+            samples: int | None = None,
              questions: int = 20, steer: list[str] = (), layer: int | None = None, positions: str = "response",
              all_layers: bool = False, vectors: str | None = None, out: str | None = None,
              max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
@@ -607,7 +612,7 @@ def evaluate(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = No
     from support.traits import load_trait
     t = load_trait(trait)
     check_count("questions", questions)
-    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, steer, vectors, judge)
+    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, steer, vectors, judge, judge_workers)
     b = budget_for(model, samples, max_new_tokens, temperature, top_p, batch_size)
     if b.rollouts == 1 and temperature is None:
         b.temperature = 0.0
@@ -636,7 +641,8 @@ def best_setting(results: list[dict], coherence_min: float = 75) -> dict | None:
     return max(ok, key=lambda r: r["trait_mean"]) if ok else None
 
 
-def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None, layers: list[int] | None = None,
+def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None, judge_workers: int | None = None,
+            layers: list[int] | None = None,
           coefs: list[float] | None = None, relative: bool = False, samples: int | None = None, questions: int = 20,
           coherence_min: float = 75, vectors: str | None = None, out: str | None = None,
           max_new_tokens: int | None = None, batch_size: int | None = None, seed: int = 0,
@@ -653,7 +659,7 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
     check_count("questions", questions)
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
     vec_path = vector_path(vectors_dir, t.name)
-    model, tok, _, judge_ = load_checked(model_name, device, dtype, [f"{vec_path}:0"], vectors, judge)
+    model, tok, _, judge_ = load_checked(model_name, device, dtype, [f"{vec_path}:0"], vectors, judge, judge_workers)
     N = model.config.num_hidden_layers
     vec, meta = model_vector(vec_path, model)
     layers = layers or sorted({round(N / 6 + i * (2 * N / 3) / 5) for i in range(6)})
@@ -959,6 +965,7 @@ def monitor_conditions(t, kind: str, seed: int = 0) -> list[tuple[str, str | Non
 
 
 def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAULT_MODEL, judge: str | None = None,
+                       judge_workers: int | None = None,
                        rollouts: int | None = None, questions: int = 20, layer: int | None = None,
                        vectors: str | None = None, out: str | None = None, max_new_tokens: int | None = None,
                        batch_size: int | None = None, n_random: int = 100, seed: int = 0,
@@ -977,7 +984,7 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
     conditions = monitor_conditions(t, kind, seed)
     check_count("questions", questions)
     check_count("random", n_random)
-    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, [], vectors, judge)
+    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, [], vectors, judge, judge_workers)
     b = budget_for(model, rollouts, max_new_tokens, None, None, batch_size)
     out_dir = Path(out) if out else vectors_dir
     check_writable(out_dir)
@@ -1329,6 +1336,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("trait", help="a trait in data/traits, or a trait .json file")
         sp.add_argument("--judge", default=None, help="openai[:MODEL] | local:MODEL | none (default: openai when "
                         "OPENAI_API_KEY is set, else none)")
+        sp.add_argument("--judge-workers", type=COUNT, default=None, help="concurrent judge requests (default: "
+                        "$PERSONA_JUDGE_WORKERS, else 8); lower it when the server answers 429")
         sp.add_argument("--questions", type=COUNT, default=20, help="how many of the trait's 20 questions")
         sp.add_argument("--max-new-tokens", type=COUNT, default=None, help="default: 1000 on CUDA, 96 on CPU")
         sp.add_argument("--batch-size", type=COUNT, default=None, help="default: 64 on CUDA, 40 on CPU")

@@ -66,6 +66,9 @@ CASES = [
     ("sweep evil --model {d} --vectors {v} --judge openai", 1, "OPENAI_API_KEY"),
     ("monitor-experiment evil --model {d} --vectors {v} --judge openai", 1, "OPENAI_API_KEY"),
     ("extract evil --model {d} --judge nonsense", 1, "unknown judge"),
+    ("extract evil --model {d} --judge-workers 0", 2, "--judge-workers: must be >= 1"),
+    ("eval evil --model {d} --vectors {v} --device cuda:7", 1, "cuda"),
+    ("extract evil --model {d} --device cuda:7", 1, "cuda"),
     # files
     ("monitor {r}/ok.jsonl --model {d} --vectors {v} --out {r}", 1, "is a directory"),
     ("monitor {r}/missing.jsonl --model {d} --vectors {v}", 1, "does not exist"),

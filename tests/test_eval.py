@@ -34,7 +34,7 @@ def test_best_setting_respects_the_coherence_guard():
 def test_eval_uses_only_evaluation_questions(tiny, tmp_path, monkeypatch):
     import judge as J
     d, vectors = tiny
-    monkeypatch.setattr(J, "make_judge", lambda spec: FakeJudge(hashed=True))
+    monkeypatch.setattr(J, "make_judge", lambda spec, **kw: FakeJudge(hashed=True))
     r = pv.evaluate("evil", str(d), judge="fake", samples=2, questions=3, vectors=str(vectors), out=str(tmp_path),
                     max_new_tokens=5, device="cpu")
     rows = list(csv.DictReader(open(r["csv"])))
@@ -88,7 +88,7 @@ def test_sweep_end_to_end_records_the_best_layer_and_resumes(tiny, tmp_path, mon
     import judge as J
     d, vectors = tiny
     judge = FakeJudge(hashed=True)
-    monkeypatch.setattr(J, "make_judge", lambda spec: judge)
+    monkeypatch.setattr(J, "make_judge", lambda spec, **kw: judge)
     vec_dir = tmp_path / "vectors"
     vec_dir.mkdir()
     (vec_dir / "evil_response_avg_diff.safetensors").write_bytes(

@@ -32,6 +32,7 @@ def test_extract_end_to_end_and_vector_equals_hand_computed_mean_difference(tiny
     vec, meta = pv.load_vector(paths["response_avg"])
     assert vec.shape == (4, 64) and meta["judge"] == "none" and meta["kept_pairs"] == 10 and meta["total_pairs"] == 10
     assert meta["variant"] == "response_avg" and len(meta["residual_norm"]) == 4 and "index 0" in meta["layer_convention"]
+    assert meta["model_source"]["origin"] == "local" and meta["model_source"]["path"] == str(tiny_dir)
     # the gauge's reference marks: pos and neg means projected on the unit vector, `pos - neg` being |v| itself
     gap = torch.tensor(meta["pos_response_avg_projection"]) - torch.tensor(meta["neg_response_avg_projection"])
     assert torch.allclose(gap, vec.norm(dim=-1), atol=1e-3) and len(meta["pos_prompt_last_projection"]) == 4
@@ -109,14 +110,14 @@ def test_keep_pairs_thresholds():
 def test_no_surviving_pair_names_the_threshold(tiny_dir, tmp_path, monkeypatch):
     import judge as J
     harsh = FakeJudge("fake:harsh", 10.0)  # nothing is evil enough, and everything is incoherent
-    monkeypatch.setattr(J, "make_judge", lambda spec: harsh)
+    monkeypatch.setattr(J, "make_judge", lambda spec, **kw: harsh)
     with pytest.raises(ValueError, match="no pair of 10 survived.*relax --"):
         run_extract(tiny_dir, tmp_path, judge="fake")
 
 
 def test_a_judge_without_numbers_is_a_clear_error(tiny_dir, tmp_path, monkeypatch):
     import judge as J
-    monkeypatch.setattr(J, "make_judge", lambda spec: FakeJudge("fake:mute", None))
+    monkeypatch.setattr(J, "make_judge", lambda spec, **kw: FakeJudge("fake:mute", None))
     with pytest.raises(ValueError, match="gave no score to any of 20 answers"):
         run_extract(tiny_dir, tmp_path, judge="fake")
 
@@ -124,7 +125,7 @@ def test_a_judge_without_numbers_is_a_clear_error(tiny_dir, tmp_path, monkeypatc
 def test_judge_results_are_cached_and_recorded(tiny_dir, tmp_path, monkeypatch):
     import judge as J
     fake = FakeJudge("fake:scores", 80.0)
-    monkeypatch.setattr(J, "make_judge", lambda spec: fake)
+    monkeypatch.setattr(J, "make_judge", lambda spec, **kw: fake)
     paths = run_extract(tiny_dir, tmp_path, judge="fake", pos_threshold=0, neg_threshold=101)
     first = fake.asked  # 20 answers x (trait + coherence), identical prompts asked once
     assert pv.load_vector(paths["response_avg"])[1]["judge"] == "fake:scores" and 0 < first <= 40
@@ -202,4 +203,6 @@ def test_extract_on_the_default_model_with_a_tiny_budget(tmp_path):
     assert r.returncode == 0, r.stderr
     vec, meta = pv.load_vector(tmp_path / "evil_response_avg_diff.safetensors")
     assert vec.shape == (31, 576) and meta["kept_pairs"] == 5 and meta["judge"] == "none"
+    # made offline from the wheel's 4-bit GGUF: the metadata says so, beside the hub id
+    assert meta["model_source"]["origin"] == "gguf-wheel" and "Q4_1" in meta["model_source"]["quantization"]
     assert torch.isfinite(vec).all() and vec[1:].norm(dim=-1).min() > 0

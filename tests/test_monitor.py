@@ -31,7 +31,7 @@ def test_projection_math_by_hand():
 def test_monitor_experiment_bookkeeping(tiny, tmp_path, monkeypatch):
     import judge as J
     d, vectors = tiny
-    monkeypatch.setattr(J, "make_judge", lambda spec: FakeJudge(hashed=True))
+    monkeypatch.setattr(J, "make_judge", lambda spec, **kw: FakeJudge(hashed=True))
     r = pv.monitor_experiment("evil", "system", str(d), judge="fake", rollouts=1, questions=3, layer=2,
                               vectors=str(vectors), out=str(tmp_path), max_new_tokens=4, n_random=20, device="cpu")
     rows = list(csv.DictReader(open(r["csv"])))
