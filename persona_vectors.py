@@ -596,8 +596,7 @@ def _format(x, se=None) -> str:
 
 
 def evaluate(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None, judge_workers: int | None = None,
-            samples: int | None = None,
-             questions: int = 20, steer: list[str] = (), layer: int | None = None, positions: str = "response",
+             samples: int | None = None, questions: int = 20, steer: list[str] = (), layer: int | None = None, positions: str = "response",
              all_layers: bool = False, vectors: str | None = None, out: str | None = None,
              max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
              batch_size: int | None = None, seed: int = 0, device: str | None = None,
@@ -642,8 +641,7 @@ def best_setting(results: list[dict], coherence_min: float = 75) -> dict | None:
 
 
 def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None, judge_workers: int | None = None,
-            layers: list[int] | None = None,
-          coefs: list[float] | None = None, relative: bool = False, samples: int | None = None, questions: int = 20,
+          layers: list[int] | None = None, coefs: list[float] | None = None, relative: bool = False, samples: int | None = None, questions: int = 20,
           coherence_min: float = 75, vectors: str | None = None, out: str | None = None,
           max_new_tokens: int | None = None, batch_size: int | None = None, seed: int = 0,
           device: str | None = None, dtype: torch.dtype | None = None) -> dict:
