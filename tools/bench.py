@@ -8,7 +8,7 @@
     official repository's way, one sample at a time with `output_hidden_states=True`. Target >= 3x, less memory.
 (c) batch-1 decode as a fraction of the memory-bandwidth roofline: (weight bytes read per token / measured copy
     bandwidth) / measured time per token. Target >= 70 %.
-(d) the main job, extraction's sampling (40 answers of 96 tokens with capture, the CPU budget), with model.Linear's
+(e) the main job, extraction's sampling (40 answers of 96 tokens with capture, the CPU budget), with model.Linear's
     CPU matmul split and with plain F.linear: the split stays in model.py only while it buys >= 15 % here.
 Targets are ratios measured in the same run, never absolute times.
 """
@@ -208,7 +208,7 @@ def main():
     p.add_argument("--model", default=hub.DEFAULT_MODEL)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--only", choices=["a", "b", "c", "d"], default=None)
+    p.add_argument("--only", choices=["a", "b", "c", "e"], default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM  # the reference; not a dependency of the project
@@ -243,9 +243,9 @@ def main():
               f"| {r['hf_ms']:.1f} ms/token = {100 * r['hf_frac']:.0f} % | {r['hf_ms'] / r['ours_ms']:.2f}x | >= 70 % |")
         print(f"|     the same against read-only bandwidth ({r['read_gbs']:.1f} GB/s, a sum) | "
               f"{100 * r['ours_frac_read']:.0f} % | | | |")
-    if args.only in (None, "d"):
+    if args.only in (None, "e"):
         r = bench_extraction_split(ours, tok)
-        print(f"| (d) extraction sampling, {r['answers']} answers: split matmul vs plain F.linear | "
+        print(f"| (e) extraction sampling, {r['answers']} answers: split matmul vs plain F.linear | "
               f"{r['split_s']:.1f} s | {r['plain_s']:.1f} s (plain) | {r['plain_s'] / r['split_s']:.2f}x | "
               f">= 1.15x to keep it |")
         print(f"|     identical answers | {r['same']} | | | |")
