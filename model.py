@@ -12,28 +12,21 @@ index N is the raw residual, the same stream that steering at N adds to.
 
 Interventions are arguments of `forward`, applied after a block in this order: ablation, steering, capture.
 """
-import json
 import math
 import sys
-import types
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-
-from support import UserError
+from support import UserError, checkpoint
 from support.files import read_json
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
 
 @dataclass
 class Config:
-    """Fields are named like `config.json` keys; unknown keys are ignored."""
-    model_type: str
+    """The model's shape, named like `config.json` keys (unknown keys are ignored)."""
+    model_type: str  # llama, mistral or qwen2
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -52,76 +45,14 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "Config":
-        """Check the keys this model reads (presence, JSON type, value) and build the Config; `source` names the
-        file in the errors (UserError)."""
-        def fail(msg: str):
-            raise UserError(f"{source}: {msg}")
-
-        if not isinstance(d, dict):
-            fail(f"expected a JSON object, got {type(d).__name__}")
-        d = dict(d)
-        if "rope_parameters" in d:  # transformers >= 5 writes rope settings as one dict
-            rp = d.pop("rope_parameters") or {}
-            if not isinstance(rp, dict):
-                fail(f"`rope_parameters` must be an object, not {rp!r}")
-            d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
-            if rp.get("rope_type", "default") != "default":
-                d.setdefault("rope_scaling", rp)
-        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in d]
-        if missing:
-            fail(f"lacks required key(s) {', '.join(missing)}: is this a causal-LM config?")
-        for f in fields(cls):
-            if f.name in d and not _json_type_ok(d[f.name], f.type):
-                fail(f"`{f.name}` must be {_json_type_name(f.type)}, not {json.dumps(d[f.name])[:80]}")
-        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            if d.get(k) is not None and d[k] < 1:
-                fail(f"`{k}` must be at least 1, not {d[k]}")
-        if d["model_type"] not in SUPPORTED_MODEL_TYPES:
-            fail(f"unsupported model_type {d['model_type']!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        c = cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
+        c = cls(**checkpoint.check_config(d, cls, source))  # every key this model reads, checked
         c.num_key_value_heads = c.num_key_value_heads or c.num_attention_heads
         c.head_dim = c.head_dim or c.hidden_size // c.num_attention_heads
-        if c.num_attention_heads % c.num_key_value_heads:
-            fail(f"`num_attention_heads` ({c.num_attention_heads}) is not a multiple of `num_key_value_heads` "
-                 f"({c.num_key_value_heads})")
-        if c.hidden_act != "silu":
-            fail(f"unsupported hidden_act {c.hidden_act!r}; only 'silu' (Llama/Qwen2/Mistral) is implemented")
-        rs = c.rope_scaling or {}
-        rope_type = rs.get("rope_type", rs.get("type", "default"))
-        needs = {"default": (), "linear": ("factor",),
-                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-        if rope_type not in needs:
-            fail(f"unsupported rope_scaling type {rope_type!r}; supported: default, linear, llama3")
-        for k in needs[rope_type]:
-            if not _json_type_ok(rs.get(k), float):
-                fail(f"`rope_scaling.{k}` must be a number for rope type {rope_type!r}, not {json.dumps(rs.get(k))[:80]}")
         return c
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Config":
         return cls.from_dict(read_json(path), str(path))
-
-
-def _json_type_ok(value, typ) -> bool:
-    """Whether a JSON value fits a Config field type: int, float (an int is fine), bool, str, dict, or X | None."""
-    options = typ.__args__ if isinstance(typ, types.UnionType) else (typ,)
-    for t in options:
-        if value is None and t is type(None) or isinstance(value, bool) and t is bool:
-            return True
-        if isinstance(value, bool):
-            continue  # true/false is not a number
-        if isinstance(value, int) and t in (int, float) or isinstance(value, float) and t is float \
-                or isinstance(value, (str, dict)) and t is type(value):
-            return True
-    return False
-
-
-def _json_type_name(typ) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
-             type(None): "null"}
-    return " or ".join(names[t] for t in (typ.__args__ if isinstance(typ, types.UnionType) else (typ,)))
-
 
 
 def rope_inv_freq(c: Config) -> torch.Tensor:
@@ -438,83 +369,26 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_device(device: str) -> str:
-    """The device name, if this machine has it; else a UserError (torch would fail later, with an AssertionError)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r}: no CUDA GPU is available to this PyTorch "
-                        f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                        f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {device!r}: Apple MPS is not available here; use --device cpu")
-    return str(device)
-
-
 def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # bf16 is ~6x slower on CPU
 
 
-def load_weights(model: Transformer, model_dir: Path, device, dtype) -> None:
-    """Assign safetensors weights (single file or sharded) to a meta-device model; every key and shape checked."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_json(index)
-        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict) \
-                or not all(isinstance(v, str) for v in weight_map["weight_map"].values()):
-            raise UserError(f"{index}: expected an object with a `weight_map` of tensor name -> file name")
-        files = sorted(set(weight_map["weight_map"].values()))
-    elif (model_dir / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise UserError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
-                        "(only safetensors weights are supported; convert .bin checkpoints first)")
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    tied = model.config.tie_word_embeddings
-    state = {}
-    for n, name in enumerate(files, start=1):
-        if len(files) > 1:
-            print(f"loading {name} ({n}/{len(files)})", file=sys.stderr, flush=True)
-        path = model_dir / name
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and tied):
-                        continue  # recomputed / tied to the embedding: harmless extras
-                    if key not in expected:
-                        raise UserError(f"unexpected tensor {key!r} in {path}: not a {model.config.model_type} checkpoint?")
-                    t = f.get_tensor(key)
-                    if t.shape != expected[key]:
-                        raise UserError(f"tensor {key!r} in {path} has shape {tuple(t.shape)}, "
-                                        f"expected {tuple(expected[key])}: config.json does not match the weights")
-                    state[key] = t.to(device=device, dtype=dtype)
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"cannot read {path} ({e}); the file is missing or truncated: download it again") from None
-    if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
-        model.config.tie_word_embeddings = True  # tied, or no separate head in the checkpoint: share the embedding
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise UserError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s), first {missing[0]!r}: incomplete download?")
-    model.load_state_dict(state, strict=True, assign=True)
-    if model.config.tie_word_embeddings:  # one Parameter, so training updates both uses together
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(model.config).to(device)
-
-
 def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> Transformer:
-    """Build the model of a Hugging Face-layout directory on the meta device and assign its weights (in eval mode)."""
+    """Build the model of a Hugging Face-layout directory on the meta device and assign its weights (in eval mode):
+    strict, every key and shape checked, one copy of the weights in memory."""
     model_dir = Path(model_dir)
-    device = check_device(device or default_device())
+    device = checkpoint.check_device(device or default_device())
     dtype = dtype or default_dtype(device)
     config = Config.from_json(model_dir / "config.json")
     with torch.device("meta"):  # no memory for random init: the weights are assigned straight from the files
         model = Transformer(config)
-    load_weights(model, model_dir, device, dtype)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state = checkpoint.read_weights(model_dir, expected, config.tie_word_embeddings, device, dtype, config.model_type)
+    model.load_state_dict(state, strict=True, assign=True)
+    if state["lm_head.weight"] is state["model.embed_tokens.weight"]:  # one Parameter: training updates both uses
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(model.config).to(device)
     return model.eval()
 
 

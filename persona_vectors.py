@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import model as M
-from support import UserError
+from support import UserError, checkpoint
 from support.files import (VARIANTS, atomic_write, check_fits, check_writable, default_vectors_dir, load_vector,
                            save_vector, traits_in, vector_path, write_csv)
 from support.hub import DEFAULT_MODEL
@@ -306,7 +306,7 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
     from support.traits import load_trait
     t = load_trait(trait)
     check_count("questions", questions)
-    M.check_device(device or M.default_device())
+    checkpoint.check_device(device or M.default_device())
     judge_ = make_judge(judge, judge_workers)
     model, tok = M.load(model_name, device, dtype)
     b = budget_for(model, rollouts, max_new_tokens, temperature, top_p, batch_size)
@@ -508,7 +508,7 @@ def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors:
                  judge: str | None = "none", judge_workers: int | None = None):
     """Check what can be checked before the model loads (device, steering files, the judge), then load it.
     -> (model, tokenizer, vectors_dir, judge)."""
-    M.check_device(device or M.default_device())
+    checkpoint.check_device(device or M.default_device())
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
     steer_sources(list(steer), vectors_dir)
     judge_ = make_judge(judge, judge_workers)
