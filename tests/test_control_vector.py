@@ -163,7 +163,7 @@ def test_export_bad_input(tmp_path, tiny, vec_file, capsys):
                    "[4, 32]", "this model needs [4, 64]", unwritten=[out])
     for layer in ("0", "1"):
         one_line_error(capsys, ["export-gguf", str(path), "--layer", layer, "--out", str(out)],
-                       "outside the exportable layers 2..3", "direction.0 is refused", unwritten=[out])
+                       "outside the exportable layers 2..3", "refuses direction.0", unwritten=[out])
     one_line_error(capsys, ["export-gguf", str(path), "--layer", "4", "--out", str(out)], "2..3", unwritten=[out])
     one_line_error(capsys, ["export-gguf", str(path), "--layers", "1-3", "--out", str(out)], "2..3", unwritten=[out])
     one_line_error(capsys, ["export-gguf", str(path), "--layers", "3-2", "--out", str(out)], "A-B", unwritten=[out])
@@ -190,7 +190,7 @@ CV = {"general.architecture": "controlvector", "controlvector.model_hint": "llam
      ["not a control vector", "'llama'"]),
     ("f16", [direction("direction.1", np.ones(64), F16)], CV, ["F16", "F32"]),
     ("2-D", [direction("direction.1", np.ones(128), ne=[64, 2])], CV, ["[2, 64]", "1-D"]),
-    ("direction.0", [direction("direction.0", np.ones(64))], CV, ["direction.0", "refused by llama.cpp"]),
+    ("direction.0", [direction("direction.0", np.ones(64))], CV, ["direction.0", "llama.cpp refuse the whole file"]),
     ("other name", [direction("token_embd.weight", np.ones(64))], CV, ["'token_embd.weight'", "direction.N"]),
     ("no tensors", [], CV, ["no direction tensors"]),
 ])
