@@ -84,8 +84,9 @@ def _value(v) -> bytes:
     if isinstance(v, float):
         return struct.pack("<If", _F32, v)
     if isinstance(v, (list, tuple)) and v and all(isinstance(x, type(v[0])) for x in v):
-        items = [_value(x) for x in v]  # each is its type then its bytes; the array states the type once
-        return struct.pack("<IIQ", _ARRAY, struct.unpack("<I", items[0][:4])[0], len(v)) + b"".join(i[4:] for i in items)
+        items = [_value(x) for x in v]  # each is its type (4 bytes) then its bytes; the array states the type once
+        head = struct.pack("<IIQ", _ARRAY, struct.unpack("<I", items[0][:4])[0], len(v))
+        return head + b"".join(i[4:] for i in items)
     raise TypeError(f"unsupported GGUF metadata value {v!r}")
 
 
@@ -226,7 +227,7 @@ def export_gguf(vector: str, out: str | None = None, layer: int | None = None, l
                 "persona_vectors.selection": "increments" if all_layers else "rows"}
     write_gguf(out, metadata, tensors)
     what = (f"{coef:g} x v[{layer}] (output of block {layer} of {num_layers})" if layer is not None else
-            f"{len(tensors)} directions for blocks {min(rows)}..{max(rows)} of {num_layers}")
+            f"{len(tensors)} direction(s) for blocks {min(rows)}..{max(rows)} of {num_layers}")
     print(f"wrote {out}: {what} as {', '.join(list(tensors)[:3])}{', ...' if len(tensors) > 3 else ''}\n"
           f"use: llama-server -m MODEL.gguf --control-vector-scaled {out}:1", file=sys.stderr)
     return out
