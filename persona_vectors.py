@@ -1431,6 +1431,9 @@ def build_parser() -> argparse.ArgumentParser:
     gt.add_argument("--model", default="gpt-4.1-mini", help="the writing model (default: %(default)s)")
     gt.add_argument("--out", dest="out_dir", default=None, help="directory (default: data/traits)")
     gt.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    from support import control_vector  # beyond the paper: vectors to and from llama.cpp
+    control_vector.add_commands(sub)
     return p
 
 

@@ -77,6 +77,8 @@ CASES = [
     ("generate --model {d} --prompts-file {r}/missing.txt", 1, "cannot read --prompts-file"),
     ("extract nosuch_trait --model {d}", 1, "unknown trait"),
     ("extract ../evil --model {d}", 1, "trait names are plain words"),
+    ("import-gguf {r}/missing.gguf --model {d}", 1, "no file"),
+    ("export-gguf {r}/corrupt.safetensors --model {d}", 1, "not safetensors"),
 ]
 
 
