@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 import model as M
 from support import UserError, checkpoint
 from support.files import (VARIANTS, atomic_write, check_fits, check_writable, default_vectors_dir, load_vector,
-                           save_vector, traits_in, vector_path, write_csv)
+                           resolve_layer, save_vector, traits_in, vector_path, write_csv)
 from support.hub import DEFAULT_MODEL
 
 LAYER_CONVENTION = "index 0 = embeddings, index L = output of block L (before the final norm); shape [L + 1, hidden]"
@@ -411,18 +411,7 @@ def import_vector(pt_file: str, out: str | None = None, model_name: str | None =
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Vectors for a model: the one place for the layer rule, the fit check, and --steer specs.
-
-def resolve_layer(layer: int | None, meta: dict, num_layers: int) -> int:
-    """The layer to steer or monitor: `layer`, else the vector's best layer (recorded by a sweep), else the middle."""
-    L = layer if layer is not None else meta.get("best_layer", num_layers // 2)
-    if not isinstance(L, int) or not 1 <= L <= num_layers:
-        raise UserError(f"--layer {L} out of range: this model has blocks 1..{num_layers}")
-    if meta.get("last_row_post_norm") and L == num_layers:
-        raise UserError(f"--layer {L}: this imported vector's last row was taken after the final norm, unlike the "
-                        f"residual stream steered here; use a layer below {num_layers}")
-    return L
-
+# Vectors for a model: the fit check and --steer specs (the layer rule is support.files.resolve_layer).
 
 def model_vector(path: Path, model) -> tuple[torch.Tensor, dict]:
     """A vector file checked against the model it is used with -> (tensor [N + 1, hidden], metadata)."""

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from support import UserError
-from support.files import atomic_write, check_fits, check_writable, default_vectors_dir, load_vector, save_vector, \
-    vector_path
+from support.files import atomic_write, check_fits, check_writable, default_vectors_dir, load_vector, resolve_layer, \
+    save_vector, vector_path
 
 ALIGNMENT = 32  # GGUF's default: the tensor data and each tensor start at a multiple of it
 LAYER_CONVENTION = ("index 0 = embeddings, index L = output of block L (before the final norm); "
@@ -206,10 +206,10 @@ def export_gguf(vector: str, out: str | None = None, layer: int | None = None, l
     if not np.isfinite(coef):
         raise UserError(f"--coef {coef}: must be a finite number")
     if layer is None and layers is None and not all_layers:
-        layer = meta.get("best_layer", num_layers // 2)
+        layer = resolve_layer(None, meta, num_layers)
         print(f"layer {layer} ({'the best layer recorded by a sweep' if 'best_layer' in meta else 'the middle'}"
               "; choose with --layer)", file=sys.stderr)
-    last_row_normed = str(meta.get("imported_from", "")).endswith(".pt")  # import-vector: official files
+    last_row_normed = bool(meta.get("last_row_post_norm"))  # import-vector: official files
     rows = select_directions(vec, layer, parse_layer_range(layers) if layers else None, all_layers, last_row_normed)
 
     trait = meta.get("trait") or path.stem.removesuffix("_response_avg_diff")

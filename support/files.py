@@ -164,3 +164,14 @@ def check_fits(vec: torch.Tensor, meta: dict, path: Path, num_layers: int, hidde
     if tuple(vec.shape) != (num_layers + 1, hidden):
         raise UserError(f"{path} is [{vec.shape[0]}, {vec.shape[1]}] (extracted from {meta.get('model', '?')}), but "
                         f"this model needs [{num_layers + 1}, {hidden}]: use a vector extracted from this model")
+
+
+def resolve_layer(layer: int | None, meta: dict, num_layers: int) -> int:
+    """The layer to steer or monitor: `layer`, else the vector's best layer (recorded by a sweep), else the middle."""
+    L = layer if layer is not None else meta.get("best_layer", num_layers // 2)
+    if not isinstance(L, int) or not 1 <= L <= num_layers:
+        raise UserError(f"--layer {L} out of range: this model has blocks 1..{num_layers}")
+    if meta.get("last_row_post_norm") and L == num_layers:
+        raise UserError(f"--layer {L}: this imported vector's last row was taken after the final norm, unlike the "
+                        f"residual stream steered here; use a layer below {num_layers}")
+    return L

@@ -133,7 +133,7 @@ def test_all_layers_exports_increments_and_cumulative_import_restores_the_totals
 def test_official_vectors_never_export_their_normed_last_row(tmp_path, tiny):
     vec = torch.randn(4, 64)
     path = write_vector(tmp_path / "evil_response_avg_diff.safetensors", vec, model=str(tiny),
-                        imported_from="evil_response_avg_diff.pt")
+                        imported_from="evil_response_avg_diff.pt", last_row_post_norm=True)  # as import-vector writes it
     with pytest.raises(UserError, match="after the final norm"):
         cv.export_gguf(str(path), str(tmp_path / "x.gguf"), layer=3)
     g = GGUFFile(cv.export_gguf(str(path), str(tmp_path / "y.gguf"), all_layers=True))
