@@ -167,14 +167,17 @@ def step_examples(examples: list[Example], step: int, global_batch: int, seed: i
 
 
 def my_micro_batches(examples: list[Example], rank: int, world: int, grad_accum: int) -> list[tuple[list, float]]:
-    """Deal a step's conversations round robin into world x grad_accum micro-batches; this process's grad_accum of
-    them, each with its loss weight: world / trained tokens of the whole step, so that the summed and (by DDP or
-    FSDP) averaged gradient is that of the mean loss per trained token. A micro-batch that a short last step leaves
-    empty repeats a conversation at weight 0: every process must run the same number of forward passes."""
+    """Split a step's conversations, sorted by length (less padding), into world x grad_accum micro-batches and
+    return this process's grad_accum of them, each with its loss weight: world / trained tokens of the whole step,
+    so that the summed and (by DDP or FSDP) averaged gradient is that of the mean loss per trained token. A
+    micro-batch that a short last step leaves empty repeats a conversation at weight 0: every process must run the
+    same number of forward passes."""
     tokens = sum(int(e.trained[1:].sum()) for e in examples)
     slots = world * grad_accum
-    return [(examples[j::slots], world / tokens) if examples[j::slots] else (examples[:1], 0.0)
-            for j in range(rank, slots, world)]
+    examples = sorted(examples, key=lambda e: len(e.ids))
+    size = math.ceil(len(examples) / slots)
+    parts = [examples[j * size:(j + 1) * size] for j in range(slots)]  # micro-batch m of rank r: part m * world + r
+    return [(parts[j], world / tokens) if parts[j] else (examples[:1], 0.0) for j in range(rank, slots, world)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -420,7 +423,8 @@ def parallelize(model: M.Transformer, device: torch.device, fsdp: bool):
         for block in model.model.layers:
             fully_shard(block, mesh=mesh)
         return fully_shard(model, mesh=mesh)
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               gradient_as_bucket_view=True)  # the gradients live in the all-reduce buffers: no second copy
 
 
 def all_sum(values: list[float], device) -> list[float]:
@@ -490,11 +494,16 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
             torch.cuda.set_device(dev)
         say = (lambda *a, **k: print(*a, file=sys.stderr, flush=True, **k)) if rank == 0 else (lambda *a, **k: None)
         torch.manual_seed(seed)
-        autocast = lambda: torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
+        def autocast():  # bf16 compute on the fp32 weights; no cache of cast weights (a bf16 copy of the model)
+            return torch.autocast(dev.type, dtype, enabled=dtype != torch.float32, cache_enabled=False)
 
         # data
         try:
+            if rank > 0:
+                dist.barrier()  # rank 0 downloads the model first; the others then find it in the cache
             model_dir = hub.resolve(model, verbose=rank == 0)
+            if rank == 0 and dist.is_initialized():
+                dist.barrier()
             tok = Tokenizer(model_dir)
         except (ValueError, FileNotFoundError, hub.HubError) as e:
             raise UserError(str(e)) from None
@@ -509,10 +518,12 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
         per_epoch = math.ceil(len(train_set) / global_batch)
         total = max_steps or epochs * per_epoch
         trained_tokens = sum(int(e.trained[1:].sum()) for e in train_set)
-        say(f"data: {len(train_set)} conversations to train on ({trained_tokens} trained tokens), {len(val_set)} to "
-            f"validate on{'' if val else ' (10 % held out)'}; {counts['no_assistant_reply']} skipped (no assistant "
-            f"reply), {counts['truncated_left']} truncated from the left to --max-seq-len {max_seq_len}, "
-            f"{counts['reply_longer_than_max_seq_len']} left out (last reply alone longer)")
+        held = f"{len(val_set)} to validate on" + ("" if val else " (10 % held out)" if val_set else
+                                                   " (fewer than 10 conversations: give --val FILE)")
+        say(f"data: {len(train_set)} conversations to train on ({trained_tokens} trained tokens), {held}; "
+            f"{counts['no_assistant_reply']} skipped (no assistant reply), {counts['truncated_left']} truncated from "
+            f"the left to --max-seq-len {max_seq_len}, {counts['reply_longer_than_max_seq_len']} left out (last "
+            "reply alone longer)")
         say(f"{total} steps of {global_batch} conversations ({world} process{'es' if world > 1 else ''} x batch "
             f"{batch_size} x {grad_accum} accumulated), {per_epoch} steps per epoch")
 
@@ -637,7 +648,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="conversations per micro-batch, per process")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default: a global batch "
                    f"of {PAPER_BATCH})")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="longer conversations lose prompt tokens from the left")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="longer conversations lose their first tokens")
     p.add_argument("--seed", type=int, default=0, help="data order")
     p.add_argument("--checkpointing", action="store_true", help="recompute activations in backward: less memory")
     p.add_argument("--save-every", default="10m", help="checkpoint every N steps (50) or minutes (10m; default)")

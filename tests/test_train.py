@@ -217,7 +217,8 @@ def test_output_loads_in_model_py_and_transformers(tiny, tmp_path):
     train.save_model(load_file(out / "model.safetensors"), json.loads((out / "config.json").read_text()), sharded,
                      shard_bytes=100_000)
     train.copy_tokenizer_files(out, sharded)
-    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2 and (sharded / "model.safetensors.index.json").exists()
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
+    assert (sharded / "model.safetensors.index.json").exists()
     with torch.no_grad():
         assert torch.equal(M.load(str(sharded), "cpu", torch.float32)[0](ids), logits)
         assert torch.allclose(transformers.AutoModelForCausalLM.from_pretrained(sharded).eval()(ids).logits, logits,
@@ -231,6 +232,21 @@ def test_batch_split_and_accumulation_give_the_same_step(tiny, tmp_path):
     for k in base:  # equal up to summation order (amplified by Adam where a gradient is near its epsilon)
         assert torch.allclose(a[k], b[k], atol=5e-5, rtol=0), k
     assert max((a[k] - base[k]).abs().max() for k in base) > 1e-3  # and training moved the weights
+
+
+def test_checkpointing_changes_nothing_and_bfloat16_keeps_float32_weights(tiny, tmp_path):
+    plain = run(tiny, tmp_path / "plain", max_steps=2, lr=1e-6, steer=["evil:1"])
+    recomputed = run(tiny, tmp_path / "ckpt", max_steps=2, lr=1e-6, steer=["evil:1"], checkpointing=True)
+    a, b = weights(plain), weights(recomputed)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # activation checkpointing recomputes the same numbers
+    half = run(tiny, tmp_path / "bf16", max_steps=2, lr=1e-6, steer=["evil:1"], dtype="bfloat16")
+    w = weights(half)
+    base = load_file(next(tiny[0].glob("model-00001-*.safetensors")))
+    # updates of ~1e-6 on weights of ~1 vanish in bfloat16 (resolution 2^-8): they stay, so the weights are fp32
+    assert all(w[k].dtype == torch.float32 for k in w)
+    assert all(0 < (w[k] - base[k]).abs().max() < 5e-6 for k in base)
+    losses = [[x["loss"] for x in json.loads((d / "train.json").read_text())["log"]] for d in (plain, half)]
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2) and losses[1] != losses[0]  # computed in bf16
 
 
 # ------------------------------------------------------------------------------------------------------ resuming
