@@ -213,7 +213,8 @@ def train_step(model, optimizer, batches, lr: float, steer=(), ablate=(), autoca
             with autocast():
                 loss = token_loss(model, ids, mask, trained, steer, ablate)
             (loss * weight).backward()
-        total = total + loss.detach() * (weight > 0)
+        if weight > 0:  # a filler micro-batch (weight 0) adds nothing
+            total = total + loss.detach()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -334,6 +335,13 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
 
 
+def remove(checkpoint: Path) -> None:
+    """Renamed out of the way first: a removal cut short leaves no half checkpoint under a checkpoint's name."""
+    trash = checkpoint.parent / f".{checkpoint.name}.trash"
+    os.replace(checkpoint, trash)
+    shutil.rmtree(trash)
+
+
 def full_state(model, optimizer=None) -> tuple[dict, dict | None]:
     """Full (unsharded) state dicts keyed by parameter name, on the CPU, for DDP, FSDP2 or a plain module alike;
     in a process group only rank 0 receives them."""
@@ -356,9 +364,7 @@ def save_checkpoint(out: Path, model, optimizer, config: dict, record: dict, ran
         os.replace(tmp, final)
         write_json(out / "train.json", record)
         for old in checkpoints(out)[:-1]:
-            trash = out / f".{old.name}.trash"
-            os.replace(old, trash)
-            shutil.rmtree(trash)
+            remove(old)
     if dist.is_initialized():
         dist.barrier()
     return final
@@ -423,8 +429,9 @@ def parallelize(model: M.Transformer, device: torch.device, fsdp: bool):
         for block in model.model.layers:
             fully_shard(block, mesh=mesh)
         return fully_shard(model, mesh=mesh)
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-               gradient_as_bucket_view=True)  # the gradients live in the all-reduce buffers: no second copy
+    # gradients as views of the all-reduce buffers (no second copy); no buffer to broadcast (rope's is computed)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+               broadcast_buffers=False)
 
 
 def all_sum(values: list[float], device) -> list[float]:
@@ -624,7 +631,7 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
             record["status"] = "done"
             write_json(out / "train.json", record)
             for old in checkpoints(out):
-                shutil.rmtree(old)
+                remove(old)
             say(f"saved {out} (train.json: settings and losses)")
         if dist.is_initialized():
             dist.barrier()
