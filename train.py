@@ -602,6 +602,7 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
             step_tokens = sum(int(e.trained[1:].sum()) for e in exs)
             loss = loss_sum / step_tokens
             if not (math.isfinite(loss) and math.isfinite(norm)):
+                say("")  # end the progress line
                 last = checkpoints(out)
                 raise UserError(f"non-finite loss at step {step + 1}: stopped; the last good checkpoint "
                                 f"({last[-1] if last else 'none'}) is kept. Lower --lr or the --steer coefficient, or "
@@ -692,10 +693,10 @@ def main(argv: list[str] | None = None) -> int:
         train(**vars(args))
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"\nerror: {e}", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr)
         return 1
     except torch.OutOfMemoryError:
-        print("\nerror: out of memory: lower --batch-size (raise --grad-accum to keep the batch) or --max-seq-len, "
+        print("error: out of memory: lower --batch-size (raise --grad-accum to keep the batch) or --max-seq-len, "
               "or add --checkpointing, or shard with --fsdp", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
