@@ -33,7 +33,6 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
-import persona_vectors as pv
 from support import UserError, hub
 from support.files import atomic_write, check_fits, check_writable, default_vectors_dir, load_vector, vector_path
 from support.tokenizer import Tokenizer
@@ -269,6 +268,7 @@ def ablation(specs: list[str], model: M.Transformer, vectors_dir: Path, layer: i
 
 def interventions(model: M.Transformer, steer: list[str], ablate: list[str], vectors, layer, all_layers):
     """-> (Steer list, Ablate list) for training: at every position, constant vectors (no gradient reaches them)."""
+    import persona_vectors as pv  # here, not at the top: persona_vectors.py imports this module for its `train`
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model.name_or_path)
     try:
         steers = pv.steering(list(steer), model, vectors_dir, layer, positions="all", all_layers=all_layers)

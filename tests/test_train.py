@@ -361,6 +361,16 @@ def error_line(capsys) -> str:
     return lines[0]
 
 
+def test_subcommand_flags_are_train_keywords():
+    import argparse
+    import inspect
+    sub = argparse.ArgumentParser().add_subparsers()
+    train.add_commands(sub)
+    args = sub.choices["train"].parse_args(["d.jsonl", "--out", "o", "--steer", "evil:1", "--steer", "x:2"])
+    assert args.func is train.train and args.steer == ["evil:1", "x:2"]
+    assert set(vars(args)) - {"func"} == set(inspect.signature(train.train).parameters)
+
+
 def test_bad_input_is_one_line_naming_the_fix(tiny, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
     assert main(tiny, tmp_path / "o1", data=tmp_path / "empty.jsonl") == 1
