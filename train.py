@@ -297,7 +297,7 @@ def save_model(weights: dict, config: dict, out: Path, shard_bytes: int = SHARD_
     config = dict(config) | {k: "float32" for k in ("torch_dtype", "dtype") if k in config}
     if config.get("tie_word_embeddings"):
         weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}  # one tensor, stored once
-    weights = {k: v.detach().float().contiguous() for k, v in weights.items()}
+    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
     shards, size = [[]], 0
     for k, v in weights.items():
         if shards[-1] and size + v.nbytes > shard_bytes:
@@ -561,7 +561,8 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
                 shutil.rmtree(stale)
         ckpt = checkpoints(out)[-1] if record is not None and checkpoints(out) else None
         if ckpt is not None:
-            M.load_weights(lm, ckpt, dev, torch.float32)
+            lm = None  # the base weights go before the checkpoint's come
+            lm = M.load_model(ckpt, dev, torch.float32)
             record = json.loads((ckpt / "state.json").read_text())
             say(f"resuming from {ckpt} (step {record['step']} of {total})")
         else:
@@ -577,7 +578,7 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
         net = parallelize(lm, dev, fsdp)
         optimizer = make_optimizer(net, lr, weight_decay)
         if ckpt is not None:
-            state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+            state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
             set_optimizer_state_dict(net, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
             torch.set_rng_state(state["rng"])
         elif val_set:
