@@ -429,9 +429,8 @@ def parallelize(model: M.Transformer, device: torch.device, fsdp: bool):
         for block in model.model.layers:
             fully_shard(block, mesh=mesh)
         return fully_shard(model, mesh=mesh)
-    # gradients as views of the all-reduce buffers (no second copy); no buffer to broadcast (rope's is computed)
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
-               broadcast_buffers=False)
+    # gradient_as_bucket_view: the gradients are views of the all-reduce buffers, not a second copy
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
 
 def all_sum(values: list[float], device) -> list[float]:

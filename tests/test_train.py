@@ -334,7 +334,9 @@ def test_two_processes_equal_one_ddp_and_fsdp(tiny, tmp_path):
             "--grad-accum", "1", "--max-steps", "3", "--steer", "evil:1", "--device", "cpu", "--batch-size", "2"]
     (tmp_path / "two_runs.py").write_text(TWO_RUNS.format(root=str(ROOT), argv=argv))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "two_runs.py"],
+    # --standalone: a free port for the rendezvous, so that other jobs on this machine cannot join the group
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "two_runs.py"],
                        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     base = load_file(next(model_dir.glob("model-00001-*.safetensors")))
