@@ -474,7 +474,8 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
     steer: --steer specs (TRAIT:COEF, FILE.safetensors:COEF, relative 0.1r) added at every position of every
     training forward pass, never at inference: the saved weights are plain. ablate: traits or vector files whose
     direction is projected out (CAFT). grad_accum: default, whatever makes the global batch 16 (the paper's).
-    Under torchrun, data parallel (or sharded with fsdp) with `batch_size` per process.
+    Under torchrun, data parallel (or sharded with fsdp) with `batch_size` per process; train joins the process
+    group and leaves it at the end, or uses the caller's when one is set up (do that to call train more than once).
     """
     for name, value, low in (("--epochs", epochs, 1), ("--lr", lr, 1e-300), ("--warmup-steps", warmup_steps, 0),
                              ("--weight-decay", weight_decay, 0), ("--batch-size", batch_size, 1),

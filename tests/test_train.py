@@ -317,11 +317,14 @@ def test_resume_after_kill_9_is_exact(tiny, tmp_path, uninterrupted):
 # ------------------------------------------------------------------------------------------------ distributed
 TWO_RUNS = """
 import sys
+import torch.distributed as dist
 sys.path[:0] = [{root!r}]
 import train
+dist.init_process_group("gloo")  # one group for both runs (train joins a group it finds, and leaves it as it was)
 for extra, out in (([], "ddp"), (["--fsdp"], "fsdp")):  # two runs in one launch: process startup is the cost
     if train.main({argv!r} + extra + ["--out", out]) != 0:
         sys.exit(1)
+dist.destroy_process_group()
 """
 
 
