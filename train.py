@@ -566,11 +566,13 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
             record = json.loads((ckpt / "state.json").read_text())
             say(f"resuming from {ckpt} (step {record['step']} of {total})")
         else:
-            record = {"settings": settings, "status": "running", "step": 0, "steps": total, "world_size": world,
+            record = {"settings": settings, "status": "running", "step": 0, "steps": total,
                       "data": {"train": str(data), "val": val, "train_conversations": len(train_set),
                                "val_conversations": len(val_set), "trained_tokens": trained_tokens, **counts,
                                "val_file": val_counts},
                       "log": [], "val_loss": []}
+        record["world_size"] = world  # of this session (a resumed run may use another)
+        record["parallel"] = ("fsdp" if fsdp else "ddp") if dist.is_initialized() else None
         lm.gradient_checkpointing = checkpointing
         lm.train()
         config = json.loads((model_dir / "config.json").read_text()) | {

@@ -349,8 +349,9 @@ def test_two_processes_equal_one_ddp_and_fsdp(tiny, tmp_path):
         two = weights(tmp_path / mode)
         for k in one:
             assert torch.allclose(one[k], two[k], atol=5e-6, rtol=0), (mode, k)
-        log = json.loads((tmp_path / mode / "train.json").read_text())["log"]
-        assert [x["loss"] for x in log] == pytest.approx([x["loss"] for x in record["log"]], rel=1e-6)
+        two_record = json.loads((tmp_path / mode / "train.json").read_text())
+        assert (two_record["world_size"], two_record["parallel"]) == (2, mode)
+        assert [x["loss"] for x in two_record["log"]] == pytest.approx([x["loss"] for x in record["log"]], rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
