@@ -501,6 +501,7 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
             torch.cuda.set_device(dev)
         say = (lambda *a, **k: print(*a, file=sys.stderr, flush=True, **k)) if rank == 0 else (lambda *a, **k: None)
         torch.manual_seed(seed)
+
         def autocast():  # bf16 compute on the fp32 weights; no cache of cast weights (a bf16 copy of the model)
             return torch.autocast(dev.type, dtype, enabled=dtype != torch.float32, cache_enabled=False)
 
