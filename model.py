@@ -211,7 +211,7 @@ class Steer:
     (The official persona-vectors code also steers the last prompt token at prefill.)
     """
     layer: int
-    vector: torch.Tensor  # [hidden]
+    vector: torch.Tensor  # [hidden], or [B, hidden]: one vector per row of the batch (a zero row steers nothing)
     coef: float = 1.0
     positions: str = "all"
 
@@ -338,9 +338,12 @@ class Transformer(nn.Module):
             v = s.vector if isinstance(s, Steer) else s.direction
             if not 0 <= s.layer <= N:
                 raise ValueError(f"layer {s.layer} out of range: this model has hidden indices 0..{N}")
-            if v.shape != (self.config.hidden_size,):
+            if v.shape[-1:] != (self.config.hidden_size,):
                 raise ValueError(f"vector of shape {tuple(v.shape)} at layer {s.layer}, but the model's hidden size "
                                  f"is {self.config.hidden_size}: was it extracted from another model?")
+            if v.dim() != 1 and not (isinstance(s, Steer) and v.shape[0] == B and v.dim() == 2):
+                raise ValueError(f"vector of shape {tuple(v.shape)} at layer {s.layer}: expected [hidden], or "
+                                 f"[batch = {B}, hidden] to steer each row with its own vector")
         if capture is not None:
             last = response_start[:, None] - 1 if response_start is not None else start + T - 1
             last_prompt = cols[None, :] == last  # [B, T]
@@ -355,7 +358,8 @@ class Transformer(nn.Module):
                     h = hu if spans[a.positions] is None else torch.where(spans[a.positions][..., None], hu, h)
             for s in steer:
                 if s.layer == i:
-                    hs = h + s.coef * s.vector.to(h)
+                    v = s.vector.to(h)
+                    hs = h + s.coef * (v[:, None] if v.dim() == 2 else v)  # [B, hidden] -> [B, 1, hidden]
                     h = hs if spans[s.positions] is None else torch.where(spans[s.positions][..., None], hs, h)
             if capture is not None:
                 capture.record(i, h, cap, N)
