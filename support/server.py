@@ -324,8 +324,8 @@ class Engine:
             raise RequestError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceed this model's "
                                f"context of {self.context}: lower max_tokens", "max_tokens",
                                code="context_length_exceeded")
-        stop = _get(body, "stop", lambda x: isinstance(x, str) or isinstance(x, list) and len(x) <= 4
-                    and all(isinstance(s, str) for s in x), "a string or a list of up to 4 strings", [])
+        stop = _get(body, "stop", lambda x: isinstance(x, str) and x or isinstance(x, list) and len(x) <= 4
+                    and all(isinstance(s, str) and s for s in x), "a non-empty string or a list of up to 4", [])
         n = _get(body, "n", _is_int, "an integer", 1)
         if not 1 <= n <= self.max_n:
             raise RequestError(f"n must be between 1 and this server's limit of {self.max_n}", "n")
@@ -348,7 +348,7 @@ class Engine:
             prompt=prompt, max_tokens=max_tokens,
             temperature=_get(body, "temperature", lambda x: _is_number(x) and 0 <= x <= 2, "a number from 0 to 2", 1.0),
             top_p=_get(body, "top_p", lambda x: _is_number(x) and 0 < x <= 1, "a number in (0, 1]", 1.0),
-            seed=_get(body, "seed", _is_int, "an integer"), stop=[stop] if isinstance(stop, str) else stop, n=n,
+            seed=_get(body, "seed", lambda x: _is_int(x) and 0 <= x < 2 ** 63, "an integer from 0 to 2^63 - 1"), stop=[stop] if isinstance(stop, str) else stop, n=n,
             stream=_get(body, "stream", lambda x: isinstance(x, bool), "true or false", False),
             include_usage=bool(options.get("include_usage")), logprobs=logprobs, top_logprobs=top, steer=steer)
 
@@ -473,6 +473,7 @@ class Engine:
             col = T0 + t
             logits = model(torch.tensor(nxt, device=dev)[:, None], mask[:, :col + 1], cache, response_start,
                            steer=steer, capture=cap, logits="last")[:, -1]
+        raise RuntimeError(f"{len(rows)} row(s) still running after the longest max_tokens")  # cannot happen
 
     def _logprob(self, logp: torch.Tensor, token: int, top: int) -> dict:
         """OpenAI's logprobs entry for one token: its log probability under the model (before temperature)."""
