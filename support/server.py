@@ -284,7 +284,7 @@ class Engine:
                                     else list(self.token_text[i].encode()))
         self.stats = {"batches": 0, "rows": 0, "max_rows": 0, "mixed_steering": 0, "cancelled": 0, "errors": 0}
         self._waiting: list[Job] = []
-        self._last_rows = 1  # rows of the last batch
+        self._last_rows, self._arrived = 1, 0.0  # rows of the last batch, when the last request came
         self._cv = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="generation", daemon=True)
@@ -358,6 +358,7 @@ class Engine:
             if self._closed:
                 raise RequestError("the server is shutting down", status=503)
             self._waiting.append(job)
+            self._arrived = time.monotonic()
             self._cv.notify()
         return job
 
@@ -375,18 +376,22 @@ class Engine:
     def _next_batch(self) -> list[Job] | None:
         """Wait for a request -> the jobs of the next batch: every request waiting, up to max_batch rows.
 
-        After a batch of k rows, it waits up to batch_wait for k rows to be there: the clients of the batch that
-        just ended send their next requests a moment after their replies, and would otherwise miss this batch.
+        Before starting, it waits (at most batch_wait) for as many rows as the last batch had, and while requests
+        keep arriving less than batch_wait / 10 apart: the clients of the batch that just ended send their next
+        requests a moment after their replies, and clients that start together arrive a few ms apart.
         """
         with self._cv:
             while not self._waiting and not self._closed:
                 self._cv.wait()
             if self._closed:
                 return None
-            deadline = time.monotonic() + self.batch_wait
-            want = min(self.max_batch, self._last_rows)
-            while sum(j.req.n for j in self._waiting) < want and time.monotonic() < deadline:
-                self._cv.wait(deadline - time.monotonic())
+            now = time.monotonic()
+            deadline, want, gap = now + self.batch_wait, min(self.max_batch, self._last_rows), self.batch_wait / 10
+            while (rows := sum(j.req.n for j in self._waiting)) < self.max_batch and now < deadline:
+                if rows >= want and now - self._arrived >= gap:
+                    break
+                self._cv.wait((deadline if rows < want else self._arrived + gap) - now)
+                now = time.monotonic()
             jobs, rows, longest, most = [], 0, 0, 0
             for job in list(self._waiting):
                 r = job.req
@@ -401,6 +406,7 @@ class Engine:
 
     def _work(self) -> None:
         while (jobs := self._next_batch()) is not None:
+            self.stats["cancelled"] += sum(j.req.n for j in jobs if j.cancelled)  # gone before their batch began
             jobs = [j for j in jobs if not j.cancelled]
             try:
                 self.generate([Row(j, i, j.req.steer, self.device) for j in jobs for i in range(j.req.n)])

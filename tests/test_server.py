@@ -371,8 +371,12 @@ def test_client_leaving_frees_its_row(tiny, srv):
     for stream in (True, False):
         before = engine.stats["cancelled"]
         s = raw_request(url, {"messages": HI, "max_tokens": 3000, "temperature": 0, "stream": stream})
-        if stream:
-            assert b"data: " in s.recv(4096)  # generation is under way
+        if stream:  # read until the first chunk has come: the request is under way
+            seen = b""
+            while b"data: " not in seen:
+                chunk = s.recv(4096)
+                assert chunk, "the server closed the stream"
+                seen += chunk
         s.close()
         wait_for(lambda: engine.stats["cancelled"] == before + 1)
     r = requests.post(f"{url}/chat/completions", json={"messages": HI, "max_tokens": 3, "temperature": 0},
