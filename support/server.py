@@ -377,7 +377,7 @@ class Engine:
         """Wait for a request -> the jobs of the next batch: every request waiting, up to max_batch rows.
 
         Before starting, it waits (at most batch_wait) for as many rows as the last batch had, and while requests
-        keep arriving less than batch_wait / 10 apart: the clients of the batch that just ended send their next
+        keep arriving less than batch_wait / 2 apart: the clients of the batch that just ended send their next
         requests a moment after their replies, and clients that start together arrive a few ms apart.
         """
         with self._cv:
@@ -386,7 +386,7 @@ class Engine:
             if self._closed:
                 return None
             now = time.monotonic()
-            deadline, want, gap = now + self.batch_wait, min(self.max_batch, self._last_rows), self.batch_wait / 10
+            deadline, want, gap = now + self.batch_wait, min(self.max_batch, self._last_rows), self.batch_wait / 2
             while (rows := sum(j.req.n for j in self._waiting)) < self.max_batch and now < deadline:
                 if rows >= want and now - self._arrived >= gap:
                     break
@@ -441,32 +441,11 @@ class Engine:
         steer = per_row_steering(rows, model.config.hidden_size, dev, self.dtype)
         cap = M.Capture() if self.gauges else None
         logits = model(ids, mask[:, :T0], cache, response_start, steer=steer, capture=cap, logits="last")[:, -1]
-        stop_ids = tok.stop_ids
         for t in range(width - T0 + 1):
-            keep, nxt = [], []
             need_lp = any(r.job.req.logprobs for r in rows if r.finish is None)
             logp = torch.log_softmax(logits.float(), dim=-1) if need_lp else None
             greedy = logits.argmax(-1).tolist()
-            for b, r in enumerate(rows):
-                if r.job.cancelled:
-                    self.stats["cancelled"] += 1
-                    continue
-                if r.finish is not None:  # its last token has now been fed: the gauge covers the whole reply
-                    self._finish(r, cap, b)
-                    continue
-                if r.temperature == 0:
-                    token = greedy[b]
-                else:
-                    token = int(M.sample(logits[b:b + 1], r.temperature, r.top_p, r.generator)[0])
-                lp = self._logprob(logp[b], token, r.job.req.top_logprobs) if r.job.req.logprobs else None
-                if r.push(tok, token, stop_ids, lp):
-                    self._finish(r, cap, b)  # end of turn: that token is not part of the reply
-                    continue
-                if r.finish is not None and cap is None:
-                    self._finish(r, cap, b)
-                    continue
-                keep.append(b)
-                nxt.append(r.tokens[-1])
+            keep = [b for b, r in enumerate(rows) if self._step(r, b, logits, greedy[b], logp, cap)]
             if len(keep) < len(rows):  # rows that are done leave the batch, and their cache with them
                 if not keep:
                     return
@@ -476,10 +455,31 @@ class Engine:
                 cache.k, cache.v = [k[idx] for k in cache.k], [v[idx] for v in cache.v]
                 steer = [M.Steer(s.layer, s.vector[idx], s.coef, s.positions) for s in steer]
                 cap = select_rows(cap, idx) if cap is not None else None
-            col = T0 + t
-            logits = model(torch.tensor(nxt, device=dev)[:, None], mask[:, :col + 1], cache, response_start,
-                           steer=steer, capture=cap, logits="last")[:, -1]
+            nxt = torch.tensor([r.tokens[-1] for r in rows], device=dev)[:, None]  # [B, 1]
+            logits = model(nxt, mask[:, :T0 + t + 1], cache, response_start, steer=steer, capture=cap,
+                           logits="last")[:, -1]
         raise RuntimeError(f"{len(rows)} row(s) still running after the longest max_tokens")  # cannot happen
+
+    def _step(self, r: Row, b: int, logits: torch.Tensor, greedy: int, logp: torch.Tensor | None,
+              cap: M.Capture | None) -> bool:
+        """Row r (row b of the batch) after a forward pass: sample its next token, or finish it. -> whether it
+        stays in the batch (for its next token, or to feed its last one so that the gauge covers the reply)."""
+        if r.job.cancelled:
+            self.stats["cancelled"] += 1
+            return False
+        if r.finish is not None:  # its last token has now been fed
+            self._finish(r, cap, b)
+            return False
+        if r.temperature == 0:
+            token = greedy
+        else:
+            token = int(M.sample(logits[b:b + 1], r.temperature, r.top_p, r.generator)[0])
+        lp = self._logprob(logp[b], token, r.job.req.top_logprobs) if r.job.req.logprobs else None
+        ended = r.push(self.tok, token, self.tok.stop_ids, lp)  # an end-of-turn token is not fed
+        if ended or r.finish is not None and cap is None:
+            self._finish(r, cap, b)
+            return False
+        return True
 
     def _logprob(self, logp: torch.Tensor, token: int, top: int) -> dict:
         """OpenAI's logprobs entry for one token: its log probability under the model (before temperature)."""
