@@ -284,6 +284,7 @@ class Engine:
                                     else list(self.token_text[i].encode()))
         self.stats = {"batches": 0, "rows": 0, "max_rows": 0, "mixed_steering": 0, "cancelled": 0, "errors": 0}
         self._waiting: list[Job] = []
+        self._running: list[Job] = []  # the jobs of the batch being generated
         self._last_rows, self._arrived = 1, 0.0  # rows of the last batch, when the last request came
         self._cv = threading.Condition()
         self._closed = False
@@ -363,10 +364,11 @@ class Engine:
         return job
 
     def close(self) -> None:
-        """Stop the worker after its current batch; requests still waiting get an error."""
+        """Stop the worker: requests waiting or being generated end with an error (503)."""
         with self._cv:
             self._closed = True
-            for job in self._waiting:
+            for job in self._waiting + self._running:
+                job.cancelled = True  # the running batch stops at its next step
                 job.events.put(("error", None, {"message": "the server is shutting down"}))
             self._waiting.clear()
             self._cv.notify()
@@ -407,7 +409,7 @@ class Engine:
     def _work(self) -> None:
         while (jobs := self._next_batch()) is not None:
             self.stats["cancelled"] += sum(j.req.n for j in jobs if j.cancelled)  # gone before their batch began
-            jobs = [j for j in jobs if not j.cancelled]
+            self._running = jobs = [j for j in jobs if not j.cancelled]
             try:
                 self.generate([Row(j, i, j.req.steer, self.device) for j in jobs for i in range(j.req.n)])
             except Exception as e:  # a bug: report it to these requests, keep serving the next ones

@@ -384,6 +384,22 @@ def test_client_leaving_frees_its_row(tiny, srv):
     assert r.status_code == 200
 
 
+def test_closing_ends_requests_in_flight(tiny):
+    """Shutting the engine down stops the running batch: its client gets a 503, not a hang."""
+    url, engine, server = start(tiny)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(requests.post, f"{url}/chat/completions", timeout=TIMEOUT,
+                                json={"messages": HI, "max_tokens": 3000, "temperature": 0})
+            wait_for(lambda: engine.stats["batches"] == 1)
+            engine.close()
+            r = reply.result(timeout=TIMEOUT)
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # ---------------------------------------------------------------------------------------------- load
 def test_load_200_requests_16_clients(tiny, srv):
     """200 requests from 16 concurrent clients, each with its own prompt, steering and length: no error, and each

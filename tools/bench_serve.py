@@ -2,8 +2,9 @@
 
     python tools/bench_serve.py            # default model, fp32 on the CPU, 32 requests of 64 tokens
 
-One server (in this process, on 127.0.0.1, a free port) answers the same requests twice: first from one client
-sending them one after another (each request is a batch of one), then from 16 clients at once (dynamic batching).
+One server (in this process, on 127.0.0.1, a free port) answers the same requests twice: from one client sending
+them one after another (each request is a batch of one; half before and half after the other run, so that a
+change in the machine's load weighs on both) and from 16 clients at once (dynamic batching).
 Requests are the evil and humorous traits' evaluation questions, greedy, a third unsteered and the others
 steered along one of two random vectors, so the batches mix steerings and every reply carries the persona gauge.
 Target: >= 4x the completion tokens per second. Greedy replies must be the same in both runs.
@@ -86,18 +87,26 @@ def main():
               f"torch {torch.__version__}, {args.threads} threads, fp32, {args.model}; {args.requests} requests, "
               f"max_tokens {args.max_tokens}, greedy, 2/3 steered", flush=True)
         run(url, reqs[:1], 1)  # warm-up
-        print("one at a time ...", file=sys.stderr, flush=True)
-        s1, text1, tokens1 = run(url, reqs, 1)
-        print(f"| one client, one request at a time | {s1:.1f} s | {tokens1 / s1:.1f} tok/s | {args.requests / s1:.2f} req/s |",
-              flush=True)
+        # one at a time: half the requests before the concurrent run and half after, so that a change in the
+        # machine's load during the run weighs on both sides
+        half = args.requests // 2
+        print("one at a time (first half) ...", file=sys.stderr, flush=True)
+        sa, texta, tokensa = run(url, reqs[:half], 1)
         print(f"{args.clients} clients ...", file=sys.stderr, flush=True)
         sizes.clear()
         s2, text2, tokens2 = run(url, reqs, args.clients)
-        print(f"| {args.clients} concurrent clients | {s2:.1f} s | {tokens2 / s2:.1f} tok/s | {args.requests / s2:.2f} req/s |")
+        batch_sizes = list(sizes)
+        print("one at a time (second half) ...", file=sys.stderr, flush=True)
+        sb, textb, tokensb = run(url, reqs[half:], 1)
+        s1, text1, tokens1 = sa + sb, texta + textb, tokensa + tokensb
+        print("| serving | time | completion tokens/s | requests/s |\n|---|---|---|---|")
+        print(f"| one client, one request at a time (two halves: {sa:.0f} s + {sb:.0f} s) | {s1:.1f} s "
+              f"| {tokens1 / s1:.1f} | {args.requests / s1:.3f} |")
+        print(f"| {args.clients} concurrent clients | {s2:.1f} s | {tokens2 / s2:.1f} | {args.requests / s2:.3f} |")
         print(f"| throughput ratio (target >= 4x) | {(tokens2 / s2) / (tokens1 / s1):.2f}x | | |")
-        print(f"| batch sizes in the concurrent run | {', '.join(map(str, sizes))} | | |")
+        print(f"| batch sizes in the concurrent run | {', '.join(map(str, batch_sizes))} | | |")
         print(f"| identical greedy replies in both runs | {sum(a == b for a, b in zip(text1, text2))}/{args.requests} "
-              f"| completion tokens {tokens1} vs {tokens2} | |")
+              f"| {tokens1} vs {tokens2} tokens | |")
         srv.shutdown()
         engine.close()
 
