@@ -241,7 +241,8 @@ def per_row_steering(rows: list[Row], hidden: int, device, dtype) -> list[M.Stee
             if key not in groups:
                 groups[key] = torch.zeros(len(rows), hidden, device=device, dtype=dtype)
             groups[key][b] = s.coef * s.vector.to(device=device, dtype=dtype)
-    return [M.Steer(layer, v, 1.0, positions) for (k, layer, positions), v in sorted(groups.items(), key=lambda g: g[0][0])]
+    in_order = sorted(groups.items(), key=lambda g: g[0][0])  # by k; stable, so rows keep their own order
+    return [M.Steer(layer, v, 1.0, positions) for (k, layer, positions), v in in_order]
 
 
 def select_rows(cap: M.Capture, keep: torch.Tensor) -> M.Capture:
@@ -349,7 +350,8 @@ class Engine:
             prompt=prompt, max_tokens=max_tokens,
             temperature=_get(body, "temperature", lambda x: _is_number(x) and 0 <= x <= 2, "a number from 0 to 2", 1.0),
             top_p=_get(body, "top_p", lambda x: _is_number(x) and 0 < x <= 1, "a number in (0, 1]", 1.0),
-            seed=_get(body, "seed", lambda x: _is_int(x) and 0 <= x < 2 ** 63, "an integer from 0 to 2^63 - 1"), stop=[stop] if isinstance(stop, str) else stop, n=n,
+            seed=_get(body, "seed", lambda x: _is_int(x) and 0 <= x < 2 ** 63, "an integer from 0 to 2^63 - 1"),
+            stop=[stop] if isinstance(stop, str) else stop, n=n,
             stream=_get(body, "stream", lambda x: isinstance(x, bool), "true or false", False),
             include_usage=bool(options.get("include_usage")), logprobs=logprobs, top_logprobs=top, steer=steer)
 
@@ -515,8 +517,8 @@ def _not_json(constant: str):
 
 
 def error_body(message: str, status: int = 400, param: str | None = None, code: str | None = None) -> dict:
-    kind = {401: "authentication_error", 404: "not_found_error"}.get(status,
-                                                                        "server_error" if status >= 500 else "invalid_request_error")
+    kind = {401: "authentication_error", 404: "not_found_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -562,8 +564,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.rstrip("/") != "/v1/models":
             return self.send_error_json(RequestError(f"no such endpoint: GET {self.path}", status=404))
         self.send_json(200, {"object": "list", "data": [{
-            "id": self.engine.model_id, "object": "model", "created": self.server.started, "owned_by": "persona-vectors",
-            "persona_vectors": self.engine.names}]})
+            "id": self.engine.model_id, "object": "model", "created": self.server.started,
+            "owned_by": "persona-vectors", "persona_vectors": self.engine.names}]})
 
     def read_body(self) -> bytes | None:
         """The request body, or None after answering 400 (no Content-Length, or over max_body). An oversized body
@@ -682,8 +684,9 @@ class Handler(BaseHTTPRequestHandler):
             for kind, i, data in self.events(job):
                 if kind == "delta":
                     if data["text"] or data["logprobs"]:
-                        send(head | {"choices": [{"index": i, "delta": {"content": data["text"]}, "finish_reason": None,
-                                                  "logprobs": {"content": data["logprobs"], "refusal": None} if lp else None}]})
+                        logprobs = {"content": data["logprobs"], "refusal": None} if lp else None
+                        send(head | {"choices": [{"index": i, "delta": {"content": data["text"]}, "logprobs": logprobs,
+                                                  "finish_reason": None}]})
                 else:
                     completion += data["tokens"]
                     send(head | {"choices": [{"index": i, "delta": {}, "logprobs": None,
@@ -738,7 +741,7 @@ def add_commands(sub) -> None:
     """Register `serve` on the command line's subparsers (its dests are serve's parameter names)."""
     sp = sub.add_parser("serve", help="an OpenAI-compatible chat server with per-request steering and persona gauges")
     sp.add_argument("--model", dest="model_name", default=DEFAULT_MODEL, help="hub id or local directory")
-    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s: this machine)")
     sp.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
     sp.add_argument("--api-key", default=os.environ.get("PERSONA_VECTORS_API_KEY"),
                     help="require 'Authorization: Bearer KEY' (default: $PERSONA_VECTORS_API_KEY, else none)")

@@ -117,7 +117,8 @@ def test_openai_streaming_equals_plain(tiny, srv):
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     out = reference(tiny, NUMBERS, 15)
     assert text == tok.decode(out)
-    streamed = [e.token for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    streamed = [e.token for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for e in ch.choices[0].logprobs.content]
     assert streamed == [tok.decode([t], skip_special_tokens=False) for t in out]  # one entry per token, in order
     assert chunks[0].choices[0].delta.role == "assistant"
     final = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason][0]
