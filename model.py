@@ -196,7 +196,7 @@ class Steer:
     are not these: its response is the generated tokens only.
     """
     layer: int
-    vector: torch.Tensor  # [hidden]
+    vector: torch.Tensor  # [hidden], or [B, hidden]: one vector per row of the batch (a zero row steers nothing)
     coef: float = 1.0
     positions: str = "all"
 
@@ -329,9 +329,12 @@ class Transformer(nn.Module):
             v = s.vector if isinstance(s, Steer) else s.direction
             if not 0 <= s.layer <= N:
                 raise UserError(f"layer {s.layer} out of range: this model has hidden indices 0..{N}")
-            if v.shape != (self.config.hidden_size,):
+            if v.shape[-1:] != (self.config.hidden_size,):
                 raise UserError(f"vector of shape {tuple(v.shape)} at layer {s.layer}, but the model's hidden size "
                                 f"is {self.config.hidden_size}: was it extracted from another model?")
+            if v.dim() != 1 and not (isinstance(s, Steer) and v.shape[0] == B and v.dim() == 2):
+                raise UserError(f"vector of shape {tuple(v.shape)} at layer {s.layer}: expected [hidden], or "
+                                f"[batch = {B}, hidden] to steer each row with its own vector")
         if capture is not None:  # the response is the generated tokens only: after the last prompt token
             cap = {"prompt": spans["prompt"].float(), "response": (valid & (cols > last)).float(),
                    "last": (valid & (cols == last)).float()}
@@ -344,7 +347,8 @@ class Transformer(nn.Module):
                     h = hu if spans[a.positions] is None else torch.where(spans[a.positions][..., None], hu, h)
             for s in steer:
                 if s.layer == i:
-                    hs = h + s.coef * s.vector.to(h)
+                    v = s.vector.to(h)
+                    hs = h + s.coef * (v[:, None] if v.dim() == 2 else v)  # [B, hidden] -> [B, 1, hidden]
                     h = hs if spans[s.positions] is None else torch.where(spans[s.positions][..., None], hs, h)
             if capture is not None:
                 capture.record(i, h, cap, N)

@@ -1421,8 +1421,9 @@ def build_parser() -> argparse.ArgumentParser:
     gt.add_argument("--out", dest="out_dir", default=None, help="directory (default: data/traits)")
     gt.add_argument("--force", action="store_true", help="overwrite an existing file")
 
-    from support import control_vector  # beyond the paper: vectors to and from llama.cpp
+    from support import control_vector, server  # beyond the paper: vectors for llama.cpp, an OpenAI-style server
     control_vector.add_commands(sub)
+    server.add_commands(sub)
     return p
 
 

@@ -373,6 +373,31 @@ def test_several_vectors_and_layers_add_up():
     assert torch.allclose(both[1], base[1] + 2.0 * v1 - v2, atol=1e-6)
 
 
+def test_per_row_steering_equals_each_row_steered_alone():
+    """Steer.vector [B, hidden]: each row gets its own vector (zeros: none), as if generated alone with it."""
+    m = tiny("tiny-qwen2")
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]
+    v, w = torch.randn(3, 64), torch.randn(3, 64)
+    v[2] = 0  # row 2: no steering at layer 2
+    w[0] = 0  # row 0: no steering of the response at layer 1
+    batched = M.generate(m, prompts, 10, steer=[M.Steer(2, 3 * v, 1.0, "all"), M.Steer(1, 2 * w, 1.0, "response")])
+    alone = [M.generate(m, [prompts[0]], 10, steer=[M.Steer(2, v[0], 3.0, "all")]),
+             M.generate(m, [prompts[1]], 10, steer=[M.Steer(2, v[1], 3.0, "all"), M.Steer(1, w[1], 2.0, "response")]),
+             M.generate(m, [prompts[2]], 10, steer=[M.Steer(1, w[2], 2.0, "response")])]
+    assert batched == [a[0] for a in alone]
+    assert batched != M.generate(m, prompts, 10)  # the steering does change the answers
+    # the states: at index 2, row 0 changes by exactly 1.5 v[0] and row 1 not at all; each row as if alone
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    base = hidden_states(m, ids)
+    both = hidden_states(m, ids, steer=[M.Steer(2, torch.stack([v[0], torch.zeros(64)]), 1.5)])
+    assert torch.equal(both[:2], base[:2]) and torch.equal(both[2, 1], base[2, 1])
+    assert torch.equal(both[2, 0], base[2, 0] + 1.5 * v[0])
+    torch.testing.assert_close(both[:, 0], hidden_states(m, ids[:1], steer=[M.Steer(2, v[0], 1.5)])[:, 0])
+    torch.testing.assert_close(both[:, 1], hidden_states(m, ids[1:])[:, 0])
+    with pytest.raises(ValueError, match=r"\[batch = 2, hidden\]"):
+        m(ids, steer=[M.Steer(2, torch.randn(3, 64))])
+
+
 def test_ablation_removes_the_direction():
     m, ids = tiny("tiny-llama3"), torch.tensor([[5, 6, 7, 8, 9, 10]])
     u = torch.randn(64)

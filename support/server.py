@@ -1,0 +1,763 @@
+"""`serve`: an OpenAI-compatible chat server, on the standard library, where each request may steer the model along
+persona vectors and each reply reports how far it leaned along every one of them.
+
+    python persona_vectors.py serve [--model M] [--port 8000] [--api-key KEY]
+    curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}],
+                                                  "steer": {"evil": -1.5}}'
+
+Endpoints: GET /v1/models and POST /v1/chat/completions (messages, max_tokens / max_completion_tokens,
+temperature, top_p, seed, stop, n, stream, logprobs, top_logprobs, usage). Two extensions that other clients
+ignore: the request field `steer` ({"evil": -1.5, "humorous": "0.1r"}, or a list of {"vector", "coef", "layer",
+"positions"}, as `steering` reads --steer specs) and, on every choice, `persona`: the projection of the last
+prompt token (before the reply) and of the reply's mean activation onto each loaded vector, like `chat`'s gauge.
+
+Requests are batched dynamically: one worker thread generates; the requests that arrive while a batch runs make
+up the next batch, each row with its own steering (Steer.vector [B, hidden]), sampling settings, stop strings and
+token limit. A row leaves the batch as soon as it is done or its client has gone, so its cache is freed.
+"""
+import hmac
+import json
+import math
+import os
+import queue
+import select
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+
+import model as M
+from support import UserError
+from support.files import check_fits, default_vectors_dir, load_vector, traits_in, vector_path
+from support.hub import DEFAULT_MODEL
+
+POSITIONS = ("response", "all", "prompt")
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logit_bias", "audio", "prediction")
+
+
+class RequestError(UserError):
+    """A bad request: answered with `status` and an OpenAI-shaped error body naming `param`."""
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
+        super().__init__(" ".join(message.split()))  # always one line
+        self.param, self.status, self.code = param, status, code
+
+
+# ------------------------------------------------------------------------------------------- request parsing
+@dataclass
+class Request:
+    """A validated chat-completion request: the prompt's tokens and every setting, one row per choice."""
+    prompt: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    steer: list[M.Steer] = field(default_factory=list)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _get(body: dict, name: str, check, what: str, default=None):
+    """body[name] if present and not null, after check(value) holds; else `default`."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not check(value):
+        raise RequestError(f"{name} must be {what}, not {json.dumps(value)[:60]}", name)
+    return value
+
+
+def message_text(m, i: int) -> dict:
+    """One message as {"role", "content": str}: content may be a string or a list of text parts."""
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        role = m.get("role") if isinstance(m, dict) else m
+        raise RequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}, not {json.dumps(role)[:40]}",
+                           f"messages[{i}].role")
+    content = m.get("content")
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise RequestError(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
+    return {"role": ROLES[m["role"]], "content": content}
+
+
+def parse_steer(value, names: list[str], n_layers: int) -> list[tuple[str, str, int | None, str]]:
+    """The `steer` field -> [(vector name, --steer spec, layer or None, positions)].
+
+    {"evil": -1.5, "humorous": "0.1r"}, or [{"vector": "evil", "coef": -1.5, "layer": 12, "positions": "all"}].
+    Only vectors loaded at start can be named (never a path on the server's disk).
+    """
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        items = [{"vector": k, "coef": v} for k, v in value.items()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise RequestError('steer must be an object like {"evil": -1.5} or a list of {"vector", "coef"}', "steer")
+    out = []
+    for i, it in enumerate(items):
+        where = f"steer[{i}]"
+        if not isinstance(it, dict) or set(it) - {"vector", "coef", "layer", "positions"}:
+            raise RequestError(f"{where} must be an object with keys vector, coef and optionally layer, positions",
+                               "steer")
+        name, coef = it.get("vector"), it.get("coef")
+        if name not in names:
+            raise RequestError(f"{where}: unknown vector {json.dumps(name)[:60]}; this server has "
+                               f"{', '.join(names) or 'no vectors'}", "steer")
+        if _is_number(coef):
+            spec = f"{name}:{float(coef)!r}"
+        elif isinstance(coef, str) and coef.strip():
+            spec = f"{name}:{coef.strip()}"  # "0.1r": relative to the residual norm; parse_steer_spec checks it
+        else:
+            raise RequestError(f"{where}.coef must be a finite number or a string like \"0.1r\"", "steer")
+        layer, positions = it.get("layer"), it.get("positions", "response")
+        if layer is not None and not (_is_int(layer) and 1 <= layer <= n_layers):
+            raise RequestError(f"{where}.layer must be a block 1..{n_layers}", "steer")
+        if positions not in POSITIONS:
+            raise RequestError(f"{where}.positions must be one of {', '.join(POSITIONS)}", "steer")
+        out.append((name, spec, layer, positions))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- generation rows
+def byte_level_alphabet() -> dict[str, int]:
+    """The characters that byte-level BPE vocabularies (GPT-2, Llama-3, Qwen2, SmolLM2) write bytes with -> byte.
+
+    Printable Latin-1 bytes stand for themselves; the 68 others, in byte order, take the characters from U+0100.
+    """
+    printable = [b for b in range(256) if 0x21 <= b <= 0x7E or 0xA1 <= b <= 0xAC or 0xAE <= b <= 0xFF]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(0x100 + i): b for i, b in enumerate(others)}
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of `text` must wait, because they could still grow into a stop string.
+
+    >>> held_back("Hello Wor", ["World"]), held_back("Hello", ["World"])
+    (3, 0)
+    """
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+class Job:
+    """One request in flight: its rows report to `events`, which the HTTP thread reads."""
+    def __init__(self, req: Request):
+        self.req, self.events, self.cancelled = req, queue.Queue(), False
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+
+class Row:
+    """One choice being generated: its tokens, text sent so far, logprobs and where it stands."""
+    def __init__(self, job: Job, index: int, steer: list[M.Steer], device):
+        r = job.req
+        self.job, self.index, self.steer = job, index, steer
+        self.max_tokens, self.stops = r.max_tokens, r.stop
+        self.temperature, self.top_p = r.temperature, r.top_p
+        self.generator = (torch.Generator(device).manual_seed(r.seed + index) if r.seed is not None and r.temperature
+                          else None)
+        self.tokens: list[int] = []
+        self.text, self.sent = "", 0  # text decoded so far (only whole characters) and how much of it was sent
+        self.prefix = self.read = 0  # incremental decoding: tokens[prefix:read] were decoded into the tail of text
+        self.finish: str | None = None  # "stop" or "length": done, waiting to be fed once more for the gauge
+
+    def emit(self, kind: str, **data) -> None:
+        self.job.events.put((kind, self.index, data))
+
+    def push(self, tok, token: int, stop_ids, logprob: dict | None) -> bool:
+        """Add a sampled token and send the text that is safe to send. -> True when the row is done at once (an
+        end-of-turn token, which is not part of the reply); a stop string or the token limit set `finish` instead.
+        """
+        if token in stop_ids:
+            self.finish = "stop"
+            self.flush(tok)
+            return True
+        self.tokens.append(token)
+        self.decode(tok, final=False)
+        end = len(self.text)
+        look = max(0, self.sent - max((len(s) for s in self.stops), default=0))
+        cut = min((i for s in self.stops if (i := self.text.find(s, look)) >= 0), default=-1)
+        if cut >= 0:  # the reply ends before the stop string, which is not sent
+            self.text, end, self.finish = self.text[:cut], cut, "stop"
+            self.prefix = self.read = len(self.tokens)
+        elif len(self.tokens) == self.max_tokens:
+            self.finish = "length"
+            self.decode(tok, final=True)
+            end = len(self.text)
+        else:
+            end -= held_back(self.text, self.stops)
+        self.emit("delta", text=self.text[self.sent:end], logprobs=[logprob] if logprob else [])
+        self.sent = max(self.sent, end)
+        return False
+
+    def decode(self, tok, final: bool) -> None:
+        """Extend `text` by the new tokens' characters: a short window is decoded, so each token costs O(1); a
+        character whose bytes are not all there yet (decoded as U+FFFD) waits, unless this is the end."""
+        new = tok.decode(self.tokens[self.prefix:])
+        old = tok.decode(self.tokens[self.prefix:self.read])
+        if final or not new.endswith("\ufffd"):
+            self.text += new[len(old):]
+            self.prefix, self.read = self.read, len(self.tokens)
+
+    def flush(self, tok) -> None:
+        """At the end: send everything not sent yet (held back, or not yet decoded)."""
+        self.decode(tok, final=True)
+        if self.sent < len(self.text):
+            self.emit("delta", text=self.text[self.sent:], logprobs=[])
+            self.sent = len(self.text)
+
+
+def per_row_steering(rows: list[Row], hidden: int, device, dtype) -> list[M.Steer]:
+    """Every row's own Steer list as Steers with one vector per row ([B, hidden], zeros where a row has none).
+
+    The k-th intervention of each row goes into a Steer of its (layer, positions) among the k-th ones, and these
+    are applied in k order, so each row gets exactly its own additions, in its own order: coef * v is computed
+    in the model's dtype as the forward pass would, and 1.0 * that is added.
+    """
+    groups: dict[tuple, torch.Tensor] = {}
+    for b, r in enumerate(rows):
+        for k, s in enumerate(r.steer):
+            key = (k, s.layer, s.positions)
+            if key not in groups:
+                groups[key] = torch.zeros(len(rows), hidden, device=device, dtype=dtype)
+            groups[key][b] = s.coef * s.vector.to(device=device, dtype=dtype)
+    in_order = sorted(groups.items(), key=lambda g: g[0][0])  # by k; stable, so rows keep their own order
+    return [M.Steer(layer, v, 1.0, positions) for (k, layer, positions), v in in_order]
+
+
+def select_rows(cap: M.Capture, keep: torch.Tensor) -> M.Capture:
+    """The capture of the rows `keep` only (its running sums are all [B, ...])."""
+    return M.Capture(sums={k: v[keep] for k, v in cap.sums.items()}, counts={k: v[keep] for k, v in cap.counts.items()})
+
+
+# -------------------------------------------------------------------------------------------------- engine
+class Engine:
+    """The model, its persona vectors, and one worker thread that generates batches of queued requests."""
+
+    def __init__(self, model: M.Transformer, tok, vectors_dir: str | Path | None = None, max_batch: int = 16,
+                 max_tokens_limit: int = 1024, max_n: int = 8, batch_wait: float = 0.05,
+                 max_batch_tokens: int = 32768, model_id: str | None = None):
+        import persona_vectors as pv  # here, not at the top: persona_vectors imports this module for its CLI
+        if not 1 <= max_n <= max_batch:
+            raise UserError(f"--max-n {max_n} must be between 1 and --max-batch {max_batch}")
+        if max_tokens_limit < 1 or batch_wait < 0:
+            raise UserError("--max-tokens-limit must be >= 1 and --batch-wait >= 0")
+        self.model, self.tok, self.pv, self.steering = model, tok, pv, pv.steering
+        self.model_id = model_id or getattr(model, "name_or_path", "model")
+        self.max_batch, self.max_tokens_limit, self.max_n = max_batch, max_tokens_limit, max_n
+        self.batch_wait, self.max_batch_tokens = batch_wait, max_batch_tokens
+        self.context = model.config.max_position_embeddings
+        self.device = model.model.embed_tokens.weight.device
+        self.dtype = model.model.embed_tokens.weight.dtype
+        self.vectors_dir = Path(vectors_dir) if vectors_dir else default_vectors_dir(self.model_id)
+        self.names = traits_in(self.vectors_dir) if self.vectors_dir.is_dir() else []
+        N, d = model.config.num_hidden_layers, model.config.hidden_size
+        for name in self.names:  # fail at start, not at the first request, on a vector of another model
+            path = vector_path(self.vectors_dir, name)
+            check_fits(*load_vector(path), path, N, d)
+        self.gauges = [pv.Gauge.from_file(vector_path(self.vectors_dir, n), None, N) for n in self.names]
+        alphabet = byte_level_alphabet()
+        self.token_text = [tok.decode([i], skip_special_tokens=False) for i in range(tok.vocab_size)]
+        self.token_bytes = []
+        for i in range(tok.vocab_size):
+            piece = tok.backend.id_to_token(i) or ""
+            self.token_bytes.append(list(bytes(alphabet[c] for c in piece)) if all(c in alphabet for c in piece)
+                                    else list(self.token_text[i].encode()))
+        self.stats = {"batches": 0, "rows": 0, "max_rows": 0, "mixed_steering": 0, "cancelled": 0, "errors": 0}
+        self._waiting: list[Job] = []
+        self._running: list[Job] = []  # the jobs of the batch being generated
+        self._last_rows, self._arrived = 1, 0.0  # rows of the last batch, when the last request came
+        self._cv = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name="generation", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------------------------------ requests
+    def parse(self, body) -> Request:
+        """A chat-completion request body (decoded JSON) -> Request; RequestError on anything wrong."""
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        for name in UNSUPPORTED:
+            if body.get(name) not in (None, [], {}):
+                raise RequestError(f"{name} is not supported by this server", name)
+        if body.get("response_format") not in (None, {"type": "text"}):
+            raise RequestError("response_format is not supported by this server (only {\"type\": \"text\"})",
+                               "response_format")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if _get(body, name, _is_number, "a number", 0) != 0:
+                raise RequestError(f"{name} is not supported by this server (only 0)", name)
+        _get(body, "model", lambda x: isinstance(x, str), "a string")  # any name: this server has one model
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
+        prompt = self.tok.encode_chat([message_text(m, i) for i, m in enumerate(messages)])
+        if len(prompt) >= self.context:
+            raise RequestError(f"the prompt is {len(prompt)} tokens, but this model's context is {self.context}: "
+                               "shorten the messages", "messages", code="context_length_exceeded")
+        positive = (lambda x: _is_int(x) and x >= 1)
+        max_tokens = _get(body, "max_completion_tokens", positive, "a positive integer")
+        max_tokens = _get(body, "max_tokens", positive, "a positive integer", max_tokens)
+        if max_tokens is None:
+            max_tokens = min(self.max_tokens_limit, self.context - len(prompt))
+        elif max_tokens > self.max_tokens_limit:
+            raise RequestError(f"max_tokens {max_tokens} is over this server's limit of {self.max_tokens_limit}",
+                               "max_tokens")
+        elif len(prompt) + max_tokens > self.context:
+            raise RequestError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceed this model's "
+                               f"context of {self.context}: lower max_tokens", "max_tokens",
+                               code="context_length_exceeded")
+        stop = _get(body, "stop", lambda x: isinstance(x, str) and x or isinstance(x, list) and len(x) <= 4
+                    and all(isinstance(s, str) and s for s in x), "a non-empty string or a list of up to 4", [])
+        n = _get(body, "n", _is_int, "an integer", 1)
+        if not 1 <= n <= self.max_n:
+            raise RequestError(f"n must be between 1 and this server's limit of {self.max_n}", "n")
+        logprobs = _get(body, "logprobs", lambda x: isinstance(x, bool), "true or false", False)
+        top = _get(body, "top_logprobs", lambda x: _is_int(x) and 0 <= x <= 20, "an integer from 0 to 20", 0)
+        if top and not logprobs:
+            raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+        options = _get(body, "stream_options", lambda x: isinstance(x, dict), "an object", {})
+        specs = parse_steer(body.get("steer"), self.names, self.model.config.num_hidden_layers)
+        steer = []
+        for name, spec, layer, positions in specs:
+            try:
+                steer += self.steering([spec], self.model, self.vectors_dir, layer, positions)
+            except KeyError:  # a relative coefficient, but the file records no residual norms
+                raise RequestError(f"{name} records no residual_norm, so a relative coefficient cannot be "
+                                   "converted: give a raw coefficient", "steer") from None
+            except ValueError as e:
+                raise RequestError(str(e).replace("--steer ", "steer "), "steer") from None
+        return Request(
+            prompt=prompt, max_tokens=max_tokens,
+            temperature=_get(body, "temperature", lambda x: _is_number(x) and 0 <= x <= 2, "a number from 0 to 2", 1.0),
+            top_p=_get(body, "top_p", lambda x: _is_number(x) and 0 < x <= 1, "a number in (0, 1]", 1.0),
+            seed=_get(body, "seed", lambda x: _is_int(x) and 0 <= x < 2 ** 63, "an integer from 0 to 2^63 - 1"),
+            stop=[stop] if isinstance(stop, str) else stop, n=n,
+            stream=_get(body, "stream", lambda x: isinstance(x, bool), "true or false", False),
+            include_usage=bool(options.get("include_usage")), logprobs=logprobs, top_logprobs=top, steer=steer)
+
+    def submit(self, req: Request) -> Job:
+        job = Job(req)
+        with self._cv:
+            if self._closed:
+                raise RequestError("the server is shutting down", status=503)
+            self._waiting.append(job)
+            self._arrived = time.monotonic()
+            self._cv.notify()
+        return job
+
+    def close(self) -> None:
+        """Stop the worker: requests waiting or being generated end with an error (503)."""
+        with self._cv:
+            self._closed = True
+            for job in self._waiting + self._running:
+                job.cancelled = True  # the running batch stops at its next step
+                job.events.put(("error", None, {"message": "the server is shutting down"}))
+            self._waiting.clear()
+            self._cv.notify()
+        self._worker.join(timeout=60)
+
+    # ---------------------------------------------------------------------------------------- the worker
+    def _next_batch(self) -> list[Job] | None:
+        """Wait for a request -> the jobs of the next batch: every request waiting, up to max_batch rows.
+
+        Before starting, it waits (at most batch_wait) for as many rows as the last batch had, and while requests
+        keep arriving less than batch_wait / 2 apart: the clients of the batch that just ended send their next
+        requests a moment after their replies, and clients that start together arrive a few ms apart.
+        """
+        with self._cv:
+            while not self._waiting and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                return None
+            now = time.monotonic()
+            deadline, want, gap = now + self.batch_wait, min(self.max_batch, self._last_rows), self.batch_wait / 2
+            while (rows := sum(j.req.n for j in self._waiting)) < self.max_batch and now < deadline:
+                if rows >= want and now - self._arrived >= gap:
+                    break
+                self._cv.wait((deadline if rows < want else self._arrived + gap) - now)
+                now = time.monotonic()
+            jobs, rows, longest, most = [], 0, 0, 0
+            for job in list(self._waiting):
+                r = job.req
+                p, m = max(longest, len(r.prompt)), max(most, r.max_tokens)
+                if jobs and (rows + r.n > self.max_batch or (rows + r.n) * (p + m) > self.max_batch_tokens):
+                    break  # it waits for the next batch, at the front of the line
+                jobs.append(job)
+                rows, longest, most = rows + r.n, p, m
+            del self._waiting[:len(jobs)]
+            self._last_rows = rows
+            return jobs
+
+    def _work(self) -> None:
+        while (jobs := self._next_batch()) is not None:
+            self.stats["cancelled"] += sum(j.req.n for j in jobs if j.cancelled)  # gone before their batch began
+            self._running = jobs = [j for j in jobs if not j.cancelled]
+            try:
+                self.generate([Row(j, i, j.req.steer, self.device) for j in jobs for i in range(j.req.n)])
+            except Exception as e:  # a bug: report it to these requests, keep serving the next ones
+                self.stats["errors"] += 1
+                traceback.print_exc()
+                for job in jobs:
+                    job.events.put(("error", None, {"message": f"internal error: {type(e).__name__}: {e}",
+                                                    "status": 500}))
+
+    @torch.no_grad()
+    def generate(self, rows: list[Row]) -> None:
+        """Generate every row to its end, step by step (as model.generate does, plus per-row settings)."""
+        if not rows:
+            return
+        model, tok, dev = self.model, self.tok, self.device
+        B, T0 = len(rows), max(len(r.job.req.prompt) for r in rows)
+        self.stats["batches"] += 1
+        self.stats["rows"] += B
+        self.stats["max_rows"] = max(self.stats["max_rows"], B)
+        self.stats["mixed_steering"] += len({tuple((s.layer, s.coef) for s in r.steer) for r in rows}) > 1
+        ids = torch.full((B, T0), tok.pad_id, dtype=torch.long)
+        width = T0 + max(r.max_tokens for r in rows)
+        mask = torch.ones(B, width, dtype=torch.bool)  # rows leave when done, so every generated column is real
+        for b, r in enumerate(rows):
+            p = r.job.req.prompt
+            ids[b, T0 - len(p):] = torch.tensor(p)
+            mask[b, :T0 - len(p)] = False
+        ids, mask = ids.to(dev), mask.to(dev)
+        response_start = torch.full((B,), T0, device=dev)
+        cache = M.KVCache(model.config, B, width, dev, self.dtype)
+        steer = per_row_steering(rows, model.config.hidden_size, dev, self.dtype)
+        cap = M.Capture() if self.gauges else None
+        logits = model(ids, mask[:, :T0], cache, response_start, steer=steer, capture=cap, logits="last")[:, -1]
+        stop = torch.tensor(sorted(tok.stop_ids), dtype=torch.long, device=dev)
+        logits = logits.index_fill(-1, stop, -math.inf)  # at least one new token, as model.generate
+        for t in range(width - T0 + 1):
+            need_lp = any(r.job.req.logprobs for r in rows if r.finish is None)
+            logp = torch.log_softmax(logits.float(), dim=-1) if need_lp else None
+            greedy = logits.argmax(-1).tolist()
+            keep = [b for b, r in enumerate(rows) if self._step(r, b, logits, greedy[b], logp, cap)]
+            if len(keep) < len(rows):  # rows that are done leave the batch, and their cache with them
+                if not keep:
+                    return
+                idx = torch.tensor(keep, device=dev)
+                rows = [rows[b] for b in keep]
+                mask, response_start = mask[idx], response_start[idx]
+                cache.k, cache.v = [k[idx] for k in cache.k], [v[idx] for v in cache.v]
+                steer = [M.Steer(s.layer, s.vector[idx], s.coef, s.positions) for s in steer]
+                cap = select_rows(cap, idx) if cap is not None else None
+            nxt = torch.tensor([r.tokens[-1] for r in rows], device=dev)[:, None]  # [B, 1]
+            logits = model(nxt, mask[:, :T0 + t + 1], cache, response_start, steer=steer, capture=cap,
+                           logits="last")[:, -1]
+        raise RuntimeError(f"{len(rows)} row(s) still running after the longest max_tokens")  # cannot happen
+
+    def _step(self, r: Row, b: int, logits: torch.Tensor, greedy: int, logp: torch.Tensor | None,
+              cap: M.Capture | None) -> bool:
+        """Row r (row b of the batch) after a forward pass: sample its next token, or finish it. -> whether it
+        stays in the batch (for its next token, or to feed its last one so that the gauge covers the reply)."""
+        if r.job.cancelled:
+            self.stats["cancelled"] += 1
+            return False
+        if r.finish is not None:  # its last token has now been fed
+            self._finish(r, cap, b)
+            return False
+        if r.temperature == 0:
+            token = greedy
+        else:
+            token = int(M.sample(logits[b:b + 1], r.temperature, r.top_p, r.generator)[0])
+        lp = self._logprob(logp[b], token, r.job.req.top_logprobs) if r.job.req.logprobs else None
+        ended = r.push(self.tok, token, self.tok.stop_ids, lp)  # an end-of-turn token is not fed
+        if ended or r.finish is not None and cap is None:
+            self._finish(r, cap, b)
+            return False
+        return True
+
+    def _logprob(self, logp: torch.Tensor, token: int, top: int) -> dict:
+        """OpenAI's logprobs entry for one token: its log probability under the model (before temperature)."""
+        entry = self._token_entry(token, float(logp[token]))
+        values, idx = logp.topk(top) if top else (torch.empty(0), torch.empty(0, dtype=torch.long))
+        entry["top_logprobs"] = [self._token_entry(i, v) for i, v in zip(idx.tolist(), values.tolist())]
+        return entry
+
+    def _token_entry(self, token: int, logprob: float) -> dict:
+        known = token < len(self.token_text)  # the model's vocabulary may have padding rows beyond the tokenizer's
+        return {"token": self.token_text[token] if known else "", "logprob": logprob,
+                "bytes": self.token_bytes[token] if known else []}
+
+    def _finish(self, r: Row, cap: M.Capture | None, b: int) -> None:
+        r.flush(self.tok)
+        persona = {}
+        if cap is not None:
+            one = select_rows(cap, torch.tensor([b], device=self.device))
+            replied = bool(one.counts["response"][0] > 0)
+            acts = {"prompt_last": one.prompt_last(), "response_avg": one.response_mean()}
+            if r.steer and replied:  # a steered reply is gauged as the unsteered model reads it (as chat and eval)
+                acts = self.pv.read_answers(self.model, [r.job.req.prompt], [r.tokens])
+            for g in self.gauges:
+                x = g.read(acts)
+                persona[g.trait] = {"layer": g.layer, "before_reply": x["prompt_last"],
+                                    "reply": x["response_avg"] if replied else None,
+                                    "marks": {"before_reply": g.marks["prompt_last"], "reply": g.marks["response_avg"]}}
+        r.emit("finish", finish_reason=r.finish or "length", persona=persona, tokens=len(r.tokens))
+
+
+# ---------------------------------------------------------------------------------------------------- HTTP
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def error_body(message: str, status: int = 400, param: str | None = None, code: str | None = None) -> dict:
+    kind = {401: "authentication_error", 404: "not_found_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class Handler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive for JSON replies; a stream is server-sent events, then the connection closes."""
+    protocol_version = "HTTP/1.1"
+    server_version = "persona-vectors"
+    timeout = 120  # seconds a client may take to send a request (or keep an idle connection)
+
+    @property
+    def engine(self) -> Engine:
+        return self.server.engine
+
+    def log_message(self, fmt, *args):
+        if not self.server.quiet:
+            super().log_message(fmt, *args)
+
+    def send_json(self, status: int, obj: dict, close: bool = False) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error_json(self, e: RequestError, close: bool = False) -> None:
+        self.send_json(e.status, error_body(str(e), e.status, e.param, e.code), close)
+
+    def authorized(self) -> bool:
+        key = self.server.api_key
+        if key is None or hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {key}"):
+            return True
+        self.send_error_json(RequestError("missing or wrong API key: send the header Authorization: Bearer KEY",
+                                          status=401, code="invalid_api_key"), close=True)
+        return False
+
+    def do_GET(self):
+        if not self.authorized():
+            return
+        if self.path.rstrip("/") != "/v1/models":
+            return self.send_error_json(RequestError(f"no such endpoint: GET {self.path}", status=404))
+        self.send_json(200, {"object": "list", "data": [{
+            "id": self.engine.model_id, "object": "model", "created": self.server.started,
+            "owned_by": "persona-vectors", "persona_vectors": self.engine.names}]})
+
+    def read_body(self) -> bytes | None:
+        """The request body, or None after answering 400 (no Content-Length, or over max_body). An oversized body
+        is read and dropped (up to 16 x max_body), so that the client gets to read our answer."""
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit():
+            self.send_error_json(RequestError("send the request body with a Content-Length header"), close=True)
+            return None
+        length, limit = int(length), self.server.max_body
+        if length > limit:
+            for start in range(0, length if length <= 16 * limit else 0, 65536):
+                self.rfile.read(min(65536, length - start))
+            self.send_error_json(RequestError(f"the request body is {length} bytes, over this server's limit of "
+                                              f"{limit}"), close=True)
+            return None
+        return self.rfile.read(length)
+
+    def do_POST(self):
+        raw = self.read_body()
+        if raw is None or not self.authorized():
+            return
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            return self.send_error_json(RequestError(f"no such endpoint: POST {self.path}", status=404))
+        try:
+            try:
+                body = json.loads(raw, parse_constant=_not_json)  # NaN and Infinity are not JSON
+            except (ValueError, UnicodeDecodeError) as e:
+                raise RequestError(f"the request body is not valid JSON ({e})") from None
+            req = self.engine.parse(body)
+            job = self.engine.submit(req)
+        except RequestError as e:
+            return self.send_error_json(e)
+        except Exception as e:  # a bug: this request fails, the server stays up
+            traceback.print_exc()
+            return self.send_error_json(RequestError(f"internal error: {type(e).__name__}: {e}", status=500))
+        try:
+            if req.stream:
+                self.stream(job)
+            else:
+                self.complete(job)
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            job.cancelled = True  # the client is gone: its rows leave the batch at the next step
+            self.close_connection = True
+
+    def events(self, job: Job):
+        """The job's events as they come, until every row has finished; stops the job if the client leaves."""
+        finished, checked = 0, time.monotonic()
+        while finished < job.req.n:
+            if time.monotonic() - checked > 0.5:  # twice a second, whether or not tokens are coming
+                if self.client_gone():
+                    job.cancelled = True
+                    raise ConnectionResetError("the client closed the connection")
+                checked = time.monotonic()
+            try:
+                kind, index, data = job.events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if kind == "error":
+                raise RequestError(data["message"], status=data.get("status", 503))
+            finished += kind == "finish"
+            yield kind, index, data
+
+    def client_gone(self) -> bool:
+        """Whether the client closed its connection (it has nothing to send while it waits for our reply)."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        try:
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def head(self, job: Job, obj: str) -> dict:
+        return {"id": job.id, "object": obj, "created": job.created, "model": self.engine.model_id,
+                "system_fingerprint": None}
+
+    def usage(self, job: Job, completion: int) -> dict:
+        p = len(job.req.prompt)
+        return {"prompt_tokens": p, "completion_tokens": completion, "total_tokens": p + completion}
+
+    def complete(self, job: Job) -> None:
+        n = job.req.n
+        text, lps, ends = [""] * n, [[] for _ in range(n)], [None] * n
+        try:
+            for kind, i, data in self.events(job):
+                if kind == "delta":
+                    text[i] += data["text"]
+                    lps[i] += data["logprobs"]
+                else:
+                    ends[i] = data
+        except RequestError as e:
+            return self.send_error_json(e)
+        choices = [{"index": i, "message": {"role": "assistant", "content": text[i], "refusal": None},
+                    "logprobs": {"content": lps[i], "refusal": None} if job.req.logprobs else None,
+                    "finish_reason": ends[i]["finish_reason"], "persona": ends[i]["persona"]} for i in range(n)]
+        self.send_json(200, self.head(job, "chat.completion") | {
+            "choices": choices, "usage": self.usage(job, sum(e["tokens"] for e in ends))})
+
+    def stream(self, job: Job) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # no length and no chunked encoding: the end of the stream is EOF
+        self.end_headers()
+        self.close_connection = True
+        head = self.head(job, "chat.completion.chunk")
+        lp = job.req.logprobs
+
+        def send(obj):
+            self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            self.wfile.flush()
+
+        for i in range(job.req.n):
+            send(head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                      "logprobs": None, "finish_reason": None}]})
+        completion = 0
+        try:
+            for kind, i, data in self.events(job):
+                if kind == "delta":
+                    if data["text"] or data["logprobs"]:
+                        logprobs = {"content": data["logprobs"], "refusal": None} if lp else None
+                        send(head | {"choices": [{"index": i, "delta": {"content": data["text"]}, "logprobs": logprobs,
+                                                  "finish_reason": None}]})
+                else:
+                    completion += data["tokens"]
+                    send(head | {"choices": [{"index": i, "delta": {}, "logprobs": None,
+                                              "finish_reason": data["finish_reason"], "persona": data["persona"]}]})
+        except RequestError as e:  # the stream has begun: the error goes into it
+            send(error_body(str(e), e.status))
+        else:
+            if job.req.include_usage:
+                send(head | {"choices": [], "usage": self.usage(job, completion)})
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+
+def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                max_body: int = 1 << 20, quiet: bool = False) -> ThreadingHTTPServer:
+    """An HTTP server for `engine` (not yet serving: call serve_forever); port 0 picks a free port."""
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port or --host") from None
+    server.daemon_threads = True
+    server.engine, server.api_key, server.max_body, server.quiet = engine, api_key, max_body, quiet
+    server.started = int(time.time())
+    return server
+
+
+def serve(model_name: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          vectors: str | None = None, max_batch: int = 16, max_tokens_limit: int = 1024, max_n: int = 8,
+          batch_wait: float = 0.05, max_body: int = 1 << 20, device: str | None = None, dtype: str | None = None,
+          quiet: bool = False) -> None:
+    """Serve `model_name` on http://host:port/v1 until interrupted (Ctrl-C)."""
+    import persona_vectors as pv
+    model, tok = M.load(model_name, device, pv.DTYPES.get(dtype))
+    engine = Engine(model, tok, vectors, max_batch, max_tokens_limit, max_n, batch_wait, model_id=model_name)
+    server = make_server(engine, host, port, api_key, max_body, quiet)
+    h, p = server.server_address[:2]
+    print(f"serving {model_name} on http://{h}:{p}/v1 (persona vectors: {', '.join(engine.names) or 'none'} "
+          f"from {engine.vectors_dir}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        print("warning: listening beyond this machine without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+        engine.close()
+
+
+def add_commands(sub) -> None:
+    """Register `serve` on the command line's subparsers (its dests are serve's parameter names)."""
+    sp = sub.add_parser("serve", help="an OpenAI-compatible chat server with per-request steering and persona gauges")
+    sp.add_argument("--model", dest="model_name", default=DEFAULT_MODEL, help="hub id or local directory")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s: this machine)")
+    sp.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
+    sp.add_argument("--api-key", default=os.environ.get("PERSONA_VECTORS_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' (default: $PERSONA_VECTORS_API_KEY, else none)")
+    sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
+    sp.add_argument("--max-batch", type=int, default=16, help="rows generated together (default: %(default)s)")
+    sp.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    sp.add_argument("--max-n", type=int, default=8, help="largest n (choices per request)")
+    sp.add_argument("--batch-wait", type=float, default=0.05,
+                    help="seconds the worker waits for more requests to join a batch (default: %(default)s)")
+    sp.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
+    sp.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
+    sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    sp.add_argument("--quiet", action="store_true", help="no access log on stderr")
+    sp.set_defaults(func=serve)
