@@ -87,12 +87,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Linear(nn.Linear):
-    """nn.Linear, with small-batch products on a multi-core CPU split into one matmul per thread.
+    """nn.Linear, with small-batch products on a multi-core CPU split into one matmul per thread. (The one speed
+    trick in this file: skip it when reading; behaviour is F.linear's.)
 
-    For a few rows x (decoding), MKL computes x @ W^T on a single core, at half the memory bandwidth that reading
-    W allows. Viewing W [N, K] as g blocks of N/g rows and running them as one batched matmul puts every core to
-    work: 1.2-1.8x faster decoding measured on 2 cores (bench.py). The result is the same product, summed in
-    another order; on a GPU, or for more than 64 rows, this is plain F.linear.
+    For a few rows x (decoding), MKL computes x @ W^T on a single core. Viewing W [N, K] as g blocks of N/g rows and
+    running them as one batched matmul puts every core to work: extraction's sampling ran 1.22x faster with it
+    (tools/bench.py (e), 2 cores, identical answers). The same product, summed in another order; on a GPU, or for
+    more than 64 rows, this is plain F.linear.
     """
     def forward(self, x):
         rows, (N, K), g = x.numel() // x.shape[-1], self.weight.shape, torch.get_num_threads()
