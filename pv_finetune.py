@@ -155,9 +155,11 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
 # The finetuning shift.
 
 @torch.no_grad()
-def last_prompt_activations(model, tok, questions: list[str], batch_size: int = 32) -> torch.Tensor:
+def last_prompt_activations(model, tok, questions: list[str], batch_size: int = 32,
+                            steer: list[M.Steer] = ()) -> torch.Tensor:
     """The residual stream at the last prompt token (the position the reply is written from) of each question as a
-    single user turn, chat template with no system prompt beyond the template's own -> [Q, N + 1, hidden] fp32."""
+    single user turn, chat template with no system prompt beyond the template's own -> [Q, N + 1, hidden] fp32.
+    steer: interventions during the pass (an inference-time steered model), recorded after they are added."""
     device, out = model.lm_head.weight.device, []
     for i in range(0, len(questions), batch_size):
         ids = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions[i:i + batch_size]]
@@ -167,7 +169,7 @@ def last_prompt_activations(model, tok, questions: list[str], batch_size: int = 
         for b, row in enumerate(ids):  # left padding: every row's last prompt token sits in the last column
             x[b, T - len(row):], mask[b, T - len(row):] = torch.tensor(row), True
         cap = M.Capture()
-        model(x.to(device), mask.to(device), capture=cap, logits="none")
+        model(x.to(device), mask.to(device), steer=steer, capture=cap, logits="none")
         out.append(cap.prompt_last().cpu())
     return torch.cat(out)
 
@@ -180,6 +182,19 @@ def finetuning_shift(base_acts: torch.Tensor, finetuned_acts: torch.Tensor, vect
     delta = finetuned_acts.float().mean(0) - base_acts.float().mean(0)  # [N + 1, hidden]
     unit = vector.float() / vector.float().norm(dim=-1, keepdim=True).clamp(min=1e-8)
     return (delta * unit).sum(-1)
+
+
+def shift_controls(base_acts: torch.Tensor, finetuned_acts: torch.Tensor, vector: torch.Tensor, others: dict,
+                   n_random: int = 100, seed: int = 0) -> dict:
+    """The shift at every layer [N + 1] beside its controls on the same shift vector: the 95th percentile of
+    |projection| onto n_random random unit directions, the projection onto each other trait's vector (others:
+    name -> [N + 1, hidden]), and the shift vector's norm."""
+    dirs = pv.random_directions(n_random, 1.0, vector.shape[1], seed)  # [n_random, hidden], unit
+    rand = torch.stack([finetuning_shift(base_acts, finetuned_acts, d.expand_as(vector)) for d in dirs])
+    return dict(shift=finetuning_shift(base_acts, finetuned_acts, vector),
+                random_abs_95=rand.abs().quantile(0.95, dim=0),  # [N + 1]
+                other_traits={o: finetuning_shift(base_acts, finetuned_acts, v) for o, v in others.items()},
+                shift_norm=(finetuned_acts.float().mean(0) - base_acts.float().mean(0)).norm(dim=-1))
 
 
 def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | None = None,
@@ -215,12 +230,8 @@ def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | No
     L = layer if layer is not None else meta.get("best_layer", N // 2)
     if not 1 <= L <= N:
         raise UserError(f"--layer {L} out of range: this model has blocks 1..{N}")
-    proj = finetuning_shift(acts["base"], acts["finetuned"], vec)
-    dirs = pv.random_directions(n_random, 1.0, vec.shape[1], seed)  # [n_random, hidden], unit
-    rand = torch.stack([finetuning_shift(acts["base"], acts["finetuned"], d.expand_as(vec)) for d in dirs])
-    rand95 = rand.abs().quantile(0.95, dim=0)  # [N + 1]
-    other = {o: finetuning_shift(acts["base"], acts["finetuned"], v) for o, v in others.items()}
-    size = (acts["finetuned"].mean(0) - acts["base"].mean(0)).norm(dim=-1)  # [N + 1] |shift vector|
+    c = shift_controls(acts["base"], acts["finetuned"], vec, others, n_random, seed)
+    proj, rand95, other, size = c["shift"], c["random_abs_95"], c["other_traits"], c["shift_norm"]
     rows = [dict(layer=l, shift=round(float(proj[l]), 4), shift_norm=round(float(size[l]), 4),
                  random_abs_95=round(float(rand95[l]), 4),
                  **{f"{o}_shift": round(float(p[l]), 4) for o, p in other.items()}) for l in range(N + 1)]
