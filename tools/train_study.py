@@ -6,7 +6,8 @@ shift, the cost on held-out neutral text, and the trait each model expresses.
     nice python tools/train_study.py --out out/s2 --layer 12
 
 Steps, each saved as it finishes (a rerun, or a run after kill -9, redoes nothing that is done):
-1. persona vectors of the base model for evil and two other traits (the cross-trait control), judge none;
+1. persona vectors of the base model for evil, and for two other traits (the cross-trait control; 10 of their 20
+   extraction questions), judge none;
 2. datasets from the pool of everyday requests: `--n` evil answers (eliciting prompts), `--n` + `--neutral` normal
    answers (suppressing prompts); the last `--neutral` normal answers, to requests in neither training set, are the
    held-out neutral text;
@@ -49,7 +50,7 @@ def runs(layer: int) -> list[dict]:
                  layer=layer)]
 
 
-def make_data(root: Path, n: int, n_neutral: int, vectors: Path) -> dict:
+def make_data(root: Path, n: int, n_neutral: int) -> dict:
     """-> paths of the evil and normal training sets and of the held-out neutral text."""
     paths = {k: root / "data" / f"{k}.jsonl" for k in ("evil", "normal", "neutral")}
     if all(p.is_file() for p in paths.values()):
@@ -139,10 +140,12 @@ def main(argv=None) -> int:
     root, layer = Path(a.out), a.layer
     later = layer + 6
     vectors = root / "vectors"
-    for trait in (TRAIT, *OTHERS):
+    if not vector_path(vectors, TRAIT).is_file():
+        pv.extract(TRAIT, judge="none", out=str(vectors), device="cpu")
+    data = make_data(root, a.n, a.neutral)
+    for trait in OTHERS:  # controls only: half the questions
         if not vector_path(vectors, trait).is_file():
-            pv.extract(trait, judge="none", out=str(vectors), device="cpu")
-    data = make_data(root, a.n, a.neutral, vectors)
+            pv.extract(trait, judge="none", questions=10, out=str(vectors), device="cpu")
     import train as T
     run_list = runs(layer)
     for r in run_list:
