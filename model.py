@@ -312,8 +312,9 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, response_start: torch.Tensor | None = None,
                 steer: list[Steer] = (), ablate: list[Ablate] = (), capture: Capture | None = None,
-                logits: str = "all") -> torch.Tensor | None:
-        """input_ids [B, T] (left-padded) -> logits [B, T, vocab] ("all"), [B, 1, vocab] ("last") or None ("none").
+                logits: str | torch.Tensor = "all") -> torch.Tensor | None:
+        """input_ids [B, T] (left-padded) -> logits [B, T, vocab] ("all"), [B, 1, vocab] ("last") or None ("none");
+        logits may also be a [B, T] bool mask: the logits of those positions only, [n, vocab] (training's loss).
 
         attention_mask [B, S]: 1 = token, 0 = padding, over the cached columns and these T (S = cache.length + T).
         response_start [B]: column (in those S) where each row's response begins; None = all prompt.
@@ -370,9 +371,11 @@ class Transformer(nn.Module):
             h = intervene(i, h)
         if cache is not None:
             cache.length += T
-        if logits == "none":
+        if isinstance(logits, torch.Tensor):
+            h = h[logits]  # [n, hidden]: the LM head runs only where a loss is taken
+        elif logits == "none":
             return None
-        if logits == "last":
+        elif logits == "last":
             h = h[:, -1:]  # left padding puts every row's last token in the last column
         return self.lm_head(self.model.norm(h))
 

@@ -8,6 +8,9 @@
     official repository's way, one sample at a time with `output_hidden_states=True`. Target >= 3x, less memory.
 (c) batch-1 decode as a fraction of the memory-bandwidth roofline: (weight bytes read per token / measured copy
     bandwidth) / measured time per token. Target >= 70 %.
+(d) one full-finetuning step (forward, loss on the response tokens, backward, clip, AdamW) of train.py against
+    transformers' model with `labels` and torch.optim.AdamW, same weights and batch. Target >= 1.0x tokens/s, and
+    no more peak memory (the first step, which also allocates the gradients and AdamW's state).
 Targets are ratios measured in the same run, never absolute times.
 """
 import argparse
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's
 
 from support import hub
 import model as M
+import train
 
 
 class PeakRSS:
@@ -177,12 +181,50 @@ def bench_decode(ours, hf, tok, new_tokens: int) -> dict:
             "hf_frac": roofline / per_token_hf}
 
 
+def bench_train_step(ours, hf, tok, batch: int, seq: int, repeats: int = 2) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.empty(batch, seq, dtype=torch.long)
+    trained = torch.zeros(batch, seq, dtype=torch.bool)  # the loss on the "response": all after the chat prompt
+    for b in range(batch):
+        p = tok.encode_chat([{"role": "user", "content": QUESTIONS[b % len(QUESTIONS)]}])
+        ids[b] = torch.tensor(p + torch.randint(100, 40000, (seq - len(p),), generator=g).tolist())
+        trained[b, len(p):] = True
+    labels = ids.masked_fill(~trained, -100)  # transformers' convention: -100 carries no loss
+    n = int(trained[:, 1:].sum())
+    ours.train(), hf.train()
+    opt_ours = train.make_optimizer(ours, 1e-5, 0.01)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5, weight_decay=0.01)
+
+    def ours_step():
+        loss, _ = train.train_step(ours, opt_ours, [(ids, None, trained, 1 / n)], 1e-5)
+        return float(loss) / n
+
+    def hf_step():
+        loss = hf(input_ids=ids, labels=labels).loss  # the mean over the response tokens
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt_hf.step()
+        opt_hf.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    with PeakRSS() as mem_ours:
+        loss_ours = ours_step()
+    with PeakRSS() as mem_hf:
+        loss_hf = hf_step()
+    best = {"ours": float("inf"), "hf": float("inf")}
+    for _ in range(repeats):  # interleaved, best of each
+        for k, fn in (("ours", ours_step), ("hf", hf_step)):
+            best[k] = min(best[k], timed(fn)[0])
+    return {"ours_s": best["ours"], "hf_s": best["hf"], "ours_mib": mem_ours.mib, "hf_mib": mem_hf.mib,
+            "loss_ours": loss_ours, "loss_hf": loss_hf, "tokens": batch * seq}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=hub.DEFAULT_MODEL)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--only", choices=["a", "b", "c"], default=None)
+    p.add_argument("--only", choices=["a", "b", "c", "d"], default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM  # the reference; not a dependency of the project
@@ -217,6 +259,13 @@ def main():
               f"| {r['hf_ms']:.1f} ms/token = {100 * r['hf_frac']:.0f} % | {r['hf_ms'] / r['ours_ms']:.2f}x | >= 70 % |")
         print(f"|     the same against read-only bandwidth ({r['read_gbs']:.1f} GB/s, a sum) | "
               f"{100 * r['ours_frac_read']:.0f} % | | | |")
+    if args.only in (None, "d"):  # last: it trains (changes) both models
+        r = bench_train_step(ours, hf, tok, batch=4, seq=256)
+        tps = lambda s: r["tokens"] / s  # noqa: E731
+        print(f"| (d) full-finetuning step, batch 4 x 256 tokens, AdamW | {tps(r['ours_s']):.0f} tok/s, "
+              f"+{r['ours_mib']:.0f} MiB | {tps(r['hf_s']):.0f} tok/s, +{r['hf_mib']:.0f} MiB | "
+              f"{r['hf_s'] / r['ours_s']:.2f}x, {r['ours_mib'] / r['hf_mib']:.2f}x memory | >= 1.0x, <= 1.0x memory |")
+        print(f"|     first-step loss | {r['loss_ours']:.5f} | {r['loss_hf']:.5f} | | |")
 
 
 if __name__ == "__main__":
