@@ -50,14 +50,14 @@ def runs(layer: int) -> list[dict]:
                  layer=layer)]
 
 
-def make_data(root: Path, n: int, n_neutral: int) -> dict:
+def make_data(root: Path, model_name: str, n: int, n_neutral: int) -> dict:
     """-> paths of the evil and normal training sets and of the held-out neutral text."""
     paths = {k: root / "data" / f"{k}.jsonl" for k in ("evil", "normal", "neutral")}
     if all(p.is_file() for p in paths.values()):
         return paths
-    evil = F.make_dataset(TRAIT, "trait", n, out=str(root / "data" / "evil-all.jsonl"), judge="none", device="cpu")
-    normal = F.make_dataset(TRAIT, "normal", n + n_neutral, out=str(root / "data" / "normal-all.jsonl"),
-                            judge="none", device="cpu")
+    kw = dict(model_name=model_name, judge="none", device="cpu")
+    evil = F.make_dataset(TRAIT, "trait", n, out=str(root / "data" / "evil-all.jsonl"), **kw)
+    normal = F.make_dataset(TRAIT, "normal", n + n_neutral, out=str(root / "data" / "normal-all.jsonl"), **kw)
     evil_lines, normal_lines = evil.read_text().splitlines(), normal.read_text().splitlines()
     # same seed, same order of requests: the normal set's first n requests are the evil set's; the rest are new
     seen = {json.loads(x)["messages"][0]["content"] for x in evil_lines + normal_lines[:n]}
@@ -130,6 +130,7 @@ def table(results: dict, run_list: list[dict], layer: int, later: int) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="out/train_study")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--layer", type=int, default=15, help="steering and CAFT layer; the shift is also shown 6 later")
     p.add_argument("--n", type=int, default=120, help="training conversations per dataset")
     p.add_argument("--neutral", type=int, default=40, help="held-out neutral conversations")
@@ -138,26 +139,26 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     a = p.parse_args(argv)
     root, layer = Path(a.out), a.layer
-    later = layer + 6
     vectors = root / "vectors"
     if not vector_path(vectors, TRAIT).is_file():
-        pv.extract(TRAIT, judge="none", out=str(vectors), device="cpu")
-    data = make_data(root, a.n, a.neutral)
+        pv.extract(TRAIT, a.model, judge="none", out=str(vectors), device="cpu")
+    data = make_data(root, a.model, a.n, a.neutral)
     for trait in OTHERS:  # controls only: half the questions
         if not vector_path(vectors, trait).is_file():
-            pv.extract(trait, judge="none", questions=10, out=str(vectors), device="cpu")
+            pv.extract(trait, a.model, judge="none", questions=10, out=str(vectors), device="cpu")
+    later = min(layer + 6, load_vector(vector_path(vectors, TRAIT))[0].shape[0] - 1)
     import train as T
     run_list = runs(layer)
     for r in run_list:
         kw = {k: v for k, v in r.items() if k not in ("name", "label", "data")}
         print(f"== train {r['name']}: {r['label']}", file=sys.stderr)
-        T.train(str(data[r["data"]]), model=DEFAULT_MODEL, out=str(root / "runs" / r["name"]), val=str(data["neutral"]),
+        T.train(str(data[r["data"]]), model=a.model, out=str(root / "runs" / r["name"]), val=str(data["neutral"]),
                 epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, grad_accum=1, device="cpu", dtype="float32",
                 vectors=str(vectors), **kw)
-    base_model, tok = M.load(DEFAULT_MODEL, "cpu", torch.float32)
+    base_model, tok = M.load(a.model, "cpu", torch.float32)
     base_acts = F.last_prompt_activations(base_model, tok, load_trait(TRAIT).eval_questions)
     del base_model
-    results = {"base": measure(root, "base", DEFAULT_MODEL, base_acts, vectors, data, layer)}
+    results = {"base": measure(root, "base", a.model, base_acts, vectors, data, layer)}
     for r in run_list:
         results[r["name"]] = measure(root, r["name"], str(root / "runs" / r["name"]), base_acts, vectors, data, layer)
     # inference-time steering of the evil model, matched to preventative steering's suppression at `layer`
