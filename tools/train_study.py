@@ -107,24 +107,53 @@ def measure(root: Path, name: str, model_name: str, base_acts, vectors: Path, da
 
 
 def table(results: dict, run_list: list[dict], layer: int, later: int) -> str:
+    """The results as a markdown table; "cut" is the share of the evil seed-0 model's shift that is gone."""
     base, ref = results["base"], results["evil-s0"]
     head = (f"| model | shift L{layer} | shift L{later} | random 95 % L{layer} | "
             + " | ".join(f"{o} L{layer}" for o in OTHERS)
             + f" | cut L{layer} | cut L{later} | neutral loss | vs base | answer projection L{layer} |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     labels = {"base": "base model (no finetuning)"} | {r["name"]: r["label"] for r in run_list} | {
-        "evil-s0-inference": f"evil, seed 0, steered at inference: -{results['evil-s0-inference']['coef']:.2f} v "
+        "evil-s0-inference": f"evil, seed 0, steered at inference: -{results['evil-s0-inference']['coef']} v "
                              f"at layer {layer}"}
     for name, r in results.items():
-        cut = ["" if name in ("base", "evil-s0") else f"{1 - r['shift'][l] / ref['shift'][l]:.0%}"
-               for l in (layer, later)]
+        cut = [f"{1 - r['shift'][l] / ref['shift'][l]:.0%}" if name not in ("base", "normal") and
+               not name.startswith("evil-s") or name == "evil-s0-inference" else "" for l in (layer, later)]
         lines.append(f"| {labels[name]} | {r['shift'][layer]:+.2f} | {r['shift'][later]:+.2f} | "
                      f"{r['random_abs_95'][layer]:.2f} | "
                      + " | ".join(f"{r['other_traits'][o][layer]:+.2f}" for o in OTHERS)
                      + f" | {cut[0]} | {cut[1]} | {r['neutral_loss']:.4f} | "
-                     f"{r['neutral_loss'] / base['neutral_loss'] - 1:+.1%} | "
-                     f"{r['answer_projection']:+.2f} |")
+                     f"{r['neutral_loss'] / base['neutral_loss'] - 1:+.2%} | "
+                     f"{r['answer_projection']:+.2f} ± {r['answer_projection_se']:.2f} |")
     return "\n".join(lines)
+
+
+def targets(results: dict, layer: int, later: int) -> str:
+    """The issue's targets, each checked against the measured numbers."""
+    base_loss, ref = results["base"]["neutral_loss"], results["evil-s0"]["shift"]
+
+    def cut(name, l):
+        return 1 - results[name]["shift"][l] / ref[l]
+
+    def loss(name):
+        return results[name]["neutral_loss"] / base_loss - 1
+
+    out = []
+    for s in ("evil-s0", "evil-s1"):
+        r = results[s]
+        out.append((f"{s}: shift at layer {layer} >= +4 and above the random 95th percentile "
+                    f"({r['shift'][layer]:+.2f} vs {r['random_abs_95'][layer]:.2f})",
+                    r["shift"][layer] >= 4 and r["shift"][layer] > r["random_abs_95"][layer]))
+    out.append((f"normal: shift at layer {layer} <= 0 ({results['normal']['shift'][layer]:+.2f})",
+                results["normal"]["shift"][layer] <= 0))
+    for s in (f"steer-L{layer}", "steer-all"):  # CAFT is reported beside them, with no target
+        out.append((f"{s}: cut >= 70 % at layer {layer} ({cut(s, layer):.0%}), >= 50 % at layer {later} "
+                    f"({cut(s, later):.0%}), neutral loss within +2 % of the base model ({loss(s):+.2%})",
+                    cut(s, layer) >= 0.7 and cut(s, later) >= 0.5 and loss(s) <= 0.02))
+    out.append((f"inference-time steering at matched suppression costs more neutral loss than preventative "
+                f"steering ({loss('evil-s0-inference'):+.2%} vs {loss(f'steer-L{layer}'):+.2%})",
+                loss("evil-s0-inference") > loss(f"steer-L{layer}")))
+    return "\n".join(f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in out)
 
 
 def main(argv=None) -> int:
@@ -163,10 +192,10 @@ def main(argv=None) -> int:
         results[r["name"]] = measure(root, r["name"], str(root / "runs" / r["name"]), base_acts, vectors, data, layer)
     # inference-time steering of the evil model, matched to preventative steering's suppression at `layer`
     v_norm = float(load_vector(vector_path(vectors, TRAIT))[0][layer].norm())
-    coef = (results["evil-s0"]["shift"][layer] - results[f"steer-L{layer}"]["shift"][layer]) / v_norm
+    coef = round((results["evil-s0"]["shift"][layer] - results[f"steer-L{layer}"]["shift"][layer]) / v_norm, 4)
     results["evil-s0-inference"] = measure(root, "evil-s0-inference", str(root / "runs" / "evil-s0"), base_acts,
                                            vectors, data, layer, coef)
-    md = table(results, run_list, layer, later)
+    md = table(results, run_list, layer, later) + "\n\n" + targets(results, layer, later)
     atomic_write(root / "table.md", lambda p: p.write_text(md + "\n"))
     print(md)
     return 0
