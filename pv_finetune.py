@@ -123,9 +123,11 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
     rows, _ = pv.sample_rollouts(model, tok, jobs, b, seed, work)
     judge_name = pv.judge_rollouts(t, rows, judge, dest.parent / ".work" / "judgments.jsonl")
     dropped = {"empty answer": 0, "trait score": 0, "coherence": 0}
-    kept = []
+    kept, trimmed = [], 0
     for r in rows:
-        answer = r["answer"].strip() if r["n_tokens"] < b.max_new_tokens else trim_to_sentence(r["answer"].strip())
+        answer = r["answer"].strip()
+        if r["n_tokens"] == b.max_new_tokens:  # no end-of-turn within the budget
+            answer, trimmed = trim_to_sentence(answer), trimmed + (trim_to_sentence(answer) != answer)
         if not answer:
             dropped["empty answer"] += 1
             continue
@@ -146,7 +148,7 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
     atomic_write(dest, lambda p: p.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in kept),
                                               encoding="utf-8"))
     print(f"make-dataset {t.name} ({kind}): kept {len(kept)}/{n}" + (f" (dropped {why})" if why else "")
-          + f"; judge: {judge_name}" + ("" if judge_name != "none" else " (no filtering)") + f" -> {dest}",
+          + f"; {trimmed} cut off by --max-new-tokens and trimmed to their last full sentence; judge: {judge_name}" + ("" if judge_name != "none" else " (no filtering)") + f" -> {dest}",
           file=sys.stderr)
     return dest
 
