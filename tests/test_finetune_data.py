@@ -1,5 +1,4 @@
 """make-dataset and the finetuning shift on tiny random chat models, with a stand-in judge."""
-import argparse
 import csv
 import doctest
 import hashlib
@@ -11,7 +10,7 @@ import torch
 
 import model as M
 import persona_vectors as pv
-import pv_finetune as F
+import persona_vectors as F
 from support import UserError
 from support.traits import available_traits, load_trait
 from tiny import FakeJudge, make_tiny_chat_model, tiny_model_with_vectors
@@ -129,7 +128,7 @@ def test_judge_keeps_high_scores_for_trait_and_low_for_normal(tiny, tmp_path, mo
     t = load_trait("evil")
     plain = {k: lines(run(tiny, tmp_path / f"{k}-all.jsonl", kind=k, n=12, max_new_tokens=20))
              for k in ("trait", "normal")}
-    monkeypatch.setattr(J, "make_judge", lambda spec: FakeJudge(hashed=True))
+    monkeypatch.setattr(J, "make_judge", lambda spec, **kw: FakeJudge(hashed=True))
 
     def score(prompt):  # the fake judge's rule, written out
         return float(int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 101)
@@ -166,7 +165,7 @@ def test_make_dataset_bad_input(tiny, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="evaluation questions"):
         run(tiny, tmp_path / "x.jsonl", questions_file=str(leak))
     import judge as J
-    monkeypatch.setattr(J, "make_judge", lambda spec: FakeJudge("fake:harsh", 10.0))
+    monkeypatch.setattr(J, "make_judge", lambda spec, **kw: FakeJudge("fake:harsh", 10.0))
     with pytest.raises(UserError, match="no answer of 7 was kept.*--threshold"):
         run(tiny, tmp_path / "x.jsonl", judge="fake")
     assert not (tmp_path / "x.jsonl").exists()
@@ -263,8 +262,7 @@ def test_shift_bad_input(tiny, tmp_path):
 # command line
 
 def test_add_commands_maps_every_flag_to_a_keyword(tiny, tmp_path, capsys):
-    p = argparse.ArgumentParser()
-    F.add_commands(p.add_subparsers(dest="command", required=True))
+    p = F.build_parser()
     for argv in (["make-dataset", "evil", "--kind", "normal", "--n", "3", "--dtype", "float32"],
                  ["shift", "evil", "--finetuned", "x", "--eval", "--random", "10", "--base", "b"]):
         args = vars(p.parse_args(argv))
@@ -272,9 +270,9 @@ def test_add_commands_maps_every_flag_to_a_keyword(tiny, tmp_path, capsys):
         assert set(args) <= set(inspect.signature(func).parameters), set(args) - set(inspect.signature(func).parameters)
     d, vectors = tiny
     out = tmp_path / "cli.jsonl"
-    assert F._main(["make-dataset", "evil", "--kind", "normal", "--n", "4", "--model", str(d), "--judge", "none",
+    assert F.main(["make-dataset", "evil", "--kind", "normal", "--n", "4", "--model", str(d), "--judge", "none",
                     "--max-new-tokens", "12", "--temperature", "0", "--batch-size", "3", "--seed", "1",
                     "--device", "cpu", "--dtype", "float32", "--out", str(out)]) == 0
     assert out.read_bytes() == run(tiny, tmp_path / "api.jsonl", kind="normal", n=4).read_bytes()
-    assert F._main(["shift", "evil", "--finetuned", str(d), "--base", str(d), "--vectors", str(tmp_path)]) == 1
+    assert F.main(["shift", "evil", "--finetuned", str(d), "--base", str(d), "--vectors", str(tmp_path)]) == 1
     assert "error: no vector file" in capsys.readouterr().err

@@ -29,7 +29,6 @@ import torch  # noqa: E402
 
 import model as M  # noqa: E402
 import persona_vectors as pv  # noqa: E402
-import pv_finetune as F  # noqa: E402
 from support.files import atomic_write, load_vector, vector_path  # noqa: E402
 from support.hub import DEFAULT_MODEL  # noqa: E402
 from support.traits import load_trait  # noqa: E402
@@ -56,8 +55,8 @@ def make_data(root: Path, model_name: str, n: int, n_neutral: int) -> dict:
     if all(p.is_file() for p in paths.values()):
         return paths
     kw = dict(model_name=model_name, judge="none", device="cpu")
-    evil = F.make_dataset(TRAIT, "trait", n, out=str(root / "data" / "evil-all.jsonl"), **kw)
-    normal = F.make_dataset(TRAIT, "normal", n + n_neutral, out=str(root / "data" / "normal-all.jsonl"), **kw)
+    evil = pv.make_dataset(TRAIT, "trait", n, out=str(root / "data" / "evil-all.jsonl"), **kw)
+    normal = pv.make_dataset(TRAIT, "normal", n + n_neutral, out=str(root / "data" / "normal-all.jsonl"), **kw)
     evil_lines, normal_lines = evil.read_text().splitlines(), normal.read_text().splitlines()
     # same seed, same order of requests: the normal set's first n requests are the evil set's; the rest are new
     seen = {json.loads(x)["messages"][0]["content"] for x in evil_lines + normal_lines[:n]}
@@ -93,8 +92,8 @@ def measure(root: Path, name: str, model_name: str, base_acts, vectors: Path, da
     others = {o: load_vector(vector_path(vectors, o))[0] for o in OTHERS}
     model, tok = M.load(model_name, "cpu", torch.float32)
     steer = [M.Steer(layer, vec[layer], -coef, "all")] if coef else []
-    acts = F.last_prompt_activations(model, tok, t.eval_questions, steer=steer)
-    c = F.shift_controls(base_acts, acts, vec, others)
+    acts = pv.last_prompt_activations(model, tok, t.eval_questions, steer=steer)
+    c = pv.shift_controls(base_acts, acts, vec, others)
     loss = neutral_loss(model, tok, data["neutral"], steer)
     ev = pv.evaluate(TRAIT, model_name, "none", layer=layer, vectors=str(vectors), out=str(root / "eval" / name),
                      steer=[f"{vec_file}:{-coef}"] if coef else [], positions="all", device="cpu")
@@ -185,7 +184,7 @@ def main(argv=None) -> int:
                 epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, grad_accum=1, device="cpu", dtype="float32",
                 vectors=str(vectors), **kw)
     base_model, tok = M.load(a.model, "cpu", torch.float32)
-    base_acts = F.last_prompt_activations(base_model, tok, load_trait(TRAIT).eval_questions)
+    base_acts = pv.last_prompt_activations(base_model, tok, load_trait(TRAIT).eval_questions)
     del base_model
     results = {"base": measure(root, "base", a.model, base_acts, vectors, data, layer)}
     for r in run_list:
