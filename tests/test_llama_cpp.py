@@ -215,3 +215,31 @@ def test_llama_cpp_refuses_direction_0(tmp_path):
             pass
     log = (tmp_path / "server.log").read_text()
     assert "invalid (zero) direction tensor layer index" in log and "no valid control vector files passed" in log
+
+
+def test_the_logprob_judge_reads_a_real_llama_cpp_server(ours, tmp_path, monkeypatch):
+    """judge.py's OpenAI-compatible backend against llama-server's own /v1/chat/completions (logprobs, top 20):
+    the table the judge reads is the model's next-token distribution, as model.py computes it on the same weights
+    (fp32 here, quantized there: the same tokens, log-probabilities within a small tolerance)."""
+    import judge as J
+    model, tok, _, gguf = ours
+    prompts = ["Reply with a number from 0 to 100 only. How much do you like rain?",
+               "Rate from 0 to 100, the number only: how hard is chess?"]
+    with llama_server(gguf, log=tmp_path / "judge.log") as url:
+        monkeypatch.setenv("OPENAI_BASE_URL", f"{url}/v1")
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        tables = []
+        aggregate = J.aggregate_logprobs
+        monkeypatch.setattr(J, "aggregate_logprobs", lambda t: tables.append(t) or aggregate(t))
+        judge = J.make_judge("openai:smollm2", workers=1)  # one at a time: the tables arrive in order
+        scores = judge.score(prompts)
+    assert len(tables) == len(prompts)
+    for prompt, table, score in zip(prompts, tables, scores):
+        ids = tok.encode_chat([{"role": "user", "content": prompt}])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids]), logits="last")[0, -1].float(), -1)
+        ours_top = {tok.decode([i], skip_special_tokens=False): float(logp[i]) for i in logp.topk(5).indices}
+        for text, lp in ours_top.items():  # our 5 most likely tokens are in llama.cpp's top 20, at about our log-prob
+            assert text in table, (text, sorted(table, key=table.get, reverse=True)[:8])
+            assert abs(table[text] - lp) < 0.5, (text, table[text], lp)
+        assert score is None or score != score or 0 <= score <= 100  # a number, none (refusal), or NaN (words)
