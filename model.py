@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from support import UserError, checkpoint
 from support.files import read_json
+
 
 @dataclass
 class Config:
