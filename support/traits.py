@@ -15,10 +15,11 @@ not surface hours later as a strange vector.
 """
 import dataclasses
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from support.files import atomic_write
 
 TRAITS_DIR = Path(__file__).resolve().parent.parent / "data" / "traits"
 
@@ -57,10 +58,15 @@ class Trait:
         return f"You are {article(name)} {name} assistant. {self.instructions[i][side == 'neg']}"
 
     def judge_prompt(self, question: str, answer: str) -> str:
-        """The eval prompt with both slots filled. One regex pass instead of str.format (an answer full of braces,
-        e.g. code, would break it) or two str.replace calls (a question containing "{answer}" would be filled)."""
-        values = {"question": question, "answer": answer}
-        return SLOT_RE.sub(lambda m: values[m.group(1)], self.eval_prompt)
+        return fill_judge_prompt(self.eval_prompt, question, answer)
+
+
+def fill_judge_prompt(template: str, question: str, answer: str) -> str:
+    """A judge prompt with its {question} and {answer} slots filled. One regex pass instead of str.format (an answer
+    full of braces, e.g. code, would break it) or two str.replace calls (a question containing "{answer}" would be
+    filled)."""
+    values = {"question": question, "answer": answer}
+    return SLOT_RE.sub(lambda m: values[m.group(1)], template)
 
 
 def article(word: str) -> str:
@@ -217,21 +223,11 @@ def load_trait(name_or_path: str) -> Trait:
 
 
 def save_trait(trait_dict: dict, path: Path, force: bool = False) -> Path:
-    """Validate, then write atomically: a temporary file beside the target, then os.replace, so a crash or a full
-    disk never leaves a half-written trait file. An existing file is kept unless force=True (--force)."""
+    """Validate, then write atomically, so a crash or a full disk never leaves a half-written trait file. An existing file is kept unless force=True (--force)."""
     path = Path(path)
     validate(trait_dict, str(path), stem=path.stem)
     if path.exists() and not force:
         raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(trait_dict, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)           # only still there if something failed before os.replace
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(trait_dict, indent=2, ensure_ascii=False) + "\n",
+                                                  encoding="utf-8"))
     return path

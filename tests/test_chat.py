@@ -42,7 +42,7 @@ def test_gauge_readings_are_the_projections(tiny):
     messages = [{"role": "user", "content": "Hello there!"}]
     cap = M.Capture()
     out = M.generate(model, [tok.encode_chat(messages)], 6, stop_ids=tok.stop_ids, pad_id=tok.pad_id, capture=cap)[0]
-    reading = g.read(cap)
+    reading = g.read({"prompt_last": cap.prompt_last(), "response_avg": cap.response_mean()})
     ids = tok.encode_chat(messages)
     ref = M.Capture()
     with torch.no_grad():

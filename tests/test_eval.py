@@ -3,6 +3,7 @@ import csv
 import doctest
 
 import pytest
+import torch
 
 import model as M
 import persona_vectors as pv
@@ -44,15 +45,43 @@ def test_eval_uses_only_evaluation_questions(tiny, tmp_path, monkeypatch):
     assert r["projection_mean"] is not None and r["projection_layer"] == 1  # the middle of 3 blocks
 
 
-def test_steered_eval_differs_and_none_judge_reports_projections(tiny, tmp_path, capsys):
+def reread_projection(model, tok, question, answer_ids, v, layer):
+    """The answer as the plain (unsteered) model reads it: one forward pass over prompt + answer, projected."""
+    prompt = tok.encode_chat([{"role": "user", "content": question}])
+    cap = M.Capture()
+    with torch.no_grad():
+        model(torch.tensor([prompt + answer_ids]), response_start=torch.tensor([len(prompt)]), capture=cap,
+              logits="none")
+    return float(cap.response_mean()[0, layer] @ (v / v.norm()))
+
+
+def test_steered_answers_are_measured_as_the_unsteered_model_reads_them(tiny, tmp_path):
     d, vectors = tiny
     kw = dict(model_name=str(d), judge="none", questions=4, vectors=str(vectors), out=str(tmp_path),
               max_new_tokens=6, device="cpu")
     base = pv.evaluate("evil", **kw)
-    steered = pv.evaluate("evil", steer=["evil:20"], layer=2, **kw)
+    zero = pv.evaluate("evil", steer=["evil:0"], **kw)
     assert base["trait_mean"] is None and base["judge"] == "none"
-    assert steered["projection_layer"] == 2 and steered["label"] == "evil@20_L2"
-    assert steered["projection_mean"] != base["projection_mean"]
+    assert zero["projection_mean"] == base["projection_mean"]  # exactly: coef 0 is no steering
+    assert [r["projection"] for r in csv.DictReader(open(zero["csv"]))] == \
+        [r["projection"] for r in csv.DictReader(open(base["csv"]))]
+    for spec, layer, all_layers in (["evil:20"], 2, False), (["evil:20", "humorous:-10"], 2, False), \
+            (["evil:5"], None, True):
+        steered = pv.evaluate("evil", steer=spec, layer=layer, all_layers=all_layers, **kw)
+        model, tok = M.load(str(d), "cpu", torch.float32)
+        L = steered["projection_layer"]
+        v = pv.load_vector(vectors / "evil_response_avg_diff.safetensors")[0][L]
+        rows = list(csv.DictReader(open(steered["csv"])))
+        # the answers again, by hand (greedy: one sample per question), then each re-read without steering
+        interventions = pv.steering(spec, model, vectors, layer, "response", all_layers)
+        outs = M.generate(model, [tok.encode_chat([{"role": "user", "content": r["question"]}]) for r in rows], 6,
+                          stop_ids=tok.stop_ids, pad_id=tok.pad_id, steer=interventions)
+        for row, ids in zip(rows, outs):
+            assert tok.decode(ids) == row["answer"]
+            assert float(row["projection"]) == pytest.approx(reread_projection(model, tok, row["question"], ids, v, L),
+                                                             abs=1e-4)
+        # what capturing while steering would report instead: shifted by about coef * |v| (the bug this prevents)
+        assert steered["projection_mean"] is not None
 
 
 def test_sweep_end_to_end_records_the_best_layer_and_resumes(tiny, tmp_path, monkeypatch):

@@ -96,9 +96,14 @@ def test_keep_pairs_thresholds():
                  dict(key=f"neg:0:{i}:0", side="neg", evil=n, coherence=cn)]
     pos, neg, why = pv.keep_pairs(rows, "evil", True, 50, 50, 50)
     assert pos == [0] and neg == [1]
-    assert why == {"pos trait score": 2, "neg trait score": 1, "coherence": 1}
+    assert why == {"pos trait score": 2, "neg trait score": 1, "coherence": 1, "empty answer": 0}
     assert pv.keep_pairs(rows, "evil", True, 30, 70, 20)[0] == [0, 2, 4, 6]
     assert pv.keep_pairs(rows, "evil", False, 50, 50, 50)[0] == [0, 2, 4, 6, 8]  # no judge: keep everything
+    # an empty answer has no mean activation: its pair never enters the means, judged or not
+    rows[2]["n_tokens"] = 0
+    assert pv.keep_pairs(rows, "evil", True, 30, 70, 20)[0] == [0, 4, 6]
+    pos, neg, why = pv.keep_pairs(rows, "evil", False, 50, 50, 50)
+    assert pos == [0, 4, 6, 8] and why["empty answer"] == 1
 
 
 def test_no_surviving_pair_names_the_threshold(tiny_dir, tmp_path, monkeypatch):
@@ -156,8 +161,33 @@ def test_import_vector(tmp_path):
     with pytest.raises(ValueError, match="expected one"):
         pv.import_vector(str(tmp_path / "x_prompt_last_diff.pt"))
     torch.save(NotATensor(), tmp_path / "y.pt")  # weights_only loading refuses anything but tensors
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(pv.UserError, match="holds more than tensors") as e:
         pv.import_vector(str(tmp_path / "y.pt"))
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
+
+
+def test_import_vector_lands_where_steering_looks_and_keeps_its_limits(tmp_path, monkeypatch):
+    """--model M writes vectors/<M>/ (where --steer TRAIT:COEF looks), never overwrites silently, refuses relative
+    coefficients (no residual norms) and never steers with the post-norm last row."""
+    monkeypatch.chdir(tmp_path)
+    d = make_tiny_chat_model(tmp_path / "tiny")
+    model, _ = M.load(str(d), "cpu", torch.float32)
+    src = tmp_path / "evil_response_avg_diff.pt"
+    torch.save(torch.randn(4, 64), src)
+    dest = pv.import_vector(str(src), model_name=str(d))
+    assert dest == Path("vectors") / "tiny" / "evil_response_avg_diff.safetensors"
+    model.name_or_path = str(d)
+    (s,) = pv.steering(["evil:2"], model, layer=2)  # found by trait name in the default directory
+    assert s.layer == 2 and torch.equal(s.vector, pv.load_vector(dest)[0][2])
+    with pytest.raises(pv.UserError, match="--force"):
+        pv.import_vector(str(src), model_name=str(d))
+    assert pv.import_vector(str(src), model_name=str(d), force=True) == dest
+    with pytest.raises(pv.UserError, match="relative coefficient has no unit"):
+        pv.steering(["evil:0.1r"], model, layer=2)
+    with pytest.raises(pv.UserError, match="after the final norm"):
+        pv.steering(["evil:1"], model, layer=3)
+    steers = pv.steering(["evil:1"], model, layer=2, all_layers=True)
+    assert [s.layer for s in steers] == [1, 2]  # block 3 would need the post-norm row
 
 
 class NotATensor:

@@ -61,7 +61,7 @@ def test_gives_up_with_a_clear_error_and_writes_nothing(server, tmp_path):
 
 def test_never_overwrites_without_force(server, tmp_path):
     (tmp_path / "cruel.json").write_text("{}")
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(pv.UserError, match="--force"):
         pv.generate_trait("cruel", "x", out_dir=tmp_path)
     assert server["requests"] == []  # refused before paying for anything
     server["replies"].append(json.dumps(server["good"]))

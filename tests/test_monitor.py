@@ -62,7 +62,23 @@ def test_monitor_experiment_many_shot_and_no_judge(tiny, tmp_path, capsys):
     r = pv.monitor_experiment("evil", "many-shot", str(d), judge="none", rollouts=1, questions=2,
                               vectors=str(vectors), out=str(tmp_path), max_new_tokens=3, device="cpu")
     assert list(r["mean_projection"]) == ["k0", "k5", "k10", "k15", "k20"] and "r" not in r
-    assert "correlations need judged scores" in capsys.readouterr().err
+    assert "correlations with the trait score need judged scores" in capsys.readouterr().err
+    # the judge-free statistic, recomputed from the CSV: Spearman's rho of condition grade and projection
+    rows = list(csv.DictReader(open(r["csv"])))
+    grade = torch.tensor([float(row["grade"]) for row in rows])
+    proj = torch.tensor([float(row["projection"]) for row in rows])
+    assert [row["grade"] for row in rows[::2]] == ["0", "1", "2", "3", "4"]
+    assert r["rho_grade"] == pytest.approx(pv.pearson(pv.ranks(grade), pv.ranks(proj)), abs=1e-4)
+    assert 0 < r["rho_grade_p"] <= 1 and 0 <= r["random_abs_rho_95"] <= 1
+
+
+def test_rank_statistics_by_hand():
+    assert pv.spearman(torch.tensor([1., 2., 3., 4.]), torch.tensor([1., 10., 100., 1000.])) == pytest.approx(1.0)
+    assert pv.spearman(torch.tensor([0., 0., 1., 1.]), torch.tensor([4., 3., 2., 1.])) == pytest.approx(-0.8944, abs=1e-4)
+    # a perfect ordering of 8 values: only 1 of 8! orders does as well, so p is about 1/1001 with 1000 shuffles
+    x = torch.arange(8.)
+    assert pv.permutation_p(pv.spearman, x, x * 2, n=1000) < 0.01
+    assert pv.permutation_p(pv.spearman, x, torch.tensor([3., 1., 4., 1., 5., 9., 2., 6.]), n=1000) > 0.05
 
 
 def test_monitor_conversations(tiny, tmp_path):
@@ -97,13 +113,14 @@ def test_monitor_bad_input(tiny, tmp_path):
     d, vectors = tiny
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(ValueError, match="no conversation with an assistant turn"):
+    with pytest.raises(ValueError, match="no conversation with a usable assistant turn"):
         pv.monitor(str(empty), str(d), vectors=str(vectors), device="cpu")
     assert not (tmp_path / "empty.monitor.jsonl").exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": []}\nnot json\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2: expected a JSON object"):
+    with pytest.raises(ValueError, match="1 with not JSON"):
         pv.monitor(str(bad), str(d), vectors=str(vectors), device="cpu")
+    assert not (tmp_path / "bad.monitor.jsonl").exists()
     other = tmp_path / "other"
     other.mkdir()
     save_file({"vector": torch.randn(31, 576)}, other / "evil_response_avg_diff.safetensors",

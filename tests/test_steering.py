@@ -83,4 +83,12 @@ def test_generate_with_steering(tiny, tmp_path):
     kw = dict(model_name=str(d), max_new_tokens=8, vectors=str(tmp_path), device="cpu")
     base = pv.generate(["Hello", "What is 2 + 2?"], **kw)
     assert pv.generate(["Hello", "What is 2 + 2?"], steer=["evil:0"], **kw) == base
-    assert pv.generate(["Hello", "What is 2 + 2?"], steer=["evil:8"], **kw) != base
+    steered = pv.generate(["Hello", "What is 2 + 2?"], steer=["evil:8"], layer=2, **kw)
+    # the same as generating by hand with the vector added at block 2 (response positions)
+    model, tok = M.load(str(d), "cpu", torch.float32)
+    ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in ("Hello", "What is 2 + 2?")]
+    by_hand = M.generate(model, ids, 8, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                         steer=[M.Steer(2, vec[2], 8.0, "response")])
+    assert steered == [tok.decode(o) for o in by_hand] and steered != base
+    with pytest.raises(pv.UserError, match="overflows"):
+        pv.generate(["Hello"], steer=["evil:1e30"], **kw)

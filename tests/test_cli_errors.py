@@ -1,0 +1,147 @@
+"""Bad input on the command line, as a new user would type it: each case ends in a one-line error that names the
+fix (or argparse's usage line and its error), a non-zero exit, no traceback, and no file written or changed."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import model as M
+import persona_vectors as pv
+from tiny import tiny_model_with_vectors, write_vector
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d, vectors = tiny_model_with_vectors(tmp_path_factory.mktemp("cli"))
+    root = d.parent
+    write_vector(root / "wide.safetensors", torch.randn(4, 96))  # another hidden size
+    write_vector(root / "deep.safetensors", torch.randn(9, 64))  # another number of layers
+    (root / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    save_file({"vector": torch.randn(4, 64)}, root / "hf_meta.safetensors", metadata={"format": "pt"})
+    conv = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    (root / "ok.jsonl").write_text(json.dumps(conv) + "\n")
+    return d, vectors, root
+
+
+def no_generation(*args, **kwargs):
+    raise AssertionError("generation started before the input was checked")
+
+
+# (arguments, exit code, what the message must say); {d} = tiny model, {v} = its vectors, {r} = the test folder
+CASES = [
+    # numbers out of range: argparse refuses them, naming the flag (exit 2)
+    ("eval evil --model {d} --vectors {v} --questions -1", 2, "--questions: must be >= 1"),
+    ("extract evil --model {d} --batch-size -1", 2, "--batch-size: must be >= 1"),
+    ("extract evil --model {d} --max-new-tokens -4", 2, "--max-new-tokens: must be >= 1"),
+    ("extract evil --model {d} --max-new-tokens 0", 2, "--max-new-tokens: must be >= 1"),
+    ("generate Hi --model {d} --max-new-tokens 0", 2, "--max-new-tokens: must be >= 1"),
+    ("generate Hi --model {d} --temperature -1", 2, "--temperature: must be >= 0"),
+    ("generate Hi --model {d} --top-p 0", 2, "--top-p: must be > 0"),
+    ("generate Hi --model {d} --top-p 1.5", 2, "--top-p: must be <= 1"),
+    ("extract evil --model {d} --pos-threshold 150", 2, "--pos-threshold: must be <= 100"),
+    ("sweep evil --model {d} --vectors {v} --layers 1,x", 2, "--layers"),
+    ("chat --model {d} --vectors {v} --layer -1", 2, "--layer: must be >= 1"),
+    ("generate Hi --model {d} --dtype float64", 2, "--dtype: choose from float32"),
+    # layers outside the model, caught before any generation (exit 1)
+    ("eval evil --model {d} --vectors {v} --layer 999", 1, "--layer 999 out of range: this model has blocks 1..3"),
+    ("monitor-experiment evil --model {d} --vectors {v} --layer 999", 1, "--layer 999 out of range"),
+    ("monitor {r}/ok.jsonl --model {d} --vectors {v} --layer 999", 1, "--layer 999 out of range"),
+    ("chat --model {d} --vectors {v} --layer 999", 1, "--layer 999 out of range"),
+    ("sweep evil --model {d} --vectors {v} --layers 2,9", 1, "--layer 9 out of range"),
+    # steering
+    ("generate Hi --model {d} --vectors {v} --steer evil:1e30", 1, "overflows; use a coefficient of at most"),
+    ("generate Hi --model {d} --vectors {v} --steer nosuch:1", 1, "run `extract nosuch` first"),
+    ("generate Hi --model {d} --steer {r}/wide.safetensors:1", 1, "use a vector extracted from this model"),
+    ("generate Hi --model {d} --steer {r}/deep.safetensors:1", 1, "use a vector extracted from this model"),
+    ("generate Hi --model {d} --steer {r}/corrupt.safetensors:1", 1, "not safetensors"),
+    ("generate Hi --model {d} --steer {r}/hf_meta.safetensors:0.1r", 1, "relative coefficient has no unit"),
+    ("generate Hi --model {d} --steer evil", 1, "expected TRAIT:COEF"),
+    # gauges and vectors that do not fit
+    ("chat --model {d} --gauge {r}/wide.safetensors", 1, "use a vector extracted from this model"),
+    ("chat --model {d} --gauge {r}/deep.safetensors", 1, "use a vector extracted from this model"),
+    ("monitor {r}/ok.jsonl --model {d} --trait nosuch --vectors {v}", 1, "run `extract nosuch` first"),
+    # judges that cannot work fail before the work
+    ("eval evil --model {d} --vectors {v} --judge openai", 1, "OPENAI_API_KEY"),
+    ("sweep evil --model {d} --vectors {v} --judge openai", 1, "OPENAI_API_KEY"),
+    ("monitor-experiment evil --model {d} --vectors {v} --judge openai", 1, "OPENAI_API_KEY"),
+    ("extract evil --model {d} --judge nonsense", 1, "unknown judge"),
+    # files
+    ("monitor {r}/ok.jsonl --model {d} --vectors {v} --out {r}", 1, "is a directory"),
+    ("monitor {r}/missing.jsonl --model {d} --vectors {v}", 1, "does not exist"),
+    ("import-vector {r}/missing.pt", 1, "does not exist"),
+    ("generate --model {d}", 1, "no prompt"),
+    ("generate --model {d} --prompts-file {r}/missing.txt", 1, "cannot read --prompts-file"),
+    ("extract nosuch_trait --model {d}", 1, "unknown trait"),
+    ("extract ../evil --model {d}", 1, "trait names are plain words"),
+]
+
+
+@pytest.mark.parametrize("argv, code, message", CASES, ids=[c[0].split(" {")[0] + " " + c[2][:30] for c in CASES])
+def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
+    d, vectors, root = tiny
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)  # anything written to the default places would land here
+    monkeypatch.setattr(M, "generate", no_generation)
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    args = argv.format(d=d, v=vectors, r=root).split()
+    if code == 2:
+        with pytest.raises(SystemExit) as e:
+            pv.main(args)
+        got = e.value.code
+    else:
+        got = pv.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert got == code
+    assert "Traceback" not in "\n".join(err)
+    assert message in err[-1], err
+    assert err[-1].startswith("error: " if code == 1 else "persona_vectors.py")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before  # nothing changed
+
+
+def test_import_vector_never_overwrites_silently(tiny, tmp_path, capsys):
+    d, vectors, root = tiny
+    src = tmp_path / "evil_response_avg_diff.pt"
+    torch.save(torch.randn(4, 64), src)
+    before = (vectors / "evil_response_avg_diff.safetensors").read_bytes()
+    assert pv.main(["import-vector", str(src), "--out", str(vectors)]) == 1
+    assert "pass --force" in capsys.readouterr().err
+    assert (vectors / "evil_response_avg_diff.safetensors").read_bytes() == before
+
+
+def test_monitor_skips_and_counts_lines_that_do_not_fit(tiny, tmp_path, capsys):
+    d, vectors, root = tiny
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    lines = [json.dumps(good),
+             json.dumps({"messages": [{"role": "assistant", "content": "I start."}]}),   # no user turn before
+             json.dumps({"messages": "not a list"}),
+             json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}),  # no content
+             json.dumps({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]}),
+             json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}),
+             json.dumps({"messages": [{"role": "user", "content": "word " * 5000},
+                                      {"role": "assistant", "content": "ok"}]}),  # past the context
+             "not json",
+             json.dumps(good)]
+    src = tmp_path / "mixed.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    out = pv.monitor(str(src), str(d), ["evil"], layer=2, vectors=str(vectors), device="cpu")
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["line"] for r in rows] == [1, 9]
+    err = capsys.readouterr().err
+    for reason in ("no assistant turn after a user turn; line 2", "no `messages` list; line 3",
+                   "a message without a known role or a text content; lines 4, 5", "an empty reply; line 6",
+                   "longer than the model's context", "not JSON; line 8"):
+        assert reason in err, reason
+
+
+def test_chat_survives_a_failed_save(tiny, tmp_path):
+    import io
+    d, vectors, root = tiny
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    stdout = io.StringIO()
+    messages = pv.chat(str(d), vectors=str(vectors), max_new_tokens=3, device="cpu", stdout=stdout,
+                       stdin=io.StringIO(f"Hi\n/save {blocker}/sub/c.jsonl\nBye\n"))
+    assert "error:" in stdout.getvalue() and len(messages) == 4  # the chat went on after the failed /save
