@@ -32,22 +32,23 @@ import numpy as np
 import torch
 
 import model as M
+import persona_vectors as pv
 from support import UserError
 from support.files import atomic_write, check_fits, check_writable, default_vectors_dir, load_vector, traits_in, \
     vector_path
 from support.hub import DEFAULT_MODEL
 
 SELECT = ("top", "bottom", "random", "above-reference")
-MALFORMED = "not a JSON object with a `messages` list of {role, content} messages"
+NOT_JSON = "not JSON"
 
 
-def projection_difference(response: torch.Tensor, base: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-    """ΔP per sample: (a(x, y) - a(x, y')) · v̂. response, base: [B, hidden] mean activations; unit: [hidden].
+def projection_difference(response: torch.Tensor, base: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ΔP per sample: (a(x, y) - a(x, y')) · v̂. response, base: [B, hidden] mean activations; v: [hidden].
 
-    >>> projection_difference(torch.tensor([[3., 1.]]), torch.tensor([[1., 5.]]), torch.tensor([1., 0.]))
+    >>> projection_difference(torch.tensor([[3., 1.]]), torch.tensor([[1., 5.]]), torch.tensor([2., 0.]))
     tensor([2.])
     """
-    return (response - base) @ unit
+    return pv.project(response - base, v)
 
 
 @torch.no_grad()
@@ -92,18 +93,13 @@ def parse_sample(raw: bytes, tok, max_tokens: int) -> tuple[list[int], list[int]
     header; the response is that turn's text.
     """
     try:
-        messages = json.loads(raw)["messages"]
-        ok = isinstance(messages, list) and all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                                                and isinstance(m.get("content"), str) for m in messages)
-    except (ValueError, KeyError, TypeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        ok = False
-    if not ok:
-        return MALFORMED
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        return "no assistant turn"
-    if last == 0:
-        return "no message before the last assistant turn"
+        record = json.loads(raw)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return NOT_JSON
+    turns = pv.assistant_turns(record)
+    if isinstance(turns, str):
+        return turns
+    messages, last = turns[0], turns[1][-1]
     response = tok.encode(messages[last]["content"])
     if not response:
         return "an empty last assistant turn"
@@ -136,12 +132,9 @@ def load_probes(traits: list[str], vectors_dir: Path, layer: int | None, model_n
                             f"--model {model_name}` first, or pass --vectors DIR" if not t.endswith(".safetensors")
                             else f"{path} does not exist")
         vec, meta = load_vector(path)
-        N = vec.shape[0] - 1
-        L = layer if layer is not None else meta.get("best_layer", N // 2)
-        if not 1 <= L <= N:
-            raise UserError(f"--layer {L} out of range: {path} has blocks 1..{N}")
+        L = pv.resolve_layer(layer, meta, vec.shape[0] - 1)
         name = meta.get("trait", t) if t.endswith(".safetensors") else t
-        probes.append(Probe(name, path, L, vec[L] / vec[L].norm().clamp(min=1e-12), vec, meta,
+        probes.append(Probe(name, path, L, pv.unit(vec[L]), vec, meta,
                             hashlib.sha256(path.read_bytes()).hexdigest()))
     if len({p.trait for p in probes}) < len(probes):
         raise UserError(f"a trait is given twice: {', '.join(p.trait for p in probes)}")
@@ -192,8 +185,7 @@ def work_dir(out: Path, src: Path, settings: Settings, probes: list[Probe]) -> P
     st = src.stat()
     key = dict(settings=asdict(settings), file=str(src.resolve()), size=st.st_size, mtime=st.st_mtime_ns,
                vectors=[(p.trait, p.sha, p.layer) for p in probes])
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return out / ".work" / f"{src.stem}-{digest}"
+    return out / ".work" / f"{src.stem}-{pv.settings_hash(key)}"
 
 
 def chunk_path(work: Path, c: int) -> Path:
@@ -378,8 +370,7 @@ def write_selection(dest: Path, chosen: dict[Path, set[int]]) -> None:
 def plot_histograms(values: dict[str, dict[str, np.ndarray]], probes: list[Probe], out: Path,
                     thresholds: dict[str, float]) -> list[Path]:
     """One PNG per trait: the ΔP histogram of each file, overlaid (like the paper's Figure 9)."""
-    from persona_vectors import _pyplot, _save_figure
-    plt = _pyplot()
+    plt = pv._pyplot()
     if plt is None:
         return []
     paths = []
@@ -395,7 +386,7 @@ def plot_histograms(values: dict[str, dict[str, np.ndarray]], probes: list[Probe
             ax.axvline(thresholds[p.trait], color="k", linestyle="--", label="reference 95th percentile")
         ax.set_xlabel(f"ΔP on {p.trait}, layer {p.layer}")
         ax.set_ylabel("density")
-        paths.append(_save_figure(plt, fig, ax, out / f"flag_{p.trait}.png"))
+        paths.append(pv._save_figure(plt, fig, ax, out / f"flag_{p.trait}.png"))
     return paths
 
 
@@ -409,6 +400,7 @@ def finish(jobs: list[Job], probes: list[Probe], out: Path, fmt: str, select: st
            select_out: Path | None, select_trait: str, seed: int, model_name: str) -> dict:
     """All chunks are done: check the selection first, then write every output (each atomically)."""
     traits = [p.trait for p in probes]
+    print(f"flag: every chunk is scored; writing the outputs to {out}", file=sys.stderr)
     got = {job.src: collect(job, traits) for job in jobs}
     for job in jobs:
         if len(got[job.src]["lines"]) == 0:
@@ -501,7 +493,7 @@ def flag(files: list[str], traits: list[str] | None = None, model_name: str = DE
          select: str | None = None, k: int | None = None, select_out: str | None = None,
          select_trait: str | None = None, reference: str | None = None, shard: str | None = None,
          batch_size: int | None = None, chunk_size: int = 1024, seed: int = 0, vectors: str | None = None,
-         device: str | None = None, dtype: str | None = None, merge_only: bool = False) -> dict:
+         device: str | None = None, dtype: torch.dtype | str | None = None, merge_only: bool = False) -> dict:
     """ΔP, raw projection and prompt-last projection of every sample of JSONL files ({"messages": [...]} per line)
     on each trait's vector -> per-sample files, a summary per file, histograms, and optionally a selection.
 
@@ -549,7 +541,7 @@ def flag(files: list[str], traits: list[str] | None = None, model_name: str = DE
     if select and select_trait not in [p.trait for p in probes]:
         raise UserError(f"--select-trait {select_trait} is not among the traits ({', '.join(p.trait for p in probes)})")
 
-    settings = Settings(model_name, str(dtype) if dtype else None, float(base_temperature), float(base_top_p),
+    settings = Settings(model_name, str(dtype).removeprefix("torch.") if dtype else None, float(base_temperature), float(base_top_p),
                         int(base_samples), int(max_new_tokens), int(max_tokens), int(chunk_size), int(seed))
     jobs = []
     for src, is_ref in [(s, False) for s in srcs] + ([(Path(reference), True)] if reference else []):
@@ -596,7 +588,7 @@ def flag_merge(files: list[str], traits: list[str] | None = None, model_name: st
                base_samples: int = 1, max_new_tokens: int = 200, max_tokens: int = 2048, out: str | None = None,
                fmt: str = "csv", select: str | None = None, k: int | None = None, select_out: str | None = None,
                select_trait: str | None = None, reference: str | None = None, chunk_size: int = 1024,
-               seed: int = 0, vectors: str | None = None, dtype: str | None = None) -> dict:
+               seed: int = 0, vectors: str | None = None, dtype: torch.dtype | str | None = None) -> dict:
     """Write the outputs of a sharded `flag` run from its finished chunks (same arguments as `flag`); loads no
     model."""
     return flag(files, traits, model_name, layer, base_temperature, base_top_p, base_samples, max_new_tokens,
@@ -611,30 +603,31 @@ def add_commands(sub) -> None:
         sp.add_argument("--trait", dest="traits", action="append", default=None,
                         help="trait (or vector .safetensors file); repeatable (default: every vector of the model)")
         sp.add_argument("--model", dest="model_name", default=DEFAULT_MODEL, help="hub id or local directory")
-        sp.add_argument("--layer", type=int, default=None, help="default: each vector's best layer, else the middle")
-        sp.add_argument("--base-temperature", type=float, default=0.0, help="0 = greedy base responses (default)")
-        sp.add_argument("--base-top-p", type=float, default=1.0)
-        sp.add_argument("--base-samples", type=int, default=1, help="base responses per prompt, averaged")
-        sp.add_argument("--max-new-tokens", type=int, default=200, help="length limit of base responses")
-        sp.add_argument("--max-tokens", type=int, default=2048, help="longer samples (prompt + response) are skipped")
+        sp.add_argument("--layer", type=pv.LAYER, default=None, help="default: each vector's best layer, else the middle")
+        sp.add_argument("--base-temperature", type=pv.TEMPERATURE, default=0.0, help="0 = greedy base responses (default)")
+        sp.add_argument("--base-top-p", type=pv.TOP_P, default=1.0)
+        sp.add_argument("--base-samples", type=pv.COUNT, default=1, help="base responses per prompt, averaged")
+        sp.add_argument("--max-new-tokens", type=pv.COUNT, default=200, help="length limit of base responses")
+        sp.add_argument("--max-tokens", type=pv.COUNT, default=2048, help="longer samples (prompt + response) are skipped")
         sp.add_argument("--out", default=None, help="output directory (default: flags/)")
         sp.add_argument("--format", dest="fmt", choices=["csv", "jsonl"], default="csv", help="per-sample files")
         sp.add_argument("--select", choices=SELECT, default=None)
-        sp.add_argument("--k", type=int, default=None, help="how many samples to select")
+        sp.add_argument("--k", type=pv.COUNT, default=None, help="how many samples to select")
         sp.add_argument("--select-out", default=None, help="JSONL of the selected lines, unchanged")
         sp.add_argument("--select-trait", default=None, help="the trait to select on (default: the first)")
         sp.add_argument("--reference", default=None, help="a clean JSONL file: flag samples above its 95th "
                         "percentile of ΔP")
-        sp.add_argument("--chunk-size", type=int, default=1024, help="lines per resumable chunk")
+        sp.add_argument("--chunk-size", type=pv.COUNT, default=1024, help="lines per resumable chunk")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
-        sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+        sp.add_argument("--dtype", type=pv._dtype, default=None, help="float32, bfloat16 or float16 (default: "
+                        "bfloat16 on CUDA, float32 on CPU)")
 
     f = sub.add_parser("flag", help="ΔP of training samples and datasets: which data would teach a trait")
     shared(f)
     f.add_argument("--shard", default=None, help="I/N: score chunks c with c %% N == I (default: torchrun's "
                    "RANK/WORLD_SIZE, else all)")
-    f.add_argument("--batch-size", type=int, default=None, help="default: 64 on CUDA, 16 on CPU")
+    f.add_argument("--batch-size", type=pv.COUNT, default=None, help="default: 64 on CUDA, 16 on CPU")
     f.add_argument("--device", default=None)
     f.set_defaults(func=flag)
     m = sub.add_parser("flag-merge", help="write the outputs of a sharded flag run (same arguments)")

@@ -84,8 +84,9 @@ def test_delta_p_matches_an_independent_recompute(tiny, loaded, tmp_path):
     rows = read_rows(r["outputs"][str(tmp_path / "data.jsonl")])
     assert [row["line"] for row in rows] == [n for n, x in enumerate(lines, 1) if n not in (3, 6, 8, 10)]
     file_stats = r["stats"]["files"][str(tmp_path / "data.jsonl")]
-    assert file_stats["skipped"] == {pv_flag.MALFORMED: {"count": 2, "first_lines": [3, 10]},
-                                     "no assistant turn": {"count": 1, "first_lines": [6]}}
+    assert file_stats["skipped"] == {pv_flag.NOT_JSON: {"count": 1, "first_lines": [3]},
+                                     "no `messages` list": {"count": 1, "first_lines": [10]},
+                                     "no assistant turn after a user turn": {"count": 1, "first_lines": [6]}}
     model, tok = loaded
     units = {t: (v := load_vector(tiny[1] / f"{t}_response_avg_diff.safetensors")[0][2]) / v.norm()
              for t in ("evil", "humorous")}
@@ -233,7 +234,8 @@ def _other_model_vectors(tmp_path):
 BAD_INPUT = [  # (name, file contents, extra arguments, expected message)
     ("empty file", "", {}, "is empty"),
     ("blank lines only", "\n\n", {}, "is empty"),
-    ("nothing scorable", "not json\n[1, 2]\n", {}, r"no line could be scored \(2 not a JSON object .*lines 1, 2\)"),
+    ("nothing scorable", "not json\n[1, 2]\n", {},
+     r"no line could be scored \(1 not JSON \(line 1\); 1 no `messages` list \(line 2\)\)"),
     ("vector from another model", None, {"vectors": "OTHER", "traits": ["evil"]}, "extracted from SmolLM2"),
     ("trait without a vector", None, {"traits": ["sycophantic"]},
      r"no sycophantic vector .* run `python persona_vectors.py extract sycophantic"),
