@@ -434,7 +434,8 @@ def finish(jobs: list[Job], probes: list[Probe], out: Path, fmt: str, select: st
             entry["traits"][t] = summarize(g["dp"][t])
             entry["traits"][t]["no_base_response"] = int(np.isnan(g["dp"][t]).sum())
             if t in thresholds:
-                entry["traits"][t]["above_reference"] = float(np.mean(g["dp"][t][np.isfinite(g["dp"][t])] > thresholds[t]))
+                finite = g["dp"][t][np.isfinite(g["dp"][t])]
+                entry["traits"][t]["above_reference"] = float(np.mean(finite > thresholds[t]))
         summary["files"][str(job.src)] = entry
     if thresholds:
         summary["reference_95th_percentile"] = thresholds
@@ -541,8 +542,9 @@ def flag(files: list[str], traits: list[str] | None = None, model_name: str = DE
     if select and select_trait not in [p.trait for p in probes]:
         raise UserError(f"--select-trait {select_trait} is not among the traits ({', '.join(p.trait for p in probes)})")
 
-    settings = Settings(model_name, str(dtype).removeprefix("torch.") if dtype else None, float(base_temperature), float(base_top_p),
-                        int(base_samples), int(max_new_tokens), int(max_tokens), int(chunk_size), int(seed))
+    settings = Settings(model_name, str(dtype).removeprefix("torch.") if dtype else None, float(base_temperature),
+                        float(base_top_p), int(base_samples), int(max_new_tokens), int(max_tokens), int(chunk_size),
+                        int(seed))
     jobs = []
     for src, is_ref in [(s, False) for s in srcs] + ([(Path(reference), True)] if reference else []):
         n, filled = count_lines(src)
@@ -552,7 +554,8 @@ def flag(files: list[str], traits: list[str] | None = None, model_name: str = DE
     if select in ("top", "bottom", "random"):
         available = sum(j.filled for j in jobs if not j.reference)
         if k > available:
-            raise UserError(f"--k {k} but the data has only {available} non-blank lines: choose --k {available} or less")
+            raise UserError(f"--k {k} but the data has only {available} non-blank lines: choose --k {available} "
+                            "or less")
 
     if not merge_only and any(j.missing() for j in jobs):
         if isinstance(dtype, str):
@@ -603,12 +606,15 @@ def add_commands(sub) -> None:
         sp.add_argument("--trait", dest="traits", action="append", default=None,
                         help="trait (or vector .safetensors file); repeatable (default: every vector of the model)")
         sp.add_argument("--model", dest="model_name", default=DEFAULT_MODEL, help="hub id or local directory")
-        sp.add_argument("--layer", type=pv.LAYER, default=None, help="default: each vector's best layer, else the middle")
-        sp.add_argument("--base-temperature", type=pv.TEMPERATURE, default=0.0, help="0 = greedy base responses (default)")
+        sp.add_argument("--layer", type=pv.LAYER, default=None,
+                        help="default: each vector's best layer, else the middle")
+        sp.add_argument("--base-temperature", type=pv.TEMPERATURE, default=0.0,
+                        help="0 = greedy base responses (default)")
         sp.add_argument("--base-top-p", type=pv.TOP_P, default=1.0)
         sp.add_argument("--base-samples", type=pv.COUNT, default=1, help="base responses per prompt, averaged")
         sp.add_argument("--max-new-tokens", type=pv.COUNT, default=200, help="length limit of base responses")
-        sp.add_argument("--max-tokens", type=pv.COUNT, default=2048, help="longer samples (prompt + response) are skipped")
+        sp.add_argument("--max-tokens", type=pv.COUNT, default=2048,
+                        help="longer samples (prompt + response) are skipped and counted")
         sp.add_argument("--out", default=None, help="output directory (default: flags/)")
         sp.add_argument("--format", dest="fmt", choices=["csv", "jsonl"], default="csv", help="per-sample files")
         sp.add_argument("--select", choices=SELECT, default=None)

@@ -21,7 +21,8 @@ def conversation(i: int) -> dict:
     messages = [{"role": "system", "content": "You are a helpful assistant."}] if i % 3 == 0 else []
     if i % 4 == 1:
         messages += [{"role": "user", "content": say(3, i)}, {"role": "assistant", "content": say(2, i + 1)}]
-    messages += [{"role": "user", "content": say(2 + i % 5, i)}, {"role": "assistant", "content": say(1 + (7 * i) % 12, i + 3)}]
+    messages += [{"role": "user", "content": say(2 + i % 5, i)},
+                 {"role": "assistant", "content": say(1 + (7 * i) % 12, i + 3)}]
     return {"messages": messages}
 
 
@@ -149,7 +150,8 @@ def test_interrupted_run_resumes_without_redoing_chunks(tiny, tmp_path, monkeypa
     monkeypatch.setattr(pv_flag, "score_chunk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     got = run(tiny, [tmp_path / "data.jsonl"], tmp_path / "run")
     assert len(calls) == 2  # 12 lines in chunks of 4: the first chunk was kept, two were left
-    assert got["outputs"][str(tmp_path / "data.jsonl")].read_bytes() == ref["outputs"][str(tmp_path / "data.jsonl")].read_bytes()
+    key = str(tmp_path / "data.jsonl")
+    assert got["outputs"][key].read_bytes() == ref["outputs"][key].read_bytes()
     assert got["stats"]["files"] == {k: v | {"per_sample": str(tmp_path / "run" / "data.flag.csv")}
                                      for k, v in ref["stats"]["files"].items()}
 
