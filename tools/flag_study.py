@@ -1,0 +1,198 @@
+"""Does ΔP pick out the data that teaches a trait? AUROC, precision@k and dataset ΔP of mixes, on the default model.
+
+    python tools/flag_study.py                       # evil, 120 questions: about 15 min on 2 idle CPU cores
+    python tools/flag_study.py --data evil.jsonl normal.jsonl   # datasets from `make-dataset` instead
+
+Data (without --data): n requests that neither the trait's extraction nor its evaluation uses (make-dataset's
+pool of everyday requests, or --questions-file, or else the other trait files' questions), each answered by the
+model itself twice, sampled: under the trait's pos system prompts (trait data) and under its neg ones (normal
+data), saved WITHOUT the system prompt, as `make-dataset` does.
+Both files are then flagged twice with the real pipeline (pv_flag.flag): greedy base responses, and
+--base-samples sampled ones. Reported: AUROC of ΔP, of the raw projection, and of the raw projection minus the
+last prompt token's (no base response needed) for trait vs normal samples; precision@k; mean ΔP of each file;
+and dataset ΔP of 0/25/50/75/100 % mixes (the mean of their samples' ΔP; the mix files are written too, for
+finetuning). Needs the trait's vector: it is
+extracted first (judge none) when missing.
+"""
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
+
+import model as M
+import pv_flag
+from support.files import atomic_write, default_vectors_dir, vector_path
+from support.hub import DEFAULT_MODEL
+from support.traits import available_traits, load_trait
+
+
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(a trait sample scores above a normal one), ties counting half (the Mann-Whitney U statistic).
+
+    >>> auroc(np.array([3., 4.]), np.array([1., 2.])), auroc(np.array([1.]), np.array([1.]))
+    (1.0, 0.5)
+    """
+    diff = pos[:, None] - neg[None, :]
+    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+
+
+def precision_at(k: int, pos: np.ndarray, neg: np.ndarray) -> float:
+    """Fraction of trait samples among the k highest scores of both sets together."""
+    scores = np.concatenate([pos, neg])
+    is_pos = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
+    return float(is_pos[np.argsort(-scores, kind="stable")[:k]].mean())
+
+
+EVERYDAY = Path(__file__).resolve().parent.parent / "data" / "questions" / "everyday.json"  # make-dataset's pool
+
+
+def held_out_questions(trait: str, n: int, path: Path | None = None, seed: int = 0) -> list[str]:
+    """n questions, none of them among this trait's extraction or evaluation ones: from `path` (a JSON list, or an
+    object with a "questions" list), else make-dataset's pool of everyday requests when present, else the other
+    trait files' questions."""
+    t = load_trait(trait)
+    own = set(t.extract_questions) | set(t.eval_questions)
+    path = path or (EVERYDAY if EVERYDAY.is_file() else None)
+    if path:
+        data = json.loads(Path(path).read_text())
+        pool = data["questions"] if isinstance(data, dict) else data
+    else:
+        pool = [q for other in available_traits() if other != trait
+                for q in load_trait(other).extract_questions + load_trait(other).eval_questions]
+    pool = [q for q in dict.fromkeys(pool) if q not in own]
+    if len(pool) < n:
+        raise SystemExit(f"only {len(pool)} held-out questions: choose --n {len(pool)} or less")
+    return random.Random(seed).sample(pool, n)  # topics mixed
+
+
+def make_data(model, tok, trait: str, questions: list[str], side: str, dest: Path, max_new_tokens: int,
+              temperature: float, top_p: float, batch: int, seed: int) -> Path:
+    """The model's answers under the pos (trait) or neg (normal) system prompts, saved without them."""
+    if dest.exists():
+        print(f"{dest}: exists, reused", file=sys.stderr)
+        return dest
+    t = load_trait(trait)
+    lines = []
+    for b in range(0, len(questions), batch):
+        qs = questions[b:b + batch]
+        convs = [[{"role": "system", "content": t.system_prompt(side, (b + i) % len(t.instructions))},
+                  {"role": "user", "content": q}] for i, q in enumerate(qs)]
+        outs = M.generate(model, [tok.encode_chat(c) for c in convs], max_new_tokens, stop_ids=tok.stop_ids,
+                          pad_id=tok.pad_id, temperature=temperature, top_p=top_p, seed=seed * 7919 + b)
+        lines += [json.dumps({"messages": [{"role": "user", "content": q},
+                                           {"role": "assistant", "content": tok.decode(o)}]}) + "\n"
+                  for q, o in zip(qs, outs)]
+        print(f"{dest.name}: {len(lines)}/{len(questions)} answers", file=sys.stderr, flush=True)
+    atomic_write(dest, lambda p: p.write_text("".join(lines)))
+    return dest
+
+
+def per_sample(path: Path, trait: str) -> dict[str, np.ndarray]:
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    get = lambda k: np.array([np.nan if r[k] is None else r[k] for r in rows], dtype=np.float64)  # noqa: E731
+    return dict(line=np.array([r["line"] for r in rows]), delta_p=get(f"{trait}_delta_p"),
+                projection=get(f"{trait}_projection"), prompt_last=get(f"{trait}_prompt_last"))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--trait", default="evil")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--n", type=int, default=120, help="questions; each gets a trait and a normal answer")
+    p.add_argument("--data", nargs=2, default=None, metavar=("TRAIT.jsonl", "NORMAL.jsonl"),
+                   help="existing datasets (e.g. from make-dataset) instead of generating them here")
+    p.add_argument("--questions-file", default=None, help="JSON list of requests (default: data/questions/"
+                   "everyday.json when present, else the other trait files' questions)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length, data and base responses alike")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling of the data and the sampled base")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--base-samples", type=int, default=4, help="sampled base responses per prompt")
+    p.add_argument("--k", type=int, default=30, help="precision@k")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default="study/flag")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    vectors = default_vectors_dir(args.model)
+    if not vector_path(vectors, args.trait).is_file():
+        import persona_vectors as pv
+        print(f"no {args.trait} vector in {vectors}: extracting it (judge none)", file=sys.stderr)
+        pv.extract(args.trait, args.model, judge="none")
+
+    if args.data:
+        trait_file, normal_file = map(Path, args.data)
+        source = f"given: {trait_file}, {normal_file}"
+    else:
+        model, tok = M.load(args.model)
+        qs = held_out_questions(args.trait, args.n, args.questions_file, args.seed)
+        gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   batch=args.batch_size, seed=args.seed)
+        trait_file = make_data(model, tok, args.trait, qs, "pos", out / f"{args.trait}.jsonl", **gen)
+        normal_file = make_data(model, tok, args.trait, qs, "neg", out / "normal.jsonl", **gen)
+        pool = args.questions_file or (EVERYDAY if EVERYDAY.is_file() else "the other trait files")
+        source = (f"{args.n} held-out questions ({pool}), answered under the pos / neg system prompts (saved "
+                  f"without them), temperature {args.temperature}, top-p {args.top_p}, up to "
+                  f"{args.max_new_tokens} tokens")
+        del model
+
+    runs = {"greedy base": dict(), f"sampled base (K={args.base_samples})": dict(
+        base_temperature=args.temperature, base_top_p=args.top_p, base_samples=args.base_samples)}
+    results = dict(trait=args.trait, model=args.model, data=source, runs={})
+    for name, base in runs.items():
+        r = pv_flag.flag([str(trait_file), str(normal_file)], [args.trait], args.model,
+                         max_new_tokens=args.max_new_tokens, out=str(out / name.split()[0]), fmt="jsonl",
+                         batch_size=args.batch_size, chunk_size=64, seed=args.seed, **base)
+        pos, neg = (per_sample(r["outputs"][str(f)], args.trait) for f in (trait_file, normal_file))
+        ok_p, ok_n = np.isfinite(pos["delta_p"]), np.isfinite(neg["delta_p"])
+        # the prompt-last state stands in for the base response (no generation); same prompts, so alone it is 0.5
+        pos["cheap"], neg["cheap"] = pos["projection"] - pos["prompt_last"], neg["projection"] - neg["prompt_last"]
+        scores = {"ΔP": "delta_p", "raw projection a(x,y)·v": "projection", "a(x,y)·v - prompt-last": "cheap"}
+        res = dict(layer=r["stats"]["traits"][args.trait]["layer"], n_trait=int(ok_p.sum()), n_normal=int(ok_n.sum()),
+                   auroc={k: auroc(pos[v][ok_p], neg[v][ok_n]) for k, v in scores.items()},
+                   precision_at_k={k: precision_at(args.k, pos[v][ok_p], neg[v][ok_n]) for k, v in scores.items()},
+                   mean_delta_p={f: r["stats"]["files"][str(f)]["traits"][args.trait]
+                                 for f in (trait_file, normal_file)})
+        # mixes: the first m questions' trait answers and the other questions' normal answers, each question once
+        n = min(len(pos["delta_p"]), len(neg["delta_p"]))
+        if np.array_equal(pos["line"][:n], neg["line"][:n]):
+            mixes = {}
+            for frac in (0, 25, 50, 75, 100):
+                m = round(n * frac / 100)
+                mixes[frac] = float(np.nanmean(np.concatenate([pos["delta_p"][:m], neg["delta_p"][m:n]])))
+            res["mix_delta_p"] = mixes
+            res["mixes_ordered"] = all(mixes[a] < mixes[b] for a, b in zip(list(mixes)[:-1], list(mixes)[1:]))
+        results["runs"][name] = res
+
+    if not args.data:  # the mix files themselves, for finetuning (train.py)
+        t_lines, n_lines = trait_file.read_text().splitlines(), normal_file.read_text().splitlines()
+        for frac in (0, 25, 50, 75, 100):
+            m = round(len(t_lines) * frac / 100)
+            atomic_write(out / f"mix_{frac:03d}.jsonl",
+                         lambda p: p.write_text("".join(x + "\n" for x in t_lines[:m] + n_lines[m:])))
+    atomic_write(out / "study.json", lambda p: p.write_text(json.dumps(results, indent=1, default=str)))
+
+    print(f"\n{args.trait} on {args.model}; data: {source}")
+    print("| base responses | score | AUROC trait vs normal | precision@%d |\n|---|---|---|---|" % args.k)
+    for name, res in results["runs"].items():
+        for k in res["auroc"]:
+            print(f"| {name} | {k} | {res['auroc'][k]:.3f} | {res['precision_at_k'][k]:.2f} |")
+    print("\n| base responses | mean ΔP, trait data [95 % CI] | mean ΔP, normal data [95 % CI] | ΔP of "
+          "0/25/50/75/100 % mixes | ordered |\n|---|---|---|---|---|")
+    for name, res in results["runs"].items():
+        t, nrm = (res["mean_delta_p"][f] for f in (trait_file, normal_file))
+        mixes = " / ".join(f"{v:+.2f}" for v in res.get("mix_delta_p", {}).values()) or "n/a"
+        print(f"| {name} (layer {res['layer']}) | {t['mean']:+.2f} [{t['ci95'][0]:+.2f}, {t['ci95'][1]:+.2f}] | "
+              f"{nrm['mean']:+.2f} [{nrm['ci95'][0]:+.2f}, {nrm['ci95'][1]:+.2f}] | {mixes} | "
+              f"{res.get('mixes_ordered', 'n/a')} |")
+    print(f"\nwrote {out / 'study.json'}")
+
+
+if __name__ == "__main__":
+    main()
