@@ -13,6 +13,7 @@ Read it from the top: first the method, in the paper's order, as short functions
     5. monitor      project an activation on the unit vector
     6. steer        add coef * v[L] to the residual stream while generating (negative coef: away from the trait)
     7. shift        how far finetuning moved the activations along the vector (the finetuning shift)
+    8. flag         ΔP: how much further along the vector a training response sits than the model's own
 then the pipelines that run them over files (resumable, cached: extract, evaluate, sweep, chat, monitor, ...),
 and the command line at the bottom. Every subcommand is a plain function here: import it.
 """
@@ -172,6 +173,17 @@ def finetuning_shift(base_acts: torch.Tensor, finetuned_acts: torch.Tensor, vect
     """
     delta = finetuned_acts.float().mean(0) - base_acts.float().mean(0)  # [N + 1, hidden]
     return (delta * unit(vector.float())).sum(-1)
+
+
+# 8. Flagging data: does a training response sit further along the trait than the model's own would?
+
+def projection_difference(response: torch.Tensor, base: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ΔP per sample: (a(x, y) - a(x, y')) · v̂. response, base: [B, hidden] mean activations; v: [hidden].
+
+    >>> projection_difference(torch.tensor([[3., 1.]]), torch.tensor([[1., 5.]]), torch.tensor([2., 0.]))
+    tensor([2.])
+    """
+    return project(response - base, v)
 
 
 # ===============================================================================================================
@@ -1682,8 +1694,9 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
     sh.add_argument("--dtype", type=_dtype, default=None, help="float32, bfloat16 or float16")
 
-    from support import control_vector, server  # beyond the paper: vectors for llama.cpp, an OpenAI-style server
-    control_vector.add_commands(sub)
+    from support import control_vector, flagging, server
+    flagging.add_commands(sub)  # flag, flag-merge: ΔP over datasets at scale (streamed, resumable, sharded)
+    control_vector.add_commands(sub)  # beyond the paper: vectors for llama.cpp, an OpenAI-style server
     server.add_commands(sub)
     return p
 

@@ -1,4 +1,4 @@
-"""Data flagging (pv_flag.py): ΔP against an independent recompute, resume, shards, selection, bad input."""
+"""Data flagging (support/flagging.py): ΔP against an independent recompute, resume, shards, selection, bad input."""
 import argparse
 import inspect
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import model as M
-import pv_flag
+from support import flagging
 from support import UserError
 from support.files import load_vector
 from tiny import tiny_model_with_vectors, write_vector
@@ -62,7 +62,7 @@ def run(tiny, files, out, **kw):
     d, vectors = tiny
     args = dict(traits=["evil", "humorous"], model_name=str(d), layer=2, vectors=str(vectors), out=str(out),
                 max_new_tokens=6, batch_size=3, chunk_size=4, device="cpu") | kw
-    return pv_flag.flag([str(f) for f in files], **args)
+    return flagging.flag([str(f) for f in files], **args)
 
 
 def read_rows(path):
@@ -85,7 +85,7 @@ def test_delta_p_matches_an_independent_recompute(tiny, loaded, tmp_path):
     rows = read_rows(r["outputs"][str(tmp_path / "data.jsonl")])
     assert [row["line"] for row in rows] == [n for n, x in enumerate(lines, 1) if n not in (3, 6, 8, 10)]
     file_stats = r["stats"]["files"][str(tmp_path / "data.jsonl")]
-    assert file_stats["skipped"] == {pv_flag.NOT_JSON: {"count": 1, "first_lines": [3]},
+    assert file_stats["skipped"] == {flagging.NOT_JSON: {"count": 1, "first_lines": [3]},
                                      "no `messages` list": {"count": 1, "first_lines": [10]},
                                      "no assistant turn after a user turn": {"count": 1, "first_lines": [6]}}
     model, tok = loaded
@@ -119,7 +119,7 @@ def test_sampled_base_responses_are_averaged(loaded):
     model, tok = loaded
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in ("the capital of France", "evil people")]
     ys = [tok.encode("Paris is the capital"), tok.encode("help them")]
-    got = pv_flag.measure(model, prompts, ys, tok.stop_ids, tok.pad_id, 5, temperature=20.0, samples=3, seed=7)
+    got = flagging.measure(model, prompts, ys, tok.stop_ids, tok.pad_id, 5, temperature=20.0, samples=3, seed=7)
     # the same sampling again (same seed, same batch), then each base response through its own forward pass
     outs = M.generate(model, [p for p in prompts for _ in range(3)], 5, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                       temperature=20.0, seed=7)
@@ -134,20 +134,20 @@ def test_sampled_base_responses_are_averaged(loaded):
 def test_interrupted_run_resumes_without_redoing_chunks(tiny, tmp_path, monkeypatch):
     write_data(tmp_path / "data.jsonl", 11, bad={5: "{oops"})
     ref = run(tiny, [tmp_path / "data.jsonl"], tmp_path / "ref")
-    real, calls = pv_flag.score_chunk, []
+    real, calls = flagging.score_chunk, []
 
     def dies_in_second_chunk(*a, **kw):
         calls.append(kw.get("progress", ""))
         if len(calls) == 2:
             raise KeyboardInterrupt  # as if killed while scoring the second chunk
         return real(*a, **kw)
-    monkeypatch.setattr(pv_flag, "score_chunk", dies_in_second_chunk)
+    monkeypatch.setattr(flagging, "score_chunk", dies_in_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         run(tiny, [tmp_path / "data.jsonl"], tmp_path / "run")
     assert not (tmp_path / "run" / "data.flag.csv").exists()  # nothing half-written
     assert not list((tmp_path / "run").rglob("*.tmp"))
     calls.clear()
-    monkeypatch.setattr(pv_flag, "score_chunk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(flagging, "score_chunk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     got = run(tiny, [tmp_path / "data.jsonl"], tmp_path / "run")
     assert len(calls) == 2  # 12 lines in chunks of 4: the first chunk was kept, two were left
     key = str(tmp_path / "data.jsonl")
@@ -164,14 +164,14 @@ def test_shards_merge_to_the_single_run(tiny, tmp_path):
     first = run(tiny, files, tmp_path / "sharded", shard="0/2")
     assert not first["complete"] and not (tmp_path / "sharded" / "a.flag.csv").exists()
     with pytest.raises(UserError, match="not every chunk is scored yet"):
-        pv_flag.flag_merge([str(f) for f in files], ["evil", "humorous"], str(tiny[0]), layer=2,
+        flagging.flag_merge([str(f) for f in files], ["evil", "humorous"], str(tiny[0]), layer=2,
                            max_new_tokens=6, chunk_size=4, vectors=str(tiny[1]), out=str(tmp_path / "sharded"))
     last = run(tiny, files, tmp_path / "sharded", shard="1/2")  # the last shard to finish writes the outputs
     assert last["complete"]
     for f in files:
         assert last["outputs"][str(f)].read_bytes() == single["outputs"][str(f)].read_bytes()
     (tmp_path / "sharded" / "a.flag.csv").unlink()
-    merged = pv_flag.flag_merge([str(f) for f in files], ["evil", "humorous"], str(tiny[0]), layer=2,
+    merged = flagging.flag_merge([str(f) for f in files], ["evil", "humorous"], str(tiny[0]), layer=2,
                                 max_new_tokens=6, chunk_size=4, vectors=str(tiny[1]), out=str(tmp_path / "sharded"))
     assert merged["outputs"][str(files[0])].read_bytes() == single["outputs"][str(files[0])].read_bytes()
 
@@ -179,7 +179,7 @@ def test_shards_merge_to_the_single_run(tiny, tmp_path):
 def test_torchrun_environment_picks_the_shard(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
-    assert pv_flag.parse_shard(None) == (3, 4) and pv_flag.parse_shard("1/2") == (1, 2)
+    assert flagging.parse_shard(None) == (3, 4) and flagging.parse_shard("1/2") == (1, 2)
 
 
 def test_selection_writes_the_chosen_lines_unchanged(tiny, tmp_path):
@@ -272,8 +272,8 @@ def test_command_line(tiny, tmp_path, capsys):
     """add_commands registers both commands; every option's dest is a parameter of its function."""
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command", required=True)
-    pv_flag.add_commands(sub)
-    for name, fn in (("flag", pv_flag.flag), ("flag-merge", pv_flag.flag_merge)):
+    flagging.add_commands(sub)
+    for name, fn in (("flag", flagging.flag), ("flag-merge", flagging.flag_merge)):
         sp = sub.choices[name]
         dests = {a.dest for a in sp._actions if a.dest != "help"}
         assert dests <= set(inspect.signature(fn).parameters), dests - set(inspect.signature(fn).parameters)

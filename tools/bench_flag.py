@@ -8,7 +8,7 @@ base responses y' (up to --new-tokens tokens) for all three:
     forward pass over prompt + y and one over prompt + y'. Target: ours >= 3x.
 (b) batched transformers: batched `generate` for y', then batched hidden-state passes over prompt + y and
     prompt + y' (batches sorted by length, as ours). Target: ours >= 1.3x.
-ours: pv_flag.score_chunk: one forward pass over prompt + y per batch, and y' captured while it is generated.
+ours: flagging.score_chunk: one forward pass over prompt + y per batch, and y' captured while it is generated.
 Targets are ratios measured in the same run, never absolute times.
 """
 import argparse
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
 
 import model as M
-import pv_flag
+from support import flagging
 from support import hub
 from support.traits import available_traits, load_trait
 
@@ -110,20 +110,20 @@ def main():
     N, H = ours.config.num_hidden_layers, ours.config.hidden_size
     layer = N // 2
     vec = torch.randn(N + 1, H, generator=torch.Generator().manual_seed(0))
-    probe = pv_flag.Probe("bench", Path("-"), layer, vec[layer] / vec[layer].norm(), vec, {}, "")
+    probe = flagging.Probe("bench", Path("-"), layer, vec[layer] / vec[layer].norm(), vec, {}, "")
     convs = make_samples(ours, tok, args.samples, args.new_tokens)
     lines = [(json.dumps(c) + "\n").encode() for c in convs]
     data = [(tok.encode_chat(c["messages"][:-1]), tok.encode(c["messages"][-1]["content"])) for c in convs]
-    s = pv_flag.Settings(args.model, None, 0.0, 1.0, 1, args.new_tokens, 4096, len(lines), 0)
+    s = flagging.Settings(args.model, None, 0.0, 1.0, 1, args.new_tokens, 4096, len(lines), 0)
 
     def run_ours():
-        rows, _ = pv_flag.score_chunk(ours, tok, [probe], lines, 1, s, args.batch, 0)
+        rows, _ = flagging.score_chunk(ours, tok, [probe], lines, 1, s, args.batch, 0)
         return [float("nan") if r["bench_delta_p"] is None else r["bench_delta_p"] for r in rows]
 
     runs = {"ours": run_ours,
             "batched": lambda: batched(hf, tok, data, layer, probe.unit, args.new_tokens, args.batch),
             "official": lambda: official(hf, tok, data, layer, probe.unit, args.new_tokens)}
-    pv_flag.measure(ours, [data[0][0]], [data[0][1]], tok.stop_ids, tok.pad_id, 2)  # warm-up
+    flagging.measure(ours, [data[0][0]], [data[0][1]], tok.stop_ids, tok.pad_id, 2)  # warm-up
     secs, got = {k: float("inf") for k in runs}, {}
     for _ in range(args.repeats):  # interleaved: a busy machine slows every side alike
         for name, fn in runs.items():
@@ -140,7 +140,7 @@ def main():
           f"{args.new_tokens} tokens, batch {args.batch}, greedy y', best of {args.repeats}")
     print("| ΔP of every sample | samples/s | ours is | target | max abs ΔP difference to ours |\n"
           "|---|---|---|---|---|")
-    print(f"| ours (pv_flag: one pass for y, y' captured while generated) | {n / secs['ours']:.2f} | | | |")
+    print(f"| ours (flagging: one pass for y, y' captured while generated) | {n / secs['ours']:.2f} | | | |")
     for k, label, target in (("official", "(a) official way, one sample at a time", ">= 3x"),
                              ("batched", "(b) batched transformers", ">= 1.3x")):
         print(f"| {label} | {n / secs[k]:.2f} | {secs[k] / secs['ours']:.2f}x | {target} | {diff[k]:.1e} "

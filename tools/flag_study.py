@@ -7,7 +7,7 @@ Data (without --data): n requests that neither the trait's extraction nor its ev
 pool of everyday requests, or --questions-file, or else the other trait files' questions), each answered by the
 model itself twice, sampled: under the trait's pos system prompts (trait data) and under its neg ones (normal
 data), saved WITHOUT the system prompt, as `make-dataset` does.
-Both files are then flagged twice with the real pipeline (pv_flag.flag): greedy base responses, and
+Both files are then flagged twice with the real pipeline (flagging.flag): greedy base responses, and
 --base-samples sampled ones. Reported: AUROC of ΔP, of the raw projection, and of the raw projection minus the
 last prompt token's (no base response needed) for trait vs normal samples; precision@k; mean ΔP of each file;
 and dataset ΔP of 0/25/50/75/100 % mixes (the mean of their samples' ΔP; the mix files are written too, for
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
 
 import model as M
-import pv_flag
+from support import flagging
 from support.files import atomic_write, default_vectors_dir, vector_path
 from support.hub import DEFAULT_MODEL
 from support.traits import available_traits, load_trait
@@ -146,7 +146,7 @@ def main():
         base_temperature=args.temperature, base_top_p=args.top_p, base_samples=args.base_samples)}
     results = dict(trait=args.trait, model=args.model, data=source, runs={})
     for name, base in runs.items():
-        r = pv_flag.flag([str(trait_file), str(normal_file)], [args.trait], args.model,
+        r = flagging.flag([str(trait_file), str(normal_file)], [args.trait], args.model,
                          max_new_tokens=args.max_new_tokens, out=str(out / name.split()[0]), fmt="jsonl",
                          batch_size=args.batch_size, chunk_size=64, seed=args.seed, **base)
         pos, neg = (per_sample(r["outputs"][str(f)], args.trait) for f in (trait_file, normal_file))

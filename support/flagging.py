@@ -1,4 +1,4 @@
-"""Data flagging: the projection difference ΔP of training samples and datasets on persona vectors (paper §6).
+"""Data flagging at scale: the projection difference ΔP of training samples and datasets on persona vectors (paper §6).
 
     python persona_vectors.py flag data.jsonl --trait evil                      # -> flags/data.flag.csv, summary
     python persona_vectors.py flag a.jsonl b.jsonl --trait evil --trait sycophantic --select top --k 500
@@ -40,15 +40,6 @@ from support.hub import DEFAULT_MODEL
 
 SELECT = ("top", "bottom", "random", "above-reference")
 NOT_JSON = "not JSON"
-
-
-def projection_difference(response: torch.Tensor, base: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """ΔP per sample: (a(x, y) - a(x, y')) · v̂. response, base: [B, hidden] mean activations; v: [hidden].
-
-    >>> projection_difference(torch.tensor([[3., 1.]]), torch.tensor([[1., 5.]]), torch.tensor([2., 0.]))
-    tensor([2.])
-    """
-    return pv.project(response - base, v)
 
 
 @torch.no_grad()
@@ -218,7 +209,7 @@ def score_chunk(model, tok, probes: list[Probe], lines: list[bytes], first_line:
         cols = {}
         for p in probes:
             resp, base, last = (acts[k][:, p.layer].cpu() for k in ("response", "base", "prompt_last"))
-            cols[p.trait] = (projection_difference(resp, base, p.unit).tolist(), (resp @ p.unit).tolist(),
+            cols[p.trait] = (pv.projection_difference(resp, base, p.unit).tolist(), (resp @ p.unit).tolist(),
                              (base @ p.unit).tolist(), (last @ p.unit).tolist())
         base_tokens = acts["base_tokens"].tolist()
         for i, (n, prompt, response) in enumerate(batch):
