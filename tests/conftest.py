@@ -14,3 +14,14 @@ def smollm2():
     import model
     from support.hub import DEFAULT_MODEL
     return model.load(DEFAULT_MODEL, "cpu", torch.float32)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: they gain nothing from threads, and on a shared machine
+    idle threads spinning at their barriers cost 3-4x the time (measured)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -39,13 +39,7 @@ def write_data(path, n: int, bad: dict[int, str] = ()) -> list[str]:
     return lines
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 64-wide model gains nothing from threads, and on a shared CPU their barriers cost 4x (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's
 import model as M
 from support import flagging
 from support import hub
+from bench import left_pad  # tools/bench.py, beside this file
 from support.traits import available_traits, load_trait
 
 
@@ -37,15 +38,6 @@ def make_samples(ours, tok, n: int, new_tokens: int) -> list[dict]:
                          top_p=0.9, seed=1)
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": tok.decode(a)}]}
             for q, a in zip(questions, answers)]
-
-
-def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pad)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, T - len(s):], mask[b, T - len(s):] = torch.tensor(s), 1
-    return ids, mask
 
 
 def until_stop(row: list[int], stop) -> list[int]:
