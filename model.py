@@ -89,13 +89,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Linear(nn.Linear):
-    """nn.Linear, with small-batch products on a multi-core CPU split into one matmul per thread. (The one speed
-    trick in this file: skip it when reading; behaviour is F.linear's.)
-
-    For a few rows x (decoding), MKL computes x @ W^T on a single core. Viewing W [N, K] as g blocks of N/g rows and
-    running them as one batched matmul puts every core to work: extraction's sampling ran 1.22x faster with it
-    (tools/bench.py (e), 2 cores, identical answers). The same product, summed in another order; on a GPU, or for
-    more than 64 rows, this is plain F.linear.
+    """SPEED TRICK (skip when reading: the result is F.linear's). MKL runs a product of a few rows (decoding) on one
+    core; W [N, K] viewed as g blocks of N/g rows in one batched matmul uses them all: extraction ran 1.22x faster
+    (tools/bench.py (e), 2 cores, identical answers). On a GPU, or for more than 64 rows, plain F.linear.
     """
     def forward(self, x):
         rows, (N, K), g = x.numel() // x.shape[-1], self.weight.shape, torch.get_num_threads()
@@ -186,17 +182,10 @@ class Block(nn.Module):
 class Steer:
     """Add `coef * vector` to hidden index `layer` (1..N: output of block `layer`; 0: embeddings).
 
-    positions (the same for Ablate):
-      "all"       every token;
-      "prompt"    the prompt: the tokens before `response_start`;
-      "response"  the LAST prompt token and every token after it (columns >= response_start - 1).
-    "response" is the official persona-vectors hook (ActivationSteerer, positions="response"), which adds the vector
-    at the last position of every forward call: at prefill that is the last prompt token, so the first new token is
-    already sampled from steered logits, and with a KV cache each later call holds only the new token. A forward
-    over prompt + answer with `response_start` therefore steers exactly the tokens that steered generation did, and
-    gives the same logits; a call without `response_start` is all prompt, and "response" steers its last token.
-    "prompt" is the official "prompt" hook too (every position of the prefill, no generated token). Capture's spans
-    are not these: its response is the generated tokens only.
+    positions (the same for Ablate): "all" every token; "prompt" the tokens before `response_start`; "response"
+    the LAST prompt token and every token after it, as the official hook (ActivationSteerer) adds the vector at the
+    last position of every forward call: the first new token already comes from steered logits, and a forward over
+    prompt + answer steers exactly what generation did. (Capture's response span is the generated tokens only.)
     """
     layer: int
     vector: torch.Tensor  # [hidden], or [B, hidden]: one vector per row of the batch (a zero row steers nothing)
@@ -234,12 +223,9 @@ def check_intervention(layer: int, vector: torch.Tensor, coef: float, positions:
 class Capture:
     """Per-layer summaries of the residual stream, accumulated over one or several forward calls.
 
-    After the calls, `prompt_mean()`, `response_mean()` and `prompt_last()` return [B, N + 1, hidden] fp32 tensors
-    (hidden indices as in the module docstring). Means are over non-padding tokens of the span. A row whose span is
-    empty (e.g. a forward over a prompt with no answer) gives NaN, never a silent zero: leave such rows out, or
-    fail. `generate` always makes at least one new token, so its response span is never empty. Only running sums
-    are kept; `token_layers` also keeps every token's state at those indices
-    (`tokens[layer]`: list of [B, T, hidden] fp32, one per forward call), for per-token projections.
+    `prompt_mean()`, `response_mean()`, `prompt_last()`: [B, N + 1, hidden] fp32, over the non-padding tokens of the
+    span; an empty span gives NaN, never a silent zero. Only running sums are kept; `token_layers` also keeps every
+    token's state at those indices (`tokens[layer]`: [B, T, hidden] per forward call), for per-token projections.
     """
     token_layers: tuple = ()
     sums: dict = field(default_factory=dict)  # span -> [B, N + 1, hidden] fp32
