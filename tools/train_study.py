@@ -1,4 +1,4 @@
-"""The finetuning study of the README ("Finetuning shift and preventative steering: measured"): finetune the default
+"""The finetuning study of the README (Training, "Demonstration on the default model"): finetune the default
 model on its own evil or normal answers, plain, with preventative steering or with CAFT, and measure the finetuning
 shift, the cost on held-out neutral text, and the trait each model expresses.
 
