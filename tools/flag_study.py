@@ -100,6 +100,38 @@ def per_sample(path: Path, trait: str) -> dict[str, np.ndarray]:
                 projection=get(f"{trait}_projection"), prompt_last=get(f"{trait}_prompt_last"))
 
 
+def layer_sweep(model, tok, files: list[Path], vec: torch.Tensor, max_new_tokens: int, batch: int,
+                out: Path) -> dict:
+    """AUROC of ΔP and of the raw projection at every layer, trait file vs normal file, greedy base: the
+    activations of all layers come from one `flagging.measure` pass per batch (exploratory: the layer is chosen on
+    the data it is scored on). Each file's projections are saved, so a rerun skips it."""
+    per_file = []
+    for f in files:
+        cache = out / f"layer_sweep_{f.stem}.npz"
+        if cache.exists():
+            z = np.load(cache)
+            per_file.append((z["delta_p"], z["projection"]))
+            continue
+        samples = [x for x in (flagging.parse_sample(raw, tok, 4096) for raw in f.read_bytes().splitlines()
+                               if raw.strip()) if not isinstance(x, str)]
+        dp, raw_proj = [], []
+        for b in range(0, len(samples), batch):
+            acts = flagging.measure(model, [x[0] for x in samples[b:b + batch]], [x[1] for x in samples[b:b + batch]],
+                                   tok.stop_ids, tok.pad_id, max_new_tokens)
+            u = vec / vec.norm(dim=-1, keepdim=True).clamp(min=1e-8)  # [N + 1, hidden]
+            dp.append(((acts["response"] - acts["base"]) * u).sum(-1))  # [B, N + 1]
+            raw_proj.append((acts["response"] * u).sum(-1))
+            print(f"layer sweep {f.name}: {min(b + batch, len(samples))}/{len(samples)}", file=sys.stderr, flush=True)
+        per_file.append((torch.cat(dp).double().numpy(), torch.cat(raw_proj).double().numpy()))
+        atomic_write(cache, lambda p: np.savez(open(p, "wb"), delta_p=per_file[-1][0], projection=per_file[-1][1]))
+    (dp_t, raw_t), (dp_n, raw_n) = per_file
+    out = {}
+    for L in range(1, vec.shape[0]):
+        ok_t, ok_n = np.isfinite(dp_t[:, L]), np.isfinite(dp_n[:, L])
+        out[L] = dict(delta_p=auroc(dp_t[ok_t, L], dp_n[ok_n, L]), projection=auroc(raw_t[:, L], raw_n[:, L]))
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--trait", default="evil")
@@ -115,6 +147,7 @@ def main():
     p.add_argument("--base-samples", type=int, default=4, help="sampled base responses per prompt")
     p.add_argument("--k", type=int, default=30, help="precision@k")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--layer-sweep", action="store_true", help="also AUROC at every layer (one more greedy pass)")
     p.add_argument("--out", default="study/flag")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -157,7 +190,7 @@ def main():
         res = dict(layer=r["stats"]["traits"][args.trait]["layer"], n_trait=int(ok_p.sum()), n_normal=int(ok_n.sum()),
                    auroc={k: auroc(pos[v][ok_p], neg[v][ok_n]) for k, v in scores.items()},
                    precision_at_k={k: precision_at(args.k, pos[v][ok_p], neg[v][ok_n]) for k, v in scores.items()},
-                   mean_delta_p={f: r["stats"]["files"][str(f)]["traits"][args.trait]
+                   mean_delta_p={f.name: r["stats"]["files"][str(f)]["traits"][args.trait]
                                  for f in (trait_file, normal_file)})
         # mixes: the first m questions' trait answers and the other questions' normal answers, each question once
         n = min(len(pos["delta_p"]), len(neg["delta_p"]))
@@ -186,11 +219,21 @@ def main():
     print("\n| base responses | mean ΔP, trait data [95 % CI] | mean ΔP, normal data [95 % CI] | ΔP of "
           "0/25/50/75/100 % mixes | ordered |\n|---|---|---|---|---|")
     for name, res in results["runs"].items():
-        t, nrm = (res["mean_delta_p"][f] for f in (trait_file, normal_file))
+        t, nrm = (res["mean_delta_p"][f.name] for f in (trait_file, normal_file))
         mixes = " / ".join(f"{v:+.2f}" for v in res.get("mix_delta_p", {}).values()) or "n/a"
         print(f"| {name} (layer {res['layer']}) | {t['mean']:+.2f} [{t['ci95'][0]:+.2f}, {t['ci95'][1]:+.2f}] | "
               f"{nrm['mean']:+.2f} [{nrm['ci95'][0]:+.2f}, {nrm['ci95'][1]:+.2f}] | {mixes} | "
               f"{res.get('mixes_ordered', 'n/a')} |")
+    if args.layer_sweep:
+        from support.files import load_vector
+        model, tok = M.load(args.model)
+        vec = load_vector(vector_path(vectors, args.trait))[0]
+        results["layer_sweep"] = layer_sweep(model, tok, [trait_file, normal_file], vec, args.max_new_tokens,
+                                             args.batch_size, out)
+        atomic_write(out / "study.json", lambda p: p.write_text(json.dumps(results, indent=1, default=str)))
+        print("\n| layer | AUROC of ΔP (greedy base) | AUROC of the raw projection |\n|---|---|---|")
+        for L, r in results["layer_sweep"].items():
+            print(f"| {L} | {r['delta_p']:.3f} | {r['projection']:.3f} |")
     print(f"\nwrote {out / 'study.json'}")
 
 
