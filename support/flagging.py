@@ -403,9 +403,10 @@ def finish(jobs: list[Job], probes: list[Probe], out: Path, fmt: str, select: st
     chosen = None
     if select:
         dp = np.concatenate([got[j.src]["dp"][select_trait] for j in data])
-        owner = np.concatenate([np.full(len(got[j.src]["lines"]), i) for i, j in enumerate(data)])
+        starts = np.cumsum([0] + [len(got[j.src]["lines"]) for j in data])  # file i holds dp[starts[i]:starts[i+1]]
         idx = choose(select, k, dp, thresholds.get(select_trait), seed)
-        chosen = {j.src: set(got[j.src]["lines"][idx[owner[idx] == i]].tolist()) for i, j in enumerate(data)}
+        chosen = {j.src: set(got[j.src]["lines"][idx[(idx >= a) & (idx < b)] - a].tolist())
+                  for j, a, b in zip(data, starts[:-1], starts[1:])}
 
     columns = ["line", "prompt_tokens", "response_tokens", "base_tokens"]
     columns += [f"{t}_{c}" for t in traits for c in ("delta_p", "projection", "base_projection", "prompt_last")]

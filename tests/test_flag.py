@@ -211,6 +211,23 @@ def test_selection_writes_the_chosen_lines_unchanged(tiny, tmp_path):
     assert above.read_text() == "".join(lines[x["line"] - 1] + "\n" for x in flagged)
 
 
+def test_selection_ranks_several_files_together(tiny, tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    lines_a = write_data(a, 7)
+    lines_b = [json.dumps(conversation(i)) for i in range(7, 16)]
+    b.write_text("".join(x + "\n" for x in lines_b))
+    base = run(tiny, [a, b], tmp_path / "out", fmt="jsonl")
+    scored = [(r["evil_delta_p"], src, r["line"]) for src, lines in ((a, lines_a), (b, lines_b))
+              for r in read_rows(base["outputs"][str(src)]) if r["evil_delta_p"] is not None]
+    for select, k in (("top", 5), ("bottom", 5), ("top", 16)):
+        dest = tmp_path / f"{select}{k}.jsonl"
+        run(tiny, [a, b], tmp_path / "out", fmt="jsonl", select=select, k=k, select_out=str(dest))
+        best = sorted(scored, key=lambda x: -x[0] if select == "top" else x[0])[:k]
+        expect = [({a: lines_a, b: lines_b}[src])[line - 1] + "\n"
+                  for src, line in sorted(((s, n) for _, s, n in best), key=lambda x: (x[0] != a, x[1]))]
+        assert dest.read_text() == "".join(expect)  # file order, then line order
+
+
 def test_histograms_overlay_every_file(tiny, tmp_path):
     pytest.importorskip("matplotlib")
     write_data(tmp_path / "a.jsonl", 5)
