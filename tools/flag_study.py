@@ -1,7 +1,10 @@
-"""Does ΔP pick out the data that teaches a trait? AUROC, precision@k and dataset ΔP of mixes, on the default model.
+"""Does ΔP pick out the data that teaches a trait? AUROC, precision@k, dataset ΔP of mixes and, with --finetune,
+dataset ΔP against the finetuning shift of models trained on them, on the default model.
 
     python tools/flag_study.py                       # evil, 120 questions: about 15 min on 2 idle CPU cores
     python tools/flag_study.py --data evil.jsonl normal.jsonl   # datasets from `make-dataset` instead
+    python tools/flag_study.py --data out/train_study/data/evil.jsonl out/train_study/data/normal.jsonl \
+        --vectors out/train_study/vectors --val out/train_study/data/neutral.jsonl --finetune --layer-sweep
 
 Data (without --data): n requests that neither the trait's extraction nor its evaluation uses (make-dataset's
 pool of everyday requests, or --questions-file, or else the other trait files' questions), each answered by the
@@ -10,9 +13,11 @@ data), saved WITHOUT the system prompt, as `make-dataset` does.
 Both files are then flagged twice with the real pipeline (flagging.flag): greedy base responses, and
 --base-samples sampled ones. Reported: AUROC of ΔP, of the raw projection, and of the raw projection minus the
 last prompt token's (no base response needed) for trait vs normal samples; precision@k; mean ΔP of each file;
-and dataset ΔP of 0/25/50/75/100 % mixes (the mean of their samples' ΔP; the mix files are written too, for
-finetuning). Needs the trait's vector: it is
-extracted first (judge none) when missing.
+and dataset ΔP of 0/25/50/75/100 % mixes (the mean of their samples' ΔP; the mix files are written too).
+--layer-sweep: the AUROCs at every layer. --finetune: train.py on each mix and on the top / random / bottom
+--select-k samples of both files (chosen by `flag --select`), each model's finetuning shift, r of dataset ΔP
+against the shift with a random-direction control, and a scatter plot. Needs the trait's vector: it is extracted
+first (judge none) when missing. Every step is cached under --out: a rerun redoes nothing that is done.
 """
 import argparse
 import json
@@ -100,36 +105,128 @@ def per_sample(path: Path, trait: str) -> dict[str, np.ndarray]:
                 projection=get(f"{trait}_projection"), prompt_last=get(f"{trait}_prompt_last"))
 
 
-def layer_sweep(model, tok, files: list[Path], vec: torch.Tensor, max_new_tokens: int, batch: int,
-                out: Path) -> dict:
-    """AUROC of ΔP and of the raw projection at every layer, trait file vs normal file, greedy base: the
-    activations of all layers come from one `flagging.measure` pass per batch (exploratory: the layer is chosen on
-    the data it is scored on). Each file's projections are saved, so a rerun skips it."""
+def greedy_pass(model, tok, files: list[Path], vec: torch.Tensor, layer: int, max_new_tokens: int, batch: int,
+                out: Path) -> list[dict]:
+    """Per file, from one `flagging.measure` pass per batch (greedy base, as `flag`'s): ΔP and the raw projection at
+    every layer [n, N + 1], and the response-mean difference a(x, y) - a(x, y') itself at `layer` [n, hidden] (for
+    ΔP along any direction). Cached per file, so a rerun skips it."""
     per_file = []
+    u = vec / vec.norm(dim=-1, keepdim=True).clamp(min=1e-8)  # [N + 1, hidden]
     for f in files:
-        cache = out / f"layer_sweep_{f.stem}.npz"
+        cache = out / f"greedy_pass_{f.stem}_L{layer}.npz"
         if cache.exists():
-            z = np.load(cache)
-            per_file.append((z["delta_p"], z["projection"]))
+            per_file.append(dict(np.load(cache)))
             continue
         samples = [x for x in (flagging.parse_sample(raw, tok, 4096) for raw in f.read_bytes().splitlines()
                                if raw.strip()) if not isinstance(x, str)]
-        dp, raw_proj = [], []
+        dp, raw_proj, diff = [], [], []
         for b in range(0, len(samples), batch):
             acts = flagging.measure(model, [x[0] for x in samples[b:b + batch]], [x[1] for x in samples[b:b + batch]],
-                                   tok.stop_ids, tok.pad_id, max_new_tokens)
-            u = vec / vec.norm(dim=-1, keepdim=True).clamp(min=1e-8)  # [N + 1, hidden]
-            dp.append(((acts["response"] - acts["base"]) * u).sum(-1))  # [B, N + 1]
+                                    tok.stop_ids, tok.pad_id, max_new_tokens)
+            d = acts["response"] - acts["base"]  # [B, N + 1, hidden]
+            dp.append((d * u).sum(-1))  # [B, N + 1]
             raw_proj.append((acts["response"] * u).sum(-1))
-            print(f"layer sweep {f.name}: {min(b + batch, len(samples))}/{len(samples)}", file=sys.stderr, flush=True)
-        per_file.append((torch.cat(dp).double().numpy(), torch.cat(raw_proj).double().numpy()))
-        atomic_write(cache, lambda p: np.savez(open(p, "wb"), delta_p=per_file[-1][0], projection=per_file[-1][1]))
-    (dp_t, raw_t), (dp_n, raw_n) = per_file
+            diff.append(d[:, layer])
+            print(f"greedy pass {f.name}: {min(b + batch, len(samples))}/{len(samples)}", file=sys.stderr, flush=True)
+        per_file.append({k: torch.cat(v).double().numpy() for k, v in
+                         (("delta_p", dp), ("projection", raw_proj), ("diff", diff))})
+        atomic_write(cache, lambda p: np.savez(open(p, "wb"), **per_file[-1]))
+    return per_file
+
+
+def layer_sweep(per_file: list[dict]) -> dict:
+    """AUROC of ΔP and of the raw projection at every layer, trait file vs normal file (exploratory: the layer is
+    chosen on the data it is scored on)."""
+    t, n = per_file
     out = {}
-    for L in range(1, vec.shape[0]):
-        ok_t, ok_n = np.isfinite(dp_t[:, L]), np.isfinite(dp_n[:, L])
-        out[L] = dict(delta_p=auroc(dp_t[ok_t, L], dp_n[ok_n, L]), projection=auroc(raw_t[:, L], raw_n[:, L]))
+    for L in range(1, t["delta_p"].shape[1]):
+        ok_t, ok_n = np.isfinite(t["delta_p"][:, L]), np.isfinite(n["delta_p"][:, L])
+        out[L] = dict(delta_p=auroc(t["delta_p"][ok_t, L], n["delta_p"][ok_n, L]),
+                      projection=auroc(t["projection"][:, L], n["projection"][:, L]))
     return out
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def finetune_study(args, out: Path, files: list[Path], mixes: dict, diffs: np.ndarray, vectors: Path,
+                   layer: int) -> dict:
+    """Does dataset ΔP predict the finetuning shift? Finetune (train.py) on each mix and on the top / random /
+    bottom `--select-k` samples of both files by ΔP (chosen with `flag --select`, greedy base), then measure each
+    model's finetuning shift at `layer` (pv.shift_controls: last prompt token, evaluation questions).
+
+    mixes: name -> row indices into `diffs` [n_all, hidden] (the samples' a(x, y) - a(x, y') at `layer`, rows of
+    the files in order). The correlation of dataset ΔP with the shift over all datasets gets a control: the same r
+    with v replaced by each of 100 random unit directions u (dataset ΔP along u against the shift along u)."""
+    import persona_vectors as pv
+    import train as T
+    from support.files import load_vector
+    from support.traits import load_trait
+    datasets = {f"mix {k}%": (out / f"mix_{k:03d}.jsonl", rows) for k, rows in mixes.items()}
+    all_lines = [raw for f in files for raw in f.read_bytes().splitlines() if raw.strip()]
+    if len(all_lines) != len(diffs):
+        raise SystemExit("some lines of the data are not samples flag can read: the finetuning study needs clean files")
+    lines = {raw: row for row, raw in reversed(list(enumerate(all_lines)))}  # a line's bytes -> its (first) row
+    for how in ("top", "random", "bottom"):
+        dest = out / f"select_{how}_{args.select_k}.jsonl"
+        flagging.flag([str(f) for f in files], [args.trait], args.model, max_new_tokens=args.max_new_tokens,
+                      out=str(out / "greedy"), fmt="jsonl", batch_size=args.batch_size, chunk_size=64, seed=args.seed,
+                      vectors=str(vectors), layer=layer, select=how, k=args.select_k, select_out=str(dest))
+        datasets[f"{how} {args.select_k}"] = (dest, [lines[raw] for raw in dest.read_bytes().splitlines()])
+    vec = load_vector(vector_path(vectors, args.trait))[0].double()
+    v_hat = (vec[layer] / vec[layer].norm()).numpy()
+    questions = load_trait(args.trait).eval_questions
+    base_model, tok = M.load(args.model, "cpu", torch.float32)
+    base_acts = pv.last_prompt_activations(base_model, tok, questions)
+    del base_model
+    res = {}
+    for name, (path, rows) in datasets.items():
+        cache = out / "finetune" / f"{path.stem}.json"
+        if not cache.exists():
+            print(f"== finetune on {path.name} ({name}, {len(rows)} conversations)", file=sys.stderr, flush=True)
+            run = T.train(str(path), model=args.model, out=str(out / "finetune" / "runs" / path.stem), val=args.val,
+                          epochs=args.epochs, lr=args.lr, batch_size=args.train_batch_size, grad_accum=1,
+                          device="cpu", dtype="float32", seed=args.seed)
+            model, tok = M.load(str(run), "cpu", torch.float32)
+            acts = pv.last_prompt_activations(model, tok, questions)
+            del model
+            c = pv.shift_controls(base_acts, acts, vec.float(), {})
+            r = dict(file=str(path), n=len(rows), shift=float(c["shift"][layer]),
+                     random_abs_95=float(c["random_abs_95"][layer]),
+                     shift_vector=(acts.double().mean(0) - base_acts.double().mean(0))[layer].tolist())
+            atomic_write(cache, lambda p: p.write_text(json.dumps(r)))
+        r = json.loads(cache.read_text())
+        r["delta_p"] = float(np.nanmean(diffs[rows] @ v_hat))
+        res[name] = r
+    names = list(res)
+    dp = np.array([res[k]["delta_p"] for k in names])
+    shift = np.array([res[k]["shift"] for k in names])
+    shift_vecs = np.array([res[k]["shift_vector"] for k in names])  # [datasets, hidden]
+    mean_diffs = np.array([np.nanmean(diffs[datasets[k][1]], axis=0) for k in names])  # [datasets, hidden]
+    u = pv.random_directions(100, 1.0, diffs.shape[1], args.seed).double().numpy()  # [100, hidden], unit
+    r_rand = np.array([pearson(mean_diffs @ d, shift_vecs @ d) for d in u])
+    is_mix = np.array([k.startswith("mix") for k in names])
+    summary = dict(datasets=res, r_all=pearson(dp, shift), r_mixes=pearson(dp[is_mix], shift[is_mix]),
+                   random_abs_r_95=float(np.quantile(np.abs(r_rand), 0.95)), random_r_median=float(np.median(r_rand)))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.scatter(dp, shift)
+        for k, x, y in zip(names, dp, shift):
+            ax.annotate(k, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(f"dataset ΔP (layer {layer}, greedy base)")
+        ax.set_ylabel(f"finetuning shift (layer {layer})")
+        ax.set_title(f"{args.trait}: r = {summary['r_all']:.2f} (random directions: 95 % |r| "
+                     f"{summary['random_abs_r_95']:.2f})", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "finetune_scatter.png", dpi=120)
+        summary["plot"] = str(out / "finetune_scatter.png")
+    except ImportError:
+        print("matplotlib not installed: no scatter plot", file=sys.stderr)
+    return summary
 
 
 def main():
@@ -147,17 +244,28 @@ def main():
     p.add_argument("--base-samples", type=int, default=4, help="sampled base responses per prompt")
     p.add_argument("--k", type=int, default=30, help="precision@k")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--layer", type=int, default=None, help="default: the vector's recorded best layer, else the middle")
+    p.add_argument("--vectors", default=None, help="vectors directory (default: vectors/<model name>)")
     p.add_argument("--layer-sweep", action="store_true", help="also AUROC at every layer (one more greedy pass)")
+    p.add_argument("--finetune", action="store_true", help="also finetune on every mix and on the top / random / "
+                   "bottom --select-k samples, and set dataset ΔP against the finetuning shift (needs --val)")
+    p.add_argument("--val", default=None, help="validation JSONL for the finetunes (held-out neutral text)")
+    p.add_argument("--select-k", type=int, default=60)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--train-batch-size", type=int, default=8)
     p.add_argument("--out", default="study/flag")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.finetune and not args.val:
+        p.error("--finetune needs --val FILE (e.g. the train study's neutral.jsonl)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    vectors = default_vectors_dir(args.model)
+    vectors = Path(args.vectors) if args.vectors else default_vectors_dir(args.model)
     if not vector_path(vectors, args.trait).is_file():
         import persona_vectors as pv
         print(f"no {args.trait} vector in {vectors}: extracting it (judge none)", file=sys.stderr)
-        pv.extract(args.trait, args.model, judge="none")
+        pv.extract(args.trait, args.model, judge="none", out=str(vectors))
 
     if args.data:
         trait_file, normal_file = map(Path, args.data)
@@ -181,7 +289,8 @@ def main():
     for name, base in runs.items():
         r = flagging.flag([str(trait_file), str(normal_file)], [args.trait], args.model,
                          max_new_tokens=args.max_new_tokens, out=str(out / name.split()[0]), fmt="jsonl",
-                         batch_size=args.batch_size, chunk_size=64, seed=args.seed, **base)
+                         batch_size=args.batch_size, chunk_size=64, seed=args.seed, vectors=str(vectors),
+                         layer=args.layer, **base)
         pos, neg = (per_sample(r["outputs"][str(f)], args.trait) for f in (trait_file, normal_file))
         ok_p, ok_n = np.isfinite(pos["delta_p"]), np.isfinite(neg["delta_p"])
         # the prompt-last state stands in for the base response (no generation); same prompts, so alone it is 0.5
@@ -203,12 +312,17 @@ def main():
             res["mixes_ordered"] = all(mixes[a] < mixes[b] for a, b in zip(list(mixes)[:-1], list(mixes)[1:]))
         results["runs"][name] = res
 
-    if not args.data:  # the mix files themselves, for finetuning (train.py)
-        t_lines, n_lines = trait_file.read_text().splitlines(), normal_file.read_text().splitlines()
+    # the mix files themselves, for finetuning (train.py), when the two files answer the same requests in order
+    t_lines, n_lines = trait_file.read_text().splitlines(), normal_file.read_text().splitlines()
+    n = min(len(t_lines), len(n_lines))
+    request = lambda x: json.loads(x)["messages"][:-1]  # noqa: E731
+    mix_rows = {}  # percent -> rows of the two files together (trait file first)
+    if all(request(a) == request(b) for a, b in zip(t_lines[:n], n_lines[:n])):
         for frac in (0, 25, 50, 75, 100):
-            m = round(len(t_lines) * frac / 100)
+            m = round(n * frac / 100)
+            mix_rows[frac] = list(range(m)) + [len(t_lines) + i for i in range(m, n)]
             atomic_write(out / f"mix_{frac:03d}.jsonl",
-                         lambda p: p.write_text("".join(x + "\n" for x in t_lines[:m] + n_lines[m:])))
+                         lambda p: p.write_text("".join(x + "\n" for x in t_lines[:m] + n_lines[m:n])))
     atomic_write(out / "study.json", lambda p: p.write_text(json.dumps(results, indent=1, default=str)))
 
     print(f"\n{args.trait} on {args.model}; data: {source}")
@@ -224,16 +338,34 @@ def main():
         print(f"| {name} (layer {res['layer']}) | {t['mean']:+.2f} [{t['ci95'][0]:+.2f}, {t['ci95'][1]:+.2f}] | "
               f"{nrm['mean']:+.2f} [{nrm['ci95'][0]:+.2f}, {nrm['ci95'][1]:+.2f}] | {mixes} | "
               f"{res.get('mixes_ordered', 'n/a')} |")
-    if args.layer_sweep:
+    if args.layer_sweep or args.finetune:
         from support.files import load_vector
         model, tok = M.load(args.model)
         vec = load_vector(vector_path(vectors, args.trait))[0]
-        results["layer_sweep"] = layer_sweep(model, tok, [trait_file, normal_file], vec, args.max_new_tokens,
-                                             args.batch_size, out)
+        layer = results["runs"]["greedy base"]["layer"]
+        per_file = greedy_pass(model, tok, [trait_file, normal_file], vec, layer, args.max_new_tokens,
+                               args.batch_size, out)
+        del model
+    if args.layer_sweep:
+        results["layer_sweep"] = layer_sweep(per_file)
         atomic_write(out / "study.json", lambda p: p.write_text(json.dumps(results, indent=1, default=str)))
         print("\n| layer | AUROC of ΔP (greedy base) | AUROC of the raw projection |\n|---|---|---|")
         for L, r in results["layer_sweep"].items():
             print(f"| {L} | {r['delta_p']:.3f} | {r['projection']:.3f} |")
+    if args.finetune:
+        if not mix_rows:
+            raise SystemExit("--finetune needs two files answering the same requests in the same order")
+        diffs = np.concatenate([f["diff"] for f in per_file])
+        ft = finetune_study(args, out, [trait_file, normal_file], mix_rows, diffs, vectors, layer)
+        results["finetune"] = ft
+        atomic_write(out / "study.json", lambda p: p.write_text(json.dumps(results, indent=1, default=str)))
+        print(f"\n| training set (layer {layer}) | conversations | dataset ΔP | finetuning shift | random 95 % |"
+              "\n|---|---|---|---|---|")
+        for name, r in ft["datasets"].items():
+            print(f"| {name} | {r['n']} | {r['delta_p']:+.2f} | {r['shift']:+.2f} | {r['random_abs_95']:.2f} |")
+        print(f"\nr(dataset ΔP, shift): {ft['r_all']:.3f} over all {len(ft['datasets'])} sets, {ft['r_mixes']:.3f} "
+              f"over the mixes; along 100 random directions instead of v: 95th percentile |r| "
+              f"{ft['random_abs_r_95']:.3f}, median r {ft['random_r_median']:+.3f}")
     print(f"\nwrote {out / 'study.json'}")
 
 
