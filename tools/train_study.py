@@ -82,8 +82,8 @@ def neutral_loss(model, tok, path: Path, steer=()) -> float:
 def measure(root: Path, name: str, model_name: str, base_acts, vectors: Path, data: dict, layer: int,
             coef: float | None = None) -> dict:
     """Shift with controls, neutral loss and answer projection of one model (steered with -coef * v[layer] at
-    every position when coef is given), cached in results/NAME.json."""
-    path = root / "results" / f"{name}.json"
+    every position when coef is given), cached in results/NAME-L{layer}.json."""
+    path = root / "results" / f"{name}-L{layer}.json"
     if path.is_file():
         return json.loads(path.read_text())
     t = load_trait(TRAIT)
@@ -95,7 +95,7 @@ def measure(root: Path, name: str, model_name: str, base_acts, vectors: Path, da
     acts = pv.last_prompt_activations(model, tok, t.eval_questions, steer=steer)
     c = pv.shift_controls(base_acts, acts, vec, others)
     loss = neutral_loss(model, tok, data["neutral"], steer)
-    ev = pv.evaluate(TRAIT, model_name, "none", layer=layer, vectors=str(vectors), out=str(root / "eval" / name),
+    ev = pv.evaluate(TRAIT, model_name, "none", layer=layer, vectors=str(vectors), out=str(root / "eval" / f"{name}-L{layer}"),
                      steer=[f"{vec_file}:{-coef}"] if coef else [], positions="all", device="cpu")
     r = dict(name=name, model=model_name, coef=coef, neutral_loss=loss, answer_projection=ev["projection_mean"],
              answer_projection_se=ev["projection_se"], **{k: v.tolist() if torch.is_tensor(v) else
@@ -116,8 +116,9 @@ def table(results: dict, run_list: list[dict], layer: int, later: int) -> str:
         "evil-s0-inference": f"evil, seed 0, steered at inference: -{results['evil-s0-inference']['coef']} v "
                              f"at layer {layer}"}
     for name, r in results.items():
-        cut = [f"{1 - r['shift'][l] / ref['shift'][l]:.0%}" if name not in ("base", "normal") and
-               not name.startswith("evil-s") or name == "evil-s0-inference" else "" for l in (layer, later)]
+        cut = [("" if name in ("base", "normal") or name.startswith("evil-s") and name != "evil-s0-inference" else
+                f"{1 - r['shift'][l] / ref['shift'][l]:.0%}" if ref["shift"][l] > ref["random_abs_95"][l] else
+                "n/a") for l in (layer, later)]
         lines.append(f"| {labels[name]} | {r['shift'][layer]:+.2f} | {r['shift'][later]:+.2f} | "
                      f"{r['random_abs_95'][layer]:.2f} | "
                      + " | ".join(f"{r['other_traits'][o][layer]:+.2f}" for o in OTHERS)
@@ -127,12 +128,23 @@ def table(results: dict, run_list: list[dict], layer: int, later: int) -> str:
     return "\n".join(lines)
 
 
+def layer_table(results: dict) -> str:
+    """The shift at every layer of every model, beside the random-direction band of the evil seed-0 model."""
+    names = [n for n in results if n != "base"]
+    lines = ["| layer | " + " | ".join(names) + " | random 95 % (evil-s0) |", "|" + "---|" * (len(names) + 2)]
+    for l in range(1, len(results["base"]["shift"])):
+        lines.append(f"| {l} | " + " | ".join(f"{results[n]['shift'][l]:+.2f}" for n in names)
+                     + f" | {results['evil-s0']['random_abs_95'][l]:.2f} |")
+    return "\n".join(lines)
+
+
 def targets(results: dict, layer: int, later: int) -> str:
     """The issue's targets, each checked against the measured numbers."""
     base_loss, ref = results["base"]["neutral_loss"], results["evil-s0"]["shift"]
 
-    def cut(name, l):
-        return 1 - results[name]["shift"][l] / ref[l]
+    def cut(name, l):  # NaN (never met) where the evil model's own shift is inside the random band
+        r = results["evil-s0"]
+        return 1 - results[name]["shift"][l] / ref[l] if ref[l] > r["random_abs_95"][l] else float("nan")
 
     def loss(name):
         return results[name]["neutral_loss"] / base_loss - 1
@@ -195,7 +207,7 @@ def main(argv=None) -> int:
     results["evil-s0-inference"] = measure(root, "evil-s0-inference", str(root / "runs" / "evil-s0"), base_acts,
                                            vectors, data, layer, coef)
     md = table(results, run_list, layer, later) + "\n\n" + targets(results, layer, later)
-    atomic_write(root / "table.md", lambda p: p.write_text(md + "\n"))
+    atomic_write(root / f"table-L{layer}.md", lambda p: p.write_text(md + "\n\n" + layer_table(results) + "\n"))
     print(md)
     return 0
 
