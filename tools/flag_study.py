@@ -205,10 +205,14 @@ def finetune_study(args, out: Path, files: list[Path], mixes: dict, diffs: np.nd
     shift_vecs = np.array([res[k]["shift_vector"] for k in names])  # [datasets, hidden]
     mean_diffs = np.array([np.nanmean(diffs[datasets[k][1]], axis=0) for k in names])  # [datasets, hidden]
     u = pv.random_directions(100, 1.0, diffs.shape[1], args.seed).double().numpy()  # [100, hidden], unit
-    r_rand = np.array([pearson(mean_diffs @ d, shift_vecs @ d) for d in u])
     is_mix = np.array([k.startswith("mix") for k in names])
-    summary = dict(datasets=res, r_all=pearson(dp, shift), r_mixes=pearson(dp[is_mix], shift[is_mix]),
-                   random_abs_r_95=float(np.quantile(np.abs(r_rand), 0.95)), random_r_median=float(np.median(r_rand)))
+    summary = dict(datasets=res)
+    for key, keep in (("all", np.ones(len(names), bool)), ("mixes", is_mix)):
+        r = pearson(dp[keep], shift[keep])
+        r_rand = np.array([pearson(mean_diffs[keep] @ d, shift_vecs[keep] @ d) for d in u])
+        summary[key] = dict(n=int(keep.sum()), r=r, random_abs_r_95=float(np.quantile(np.abs(r_rand), 0.95)),
+                            random_r_median=float(np.median(r_rand)),
+                            random_share_at_least=float(np.mean(np.abs(r_rand) >= abs(r))))
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -219,8 +223,8 @@ def finetune_study(args, out: Path, files: list[Path], mixes: dict, diffs: np.nd
             ax.annotate(k, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(f"dataset ΔP (layer {layer}, greedy base)")
         ax.set_ylabel(f"finetuning shift (layer {layer})")
-        ax.set_title(f"{args.trait}: r = {summary['r_all']:.2f} (random directions: 95 % |r| "
-                     f"{summary['random_abs_r_95']:.2f})", fontsize=9)
+        ax.set_title(f"{args.trait}: r = {summary['all']['r']:.2f} (random directions: 95 % |r| "
+                     f"{summary['all']['random_abs_r_95']:.2f})", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / "finetune_scatter.png", dpi=120)
         summary["plot"] = str(out / "finetune_scatter.png")
@@ -363,9 +367,11 @@ def main():
               "\n|---|---|---|---|---|")
         for name, r in ft["datasets"].items():
             print(f"| {name} | {r['n']} | {r['delta_p']:+.2f} | {r['shift']:+.2f} | {r['random_abs_95']:.2f} |")
-        print(f"\nr(dataset ΔP, shift): {ft['r_all']:.3f} over all {len(ft['datasets'])} sets, {ft['r_mixes']:.3f} "
-              f"over the mixes; along 100 random directions instead of v: 95th percentile |r| "
-              f"{ft['random_abs_r_95']:.3f}, median r {ft['random_r_median']:+.3f}")
+        for key, what in (("all", "all the training sets"), ("mixes", "the mixes")):
+            c = ft[key]
+            print(f"r(dataset ΔP, shift) over {what} ({c['n']}): {c['r']:.3f}; the same along 100 random directions "
+                  f"instead of v: 95th percentile |r| {c['random_abs_r_95']:.3f}, median r {c['random_r_median']:+.3f},"
+                  f" {c['random_share_at_least']:.0%} at least as strong")
     print(f"\nwrote {out / 'study.json'}")
 
 
