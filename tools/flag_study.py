@@ -1,7 +1,7 @@
 """Does ΔP pick out the data that teaches a trait? AUROC, precision@k, dataset ΔP of mixes and, with --finetune,
 dataset ΔP against the finetuning shift of models trained on them, on the default model.
 
-    python tools/flag_study.py                       # evil, 120 questions: about 15 min on 2 idle CPU cores
+    python tools/flag_study.py                       # evil, 120 questions answered here, then flagged
     python tools/flag_study.py --data evil.jsonl normal.jsonl   # datasets from `make-dataset` instead
     python tools/flag_study.py --data out/train_study/data/evil.jsonl out/train_study/data/normal.jsonl \
         --vectors out/train_study/vectors --val out/train_study/data/neutral.jsonl --finetune --layer-sweep

@@ -2,8 +2,8 @@
 model on its own evil or normal answers, plain, with preventative steering or with CAFT, and measure the finetuning
 shift, the cost on held-out neutral text, and the trait each model expresses.
 
-    nice python tools/train_study.py                 # about 1 h 30 on 2 CPU cores; prints a markdown table
-    nice python tools/train_study.py --out out/s2 --layer 12
+    nice python tools/train_study.py                 # 40 min on 2 idle CPU cores (measured); prints a markdown table
+    nice python tools/train_study.py --layer 16     # then: the steered runs at layer 16 (14 min more)
 
 Steps, each saved as it finishes (a rerun, or a run after kill -9, redoes nothing that is done):
 1. persona vectors of the base model for evil, and for two other traits (the cross-trait control; 10 of their 20
