@@ -146,10 +146,6 @@ def layer_sweep(per_file: list[dict]) -> dict:
     return out
 
 
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    return float(np.corrcoef(x, y)[0, 1])
-
-
 def finetune_study(args, out: Path, files: list[Path], mixes: dict, diffs: np.ndarray, vectors: Path,
                    layer: int) -> dict:
     """Does dataset ΔP predict the finetuning shift? Finetune (train.py) on each mix and on the top / random /
@@ -205,6 +201,10 @@ def finetune_study(args, out: Path, files: list[Path], mixes: dict, diffs: np.nd
     shift_vecs = np.array([res[k]["shift_vector"] for k in names])  # [datasets, hidden]
     mean_diffs = np.array([np.nanmean(diffs[datasets[k][1]], axis=0) for k in names])  # [datasets, hidden]
     u = pv.random_directions(100, 1.0, diffs.shape[1], args.seed).double().numpy()  # [100, hidden], unit
+
+    def pearson(x: np.ndarray, y: np.ndarray) -> float:
+        return pv.pearson(torch.from_numpy(x), torch.from_numpy(y))
+
     is_mix = np.array([k.startswith("mix") for k in names])
     summary = dict(datasets=res)
     for key, keep in (("all", np.ones(len(names), bool)), ("mixes", is_mix)):
