@@ -96,7 +96,8 @@ def measure(root: Path, name: str, model_name: str, base_acts, vectors: Path, da
     c = pv.shift_controls(base_acts, acts, vec, others)
     loss = neutral_loss(model, tok, data["neutral"], steer)
     ev = pv.evaluate(TRAIT, model_name, "none", layer=layer, vectors=str(vectors),
-                     out=str(root / "eval" / f"{name}-L{layer}"), steer=[f"{vec_file}:{-coef}"] if coef else [], positions="all", device="cpu")
+                     out=str(root / "eval" / f"{name}-L{layer}"), steer=[f"{vec_file}:{-coef}"] if coef else [],
+                     positions="all", device="cpu")
     r = dict(name=name, model=model_name, coef=coef, neutral_loss=loss, answer_projection=ev["projection_mean"],
              answer_projection_se=ev["projection_se"], **{k: v.tolist() if torch.is_tensor(v) else
                                                           {o: x.tolist() for o, x in v.items()} for k, v in c.items()})
