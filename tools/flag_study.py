@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
 
 import model as M
-from support import flagging
+from support import UserError, flagging
 from support.files import atomic_write, default_vectors_dir, vector_path
 from support.hub import DEFAULT_MODEL
 from support.traits import available_traits, load_trait
@@ -177,8 +177,12 @@ def finetune_study(args, out: Path, files: list[Path], mixes: dict, diffs: np.nd
     base_acts = pv.last_prompt_activations(base_model, tok, questions)
     del base_model
     res = {}
+    settings = dict(model=args.model, layer=layer, epochs=args.epochs, lr=args.lr, batch_size=args.train_batch_size,
+                    seed=args.seed, val=args.val)
     for name, (path, rows) in datasets.items():
         cache = out / "finetune" / f"{path.stem}.json"
+        if cache.exists() and json.loads(cache.read_text()).get("settings") != settings:
+            raise SystemExit(f"{cache} was made with other finetuning settings: use another --out")
         if not cache.exists():
             print(f"== finetune on {path.name} ({name}, {len(rows)} conversations)", file=sys.stderr, flush=True)
             run = T.train(str(path), model=args.model, out=str(out / "finetune" / "runs" / path.stem), val=args.val,
@@ -188,7 +192,7 @@ def finetune_study(args, out: Path, files: list[Path], mixes: dict, diffs: np.nd
             acts = pv.last_prompt_activations(model, tok, questions)
             del model
             c = pv.shift_controls(base_acts, acts, vec.float(), {})
-            r = dict(file=str(path), n=len(rows), shift=float(c["shift"][layer]),
+            r = dict(settings=settings, file=str(path), n=len(rows), shift=float(c["shift"][layer]),
                      random_abs_95=float(c["random_abs_95"][layer]),
                      shift_vector=(acts.double().mean(0) - base_acts.double().mean(0))[layer].tolist())
             atomic_write(cache, lambda p: p.write_text(json.dumps(r)))
@@ -376,4 +380,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # bad input to the pipeline it calls: one line, as the command line prints it
+        raise SystemExit(f"error: {e}") from None
