@@ -100,7 +100,8 @@ def check_writable(out: Path) -> None:
 
 def check_output(path: Path, force: bool = False, inputs=(), fix: str = "choose another --out") -> Path:
     """Fail now, before the work, when the file `path` cannot be written: a directory, an input of this run (never
-    written over, even with --force), an existing file without --force, or a folder that cannot be written."""
+    written over, even with --force), an existing file without --force, or a folder that cannot be written (its
+    nearest existing one is tried: nothing is created before the work)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory: {fix} (a file name)")
@@ -108,7 +109,7 @@ def check_output(path: Path, force: bool = False, inputs=(), fix: str = "choose 
         raise UserError(f"{path} is an input of this command and is never written over: {fix}")
     if path.exists() and not force:
         raise UserError(f"{path} exists: {fix} or pass --force to overwrite it")
-    check_writable(path.parent)
+    check_writable(next(p for p in (path.parent, *path.parent.parents) if p.exists()))
     return path
 
 

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny(tmp_path_factory):
     d, vectors = tiny_model_with_vectors(tmp_path_factory.mktemp("edges"))
     root = d.parent
+    write_vector(root / "self.safetensors", torch.randn(4, 64), model=str(d), trait="self")
     write_vector(root / "big_response_avg_diff.safetensors", 10 * torch.ones(4, 64), model=str(d), trait="big")
     cv.export_gguf(str(vectors / "evil_response_avg_diff.safetensors"), str(root / "evil.gguf"), layer=2)
     torch.save(torch.full((4, 64), float("nan")), root / "nan_response_avg_diff.pt")
@@ -41,7 +42,7 @@ E = "{v}/evil_response_avg_diff.safetensors"
 CASES = [
     # 4: --out a directory, even with --force; and never the input itself
     (f"export-gguf {E} --layer 2 --out {{r}}/adir --force", 1, "is a directory"),
-    (f"export-gguf {E} --layer 2 --out {E} --force", 1, "is an input of this command"),
+    ("export-gguf {r}/self.safetensors --layer 2 --out {r}/self.safetensors --force", 1, "is an input of this command"),
     # 5, 9: coefficients whose products leave float32 (the file's type)
     (f"export-gguf {E} --layer 2 --out {{r}}/x.gguf --coef 1e39", 1, "beyond float32's range"),
     ("export-gguf {r}/big_response_avg_diff.safetensors --layer 2 --out {r}/x.gguf --coef 1e38", 1,
@@ -77,7 +78,7 @@ def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     assert got == code
     assert "Traceback" not in "\n".join(err) and [x for x in err if x.startswith("error:")] == err[-1:], err
     assert message in err[-1] and (len(err) == 1 or argv.startswith("generate")), err  # generate: loading lines
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [] and not (root / "out").exists()  # not even an empty folder
     assert snapshot(root) == before
     assert not (root.parent.parent / "escaped_response_avg_diff.safetensors").exists()
 
