@@ -219,7 +219,7 @@ def check_model(meta: dict, path: Path, model) -> None:
         return
 
     def folders(*paths):
-        return {Path(p).expanduser().resolve() for p in paths if p and Path(p).expanduser().is_dir()}
+        return {Path(str(p)).expanduser().resolve() for p in paths if p and Path(str(p)).expanduser().is_dir()}
     here = {name.rstrip("/")} | folders(name, getattr(model, "source_dir", None))
     there = {str(recorded).rstrip("/")} | folders(recorded, meta.get("model_path"))
     if not here & there:
