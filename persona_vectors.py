@@ -36,8 +36,8 @@ from safetensors.torch import save_file
 
 import model as M
 from support import UserError, checkpoint
-from support.files import (VARIANTS, atomic_write, check_fits, check_writable, default_vectors_dir, load_vector,
-                           resolve_layer, save_vector, traits_in, vector_path, write_csv)
+from support.files import (VARIANTS, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
+                           expect_model, load_vector, resolve_layer, save_vector, traits_in, vector_path, write_csv)
 from support.hub import DEFAULT_MODEL
 
 LAYER_CONVENTION = "index 0 = embeddings, index L = output of block L (before the final norm); shape [L + 1, hidden]"
@@ -404,12 +404,22 @@ def import_vector(pt_file: str, out: str | None = None, model_name: str | None =
 
     Written to `out`, else to vectors/<model>/ when the model is named (where `--steer TRAIT:COEF` looks), else
     beside the file. The file is read with `torch.load(weights_only=True)`, which refuses anything but tensors.
+    The tensor must be finite and, when the model is named, fit it ([num_layers + 1, hidden], see check_fits).
     The official files' last row is taken after the final norm (Hugging Face's last hidden state), unlike ours:
     it is recorded, and steering or monitoring never uses that row.
     """
+    from support.control_vector import model_shape
     src = Path(pt_file)
     if not src.is_file():
         raise UserError(f"{src} does not exist")
+    dest_dir = Path(out) if out else default_vectors_dir(model_name) if model_name else src.parent
+    dest = check_output(dest_dir / f"{src.stem}.safetensors", force, inputs=[src], fix="pass --out DIR")
+    shape = model_shape(model_name) if model_name else None
+    with open(src, "rb") as f:
+        head = f.read(2)
+    if head not in (b"PK", b"\x80\x02"):  # torch.save writes a zip archive (older versions a pickle, protocol 2)
+        raise UserError(f"{src} is not a torch file (torch.save writes a zip archive, this starts with {head!r}); "
+                        "expected an official <trait>_<variant>_diff.pt")
     try:
         vec = torch.load(src, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -417,9 +427,14 @@ def import_vector(pt_file: str, out: str | None = None, model_name: str | None =
     except (OSError, RuntimeError, EOFError) as e:
         raise UserError(f"cannot read {src} as a tensor file ({str(e).splitlines()[0]}); expected an official "
                         "<trait>_<variant>_diff.pt") from None
-    if not isinstance(vec, torch.Tensor) or vec.dim() != 2:
+    if not isinstance(vec, torch.Tensor) or vec.dim() != 2 or not vec.is_floating_point():
         raise UserError(f"{src} holds {type(vec).__name__} {tuple(getattr(vec, 'shape', ()))}, expected one "
-                        "[num_layers + 1, hidden] tensor")
+                        "[num_layers + 1, hidden] tensor of floats")
+    if not torch.isfinite(vec).all():
+        raise UserError(f"{src} has non-finite values (NaN or infinity): it is no usable vector")
+    if shape and tuple(vec.shape) != (shape[0] + 1, shape[1]):
+        raise UserError(f"{src} is [{vec.shape[0]}, {vec.shape[1]}], but {model_name} needs [{shape[0] + 1}, "
+                        f"{shape[1]}] ({shape[0]} blocks + the embeddings): pass the --model it was extracted from")
     stem = src.stem  # e.g. evil_response_avg_diff
     variant = next((v for v in VARIANTS if stem.endswith(f"_{v}_diff")), "unknown")
     trait = stem[: -len(f"_{variant}_diff")] if variant != "unknown" else stem
@@ -427,11 +442,6 @@ def import_vector(pt_file: str, out: str | None = None, model_name: str | None =
                 layer_convention=LAYER_CONVENTION, last_row_post_norm=True,
                 vector_norm=[round(x, 4) for x in vec.float().norm(dim=-1).tolist()],
                 date=datetime.date.today().isoformat())
-    dest_dir = Path(out) if out else default_vectors_dir(model_name) if model_name else src.parent
-    dest = dest_dir / f"{stem}.safetensors"
-    check_writable(dest.parent)
-    if dest.exists() and not force:
-        raise UserError(f"{dest} exists (an extracted or imported vector); pass --force to replace it, or --out DIR")
     return save_vector(dest, vec, meta)
 
 
@@ -441,7 +451,7 @@ def import_vector(pt_file: str, out: str | None = None, model_name: str | None =
 def model_vector(path: Path, model) -> tuple[torch.Tensor, dict]:
     """A vector file checked against the model it is used with -> (tensor [N + 1, hidden], metadata)."""
     vec, meta = load_vector(path)
-    check_fits(vec, meta, path, model.config.num_hidden_layers, model.config.hidden_size)
+    check_fits(vec, meta, path, model.config.num_hidden_layers, model.config.hidden_size, model)
     return vec, meta
 
 
@@ -504,9 +514,10 @@ def steering(specs: list[str], model: M.Transformer, vectors_dir: str | Path | N
             coef = coef * norms[L] / float(vec[L].norm())
         scale = norms[L] if norms else 10 * float(vec[L].norm())
         if abs(coef) * float(vec[L].norm()) > MAX_STEER_RATIO * scale:
+            limit = f"{MAX_STEER_RATIO}r" if relative else f"{MAX_STEER_RATIO * scale / float(vec[L].norm()):.3g}"
             raise UserError(f"--steer {spec!r}: that adds a vector {abs(coef) * float(vec[L].norm()) / scale:.3g}x the "
                             f"residual stream's norm at layer {L}, which overflows; use a coefficient of at most "
-                            f"{MAX_STEER_RATIO * scale / float(vec[L].norm()):.3g} in size")
+                            f"{limit} in size")
         last = N - 1 if meta.get("last_row_post_norm") else N
         if all_layers and last < N:
             print(f"note: {path.name} is an imported vector whose last row is post-norm: steering blocks 1..{last}",
@@ -760,10 +771,11 @@ class Gauge:
     marks: dict  # {"prompt_last": (neg, pos), "response_avg": (neg, pos)}, None when the file has no reference
 
     @classmethod
-    def from_file(cls, path: Path, layer: int | None, n_layers: int, hidden: int | None = None) -> "Gauge":
+    def from_file(cls, path: Path, layer: int | None, n_layers: int, hidden: int | None = None,
+                  model=None) -> "Gauge":
         vec, meta = load_vector(path)
         if hidden is not None:
-            check_fits(vec, meta, path, n_layers, hidden)
+            check_fits(vec, meta, path, n_layers, hidden, model)
         L = resolve_layer(layer, meta, n_layers)
         marks = {k: (meta[f"neg_{k}_projection"][L], meta[f"pos_{k}_projection"][L])
                  if f"pos_{k}_projection" in meta else None for k in ("prompt_last", "response_avg")}
@@ -798,7 +810,7 @@ def gauges_for(model, vectors_dir: Path, names: list[str] | None, layer: int | N
         if not p.is_file():
             raise UserError(f"no vector file {p}; run `extract {n}` first" if not n.endswith(".safetensors")
                             else f"{p} does not exist")
-    return [Gauge.from_file(p, layer, model.config.num_hidden_layers, model.config.hidden_size) for p in paths]
+    return [Gauge.from_file(p, layer, model.config.num_hidden_layers, model.config.hidden_size, model) for p in paths]
 
 
 def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | None = None,
@@ -1445,6 +1457,7 @@ def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | No
     if not vec_file.is_file():
         raise UserError(f"no vector file {vec_file}; run `extract {t.name} --model {base}` first or pass --vectors DIR")
     vec, meta = load_vector(vec_file)
+    expect_model(vec_file, finetuned)  # the base model's vector on its finetune, knowingly: no warning
     others = {o: load_vector(vector_path(vectors_dir, o))[0] for o in traits_in(vectors_dir) if o != t.name}
     others = {o: v for o, v in others.items() if v.shape == vec.shape}
     dest = Path(out) if out else vectors_dir / f"{t.name}_shift_{Path(str(finetuned).rstrip('/')).name}.csv"
@@ -1452,7 +1465,7 @@ def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | No
     acts = {}
     for label, name in (("base", base), ("finetuned", finetuned)):  # one model in memory at a time
         model, tok = M.load(name, device, dtype)
-        check_fits(vec, meta, vec_file, model.config.num_hidden_layers, model.config.hidden_size)
+        check_fits(vec, meta, vec_file, model.config.num_hidden_layers, model.config.hidden_size, model)
         print(f"shift {t.name}: {label} model {name}, {len(t.eval_questions)} evaluation questions", file=sys.stderr)
         acts[label] = last_prompt_activations(model, tok, t.eval_questions, batch_size)
         del model

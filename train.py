@@ -258,7 +258,7 @@ def ablation(specs: list[str], model: M.Transformer, vectors_dir: Path, layer: i
     for spec in specs:
         path = Path(spec) if spec.endswith(".safetensors") else vector_path(vectors_dir, spec)
         vec, meta = load_vector(path)
-        check_fits(vec, meta, path, N, d)
+        check_fits(vec, meta, path, N, d, model)
         L = resolve_layer(layer, meta, N)
         vec = vec.to(model.lm_head.weight.device)
         out += [M.Ablate(l, vec[l], "all") for l in (range(1, N + 1) if all_layers else [L])]

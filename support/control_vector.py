@@ -24,7 +24,6 @@ its block il (written as direction.(il + 1)), adds the vector one block later th
 tests/test_llama_cpp.py checks this against a real llama.cpp: v[L] written as direction.(L - 1) changes its next-token
 log-probabilities as our steering at L does (measured r = 0.994-0.997); written one block off, r = 0.61-0.79.
 """
-import json
 import re
 import struct
 import sys
@@ -34,9 +33,10 @@ import numpy as np
 import torch
 
 from support import UserError
-from support.files import atomic_write, check_fits, check_writable, default_vectors_dir, load_vector, resolve_layer, \
-    save_vector, vector_path
+from support.files import NAME_RE, atomic_write, check_fits, check_name, check_output, default_vectors_dir, \
+    load_vector, read_json, resolve_layer, save_vector, vector_path
 
+F32_MAX = float(np.finfo(np.float32).max)
 ALIGNMENT = 32  # GGUF's default: the tensor data and each tensor start at a multiple of it
 LAYER_CONVENTION = ("index 0 = embeddings, index L = output of block L (before the final norm); "
                     "row L is llama.cpp's direction.(L - 1)")
@@ -169,8 +169,12 @@ def select_directions(vec: torch.Tensor, layer: int | None = None, layers: tuple
 def model_shape(model_name: str) -> tuple[int, int, str]:
     """(num_layers, hidden, model_type) from the model's config.json (no weights are loaded)."""
     from support import hub
-    config = json.loads((hub.resolve(model_name, verbose=False) / "config.json").read_text())
-    return config["num_hidden_layers"], config["hidden_size"], config.get("model_type", "unknown")
+    path = hub.resolve(model_name, verbose=False) / "config.json"
+    config = read_json(path)
+    try:
+        return int(config["num_hidden_layers"]), int(config["hidden_size"]), config.get("model_type", "unknown")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise UserError(f"{path} gives no num_hidden_layers and hidden_size: is {model_name} a model?") from None
 
 
 def _find_vector(vector: str, model_name: str | None) -> Path:
@@ -202,7 +206,7 @@ def export_gguf(vector: str, out: str | None = None, layer: int | None = None, l
     if not model_name or model_name == "unknown":
         raise UserError(f"{path} does not record its model: name it with --model")
     num_layers, hidden, model_type = model_shape(model_name)
-    check_fits(vec, meta, path, num_layers, hidden)
+    check_fits(vec, meta, path, num_layers, hidden, model_name)
     if not np.isfinite(coef):
         raise UserError(f"--coef {coef}: must be a finite number")
     if layer is None and layers is None and not all_layers:
@@ -212,13 +216,16 @@ def export_gguf(vector: str, out: str | None = None, layer: int | None = None, l
     last_row_normed = bool(meta.get("last_row_post_norm"))  # import-vector: official files
     rows = select_directions(vec, layer, parse_layer_range(layers) if layers else None, all_layers, last_row_normed)
 
-    trait = meta.get("trait") or path.stem.removesuffix("_response_avg_diff")
+    trait = meta.get("trait")
+    if not (isinstance(trait, str) and NAME_RE.fullmatch(trait)):  # it names the default --out: never a path
+        trait = path.stem.removesuffix("_response_avg_diff")
     kind = f"L{layer}" if layer is not None else f"L{layers.replace(' ', '')}" if layers else "all-layers"
-    out = Path(out) if out else path.with_name(f"{trait}_{kind}.gguf")
-    if out.exists() and not force:
-        raise UserError(f"{out} exists: choose another --out or pass --force to overwrite it")
-    check_writable(out.parent)
+    out = check_output(out or path.with_name(f"{trait}_{kind}.gguf"), force, inputs=[path])
     tensors = {direction_name(L): (coef * v).numpy().astype("<f4") for L, v in sorted(rows.items())}
+    if abs(coef) > F32_MAX or not all(np.isfinite(t).all() for t in tensors.values()):  # control vectors are F32
+        peak = max(float(v.abs().max()) for v in rows.values())
+        raise UserError(f"--coef {coef:g} puts values beyond float32's range (about {F32_MAX:.3g}) into the file: "
+                        f"use a coefficient of at most {0.99 * F32_MAX / max(peak, 1.0):.3g} in size")
     metadata = {"general.architecture": "controlvector", "controlvector.model_hint": model_type,
                 "controlvector.layer_count": len(tensors),
                 # ours, for a reader of the file (llama.cpp and repeng ignore them)
@@ -289,6 +296,9 @@ def import_gguf(file: str, model_name: str | None = None, name: str | None = Non
     """
     from support.hub import DEFAULT_MODEL
     path, model_name = Path(file), model_name or DEFAULT_MODEL
+    name = check_name(name) if name is not None else re.sub(r"^[^\w]+|[^\w.-]+", "_", path.stem)[:100]
+    dest = check_output(vector_path(Path(out) if out else default_vectors_dir(model_name), name), force,
+                        inputs=[path], fix="choose another --name or --out")
     num_layers, hidden, _ = model_shape(model_name)
     rows, gguf_meta = read_control_vector(path, num_layers, hidden)
     vec = torch.zeros(num_layers + 1, hidden)
@@ -296,11 +306,6 @@ def import_gguf(file: str, model_name: str | None = None, name: str | None = Non
         vec[L] = torch.from_numpy(d)
     if cumulative:
         vec = vec.cumsum(0)
-    name = name or re.sub(r"[^\w.-]+", "_", path.stem)
-    dest = vector_path(Path(out) if out else default_vectors_dir(model_name), name)
-    if dest.exists() and not force:
-        raise UserError(f"{dest} exists: choose another --name or pass --force to overwrite it")
-    check_writable(dest.parent)
     layers = sorted(rows)
     meta = dict(trait=name, variant="llama.cpp control vector", model=model_name, imported_from=str(path),
                 model_hint=gguf_meta.get("controlvector.model_hint", "unknown"), layer_convention=LAYER_CONVENTION,

@@ -3,7 +3,9 @@ import csv
 import glob
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -96,6 +98,32 @@ def check_writable(out: Path) -> None:
         raise UserError(f"cannot write to {out} ({e.strerror}): choose another --out") from None
 
 
+def check_output(path: Path, force: bool = False, inputs=(), fix: str = "choose another --out") -> Path:
+    """Fail now, before the work, when the file `path` cannot be written: a directory, an input of this run (never
+    written over, even with --force), an existing file without --force, or a folder that cannot be written (its
+    nearest existing one is tried: nothing is created before the work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory: {fix} (a file name)")
+    if any(path.resolve() == Path(i).resolve() for i in inputs):
+        raise UserError(f"{path} is an input of this command and is never written over: {fix}")
+    if path.exists() and not force:
+        raise UserError(f"{path} exists: {fix} or pass --force to overwrite it")
+    check_writable(next(p for p in (path.parent, *path.parent.parents) if p.exists()))
+    return path
+
+
+NAME_RE = re.compile(r"\w[\w.-]{0,99}")  # a name becomes a file name: no separator, no leading dot, no "..", no ""
+
+
+def check_name(name: str, flag: str = "--name") -> str:
+    """A name that becomes part of a file name (e.g. --name of import-gguf) must be just a name, never a path."""
+    if not NAME_RE.fullmatch(name) or ".." in name:
+        raise UserError(f"{flag} {name!r}: a name is up to 100 letters, digits, '_', '.' or '-' (not a path), "
+                        "starting with a letter or digit")
+    return name
+
+
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     """Rows as CSV with these columns (other keys left out), written atomically."""
     def write(p):
@@ -159,11 +187,45 @@ def load_vector(path: str | Path) -> tuple[torch.Tensor, dict]:
     return vec.float(), meta
 
 
-def check_fits(vec: torch.Tensor, meta: dict, path: Path, num_layers: int, hidden: int) -> None:
-    """The model-fit check: a vector must be [num_layers + 1, hidden] for the model it is used with."""
+def check_fits(vec: torch.Tensor, meta: dict, path: Path, num_layers: int, hidden: int, model=None) -> None:
+    """The model-fit check: a vector must be [num_layers + 1, hidden] for the model it is used with; given that
+    model (loaded, or its name), a vector recorded for another model also gets a warning (see check_model)."""
     if tuple(vec.shape) != (num_layers + 1, hidden):
         raise UserError(f"{path} is [{vec.shape[0]}, {vec.shape[1]}] (extracted from {meta.get('model', '?')}), but "
                         f"this model needs [{num_layers + 1}, {hidden}]: use a vector extracted from this model")
+    if model is not None:
+        check_model(meta, path, model)
+
+
+_settled = set()  # (vector file, model name): warned about once already, or known to be a finetune (expect_model)
+
+
+def expect_model(path: Path, model_name: str) -> None:
+    """Say that the vector file `path` is knowingly used with `model_name`, a finetune of the model it was extracted
+    from (as `shift` does): check_model stays silent for that pair."""
+    _settled.add((Path(path).resolve(), str(model_name)))
+
+
+def check_model(meta: dict, path: Path, model) -> None:
+    """Warn on stderr, once per file, when a vector records another model than `model` (a loaded model or a name).
+
+    A warning, not an error: the method legitimately applies a base model's vector to its finetunes (`shift`,
+    preventative steering). Same model: the same name, or the same folder (the one the name resolved to when the
+    vector was made, `model_path`). Vectors that record no model (import-vector without --model) pass silently.
+    """
+    recorded, name = meta.get("model"), str(getattr(model, "name_or_path", model))
+    key = (Path(path).resolve(), name)
+    if not recorded or recorded == "unknown" or key in _settled:
+        return
+
+    def folders(*paths):
+        return {Path(str(p)).expanduser().resolve() for p in paths if p and Path(str(p)).expanduser().is_dir()}
+    here = {name.rstrip("/")} | folders(name, getattr(model, "source_dir", None))
+    there = {str(recorded).rstrip("/")} | folders(recorded, meta.get("model_path"))
+    if not here & there:
+        _settled.add(key)
+        print(f"warning: {path} was extracted from {recorded}, not {name}: fine for a finetune of that model, "
+              "otherwise extract the vector from this one", file=sys.stderr)
 
 
 def resolve_layer(layer: int | None, meta: dict, num_layers: int) -> int:

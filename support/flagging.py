@@ -556,7 +556,7 @@ def flag(files: list[str], traits: list[str] | None = None, model_name: str = DE
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         model, tok = M.load(model_name, device, dtype)
         for p in probes:
-            check_fits(p.vector, p.meta, p.path, model.config.num_hidden_layers, model.config.hidden_size)
+            check_fits(p.vector, p.meta, p.path, model.config.num_hidden_layers, model.config.hidden_size, model)
         bs = batch_size or (64 if model.lm_head.weight.device.type == "cuda" else 16)
         print(f"flag: {', '.join(f'{p.trait} (layer {p.layer})' for p in probes)}; base responses "
               + ("greedy" if base_temperature == 0 else f"{base_samples} sampled at temperature {base_temperature}")

@@ -274,7 +274,7 @@ class Engine:
         N, d = model.config.num_hidden_layers, model.config.hidden_size
         for name in self.names:  # fail at start, not at the first request, on a vector of another model
             path = vector_path(self.vectors_dir, name)
-            check_fits(*load_vector(path), path, N, d)
+            check_fits(*load_vector(path), path, N, d, model)
         self.gauges = [pv.Gauge.from_file(vector_path(self.vectors_dir, n), None, N) for n in self.names]
         alphabet = byte_level_alphabet()
         self.token_text = [tok.decode([i], skip_special_tokens=False) for i in range(tok.vocab_size)]

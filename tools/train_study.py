@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 import model as M  # noqa: E402
 import persona_vectors as pv  # noqa: E402
-from support.files import atomic_write, load_vector, vector_path  # noqa: E402
+from support.files import atomic_write, expect_model, load_vector, vector_path  # noqa: E402
 from support.hub import DEFAULT_MODEL  # noqa: E402
 from support.traits import load_trait  # noqa: E402
 
@@ -89,6 +89,7 @@ def measure(root: Path, name: str, model_name: str, base_acts, vectors: Path, da
     t = load_trait(TRAIT)
     vec_file = vector_path(vectors, TRAIT)
     vec = load_vector(vec_file)[0]
+    expect_model(vec_file, model_name)  # the base model's vector on its finetunes, knowingly: no warning
     others = {o: load_vector(vector_path(vectors, o))[0] for o in OTHERS}
     model, tok = M.load(model_name, "cpu", torch.float32)
     steer = [M.Steer(layer, vec[layer], -coef, "all")] if coef else []
