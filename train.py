@@ -331,6 +331,34 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
 
 
+def leftover(path: Path) -> bool:
+    """Whether a file or folder in an output directory is what a killed run left: the temporary of an atomic write
+    (.NAME.XXXX.tmp), or a checkpoint being written (.checkpoint-N.tmp) or removed (.checkpoint-N.trash)."""
+    return path.name.startswith(".") and path.name.endswith((".tmp", ".trash"))
+
+
+def remove_leftovers(out: Path) -> None:
+    for p in out.iterdir():
+        if leftover(p):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(out: Path):
+    """On a failure, remove `out` and the parents made for it while they are empty: a run that fails before writing
+    anything leaves no trace, and nothing that existed before it started is removed."""
+    made = [p for p in [out, *out.parents] if not p.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for d in made:
+            try:
+                d.rmdir()  # only ever an empty directory
+            except OSError:
+                break
+        raise
+
+
 def remove(checkpoint: Path) -> None:
     """Renamed out of the way first: a removal cut short leaves no half checkpoint under a checkpoint's name."""
     trash = checkpoint.parent / f".{checkpoint.name}.trash"
@@ -373,7 +401,7 @@ def check_out(out: Path, settings: dict, resume: bool) -> dict | None:
     if not path.is_file():
         if resume:
             raise UserError(f"--resume: {out} holds no training run; run without --resume to start one")
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and not all(leftover(p) for p in out.iterdir()):
             raise UserError(f"--out {out} is not empty and holds no training run: choose a new or empty directory")
         return None
     record = json.loads(path.read_text())
@@ -488,7 +516,7 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
         dtype = DTYPES[dtype]
     dtype = dtype or M.default_dtype(device)
     out, data = Path(out), Path(data)
-    with process_group(device) as (rank, world):
+    with process_group(device) as (rank, world), removed_if_left_empty(out):
         if fsdp and world == 1 and not dist.is_initialized():
             raise UserError("--fsdp shards across processes: launch with torchrun --nproc_per_node=K train.py ...")
         dev = torch.device(device)
@@ -511,6 +539,11 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
             tok = Tokenizer(model_dir)
         except (ValueError, FileNotFoundError, hub.HubError) as e:
             raise UserError(str(e)) from None
+        context = M.Config.from_json(model_dir / "config.json").max_position_embeddings
+        if max_seq_len > context:
+            say(f"--max-seq-len {max_seq_len} is past the model's context ({context} tokens, "
+                f"max_position_embeddings): training on at most {context}")
+            max_seq_len = context
         examples, counts = load_examples(data, tok, max_seq_len)
         if val:
             train_set, (val_set, val_counts) = examples, load_examples(Path(val), tok, max_seq_len)
@@ -550,12 +583,14 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
         record = check_out(out, settings, resume)
         if dist.is_initialized():
             dist.barrier()  # every process has read `out` before rank 0 writes to it
-        if record is not None and record["status"] == "done":
+        done = record is not None and record["status"] == "done"
+        if rank == 0:
+            remove_leftovers(out)  # of a run killed while it wrote or removed a file
+            for old in checkpoints(out) if done else []:  # killed after its last save, before this removal
+                remove(old)
+        if done:
             say(f"{out} already holds this finished run")
             return out
-        if rank == 0:
-            for stale in out.glob(".checkpoint-*"):  # a checkpoint being written or removed when the run was killed
-                shutil.rmtree(stale)
         ckpt = checkpoints(out)[-1] if record is not None and checkpoints(out) else None
         if ckpt is not None:
             lm = None  # the base weights go before the checkpoint's come
