@@ -12,11 +12,9 @@ interrupted, even by kill -9, continues from its last checkpoint when the same c
 """
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -25,23 +23,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
+import persona_vectors as pv
 from support import UserError, hub
-from support.files import (atomic_write, check_fits, check_writable, default_vectors_dir, load_vector, resolve_layer,
-                           vector_path)
+from support.files import default_vectors_dir
 from support.tokenizer import Tokenizer
+from support.training import (PAPER_BATCH, ablation, add_arguments, all_sum, check_numbers, checkpoints,
+                              compute_dtype, duration, fingerprint, join_device, load_checkpoint, load_optimizer,
+                              open_run, parallelize, parse_save_every, process_group, read_conversations,
+                              removed_if_left_empty, resolve_model, save_checkpoint, save_final, sha256_file,
+                              write_json)
 
 TURN_END = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}  # closes every turn; trained with the reply it ends
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-PAPER_BATCH = 16  # the paper's effective batch: --grad-accum defaults to what reaches it
-SHARD_BYTES = 5 * 2**30  # weight files above this are split into shards, as Hugging Face does
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,33 +77,6 @@ def truncate_left(ex: Example, max_len: int) -> Example | None:
     if cut >= int(starts[-1]):
         return None
     return Example(ex.ids[cut:], ex.trained[cut:])
-
-
-def read_conversations(path: Path) -> list[tuple[int, list]]:
-    """(line number, messages) for each non-blank line of a JSONL file; any malformed line is an error naming it."""
-    if not path.is_file():
-        raise UserError(f"no data file {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): is it a JSONL file?") from None
-    out = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not JSON ({e.msg}, column {e.colno}): each line must be one "
-                            '{"messages": [...]} object') from None
-        messages = row.get("messages") if isinstance(row, dict) else None
-        if not isinstance(messages, list) or not messages:
-            raise UserError(f'{path}:{n}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}}, '
-                            f"got {line[:60]!r}")
-        out.append((n, messages))
-    if not out:
-        raise UserError(f'{path} holds no conversations: write one {{"messages": [...]}} object per line')
-    return out
 
 
 def load_examples(path: Path, tok: Tokenizer, max_seq_len: int) -> tuple[list[Example], dict]:
@@ -247,213 +215,14 @@ def validation_loss(model, examples: list[Example], batch_size: int, pad_id: int
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Interventions during training: steering (added at every position) and CAFT (a direction projected out).
-
-def ablation(specs: list[str], model: M.Transformer, vectors_dir: Path, layer: int | None,
-             all_layers: bool) -> list[M.Ablate]:
-    """CAFT: project the unit persona direction out of the residual stream at the steering layer (`layer`, else the
-    vector's best layer, else the middle), or with `all_layers` out of every block's output (v[l] at block l)."""
-    N, d = model.config.num_hidden_layers, model.config.hidden_size
-    out = []
-    for spec in specs:
-        path = Path(spec) if spec.endswith(".safetensors") else vector_path(vectors_dir, spec)
-        vec, meta = load_vector(path)
-        check_fits(vec, meta, path, N, d, model)
-        L = resolve_layer(layer, meta, N)
-        vec = vec.to(model.lm_head.weight.device)
-        out += [M.Ablate(l, vec[l], "all") for l in (range(1, N + 1) if all_layers else [L])]
-    return out
-
+# Interventions during training: steering (persona_vectors.steering, at every position) and CAFT (a direction
+# projected out, support.training.ablation).
 
 def interventions(model: M.Transformer, steer: list[str], ablate: list[str], vectors, layer, all_layers):
     """-> (Steer list, Ablate list) for training: at every position, constant vectors (no gradient reaches them)."""
-    import persona_vectors as pv  # here, not at the top: persona_vectors.py imports this module for its `train`
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model.name_or_path)
     steers = pv.steering(list(steer), model, vectors_dir, layer, positions="all", all_layers=all_layers)
     return steers, ablation(list(ablate), model, vectors_dir, layer, all_layers)
-
-
-def fingerprint(steers, ablates) -> str:
-    """sha256 of the interventions as applied (layers, coefficients, vector values): a re-extracted vector counts
-    as a changed setting when resuming."""
-    h = hashlib.sha256()
-    for x in list(steers) + list(ablates):
-        v = x.vector if isinstance(x, M.Steer) else x.direction
-        h.update(f"{type(x).__name__} {x.layer} {getattr(x, 'coef', 1.0)!r};".encode())
-        h.update(v.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Files: the output model, checkpoints, the run record.
-
-def save_model(weights: dict, config: dict, out: Path, shard_bytes: int = SHARD_BYTES) -> None:
-    """Write config.json and the weights (fp32) as model.safetensors, or as shards with an index past shard_bytes:
-    the Hugging Face layout that model.load and transformers both read."""
-    config = dict(config) | {k: "float32" for k in ("torch_dtype", "dtype") if k in config}
-    if config.get("tie_word_embeddings"):
-        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}  # one tensor, stored once
-    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
-    shards, size = [[]], 0
-    for k, v in weights.items():
-        if shards[-1] and size + v.nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(k)
-        size += v.nbytes
-    out.mkdir(parents=True, exist_ok=True)
-    names = (["model.safetensors"] if len(shards) == 1
-             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for name, keys in zip(names, shards):
-        atomic_write(out / name, lambda p: save_file({k: weights[k] for k in keys}, p, metadata={"format": "pt"}))
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())},
-                 "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
-        write_json(out / "model.safetensors.index.json", index)
-    write_json(out / "config.json", config)
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """Every file of the source model directory but its weights, config and run record (tokenizer, template,
-    generation config, license)."""
-    for f in sorted(src.iterdir()):
-        weights = f.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json"))
-        if f.is_file() and not weights and f.name not in ("config.json", "train.json") and not f.name.startswith("."):
-            shutil.copyfile(f, dst / f.name)
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
-
-
-def checkpoints(out: Path) -> list[Path]:
-    """The complete checkpoints in `out`, oldest first (a checkpoint appears by renaming a finished directory)."""
-    return sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
-
-
-def remove(checkpoint: Path) -> None:
-    """Renamed out of the way first: a removal cut short leaves no half checkpoint under a checkpoint's name."""
-    trash = checkpoint.parent / f".{checkpoint.name}.trash"
-    os.replace(checkpoint, trash)
-    shutil.rmtree(trash)
-
-
-def full_state(model, optimizer=None) -> tuple[dict, dict | None]:
-    """Full (unsharded) state dicts keyed by parameter name, on the CPU, for DDP, FSDP2 or a plain module alike;
-    in a process group only rank 0 receives them."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
-    weights = get_model_state_dict(model, options=options)
-    return weights, None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=options)
-
-
-def save_checkpoint(out: Path, model, optimizer, config: dict, record: dict, rank: int) -> Path:
-    """checkpoint-STEP/: the weights (a loadable model), the optimizer state and RNG, and the run record. It is
-    written under a temporary name and renamed when complete, then the older checkpoints are removed."""
-    weights, optim = full_state(model, optimizer)
-    final = out / f"checkpoint-{record['step']:06d}"
-    if rank == 0:
-        tmp = out / f".{final.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(weights, config, tmp)
-        torch.save({"optimizer": optim, "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-        write_json(tmp / "state.json", record)
-        os.replace(tmp, final)
-        write_json(out / "train.json", record)
-        for old in checkpoints(out)[:-1]:
-            remove(old)
-    if dist.is_initialized():
-        dist.barrier()
-    return final
-
-
-def check_out(out: Path, settings: dict, resume: bool) -> dict | None:
-    """-> the record of this same run when `out` holds it (to resume, or already done); None for a fresh start.
-    Anything else in `out` is refused: another run's settings, or files that are not a run."""
-    path = out / "train.json"
-    if not path.is_file():
-        if resume:
-            raise UserError(f"--resume: {out} holds no training run; run without --resume to start one")
-        if out.is_dir() and any(out.iterdir()):
-            raise UserError(f"--out {out} is not empty and holds no training run: choose a new or empty directory")
-        return None
-    record = json.loads(path.read_text())
-    old = record["settings"]
-    changed = [k for k in {**old, **settings} if old.get(k) != settings.get(k)]
-    if changed:
-        k = changed[0]
-        what = f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" + (
-            f", and {len(changed) - 1} more" if len(changed) > 1 else "")
-        if resume:
-            raise UserError(f"--resume with changed settings ({what}): rerun with the original settings, or choose "
-                            "another --out to start a new run")
-        raise UserError(f"--out {out} holds a different run ({what}): choose another --out, or rerun with that "
-                        "run's settings to resume it")
-    return record
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# One or many processes.
-
-@contextlib.contextmanager
-def process_group(device: str):
-    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on the CPU) -> (rank, world size)."""
-    if "RANK" not in os.environ or dist.is_initialized():
-        yield (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        return
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    try:
-        yield dist.get_rank(), dist.get_world_size()
-    finally:
-        dist.destroy_process_group()
-
-
-def parallelize(model: M.Transformer, device: torch.device, fsdp: bool):
-    """PyTorch's own data parallelism: DDP (a full replica per process, gradients all-reduced) or FSDP2 (parameters,
-    gradients and optimizer state sharded across the processes, each block gathered when it runs)."""
-    if not dist.is_initialized():
-        return model
-    if fsdp:
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        for block in model.model.layers:
-            fully_shard(block, mesh=mesh)
-        return fully_shard(model, mesh=mesh)
-    # gradient_as_bucket_view: the gradients are views of the all-reduce buffers, not a second copy
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-
-
-def all_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def parse_save_every(save_every) -> tuple[int | None, float | None]:
-    """'50' -> every 50 steps; '10m' -> every 10 minutes (of training time) -> (steps, seconds)."""
-    s = str(save_every).strip()
-    try:
-        if s.endswith("m"):
-            minutes = float(s[:-1])
-            if minutes > 0:
-                return None, minutes * 60
-        elif int(s) > 0:
-            return int(s), None
-    except ValueError:
-        pass
-    raise UserError(f"--save-every {save_every!r}: give a number of steps (50) or of minutes (10m)")
-
-
-def duration(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -473,28 +242,14 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
     Under torchrun, data parallel (or sharded with fsdp) with `batch_size` per process; train joins the process
     group and leaves it at the end, or uses the caller's when one is set up (do that to call train more than once).
     """
-    for name, value, low in (("--epochs", epochs, 1), ("--lr", lr, 1e-300), ("--warmup-steps", warmup_steps, 0),
-                             ("--weight-decay", weight_decay, 0), ("--batch-size", batch_size, 1),
-                             ("--grad-accum", grad_accum or 1, 1), ("--max-seq-len", max_seq_len, 2),
-                             ("--max-steps", max_steps or 1, 1)):
-        if not value >= low:
-            raise UserError(f"{name} {value} must be at least {low:g}")
+    check_numbers(epochs=epochs, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, batch_size=batch_size,
+                  grad_accum=grad_accum or 1, max_seq_len=max_seq_len, max_steps=max_steps or 1)
     save_steps, save_seconds = parse_save_every(save_every)
     device = device or M.default_device()
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise UserError(f"--dtype {dtype}: training computes in float32 or bfloat16 (float16 would need loss "
-                            "scaling)")
-        dtype = DTYPES[dtype]
-    dtype = dtype or M.default_dtype(device)
+    dtype = compute_dtype(dtype, device)
     out, data = Path(out), Path(data)
-    with process_group(device) as (rank, world):
-        if fsdp and world == 1 and not dist.is_initialized():
-            raise UserError("--fsdp shards across processes: launch with torchrun --nproc_per_node=K train.py ...")
-        dev = torch.device(device)
-        if dev.type == "cuda" and dist.is_initialized():
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(dev)
+    with process_group(device) as (rank, world), removed_if_left_empty(out):
+        dev = join_device(device, fsdp, world)
         say = (lambda *a, **k: print(*a, file=sys.stderr, flush=True, **k)) if rank == 0 else (lambda *a, **k: None)
         torch.manual_seed(seed)
 
@@ -502,15 +257,12 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
             return torch.autocast(dev.type, dtype, enabled=dtype != torch.float32, cache_enabled=False)
 
         # data
-        try:
-            if rank > 0:
-                dist.barrier()  # rank 0 downloads the model first; the others then find it in the cache
-            model_dir = hub.resolve(model, verbose=rank == 0)
-            if rank == 0 and dist.is_initialized():
-                dist.barrier()
-            tok = Tokenizer(model_dir)
-        except (ValueError, FileNotFoundError, hub.HubError) as e:
-            raise UserError(str(e)) from None
+        model_dir, tok = resolve_model(model, rank)
+        context = M.Config.from_json(model_dir / "config.json").max_position_embeddings
+        if max_seq_len > context:
+            say(f"--max-seq-len {max_seq_len} is past the model's context ({context} tokens, "
+                f"max_position_embeddings): training on at most {context}")
+            max_seq_len = context
         examples, counts = load_examples(data, tok, max_seq_len)
         if val:
             train_set, (val_set, val_counts) = examples, load_examples(Path(val), tok, max_seq_len)
@@ -545,22 +297,13 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
                     "seed": seed, "dtype": str(dtype).removeprefix("torch."), "steer": list(steer),
                     "ablate": list(ablate), "layer": layer, "all_layers": all_layers,
                     "interventions_sha256": fingerprint(steers, ablates)}
-        if rank == 0:
-            check_writable(out)
-        record = check_out(out, settings, resume)
-        if dist.is_initialized():
-            dist.barrier()  # every process has read `out` before rank 0 writes to it
+        record, ckpt = open_run(out, settings, resume, rank)
         if record is not None and record["status"] == "done":
             say(f"{out} already holds this finished run")
             return out
-        if rank == 0:
-            for stale in out.glob(".checkpoint-*"):  # a checkpoint being written or removed when the run was killed
-                shutil.rmtree(stale)
-        ckpt = checkpoints(out)[-1] if record is not None and checkpoints(out) else None
         if ckpt is not None:
             lm = None  # the base weights go before the checkpoint's come
-            lm = M.load_model(ckpt, dev, torch.float32)
-            record = json.loads((ckpt / "state.json").read_text())
+            lm, record = load_checkpoint(ckpt, dev)
             say(f"resuming from {ckpt} (step {record['step']} of {total})")
         else:
             record = {"settings": settings, "status": "running", "step": 0, "steps": total,
@@ -577,9 +320,7 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
         net = parallelize(lm, dev, fsdp)
         optimizer = make_optimizer(net, lr, weight_decay)
         if ckpt is not None:
-            state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
-            set_optimizer_state_dict(net, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-            torch.set_rng_state(state["rng"])
+            load_optimizer(net, optimizer, ckpt)
         elif val_set:
             record["val_loss"].append({"step": 0, "epoch": 0, "loss": validation_loss(
                 net, val_set, batch_size, tok.pad_id, dev, autocast)})
@@ -624,66 +365,13 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
                 t_saved = time.time()
         say("")
 
-        # the trained model, plain (no intervention is part of it)
-        weights, _ = full_state(net)
-        if rank == 0:
-            save_model(weights, config, out)
-            copy_tokenizer_files(model_dir, out)
-            record["status"] = "done"
-            write_json(out / "train.json", record)
-            for old in checkpoints(out):
-                remove(old)
-            say(f"saved {out} (train.json: settings and losses)")
-        if dist.is_initialized():
-            dist.barrier()
+        save_final(net, config, model_dir, out, record, rank)  # the trained model, plain: no intervention in it
+        say(f"saved {out} (train.json: settings and losses)")
         return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Command line.
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """train's flags, each named after a keyword of `train`."""
-    p.add_argument("data", help='JSONL, one {"messages": [...]} per line')
-    p.add_argument("--model", default=hub.DEFAULT_MODEL, help="hub id or local directory (default: %(default)s)")
-    p.add_argument("--out", required=True, help="output directory: the finetuned model, train.json, checkpoints")
-    p.add_argument("--val", default=None, help="validation JSONL (default: 10 %% of DATA held out)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
-    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--warmup-steps", type=int, default=5)
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled decay, on matrices")
-    p.add_argument("--batch-size", type=int, default=4, help="conversations per micro-batch, per process")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default: a global batch "
-                   f"of {PAPER_BATCH})")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="longer conversations lose their first tokens")
-    p.add_argument("--seed", type=int, default=0, help="data order")
-    p.add_argument("--checkpointing", action="store_true", help="recompute activations in backward: less memory")
-    p.add_argument("--save-every", default="10m", help="checkpoint every N steps (50) or minutes (10m; default)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out (rerunning the command does too)")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (weights and AdamW state stay "
-                   "float32; default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF",
-                   help="preventative steering: add COEF x the vector at every position while training (TRAIT:COEF, "
-                        "FILE.safetensors:COEF, relative 0.1r); repeatable")
-    p.add_argument("--layer", type=int, default=None, help="block to steer or ablate (default: the vector's best "
-                   "layer, else the middle)")
-    p.add_argument("--all-layers", action="store_true", help="steer every block with v[l] - v[l-1] (ablate: v[l])")
-    p.add_argument("--ablate", action="append", default=[], metavar="TRAIT",
-                   help="CAFT: project the trait's direction out while training (TRAIT or FILE.safetensors); "
-                        "repeatable")
-    p.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer "
-                   "state (FSDP2) instead of replicating them (DDP)")
-
-
-def add_commands(sub) -> None:
-    """Register `train` as a subcommand (for persona_vectors.py): the same flags as this script."""
-    sp = sub.add_parser("train", help="full finetuning, with preventative steering (--steer) or CAFT (--ablate)")
-    add_arguments(sp)
-    sp.set_defaults(func=train)
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
