@@ -290,10 +290,16 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
     return rows, {k: torch.cat(v) for k, v in acts.items()}
 
 
-def make_judge(spec: str | None, workers: int | None = None):
-    """The judge, made once before any generation: a judge that cannot work (no API key) fails here."""
+def make_judge(spec: str | None, workers: int | None = None, trait=None):
+    """The judge, made once before any generation: a judge that cannot work (no API key) fails here. A judge
+    prompt that never asks for REFUSAL (official-format trait files may not) is worth a note: refusals then get a
+    score like any other answer, where the judge would otherwise leave them unscored."""
     import judge as J
-    return J.make_judge(spec, workers=workers)
+    judge = J.make_judge(spec, workers=workers)
+    if trait is not None and judge.name != "none" and "REFUSAL" not in trait.eval_prompt:
+        print(f"note: the eval_prompt of {trait.source or trait.name} never asks the judge to answer REFUSAL, so "
+              "refused answers are scored like any other", file=sys.stderr)
+    return judge
 
 
 def judge_rollouts(trait, rows: list[dict], judge, cache_path: Path) -> str:
@@ -332,7 +338,7 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
     t = load_trait(trait)
     check_count("questions", questions)
     checkpoint.check_device(device or M.default_device())
-    judge_ = make_judge(judge, judge_workers)
+    judge_ = make_judge(judge, judge_workers, t)
     model, tok = M.load(model_name, device, dtype)
     b = budget_for(model, rollouts, max_new_tokens, temperature, top_p, batch_size)
     out_dir = Path(out) if out else default_vectors_dir(model_name)
@@ -519,13 +525,13 @@ def steering(specs: list[str], model: M.Transformer, vectors_dir: str | Path | N
 # Generation, evaluation and sweeps.
 
 def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors: str | None = None,
-                 judge: str | None = "none", judge_workers: int | None = None):
-    """Check what can be checked before the model loads (device, steering files, the judge), then load it.
-    -> (model, tokenizer, vectors_dir, judge)."""
+                 judge: str | None = "none", judge_workers: int | None = None, trait=None):
+    """Check what can be checked before the model loads (device, steering files, the judge of the trait), then
+    load it. -> (model, tokenizer, vectors_dir, judge)."""
     checkpoint.check_device(device or M.default_device())
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
     steer_sources(list(steer), vectors_dir)
-    judge_ = make_judge(judge, judge_workers)
+    judge_ = make_judge(judge, judge_workers, trait)
     model, tok = M.load(model_name, device, dtype)
     return model, tok, vectors_dir, judge_
 
@@ -625,7 +631,7 @@ def evaluate(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = No
     from support.traits import load_trait
     t = load_trait(trait)
     check_count("questions", questions)
-    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, steer, vectors, judge, judge_workers)
+    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, steer, vectors, judge, judge_workers, t)
     b = budget_for(model, samples, max_new_tokens, temperature, top_p, batch_size)
     if b.rollouts == 1 and temperature is None:
         b.temperature = 0.0
@@ -671,7 +677,8 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
     check_count("questions", questions)
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
     vec_path = vector_path(vectors_dir, t.name)
-    model, tok, _, judge_ = load_checked(model_name, device, dtype, [f"{vec_path}:0"], vectors, judge, judge_workers)
+    model, tok, _, judge_ = load_checked(model_name, device, dtype, [f"{vec_path}:0"], vectors, judge, judge_workers,
+                                         t)
     N = model.config.num_hidden_layers
     vec, meta = model_vector(vec_path, model)
     layers = layers or sorted({round(N / 6 + i * (2 * N / 3) / 5) for i in range(6)})
@@ -996,7 +1003,7 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
     conditions = monitor_conditions(t, kind, seed)
     check_count("questions", questions)
     check_count("random", n_random)
-    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, [], vectors, judge, judge_workers)
+    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, [], vectors, judge, judge_workers, t)
     b = budget_for(model, rollouts, max_new_tokens, None, None, batch_size)
     out_dir = Path(out) if out else vectors_dir
     check_writable(out_dir)
