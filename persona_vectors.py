@@ -23,9 +23,11 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import pickle
 import re
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -237,6 +239,24 @@ def check_count(name: str, value: int, least: int = 1) -> int:
     if not isinstance(value, int) or value < least:
         raise UserError(f"--{name} must be a whole number >= {least}, not {value}")
     return value
+
+
+def check_output(path: Path, inputs=(), force: bool = False, option: str = "--out") -> Path:
+    """Before the work: an output file may not be a directory or one of the run's inputs (not even with --force),
+    and an existing one is replaced only with --force; its directory must be writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a directory: give a file name")
+    if path.exists() and any(i and Path(i).exists() and os.path.samefile(path, i) for i in inputs):
+        raise UserError(f"{option} {path} is an input of this run: writing it would destroy that input; choose "
+                        "another file")
+    if path.exists() and not force:
+        raise UserError(f"{path} exists: choose another {option} or pass --force to overwrite it")
+    try:
+        check_writable(path.parent)
+    except UserError as e:  # its message names --out
+        raise UserError(str(e).replace("--out", option)) from None
+    return path
 
 
 def settings_hash(settings: dict) -> str:
@@ -822,6 +842,8 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | No
     """
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     Budget(1, max_new_tokens, temperature, top_p, 1)
+    if save:
+        check_output(save, force=True, option="--save")  # appended to: an existing file is fine
     model, tok, vectors_dir, _ = load_checked(model_name, device, dtype, steer, vectors)
     meters = gauges_for(model, vectors_dir, gauges, layer)
     interventions = steering(list(steer), model, vectors_dir, layer)
@@ -890,7 +912,13 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | No
             history.append(dict(turn=turn, trait=g.trait, layer=g.layer, steer=list(steer), **reading))
             say(g.show(reading))
     if save:
-        save_conversation(Path(save), messages)
+        try:
+            save_conversation(Path(save), messages)
+        except OSError as e:  # the directory went away, the disk is full, ...: keep the conversation anyway
+            fd, kept = tempfile.mkstemp(prefix="chat-", suffix=".jsonl")
+            os.close(fd)
+            save_conversation(Path(kept), messages)
+            raise UserError(f"cannot save the conversation to {save} ({e.strerror}); it is in {kept}") from None
     return messages
 
 
