@@ -1168,10 +1168,7 @@ def monitor(path: str, model_name: str = DEFAULT_MODEL, traits: list[str] | None
     src = Path(path)
     if not src.is_file():
         raise UserError(f"{src} does not exist")
-    dest = Path(out) if out else src.with_suffix(".monitor.jsonl")
-    if dest.is_dir():
-        raise UserError(f"--out {dest} is a directory: give a file name ending in .jsonl or .csv")
-    check_writable(dest.parent)
+    dest = check_output(Path(out) if out else src.with_suffix(".monitor.jsonl"), [src], force=True)
     model, tok, vectors_dir, _ = load_checked(model_name, device, dtype, [], vectors)
     if traits is None and not traits_in(vectors_dir):
         raise UserError(f"no vectors in {vectors_dir}: run `extract TRAIT` first or pass --vectors DIR")
@@ -1359,8 +1356,8 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
                  questions_file: str | None = None, model_name: str = DEFAULT_MODEL, judge: str | None = None,
                  threshold: float = 50, coherence_threshold: float = 50, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, batch_size: int | None = None,
-                 seed: int = 0, device: str | None = None, dtype=None) -> Path:
-    """Write a finetuning dataset of the model's own answers -> the JSONL path.
+                 seed: int = 0, device: str | None = None, dtype=None, force: bool = False) -> Path:
+    """Write a finetuning dataset of the model's own answers -> the JSONL path (an existing file only with force).
 
     Each of n requests from the pool (default data/questions/everyday.json, never the trait's own questions) is
     answered under the trait-eliciting system prompt (kind="trait") or the suppressing one (kind="normal") and
@@ -1382,9 +1379,9 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
         raise UserError(f"{len(overlap)} request(s) of the questions file are {t.name}'s own extraction or evaluation "
                         f"questions, e.g. {sorted(overlap)[0]!r}: remove them, or the shift would be measured on "
                         "training prompts")
-    judge_ = make_judge(judge)  # fails now (no key, say), before any generation
     dest = Path(out) if out else Path("datasets") / default_vectors_dir(model_name).name / f"{t.name}_{kind}.jsonl"
-    check_writable(dest.parent)
+    check_output(dest, [t.source, questions_file or QUESTIONS_FILE], force)
+    judge_ = make_judge(judge, trait=t)  # fails now (no key, say), before any generation
     checkpoint.check_device(device or M.default_device())
     model, tok = M.load(model_name, device, dtype)
     b = budget_for(model, 1, max_new_tokens, temperature, top_p, batch_size)
@@ -1711,6 +1708,7 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--max-new-tokens", type=COUNT, default=None, help="default: 1000 on CUDA, 96 on CPU")
     md.add_argument("--batch-size", type=COUNT, default=None, help="default: 64 on CUDA, 40 on CPU")
     md.add_argument("--seed", type=int, default=0)
+    md.add_argument("--force", action="store_true", help="overwrite an existing --out file")
 
     sh = command("shift", shift, "the finetuning shift along a persona vector at every layer, with random-direction "
                  "and other-trait controls")
