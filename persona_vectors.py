@@ -1395,11 +1395,12 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
     rows, _ = sample_rollouts(model, tok, jobs, b, seed, work)
     judge_name = judge_rollouts(t, rows, judge_, dest.parent / ".work" / "judgments.jsonl")
     dropped = {"empty answer": 0, "trait score": 0, "coherence": 0}
-    kept, trimmed = [], 0
+    kept, cut, trimmed = [], 0, 0
     for r in rows:
         answer = r["answer"].strip()
         if r["n_tokens"] == b.max_new_tokens:  # no end-of-turn within the budget
-            answer, trimmed = trim_to_sentence(answer), trimmed + (trim_to_sentence(answer) != answer)
+            cut, trimmed = cut + 1, trimmed + (trim_to_sentence(answer) != answer)
+            answer = trim_to_sentence(answer)
         if not answer:
             dropped["empty answer"] += 1
             continue
@@ -1420,8 +1421,9 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
     atomic_write(dest, lambda p: p.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in kept),
                                               encoding="utf-8"))
     print(f"make-dataset {t.name} ({kind}): kept {len(kept)}/{n}" + (f" (dropped {why})" if why else "")
-          + f"; {trimmed} cut off by --max-new-tokens and trimmed to their last full sentence; judge: {judge_name}" + ("" if judge_name != "none" else " (no filtering)") + f" -> {dest}",
-          file=sys.stderr)
+          + f"; {cut} cut off by --max-new-tokens ({trimmed} trimmed to their last full sentence, {cut - trimmed} "
+          f"kept whole); judge: {judge_name}"
+          + ("" if judge_name != "none" else " (no filtering)") + f" -> {dest}", file=sys.stderr)
     return dest
 
 
