@@ -1151,7 +1151,11 @@ def assistant_turns(record) -> tuple[list[dict], list[int]] | str:
         return "a message without a known role or a text content"
     first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > first_user]
-    return (messages, turns) if turns else "no assistant turn after a user turn"
+    if turns:
+        return messages, turns
+    if first_user < len(messages) and any(m["role"] == "assistant" for m in messages):
+        return "roles reversed? the assistant speaks before the first user turn and never after it"
+    return "no assistant turn after a user turn"
 
 
 def monitor(path: str, model_name: str = DEFAULT_MODEL, traits: list[str] | None = None, layer: int | None = None,
