@@ -23,9 +23,11 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import pickle
 import re
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -290,10 +292,16 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
     return rows, {k: torch.cat(v) for k, v in acts.items()}
 
 
-def make_judge(spec: str | None, workers: int | None = None):
-    """The judge, made once before any generation: a judge that cannot work (no API key) fails here."""
+def make_judge(spec: str | None, workers: int | None = None, trait=None):
+    """The judge, made once before any generation: a judge that cannot work (no API key) fails here. A judge
+    prompt that never asks for REFUSAL (official-format trait files may not) is worth a note: refusals then get a
+    score like any other answer, where the judge would otherwise leave them unscored."""
     import judge as J
-    return J.make_judge(spec, workers=workers)
+    judge = J.make_judge(spec, workers=workers)
+    if trait is not None and judge.name != "none" and "REFUSAL" not in trait.eval_prompt:
+        print(f"note: the eval_prompt of {trait.source or trait.name} never asks the judge to answer REFUSAL, so "
+              "refused answers are scored like any other", file=sys.stderr)
+    return judge
 
 
 def judge_rollouts(trait, rows: list[dict], judge, cache_path: Path) -> str:
@@ -332,7 +340,7 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
     t = load_trait(trait)
     check_count("questions", questions)
     checkpoint.check_device(device or M.default_device())
-    judge_ = make_judge(judge, judge_workers)
+    judge_ = make_judge(judge, judge_workers, t)
     model, tok = M.load(model_name, device, dtype)
     b = budget_for(model, rollouts, max_new_tokens, temperature, top_p, batch_size)
     out_dir = Path(out) if out else default_vectors_dir(model_name)
@@ -413,7 +421,7 @@ def import_vector(pt_file: str, out: str | None = None, model_name: str | None =
     if not src.is_file():
         raise UserError(f"{src} does not exist")
     dest_dir = Path(out) if out else default_vectors_dir(model_name) if model_name else src.parent
-    dest = check_output(dest_dir / f"{src.stem}.safetensors", force, inputs=[src], fix="pass --out DIR")
+    dest = check_output(dest_dir / f"{src.stem}.safetensors", force, inputs=[src])
     shape = model_shape(model_name) if model_name else None
     with open(src, "rb") as f:
         head = f.read(2)
@@ -530,13 +538,13 @@ def steering(specs: list[str], model: M.Transformer, vectors_dir: str | Path | N
 # Generation, evaluation and sweeps.
 
 def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors: str | None = None,
-                 judge: str | None = "none", judge_workers: int | None = None):
-    """Check what can be checked before the model loads (device, steering files, the judge), then load it.
-    -> (model, tokenizer, vectors_dir, judge)."""
+                 judge: str | None = "none", judge_workers: int | None = None, trait=None):
+    """Check what can be checked before the model loads (device, steering files, the judge of the trait), then
+    load it. -> (model, tokenizer, vectors_dir, judge)."""
     checkpoint.check_device(device or M.default_device())
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
     steer_sources(list(steer), vectors_dir)
-    judge_ = make_judge(judge, judge_workers)
+    judge_ = make_judge(judge, judge_workers, trait)
     model, tok = M.load(model_name, device, dtype)
     return model, tok, vectors_dir, judge_
 
@@ -636,7 +644,7 @@ def evaluate(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = No
     from support.traits import load_trait
     t = load_trait(trait)
     check_count("questions", questions)
-    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, steer, vectors, judge, judge_workers)
+    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, steer, vectors, judge, judge_workers, t)
     b = budget_for(model, samples, max_new_tokens, temperature, top_p, batch_size)
     if b.rollouts == 1 and temperature is None:
         b.temperature = 0.0
@@ -682,7 +690,8 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
     check_count("questions", questions)
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
     vec_path = vector_path(vectors_dir, t.name)
-    model, tok, _, judge_ = load_checked(model_name, device, dtype, [f"{vec_path}:0"], vectors, judge, judge_workers)
+    model, tok, _, judge_ = load_checked(model_name, device, dtype, [f"{vec_path}:0"], vectors, judge, judge_workers,
+                                         t)
     N = model.config.num_hidden_layers
     vec, meta = model_vector(vec_path, model)
     layers = layers or sorted({round(N / 6 + i * (2 * N / 3) / 5) for i in range(6)})
@@ -827,6 +836,8 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | No
     """
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     Budget(1, max_new_tokens, temperature, top_p, 1)
+    if save:
+        check_output(save, force=True, option="--save")  # appended to: an existing file is fine
     model, tok, vectors_dir, _ = load_checked(model_name, device, dtype, steer, vectors)
     meters = gauges_for(model, vectors_dir, gauges, layer)
     interventions = steering(list(steer), model, vectors_dir, layer)
@@ -895,7 +906,13 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | No
             history.append(dict(turn=turn, trait=g.trait, layer=g.layer, steer=list(steer), **reading))
             say(g.show(reading))
     if save:
-        save_conversation(Path(save), messages)
+        try:
+            save_conversation(Path(save), messages)
+        except OSError as e:  # the directory went away, the disk is full, ...: keep the conversation anyway
+            fd, kept = tempfile.mkstemp(prefix="chat-", suffix=".jsonl")
+            os.close(fd)
+            save_conversation(Path(kept), messages)
+            raise UserError(f"cannot save the conversation to {save} ({e.strerror}); it is in {kept}") from None
     return messages
 
 
@@ -1008,7 +1025,7 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
     conditions = monitor_conditions(t, kind, seed)
     check_count("questions", questions)
     check_count("random", n_random)
-    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, [], vectors, judge, judge_workers)
+    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, [], vectors, judge, judge_workers, t)
     b = budget_for(model, rollouts, max_new_tokens, None, None, batch_size)
     out_dir = Path(out) if out else vectors_dir
     check_writable(out_dir)
@@ -1128,7 +1145,11 @@ def assistant_turns(record) -> tuple[list[dict], list[int]] | str:
         return "a message without a known role or a text content"
     first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > first_user]
-    return (messages, turns) if turns else "no assistant turn after a user turn"
+    if turns:
+        return messages, turns
+    if first_user < len(messages) and any(m["role"] == "assistant" for m in messages):
+        return "roles reversed? the assistant speaks before the first user turn and never after it"
+    return "no assistant turn after a user turn"
 
 
 def monitor(path: str, model_name: str = DEFAULT_MODEL, traits: list[str] | None = None, layer: int | None = None,
@@ -1145,10 +1166,7 @@ def monitor(path: str, model_name: str = DEFAULT_MODEL, traits: list[str] | None
     src = Path(path)
     if not src.is_file():
         raise UserError(f"{src} does not exist")
-    dest = Path(out) if out else src.with_suffix(".monitor.jsonl")
-    if dest.is_dir():
-        raise UserError(f"--out {dest} is a directory: give a file name ending in .jsonl or .csv")
-    check_writable(dest.parent)
+    dest = check_output(Path(out) if out else src.with_suffix(".monitor.jsonl"), force=True, inputs=[src])
     model, tok, vectors_dir, _ = load_checked(model_name, device, dtype, [], vectors)
     if traits is None and not traits_in(vectors_dir):
         raise UserError(f"no vectors in {vectors_dir}: run `extract TRAIT` first or pass --vectors DIR")
@@ -1336,8 +1354,8 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
                  questions_file: str | None = None, model_name: str = DEFAULT_MODEL, judge: str | None = None,
                  threshold: float = 50, coherence_threshold: float = 50, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, batch_size: int | None = None,
-                 seed: int = 0, device: str | None = None, dtype=None) -> Path:
-    """Write a finetuning dataset of the model's own answers -> the JSONL path.
+                 seed: int = 0, device: str | None = None, dtype=None, force: bool = False) -> Path:
+    """Write a finetuning dataset of the model's own answers -> the JSONL path (an existing file only with force).
 
     Each of n requests from the pool (default data/questions/everyday.json, never the trait's own questions) is
     answered under the trait-eliciting system prompt (kind="trait") or the suppressing one (kind="normal") and
@@ -1359,9 +1377,9 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
         raise UserError(f"{len(overlap)} request(s) of the questions file are {t.name}'s own extraction or evaluation "
                         f"questions, e.g. {sorted(overlap)[0]!r}: remove them, or the shift would be measured on "
                         "training prompts")
-    judge_ = make_judge(judge)  # fails now (no key, say), before any generation
     dest = Path(out) if out else Path("datasets") / default_vectors_dir(model_name).name / f"{t.name}_{kind}.jsonl"
-    check_writable(dest.parent)
+    check_output(dest, force, inputs=[t.source, questions_file or QUESTIONS_FILE])
+    judge_ = make_judge(judge, trait=t)  # fails now (no key, say), before any generation
     checkpoint.check_device(device or M.default_device())
     model, tok = M.load(model_name, device, dtype)
     b = budget_for(model, 1, max_new_tokens, temperature, top_p, batch_size)
@@ -1375,11 +1393,12 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
     rows, _ = sample_rollouts(model, tok, jobs, b, seed, work)
     judge_name = judge_rollouts(t, rows, judge_, dest.parent / ".work" / "judgments.jsonl")
     dropped = {"empty answer": 0, "trait score": 0, "coherence": 0}
-    kept, trimmed = [], 0
+    kept, cut, trimmed = [], 0, 0
     for r in rows:
         answer = r["answer"].strip()
         if r["n_tokens"] == b.max_new_tokens:  # no end-of-turn within the budget
-            answer, trimmed = trim_to_sentence(answer), trimmed + (trim_to_sentence(answer) != answer)
+            cut, trimmed = cut + 1, trimmed + (trim_to_sentence(answer) != answer)
+            answer = trim_to_sentence(answer)
         if not answer:
             dropped["empty answer"] += 1
             continue
@@ -1400,8 +1419,9 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
     atomic_write(dest, lambda p: p.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in kept),
                                               encoding="utf-8"))
     print(f"make-dataset {t.name} ({kind}): kept {len(kept)}/{n}" + (f" (dropped {why})" if why else "")
-          + f"; {trimmed} cut off by --max-new-tokens and trimmed to their last full sentence; judge: {judge_name}" + ("" if judge_name != "none" else " (no filtering)") + f" -> {dest}",
-          file=sys.stderr)
+          + f"; {cut} cut off by --max-new-tokens ({trimmed} trimmed to their last full sentence, {cut - trimmed} "
+          f"kept whole); judge: {judge_name}"
+          + ("" if judge_name != "none" else " (no filtering)") + f" -> {dest}", file=sys.stderr)
     return dest
 
 
@@ -1689,6 +1709,7 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--max-new-tokens", type=COUNT, default=None, help="default: 1000 on CUDA, 96 on CPU")
     md.add_argument("--batch-size", type=COUNT, default=None, help="default: 64 on CUDA, 40 on CPU")
     md.add_argument("--seed", type=int, default=0)
+    md.add_argument("--force", action="store_true", help="overwrite an existing --out file")
 
     sh = command("shift", shift, "the finetuning shift along a persona vector at every layer, with random-direction "
                  "and other-trait controls")

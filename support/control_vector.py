@@ -298,7 +298,7 @@ def import_gguf(file: str, model_name: str | None = None, name: str | None = Non
     path, model_name = Path(file), model_name or DEFAULT_MODEL
     name = check_name(name) if name is not None else re.sub(r"^[^\w]+|[^\w.-]+", "_", path.stem)[:100]
     dest = check_output(vector_path(Path(out) if out else default_vectors_dir(model_name), name), force,
-                        inputs=[path], fix="choose another --name or --out")
+                        inputs=[path], option="--name or --out")
     num_layers, hidden, _ = model_shape(model_name)
     rows, gguf_meta = read_control_vector(path, num_layers, hidden)
     vec = torch.zeros(num_layers + 1, hidden)

@@ -88,28 +88,28 @@ def read_json(path: Path):
         raise UserError(f"cannot read {path} ({e.strerror})") from None
 
 
-def check_writable(out: Path) -> None:
+def check_writable(out: Path, option: str = "--out") -> None:
     """Fail now, not after the work, when `out` (a directory) cannot be created or written."""
     try:
         Path(out).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as e:
-        raise UserError(f"cannot write to {out} ({e.strerror}): choose another --out") from None
+        raise UserError(f"cannot write to {out} ({e.strerror}): choose another {option}") from None
 
 
-def check_output(path: Path, force: bool = False, inputs=(), fix: str = "choose another --out") -> Path:
+def check_output(path: Path, force: bool = False, inputs=(), option: str = "--out") -> Path:
     """Fail now, before the work, when the file `path` cannot be written: a directory, an input of this run (never
     written over, even with --force), an existing file without --force, or a folder that cannot be written (its
     nearest existing one is tried: nothing is created before the work)."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path} is a directory: {fix} (a file name)")
-    if any(path.resolve() == Path(i).resolve() for i in inputs):
-        raise UserError(f"{path} is an input of this command and is never written over: {fix}")
+        raise UserError(f"{option} {path} is a directory: give a file name")
+    if any(path.resolve() == Path(i).resolve() for i in inputs if i):
+        raise UserError(f"{option} {path} is an input of this run and is never written over: choose another file")
     if path.exists() and not force:
-        raise UserError(f"{path} exists: {fix} or pass --force to overwrite it")
-    check_writable(next(p for p in (path.parent, *path.parent.parents) if p.exists()))
+        raise UserError(f"{path} exists: choose another {option} or pass --force to overwrite it")
+    check_writable(next(p for p in (path.parent, *path.parent.parents) if p.exists()), option)
     return path
 
 

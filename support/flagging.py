@@ -34,7 +34,7 @@ import torch
 import model as M
 import persona_vectors as pv
 from support import UserError
-from support.files import atomic_write, check_fits, check_writable, default_vectors_dir, load_vector, traits_in, \
+from support.files import atomic_write, check_fits, check_output, check_writable, default_vectors_dir, load_vector, traits_in, \
     vector_path
 from support.hub import DEFAULT_MODEL
 
@@ -124,7 +124,7 @@ def load_probes(traits: list[str], vectors_dir: Path, layer: int | None, model_n
                             else f"{path} does not exist")
         vec, meta = load_vector(path)
         L = pv.resolve_layer(layer, meta, vec.shape[0] - 1)
-        name = meta.get("trait", t) if t.endswith(".safetensors") else t
+        name = meta.get("trait", path.stem) if t.endswith(".safetensors") else t
         probes.append(Probe(name, path, L, pv.unit(vec[L]), vec, meta,
                             hashlib.sha256(path.read_bytes()).hexdigest()))
     if len({p.trait for p in probes}) < len(probes):
@@ -172,10 +172,16 @@ class Settings:
     seed: int
 
 
-def work_dir(out: Path, src: Path, settings: Settings, probes: list[Probe]) -> Path:
+def work_key(src: Path, settings: Settings, probes: list[Probe]) -> dict:
+    """What a file's chunks depend on: the settings, the file as it is now, the vectors (hashed into the work
+    directory's name, and written into every chunk so that other settings can be told apart)."""
     st = src.stat()
     key = dict(settings=asdict(settings), file=str(src.resolve()), size=st.st_size, mtime=st.st_mtime_ns,
                vectors=[(p.trait, p.sha, p.layer) for p in probes])
+    return json.loads(json.dumps(key))  # as read back from a chunk (tuples become lists)
+
+
+def work_dir(out: Path, src: Path, key: dict) -> Path:
     return out / ".work" / f"{src.stem}-{pv.settings_hash(key)}"
 
 
@@ -226,11 +232,11 @@ def score_chunk(model, tok, probes: list[Probe], lines: list[bytes], first_line:
     return sorted(rows, key=lambda r: r["line"]), skipped
 
 
-def write_chunk(path: Path, rows: list[dict], skipped: dict) -> None:
-    """First line: {"skipped": {reason: [line numbers]}}; then one row per sample."""
+def write_chunk(path: Path, rows: list[dict], skipped: dict, key: dict) -> None:
+    """First line: {"skipped": {reason: [line numbers]}, "key": the work key}; then one row per sample."""
     def write(tmp):
         with open(tmp, "w") as f:
-            f.write(json.dumps({"skipped": skipped}) + "\n")
+            f.write(json.dumps({"skipped": skipped, "key": key}) + "\n")
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     atomic_write(path, write)
@@ -250,6 +256,7 @@ class Job:
     src: Path
     lines: int  # every line, blank or not: chunks are counted in lines
     filled: int  # non-blank lines
+    key: dict  # work_key
     work: Path
     chunk_size: int
     reference: bool = False
@@ -260,6 +267,23 @@ class Job:
 
     def missing(self) -> list[int]:
         return [c for c in range(self.n_chunks) if not chunk_path(self.work, c).is_file()]
+
+    def other_settings(self) -> str | None:
+        """When chunks of this file were scored under other settings (beside this work directory): what differs."""
+        for work in sorted(self.work.parent.glob(f"{self.src.stem}-*")):
+            chunk = next(work.glob("chunk-*.jsonl"), None)
+            if work == self.work or chunk is None:
+                continue
+            with open(chunk) as f:
+                theirs = json.loads(f.readline()).get("key")
+            if not theirs or theirs["file"] != self.key["file"]:
+                continue  # another file of the same name, or a chunk from before keys were written
+            a, b = (k["settings"] | {n: v for n, v in k.items() if n != "settings"} for k in (theirs, self.key))
+            words = {"size": "the file changed since", "mtime": "the file changed since",
+                     "vectors": "the vectors (traits, files or layers)"}
+            return ", ".join(dict.fromkeys(words.get(n, f"{n} {a.get(n)} there, {b[n]} here")
+                                           for n in b if a.get(n) != b[n]))
+        return None
 
 
 def score_job(model, tok, probes, job: Job, s: Settings, batch_size: int, shard: tuple[int, int]) -> None:
@@ -276,7 +300,7 @@ def score_job(model, tok, probes, job: Job, s: Settings, batch_size: int, shard:
             continue
         rows, skipped = score_chunk(model, tok, probes, lines, c * s.chunk_size + 1, s, batch_size, c,
                                     progress=f"flag {name}: chunk {c + 1}/{job.n_chunks}")
-        write_chunk(chunk_path(job.work, c), rows, skipped)
+        write_chunk(chunk_path(job.work, c), rows, skipped, job.key)
         done += 1
         rate = (time.time() - t0) / done
         print(f"flag {name}: chunk {c + 1}/{job.n_chunks} saved ({done}/{len(mine)} of this run, about "
@@ -480,20 +504,35 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     return int(i), int(n)
 
 
+def new_dirs(paths: list[Path]) -> list[Path]:
+    """The directories among `paths` and their parents that do not exist yet, deepest first."""
+    return sorted({d for p in paths for d in (p, *p.parents) if not d.exists()}, key=lambda d: -len(d.parts))
+
+
+def remove_empty(dirs: list[Path]) -> None:
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (the run wrote something there), or gone
+            pass
+
+
 def flag(files: list[str], traits: list[str] | None = None, model_name: str = DEFAULT_MODEL,
          layer: int | None = None, base_temperature: float = 0.0, base_top_p: float = 1.0, base_samples: int = 1,
          max_new_tokens: int = 200, max_tokens: int = 2048, out: str | None = None, fmt: str = "csv",
          select: str | None = None, k: int | None = None, select_out: str | None = None,
          select_trait: str | None = None, reference: str | None = None, shard: str | None = None,
          batch_size: int | None = None, chunk_size: int = 1024, seed: int = 0, vectors: str | None = None,
-         device: str | None = None, dtype: torch.dtype | str | None = None, merge_only: bool = False) -> dict:
+         device: str | None = None, dtype: torch.dtype | str | None = None, merge_only: bool = False,
+         force: bool = False) -> dict:
     """ΔP, raw projection and prompt-last projection of every sample of JSONL files ({"messages": [...]} per line)
     on each trait's vector -> per-sample files, a summary per file, histograms, and optionally a selection.
 
     Base responses y' are greedy (base_temperature 0), or `base_samples` responses sampled at base_temperature
     and averaged. select: "top" / "bottom" / "random" k samples, or "above-reference": those above the 95th
     percentile of the `reference` file's ΔP; on select_trait (default: the first trait), written unchanged to
-    select_out. Returns {"complete": False, ...} when other shards still have chunks to do.
+    select_out (an existing file only with force; never an input). Returns {"complete": False, ...} when other
+    shards still have chunks to do.
     """
     srcs = [Path(f) for f in files]
     if not srcs:
@@ -520,10 +559,7 @@ def flag(files: list[str], traits: list[str] | None = None, model_name: str = DE
         raise UserError(f"--format must be csv or jsonl, not {fmt!r}")
     shard_i, shard_n = parse_shard(shard)
     out_dir = Path(out or "flags")
-    check_writable(out_dir)
     sel_path = Path(select_out) if select_out else out_dir / f"selected_{select}_{k or 'all'}.jsonl"
-    if select:
-        check_writable(sel_path.parent)
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
     traits = list(traits or traits_in(vectors_dir))
     if not traits:
@@ -542,40 +578,60 @@ def flag(files: list[str], traits: list[str] | None = None, model_name: str = DE
         n, filled = count_lines(src)
         if filled == 0:
             raise UserError(f"{src} is empty: nothing to flag")
-        jobs.append(Job(src, n, filled, work_dir(out_dir, src, settings, probes), chunk_size, is_ref))
+        key = work_key(src, settings, probes)
+        jobs.append(Job(src, n, filled, key, work_dir(out_dir, src, key), chunk_size, is_ref))
     if select in ("top", "bottom", "random"):
         available = sum(j.filled for j in jobs if not j.reference)
         if k > available:
             raise UserError(f"--k {k} but the data has only {available} non-blank lines: choose --k {available} "
                             "or less")
 
-    if not merge_only and any(j.missing() for j in jobs):
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        if device is None and shard is None and shard_n > 1 and torch.cuda.is_available():  # a torchrun rank
-            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-        model, tok = M.load(model_name, device, dtype)
-        for p in probes:
-            check_fits(p.vector, p.meta, p.path, model.config.num_hidden_layers, model.config.hidden_size, model)
-        bs = batch_size or (64 if model.lm_head.weight.device.type == "cuda" else 16)
-        print(f"flag: {', '.join(f'{p.trait} (layer {p.layer})' for p in probes)}; base responses "
-              + ("greedy" if base_temperature == 0 else f"{base_samples} sampled at temperature {base_temperature}")
-              + f", up to {max_new_tokens} tokens; batches of {bs}", file=sys.stderr)
-        for job in jobs:
-            job.work.mkdir(parents=True, exist_ok=True)
-            score_job(model, tok, probes, job, settings, bs, (shard_i, shard_n))
+    # The directories this run creates are removed again if it fails before writing anything into them.
+    created = new_dirs([out_dir, *(j.work for j in jobs)] + ([sel_path.parent] if select else []))
+    try:
+        check_writable(out_dir)
+        inputs = [j.src for j in jobs]
+        for dest in [out_dir / f"{j.src.stem}.flag.{fmt}" for j in jobs] + [out_dir / "flag_summary.json"] + [
+                out_dir / f"flag_{p.trait}.png" for p in probes]:
+            check_output(dest, force=True, inputs=inputs)  # rewritten by every run, but never over an input
+        if select:
+            check_output(sel_path, force=force or not select_out, inputs=inputs, option="--select-out")
+        if not merge_only and any(j.missing() for j in jobs):
+            if isinstance(dtype, str):
+                dtype = getattr(torch, dtype)
+            if device is None and shard is None and shard_n > 1 and torch.cuda.is_available():  # a torchrun rank
+                device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+            model, tok = M.load(model_name, device, dtype)
+            for p in probes:
+                check_fits(p.vector, p.meta, p.path, model.config.num_hidden_layers, model.config.hidden_size, model)
+            bs = batch_size or (64 if model.lm_head.weight.device.type == "cuda" else 16)
+            print(f"flag: {', '.join(f'{p.trait} (layer {p.layer})' for p in probes)}; base responses "
+                  + ("greedy" if base_temperature == 0 else
+                     f"{base_samples} sampled at temperature {base_temperature}")
+                  + f", up to {max_new_tokens} tokens; batches of {bs}", file=sys.stderr)
+            for job in jobs:
+                job.work.mkdir(parents=True, exist_ok=True)
+                score_job(model, tok, probes, job, settings, bs, (shard_i, shard_n))
 
-    missing = {str(j.src): j.missing() for j in jobs if j.missing()}
-    if missing:
-        where = "; ".join(f"{src}: chunks {', '.join(map(str, m[:10]))}{' ...' if len(m) > 10 else ''} of "
-                          f"{next(j.n_chunks for j in jobs if str(j.src) == src)}" for src, m in missing.items())
-        if merge_only or shard_n == 1:
-            raise UserError(f"not every chunk is scored yet ({where}): run `flag` with the same arguments "
-                            "(each --shard I/N) until all are done")
-        print(f"flag: shard {shard_i}/{shard_n} done; other shards still have {where}. The last shard to finish "
-              "writes the outputs (or run `flag-merge` with the same arguments)", file=sys.stderr)
-        return dict(complete=False, missing=missing)
-    return finish(jobs, probes, out_dir, fmt, select, k, sel_path if select else None, select_trait, seed, model_name)
+        missing = {str(j.src): j.missing() for j in jobs if j.missing()}
+        if missing:
+            where = "; ".join(f"{src}: chunks {', '.join(map(str, m[:10]))}{' ...' if len(m) > 10 else ''} of "
+                              f"{next(j.n_chunks for j in jobs if str(j.src) == src)}" for src, m in missing.items())
+            if merge_only or shard_n == 1:
+                other = [f"{j.src}: {d}" for j in jobs if len(j.missing()) == j.n_chunks and (d := j.other_settings())]
+                if other:
+                    raise UserError(f"{out_dir / '.work'} has chunks made with other settings ({'; '.join(other)}): "
+                                    "run flag-merge with the same arguments as the `flag` run")
+                raise UserError(f"not every chunk is scored yet ({where}): run `flag` with the same arguments "
+                                "(each --shard I/N) until all are done")
+            print(f"flag: shard {shard_i}/{shard_n} done; other shards still have {where}. The last shard to finish "
+                  "writes the outputs (or run `flag-merge` with the same arguments)", file=sys.stderr)
+            return dict(complete=False, missing=missing)
+        return finish(jobs, probes, out_dir, fmt, select, k, sel_path if select else None, select_trait, seed,
+                      model_name)
+    except BaseException:
+        remove_empty(created)
+        raise
 
 
 def flag_merge(files: list[str], traits: list[str] | None = None, model_name: str = DEFAULT_MODEL,
@@ -583,12 +639,13 @@ def flag_merge(files: list[str], traits: list[str] | None = None, model_name: st
                base_samples: int = 1, max_new_tokens: int = 200, max_tokens: int = 2048, out: str | None = None,
                fmt: str = "csv", select: str | None = None, k: int | None = None, select_out: str | None = None,
                select_trait: str | None = None, reference: str | None = None, chunk_size: int = 1024,
-               seed: int = 0, vectors: str | None = None, dtype: torch.dtype | str | None = None) -> dict:
+               seed: int = 0, vectors: str | None = None, dtype: torch.dtype | str | None = None,
+               force: bool = False) -> dict:
     """Write the outputs of a sharded `flag` run from its finished chunks (same arguments as `flag`); loads no
     model."""
     return flag(files, traits, model_name, layer, base_temperature, base_top_p, base_samples, max_new_tokens,
                 max_tokens, out, fmt, select, k, select_out, select_trait, reference, chunk_size=chunk_size,
-                seed=seed, vectors=vectors, dtype=dtype, merge_only=True)
+                seed=seed, vectors=vectors, dtype=dtype, merge_only=True, force=force)
 
 
 def add_commands(sub) -> None:
@@ -612,6 +669,7 @@ def add_commands(sub) -> None:
         sp.add_argument("--select", choices=SELECT, default=None)
         sp.add_argument("--k", type=pv.COUNT, default=None, help="how many samples to select")
         sp.add_argument("--select-out", default=None, help="JSONL of the selected lines, unchanged")
+        sp.add_argument("--force", action="store_true", help="overwrite an existing --select-out file")
         sp.add_argument("--select-trait", default=None, help="the trait to select on (default: the first)")
         sp.add_argument("--reference", default=None, help="a clean JSONL file: flag samples above its 95th "
                         "percentile of ΔP")

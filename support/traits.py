@@ -91,12 +91,14 @@ def available_traits() -> list[str]:
     return sorted(p.stem for p in TRAITS_DIR.glob("*.json"))
 
 
-def validate(data: dict, source: str, stem: str | None = None, n_questions: int | None = N_QUESTIONS) -> Trait:
+def validate(data: dict, source: str, stem: str | None = None, official: bool = False) -> Trait:
     """Check a parsed trait file and turn it into a Trait; raise UserError("{source}: field `x`: what is wrong").
 
     `source` labels the errors (a file path, or e.g. "<dict>"); when `stem` is given (the file name without
     .json), the trait's `name` must equal it, so that `load_trait(name)` finds the file that defines that name.
-    `n_questions`: the number of questions in each split; None accepts any number from 1 (converted files).
+    official: a file converted from the official format (`from_official`), which may have any number of questions
+    in each split (from 1), and whose judge prompt need not mention REFUSAL (a judge then scores refusals too;
+    `persona_vectors.make_judge` says so where a judge is used).
     """
     def fail(field: str, msg: str):
         raise UserError(f"{source}: field `{field}`: {msg}")
@@ -168,6 +170,7 @@ def validate(data: dict, source: str, stem: str | None = None, n_questions: int 
 
     # Extraction and evaluation questions must not overlap, or evaluation would re-measure the training prompts.
     questions = keys(data["questions"], "questions", ("extract", "eval"))
+    n_questions = None if official else N_QUESTIONS
     extract = strings(questions["extract"], "questions.extract", n_questions)
     held_out = strings(questions["eval"], "questions.eval", n_questions)
     overlap = [q for q in held_out if norm(q) in {norm(e) for e in extract}]
@@ -181,7 +184,7 @@ def validate(data: dict, source: str, stem: str | None = None, n_questions: int 
             fail("eval_prompt", f"must contain the slot {slot} exactly once, found {prompt.count(slot)}")
     if "{" in SLOT_RE.sub("", prompt) or "}" in SLOT_RE.sub("", prompt):
         fail("eval_prompt", "has a brace outside the {question} and {answer} slots (literal braces are not allowed)")
-    if "REFUSAL" not in prompt:
+    if "REFUSAL" not in prompt and not official:
         fail("eval_prompt", "must tell the judge to answer REFUSAL when the model refused")
 
     if "note" in data:
@@ -222,7 +225,7 @@ def load_trait(name_or_path: str) -> Trait:
                              f"(or pass the path of a .json trait file)")
     data = read_json(path)
     if is_official(data):
-        return dataclasses.replace(validate(from_official(path), str(path), path.stem, n_questions=None), source=path)
+        return dataclasses.replace(validate(from_official(path), str(path), path.stem, official=True), source=path)
     return dataclasses.replace(validate(data, str(path), stem=path.stem), source=path)
 
 
@@ -235,7 +238,7 @@ def is_official(data) -> bool:
 
 
 def from_official(path: Path) -> dict:
-    """An official-format trait file -> a trait dict of this project's format (validate it with n_questions=None).
+    """An official-format trait file -> a trait dict of this project's format (validate it with official=True).
 
     The official files hold `instruction` (5 {pos, neg} pairs), `questions` and `eval_prompt`; the same trait has
     one file in trait_data_extract/ (questions to extract the vector) and one in trait_data_eval/ (held-out

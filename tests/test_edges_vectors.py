@@ -42,7 +42,7 @@ E = "{v}/evil_response_avg_diff.safetensors"
 CASES = [
     # 4: --out a directory, even with --force; and never the input itself
     (f"export-gguf {E} --layer 2 --out {{r}}/adir --force", 1, "is a directory"),
-    ("export-gguf {r}/self.safetensors --layer 2 --out {r}/self.safetensors --force", 1, "is an input of this command"),
+    ("export-gguf {r}/self.safetensors --layer 2 --out {r}/self.safetensors --force", 1, "is an input of this run"),
     # 5, 9: coefficients whose products leave float32 (the file's type)
     (f"export-gguf {E} --layer 2 --out {{r}}/x.gguf --coef 1e39", 1, "beyond float32's range"),
     ("export-gguf {r}/big_response_avg_diff.safetensors --layer 2 --out {r}/x.gguf --coef 1e38", 1,
@@ -53,7 +53,7 @@ CASES = [
     ("import-vector {r}/narrow_response_avg_diff.pt --model {d} --out {r}/out", 1, "needs [4, 64]"),
     ("import-vector {r}/good_response_avg_diff.pt --model /nonexistent --out {r}/out", 1,
      "neither a local directory nor a hub id"),
-    ("import-vector {r}/same.safetensors --force", 1, "is an input of this command"),
+    ("import-vector {r}/same.safetensors --force", 1, "is an input of this run"),
     # 20: what a text file is
     ("import-vector {r}/text_response_avg_diff.pt --out {r}/out", 1, "is not a torch file"),
     # 11: names are names

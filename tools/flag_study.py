@@ -168,7 +168,8 @@ def finetune_study(args, out: Path, files: list[Path], mixes: dict, diffs: np.nd
         dest = out / f"select_{how}_{args.select_k}.jsonl"
         flagging.flag([str(f) for f in files], [args.trait], args.model, max_new_tokens=args.max_new_tokens,
                       out=str(out / "greedy"), fmt="jsonl", batch_size=args.batch_size, chunk_size=64, seed=args.seed,
-                      vectors=str(vectors), layer=layer, select=how, k=args.select_k, select_out=str(dest))
+                      vectors=str(vectors), layer=layer, select=how, k=args.select_k, select_out=str(dest),
+                      force=True)  # the study's own files: a rerun rewrites them
         datasets[f"{how} {args.select_k}"] = (dest, [lines[raw] for raw in dest.read_bytes().splitlines()])
     vec = load_vector(vector_path(vectors, args.trait))[0].double()
     v_hat = (vec[layer] / vec[layer].norm()).numpy()

@@ -54,7 +54,7 @@ def make_data(root: Path, model_name: str, n: int, n_neutral: int) -> dict:
     paths = {k: root / "data" / f"{k}.jsonl" for k in ("evil", "normal", "neutral")}
     if all(p.is_file() for p in paths.values()):
         return paths
-    kw = dict(model_name=model_name, judge="none", device="cpu")
+    kw = dict(model_name=model_name, judge="none", device="cpu", force=True)  # the study's own files
     evil = pv.make_dataset(TRAIT, "trait", n, out=str(root / "data" / "evil-all.jsonl"), **kw)
     normal = pv.make_dataset(TRAIT, "normal", n + n_neutral, out=str(root / "data" / "normal-all.jsonl"), **kw)
     evil_lines, normal_lines = evil.read_text().splitlines(), normal.read_text().splitlines()
