@@ -705,14 +705,43 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+class Server(ThreadingHTTPServer):
+    """One thread per connection, and a record of the open connections: server_close closes them and joins their
+    threads, so that no handler thread (which may hold the model's tensors) outlives the server."""
+    daemon_threads = False  # joined by server_close (the standard library joins only non-daemon threads)
+
+    def __init__(self, address, handler):
+        self.lock, self.connections = threading.Lock(), set()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        with self.lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self.lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self):
+        """Stop listening, end every open connection (a keep-alive client's too), and join their threads."""
+        with self.lock:
+            for conn in self.connections:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)  # a thread waiting to read or write wakes up and ends
+                except OSError:
+                    pass
+        super().server_close()
+
+
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                max_body: int = 1 << 20, quiet: bool = False) -> ThreadingHTTPServer:
+                max_body: int = 1 << 20, quiet: bool = False) -> Server:
     """An HTTP server for `engine` (not yet serving: call serve_forever); port 0 picks a free port."""
     try:
-        server = ThreadingHTTPServer((host, port), Handler)
+        server = Server((host, port), Handler)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port or --host") from None
-    server.daemon_threads = True
     server.engine, server.api_key, server.max_body, server.quiet = engine, api_key, max_body, quiet
     server.started = int(time.time())
     return server
