@@ -258,10 +258,10 @@ class Engine:
                  max_tokens_limit: int = 1024, max_n: int = 8, batch_wait: float = 0.05,
                  max_batch_tokens: int = 32768, model_id: str | None = None):
         import persona_vectors as pv  # here, not at the top: persona_vectors imports this module for its CLI
+        if max_batch < 1 or max_tokens_limit < 1 or batch_wait < 0:
+            raise UserError("--max-batch and --max-tokens-limit must be >= 1, --batch-wait >= 0")
         if not 1 <= max_n <= max_batch:
             raise UserError(f"--max-n {max_n} must be between 1 and --max-batch {max_batch}")
-        if max_tokens_limit < 1 or batch_wait < 0:
-            raise UserError("--max-tokens-limit must be >= 1 and --batch-wait >= 0")
         self.model, self.tok, self.pv, self.steering = model, tok, pv, pv.steering
         self.model_id = model_id or getattr(model, "name_or_path", "model")
         self.max_batch, self.max_tokens_limit, self.max_n = max_batch, max_tokens_limit, max_n
@@ -753,6 +753,9 @@ def serve(model_name: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 
           quiet: bool = False) -> None:
     """Serve `model_name` on http://host:port/v1 until interrupted (Ctrl-C)."""
     import persona_vectors as pv
+    if vectors is not None and not Path(vectors).is_dir():
+        raise UserError(f"--vectors {vectors} is not a directory: pass the directory of `extract`'s vector files, "
+                        "or leave --vectors out")
     model, tok = M.load(model_name, device, pv.DTYPES.get(dtype))
     engine = Engine(model, tok, vectors, max_batch, max_tokens_limit, max_n, batch_wait, model_id=model_name)
     server = make_server(engine, host, port, api_key, max_body, quiet)
@@ -773,19 +776,21 @@ def serve(model_name: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 
 
 def add_commands(sub) -> None:
     """Register `serve` on the command line's subparsers (its dests are serve's parameter names)."""
+    import persona_vectors as pv  # here, not at the top: persona_vectors imports this module for its CLI
     sp = sub.add_parser("serve", help="an OpenAI-compatible chat server with per-request steering and persona gauges")
     sp.add_argument("--model", dest="model_name", default=DEFAULT_MODEL, help="hub id or local directory")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s: this machine)")
-    sp.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
+    sp.add_argument("--port", type=pv._number(int, 0, 65535), default=8000,
+                    help="0 picks a free port (default: %(default)s)")
     sp.add_argument("--api-key", default=os.environ.get("PERSONA_VECTORS_API_KEY"),
                     help="require 'Authorization: Bearer KEY' (default: $PERSONA_VECTORS_API_KEY, else none)")
     sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
-    sp.add_argument("--max-batch", type=int, default=16, help="rows generated together (default: %(default)s)")
-    sp.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
-    sp.add_argument("--max-n", type=int, default=8, help="largest n (choices per request)")
-    sp.add_argument("--batch-wait", type=float, default=0.05,
+    sp.add_argument("--max-batch", type=pv.COUNT, default=16, help="rows generated together (default: %(default)s)")
+    sp.add_argument("--max-tokens-limit", type=pv.COUNT, default=1024, help="largest max_tokens a request may ask")
+    sp.add_argument("--max-n", type=pv.COUNT, default=8, help="largest n (choices per request)")
+    sp.add_argument("--batch-wait", type=pv._number(float, 0), default=0.05,
                     help="seconds the worker waits for more requests to join a batch (default: %(default)s)")
-    sp.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
+    sp.add_argument("--max-body", type=pv.COUNT, default=1 << 20, help="largest request body in bytes")
     sp.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
     sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     sp.add_argument("--quiet", action="store_true", help="no access log on stderr")

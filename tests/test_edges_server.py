@@ -3,11 +3,63 @@ own edges (shutdown with clients still connected, clients that leave or stall, t
 requests, auth schemes) get answers in the API's JSON and one log line each, never a traceback or a hang.
 
 Every socket here is a client on 127.0.0.1 with a timeout, in bounded loops."""
+import hashlib
 import json
 import socket
 import threading
 
+import pytest
+
+import model as M
+import persona_vectors as pv
+from support import UserError
+from support import server as S
 from test_server import HI, TIMEOUT, client, start, stop, tiny  # noqa: F401 (fixtures)
+
+# (arguments, exit code, what the one-line message must say); {d} = the tiny model, {r} = its folder
+CASES = [
+    ("serve --model {d} --port 70000", 2, "--port: must be <= 65535, not 70000"),
+    ("serve --model {d} --port -1", 2, "--port: must be >= 0"),
+    ("serve --model {d} --max-batch 0", 2, "--max-batch: must be >= 1"),
+    ("serve --model {d} --max-n 0", 2, "--max-n: must be >= 1"),
+    ("serve --model {d} --batch-wait -1", 2, "--batch-wait: must be >= 0"),
+    ("serve --model {d} --max-body 0", 2, "--max-body: must be >= 1"),
+    ("serve --model {d} --vectors {r}/nonexistent/dir", 1, "--vectors"),
+    ("serve --model {d} --vectors {d}/config.json", 1, "is not a directory"),
+]
+
+
+def tree(root):
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("argv, code, message", CASES, ids=[c[0].split("{d} ")[1] for c in CASES])
+def test_bad_serve_flags(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
+    d, vectors, model, tok = tiny
+    root = d.parent
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(M, "load", lambda *a, **k: pytest.fail("the model loaded before the flags were checked"))
+    before = tree(root)
+    args = argv.format(d=d, r=root).split()
+    if code == 2:
+        with pytest.raises(SystemExit) as e:
+            pv.main(args)
+        got = e.value.code
+    else:
+        got = pv.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert got == code
+    assert "Traceback" not in "\n".join(err)
+    assert message in err[-1], err
+    assert len(err) == 1 if code == 1 else err[-1].startswith("persona_vectors.py serve: error:")  # after usage
+    assert list(tmp_path.iterdir()) == [] and tree(root) == before
+
+
+def test_max_batch_0_names_max_batch(tiny):
+    d, vectors, model, tok = tiny
+    with pytest.raises(UserError, match="--max-batch") as e:
+        S.Engine(model, tok, vectors, max_batch=0)
+    assert "--max-n" not in str(e.value)
 
 
 def handler_threads() -> set[threading.Thread]:
@@ -27,7 +79,8 @@ def read_reply(s: socket.socket) -> tuple[str, dict]:
         assert chunk, f"the server closed the connection after {data!r}"
         data += chunk
     head, body = data.split(b"\r\n\r\n", 1)
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
     while len(body) < length:
         chunk = s.recv(65536)
         assert chunk, "the server closed the connection mid-body"
