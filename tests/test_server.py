@@ -40,7 +40,7 @@ def start(tiny, **kw):
     d, vectors, model, tok = tiny
     engine = S.Engine(model, tok, vectors, **({"max_batch": 16, "max_tokens_limit": 3000, "max_n": 4,
                                                "batch_wait": 0.01} | kw.pop("engine", {})))
-    server = S.make_server(engine, "127.0.0.1", 0, quiet=True, **kw)
+    server = S.make_server(engine, "127.0.0.1", 0, **({"quiet": True} | kw))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}/v1", engine, server
 
