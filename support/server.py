@@ -258,10 +258,10 @@ class Engine:
                  max_tokens_limit: int = 1024, max_n: int = 8, batch_wait: float = 0.05,
                  max_batch_tokens: int = 32768, model_id: str | None = None):
         import persona_vectors as pv  # here, not at the top: persona_vectors imports this module for its CLI
+        if max_batch < 1 or max_tokens_limit < 1 or batch_wait < 0:
+            raise UserError("--max-batch and --max-tokens-limit must be >= 1, --batch-wait >= 0")
         if not 1 <= max_n <= max_batch:
             raise UserError(f"--max-n {max_n} must be between 1 and --max-batch {max_batch}")
-        if max_tokens_limit < 1 or batch_wait < 0:
-            raise UserError("--max-tokens-limit must be >= 1 and --batch-wait >= 0")
         self.model, self.tok, self.pv, self.steering = model, tok, pv, pv.steering
         self.model_id = model_id or getattr(model, "name_or_path", "model")
         self.max_batch, self.max_tokens_limit, self.max_n = max_batch, max_tokens_limit, max_n
@@ -541,6 +541,12 @@ class Handler(BaseHTTPRequestHandler):
         if not self.server.quiet:
             super().log_message(fmt, *args)
 
+    def handle(self):
+        try:
+            super().handle()
+        except (ConnectionError, TimeoutError) as e:  # the client left (or stalled): one line, not a traceback
+            self.log_error("the client went away: %s", e)
+
     def send_json(self, status: int, obj: dict, close: bool = False) -> None:
         data = json.dumps(obj).encode()
         self.send_response(status)
@@ -555,9 +561,20 @@ class Handler(BaseHTTPRequestHandler):
     def send_error_json(self, e: RequestError, close: bool = False) -> None:
         self.send_json(e.status, error_body(str(e), e.status, e.param, e.code), close)
 
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own refusals (a garbled request line, an unknown method, too many headers) in
+        the API's JSON too, as HTTP/1.1 even where the request line was too garbled to name its version."""
+        self.request_version = self.protocol_version
+        message = " ".join(filter(None, [message or self.responses.get(code, ("error",))[0], explain]))
+        self.send_error_json(RequestError(message, status=code), close=True)
+
     def authorized(self) -> bool:
+        """Whether the request has `Authorization: Bearer KEY` (the scheme in any case, as RFC 7235 says; the key
+        compared in constant time); else it is answered 401."""
         key = self.server.api_key
-        if key is None or hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {key}"):
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        if key is None or scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1"),
+                                                                             key.encode()):
             return True
         self.send_error_json(RequestError("missing or wrong API key: send the header Authorization: Bearer KEY",
                                           status=401, code="invalid_api_key"), close=True)
@@ -573,20 +590,29 @@ class Handler(BaseHTTPRequestHandler):
             "owned_by": "persona-vectors", "persona_vectors": self.engine.names}]})
 
     def read_body(self) -> bytes | None:
-        """The request body, or None after answering 400 (no Content-Length, or over max_body). An oversized body
-        is read and dropped (up to 16 x max_body), so that the client gets to read our answer."""
+        """The request body, or None after answering 400 (no Content-Length, or over max_body) or 408 (the body
+        stalled for body_timeout seconds). An oversized body is read and dropped (up to 16 x max_body), so that
+        the client gets to read our answer."""
         length = self.headers.get("Content-Length", "")
         if not length.isdigit():
             self.send_error_json(RequestError("send the request body with a Content-Length header"), close=True)
             return None
-        length, limit = int(length), self.server.max_body
-        if length > limit:
-            for start in range(0, length if length <= 16 * limit else 0, 65536):
-                self.rfile.read(min(65536, length - start))
-            self.send_error_json(RequestError(f"the request body is {length} bytes, over this server's limit of "
-                                              f"{limit}"), close=True)
+        length, limit, wait = int(length), self.server.max_body, self.server.body_timeout
+        self.connection.settimeout(wait)  # a stalled body frees its thread soon, not after an idle connection's wait
+        try:
+            if length > limit:
+                for start in range(0, length if length <= 16 * limit else 0, 65536):
+                    self.rfile.read(min(65536, length - start))
+                self.send_error_json(RequestError(f"the request body is {length} bytes, over this server's limit of "
+                                                  f"{limit}"), close=True)
+                return None
+            return self.rfile.read(length)
+        except TimeoutError:
+            self.send_error_json(RequestError(f"the request body stalled: nothing came for {wait:g} s", status=408),
+                                 close=True)
             return None
-        return self.rfile.read(length)
+        finally:
+            self.connection.settimeout(self.timeout)
 
     def do_POST(self):
         raw = self.read_body()
@@ -611,9 +637,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.stream(job)
             else:
                 self.complete(job)
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+        except (ConnectionError, TimeoutError):
             job.cancelled = True  # the client is gone: its rows leave the batch at the next step
-            self.close_connection = True
+            raise
 
     def events(self, job: Job):
         """The job's events as they come, until every row has finished; stops the job if the client leaves."""
@@ -705,28 +731,79 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+class Busy(Handler):
+    """A connection beyond the server's max_connections: answered 503 at once by the accepting thread, unread."""
+    timeout = 1  # the accepting thread never waits long on it
+    requestline, request_version = "-", "HTTP/1.1"
+
+    def handle_one_request(self):
+        self.send_error_json(RequestError(f"this server is at its limit of {self.server.max_connections} open "
+                                          "connections (--max-connections): retry later", status=503), close=True)
+
+
+class Server(ThreadingHTTPServer):
+    """One thread per connection, at most max_connections of them, and a record of the open connections:
+    server_close closes them and joins their threads, so that no handler thread (which may hold the model's
+    tensors) outlives the server."""
+    daemon_threads = False  # joined by server_close (the standard library joins only non-daemon threads)
+
+    def __init__(self, address, handler, max_connections: int):
+        self.lock, self.connections, self.max_connections = threading.Lock(), set(), max_connections
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        with self.lock:
+            busy = len(self.connections) >= self.max_connections
+            if not busy:
+                self.connections.add(request)
+        if busy:
+            Busy(request, client_address, self)
+            self.shutdown_request(request)
+        else:
+            super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self.lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self):
+        """Stop listening, end every open connection (a keep-alive client's too), and join their threads."""
+        with self.lock:
+            for conn in self.connections:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)  # a thread waiting to read or write wakes up and ends
+                except OSError:
+                    pass
+        super().server_close()
+
+
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                max_body: int = 1 << 20, quiet: bool = False) -> ThreadingHTTPServer:
+                max_body: int = 1 << 20, quiet: bool = False, max_connections: int = 64,
+                body_timeout: float = 10) -> Server:
     """An HTTP server for `engine` (not yet serving: call serve_forever); port 0 picks a free port."""
     try:
-        server = ThreadingHTTPServer((host, port), Handler)
+        server = Server((host, port), Handler, max_connections)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port or --host") from None
-    server.daemon_threads = True
     server.engine, server.api_key, server.max_body, server.quiet = engine, api_key, max_body, quiet
+    server.body_timeout = body_timeout
     server.started = int(time.time())
     return server
 
 
 def serve(model_name: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           vectors: str | None = None, max_batch: int = 16, max_tokens_limit: int = 1024, max_n: int = 8,
-          batch_wait: float = 0.05, max_body: int = 1 << 20, device: str | None = None, dtype: str | None = None,
-          quiet: bool = False) -> None:
+          batch_wait: float = 0.05, max_body: int = 1 << 20, max_connections: int = 64, device: str | None = None,
+          dtype: str | None = None, quiet: bool = False) -> None:
     """Serve `model_name` on http://host:port/v1 until interrupted (Ctrl-C)."""
     import persona_vectors as pv
+    if vectors is not None and not Path(vectors).is_dir():
+        raise UserError(f"--vectors {vectors} is not a directory: pass the directory of `extract`'s vector files, "
+                        "or leave --vectors out")
     model, tok = M.load(model_name, device, pv.DTYPES.get(dtype))
     engine = Engine(model, tok, vectors, max_batch, max_tokens_limit, max_n, batch_wait, model_id=model_name)
-    server = make_server(engine, host, port, api_key, max_body, quiet)
+    server = make_server(engine, host, port, api_key, max_body, quiet, max_connections)
     h, p = server.server_address[:2]
     print(f"serving {model_name} on http://{h}:{p}/v1 (persona vectors: {', '.join(engine.names) or 'none'} "
           f"from {engine.vectors_dir}); Ctrl-C to stop", file=sys.stderr, flush=True)
@@ -744,19 +821,23 @@ def serve(model_name: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 
 
 def add_commands(sub) -> None:
     """Register `serve` on the command line's subparsers (its dests are serve's parameter names)."""
+    import persona_vectors as pv  # here, not at the top: persona_vectors imports this module for its CLI
     sp = sub.add_parser("serve", help="an OpenAI-compatible chat server with per-request steering and persona gauges")
     sp.add_argument("--model", dest="model_name", default=DEFAULT_MODEL, help="hub id or local directory")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s: this machine)")
-    sp.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
+    sp.add_argument("--port", type=pv._number(int, 0, 65535), default=8000,
+                    help="0 picks a free port (default: %(default)s)")
     sp.add_argument("--api-key", default=os.environ.get("PERSONA_VECTORS_API_KEY"),
                     help="require 'Authorization: Bearer KEY' (default: $PERSONA_VECTORS_API_KEY, else none)")
     sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
-    sp.add_argument("--max-batch", type=int, default=16, help="rows generated together (default: %(default)s)")
-    sp.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
-    sp.add_argument("--max-n", type=int, default=8, help="largest n (choices per request)")
-    sp.add_argument("--batch-wait", type=float, default=0.05,
+    sp.add_argument("--max-batch", type=pv.COUNT, default=16, help="rows generated together (default: %(default)s)")
+    sp.add_argument("--max-tokens-limit", type=pv.COUNT, default=1024, help="largest max_tokens a request may ask")
+    sp.add_argument("--max-n", type=pv.COUNT, default=8, help="largest n (choices per request)")
+    sp.add_argument("--batch-wait", type=pv._number(float, 0), default=0.05,
                     help="seconds the worker waits for more requests to join a batch (default: %(default)s)")
-    sp.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
+    sp.add_argument("--max-body", type=pv.COUNT, default=1 << 20, help="largest request body in bytes")
+    sp.add_argument("--max-connections", type=pv.COUNT, default=64,
+                    help="open connections served at once; one more gets 503 at once (default: %(default)s)")
     sp.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
     sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     sp.add_argument("--quiet", action="store_true", help="no access log on stderr")

@@ -40,7 +40,7 @@ def start(tiny, **kw):
     d, vectors, model, tok = tiny
     engine = S.Engine(model, tok, vectors, **({"max_batch": 16, "max_tokens_limit": 3000, "max_n": 4,
                                                "batch_wait": 0.01} | kw.pop("engine", {})))
-    server = S.make_server(engine, "127.0.0.1", 0, quiet=True, **kw)
+    server = S.make_server(engine, "127.0.0.1", 0, **({"quiet": True} | kw))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}/v1", engine, server
 
@@ -79,9 +79,20 @@ def gauge_reference(tiny, messages, out, trait) -> tuple[float, float]:
     return float(cap.prompt_last()[0, g.layer] @ g.unit), float(cap.response_mean()[0, g.layer] @ g.unit)
 
 
-def client(url, **kw):
+@pytest.fixture
+def client():
+    """client(url) -> an openai client; every one is closed at the end of the test, so that no keep-alive
+    connection (and no server thread waiting on it) outlives the test."""
     openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=url, api_key=kw.pop("api_key", "unused"), timeout=TIMEOUT, max_retries=0, **kw)
+    opened = []
+
+    def make(url, **kw):
+        opened.append(openai.OpenAI(base_url=url, api_key=kw.pop("api_key", "unused"), timeout=TIMEOUT,
+                                    max_retries=0, **kw))
+        return opened[-1]
+    yield make
+    for c in opened:
+        c.close()
 
 
 HI = [{"role": "user", "content": "What is the capital of France?"}]
@@ -89,7 +100,7 @@ NUMBERS = [{"role": "system", "content": "Count."}, {"role": "user", "content": 
 
 
 # -------------------------------------------------------------------------------------------- openai client
-def test_openai_plain_equals_generate(tiny, srv):
+def test_openai_plain_equals_generate(tiny, srv, client):
     url, engine = srv
     d, vectors, model, tok = tiny
     c = client(url)
@@ -108,7 +119,7 @@ def test_openai_plain_equals_generate(tiny, srv):
         assert persona["evil"]["marks"] == {"before_reply": [-1.0, 1.0], "reply": [-2.0, 2.0]}
 
 
-def test_openai_streaming_equals_plain(tiny, srv):
+def test_openai_streaming_equals_plain(tiny, srv, client):
     url, _ = srv
     d, vectors, model, tok = tiny
     c = client(url)
@@ -130,7 +141,7 @@ def test_openai_streaming_equals_plain(tiny, srv):
     assert r.headers["Content-Type"] == "text/event-stream" and r.text.endswith("data: [DONE]\n\n")
 
 
-def test_openai_logprobs_equal_the_model(tiny, srv):
+def test_openai_logprobs_equal_the_model(tiny, srv, client):
     url, _ = srv
     d, vectors, model, tok = tiny
     r = client(url).chat.completions.create(model="m", messages=HI, max_tokens=8, temperature=0, logprobs=True,
@@ -151,7 +162,7 @@ def test_openai_logprobs_equal_the_model(tiny, srv):
     assert bytes(b for e in content for b in e.bytes).decode("utf-8", "replace") == r.choices[0].message.content
 
 
-def test_openai_steering_through_extra_body(tiny, srv):
+def test_openai_steering_through_extra_body(tiny, srv, client):
     url, _ = srv
     d, vectors, model, tok = tiny
     c = client(url)
@@ -194,7 +205,7 @@ def gauge_reference_steered(tiny, messages, out, specs, kw):
     return readings[0]
 
 
-def test_sampling_n_seed_and_stop_strings(tiny, srv):
+def test_sampling_n_seed_and_stop_strings(tiny, srv, client):
     url, _ = srv
     d, vectors, model, tok = tiny
     c = client(url)
@@ -218,7 +229,7 @@ def test_sampling_n_seed_and_stop_strings(tiny, srv):
         assert text == full[:full.index(stop)]
 
 
-def test_auth_and_models(tiny):
+def test_auth_and_models(tiny, client):
     openai = pytest.importorskip("openai")
     url, engine, server = start(tiny, api_key="s3cret")
     try:
@@ -428,17 +439,22 @@ def test_load_200_requests_16_clients(tiny, srv):
     expected = [tok.decode(reference(tiny, body["messages"], body["max_tokens"], specs)) for body, specs in requests_]
     assert len(set(expected)) >= 120  # replies differ enough that a mix-up would show
     stats = dict(engine.stats)
-    local = threading.local()
+    local, sessions = threading.local(), []
 
     def ask(body):
         if not hasattr(local, "session"):
             local.session = requests.Session()
+            sessions.append(local.session)
         r = local.session.post(f"{url}/chat/completions", json=body, timeout=TIMEOUT)
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["message"]["content"]
 
-    with ThreadPoolExecutor(16) as pool:
-        got = list(pool.map(ask, [body for body, _ in requests_], timeout=600))
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(ask, [body for body, _ in requests_], timeout=600))
+    finally:
+        for session in sessions:
+            session.close()
     assert got == expected
     assert engine.stats["rows"] - stats["rows"] == 200 and engine.stats["errors"] == 0
     assert engine.stats["max_rows"] > 1 and engine.stats["mixed_steering"] > stats["mixed_steering"]

@@ -1,0 +1,214 @@
+"""Issue 17 for `serve` (support/server.py): nothing lost, nothing silent. Bad flags end in one line; the server's
+own edges (shutdown with clients still connected, clients that leave or stall, too many connections, garbled
+requests, auth schemes) get answers in the API's JSON and one log line each, never a traceback or a hang.
+
+Every socket here is a client on 127.0.0.1 with a timeout, in bounded loops."""
+import hashlib
+import json
+import socket
+import struct
+import threading
+
+import pytest
+import requests
+
+import model as M
+import persona_vectors as pv
+from support import UserError
+from support import server as S
+from test_server import HI, TIMEOUT, client, raw_request, start, stop, tiny, wait_for  # noqa: F401 (fixtures)
+
+# (arguments, exit code, what the one-line message must say); {d} = the tiny model, {r} = its folder
+CASES = [
+    ("serve --model {d} --port 70000", 2, "--port: must be <= 65535, not 70000"),
+    ("serve --model {d} --port -1", 2, "--port: must be >= 0"),
+    ("serve --model {d} --max-batch 0", 2, "--max-batch: must be >= 1"),
+    ("serve --model {d} --max-n 0", 2, "--max-n: must be >= 1"),
+    ("serve --model {d} --max-connections 0", 2, "--max-connections: must be >= 1"),
+    ("serve --model {d} --batch-wait -1", 2, "--batch-wait: must be >= 0"),
+    ("serve --model {d} --max-body 0", 2, "--max-body: must be >= 1"),
+    ("serve --model {d} --vectors {r}/nonexistent/dir", 1, "--vectors"),
+    ("serve --model {d} --vectors {d}/config.json", 1, "is not a directory"),
+]
+
+
+def tree(root):
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("argv, code, message", CASES, ids=[c[0].split("{d} ")[1] for c in CASES])
+def test_bad_serve_flags(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
+    d, vectors, model, tok = tiny
+    root = d.parent
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(M, "load", lambda *a, **k: pytest.fail("the model loaded before the flags were checked"))
+    before = tree(root)
+    args = argv.format(d=d, r=root).split()
+    if code == 2:
+        with pytest.raises(SystemExit) as e:
+            pv.main(args)
+        got = e.value.code
+    else:
+        got = pv.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert got == code
+    assert "Traceback" not in "\n".join(err)
+    assert message in err[-1], err
+    assert len(err) == 1 if code == 1 else err[-1].startswith("persona_vectors.py serve: error:")  # after usage
+    assert list(tmp_path.iterdir()) == [] and tree(root) == before
+
+
+def test_max_batch_0_names_max_batch(tiny):
+    d, vectors, model, tok = tiny
+    with pytest.raises(UserError, match="--max-batch") as e:
+        S.Engine(model, tok, vectors, max_batch=0)
+    assert "--max-n" not in str(e.value)
+
+
+def handler_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if "process_request_thread" in t.name}
+
+
+def connect(url) -> socket.socket:
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    return socket.create_connection((host, int(port)), timeout=TIMEOUT)
+
+
+def read_reply(s: socket.socket) -> tuple[str, dict]:
+    """One HTTP reply with a Content-Length from s -> (status line and headers, JSON body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, f"the server closed the connection after {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, "the server closed the connection mid-body"
+        body += chunk
+    return head.decode(), json.loads(body)
+
+
+# ------------------------------------------------------------------------------ 0: shutdown with clients still in
+def test_closing_the_server_ends_keep_alive_connections_and_joins_their_threads(tiny, client):
+    """A client that keeps its connection open does not keep a handler thread (holding the model's tensors) alive
+    after server_close: at interpreter exit such a thread crashed the process (terminate called, exit 134)."""
+    others = handler_threads()  # of other tests' servers, if any
+    url, engine, server = start(tiny)
+    c = client(url)  # the openai client keeps its connection open between requests
+    assert c.chat.completions.create(model="m", messages=HI, max_tokens=2, temperature=0).choices
+    s = connect(url)
+    try:
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, body = read_reply(s)
+        assert head.startswith("HTTP/1.1 200") and body["data"]
+        assert len(handler_threads() - others) == 2  # both connections are open, each with its thread
+        stop(engine, server)
+        assert handler_threads() - others == set()
+        assert s.recv(1) == b""  # the server closed the connection
+    finally:
+        s.close()
+
+
+# ------------------------------------------------------------------------------- 8: clients that leave early
+def reset(s: socket.socket) -> None:
+    """Close s with a TCP reset (as a killed client's connection ends)."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def test_each_client_that_leaves_is_one_log_line(tiny, capsys):
+    url, engine, server = start(tiny, quiet=False)
+    capsys.readouterr()
+    try:
+        s = connect(url)  # a body that never comes in full: the server is reading it when the client resets
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"messages\"")
+        reset(s)
+        for stream in (True, False):  # a long reply, left before it ends
+            cancelled = engine.stats["cancelled"]
+            s = raw_request(url, {"messages": HI, "max_tokens": 3000, "temperature": 0, "stream": stream})
+            if stream:
+                assert s.recv(4096)  # the stream has begun
+            s.close()
+            wait_for(lambda: engine.stats["cancelled"] == cancelled + 1)
+    finally:
+        stop(engine, server)  # joins every handler thread: all they logged is in
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert len([line for line in err.splitlines() if "the client went away" in line]) == 3, err
+
+
+# ------------------------------------------------------------------------- 18: stalled bodies, too many clients
+def test_a_stalled_body_gets_408_and_its_connection_closes(tiny):
+    url, engine, server = start(tiny, body_timeout=0.5)
+    try:
+        with connect(url) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mess")
+            head, body = read_reply(s)
+            assert head.startswith("HTTP/1.1 408") and "the request body stalled" in body["error"]["message"]
+            assert s.recv(1) == b""  # and the connection is closed
+        r = requests.post(f"{url}/chat/completions", json={"messages": HI, "max_tokens": 2}, timeout=TIMEOUT)
+        assert r.status_code == 200
+    finally:
+        stop(engine, server)
+
+
+def get_models(url) -> tuple[str, dict]:
+    with connect(url) as s:
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return read_reply(s)
+
+
+def test_connections_beyond_the_limit_get_503(tiny):
+    url, engine, server = start(tiny, max_connections=2)
+    held = [connect(url) for _ in range(2)]
+    try:
+        for s in held:  # two keep-alive connections, each served and kept open
+            s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_reply(s)[0].startswith("HTTP/1.1 200")
+        for _ in range(3):
+            head, body = get_models(url)
+            assert head.startswith("HTTP/1.1 503") and "Content-Type: application/json" in head
+            assert body["error"]["type"] == "server_error" and "limit of 2 open connections" in body["error"]["message"]
+        assert len(server.connections) == 2
+        held.pop().close()  # a place frees up: the next client is served
+        wait_for(lambda: get_models(url)[0].startswith("HTTP/1.1 200"))
+    finally:
+        for s in held:
+            s.close()
+        stop(engine, server)
+
+
+# ------------------------------------------------------------------- 20: every error in JSON; the auth scheme
+@pytest.fixture(scope="module")
+def srv_edges(tiny):
+    url, engine, server = start(tiny, api_key="s3cret")
+    yield url
+    stop(engine, server)
+
+
+@pytest.mark.parametrize("request_line, status, message", [
+    (b"garbage", 400, "Bad request syntax"),
+    (b"GET /v1/models garbage/1.1", 400, "Bad request version"),
+    (b"GET /v1/models HTTP/2.0", 505, "Invalid HTTP version"),
+    (b"PUT /v1/models HTTP/1.1", 501, "Unsupported method ('PUT')"),
+])
+def test_garbled_requests_get_json_errors(srv_edges, request_line, status, message):
+    with connect(srv_edges) as s:
+        s.sendall(request_line + b"\r\nHost: x\r\n\r\n")
+        head, body = read_reply(s)
+        assert head.startswith(f"HTTP/1.1 {status}") and "Content-Type: application/json" in head
+        assert message in body["error"]["message"] and set(body["error"]) == {"message", "type", "param", "code"}
+        assert s.recv(1) == b""
+
+
+@pytest.mark.parametrize("authorization, status", [
+    ("Bearer s3cret", 200), ("bearer s3cret", 200), ("BEARER  s3cret", 200),
+    ("Bearer wrong", 401), ("Basic s3cret", 401), ("s3cret", 401), ("Bearer s3cret2", 401), ("Bearer s\xe9cret", 401),
+])
+def test_auth_scheme_is_case_insensitive(srv_edges, authorization, status):
+    r = requests.get(f"{srv_edges}/models", headers={"Authorization": authorization}, timeout=TIMEOUT)
+    assert r.status_code == status, r.text
+    assert status == 200 or r.json()["error"]["code"] == "invalid_api_key"
