@@ -95,35 +95,34 @@ class Checks:
         say(f"SKIP {self.section_name}.{name}: {why}")
         self.save()
 
-    def run(self, name: str, fn, *args) -> dict | None:
-        """fn(*args) -> figures (numbers; "ok": False marks figures out of bounds) -> the figures, None on failure."""
+    def run(self, name: str, fn, *args) -> None:
+        """fn(*args) -> a dict of figures; "ok": False in it marks them out of bounds (a failed check)."""
         left = self.deadline - time.monotonic()
         if left <= 0:
             return self.skip(name, "its section's time budget is spent")
-        full, err, t0 = f"{self.section_name}.{name}", io.StringIO(), time.perf_counter()
-        entry = self.record["sections"][self.section_name][name] = {}
-        signal.setitimer(signal.ITIMER_REAL, left)
+        full, err, t0, figures = f"{self.section_name}.{name}", io.StringIO(), time.perf_counter(), None
         try:
+            signal.setitimer(signal.ITIMER_REAL, left)
             with contextlib.redirect_stderr(err):  # the pipelines' progress lines: kept in the record, not shown
                 figures = fn(*args)
         except (Exception, OverBudget) as e:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            entry |= {"status": "fail", "error": message, "seconds": time.perf_counter() - t0,
-                      "traceback": traceback.format_exc()[-3000:], "stderr_tail": err.getvalue()[-2000:]}
-            say(f"FAIL {full}: {message}")
-            figures = None
-        else:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            ok = figures.pop("ok", True)
-            entry |= {"status": "ok" if ok else "fail", "seconds": time.perf_counter() - t0} | figures
-            shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
-            say(f"{'ok  ' if ok else 'FAIL'} {full}: {shown} ({entry['seconds']:.1f} s)")
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            entry = {"status": "fail", "error": f"{type(e).__name__}: {first}",
+                     "traceback": traceback.format_exc()[-3000:], "stderr_tail": err.getvalue()[-2000:]}
         finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        seconds = time.perf_counter() - t0
+        if figures is None:
+            say(f"FAIL {full}: {entry['error']}")
+        else:
+            ok = figures.pop("ok", True)
+            entry = {"status": "ok" if ok else "fail"} | figures
+            shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
+            say(f"{'ok  ' if ok else 'FAIL'} {full}: {shown} ({seconds:.1f} s)")
+        self.record["sections"][self.section_name][name] = entry | {"seconds": seconds}
         self.save()
-        return figures
 
     def failed(self) -> list[str]:
         return [f"{s}.{n}" for s, checks in self.record["sections"].items() for n, c in checks.items()
@@ -239,12 +238,8 @@ def pipelines_section(checks: Checks, model_dir: Path, device: str, new: int, tm
     c = M.Config.from_json(model_dir / "config.json")
     vectors, data = tmp / "vectors", tmp / "conversations.jsonl"
     vectors.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    write_vector(vectors / "evil_response_avg_diff.safetensors", torch.randn(c.num_hidden_layers + 1, c.hidden_size,
-                 generator=g), model=str(model_dir), trait="evil", pos_prompt_last_projection=[1.0] * (c.num_hidden_layers + 1),
-                 neg_prompt_last_projection=[-1.0] * (c.num_hidden_layers + 1),
-                 pos_response_avg_projection=[2.0] * (c.num_hidden_layers + 1),
-                 neg_response_avg_projection=[-2.0] * (c.num_hidden_layers + 1))
+    vector = torch.randn(c.num_hidden_layers + 1, c.hidden_size, generator=torch.Generator().manual_seed(0))
+    write_vector(vectors / "evil_response_avg_diff.safetensors", vector, model=str(model_dir), trait="evil")
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
                                                      {"role": "assistant", "content": a}]}) + "\n"
                             for q, a in CONVERSATIONS))
@@ -469,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny shapes and few tokens: the code paths in seconds")
     p.add_argument("--default-model", type=Path, default=None,
                    help="the default model's converted directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every section's time budget (default: "
+                   "1, sized for an H200)")
     p.add_argument("--only", action="append", choices=list(BUDGET_S), default=None, help="run only this section")
     p.add_argument("--out", type=Path, default=Path("out/gpu_check.json"), help="the JSON record")
     args = p.parse_args(argv)
@@ -499,14 +496,14 @@ def main(argv: list[str] | None = None) -> int:
             default_model, note = shape_only(default_model, tmp / "default-model"), " (no weights: random ones)"
         checks.record["meta"]["default_model"] = f"{args.default_model}{note}" if default_model else None
         say(f"# default model: {checks.record['meta']['default_model']}")
+        chat_model = default_model or make_tiny_chat_model(tmp / "chat-model")  # what the pipelines run on
         for section in args.only or list(BUDGET_S):
-            checks.section(section, BUDGET_S[section])
+            checks.section(section, BUDGET_S[section] * args.budget_scale)
             if section == "parity":
                 parity_section(checks, device, default_model, tmp / "parity")
             elif section == "pipelines":
-                model_dir = default_model or make_tiny_chat_model(tmp / "chat-model")
                 say(f"pipelines on {default_model or 'a tiny random chat model'}")
-                pipelines_section(checks, model_dir, device, scale["pipeline_tokens"], tmp / "pipelines")
+                pipelines_section(checks, chat_model, device, scale["pipeline_tokens"], tmp / "pipelines")
             else:
                 speed_section(checks, device, scale)
     failed = checks.failed()
