@@ -35,8 +35,8 @@ import model as M  # noqa: E402
 import persona_vectors as pv  # noqa: E402
 import train  # noqa: E402
 from bench import PeakRSS  # noqa: E402  (tools/bench.py, beside this file)
-from support import flagging, server as S  # noqa: E402
-from support.files import atomic_write  # noqa: E402
+from support import UserError, flagging, server as S  # noqa: E402
+from support.files import atomic_write, check_writable  # noqa: E402
 from tiny import make_tiny_chat_model, write_vector  # noqa: E402
 
 # Parity: our logits' error against transformers' float64 logits on the CPU (max and mean absolute difference)
@@ -194,17 +194,23 @@ def device_against_cpu(model_dir: Path, device: str) -> dict:
     ids, mask = padded_batch(M.Config.from_json(model_dir / "config.json").vocab_size)
     ours = lambda dev, dt: logits(M.load_model(model_dir, dev, dt), ids, mask, dev, hf=False)  # noqa: E731
     cpu = ours("cpu", torch.float32)
-    diff, rounding = (ours(device, torch.float32) - cpu).abs().max().item(), (cpu - ours("cpu", torch.float64)).abs().max().item()
+    diff = (ours(device, torch.float32) - cpu).abs().max().item()
+    rounding = (cpu - ours("cpu", torch.float64)).abs().max().item()
     limit = max(FP32_LIMIT, SPREAD * rounding)
     return {"max_diff": diff, "fp32_rounding": rounding, "limit": limit, "ok": diff <= limit}
 
 
 def shape_only(src: Path, dest: Path) -> Path:
     """A copy of a model directory whose weights were left behind (the default model's 538 MB do not fit the
-    device's 64 MiB carry), with random weights of its shape: its tokenizer, template and shape, other weights."""
+    device's 64 MiB carry), with random weights of its shape as transformers initialises them (std 0.02)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     shutil.copytree(src, dest)
     config = json.loads((src / "config.json").read_text())
-    G.write_checkpoint(dest, config, G.random_weights(config, seed=0), shards=1)
+    torch.manual_seed(0)
+    state = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.float32).state_dict()
+    if config.get("tie_word_embeddings"):
+        del state["lm_head.weight"]  # one tensor, stored once
+    G.write_checkpoint(dest, config, state, shards=1)
     return dest
 
 
@@ -303,9 +309,10 @@ def pipelines_section(checks: Checks, model_dir: Path, device: str, new: int, tm
             engine.close()
         if response.status != 200:
             raise RuntimeError(f"HTTP {response.status}: {reply}")
-        persona = reply["choices"][0]["persona"]["evil"]
-        return {"completion_tokens": reply["usage"]["completion_tokens"], "before_reply": persona["before_reply"],
-                "ok": isinstance(reply["choices"][0]["message"]["content"], str) and math.isfinite(persona["before_reply"])}
+        choice = reply["choices"][0]
+        gauge = choice["persona"]["evil"]["before_reply"]
+        return {"completion_tokens": reply["usage"]["completion_tokens"], "before_reply": gauge,
+                "ok": isinstance(choice["message"]["content"], str) and math.isfinite(gauge)}
 
     for name, fn in [("extract", extract), ("generate-steered", generate), ("monitor", monitor), ("flag", flag),
                      ("train-2-steps", train_steps), ("serve", serve)]:
@@ -317,19 +324,17 @@ def pipelines_section(checks: Checks, model_dir: Path, device: str, new: int, tm
 
 def twin_models(config: dict, device: str, dtype: torch.dtype):
     """transformers' model of this shape, with its own random initial weights made on `device`, and ours sharing
-    those very tensors (one copy in memory) -> (ours, theirs)."""
+    those very tensors (one copy in memory; ours is built in float32 first, for a moment) -> (ours, theirs)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=dtype).to(device).eval()
+        ours = M.Transformer(M.Config.from_dict(config))  # its buffers (rotary frequencies) as it makes them
     hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0  # exactly the asked tokens
-    with torch.device("meta"):
-        ours = M.Transformer(M.Config.from_dict(config))
     state = hf.state_dict()
     state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])  # tied: one tensor, maybe one key
-    ours.load_state_dict(state, strict=True, assign=True)
+    ours.load_state_dict(state, strict=True, assign=True)  # the same parameter names: the identity map
     if ours.config.tie_word_embeddings:
         ours.lm_head.weight = ours.model.embed_tokens.weight
-    ours.inv_freq = M.rope_inv_freq(ours.config).to(device)
     return ours.eval(), hf
 
 
@@ -374,8 +379,9 @@ def decode(ours, hf, batch: int, new: int, bandwidth: float, device: str) -> dic
     f = {"ours_ms": 1e3 * step["ours"], "hf_ms": 1e3 * step["hf"], "roofline_ms": 1e3 * roofline,
          "roofline_share": roofline / step["ours"], "speedup": step["hf"] / step["ours"],
          "tokens_per_s": batch / step["ours"]}
-    target = ("roofline_share", TARGETS["roofline_share_batch1"]) if batch == 1 else ("speedup", TARGETS["speedup_batch64"])
-    return f | {"meets_target": f[target[0]] >= target[1]}
+    figure, target = ("roofline_share", TARGETS["roofline_share_batch1"]) if batch == 1 else (
+        "speedup", TARGETS["speedup_batch64"])
+    return f | {"meets_target": f[figure] >= target}
 
 
 @torch.no_grad()
@@ -476,10 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.is_dir():
         p.error(f"--out {args.out} is a directory: give a .json file name")
     try:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.out.parent).close()
-    except OSError as e:
-        p.error(f"cannot write to {args.out.parent} ({e.strerror}): choose another --out")
+        check_writable(args.out.parent)
+    except UserError as e:
+        p.error(str(e))
 
     import transformers
     device = args.device
