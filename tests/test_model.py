@@ -569,3 +569,19 @@ def test_interventions_are_checked_once_per_sequence_not_per_token(monkeypatch):
     monkeypatch.setattr(M, "check_fits", lambda *a: calls.append(a) or check(*a))
     M.generate(m, [[5, 6, 7]], 12, steer=[M.Steer(2, torch.randn(64), 1.0)])
     assert len(calls) == 1
+
+
+def test_model_py_copied_alone_runs(tmp_path):
+    """model.py imports no project module at module level: a copy alone builds, generates, and fails clearly."""
+    import subprocess
+    import sys
+    shutil.copy(Path(M.__file__), tmp_path / "model.py")
+    script = ("import torch, model as M\n"
+              "m = M.Transformer(M.Config('llama', 96, 64, 112, 2, 4, 2)).eval()\n"
+              "assert len(M.generate(m, [[5, 6, 7]], 4, steer=[M.Steer(1, torch.ones(64))])[0]) == 4\n"
+              "try:\n    M.Steer(1, torch.ones(64), positions='middle')\n"
+              "except ValueError as e:\n    print(type(e).__name__, e)\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ValueError positions must be all, prompt or response, not 'middle'"
