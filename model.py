@@ -1,4 +1,4 @@
-"""A hand-coded Llama / Qwen2 / Mistral forward pass on safetensors, with steering, ablation and capture.
+"""A hand-written Llama / Qwen2 / Mistral forward pass on safetensors, with steering, ablation and capture.
 
     model, tok = load("HuggingFaceTB/SmolLM2-135M-Instruct")
     logits = model(torch.tensor([tok.encode("Hello")]))            # [1, T, vocab]
@@ -11,6 +11,8 @@ files ([N + 1, hidden]) do. One difference: Hugging Face applies the final RMSNo
 index N is the raw residual, the same stream that steering at N adds to.
 
 Interventions are arguments of `forward`, applied after a block in this order: ablation, steering, capture.
+Only torch and the standard library are imported, so the file can be copied alone; the loaders at the end reach
+the project's checks, hub and tokenizer through marked imports.
 """
 import math
 import sys
@@ -21,13 +23,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from support import UserError, checkpoint
-from support.files import read_json
+FUSED_ATTENTION = True  # the one switch: F.scaled_dot_product_attention (faster), or False: `attention` written out
+
+
+def user_error(message: str) -> ValueError:
+    """A problem the user can fix: support.UserError if loaded (as by anyone catching it), else a ValueError."""
+    return getattr(sys.modules.get("support"), "UserError", ValueError)(message)
 
 
 @dataclass
 class Config:
-    """The model's shape, named like `config.json` keys (unknown keys are ignored)."""
+    """The model's shape, named like `config.json` keys."""
     model_type: str  # llama, mistral or qwen2
     vocab_size: int
     hidden_size: int
@@ -45,61 +51,45 @@ class Config:
     hidden_act: str = "silu"
     max_position_embeddings: int = 4096
 
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "config.json") -> "Config":
-        c = cls(**checkpoint.check_config(d, cls, source))  # every key this model reads, checked
-        c.num_key_value_heads = c.num_key_value_heads or c.num_attention_heads
-        c.head_dim = c.head_dim or c.hidden_size // c.num_attention_heads
-        return c
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "Config":
-        return cls.from_dict(read_json(path), str(path))
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
 
 
-def rope_inv_freq(c: Config) -> torch.Tensor:
-    """Rotary inverse frequencies [head_dim / 2] in fp32, with Llama-3.1-style or linear scaling if configured.
+class RoPE(nn.Module):
+    """Rotary position embedding: position p turns channel pair (i, i + hd/2) by the angle p * inv_freq[i], with
+    inv_freq[i] = theta^(-2i/hd) in fp32, scaled (Llama-3.1 style or linearly) if configured."""
+    def __init__(self, c: Config):
+        super().__init__()
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
+        rs = c.rope_scaling or {}
+        rope_type = rs.get("rope_type", rs.get("type", "default"))
+        if rope_type == "linear":
+            inv_freq = inv_freq / rs["factor"]
+        elif rope_type == "llama3":
+            # Long wavelengths (beyond the original context / low_freq_factor) are slowed by `factor`, short ones
+            # are kept, and the band in between is interpolated smoothly.
+            factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+            old_len = rs["original_max_position_embeddings"]
+            wavelen = 2 * math.pi / inv_freq
+            scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+            smooth = (old_len / wavelen - lo) / (hi - lo)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+            inv_freq = torch.where(medium, smoothed, scaled)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [hd/2]
 
-    >>> rope_inv_freq(Config("llama", 10, 8, 8, 1, 2, head_dim=4, rope_theta=1e4))  # theta^(-0/4), theta^(-2/4)
-    tensor([1.0000, 0.0100])
-    """
-    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
-    rs = c.rope_scaling or {}
-    rope_type = rs.get("rope_type", rs.get("type", "default"))
-    if rope_type == "linear":
-        inv_freq = inv_freq / rs["factor"]
-    elif rope_type == "llama3":
-        # Long wavelengths (beyond the original context / low_freq_factor) are slowed by `factor`, short ones are
-        # kept, and the band in between is interpolated smoothly.
-        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-        old_len = rs["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - lo) / (hi - lo)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    return inv_freq
+    def forward(self, pos: torch.Tensor, dtype: torch.dtype):
+        """Position ids [B, T] -> (cos, sin), each [B, 1, T, hd] in `dtype`, from angles computed in fp32."""
+        freqs = pos[..., None].float() * self.inv_freq  # [B, T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]: both channels of a pair share an angle
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + head_dim/2) of x [B, H, T, hd] by the angles in cos/sin [B, 1, T, hd]."""
+    """Rotate pairs (i, i + hd/2) of x [B, H, T, hd] by the angles in cos/sin [B, 1, T, hd]."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-class Linear(nn.Linear):
-    """SPEED TRICK (skip when reading: the result is F.linear's). MKL runs a product of a few rows (decoding) on one
-    core; W [N, K] viewed as g blocks of N/g rows in one batched matmul uses them all: extraction ran 1.22x faster
-    (tools/bench.py (e), 2 cores, identical answers). On a GPU, or for more than 64 rows, plain F.linear.
-    """
-    def forward(self, x):
-        rows, (N, K), g = x.numel() // x.shape[-1], self.weight.shape, torch.get_num_threads()
-        if x.device.type != "cpu" or rows > 64 or g < 2 or N % g:
-            return F.linear(x, self.weight, self.bias)
-        y = torch.bmm(x.reshape(1, rows, K).expand(g, rows, K), self.weight.view(g, N // g, K).transpose(1, 2))
-        y = y.transpose(0, 1).reshape(*x.shape[:-1], N)  # [g, rows, N/g] -> [..., N]
-        return y if self.bias is None else y + self.bias
 
 
 class RMSNorm(nn.Module):
@@ -129,37 +119,51 @@ class KVCache:
         return self.k[layer][:, :, :self.length + T], self.v[layer][:, :, :self.length + T]
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q kᵀ / √hd, masked) v written out: the reference for the fused kernel (see FUSED_ATTENTION).
+    q [B, H, T, hd]; k, v [B, H_kv, S, hd]; mask [B|1, 1, T, S], True where a query may see a key (None: causal)."""
+    H, H_kv, T, S = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    k = k.repeat_interleave(H // H_kv, dim=1)  # [B, H, S, hd]: grouped-query attention, kv head j serves
+    v = v.repeat_interleave(H // H_kv, dim=1)  # [B, H, S, hd]  query heads j * H/H_kv .. (j + 1) * H/H_kv - 1
+    if mask is None:  # the T queries are the last T of S columns; each sees the keys at or before it
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # [T, S]
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # [B, H, T, S], in fp32 as the kernel
+    scores = scores.masked_fill(~mask, -math.inf)  # a masked key gets weight exactly 0
+    return scores.softmax(dim=-1).to(v.dtype) @ v  # [B, H, T, hd]: per query, the weighted sum of the values
+
+
 class Attention(nn.Module):
     def __init__(self, c: Config, layer: int):
         super().__init__()
         self.layer, self.n_head, self.n_kv, self.hd = layer, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         qkv_bias = c.model_type == "qwen2" or c.attention_bias
-        self.q_proj = Linear(c.hidden_size, self.n_head * self.hd, bias=qkv_bias)
-        self.k_proj = Linear(c.hidden_size, self.n_kv * self.hd, bias=qkv_bias)
-        self.v_proj = Linear(c.hidden_size, self.n_kv * self.hd, bias=qkv_bias)
-        self.o_proj = Linear(self.n_head * self.hd, c.hidden_size, bias=c.attention_bias)
+        self.q_proj = nn.Linear(c.hidden_size, self.n_head * self.hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.hd, c.hidden_size, bias=c.attention_bias)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # [B, n_head, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, n_kv, T, hd]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, n_kv, T, hd]
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # [B, T, H * hd] -> [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, T, H_kv * hd] -> [B, H_kv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, T, H_kv * hd] -> [B, H_kv, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # [B, n_kv, S, hd], S = cached + T
-        # softmax(q @ k^T / sqrt(hd), masked) @ v, each group of n_head / n_kv query heads sharing one kv head;
-        # the fused kernel accumulates the softmax in fp32 for bf16 inputs.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_kv != self.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+            k, v = cache.update(self.layer, k, v)  # [B, H_kv, S, hd], S = cached + T
+        if FUSED_ATTENTION:  # `attention` in one kernel, which also accumulates the softmax in fp32 for bf16
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=self.n_kv != self.n_head)
+        else:
+            y = attention(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))  # [B, H, T, hd] -> [B, T, H * hd]
 
 
 class MLP(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
-        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -198,7 +202,7 @@ class Steer:
 
 @dataclass
 class Ablate:
-    """Remove the component along `direction` from hidden index `layer`: h <- h - (h . u) u, u = direction / |direction|."""
+    """Remove the component along `direction` from hidden index `layer`: h <- h - (h.u) u, u = direction/|direction|."""
     layer: int
     direction: torch.Tensor  # [hidden]
     positions: str = "all"
@@ -211,12 +215,26 @@ class Ablate:
 def check_intervention(layer: int, vector: torch.Tensor, coef: float, positions: str) -> None:
     # once, at construction: a finiteness check inside forward would sync the GPU at every decoded token
     if positions not in ("all", "prompt", "response"):
-        raise UserError(f"positions must be all, prompt or response, not {positions!r}")
+        raise user_error(f"positions must be all, prompt or response, not {positions!r}")
     if not (math.isfinite(coef) and torch.isfinite(vector).all()):
-        raise UserError(f"intervention at layer {layer}: coefficient or vector has non-finite values; recompute the vector")
+        raise user_error(f"intervention at layer {layer}: coefficient or vector has non-finite values; recompute it")
     if not torch.isfinite((coef * vector.float()).pow(2).sum()):  # RMSNorm squares the steered state in fp32
-        raise UserError(f"intervention at layer {layer}: coefficient {coef:g} is too large (coef * vector overflows "
-                        "float32 in the next norm); use a coefficient of the order of the residual norm or less")
+        raise user_error(f"intervention at layer {layer}: coefficient {coef:g} is too large (coef * vector overflows "
+                         "float32 in the next norm); use a coefficient of the order of the residual norm or less")
+
+
+def check_fits(c: Config, interventions: list, B: int) -> None:
+    """Each Steer's or Ablate's layer and vector shape fit this model and a batch of B rows."""
+    for s in interventions:
+        v = s.vector if isinstance(s, Steer) else s.direction
+        if not 0 <= s.layer <= c.num_hidden_layers:
+            raise user_error(f"layer {s.layer} out of range: this model has hidden indices 0..{c.num_hidden_layers}")
+        if v.shape[-1:] != (c.hidden_size,):
+            raise user_error(f"vector of shape {tuple(v.shape)} at layer {s.layer}, but the model's hidden size is "
+                             f"{c.hidden_size}: was it extracted from another model?")
+        if v.dim() != 1 and not (isinstance(s, Steer) and v.shape[0] == B and v.dim() == 2):
+            raise user_error(f"vector of shape {tuple(v.shape)} at layer {s.layer}: expected [hidden], or "
+                             f"[batch = {B}, hidden] to steer each row with its own vector")
 
 
 @dataclass
@@ -233,18 +251,17 @@ class Capture:
     tokens: dict = field(default_factory=dict)  # layer -> list of [B, T, hidden]
 
     def record(self, layer: int, h: torch.Tensor, spans: dict, n_layers: int):
-        """Add the states h [B, T, hidden] at `layer` to each span's sum; spans: name -> [B, T] 0/1 weights."""
-        for span, m in spans.items():
-            if span not in self.sums:
-                self.sums[span] = h.new_zeros(h.shape[0], n_layers + 1, h.shape[-1], dtype=torch.float32)
-                self.counts[span] = h.new_zeros(h.shape[0], dtype=torch.float32)
-            self.sums[span][:, layer] += (h.float() * m[..., None]).sum(1)
+        """Add the states h [B, T, hidden] at hidden index `layer` to the sums; spans: forward's [B, T] token masks."""
+        hf, B = h.float(), h.shape[0]
+        masks = {"prompt": spans["prompt"].float(), "response": spans["answer"].float(), "last": spans["last"].float()}
+        if not self.sums:  # and the mean per-token norm of the response, the scale a steering coefficient is set by
+            self.sums = {s: hf.new_zeros(B, n_layers + 1, h.shape[-1]) for s in masks}
+            self.sums["response_norm"], self.counts = hf.new_zeros(B, n_layers + 1), {s: hf.new_zeros(B) for s in masks}
+        for span, m in masks.items():
+            self.sums[span][:, layer] += (hf * m[..., None]).sum(1)
             if layer == 0:
                 self.counts[span] += m.sum(1)
-        if "response" in spans:  # mean per-token norm: the scale against which a steering coefficient is judged
-            if "response_norm" not in self.sums:
-                self.sums["response_norm"] = h.new_zeros(h.shape[0], n_layers + 1, dtype=torch.float32)
-            self.sums["response_norm"][:, layer] += (h.float().norm(dim=-1) * spans["response"]).sum(1)
+        self.sums["response_norm"][:, layer] += (hf.norm(dim=-1) * masks["response"]).sum(1)
         if layer in self.token_layers:
             self.tokens.setdefault(layer, []).append(h.detach().float())
 
@@ -259,23 +276,28 @@ class Capture:
     def response_norm(self): return self._mean("response", self.sums["response_norm"])
 
 
-def padding_and_positions(cols: torch.Tensor, attention_mask: torch.Tensor | None, B: int):
-    """For tokens at columns `cols` [T] -> (valid [B, T], position ids [B, T], attention mask [B|1, 1, T, S] or None).
+def token_masks(cols: torch.Tensor, attention_mask: torch.Tensor | None, response_start: torch.Tensor | None, B: int):
+    """For tokens at columns `cols` [T] -> (position ids [B, T], attention mask [B|1, 1, T, S] or None, spans).
 
     Rows are left-padded, so a row's positions count only its real tokens. The mask lets a query see the keys at
     or before it that are not padding; every query may also see itself, so a padding row is never all -inf (NaN).
     None means plain causal attention (no padding; or a single new token, which sees the whole cache).
+    spans: [B, T] masks of real tokens: "prompt" (before response_start; all without it), "response" (from the last
+    prompt token on, see Steer), "answer" (after it: Capture's response), "last" (the last prompt token); "all": None.
     """
     T, S = len(cols), int(cols[-1]) + 1
     if attention_mask is None:
+        valid, pos = torch.ones(B, T, dtype=torch.bool, device=cols.device), cols.expand(B, T)
         mask = None if S == T or T == 1 else (cols[:, None] >= torch.arange(S, device=cols.device))[None, None]
-        return torch.ones(B, T, dtype=torch.bool, device=cols.device), cols.expand(B, T), mask
-    am = attention_mask.bool()
-    assert am.shape == (B, S), f"attention_mask must be [B, cached + new] = {(B, S)}"
-    pos = (am.long().cumsum(-1) - 1).clamp(min=0)[:, S - T:]
-    keys = torch.arange(S, device=cols.device)
-    mask = (cols[:, None] >= keys) & am[:, None, :] | (cols[:, None] == keys)  # [B, T, S]
-    return am[:, S - T:], pos, mask[:, None]
+    else:
+        am = attention_mask.bool()
+        assert am.shape == (B, S), f"attention_mask must be [B, cached + new] = {(B, S)}"
+        valid, pos = am[:, S - T:], (am.long().cumsum(-1) - 1).clamp(min=0)[:, S - T:]
+        keys = torch.arange(S, device=cols.device)
+        mask = ((cols[:, None] >= keys) & am[:, None, :] | (cols[:, None] == keys))[:, None]  # [B, 1, T, S]
+    last = response_start[:, None] - 1 if response_start is not None else cols[-1:].expand(B, 1)  # [B, 1]
+    return pos, mask, {"all": None, "prompt": valid & (cols <= last), "response": valid & (cols >= last),
+                       "answer": valid & (cols > last), "last": valid & (cols == last)}
 
 
 class Transformer(nn.Module):
@@ -286,8 +308,8 @@ class Transformer(nn.Module):
         self.model.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.model.layers = nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers))
         self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inv_freq(c), persistent=False)
+        self.model.rotary_emb = RoPE(c)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -299,57 +321,22 @@ class Transformer(nn.Module):
 
         attention_mask [B, S]: 1 = token, 0 = padding, over the cached columns and these T (S = cache.length + T).
         response_start [B]: column (in those S) where each row's response begins; None = all prompt.
+        steer and ablate are checked at a sequence's first call, not again at every decoded token.
         """
         B, T = input_ids.shape
-        N = self.config.num_hidden_layers
         start = cache.length if cache is not None else 0
+        if start == 0:
+            check_fits(self.config, [*steer, *ablate], B)
         cols = torch.arange(start, start + T, device=input_ids.device)  # [T] absolute columns of these tokens
-        valid, pos, mask = padding_and_positions(cols, attention_mask, B)
-
-        freqs = pos[..., None].float() * self.inv_freq  # [B, T, hd/2] in fp32
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
-        dtype = self.model.embed_tokens.weight.dtype
-        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-
-        # the last prompt token of each row; without response_start, these T tokens are all prompt
-        last = response_start[:, None] - 1 if response_start is not None else cols[-1:].expand(B, 1)  # [B, 1]
-        spans = {"all": None, "prompt": valid & (cols <= last), "response": valid & (cols >= last)}  # see Steer
-        for s in list(steer) + list(ablate):
-            v = s.vector if isinstance(s, Steer) else s.direction
-            if not 0 <= s.layer <= N:
-                raise UserError(f"layer {s.layer} out of range: this model has hidden indices 0..{N}")
-            if v.shape[-1:] != (self.config.hidden_size,):
-                raise UserError(f"vector of shape {tuple(v.shape)} at layer {s.layer}, but the model's hidden size "
-                                f"is {self.config.hidden_size}: was it extracted from another model?")
-            if v.dim() != 1 and not (isinstance(s, Steer) and v.shape[0] == B and v.dim() == 2):
-                raise UserError(f"vector of shape {tuple(v.shape)} at layer {s.layer}: expected [hidden], or "
-                                f"[batch = {B}, hidden] to steer each row with its own vector")
-        if capture is not None:  # the response is the generated tokens only: after the last prompt token
-            cap = {"prompt": spans["prompt"].float(), "response": (valid & (cols > last)).float(),
-                   "last": (valid & (cols == last)).float()}
-
-        def intervene(i: int, h: torch.Tensor) -> torch.Tensor:
-            for a in ablate:
-                if a.layer == i:
-                    u = a.direction.to(h)
-                    hu = h - (h @ u)[..., None] * u
-                    h = hu if spans[a.positions] is None else torch.where(spans[a.positions][..., None], hu, h)
-            for s in steer:
-                if s.layer == i:
-                    v = s.vector.to(h)
-                    hs = h + s.coef * (v[:, None] if v.dim() == 2 else v)  # [B, hidden] -> [B, 1, hidden]
-                    h = hs if spans[s.positions] is None else torch.where(spans[s.positions][..., None], hs, h)
-            if capture is not None:
-                capture.record(i, h, cap, N)
-            return h
-
-        h = intervene(0, self.model.embed_tokens(input_ids))  # [B, T, hidden]
+        pos, mask, spans = token_masks(cols, attention_mask, response_start, B)
+        cos, sin = self.model.rotary_emb(pos, self.model.embed_tokens.weight.dtype)  # [B, 1, T, hd] each
+        h = self.intervene(0, self.model.embed_tokens(input_ids), steer, ablate, capture, spans)  # [B, T, hidden]
         for i, block in enumerate(self.model.layers, start=1):
             if self.gradient_checkpointing and self.training:
                 h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, cache, use_reentrant=False)
             else:
                 h = block(h, cos, sin, mask, cache)
-            h = intervene(i, h)
+            h = self.intervene(i, h, steer, ablate, capture, spans)
         if cache is not None:
             cache.length += T
         if isinstance(logits, torch.Tensor):
@@ -359,6 +346,22 @@ class Transformer(nn.Module):
         elif logits == "last":
             h = h[:, -1:]  # left padding puts every row's last token in the last column
         return self.lm_head(self.model.norm(h))
+
+    def intervene(self, i: int, h: torch.Tensor, steer, ablate, capture: Capture | None, spans: dict) -> torch.Tensor:
+        """The interventions at hidden index i on h [B, T, hidden], in order: ablation, steering, capture."""
+        for a in ablate:
+            if a.layer == i:
+                u = a.direction.to(h)
+                hu = h - (h @ u)[..., None] * u
+                h = hu if spans[a.positions] is None else torch.where(spans[a.positions][..., None], hu, h)
+        for s in steer:
+            if s.layer == i:
+                v = s.vector.to(h)
+                hs = h + s.coef * (v[:, None] if v.dim() == 2 else v)  # [B, hidden] -> [B, 1, hidden]
+                h = hs if spans[s.positions] is None else torch.where(spans[s.positions][..., None], hs, h)
+        if capture is not None:
+            capture.record(i, h, spans, self.config.num_hidden_layers)
+        return h
 
 
 def default_device() -> str:
@@ -371,32 +374,33 @@ def default_dtype(device: str) -> torch.dtype:
 
 def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> Transformer:
     """Build the model of a Hugging Face-layout directory on the meta device and assign its weights (in eval mode):
-    strict, every key and shape checked, one copy of the weights in memory."""
-    model_dir = Path(model_dir)
+    strict, every key and shape checked, one copy of the weights in memory. On the CPU, small matrix products are
+    split across the cores (support/cpu_speed.py)."""
+    from support import checkpoint, cpu_speed  # PROJECT IMPORT: checks that fail as one line naming the fix
     device = checkpoint.check_device(device or default_device())
     dtype = dtype or default_dtype(device)
-    config = Config.from_json(model_dir / "config.json")
+    config = checkpoint.read_config(Path(model_dir) / "config.json", Config)
     with torch.device("meta"):  # no memory for random init: the weights are assigned straight from the files
         model = Transformer(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = checkpoint.read_weights(model_dir, expected, config.tie_word_embeddings, device, dtype, config.model_type)
+    state = checkpoint.read_weights(Path(model_dir), expected, config.tie_word_embeddings, device, dtype,
+                                    config.model_type)
     model.load_state_dict(state, strict=True, assign=True)
     if state["lm_head.weight"] is state["model.embed_tokens.weight"]:  # one Parameter: training updates both uses
         model.config.tie_word_embeddings = True
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(model.config).to(device)
-    return model.eval()
+    model.model.rotary_emb = RoPE(config).to(device)  # computed, not read from the files
+    return cpu_speed.split_linears(model.eval()) if torch.device(device).type == "cpu" else model.eval()
 
 
 def load(name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None):
     """Load a model and its tokenizer from a local Hugging Face-layout directory or a hub id -> (model, tokenizer)."""
-    from support import hub
-    from support.tokenizer import Tokenizer
+    from support import hub, tokenizer  # PROJECT IMPORT: downloads, GGUF conversion, tokenizer and chat templates
     model_dir = hub.resolve(name_or_path)
     model = load_model(model_dir, device, dtype)
     model.name_or_path, model.source_dir = str(name_or_path), model_dir  # recorded in the files we write
     model.source = hub.source(name_or_path, model_dir)  # hub, local or converted GGUF, and any quantization
-    return model, Tokenizer(model_dir)
+    return model, tokenizer.Tokenizer(model_dir)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -425,9 +429,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     """
     device = model.model.embed_tokens.weight.device
     if not prompts or min(len(p) for p in prompts) == 0:
-        raise UserError("empty prompt: every prompt needs at least one token")
+        raise user_error("empty prompt: every prompt needs at least one token")
     if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+        raise user_error(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     B, T0 = len(prompts), max(len(p) for p in prompts)
     if T0 + max_new_tokens > model.config.max_position_embeddings:
         print(f"warning: {T0} prompt tokens + {max_new_tokens} new ones exceed the model's context of "
@@ -453,17 +457,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         nxt = sample(step, temperature, top_p, generator)
         done |= torch.isin(nxt, stop)
         out.append(torch.where(done, -1, nxt))
-        if bool(done.all()):
-            break
-        if t == max_new_tokens - 1:
-            if capture is not None:  # feed the last tokens too, so the capture covers the whole answer
-                mask[:, T0 + t] = ~done
-                model(nxt[:, None], mask[:, :T0 + t + 1], cache, response_start, steer=steer, capture=capture,
-                      logits="none")
+        final = t == max_new_tokens - 1  # then only a capture needs the new tokens fed back, to see the whole answer
+        if bool(done.all()) or final and capture is None:
             break
         mask[:, T0 + t] = ~done  # a finished row's filler token is padding from now on
         logits = model(nxt[:, None], mask[:, :T0 + t + 1], cache, response_start, steer=steer, capture=capture,
-                       logits="last")
+                       logits="none" if final else "last")
     if progress:
         print("\r\033[K", end="", file=sys.stderr, flush=True)
     tokens = torch.stack(out, 1).tolist()

@@ -1,5 +1,5 @@
 """Reading a Hugging Face-layout checkpoint safely: config.json checked key by key, safetensors weights checked
-tensor by tensor, and the device checked before anything is loaded (model.py builds and assigns)."""
+tensor by tensor, and the device checked before anything is loaded (model.py's loader builds and assigns)."""
 import json
 import sys
 import types
@@ -15,6 +15,11 @@ from support.files import read_json
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_NEEDS = {"default": (), "linear": ("factor",),
               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def read_config(path: Path, config_class):
+    """A config.json -> config_class(...) (model.Config), every key it reads checked by `check_config`."""
+    return config_class(**check_config(read_json(path), config_class, str(path)))
 
 
 def check_config(d: dict, config_class, source: str = "config.json") -> dict:

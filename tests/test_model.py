@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model as M
-from support import UserError
+from support import UserError, checkpoint, cpu_speed
 
 GOLDEN = Path(__file__).parent / "golden"
 TINY = ["tiny-llama3", "tiny-qwen2", "tiny-tied"]
@@ -29,8 +29,14 @@ def hidden_states(m: M.Transformer, ids, **kw) -> torch.Tensor:
     return torch.stack([cap.tokens[i][0] for i in range(m.config.num_hidden_layers + 1)])
 
 
+@pytest.fixture(params=[True, False], ids=["fused", "written-out"])
+def attention_path(request, monkeypatch):
+    """Run a test with the fused attention kernel (the default) and with `M.attention` written out."""
+    monkeypatch.setattr(M, "FUSED_ATTENTION", request.param)
+
+
 @pytest.mark.parametrize("name", TINY)
-def test_logits_match_transformers_golden(name):
+def test_logits_match_transformers_golden(name, attention_path):
     m, ref = tiny(name), load_file(GOLDEN / name / "reference.safetensors")
     assert (m(ref["ids_single"]) - ref["logits_single"]).abs().max() <= 1e-4
     mask = ref["mask_batch"]
@@ -64,14 +70,14 @@ def test_parity_test_can_fail(tmp_path):
 def test_default_model_type_errors(tmp_path):
     base = json.loads((GOLDEN / "tiny-llama3" / "config.json").read_text())
     with pytest.raises(ValueError, match="supported: llama, mistral, qwen2"):
-        M.Config.from_dict(base | {"model_type": "gpt2"})
+        checkpoint.check_config(base | {"model_type": "gpt2"}, M.Config)
     with pytest.raises(ValueError, match="hidden_size"):
-        M.Config.from_dict({k: v for k, v in base.items() if k != "hidden_size"})
+        checkpoint.check_config({k: v for k, v in base.items() if k != "hidden_size"}, M.Config)
     with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
-        M.Config.from_dict(base | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+        checkpoint.check_config(base | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, M.Config)
     # transformers >= 5 writes rope settings as `rope_parameters`
-    c = M.Config.from_dict({k: v for k, v in base.items() if k not in ("rope_scaling", "rope_theta")}
-                           | {"rope_parameters": base["rope_scaling"] | {"rope_theta": 5e5}})
+    c = M.Config(**checkpoint.check_config({k: v for k, v in base.items() if k not in ("rope_scaling", "rope_theta")}
+                                           | {"rope_parameters": base["rope_scaling"] | {"rope_theta": 5e5}}, M.Config))
     assert c.rope_theta == 5e5 and c.rope_scaling["rope_type"] == "llama3"
 
 
@@ -161,7 +167,7 @@ def test_tied_head_shares_the_embedding():
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_cached_decode_equals_full_recompute(name):
+def test_cached_decode_equals_full_recompute(name, attention_path):
     m, ref = tiny(name), load_file(GOLDEN / name / "reference.safetensors")
     ids, mask = ref["ids_batch"], ref["mask_batch"]
     full = m(ids, attention_mask=mask)
@@ -482,7 +488,8 @@ def test_training_with_steering_and_checkpointing():
 
 def test_split_linear_equals_f_linear():
     torch.manual_seed(0)
-    lin = M.Linear(48, 96, bias=True)
+    lin = cpu_speed.split_linears(torch.nn.Linear(48, 96, bias=True))
+    assert type(lin) is cpu_speed.SplitLinear
     threads = torch.get_num_threads()
     try:
         for g in (2, 3, 5):  # 5 does not divide 96: plain F.linear
@@ -495,3 +502,86 @@ def test_split_linear_equals_f_linear():
                 torch.testing.assert_close(x.grad, lin.weight.sum(0).expand_as(x))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_cpu_split_is_applied_from_outside_and_changes_no_output():
+    """model.py's layers are plain nn.Linear; the loader gives them the split on the CPU, and taking it away again
+    gives the same generations and captured states."""
+    m = M.Transformer(M.Config("llama", 96, 64, 112, 2, 4, 2))
+    assert {type(x) for x in m.modules() if isinstance(x, torch.nn.Linear)} == {torch.nn.Linear}
+    m = tiny("tiny-llama3")
+    linears = [x for x in m.modules() if isinstance(x, torch.nn.Linear)]
+    assert len(linears) == 3 * 7 + 1 and all(type(x) is cpu_speed.SplitLinear for x in linears)
+
+    def run():
+        cap = M.Capture()
+        return M.generate(m, [[5, 6, 7], [40, 41, 42, 43]], 8, capture=cap), cap.response_mean()
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # the split needs at least two threads
+        split = run()
+        cpu_speed.split_linears(m, on=False)
+        assert type(m.lm_head) is torch.nn.Linear
+        assert run()[0] == split[0]
+        torch.testing.assert_close(run()[1], split[1])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_written_out_attention_equals_the_fused_kernel():
+    """`M.attention` (scores, mask, softmax, weighted sum, grouped-query heads) against F.scaled_dot_product_attention,
+    as the model calls it: a padding mask, plain causal (no mask), and one new token over a cache."""
+    g = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for H, H_kv, T, S, masked in ((4, 2, 7, 7, True), (6, 2, 5, 9, True), (4, 1, 6, 6, False), (4, 4, 1, 9, False)):
+            q = torch.randn(2, H, T, 16, generator=g).to(dtype)
+            k, v = (torch.randn(2, H_kv, S, 16, generator=g).to(dtype) for _ in range(2))
+            mask = None
+            if masked:  # a random mask in which every query sees at least itself
+                mask = (torch.rand(2, 1, T, S, generator=g) < 0.6) | (torch.arange(S) == torch.arange(S - T, S)[:, None])
+            fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != H_kv,
+                                                                     is_causal=mask is None and T > 1)
+            torch.testing.assert_close(M.attention(q, k, v, mask), fused, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_written_out_attention_gives_the_models_outputs(name, monkeypatch):
+    m, ref = tiny(name), load_file(GOLDEN / name / "reference.safetensors")
+    ids, mask = ref["ids_batch"], ref["mask_batch"]
+
+    def run():
+        cap = M.Capture()
+        out = M.generate(m, [[5, 6, 7, 8, 9, 10, 11], [12, 13]], 10, capture=cap)
+        return m(ids, attention_mask=mask) * mask[..., None], m(ref["ids_single"]), out, cap.response_mean()
+
+    fused = run()
+    monkeypatch.setattr(M, "FUSED_ATTENTION", False)
+    written = run()
+    assert written[2] == fused[2]
+    for a, b in zip(written[:2] + written[3:], fused[:2] + fused[3:]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # fp32 rounding only, as the cache test
+
+
+def test_interventions_are_checked_once_per_sequence_not_per_token(monkeypatch):
+    m, calls = tiny("tiny-llama3"), []
+    check = M.check_fits
+    monkeypatch.setattr(M, "check_fits", lambda *a: calls.append(a) or check(*a))
+    M.generate(m, [[5, 6, 7]], 12, steer=[M.Steer(2, torch.randn(64), 1.0)])
+    assert len(calls) == 1
+
+
+def test_model_py_copied_alone_runs(tmp_path):
+    """model.py imports no project module at module level: a copy alone builds, generates, and fails clearly."""
+    import subprocess
+    import sys
+    shutil.copy(Path(M.__file__), tmp_path / "model.py")
+    script = ("import torch, model as M\n"
+              "m = M.Transformer(M.Config('llama', 96, 64, 112, 2, 4, 2)).eval()\n"
+              "assert len(M.generate(m, [[5, 6, 7]], 4, steer=[M.Steer(1, torch.ones(64))])[0]) == 4\n"
+              "try:\n    M.Steer(1, torch.ones(64), positions='middle')\n"
+              "except ValueError as e:\n    print(type(e).__name__, e)\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ValueError positions must be all, prompt or response, not 'middle'"

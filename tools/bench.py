@@ -11,8 +11,9 @@
 (d) one full-finetuning step (forward, loss on the response tokens, backward, clip, AdamW) of train.py against
     transformers' model with `labels` and torch.optim.AdamW, same weights and batch. Target >= 1.0x tokens/s, and
     no more peak memory (the first step, which also allocates the gradients and AdamW's state).
-(e) the main job, extraction's sampling (40 answers of 96 tokens with capture, the CPU budget), with model.Linear's
-    CPU matmul split and with plain F.linear: the split stays in model.py only while it buys >= 15 % here.
+(e) the main job, extraction's sampling (40 answers of 96 tokens with capture, the CPU budget), with the CPU matmul
+    split that model.load_model applies (support/cpu_speed.py) and with plain nn.Linear: the split stays only while
+    it buys >= 15 % here. `--only e --new-tokens 32` is a shorter check.
 Targets are ratios measured in the same run, never absolute times.
 """
 import argparse
@@ -29,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
 
-from support import hub
+from support import cpu_speed, hub
 import model as M
 import train
 
@@ -183,28 +184,27 @@ def bench_decode(ours, hf, tok, new_tokens: int) -> dict:
             "hf_frac": roofline / per_token_hf}
 
 
-def bench_extraction_split(ours, tok, repeats: int = 2) -> dict:
-    """Extraction's sampling step as `extract` runs it on the CPU, with and without model.Linear's split."""
+def bench_extraction_split(ours, tok, new_tokens: int | None = None, repeats: int = 2) -> dict:
+    """Extraction's sampling step as `extract` runs it on the CPU, with and without support/cpu_speed.py's split."""
     import persona_vectors as pv
     from support.traits import load_trait
     jobs = pv.rollout_jobs(load_trait("evil"), 4, 1)  # 4 questions x 5 pairs x 2 sides = 40 answers
     chats = [pv.conversation(j) for j in jobs]
     b = pv.default_budget("cpu", sum(p.numel() for p in ours.parameters()))
-    run = lambda: pv.answer_with_activations(ours, tok, chats, b.max_new_tokens, b.temperature, b.top_p, 0)  # noqa: E731
-    split = M.Linear.forward
-    plain = torch.nn.Linear.forward
+    tokens = new_tokens or b.max_new_tokens
+    run = lambda: pv.answer_with_activations(ours, tok, chats, tokens, b.temperature, b.top_p, 0)  # noqa: E731
     best = {"split_s": float("inf"), "plain_s": float("inf")}
     outs = {}
     try:
         for _ in range(repeats):  # interleaved, best of each
-            for name, forward in (("split_s", split), ("plain_s", plain)):
-                M.Linear.forward = forward
+            for name, on in (("split_s", True), ("plain_s", False)):
+                cpu_speed.split_linears(ours, on)
                 t, outs[name] = timed(run)
                 best[name] = min(best[name], t)
     finally:
-        M.Linear.forward = split
+        cpu_speed.split_linears(ours)  # as the loader left it
     same = sum(a == b for a, b in zip(outs["split_s"][0], outs["plain_s"][0]))
-    return best | {"answers": len(chats), "same": f"{same}/{len(chats)}"}
+    return best | {"answers": len(chats), "tokens": tokens, "same": f"{same}/{len(chats)}"}
 
 
 def bench_train_step(ours, hf, tok, batch: int, seq: int, repeats: int = 2) -> dict:
@@ -249,7 +249,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=hub.DEFAULT_MODEL)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=None, help="default: 128 in (a), the CPU budget's 96 in (e)")
     p.add_argument("--only", choices=["a", "b", "c", "d", "e"], default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -265,10 +265,11 @@ def main():
           f"torch {torch.__version__}, {args.threads} threads, fp32, {args.model}")
     print("| benchmark | ours | transformers | ratio | target |\n|---|---|---|---|---|")
     if args.only in (None, "a"):
+        new = args.new_tokens or 128
         for batch in (16, 32):
-            r = bench_generation(ours, hf, tok, batch, args.new_tokens, L // 2, vector)
-            tps = lambda s: batch * args.new_tokens / s  # noqa: E731
-            print(f"| (a) steered generation, batch {batch}, {args.new_tokens} new tokens | {tps(r['ours_s']):.0f} tok/s "
+            r = bench_generation(ours, hf, tok, batch, new, L // 2, vector)
+            tps = lambda s: batch * new / s  # noqa: E731
+            print(f"| (a) steered generation, batch {batch}, {new} new tokens | {tps(r['ours_s']):.0f} tok/s "
                   f"| {tps(r['hf_s']):.0f} tok/s | {r['hf_s'] / r['ours_s']:.2f}x | >= 1.5x |")
             print(f"|     steering overhead (steered vs unsteered, ours) | {100 * (r['ours_s'] / r['plain_s'] - 1):+.1f} % "
                   f"| | | <= 5 % |")
@@ -286,8 +287,8 @@ def main():
         print(f"|     the same against read-only bandwidth ({r['read_gbs']:.1f} GB/s, a sum) | "
               f"{100 * r['ours_frac_read']:.0f} % | | | |")
     if args.only in (None, "e"):
-        r = bench_extraction_split(ours, tok)
-        print(f"| (e) extraction sampling, {r['answers']} answers: split matmul vs plain F.linear | "
+        r = bench_extraction_split(ours, tok, args.new_tokens)
+        print(f"| (e) extraction sampling, {r['answers']} answers x {r['tokens']} tokens: split vs plain nn.Linear | "
               f"{r['split_s']:.1f} s | {r['plain_s']:.1f} s (plain) | {r['plain_s'] / r['split_s']:.2f}x | "
               f">= 1.15x to keep it |")
         print(f"|     identical answers | {r['same']} | | | |")
