@@ -20,6 +20,7 @@ and the command line at the bottom. Every subcommand is a plain function here: i
 import argparse
 import datetime
 import hashlib
+import importlib
 import inspect
 import json
 import math
@@ -416,7 +417,7 @@ def import_vector(pt_file: str, out: str | None = None, model_name: str | None =
     The official files' last row is taken after the final norm (Hugging Face's last hidden state), unlike ours:
     it is recorded, and steering or monitoring never uses that row.
     """
-    from support.control_vector import model_shape
+    from support.checkpoint import model_shape
     src = Path(pt_file)
     if not src.is_file():
         raise UserError(f"{src} does not exist")
@@ -1568,6 +1569,12 @@ def _generate_command(prompts: list[str], prompts_file: str | None = None, **kw)
     print(f"({time.time() - t0:.1f} s)", file=sys.stderr)
 
 
+# The one place the command line reaches above this file: apps/ modules, by name, each with add_commands(sub).
+APP_COMMANDS = ("apps.flagging",  # flag, flag-merge: ΔP over datasets at scale (streamed, resumable, sharded)
+                "apps.control_vector",  # export-gguf, import-gguf: vectors for llama.cpp
+                "apps.server")  # serve: an OpenAI-compatible server with per-request steering
+
+
 def build_parser() -> argparse.ArgumentParser:
     def group(*adders):
         parent = argparse.ArgumentParser(add_help=False)
@@ -1728,10 +1735,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
     sh.add_argument("--dtype", type=_dtype, default=None, help="float32, bfloat16 or float16")
 
-    from support import control_vector, flagging, server
-    flagging.add_commands(sub)  # flag, flag-merge: ΔP over datasets at scale (streamed, resumable, sharded)
-    control_vector.add_commands(sub)  # beyond the paper: vectors for llama.cpp, an OpenAI-style server
-    server.add_commands(sub)
+    for module in APP_COMMANDS:  # the applications above this file register their own commands
+        importlib.import_module(module).add_commands(sub)
     return p
 
 

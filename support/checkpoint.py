@@ -149,3 +149,14 @@ def check_device(device: str) -> str:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device {device!r}: Apple MPS is not available here; use --device cpu")
     return str(device)
+
+
+def model_shape(model_name: str) -> tuple[int, int, str]:
+    """(num_layers, hidden, model_type) from the model's config.json (no weights are loaded)."""
+    from support import hub  # a name may need a download first
+    path = hub.resolve(model_name, verbose=False) / "config.json"
+    config = read_json(path)
+    try:
+        return int(config["num_hidden_layers"]), int(config["hidden_size"]), config.get("model_type", "unknown")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise UserError(f"{path} gives no num_hidden_layers and hidden_size: is {model_name} a model?") from None

@@ -1,4 +1,4 @@
-"""Tests for support/control_vector.py: the GGUF writer, export-gguf / import-gguf, the layer rules and bad input.
+"""Tests for apps/control_vector.py: the GGUF writer, export-gguf / import-gguf, the layer rules and bad input.
 
 The tiny random chat model (3 blocks, hidden 64) stands in for a real one; tests/test_llama_cpp.py checks the layer
 mapping against a real llama.cpp. Bad files are built with the independent test writer of tests/test_gguf.py.
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import support.control_vector as cv
+import apps.control_vector as cv
 from support import UserError
 from support.files import load_vector
 from support.gguf_convert import GGUFFile

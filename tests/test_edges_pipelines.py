@@ -13,7 +13,7 @@ import torch
 import judge as J
 import model as M
 import persona_vectors as pv
-from support import flagging
+from apps import flagging
 from tiny import FakeJudge, tiny_model_with_vectors, write_vector
 
 pytestmark = pytest.mark.usefixtures("one_thread")

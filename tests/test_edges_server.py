@@ -1,4 +1,4 @@
-"""Issue 17 for `serve` (support/server.py): nothing lost, nothing silent. Bad flags end in one line; the server's
+"""Issue 17 for `serve` (apps/server.py): nothing lost, nothing silent. Bad flags end in one line; the server's
 own edges (shutdown with clients still connected, clients that leave or stall, too many connections, garbled
 requests, auth schemes) get answers in the API's JSON and one log line each, never a traceback or a hang.
 
@@ -15,7 +15,7 @@ import requests
 import model as M
 import persona_vectors as pv
 from support import UserError
-from support import server as S
+from apps import server as S
 from test_server import HI, TIMEOUT, client, raw_request, start, stop, tiny, wait_for  # noqa: F401 (fixtures)
 
 # (arguments, exit code, what the one-line message must say); {d} = the tiny model, {r} = its folder

@@ -7,7 +7,7 @@ import torch
 
 import model as M
 import persona_vectors as pv
-import support.control_vector as cv
+import apps.control_vector as cv
 import train
 from support import files
 from test_train import conversation, write_jsonl

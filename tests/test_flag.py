@@ -1,4 +1,4 @@
-"""Data flagging (support/flagging.py): ΔP against an independent recompute, resume, shards, selection, bad input."""
+"""Data flagging (apps/flagging.py): ΔP against an independent recompute, resume, shards, selection, bad input."""
 import argparse
 import inspect
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import model as M
-from support import flagging
+from apps import flagging
 from support import UserError
 from support.files import load_vector
 from tiny import tiny_model_with_vectors, write_vector

@@ -18,7 +18,7 @@ import requests
 import torch
 
 import model as M
-import support.control_vector as cv
+import apps.control_vector as cv
 from support import hub
 from support.files import save_vector
 from support.tokenizer import Tokenizer

@@ -1,4 +1,4 @@
-"""`serve` (support/server.py) on a tiny random chat model: the official openai client, the judge's backend, per-row
+"""`serve` (apps/server.py) on a tiny random chat model: the official openai client, the judge's backend, per-row
 steering in one batch, bad input, a client that leaves mid-stream, and a bounded load test on 127.0.0.1.
 
 Every reply is checked against model.generate run alone on the same request (the independent reference)."""
@@ -22,7 +22,7 @@ import torch
 import judge as J
 import model as M
 import persona_vectors as pv
-from support import server as S
+from apps import server as S
 from tiny import CORPUS, tiny_model_with_vectors
 
 TIMEOUT = 60  # seconds, for every client call
@@ -465,7 +465,7 @@ def test_serve_command_line(tiny, tmp_path):
     """add_commands registers `serve`; started on port 0 it answers, and Ctrl-C stops it."""
     d, vectors, model, tok = tiny
     root = Path(__file__).parent.parent
-    script = ("import argparse, sys; sys.path.insert(0, sys.argv[1]); from support.server import add_commands; "
+    script = ("import argparse, sys; sys.path.insert(0, sys.argv[1]); from apps.server import add_commands; "
               "p = argparse.ArgumentParser(); add_commands(p.add_subparsers(dest='command')); "
               "a = vars(p.parse_args(sys.argv[2:])); f = a.pop('func'); a.pop('command'); f(**a)")
     proc = subprocess.Popen([sys.executable, "-c", script, str(root), "serve", "--model", str(d), "--vectors",

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
 
 import model as M
-from support import flagging
+from apps import flagging
 from support import hub
 from bench import left_pad  # tools/bench.py, beside this file
 from support.traits import available_traits, load_trait

@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
 
 import model as M
-from support import hub, server
+from apps import server
+from support import hub
 from support.files import save_vector
 from support.traits import load_trait
 

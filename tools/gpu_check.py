@@ -36,7 +36,8 @@ import model as M  # noqa: E402
 import persona_vectors as pv  # noqa: E402
 import train  # noqa: E402
 from bench import PeakRSS  # noqa: E402  (tools/bench.py, beside this file)
-from support import UserError, flagging, server as S  # noqa: E402
+from apps import flagging, server as S  # noqa: E402
+from support import UserError  # noqa: E402
 from support.files import atomic_write, check_writable  # noqa: E402
 from tiny import make_tiny_chat_model, write_vector  # noqa: E402
 

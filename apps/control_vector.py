@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from support import UserError
+from support.checkpoint import model_shape
 from support.files import NAME_RE, atomic_write, check_fits, check_name, check_output, default_vectors_dir, \
     load_vector, read_json, resolve_layer, save_vector, vector_path
 
@@ -164,17 +165,6 @@ def select_directions(vec: torch.Tensor, layer: int | None = None, layers: tuple
         check(layers[1], "--layers")
         return {L: vec[L] for L in range(layers[0], layers[1] + 1)}
     return {2: vec[2] - vec[0], **{L: vec[L] - vec[L - 1] for L in range(3, top + 1)}}
-
-
-def model_shape(model_name: str) -> tuple[int, int, str]:
-    """(num_layers, hidden, model_type) from the model's config.json (no weights are loaded)."""
-    from support import hub
-    path = hub.resolve(model_name, verbose=False) / "config.json"
-    config = read_json(path)
-    try:
-        return int(config["num_hidden_layers"]), int(config["hidden_size"]), config.get("model_type", "unknown")
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise UserError(f"{path} gives no num_hidden_layers and hidden_size: is {model_name} a model?") from None
 
 
 def _find_vector(vector: str, model_name: str | None) -> Path:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import model as M
+import persona_vectors as pv
 from support import UserError
 from support.files import check_fits, default_vectors_dir, load_vector, traits_in, vector_path
 from support.hub import DEFAULT_MODEL
@@ -257,7 +258,6 @@ class Engine:
     def __init__(self, model: M.Transformer, tok, vectors_dir: str | Path | None = None, max_batch: int = 16,
                  max_tokens_limit: int = 1024, max_n: int = 8, batch_wait: float = 0.05,
                  max_batch_tokens: int = 32768, model_id: str | None = None):
-        import persona_vectors as pv  # here, not at the top: persona_vectors imports this module for its CLI
         if max_batch < 1 or max_tokens_limit < 1 or batch_wait < 0:
             raise UserError("--max-batch and --max-tokens-limit must be >= 1, --batch-wait >= 0")
         if not 1 <= max_n <= max_batch:
@@ -797,7 +797,6 @@ def serve(model_name: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 
           batch_wait: float = 0.05, max_body: int = 1 << 20, max_connections: int = 64, device: str | None = None,
           dtype: str | None = None, quiet: bool = False) -> None:
     """Serve `model_name` on http://host:port/v1 until interrupted (Ctrl-C)."""
-    import persona_vectors as pv
     if vectors is not None and not Path(vectors).is_dir():
         raise UserError(f"--vectors {vectors} is not a directory: pass the directory of `extract`'s vector files, "
                         "or leave --vectors out")
@@ -821,7 +820,6 @@ def serve(model_name: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 
 
 def add_commands(sub) -> None:
     """Register `serve` on the command line's subparsers (its dests are serve's parameter names)."""
-    import persona_vectors as pv  # here, not at the top: persona_vectors imports this module for its CLI
     sp = sub.add_parser("serve", help="an OpenAI-compatible chat server with per-request steering and persona gauges")
     sp.add_argument("--model", dest="model_name", default=DEFAULT_MODEL, help="hub id or local directory")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s: this machine)")

@@ -1,0 +1,102 @@
+"""The import stack: every file imports only files of its own layer or below (read from the code with ast, lazy
+imports inside functions included), with no cycle, so that each layer reads, runs and copies without the ones above.
+
+    model.py  <  support/  <  judge.py  <  persona_vectors.py  <  train.py  <  apps/  <  tools/
+
+Only model.py's loaders may import up, each on a line marked `# PROJECT IMPORT:` with the reason (the checks,
+downloads and tokenizer of support/), so that the network itself is copied alone. The command line reaches apps/ through persona_vectors.COMMANDS, a
+table of module names, not an import.
+"""
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STACK = ["model.py", "support/*.py", "judge.py", "persona_vectors.py", "train.py", "apps/*.py", "tools/*.py"]
+MARK = "# PROJECT IMPORT:"
+
+
+def layer_of() -> dict[Path, int]:
+    return {p: i for i, pattern in enumerate(STACK) for p in sorted(ROOT.glob(pattern))}
+
+
+def resolve(name: str, importer: Path) -> Path | None:
+    """The project file a module name refers to (None: torch, the standard library, ...)."""
+    parts = name.split(".")
+    for base in (ROOT, importer.parent):  # tools/ put their own folder on sys.path
+        for candidate in (base.joinpath(*parts).with_suffix(".py"), base.joinpath(*parts, "__init__.py")):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def imports(path: Path) -> list[tuple[int, Path, bool]]:
+    """(line, imported project file, marked as a declared exception) for every import in `path`."""
+    lines = path.read_text().splitlines()
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        marked = MARK in lines[node.lineno - 1]
+        for target in {t for n in names if (t := resolve(n, path)) is not None and t != path}:
+            out.append((node.lineno, target, marked))
+    return out
+
+
+def edges() -> list[tuple[Path, int, Path, bool]]:
+    return [(p, line, t, marked) for p in layer_of() for line, t, marked in imports(p)]
+
+
+def test_every_import_runs_down_the_stack():
+    layer = layer_of()
+    rel = lambda p: p.relative_to(ROOT).as_posix()  # noqa: E731
+    up = [f"{rel(p)}:{line} imports {rel(t)} ({STACK[layer[p]]} is below {STACK[layer.get(t, -1)]})"
+          for p, line, t, marked in edges() if t in layer and layer[t] > layer[p] and not marked]
+    assert not up, "imports that run up the stack:\n" + "\n".join(up)
+    others = [f"{rel(p)}:{line}" for p, line, t, marked in edges() if marked and rel(p) != "model.py"]
+    assert not others, f"only model.py's loaders may carry the `{MARK}` mark: {others}"
+    assert len(layer) > 10, "the stack's patterns found almost no files"
+
+
+def test_no_cycle():
+    graph: dict[Path, set[Path]] = {}
+    for p, _, t, marked in edges():
+        if not marked:
+            graph.setdefault(p, set()).add(t)
+    state: dict[Path, int] = {}  # 1: on the current path, 2: done
+
+    def visit(p, path):
+        state[p] = 1
+        for t in graph.get(p, ()):
+            if state.get(t) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(x.relative_to(ROOT).as_posix() for x in path + [t]))
+            if t not in state:
+                visit(t, path + [t])
+        state[p] = 2
+
+    for p in list(graph):
+        if p not in state:
+            visit(p, [p])
+
+
+def test_model_py_can_be_copied_alone():
+    """At module level model.py imports only torch, safetensors and the standard library."""
+    tree = ast.parse((ROOT / "model.py").read_text())
+    top = [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names]
+    top += [n.module for n in tree.body if isinstance(n, ast.ImportFrom)]
+    allowed = set(sys.stdlib_module_names) | {"torch", "safetensors", "__future__"}
+    assert [m for m in top if m.split(".")[0] not in allowed] == []
+
+
+def test_every_folder_opens_with_an_index():
+    for folder in ("support", "apps", "tools", "docs"):
+        index = ROOT / folder / ("__init__.py" if folder in ("support", "apps") else "README.md")
+        assert index.is_file(), f"{folder}/ has no index ({index.name})"
+        listed = index.read_text()
+        for f in sorted((ROOT / folder).glob("*.py" if folder != "docs" else "*.md")):
+            if f.name not in ("__init__.py", "README.md"):
+                assert f.name in listed, f"{folder}/{index.name} does not list {f.name}"
