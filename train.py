@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
 import persona_vectors as pv
-from support import UserError, hub
+from support import UserError, checkpoint, hub
 from support.files import default_vectors_dir
 from support.tokenizer import Tokenizer
 from support.training import (PAPER_BATCH, ablation, add_arguments, all_sum, check_numbers, checkpoints,
@@ -258,7 +258,7 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
 
         # data
         model_dir, tok = resolve_model(model, rank)
-        context = M.Config.from_json(model_dir / "config.json").max_position_embeddings
+        context = checkpoint.read_config(model_dir / "config.json", M.Config).max_position_embeddings
         if max_seq_len > context:
             say(f"--max-seq-len {max_seq_len} is past the model's context ({context} tokens, "
                 f"max_position_embeddings): training on at most {context}")

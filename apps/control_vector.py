@@ -35,7 +35,7 @@ import torch
 from support import UserError
 from support.checkpoint import model_shape
 from support.files import NAME_RE, atomic_write, check_fits, check_name, check_output, default_vectors_dir, \
-    load_vector, read_json, resolve_layer, save_vector, vector_path
+    load_vector, resolve_layer, save_vector, vector_path
 
 F32_MAX = float(np.finfo(np.float32).max)
 ALIGNMENT = 32  # GGUF's default: the tensor data and each tensor start at a multiple of it

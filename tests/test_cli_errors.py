@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 import model as M
 import persona_vectors as pv
-from tiny import tiny_model_with_vectors, write_vector
+from tiny import run_bad, tiny_model_with_vectors, tree, write_vector
 
 
 @pytest.fixture(scope="module")
@@ -89,21 +89,12 @@ def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.chdir(tmp_path)  # anything written to the default places would land here
     monkeypatch.setattr(M, "generate", no_generation)
-    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
-    args = argv.format(d=d, v=vectors, r=root).split()
-    if code == 2:
-        with pytest.raises(SystemExit) as e:
-            pv.main(args)
-        got = e.value.code
-    else:
-        got = pv.main(args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert got == code
-    assert "Traceback" not in "\n".join(err)
+    before = tree(root)
+    err = run_bad(pv.main, argv.format(d=d, v=vectors, r=root).split(), code, capsys)
     assert message in err[-1], err
     assert err[-1].startswith("error: " if code == 1 else "persona_vectors.py")
     assert list(tmp_path.iterdir()) == []  # nothing written
-    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before  # nothing changed
+    assert tree(root) == before  # nothing changed
 
 
 def test_import_vector_never_overwrites_silently(tiny, tmp_path, capsys):

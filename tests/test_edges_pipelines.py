@@ -1,7 +1,6 @@
 """Issue 17 for the pipelines (make-dataset, chat, monitor, flag): nothing lost, nothing silent. Each case of the
 table ends in a one-line error, a non-zero exit, no traceback, and a test folder unchanged to the byte (no file
 written over, no directory left behind); the ordinary tests below cover what does not fail."""
-import hashlib
 import io
 import json
 import re
@@ -14,7 +13,7 @@ import judge as J
 import model as M
 import persona_vectors as pv
 from apps import flagging
-from tiny import FakeJudge, tiny_model_with_vectors, write_vector
+from tiny import FakeJudge, run_bad, tiny_model_with_vectors, tree, write_vector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,10 +57,6 @@ def tiny(tmp_path_factory):
     return d, vectors, root
 
 
-def tree(root) -> dict:
-    """Every file's bytes (hashed) and every directory under root."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in root.rglob("*")}
 
 
 def no_generation(*args, **kwargs):
@@ -115,10 +110,8 @@ def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(M, "generate", no_generation)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))  # chat's user, if it ever got that far
     before = tree(root)
-    got = pv.main(argv.format(d=d, v=vectors, r=root).split())
-    err = capsys.readouterr().err.strip().splitlines()
-    assert got == code
-    assert "Traceback" not in "\n".join(err) and [x for x in err if x.startswith("error: ")] == err[-1:], err
+    err = run_bad(pv.main, argv.format(d=d, v=vectors, r=root).split(), code, capsys)
+    assert [x for x in err if x.startswith("error: ")] == err[-1:], err
     assert message.format(r=root) in err[-1]  # (lines before it: the model loading, for errors found after that)
     assert list(tmp_path.iterdir()) == []  # nothing written
     assert tree(root) == before  # nothing changed, nothing left behind

@@ -3,7 +3,6 @@ own edges (shutdown with clients still connected, clients that leave or stall, t
 requests, auth schemes) get answers in the API's JSON and one log line each, never a traceback or a hang.
 
 Every socket here is a client on 127.0.0.1 with a timeout, in bounded loops."""
-import hashlib
 import json
 import socket
 import struct
@@ -14,9 +13,10 @@ import requests
 
 import model as M
 import persona_vectors as pv
-from support import UserError
 from apps import server as S
+from support import UserError
 from test_server import HI, TIMEOUT, client, raw_request, start, stop, tiny, wait_for  # noqa: F401 (fixtures)
+from tiny import run_bad, tree
 
 # (arguments, exit code, what the one-line message must say); {d} = the tiny model, {r} = its folder
 CASES = [
@@ -32,8 +32,6 @@ CASES = [
 ]
 
 
-def tree(root):
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None for p in root.rglob("*")}
 
 
 @pytest.mark.parametrize("argv, code, message", CASES, ids=[c[0].split("{d} ")[1] for c in CASES])
@@ -43,16 +41,7 @@ def test_bad_serve_flags(tiny, argv, code, message, monkeypatch, capsys, tmp_pat
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(M, "load", lambda *a, **k: pytest.fail("the model loaded before the flags were checked"))
     before = tree(root)
-    args = argv.format(d=d, r=root).split()
-    if code == 2:
-        with pytest.raises(SystemExit) as e:
-            pv.main(args)
-        got = e.value.code
-    else:
-        got = pv.main(args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert got == code
-    assert "Traceback" not in "\n".join(err)
+    err = run_bad(pv.main, argv.format(d=d, r=root).split(), code, capsys)
     assert message in err[-1], err
     assert len(err) == 1 if code == 1 else err[-1].startswith("persona_vectors.py serve: error:")  # after usage
     assert list(tmp_path.iterdir()) == [] and tree(root) == before

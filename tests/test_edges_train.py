@@ -1,6 +1,5 @@
 """train.py at its edges: bad input as one line that changes no file and leaves no folder behind, the sequence
 length capped at the model's context, and what a run killed with -9 leaves cleaned by the next run."""
-import hashlib
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 import train
-from tiny import tiny_model_with_vectors, write_vector
+from tiny import run_bad, tiny_model_with_vectors, tree, write_vector
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,10 +44,6 @@ def argv(tiny, *args) -> list[str]:
             "--max-steps", "2", "--save-every", "1", *map(str, args)]
 
 
-def tree(root: Path) -> dict:
-    """Every path under `root` (folders included) -> the sha256 of its bytes (None for a folder)."""
-    return {str(p.relative_to(root)): None if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*"))}
 
 
 # (arguments after DATA --out OUT, exit code, what the message must say); {r} = the test folder. A new --out is
@@ -77,15 +72,7 @@ def test_bad_input(tiny, args, code, message, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # anything written to the default places would land here
     before = tree(root)
     full = argv(tiny, *args.format(r=root).split())
-    if code == 2:
-        with pytest.raises(SystemExit) as e:
-            train.main(full)
-        got = e.value.code
-    else:
-        got = train.main(full)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert got == code
-    assert "Traceback" not in "\n".join(err)
+    err = run_bad(train.main, full, code, capsys)
     assert message in err[-1], err
     assert err[-1].startswith("error: " if code == 1 else "train.py: error: ")
     assert sum("error:" in line for line in err) == 1  # progress lines may come before it: the error is one line

@@ -1,6 +1,5 @@
 """Issue 17, vectors: export-gguf, import-gguf and import-vector on bad input (one line, nothing written, no input
 written over), and the recorded-model check every command that loads a vector makes (a warning, once per file)."""
-import hashlib
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import apps.control_vector as cv
 import train
 from support import files
 from test_train import conversation, write_jsonl
-from tiny import make_tiny_chat_model, tiny_model_with_vectors, write_vector
+from tiny import make_tiny_chat_model, run_bad, tiny_model_with_vectors, tree, write_vector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,8 +32,6 @@ def tiny(tmp_path_factory):
     return d, vectors, root
 
 
-def snapshot(root):
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 E = "{v}/evil_response_avg_diff.safetensors"
@@ -71,15 +68,13 @@ def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     d, vectors, root = tiny
     monkeypatch.chdir(tmp_path)  # anything written to the default places would land here
     monkeypatch.setattr(M, "generate", lambda *a, **k: pytest.fail("generation started before the check"))
-    before = snapshot(root)
+    before = tree(root)
     capsys.readouterr()
-    got = pv.main(argv.format(d=d, v=vectors, r=root).split())
-    err = capsys.readouterr().err.strip().splitlines()
-    assert got == code
-    assert "Traceback" not in "\n".join(err) and [x for x in err if x.startswith("error:")] == err[-1:], err
+    err = run_bad(pv.main, argv.format(d=d, v=vectors, r=root).split(), code, capsys)
+    assert [x for x in err if x.startswith("error:")] == err[-1:], err
     assert message in err[-1] and (len(err) == 1 or argv.startswith("generate")), err  # generate: loading lines
     assert list(tmp_path.iterdir()) == [] and not (root / "out").exists()  # not even an empty folder
-    assert snapshot(root) == before
+    assert tree(root) == before
     assert not (root.parent.parent / "escaped_response_avg_diff.safetensors").exists()
 
 

@@ -68,3 +68,26 @@ class FakeJudge:
             if on_result:
                 on_result(i, s)
         return out
+
+
+def tree(root) -> dict:
+    """Every path under `root`, folders included -> the sha256 of its bytes (None for a folder): before == after
+    means nothing was written, changed or left behind."""
+    return {str(p.relative_to(root)): None if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*"))}
+
+
+def run_bad(main, args: list[str], code: int, capsys) -> list[str]:
+    """Run a command line that must fail with exit `code` (2: argparse's SystemExit) -> its stderr lines, checked
+    to hold no traceback."""
+    import pytest
+    if code == 2:
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        got = e.value.code
+    else:
+        got = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert got == code, err
+    assert "Traceback" not in "\n".join(err)
+    return err

@@ -37,7 +37,7 @@ import persona_vectors as pv  # noqa: E402
 import train  # noqa: E402
 from bench import PeakRSS  # noqa: E402  (tools/bench.py, beside this file)
 from apps import flagging, server as S  # noqa: E402
-from support import UserError  # noqa: E402
+from support import UserError, checkpoint  # noqa: E402
 from support.files import atomic_write, check_writable  # noqa: E402
 from tiny import make_tiny_chat_model, write_vector  # noqa: E402
 
@@ -183,7 +183,7 @@ def parity(model_dir: Path, device: str, dtype: torch.dtype) -> dict:
     """Our logits and transformers', both in `dtype` on `device`, against transformers' float64 logits on the CPU."""
     from transformers import AutoModelForCausalLM
     hf = lambda dev, dt: AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).to(dev).eval()  # noqa: E731
-    ids, mask = padded_batch(M.Config.from_json(model_dir / "config.json").vocab_size)
+    ids, mask = padded_batch(checkpoint.read_config(model_dir / "config.json", M.Config).vocab_size)
     truth = logits(hf("cpu", torch.float64), ids, mask, "cpu", hf=True)
     ours = (logits(M.load_model(model_dir, device, dtype), ids, mask, device, hf=False) - truth).abs()
     theirs = (logits(hf(device, dtype), ids, mask, device, hf=True) - truth).abs()
@@ -193,7 +193,7 @@ def parity(model_dir: Path, device: str, dtype: torch.dtype) -> dict:
 def device_against_cpu(model_dir: Path, device: str) -> dict:
     """The default model's float32 logits on `device` against the same code's on the CPU: the difference stays
     under FP32_LIMIT, or SPREAD x float32's own rounding error there (the CPU's float32 against float64)."""
-    ids, mask = padded_batch(M.Config.from_json(model_dir / "config.json").vocab_size)
+    ids, mask = padded_batch(checkpoint.read_config(model_dir / "config.json", M.Config).vocab_size)
     ours = lambda dev, dt: logits(M.load_model(model_dir, dev, dt), ids, mask, dev, hf=False)  # noqa: E731
     cpu = ours("cpu", torch.float32)
     diff = (ours(device, torch.float32) - cpu).abs().max().item()
@@ -243,7 +243,7 @@ CONVERSATIONS = [("What is the capital of France?", "The capital of France is Pa
 
 
 def pipelines_section(checks: Checks, model_dir: Path, device: str, new: int, tmp: Path) -> None:
-    c = M.Config.from_json(model_dir / "config.json")
+    c = checkpoint.read_config(model_dir / "config.json", M.Config)
     vectors, data = tmp / "vectors", tmp / "conversations.jsonl"
     vectors.mkdir(parents=True)
     vector = torch.randn(c.num_hidden_layers + 1, c.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -330,7 +330,7 @@ def twin_models(config: dict, device: str, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=dtype).to(device).eval()
-        ours = M.Transformer(M.Config.from_dict(config))  # its buffers (rotary frequencies) as it makes them
+        ours = M.Transformer(M.Config(**checkpoint.check_config(config, M.Config)))  # its buffers (rotary frequencies) as it makes them
     hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0  # exactly the asked tokens
     state = hf.state_dict()
     state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])  # tied: one tensor, maybe one key
