@@ -151,13 +151,14 @@ def test_bad_input(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_import_vector(tmp_path):
-    vec = torch.randn(31, 576)
+    d = make_tiny_chat_model(tmp_path / "tiny")  # a named model's config is read: its shape is checked
+    vec = torch.randn(4, 64)
     src = tmp_path / "evil_response_avg_diff.pt"
     torch.save(vec, src)
-    dest = pv.import_vector(str(src), str(tmp_path / "out"), "Qwen/Qwen2.5-7B-Instruct")
+    dest = pv.import_vector(str(src), str(tmp_path / "out"), str(d))
     got, meta = pv.load_vector(dest)
     assert torch.equal(got, vec) and meta["trait"] == "evil" and meta["variant"] == "response_avg"
-    assert meta["model"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert meta["model"] == str(d)
     torch.save({"not": "a tensor"}, tmp_path / "x_prompt_last_diff.pt")
     with pytest.raises(ValueError, match="expected one"):
         pv.import_vector(str(tmp_path / "x_prompt_last_diff.pt"))
