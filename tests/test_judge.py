@@ -219,6 +219,8 @@ def test_ctrl_c_stops_every_worker_at_once(fake):
     j = judge_for(server, workers=4, max_retries=1)
     main = threading.main_thread().ident
     ctrl_c = threading.Timer(0.5, lambda: signal.pthread_kill(main, signal.SIGINT))  # a real SIGINT, as from ^C
+    # Ctrl-C's usual handler, also where the test run was started in the background (a shell then ignores SIGINT)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     t0 = time.time()
     ctrl_c.start()
     try:
@@ -226,6 +228,7 @@ def test_ctrl_c_stops_every_worker_at_once(fake):
             j.score([f"score:{n}" for n in range(8)])
     finally:
         ctrl_c.cancel()  # never let it fire outside this test
+        signal.signal(signal.SIGINT, handler)
     assert time.time() - t0 < 3
     time.sleep(0.3)
     assert not [t for t in threading.enumerate() if t.name == "judge-worker"]  # none left sleeping or retrying

@@ -470,7 +470,8 @@ def test_serve_command_line(tiny, tmp_path):
               "a = vars(p.parse_args(sys.argv[2:])); f = a.pop('func'); a.pop('command'); f(**a)")
     proc = subprocess.Popen([sys.executable, "-c", script, str(root), "serve", "--model", str(d), "--vectors",
                              str(vectors), "--port", "0", "--device", "cpu", "--quiet"],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,  # Ctrl-C's default, also under a background run:
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline, line = time.monotonic() + TIMEOUT, ""
         while "serving" not in line:
