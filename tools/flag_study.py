@@ -18,6 +18,7 @@ and dataset ΔP of 0/25/50/75/100 % mixes (the mean of their samples' ΔP; the m
 --select-k samples of both files (chosen by `flag --select`), each model's finetuning shift, r of dataset ΔP
 against the shift with a random-direction control, and a scatter plot. Needs the trait's vector: it is extracted
 first (judge none) when missing. Every step is cached under --out: a rerun redoes nothing that is done.
+Outputs: study.json, and figure_data.json (every sample's ΔP, for the histogram of tools/figures.py).
 """
 import argparse
 import json
@@ -296,6 +297,7 @@ def main():
     runs = {"greedy base": dict(), f"sampled base (K={args.base_samples})": dict(
         base_temperature=args.temperature, base_top_p=args.top_p, base_samples=args.base_samples)}
     results = dict(trait=args.trait, model=args.model, data=source, runs={})
+    figure = dict(trait=args.trait, model=args.model, data=source, max_new_tokens=args.max_new_tokens, runs={})
     for name, base in runs.items():
         r = flagging.flag([str(trait_file), str(normal_file)], [args.trait], args.model,
                          max_new_tokens=args.max_new_tokens, out=str(out / name.split()[0]), fmt="jsonl",
@@ -321,6 +323,10 @@ def main():
             res["mix_delta_p"] = mixes
             res["mixes_ordered"] = all(mixes[a] < mixes[b] for a, b in zip(list(mixes)[:-1], list(mixes)[1:]))
         results["runs"][name] = res
+        figure["runs"][name] = dict(layer=res["layer"], auroc=res["auroc"]["ΔP"], delta_p={
+            side: [round(x, 3) for x in d["delta_p"][ok].tolist()] for side, d, ok in (("trait", pos, ok_p),
+                                                                                      ("normal", neg, ok_n))})
+    atomic_write(out / "figure_data.json", lambda p: p.write_text(json.dumps(figure) + "\n"))  # for tools/figures.py
 
     # the mix files themselves, for finetuning (train.py), when the two files answer the same requests in order
     t_lines, n_lines = trait_file.read_text().splitlines(), normal_file.read_text().splitlines()

@@ -17,6 +17,8 @@ Steps, each saved as it finishes (a rerun, or a run after kill -9, redoes nothin
    controls, the loss on the neutral text (mean cross-entropy per answer token), and the projection of its own
    answers to the evaluation questions (`eval --judge none`); and the evil seed-0 model steered at inference with
    -c * v at `--layer`, c matched so that its shift there equals the preventatively steered model's.
+The table goes to table-L{layer}.md, and the shift of each finetune at every layer to figure_data.json (drawn by
+tools/figures.py).
 """
 import argparse
 import json
@@ -210,6 +212,11 @@ def main(argv=None) -> int:
                                            vectors, data, layer, coef)
     md = table(results, run_list, layer, later) + "\n\n" + targets(results, layer, later)
     atomic_write(root / f"table-L{layer}.md", lambda p: p.write_text(md + "\n\n" + layer_table(results) + "\n"))
+    figure = dict(settings=dict(model=a.model, layer=layer, n=a.n, neutral=a.neutral, epochs=a.epochs, lr=a.lr,
+                                batch_size=a.batch_size),
+                  models={r["name"]: dict(label=r["label"], **{k: [round(x, 4) for x in results[r["name"]][k]]
+                                                               for k in ("shift", "random_abs_95")}) for r in run_list})
+    atomic_write(root / "figure_data.json", lambda p: p.write_text(json.dumps(figure) + "\n"))  # for tools/figures.py
     print(md)
     return 0
 

@@ -1,0 +1,220 @@
+"""The README's pictures, redrawn from the small result files beside them in docs/figures/.
+
+    python tools/figures.py              # redraw every docs/figures/*.png from the .json files there
+    python tools/figures.py --collect    # first copy the numbers from the study runs (paths below), then redraw
+
+What --collect reads (each written by a study command; docs/figures.md gives the commands and their settings):
+    steering.json          the CSV of `persona_vectors.py sweep evil`, and the vector's per-layer norms
+    monitoring.json        the CSV of `persona_vectors.py monitor-experiment evil --kind system`, and the band of
+                           100 random directions (the experiment's own, recomputed from the same prompts)
+    finetuning_shift.json  out/train_study/figure_data.json, written by tools/train_study.py
+    delta_p.json           out/flag_study/figure_data.json, written by tools/flag_study.py
+"""
+import argparse
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"
+MODEL = "SmolLM2-135M-Instruct"
+
+
+# --- collecting the numbers -----------------------------------------------------------------------------------
+
+def collect_sweep(sweep_csv: Path, vectors: Path, trait: str) -> dict:
+    """The sweep's rows, the share of each setting's answers stuck in a loop (from its answers, written beside the
+    sweep's CSV), and |v[L]|: the gap between extraction's pos and neg answers along the vector."""
+    from sampling_study import degenerate
+    from support.files import load_vector, vector_path
+    rows = []
+    for r in csv.DictReader(open(sweep_csv)):
+        label = f"L{r['layer']}_c{r['coef']}{'r' if r['relative'] == 'True' else ''}"  # as sweep names them
+        answers = [a["answer"] for a in csv.DictReader(open(sweep_csv.parent / "eval" / f"{trait}_{label}.csv"))]
+        rows.append(dict(layer=int(r["layer"]), coef=float(r["coef"]), relative=r["relative"] == "True",
+                         projection=float(r["projection_mean"]), n=int(r["n"]),
+                         loops=sum(degenerate(a.split()) for a in answers) / len(answers)))
+    meta = load_vector(vector_path(vectors, trait))[1]
+    return dict(trait=trait, rows=rows, vector_norm=meta["vector_norm"])
+
+
+def collect_monitor(monitor_csv: Path, vectors: Path, trait: str, layer: int | None = None, n_random: int = 100,
+                    seed: int = 0) -> dict:
+    """The experiment's projections, and for each condition the range of mean projections along random unit
+    directions (each centred on its own mean over all prompts, then moved to the vector's). The random directions
+    are the experiment's (random_directions with its seed); the last-prompt-token states are recomputed from the
+    same prompts with one forward pass and checked against the CSV."""
+    import torch
+
+    import model as M
+    import persona_vectors as pv
+    from support.files import load_vector, resolve_layer, vector_path
+    from support.traits import load_trait
+    rows = list(csv.DictReader(open(monitor_csv)))
+    t = load_trait(trait)
+    conditions = pv.monitor_conditions(t, "system", seed)
+    vec, meta = load_vector(vector_path(vectors, trait))
+    layer = resolve_layer(layer, meta, vec.shape[0] - 1)  # as the experiment chose it
+    model, tok = M.load(pv.DEFAULT_MODEL, "cpu", torch.float32)
+    system = {label: s for label, s, _ in conditions}
+    prompts = [tok.encode_chat(pv.conversation(dict(system=system[r["condition"]], question=r["question"])))
+               for r in rows]
+    proj = torch.tensor([float(r["projection"]) for r in rows])
+    h = torch.cat([pv.read_answers(model, prompts[i:i + 32], [[]] * len(prompts[i:i + 32]))["prompt_last"][:, layer]
+                   for i in range(0, len(prompts), 32)])  # [rows, hidden]
+    err = float((pv.project(h, vec[layer]) - proj).abs().max())
+    if err > 1e-2:
+        raise SystemExit(f"{monitor_csv}: recomputed projections differ by {err:.3g}: not this vector's run")
+    grade = torch.tensor([int(r["grade"]) for r in rows])
+    rand = h.double() @ pv.random_directions(n_random, 1.0, h.shape[1], seed).double().T  # [rows, n_random]
+    rand = rand - rand.mean(0) + proj.double().mean()
+    means = torch.stack([rand[grade == g].mean(0) for g in range(len(conditions))])  # [conditions, n_random]
+    rho_null = torch.tensor([pv.spearman(grade.float(), rand[:, i].float()) for i in range(n_random)])
+    return dict(trait=trait, layer=layer, conditions=[c[0] for c in conditions], grade=grade.tolist(),
+                projection=[round(x, 4) for x in proj.tolist()],
+                band_5=[round(x, 4) for x in means.quantile(0.05, dim=1).tolist()],
+                band_95=[round(x, 4) for x in means.quantile(0.95, dim=1).tolist()],
+                rho=pv.spearman(grade.float(), proj), random_abs_rho_95=float(rho_null.abs().quantile(0.95)),
+                n_random=n_random, max_abs_difference_to_csv=err)
+
+
+def collect(a) -> None:
+    vectors = Path(a.vectors)
+    writes = {"steering.json": lambda: collect_sweep(Path(a.sweep), vectors, a.trait),
+              "monitoring.json": lambda: collect_monitor(Path(a.monitor), vectors, a.trait, a.layer)}
+    for name, make in writes.items():
+        (FIGURES / name).write_text(json.dumps(make()) + "\n")
+        print(f"wrote {FIGURES / name}", file=sys.stderr)
+    for src, name in ((a.train_study, "finetuning_shift.json"), (a.flag_study, "delta_p.json")):
+        shutil.copyfile(Path(src) / "figure_data.json", FIGURES / name)
+        print(f"copied {Path(src) / 'figure_data.json'} -> {FIGURES / name}", file=sys.stderr)
+
+
+# --- drawing --------------------------------------------------------------------------------------------------
+
+def steering(d: dict, fig) -> None:
+    """Left: mean projection of the steered answers (read by the unsteered model) against the coefficient, one line
+    per layer, in units of |v[L]| (1: as far as extraction's evil-prompted answers sat from its helpful-prompted
+    ones). Right: the share of those answers stuck in a loop (a 4-word sequence repeated 4+ times)."""
+    ax, ax2 = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[3, 2]))
+    for L in sorted({r["layer"] for r in d["rows"]}):
+        rs = sorted((r for r in d["rows"] if r["layer"] == L), key=lambda r: r["coef"])
+        base = next(r["projection"] for r in rs if r["coef"] == 0)
+        x = [r["coef"] for r in rs]
+        ax.plot(x, [(r["projection"] - base) / d["vector_norm"][L] for r in rs], marker="o", label=f"layer {L}")
+        ax2.plot(x, [100 * r["loops"] for r in rs], marker="o", label=f"layer {L}")
+    ax.axhline(1, color="grey", linestyle="--", linewidth=1)
+    ax.annotate("extraction: evil-prompted minus helpful-prompted answers", (max(r["coef"] for r in d["rows"]), 1),
+                xytext=(0, -4), textcoords="offset points", ha="right", va="top", fontsize=8, color="grey")
+    unit = " (x residual norm)" if d["rows"][0]["relative"] else ""
+    ax.set_xlabel("steering coefficient" + unit)
+    ax.set_ylabel("answers' projection on the vector\n(change from unsteered, in units of |v[L]|)")
+    ax.set_title(f"Steered answers along the {d['trait']} vector ({d['rows'][0]['n']} questions, greedy)", fontsize=10)
+    ax.legend(fontsize="small")
+    ax2.set_xlabel("steering coefficient" + unit)
+    ax2.set_ylabel("% of the answers (4 words repeated 4+ times)")
+    ax2.set_ylim(-2, max(30, 120 * max(r["loops"] for r in d["rows"])))
+    ax2.set_title("Answers stuck in a loop", fontsize=10)
+
+
+def monitoring(d: dict, fig) -> None:
+    """Projection of the last prompt token against the system prompt's strength, with the random-direction band."""
+    ax = fig.subplots()
+    import random
+    rng = random.Random(0)
+    x = [g + rng.uniform(-0.15, 0.15) for g in d["grade"]]
+    ax.scatter(x, d["projection"], s=10, alpha=0.6, label="one question (before any reply)")
+    n = len(d["conditions"])
+    means = [sum(p for p, g in zip(d["projection"], d["grade"]) if g == c) /
+             max(1, sum(g == c for g in d["grade"])) for c in range(n)]
+    ax.plot(range(n), means, color="black", marker="s", label="mean of the questions")
+    ax.fill_between(range(n), d["band_5"], d["band_95"], color="grey", alpha=0.3,
+                    label=f"mean along {d['n_random']} random directions (5-95 %)")
+    ax.set_xticks(range(n), [f"{c}" for c in d["conditions"]])
+    ax.set_xlabel("system prompt: strongly discourages the trait (sys0) ... strongly encourages it (sys7)")
+    ax.set_ylabel(f"projection on the {d['trait']} vector, layer {d['layer']}")
+    ax.set_title(f"Monitoring before the reply: {len(d['grade']) // n} questions x {n} system prompts\n"
+                 f"Spearman rho of grade and projection {d['rho']:.2f}; random directions: 95 % of |rho| <= "
+                 f"{d['random_abs_rho_95']:.2f}", fontsize=10)
+    ax.legend(fontsize="small")
+
+
+def finetuning_shift(d: dict, fig) -> None:
+    """The finetuning shift at every layer for evil, normal and preventatively steered finetunes."""
+    ax = fig.subplots()
+    s, models = d["settings"], d["models"]
+    layers = list(range(1, len(next(iter(models.values()))["shift"])))
+    band = models["evil-s0"]["random_abs_95"]
+    ax.fill_between(layers, [-band[L] for L in layers], [band[L] for L in layers], color="grey", alpha=0.3,
+                    label="random directions (95 % of |shift|)")
+    styles = {"evil-s0": ("tab:red", "-"), "evil-s1": ("tab:red", "--"), "normal": ("tab:blue", "-"),
+              f"steer-L{s['layer']}": ("tab:green", "-")}
+    for name, (color, style) in styles.items():
+        ax.plot(layers, [models[name]["shift"][L] for L in layers], color=color, linestyle=style,
+                label=models[name]["label"])
+    ax.axvline(s["layer"], color="grey", linestyle=":", linewidth=1)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xlabel("layer (output of block L)")
+    ax.set_ylabel("finetuning shift along the evil vector\n(last prompt token, evaluation questions)")
+    ax.set_title(f"Finetuned minus base model, along the evil vector at each layer\n({s['n']} conversations, "
+                 f"{s['epochs']} epochs, batch {s['batch_size']}, lr {s['lr']:g}; dotted: the steering layer)",
+                 fontsize=10)
+    ax.legend(fontsize="small")
+
+
+def delta_p(d: dict, fig) -> None:
+    """Histograms of every sample's ΔP (greedy base responses) in the trait data and in the normal data."""
+    ax = fig.subplots()
+    name = "greedy base"
+    r = d["runs"][name]
+    values = r["delta_p"]["trait"] + r["delta_p"]["normal"]
+    bins = [min(values) + i * (max(values) - min(values)) / 24 for i in range(25)]
+    ax.hist(r["delta_p"]["normal"], bins=bins, alpha=0.6, color="tab:blue",
+            label=f"answers written under helpful prompts ({len(r['delta_p']['normal'])})")
+    ax.hist(r["delta_p"]["trait"], bins=bins, alpha=0.6, color="tab:red",
+            label=f"answers written under {d['trait']} prompts ({len(r['delta_p']['trait'])})")
+    ax.axvline(0, color="black", linewidth=0.5)
+    ax.set_xlabel(f"ΔP at layer {r['layer']}: training answer minus the model's own greedy answer, along the vector")
+    ax.set_ylabel("samples")
+    ax.set_title(f"Flagging training data with the {d['trait']} vector: the two sets apart with AUROC "
+                 f"{r['auroc']:.2f}\n(the system prompts were removed before flagging, as in training data)",
+                 fontsize=10)
+    ax.legend(fontsize="small")
+
+
+DRAW = {"steering": steering, "monitoring": monitoring, "finetuning_shift": finetuning_shift, "delta_p": delta_p}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--collect", action="store_true", help="copy the numbers from the study runs first")
+    p.add_argument("--trait", default="evil")
+    p.add_argument("--vectors", default=f"vectors/{MODEL}")
+    p.add_argument("--sweep", default=f"vectors/{MODEL}/evil_sweep.csv")
+    p.add_argument("--monitor", default=f"vectors/{MODEL}/evil_monitor_system.csv")
+    p.add_argument("--layer", type=int, default=None, help="the monitoring run's --layer, if it was given")
+    p.add_argument("--train-study", default="out/train_study")
+    p.add_argument("--flag-study", default="out/flag_study")
+    a = p.parse_args(argv)
+    if a.collect:
+        collect(a)
+    for name, draw in DRAW.items():
+        fig = plt.figure(figsize=(9 if name == "steering" else 8, 4.5))
+        draw(json.loads((FIGURES / f"{name}.json").read_text()), fig)
+        fig.tight_layout()
+        fig.savefig(FIGURES / f"{name}.png", dpi=90)
+        plt.close(fig)
+        print(f"drew {FIGURES / name}.png", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
