@@ -10,7 +10,8 @@ so a model with N blocks has N + 1 indices, as Hugging Face `hidden_states` and 
 files ([N + 1, hidden]) do. One difference: Hugging Face applies the final RMSNorm to its last entry; here
 index N is the raw residual, the same stream that steering at N adds to.
 
-Interventions are arguments of `forward`, applied after a block in this order: ablation, steering, capture.
+Interventions are arguments of `forward`, applied after a block in this order: ablation, steering, capping, capture
+(so a cap bounds the stream whatever steering added, and a capture sees the state the next block reads).
 Only torch and the standard library are imported, so the file can be copied alone; the loaders at the end reach
 the project's checks, hub and tokenizer through marked imports.
 """
@@ -212,6 +213,33 @@ class Ablate:
         self.direction = self.direction / self.direction.norm()
 
 
+@dataclass
+class Cap:
+    """Persona capping: bound the component along a direction from above at one or several hidden indices,
+        h <- h - u * max(h.u - ceiling, 0),   u = direction / |direction|,
+    so after the block h.u <= ceiling, and a state at or below its ceiling is left exactly as it was.
+    `fired` [B] counts, over forward calls, the response-span positions (see Steer) the cap moved at any layer:
+    in generation, the answer tokens chosen from a capped state."""
+    layers: list[int]
+    directions: torch.Tensor  # [len(layers), hidden]: the direction at each of those indices
+    ceilings: torch.Tensor  # [len(layers)], or [B, len(layers)]: one ceiling per row (+inf: the row is not capped)
+    positions: str = "all"
+    fired: torch.Tensor | None = None  # [B] int64, summed over calls
+    hit: torch.Tensor | None = None  # [B, T] during one forward call: positions moved at some layer
+
+    def __post_init__(self):
+        self.layers, self.ceilings = list(self.layers), torch.as_tensor(self.ceilings, dtype=torch.float32)
+        if self.directions.dim() != 2 or len(self.directions) != len(self.layers) or self.ceilings.shape[-1:] != (
+                len(self.layers),) or self.ceilings.dim() > 2:
+            raise user_error(f"cap: {len(self.layers)} layers need directions [{len(self.layers)}, hidden] and "
+                             f"ceilings [{len(self.layers)}] or [batch, {len(self.layers)}]")
+        if torch.isnan(self.ceilings).any() or (self.ceilings == -math.inf).any():
+            raise user_error("cap: a ceiling is NaN or -inf; use a finite ceiling, or +inf for no cap")
+        for layer, d in zip(self.layers, self.directions):
+            check_intervention(layer, d, 1.0, self.positions)
+        self.directions = self.directions / self.directions.norm(dim=-1, keepdim=True)
+
+
 def check_intervention(layer: int, vector: torch.Tensor, coef: float, positions: str) -> None:
     # once, at construction: a finiteness check inside forward would sync the GPU at every decoded token
     if positions not in ("all", "prompt", "response"):
@@ -224,8 +252,14 @@ def check_intervention(layer: int, vector: torch.Tensor, coef: float, positions:
 
 
 def check_fits(c: Config, interventions: list, B: int) -> None:
-    """Each Steer's or Ablate's layer and vector shape fit this model and a batch of B rows."""
+    """Each Steer's, Ablate's or Cap's layers and vector shapes fit this model and a batch of B rows."""
     for s in interventions:
+        if isinstance(s, Cap):
+            check_fits(c, [Ablate(layer, d) for layer, d in zip(s.layers, s.directions)], B)
+            if s.ceilings.dim() == 2 and len(s.ceilings) != B:
+                raise user_error(f"cap ceilings of shape {tuple(s.ceilings.shape)}: expected [{len(s.layers)}] or "
+                                 f"[batch = {B}, {len(s.layers)}]")
+            continue
         v = s.vector if isinstance(s, Steer) else s.direction
         if not 0 <= s.layer <= c.num_hidden_layers:
             raise user_error(f"layer {s.layer} out of range: this model has hidden indices 0..{c.num_hidden_layers}")
@@ -315,28 +349,33 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, response_start: torch.Tensor | None = None,
                 steer: list[Steer] = (), ablate: list[Ablate] = (), capture: Capture | None = None,
-                logits: str | torch.Tensor = "all") -> torch.Tensor | None:
+                logits: str | torch.Tensor = "all", cap: list[Cap] = ()) -> torch.Tensor | None:
         """input_ids [B, T] (left-padded) -> logits [B, T, vocab] ("all"), [B, 1, vocab] ("last") or None ("none");
         logits may also be a [B, T] bool mask: the logits of those positions only, [n, vocab] (training's loss).
 
         attention_mask [B, S]: 1 = token, 0 = padding, over the cached columns and these T (S = cache.length + T).
         response_start [B]: column (in those S) where each row's response begins; None = all prompt.
-        steer and ablate are checked at a sequence's first call, not again at every decoded token.
+        steer, ablate and cap are checked at a sequence's first call, not again at every decoded token.
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if start == 0:
-            check_fits(self.config, [*steer, *ablate], B)
+            check_fits(self.config, [*steer, *ablate, *cap], B)
         cols = torch.arange(start, start + T, device=input_ids.device)  # [T] absolute columns of these tokens
         pos, mask, spans = token_masks(cols, attention_mask, response_start, B)
+        for c in cap:
+            c.hit = torch.zeros(B, T, dtype=torch.bool, device=input_ids.device)
         cos, sin = self.model.rotary_emb(pos, self.model.embed_tokens.weight.dtype)  # [B, 1, T, hd] each
-        h = self.intervene(0, self.model.embed_tokens(input_ids), steer, ablate, capture, spans)  # [B, T, hidden]
+        h = self.intervene(0, self.model.embed_tokens(input_ids), steer, ablate, cap, capture, spans)  # [B, T, hidden]
         for i, block in enumerate(self.model.layers, start=1):
             if self.gradient_checkpointing and self.training:
                 h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, cache, use_reentrant=False)
             else:
                 h = block(h, cos, sin, mask, cache)
-            h = self.intervene(i, h, steer, ablate, capture, spans)
+            h = self.intervene(i, h, steer, ablate, cap, capture, spans)
+        for c in cap:  # count the response positions this call capped at any layer
+            hits = (c.hit & spans["response"]).sum(1)  # [B]
+            c.fired = hits if c.fired is None else c.fired + hits
         if cache is not None:
             cache.length += T
         if isinstance(logits, torch.Tensor):
@@ -347,8 +386,8 @@ class Transformer(nn.Module):
             h = h[:, -1:]  # left padding puts every row's last token in the last column
         return self.lm_head(self.model.norm(h))
 
-    def intervene(self, i: int, h: torch.Tensor, steer, ablate, capture: Capture | None, spans: dict) -> torch.Tensor:
-        """The interventions at hidden index i on h [B, T, hidden], in order: ablation, steering, capture."""
+    def intervene(self, i: int, h: torch.Tensor, steer, ablate, cap, capture: Capture | None, spans: dict):
+        """The interventions at hidden index i on h [B, T, hidden], in order: ablation, steering, capping, capture."""
         for a in ablate:
             if a.layer == i:
                 u = a.direction.to(h)
@@ -359,6 +398,15 @@ class Transformer(nn.Module):
                 v = s.vector.to(h)
                 hs = h + s.coef * (v[:, None] if v.dim() == 2 else v)  # [B, hidden] -> [B, 1, hidden]
                 h = hs if spans[s.positions] is None else torch.where(spans[s.positions][..., None], hs, h)
+        for c in cap:
+            for j in (j for j, layer in enumerate(c.layers) if layer == i):
+                u, ceiling = c.directions[j].to(h.device, torch.float32), c.ceilings[..., j].to(h.device)
+                ceiling = ceiling[:, None] if ceiling.dim() else ceiling  # [] or [B, 1]: per row
+                over = (h.float() @ u - ceiling).clamp(min=0)  # [B, T]: how far each position is above it
+                if spans[c.positions] is not None:
+                    over = over * spans[c.positions]
+                h = h - (over[..., None] * u).to(h.dtype)  # exactly h where over == 0
+                c.hit |= over > 0
         if capture is not None:
             capture.record(i, h, spans, self.config.num_hidden_layers)
         return h
@@ -418,7 +466,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(), pad_id: int = 0,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             steer: list[Steer] = (), capture: Capture | None = None, progress: bool = False) -> list[list[int]]:
+             steer: list[Steer] = (), capture: Capture | None = None, progress: bool = False,
+             cap: list[Cap] = ()) -> list[list[int]]:
     """Batched generation with left padding and a KV cache -> the new tokens of each prompt, stop token excluded.
 
     Every row gets at least one new token: at the first step the stop tokens cannot be chosen (the official
@@ -449,7 +498,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
-    logits = model(ids, mask[:, :T0], cache, response_start, steer=steer, capture=capture, logits="last")
+    logits = model(ids, mask[:, :T0], cache, response_start, steer=steer, capture=capture, logits="last", cap=cap)
     for t in range(max_new_tokens):
         if progress:
             print(f"\rgenerating: {t}/{max_new_tokens} tokens", end="", file=sys.stderr, flush=True)
@@ -462,7 +511,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             break
         mask[:, T0 + t] = ~done  # a finished row's filler token is padding from now on
         logits = model(nxt[:, None], mask[:, :T0 + t + 1], cache, response_start, steer=steer, capture=capture,
-                       logits="none" if final else "last")
+                       logits="none" if final else "last", cap=cap)
     if progress:
         print("\r\033[K", end="", file=sys.stderr, flush=True)
     tokens = torch.stack(out, 1).tolist()
