@@ -210,34 +210,42 @@ class Ablate:
 
     def __post_init__(self):
         check_intervention(self.layer, self.direction, 1.0, self.positions)
-        self.direction = self.direction / self.direction.norm()
+        self.direction = self.direction / nonzero_norm(self.layer, self.direction)
 
 
 @dataclass
 class Cap:
     """Persona capping: bound the component along a direction from above at one or several hidden indices,
-        h <- h - u * max(h.u - ceiling, 0),   u = direction / |direction|,
+        h <- h - u * max(h.u - ceiling, 0),   u = direction / |direction|   (in fp32, rounded once to h's dtype)
     so after the block h.u <= ceiling, and a state at or below its ceiling is left exactly as it was.
-    `fired` [B] counts, over forward calls, the response-span positions (see Steer) the cap moved at any layer:
-    in generation, the answer tokens chosen from a capped state."""
+    `fired` [B]: how many of each row's response positions (see Steer) the cap moved at some layer, counted from a
+    sequence's first call (generate feeds its last token back, so it equals a forward over prompt + answer)."""
     layers: list[int]
     directions: torch.Tensor  # [len(layers), hidden]: the direction at each of those indices
     ceilings: torch.Tensor  # [len(layers)], or [B, len(layers)]: one ceiling per row (+inf: the row is not capped)
     positions: str = "all"
-    fired: torch.Tensor | None = None  # [B] int64, summed over calls
+    fired: torch.Tensor | None = None  # [B] int64
     hit: torch.Tensor | None = None  # [B, T] during one forward call: positions moved at some layer
 
     def __post_init__(self):
         self.layers, self.ceilings = list(self.layers), torch.as_tensor(self.ceilings, dtype=torch.float32)
-        if self.directions.dim() != 2 or len(self.directions) != len(self.layers) or self.ceilings.shape[-1:] != (
-                len(self.layers),) or self.ceilings.dim() > 2:
-            raise user_error(f"cap: {len(self.layers)} layers need directions [{len(self.layers)}, hidden] and "
-                             f"ceilings [{len(self.layers)}] or [batch, {len(self.layers)}]")
+        n = len(self.layers)
+        if not (self.directions.dim() == 2 and len(self.directions) == n and self.ceilings.shape[-1:] == (n,)
+                and self.ceilings.dim() <= 2):
+            raise user_error(f"cap: {n} layers need directions [{n}, hidden] and ceilings [{n}] or [batch, {n}], "
+                             f"not {tuple(self.directions.shape)} and {tuple(self.ceilings.shape)}")
         if torch.isnan(self.ceilings).any() or (self.ceilings == -math.inf).any():
             raise user_error("cap: a ceiling is NaN or -inf; use a finite ceiling, or +inf for no cap")
         for layer, d in zip(self.layers, self.directions):
             check_intervention(layer, d, 1.0, self.positions)
-        self.directions = self.directions / self.directions.norm(dim=-1, keepdim=True)
+            nonzero_norm(layer, d)
+        self.directions = self.directions.float() / self.directions.float().norm(dim=-1, keepdim=True)
+
+
+def nonzero_norm(layer: int, direction: torch.Tensor) -> torch.Tensor:
+    if not direction.norm() > 0:
+        raise user_error(f"intervention at layer {layer}: the direction is zero; it has no unit vector")
+    return direction.norm()
 
 
 def check_intervention(layer: int, vector: torch.Tensor, coef: float, positions: str) -> None:
@@ -254,21 +262,22 @@ def check_intervention(layer: int, vector: torch.Tensor, coef: float, positions:
 def check_fits(c: Config, interventions: list, B: int) -> None:
     """Each Steer's, Ablate's or Cap's layers and vector shapes fit this model and a batch of B rows."""
     for s in interventions:
+        if isinstance(s, Cap) and s.ceilings.dim() == 2 and len(s.ceilings) != B:
+            raise user_error(f"cap ceilings of shape {tuple(s.ceilings.shape)}: expected [{len(s.layers)}] or "
+                             f"[batch = {B}, {len(s.layers)}]")
         if isinstance(s, Cap):
-            check_fits(c, [Ablate(layer, d) for layer, d in zip(s.layers, s.directions)], B)
-            if s.ceilings.dim() == 2 and len(s.ceilings) != B:
-                raise user_error(f"cap ceilings of shape {tuple(s.ceilings.shape)}: expected [{len(s.layers)}] or "
-                                 f"[batch = {B}, {len(s.layers)}]")
-            continue
-        v = s.vector if isinstance(s, Steer) else s.direction
-        if not 0 <= s.layer <= c.num_hidden_layers:
-            raise user_error(f"layer {s.layer} out of range: this model has hidden indices 0..{c.num_hidden_layers}")
-        if v.shape[-1:] != (c.hidden_size,):
-            raise user_error(f"vector of shape {tuple(v.shape)} at layer {s.layer}, but the model's hidden size is "
-                             f"{c.hidden_size}: was it extracted from another model?")
-        if v.dim() != 1 and not (isinstance(s, Steer) and v.shape[0] == B and v.dim() == 2):
-            raise user_error(f"vector of shape {tuple(v.shape)} at layer {s.layer}: expected [hidden], or "
-                             f"[batch = {B}, hidden] to steer each row with its own vector")
+            at = zip(s.layers, s.directions)
+        else:
+            at = [(s.layer, s.vector if isinstance(s, Steer) else s.direction)]
+        for layer, v in at:
+            if not 0 <= layer <= c.num_hidden_layers:
+                raise user_error(f"layer {layer} out of range: this model has hidden indices 0..{c.num_hidden_layers}")
+            if v.shape[-1:] != (c.hidden_size,):
+                raise user_error(f"vector of shape {tuple(v.shape)} at layer {layer}, but the model's hidden size is "
+                                 f"{c.hidden_size}: was it extracted from another model?")
+            if v.dim() != 1 and not (isinstance(s, Steer) and v.shape[0] == B and v.dim() == 2):
+                raise user_error(f"vector of shape {tuple(v.shape)} at layer {layer}: expected [hidden], or "
+                                 f"[batch = {B}, hidden] to steer each row with its own vector")
 
 
 @dataclass
@@ -361,6 +370,9 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else 0
         if start == 0:
             check_fits(self.config, [*steer, *ablate, *cap], B)
+            for c in cap:  # on the device once, not copied at every decoded token; a new sequence, a new count
+                c.directions, c.ceilings = c.directions.to(input_ids.device), c.ceilings.to(input_ids.device)
+                c.fired = torch.zeros(B, dtype=torch.long, device=input_ids.device)
         cols = torch.arange(start, start + T, device=input_ids.device)  # [T] absolute columns of these tokens
         pos, mask, spans = token_masks(cols, attention_mask, response_start, B)
         for c in cap:
@@ -374,8 +386,7 @@ class Transformer(nn.Module):
                 h = block(h, cos, sin, mask, cache)
             h = self.intervene(i, h, steer, ablate, cap, capture, spans)
         for c in cap:  # count the response positions this call capped at any layer
-            hits = (c.hit & spans["response"]).sum(1)  # [B]
-            c.fired = hits if c.fired is None else c.fired + hits
+            c.fired += (c.hit & spans["response"]).sum(1)  # [B]
         if cache is not None:
             cache.length += T
         if isinstance(logits, torch.Tensor):
@@ -400,12 +411,12 @@ class Transformer(nn.Module):
                 h = hs if spans[s.positions] is None else torch.where(spans[s.positions][..., None], hs, h)
         for c in cap:
             for j in (j for j, layer in enumerate(c.layers) if layer == i):
-                u, ceiling = c.directions[j].to(h.device, torch.float32), c.ceilings[..., j].to(h.device)
+                u, ceiling = c.directions[j], c.ceilings[..., j]
                 ceiling = ceiling[:, None] if ceiling.dim() else ceiling  # [] or [B, 1]: per row
                 over = (h.float() @ u - ceiling).clamp(min=0)  # [B, T]: how far each position is above it
                 if spans[c.positions] is not None:
                     over = over * spans[c.positions]
-                h = h - (over[..., None] * u).to(h.dtype)  # exactly h where over == 0
+                h = (h.float() - over[..., None] * u).to(h.dtype)  # exactly h where over == 0
                 c.hit |= over > 0
         if capture is not None:
             capture.record(i, h, spans, self.config.num_hidden_layers)
@@ -506,8 +517,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         nxt = sample(step, temperature, top_p, generator)
         done |= torch.isin(nxt, stop)
         out.append(torch.where(done, -1, nxt))
-        final = t == max_new_tokens - 1  # then only a capture needs the new tokens fed back, to see the whole answer
-        if bool(done.all()) or final and capture is None:
+        final = t == max_new_tokens - 1  # then only a capture or a cap's count needs the last token fed back
+        if bool(done.all()) or final and capture is None and not cap:
             break
         mask[:, T0 + t] = ~done  # a finished row's filler token is padding from now on
         logits = model(nxt[:, None], mask[:, :T0 + t + 1], cache, response_start, steer=steer, capture=capture,
