@@ -1,4 +1,4 @@
-"""A hand-written Llama / Qwen2 / Mistral forward pass on safetensors, with steering, ablation and capture.
+"""A hand-written Llama / Qwen2 / Mistral forward pass on safetensors, with steering, ablation, capping and capture.
 
     model, tok = load("HuggingFaceTB/SmolLM2-135M-Instruct")
     logits = model(torch.tensor([tok.encode("Hello")]))            # [1, T, vocab]
@@ -11,9 +11,8 @@ files ([N + 1, hidden]) do. One difference: Hugging Face applies the final RMSNo
 index N is the raw residual, the same stream that steering at N adds to.
 
 Interventions are arguments of `forward`, applied after a block in this order: ablation, steering, capping, capture
-(so a cap bounds the stream whatever steering added, and a capture sees the state the next block reads).
-Only torch and the standard library are imported, so the file can be copied alone; the loaders at the end reach
-the project's checks, hub and tokenizer through marked imports.
+(a cap bounds the stream whatever steering added; a capture sees the state the next block reads). Only torch and
+the standard library are imported, so the file copies alone; `load` reaches support/ through one marked import.
 """
 import math
 import sys
@@ -64,20 +63,18 @@ class RoPE(nn.Module):
         super().__init__()
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
         rs = c.rope_scaling or {}
-        rope_type = rs.get("rope_type", rs.get("type", "default"))
-        if rope_type == "linear":
+        if rs.get("rope_type", rs.get("type")) == "linear":
             inv_freq = inv_freq / rs["factor"]
-        elif rope_type == "llama3":
+        elif rs.get("rope_type", rs.get("type")) == "llama3":
             # Long wavelengths (beyond the original context / low_freq_factor) are slowed by `factor`, short ones
             # are kept, and the band in between is interpolated smoothly.
-            factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-            old_len = rs["original_max_position_embeddings"]
+            factor, lo, hi, old_len = (rs[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                       "original_max_position_embeddings"))
             wavelen = 2 * math.pi / inv_freq
             scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
             smooth = (old_len / wavelen - lo) / (hi - lo)
             smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-            medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
-            inv_freq = torch.where(medium, smoothed, scaled)
+            inv_freq = torch.where((wavelen >= old_len / hi) & (wavelen <= old_len / lo), smoothed, scaled)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [hd/2]
 
     def forward(self, pos: torch.Tensor, dtype: torch.dtype):
@@ -96,28 +93,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         xf = x.float()  # fp32 whatever the dtype: the mean of squares overflows/underflows in bf16
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class KVCache:
     """Keys and values of every layer, preallocated: [B, n_kv_heads, max_len, head_dim] each; `length` filled."""
     def __init__(self, c: Config, batch_size: int, max_len: int, device, dtype):
-        shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.num_hidden_layers)]
+        shape, n = (batch_size, c.num_key_value_heads, max_len, c.head_dim), c.num_hidden_layers
+        self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)] for _ in "kv")
         self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        T = k.shape[2]
-        self.k[layer][:, :, self.length:self.length + T] = k
-        self.v[layer][:, :, self.length:self.length + T] = v
-        return self.k[layer][:, :, :self.length + T], self.v[layer][:, :, :self.length + T]
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end], self.v[layer][:, :, self.length:end] = k, v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -159,38 +152,29 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))  # [B, H, T, hd] -> [B, T, H * hd]
 
 
-class MLP(nn.Module):
-    def __init__(self, c: Config):
-        super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Block(nn.Module):
     def __init__(self, c: Config, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = Attention(c, layer)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = MLP(c)
+        self.input_layernorm, self.self_attn = RMSNorm(c.hidden_size, c.rms_norm_eps), Attention(c, layer)
+        self.post_attention_layernorm, self.mlp = RMSNorm(c.hidden_size, c.rms_norm_eps), nn.Module()
+        self.mlp.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.mlp.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.mlp.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x, cos, sin, mask, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, mlp = self.post_attention_layernorm(x), self.mlp  # the gated MLP: down(silu(gate(h)) * up(h))
+        return x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
 
 
 @dataclass
 class Steer:
     """Add `coef * vector` to hidden index `layer` (1..N: output of block `layer`; 0: embeddings).
 
-    positions (the same for Ablate): "all" every token; "prompt" the tokens before `response_start`; "response"
-    the LAST prompt token and every token after it, as the official hook (ActivationSteerer) adds the vector at the
-    last position of every forward call: the first new token already comes from steered logits, and a forward over
-    prompt + answer steers exactly what generation did. (Capture's response span is the generated tokens only.)
+    positions (the same for Ablate and Cap): "all" every token; "prompt" the tokens before `response_start`;
+    "response" the LAST prompt token and every token after it, as the official hook (ActivationSteerer) adds the
+    vector at the last position of every forward call: the first new token already comes from steered logits, and a
+    forward over prompt + answer steers exactly what generation did. (Capture's response: the generated tokens only.)
     """
     layer: int
     vector: torch.Tensor  # [hidden], or [B, hidden]: one vector per row of the batch (a zero row steers nothing)
@@ -209,8 +193,8 @@ class Ablate:
     positions: str = "all"
 
     def __post_init__(self):
-        check_intervention(self.layer, self.direction, 1.0, self.positions)
-        self.direction = self.direction / nonzero_norm(self.layer, self.direction)
+        check_intervention(self.layer, self.direction, 1.0, self.positions, unit=True)
+        self.direction = self.direction / self.direction.norm()
 
 
 @dataclass
@@ -229,26 +213,18 @@ class Cap:
 
     def __post_init__(self):
         self.layers, self.ceilings = list(self.layers), torch.as_tensor(self.ceilings, dtype=torch.float32)
-        n = len(self.layers)
-        if not (self.directions.dim() == 2 and len(self.directions) == n and self.ceilings.shape[-1:] == (n,)
-                and self.ceilings.dim() <= 2):
+        n, d = len(self.layers), self.directions
+        if not (d.dim() == 2 and len(d) == n and self.ceilings.shape[-1:] == (n,) and self.ceilings.dim() <= 2):
             raise user_error(f"cap: {n} layers need directions [{n}, hidden] and ceilings [{n}] or [batch, {n}], "
-                             f"not {tuple(self.directions.shape)} and {tuple(self.ceilings.shape)}")
+                             f"not {tuple(d.shape)} and {tuple(self.ceilings.shape)}")
         if torch.isnan(self.ceilings).any() or (self.ceilings == -math.inf).any():
             raise user_error("cap: a ceiling is NaN or -inf; use a finite ceiling, or +inf for no cap")
-        for layer, d in zip(self.layers, self.directions):
-            check_intervention(layer, d, 1.0, self.positions)
-            nonzero_norm(layer, d)
-        self.directions = self.directions.float() / self.directions.float().norm(dim=-1, keepdim=True)
+        for layer, v in zip(self.layers, d):
+            check_intervention(layer, v, 1.0, self.positions, unit=True)
+        self.directions = d.float() / d.float().norm(dim=-1, keepdim=True)
 
 
-def nonzero_norm(layer: int, direction: torch.Tensor) -> torch.Tensor:
-    if not direction.norm() > 0:
-        raise user_error(f"intervention at layer {layer}: the direction is zero; it has no unit vector")
-    return direction.norm()
-
-
-def check_intervention(layer: int, vector: torch.Tensor, coef: float, positions: str) -> None:
+def check_intervention(layer: int, vector: torch.Tensor, coef: float, positions: str, unit: bool = False) -> None:
     # once, at construction: a finiteness check inside forward would sync the GPU at every decoded token
     if positions not in ("all", "prompt", "response"):
         raise user_error(f"positions must be all, prompt or response, not {positions!r}")
@@ -257,6 +233,8 @@ def check_intervention(layer: int, vector: torch.Tensor, coef: float, positions:
     if not torch.isfinite((coef * vector.float()).pow(2).sum()):  # RMSNorm squares the steered state in fp32
         raise user_error(f"intervention at layer {layer}: coefficient {coef:g} is too large (coef * vector overflows "
                          "float32 in the next norm); use a coefficient of the order of the residual norm or less")
+    if unit and not vector.norm() > 0:
+        raise user_error(f"intervention at layer {layer}: the direction is zero, so it has no unit vector")
 
 
 def check_fits(c: Config, interventions: list, B: int) -> None:
@@ -319,8 +297,8 @@ class Capture:
     def response_norm(self): return self._mean("response", self.sums["response_norm"])
 
 
-def token_masks(cols: torch.Tensor, attention_mask: torch.Tensor | None, response_start: torch.Tensor | None, B: int):
-    """For tokens at columns `cols` [T] -> (position ids [B, T], attention mask [B|1, 1, T, S] or None, spans).
+def token_masks(cols: torch.Tensor, S: int, attention_mask: torch.Tensor | None, response_start, B: int):
+    """For tokens at columns `cols` [T] of S -> (position ids [B, T], attention mask [B|1, 1, T, S] or None, spans).
 
     Rows are left-padded, so a row's positions count only its real tokens. The mask lets a query see the keys at
     or before it that are not padding; every query may also see itself, so a padding row is never all -inf (NaN).
@@ -328,7 +306,7 @@ def token_masks(cols: torch.Tensor, attention_mask: torch.Tensor | None, respons
     spans: [B, T] masks of real tokens: "prompt" (before response_start; all without it), "response" (from the last
     prompt token on, see Steer), "answer" (after it: Capture's response), "last" (the last prompt token); "all": None.
     """
-    T, S = len(cols), int(cols[-1]) + 1
+    T = len(cols)
     if attention_mask is None:
         valid, pos = torch.ones(B, T, dtype=torch.bool, device=cols.device), cols.expand(B, T)
         mask = None if S == T or T == 1 else (cols[:, None] >= torch.arange(S, device=cols.device))[None, None]
@@ -366,17 +344,16 @@ class Transformer(nn.Module):
         response_start [B]: column (in those S) where each row's response begins; None = all prompt.
         steer, ablate and cap are checked at a sequence's first call, not again at every decoded token.
         """
-        B, T = input_ids.shape
+        (B, T), dev = input_ids.shape, input_ids.device
         start = cache.length if cache is not None else 0
         if start == 0:
             check_fits(self.config, [*steer, *ablate, *cap], B)
             for c in cap:  # on the device once, not copied at every decoded token; a new sequence, a new count
-                c.directions, c.ceilings = c.directions.to(input_ids.device), c.ceilings.to(input_ids.device)
-                c.fired = torch.zeros(B, dtype=torch.long, device=input_ids.device)
-        cols = torch.arange(start, start + T, device=input_ids.device)  # [T] absolute columns of these tokens
-        pos, mask, spans = token_masks(cols, attention_mask, response_start, B)
+                c.directions, c.ceilings, c.fired = c.directions.to(dev), c.ceilings.to(dev), input_ids.new_zeros(B)
+        cols = torch.arange(start, start + T, device=dev)  # [T] absolute columns of these tokens
+        pos, mask, spans = token_masks(cols, start + T, attention_mask, response_start, B)
         for c in cap:
-            c.hit = torch.zeros(B, T, dtype=torch.bool, device=input_ids.device)
+            c.hit = torch.zeros(B, T, dtype=torch.bool, device=dev)
         cos, sin = self.model.rotary_emb(pos, self.model.embed_tokens.weight.dtype)  # [B, 1, T, hd] each
         h = self.intervene(0, self.model.embed_tokens(input_ids), steer, ablate, cap, capture, spans)  # [B, T, hidden]
         for i, block in enumerate(self.model.layers, start=1):
@@ -398,26 +375,22 @@ class Transformer(nn.Module):
         return self.lm_head(self.model.norm(h))
 
     def intervene(self, i: int, h: torch.Tensor, steer, ablate, cap, capture: Capture | None, spans: dict):
-        """The interventions at hidden index i on h [B, T, hidden], in order: ablation, steering, capping, capture."""
-        for a in ablate:
-            if a.layer == i:
-                u = a.direction.to(h)
-                hu = h - (h @ u)[..., None] * u
-                h = hu if spans[a.positions] is None else torch.where(spans[a.positions][..., None], hu, h)
-        for s in steer:
-            if s.layer == i:
-                v = s.vector.to(h)
-                hs = h + s.coef * (v[:, None] if v.dim() == 2 else v)  # [B, hidden] -> [B, 1, hidden]
-                h = hs if spans[s.positions] is None else torch.where(spans[s.positions][..., None], hs, h)
-        for c in cap:
-            for j in (j for j, layer in enumerate(c.layers) if layer == i):
-                u, ceiling = c.directions[j], c.ceilings[..., j]
-                ceiling = ceiling[:, None] if ceiling.dim() else ceiling  # [] or [B, 1]: per row
-                over = (h.float() @ u - ceiling).clamp(min=0)  # [B, T]: how far each position is above it
-                if spans[c.positions] is not None:
-                    over = over * spans[c.positions]
-                h = (h.float() - over[..., None] * u).to(h.dtype)  # exactly h where over == 0
-                c.hit |= over > 0
+        """The interventions at hidden index i on h [B, T, hidden], in order: ablation, steering, capping, capture.
+        Each is applied at the positions of its span (None: everywhere)."""
+        for a in (a for a in ablate if a.layer == i):
+            u = a.direction.to(h)
+            hu = h - (h @ u)[..., None] * u
+            h = hu if spans[a.positions] is None else torch.where(spans[a.positions][..., None], hu, h)
+        for s in (s for s in steer if s.layer == i):
+            v = s.vector.to(h)
+            hs = h + s.coef * (v[:, None] if v.dim() == 2 else v)  # [B, hidden] -> [B, 1, hidden]
+            h = hs if spans[s.positions] is None else torch.where(spans[s.positions][..., None], hs, h)
+        for c, j in ((c, j) for c in cap for j, layer in enumerate(c.layers) if layer == i):
+            ceiling = c.ceilings[..., j, None] if c.ceilings.dim() == 2 else c.ceilings[j]  # [B, 1] per row, or []
+            over = (h.float() @ c.directions[j] - ceiling).clamp(min=0)  # [B, T]: how far each position is above
+            over = over if spans[c.positions] is None else over * spans[c.positions]
+            h = (h.float() - over[..., None] * c.directions[j]).to(h.dtype)  # exactly h where over == 0
+            c.hit |= over > 0
         if capture is not None:
             capture.record(i, h, spans, self.config.num_hidden_layers)
         return h
@@ -431,35 +404,33 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # bf16 is ~6x slower on CPU
 
 
-def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> Transformer:
-    """Build the model of a Hugging Face-layout directory on the meta device and assign its weights (in eval mode):
-    strict, every key and shape checked, one copy of the weights in memory. On the CPU, small matrix products are
-    split across the cores (support/cpu_speed.py)."""
-    from support import checkpoint, cpu_speed  # PROJECT IMPORT: checks that fail as one line naming the fix
+def load(name_or_path: str | Path, device: str | None = None, dtype: torch.dtype | None = None, model_only=False):
+    """A model (in eval mode) and its tokenizer from a hub id or a Hugging Face-layout directory -> (model, tokenizer);
+    model_only: the model of a local directory alone. It is built on the meta device and its weights assigned
+    strictly (every key and shape checked; one copy in memory); on the CPU, small matrix products are split across
+    the cores (support/cpu_speed.py)."""
+    from support import checkpoint, cpu_speed, hub, tokenizer  # PROJECT IMPORT: checks, downloads, GGUF, tokenizer
+    model_dir = Path(name_or_path) if model_only else hub.resolve(name_or_path)
     device = checkpoint.check_device(device or default_device())
-    dtype = dtype or default_dtype(device)
-    config = checkpoint.read_config(Path(model_dir) / "config.json", Config)
+    config = checkpoint.read_config(model_dir / "config.json", Config)
     with torch.device("meta"):  # no memory for random init: the weights are assigned straight from the files
         model = Transformer(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = checkpoint.read_weights(Path(model_dir), expected, config.tie_word_embeddings, device, dtype,
-                                    config.model_type)
+    state = checkpoint.read_weights(model_dir, {k: v.shape for k, v in model.state_dict().items()},
+                                    config.tie_word_embeddings, device, dtype or default_dtype(device), config.model_type)
     model.load_state_dict(state, strict=True, assign=True)
     if state["lm_head.weight"] is state["model.embed_tokens.weight"]:  # one Parameter: training updates both uses
-        model.config.tie_word_embeddings = True
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.config.tie_word_embeddings, model.lm_head.weight = True, model.model.embed_tokens.weight
     model.model.rotary_emb = RoPE(config).to(device)  # computed, not read from the files
-    return cpu_speed.split_linears(model.eval()) if torch.device(device).type == "cpu" else model.eval()
-
-
-def load(name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None):
-    """Load a model and its tokenizer from a local Hugging Face-layout directory or a hub id -> (model, tokenizer)."""
-    from support import hub, tokenizer  # PROJECT IMPORT: downloads, GGUF conversion, tokenizer and chat templates
-    model_dir = hub.resolve(name_or_path)
-    model = load_model(model_dir, device, dtype)
+    model = cpu_speed.split_linears(model.eval()) if torch.device(device).type == "cpu" else model.eval()
+    if model_only:
+        return model
     model.name_or_path, model.source_dir = str(name_or_path), model_dir  # recorded in the files we write
     model.source = hub.source(name_or_path, model_dir)  # hub, local or converted GGUF, and any quantization
     return model, tokenizer.Tokenizer(model_dir)
+
+
+def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> Transformer:
+    return load(model_dir, device, dtype, model_only=True)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -476,9 +447,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(), pad_id: int = 0,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             steer: list[Steer] = (), capture: Capture | None = None, progress: bool = False,
-             cap: list[Cap] = ()) -> list[list[int]]:
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, steer: list[Steer] = (),
+             capture: Capture | None = None, progress: bool = False, cap: list[Cap] = ()) -> list[list[int]]:
     """Batched generation with left padding and a KV cache -> the new tokens of each prompt, stop token excluded.
 
     Every row gets at least one new token: at the first step the stop tokens cannot be chosen (the official
@@ -487,28 +457,24 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     prompt_last) and every generated token before the stop (response_mean): the same states as a forward pass
     over prompt + answer.
     """
-    device = model.model.embed_tokens.weight.device
+    w, n_ctx = model.model.embed_tokens.weight, model.config.max_position_embeddings
     if not prompts or min(len(p) for p in prompts) == 0:
         raise user_error("empty prompt: every prompt needs at least one token")
     if max_new_tokens < 1:
         raise user_error(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     B, T0 = len(prompts), max(len(p) for p in prompts)
-    if T0 + max_new_tokens > model.config.max_position_embeddings:
-        print(f"warning: {T0} prompt tokens + {max_new_tokens} new ones exceed the model's context of "
-              f"{model.config.max_position_embeddings} tokens (max_position_embeddings): positions past it were "
-              "never trained, so expect degraded text; shorten the prompt or --max-new-tokens", file=sys.stderr)
-    ids = torch.full((B, T0), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, T0 + max_new_tokens, dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        ids[b, T0 - len(p):] = torch.tensor(p)
-        mask[b, T0 - len(p):T0] = True
-    ids, mask = ids.to(device), mask.to(device)
-    response_start = torch.full((B,), T0, device=device)
-    cache = KVCache(model.config, B, T0 + max_new_tokens, device, model.model.embed_tokens.weight.dtype)
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    out = []
+    if T0 + max_new_tokens > n_ctx:
+        print(f"warning: {T0} prompt tokens + {max_new_tokens} new ones exceed the model's context of {n_ctx} tokens "
+              "(max_position_embeddings): positions past it were never trained, so expect degraded text; shorten "
+              "the prompt or --max-new-tokens", file=sys.stderr)
+    ids = torch.tensor([[pad_id] * (T0 - len(p)) + p for p in prompts], dtype=torch.long, device=w.device)
+    mask = torch.tensor([[0] * (T0 - len(p)) + [1] * len(p) + [0] * max_new_tokens for p in prompts],
+                        dtype=torch.bool, device=w.device)  # [B, T0 + max_new_tokens]: True = a real token
+    response_start, cache = torch.full((B,), T0, device=w.device), KVCache(model.config, B, T0 + max_new_tokens,
+                                                                           w.device, w.dtype)
+    generator = torch.Generator(w.device).manual_seed(seed) if seed is not None else None
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=w.device)
+    done, out = torch.zeros(B, dtype=torch.bool, device=w.device), []
     logits = model(ids, mask[:, :T0], cache, response_start, steer=steer, capture=capture, logits="last", cap=cap)
     for t in range(max_new_tokens):
         if progress:
@@ -525,5 +491,4 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                        logits="none" if final else "last", cap=cap)
     if progress:
         print("\r\033[K", end="", file=sys.stderr, flush=True)
-    tokens = torch.stack(out, 1).tolist()
-    return [[x for x in row if x >= 0] for row in tokens]
+    return [[x for x in row if x >= 0] for row in torch.stack(out, 1).tolist()]
