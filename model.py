@@ -11,12 +11,13 @@ files ([N + 1, hidden]) do. One difference: Hugging Face applies the final RMSNo
 index N is the raw residual, the same stream that steering at N adds to.
 
 Interventions are arguments of `forward`, applied after a block in this order: ablation, steering, capping, capture
-(a cap bounds the stream whatever steering added; a capture sees the state the next block reads). Only torch and
-the standard library are imported, so the file copies alone; `load` reaches support/ through one marked import.
+(a cap bounds the stream whatever steering added; a capture sees the state the next block reads). This file is the
+network; generation (`sample`, `generate`) and `Capture` are in support/generation.py. Only torch and the standard
+library are imported, so the file copies alone; `load` reaches support/ through one marked import.
 """
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,18 +64,20 @@ class RoPE(nn.Module):
         super().__init__()
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
         rs = c.rope_scaling or {}
-        if rs.get("rope_type", rs.get("type")) == "linear":
+        rope_type = rs.get("rope_type", rs.get("type", "default"))
+        if rope_type == "linear":
             inv_freq = inv_freq / rs["factor"]
-        elif rs.get("rope_type", rs.get("type")) == "llama3":
+        elif rope_type == "llama3":
             # Long wavelengths (beyond the original context / low_freq_factor) are slowed by `factor`, short ones
             # are kept, and the band in between is interpolated smoothly.
-            factor, lo, hi, old_len = (rs[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                       "original_max_position_embeddings"))
+            factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+            old_len = rs["original_max_position_embeddings"]
             wavelen = 2 * math.pi / inv_freq
             scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
             smooth = (old_len / wavelen - lo) / (hi - lo)
             smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-            inv_freq = torch.where((wavelen >= old_len / hi) & (wavelen <= old_len / lo), smoothed, scaled)
+            medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+            inv_freq = torch.where(medium, smoothed, scaled)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [hd/2]
 
     def forward(self, pos: torch.Tensor, dtype: torch.dtype):
@@ -93,23 +96,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         xf = x.float()  # fp32 whatever the dtype: the mean of squares overflows/underflows in bf16
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
 
 
 class KVCache:
     """Keys and values of every layer, preallocated: [B, n_kv_heads, max_len, head_dim] each; `length` filled."""
     def __init__(self, c: Config, batch_size: int, max_len: int, device, dtype):
-        shape, n = (batch_size, c.num_key_value_heads, max_len, c.head_dim), c.num_hidden_layers
-        self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)] for _ in "kv")
+        shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.num_hidden_layers)]
         self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:end], self.v[layer][:, :, self.length:end] = k, v
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
@@ -152,19 +159,29 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))  # [B, H, T, hd] -> [B, T, H * hd]
 
 
+class MLP(nn.Module):
+    """The gated MLP (SwiGLU): down(silu(gate(x)) * up(x))."""
+    def __init__(self, c: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
 class Block(nn.Module):
     def __init__(self, c: Config, layer: int):
         super().__init__()
-        self.input_layernorm, self.self_attn = RMSNorm(c.hidden_size, c.rms_norm_eps), Attention(c, layer)
-        self.post_attention_layernorm, self.mlp = RMSNorm(c.hidden_size, c.rms_norm_eps), nn.Module()
-        self.mlp.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.mlp.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.mlp.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c, layer)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
 
     def forward(self, x, cos, sin, mask, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        h, mlp = self.post_attention_layernorm(x), self.mlp  # the gated MLP: down(silu(gate(h)) * up(h))
-        return x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 @dataclass
@@ -258,45 +275,6 @@ def check_fits(c: Config, interventions: list, B: int) -> None:
                                  f"[batch = {B}, hidden] to steer each row with its own vector")
 
 
-@dataclass
-class Capture:
-    """Per-layer summaries of the residual stream, accumulated over one or several forward calls.
-
-    `prompt_mean()`, `response_mean()`, `prompt_last()`: [B, N + 1, hidden] fp32, over the non-padding tokens of the
-    span; an empty span gives NaN, never a silent zero. Only running sums are kept; `token_layers` also keeps every
-    token's state at those indices (`tokens[layer]`: [B, T, hidden] per forward call), for per-token projections.
-    """
-    token_layers: tuple = ()
-    sums: dict = field(default_factory=dict)  # span -> [B, N + 1, hidden] fp32
-    counts: dict = field(default_factory=dict)  # span -> [B] number of tokens summed
-    tokens: dict = field(default_factory=dict)  # layer -> list of [B, T, hidden]
-
-    def record(self, layer: int, h: torch.Tensor, spans: dict, n_layers: int):
-        """Add the states h [B, T, hidden] at hidden index `layer` to the sums; spans: forward's [B, T] token masks."""
-        hf, B = h.float(), h.shape[0]
-        masks = {"prompt": spans["prompt"].float(), "response": spans["answer"].float(), "last": spans["last"].float()}
-        if not self.sums:  # and the mean per-token norm of the response, the scale a steering coefficient is set by
-            self.sums = {s: hf.new_zeros(B, n_layers + 1, h.shape[-1]) for s in masks}
-            self.sums["response_norm"], self.counts = hf.new_zeros(B, n_layers + 1), {s: hf.new_zeros(B) for s in masks}
-        for span, m in masks.items():
-            self.sums[span][:, layer] += (hf * m[..., None]).sum(1)
-            if layer == 0:
-                self.counts[span] += m.sum(1)
-        self.sums["response_norm"][:, layer] += (hf.norm(dim=-1) * masks["response"]).sum(1)
-        if layer in self.token_layers:
-            self.tokens.setdefault(layer, []).append(h.detach().float())
-
-    def _mean(self, span, sums=None):
-        sums = self.sums[span] if sums is None else sums  # [B, ...]
-        count = self.counts[span].reshape(-1, *[1] * (sums.dim() - 1))
-        return torch.where(count > 0, sums / count.clamp(min=1), math.nan)  # an empty span: NaN, not 0
-
-    def prompt_mean(self): return self._mean("prompt")
-    def response_mean(self): return self._mean("response")
-    def prompt_last(self): return self._mean("last")  # a one-token span: the value itself
-    def response_norm(self): return self._mean("response", self.sums["response_norm"])
-
-
 def token_masks(cols: torch.Tensor, S: int, attention_mask: torch.Tensor | None, response_start, B: int):
     """For tokens at columns `cols` [T] of S -> (position ids [B, T], attention mask [B|1, 1, T, S] or None, spans).
 
@@ -335,7 +313,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, response_start: torch.Tensor | None = None,
-                steer: list[Steer] = (), ablate: list[Ablate] = (), capture: Capture | None = None,
+                steer: list[Steer] = (), ablate: list[Ablate] = (), capture=None,
                 logits: str | torch.Tensor = "all", cap: list[Cap] = ()) -> torch.Tensor | None:
         """input_ids [B, T] (left-padded) -> logits [B, T, vocab] ("all"), [B, 1, vocab] ("last") or None ("none");
         logits may also be a [B, T] bool mask: the logits of those positions only, [n, vocab] (training's loss).
@@ -343,8 +321,11 @@ class Transformer(nn.Module):
         attention_mask [B, S]: 1 = token, 0 = padding, over the cached columns and these T (S = cache.length + T).
         response_start [B]: column (in those S) where each row's response begins; None = all prompt.
         steer, ablate and cap are checked at a sequence's first call, not again at every decoded token.
+        capture: an object with record(layer, h, spans, n_layers), e.g. support.generation.Capture, called at every
+        hidden index with the state after the interventions and the token spans of `token_masks`.
         """
-        (B, T), dev = input_ids.shape, input_ids.device
+        B, T = input_ids.shape
+        dev = input_ids.device
         start = cache.length if cache is not None else 0
         if start == 0:
             check_fits(self.config, [*steer, *ablate, *cap], B)
@@ -374,23 +355,28 @@ class Transformer(nn.Module):
             h = h[:, -1:]  # left padding puts every row's last token in the last column
         return self.lm_head(self.model.norm(h))
 
-    def intervene(self, i: int, h: torch.Tensor, steer, ablate, cap, capture: Capture | None, spans: dict):
+    def intervene(self, i: int, h: torch.Tensor, steer, ablate, cap, capture, spans: dict):
         """The interventions at hidden index i on h [B, T, hidden], in order: ablation, steering, capping, capture.
         Each is applied at the positions of its span (None: everywhere)."""
-        for a in (a for a in ablate if a.layer == i):
-            u = a.direction.to(h)
-            hu = h - (h @ u)[..., None] * u
-            h = hu if spans[a.positions] is None else torch.where(spans[a.positions][..., None], hu, h)
-        for s in (s for s in steer if s.layer == i):
-            v = s.vector.to(h)
-            hs = h + s.coef * (v[:, None] if v.dim() == 2 else v)  # [B, hidden] -> [B, 1, hidden]
-            h = hs if spans[s.positions] is None else torch.where(spans[s.positions][..., None], hs, h)
-        for c, j in ((c, j) for c in cap for j, layer in enumerate(c.layers) if layer == i):
-            ceiling = c.ceilings[..., j, None] if c.ceilings.dim() == 2 else c.ceilings[j]  # [B, 1] per row, or []
-            over = (h.float() @ c.directions[j] - ceiling).clamp(min=0)  # [B, T]: how far each position is above
-            over = over if spans[c.positions] is None else over * spans[c.positions]
-            h = (h.float() - over[..., None] * c.directions[j]).to(h.dtype)  # exactly h where over == 0
-            c.hit |= over > 0
+        for a in ablate:
+            if a.layer == i:
+                u = a.direction.to(h)
+                hu = h - (h @ u)[..., None] * u
+                h = hu if spans[a.positions] is None else torch.where(spans[a.positions][..., None], hu, h)
+        for s in steer:
+            if s.layer == i:
+                v = s.vector.to(h)
+                hs = h + s.coef * (v[:, None] if v.dim() == 2 else v)  # [B, hidden] -> [B, 1, hidden]
+                h = hs if spans[s.positions] is None else torch.where(spans[s.positions][..., None], hs, h)
+        for c in cap:
+            for j in [j for j, layer in enumerate(c.layers) if layer == i]:
+                u = c.directions[j]  # [hidden] fp32, unit
+                ceiling = c.ceilings[:, j, None] if c.ceilings.dim() == 2 else c.ceilings[j]  # [B, 1] per row, or []
+                over = (h.float() @ u - ceiling).clamp(min=0)  # [B, T]: how far each position is above its ceiling
+                if spans[c.positions] is not None:
+                    over = over * spans[c.positions]
+                h = (h.float() - over[..., None] * u).to(h.dtype)  # exactly h where over == 0
+                c.hit |= over > 0
         if capture is not None:
             capture.record(i, h, spans, self.config.num_hidden_layers)
         return h
@@ -419,7 +405,8 @@ def load(name_or_path: str | Path, device: str | None = None, dtype: torch.dtype
                                     config.tie_word_embeddings, device, dtype or default_dtype(device), config.model_type)
     model.load_state_dict(state, strict=True, assign=True)
     if state["lm_head.weight"] is state["model.embed_tokens.weight"]:  # one Parameter: training updates both uses
-        model.config.tie_word_embeddings, model.lm_head.weight = True, model.model.embed_tokens.weight
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb = RoPE(config).to(device)  # computed, not read from the files
     model = cpu_speed.split_linears(model.eval()) if torch.device(device).type == "cpu" else model.eval()
     if model_only:
@@ -431,64 +418,3 @@ def load(name_or_path: str | Path, device: str | None = None, dtype: torch.dtype
 
 def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> Transformer:
     return load(model_dir, device, dtype, model_only=True)
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from logits [B, vocab]: argmax when temperature == 0, else nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        p, idx = probs.sort(dim=-1, descending=True)
-        drop = p.cumsum(-1) - p > top_p  # tokens after the nucleus; the most likely token always stays
-        probs = torch.zeros_like(probs).scatter_(-1, idx, p.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-@torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(), pad_id: int = 0,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, steer: list[Steer] = (),
-             capture: Capture | None = None, progress: bool = False, cap: list[Cap] = ()) -> list[list[int]]:
-    """Batched generation with left padding and a KV cache -> the new tokens of each prompt, stop token excluded.
-
-    Every row gets at least one new token: at the first step the stop tokens cannot be chosen (the official
-    sampling's minimum of one new token), so no answer is empty. After that a row stops at its first token in
-    `stop_ids`; its later columns are masked out, so a `capture` sees exactly the prompt (prompt_mean,
-    prompt_last) and every generated token before the stop (response_mean): the same states as a forward pass
-    over prompt + answer.
-    """
-    w, n_ctx = model.model.embed_tokens.weight, model.config.max_position_embeddings
-    if not prompts or min(len(p) for p in prompts) == 0:
-        raise user_error("empty prompt: every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise user_error(f"max_new_tokens must be at least 1, not {max_new_tokens}")
-    B, T0 = len(prompts), max(len(p) for p in prompts)
-    if T0 + max_new_tokens > n_ctx:
-        print(f"warning: {T0} prompt tokens + {max_new_tokens} new ones exceed the model's context of {n_ctx} tokens "
-              "(max_position_embeddings): positions past it were never trained, so expect degraded text; shorten "
-              "the prompt or --max-new-tokens", file=sys.stderr)
-    ids = torch.tensor([[pad_id] * (T0 - len(p)) + p for p in prompts], dtype=torch.long, device=w.device)
-    mask = torch.tensor([[0] * (T0 - len(p)) + [1] * len(p) + [0] * max_new_tokens for p in prompts],
-                        dtype=torch.bool, device=w.device)  # [B, T0 + max_new_tokens]: True = a real token
-    response_start, cache = torch.full((B,), T0, device=w.device), KVCache(model.config, B, T0 + max_new_tokens,
-                                                                           w.device, w.dtype)
-    generator = torch.Generator(w.device).manual_seed(seed) if seed is not None else None
-    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=w.device)
-    done, out = torch.zeros(B, dtype=torch.bool, device=w.device), []
-    logits = model(ids, mask[:, :T0], cache, response_start, steer=steer, capture=capture, logits="last", cap=cap)
-    for t in range(max_new_tokens):
-        if progress:
-            print(f"\rgenerating: {t}/{max_new_tokens} tokens", end="", file=sys.stderr, flush=True)
-        step = logits[:, -1] if t > 0 else logits[:, -1].index_fill(-1, stop, -math.inf)  # [B, vocab]
-        nxt = sample(step, temperature, top_p, generator)
-        done |= torch.isin(nxt, stop)
-        out.append(torch.where(done, -1, nxt))
-        final = t == max_new_tokens - 1  # then only a capture or a cap's count needs the last token fed back
-        if bool(done.all()) or final and capture is None and not cap:
-            break
-        mask[:, T0 + t] = ~done  # a finished row's filler token is padding from now on
-        logits = model(nxt[:, None], mask[:, :T0 + t + 1], cache, response_start, steer=steer, capture=capture,
-                       logits="none" if final else "last", cap=cap)
-    if progress:
-        print("\r\033[K", end="", file=sys.stderr, flush=True)
-    return [[x for x in row if x >= 0] for row in torch.stack(out, 1).tolist()]

@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 
 import model as M
 from support import UserError, checkpoint
+from support import generation as G
 from support.files import (VARIANTS, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
                            expect_model, load_vector, resolve_layer, save_vector, traits_in, vector_path, write_csv)
 from support.hub import DEFAULT_MODEL
@@ -80,8 +81,8 @@ def answer_with_activations(model: M.Transformer, tok, chats: list[list[dict]], 
     Variants: response_avg (mean over the answer's tokens), prompt_avg (mean over the prompt), prompt_last (the
     last prompt token, from which the answer is written), and response_norm [B, N + 1] (mean per-token norm).
     """
-    cap = M.Capture()
-    outs = M.generate(model, [tok.encode_chat(c) for c in chats], max_new_tokens, stop_ids=tok.stop_ids,
+    cap = G.Capture()
+    outs = G.generate(model, [tok.encode_chat(c) for c in chats], max_new_tokens, stop_ids=tok.stop_ids,
                       pad_id=tok.pad_id, temperature=temperature, top_p=top_p, seed=seed, steer=steer, capture=cap)
     return outs, {"response_avg": cap.response_mean(), "prompt_avg": cap.prompt_mean(),
                   "prompt_last": cap.prompt_last(), "response_norm": cap.response_norm()}
@@ -103,7 +104,7 @@ def read_answers(model: M.Transformer, prompts: list[list[int]], answers: list[l
     for b, s in enumerate(seqs):  # left padding, as in generation
         ids[b, T - len(s):], mask[b, T - len(s):] = torch.tensor(s), True
     start = torch.tensor([T - len(a) for a in answers])  # column where each answer begins
-    cap = M.Capture()
+    cap = G.Capture()
     model(ids.to(device), mask.to(device), response_start=start.to(device), capture=cap, logits="none")
     return {"response_avg": cap.response_mean(), "prompt_avg": cap.prompt_mean(), "prompt_last": cap.prompt_last()}
 
@@ -570,7 +571,7 @@ def generate(prompts: list[str], model_name: str = DEFAULT_MODEL, system: str | 
     if longest > model.config.max_position_embeddings:
         raise UserError(f"a prompt plus --max-new-tokens is {longest} tokens, beyond this model's context of "
                         f"{model.config.max_position_embeddings}: shorten it or lower --max-new-tokens")
-    out = M.generate(model, ids, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+    out = G.generate(model, ids, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                      temperature=temperature, top_p=top_p, seed=seed, steer=interventions, progress=True)
     return [tok.decode(o) for o in out]
 
@@ -1208,7 +1209,7 @@ def monitor(path: str, model_name: str = DEFAULT_MODEL, traits: list[str] | None
                     if len(prompt) + len(reply) > context:
                         skipped.setdefault(f"a turn longer than the model's context ({context} tokens)", []).append(lineno)
                         continue
-                    cap = M.Capture(token_layers=tuple(sorted({g.layer for g in gauges})) if tokens else ())
+                    cap = G.Capture(token_layers=tuple(sorted({g.layer for g in gauges})) if tokens else ())
                     with torch.no_grad():
                         model(torch.tensor([prompt + reply], device=device_),
                               response_start=torch.tensor([len(prompt)], device=device_), capture=cap, logits="none")
@@ -1441,7 +1442,7 @@ def last_prompt_activations(model, tok, questions: list[str], batch_size: int = 
         mask = torch.zeros(len(ids), T, dtype=torch.bool)
         for b, row in enumerate(ids):  # left padding: every row's last prompt token sits in the last column
             x[b, T - len(row):], mask[b, T - len(row):] = torch.tensor(row), True
-        cap = M.Capture()
+        cap = G.Capture()
         model(x.to(device), mask.to(device), steer=steer, capture=cap, logits="none")
         out.append(cap.prompt_last().cpu())
     return torch.cat(out)
