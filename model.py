@@ -382,14 +382,6 @@ class Transformer(nn.Module):
         return h
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_dtype(device: str) -> torch.dtype:
-    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # bf16 is ~6x slower on CPU
-
-
 def load(name_or_path: str | Path, device: str | None = None, dtype: torch.dtype | None = None, model_only=False):
     """A model (in eval mode) and its tokenizer from a hub id or a Hugging Face-layout directory -> (model, tokenizer);
     model_only: the model of a local directory alone. It is built on the meta device and its weights assigned
@@ -397,12 +389,13 @@ def load(name_or_path: str | Path, device: str | None = None, dtype: torch.dtype
     the cores (support/cpu_speed.py)."""
     from support import checkpoint, cpu_speed, hub, tokenizer  # PROJECT IMPORT: checks, downloads, GGUF, tokenizer
     model_dir = Path(name_or_path) if model_only else hub.resolve(name_or_path)
-    device = checkpoint.check_device(device or default_device())
+    device = checkpoint.check_device(device or checkpoint.default_device())
+    dtype = dtype or checkpoint.default_dtype(device)
     config = checkpoint.read_config(model_dir / "config.json", Config)
     with torch.device("meta"):  # no memory for random init: the weights are assigned straight from the files
         model = Transformer(config)
-    state = checkpoint.read_weights(model_dir, {k: v.shape for k, v in model.state_dict().items()},
-                                    config.tie_word_embeddings, device, dtype or default_dtype(device), config.model_type)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state = checkpoint.read_weights(model_dir, expected, config.tie_word_embeddings, device, dtype, config.model_type)
     model.load_state_dict(state, strict=True, assign=True)
     if state["lm_head.weight"] is state["model.embed_tokens.weight"]:  # one Parameter: training updates both uses
         model.config.tie_word_embeddings = True

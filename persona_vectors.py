@@ -341,7 +341,7 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
     from support.traits import load_trait
     t = load_trait(trait)
     check_count("questions", questions)
-    checkpoint.check_device(device or M.default_device())
+    checkpoint.check_device(device or checkpoint.default_device())
     judge_ = make_judge(judge, judge_workers, t)
     model, tok = M.load(model_name, device, dtype)
     b = budget_for(model, rollouts, max_new_tokens, temperature, top_p, batch_size)
@@ -543,7 +543,7 @@ def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors:
                  judge: str | None = "none", judge_workers: int | None = None, trait=None):
     """Check what can be checked before the model loads (device, steering files, the judge of the trait), then
     load it. -> (model, tokenizer, vectors_dir, judge)."""
-    checkpoint.check_device(device or M.default_device())
+    checkpoint.check_device(device or checkpoint.default_device())
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
     steer_sources(list(steer), vectors_dir)
     judge_ = make_judge(judge, judge_workers, trait)
@@ -1382,7 +1382,7 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
     dest = Path(out) if out else Path("datasets") / default_vectors_dir(model_name).name / f"{t.name}_{kind}.jsonl"
     check_output(dest, force, inputs=[t.source, questions_file or QUESTIONS_FILE])
     judge_ = make_judge(judge, trait=t)  # fails now (no key, say), before any generation
-    checkpoint.check_device(device or M.default_device())
+    checkpoint.check_device(device or checkpoint.default_device())
     model, tok = M.load(model_name, device, dtype)
     b = budget_for(model, 1, max_new_tokens, temperature, top_p, batch_size)
     jobs = dataset_jobs(t, kind, questions, n, seed)
