@@ -12,8 +12,8 @@ index N is the raw residual, the same stream that steering at N adds to.
 
 Interventions are arguments of `forward`, applied after a block in this order: ablation, steering, capping, capture
 (a cap bounds the stream whatever steering added; a capture sees the state the next block reads). This file is the
-network; generation (`sample`, `generate`) and `Capture` are in support/generation.py. Only torch and the standard
-library are imported, so the file copies alone; `load` reaches support/ through one marked import.
+network; generation (`sample`, `generate`, the `KVCache`) and `Capture` are in support/generation.py. Only torch
+and the standard library are imported, so the file copies alone; `load` reaches support/ through one marked import.
 """
 import math
 import sys
@@ -105,21 +105,6 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated: [B, n_kv_heads, max_len, head_dim] each; `length` filled."""
-    def __init__(self, c: Config, batch_size: int, max_len: int, device, dtype):
-        shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.num_hidden_layers)]
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """softmax(q kᵀ / √hd, masked) v written out: the reference for the fused kernel (see FUSED_ATTENTION).
     q [B, H, T, hd]; k, v [B, H_kv, S, hd]; mask [B|1, 1, T, S], True where a query may see a key (None: causal)."""
@@ -143,14 +128,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.hd, c.hidden_size, bias=c.attention_bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+    def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # [B, T, H * hd] -> [B, H, T, hd]
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, T, H_kv * hd] -> [B, H_kv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, T, H_kv * hd] -> [B, H_kv, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # [B, H_kv, S, hd], S = cached + T
+            k, v = cache.update(self.layer, k, v)  # stored; -> all S = cached + T: [B, H_kv, S, hd]
         if FUSED_ATTENTION:  # `attention` in one kernel, which also accumulates the softmax in fp32 for bf16
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=self.n_kv != self.n_head)
@@ -312,13 +297,15 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, response_start: torch.Tensor | None = None,
+                cache=None, response_start: torch.Tensor | None = None,
                 steer: list[Steer] = (), ablate: list[Ablate] = (), capture=None,
                 logits: str | torch.Tensor = "all", cap: list[Cap] = ()) -> torch.Tensor | None:
         """input_ids [B, T] (left-padded) -> logits [B, T, vocab] ("all"), [B, 1, vocab] ("last") or None ("none");
         logits may also be a [B, T] bool mask: the logits of those positions only, [n, vocab] (training's loss).
 
-        attention_mask [B, S]: 1 = token, 0 = padding, over the cached columns and these T (S = cache.length + T).
+        cache: the keys and values of earlier calls (`length` columns, `update(layer, k, v)`), e.g.
+        support.generation.KVCache; attention_mask [B, S]: 1 = token, 0 = padding, over the cached columns and
+        these T (S = cache.length + T).
         response_start [B]: column (in those S) where each row's response begins; None = all prompt.
         steer, ablate and cap are checked at a sequence's first call, not again at every decoded token.
         capture: an object with record(layer, h, spans, n_layers), e.g. support.generation.Capture, called at every

@@ -441,7 +441,7 @@ class Engine:
             mask[b, :T0 - len(p)] = False
         ids, mask = ids.to(dev), mask.to(dev)
         response_start = torch.full((B,), T0, device=dev)
-        cache = M.KVCache(model.config, B, width, dev, self.dtype)
+        cache = G.KVCache(model.config, B, width, dev, self.dtype)
         steer = per_row_steering(rows, model.config.hidden_size, dev, self.dtype)
         cap = G.Capture() if self.gauges else None
         logits = model(ids, mask[:, :T0], cache, response_start, steer=steer, capture=cap, logits="last")[:, -1]

@@ -1,6 +1,6 @@
 """Generation on model.py, kept apart from the network as gpt-fast keeps generate.py apart from model.py:
-`generate` (batched, left-padded, with a KV cache and a per-row stop), `sample` (greedy or nucleus), and `Capture`,
-the per-layer activation summaries a generation or forward pass records (model.Transformer.forward's `capture`).
+`generate` (batched, left-padded, with a per-row stop), `sample` (greedy or nucleus), the `KVCache` it decodes with,
+and `Capture`, the per-layer activation summaries a generation or forward pass records (forward's `capture`).
 
     cap = Capture()
     answers = generate(model, [tok.encode_chat(chat)], 40, stop_ids=tok.stop_ids, pad_id=tok.pad_id, capture=cap)
@@ -14,6 +14,21 @@ import torch
 
 import model as M
 from support import UserError
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated: [B, n_kv_heads, max_len, head_dim] each; `length` filled."""
+    def __init__(self, c: M.Config, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.num_hidden_layers)]
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 @dataclass
@@ -95,7 +110,7 @@ def generate(model: M.Transformer, prompts: list[list[int]], max_new_tokens: int
     mask = torch.tensor([[0] * (T0 - len(p)) + [1] * len(p) + [0] * max_new_tokens for p in prompts],
                         dtype=torch.bool, device=device)  # [B, T0 + max_new_tokens]: True = a real token
     response_start = torch.full((B,), T0, device=device)
-    cache = M.KVCache(model.config, B, T0 + max_new_tokens, device, dtype)
+    cache = KVCache(model.config, B, T0 + max_new_tokens, device, dtype)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)

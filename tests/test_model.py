@@ -171,7 +171,7 @@ def test_cached_decode_equals_full_recompute(name, attention_path):
     m, ref = tiny(name), load_file(GOLDEN / name / "reference.safetensors")
     ids, mask = ref["ids_batch"], ref["mask_batch"]
     full = m(ids, attention_mask=mask)
-    cache = M.KVCache(m.config, ids.shape[0], ids.shape[1], "cpu", torch.float32)
+    cache = G.KVCache(m.config, ids.shape[0], ids.shape[1], "cpu", torch.float32)
     split = 18  # prefill 18 columns (one row is still all padding there), then decode one token at a time
     steps = [m(ids[:, :split], attention_mask=mask[:, :split], cache=cache, logits="last")]
     for t in range(split, ids.shape[1]):
@@ -317,7 +317,7 @@ def hooked_greedy(m: M.Transformer, prompt: list[int], n: int, L: int, vector, p
     -> (new tokens, logits [n, vocab] each token was chosen from)."""
     handle = official_hook(m.model.layers[L - 1], positions, vector)
     try:
-        cache = M.KVCache(m.config, 1, len(prompt) + n, "cpu", torch.float32)
+        cache = G.KVCache(m.config, 1, len(prompt) + n, "cpu", torch.float32)
         logits = m(torch.tensor([prompt]), cache=cache, logits="last")[0, -1]
         tokens, steps = [], []
         for _ in range(n):
