@@ -35,7 +35,7 @@ import requests
 import torch
 
 import model as M
-from support import UserError
+from support import UserError, generation as G
 
 OPENAI_URL = "https://api.openai.com/v1"
 DEFAULT_MODEL = "gpt-4.1-mini-2025-04-14"  # dated, as the official code pins it: an alias can change underneath
@@ -340,13 +340,13 @@ class OpenAIJudge(OpenAIClient):
 
 # ------------------------------------------------------------------------------------------------ local model
 class _SharedPrefixCache:
-    """Stands in for M.KVCache in ONE forward call of B rows that all continue the same cached prompt.
+    """Stands in for G.KVCache in ONE forward call of B rows that all continue the same cached prompt.
 
     The prompt's keys and values are kept once ([1, n_kv, P, hd]) and expanded to the B rows layer by layer, so
     only one layer's copy exists at a time: copying the whole cache to B = 101 rows would take 101x its memory.
     """
 
-    def __init__(self, prompt_cache: M.KVCache):
+    def __init__(self, prompt_cache: G.KVCache):
         self.length = prompt_cache.length
         self.k = [k[:, :, :self.length] for k in prompt_cache.k]
         self.v = [v[:, :, :self.length] for v in prompt_cache.v]
@@ -399,7 +399,7 @@ class LocalJudge:
     def answer(self, prompt: str) -> tuple[dict[int, float], str]:
         """(log P(n) of each number 0..100 as the full answer to `prompt`, the most likely first token's text)."""
         ids = self.tok.encode_chat([{"role": "user", "content": prompt}])
-        cache = M.KVCache(self.model.config, 1, len(ids), self.device, self.model.model.embed_tokens.weight.dtype)
+        cache = G.KVCache(self.model.config, 1, len(ids), self.device, self.model.model.embed_tokens.weight.dtype)
         first = self.model(torch.tensor([ids], device=self.device), cache=cache, logits="last")[0]  # [1, V]
         # right padding is harmless: attention is causal, so no real token sees the padding after it
         rest = self.model(self.batch, cache=_SharedPrefixCache(cache)).flatten(0, 1)  # [rows * L, V]

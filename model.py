@@ -1,4 +1,4 @@
-"""A hand-written Llama / Qwen2 / Mistral forward pass on safetensors, with steering, ablation and capture.
+"""A hand-written Llama / Qwen2 / Mistral forward pass on safetensors, with steering, ablation, capping and capture.
 
     model, tok = load("HuggingFaceTB/SmolLM2-135M-Instruct")
     logits = model(torch.tensor([tok.encode("Hello")]))            # [1, T, vocab]
@@ -11,13 +11,13 @@ files ([N + 1, hidden]) do. One difference: Hugging Face applies the final RMSNo
 index N is the raw residual, the same stream that steering at N adds to.
 
 Interventions are arguments of `forward`, applied after a block in this order: ablation, steering, capping, capture
-(so a cap bounds the stream whatever steering added, and a capture sees the state the next block reads).
-Only torch and the standard library are imported, so the file can be copied alone; the loaders at the end reach
-the project's checks, hub and tokenizer through marked imports.
+(a cap bounds the stream whatever steering added; a capture sees the state the next block reads). This file is the
+network; generation (`sample`, `generate`, the `KVCache`) and `Capture` are in support/generation.py. Only torch
+and the standard library are imported, so the file copies alone; `load` reaches support/ through one marked import.
 """
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -105,21 +105,6 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated: [B, n_kv_heads, max_len, head_dim] each; `length` filled."""
-    def __init__(self, c: Config, batch_size: int, max_len: int, device, dtype):
-        shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.num_hidden_layers)]
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        T = k.shape[2]
-        self.k[layer][:, :, self.length:self.length + T] = k
-        self.v[layer][:, :, self.length:self.length + T] = v
-        return self.k[layer][:, :, :self.length + T], self.v[layer][:, :, :self.length + T]
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """softmax(q kᵀ / √hd, masked) v written out: the reference for the fused kernel (see FUSED_ATTENTION).
     q [B, H, T, hd]; k, v [B, H_kv, S, hd]; mask [B|1, 1, T, S], True where a query may see a key (None: causal)."""
@@ -143,14 +128,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.hd, c.hidden_size, bias=c.attention_bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+    def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # [B, T, H * hd] -> [B, H, T, hd]
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, T, H_kv * hd] -> [B, H_kv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, T, H_kv * hd] -> [B, H_kv, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # [B, H_kv, S, hd], S = cached + T
+            k, v = cache.update(self.layer, k, v)  # stored; -> all S = cached + T: [B, H_kv, S, hd]
         if FUSED_ATTENTION:  # `attention` in one kernel, which also accumulates the softmax in fp32 for bf16
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=self.n_kv != self.n_head)
@@ -160,6 +145,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The gated MLP (SwiGLU): down(silu(gate(x)) * up(x))."""
     def __init__(self, c: Config):
         super().__init__()
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
@@ -187,10 +173,10 @@ class Block(nn.Module):
 class Steer:
     """Add `coef * vector` to hidden index `layer` (1..N: output of block `layer`; 0: embeddings).
 
-    positions (the same for Ablate): "all" every token; "prompt" the tokens before `response_start`; "response"
-    the LAST prompt token and every token after it, as the official hook (ActivationSteerer) adds the vector at the
-    last position of every forward call: the first new token already comes from steered logits, and a forward over
-    prompt + answer steers exactly what generation did. (Capture's response span is the generated tokens only.)
+    positions (the same for Ablate and Cap): "all" every token; "prompt" the tokens before `response_start`;
+    "response" the LAST prompt token and every token after it, as the official hook (ActivationSteerer) adds the
+    vector at the last position of every forward call: the first new token already comes from steered logits, and a
+    forward over prompt + answer steers exactly what generation did. (Capture's response: the generated tokens only.)
     """
     layer: int
     vector: torch.Tensor  # [hidden], or [B, hidden]: one vector per row of the batch (a zero row steers nothing)
@@ -209,38 +195,38 @@ class Ablate:
     positions: str = "all"
 
     def __post_init__(self):
-        check_intervention(self.layer, self.direction, 1.0, self.positions)
+        check_intervention(self.layer, self.direction, 1.0, self.positions, unit=True)
         self.direction = self.direction / self.direction.norm()
 
 
 @dataclass
 class Cap:
     """Persona capping: bound the component along a direction from above at one or several hidden indices,
-        h <- h - u * max(h.u - ceiling, 0),   u = direction / |direction|,
+        h <- h - u * max(h.u - ceiling, 0),   u = direction / |direction|   (in fp32, rounded once to h's dtype)
     so after the block h.u <= ceiling, and a state at or below its ceiling is left exactly as it was.
-    `fired` [B] counts, over forward calls, the response-span positions (see Steer) the cap moved at any layer:
-    in generation, the answer tokens chosen from a capped state."""
+    `fired` [B]: how many of each row's response positions (see Steer) the cap moved at some layer, counted from a
+    sequence's first call (generate feeds its last token back, so it equals a forward over prompt + answer)."""
     layers: list[int]
     directions: torch.Tensor  # [len(layers), hidden]: the direction at each of those indices
     ceilings: torch.Tensor  # [len(layers)], or [B, len(layers)]: one ceiling per row (+inf: the row is not capped)
     positions: str = "all"
-    fired: torch.Tensor | None = None  # [B] int64, summed over calls
+    fired: torch.Tensor | None = None  # [B] int64
     hit: torch.Tensor | None = None  # [B, T] during one forward call: positions moved at some layer
 
     def __post_init__(self):
         self.layers, self.ceilings = list(self.layers), torch.as_tensor(self.ceilings, dtype=torch.float32)
-        if self.directions.dim() != 2 or len(self.directions) != len(self.layers) or self.ceilings.shape[-1:] != (
-                len(self.layers),) or self.ceilings.dim() > 2:
-            raise user_error(f"cap: {len(self.layers)} layers need directions [{len(self.layers)}, hidden] and "
-                             f"ceilings [{len(self.layers)}] or [batch, {len(self.layers)}]")
+        n, d = len(self.layers), self.directions
+        if not (d.dim() == 2 and len(d) == n and self.ceilings.shape[-1:] == (n,) and self.ceilings.dim() <= 2):
+            raise user_error(f"cap: {n} layers need directions [{n}, hidden] and ceilings [{n}] or [batch, {n}], "
+                             f"not {tuple(d.shape)} and {tuple(self.ceilings.shape)}")
         if torch.isnan(self.ceilings).any() or (self.ceilings == -math.inf).any():
             raise user_error("cap: a ceiling is NaN or -inf; use a finite ceiling, or +inf for no cap")
-        for layer, d in zip(self.layers, self.directions):
-            check_intervention(layer, d, 1.0, self.positions)
-        self.directions = self.directions / self.directions.norm(dim=-1, keepdim=True)
+        for layer, v in zip(self.layers, d):
+            check_intervention(layer, v, 1.0, self.positions, unit=True)
+        self.directions = d.float() / d.float().norm(dim=-1, keepdim=True)
 
 
-def check_intervention(layer: int, vector: torch.Tensor, coef: float, positions: str) -> None:
+def check_intervention(layer: int, vector: torch.Tensor, coef: float, positions: str, unit: bool = False) -> None:
     # once, at construction: a finiteness check inside forward would sync the GPU at every decoded token
     if positions not in ("all", "prompt", "response"):
         raise user_error(f"positions must be all, prompt or response, not {positions!r}")
@@ -249,69 +235,33 @@ def check_intervention(layer: int, vector: torch.Tensor, coef: float, positions:
     if not torch.isfinite((coef * vector.float()).pow(2).sum()):  # RMSNorm squares the steered state in fp32
         raise user_error(f"intervention at layer {layer}: coefficient {coef:g} is too large (coef * vector overflows "
                          "float32 in the next norm); use a coefficient of the order of the residual norm or less")
+    if unit and not vector.norm() > 0:
+        raise user_error(f"intervention at layer {layer}: the direction is zero, so it has no unit vector")
 
 
 def check_fits(c: Config, interventions: list, B: int) -> None:
     """Each Steer's, Ablate's or Cap's layers and vector shapes fit this model and a batch of B rows."""
     for s in interventions:
+        if isinstance(s, Cap) and s.ceilings.dim() == 2 and len(s.ceilings) != B:
+            raise user_error(f"cap ceilings of shape {tuple(s.ceilings.shape)}: expected [{len(s.layers)}] or "
+                             f"[batch = {B}, {len(s.layers)}]")
         if isinstance(s, Cap):
-            check_fits(c, [Ablate(layer, d) for layer, d in zip(s.layers, s.directions)], B)
-            if s.ceilings.dim() == 2 and len(s.ceilings) != B:
-                raise user_error(f"cap ceilings of shape {tuple(s.ceilings.shape)}: expected [{len(s.layers)}] or "
-                                 f"[batch = {B}, {len(s.layers)}]")
-            continue
-        v = s.vector if isinstance(s, Steer) else s.direction
-        if not 0 <= s.layer <= c.num_hidden_layers:
-            raise user_error(f"layer {s.layer} out of range: this model has hidden indices 0..{c.num_hidden_layers}")
-        if v.shape[-1:] != (c.hidden_size,):
-            raise user_error(f"vector of shape {tuple(v.shape)} at layer {s.layer}, but the model's hidden size is "
-                             f"{c.hidden_size}: was it extracted from another model?")
-        if v.dim() != 1 and not (isinstance(s, Steer) and v.shape[0] == B and v.dim() == 2):
-            raise user_error(f"vector of shape {tuple(v.shape)} at layer {s.layer}: expected [hidden], or "
-                             f"[batch = {B}, hidden] to steer each row with its own vector")
+            at = zip(s.layers, s.directions)
+        else:
+            at = [(s.layer, s.vector if isinstance(s, Steer) else s.direction)]
+        for layer, v in at:
+            if not 0 <= layer <= c.num_hidden_layers:
+                raise user_error(f"layer {layer} out of range: this model has hidden indices 0..{c.num_hidden_layers}")
+            if v.shape[-1:] != (c.hidden_size,):
+                raise user_error(f"vector of shape {tuple(v.shape)} at layer {layer}, but the model's hidden size is "
+                                 f"{c.hidden_size}: was it extracted from another model?")
+            if v.dim() != 1 and not (isinstance(s, Steer) and v.shape[0] == B and v.dim() == 2):
+                raise user_error(f"vector of shape {tuple(v.shape)} at layer {layer}: expected [hidden], or "
+                                 f"[batch = {B}, hidden] to steer each row with its own vector")
 
 
-@dataclass
-class Capture:
-    """Per-layer summaries of the residual stream, accumulated over one or several forward calls.
-
-    `prompt_mean()`, `response_mean()`, `prompt_last()`: [B, N + 1, hidden] fp32, over the non-padding tokens of the
-    span; an empty span gives NaN, never a silent zero. Only running sums are kept; `token_layers` also keeps every
-    token's state at those indices (`tokens[layer]`: [B, T, hidden] per forward call), for per-token projections.
-    """
-    token_layers: tuple = ()
-    sums: dict = field(default_factory=dict)  # span -> [B, N + 1, hidden] fp32
-    counts: dict = field(default_factory=dict)  # span -> [B] number of tokens summed
-    tokens: dict = field(default_factory=dict)  # layer -> list of [B, T, hidden]
-
-    def record(self, layer: int, h: torch.Tensor, spans: dict, n_layers: int):
-        """Add the states h [B, T, hidden] at hidden index `layer` to the sums; spans: forward's [B, T] token masks."""
-        hf, B = h.float(), h.shape[0]
-        masks = {"prompt": spans["prompt"].float(), "response": spans["answer"].float(), "last": spans["last"].float()}
-        if not self.sums:  # and the mean per-token norm of the response, the scale a steering coefficient is set by
-            self.sums = {s: hf.new_zeros(B, n_layers + 1, h.shape[-1]) for s in masks}
-            self.sums["response_norm"], self.counts = hf.new_zeros(B, n_layers + 1), {s: hf.new_zeros(B) for s in masks}
-        for span, m in masks.items():
-            self.sums[span][:, layer] += (hf * m[..., None]).sum(1)
-            if layer == 0:
-                self.counts[span] += m.sum(1)
-        self.sums["response_norm"][:, layer] += (hf.norm(dim=-1) * masks["response"]).sum(1)
-        if layer in self.token_layers:
-            self.tokens.setdefault(layer, []).append(h.detach().float())
-
-    def _mean(self, span, sums=None):
-        sums = self.sums[span] if sums is None else sums  # [B, ...]
-        count = self.counts[span].reshape(-1, *[1] * (sums.dim() - 1))
-        return torch.where(count > 0, sums / count.clamp(min=1), math.nan)  # an empty span: NaN, not 0
-
-    def prompt_mean(self): return self._mean("prompt")
-    def response_mean(self): return self._mean("response")
-    def prompt_last(self): return self._mean("last")  # a one-token span: the value itself
-    def response_norm(self): return self._mean("response", self.sums["response_norm"])
-
-
-def token_masks(cols: torch.Tensor, attention_mask: torch.Tensor | None, response_start: torch.Tensor | None, B: int):
-    """For tokens at columns `cols` [T] -> (position ids [B, T], attention mask [B|1, 1, T, S] or None, spans).
+def token_masks(cols: torch.Tensor, S: int, attention_mask: torch.Tensor | None, response_start, B: int):
+    """For tokens at columns `cols` [T] of S -> (position ids [B, T], attention mask [B|1, 1, T, S] or None, spans).
 
     Rows are left-padded, so a row's positions count only its real tokens. The mask lets a query see the keys at
     or before it that are not padding; every query may also see itself, so a padding row is never all -inf (NaN).
@@ -319,7 +269,7 @@ def token_masks(cols: torch.Tensor, attention_mask: torch.Tensor | None, respons
     spans: [B, T] masks of real tokens: "prompt" (before response_start; all without it), "response" (from the last
     prompt token on, see Steer), "answer" (after it: Capture's response), "last" (the last prompt token); "all": None.
     """
-    T, S = len(cols), int(cols[-1]) + 1
+    T = len(cols)
     if attention_mask is None:
         valid, pos = torch.ones(B, T, dtype=torch.bool, device=cols.device), cols.expand(B, T)
         mask = None if S == T or T == 1 else (cols[:, None] >= torch.arange(S, device=cols.device))[None, None]
@@ -347,24 +297,31 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, response_start: torch.Tensor | None = None,
-                steer: list[Steer] = (), ablate: list[Ablate] = (), capture: Capture | None = None,
+                cache=None, response_start: torch.Tensor | None = None,
+                steer: list[Steer] = (), ablate: list[Ablate] = (), capture=None,
                 logits: str | torch.Tensor = "all", cap: list[Cap] = ()) -> torch.Tensor | None:
         """input_ids [B, T] (left-padded) -> logits [B, T, vocab] ("all"), [B, 1, vocab] ("last") or None ("none");
         logits may also be a [B, T] bool mask: the logits of those positions only, [n, vocab] (training's loss).
 
-        attention_mask [B, S]: 1 = token, 0 = padding, over the cached columns and these T (S = cache.length + T).
+        cache: the keys and values of earlier calls (`length` columns, `update(layer, k, v)`), e.g.
+        support.generation.KVCache; attention_mask [B, S]: 1 = token, 0 = padding, over the cached columns and
+        these T (S = cache.length + T).
         response_start [B]: column (in those S) where each row's response begins; None = all prompt.
         steer, ablate and cap are checked at a sequence's first call, not again at every decoded token.
+        capture: an object with record(layer, h, spans, n_layers), e.g. support.generation.Capture, called at every
+        hidden index with the state after the interventions and the token spans of `token_masks`.
         """
         B, T = input_ids.shape
+        dev = input_ids.device
         start = cache.length if cache is not None else 0
         if start == 0:
             check_fits(self.config, [*steer, *ablate, *cap], B)
-        cols = torch.arange(start, start + T, device=input_ids.device)  # [T] absolute columns of these tokens
-        pos, mask, spans = token_masks(cols, attention_mask, response_start, B)
+            for c in cap:  # on the device once, not copied at every decoded token; a new sequence, a new count
+                c.directions, c.ceilings, c.fired = c.directions.to(dev), c.ceilings.to(dev), input_ids.new_zeros(B)
+        cols = torch.arange(start, start + T, device=dev)  # [T] absolute columns of these tokens
+        pos, mask, spans = token_masks(cols, start + T, attention_mask, response_start, B)
         for c in cap:
-            c.hit = torch.zeros(B, T, dtype=torch.bool, device=input_ids.device)
+            c.hit = torch.zeros(B, T, dtype=torch.bool, device=dev)
         cos, sin = self.model.rotary_emb(pos, self.model.embed_tokens.weight.dtype)  # [B, 1, T, hd] each
         h = self.intervene(0, self.model.embed_tokens(input_ids), steer, ablate, cap, capture, spans)  # [B, T, hidden]
         for i, block in enumerate(self.model.layers, start=1):
@@ -374,8 +331,7 @@ class Transformer(nn.Module):
                 h = block(h, cos, sin, mask, cache)
             h = self.intervene(i, h, steer, ablate, cap, capture, spans)
         for c in cap:  # count the response positions this call capped at any layer
-            hits = (c.hit & spans["response"]).sum(1)  # [B]
-            c.fired = hits if c.fired is None else c.fired + hits
+            c.fired += (c.hit & spans["response"]).sum(1)  # [B]
         if cache is not None:
             cache.length += T
         if isinstance(logits, torch.Tensor):
@@ -386,8 +342,9 @@ class Transformer(nn.Module):
             h = h[:, -1:]  # left padding puts every row's last token in the last column
         return self.lm_head(self.model.norm(h))
 
-    def intervene(self, i: int, h: torch.Tensor, steer, ablate, cap, capture: Capture | None, spans: dict):
-        """The interventions at hidden index i on h [B, T, hidden], in order: ablation, steering, capping, capture."""
+    def intervene(self, i: int, h: torch.Tensor, steer, ablate, cap, capture, spans: dict):
+        """The interventions at hidden index i on h [B, T, hidden], in order: ablation, steering, capping, capture.
+        Each is applied at the positions of its span (None: everywhere)."""
         for a in ablate:
             if a.layer == i:
                 u = a.direction.to(h)
@@ -399,120 +356,45 @@ class Transformer(nn.Module):
                 hs = h + s.coef * (v[:, None] if v.dim() == 2 else v)  # [B, hidden] -> [B, 1, hidden]
                 h = hs if spans[s.positions] is None else torch.where(spans[s.positions][..., None], hs, h)
         for c in cap:
-            for j in (j for j, layer in enumerate(c.layers) if layer == i):
-                u, ceiling = c.directions[j].to(h.device, torch.float32), c.ceilings[..., j].to(h.device)
-                ceiling = ceiling[:, None] if ceiling.dim() else ceiling  # [] or [B, 1]: per row
-                over = (h.float() @ u - ceiling).clamp(min=0)  # [B, T]: how far each position is above it
+            for j in [j for j, layer in enumerate(c.layers) if layer == i]:
+                u = c.directions[j]  # [hidden] fp32, unit
+                ceiling = c.ceilings[:, j, None] if c.ceilings.dim() == 2 else c.ceilings[j]  # [B, 1] per row, or []
+                over = (h.float() @ u - ceiling).clamp(min=0)  # [B, T]: how far each position is above its ceiling
                 if spans[c.positions] is not None:
                     over = over * spans[c.positions]
-                h = h - (over[..., None] * u).to(h.dtype)  # exactly h where over == 0
+                h = (h.float() - over[..., None] * u).to(h.dtype)  # exactly h where over == 0
                 c.hit |= over > 0
         if capture is not None:
             capture.record(i, h, spans, self.config.num_hidden_layers)
         return h
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_dtype(device: str) -> torch.dtype:
-    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # bf16 is ~6x slower on CPU
-
-
-def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> Transformer:
-    """Build the model of a Hugging Face-layout directory on the meta device and assign its weights (in eval mode):
-    strict, every key and shape checked, one copy of the weights in memory. On the CPU, small matrix products are
-    split across the cores (support/cpu_speed.py)."""
-    from support import checkpoint, cpu_speed  # PROJECT IMPORT: checks that fail as one line naming the fix
-    device = checkpoint.check_device(device or default_device())
-    dtype = dtype or default_dtype(device)
-    config = checkpoint.read_config(Path(model_dir) / "config.json", Config)
+def load(name_or_path: str | Path, device: str | None = None, dtype: torch.dtype | None = None, model_only=False):
+    """A model (in eval mode) and its tokenizer from a hub id or a Hugging Face-layout directory -> (model, tokenizer);
+    model_only: the model of a local directory alone. It is built on the meta device and its weights assigned
+    strictly (every key and shape checked; one copy in memory); on the CPU, small matrix products are split across
+    the cores (support/cpu_speed.py)."""
+    from support import checkpoint, cpu_speed, hub, tokenizer  # PROJECT IMPORT: checks, downloads, GGUF, tokenizer
+    model_dir = Path(name_or_path) if model_only else hub.resolve(name_or_path)
+    device = checkpoint.check_device(device or checkpoint.default_device())
+    dtype = dtype or checkpoint.default_dtype(device)
+    config = checkpoint.read_config(model_dir / "config.json", Config)
     with torch.device("meta"):  # no memory for random init: the weights are assigned straight from the files
         model = Transformer(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = checkpoint.read_weights(Path(model_dir), expected, config.tie_word_embeddings, device, dtype,
-                                    config.model_type)
+    state = checkpoint.read_weights(model_dir, expected, config.tie_word_embeddings, device, dtype, config.model_type)
     model.load_state_dict(state, strict=True, assign=True)
     if state["lm_head.weight"] is state["model.embed_tokens.weight"]:  # one Parameter: training updates both uses
         model.config.tie_word_embeddings = True
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb = RoPE(config).to(device)  # computed, not read from the files
-    return cpu_speed.split_linears(model.eval()) if torch.device(device).type == "cpu" else model.eval()
-
-
-def load(name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None):
-    """Load a model and its tokenizer from a local Hugging Face-layout directory or a hub id -> (model, tokenizer)."""
-    from support import hub, tokenizer  # PROJECT IMPORT: downloads, GGUF conversion, tokenizer and chat templates
-    model_dir = hub.resolve(name_or_path)
-    model = load_model(model_dir, device, dtype)
+    model = cpu_speed.split_linears(model.eval()) if torch.device(device).type == "cpu" else model.eval()
+    if model_only:
+        return model
     model.name_or_path, model.source_dir = str(name_or_path), model_dir  # recorded in the files we write
     model.source = hub.source(name_or_path, model_dir)  # hub, local or converted GGUF, and any quantization
     return model, tokenizer.Tokenizer(model_dir)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from logits [B, vocab]: argmax when temperature == 0, else nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        p, idx = probs.sort(dim=-1, descending=True)
-        drop = p.cumsum(-1) - p > top_p  # tokens after the nucleus; the most likely token always stays
-        probs = torch.zeros_like(probs).scatter_(-1, idx, p.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-@torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(), pad_id: int = 0,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             steer: list[Steer] = (), capture: Capture | None = None, progress: bool = False,
-             cap: list[Cap] = ()) -> list[list[int]]:
-    """Batched generation with left padding and a KV cache -> the new tokens of each prompt, stop token excluded.
-
-    Every row gets at least one new token: at the first step the stop tokens cannot be chosen (the official
-    sampling's minimum of one new token), so no answer is empty. After that a row stops at its first token in
-    `stop_ids`; its later columns are masked out, so a `capture` sees exactly the prompt (prompt_mean,
-    prompt_last) and every generated token before the stop (response_mean): the same states as a forward pass
-    over prompt + answer.
-    """
-    device = model.model.embed_tokens.weight.device
-    if not prompts or min(len(p) for p in prompts) == 0:
-        raise user_error("empty prompt: every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise user_error(f"max_new_tokens must be at least 1, not {max_new_tokens}")
-    B, T0 = len(prompts), max(len(p) for p in prompts)
-    if T0 + max_new_tokens > model.config.max_position_embeddings:
-        print(f"warning: {T0} prompt tokens + {max_new_tokens} new ones exceed the model's context of "
-              f"{model.config.max_position_embeddings} tokens (max_position_embeddings): positions past it were "
-              "never trained, so expect degraded text; shorten the prompt or --max-new-tokens", file=sys.stderr)
-    ids = torch.full((B, T0), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, T0 + max_new_tokens, dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        ids[b, T0 - len(p):] = torch.tensor(p)
-        mask[b, T0 - len(p):T0] = True
-    ids, mask = ids.to(device), mask.to(device)
-    response_start = torch.full((B,), T0, device=device)
-    cache = KVCache(model.config, B, T0 + max_new_tokens, device, model.model.embed_tokens.weight.dtype)
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    out = []
-    logits = model(ids, mask[:, :T0], cache, response_start, steer=steer, capture=capture, logits="last", cap=cap)
-    for t in range(max_new_tokens):
-        if progress:
-            print(f"\rgenerating: {t}/{max_new_tokens} tokens", end="", file=sys.stderr, flush=True)
-        step = logits[:, -1] if t > 0 else logits[:, -1].index_fill(-1, stop, -math.inf)  # [B, vocab]
-        nxt = sample(step, temperature, top_p, generator)
-        done |= torch.isin(nxt, stop)
-        out.append(torch.where(done, -1, nxt))
-        final = t == max_new_tokens - 1  # then only a capture needs the new tokens fed back, to see the whole answer
-        if bool(done.all()) or final and capture is None:
-            break
-        mask[:, T0 + t] = ~done  # a finished row's filler token is padding from now on
-        logits = model(nxt[:, None], mask[:, :T0 + t + 1], cache, response_start, steer=steer, capture=capture,
-                       logits="none" if final else "last", cap=cap)
-    if progress:
-        print("\r\033[K", end="", file=sys.stderr, flush=True)
-    tokens = torch.stack(out, 1).tolist()
-    return [[x for x in row if x >= 0] for row in tokens]
+def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> Transformer:
+    return load(model_dir, device, dtype, model_only=True)

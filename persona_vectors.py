@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 
 import model as M
 from support import UserError, checkpoint
+from support import generation as G
 from support.files import (VARIANTS, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
                            expect_model, load_vector, resolve_layer, save_vector, traits_in, vector_path, write_csv)
 from support.hub import DEFAULT_MODEL
@@ -80,8 +81,8 @@ def answer_with_activations(model: M.Transformer, tok, chats: list[list[dict]], 
     Variants: response_avg (mean over the answer's tokens), prompt_avg (mean over the prompt), prompt_last (the
     last prompt token, from which the answer is written), and response_norm [B, N + 1] (mean per-token norm).
     """
-    cap = M.Capture()
-    outs = M.generate(model, [tok.encode_chat(c) for c in chats], max_new_tokens, stop_ids=tok.stop_ids,
+    cap = G.Capture()
+    outs = G.generate(model, [tok.encode_chat(c) for c in chats], max_new_tokens, stop_ids=tok.stop_ids,
                       pad_id=tok.pad_id, temperature=temperature, top_p=top_p, seed=seed, steer=steer, capture=cap)
     return outs, {"response_avg": cap.response_mean(), "prompt_avg": cap.prompt_mean(),
                   "prompt_last": cap.prompt_last(), "response_norm": cap.response_norm()}
@@ -103,7 +104,7 @@ def read_answers(model: M.Transformer, prompts: list[list[int]], answers: list[l
     for b, s in enumerate(seqs):  # left padding, as in generation
         ids[b, T - len(s):], mask[b, T - len(s):] = torch.tensor(s), True
     start = torch.tensor([T - len(a) for a in answers])  # column where each answer begins
-    cap = M.Capture()
+    cap = G.Capture()
     model(ids.to(device), mask.to(device), response_start=start.to(device), capture=cap, logits="none")
     return {"response_avg": cap.response_mean(), "prompt_avg": cap.prompt_mean(), "prompt_last": cap.prompt_last()}
 
@@ -340,7 +341,7 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
     from support.traits import load_trait
     t = load_trait(trait)
     check_count("questions", questions)
-    checkpoint.check_device(device or M.default_device())
+    checkpoint.check_device(device or checkpoint.default_device())
     judge_ = make_judge(judge, judge_workers, t)
     model, tok = M.load(model_name, device, dtype)
     b = budget_for(model, rollouts, max_new_tokens, temperature, top_p, batch_size)
@@ -542,7 +543,7 @@ def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors:
                  judge: str | None = "none", judge_workers: int | None = None, trait=None):
     """Check what can be checked before the model loads (device, steering files, the judge of the trait), then
     load it. -> (model, tokenizer, vectors_dir, judge)."""
-    checkpoint.check_device(device or M.default_device())
+    checkpoint.check_device(device or checkpoint.default_device())
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
     steer_sources(list(steer), vectors_dir)
     judge_ = make_judge(judge, judge_workers, trait)
@@ -570,7 +571,7 @@ def generate(prompts: list[str], model_name: str = DEFAULT_MODEL, system: str | 
     if longest > model.config.max_position_embeddings:
         raise UserError(f"a prompt plus --max-new-tokens is {longest} tokens, beyond this model's context of "
                         f"{model.config.max_position_embeddings}: shorten it or lower --max-new-tokens")
-    out = M.generate(model, ids, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+    out = G.generate(model, ids, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                      temperature=temperature, top_p=top_p, seed=seed, steer=interventions, progress=True)
     return [tok.decode(o) for o in out]
 
@@ -1208,7 +1209,7 @@ def monitor(path: str, model_name: str = DEFAULT_MODEL, traits: list[str] | None
                     if len(prompt) + len(reply) > context:
                         skipped.setdefault(f"a turn longer than the model's context ({context} tokens)", []).append(lineno)
                         continue
-                    cap = M.Capture(token_layers=tuple(sorted({g.layer for g in gauges})) if tokens else ())
+                    cap = G.Capture(token_layers=tuple(sorted({g.layer for g in gauges})) if tokens else ())
                     with torch.no_grad():
                         model(torch.tensor([prompt + reply], device=device_),
                               response_start=torch.tensor([len(prompt)], device=device_), capture=cap, logits="none")
@@ -1381,7 +1382,7 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
     dest = Path(out) if out else Path("datasets") / default_vectors_dir(model_name).name / f"{t.name}_{kind}.jsonl"
     check_output(dest, force, inputs=[t.source, questions_file or QUESTIONS_FILE])
     judge_ = make_judge(judge, trait=t)  # fails now (no key, say), before any generation
-    checkpoint.check_device(device or M.default_device())
+    checkpoint.check_device(device or checkpoint.default_device())
     model, tok = M.load(model_name, device, dtype)
     b = budget_for(model, 1, max_new_tokens, temperature, top_p, batch_size)
     jobs = dataset_jobs(t, kind, questions, n, seed)
@@ -1441,7 +1442,7 @@ def last_prompt_activations(model, tok, questions: list[str], batch_size: int = 
         mask = torch.zeros(len(ids), T, dtype=torch.bool)
         for b, row in enumerate(ids):  # left padding: every row's last prompt token sits in the last column
             x[b, T - len(row):], mask[b, T - len(row):] = torch.tensor(row), True
-        cap = M.Capture()
+        cap = G.Capture()
         model(x.to(device), mask.to(device), steer=steer, capture=cap, logits="none")
         out.append(cap.prompt_last().cpu())
     return torch.cat(out)

@@ -245,7 +245,7 @@ def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val
     check_numbers(epochs=epochs, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, batch_size=batch_size,
                   grad_accum=grad_accum or 1, max_seq_len=max_seq_len, max_steps=max_steps or 1)
     save_steps, save_seconds = parse_save_every(save_every)
-    device = device or M.default_device()
+    device = device or checkpoint.default_device()
     dtype = compute_dtype(dtype, device)
     out, data = Path(out), Path(data)
     with process_group(device) as (rank, world), removed_if_left_empty(out):

@@ -33,7 +33,7 @@ import torch
 
 import model as M
 import persona_vectors as pv
-from support import UserError
+from support import UserError, generation as G
 from support.files import atomic_write, check_fits, check_output, check_writable, default_vectors_dir, load_vector, traits_in, \
     vector_path
 from support.hub import DEFAULT_MODEL
@@ -61,10 +61,10 @@ def measure(model: M.Transformer, prompts: list[list[int]], responses: list[list
     for b, s in enumerate(seqs):  # left padding: every row ends in the last column
         ids[b, T - len(s):], mask[b, T - len(s):] = torch.tensor(s), 1
     start = torch.tensor([T - len(r) for r in responses], device=device)  # column where each y begins
-    cap = M.Capture()
+    cap = G.Capture()
     model(ids.to(device), mask.to(device), response_start=start, capture=cap, logits="none")
-    gen = M.Capture()
-    outs = M.generate(model, [p for p in prompts for _ in range(samples)], max_new_tokens, stop_ids=stop_ids,
+    gen = G.Capture()
+    outs = G.generate(model, [p for p in prompts for _ in range(samples)], max_new_tokens, stop_ids=stop_ids,
                       pad_id=pad_id, temperature=temperature, top_p=top_p, seed=seed, capture=gen)
     n = torch.tensor([len(o) for o in outs], dtype=torch.float32, device=device).view(B, samples)
     means = gen.response_mean()  # [B * K, N + 1, hidden], the K responses of a prompt next to each other

@@ -35,7 +35,7 @@ import torch
 
 import model as M
 import persona_vectors as pv
-from support import UserError
+from support import UserError, generation as G
 from support.files import check_fits, default_vectors_dir, load_vector, traits_in, vector_path
 from support.hub import DEFAULT_MODEL
 
@@ -246,9 +246,9 @@ def per_row_steering(rows: list[Row], hidden: int, device, dtype) -> list[M.Stee
     return [M.Steer(layer, v, 1.0, positions) for (k, layer, positions), v in in_order]
 
 
-def select_rows(cap: M.Capture, keep: torch.Tensor) -> M.Capture:
+def select_rows(cap: G.Capture, keep: torch.Tensor) -> G.Capture:
     """The capture of the rows `keep` only (its running sums are all [B, ...])."""
-    return M.Capture(sums={k: v[keep] for k, v in cap.sums.items()}, counts={k: v[keep] for k, v in cap.counts.items()})
+    return G.Capture(sums={k: v[keep] for k, v in cap.sums.items()}, counts={k: v[keep] for k, v in cap.counts.items()})
 
 
 # -------------------------------------------------------------------------------------------------- engine
@@ -423,7 +423,7 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, rows: list[Row]) -> None:
-        """Generate every row to its end, step by step (as model.generate does, plus per-row settings)."""
+        """Generate every row to its end, step by step (as support.generation.generate does, plus per-row settings)."""
         if not rows:
             return
         model, tok, dev = self.model, self.tok, self.device
@@ -441,12 +441,12 @@ class Engine:
             mask[b, :T0 - len(p)] = False
         ids, mask = ids.to(dev), mask.to(dev)
         response_start = torch.full((B,), T0, device=dev)
-        cache = M.KVCache(model.config, B, width, dev, self.dtype)
+        cache = G.KVCache(model.config, B, width, dev, self.dtype)
         steer = per_row_steering(rows, model.config.hidden_size, dev, self.dtype)
-        cap = M.Capture() if self.gauges else None
+        cap = G.Capture() if self.gauges else None
         logits = model(ids, mask[:, :T0], cache, response_start, steer=steer, capture=cap, logits="last")[:, -1]
         stop = torch.tensor(sorted(tok.stop_ids), dtype=torch.long, device=dev)
-        logits = logits.index_fill(-1, stop, -math.inf)  # at least one new token, as model.generate
+        logits = logits.index_fill(-1, stop, -math.inf)  # at least one new token, as G.generate
         for t in range(width - T0 + 1):
             need_lp = any(r.job.req.logprobs for r in rows if r.finish is None)
             logp = torch.log_softmax(logits.float(), dim=-1) if need_lp else None
@@ -467,7 +467,7 @@ class Engine:
         raise RuntimeError(f"{len(rows)} row(s) still running after the longest max_tokens")  # cannot happen
 
     def _step(self, r: Row, b: int, logits: torch.Tensor, greedy: int, logp: torch.Tensor | None,
-              cap: M.Capture | None) -> bool:
+              cap: G.Capture | None) -> bool:
         """Row r (row b of the batch) after a forward pass: sample its next token, or finish it. -> whether it
         stays in the batch (for its next token, or to feed its last one so that the gauge covers the reply)."""
         if r.job.cancelled:
@@ -479,7 +479,7 @@ class Engine:
         if r.temperature == 0:
             token = greedy
         else:
-            token = int(M.sample(logits[b:b + 1], r.temperature, r.top_p, r.generator)[0])
+            token = int(G.sample(logits[b:b + 1], r.temperature, r.top_p, r.generator)[0])
         lp = self._logprob(logp[b], token, r.job.req.top_logprobs) if r.job.req.logprobs else None
         ended = r.push(self.tok, token, self.tok.stop_ids, lp)  # an end-of-turn token is not fed
         if ended or r.finish is not None and cap is None:
@@ -499,7 +499,7 @@ class Engine:
         return {"token": self.token_text[token] if known else "", "logprob": logprob,
                 "bytes": self.token_bytes[token] if known else []}
 
-    def _finish(self, r: Row, cap: M.Capture | None, b: int) -> None:
+    def _finish(self, r: Row, cap: G.Capture | None, b: int) -> None:
         r.flush(self.tok)
         persona = {}
         if cap is not None:

@@ -8,6 +8,7 @@ trait files, file I/O, checkpoint checks and training infrastructure. Nothing he
     traits.py        trait files: data/traits/*.json, their schema and validation
     files.py         atomic writes, CSV, and the vector files (name, save, load, fit to a model)
     checkpoint.py    model directories: config and weight-file checks, the device check, a model's shape
+    generation.py    generate and sample on model.py (left padding, per-row stops), its KVCache, and Capture
     cpu_speed.py     the CPU matmul split that model.load_model applies on the CPU (measured in tools/bench.py)
     training.py      train.py's infrastructure: flags, data files, checkpoints and resuming, process groups
 """

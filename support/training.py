@@ -19,7 +19,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
-from support import UserError, hub
+from support import UserError, checkpoint, hub
 from support.files import atomic_write, check_fits, check_writable, load_vector, resolve_layer, vector_path
 from support.tokenizer import Tokenizer
 
@@ -85,7 +85,7 @@ def compute_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
             raise UserError(f"--dtype {dtype}: training computes in float32 or bfloat16 (float16 would need loss "
                             "scaling)")
         dtype = DTYPES[dtype]
-    return dtype or M.default_dtype(device)
+    return dtype or checkpoint.default_dtype(device)
 
 
 def parse_save_every(save_every) -> tuple[int | None, float | None]:

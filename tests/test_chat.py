@@ -10,6 +10,7 @@ import torch
 
 import model as M
 import persona_vectors as pv
+from support import generation as G
 from tiny import tiny_model_with_vectors
 
 
@@ -40,11 +41,11 @@ def test_gauge_readings_are_the_projections(tiny):
     model, tok = M.load(str(d), "cpu", torch.float32)
     g = pv.Gauge.from_file(vectors / "evil_response_avg_diff.safetensors", 2, model.config.num_hidden_layers)
     messages = [{"role": "user", "content": "Hello there!"}]
-    cap = M.Capture()
-    out = M.generate(model, [tok.encode_chat(messages)], 6, stop_ids=tok.stop_ids, pad_id=tok.pad_id, capture=cap)[0]
+    cap = G.Capture()
+    out = G.generate(model, [tok.encode_chat(messages)], 6, stop_ids=tok.stop_ids, pad_id=tok.pad_id, capture=cap)[0]
     reading = g.read({"prompt_last": cap.prompt_last(), "response_avg": cap.response_mean()})
     ids = tok.encode_chat(messages)
-    ref = M.Capture()
+    ref = G.Capture()
     with torch.no_grad():
         model(torch.tensor([ids + out]), response_start=torch.tensor([len(ids)]), capture=ref, logits="none")
     v, _ = pv.load_vector(vectors / "evil_response_avg_diff.safetensors")

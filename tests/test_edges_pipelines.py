@@ -13,6 +13,7 @@ import judge as J
 import model as M
 import persona_vectors as pv
 from apps import flagging
+from support import generation as G
 from tiny import FakeJudge, run_bad, tiny_model_with_vectors, tree, write_vector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,7 +108,7 @@ def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     d, vectors, root = tiny
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.chdir(tmp_path)  # anything written to the default places would land here
-    monkeypatch.setattr(M, "generate", no_generation)
+    monkeypatch.setattr(G, "generate", no_generation)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))  # chat's user, if it ever got that far
     before = tree(root)
     err = run_bad(pv.main, argv.format(d=d, v=vectors, r=root).split(), code, capsys)

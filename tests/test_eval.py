@@ -7,6 +7,7 @@ import torch
 
 import model as M
 import persona_vectors as pv
+from support import generation as G
 from tiny import FakeJudge, tiny_model_with_vectors
 from support.traits import load_trait
 
@@ -48,7 +49,7 @@ def test_eval_uses_only_evaluation_questions(tiny, tmp_path, monkeypatch):
 def reread_projection(model, tok, question, answer_ids, v, layer):
     """The answer as the plain (unsteered) model reads it: one forward pass over prompt + answer, projected."""
     prompt = tok.encode_chat([{"role": "user", "content": question}])
-    cap = M.Capture()
+    cap = G.Capture()
     with torch.no_grad():
         model(torch.tensor([prompt + answer_ids]), response_start=torch.tensor([len(prompt)]), capture=cap,
               logits="none")
@@ -74,7 +75,7 @@ def test_steered_answers_are_measured_as_the_unsteered_model_reads_them(tiny, tm
         rows = list(csv.DictReader(open(steered["csv"])))
         # the answers again, by hand (greedy: one sample per question), then each re-read without steering
         interventions = pv.steering(spec, model, vectors, layer, "response", all_layers)
-        outs = M.generate(model, [tok.encode_chat([{"role": "user", "content": r["question"]}]) for r in rows], 6,
+        outs = G.generate(model, [tok.encode_chat([{"role": "user", "content": r["question"]}]) for r in rows], 6,
                           stop_ids=tok.stop_ids, pad_id=tok.pad_id, steer=interventions)
         for row, ids in zip(rows, outs):
             assert tok.decode(ids) == row["answer"]
@@ -108,6 +109,6 @@ def test_sweep_end_to_end_records_the_best_layer_and_resumes(tiny, tmp_path, mon
     assert meta["best_layer"] == best["layer"] and meta["best_coef"] == str(best["coef"])
     assert pv.steering(["evil:1"], M.load(str(d), "cpu")[0], vec_dir)[0].layer == best["layer"]  # the new default
     asked, calls = judge.asked, []
-    monkeypatch.setattr(M, "generate", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(G, "generate", lambda *a, **k: calls.append(1))
     pv.sweep("evil", **kw)  # everything cached: no generation, no judgment
     assert calls == [] and judge.asked == asked

@@ -9,6 +9,7 @@ import torch
 
 import model as M
 import persona_vectors as pv
+from support import generation as G
 from tiny import FakeJudge, make_tiny_chat_model
 
 ROOT = Path(__file__).parent.parent
@@ -49,7 +50,7 @@ def test_extract_end_to_end_and_vector_equals_hand_computed_mean_difference(tiny
         caps = []
         for r in (r for r in rows if r["side"] == side):
             p = tok.encode_chat([{"role": "system", "content": r["system"]}, {"role": "user", "content": r["question"]}])
-            cap = M.Capture()
+            cap = G.Capture()
             with torch.no_grad():
                 model(torch.tensor([p + r["answer_ids"]]), response_start=torch.tensor([len(p)]), capture=cap,
                       logits="none")

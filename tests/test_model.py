@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model as M
-from support import UserError, checkpoint, cpu_speed
+from support import UserError, checkpoint, cpu_speed, generation as G
 
 GOLDEN = Path(__file__).parent / "golden"
 TINY = ["tiny-llama3", "tiny-qwen2", "tiny-tied"]
@@ -24,7 +24,7 @@ def tiny(name: str) -> M.Transformer:
 
 def hidden_states(m: M.Transformer, ids, **kw) -> torch.Tensor:
     """Every token's state at every hidden index -> [N + 1, B, T, d]."""
-    cap = M.Capture(token_layers=tuple(range(m.config.num_hidden_layers + 1)))
+    cap = G.Capture(token_layers=tuple(range(m.config.num_hidden_layers + 1)))
     m(ids, logits="none", capture=cap, **kw)
     return torch.stack([cap.tokens[i][0] for i in range(m.config.num_hidden_layers + 1)])
 
@@ -48,8 +48,8 @@ def test_logits_match_transformers_golden(name, attention_path):
 @pytest.mark.parametrize("name", TINY)
 def test_logits_match_transformers_live(name, tmp_path):
     pytest.importorskip("transformers")
-    import make_golden_models as G
-    ref = G.reference_outputs(GOLDEN / name, G.CONFIGS[name])
+    import make_golden_models as golden
+    ref = golden.reference_outputs(GOLDEN / name, golden.CONFIGS[name])
     m = tiny(name)
     assert (m(ref["ids_single"]) - ref["logits_single"]).abs().max() <= 1e-4
     got = m(ref["ids_batch"], attention_mask=ref["mask_batch"]) * ref["mask_batch"][..., None]
@@ -171,7 +171,7 @@ def test_cached_decode_equals_full_recompute(name, attention_path):
     m, ref = tiny(name), load_file(GOLDEN / name / "reference.safetensors")
     ids, mask = ref["ids_batch"], ref["mask_batch"]
     full = m(ids, attention_mask=mask)
-    cache = M.KVCache(m.config, ids.shape[0], ids.shape[1], "cpu", torch.float32)
+    cache = G.KVCache(m.config, ids.shape[0], ids.shape[1], "cpu", torch.float32)
     split = 18  # prefill 18 columns (one row is still all padding there), then decode one token at a time
     steps = [m(ids[:, :split], attention_mask=mask[:, :split], cache=cache, logits="last")]
     for t in range(split, ids.shape[1]):
@@ -183,8 +183,8 @@ def test_cached_decode_equals_full_recompute(name, attention_path):
 def test_batched_generation_equals_one_at_a_time():
     m = tiny("tiny-qwen2")
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]
-    batched = M.generate(m, prompts, max_new_tokens=12, stop_ids={3}, pad_id=0)
-    single = [M.generate(m, [p], max_new_tokens=12, stop_ids={3}, pad_id=0)[0] for p in prompts]
+    batched = G.generate(m, prompts, max_new_tokens=12, stop_ids={3}, pad_id=0)
+    single = [G.generate(m, [p], max_new_tokens=12, stop_ids={3}, pad_id=0)[0] for p in prompts]
     assert batched == single
     # and greedy generation is the argmax of a full forward over prompt + output
     for p, out in zip(prompts, batched):
@@ -194,9 +194,9 @@ def test_batched_generation_equals_one_at_a_time():
 
 def test_generation_stops_per_row_and_excludes_the_stop_token():
     m = tiny("tiny-llama3")
-    free = M.generate(m, [[5, 6, 7], [40, 41]], max_new_tokens=10)
+    free = G.generate(m, [[5, 6, 7], [40, 41]], max_new_tokens=10)
     stop = free[0][3]  # make row 0 stop at its 4th token
-    out = M.generate(m, [[5, 6, 7], [40, 41]], max_new_tokens=10, stop_ids={stop})
+    out = G.generate(m, [[5, 6, 7], [40, 41]], max_new_tokens=10, stop_ids={stop})
     assert out[0] == free[0][:free[0].index(stop)]
     assert stop not in out[1] and out[1] == free[1][:len(out[1])]
 
@@ -204,10 +204,10 @@ def test_generation_stops_per_row_and_excludes_the_stop_token():
 @pytest.mark.parametrize("name", TINY)
 def test_at_least_one_new_token_even_when_the_first_choice_is_a_stop_token(name):
     m, prompts = tiny(name), [[5, 6, 7], [40, 41, 42, 43]]
-    first = [out[0] for out in M.generate(m, prompts, 1)]
+    first = [out[0] for out in G.generate(m, prompts, 1)]
     stop = set(first)  # each row's greedy first token is a stop token
-    cap = M.Capture()
-    outs = M.generate(m, prompts, 6, stop_ids=stop, capture=cap)
+    cap = G.Capture()
+    outs = G.generate(m, prompts, 6, stop_ids=stop, capture=cap)
     for b, (p, out) in enumerate(zip(prompts, outs)):
         # reference: the best token other than the stop tokens, then plain greedy decoding until a stop token
         logits = m(torch.tensor([p]))[0, -1]
@@ -219,12 +219,12 @@ def test_at_least_one_new_token_even_when_the_first_choice_is_a_stop_token(name)
                 break
             ref.append(nxt)
         assert out == ref and len(out) >= 1
-        full = M.Capture()
+        full = G.Capture()
         m(torch.tensor([p + out]), response_start=torch.tensor([len(p)]), capture=full, logits="none")
         assert cap.counts["response"][b] == len(out)
         torch.testing.assert_close(cap.response_mean()[b], full.response_mean()[0], rtol=1e-5, atol=1e-5)
     # sampling obeys the same rule: a nucleus holding only the top token still avoids the stop tokens
-    sampled = M.generate(m, prompts, 1, stop_ids=stop, temperature=1.0, top_p=1e-6, seed=0)
+    sampled = G.generate(m, prompts, 1, stop_ids=stop, temperature=1.0, top_p=1e-6, seed=0)
     assert [out[0] for out in sampled] == [out[0] for out in outs]
 
 
@@ -232,7 +232,7 @@ def test_empty_spans_are_nan_not_zero():
     m, ref = tiny("tiny-tied"), load_file(GOLDEN / "tiny-tied" / "reference.safetensors")
     ids, mask = ref["ids_batch"], ref["mask_batch"]
     T = ids.shape[1]
-    cap = M.Capture()
+    cap = G.Capture()
     m(ids, attention_mask=mask, response_start=torch.tensor([10, T, 15]), capture=cap, logits="none")  # row 1: no answer
     assert cap.response_mean()[1].isnan().all() and cap.response_norm()[1].isnan().all()
     assert cap.response_mean()[[0, 2]].isfinite().all() and cap.response_norm()[[0, 2]].isfinite().all()
@@ -243,26 +243,26 @@ def test_generate_rejects_no_tokens():
     m = tiny("tiny-llama3")
     for bad in (0, -4):
         with pytest.raises(UserError, match="max_new_tokens must be at least 1"):
-            M.generate(m, [[5, 6]], bad)
+            G.generate(m, [[5, 6]], bad)
     with pytest.raises(UserError, match="empty prompt"):
-        M.generate(m, [[5, 6], []], 4)
+        G.generate(m, [[5, 6], []], 4)
 
 
 def test_generation_past_the_context_warns(capsys):
     m = tiny("tiny-llama3")  # max_position_embeddings 256
     capsys.readouterr()
-    M.generate(m, [[5] * 250], 6)
+    G.generate(m, [[5] * 250], 6)
     assert capsys.readouterr().err == ""
-    M.generate(m, [[5] * 250], 7)
+    G.generate(m, [[5] * 250], 7)
     assert "250 prompt tokens + 7 new ones exceed the model's context of 256 tokens" in capsys.readouterr().err
 
 
 def test_sampling_is_seeded_and_top_p_small_is_greedy():
     m = tiny("tiny-llama3")
-    a = M.generate(m, [[5, 6, 7]] * 4, 16, temperature=1.0, seed=1)
-    assert a == M.generate(m, [[5, 6, 7]] * 4, 16, temperature=1.0, seed=1)
-    assert a != M.generate(m, [[5, 6, 7]] * 4, 16, temperature=1.0, seed=2)
-    assert M.generate(m, [[5, 6, 7]], 16, temperature=1.0, top_p=1e-6, seed=3) == M.generate(m, [[5, 6, 7]], 16)
+    a = G.generate(m, [[5, 6, 7]] * 4, 16, temperature=1.0, seed=1)
+    assert a == G.generate(m, [[5, 6, 7]] * 4, 16, temperature=1.0, seed=1)
+    assert a != G.generate(m, [[5, 6, 7]] * 4, 16, temperature=1.0, seed=2)
+    assert G.generate(m, [[5, 6, 7]], 16, temperature=1.0, top_p=1e-6, seed=3) == G.generate(m, [[5, 6, 7]], 16)
 
 
 def test_zero_steering_is_bit_identical():
@@ -271,8 +271,8 @@ def test_zero_steering_is_bit_identical():
     steer = [M.Steer(layer, v, 0.0, pos) for layer, pos in [(1, "all"), (2, "response"), (3, "prompt")]]
     kw = dict(attention_mask=ref["mask_batch"], response_start=torch.tensor([10, 20, 15]))
     assert torch.equal(m(ref["ids_batch"], **kw), m(ref["ids_batch"], steer=steer, **kw))
-    out = M.generate(m, [[5, 6, 7]], 8)
-    assert out == M.generate(m, [[5, 6, 7]], 8, steer=steer)
+    out = G.generate(m, [[5, 6, 7]], 8)
+    assert out == G.generate(m, [[5, 6, 7]], 8, steer=steer)
 
 
 @pytest.mark.parametrize("positions", ["all", "prompt", "response"])
@@ -317,7 +317,7 @@ def hooked_greedy(m: M.Transformer, prompt: list[int], n: int, L: int, vector, p
     -> (new tokens, logits [n, vocab] each token was chosen from)."""
     handle = official_hook(m.model.layers[L - 1], positions, vector)
     try:
-        cache = M.KVCache(m.config, 1, len(prompt) + n, "cpu", torch.float32)
+        cache = G.KVCache(m.config, 1, len(prompt) + n, "cpu", torch.float32)
         logits = m(torch.tensor([prompt]), cache=cache, logits="last")[0, -1]
         tokens, steps = [], []
         for _ in range(n):
@@ -336,7 +336,7 @@ def test_steered_generation_equals_the_official_hook(name, L, positions):
     v = 3.0 * torch.randn(64, generator=torch.Generator().manual_seed(L))
     prompts, n = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 40], [20, 21, 22, 23, 24]], 10
     steer = [M.Steer(L, v, 1.0, positions)]
-    got = M.generate(m, prompts, n, steer=steer)  # batched, left-padded
+    got = G.generate(m, prompts, n, steer=steer)  # batched, left-padded
     for p, out in zip(prompts, got):
         tokens, logits = hooked_greedy(m, p, n, L, v, positions)
         assert out == tokens
@@ -344,7 +344,7 @@ def test_steered_generation_equals_the_official_hook(name, L, positions):
         full = m(torch.tensor([p + out]), response_start=torch.tensor([len(p)]), steer=steer)[0, len(p) - 1:-1]
         torch.testing.assert_close(full, logits, rtol=1e-5, atol=1e-4)
     if positions == "response":  # the first token already differs from unsteered generation for some prompt
-        plain = M.generate(m, prompts, n)
+        plain = G.generate(m, prompts, n)
         assert any(a[0] != b[0] for a, b in zip(got, plain))
 
 
@@ -353,7 +353,7 @@ def test_steered_generation_equals_the_official_hook_on_transformers(positions):
     transformers = pytest.importorskip("transformers")
     name, L, n = "tiny-llama3", 2, 8
     hf = transformers.AutoModelForCausalLM.from_pretrained(GOLDEN / name, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None  # no stop token, like M.generate without stop_ids
+    hf.generation_config.eos_token_id = None  # no stop token, like G.generate without stop_ids
     hf.generation_config.pad_token_id = 0
     m, v = tiny(name), 3.0 * torch.randn(64, generator=torch.Generator().manual_seed(0))
     steer = [M.Steer(L, v, 1.0, positions)]
@@ -365,7 +365,7 @@ def test_steered_generation_equals_the_official_hook_on_transformers(positions):
                                   use_cache=True, output_logits=True, return_dict_in_generate=True)
         finally:
             handle.remove()
-        out = M.generate(m, [p], n, steer=steer)[0]
+        out = G.generate(m, [p], n, steer=steer)[0]
         assert out == ref.sequences[0, len(p):].tolist()
         full = m(torch.tensor([p + out]), response_start=torch.tensor([len(p)]), steer=steer)[0, len(p) - 1:-1]
         torch.testing.assert_close(full, torch.cat(ref.logits), rtol=1e-4, atol=1e-4)
@@ -386,12 +386,12 @@ def test_per_row_steering_equals_each_row_steered_alone():
     v, w = torch.randn(3, 64), torch.randn(3, 64)
     v[2] = 0  # row 2: no steering at layer 2
     w[0] = 0  # row 0: no steering of the response at layer 1
-    batched = M.generate(m, prompts, 10, steer=[M.Steer(2, 3 * v, 1.0, "all"), M.Steer(1, 2 * w, 1.0, "response")])
-    alone = [M.generate(m, [prompts[0]], 10, steer=[M.Steer(2, v[0], 3.0, "all")]),
-             M.generate(m, [prompts[1]], 10, steer=[M.Steer(2, v[1], 3.0, "all"), M.Steer(1, w[1], 2.0, "response")]),
-             M.generate(m, [prompts[2]], 10, steer=[M.Steer(1, w[2], 2.0, "response")])]
+    batched = G.generate(m, prompts, 10, steer=[M.Steer(2, 3 * v, 1.0, "all"), M.Steer(1, 2 * w, 1.0, "response")])
+    alone = [G.generate(m, [prompts[0]], 10, steer=[M.Steer(2, v[0], 3.0, "all")]),
+             G.generate(m, [prompts[1]], 10, steer=[M.Steer(2, v[1], 3.0, "all"), M.Steer(1, w[1], 2.0, "response")]),
+             G.generate(m, [prompts[2]], 10, steer=[M.Steer(1, w[2], 2.0, "response")])]
     assert batched == [a[0] for a in alone]
-    assert batched != M.generate(m, prompts, 10)  # the steering does change the answers
+    assert batched != G.generate(m, prompts, 10)  # the steering does change the answers
     # the states: at index 2, row 0 changes by exactly 1.5 v[0] and row 1 not at all; each row as if alone
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     base = hidden_states(m, ids)
@@ -416,7 +416,7 @@ def test_captured_means_equal_means_of_full_hidden_states():
     m, ref = tiny("tiny-tied"), load_file(GOLDEN / "tiny-tied" / "reference.safetensors")
     ids, mask = ref["ids_batch"], ref["mask_batch"].bool()
     start = torch.tensor([14, 20, 15])
-    cap = M.Capture()
+    cap = G.Capture()
     m(ids, attention_mask=mask, response_start=start, capture=cap, logits="none")
     full = hidden_states(m, ids, attention_mask=mask, response_start=start)  # [N + 1, B, T, d]
     cols = torch.arange(ids.shape[1])
@@ -431,10 +431,10 @@ def test_captured_means_equal_means_of_full_hidden_states():
 def test_capture_during_generation_matches_teacher_forcing():
     m = tiny("tiny-qwen2")
     prompts = [[5, 6, 7, 8], [9, 10]]
-    cap = M.Capture()
-    outs = M.generate(m, prompts, max_new_tokens=6, capture=cap)
+    cap = G.Capture()
+    outs = G.generate(m, prompts, max_new_tokens=6, capture=cap)
     for b, (p, out) in enumerate(zip(prompts, outs)):
-        ref = M.Capture()
+        ref = G.Capture()
         m(torch.tensor([p + out]), response_start=torch.tensor([len(p)]), capture=ref, logits="none")
         assert torch.allclose(cap.prompt_mean()[b], ref.prompt_mean()[0], atol=1e-5)
         assert torch.allclose(cap.response_mean()[b], ref.response_mean()[0], atol=1e-5)
@@ -443,11 +443,11 @@ def test_capture_during_generation_matches_teacher_forcing():
         assert cap.counts["response"][b] == len(out)
     # a row that stops early: its stop token and the filler after it are not part of the response
     stop = next(t for i, t in enumerate(outs[0]) if i >= 2 and t not in outs[0][:i])  # first seen at >= 2
-    cap = M.Capture()
-    stopped = M.generate(m, prompts, max_new_tokens=6, stop_ids={stop}, capture=cap)
+    cap = G.Capture()
+    stopped = G.generate(m, prompts, max_new_tokens=6, stop_ids={stop}, capture=cap)
     assert stopped[0] == outs[0][:outs[0].index(stop)] and cap.counts["response"][0] == len(stopped[0])
     outs = stopped
-    ref = M.Capture()
+    ref = G.Capture()
     m(torch.tensor([prompts[0] + outs[0]]), response_start=torch.tensor([4]), capture=ref, logits="none")
     assert torch.allclose(cap.response_mean()[0], ref.response_mean()[0], atol=1e-5)
 
@@ -514,8 +514,8 @@ def test_the_cpu_split_is_applied_from_outside_and_changes_no_output():
     assert len(linears) == 3 * 7 + 1 and all(type(x) is cpu_speed.SplitLinear for x in linears)
 
     def run():
-        cap = M.Capture()
-        return M.generate(m, [[5, 6, 7], [40, 41, 42, 43]], 8, capture=cap), cap.response_mean()
+        cap = G.Capture()
+        return G.generate(m, [[5, 6, 7], [40, 41, 42, 43]], 8, capture=cap), cap.response_mean()
 
     threads = torch.get_num_threads()
     try:
@@ -551,8 +551,8 @@ def test_written_out_attention_gives_the_models_outputs(name, monkeypatch):
     ids, mask = ref["ids_batch"], ref["mask_batch"]
 
     def run():
-        cap = M.Capture()
-        out = M.generate(m, [[5, 6, 7, 8, 9, 10, 11], [12, 13]], 10, capture=cap)
+        cap = G.Capture()
+        out = G.generate(m, [[5, 6, 7, 8, 9, 10, 11], [12, 13]], 10, capture=cap)
         return m(ids, attention_mask=mask) * mask[..., None], m(ref["ids_single"]), out, cap.response_mean()
 
     fused = run()
@@ -567,18 +567,18 @@ def test_interventions_are_checked_once_per_sequence_not_per_token(monkeypatch):
     m, calls = tiny("tiny-llama3"), []
     check = M.check_fits
     monkeypatch.setattr(M, "check_fits", lambda *a: calls.append(a) or check(*a))
-    M.generate(m, [[5, 6, 7]], 12, steer=[M.Steer(2, torch.randn(64), 1.0)])
+    G.generate(m, [[5, 6, 7]], 12, steer=[M.Steer(2, torch.randn(64), 1.0)])
     assert len(calls) == 1
 
 
 def test_model_py_copied_alone_runs(tmp_path):
-    """model.py imports no project module at module level: a copy alone builds, generates, and fails clearly."""
+    """model.py imports no project module at module level: a copy alone builds, runs, and fails clearly."""
     import subprocess
     import sys
     shutil.copy(Path(M.__file__), tmp_path / "model.py")
     script = ("import torch, model as M\n"
               "m = M.Transformer(M.Config('llama', 96, 64, 112, 2, 4, 2)).eval()\n"
-              "assert len(M.generate(m, [[5, 6, 7]], 4, steer=[M.Steer(1, torch.ones(64))])[0]) == 4\n"
+              "assert m(torch.tensor([[5, 6, 7]]), steer=[M.Steer(1, torch.ones(64))]).shape == (1, 3, 96)\n"
               "try:\n    M.Steer(1, torch.ones(64), positions='middle')\n"
               "except ValueError as e:\n    print(type(e).__name__, e)\n")
     r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 import model as M
 import persona_vectors as pv
+from support import generation as G
 from tiny import FakeJudge, tiny_model_with_vectors
 
 
@@ -49,7 +50,7 @@ def test_monitor_experiment_bookkeeping(tiny, tmp_path, monkeypatch):
     model, tok = M.load(str(d), "cpu", torch.float32)
     ids = tok.encode_chat([{"role": "system", "content": t.graded_system_prompts[5]},
                            {"role": "user", "content": t.eval_questions[1]}])
-    cap = M.Capture()
+    cap = G.Capture()
     with torch.no_grad():
         model(torch.tensor([ids]), capture=cap, logits="none")
     v = pv.load_vector(vectors / "evil_response_avg_diff.safetensors")[0][2]
@@ -96,7 +97,7 @@ def test_monitor_conversations(tiny, tmp_path):
     u = v / v.norm()
     for row, i in zip(rows, (1, 3)):
         prompt, reply = tok.encode_chat(conv[:i]), tok.encode(conv[i]["content"])
-        cap = M.Capture(token_layers=(2,))
+        cap = G.Capture(token_layers=(2,))
         with torch.no_grad():
             model(torch.tensor([prompt + reply]), response_start=torch.tensor([len(prompt)]), capture=cap,
                   logits="none")

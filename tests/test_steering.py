@@ -4,6 +4,7 @@ import torch
 
 import model as M
 import persona_vectors as pv
+from support import generation as G
 from tiny import make_tiny_chat_model, write_vector
 
 
@@ -52,10 +53,10 @@ def test_all_layers_adds_increments(tiny, tmp_path):
         assert s.coef == 1.5 and torch.equal(s.vector, vec[s.layer] - vec[s.layer - 1])
     # together they add coef * (v[l] - v[0]) by block l: check on the residual after the last block
     ids = torch.tensor([[5, 6, 7]])
-    cap = M.Capture(token_layers=(3,))
+    cap = G.Capture(token_layers=(3,))
     with torch.no_grad():
         model(ids, steer=[M.Steer(3, s.vector, s.coef) for s in steer], capture=cap, logits="none")
-    base = M.Capture(token_layers=(3,))
+    base = G.Capture(token_layers=(3,))
     with torch.no_grad():
         model(ids, capture=base, logits="none")
     torch.testing.assert_close(cap.tokens[3][0] - base.tokens[3][0], (1.5 * (vec[3] - vec[0])).expand(1, 3, 64),
@@ -87,7 +88,7 @@ def test_generate_with_steering(tiny, tmp_path):
     # the same as generating by hand with the vector added at block 2 (response positions)
     model, tok = M.load(str(d), "cpu", torch.float32)
     ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in ("Hello", "What is 2 + 2?")]
-    by_hand = M.generate(model, ids, 8, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+    by_hand = G.generate(model, ids, 8, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                          steer=[M.Steer(2, vec[2], 8.0, "response")])
     assert steered == [tok.decode(o) for o in by_hand] and steered != base
     with pytest.raises(pv.UserError, match="overflows"):

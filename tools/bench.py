@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
 
-from support import cpu_speed, hub
+from support import cpu_speed, generation as G, hub
 import model as M
 import train
 
@@ -103,10 +103,10 @@ def bench_generation(ours, hf, tok, batch: int, new_tokens: int, layer: int, vec
         finally:
             handle.remove()
 
-    runs = {"plain_s": lambda: M.generate(ours, prompts, new_tokens, pad_id=tok.pad_id),
-            "ours_s": lambda: M.generate(ours, prompts, new_tokens, pad_id=tok.pad_id, steer=steer),
+    runs = {"plain_s": lambda: G.generate(ours, prompts, new_tokens, pad_id=tok.pad_id),
+            "ours_s": lambda: G.generate(ours, prompts, new_tokens, pad_id=tok.pad_id, steer=steer),
             "hf_s": hf_steered}
-    M.generate(ours, prompts, 4, pad_id=tok.pad_id)  # warm-up
+    G.generate(ours, prompts, 4, pad_id=tok.pad_id)  # warm-up
     best, outputs = {k: float("inf") for k in runs}, {}
     for _ in range(repeats):  # interleaved, best of each: a noisy machine slows every side alike
         for k, fn in runs.items():
@@ -139,7 +139,7 @@ def bench_capture(ours, hf, tok, pairs: int, batch: int) -> dict:
             chunk = data[i:i + batch]
             ids, mask = left_pad([p + r for p, r in chunk], tok.pad_id)
             start = torch.tensor([ids.shape[1] - len(r) for _, r in chunk])
-            cap = M.Capture()
+            cap = G.Capture()
             with torch.no_grad():
                 ours(ids, attention_mask=mask, response_start=start, capture=cap, logits="none")
             out.append(cap.response_mean())
@@ -168,8 +168,8 @@ def bench_decode(ours, hf, tok, new_tokens: int) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     bw, read_bw = bandwidths()
     prompt = tok.encode_chat([{"role": "user", "content": QUESTIONS[0]}])
-    t_ours, _ = timed(lambda: M.generate(ours, [prompt], new_tokens), repeats=2)
-    t_prefill, _ = timed(lambda: M.generate(ours, [prompt], 1), repeats=2)
+    t_ours, _ = timed(lambda: G.generate(ours, [prompt], new_tokens), repeats=2)
+    t_prefill, _ = timed(lambda: G.generate(ours, [prompt], 1), repeats=2)
     per_token = (t_ours - t_prefill) / (new_tokens - 1)
     ids = torch.tensor([prompt])
     t_hf, _ = timed(lambda: hf.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False,

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's
 
 import model as M
 from apps import flagging
-from support import hub
+from support import generation as G, hub
 from bench import left_pad  # tools/bench.py, beside this file
 from support.traits import available_traits, load_trait
 
@@ -35,7 +35,7 @@ def make_samples(ours, tok, n: int, new_tokens: int) -> list[dict]:
     """n single-turn conversations: trait evaluation questions with the model's own sampled answers (untimed)."""
     questions = [q for t in available_traits() for q in load_trait(t).eval_questions][:n]
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions]
-    answers = M.generate(ours, prompts, new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=0.7,
+    answers = G.generate(ours, prompts, new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=0.7,
                          top_p=0.9, seed=1)
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": tok.decode(a)}]}
             for q, a in zip(questions, answers)]

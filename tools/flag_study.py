@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's
 
 import model as M
 from apps import flagging
-from support import UserError
+from support import UserError, generation as G
 from support.files import atomic_write, default_vectors_dir, vector_path
 from support.hub import DEFAULT_MODEL
 from support.traits import available_traits, load_trait
@@ -90,7 +90,7 @@ def make_data(model, tok, trait: str, questions: list[str], side: str, dest: Pat
         qs = questions[b:b + batch]
         convs = [[{"role": "system", "content": t.system_prompt(side, (b + i) % len(t.instructions))},
                   {"role": "user", "content": q}] for i, q in enumerate(qs)]
-        outs = M.generate(model, [tok.encode_chat(c) for c in convs], max_new_tokens, stop_ids=tok.stop_ids,
+        outs = G.generate(model, [tok.encode_chat(c) for c in convs], max_new_tokens, stop_ids=tok.stop_ids,
                           pad_id=tok.pad_id, temperature=temperature, top_p=top_p, seed=seed * 7919 + b)
         lines += [json.dumps({"messages": [{"role": "user", "content": q},
                                            {"role": "assistant", "content": tok.decode(o)}]}) + "\n"

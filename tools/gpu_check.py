@@ -31,13 +31,13 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tools")]  # the project, the tests' tiny models, bench
 
-import make_golden_models as G  # noqa: E402
+import make_golden_models as golden  # noqa: E402
 import model as M  # noqa: E402
 import persona_vectors as pv  # noqa: E402
 import train  # noqa: E402
 from bench import PeakRSS  # noqa: E402  (tools/bench.py, beside this file)
 from apps import flagging, server as S  # noqa: E402
-from support import UserError, checkpoint  # noqa: E402
+from support import UserError, checkpoint, generation as G  # noqa: E402
 from support.files import atomic_write, check_writable  # noqa: E402
 from tiny import make_tiny_chat_model, write_vector  # noqa: E402
 
@@ -212,15 +212,15 @@ def shape_only(src: Path, dest: Path) -> Path:
     state = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.float32).state_dict()
     if config.get("tie_word_embeddings"):
         del state["lm_head.weight"]  # one tensor, stored once
-    G.write_checkpoint(dest, config, state, shards=1)
+    golden.write_checkpoint(dest, config, state, shards=1)
     return dest
 
 
 def parity_section(checks: Checks, device: str, default_model: Path | None, tmp: Path) -> None:
-    tied_qwen2 = G.CONFIGS["tiny-qwen2"] | {"tie_word_embeddings": True}
-    models = {"llama3": G.CONFIGS["tiny-llama3"], "qwen2": G.CONFIGS["tiny-qwen2"], "qwen2-tied": tied_qwen2}
+    tied_qwen2 = golden.CONFIGS["tiny-qwen2"] | {"tie_word_embeddings": True}
+    models = {"llama3": golden.CONFIGS["tiny-llama3"], "qwen2": golden.CONFIGS["tiny-qwen2"], "qwen2-tied": tied_qwen2}
     for seed, (name, config) in enumerate(models.items()):
-        G.write_checkpoint(tmp / name, config, G.random_weights(config, seed), shards=1)
+        golden.write_checkpoint(tmp / name, config, golden.random_weights(config, seed), shards=1)
         for dtype in (torch.float32, torch.bfloat16):
             checks.run(f"{name}.{str(dtype).removeprefix('torch.')}", parity, tmp / name, device, dtype)
     if default_model is None:
@@ -367,7 +367,7 @@ def decode(ours, hf, batch: int, new: int, bandwidth: float, device: str) -> dic
         return (out[0] + 4.0 * vector,) + tuple(out[1:]) if isinstance(out, tuple) else out + 4.0 * vector
 
     ids = prompts.to(device)
-    runs = {"ours": lambda n: M.generate(ours, prompts.tolist(), n, steer=steer),
+    runs = {"ours": lambda n: G.generate(ours, prompts.tolist(), n, steer=steer),
             "hf": lambda n: hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                         min_new_tokens=n, do_sample=False)}
     handle = hf.model.layers[c.num_hidden_layers // 2 - 1].register_forward_hook(hook)
@@ -394,7 +394,7 @@ def capture(ours, hf, batch: int, prompt: int, response: int, device: str) -> di
     start = torch.full((batch,), prompt, device=device)
 
     def ours_run():
-        cap = M.Capture()
+        cap = G.Capture()
         ours(ids, response_start=start, capture=cap, logits="none")
         return cap.response_mean()
 

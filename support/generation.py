@@ -1,0 +1,135 @@
+"""Generation on model.py, kept apart from the network as gpt-fast keeps generate.py apart from model.py:
+`generate` (batched, left-padded, with a per-row stop), `sample` (greedy or nucleus), the `KVCache` it decodes with,
+and `Capture`, the per-layer activation summaries a generation or forward pass records (forward's `capture`).
+
+    cap = Capture()
+    answers = generate(model, [tok.encode_chat(chat)], 40, stop_ids=tok.stop_ids, pad_id=tok.pad_id, capture=cap)
+    cap.response_mean()                                              # [1, N + 1, hidden]
+"""
+import math
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+import model as M
+from support import UserError
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated: [B, n_kv_heads, max_len, head_dim] each; `length` filled."""
+    def __init__(self, c: M.Config, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.num_hidden_layers)]
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+@dataclass
+class Capture:
+    """Per-layer summaries of the residual stream, accumulated over one or several forward calls.
+
+    `prompt_mean()`, `response_mean()`, `prompt_last()`: [B, N + 1, hidden] fp32, over the non-padding tokens of the
+    span; an empty span gives NaN, never a silent zero. Only running sums are kept; `token_layers` also keeps every
+    token's state at those indices (`tokens[layer]`: [B, T, hidden] per forward call), for per-token projections.
+    """
+    token_layers: tuple = ()
+    sums: dict = field(default_factory=dict)  # span -> [B, N + 1, hidden] fp32
+    counts: dict = field(default_factory=dict)  # span -> [B] number of tokens summed
+    tokens: dict = field(default_factory=dict)  # layer -> list of [B, T, hidden]
+
+    def record(self, layer: int, h: torch.Tensor, spans: dict, n_layers: int):
+        """Add the states h [B, T, hidden] at hidden index `layer` to the sums; spans: forward's [B, T] token masks."""
+        hf, B = h.float(), h.shape[0]
+        masks = {"prompt": spans["prompt"].float(), "response": spans["answer"].float(), "last": spans["last"].float()}
+        if not self.sums:  # and the mean per-token norm of the response, the scale a steering coefficient is set by
+            self.sums = {s: hf.new_zeros(B, n_layers + 1, h.shape[-1]) for s in masks}
+            self.sums["response_norm"] = hf.new_zeros(B, n_layers + 1)
+            self.counts = {s: hf.new_zeros(B) for s in masks}
+        for span, m in masks.items():
+            self.sums[span][:, layer] += (hf * m[..., None]).sum(1)
+            if layer == 0:
+                self.counts[span] += m.sum(1)
+        self.sums["response_norm"][:, layer] += (hf.norm(dim=-1) * masks["response"]).sum(1)
+        if layer in self.token_layers:
+            self.tokens.setdefault(layer, []).append(h.detach().float())
+
+    def _mean(self, span, sums=None):
+        sums = self.sums[span] if sums is None else sums  # [B, ...]
+        count = self.counts[span].reshape(-1, *[1] * (sums.dim() - 1))
+        return torch.where(count > 0, sums / count.clamp(min=1), math.nan)  # an empty span: NaN, not 0
+
+    def prompt_mean(self): return self._mean("prompt")
+    def response_mean(self): return self._mean("response")
+    def prompt_last(self): return self._mean("last")  # a one-token span: the value itself
+    def response_norm(self): return self._mean("response", self.sums["response_norm"])
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from logits [B, vocab]: argmax when temperature == 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        p, idx = probs.sort(dim=-1, descending=True)
+        drop = p.cumsum(-1) - p > top_p  # tokens after the nucleus; the most likely token always stays
+        probs = torch.zeros_like(probs).scatter_(-1, idx, p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: M.Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(), pad_id: int = 0,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, steer: list[M.Steer] = (),
+             capture: Capture | None = None, progress: bool = False, cap: list[M.Cap] = ()) -> list[list[int]]:
+    """Batched generation with left padding and a KV cache -> the new tokens of each prompt, stop token excluded.
+
+    Every row gets at least one new token: at the first step the stop tokens cannot be chosen (the official
+    sampling's minimum of one new token), so no answer is empty. After that a row stops at its first token in
+    `stop_ids`; its later columns are masked out, so a `capture` sees exactly the prompt (prompt_mean,
+    prompt_last) and every generated token before the stop (response_mean): the same states as a forward pass
+    over prompt + answer.
+    """
+    device, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise UserError("empty prompt: every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+    B, T0 = len(prompts), max(len(p) for p in prompts)
+    n_ctx = model.config.max_position_embeddings
+    if T0 + max_new_tokens > n_ctx:
+        print(f"warning: {T0} prompt tokens + {max_new_tokens} new ones exceed the model's context of {n_ctx} tokens "
+              "(max_position_embeddings): positions past it were never trained, so expect degraded text; shorten "
+              "the prompt or --max-new-tokens", file=sys.stderr)
+    ids = torch.tensor([[pad_id] * (T0 - len(p)) + p for p in prompts], dtype=torch.long, device=device)  # [B, T0]
+    mask = torch.tensor([[0] * (T0 - len(p)) + [1] * len(p) + [0] * max_new_tokens for p in prompts],
+                        dtype=torch.bool, device=device)  # [B, T0 + max_new_tokens]: True = a real token
+    response_start = torch.full((B,), T0, device=device)
+    cache = KVCache(model.config, B, T0 + max_new_tokens, device, dtype)
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = []
+    logits = model(ids, mask[:, :T0], cache, response_start, steer=steer, capture=capture, logits="last", cap=cap)
+    for t in range(max_new_tokens):
+        if progress:
+            print(f"\rgenerating: {t}/{max_new_tokens} tokens", end="", file=sys.stderr, flush=True)
+        step = logits[:, -1] if t > 0 else logits[:, -1].index_fill(-1, stop, -math.inf)  # [B, vocab]
+        nxt = sample(step, temperature, top_p, generator)
+        done |= torch.isin(nxt, stop)
+        out.append(torch.where(done, -1, nxt))
+        final = t == max_new_tokens - 1  # then only a capture or a cap's count needs the last token fed back
+        if bool(done.all()) or final and capture is None and not cap:
+            break
+        mask[:, T0 + t] = ~done  # a finished row's filler token is padding from now on
+        logits = model(nxt[:, None], mask[:, :T0 + t + 1], cache, response_start, steer=steer, capture=capture,
+                       logits="none" if final else "last", cap=cap)
+    if progress:
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
+    tokens = torch.stack(out, 1).tolist()  # [B, steps], -1 after a row's stop
+    return [[x for x in row if x >= 0] for row in tokens]
