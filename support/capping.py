@@ -35,7 +35,7 @@ from support.files import atomic_write, check_fits, load_vector, read_json, vect
 FORMAT = "persona-vectors cap ceilings 1"
 PERCENTILES = [float(p) for p in range(1, 100)] + [99.5, 99.9]
 DEFAULT_PERCENTILE = 90.0  # chosen by tools/cap_study.py (docs/capping.md)
-DEFAULT_BAND = (0.4, 0.67)  # default layers: blocks round(0.4 N)..round(0.67 N), 12-20 of SmolLM2-135M's 30
+DEFAULT_BAND = (0.53, 0.63)  # default layers: blocks round(0.53 N)..round(0.63 N), 16-19 of SmolLM2-135M's 30
 SPEC_RE = re.compile(r"(?P<trait>[^:@]+)(?::(?P<percentile>[^@]*))?(?:@(?P<layers>.*))?")
 
 

@@ -129,9 +129,15 @@ def interpolate(x: float, xs: list[float], ys: list[float]) -> float | None:
     return None
 
 
+NOISE_NLL = 0.01  # nats/token: below this a difference in neutral loss is not told apart from noise here
+FAR_MORE = 0.25  # "far more benign answers unchanged": at least 25 points more than steering
+
+
 def verdict(rows: list[dict]) -> list[dict]:
-    """Each cap arm against steering at the same reduction: steering's neutral-loss cost and unchanged share there
-    (linear between steering arms, with none as the zero point; None beyond the strongest steering)."""
+    """Each cap arm against steering at the same reduction on trait-encouraging prompts: steering's neutral-loss
+    cost and unchanged share there, linear between steering arms (none as c = 0; None beyond the strongest).
+    The target: at most half of steering's neutral-loss cost (where steering's own cost is under NOISE_NLL, a cap
+    cost under NOISE_NLL counts as meeting it) and FAR_MORE benign answers unchanged."""
     steer = [r for r in rows if r["kind"] in ("none", "steer")]
     xs = [r["reduction"] for r in steer]
     out = []
@@ -140,17 +146,22 @@ def verdict(rows: list[dict]) -> list[dict]:
             continue
         nll = interpolate(r["reduction"], xs, [s["nll_increase"] for s in steer])
         unchanged = interpolate(r["reduction"], xs, [s["unchanged"] for s in steer])
+        if nll is None:
+            nll_ok = unchanged_ok = None
+        else:
+            nll_ok = r["nll_increase"] <= (0.5 * nll if nll > NOISE_NLL else NOISE_NLL)
+            unchanged_ok = r["unchanged"] >= unchanged + FAR_MORE
         out.append(dict(arm=r["name"], reduction=r["reduction"], nll_increase=r["nll_increase"],
-                        steer_nll_increase=nll, unchanged=r["unchanged"], steer_unchanged=unchanged,
-                        met=None if nll is None else bool(r["nll_increase"] <= 0.5 * nll and
-                                                          r["unchanged"] >= unchanged + 0.25)))
+                        steer_nll_increase=None if nll is None else round(nll, 4), unchanged=r["unchanged"],
+                        steer_unchanged=None if unchanged is None else round(unchanged, 3), nll_ok=nll_ok,
+                        unchanged_ok=unchanged_ok, met=None if nll is None else nll_ok and unchanged_ok))
     return out
 
 
 def study(model_name: str = pv.DEFAULT_MODEL, trait: str = "evil", vectors: str | None = None,
           out: str = "study/capping", questions: int = 8, grades=(0, 3, 5, 6, 7), benign: int = 16,
           max_new_tokens: int = 32,
-          calibrate_n: int = 100, coefs=(2, 4, 8), percentiles=(75, 90, 99), bands=None,
+          calibrate_n: int = 100, coefs=(0.5, 1, 2, 4, 8), percentiles=(50, 75, 90, 99), bands=None,
           batch_size: int = 64, figure: str | None = "docs/figures/capping.json", device: str = "cpu") -> dict:
     t = load_trait(trait)
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
@@ -164,8 +175,8 @@ def study(model_name: str = pv.DEFAULT_MODEL, trait: str = "evil", vectors: str 
     N = model.config.num_hidden_layers
     L = resolve_layer(None, meta, N)
     c = load_ceilings(ceiling_path(vec_file), vec, model, t.name)
-    band = default_layers(N)
-    bands = bands or [str(L), f"{band[0]}-{band[-1]}"]
+    band = default_layers(N)  # 16-19 of 30 blocks, chosen by this study
+    bands = bands or [str(L), f"{round(0.4 * N)}-{round(0.67 * N)}", f"{band[0]}-{band[-1]}"]
     pool = pv.load_questions(c["questions_file"])
     requests = pool[c["answers"]:c["answers"] + benign]  # never the ones the ceilings were measured on
     if len(requests) < benign:
@@ -175,7 +186,7 @@ def study(model_name: str = pv.DEFAULT_MODEL, trait: str = "evil", vectors: str 
              for q in t.eval_questions[:questions]]
     chats += [(None, pv.conversation(dict(system=None, question=q))) for q in requests]
     prompts = [tok.encode_chat(ch) for _, ch in chats]
-    grades = [g if g is not None else -1 for g, _ in chats]
+    prompt_grades = [g if g is not None else -1 for g, _ in chats]
     kinds = ["benign" if g is None else "graded" for g, _ in chats]
     settings = dict(model=model_name, trait=t.name, vector_sha256=c["vector_sha256"], layer=L,
                     ceilings=hashlib.sha256(json.dumps(c["ceilings"]).encode()).hexdigest(),
@@ -195,7 +206,7 @@ def study(model_name: str = pv.DEFAULT_MODEL, trait: str = "evil", vectors: str 
         r = run_arm(arm, model, tok, vec, L, vectors_dir, t.name, prompts, kinds, base, batch_size)
         atomic_write(path, lambda p: p.write_text(json.dumps(dict(settings=settings, result=r))))
         results[arm["name"]] = r
-    rows = [summarize(a, results[a["name"]], results["none"], kinds, grades, len(t.graded_system_prompts))
+    rows = [summarize(a, results[a["name"]], results["none"], kinds, prompt_grades, len(t.graded_system_prompts))
             for a in todo]
     doc = dict(model=model_name, trait=t.name, layer=L, vector_norm=round(float(vec[L].norm()), 4),
                settings=dict(questions=questions, grades=list(grades), benign=benign,
@@ -240,9 +251,9 @@ def main(argv=None) -> int:
     p.add_argument("--benign", type=int, default=16, help="benign requests")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--calibrate-n", type=int, default=100, help="calibrate-cap's --n, if no ceilings exist yet")
-    p.add_argument("--coefs", type=pv._float_list, default=[2, 4, 8], help="steering -c * v[L] for each c")
-    p.add_argument("--percentiles", type=pv._float_list, default=[75, 90, 99])
-    p.add_argument("--bands", default=None, help="';'-separated layer bands (default: L;0.4N-0.67N)")
+    p.add_argument("--coefs", type=pv._float_list, default=[0.5, 1, 2, 4, 8], help="steering -c * v[L] for each c")
+    p.add_argument("--percentiles", type=pv._float_list, default=[50, 75, 90, 99])
+    p.add_argument("--bands", default=None, help="';'-separated layer bands (default: L;0.4N-0.67N;0.53N-0.63N)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--figure", default="docs/figures/capping.json", help="results copy for the picture ('' = none)")
     a = p.parse_args(argv)

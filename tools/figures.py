@@ -202,8 +202,9 @@ def capping(d: dict, fig) -> None:
     steer = [r for r in d["rows"] if r["kind"] in ("none", "steer")]
     bands = list(dict.fromkeys(r["band"] for r in d["rows"] if r["kind"] == "cap"))
     for ax, (key, label) in zip(axes, costs):
-        ax.plot([value[key](r) for r in steer], [r["reduction"] for r in steer], color="black", marker="s",
-                label="steering -c v (c = 0, " + ", ".join(f"{r['coef'] * -1:g}" for r in steer[1:]) + ")")
+        if key != "fired_benign":  # steering has no ceiling to fire
+            ax.plot([value[key](r) for r in steer], [r["reduction"] for r in steer], color="black", marker="s",
+                    label="steering -c v (c = 0, " + ", ".join(f"{-r['coef']:g}" for r in steer[1:]) + ")")
         for band, color in zip(bands, ("tab:red", "tab:blue", "tab:green", "tab:purple")):
             rs = [r for r in d["rows"] if r["kind"] == "cap" and r["band"] == band]
             ax.scatter([value[key](r) for r in rs], [r["reduction"] for r in rs], color=color,
