@@ -1573,7 +1573,8 @@ def _generate_command(prompts: list[str], prompts_file: str | None = None, **kw)
 # The one place the command line reaches above this file: apps/ modules, by name, each with add_commands(sub).
 APP_COMMANDS = ("apps.flagging",  # flag, flag-merge: ΔP over datasets at scale (streamed, resumable, sharded)
                 "apps.control_vector",  # export-gguf, import-gguf: vectors for llama.cpp
-                "apps.server")  # serve: an OpenAI-compatible server with per-request steering
+                "apps.server",  # serve: an OpenAI-compatible server with per-request steering
+                "apps.capping")  # calibrate-cap: the ceilings of persona capping
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ trait files, file I/O, checkpoint checks and training infrastructure. Nothing he
     generation.py    generate and sample on model.py (left padding, per-row stops), its KVCache, and Capture
     cpu_speed.py     the CPU matmul split that model.load_model applies on the CPU (measured in tools/bench.py)
     training.py      train.py's infrastructure: flags, data files, checkpoints and resuming, process groups
+    capping.py       persona capping's ceiling file, --cap specs and the model.Cap interventions they make
 """
 
 

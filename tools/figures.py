@@ -9,6 +9,7 @@ What --collect reads (each written by a study command; docs/figures.md gives the
                            100 random directions (the experiment's own, recomputed from the same prompts)
     finetuning_shift.json  out/train_study/figure_data.json, written by tools/train_study.py
     delta_p.json           out/flag_study/figure_data.json, written by tools/flag_study.py
+    capping.json           written here by tools/cap_study.py itself
 """
 import argparse
 import csv
@@ -190,7 +191,52 @@ def delta_p(d: dict, fig) -> None:
     ax.legend(fontsize="small")
 
 
-DRAW = {"steering": steering, "monitoring": monitoring, "finetuning_shift": finetuning_shift, "delta_p": delta_p}
+def capping(d: dict, fig) -> None:
+    """Trait-expression reduction on trait-encouraging prompts against each cost, one point per arm: steering as a
+    line (weakest to strongest), capping as points coloured by layer band, labelled by percentile."""
+    axes = fig.subplots(1, 3, sharey=True)
+    costs = [("nll_increase", "extra nats/token on neutral text"), ("changed", "% of benign answers changed"),
+             ("fired_benign", "% of benign answer tokens capped")]
+    value = {"nll_increase": lambda r: r["nll_increase"], "changed": lambda r: 100 * (1 - r["unchanged"]),
+             "fired_benign": lambda r: 100 * r["fired_benign"]}
+    steer = [r for r in d["rows"] if r["kind"] in ("none", "steer")]
+    bands = list(dict.fromkeys(r["band"] for r in d["rows"] if r["kind"] == "cap"))
+    for ax, (key, label) in zip(axes, costs):
+        if key != "fired_benign":  # steering has no ceiling to fire
+            ax.plot([value[key](r) for r in steer], [r["reduction"] for r in steer], color="black", marker="s",
+                    label="steering -c v (c = 0, " + ", ".join(f"{-r['coef']:g}" for r in steer[1:]) + ")")
+        for band, color in zip(bands, ("tab:red", "tab:blue", "tab:green", "tab:purple")):
+            rs = [r for r in d["rows"] if r["kind"] == "cap" and r["band"] == band]
+            ax.scatter([value[key](r) for r in rs], [r["reduction"] for r in rs], color=color,
+                       label=f"cap at layers {band}")
+            for r in rs:
+                ax.annotate(f"p{r['percentile']:g}", (value[key](r), r["reduction"]), fontsize=7,
+                            xytext=(3, 2), textcoords="offset points", color=color)
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set_xlabel(label, fontsize=9)
+    axes[0].set_ylabel(f"drop in the answers' projection on {d['trait']}\n(sys5-7 prompts, layer {d['layer']}; "
+                       f"|v| = {d['vector_norm']:.1f})", fontsize=9)
+    axes[0].legend(fontsize=7)
+    s = d["settings"]
+    fig.suptitle(f"Capping vs steering on {d['model'].split('/')[-1]}: {s['questions']} questions x "
+                 f"{len(s['grades'])} graded system prompts, {s['benign']} benign requests, greedy, {s['max_new_tokens']} tokens",
+                 fontsize=10)
+
+
+DRAW = {"steering": steering, "monitoring": monitoring, "finetuning_shift": finetuning_shift, "delta_p": delta_p,
+        "capping": capping}
+SIZES = {"steering": (9, 4.5), "capping": (11, 4.2)}
+
+
+def draw(name: str, path: Path, d: dict) -> Path:
+    """One picture from its numbers, written to path."""
+    fig = plt.figure(figsize=SIZES.get(name, (8, 4.5)))
+    DRAW[name](d, fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    print(f"drew {path}", file=sys.stderr)
+    return path
 
 
 def main(argv=None) -> int:
@@ -206,13 +252,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.collect:
         collect(a)
-    for name, draw in DRAW.items():
-        fig = plt.figure(figsize=(9 if name == "steering" else 8, 4.5))
-        draw(json.loads((FIGURES / f"{name}.json").read_text()), fig)
-        fig.tight_layout()
-        fig.savefig(FIGURES / f"{name}.png", dpi=90)
-        plt.close(fig)
-        print(f"drew {FIGURES / name}.png", file=sys.stderr)
+    for name in DRAW:
+        draw(name, FIGURES / f"{name}.png", json.loads((FIGURES / f"{name}.json").read_text()))
     return 0
 
 
