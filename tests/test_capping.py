@@ -12,6 +12,7 @@ import torch
 import model as M
 import persona_vectors as pv
 from support import UserError
+from support import generation as G
 from support.capping import PERCENTILES, caps_for, caps_per_row, ceiling_path, parse_cap
 from support.files import load_vector
 from tiny import run_bad, tiny_model_with_vectors, tree
@@ -69,7 +70,7 @@ def test_calibrate_cap_writes_the_percentiles_of_every_answer_token(tiny, loaded
     with torch.no_grad():
         for q in QUESTIONS[:4]:  # each answered alone, read back by hand: no padding, no Capture
             prompt = tok.encode_chat([{"role": "user", "content": q}])
-            answer = M.generate(model, [prompt], 6, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
+            answer = G.generate(model, [prompt], 6, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
             h = hidden_states(model, prompt + answer)[:, len(prompt):]  # [N + 1, answer, hidden]
             proj.append((h * units[:, None]).sum(-1).T.numpy())  # [answer, N + 1]
     proj = np.concatenate(proj)
@@ -134,7 +135,7 @@ def test_bad_input(tiny, loaded, argv, code, message, monkeypatch, capsys, tmp_p
         write_vector(root / "wide.safetensors", torch.randn(4, 96))
     cap_main.loaded, cap_main.vectors = loaded[0], vectors
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(M, "generate", no_generation)
+    monkeypatch.setattr(G, "generate", no_generation)
     before = tree(root)
     args = argv.format(d=d, v=vectors, r=root).split()
     err = run_bad(cap_main, args[1:], code, capsys) if args[0] == "cap" else run_bad(pv.main, args, code, capsys)
@@ -165,8 +166,8 @@ def test_caps_per_row_leave_rows_without_a_cap_unchanged(tiny, loaded):
     assert cap.ceilings.shape == (3, 1) and cap.ceilings[1, 0] == inf and cap.ceilings[0, 0] < cap.ceilings[2, 0]
     assert caps[1].ceilings[:2].eq(inf).all() and caps[1].ceilings[2].isfinite().all()
     prompt = tok.encode_chat([{"role": "user", "content": "How are you?"}])
-    plain = M.generate(model, [prompt] * 3, 5, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
-    capped = M.generate(model, [prompt] * 3, 5, stop_ids=tok.stop_ids, pad_id=tok.pad_id, cap=caps)
+    plain = G.generate(model, [prompt] * 3, 5, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    capped = G.generate(model, [prompt] * 3, 5, stop_ids=tok.stop_ids, pad_id=tok.pad_id, cap=caps)
     assert capped[1] == plain[1] and cap.fired[1] == 0 and caps[1].fired[1] == 0
 
 
@@ -182,5 +183,5 @@ def test_study_runs_and_resumes(tiny, tmp_path, monkeypatch):
     none = doc["rows"][0]
     assert none["reduction"] == 0 and none["unchanged"] == 1 and none["nll_increase"] == 0
     assert len(none["expression_by_grade"]) == 5 and (tmp_path / "capping.png").stat().st_size < 150_000
-    monkeypatch.setattr(M, "generate", no_generation)  # every arm is cached now
+    monkeypatch.setattr(G, "generate", no_generation)  # every arm is cached now
     assert cap_study.study(str(d), "evil", str(vectors), str(tmp_path / "study"), **kw)["rows"] == doc["rows"]

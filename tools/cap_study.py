@@ -29,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's
 import torch  # noqa: E402
 
 import model as M  # noqa: E402
+from support import generation as G  # noqa: E402
 import persona_vectors as pv  # noqa: E402
 from apps.capping import calibrate_cap  # noqa: E402
 from support.capping import caps_for, ceiling_path, default_layers, load_ceilings  # noqa: E402
-from support.files import atomic_write, default_vectors_dir, load_vector, resolve_layer, vector_path  # noqa: E402
+from support.files import atomic_write, default_vectors_dir, resolve_layer, vector_path  # noqa: E402
 from support.traits import load_trait  # noqa: E402
 
 ENCOURAGING = 3  # the last 3 graded system prompts count as trait-encouraging
@@ -81,7 +82,7 @@ def run_arm(arm: dict, model, tok, vec, L, vectors_dir, trait, prompts, kinds, b
     benign = [i for i, k in enumerate(kinds) if k == "benign"]
     for idx in batches(list(range(len(prompts))), batch_size):
         steer, cap = interventions(arm, vec, L, model, vectors_dir, trait)
-        outs = M.generate(model, [prompts[i] for i in idx], arm["max_new_tokens"], stop_ids=tok.stop_ids,
+        outs = G.generate(model, [prompts[i] for i in idx], arm["max_new_tokens"], stop_ids=tok.stop_ids,
                           pad_id=tok.pad_id, steer=steer, cap=cap)
         answers += outs
         fired += cap[0].fired.tolist() if cap else [0] * len(idx)
