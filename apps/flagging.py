@@ -35,8 +35,9 @@ import model as M
 import persona_vectors as pv
 from support import UserError
 from support.files import atomic_write, check_fits, check_output, check_writable, default_vectors_dir, load_vector, traits_in, \
-    vector_path
+    vector_file
 from support.hub import DEFAULT_MODEL
+from support.plots import pyplot, save_figure
 
 SELECT = ("top", "bottom", "random", "above-reference")
 NOT_JSON = "not JSON"
@@ -54,13 +55,8 @@ def measure(model: M.Transformer, prompts: list[list[int]], responses: list[list
     """
     device = model.lm_head.weight.device
     B = len(prompts)
-    seqs = [p + r for p, r in zip(prompts, responses)]
-    T = max(map(len, seqs))
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    for b, s in enumerate(seqs):  # left padding: every row ends in the last column
-        ids[b, T - len(s):], mask[b, T - len(s):] = torch.tensor(s), 1
-    start = torch.tensor([T - len(r) for r in responses], device=device)  # column where each y begins
+    ids, mask = pv.left_pad([p + r for p, r in zip(prompts, responses)], pad_id)
+    start = torch.tensor([ids.shape[1] - len(r) for r in responses], device=device)  # column where each y begins
     cap = M.Capture()
     model(ids.to(device), mask.to(device), response_start=start, capture=cap, logits="none")
     gen = M.Capture()
@@ -117,7 +113,7 @@ def load_probes(traits: list[str], vectors_dir: Path, layer: int | None, model_n
     the middle one."""
     probes = []
     for t in traits:
-        path = Path(t) if t.endswith(".safetensors") else vector_path(vectors_dir, t)
+        path = vector_file(t, vectors_dir, check=False)
         if not path.is_file():
             raise UserError(f"no {t} vector ({path} does not exist): run `python persona_vectors.py extract {t} "
                             f"--model {model_name}` first, or pass --vectors DIR" if not t.endswith(".safetensors")
@@ -385,7 +381,7 @@ def write_selection(dest: Path, chosen: dict[Path, set[int]]) -> None:
 def plot_histograms(values: dict[str, dict[str, np.ndarray]], probes: list[Probe], out: Path,
                     thresholds: dict[str, float]) -> list[Path]:
     """One PNG per trait: the ΔP histogram of each file, overlaid (like the paper's Figure 9)."""
-    plt = pv._pyplot()
+    plt = pyplot()
     if plt is None:
         return []
     paths = []
@@ -401,7 +397,7 @@ def plot_histograms(values: dict[str, dict[str, np.ndarray]], probes: list[Probe
             ax.axvline(thresholds[p.trait], color="k", linestyle="--", label="reference 95th percentile")
         ax.set_xlabel(f"ΔP on {p.trait}, layer {p.layer}")
         ax.set_ylabel("density")
-        paths.append(pv._save_figure(plt, fig, ax, out / f"flag_{p.trait}.png"))
+        paths.append(save_figure(plt, fig, ax, out / f"flag_{p.trait}.png"))
     return paths
 
 

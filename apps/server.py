@@ -36,6 +36,7 @@ import torch
 import model as M
 import persona_vectors as pv
 from support import UserError
+from support.checkpoint import DTYPES
 from support.files import check_fits, default_vectors_dir, load_vector, traits_in, vector_path
 from support.hub import DEFAULT_MODEL
 
@@ -800,7 +801,7 @@ def serve(model_name: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 
     if vectors is not None and not Path(vectors).is_dir():
         raise UserError(f"--vectors {vectors} is not a directory: pass the directory of `extract`'s vector files, "
                         "or leave --vectors out")
-    model, tok = M.load(model_name, device, pv.DTYPES.get(dtype))
+    model, tok = M.load(model_name, device, DTYPES.get(dtype))
     engine = Engine(model, tok, vectors, max_batch, max_tokens_limit, max_n, batch_wait, model_id=model_name)
     server = make_server(engine, host, port, api_key, max_body, quiet, max_connections)
     h, p = server.server_address[:2]
@@ -837,6 +838,6 @@ def add_commands(sub) -> None:
     sp.add_argument("--max-connections", type=pv.COUNT, default=64,
                     help="open connections served at once; one more gets 503 at once (default: %(default)s)")
     sp.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
-    sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    sp.add_argument("--dtype", choices=DTYPES, default=None)
     sp.add_argument("--quiet", action="store_true", help="no access log on stderr")
     sp.set_defaults(func=serve)

@@ -151,9 +151,25 @@ def vector_path(vectors_dir: Path, trait: str, variant: str = "response_avg") ->
     return Path(vectors_dir) / f"{trait}_{variant}_diff.safetensors"
 
 
+def vector_file(name: str, vectors_dir: Path, context: str = "", check: bool = True) -> Path:
+    """A trait name (its vector in vectors_dir) or a .safetensors path -> the file, checked to exist unless not
+    `check` (the error message starts with `context`, e.g. the flag that named it)."""
+    path = Path(name) if name.endswith(".safetensors") else vector_path(vectors_dir, name)
+    if check and not path.is_file():
+        raise UserError(context + (f"{path} does not exist" if name.endswith(".safetensors") else
+                                   f"no vector file {path}; run `extract {name}` first"))
+    return path
+
+
 def traits_in(vectors_dir: Path) -> list[str]:
     """The traits that have a (response_avg) vector in a directory, sorted."""
     return sorted(p.name[:-len(SUFFIX)] for p in Path(vectors_dir).glob("*" + SUFFIX))
+
+
+def other_vectors(vectors_dir: Path, trait: str, like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every other trait's vector in the directory with the shape of `like` (the cross-trait controls)."""
+    others = {o: load_vector(vector_path(vectors_dir, o))[0] for o in traits_in(vectors_dir) if o != trait}
+    return {o: v for o, v in others.items() if v.shape == like.shape}
 
 
 def save_vector(path: Path, vector: torch.Tensor, meta: dict) -> Path:

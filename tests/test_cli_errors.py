@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 import model as M
 import persona_vectors as pv
+from apps import chat
 from tiny import run_bad, tiny_model_with_vectors, tree, write_vector
 
 
@@ -138,6 +139,6 @@ def test_chat_survives_a_failed_save(tiny, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     stdout = io.StringIO()
-    messages = pv.chat(str(d), vectors=str(vectors), max_new_tokens=3, device="cpu", stdout=stdout,
+    messages = chat.chat(str(d), vectors=str(vectors), max_new_tokens=3, device="cpu", stdout=stdout,
                        stdin=io.StringIO(f"Hi\n/save {blocker}/sub/c.jsonl\nBye\n"))
     assert "error:" in stdout.getvalue() and len(messages) == 4  # the chat went on after the failed /save

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 import model as M
 import persona_vectors as pv
+from support import stats
 from tiny import FakeJudge, tiny_model_with_vectors
 
 
@@ -17,13 +18,13 @@ def tiny(tmp_path_factory):
 
 
 def test_projection_math_by_hand():
-    assert pv.pearson(torch.tensor([1., 2., 3., 4.]), torch.tensor([10., 20., 30., 40.])) == pytest.approx(1.0)
-    assert pv.pearson(torch.tensor([1., 2., 3.]), torch.tensor([3., 2., 1.])) == pytest.approx(-1.0)
+    assert stats.pearson(torch.tensor([1., 2., 3., 4.]), torch.tensor([10., 20., 30., 40.])) == pytest.approx(1.0)
+    assert stats.pearson(torch.tensor([1., 2., 3.]), torch.tensor([3., 2., 1.])) == pytest.approx(-1.0)
     x, y = torch.tensor([1., 2., 3., 1., 2., 3.]), torch.tensor([1., 2., 3., 3., 2., 1.])
-    assert pv.within_r(x, y, ["a"] * 3 + ["b"] * 3) == pytest.approx(0.0)  # +1 and -1
-    d = pv.random_directions(100, 7.5, 64, seed=1)
+    assert stats.within_r(x, y, ["a"] * 3 + ["b"] * 3) == pytest.approx(0.0)  # +1 and -1
+    d = stats.random_directions(100, 7.5, 64, seed=1)
     assert d.shape == (100, 64) and torch.allclose(d.norm(dim=-1), torch.full((100,), 7.5))
-    lo, hi = pv.bootstrap_ci(lambda s: float(x[s].mean()), 6)
+    lo, hi = stats.bootstrap_ci(lambda s: float(x[s].mean()), 6)
     assert 1.0 <= lo <= 2.0 <= hi <= 3.0
     assert pv.token_strip(["a", "b"], [0.0, 2.0], center=1.0, scale=1.0) == "a-3 b+3"
 
@@ -68,17 +69,17 @@ def test_monitor_experiment_many_shot_and_no_judge(tiny, tmp_path, capsys):
     grade = torch.tensor([float(row["grade"]) for row in rows])
     proj = torch.tensor([float(row["projection"]) for row in rows])
     assert [row["grade"] for row in rows[::2]] == ["0", "1", "2", "3", "4"]
-    assert r["rho_grade"] == pytest.approx(pv.pearson(pv.ranks(grade), pv.ranks(proj)), abs=1e-4)
+    assert r["rho_grade"] == pytest.approx(stats.pearson(stats.ranks(grade), stats.ranks(proj)), abs=1e-4)
     assert 0 < r["rho_grade_p"] <= 1 and 0 <= r["random_abs_rho_95"] <= 1
 
 
 def test_rank_statistics_by_hand():
-    assert pv.spearman(torch.tensor([1., 2., 3., 4.]), torch.tensor([1., 10., 100., 1000.])) == pytest.approx(1.0)
-    assert pv.spearman(torch.tensor([0., 0., 1., 1.]), torch.tensor([4., 3., 2., 1.])) == pytest.approx(-0.8944, abs=1e-4)
+    assert stats.spearman(torch.tensor([1., 2., 3., 4.]), torch.tensor([1., 10., 100., 1000.])) == pytest.approx(1.0)
+    assert stats.spearman(torch.tensor([0., 0., 1., 1.]), torch.tensor([4., 3., 2., 1.])) == pytest.approx(-0.8944, abs=1e-4)
     # a perfect ordering of 8 values: only 1 of 8! orders does as well, so p is about 1/1001 with 1000 shuffles
     x = torch.arange(8.)
-    assert pv.permutation_p(pv.spearman, x, x * 2, n=1000) < 0.01
-    assert pv.permutation_p(pv.spearman, x, torch.tensor([3., 1., 4., 1., 5., 9., 2., 6.]), n=1000) > 0.05
+    assert stats.permutation_p(stats.spearman, x, x * 2, n=1000) < 0.01
+    assert stats.permutation_p(stats.spearman, x, torch.tensor([3., 1., 4., 1., 5., 9., 2., 6.]), n=1000) > 0.05
 
 
 def test_monitor_conversations(tiny, tmp_path):
