@@ -42,9 +42,10 @@ from support import UserError, checkpoint
 from support.checkpoint import DTYPES
 from support.files import (VARIANTS, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
                            expect_model, load_vector, other_vectors, resolve_layer, save_vector, traits_in,
-                           vector_file, vector_path, write_csv)
+                           jsonl_conversations, steer_sources, vector_file, vector_path, write_csv)
 from support.hub import DEFAULT_MODEL
 from support.plots import plot_monitor, plot_sweep
+from support.sampling import Budget, budget_for, check_count, settings_hash
 from support.stats import bootstrap_ci, mean_se, pearson, permutation_p, random_directions, spearman, within_r
 from support.traits import QUESTIONS_FILE, load_questions, load_trait
 
@@ -217,57 +218,6 @@ def projection_difference(response: torch.Tensor, base: torch.Tensor, v: torch.T
 # ===============================================================================================================
 # The paper's pipelines: the method over files, resumable and cached
 # ===============================================================================================================
-
-SMALL_MODEL_TEMPERATURE, SMALL_MODEL_TOP_P = 0.7, 0.9
-
-
-@dataclass
-class Budget:
-    """How many answers to sample and how: the paper's budget on a GPU, a small one on the CPU."""
-    rollouts: int
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    batch_size: int
-
-    def __post_init__(self):
-        for name in ("rollouts", "max_new_tokens", "batch_size"):
-            check_count(name.replace("_", "-"), getattr(self, name))
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise UserError(f"--temperature must be >= 0 (0 = greedy), not {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p must be in (0, 1], not {self.top_p}")
-
-
-def default_budget(device: str, n_params: int) -> Budget:
-    if str(device).startswith("cuda"):
-        return Budget(rollouts=10, max_new_tokens=1000, temperature=1.0, top_p=1.0, batch_size=64)
-    # Small models at temperature 1 often derail into gibberish, and offline no judge removes it; see
-    # docs/extract.md ("Sampling defaults for small models") for the measurement behind these numbers.
-    small = n_params < 1_000_000_000
-    return Budget(rollouts=1, max_new_tokens=96, temperature=SMALL_MODEL_TEMPERATURE if small else 1.0,
-                  top_p=SMALL_MODEL_TOP_P if small else 1.0, batch_size=40)
-
-
-def budget_for(model, rollouts=None, max_new_tokens=None, temperature=None, top_p=None, batch_size=None) -> Budget:
-    """The default budget for this model and device, with any of the user's settings in place of the defaults."""
-    dev = str(model.model.embed_tokens.weight.device)
-    b = default_budget(dev, sum(p.numel() for p in model.parameters()))
-    return Budget(b.rollouts if rollouts is None else rollouts,
-                  b.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                  b.temperature if temperature is None else temperature, b.top_p if top_p is None else top_p,
-                  b.batch_size if batch_size is None else batch_size)
-
-
-def check_count(name: str, value: int, least: int = 1) -> int:
-    if not isinstance(value, int) or value < least:
-        raise UserError(f"--{name} must be a whole number >= {least}, not {value}")
-    return value
-
-
-def settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
 
 def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, work: Path,
                     steer: list[M.Steer] = ()) -> tuple[list[dict], dict]:
@@ -458,38 +408,13 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Vectors for a model: the fit check and --steer specs (the layer rule is support.files.resolve_layer).
+# Vectors for a model: the fit check, and steering by --steer specs (parsed by support.files.steer_sources).
 
 def model_vector(path: Path, model) -> tuple[torch.Tensor, dict]:
     """A vector file checked against the model it is used with -> (tensor [N + 1, hidden], metadata)."""
     vec, meta = load_vector(path)
     check_fits(vec, meta, path, model.config.num_hidden_layers, model.config.hidden_size, model)
     return vec, meta
-
-
-def parse_steer_spec(spec: str) -> tuple[str, float, bool]:
-    """'TRAIT:COEF' or 'FILE.safetensors:COEF', COEF raw or relative ('r' suffix) -> (source, coef, relative).
-
-    >>> parse_steer_spec("evil:1.5"), parse_steer_spec("humorous:-0.1r")
-    (('evil', 1.5, False), ('humorous', -0.1, True))
-    """
-    source, sep, coef = spec.rpartition(":")
-    relative = coef.endswith("r")
-    try:
-        value = float(coef[:-1] if relative else coef)
-    except ValueError:
-        value = None
-    if not sep or not source or value is None:
-        raise UserError(f"--steer {spec!r}: expected TRAIT:COEF or FILE.safetensors:COEF, e.g. evil:1.5 or evil:0.1r")
-    if not math.isfinite(value):
-        raise UserError(f"--steer {spec!r}: the coefficient must be a finite number")
-    return source, value, relative
-
-
-def steer_sources(specs: list[str], vectors_dir: Path) -> list[tuple[Path, float, bool]]:
-    """--steer specs -> (vector file, coef, relative), every file checked to exist: before any model is loaded."""
-    return [(vector_file(source, vectors_dir, f"--steer {spec!r}: "), coef, relative)
-            for spec in specs for source, coef, relative in [parse_steer_spec(spec)]]
 
 
 MAX_STEER_RATIO = 100  # a steering vector 100x the residual stream's norm only overflows: refuse it
@@ -866,26 +791,6 @@ def token_strip(tokens: list[str], values: list[float], center: float, scale: fl
     return " ".join(out)
 
 
-ROLES = ("system", "user", "assistant")
-
-
-def assistant_turns(record) -> tuple[list[dict], list[int]] | str:
-    """A JSONL record -> (messages, indices of the assistant turns that follow a user turn), or why it cannot be
-    used (a short reason, counted by the caller)."""
-    messages = record.get("messages") if isinstance(record, dict) else None
-    if not isinstance(messages, list):
-        return "no `messages` list"
-    if not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
-        return "a message without a known role or a text content"
-    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > first_user]
-    if turns:
-        return messages, turns
-    if first_user < len(messages) and any(m["role"] == "assistant" for m in messages):
-        return "roles reversed? the assistant speaks before the first user turn and never after it"
-    return "no assistant turn after a user turn"
-
-
 @torch.no_grad()
 def read_turn(model, tok, messages: list[dict], i: int, token_layers=()) -> tuple[M.Capture, int, list[int]] | str:
     """Assistant turn messages[i] read by the model after the turns before it -> (its Capture, the prompt's
@@ -919,23 +824,6 @@ def turn_rows(cap: M.Capture, n_prompt: int, reply: list[int], tok, gauges: list
             print(f"conversation {where['conversation']} turn {where['turn']} [{g.trait} L{g.layer}]: "
                   + token_strip(pieces, per_token, center, scale))
     return rows
-
-
-def jsonl_conversations(src: Path, skipped: dict):
-    """(line number, messages, indices of its assistant turns) for each usable line of a JSONL file; the others
-    are counted in `skipped` by reason, with their line numbers. Streamed: one line in memory at a time."""
-    with open(src) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                parsed = assistant_turns(json.loads(line))
-            except json.JSONDecodeError:
-                parsed = "not JSON"
-            if isinstance(parsed, str):
-                skipped.setdefault(parsed, []).append(lineno)
-            else:
-                yield lineno, *parsed
 
 
 def conversation_rows(model, tok, gauges: list[Gauge], messages: list[dict], turns: list[int], where: dict,

@@ -17,6 +17,7 @@ import persona_vectors as pv
 from support import UserError
 from support.files import check_output
 from support.hub import DEFAULT_MODEL
+from support.sampling import Budget
 
 CHAT_HELP = """commands: /steer SPEC [SPEC ...] (replace the steering, e.g. /steer evil:1.5 humorous:-1), /unsteer,
           /gauge (the history of gauge readings), /save FILE.jsonl, /reset (forget the conversation), /help, /quit"""
@@ -52,7 +53,7 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | No
     from a pipe (one user turn per line). -> the messages.
     """
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    pv.Budget(1, max_new_tokens, temperature, top_p, 1)
+    Budget(1, max_new_tokens, temperature, top_p, 1)
     if save:
         check_output(save, force=True, option="--save")  # appended to: an existing file is fine
     model, tok, vectors_dir, _ = pv.load_checked(model_name, device, dtype, steer, vectors)

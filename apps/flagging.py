@@ -34,10 +34,11 @@ import torch
 import model as M
 import persona_vectors as pv
 from support import UserError
-from support.files import atomic_write, check_fits, check_output, check_writable, default_vectors_dir, load_vector, traits_in, \
-    vector_file
+from support.files import (assistant_turns, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
+                           load_vector, traits_in, vector_file)
 from support.hub import DEFAULT_MODEL
 from support.plots import pyplot, save_figure
+from support.sampling import settings_hash
 
 SELECT = ("top", "bottom", "random", "above-reference")
 NOT_JSON = "not JSON"
@@ -83,7 +84,7 @@ def parse_sample(raw: bytes, tok, max_tokens: int) -> tuple[list[int], list[int]
         record = json.loads(raw)
     except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return NOT_JSON
-    turns = pv.assistant_turns(record)
+    turns = assistant_turns(record)
     if isinstance(turns, str):
         return turns
     messages, last = turns[0], turns[1][-1]
@@ -178,7 +179,7 @@ def work_key(src: Path, settings: Settings, probes: list[Probe]) -> dict:
 
 
 def work_dir(out: Path, src: Path, key: dict) -> Path:
-    return out / ".work" / f"{src.stem}-{pv.settings_hash(key)}"
+    return out / ".work" / f"{src.stem}-{settings_hash(key)}"
 
 
 def chunk_path(work: Path, c: int) -> Path:

@@ -1,7 +1,9 @@
-"""Files the project writes: atomic writes, CSV, and the persona-vector files (their name, saving, loading, fit)."""
+"""Files the project reads and writes: atomic writes, CSV, the persona-vector files (their name, --steer specs,
+saving, loading, fit) and conversation files (JSONL, one {"messages": [...]} per line)."""
 import csv
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -161,6 +163,31 @@ def vector_file(name: str, vectors_dir: Path, context: str = "", check: bool = T
     return path
 
 
+def parse_steer_spec(spec: str) -> tuple[str, float, bool]:
+    """'TRAIT:COEF' or 'FILE.safetensors:COEF', COEF raw or relative ('r' suffix) -> (source, coef, relative).
+
+    >>> parse_steer_spec("evil:1.5"), parse_steer_spec("humorous:-0.1r")
+    (('evil', 1.5, False), ('humorous', -0.1, True))
+    """
+    source, sep, coef = spec.rpartition(":")
+    relative = coef.endswith("r")
+    try:
+        value = float(coef[:-1] if relative else coef)
+    except ValueError:
+        value = None
+    if not sep or not source or value is None:
+        raise UserError(f"--steer {spec!r}: expected TRAIT:COEF or FILE.safetensors:COEF, e.g. evil:1.5 or evil:0.1r")
+    if not math.isfinite(value):
+        raise UserError(f"--steer {spec!r}: the coefficient must be a finite number")
+    return source, value, relative
+
+
+def steer_sources(specs: list[str], vectors_dir: Path) -> list[tuple[Path, float, bool]]:
+    """--steer specs -> (vector file, coef, relative), every file checked to exist: before any model is loaded."""
+    return [(vector_file(source, vectors_dir, f"--steer {spec!r}: "), coef, relative)
+            for spec in specs for source, coef, relative in [parse_steer_spec(spec)]]
+
+
 def traits_in(vectors_dir: Path) -> list[str]:
     """The traits that have a (response_avg) vector in a directory, sorted."""
     return sorted(p.name[:-len(SUFFIX)] for p in Path(vectors_dir).glob("*" + SUFFIX))
@@ -253,3 +280,42 @@ def resolve_layer(layer: int | None, meta: dict, num_layers: int) -> int:
         raise UserError(f"--layer {L}: this imported vector's last row was taken after the final norm, unlike the "
                         f"residual stream steered here; use a layer below {num_layers}")
     return L
+
+
+# Conversation files: one {"messages": [...]} per line (what `monitor`, `flag` and `chat --save` read and write).
+
+ROLES = ("system", "user", "assistant")
+
+
+def assistant_turns(record) -> tuple[list[dict], list[int]] | str:
+    """A JSONL record -> (messages, indices of the assistant turns that follow a user turn), or why it cannot be
+    used (a short reason, counted by the caller)."""
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list):
+        return "no `messages` list"
+    if not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+        return "a message without a known role or a text content"
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > first_user]
+    if turns:
+        return messages, turns
+    if first_user < len(messages) and any(m["role"] == "assistant" for m in messages):
+        return "roles reversed? the assistant speaks before the first user turn and never after it"
+    return "no assistant turn after a user turn"
+
+
+def jsonl_conversations(src: Path, skipped: dict):
+    """(line number, messages, indices of its assistant turns) for each usable line of a JSONL file; the others
+    are counted in `skipped` by reason, with their line numbers. Streamed: one line in memory at a time."""
+    with open(src) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                parsed = assistant_turns(json.loads(line))
+            except json.JSONDecodeError:
+                parsed = "not JSON"
+            if isinstance(parsed, str):
+                skipped.setdefault(parsed, []).append(lineno)
+            else:
+                yield lineno, *parsed

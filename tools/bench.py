@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
 
 from support import cpu_speed, hub
+from support.sampling import default_budget
 import model as M
 import persona_vectors as pv
 import train
@@ -182,7 +183,7 @@ def bench_extraction_split(ours, tok, new_tokens: int | None = None, repeats: in
     from support.traits import load_trait
     jobs = pv.rollout_jobs(load_trait("evil"), 4, 1)  # 4 questions x 5 pairs x 2 sides = 40 answers
     chats = [pv.conversation(j) for j in jobs]
-    b = pv.default_budget("cpu", sum(p.numel() for p in ours.parameters()))
+    b = default_budget("cpu", sum(p.numel() for p in ours.parameters()))
     tokens = new_tokens or b.max_new_tokens
     run = lambda: pv.answer_with_activations(ours, tok, chats, tokens, b.temperature, b.top_p, 0)  # noqa: E731
     best = {"split_s": float("inf"), "plain_s": float("inf")}
