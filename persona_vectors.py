@@ -26,7 +26,6 @@ import hashlib
 import importlib
 import inspect
 import json
-import math
 import re
 import sys
 import time
@@ -39,7 +38,8 @@ from safetensors.torch import save_file
 
 import model as M
 from support import UserError, checkpoint
-from support.checkpoint import DTYPES
+from support.cli import (CHAT, COUNT, DEVICE, GENERATION, LAYER, MODEL, PIPELINE, SAMPLING, SCORE, STEER, VECTORS,
+                         listed, number)
 from support.files import (VARIANTS, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
                            expect_model, load_vector, other_vectors, resolve_layer, save_vector, traits_in,
                            jsonl_conversations, steer_sources, vector_file, vector_path, write_csv)
@@ -1055,39 +1055,6 @@ def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | No
 # The command line: a subcommand per pipeline, shared options as parent parsers, dispatch by keyword
 # ===============================================================================================================
 
-def _number(kind, least=None, most=None, strict_least=False):
-    """An argparse type: int or float within bounds, with a message that names the allowed range."""
-    def parse(text: str):
-        try:
-            x = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
-                                             f"not {text!r}") from None
-        if isinstance(x, float) and not math.isfinite(x):
-            raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
-        if least is not None and (x <= least if strict_least else x < least):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict_least else '>='} {least}, not {text}")
-        if most is not None and x > most:
-            raise argparse.ArgumentTypeError(f"must be <= {most}, not {text}")
-        return x
-    return parse
-
-
-COUNT, LAYER, SCORE = _number(int, 1), _number(int, 1), _number(float, 0, 100)
-TEMPERATURE, TOP_P = _number(float, 0), _number(float, 0, 1, strict_least=True)
-
-
-def _dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def _list(item):
-    """An argparse type: comma-separated values, each parsed by `item`."""
-    return lambda text: [item(v) for v in text.split(",")]
-
-
 def _generate_command(prompts: list[str], prompts_file: str | None = None, **kw) -> None:
     """`generate` on the command line: prompts from arguments and a file, answers printed."""
     prompts = list(prompts)
@@ -1102,75 +1069,6 @@ def _generate_command(prompts: list[str], prompts_file: str | None = None, **kw)
     print(f"({time.time() - t0:.1f} s)", file=sys.stderr)
 
 
-# Shared options: each function adds a few to a parser; `options` makes a parent parser of them.
-
-def options(*adders) -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
-    for add in adders:
-        add(parent)
-    return parent
-
-
-def device_args(sp):
-    sp.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
-    sp.add_argument("--dtype", type=_dtype, default=None, help="float32, bfloat16 or float16 (default: "
-                    "bfloat16 on CUDA, float32 on CPU)")
-
-
-def model_args(sp):
-    sp.add_argument("--model", dest="model_name", default=DEFAULT_MODEL, help="hub id or local directory (default: "
-                    "%(default)s)")
-    device_args(sp)
-
-
-def vectors_arg(sp):
-    sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
-
-
-def sampling_args(sp):
-    sp.add_argument("--temperature", type=TEMPERATURE, default=None, help="0 = greedy; default: 1.0 (0.7 for models "
-                    "under 1B on CPU)")
-    sp.add_argument("--top-p", type=TOP_P, default=None, help="default: 1.0 (0.9 for models under 1B on CPU)")
-
-
-def generation_args(sp):  # --judge, the token and batch budget, --seed: every sampling pipeline's
-    sp.add_argument("--judge", default=None, help="openai[:MODEL] | local:MODEL | none (default: openai when "
-                    "OPENAI_API_KEY is set, else none)")
-    sp.add_argument("--max-new-tokens", type=COUNT, default=None, help="default: 1000 on CUDA, 96 on CPU")
-    sp.add_argument("--batch-size", type=COUNT, default=None, help="default: 64 on CUDA, 40 on CPU")
-    sp.add_argument("--seed", type=int, default=0)
-
-
-def pipeline_args(sp):
-    sp.add_argument("trait", help="a trait in data/traits, or a trait .json file")
-    generation_args(sp)
-    sp.add_argument("--judge-workers", type=COUNT, default=None, help="concurrent judge requests (default: "
-                    "$PERSONA_JUDGE_WORKERS, else 8); lower it when the server answers 429")
-    sp.add_argument("--questions", type=COUNT, default=20, help="how many of the trait's 20 questions")
-    sp.add_argument("--out", default=None, help="output directory (default: vectors/<model name>/)")
-    model_args(sp)
-
-
-def steer_args(sp):
-    sp.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF", help="TRAIT:COEF or "
-                    "FILE.safetensors:COEF, raw or relative to the residual norm (0.1r); repeatable; negative "
-                    "coefficients mitigate")
-    sp.add_argument("--layer", type=LAYER, default=None, help="block to steer (default: the vector's best layer, "
-                    "else the middle)")
-    sp.add_argument("--positions", choices=["response", "all", "prompt"], default="response")
-    sp.add_argument("--all-layers", action="store_true", help="steer every block with v[l] - v[l-1]")
-    vectors_arg(sp)
-
-
-def chat_args(sp):  # generate's and chat's: greedy and short by default
-    sp.add_argument("--max-new-tokens", type=COUNT, default=200)
-    sp.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 = greedy (default)")
-    sp.add_argument("--top-p", type=TOP_P, default=1.0)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--system", default=None, help="system prompt (default: the model's own template decides)")
-    model_args(sp)
-
-
 # The one place the command line reaches above this file: apps/ modules, by name, each with add_commands(sub).
 APP_COMMANDS = ("apps.chat",  # chat: multi-turn, optionally steered, with a persona gauge after each reply
                 "apps.flagging",  # flag, flag-merge: ΔP over datasets at scale (streamed, resumable, sharded)
@@ -1182,73 +1080,71 @@ APP_COMMANDS = ("apps.chat",  # chat: multi-turn, optionally steered, with a per
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="persona_vectors.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    pipeline, sampling, vectors = options(pipeline_args), options(sampling_args), options(vectors_arg)
 
     def command(name, func, help, *parents):
-        return sub.add_parser(name, help=help, parents=list(parents)).set_defaults(func=func) or sub.choices[name]
+        sp = sub.add_parser(name, help=help, parents=list(parents))
+        sp.set_defaults(func=func)
+        return sp.add_argument
 
-    e = command("extract", extract, "extract a persona vector for a trait", pipeline, sampling)
-    e.add_argument("--rollouts", type=COUNT, default=None, help="answers per question and instruction "
-                   "(default: 10 on CUDA, 1 on CPU)")
-    e.add_argument("--pos-threshold", type=SCORE, default=50, help="keep pairs whose pos answer scores >= this")
-    e.add_argument("--neg-threshold", type=SCORE, default=50, help="... and whose neg answer scores < this")
-    e.add_argument("--coherence-threshold", type=SCORE, default=50, help="... and both coherences >= this")
-    command("eval", evaluate, "trait expression on the evaluation questions, optionally steered", pipeline, sampling,
-            options(steer_args)).add_argument("--samples", type=COUNT, default=None, help="answers per question "
-                                              "(default: 10 on CUDA, 1 on CPU; one answer is greedy unless "
-                                              "--temperature is given)")
-    sw = command("sweep", sweep, "steer over layers x coefficients; record the best layer in the vector file",
-                 pipeline, vectors)
-    sw.add_argument("--samples", type=COUNT, default=None, help="answers per question and setting")
-    sw.add_argument("--layers", type=_list(LAYER), default=None, help="e.g. 8,12,16")
-    sw.add_argument("--coefs", type=_list(_number(float)), default=None, help="e.g. 0.5,1,2")
-    sw.add_argument("--relative", action="store_true", help="coefficients relative to the residual norm")
-    sw.add_argument("--coherence-min", type=SCORE, default=75)
-    g = command("generate", _generate_command, "answer prompts with the chat model, optionally steered",
-                options(chat_args, steer_args))
-    g.add_argument("prompts", nargs="*", help="one or more user messages")
-    g.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
-    me = command("monitor-experiment", monitor_experiment, "does the projection before the reply predict the trait?",
-                 pipeline, vectors)
-    me.add_argument("--rollouts", type=COUNT, default=None, help="answers per condition and question")
-    me.add_argument("--kind", choices=["system", "many-shot"], default="system")
-    me.add_argument("--layer", type=LAYER, default=None, help="default: the vector's best layer, else the middle")
-    me.add_argument("--random", dest="n_random", type=COUNT, default=100, help="random directions for the null baseline")
-    mo = command("monitor", monitor, "projections of each assistant turn of JSONL conversations",
-                 options(model_args, vectors_arg))
-    mo.add_argument("path", metavar="file", help='JSONL, one {"messages": [...]} per line')
-    mo.add_argument("--trait", dest="traits", action="append", default=None, help="repeatable (default: every "
-                    "vector of the model)")
-    mo.add_argument("--layer", type=LAYER, default=None)
-    mo.add_argument("--tokens", action="store_true", help="per-token projections of each reply (printed and saved)")
-    mo.add_argument("--out", default=None, help="output .jsonl or .csv (default: FILE.monitor.jsonl)")
-    md = command("make-dataset", make_dataset, "a finetuning dataset of the model's own answers under the trait's "
-                 "eliciting (--kind trait) or suppressing (--kind normal) system prompts, saved without them",
-                 options(model_args, sampling_args, generation_args))
-    md.add_argument("trait")
-    md.add_argument("--kind", choices=["trait", "normal"], default="trait")
-    md.add_argument("--n", type=COUNT, default=300, help="answers to generate (default: %(default)s)")
-    md.add_argument("--out", default=None, help="output .jsonl (default: datasets/<model name>/TRAIT_KIND.jsonl)")
-    md.add_argument("--questions-file", default=None, help="requests: .json list or one per line "
-                    "(default: data/questions/everyday.json)")
-    md.add_argument("--threshold", type=SCORE, default=50, help="with a judge: keep trait answers scoring >= this, "
-                    "normal answers < this (default: %(default)s)")
-    md.add_argument("--coherence-threshold", type=SCORE, default=50, help="... and coherence >= this")
-    md.add_argument("--force", action="store_true", help="overwrite an existing --out file")
-    sh = command("shift", shift, "the finetuning shift along a persona vector at every layer, with random-direction "
-                 "and other-trait controls", options(device_args))
-    sh.add_argument("trait")
-    sh.add_argument("--finetuned", required=True, help="the finetuned model (directory or hub id)")
-    sh.add_argument("--base", default=DEFAULT_MODEL, help="the model before finetuning (default: %(default)s)")
-    sh.add_argument("--layer", type=LAYER, default=None, help="layer to print (default: the vector's best layer, "
-                    "else the middle); the CSV has them all")
-    sh.add_argument("--vectors", default=None, help="the base model's vectors (default: vectors/<base model name>/)")
-    sh.add_argument("--out", default=None, help="CSV (default: <vectors>/TRAIT_shift_<finetuned name>.csv)")
-    sh.add_argument("--random", dest="n_random", type=COUNT, default=100, help="random directions for the control")
-    sh.add_argument("--eval", dest="run_eval", action="store_true", help="also run `eval TRAIT` on both models")
-    sh.add_argument("--judge", default=None, help="judge for --eval (default: openai when OPENAI_API_KEY is set)")
-    sh.add_argument("--batch-size", type=COUNT, default=32)
-    sh.add_argument("--seed", type=int, default=0)
+    add = command("extract", extract, "extract a persona vector for a trait", PIPELINE, SAMPLING)
+    add("--rollouts", type=COUNT, default=None, help="answers per question and instruction (default: 10 on CUDA, 1 "
+        "on CPU)")
+    add("--pos-threshold", type=SCORE, default=50, help="keep pairs whose pos answer scores >= this")
+    add("--neg-threshold", type=SCORE, default=50, help="... and whose neg answer scores < this")
+    add("--coherence-threshold", type=SCORE, default=50, help="... and both coherences >= this")
+    add = command("eval", evaluate, "trait expression on the evaluation questions, optionally steered", PIPELINE,
+                  SAMPLING, STEER)
+    add("--samples", type=COUNT, default=None, help="answers per question (default: 10 on CUDA, 1 on CPU; one "
+        "answer is greedy unless --temperature is given)")
+    add = command("sweep", sweep, "steer over layers x coefficients; record the best layer in the vector file",
+                  PIPELINE, VECTORS)
+    add("--samples", type=COUNT, default=None, help="answers per question and setting")
+    add("--layers", type=listed(LAYER), default=None, help="e.g. 8,12,16")
+    add("--coefs", type=listed(number(float)), default=None, help="e.g. 0.5,1,2")
+    add("--relative", action="store_true", help="coefficients relative to the residual norm")
+    add("--coherence-min", type=SCORE, default=75)
+    add = command("generate", _generate_command, "answer prompts with the chat model, optionally steered", CHAT, STEER)
+    add("prompts", nargs="*", help="one or more user messages")
+    add("--prompts-file", default=None, help="a text file with one prompt per line")
+    add = command("monitor-experiment", monitor_experiment, "does the projection before the reply predict the trait?",
+                  PIPELINE, VECTORS)
+    add("--rollouts", type=COUNT, default=None, help="answers per condition and question")
+    add("--kind", choices=["system", "many-shot"], default="system")
+    add("--layer", type=LAYER, default=None, help="default: the vector's best layer, else the middle")
+    add("--random", dest="n_random", type=COUNT, default=100, help="random directions for the null baseline")
+    add = command("monitor", monitor, "projections of each assistant turn of JSONL conversations", MODEL, VECTORS)
+    add("path", metavar="file", help='JSONL, one {"messages": [...]} per line')
+    add("--trait", dest="traits", action="append", default=None, help="repeatable (default: every vector of the model)")
+    add("--layer", type=LAYER, default=None)
+    add("--tokens", action="store_true", help="per-token projections of each reply (printed and saved)")
+    add("--out", default=None, help="output .jsonl or .csv (default: FILE.monitor.jsonl)")
+    add = command("make-dataset", make_dataset, "a finetuning dataset of the model's own answers under the trait's "
+                  "eliciting (--kind trait) or suppressing (--kind normal) system prompts, saved without them", MODEL,
+                  SAMPLING, GENERATION)
+    add("trait")
+    add("--kind", choices=["trait", "normal"], default="trait")
+    add("--n", type=COUNT, default=300, help="answers to generate (default: %(default)s)")
+    add("--out", default=None, help="output .jsonl (default: datasets/<model name>/TRAIT_KIND.jsonl)")
+    add("--questions-file", default=None, help="requests: .json list or one per line (default: "
+        "data/questions/everyday.json)")
+    add("--threshold", type=SCORE, default=50, help="with a judge: keep trait answers scoring >= this, normal answers "
+        "< this (default: %(default)s)")
+    add("--coherence-threshold", type=SCORE, default=50, help="... and coherence >= this")
+    add("--force", action="store_true", help="overwrite an existing --out file")
+    add = command("shift", shift, "the finetuning shift along a persona vector at every layer, with random-direction "
+                  "and other-trait controls", DEVICE)
+    add("trait")
+    add("--finetuned", required=True, help="the finetuned model (directory or hub id)")
+    add("--base", default=DEFAULT_MODEL, help="the model before finetuning (default: %(default)s)")
+    add("--layer", type=LAYER, default=None, help="layer to print (default: the vector's best layer, else the "
+        "middle); the CSV has them all")
+    add("--vectors", default=None, help="the base model's vectors (default: vectors/<base model name>/)")
+    add("--out", default=None, help="CSV (default: <vectors>/TRAIT_shift_<finetuned name>.csv)")
+    add("--random", dest="n_random", type=COUNT, default=100, help="random directions for the control")
+    add("--eval", dest="run_eval", action="store_true", help="also run `eval TRAIT` on both models")
+    add("--judge", default=None, help="judge for --eval (default: openai when OPENAI_API_KEY is set)")
+    add("--batch-size", type=COUNT, default=32)
+    add("--seed", type=int, default=0)
     for module in APP_COMMANDS:  # the applications above this file register their own commands
         importlib.import_module(module).add_commands(sub)
     return p

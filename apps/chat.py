@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import persona_vectors as pv
-from support import UserError
+from support import UserError, cli
 from support.files import check_output
 from support.hub import DEFAULT_MODEL
 from support.sampling import Budget
@@ -144,10 +144,10 @@ def save_conversation(path: Path, messages: list[dict]) -> None:
 def add_commands(sub) -> None:
     """Register `chat` on the command line's subparsers (its dests are chat's parameter names)."""
     c = sub.add_parser("chat", help="multi-turn chat, optionally steered, with a persona gauge after each reply",
-                       parents=[pv.options(pv.chat_args, pv.vectors_arg)])
+                       parents=[cli.CHAT, cli.VECTORS])
     c.add_argument("--gauge", dest="gauges", action="append", default=None, metavar="TRAIT",
                    help="trait (or vector file) to gauge; repeatable (default: every vector of the model)")
     c.add_argument("--save", default=None, help="append the conversation to this JSONL file at the end")
     c.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF")
-    c.add_argument("--layer", type=pv.LAYER, default=None, help="steering and gauge layer (default: best, else middle)")
+    c.add_argument("--layer", type=cli.LAYER, default=None, help="steering and gauge layer (default: best, else middle)")
     c.set_defaults(func=chat)

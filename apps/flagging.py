@@ -33,7 +33,7 @@ import torch
 
 import model as M
 import persona_vectors as pv
-from support import UserError
+from support import UserError, cli
 from support.files import (assistant_turns, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
                            load_vector, traits_in, vector_file)
 from support.hub import DEFAULT_MODEL
@@ -652,35 +652,35 @@ def add_commands(sub) -> None:
         sp.add_argument("--trait", dest="traits", action="append", default=None,
                         help="trait (or vector .safetensors file); repeatable (default: every vector of the model)")
         sp.add_argument("--model", dest="model_name", default=DEFAULT_MODEL, help="hub id or local directory")
-        sp.add_argument("--layer", type=pv.LAYER, default=None,
+        sp.add_argument("--layer", type=cli.LAYER, default=None,
                         help="default: each vector's best layer, else the middle")
-        sp.add_argument("--base-temperature", type=pv.TEMPERATURE, default=0.0,
+        sp.add_argument("--base-temperature", type=cli.TEMPERATURE, default=0.0,
                         help="0 = greedy base responses (default)")
-        sp.add_argument("--base-top-p", type=pv.TOP_P, default=1.0)
-        sp.add_argument("--base-samples", type=pv.COUNT, default=1, help="base responses per prompt, averaged")
-        sp.add_argument("--max-new-tokens", type=pv.COUNT, default=200, help="length limit of base responses")
-        sp.add_argument("--max-tokens", type=pv.COUNT, default=2048,
+        sp.add_argument("--base-top-p", type=cli.TOP_P, default=1.0)
+        sp.add_argument("--base-samples", type=cli.COUNT, default=1, help="base responses per prompt, averaged")
+        sp.add_argument("--max-new-tokens", type=cli.COUNT, default=200, help="length limit of base responses")
+        sp.add_argument("--max-tokens", type=cli.COUNT, default=2048,
                         help="longer samples (prompt + response) are skipped and counted")
         sp.add_argument("--out", default=None, help="output directory (default: flags/)")
         sp.add_argument("--format", dest="fmt", choices=["csv", "jsonl"], default="csv", help="per-sample files")
         sp.add_argument("--select", choices=SELECT, default=None)
-        sp.add_argument("--k", type=pv.COUNT, default=None, help="how many samples to select")
+        sp.add_argument("--k", type=cli.COUNT, default=None, help="how many samples to select")
         sp.add_argument("--select-out", default=None, help="JSONL of the selected lines, unchanged")
         sp.add_argument("--force", action="store_true", help="overwrite an existing --select-out file")
         sp.add_argument("--select-trait", default=None, help="the trait to select on (default: the first)")
         sp.add_argument("--reference", default=None, help="a clean JSONL file: flag samples above its 95th "
                         "percentile of ΔP")
-        sp.add_argument("--chunk-size", type=pv.COUNT, default=1024, help="lines per resumable chunk")
+        sp.add_argument("--chunk-size", type=cli.COUNT, default=1024, help="lines per resumable chunk")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
-        sp.add_argument("--dtype", type=pv._dtype, default=None, help="float32, bfloat16 or float16 (default: "
+        sp.add_argument("--dtype", type=cli.torch_dtype, default=None, help="float32, bfloat16 or float16 (default: "
                         "bfloat16 on CUDA, float32 on CPU)")
 
     f = sub.add_parser("flag", help="ΔP of training samples and datasets: which data would teach a trait")
     shared(f)
     f.add_argument("--shard", default=None, help="I/N: score chunks c with c %% N == I (default: torchrun's "
                    "RANK/WORLD_SIZE, else all)")
-    f.add_argument("--batch-size", type=pv.COUNT, default=None, help="default: 64 on CUDA, 16 on CPU")
+    f.add_argument("--batch-size", type=cli.COUNT, default=None, help="default: 64 on CUDA, 16 on CPU")
     f.add_argument("--device", default=None)
     f.set_defaults(func=flag)
     m = sub.add_parser("flag-merge", help="write the outputs of a sharded flag run (same arguments)")

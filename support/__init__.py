@@ -12,6 +12,7 @@ keeps it so.
     checkpoint.py    model directories: config and weight-file checks, the device check, a model's shape, dtypes
     stats.py         correlations, permutation p-values, bootstrap intervals, random directions, means with errors
     plots.py         the sweep's and the monitoring experiment's pictures (optional: need matplotlib)
+    cli.py           the command line's argument types and shared options (parent parsers)
     cpu_speed.py     the CPU matmul split that model.load_model applies on the CPU (measured in tools/bench.py)
     training.py      train.py's infrastructure: flags, data files, checkpoints and resuming, process groups
 """
