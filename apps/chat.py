@@ -2,7 +2,7 @@
 
     python persona_vectors.py chat --steer evil:-1         # type a message; /help lists the commands
 
-Each gauge (persona_vectors.Gauge) shows where the last token before the reply and the reply's mean fall along the
+Each gauge (apps/monitor.py) shows where the last token before the reply and the reply's mean fall along the
 trait's unit vector, beside where extraction's pos and neg answers fell.
 """
 import json
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import persona_vectors as pv
+from apps.monitor import Gauge, gauges_for
 from support import UserError, cli
 from support.files import check_output
 from support.hub import DEFAULT_MODEL
@@ -23,7 +24,7 @@ CHAT_HELP = """commands: /steer SPEC [SPEC ...] (replace the steering, e.g. /ste
           /gauge (the history of gauge readings), /save FILE.jsonl, /reset (forget the conversation), /help, /quit"""
 
 
-def show(g: pv.Gauge, reading: dict) -> str:
+def show(g: Gauge, reading: dict) -> str:
     """A gauge's reading as one line: '[evil L15] before reply +3.10 neg -1.00 [---|------] pos +5.20   reply ...'"""
     parts = []
     for kind, name in (("prompt_last", "before reply"), ("response_avg", "reply")):
@@ -57,7 +58,7 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | No
     if save:
         check_output(save, force=True, option="--save")  # appended to: an existing file is fine
     model, tok, vectors_dir, _ = pv.load_checked(model_name, device, dtype, steer, vectors)
-    meters = pv.gauges_for(model, vectors_dir, gauges, layer)
+    meters = gauges_for(model, vectors_dir, gauges, layer)
     interventions = pv.steering(list(steer), model, vectors_dir, layer)
     messages = [{"role": "system", "content": system}] if system else []
     history = []

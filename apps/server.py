@@ -35,6 +35,7 @@ import torch
 
 import model as M
 import persona_vectors as pv
+from apps.monitor import Gauge
 from support import UserError, cli
 from support.checkpoint import DTYPES
 from support.files import check_fits, default_vectors_dir, load_vector, traits_in, vector_path
@@ -276,7 +277,7 @@ class Engine:
         for name in self.names:  # fail at start, not at the first request, on a vector of another model
             path = vector_path(self.vectors_dir, name)
             check_fits(*load_vector(path), path, N, d, model)
-        self.gauges = [pv.Gauge.from_file(vector_path(self.vectors_dir, n), None, N) for n in self.names]
+        self.gauges = [Gauge.from_file(vector_path(self.vectors_dir, n), None, N) for n in self.names]
         alphabet = byte_level_alphabet()
         self.token_text = [tok.decode([i], skip_special_tokens=False) for i in range(tok.vocab_size)]
         self.token_bytes = []

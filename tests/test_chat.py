@@ -11,6 +11,7 @@ import torch
 import model as M
 import persona_vectors as pv
 from apps import chat
+from apps.monitor import Gauge
 from tiny import tiny_model_with_vectors
 
 
@@ -39,7 +40,7 @@ def test_scripted_chat_writes_jsonl_and_gauges(tiny, tmp_path):
 def test_gauge_readings_are_the_projections(tiny):
     d, vectors = tiny
     model, tok = M.load(str(d), "cpu", torch.float32)
-    g = pv.Gauge.from_file(vectors / "evil_response_avg_diff.safetensors", 2, model.config.num_hidden_layers)
+    g = Gauge.from_file(vectors / "evil_response_avg_diff.safetensors", 2, model.config.num_hidden_layers)
     messages = [{"role": "user", "content": "Hello there!"}]
     cap = M.Capture()
     out = M.generate(model, [tok.encode_chat(messages)], 6, stop_ids=tok.stop_ids, pad_id=tok.pad_id, capture=cap)[0]

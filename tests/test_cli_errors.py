@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 import model as M
 import persona_vectors as pv
 from apps import chat
+from apps import monitor
 from tiny import run_bad, tiny_model_with_vectors, tree, write_vector
 
 
@@ -123,7 +124,7 @@ def test_monitor_skips_and_counts_lines_that_do_not_fit(tiny, tmp_path, capsys):
              json.dumps(good)]
     src = tmp_path / "mixed.jsonl"
     src.write_text("\n".join(lines) + "\n")
-    out = pv.monitor(str(src), str(d), ["evil"], layer=2, vectors=str(vectors), device="cpu")
+    out = monitor.monitor(str(src), str(d), ["evil"], layer=2, vectors=str(vectors), device="cpu")
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["line"] for r in rows] == [1, 9]
     err = capsys.readouterr().err

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 import model as M
 import persona_vectors as pv
+from apps import monitor
 from support import stats
 from tiny import FakeJudge, tiny_model_with_vectors
 
@@ -26,7 +27,7 @@ def test_projection_math_by_hand():
     assert d.shape == (100, 64) and torch.allclose(d.norm(dim=-1), torch.full((100,), 7.5))
     lo, hi = stats.bootstrap_ci(lambda s: float(x[s].mean()), 6)
     assert 1.0 <= lo <= 2.0 <= hi <= 3.0
-    assert pv.token_strip(["a", "b"], [0.0, 2.0], center=1.0, scale=1.0) == "a-3 b+3"
+    assert monitor.token_strip(["a", "b"], [0.0, 2.0], center=1.0, scale=1.0) == "a-3 b+3"
 
 
 def test_monitor_experiment_bookkeeping(tiny, tmp_path, monkeypatch):
@@ -89,7 +90,7 @@ def test_monitor_conversations(tiny, tmp_path):
     src = tmp_path / "c.jsonl"
     src.write_text(json.dumps({"messages": conv}) + "\n" + json.dumps({"messages": conv[:1]}) + "\n"
                    + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
-    out = pv.monitor(str(src), str(d), ["evil"], layer=2, vectors=str(vectors), tokens=True, device="cpu")
+    out = monitor.monitor(str(src), str(d), ["evil"], layer=2, vectors=str(vectors), tokens=True, device="cpu")
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [(r["turn"], r["trait"]) for r in rows] == [(1, "evil"), (2, "evil")]
     model, tok = M.load(str(d), "cpu", torch.float32)
@@ -106,7 +107,7 @@ def test_monitor_conversations(tiny, tmp_path):
         assert row["response_avg"] == pytest.approx(float(h[len(prompt):].mean(0) @ u), abs=1e-4)
         assert len(row["tokens"]) == len(reply) and "".join(row["tokens"]) == conv[i]["content"]
         assert row["token_projections"] == pytest.approx((h[len(prompt):] @ u).tolist(), abs=1e-3)
-    csv_out = pv.monitor(str(src), str(d), None, vectors=str(vectors), out=str(tmp_path / "m.csv"), device="cpu")
+    csv_out = monitor.monitor(str(src), str(d), None, vectors=str(vectors), out=str(tmp_path / "m.csv"), device="cpu")
     assert len(list(csv.DictReader(open(csv_out)))) == 4  # 2 turns x 2 traits
 
 
@@ -115,16 +116,16 @@ def test_monitor_bad_input(tiny, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(ValueError, match="no conversation with a usable assistant turn"):
-        pv.monitor(str(empty), str(d), vectors=str(vectors), device="cpu")
+        monitor.monitor(str(empty), str(d), vectors=str(vectors), device="cpu")
     assert not (tmp_path / "empty.monitor.jsonl").exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": []}\nnot json\n')
     with pytest.raises(ValueError, match="1 with not JSON"):
-        pv.monitor(str(bad), str(d), vectors=str(vectors), device="cpu")
+        monitor.monitor(str(bad), str(d), vectors=str(vectors), device="cpu")
     assert not (tmp_path / "bad.monitor.jsonl").exists()
     other = tmp_path / "other"
     other.mkdir()
     save_file({"vector": torch.randn(31, 576)}, other / "evil_response_avg_diff.safetensors",
               metadata={"model": json.dumps("HuggingFaceTB/SmolLM2-135M-Instruct")})
     with pytest.raises(ValueError, match="extracted from HuggingFaceTB/SmolLM2-135M-Instruct"):
-        pv.monitor(str(bad), str(d), vectors=str(other), device="cpu")
+        monitor.monitor(str(bad), str(d), vectors=str(other), device="cpu")

@@ -36,7 +36,7 @@ import model as M  # noqa: E402
 import persona_vectors as pv  # noqa: E402
 import train  # noqa: E402
 from bench import PeakRSS  # noqa: E402  (tools/bench.py, beside this file)
-from apps import flagging, server as S  # noqa: E402
+from apps import flagging, monitor as monitoring, server as S  # noqa: E402
 from support import UserError, checkpoint  # noqa: E402
 from support.files import atomic_write, check_writable  # noqa: E402
 from tiny import make_tiny_chat_model, write_vector  # noqa: E402
@@ -268,7 +268,7 @@ def pipelines_section(checks: Checks, model_dir: Path, device: str, new: int, tm
                 "ok": len(steered) == 2 and all(isinstance(a, str) for a in steered)}
 
     def monitor():
-        dest = pv.monitor(str(data), traits=["evil"], vectors=str(vectors), out=str(tmp / "monitor.jsonl"), **common)
+        dest = monitoring.monitor(str(data), traits=["evil"], vectors=str(vectors), out=str(tmp / "monitor.jsonl"), **common)
         rows = [json.loads(x) for x in dest.read_text().splitlines()]
         values = [r[k] for r in rows for k in ("prompt_last", "response_avg")]
         return {"rows": len(rows), "ok": len(rows) == len(CONVERSATIONS) and all(map(math.isfinite, values))}
