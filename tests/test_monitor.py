@@ -1,6 +1,8 @@
 """Monitoring: projection math, the random-direction null, the experiment's bookkeeping, and `monitor` on files."""
 import csv
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,6 +74,13 @@ def test_monitor_experiment_many_shot_and_no_judge(tiny, tmp_path, capsys):
     assert [row["grade"] for row in rows[::2]] == ["0", "1", "2", "3", "4"]
     assert r["rho_grade"] == pytest.approx(stats.pearson(stats.ranks(grade), stats.ranks(proj)), abs=1e-4)
     assert 0 < r["rho_grade_p"] <= 1 and 0 <= r["random_abs_rho_95"] <= 1
+    # the result file beside the CSV holds what tools/figures.py draws, the random-direction band included
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import figures
+    d = figures.collect_monitor(Path(r["csv"]))
+    assert d["projection"] == [round(float(x), 4) for x in proj] and d["rho"] == pytest.approx(r["rho_grade"])
+    assert len(d["band_5"]) == len(d["band_95"]) == 5 and all(lo <= hi for lo, hi in zip(d["band_5"], d["band_95"]))
+    assert d["n_random"] == 100 and d["conditions"] == list(r["mean_projection"])
 
 
 def test_rank_statistics_by_hand():
