@@ -64,7 +64,7 @@ SCALE = {  # new tokens per decode, capture (batch, prompt, response), tokens of
                  copy_bytes=2**30, pipeline_tokens=64),
     "tiny": dict(decode=QWEN_7B | SMALL, train=LLAMA_1B | SMALL, new_tokens=8, capture=(64, 8, 8),
                  train_tokens=64, copy_bytes=2**24, pipeline_tokens=6)}
-TARGETS = {"roofline_share_batch1": 0.70, "speedup_batch64": 1.5}  # the README's targets, to aim for
+TARGETS = {"roofline_share_batch1": 0.70, "speedup_batch64": 1.5}  # the aims of docs/gpu.md
 
 
 def say(line: str) -> None:
@@ -407,8 +407,8 @@ def capture(ours, hf, batch: int, prompt: int, response: int, device: str) -> di
 
 
 def readme_memory(c: M.Config, n_params: int, tokens: int) -> int:
-    """The README's arithmetic ("Several GPUs, and memory") for a full finetune with --checkpointing: 16 bytes per
-    parameter, the block inputs in float32, one block recomputed, the logits of the trained tokens."""
+    """docs/memory.md's arithmetic for a full finetune with --checkpointing: 16 bytes per parameter, the block
+    inputs in float32, one block recomputed, the logits of the trained tokens."""
     return (16 * n_params + c.num_hidden_layers * tokens * c.hidden_size * 4
             + (60 * c.hidden_size + 10 * c.intermediate_size) * tokens + tokens * c.vocab_size * 14)
 

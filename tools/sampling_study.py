@@ -11,7 +11,7 @@ with measures that need no judge:
   - separation: how well the resulting persona vector separates held-out pos from neg answers: the vector is
     taken from half the pairs (response average at the middle layer), and on the other half the difference of
     the mean projections is divided by their pooled standard deviation (Cohen's d). Higher is a cleaner vector.
-The README's "Sampling defaults" section reports a run of this script.
+docs/extract.md ("Sampling defaults for small models") reports a run of this script.
 """
 import argparse
 import re
