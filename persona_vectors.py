@@ -32,20 +32,19 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 import model as M
 from support import UserError, checkpoint
 from support.cli import (CHAT, COUNT, DEVICE, GENERATION, LAYER, MODEL, PIPELINE, SAMPLING, SCORE, STEER, VECTORS,
                          listed, number)
 from support.files import (VARIANTS, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
-                           expect_model, load_vector, other_vectors, resolve_layer, save_vector, steer_sources,
-                           vector_file, vector_path, write_csv)
+                           expect_model, load_batch, load_vector, other_vectors, resolve_layer, save_batch, save_vector,
+                           steer_sources, vector_file, vector_path, write_csv)
 from support.hub import DEFAULT_MODEL
 from support.plots import plot_monitor, plot_sweep
 from support.sampling import Budget, budget_for, check_count, settings_hash
-from support.stats import bootstrap_ci, mean_se, pearson, permutation_p, random_directions, spearman, within_r
+from support.stats import (bootstrap_ci, mean_se, pearson, permutation_p, random_band, random_directions, spearman,
+                           within_r)
 from support.traits import QUESTIONS_FILE, load_questions, load_trait
 
 LAYER_CONVENTION = "index 0 = embeddings, index L = output of block L (before the final norm); shape [L + 1, hidden]"
@@ -242,19 +241,13 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
                                 "coefficient is too large for this model; use a smaller one")
             new = [j | {"answer": tok.decode(o), "answer_ids": o, "n_tokens": len(o), "prompt": tok.chat(c)}
                    for j, o, c in zip(batch, outs, chats)]
-            atomic_write(path, lambda p: save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, p,
-                                                   metadata={"rows": json.dumps(new)}))
+            save_batch(path, new, tensors)
             done_now += len(batch)
             rate = done_now / (time.time() - t0)
             left = sum(len(x) for x in batches[b + 1:])
             print(f"rollouts: {sum(len(x) for x in batches[:b + 1])}/{len(jobs)} "
                   f"({rate:.1f}/s, about {left / rate:.0f} s left)", file=sys.stderr, flush=True)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                batch_rows = json.loads(f.metadata()["rows"])
-                batch_acts = {k: f.get_tensor(k) for k in acts}
-        except (SafetensorError, KeyError, json.JSONDecodeError) as e:
-            raise UserError(f"{path} is damaged ({e}): delete it and run the same command again") from None
+        batch_rows, batch_acts = load_batch(path, list(acts))
         if [r["key"] for r in batch_rows] != [j["key"] for j in batch]:
             raise UserError(f"{path} does not hold this run's answers: delete {work} and run again")
         rows += batch_rows
@@ -275,19 +268,6 @@ def make_judge(spec: str | None, workers: int | None = None, trait=None):
         print(f"note: the eval_prompt of {trait.source or trait.name} never asks the judge to answer REFUSAL, so "
               "refused answers are scored like any other", file=sys.stderr)
     return judge
-
-
-def judge_rollouts(trait, rows: list[dict], judge, cache_path: Path) -> str:
-    """Trait score and coherence for every row (None: refusal, no score, or no judge) -> the judge's name."""
-    import judge as J
-    from support.traits import fill_judge_prompt
-    cache = J.JudgeCache(cache_path)
-    prompts = [trait.judge_prompt(r["question"], r["answer"]) for r in rows]
-    prompts += [fill_judge_prompt(J.COHERENCE_PROMPT, r["question"], r["answer"]) for r in rows]
-    scores = J.cached_score(judge, cache, prompts)
-    for r, s, c in zip(rows, scores[:len(rows)], scores[len(rows):]):
-        r[trait.name], r["coherence"] = s, c
-    return judge.name
 
 
 def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors: str | None = None,
@@ -318,9 +298,10 @@ def sample_and_judge(t, model, tok, judge, jobs: list[dict], budget: Budget, see
                      settings: dict, steer: list[M.Steer] = ()) -> tuple[list[dict], dict, str]:
     """Every job answered (cached in OUT/.work/NAME-<settings hash>/) and judged (cached in
     OUT/.work/judgments.jsonl) -> (rows, activations, the judge's name)."""
+    import judge as J  # as in make_judge: only where a pipeline judges
     work = out_dir / ".work" / f"{name}-{settings_hash(settings)}"
     rows, acts = sample_rollouts(model, tok, jobs, budget, seed, work, steer)
-    return rows, acts, judge_rollouts(t, rows, judge, out_dir / ".work" / "judgments.jsonl")
+    return rows, acts, J.judge_rows(t, rows, judge, out_dir / ".work" / "judgments.jsonl")
 
 
 def model_record(model) -> dict:
@@ -693,21 +674,12 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
     print(f"rank correlation of condition strength and projection: rho = {rho:.2f} (permutation p = "
           f"{result['rho_grade_p']:.3g}); {n_random} random directions: 95th percentile |rho| = "
           f"{result['random_abs_rho_95']:.2f}", file=sys.stderr)
-    result |= monitor_scores(t.name, rows, h, vec, L, nulls, vectors_dir, seed, out_dir / f"{t.name}_monitor_{kind}.png")
+    result |= monitor_scores(t.name, rows, h, vec, L, nulls, vectors_dir, seed, csv_path.with_suffix(".png"))
     band = random_band(h, proj, grade, len(conditions), unit(nulls))
     atomic_write(csv_path.with_suffix(".json"), lambda p: p.write_text(json.dumps(
         result | band | dict(conditions=[c[0] for c in conditions], grade=[int(g) for g in grade.tolist()],
                              projection=[round(x, 4) for x in proj.tolist()], n_random=n_random), default=str) + "\n"))
     return result
-
-
-def random_band(h: torch.Tensor, proj: torch.Tensor, grade: torch.Tensor, n_conditions: int, dirs: torch.Tensor) -> dict:
-    """Per condition, the 5th-95th percentile of the mean projection along random unit directions `dirs`, each
-    centred on its own mean over all prompts and moved to the vector's: the band a direction of no meaning spans."""
-    rand = h.double() @ dirs.double().T  # [rows, n_random]
-    rand = rand - rand.mean(0) + proj.double().mean()
-    means = torch.stack([rand[grade == g].mean(0) for g in range(n_conditions)])  # [conditions, n_random]
-    return {f"band_{q}": [round(x, 4) for x in means.quantile(q / 100, dim=1).tolist()] for q in (5, 95)}
 
 
 def monitor_scores(trait: str, rows: list[dict], h, vec, L: int, nulls, vectors_dir: Path, seed: int, plot: Path):
@@ -806,7 +778,7 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
                         "training prompts")
     dest = Path(out) if out else Path("datasets") / default_vectors_dir(model_name).name / f"{t.name}_{kind}.jsonl"
     check_output(dest, force, inputs=[t.source, questions_file or QUESTIONS_FILE])
-    model, tok, _, judge_ = load_checked(model_name, device, dtype, judge=judge, trait=t)  # the judge fails before any generation
+    model, tok, _, judge_ = load_checked(model_name, device, dtype, judge=judge, trait=t)  # a judge fails before work
     b = budget_for(model, 1, max_new_tokens, temperature, top_p, batch_size)
     jobs = dataset_jobs(t, kind, questions, n, seed)
     settings = dict(model=model_name, trait=t.name, trait_sha=settings_hash(asdict(t) | {"source": None}), kind=kind, n=n,

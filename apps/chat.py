@@ -150,5 +150,6 @@ def add_commands(sub) -> None:
                    help="trait (or vector file) to gauge; repeatable (default: every vector of the model)")
     c.add_argument("--save", default=None, help="append the conversation to this JSONL file at the end")
     c.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF")
-    c.add_argument("--layer", type=cli.LAYER, default=None, help="steering and gauge layer (default: best, else middle)")
+    c.add_argument("--layer", type=cli.LAYER, default=None,
+                   help="steering and gauge layer (default: best, else middle)")
     c.set_defaults(func=chat)

@@ -49,8 +49,8 @@ def parent(*parents) -> argparse.ArgumentParser:
 # Options that several commands share, as parent parsers (apps/ use them too).
 DEVICE = parent()
 DEVICE.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
-DEVICE.add_argument("--dtype", type=torch_dtype, default=None, help="float32, bfloat16 or float16 (default: bfloat16 on "
-                    "CUDA, float32 on CPU)")
+DEVICE.add_argument("--dtype", type=torch_dtype, default=None, help="float32, bfloat16 or float16 (default: "
+                    "bfloat16 on CUDA, float32 on CPU)")
 MODEL = parent(DEVICE)
 MODEL.add_argument("--model", dest="model_name", default=DEFAULT_MODEL, help="hub id or local directory (default: "
                    "%(default)s)")

@@ -153,6 +153,21 @@ def vector_path(vectors_dir: Path, trait: str, variant: str = "response_avg") ->
     return Path(vectors_dir) / f"{trait}_{variant}_diff.safetensors"
 
 
+def save_batch(path: Path, rows: list[dict], tensors: dict[str, torch.Tensor]) -> None:
+    """A finished batch of a pipeline's answers: its rows as JSON metadata beside their activations, atomically."""
+    atomic_write(path, lambda p: save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, p,
+                                           metadata={"rows": json.dumps(rows)}))
+
+
+def load_batch(path: Path, keys: list[str]) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """A batch written by save_batch -> (its rows, its tensors named by keys); a damaged file is a UserError."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["rows"]), {k: f.get_tensor(k) for k in keys}
+    except (SafetensorError, KeyError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is damaged ({e}): delete it and run the same command again") from None
+
+
 def vector_file(name: str, vectors_dir: Path, context: str = "", check: bool = True) -> Path:
     """A trait name (its vector in vectors_dir) or a .safetensors path -> the file, checked to exist unless not
     `check` (the error message starts with `context`, e.g. the flag that named it)."""

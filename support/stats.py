@@ -77,3 +77,14 @@ def random_directions(n: int, norm: float, hidden: int, seed: int = 0) -> torch.
     """n random directions [n, hidden], each of the given norm (the null baseline for projections)."""
     d = torch.randn(n, hidden, generator=torch.Generator().manual_seed(seed))
     return d / d.norm(dim=-1, keepdim=True) * norm
+
+
+def random_band(h: torch.Tensor, proj: torch.Tensor, grade: torch.Tensor, n_conditions: int,
+                dirs: torch.Tensor) -> dict:
+    """Per condition (grade 0..n_conditions - 1), the 5th-95th percentile of the mean projection of states h
+    [rows, hidden] along random unit directions `dirs`, each centred on its own mean over all rows and moved to
+    that of the vector's projections `proj`: the band a direction of no meaning spans."""
+    rand = h.double() @ dirs.double().T  # [rows, n_random]
+    rand = rand - rand.mean(0) + proj.double().mean()
+    means = torch.stack([rand[grade == g].mean(0) for g in range(n_conditions)])  # [conditions, n_random]
+    return {f"band_{q}": [round(x, 4) for x in means.quantile(q / 100, dim=1).tolist()] for q in (5, 95)}
