@@ -15,9 +15,10 @@ Read it from the top. First the method, in the paper's order, as short functions
     7. shift        how far finetuning moved the activations along the vector (the finetuning shift)
     8. flag         ΔP: how much further along the vector a training response sits than the model's own
 then the paper's pipelines that run them over files (resumable, cached): extract, generate, eval, sweep,
-monitor-experiment, monitor, make-dataset, shift; and the command line at the bottom. Every subcommand is a plain
-function here: import it. Statistics and plots are in support/stats.py and support/plots.py; the applications
-(chat, serve, flag, control vectors, new traits) in apps/, which add their commands through APP_COMMANDS.
+monitor-experiment, make-dataset, shift; and the command line at the bottom. Every pipeline is a plain function
+here: import it. What they stand on (sampling budget, vector and batch files, statistics, plots, the command
+line's shared options) is in support/; the applications (monitor over conversation files, chat, serve, flag,
+control vectors, new traits) are in apps/ and add their commands through APP_COMMANDS.
 """
 import argparse
 import datetime
@@ -258,26 +259,20 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
     return rows, {k: torch.cat(v) for k, v in acts.items()}
 
 
-def make_judge(spec: str | None, workers: int | None = None, trait=None):
-    """The judge, made once before any generation: a judge that cannot work (no API key) fails here. A judge
-    prompt that never asks for REFUSAL (official-format trait files may not) is worth a note: refusals then get a
-    score like any other answer, where the judge would otherwise leave them unscored."""
-    import judge as J
-    judge = J.make_judge(spec, workers=workers)
-    if trait is not None and judge.name != "none" and "REFUSAL" not in trait.eval_prompt:
-        print(f"note: the eval_prompt of {trait.source or trait.name} never asks the judge to answer REFUSAL, so "
-              "refused answers are scored like any other", file=sys.stderr)
-    return judge
-
-
 def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors: str | None = None,
                  judge: str | None = "none", judge_workers: int | None = None, trait=None):
-    """Check what can be checked before the model loads (device, steering files, the judge of the trait), then
-    load it. -> (model, tokenizer, vectors_dir, judge)."""
+    """Check what can be checked before the model loads (device, steering files, the judge: one that cannot work,
+    with no API key, fails here), then load it. -> (model, tokenizer, vectors_dir, judge). A trait's judge prompt
+    that never asks for REFUSAL (official-format trait files may not) is worth a note: refusals then get a score
+    like any other answer, where the judge would otherwise leave them unscored."""
+    import judge as J
     checkpoint.check_device(device or M.default_device())
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
     steer_sources(list(steer), vectors_dir)
-    judge_ = make_judge(judge, judge_workers, trait)
+    judge_ = J.make_judge(judge, workers=judge_workers)
+    if trait is not None and judge_.name != "none" and "REFUSAL" not in trait.eval_prompt:
+        print(f"note: the eval_prompt of {trait.source or trait.name} never asks the judge to answer REFUSAL, so "
+              "refused answers are scored like any other", file=sys.stderr)
     model, tok = M.load(model_name, device, dtype)
     return model, tok, vectors_dir, judge_
 
@@ -298,17 +293,10 @@ def sample_and_judge(t, model, tok, judge, jobs: list[dict], budget: Budget, see
                      settings: dict, steer: list[M.Steer] = ()) -> tuple[list[dict], dict, str]:
     """Every job answered (cached in OUT/.work/NAME-<settings hash>/) and judged (cached in
     OUT/.work/judgments.jsonl) -> (rows, activations, the judge's name)."""
-    import judge as J  # as in make_judge: only where a pipeline judges
+    import judge as J  # imported where a pipeline judges, as in load_checked
     work = out_dir / ".work" / f"{name}-{settings_hash(settings)}"
     rows, acts = sample_rollouts(model, tok, jobs, budget, seed, work, steer)
     return rows, acts, J.judge_rows(t, rows, judge, out_dir / ".work" / "judgments.jsonl")
-
-
-def model_record(model) -> dict:
-    """What a vector file says about the model it came from: the name, the local path, and the weights' origin
-    (a vector made from dequantized GGUF weights must never pass for one made from the original weights)."""
-    return dict(model=model.name_or_path, model_path=str(model.source_dir),
-                model_source=getattr(model, "source", None))
 
 
 def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None, judge_workers: int | None = None,
@@ -353,8 +341,10 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
         raise UserError(f"no pair of {n_pairs} survived the filter ({why[worst]} failed on {worst}): {fix}, "
                         "or sample more with --rollouts")
     norms = acts["response_norm"][pos + neg].mean(0)  # [L + 1] mean per-token residual norm of kept answers
-    meta = dict(**model_record(model), trait=t.name,
-                layer_convention=LAYER_CONVENTION, judge=judge_name, pos_threshold=pos_threshold,
+    # the model's name, local path and the weights' origin (a vector made from dequantized GGUF weights must never
+    # pass for one made from the original weights)
+    meta = dict(model=model.name_or_path, model_path=str(model.source_dir), model_source=getattr(model, "source", None),
+                trait=t.name, layer_convention=LAYER_CONVENTION, judge=judge_name, pos_threshold=pos_threshold,
                 neg_threshold=neg_threshold, coherence_threshold=coherence_threshold, kept_pairs=len(pos),
                 total_pairs=n_pairs, kept_pos=len(pos), total_pos=n_pairs, kept_neg=len(neg), total_neg=n_pairs,
                 residual_norm=[round(x, 4) for x in norms.tolist()], date=datetime.date.today().isoformat(),

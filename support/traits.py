@@ -100,7 +100,7 @@ def validate(data: dict, source: str, stem: str | None = None, official: bool = 
     .json), the trait's `name` must equal it, so that `load_trait(name)` finds the file that defines that name.
     official: a file converted from the official format (`from_official`), which may have any number of questions
     in each split (from 1), and whose judge prompt need not mention REFUSAL (a judge then scores refusals too;
-    `persona_vectors.make_judge` says so where a judge is used).
+    `persona_vectors.load_checked` says so where a judge is used).
     """
     def fail(field: str, msg: str):
         raise UserError(f"{source}: field `{field}`: {msg}")
