@@ -115,6 +115,30 @@ def conversation_rows(model, tok, gauges: list[Gauge], messages: list[dict], tur
     return rows
 
 
+def monitor_rows(src: Path, model, tok, gauges: list[Gauge], tokens: bool, skipped: dict, counts: dict):
+    """Every row of the file, a conversation at a time (counts: "rows" and "conversations" so far)."""
+    t0 = time.time()
+    for lineno, messages, turns in jsonl_conversations(src, skipped):
+        where = dict(conversation=counts["conversations"], line=lineno)
+        rows = conversation_rows(model, tok, gauges, messages, turns, where, tokens, skipped)
+        yield from rows
+        counts["rows"], counts["conversations"] = counts["rows"] + len(rows), counts["conversations"] + bool(rows)
+        if rows and counts["conversations"] % 50 == 0:
+            print(f"monitor: {counts['conversations']} conversations "
+                  f"({counts['conversations'] / (time.time() - t0):.1f}/s)", file=sys.stderr)
+
+
+def write_rows(path: Path, rows, as_csv: bool) -> None:
+    """Rows as JSONL, or as CSV with the columns of a gauge's reading (per-token projections: JSONL only)."""
+    with open(path, "w", newline="") as o:
+        w = csv.DictWriter(o, ["conversation", "line", "turn", "trait", "layer", "prompt_last", "response_avg"],
+                           extrasaction="ignore") if as_csv else None
+        if w:
+            w.writeheader()
+        for r in rows:
+            w.writerow(r) if w else o.write(json.dumps(r) + "\n")
+
+
 def monitor(path: str, model_name: str = DEFAULT_MODEL, traits: list[str] | None = None, layer: int | None = None,
             vectors: str | None = None, out: str | None = None, tokens: bool = False, device: str | None = None,
             dtype: torch.dtype | None = None) -> Path:
@@ -134,31 +158,19 @@ def monitor(path: str, model_name: str = DEFAULT_MODEL, traits: list[str] | None
     if traits is None and not traits_in(vectors_dir):
         raise UserError(f"no vectors in {vectors_dir}: run `extract TRAIT` first or pass --vectors DIR")
     gauges = gauges_for(model, vectors_dir, traits, layer)
-    skipped, n, t0 = {}, dict(rows=0, conversations=0), time.time()
+    skipped, counts = {}, dict(rows=0, conversations=0)
 
     def write(tmp: Path):
-        with open(tmp, "w", newline="") as o:
-            w = csv.DictWriter(o, ["conversation", "line", "turn", "trait", "layer", "prompt_last", "response_avg"],
-                               extrasaction="ignore") if dest.suffix == ".csv" else None
-            if w:
-                w.writeheader()
-            for lineno, messages, turns in jsonl_conversations(src, skipped):
-                rows = conversation_rows(model, tok, gauges, messages, turns,
-                                         dict(conversation=n["conversations"], line=lineno), tokens, skipped)
-                for r in rows:
-                    w.writerow(r) if w else o.write(json.dumps(r) + "\n")
-                n["rows"], n["conversations"] = n["rows"] + len(rows), n["conversations"] + bool(rows)
-                if rows and n["conversations"] % 50 == 0:
-                    print(f"monitor: {n['conversations']} conversations "
-                          f"({n['conversations'] / (time.time() - t0):.1f}/s)", file=sys.stderr)
-            if n["conversations"] == 0:  # raised inside, so that no output file is left behind
-                raise UserError(f"{src}: no conversation with a usable assistant turn (skipped: "
-                                + ("; ".join(f"{len(v)} with {k}" for k, v in skipped.items()) or "none") + ")")
+        write_rows(tmp, monitor_rows(src, model, tok, gauges, tokens, skipped, counts), dest.suffix == ".csv")
+        if counts["conversations"] == 0:  # raised inside, so that no output file is left behind
+            raise UserError(f"{src}: no conversation with a usable assistant turn (skipped: "
+                            + ("; ".join(f"{len(v)} with {k}" for k, v in skipped.items()) or "none") + ")")
 
     atomic_write(dest, write)
     notes = "".join(f"; skipped {len(v)} ({k}; line{'s' if len(v) > 1 else ''} "
                     f"{', '.join(map(str, v[:5]))}{', ...' if len(v) > 5 else ''})" for k, v in skipped.items())
-    print(f"monitor: {n['rows']} rows for {n['conversations']} conversations -> {dest}{notes}", file=sys.stderr)
+    print(f"monitor: {counts['rows']} rows for {counts['conversations']} conversations -> {dest}{notes}",
+          file=sys.stderr)
     return dest
 
 
