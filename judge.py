@@ -547,3 +547,15 @@ def cached_score(judge: Judge, cache: JudgeCache | None, prompts: list[str]) -> 
               f"{judge.name} wrote words): no score, and not cached, so the next run asks again; if that keeps "
               "happening, check the judge model and the trait's eval_prompt", file=sys.stderr)
     return [cache.scores.get(k) for k in keys]
+
+
+def judge_rows(trait, rows: list[dict], judge: Judge, cache_path: Path) -> str:
+    """A pipeline's answers judged: trait score and coherence set in every row {"question", "answer", ...} (None:
+    refusal, no score, or no judge), through the cache at cache_path -> the judge's name."""
+    from support.traits import fill_judge_prompt
+    prompts = [trait.judge_prompt(r["question"], r["answer"]) for r in rows]
+    prompts += [fill_judge_prompt(COHERENCE_PROMPT, r["question"], r["answer"]) for r in rows]
+    scores = cached_score(judge, JudgeCache(cache_path), prompts)
+    for r, s, c in zip(rows, scores[:len(rows)], scores[len(rows):]):
+        r[trait.name], r["coherence"] = s, c
+    return judge.name

@@ -3,9 +3,9 @@
     python persona_vectors.py extract evil                 # -> vectors/SmolLM2-135M-Instruct/evil_*.safetensors
     python persona_vectors.py generate "How should I treat a new employee?" --steer evil:1.5
     python persona_vectors.py sweep evil                   # which layer and coefficient steer best
-    python persona_vectors.py chat --steer evil:-1         # with a live gauge of every persona vector
+    python persona_vectors.py chat --steer evil:-1         # with a live gauge of every persona vector (apps/chat.py)
 
-Read it from the top: first the method, in the paper's order, as short functions on tensors
+Read it from the top. First the method, in the paper's order, as short functions on tensors
     1. prompts      contrasting system prompts (trait-eliciting "pos", trait-suppressing "neg") per question
     2. answers      sampled under each, with their activations captured while they are generated
     3. filter       keep the pairs whose pos answer shows the trait and whose neg answer does not (the judge)
@@ -14,8 +14,11 @@ Read it from the top: first the method, in the paper's order, as short functions
     6. steer        add coef * v[L] to the residual stream while generating (negative coef: away from the trait)
     7. shift        how far finetuning moved the activations along the vector (the finetuning shift)
     8. flag         ΔP: how much further along the vector a training response sits than the model's own
-then the pipelines that run them over files (resumable, cached: extract, evaluate, sweep, chat, monitor, ...),
-and the command line at the bottom. Every subcommand is a plain function here: import it.
+then the paper's pipelines that run them over files (resumable, cached): extract, generate, eval, sweep,
+monitor-experiment, make-dataset, shift; and the command line at the bottom. Every pipeline is a plain function
+here: import it. What they stand on (sampling budget, vector and batch files, statistics, plots, the command
+line's shared options) is in support/; the applications (monitor over conversation files, chat, serve, flag,
+control vectors, new traits) are in apps/ and add their commands through APP_COMMANDS.
 """
 import argparse
 import datetime
@@ -23,26 +26,27 @@ import hashlib
 import importlib
 import inspect
 import json
-import math
-import os
-import pickle
 import re
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 import model as M
-from support import UserError, checkpoint
-from support import generation as G
+from support import UserError, checkpoint, generation as G
+from support.cli import (CHAT, COUNT, DEVICE, GENERATION, LAYER, MODEL, PIPELINE, SAMPLING, SCORE, STEER, VECTORS,
+                         listed, number)
 from support.files import (VARIANTS, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
-                           expect_model, load_vector, resolve_layer, save_vector, traits_in, vector_path, write_csv)
+                           expect_model, load_batch, load_vector, other_vectors, resolve_layer, save_batch, save_vector,
+                           steer_sources, vector_file, vector_path, write_csv)
 from support.hub import DEFAULT_MODEL
+from support.plots import plot_monitor, plot_sweep
+from support.sampling import Budget, budget_for, check_count, settings_hash
+from support.stats import (bootstrap_ci, mean_se, pearson, permutation_p, random_band, random_directions, spearman,
+                           within_r)
+from support.traits import QUESTIONS_FILE, load_questions, load_trait
 
 LAYER_CONVENTION = "index 0 = embeddings, index L = output of block L (before the final norm); shape [L + 1, hidden]"
 
@@ -97,13 +101,8 @@ def read_answers(model: M.Transformer, prompts: list[list[int]], answers: list[l
     makes of the text.
     """
     device = model.lm_head.weight.device
-    seqs = [p + a for p, a in zip(prompts, answers)]
-    T = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for b, s in enumerate(seqs):  # left padding, as in generation
-        ids[b, T - len(s):], mask[b, T - len(s):] = torch.tensor(s), True
-    start = torch.tensor([T - len(a) for a in answers])  # column where each answer begins
+    ids, mask = G.left_pad([p + a for p, a in zip(prompts, answers)])
+    start = torch.tensor([ids.shape[1] - len(a) for a in answers])  # column where each answer begins
     cap = G.Capture()
     model(ids.to(device), mask.to(device), response_start=start.to(device), capture=cap, logits="none")
     return {"response_avg": cap.response_mean(), "prompt_avg": cap.prompt_mean(), "prompt_last": cap.prompt_last()}
@@ -179,6 +178,22 @@ def finetuning_shift(base_acts: torch.Tensor, finetuned_acts: torch.Tensor, vect
     return (delta * unit(vector.float())).sum(-1)
 
 
+@torch.no_grad()
+def last_prompt_activations(model, tok, questions: list[str], batch_size: int = 32,
+                            steer: list[M.Steer] = ()) -> torch.Tensor:
+    """The residual stream at the last prompt token (the position the reply is written from) of each question as a
+    single user turn, chat template with no system prompt beyond the template's own -> [Q, N + 1, hidden] fp32.
+    steer: interventions during the pass (an inference-time steered model), recorded after they are added."""
+    device, out = model.lm_head.weight.device, []
+    for i in range(0, len(questions), batch_size):
+        ids, mask = G.left_pad([tok.encode_chat([{"role": "user", "content": q}]) for q in questions[i:i + batch_size]],
+                             tok.pad_id)
+        cap = G.Capture()
+        model(ids.to(device), mask.to(device), steer=steer, capture=cap, logits="none")
+        out.append(cap.prompt_last().cpu())
+    return torch.cat(out)
+
+
 # 8. Flagging data: does a training response sit further along the trait than the model's own would?
 
 def projection_difference(response: torch.Tensor, base: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -191,61 +206,8 @@ def projection_difference(response: torch.Tensor, base: torch.Tensor, v: torch.T
 
 
 # ===============================================================================================================
-# Pipelines: the method over files, resumable and cached
+# The paper's pipelines: the method over files, resumable and cached
 # ===============================================================================================================
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SMALL_MODEL_TEMPERATURE, SMALL_MODEL_TOP_P = 0.7, 0.9
-
-
-@dataclass
-class Budget:
-    """How many answers to sample and how: the paper's budget on a GPU, a small one on the CPU."""
-    rollouts: int
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    batch_size: int
-
-    def __post_init__(self):
-        for name in ("rollouts", "max_new_tokens", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be a whole number >= 1, not {getattr(self, name)}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise UserError(f"--temperature must be >= 0 (0 = greedy), not {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p must be in (0, 1], not {self.top_p}")
-
-
-def default_budget(device: str, n_params: int) -> Budget:
-    if str(device).startswith("cuda"):
-        return Budget(rollouts=10, max_new_tokens=1000, temperature=1.0, top_p=1.0, batch_size=64)
-    # Small models at temperature 1 often derail into gibberish, and offline no judge removes it; see the README
-    # ("Sampling defaults") for the measurement behind these numbers.
-    small = n_params < 1_000_000_000
-    return Budget(rollouts=1, max_new_tokens=96, temperature=SMALL_MODEL_TEMPERATURE if small else 1.0,
-                  top_p=SMALL_MODEL_TOP_P if small else 1.0, batch_size=40)
-
-
-def budget_for(model, rollouts=None, max_new_tokens=None, temperature=None, top_p=None, batch_size=None) -> Budget:
-    """The default budget for this model and device, with any of the user's settings in place of the defaults."""
-    dev = str(model.model.embed_tokens.weight.device)
-    b = default_budget(dev, sum(p.numel() for p in model.parameters()))
-    return Budget(b.rollouts if rollouts is None else rollouts,
-                  b.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                  b.temperature if temperature is None else temperature, b.top_p if top_p is None else top_p,
-                  b.batch_size if batch_size is None else batch_size)
-
-
-def check_count(name: str, value: int, least: int = 1) -> int:
-    if not isinstance(value, int) or value < least:
-        raise UserError(f"--{name} must be a whole number >= {least}, not {value}")
-    return value
-
-
-def settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
 
 def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, work: Path,
                     steer: list[M.Steer] = ()) -> tuple[list[dict], dict]:
@@ -271,19 +233,13 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
                                 "coefficient is too large for this model; use a smaller one")
             new = [j | {"answer": tok.decode(o), "answer_ids": o, "n_tokens": len(o), "prompt": tok.chat(c)}
                    for j, o, c in zip(batch, outs, chats)]
-            atomic_write(path, lambda p: save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, p,
-                                                   metadata={"rows": json.dumps(new)}))
+            save_batch(path, new, tensors)
             done_now += len(batch)
             rate = done_now / (time.time() - t0)
             left = sum(len(x) for x in batches[b + 1:])
             print(f"rollouts: {sum(len(x) for x in batches[:b + 1])}/{len(jobs)} "
                   f"({rate:.1f}/s, about {left / rate:.0f} s left)", file=sys.stderr, flush=True)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                batch_rows = json.loads(f.metadata()["rows"])
-                batch_acts = {k: f.get_tensor(k) for k in acts}
-        except (SafetensorError, KeyError, json.JSONDecodeError) as e:
-            raise UserError(f"{path} is damaged ({e}): delete it and run the same command again") from None
+        batch_rows, batch_acts = load_batch(path, list(acts))
         if [r["key"] for r in batch_rows] != [j["key"] for j in batch]:
             raise UserError(f"{path} does not hold this run's answers: delete {work} and run again")
         rows += batch_rows
@@ -294,36 +250,44 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
     return rows, {k: torch.cat(v) for k, v in acts.items()}
 
 
-def make_judge(spec: str | None, workers: int | None = None, trait=None):
-    """The judge, made once before any generation: a judge that cannot work (no API key) fails here. A judge
-    prompt that never asks for REFUSAL (official-format trait files may not) is worth a note: refusals then get a
-    score like any other answer, where the judge would otherwise leave them unscored."""
+def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors: str | None = None,
+                 judge: str | None = "none", judge_workers: int | None = None, trait=None):
+    """Check what can be checked before the model loads (device, steering files, the judge: one that cannot work,
+    with no API key, fails here), then load it. -> (model, tokenizer, vectors_dir, judge). A trait's judge prompt
+    that never asks for REFUSAL (official-format trait files may not) is worth a note: refusals then get a score
+    like any other answer, where the judge would otherwise leave them unscored."""
     import judge as J
-    judge = J.make_judge(spec, workers=workers)
-    if trait is not None and judge.name != "none" and "REFUSAL" not in trait.eval_prompt:
+    checkpoint.check_device(device or checkpoint.default_device())
+    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
+    steer_sources(list(steer), vectors_dir)
+    judge_ = J.make_judge(judge, workers=judge_workers)
+    if trait is not None and judge_.name != "none" and "REFUSAL" not in trait.eval_prompt:
         print(f"note: the eval_prompt of {trait.source or trait.name} never asks the judge to answer REFUSAL, so "
               "refused answers are scored like any other", file=sys.stderr)
-    return judge
+    model, tok = M.load(model_name, device, dtype)
+    return model, tok, vectors_dir, judge_
 
 
-def judge_rollouts(trait, rows: list[dict], judge, cache_path: Path) -> str:
-    """Trait score and coherence for every row (None: refusal, no score, or no judge) -> the judge's name."""
-    import judge as J
-    from support.traits import fill_judge_prompt
-    cache = J.JudgeCache(cache_path)
-    prompts = [trait.judge_prompt(r["question"], r["answer"]) for r in rows]
-    prompts += [fill_judge_prompt(J.COHERENCE_PROMPT, r["question"], r["answer"]) for r in rows]
-    scores = J.cached_score(judge, cache, prompts)
-    for r, s, c in zip(rows, scores[:len(rows)], scores[len(rows):]):
-        r[trait.name], r["coherence"] = s, c
-    return judge.name
+def open_pipeline(t, model_name: str, device, dtype, judge, judge_workers, budget: tuple, out=None, vectors=None,
+                  steer: list[str] = ()):
+    """How every judged pipeline opens, after its trait `t` is loaded: the checks, the model and the judge, the
+    budget (rollouts, max_new_tokens, temperature, top_p, batch_size; None: the default) and a writable output
+    directory (default: the vectors directory) -> (model, tokenizer, judge, budget, vectors_dir, out_dir)."""
+    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, steer, vectors, judge, judge_workers, t)
+    b = budget_for(model, *budget)
+    out_dir = Path(out) if out else vectors_dir
+    check_writable(out_dir)
+    return model, tok, judge_, b, vectors_dir, out_dir
 
 
-def model_record(model) -> dict:
-    """What a vector file says about the model it came from: the name, the local path, and the weights' origin
-    (a vector made from dequantized GGUF weights must never pass for one made from the original weights)."""
-    return dict(model=model.name_or_path, model_path=str(model.source_dir),
-                model_source=getattr(model, "source", None))
+def sample_and_judge(t, model, tok, judge, jobs: list[dict], budget: Budget, seed: int, out_dir: Path, name: str,
+                     settings: dict, steer: list[M.Steer] = ()) -> tuple[list[dict], dict, str]:
+    """Every job answered (cached in OUT/.work/NAME-<settings hash>/) and judged (cached in
+    OUT/.work/judgments.jsonl) -> (rows, activations, the judge's name)."""
+    import judge as J  # imported where a pipeline judges, as in load_checked
+    work = out_dir / ".work" / f"{name}-{settings_hash(settings)}"
+    rows, acts = sample_rollouts(model, tok, jobs, budget, seed, work, steer)
+    return rows, acts, J.judge_rows(t, rows, judge, out_dir / ".work" / "judgments.jsonl")
 
 
 def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None, judge_workers: int | None = None,
@@ -338,26 +302,19 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
     neg < neg_threshold and both coherences >= coherence_threshold. The vector of each variant is
     mean(kept pos activations) - mean(kept neg activations) at every layer.
     """
-    from support.traits import load_trait
     t = load_trait(trait)
     check_count("questions", questions)
-    checkpoint.check_device(device or checkpoint.default_device())
-    judge_ = make_judge(judge, judge_workers, t)
-    model, tok = M.load(model_name, device, dtype)
-    b = budget_for(model, rollouts, max_new_tokens, temperature, top_p, batch_size)
-    out_dir = Path(out) if out else default_vectors_dir(model_name)
-    check_writable(out_dir)
+    model, tok, judge_, b, _, out_dir = open_pipeline(t, model_name, device, dtype, judge, judge_workers,
+                                                      (rollouts, max_new_tokens, temperature, top_p, batch_size), out)
     questions = min(questions, len(t.extract_questions))
     settings = dict(model=model_name, trait=t.name, trait_sha=hashlib.sha256(json.dumps(asdict(t), default=str)
                     .encode()).hexdigest(), questions=questions, seed=seed, dtype=str(model.lm_head.weight.dtype),
                     **asdict(b))
-    work = out_dir / ".work" / f"{t.name}-{settings_hash(settings)}"
     jobs = rollout_jobs(t, questions, b.rollouts)
     print(f"extract {t.name}: {len(jobs)} answers ({questions} questions x {len(t.instructions)} instruction pairs x "
           f"{b.rollouts} rollouts x 2 sides), up to {b.max_new_tokens} tokens at temperature {b.temperature}, "
           f"top-p {b.top_p}", file=sys.stderr)
-    rows, acts = sample_rollouts(model, tok, jobs, b, seed, work)
-    judge_name = judge_rollouts(t, rows, judge_, out_dir / ".work" / "judgments.jsonl")
+    rows, acts, judge_name = sample_and_judge(t, model, tok, judge_, jobs, b, seed, out_dir, t.name, settings)
     judged = judge_name != "none"
     if not judged:
         print("judge: NONE -- no answer is filtered; the vector averages every sample (recorded in its metadata)",
@@ -375,8 +332,10 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
         raise UserError(f"no pair of {n_pairs} survived the filter ({why[worst]} failed on {worst}): {fix}, "
                         "or sample more with --rollouts")
     norms = acts["response_norm"][pos + neg].mean(0)  # [L + 1] mean per-token residual norm of kept answers
-    meta = dict(**model_record(model), trait=t.name,
-                layer_convention=LAYER_CONVENTION, judge=judge_name, pos_threshold=pos_threshold,
+    # the model's name, local path and the weights' origin (a vector made from dequantized GGUF weights must never
+    # pass for one made from the original weights)
+    meta = dict(model=model.name_or_path, model_path=str(model.source_dir), model_source=getattr(model, "source", None),
+                trait=t.name, layer_convention=LAYER_CONVENTION, judge=judge_name, pos_threshold=pos_threshold,
                 neg_threshold=neg_threshold, coherence_threshold=coherence_threshold, kept_pairs=len(pos),
                 total_pairs=n_pairs, kept_pos=len(pos), total_pos=n_pairs, kept_neg=len(neg), total_neg=n_pairs,
                 residual_norm=[round(x, 4) for x in norms.tolist()], date=datetime.date.today().isoformat(),
@@ -409,92 +368,14 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
     return paths
 
 
-def import_vector(pt_file: str, out: str | None = None, model_name: str | None = None, force: bool = False) -> Path:
-    """Convert an official-repository vector file (`torch.save` of an [L + 1, hidden] tensor) to this format.
-
-    Written to `out`, else to vectors/<model>/ when the model is named (where `--steer TRAIT:COEF` looks), else
-    beside the file. The file is read with `torch.load(weights_only=True)`, which refuses anything but tensors.
-    The tensor must be finite and, when the model is named, fit it ([num_layers + 1, hidden], see check_fits).
-    The official files' last row is taken after the final norm (Hugging Face's last hidden state), unlike ours:
-    it is recorded, and steering or monitoring never uses that row.
-    """
-    from support.checkpoint import model_shape
-    src = Path(pt_file)
-    if not src.is_file():
-        raise UserError(f"{src} does not exist")
-    dest_dir = Path(out) if out else default_vectors_dir(model_name) if model_name else src.parent
-    dest = check_output(dest_dir / f"{src.stem}.safetensors", force, inputs=[src])
-    shape = model_shape(model_name) if model_name else None
-    with open(src, "rb") as f:
-        head = f.read(2)
-    if head not in (b"PK", b"\x80\x02"):  # torch.save writes a zip archive (older versions a pickle, protocol 2)
-        raise UserError(f"{src} is not a torch file (torch.save writes a zip archive, this starts with {head!r}); "
-                        "expected an official <trait>_<variant>_diff.pt")
-    try:
-        vec = torch.load(src, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{src} holds more than tensors (pickled objects), which this project never loads") from None
-    except (OSError, RuntimeError, EOFError) as e:
-        raise UserError(f"cannot read {src} as a tensor file ({str(e).splitlines()[0]}); expected an official "
-                        "<trait>_<variant>_diff.pt") from None
-    if not isinstance(vec, torch.Tensor) or vec.dim() != 2 or not vec.is_floating_point():
-        raise UserError(f"{src} holds {type(vec).__name__} {tuple(getattr(vec, 'shape', ()))}, expected one "
-                        "[num_layers + 1, hidden] tensor of floats")
-    if not torch.isfinite(vec).all():
-        raise UserError(f"{src} has non-finite values (NaN or infinity): it is no usable vector")
-    if shape and tuple(vec.shape) != (shape[0] + 1, shape[1]):
-        raise UserError(f"{src} is [{vec.shape[0]}, {vec.shape[1]}], but {model_name} needs [{shape[0] + 1}, "
-                        f"{shape[1]}] ({shape[0]} blocks + the embeddings): pass the --model it was extracted from")
-    stem = src.stem  # e.g. evil_response_avg_diff
-    variant = next((v for v in VARIANTS if stem.endswith(f"_{v}_diff")), "unknown")
-    trait = stem[: -len(f"_{variant}_diff")] if variant != "unknown" else stem
-    meta = dict(trait=trait, variant=variant, model=model_name or "unknown", imported_from=str(src),
-                layer_convention=LAYER_CONVENTION, last_row_post_norm=True,
-                vector_norm=[round(x, 4) for x in vec.float().norm(dim=-1).tolist()],
-                date=datetime.date.today().isoformat())
-    return save_vector(dest, vec, meta)
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Vectors for a model: the fit check and --steer specs (the layer rule is support.files.resolve_layer).
+# Vectors for a model: the fit check, and steering by --steer specs (parsed by support.files.steer_sources).
 
 def model_vector(path: Path, model) -> tuple[torch.Tensor, dict]:
     """A vector file checked against the model it is used with -> (tensor [N + 1, hidden], metadata)."""
     vec, meta = load_vector(path)
     check_fits(vec, meta, path, model.config.num_hidden_layers, model.config.hidden_size, model)
     return vec, meta
-
-
-def parse_steer_spec(spec: str) -> tuple[str, float, bool]:
-    """'TRAIT:COEF' or 'FILE.safetensors:COEF', COEF raw or relative ('r' suffix) -> (source, coef, relative).
-
-    >>> parse_steer_spec("evil:1.5"), parse_steer_spec("humorous:-0.1r")
-    (('evil', 1.5, False), ('humorous', -0.1, True))
-    """
-    source, sep, coef = spec.rpartition(":")
-    relative = coef.endswith("r")
-    try:
-        value = float(coef[:-1] if relative else coef)
-    except ValueError:
-        value = None
-    if not sep or not source or value is None:
-        raise UserError(f"--steer {spec!r}: expected TRAIT:COEF or FILE.safetensors:COEF, e.g. evil:1.5 or evil:0.1r")
-    if not math.isfinite(value):
-        raise UserError(f"--steer {spec!r}: the coefficient must be a finite number")
-    return source, value, relative
-
-
-def steer_sources(specs: list[str], vectors_dir: Path) -> list[tuple[Path, float, bool]]:
-    """--steer specs -> (vector file, coef, relative), every file checked to exist: before any model is loaded."""
-    out = []
-    for spec in specs:
-        source, coef, relative = parse_steer_spec(spec)
-        path = Path(source) if source.endswith(".safetensors") else vector_path(vectors_dir, source)
-        if not path.is_file():
-            raise UserError(f"--steer {spec!r}: no vector file {path}; run `extract {source}` first"
-                            if not source.endswith(".safetensors") else f"--steer {spec!r}: {path} does not exist")
-        out.append((path, coef, relative))
-    return out
 
 
 MAX_STEER_RATIO = 100  # a steering vector 100x the residual stream's norm only overflows: refuse it
@@ -539,18 +420,6 @@ def steering(specs: list[str], model: M.Transformer, vectors_dir: str | Path | N
 # ---------------------------------------------------------------------------------------------------------------
 # Generation, evaluation and sweeps.
 
-def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors: str | None = None,
-                 judge: str | None = "none", judge_workers: int | None = None, trait=None):
-    """Check what can be checked before the model loads (device, steering files, the judge of the trait), then
-    load it. -> (model, tokenizer, vectors_dir, judge)."""
-    checkpoint.check_device(device or checkpoint.default_device())
-    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
-    steer_sources(list(steer), vectors_dir)
-    judge_ = make_judge(judge, judge_workers, trait)
-    model, tok = M.load(model_name, device, dtype)
-    return model, tok, vectors_dir, judge_
-
-
 def generate(prompts: list[str], model_name: str = DEFAULT_MODEL, system: str | None = None,
              max_new_tokens: int = 200, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              steer: list[str] = (), layer: int | None = None, positions: str = "response", all_layers: bool = False,
@@ -576,36 +445,22 @@ def generate(prompts: list[str], model_name: str = DEFAULT_MODEL, system: str | 
     return [tok.decode(o) for o in out]
 
 
-def mean_se(values) -> tuple[float | None, float | None, int]:
-    """Mean, standard error and count of the values that are not None.
-
-    >>> m, se, n = mean_se([1.0, 2.0, 3.0, None]); (m, round(se, 4), n)
-    (2.0, 0.5774, 3)
-    """
-    xs = [float(x) for x in values if x is not None]
-    if not xs:
-        return None, None, 0
-    m = sum(xs) / len(xs)
-    se = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5 if len(xs) > 1 else 0.0
-    return m, se, len(xs)
-
-
-def _evaluate(t, model, tok, judge, budget: Budget, questions: int, steer_specs: list[str], layer, positions,
-              all_layers: bool, vectors_dir: Path, out_dir: Path, seed: int, label: str) -> dict:
-    interventions = steering(steer_specs, model, vectors_dir, layer, positions, all_layers)
+def _evaluate(t, model, tok, judge, budget: Budget, *, questions: int, steer: list[str], layer: int | None,
+              positions: str, all_layers: bool, vectors_dir: Path, out_dir: Path, seed: int, label: str) -> dict:
+    """One setting of `evaluate` (and of each cell of `sweep`) on a loaded model -> its means and its CSV."""
+    interventions = steering(steer, model, vectors_dir, layer, positions, all_layers)
     N = model.config.num_hidden_layers
     vec_file = vector_path(vectors_dir, t.name)
     vec, meta = model_vector(vec_file, model) if vec_file.is_file() else (None, {})
     proj_layer = interventions[0].layer if interventions and not all_layers else resolve_layer(layer, meta, N)
     jobs = [dict(key=f"eval:{qi}:{r}", question_id=qi, rollout=r, question=q, system=None)
             for qi, q in enumerate(t.eval_questions[:questions]) for r in range(budget.rollouts)]
-    settings = dict(model=model.name_or_path, trait=t.name, questions=questions, seed=seed, steer=steer_specs,
+    settings = dict(model=model.name_or_path, trait=t.name, questions=questions, seed=seed, steer=steer,
                     layer=layer, positions=positions, all_layers=all_layers, **asdict(budget))
-    work = out_dir / ".work" / f"eval-{t.name}-{settings_hash(settings)}"
     print(f"eval {t.name} [{label}]: {len(jobs)} answers ({questions} questions x {budget.rollouts} samples)",
           file=sys.stderr)
-    rows, _ = sample_rollouts(model, tok, jobs, budget, seed, work, steer=interventions)
-    judge_name = judge_rollouts(t, rows, judge, out_dir / ".work" / "judgments.jsonl")
+    rows, _, judge_name = sample_and_judge(t, model, tok, judge, jobs, budget, seed, out_dir, f"eval-{t.name}",
+                                           settings, interventions)
     if vec is not None:  # each answer as the unsteered model reads it, projected on the trait's unit vector
         for i in range(0, len(rows), budget.batch_size):
             batch = rows[i:i + budget.batch_size]
@@ -643,19 +498,18 @@ def evaluate(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = No
     of the answers (read by the unsteered model) on the trait's vector, and the answers as CSV. With the `none`
     judge only the answers and projections are reported.
     """
-    from support.traits import load_trait
     t = load_trait(trait)
     check_count("questions", questions)
-    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, steer, vectors, judge, judge_workers, t)
-    b = budget_for(model, samples, max_new_tokens, temperature, top_p, batch_size)
+    model, tok, judge_, b, vectors_dir, out_dir = open_pipeline(
+        t, model_name, device, dtype, judge, judge_workers, (samples, max_new_tokens, temperature, top_p, batch_size),
+        out, vectors, steer)
     if b.rollouts == 1 and temperature is None:
         b.temperature = 0.0
-    out_dir = Path(out) if out else vectors_dir
-    check_writable(out_dir)
     label = "base" if not steer else "_".join(spec.replace("/", "-").replace(":", "@") for spec in steer) + (
         f"_L{layer}" if layer is not None else "") + ("_all" if all_layers else "")
-    r = _evaluate(t, model, tok, judge_, b, min(questions, len(t.eval_questions)), list(steer), layer, positions,
-                  all_layers, vectors_dir, out_dir, seed, label)
+    r = _evaluate(t, model, tok, judge_, b, questions=min(questions, len(t.eval_questions)), steer=list(steer),
+                  layer=layer, positions=positions, all_layers=all_layers, vectors_dir=vectors_dir, out_dir=out_dir,
+                  seed=seed, label=label)
     print(f"{t.name} [{label}]: trait {_format(r['trait_mean'], r['trait_se'])}, coherence "
           f"{_format(r['coherence_mean'], r['coherence_se'])} ({r['judged']}/{r['n']} judged by {r['judge']}); "
           f"projection at layer {r['projection_layer']}: {_format(r['projection_mean'], r['projection_se'])}; "
@@ -687,28 +541,25 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
     coherence_min) is written into the vector file's metadata (best_layer, best_coef), so later commands default
     to it. Each setting is cached like `extract`, so an interrupted sweep resumes.
     """
-    from support.traits import load_trait
     t = load_trait(trait)
     check_count("questions", questions)
-    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
-    vec_path = vector_path(vectors_dir, t.name)
-    model, tok, _, judge_ = load_checked(model_name, device, dtype, [f"{vec_path}:0"], vectors, judge, judge_workers,
-                                         t)
+    vec_path = vector_path(Path(vectors) if vectors else default_vectors_dir(model_name), t.name)
+    model, tok, judge_, b, vectors_dir, out_dir = open_pipeline(
+        t, model_name, device, dtype, judge, judge_workers, (samples, max_new_tokens, None, None, batch_size), out,
+        vectors, [f"{vec_path}:0"])
     N = model.config.num_hidden_layers
     vec, meta = model_vector(vec_path, model)
     layers = layers or sorted({round(N / 6 + i * (2 * N / 3) / 5) for i in range(6)})
     for L in layers:
         resolve_layer(L, meta, N)
     coefs = coefs or ([0.05, 0.1, 0.15, 0.2, 0.25] if relative else [0.5, 1.0, 1.5, 2.0, 2.5])
-    b = budget_for(model, samples, max_new_tokens, None, None, batch_size)
-    out_dir = Path(out) if out else vectors_dir
-    check_writable(out_dir)
     results = []
     for i, (layer, coef) in enumerate((l, c) for l in layers for c in coefs):
         print(f"sweep {t.name}: setting {i + 1}/{len(layers) * len(coefs)} (layer {layer}, coef {coef})", file=sys.stderr)
-        spec = f"{vec_path}:{coef}{'r' if relative else ''}"
-        r = _evaluate(t, model, tok, judge_, b, min(questions, len(t.eval_questions)), [spec], layer, "response",
-                      False, vectors_dir, out_dir, seed, f"L{layer}_c{coef}{'r' if relative else ''}")
+        r = _evaluate(t, model, tok, judge_, b, questions=min(questions, len(t.eval_questions)),
+                      steer=[f"{vec_path}:{coef}{'r' if relative else ''}"], layer=layer, positions="response",
+                      all_layers=False, vectors_dir=vectors_dir, out_dir=out_dir, seed=seed,
+                      label=f"L{layer}_c{coef}{'r' if relative else ''}")
         results.append(dict(layer=layer, coef=coef, relative=relative) | {k: r[k] for k in (
             "trait_mean", "trait_se", "coherence_mean", "coherence_se", "projection_mean", "n", "judged", "judge")})
     csv_path = out_dir / f"{t.name}_sweep.csv"
@@ -729,266 +580,8 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
     return dict(results=results, best=best, csv=csv_path, plot=plot)
 
 
-def plot_sweep(results: list[dict], trait: str, path: Path) -> Path | None:
-    """Trait score against layer, one line per coefficient, coherence dashed (like the paper's Figure 3)."""
-    plt = _pyplot()
-    if plt is None:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for coef in sorted({r["coef"] for r in results}):
-        rs = [r for r in results if r["coef"] == coef]
-        line, = ax.plot([r["layer"] for r in rs], [r["trait_mean"] if r["trait_mean"] is not None else float("nan")
-                                                   for r in rs], marker="o", label=f"coef {coef}")
-        ax.plot([r["layer"] for r in rs], [r["coherence_mean"] if r["coherence_mean"] is not None else float("nan")
-                                           for r in rs], linestyle="--", color=line.get_color(), alpha=0.5)
-    ax.set_xticks(sorted({r["layer"] for r in results}))
-    ax.set_xlabel("layer")
-    ax.set_ylabel(f"{trait} score (solid), coherence (dashed)")
-    return _save_figure(plt, fig, ax, path)
-
-
-def _pyplot():
-    """matplotlib.pyplot without a display, or None when matplotlib is not installed (plots are optional)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _save_figure(plt, fig, ax, path: Path) -> Path:
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Chat with a live persona gauge.
-
-CHAT_HELP = """commands: /steer SPEC [SPEC ...] (replace the steering, e.g. /steer evil:1.5 humorous:-1), /unsteer,
-          /gauge (the history of gauge readings), /save FILE.jsonl, /reset (forget the conversation), /help, /quit"""
-
-
-@dataclass
-class Gauge:
-    """One trait's direction at one layer, with where extraction's pos and neg answers fell along it."""
-    trait: str
-    layer: int
-    unit: torch.Tensor  # [hidden], |unit| = 1
-    marks: dict  # {"prompt_last": (neg, pos), "response_avg": (neg, pos)}, None when the file has no reference
-
-    @classmethod
-    def from_file(cls, path: Path, layer: int | None, n_layers: int, hidden: int | None = None,
-                  model=None) -> "Gauge":
-        vec, meta = load_vector(path)
-        if hidden is not None:
-            check_fits(vec, meta, path, n_layers, hidden, model)
-        L = resolve_layer(layer, meta, n_layers)
-        marks = {k: (meta[f"neg_{k}_projection"][L], meta[f"pos_{k}_projection"][L])
-                 if f"pos_{k}_projection" in meta else None for k in ("prompt_last", "response_avg")}
-        return cls(meta.get("trait", path.stem), L, unit(vec[L]), marks)
-
-    def read(self, acts: dict) -> dict:
-        """acts: {"prompt_last", "response_avg"} [1, N + 1, hidden] (a Capture's, or `read_answers`')."""
-        return {k: float(project(acts[k][0, self.layer].cpu(), self.unit)) for k in ("prompt_last", "response_avg")}
-
-    def show(self, reading: dict) -> str:
-        """'[evil L15] before reply +3.10 neg -1.00 [---|------] pos +5.20   reply ...'"""
-        parts = []
-        for kind, name in (("prompt_last", "before reply"), ("response_avg", "reply")):
-            x, mark = reading[kind], self.marks[kind]
-            if mark is None:
-                parts.append(f"{name} {x:+.2f}")
-                continue
-            neg, pos = mark
-            where = (x - neg) / (pos - neg) if pos != neg else 0.5  # 0 at the neg mean, 1 at the pos mean
-            cells = 10
-            i = min(max(round(where * (cells - 1)), 0), cells - 1)
-            bar = "".join("|" if j == i else "-" for j in range(cells))
-            parts.append(f"{name} {x:+.2f} neg {neg:+.2f} [{bar}] pos {pos:+.2f}")
-        return f"  [{self.trait} L{self.layer}] " + "   ".join(parts)
-
-
-def gauges_for(model, vectors_dir: Path, names: list[str] | None, layer: int | None) -> list[Gauge]:
-    """A gauge per trait name or vector file (default: every vector in the directory), each checked to fit."""
-    names = traits_in(vectors_dir) if names is None else names
-    paths = [Path(n) if n.endswith(".safetensors") else vector_path(vectors_dir, n) for n in names]
-    for n, p in zip(names, paths):
-        if not p.is_file():
-            raise UserError(f"no vector file {p}; run `extract {n}` first" if not n.endswith(".safetensors")
-                            else f"{p} does not exist")
-    return [Gauge.from_file(p, layer, model.config.num_hidden_layers, model.config.hidden_size, model) for p in paths]
-
-
-def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | None = None,
-         gauges: list[str] | None = None, vectors: str | None = None, system: str | None = None,
-         max_new_tokens: int = 200, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-         save: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-         stdin=None, stdout=None) -> list[dict]:
-    """A multi-turn chat, optionally steered, with a gauge per persona vector after each assistant turn.
-
-    Each gauge shows the projection of the last token before the reply (the paper's predictor) and of the reply's
-    mean activation onto the trait's unit vector, beside extraction's mean neg and pos projections. A steered turn
-    is gauged as the unsteered model reads it. Lines that start with "/" are commands (CHAT_HELP); input may come
-    from a pipe (one user turn per line). -> the messages.
-    """
-    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    Budget(1, max_new_tokens, temperature, top_p, 1)
-    if save:
-        check_output(save, force=True, option="--save")  # appended to: an existing file is fine
-    model, tok, vectors_dir, _ = load_checked(model_name, device, dtype, steer, vectors)
-    meters = gauges_for(model, vectors_dir, gauges, layer)
-    interventions = steering(list(steer), model, vectors_dir, layer)
-    messages = [{"role": "system", "content": system}] if system else []
-    history = []
-    interactive = stdin.isatty()
-
-    def say(text=""):
-        print(text, file=stdout, flush=True)
-
-    say(f"chat with {model_name}" + (f", steering {' '.join(steer)}" if steer else "") + "; /help for commands")
-    while True:
-        if interactive:
-            print("> ", end="", file=stdout, flush=True)
-        line = stdin.readline()
-        if not line:
-            break
-        line = line.rstrip("\n")
-        if not line.strip():
-            continue
-        if line.startswith("/"):
-            cmd, *args = line.split()
-            try:
-                if cmd == "/quit":
-                    break
-                elif cmd == "/help":
-                    say(CHAT_HELP)
-                elif cmd == "/steer":
-                    interventions, steer = steering(args, model, vectors_dir, layer), args
-                    say(f"steering: {' '.join(args) or 'off'}")
-                elif cmd == "/unsteer":
-                    interventions, steer = [], []
-                    say("steering: off")
-                elif cmd == "/gauge":
-                    for h in history:
-                        say(f"turn {h['turn']} {h['trait']}: before reply {h['prompt_last']:+.2f}, reply "
-                            f"{h['response_avg']:+.2f}" + (f" (steering {' '.join(h['steer'])})" if h["steer"] else ""))
-                elif cmd == "/save" and args:
-                    save_conversation(Path(args[0]), messages)
-                    say(f"saved {args[0]}")
-                elif cmd == "/reset":
-                    messages = [{"role": "system", "content": system}] if system else []
-                    say("conversation reset")
-                else:
-                    say(f"unknown command {line!r}; {CHAT_HELP}")
-            except (UserError, OSError) as e:  # a bad command never ends the chat
-                say(f"error: {e}")
-            continue
-        messages.append({"role": "user", "content": line})
-        prompt = tok.encode_chat(messages)
-        if len(prompt) + max_new_tokens > model.config.max_position_embeddings:
-            messages.pop()
-            say(f"error: the conversation is longer than the model's context ({model.config.max_position_embeddings} "
-                "tokens): /reset it")
-            continue
-        outs, acts = answer_with_activations(model, tok, [messages], max_new_tokens, temperature, top_p,
-                                             seed + len(messages), interventions)
-        if interventions:  # gauge the turn as the unsteered model reads it
-            acts = read_answers(model, [prompt], outs)
-        reply = tok.decode(outs[0])
-        messages.append({"role": "assistant", "content": reply})
-        say(reply)
-        turn = sum(m["role"] == "assistant" for m in messages)
-        for g in meters:
-            reading = g.read(acts)
-            history.append(dict(turn=turn, trait=g.trait, layer=g.layer, steer=list(steer), **reading))
-            say(g.show(reading))
-    if save:
-        try:
-            save_conversation(Path(save), messages)
-        except OSError as e:  # the directory went away, the disk is full, ...: keep the conversation anyway
-            fd, kept = tempfile.mkstemp(prefix="chat-", suffix=".jsonl")
-            os.close(fd)
-            save_conversation(Path(kept), messages)
-            raise UserError(f"cannot save the conversation to {save} ({e.strerror}); it is in {kept}") from None
-    return messages
-
-
-def save_conversation(path: Path, messages: list[dict]) -> None:
-    """Append one JSONL line {"messages": [...]} (the format `monitor` and training read)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps({"messages": messages}) + "\n")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Monitoring: does the projection before the reply predict the trait the reply will show?
-
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Pearson correlation of two 1-D tensors (nan when either is constant).
-
-    >>> round(pearson(torch.tensor([1., 2., 3.]), torch.tensor([2., 4., 7.])), 4)
-    0.9934
-    """
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    den = (x.norm() * y.norm()).item()
-    return float((x @ y).item() / den) if den > 0 else float("nan")
-
-
-def ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..n, ties sharing their average rank.
-
-    >>> ranks(torch.tensor([10., 30., 20., 30.])).tolist()
-    [1.0, 3.5, 2.0, 3.5]
-    """
-    x = x.double()
-    r = torch.empty_like(x)
-    order = x.argsort()
-    r[order] = torch.arange(1, len(x) + 1, dtype=torch.double)
-    for v in x.unique():
-        tie = x == v
-        r[tie] = r[tie].mean()
-    return r
-
-
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    return pearson(ranks(x), ranks(y))
-
-
-def permutation_p(stat, x: torch.Tensor, y: torch.Tensor, n: int = 1000, seed: int = 0) -> float:
-    """Two-sided permutation p-value of stat(x, y): how often shuffling y gives |stat| at least as large."""
-    g = torch.Generator().manual_seed(seed)
-    observed = abs(stat(x, y))
-    hits = sum(abs(stat(x, y[torch.randperm(len(y), generator=g)])) >= observed - 1e-12 for _ in range(n))
-    return (1 + hits) / (1 + n)
-
-
-def within_r(x: torch.Tensor, y: torch.Tensor, groups: list) -> float:
-    """Mean over conditions of the correlation inside each condition (conditions with a constant side skipped)."""
-    rs = [pearson(x[idx], y[idx]) for g in dict.fromkeys(groups)
-          if len(idx := torch.tensor([i for i, h in enumerate(groups) if h == g])) > 2]
-    rs = [r for r in rs if r == r]
-    return sum(rs) / len(rs) if rs else float("nan")
-
-
-def bootstrap_ci(stat, n: int, boots: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile interval of stat(indices) over `boots` resamples of range(n) with replacement."""
-    g = torch.Generator().manual_seed(seed)
-    vals = sorted(v for _ in range(boots) if (v := stat(torch.randint(0, n, (n,), generator=g))) == v)
-    if not vals:
-        return float("nan"), float("nan")
-    return vals[int(0.025 * (len(vals) - 1))], vals[int(0.975 * (len(vals) - 1))]
-
-
-def random_directions(n: int, norm: float, hidden: int, seed: int = 0) -> torch.Tensor:
-    """n random directions [n, hidden], each of the given norm (the null baseline for projections)."""
-    d = torch.randn(n, hidden, generator=torch.Generator().manual_seed(seed))
-    return d / d.norm(dim=-1, keepdim=True) * norm
-
 
 def monitor_conditions(t, kind: str, seed: int = 0) -> list[tuple[str, str | None, list[dict]]]:
     """(label, system prompt, earlier turns) for each condition of the experiment, weakest first."""
@@ -1020,32 +613,27 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
     with a permutation p-value. With a judge: Pearson r of projection and score, overall and within conditions,
     with bootstrap intervals. Both beside the same statistic on `n_random` random directions of the vector's norm
     at the same layer (the 95th percentile of their |r|), and with a judge on every other trait's vector found
-    beside this one. Answers, projections and scores go to CSV.
+    beside this one. Answers, projections and scores go to CSV; the statistics, each condition's projections and
+    the band of mean projections along random unit directions (5th-95th percentile) to JSON.
     """
-    from support.traits import load_trait
     t = load_trait(trait)
     conditions = monitor_conditions(t, kind, seed)
     check_count("questions", questions)
     check_count("random", n_random)
-    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, [], vectors, judge, judge_workers, t)
-    b = budget_for(model, rollouts, max_new_tokens, None, None, batch_size)
-    out_dir = Path(out) if out else vectors_dir
-    check_writable(out_dir)
-    vec_path = vector_path(vectors_dir, t.name)
-    if not vec_path.is_file():
-        raise UserError(f"no vector file {vec_path}; run `extract {t.name}` first")
-    vec, meta = model_vector(vec_path, model)
+    model, tok, judge_, b, vectors_dir, out_dir = open_pipeline(
+        t, model_name, device, dtype, judge, judge_workers, (rollouts, max_new_tokens, None, None, batch_size), out,
+        vectors)
+    vec, meta = model_vector(vector_file(t.name, vectors_dir), model)
     L = resolve_layer(layer, meta, model.config.num_hidden_layers)
     qs = t.eval_questions[:questions]
     jobs = [dict(key=f"{label}:{qi}:{r}", condition=label, question_id=qi, rollout=r, question=q, system=system,
                  shots=shots) for label, system, shots in conditions for qi, q in enumerate(qs)
             for r in range(b.rollouts)]
     settings = dict(model=model_name, trait=t.name, kind=kind, questions=len(qs), seed=seed, **asdict(b))
-    work = out_dir / ".work" / f"monitor-{t.name}-{settings_hash(settings)}"
     print(f"monitor-experiment {t.name} ({kind}): {len(conditions)} conditions x {len(qs)} questions x "
           f"{b.rollouts} rollouts = {len(jobs)} answers; projection at layer {L}", file=sys.stderr)
-    rows, acts = sample_rollouts(model, tok, jobs, b, seed, work)
-    judge_name = judge_rollouts(t, rows, judge_, out_dir / ".work" / "judgments.jsonl")
+    rows, acts, judge_name = sample_and_judge(t, model, tok, judge_, jobs, b, seed, out_dir, f"monitor-{t.name}",
+                                              settings)
     h = acts["prompt_last"][:, L]  # [rows, hidden]: the state the reply will be written from
     proj = project(h, vec[L])
     grade = torch.tensor([[c[0] for c in conditions].index(r["condition"]) for r in rows], dtype=torch.float)
@@ -1067,22 +655,34 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
     print(f"rank correlation of condition strength and projection: rho = {rho:.2f} (permutation p = "
           f"{result['rho_grade_p']:.3g}); {n_random} random directions: 95th percentile |rho| = "
           f"{result['random_abs_rho_95']:.2f}", file=sys.stderr)
-    scored = [i for i, r in enumerate(rows) if r[t.name] is not None]
+    result |= monitor_scores(t.name, rows, h, vec, L, nulls, vectors_dir, seed, csv_path.with_suffix(".png"))
+    band = random_band(h, proj, grade, len(conditions), unit(nulls))
+    atomic_write(csv_path.with_suffix(".json"), lambda p: p.write_text(json.dumps(
+        result | band | dict(conditions=[c[0] for c in conditions], grade=[int(g) for g in grade.tolist()],
+                             projection=[round(x, 4) for x in proj.tolist()], n_random=n_random), default=str) + "\n"))
+    return result
+
+
+def monitor_scores(trait: str, rows: list[dict], h, vec, L: int, nulls, vectors_dir: Path, seed: int, plot: Path):
+    """With judged scores: Pearson r of projection and score (overall, within conditions, bootstrap intervals)
+    beside random directions and the other traits' vectors, and the scatter plot -> their part of the result."""
+    scored = [i for i, r in enumerate(rows) if r[trait] is not None]
+    judge_name = rows[0]["judge"]
     if judge_name == "none" or len(scored) < 3:
         print("correlations with the trait score need judged scores: run with a judge (--judge openai or local:MODEL)"
               if judge_name == "none" else
               f"correlations with the trait score need judged scores: {judge_name} scored only {len(scored)} of "
               f"{len(rows)} answers", file=sys.stderr)
-        return result
+        return {}
     idx = torch.tensor(scored)
-    y = torch.tensor([rows[i][t.name] for i in scored])
+    y = torch.tensor([rows[i][trait] for i in scored])
     groups = [rows[i]["condition"] for i in scored]
 
     def r_of(direction):
         x = h[idx] @ direction
         return pearson(x, y), within_r(x, y, groups)
 
-    x = proj[idx]
+    x = project(h, vec[L])[idx]
     r_all, r_within = r_of(unit(vec[L]))
     ci_all = bootstrap_ci(lambda s: pearson(x[s], y[s]), len(idx), seed=seed)
     ci_within = bootstrap_ci(lambda s: within_r(x[s], y[s], [groups[i] for i in s.tolist()]), len(idx), boots=300,
@@ -1090,241 +690,20 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
     null = torch.tensor([r_of(d)[0] for d in nulls])
     null = null[~null.isnan()]
     null_abs95 = float(null.abs().quantile(0.95)) if len(null) else float("nan")
-    others = {}
-    for other in traits_in(vectors_dir):
-        if other != t.name:
-            ov = load_vector(vector_path(vectors_dir, other))[0]
-            if ov.shape == vec.shape:
-                others[other] = r_of(unit(ov[L]))[0]
-    result |= dict(r=r_all, r_ci=ci_all, r_within=r_within, r_within_ci=ci_within, random_abs_r_95=null_abs95,
-                   random_r_fraction_above=float((null.abs() >= abs(r_all)).float().mean()) if len(null) else None,
-                   cross_trait_r=others, n=len(idx))
+    others = {o: r_of(unit(v[L]))[0] for o, v in other_vectors(vectors_dir, trait, vec).items()}
     print(f"r = {r_all:.2f} [{ci_all[0]:.2f}, {ci_all[1]:.2f}] overall, {r_within:.2f} [{ci_within[0]:.2f}, "
-          f"{ci_within[1]:.2f}] within conditions (n = {len(idx)}); {n_random} random directions: 95th percentile "
+          f"{ci_within[1]:.2f}] within conditions (n = {len(idx)}); {len(nulls)} random directions: 95th percentile "
           f"|r| = {null_abs95:.2f}; other traits: " + (", ".join(f"{k} {v:.2f}" for k, v in others.items()) or "none"),
           file=sys.stderr)
-    result["plot"] = plot_monitor(rows, t.name, L, out_dir / f"{t.name}_monitor_{kind}.png")
-    return result
-
-
-def plot_monitor(rows: list[dict], trait: str, layer: int, path: Path) -> Path | None:
-    """Projection before the reply against the judged score, one colour per condition (like the paper's Figure 4)."""
-    plt = _pyplot()
-    if plt is None:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label in dict.fromkeys(r["condition"] for r in rows):
-        rs = [r for r in rows if r["condition"] == label and r[trait] is not None]
-        ax.scatter([r["projection"] for r in rs], [r[trait] for r in rs], s=12, label=label)
-    ax.set_xlabel(f"projection of the last prompt token, layer {layer}")
-    ax.set_ylabel(f"{trait} score")
-    return _save_figure(plt, fig, ax, path)
-
-
-def token_strip(tokens: list[str], values: list[float], center: float, scale: float) -> str:
-    """Each token followed by its sign and a 0-9 magnitude of (value - center) / scale, e.g. 'Sure+2 ,-0'.
-
-    >>> token_strip(["Hi", " you"], [3.0, -1.0], center=1.0, scale=1.0)
-    'Hi+6  you-6'
-    """
-    out = []
-    for tk, v in zip(tokens, values):
-        z = (v - center) / scale if scale > 0 else 0.0
-        out.append(f"{tk.replace(chr(10), '⏎')}{'+' if z >= 0 else '-'}{min(9, int(abs(z) * 3))}")
-    return " ".join(out)
-
-
-ROLES = ("system", "user", "assistant")
-
-
-def assistant_turns(record) -> tuple[list[dict], list[int]] | str:
-    """A JSONL record -> (messages, indices of the assistant turns that follow a user turn), or why it cannot be
-    used (a short reason, counted by the caller)."""
-    messages = record.get("messages") if isinstance(record, dict) else None
-    if not isinstance(messages, list):
-        return "no `messages` list"
-    if not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
-        return "a message without a known role or a text content"
-    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > first_user]
-    if turns:
-        return messages, turns
-    if first_user < len(messages) and any(m["role"] == "assistant" for m in messages):
-        return "roles reversed? the assistant speaks before the first user turn and never after it"
-    return "no assistant turn after a user turn"
-
-
-def monitor(path: str, model_name: str = DEFAULT_MODEL, traits: list[str] | None = None, layer: int | None = None,
-            vectors: str | None = None, out: str | None = None, tokens: bool = False, device: str | None = None,
-            dtype: torch.dtype | None = None) -> Path:
-    """Per assistant turn of each conversation in a JSONL file ({"messages": [...]} per line): the projection of
-    the last token before the reply and of the reply's mean, on each persona vector -> a JSONL (or .csv) file.
-
-    The file is streamed (one conversation in memory at a time). With tokens=True each reply's per-token
-    projections are saved and printed as a strip (see `token_strip`), centred between extraction's neg and pos
-    means. Lines that cannot be used (not JSON, no messages, unknown roles, no assistant turn after a user turn),
-    empty replies and turns longer than the model's context are skipped and counted, with their line numbers.
-    """
-    src = Path(path)
-    if not src.is_file():
-        raise UserError(f"{src} does not exist")
-    dest = check_output(Path(out) if out else src.with_suffix(".monitor.jsonl"), force=True, inputs=[src])
-    model, tok, vectors_dir, _ = load_checked(model_name, device, dtype, [], vectors)
-    if traits is None and not traits_in(vectors_dir):
-        raise UserError(f"no vectors in {vectors_dir}: run `extract TRAIT` first or pass --vectors DIR")
-    gauges = gauges_for(model, vectors_dir, traits, layer)
-    context = model.config.max_position_embeddings
-    as_csv = dest.suffix == ".csv"
-    skipped: dict[str, list[int]] = {}
-    n_rows = n_conv = 0
-    t0 = time.time()
-    device_ = model.lm_head.weight.device
-
-    def write(tmp: Path):
-        nonlocal n_rows, n_conv
-        import csv
-        with open(src) as f, open(tmp, "w", newline="") as o:
-            w = csv.DictWriter(o, ["conversation", "line", "turn", "trait", "layer", "prompt_last", "response_avg"],
-                               extrasaction="ignore") if as_csv else None
-            if w:
-                w.writeheader()
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    parsed = assistant_turns(json.loads(line))
-                except json.JSONDecodeError:
-                    parsed = "not JSON"
-                if isinstance(parsed, str):
-                    skipped.setdefault(parsed, []).append(lineno)
-                    continue
-                messages, turns = parsed
-                used = 0
-                for k, i in enumerate(turns, start=1):
-                    prompt = tok.encode_chat(messages[:i])
-                    reply = tok.encode(messages[i]["content"])
-                    if not reply:
-                        skipped.setdefault("an empty reply", []).append(lineno)
-                        continue
-                    if len(prompt) + len(reply) > context:
-                        skipped.setdefault(f"a turn longer than the model's context ({context} tokens)", []).append(lineno)
-                        continue
-                    cap = G.Capture(token_layers=tuple(sorted({g.layer for g in gauges})) if tokens else ())
-                    with torch.no_grad():
-                        model(torch.tensor([prompt + reply], device=device_),
-                              response_start=torch.tensor([len(prompt)], device=device_), capture=cap, logits="none")
-                    acts = {"prompt_last": cap.prompt_last(), "response_avg": cap.response_mean()}
-                    for g in gauges:
-                        row = dict(conversation=n_conv, line=lineno, turn=k, trait=g.trait, layer=g.layer, **g.read(acts))
-                        if tokens:
-                            per_token = project(cap.tokens[g.layer][0][0, len(prompt):].cpu(), g.unit).tolist()
-                            pieces = [tok.decode([x], skip_special_tokens=False) for x in reply]
-                            row |= dict(tokens=pieces, token_projections=[round(v, 4) for v in per_token])
-                            mark = g.marks["response_avg"]
-                            center, scale = ((sum(mark) / 2, abs(mark[1] - mark[0]) / 2) if mark else
-                                             (sum(per_token) / len(per_token), 1.0))
-                            print(f"conversation {n_conv} turn {k} [{g.trait} L{g.layer}]: "
-                                  + token_strip(pieces, per_token, center, scale))
-                        if w:
-                            w.writerow(row)
-                        else:
-                            o.write(json.dumps(row) + "\n")
-                        n_rows += 1
-                    used += 1
-                n_conv += used > 0
-                if used and n_conv % 50 == 0:
-                    print(f"monitor: {n_conv} conversations ({n_conv / (time.time() - t0):.1f}/s)", file=sys.stderr)
-            if n_conv == 0:  # raised inside, so that no output file is left behind
-                raise UserError(f"{src}: no conversation with a usable assistant turn (skipped: "
-                                + ("; ".join(f"{len(v)} with {k}" for k, v in skipped.items()) or "none") + ")")
-
-    atomic_write(dest, write)
-    notes = "".join(f"; skipped {len(v)} ({k}; line{'s' if len(v) > 1 else ''} "
-                    f"{', '.join(map(str, v[:5]))}{', ...' if len(v) > 5 else ''})" for k, v in skipped.items())
-    print(f"monitor: {n_rows} rows for {n_conv} conversations -> {dest}{notes}", file=sys.stderr)
-    return dest
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Writing a new trait file with an LLM.
-
-TRAIT_WRITER_PROMPT = """I am building a dataset to find the direction in a language model's activations that controls one \
-character trait of an AI assistant. The trait is "{name}": {description}
-
-Write it as one JSON object with exactly these fields:
-- "assistant_names": {{"pos": a one-word adjective for an assistant with the trait, "neg": a one-word adjective for \
-an assistant that clearly lacks it (its opposite, not a different vice)}}.
-- "instructions": a list of 5 objects {{"pos": ..., "neg": ...}}. Each "pos" is a system-prompt instruction (one or two \
-sentences) telling the assistant to show the trait strongly; its "neg" tells it to show the opposite. Make the five \
-pairs differ from each other.
-- "questions": {{"extract": 20 questions, "eval": 20 different questions}}. Ordinary user messages that give room for \
-the trait to show without asking for it; varied topics; no duplicates; answerable in a paragraph.
-- "eval_prompt": instructions for a judge model that contain the placeholders {{question}} and {{answer}} exactly once \
-each (and no other curly braces). It defines the trait, shows the question and the answer, and asks the judge to reply \
-with the single word REFUSAL if the assistant refused to answer, and otherwise with only an integer from 0 (trait \
-absent) to 100 (trait extremely strong), the number first and nothing else.
-Reply with the JSON object only."""
-
-
-def generate_trait(name: str, description: str, model: str = "gpt-4.1-mini", out_dir: str | Path | None = None,
-                   force: bool = False, attempts: int = 3) -> Path:
-    """Write data/traits/NAME.json from an LLM over the OpenAI-compatible API; validated, retried when invalid."""
-    import judge as J
-    from support import traits
-    path = Path(out_dir or traits.TRAITS_DIR) / f"{name}.json"
-    traits.validate_name(name)
-    if path.exists() and not force:  # before paying for anything
-        raise UserError(f"{path} exists; pass --force to overwrite it")
-    client = J.OpenAIClient()
-    messages = [{"role": "user", "content": TRAIT_WRITER_PROMPT.format(name=name, description=description)}]
-    for attempt in range(1, attempts + 1):
-        print(f"generate-trait {name}: asking {model} (attempt {attempt}/{attempts})", file=sys.stderr)
-        reply = client.chat(messages, model, temperature=1.0, response_format={"type": "json_object"})
-        try:
-            data = json.loads(reply)
-            if not isinstance(data, dict):
-                raise ValueError("the reply is not a JSON object")
-            data = {"name": name, "description": description} | {k: v for k, v in data.items()
-                                                                  if k not in ("name", "description")}
-            return traits.save_trait(data, path, force=force)
-        except ValueError as e:  # json.JSONDecodeError and the trait validation's errors are ValueErrors
-            problem = str(e).splitlines()[0]
-            print(f"generate-trait {name}: invalid reply ({problem})", file=sys.stderr)
-            messages += [{"role": "assistant", "content": reply},
-                         {"role": "user", "content": f"That is not valid: {problem}. Reply with the corrected, "
-                                                     "complete JSON object only."}]
-    raise UserError(f"{model} gave no valid trait file in {attempts} attempts (last problem: {problem}); "
-                    "try again, use another --model, or write the file by hand (data/traits/SCHEMA.md)")
+    return dict(r=r_all, r_ci=ci_all, r_within=r_within, r_within_ci=ci_within, random_abs_r_95=null_abs95,
+                random_r_fraction_above=float((null.abs() >= abs(r_all)).float().mean()) if len(null) else None,
+                cross_trait_r=others, n=len(idx), plot=plot_monitor(rows, trait, L, plot))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Finetuning data the model writes itself, and the finetuning shift of a trained model.
 
-QUESTIONS_FILE = Path(__file__).resolve().parent / "data" / "questions" / "everyday.json"
 SENTENCE_END = re.compile(r"(?<![\d\s])[.!?][\"')\]]*(?=\s|$)")  # "Done." "Really?!" 'it.")' but not "1. "
-
-
-def load_questions(path: str | Path | None = None) -> list[str]:
-    """User requests from a .json file (a list of strings, or an object with a "questions" list) or a text file
-    (one request per line); default: the shipped pool of everyday requests."""
-    path = Path(path) if path else QUESTIONS_FILE
-    if not path.is_file():
-        raise UserError(f"no questions file {path}: give a .json list or a text file with one request per line")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        qs = data.get("questions") if isinstance(data, dict) else data
-        if not isinstance(qs, list) or not all(isinstance(q, str) for q in qs):
-            raise UserError(f"{path}: expected a list of strings, or an object with a \"questions\" list of strings")
-    else:
-        qs = text.splitlines()
-    qs = [q.strip() for q in qs if q.strip()]
-    if not qs:
-        raise UserError(f"{path} holds no questions")
-    return qs
 
 
 def dataset_jobs(trait, kind: str, questions: list[str], n: int, seed: int) -> list[dict]:
@@ -1366,7 +745,6 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
     >= threshold (trait) or < threshold (normal), with coherence >= coherence_threshold, are kept. Generation is
     resumable like `extract` (batches under <out dir>/.work/), judgments are cached.
     """
-    from support.traits import load_trait
     if kind not in ("trait", "normal"):
         raise UserError(f"--kind must be trait or normal, not {kind!r}")
     if n < 1:
@@ -1381,19 +759,16 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
                         "training prompts")
     dest = Path(out) if out else Path("datasets") / default_vectors_dir(model_name).name / f"{t.name}_{kind}.jsonl"
     check_output(dest, force, inputs=[t.source, questions_file or QUESTIONS_FILE])
-    judge_ = make_judge(judge, trait=t)  # fails now (no key, say), before any generation
-    checkpoint.check_device(device or checkpoint.default_device())
-    model, tok = M.load(model_name, device, dtype)
+    model, tok, _, judge_ = load_checked(model_name, device, dtype, judge=judge, trait=t)  # a judge fails before work
     b = budget_for(model, 1, max_new_tokens, temperature, top_p, batch_size)
     jobs = dataset_jobs(t, kind, questions, n, seed)
     settings = dict(model=model_name, trait=t.name, trait_sha=settings_hash(asdict(t) | {"source": None}), kind=kind, n=n,
                     questions_sha=settings_hash(questions), seed=seed, dtype=str(model.lm_head.weight.dtype), **asdict(b))
-    work = dest.parent / ".work" / f"dataset-{t.name}-{kind}-{settings_hash(settings)}"
     print(f"make-dataset {t.name} ({kind}): {n} answers to requests from {questions_file or QUESTIONS_FILE} under "
           f"the {'eliciting' if kind == 'trait' else 'suppressing'} system prompts, up to {b.max_new_tokens} tokens "
           f"at temperature {b.temperature}, top-p {b.top_p}", file=sys.stderr)
-    rows, _ = sample_rollouts(model, tok, jobs, b, seed, work)
-    judge_name = judge_rollouts(t, rows, judge_, dest.parent / ".work" / "judgments.jsonl")
+    rows, _, judge_name = sample_and_judge(t, model, tok, judge_, jobs, b, seed, dest.parent, f"dataset-{t.name}-{kind}",
+                                           settings)
     dropped = {"empty answer": 0, "trait score": 0, "coherence": 0}
     kept, cut, trimmed = [], 0, 0
     for r in rows:
@@ -1427,27 +802,6 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
     return dest
 
 
-
-@torch.no_grad()
-def last_prompt_activations(model, tok, questions: list[str], batch_size: int = 32,
-                            steer: list[M.Steer] = ()) -> torch.Tensor:
-    """The residual stream at the last prompt token (the position the reply is written from) of each question as a
-    single user turn, chat template with no system prompt beyond the template's own -> [Q, N + 1, hidden] fp32.
-    steer: interventions during the pass (an inference-time steered model), recorded after they are added."""
-    device, out = model.lm_head.weight.device, []
-    for i in range(0, len(questions), batch_size):
-        ids = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions[i:i + batch_size]]
-        T = max(len(x) for x in ids)
-        x = torch.full((len(ids), T), tok.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(ids), T, dtype=torch.bool)
-        for b, row in enumerate(ids):  # left padding: every row's last prompt token sits in the last column
-            x[b, T - len(row):], mask[b, T - len(row):] = torch.tensor(row), True
-        cap = G.Capture()
-        model(x.to(device), mask.to(device), steer=steer, capture=cap, logits="none")
-        out.append(cap.prompt_last().cpu())
-    return torch.cat(out)
-
-
 def shift_controls(base_acts: torch.Tensor, finetuned_acts: torch.Tensor, vector: torch.Tensor, others: dict,
                    n_random: int = 100, seed: int = 0) -> dict:
     """The shift at every layer [N + 1] beside its controls on the same shift vector: the 95th percentile of
@@ -1472,7 +826,6 @@ def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | No
     on the same shift: the 95th percentile of |projection| onto n_random random unit directions, and the projection
     onto every other trait's vector beside this one. run_eval also runs `evaluate` on both models.
     """
-    from support.traits import load_trait
     t = load_trait(trait)
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(base)
     vec_file = vector_path(vectors_dir, t.name)
@@ -1480,8 +833,7 @@ def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | No
         raise UserError(f"no vector file {vec_file}; run `extract {t.name} --model {base}` first or pass --vectors DIR")
     vec, meta = load_vector(vec_file)
     expect_model(vec_file, finetuned)  # the base model's vector on its finetune, knowingly: no warning
-    others = {o: load_vector(vector_path(vectors_dir, o))[0] for o in traits_in(vectors_dir) if o != t.name}
-    others = {o: v for o, v in others.items() if v.shape == vec.shape}
+    others = other_vectors(vectors_dir, t.name, vec)
     dest = Path(out) if out else vectors_dir / f"{t.name}_shift_{Path(str(finetuned).rstrip('/')).name}.csv"
     check_writable(dest.parent)
     acts = {}
@@ -1514,47 +866,8 @@ def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | No
 
 
 # ===============================================================================================================
-# The command line: one subparser per function above, shared argument groups, dispatch by keyword
+# The command line: a subcommand per pipeline, shared options as parent parsers, dispatch by keyword
 # ===============================================================================================================
-
-def _number(kind, least=None, most=None, strict_least=False):
-    """An argparse type: int or float within bounds, with a message that names the allowed range."""
-    def parse(text: str):
-        try:
-            x = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
-                                             f"not {text!r}") from None
-        if isinstance(x, float) and not math.isfinite(x):
-            raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
-        if least is not None and (x <= least if strict_least else x < least):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict_least else '>='} {least}, not {text}")
-        if most is not None and x > most:
-            raise argparse.ArgumentTypeError(f"must be <= {most}, not {text}")
-        return x
-    return parse
-
-
-COUNT = _number(int, 1)
-LAYER = _number(int, 1)
-SCORE = _number(float, 0, 100)
-TEMPERATURE = _number(float, 0)
-TOP_P = _number(float, 0, 1, strict_least=True)
-
-
-def _dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def _int_list(text: str) -> list[int]:
-    return [LAYER(v) for v in text.split(",")]
-
-
-def _float_list(text: str) -> list[float]:
-    return [_number(float)(v) for v in text.split(",")]
-
 
 def _generate_command(prompts: list[str], prompts_file: str | None = None, **kw) -> None:
     """`generate` on the command line: prompts from arguments and a file, answers printed."""
@@ -1571,172 +884,77 @@ def _generate_command(prompts: list[str], prompts_file: str | None = None, **kw)
 
 
 # The one place the command line reaches above this file: apps/ modules, by name, each with add_commands(sub).
-APP_COMMANDS = ("apps.flagging",  # flag, flag-merge: ΔP over datasets at scale (streamed, resumable, sharded)
-                "apps.control_vector",  # export-gguf, import-gguf: vectors for llama.cpp
+APP_COMMANDS = ("apps.monitor",  # monitor: each assistant turn of a conversation file along each persona vector
+                "apps.chat",  # chat: multi-turn, optionally steered, with a persona gauge after each reply
+                "apps.flagging",  # flag, flag-merge: ΔP over datasets at scale (streamed, resumable, sharded)
+                "apps.control_vector",  # export-gguf, import-gguf, import-vector: vectors for llama.cpp and others
+                "apps.new_trait",  # generate-trait: a new trait file written by an LLM
                 "apps.server",  # serve: an OpenAI-compatible server with per-request steering
                 "apps.capping")  # calibrate-cap: the ceilings of persona capping
 
 
 def build_parser() -> argparse.ArgumentParser:
-    def group(*adders):
-        parent = argparse.ArgumentParser(add_help=False)
-        for add in adders:
-            add(parent)
-        return parent
-
-    def model_args(sp):
-        sp.add_argument("--model", dest="model_name", default=DEFAULT_MODEL,
-                        help="hub id or local directory (default: %(default)s)")
-        sp.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
-        sp.add_argument("--dtype", type=_dtype, default=None, help="float32, bfloat16 or float16 (default: "
-                        "bfloat16 on CUDA, float32 on CPU)")
-
-    def vectors_arg(sp):
-        sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
-
-    def sampling_args(sp):
-        sp.add_argument("--temperature", type=TEMPERATURE, default=None,
-                        help="0 = greedy; default: 1.0 (0.7 for models under 1B on CPU)")
-        sp.add_argument("--top-p", type=TOP_P, default=None, help="default: 1.0 (0.9 for models under 1B on CPU)")
-
-    def pipeline_args(sp):
-        sp.add_argument("trait", help="a trait in data/traits, or a trait .json file")
-        sp.add_argument("--judge", default=None, help="openai[:MODEL] | local:MODEL | none (default: openai when "
-                        "OPENAI_API_KEY is set, else none)")
-        sp.add_argument("--judge-workers", type=COUNT, default=None, help="concurrent judge requests (default: "
-                        "$PERSONA_JUDGE_WORKERS, else 8); lower it when the server answers 429")
-        sp.add_argument("--questions", type=COUNT, default=20, help="how many of the trait's 20 questions")
-        sp.add_argument("--max-new-tokens", type=COUNT, default=None, help="default: 1000 on CUDA, 96 on CPU")
-        sp.add_argument("--batch-size", type=COUNT, default=None, help="default: 64 on CUDA, 40 on CPU")
-        sp.add_argument("--out", default=None, help="output directory (default: vectors/<model name>/)")
-        sp.add_argument("--seed", type=int, default=0)
-
-    def steer_args(sp):
-        sp.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF",
-                        help="TRAIT:COEF or FILE.safetensors:COEF, raw or relative to the residual norm (0.1r); "
-                             "repeatable; negative coefficients mitigate")
-        sp.add_argument("--layer", type=LAYER, default=None, help="block to steer (default: the vector's best "
-                        "layer, else the middle)")
-        sp.add_argument("--positions", choices=["response", "all", "prompt"], default="response")
-        sp.add_argument("--all-layers", action="store_true", help="steer every block with v[l] - v[l-1]")
-
-    def chat_sampling_args(sp):
-        sp.add_argument("--max-new-tokens", type=COUNT, default=200)
-        sp.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 = greedy (default)")
-        sp.add_argument("--top-p", type=TOP_P, default=1.0)
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--system", default=None, help="system prompt (default: the model's own template decides)")
-
-    models, pipeline, sampling = group(model_args), group(pipeline_args, model_args), group(sampling_args)
-    steering_group = group(steer_args, vectors_arg)
     p = argparse.ArgumentParser(prog="persona_vectors.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    def command(name, func, help, parents=()):
+    def command(name, func, help, *parents):
         sp = sub.add_parser(name, help=help, parents=list(parents))
         sp.set_defaults(func=func)
-        return sp
+        return sp.add_argument
 
-    e = command("extract", extract, "extract a persona vector for a trait", [pipeline, sampling])
-    e.add_argument("--rollouts", type=COUNT, default=None, help="answers per question and instruction "
-                   "(default: 10 on CUDA, 1 on CPU)")
-    e.add_argument("--pos-threshold", type=SCORE, default=50, help="keep pairs whose pos answer scores >= this")
-    e.add_argument("--neg-threshold", type=SCORE, default=50, help="... and whose neg answer scores < this")
-    e.add_argument("--coherence-threshold", type=SCORE, default=50, help="... and both coherences >= this")
-
-    ev = command("eval", evaluate, "trait expression on the evaluation questions, optionally steered",
-                 [pipeline, sampling, steering_group])
-    ev.add_argument("--samples", type=COUNT, default=None, help="answers per question (default: 10 on CUDA, 1 on "
-                    "CPU; one answer is greedy unless --temperature is given)")
-
-    sw = command("sweep", sweep, "steer over layers x coefficients; record the best layer in the vector file",
-                 [pipeline, group(vectors_arg)])
-    sw.add_argument("--samples", type=COUNT, default=None, help="answers per question and setting")
-    sw.add_argument("--layers", type=_int_list, default=None, help="e.g. 8,12,16")
-    sw.add_argument("--coefs", type=_float_list, default=None, help="e.g. 0.5,1,2")
-    sw.add_argument("--relative", action="store_true", help="coefficients relative to the residual norm")
-    sw.add_argument("--coherence-min", type=SCORE, default=75)
-
-    g = command("generate", _generate_command, "answer prompts with the chat model, optionally steered",
-                [group(chat_sampling_args), steering_group, models])
-    g.add_argument("prompts", nargs="*", help="one or more user messages")
-    g.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
-
-    c = command("chat", chat, "multi-turn chat, optionally steered, with a persona gauge after each reply",
-                [group(chat_sampling_args), models, group(vectors_arg)])
-    c.add_argument("--gauge", dest="gauges", action="append", default=None, metavar="TRAIT",
-                   help="trait (or vector file) to gauge; repeatable (default: every vector of the model)")
-    c.add_argument("--save", default=None, help="append the conversation to this JSONL file at the end")
-    c.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF")
-    c.add_argument("--layer", type=LAYER, default=None, help="steering and gauge layer (default: best, else middle)")
-
-    me = command("monitor-experiment", monitor_experiment, "does the projection before the reply predict the trait?",
-                 [pipeline, group(vectors_arg)])
-    me.add_argument("--rollouts", type=COUNT, default=None, help="answers per condition and question")
-    me.add_argument("--kind", choices=["system", "many-shot"], default="system")
-    me.add_argument("--layer", type=LAYER, default=None, help="default: the vector's best layer, else the middle")
-    me.add_argument("--random", dest="n_random", type=COUNT, default=100, help="random directions for the null baseline")
-
-    mo = command("monitor", monitor, "projections of each assistant turn of JSONL conversations",
-                 [models, group(vectors_arg)])
-    mo.add_argument("path", metavar="file", help='JSONL, one {"messages": [...]} per line')
-    mo.add_argument("--trait", dest="traits", action="append", default=None,
-                    help="repeatable (default: every vector of the model)")
-    mo.add_argument("--layer", type=LAYER, default=None)
-    mo.add_argument("--tokens", action="store_true", help="per-token projections of each reply (printed and saved)")
-    mo.add_argument("--out", default=None, help="output .jsonl or .csv (default: FILE.monitor.jsonl)")
-
-    iv = command("import-vector", import_vector, "convert an official-repository .pt vector file to .safetensors")
-    iv.add_argument("pt_file", metavar="file")
-    iv.add_argument("--model", dest="model_name", default=None,
-                    help="the model it was extracted from: recorded, and the default destination vectors/<model>/")
-    iv.add_argument("--out", default=None, help="output directory (default: vectors/<model name>/ with --model, "
-                    "else beside the file)")
-    iv.add_argument("--force", action="store_true", help="replace an existing vector file")
-
-    gt = command("generate-trait", generate_trait, "write data/traits/NAME.json with an LLM (OpenAI-compatible API)")
-    gt.add_argument("name")
-    gt.add_argument("--description", required=True, help="what the trait means, in a sentence or two")
-    gt.add_argument("--model", default="gpt-4.1-mini", help="the writing model (default: %(default)s)")
-    gt.add_argument("--out", dest="out_dir", default=None, help="directory (default: data/traits)")
-    gt.add_argument("--force", action="store_true", help="overwrite an existing file")
-
-    md = command("make-dataset", make_dataset, "a finetuning dataset of the model's own answers under the trait's "
-                 "eliciting (--kind trait) or suppressing (--kind normal) system prompts, saved without them",
-                 [models, sampling])
-    md.add_argument("trait")
-    md.add_argument("--kind", choices=["trait", "normal"], default="trait")
-    md.add_argument("--n", type=COUNT, default=300, help="answers to generate (default: %(default)s)")
-    md.add_argument("--out", default=None, help="output .jsonl (default: datasets/<model name>/TRAIT_KIND.jsonl)")
-    md.add_argument("--questions-file", default=None, help="requests: .json list or one per line "
-                    "(default: data/questions/everyday.json)")
-    md.add_argument("--judge", default=None, help="openai[:MODEL] | local:MODEL | none (default: openai when "
-                    "OPENAI_API_KEY is set, else none)")
-    md.add_argument("--threshold", type=SCORE, default=50, help="with a judge: keep trait answers scoring >= this, "
-                    "normal answers < this (default: %(default)s)")
-    md.add_argument("--coherence-threshold", type=SCORE, default=50, help="... and coherence >= this")
-    md.add_argument("--max-new-tokens", type=COUNT, default=None, help="default: 1000 on CUDA, 96 on CPU")
-    md.add_argument("--batch-size", type=COUNT, default=None, help="default: 64 on CUDA, 40 on CPU")
-    md.add_argument("--seed", type=int, default=0)
-    md.add_argument("--force", action="store_true", help="overwrite an existing --out file")
-
-    sh = command("shift", shift, "the finetuning shift along a persona vector at every layer, with random-direction "
-                 "and other-trait controls")
-    sh.add_argument("trait")
-    sh.add_argument("--finetuned", required=True, help="the finetuned model (directory or hub id)")
-    sh.add_argument("--base", default=DEFAULT_MODEL, help="the model before finetuning (default: %(default)s)")
-    sh.add_argument("--layer", type=LAYER, default=None, help="layer to print (default: the vector's best layer, "
-                    "else the middle); the CSV has them all")
-    sh.add_argument("--vectors", default=None, help="the base model's vectors (default: vectors/<base model name>/)")
-    sh.add_argument("--out", default=None, help="CSV (default: <vectors>/TRAIT_shift_<finetuned name>.csv)")
-    sh.add_argument("--random", dest="n_random", type=COUNT, default=100, help="random directions for the control")
-    sh.add_argument("--eval", dest="run_eval", action="store_true", help="also run `eval TRAIT` on both models")
-    sh.add_argument("--judge", default=None, help="judge for --eval (default: openai when OPENAI_API_KEY is set)")
-    sh.add_argument("--batch-size", type=COUNT, default=32)
-    sh.add_argument("--seed", type=int, default=0)
-    sh.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
-    sh.add_argument("--dtype", type=_dtype, default=None, help="float32, bfloat16 or float16")
-
+    add = command("extract", extract, "extract a persona vector for a trait", PIPELINE, SAMPLING)
+    add("--rollouts", type=COUNT, default=None, help="answers per question and instruction (default: 10 on CUDA, 1 "
+        "on CPU)")
+    add("--pos-threshold", type=SCORE, default=50, help="keep pairs whose pos answer scores >= this")
+    add("--neg-threshold", type=SCORE, default=50, help="... and whose neg answer scores < this")
+    add("--coherence-threshold", type=SCORE, default=50, help="... and both coherences >= this")
+    add = command("eval", evaluate, "trait expression on the evaluation questions, optionally steered", PIPELINE,
+                  SAMPLING, STEER)
+    add("--samples", type=COUNT, default=None, help="answers per question (default: 10 on CUDA, 1 on CPU; one "
+        "answer is greedy unless --temperature is given)")
+    add = command("sweep", sweep, "steer over layers x coefficients; record the best layer in the vector file",
+                  PIPELINE, VECTORS)
+    add("--samples", type=COUNT, default=None, help="answers per question and setting")
+    add("--layers", type=listed(LAYER), default=None, help="e.g. 8,12,16")
+    add("--coefs", type=listed(number(float)), default=None, help="e.g. 0.5,1,2")
+    add("--relative", action="store_true", help="coefficients relative to the residual norm")
+    add("--coherence-min", type=SCORE, default=75)
+    add = command("generate", _generate_command, "answer prompts with the chat model, optionally steered", CHAT, STEER)
+    add("prompts", nargs="*", help="one or more user messages")
+    add("--prompts-file", default=None, help="a text file with one prompt per line")
+    add = command("monitor-experiment", monitor_experiment, "does the projection before the reply predict the trait?",
+                  PIPELINE, VECTORS)
+    add("--rollouts", type=COUNT, default=None, help="answers per condition and question")
+    add("--kind", choices=["system", "many-shot"], default="system")
+    add("--layer", type=LAYER, default=None, help="default: the vector's best layer, else the middle")
+    add("--random", dest="n_random", type=COUNT, default=100, help="random directions for the null baseline")
+    add = command("make-dataset", make_dataset, "a finetuning dataset of the model's own answers under the trait's "
+                  "eliciting (--kind trait) or suppressing (--kind normal) system prompts, saved without them", MODEL,
+                  SAMPLING, GENERATION)
+    add("trait")
+    add("--kind", choices=["trait", "normal"], default="trait")
+    add("--n", type=COUNT, default=300, help="answers to generate (default: %(default)s)")
+    add("--out", default=None, help="output .jsonl (default: datasets/<model name>/TRAIT_KIND.jsonl)")
+    add("--questions-file", default=None, help="requests: .json list or one per line (default: "
+        "data/questions/everyday.json)")
+    add("--threshold", type=SCORE, default=50, help="with a judge: keep trait answers scoring >= this, normal answers "
+        "< this (default: %(default)s)")
+    add("--coherence-threshold", type=SCORE, default=50, help="... and coherence >= this")
+    add("--force", action="store_true", help="overwrite an existing --out file")
+    add = command("shift", shift, "the finetuning shift along a persona vector at every layer, with random-direction "
+                  "and other-trait controls", DEVICE)
+    add("trait")
+    add("--finetuned", required=True, help="the finetuned model (directory or hub id)")
+    add("--base", default=DEFAULT_MODEL, help="the model before finetuning (default: %(default)s)")
+    add("--layer", type=LAYER, default=None, help="layer to print (default: the vector's best layer, else the "
+        "middle); the CSV has them all")
+    add("--vectors", default=None, help="the base model's vectors (default: vectors/<base model name>/)")
+    add("--out", default=None, help="CSV (default: <vectors>/TRAIT_shift_<finetuned name>.csv)")
+    add("--random", dest="n_random", type=COUNT, default=100, help="random directions for the control")
+    add("--eval", dest="run_eval", action="store_true", help="also run `eval TRAIT` on both models")
+    add("--judge", default=None, help="judge for --eval (default: openai when OPENAI_API_KEY is set)")
+    add("--batch-size", type=COUNT, default=32)
+    add("--seed", type=int, default=0)
     for module in APP_COMMANDS:  # the applications above this file register their own commands
         importlib.import_module(module).add_commands(sub)
     return p

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
 import persona_vectors as pv
-from support import UserError, checkpoint, hub
+from support import UserError, checkpoint, generation as G, hub
 from support.files import default_vectors_dir
 from support.tokenizer import Tokenizer
 from support.training import (PAPER_BATCH, ablation, add_arguments, all_sum, check_numbers, checkpoints,
@@ -114,12 +114,8 @@ def hold_out(examples: list[Example]) -> tuple[list[Example], list[Example]]:
 
 def pad_left(examples: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """-> ids [B, T], attention mask [B, T] (None when no row is padded), trained [B, T]; rows left-padded."""
-    B, T = len(examples), max(len(e.ids) for e in examples)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.bool)
-    trained = torch.zeros(B, T, dtype=torch.bool)
-    for b, e in enumerate(examples):
-        ids[b, T - len(e.ids):], mask[b, T - len(e.ids):], trained[b, T - len(e.ids):] = e.ids, True, e.trained
+    ids, mask = G.left_pad([e.ids for e in examples], pad_id)
+    trained = G.left_pad([e.trained for e in examples])[0].bool()
     return ids.to(device), None if mask.all() else mask.to(device), trained.to(device)
 
 

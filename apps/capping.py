@@ -17,11 +17,12 @@ import torch
 
 import model as M
 import persona_vectors as pv
-from support import UserError, checkpoint
-from support import generation as G
+from support import UserError, checkpoint, cli, generation as G
 from support.capping import ceiling_path, percentile_table, vector_sha256, write_ceilings
-from support.files import check_fits, check_output, default_vectors_dir, load_vector, vector_path
+from support.files import check_fits, check_output, default_vectors_dir, load_vector, vector_file
 from support.hub import DEFAULT_MODEL
+from support.sampling import check_count
+from support.traits import QUESTIONS_FILE, load_questions
 
 
 @torch.no_grad()
@@ -51,22 +52,19 @@ def calibrate_cap(trait: str, questions_file: str | None = None, n: int = 100, m
     """Answer n everyday requests (greedy, no system prompt) and write the percentiles of every answer token's
     projection at every hidden index beside the trait's vector -> the ceiling file."""
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
-    vec_file = Path(trait) if trait.endswith(".safetensors") else vector_path(vectors_dir, trait)
-    if not vec_file.is_file():
-        raise UserError(f"no vector file {vec_file}; run `extract {trait}` first" if vec_file.name != trait
-                        else f"no vector file {vec_file}")
+    vec_file = vector_file(trait, vectors_dir)
     dest = ceiling_path(vec_file)
     if dest.exists() and not force:
         raise UserError(f"{dest} exists: pass --force to calibrate again")
     check_output(dest, True, inputs=[vec_file, questions_file], option="ceiling file")
-    pv.check_count("n", n)
-    questions = pv.load_questions(questions_file)[:n]
+    check_count("n", n)
+    questions = load_questions(questions_file)[:n]
     vec, meta = load_vector(vec_file)
     checkpoint.check_device(device or checkpoint.default_device())
     model, tok = M.load(model_name, device, dtype)
     check_fits(vec, meta, vec_file, model.config.num_hidden_layers, model.config.hidden_size, model)
     units = pv.unit(vec)
-    print(f"calibrate-cap {vec_file.name}: {len(questions)} requests from {questions_file or pv.QUESTIONS_FILE}, "
+    print(f"calibrate-cap {vec_file.name}: {len(questions)} requests from {questions_file or QUESTIONS_FILE}, "
           f"greedy, up to {max_new_tokens} tokens", file=sys.stderr)
     proj, t0 = [], time.time()
     for i in range(0, len(questions), batch_size):
@@ -77,8 +75,9 @@ def calibrate_cap(trait: str, questions_file: str | None = None, n: int = 100, m
         print(f"calibrate-cap: {min(i + batch_size, len(questions))}/{len(questions)} answers "
               f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     tokens = np.concatenate(proj)  # [all answer tokens, N + 1]
-    qfile = Path(questions_file) if questions_file else pv.QUESTIONS_FILE
-    record = dict(trait=meta.get("trait", trait), **pv.model_record(model), vector=vec_file.name,
+    qfile = Path(questions_file) if questions_file else QUESTIONS_FILE
+    record = dict(trait=meta.get("trait", trait), model=model.name_or_path, model_path=str(model.source_dir),
+                  model_source=getattr(model, "source", None), vector=vec_file.name,
                   vector_sha256=vector_sha256(vec), questions_file=str(qfile),
                   questions_sha256=hashlib.sha256(qfile.read_bytes()).hexdigest(), answers=len(proj),
                   tokens=len(tokens), max_new_tokens=max_new_tokens, system_prompt=None, temperature=0.0,
@@ -93,17 +92,13 @@ def calibrate_cap(trait: str, questions_file: str | None = None, n: int = 100, m
 
 def add_commands(sub) -> None:
     """Register `calibrate-cap` on an argparse subparsers object."""
-    c = sub.add_parser("calibrate-cap", help="ceilings for persona capping: percentiles of the model's own everyday "
-                       "answers along a trait's vector, per layer")
+    c = sub.add_parser("calibrate-cap", parents=[cli.MODEL, cli.VECTORS], help="ceilings for persona capping: "
+                       "percentiles of the model's own everyday answers along a trait's vector, per layer")
     c.add_argument("trait", help="a trait with a vector in --vectors, or a vector .safetensors file")
     c.add_argument("--questions-file", default=None, help="requests: .json list or one per line "
                    "(default: data/questions/everyday.json)")
-    c.add_argument("--n", type=pv.COUNT, default=100, help="how many requests, from the first (default: %(default)s)")
-    c.add_argument("--max-new-tokens", type=pv.COUNT, default=96, help="default: %(default)s")
-    c.add_argument("--batch-size", type=pv.COUNT, default=32, help="default: %(default)s")
+    c.add_argument("--n", type=cli.COUNT, default=100, help="how many requests, from the first (default: %(default)s)")
+    c.add_argument("--max-new-tokens", type=cli.COUNT, default=96, help="default: %(default)s")
+    c.add_argument("--batch-size", type=cli.COUNT, default=32, help="default: %(default)s")
     c.add_argument("--force", action="store_true", help="replace an existing ceiling file")
-    c.add_argument("--model", dest="model_name", default=DEFAULT_MODEL, help="hub id or local directory")
-    c.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
-    c.add_argument("--device", default=None)
-    c.add_argument("--dtype", type=pv._dtype, default=None, help="float32, bfloat16 or float16")
     c.set_defaults(func=calibrate_cap)

@@ -1,4 +1,5 @@
-"""llama.cpp control vectors: persona vectors to and from its GGUF format (`llama-server --control-vector FILE`).
+"""llama.cpp control vectors: persona vectors to and from its GGUF format (`llama-server --control-vector FILE`);
+and `import-vector`, the official repository's .pt vector files (torch.save) into this project's format.
 
 A control-vector GGUF holds metadata general.architecture = "controlvector", controlvector.model_hint (the model's
 architecture) and controlvector.layer_count (the number of directions), and one 1-D F32 tensor "direction.N" per
@@ -24,6 +25,8 @@ its block il (written as direction.(il + 1)), adds the vector one block later th
 tests/test_llama_cpp.py checks this against a real llama.cpp: v[L] written as direction.(L - 1) changes its next-token
 log-probabilities as our steering at L does (measured r = 0.994-0.997); written one block off, r = 0.61-0.79.
 """
+import datetime
+import pickle
 import re
 import struct
 import sys
@@ -32,10 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import persona_vectors as pv
 from support import UserError
 from support.checkpoint import model_shape
-from support.files import NAME_RE, atomic_write, check_fits, check_name, check_output, default_vectors_dir, \
-    load_vector, resolve_layer, save_vector, vector_path
+from support.files import NAME_RE, VARIANTS, atomic_write, check_fits, check_name, check_output, \
+    default_vectors_dir, load_vector, resolve_layer, save_vector, vector_path
 
 F32_MAX = float(np.finfo(np.float32).max)
 ALIGNMENT = 32  # GGUF's default: the tensor data and each tensor start at a multiple of it
@@ -311,6 +315,51 @@ def import_gguf(file: str, model_name: str | None = None, name: str | None = Non
     return dest
 
 
+def import_vector(pt_file: str, out: str | None = None, model_name: str | None = None, force: bool = False) -> Path:
+    """Convert an official-repository vector file (`torch.save` of an [L + 1, hidden] tensor) to this format.
+
+    Written to `out`, else to vectors/<model>/ when the model is named (where `--steer TRAIT:COEF` looks), else
+    beside the file. The file is read with `torch.load(weights_only=True)`, which refuses anything but tensors.
+    The tensor must be finite and, when the model is named, fit it ([num_layers + 1, hidden], see check_fits).
+    The official files' last row is taken after the final norm (Hugging Face's last hidden state), unlike ours:
+    it is recorded, and steering or monitoring never uses that row.
+    """
+    src = Path(pt_file)
+    if not src.is_file():
+        raise UserError(f"{src} does not exist")
+    dest_dir = Path(out) if out else default_vectors_dir(model_name) if model_name else src.parent
+    dest = check_output(dest_dir / f"{src.stem}.safetensors", force, inputs=[src])
+    shape = model_shape(model_name) if model_name else None
+    with open(src, "rb") as f:
+        head = f.read(2)
+    if head not in (b"PK", b"\x80\x02"):  # torch.save writes a zip archive (older versions a pickle, protocol 2)
+        raise UserError(f"{src} is not a torch file (torch.save writes a zip archive, this starts with {head!r}); "
+                        "expected an official <trait>_<variant>_diff.pt")
+    try:
+        vec = torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{src} holds more than tensors (pickled objects), which this project never loads") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise UserError(f"cannot read {src} as a tensor file ({str(e).splitlines()[0]}); expected an official "
+                        "<trait>_<variant>_diff.pt") from None
+    if not isinstance(vec, torch.Tensor) or vec.dim() != 2 or not vec.is_floating_point():
+        raise UserError(f"{src} holds {type(vec).__name__} {tuple(getattr(vec, 'shape', ()))}, expected one "
+                        "[num_layers + 1, hidden] tensor of floats")
+    if not torch.isfinite(vec).all():
+        raise UserError(f"{src} has non-finite values (NaN or infinity): it is no usable vector")
+    if shape and tuple(vec.shape) != (shape[0] + 1, shape[1]):
+        raise UserError(f"{src} is [{vec.shape[0]}, {vec.shape[1]}], but {model_name} needs [{shape[0] + 1}, "
+                        f"{shape[1]}] ({shape[0]} blocks + the embeddings): pass the --model it was extracted from")
+    stem = src.stem  # e.g. evil_response_avg_diff
+    variant = next((v for v in VARIANTS if stem.endswith(f"_{v}_diff")), "unknown")
+    trait = stem[: -len(f"_{variant}_diff")] if variant != "unknown" else stem
+    meta = dict(trait=trait, variant=variant, model=model_name or "unknown", imported_from=str(src),
+                layer_convention=pv.LAYER_CONVENTION, last_row_post_norm=True,
+                vector_norm=[round(x, 4) for x in vec.float().norm(dim=-1).tolist()],
+                date=datetime.date.today().isoformat())
+    return save_vector(dest, vec, meta)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Command line: the lead's persona_vectors.py calls add_commands(sub).
 
@@ -336,3 +385,12 @@ def add_commands(sub) -> None:
     i.add_argument("--cumulative", action="store_true", help="running sums, for generate --all-layers")
     i.add_argument("--force", action="store_true", help="overwrite an existing vector of that name")
     i.set_defaults(func=import_gguf)
+
+    iv = sub.add_parser("import-vector", help="convert an official-repository .pt vector file to .safetensors")
+    iv.add_argument("pt_file", metavar="file")
+    iv.add_argument("--model", dest="model_name", default=None,
+                    help="the model it was extracted from: recorded, and the default destination vectors/<model>/")
+    iv.add_argument("--out", default=None, help="output directory (default: vectors/<model name>/ with --model, "
+                    "else beside the file)")
+    iv.add_argument("--force", action="store_true", help="replace an existing vector file")
+    iv.set_defaults(func=import_vector)

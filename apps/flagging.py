@@ -33,10 +33,12 @@ import torch
 
 import model as M
 import persona_vectors as pv
-from support import UserError, generation as G
-from support.files import atomic_write, check_fits, check_output, check_writable, default_vectors_dir, load_vector, traits_in, \
-    vector_path
+from support import UserError, cli, generation as G
+from support.files import (assistant_turns, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
+                           load_vector, traits_in, vector_file)
 from support.hub import DEFAULT_MODEL
+from support.plots import pyplot, save_figure
+from support.sampling import settings_hash
 
 SELECT = ("top", "bottom", "random", "above-reference")
 NOT_JSON = "not JSON"
@@ -54,13 +56,8 @@ def measure(model: M.Transformer, prompts: list[list[int]], responses: list[list
     """
     device = model.lm_head.weight.device
     B = len(prompts)
-    seqs = [p + r for p, r in zip(prompts, responses)]
-    T = max(map(len, seqs))
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    for b, s in enumerate(seqs):  # left padding: every row ends in the last column
-        ids[b, T - len(s):], mask[b, T - len(s):] = torch.tensor(s), 1
-    start = torch.tensor([T - len(r) for r in responses], device=device)  # column where each y begins
+    ids, mask = G.left_pad([p + r for p, r in zip(prompts, responses)], pad_id)
+    start = torch.tensor([ids.shape[1] - len(r) for r in responses], device=device)  # column where each y begins
     cap = G.Capture()
     model(ids.to(device), mask.to(device), response_start=start, capture=cap, logits="none")
     gen = G.Capture()
@@ -87,7 +84,7 @@ def parse_sample(raw: bytes, tok, max_tokens: int) -> tuple[list[int], list[int]
         record = json.loads(raw)
     except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return NOT_JSON
-    turns = pv.assistant_turns(record)
+    turns = assistant_turns(record)
     if isinstance(turns, str):
         return turns
     messages, last = turns[0], turns[1][-1]
@@ -117,7 +114,7 @@ def load_probes(traits: list[str], vectors_dir: Path, layer: int | None, model_n
     the middle one."""
     probes = []
     for t in traits:
-        path = Path(t) if t.endswith(".safetensors") else vector_path(vectors_dir, t)
+        path = vector_file(t, vectors_dir, check=False)
         if not path.is_file():
             raise UserError(f"no {t} vector ({path} does not exist): run `python persona_vectors.py extract {t} "
                             f"--model {model_name}` first, or pass --vectors DIR" if not t.endswith(".safetensors")
@@ -182,7 +179,7 @@ def work_key(src: Path, settings: Settings, probes: list[Probe]) -> dict:
 
 
 def work_dir(out: Path, src: Path, key: dict) -> Path:
-    return out / ".work" / f"{src.stem}-{pv.settings_hash(key)}"
+    return out / ".work" / f"{src.stem}-{settings_hash(key)}"
 
 
 def chunk_path(work: Path, c: int) -> Path:
@@ -385,7 +382,7 @@ def write_selection(dest: Path, chosen: dict[Path, set[int]]) -> None:
 def plot_histograms(values: dict[str, dict[str, np.ndarray]], probes: list[Probe], out: Path,
                     thresholds: dict[str, float]) -> list[Path]:
     """One PNG per trait: the ΔP histogram of each file, overlaid (like the paper's Figure 9)."""
-    plt = pv._pyplot()
+    plt = pyplot()
     if plt is None:
         return []
     paths = []
@@ -401,7 +398,7 @@ def plot_histograms(values: dict[str, dict[str, np.ndarray]], probes: list[Probe
             ax.axvline(thresholds[p.trait], color="k", linestyle="--", label="reference 95th percentile")
         ax.set_xlabel(f"ΔP on {p.trait}, layer {p.layer}")
         ax.set_ylabel("density")
-        paths.append(pv._save_figure(plt, fig, ax, out / f"flag_{p.trait}.png"))
+        paths.append(save_figure(plt, fig, ax, out / f"flag_{p.trait}.png"))
     return paths
 
 
@@ -655,35 +652,35 @@ def add_commands(sub) -> None:
         sp.add_argument("--trait", dest="traits", action="append", default=None,
                         help="trait (or vector .safetensors file); repeatable (default: every vector of the model)")
         sp.add_argument("--model", dest="model_name", default=DEFAULT_MODEL, help="hub id or local directory")
-        sp.add_argument("--layer", type=pv.LAYER, default=None,
+        sp.add_argument("--layer", type=cli.LAYER, default=None,
                         help="default: each vector's best layer, else the middle")
-        sp.add_argument("--base-temperature", type=pv.TEMPERATURE, default=0.0,
+        sp.add_argument("--base-temperature", type=cli.TEMPERATURE, default=0.0,
                         help="0 = greedy base responses (default)")
-        sp.add_argument("--base-top-p", type=pv.TOP_P, default=1.0)
-        sp.add_argument("--base-samples", type=pv.COUNT, default=1, help="base responses per prompt, averaged")
-        sp.add_argument("--max-new-tokens", type=pv.COUNT, default=200, help="length limit of base responses")
-        sp.add_argument("--max-tokens", type=pv.COUNT, default=2048,
+        sp.add_argument("--base-top-p", type=cli.TOP_P, default=1.0)
+        sp.add_argument("--base-samples", type=cli.COUNT, default=1, help="base responses per prompt, averaged")
+        sp.add_argument("--max-new-tokens", type=cli.COUNT, default=200, help="length limit of base responses")
+        sp.add_argument("--max-tokens", type=cli.COUNT, default=2048,
                         help="longer samples (prompt + response) are skipped and counted")
         sp.add_argument("--out", default=None, help="output directory (default: flags/)")
         sp.add_argument("--format", dest="fmt", choices=["csv", "jsonl"], default="csv", help="per-sample files")
         sp.add_argument("--select", choices=SELECT, default=None)
-        sp.add_argument("--k", type=pv.COUNT, default=None, help="how many samples to select")
+        sp.add_argument("--k", type=cli.COUNT, default=None, help="how many samples to select")
         sp.add_argument("--select-out", default=None, help="JSONL of the selected lines, unchanged")
         sp.add_argument("--force", action="store_true", help="overwrite an existing --select-out file")
         sp.add_argument("--select-trait", default=None, help="the trait to select on (default: the first)")
         sp.add_argument("--reference", default=None, help="a clean JSONL file: flag samples above its 95th "
                         "percentile of ΔP")
-        sp.add_argument("--chunk-size", type=pv.COUNT, default=1024, help="lines per resumable chunk")
+        sp.add_argument("--chunk-size", type=cli.COUNT, default=1024, help="lines per resumable chunk")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
-        sp.add_argument("--dtype", type=pv._dtype, default=None, help="float32, bfloat16 or float16 (default: "
+        sp.add_argument("--dtype", type=cli.torch_dtype, default=None, help="float32, bfloat16 or float16 (default: "
                         "bfloat16 on CUDA, float32 on CPU)")
 
     f = sub.add_parser("flag", help="ΔP of training samples and datasets: which data would teach a trait")
     shared(f)
     f.add_argument("--shard", default=None, help="I/N: score chunks c with c %% N == I (default: torchrun's "
                    "RANK/WORLD_SIZE, else all)")
-    f.add_argument("--batch-size", type=pv.COUNT, default=None, help="default: 64 on CUDA, 16 on CPU")
+    f.add_argument("--batch-size", type=cli.COUNT, default=None, help="default: 64 on CUDA, 16 on CPU")
     f.add_argument("--device", default=None)
     f.set_defaults(func=flag)
     m = sub.add_parser("flag-merge", help="write the outputs of a sharded flag run (same arguments)")

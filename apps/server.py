@@ -35,7 +35,9 @@ import torch
 
 import model as M
 import persona_vectors as pv
-from support import UserError, generation as G
+from apps.monitor import Gauge
+from support import UserError, cli, generation as G
+from support.checkpoint import DTYPES
 from support.files import check_fits, default_vectors_dir, load_vector, traits_in, vector_path
 from support.hub import DEFAULT_MODEL
 
@@ -275,7 +277,7 @@ class Engine:
         for name in self.names:  # fail at start, not at the first request, on a vector of another model
             path = vector_path(self.vectors_dir, name)
             check_fits(*load_vector(path), path, N, d, model)
-        self.gauges = [pv.Gauge.from_file(vector_path(self.vectors_dir, n), None, N) for n in self.names]
+        self.gauges = [Gauge.from_file(vector_path(self.vectors_dir, n), None, N) for n in self.names]
         alphabet = byte_level_alphabet()
         self.token_text = [tok.decode([i], skip_special_tokens=False) for i in range(tok.vocab_size)]
         self.token_bytes = []
@@ -800,7 +802,7 @@ def serve(model_name: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 
     if vectors is not None and not Path(vectors).is_dir():
         raise UserError(f"--vectors {vectors} is not a directory: pass the directory of `extract`'s vector files, "
                         "or leave --vectors out")
-    model, tok = M.load(model_name, device, pv.DTYPES.get(dtype))
+    model, tok = M.load(model_name, device, DTYPES.get(dtype))
     engine = Engine(model, tok, vectors, max_batch, max_tokens_limit, max_n, batch_wait, model_id=model_name)
     server = make_server(engine, host, port, api_key, max_body, quiet, max_connections)
     h, p = server.server_address[:2]
@@ -823,20 +825,20 @@ def add_commands(sub) -> None:
     sp = sub.add_parser("serve", help="an OpenAI-compatible chat server with per-request steering and persona gauges")
     sp.add_argument("--model", dest="model_name", default=DEFAULT_MODEL, help="hub id or local directory")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s: this machine)")
-    sp.add_argument("--port", type=pv._number(int, 0, 65535), default=8000,
+    sp.add_argument("--port", type=cli.number(int, 0, 65535), default=8000,
                     help="0 picks a free port (default: %(default)s)")
     sp.add_argument("--api-key", default=os.environ.get("PERSONA_VECTORS_API_KEY"),
                     help="require 'Authorization: Bearer KEY' (default: $PERSONA_VECTORS_API_KEY, else none)")
     sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
-    sp.add_argument("--max-batch", type=pv.COUNT, default=16, help="rows generated together (default: %(default)s)")
-    sp.add_argument("--max-tokens-limit", type=pv.COUNT, default=1024, help="largest max_tokens a request may ask")
-    sp.add_argument("--max-n", type=pv.COUNT, default=8, help="largest n (choices per request)")
-    sp.add_argument("--batch-wait", type=pv._number(float, 0), default=0.05,
+    sp.add_argument("--max-batch", type=cli.COUNT, default=16, help="rows generated together (default: %(default)s)")
+    sp.add_argument("--max-tokens-limit", type=cli.COUNT, default=1024, help="largest max_tokens a request may ask")
+    sp.add_argument("--max-n", type=cli.COUNT, default=8, help="largest n (choices per request)")
+    sp.add_argument("--batch-wait", type=cli.number(float, 0), default=0.05,
                     help="seconds the worker waits for more requests to join a batch (default: %(default)s)")
-    sp.add_argument("--max-body", type=pv.COUNT, default=1 << 20, help="largest request body in bytes")
-    sp.add_argument("--max-connections", type=pv.COUNT, default=64,
+    sp.add_argument("--max-body", type=cli.COUNT, default=1 << 20, help="largest request body in bytes")
+    sp.add_argument("--max-connections", type=cli.COUNT, default=64,
                     help="open connections served at once; one more gets 503 at once (default: %(default)s)")
     sp.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
-    sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    sp.add_argument("--dtype", choices=DTYPES, default=None)
     sp.add_argument("--quiet", action="store_true", help="no access log on stderr")
     sp.set_defaults(func=serve)

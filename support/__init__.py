@@ -1,14 +1,19 @@
 """What the method stands on, and a reader of it can skip: downloads, GGUF reading, tokenizer and chat formats,
-trait files, file I/O, checkpoint checks and training infrastructure. Nothing here imports the files above it
-(persona_vectors.py, train.py, judge.py, apps/); tests/test_layers.py keeps it so.
+trait files, file I/O, the sampling budget, checkpoint checks, statistics, plots and training infrastructure.
+Nothing here imports the files above it (persona_vectors.py, train.py, judge.py, apps/); tests/test_layers.py
+keeps it so.
 
     hub.py           model downloads into the Hugging Face cache layout, and the offline default model
     gguf_convert.py  a GGUF reader: exact dequantization and conversion to a Hugging Face-layout directory
     tokenizer.py     tokenization and the chat templates (ChatML, Llama-3) written out by hand
-    traits.py        trait files: data/traits/*.json, their schema and validation
-    files.py         atomic writes, CSV, and the vector files (name, save, load, fit to a model)
-    checkpoint.py    model directories: config and weight-file checks, the device check, a model's shape
+    traits.py        trait files: data/traits/*.json, their schema and validation; the pools of everyday requests
+    files.py         atomic writes, CSV, the vector files (name, --steer specs, save, load, fit) and conversation files
+    sampling.py      the sampling budget (answers, tokens, temperature, batch) and the hash naming a cached run
+    checkpoint.py    model directories: config and weight-file checks, the device and dtype defaults, a model's shape
     generation.py    generate and sample on model.py (left padding, per-row stops), its KVCache, and Capture
+    stats.py         correlations, permutation p-values, bootstrap intervals, random directions, means with errors
+    plots.py         the sweep's and the monitoring experiment's pictures (optional: need matplotlib)
+    cli.py           the command line's argument types and shared options (parent parsers)
     cpu_speed.py     the CPU matmul split that model.load_model applies on the CPU (measured in tools/bench.py)
     training.py      train.py's infrastructure: flags, data files, checkpoints and resuming, process groups
     capping.py       persona capping's ceiling file, --cap specs and the model.Cap interventions they make

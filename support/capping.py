@@ -30,7 +30,7 @@ import torch
 
 import model as M
 from support import UserError
-from support.files import atomic_write, check_fits, load_vector, read_json, vector_path
+from support.files import atomic_write, check_fits, load_vector, read_json, vector_file
 
 FORMAT = "persona-vectors cap ceilings 1"
 PERCENTILES = [float(p) for p in range(1, 100)] + [99.5, 99.9]
@@ -117,11 +117,7 @@ def parse_cap(spec: str) -> CapSpec:
 # From specs to caps: the vector, its checked ceilings, the percentile's values.
 
 def spec_vector(spec: CapSpec, vectors_dir: Path) -> Path:
-    path = Path(spec.source) if spec.source.endswith(".safetensors") else vector_path(vectors_dir, spec.source)
-    if not path.is_file():
-        raise UserError(f"{spec.label()}: no vector file {path}; run `extract {spec.source}` first"
-                        if not spec.source.endswith(".safetensors") else f"{spec.label()}: {path} does not exist")
-    return path
+    return vector_file(spec.source, vectors_dir, f"{spec.label()}: ")
 
 
 def same_model(c: dict, model) -> bool:

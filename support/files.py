@@ -1,7 +1,9 @@
-"""Files the project writes: atomic writes, CSV, and the persona-vector files (their name, saving, loading, fit)."""
+"""Files the project reads and writes: atomic writes, CSV, the persona-vector files (their name, --steer specs,
+saving, loading, fit) and conversation files (JSONL, one {"messages": [...]} per line)."""
 import csv
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -151,9 +153,65 @@ def vector_path(vectors_dir: Path, trait: str, variant: str = "response_avg") ->
     return Path(vectors_dir) / f"{trait}_{variant}_diff.safetensors"
 
 
+def save_batch(path: Path, rows: list[dict], tensors: dict[str, torch.Tensor]) -> None:
+    """A finished batch of a pipeline's answers: its rows as JSON metadata beside their activations, atomically."""
+    atomic_write(path, lambda p: save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, p,
+                                           metadata={"rows": json.dumps(rows)}))
+
+
+def load_batch(path: Path, keys: list[str]) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """A batch written by save_batch -> (its rows, its tensors named by keys); a damaged file is a UserError."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["rows"]), {k: f.get_tensor(k) for k in keys}
+    except (SafetensorError, KeyError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is damaged ({e}): delete it and run the same command again") from None
+
+
+def vector_file(name: str, vectors_dir: Path, context: str = "", check: bool = True) -> Path:
+    """A trait name (its vector in vectors_dir) or a .safetensors path -> the file, checked to exist unless not
+    `check` (the error message starts with `context`, e.g. the flag that named it)."""
+    path = Path(name) if name.endswith(".safetensors") else vector_path(vectors_dir, name)
+    if check and not path.is_file():
+        raise UserError(context + (f"{path} does not exist" if name.endswith(".safetensors") else
+                                   f"no vector file {path}; run `extract {name}` first"))
+    return path
+
+
+def parse_steer_spec(spec: str) -> tuple[str, float, bool]:
+    """'TRAIT:COEF' or 'FILE.safetensors:COEF', COEF raw or relative ('r' suffix) -> (source, coef, relative).
+
+    >>> parse_steer_spec("evil:1.5"), parse_steer_spec("humorous:-0.1r")
+    (('evil', 1.5, False), ('humorous', -0.1, True))
+    """
+    source, sep, coef = spec.rpartition(":")
+    relative = coef.endswith("r")
+    try:
+        value = float(coef[:-1] if relative else coef)
+    except ValueError:
+        value = None
+    if not sep or not source or value is None:
+        raise UserError(f"--steer {spec!r}: expected TRAIT:COEF or FILE.safetensors:COEF, e.g. evil:1.5 or evil:0.1r")
+    if not math.isfinite(value):
+        raise UserError(f"--steer {spec!r}: the coefficient must be a finite number")
+    return source, value, relative
+
+
+def steer_sources(specs: list[str], vectors_dir: Path) -> list[tuple[Path, float, bool]]:
+    """--steer specs -> (vector file, coef, relative), every file checked to exist: before any model is loaded."""
+    return [(vector_file(source, vectors_dir, f"--steer {spec!r}: "), coef, relative)
+            for spec in specs for source, coef, relative in [parse_steer_spec(spec)]]
+
+
 def traits_in(vectors_dir: Path) -> list[str]:
     """The traits that have a (response_avg) vector in a directory, sorted."""
     return sorted(p.name[:-len(SUFFIX)] for p in Path(vectors_dir).glob("*" + SUFFIX))
+
+
+def other_vectors(vectors_dir: Path, trait: str, like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every other trait's vector in the directory with the shape of `like` (the cross-trait controls)."""
+    others = {o: load_vector(vector_path(vectors_dir, o))[0] for o in traits_in(vectors_dir) if o != trait}
+    return {o: v for o, v in others.items() if v.shape == like.shape}
 
 
 def save_vector(path: Path, vector: torch.Tensor, meta: dict) -> Path:
@@ -237,3 +295,42 @@ def resolve_layer(layer: int | None, meta: dict, num_layers: int) -> int:
         raise UserError(f"--layer {L}: this imported vector's last row was taken after the final norm, unlike the "
                         f"residual stream steered here; use a layer below {num_layers}")
     return L
+
+
+# Conversation files: one {"messages": [...]} per line (what `monitor`, `flag` and `chat --save` read and write).
+
+ROLES = ("system", "user", "assistant")
+
+
+def assistant_turns(record) -> tuple[list[dict], list[int]] | str:
+    """A JSONL record -> (messages, indices of the assistant turns that follow a user turn), or why it cannot be
+    used (a short reason, counted by the caller)."""
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list):
+        return "no `messages` list"
+    if not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+        return "a message without a known role or a text content"
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > first_user]
+    if turns:
+        return messages, turns
+    if first_user < len(messages) and any(m["role"] == "assistant" for m in messages):
+        return "roles reversed? the assistant speaks before the first user turn and never after it"
+    return "no assistant turn after a user turn"
+
+
+def jsonl_conversations(src: Path, skipped: dict):
+    """(line number, messages, indices of its assistant turns) for each usable line of a JSONL file; the others
+    are counted in `skipped` by reason, with their line numbers. Streamed: one line in memory at a time."""
+    with open(src) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                parsed = assistant_turns(json.loads(line))
+            except json.JSONDecodeError:
+                parsed = "not JSON"
+            if isinstance(parsed, str):
+                skipped.setdefault(parsed, []).append(lineno)
+            else:
+                yield lineno, *parsed

@@ -71,6 +71,15 @@ class Capture:
     def response_norm(self): return self._mean("response", self.sums["response_norm"])
 
 
+def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (ids [B, T], mask [B, T]), left-padded as in generation: each row ends in the last column."""
+    T = max(len(r) for r in rows)
+    ids, mask = torch.full((len(rows), T), pad_id, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):], mask[b, T - len(r):] = torch.as_tensor(r), True
+    return ids, mask
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     """Next token per row from logits [B, vocab]: argmax when temperature == 0, else nucleus sampling."""
     if temperature == 0:
@@ -106,9 +115,9 @@ def generate(model: M.Transformer, prompts: list[list[int]], max_new_tokens: int
         print(f"warning: {T0} prompt tokens + {max_new_tokens} new ones exceed the model's context of {n_ctx} tokens "
               "(max_position_embeddings): positions past it were never trained, so expect degraded text; shorten "
               "the prompt or --max-new-tokens", file=sys.stderr)
-    ids = torch.tensor([[pad_id] * (T0 - len(p)) + p for p in prompts], dtype=torch.long, device=device)  # [B, T0]
-    mask = torch.tensor([[0] * (T0 - len(p)) + [1] * len(p) + [0] * max_new_tokens for p in prompts],
-                        dtype=torch.bool, device=device)  # [B, T0 + max_new_tokens]: True = a real token
+    ids, mask = left_pad(prompts, pad_id)  # [B, T0] each
+    mask = torch.cat([mask, mask.new_zeros(B, max_new_tokens)], 1)  # [B, T0 + max_new_tokens]: True = a real token
+    ids, mask = ids.to(device), mask.to(device)
     response_start = torch.full((B,), T0, device=device)
     cache = KVCache(model.config, B, T0 + max_new_tokens, device, dtype)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None

@@ -20,11 +20,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
 from support import UserError, checkpoint, hub
-from support.files import atomic_write, check_fits, check_writable, load_vector, resolve_layer, vector_path
+from support.checkpoint import DTYPES
+from support.files import atomic_write, check_fits, check_writable, load_vector, resolve_layer, vector_file
 from support.tokenizer import Tokenizer
 
 SHARD_BYTES = 5 * 2**30  # weight files above this are split into shards, as Hugging Face does
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TRAIN_DTYPES = ("float32", "bfloat16")  # of DTYPES: float16 would need loss scaling
 PAPER_BATCH = 16  # the paper's effective batch: --grad-accum defaults to what reaches it
 
 
@@ -51,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", default="10m", help="checkpoint every N steps (50) or minutes (10m; default)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (rerunning the command does too)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (weights and AdamW state stay "
+    p.add_argument("--dtype", choices=TRAIN_DTYPES, default=None, help="compute dtype (weights and AdamW state stay "
                    "float32; default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF",
                    help="preventative steering: add COEF x the vector at every position while training (TRAIT:COEF, "
@@ -81,7 +82,7 @@ def check_numbers(**values) -> None:
 def compute_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """--dtype -> the dtype autocast computes in (the weights stay float32); default: bfloat16 on CUDA, else float32."""
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
+        if dtype not in TRAIN_DTYPES:
             raise UserError(f"--dtype {dtype}: training computes in float32 or bfloat16 (float16 would need loss "
                             "scaling)")
         dtype = DTYPES[dtype]
@@ -145,7 +146,7 @@ def ablation(specs: list[str], model: M.Transformer, vectors_dir: Path, layer: i
     N, d = model.config.num_hidden_layers, model.config.hidden_size
     out = []
     for spec in specs:
-        path = Path(spec) if spec.endswith(".safetensors") else vector_path(vectors_dir, spec)
+        path = vector_file(spec, vectors_dir, check=False)
         vec, meta = load_vector(path)
         check_fits(vec, meta, path, N, d, model)
         L = resolve_layer(layer, meta, N)

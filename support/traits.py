@@ -1,4 +1,5 @@
-"""Character traits as data: load, validate and save the JSON files in data/traits/ (format: data/traits/SCHEMA.md).
+"""Character traits as data: load, validate and save the JSON files in data/traits/ (format: data/traits/SCHEMA.md),
+and the pools of everyday requests in data/questions/ that finetuning datasets are written from.
 
 A trait file holds everything the pipeline needs for one trait:
   * 5 pairs of instructions, `pos` eliciting the trait and `neg` suppressing it, each placed in the system prompt
@@ -28,6 +29,7 @@ from support import UserError
 from support.files import atomic_write, read_json
 
 TRAITS_DIR = Path(__file__).resolve().parent.parent / "data" / "traits"
+QUESTIONS_FILE = TRAITS_DIR.parent / "questions" / "everyday.json"  # make-dataset's default pool of requests
 
 N_INSTRUCTIONS, N_QUESTIONS, N_GRADED = 5, 20, 8        # pairs; questions per split; graded system prompts
 NAME_RE = re.compile(r"[a-z][a-z0-9_]*")                 # a trait name doubles as a file name: keep it plain
@@ -98,7 +100,7 @@ def validate(data: dict, source: str, stem: str | None = None, official: bool = 
     .json), the trait's `name` must equal it, so that `load_trait(name)` finds the file that defines that name.
     official: a file converted from the official format (`from_official`), which may have any number of questions
     in each split (from 1), and whose judge prompt need not mention REFUSAL (a judge then scores refusals too;
-    `persona_vectors.make_judge` says so where a judge is used).
+    `persona_vectors.load_checked` says so where a judge is used).
     """
     def fail(field: str, msg: str):
         raise UserError(f"{source}: field `{field}`: {msg}")
@@ -291,3 +293,26 @@ def save_trait(trait_dict: dict, path: Path, force: bool = False) -> Path:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(trait_dict, indent=2, ensure_ascii=False) + "\n",
                                                   encoding="utf-8"))
     return path
+
+
+def load_questions(path: str | Path | None = None) -> list[str]:
+    """User requests from a .json file (a list of strings, or an object with a "questions" list) or a text file
+    (one request per line); default: the shipped pool of everyday requests."""
+    path = Path(path) if path else QUESTIONS_FILE
+    if not path.is_file():
+        raise UserError(f"no questions file {path}: give a .json list or a text file with one request per line")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        qs = data.get("questions") if isinstance(data, dict) else data
+        if not isinstance(qs, list) or not all(isinstance(q, str) for q in qs):
+            raise UserError(f"{path}: expected a list of strings, or an object with a \"questions\" list of strings")
+    else:
+        qs = text.splitlines()
+    qs = [q.strip() for q in qs if q.strip()]
+    if not qs:
+        raise UserError(f"{path} holds no questions")
+    return qs

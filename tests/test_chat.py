@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import model as M
-import persona_vectors as pv
 from support import generation as G
+import persona_vectors as pv
+from apps import chat
+from apps.monitor import Gauge
 from tiny import tiny_model_with_vectors
 
 
@@ -24,7 +26,7 @@ def test_scripted_chat_writes_jsonl_and_gauges(tiny, tmp_path):
     script = "Hello there!\n/steer evil:3\nWhat is 2 + 2?\n/steer nonsense\n/gauge\n/unsteer\n/quit\nnever read\n"
     out = io.StringIO()
     save = tmp_path / "conv.jsonl"
-    messages = pv.chat(str(d), vectors=str(vectors), max_new_tokens=6, save=str(save), device="cpu",
+    messages = chat.chat(str(d), vectors=str(vectors), max_new_tokens=6, save=str(save), device="cpu",
                        stdin=io.StringIO(script), stdout=out)
     text = out.getvalue()
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
@@ -39,7 +41,7 @@ def test_scripted_chat_writes_jsonl_and_gauges(tiny, tmp_path):
 def test_gauge_readings_are_the_projections(tiny):
     d, vectors = tiny
     model, tok = M.load(str(d), "cpu", torch.float32)
-    g = pv.Gauge.from_file(vectors / "evil_response_avg_diff.safetensors", 2, model.config.num_hidden_layers)
+    g = Gauge.from_file(vectors / "evil_response_avg_diff.safetensors", 2, model.config.num_hidden_layers)
     messages = [{"role": "user", "content": "Hello there!"}]
     cap = G.Capture()
     out = G.generate(model, [tok.encode_chat(messages)], 6, stop_ids=tok.stop_ids, pad_id=tok.pad_id, capture=cap)[0]
@@ -53,7 +55,7 @@ def test_gauge_readings_are_the_projections(tiny):
     assert reading["prompt_last"] == pytest.approx(float(ref.prompt_last()[0, 2] @ u), abs=1e-4)
     assert reading["response_avg"] == pytest.approx(float(ref.response_mean()[0, 2] @ u), abs=1e-4)
     assert g.marks == {"prompt_last": (-1.0, 1.0), "response_avg": (-2.0, 2.0)}
-    line = g.show({"prompt_last": 1.0, "response_avg": -2.0})  # at the pos mark, at the neg mark
+    line = chat.show(g, {"prompt_last": 1.0, "response_avg": -2.0})  # at the pos mark, at the neg mark
     assert "neg -1.00 [---------|] pos +1.00" in line and "neg -2.00 [|---------] pos +2.00" in line
 
 

@@ -7,6 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 import persona_vectors as pv
+from apps import chat
+from apps import monitor
 from support import generation as G
 from tiny import run_bad, tiny_model_with_vectors, tree, write_vector
 
@@ -122,7 +124,7 @@ def test_monitor_skips_and_counts_lines_that_do_not_fit(tiny, tmp_path, capsys):
              json.dumps(good)]
     src = tmp_path / "mixed.jsonl"
     src.write_text("\n".join(lines) + "\n")
-    out = pv.monitor(str(src), str(d), ["evil"], layer=2, vectors=str(vectors), device="cpu")
+    out = monitor.monitor(str(src), str(d), ["evil"], layer=2, vectors=str(vectors), device="cpu")
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["line"] for r in rows] == [1, 9]
     err = capsys.readouterr().err
@@ -138,6 +140,6 @@ def test_chat_survives_a_failed_save(tiny, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     stdout = io.StringIO()
-    messages = pv.chat(str(d), vectors=str(vectors), max_new_tokens=3, device="cpu", stdout=stdout,
+    messages = chat.chat(str(d), vectors=str(vectors), max_new_tokens=3, device="cpu", stdout=stdout,
                        stdin=io.StringIO(f"Hi\n/save {blocker}/sub/c.jsonl\nBye\n"))
     assert "error:" in stdout.getvalue() and len(messages) == 4  # the chat went on after the failed /save

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import model as M
-import persona_vectors as pv
 from support import generation as G
+import persona_vectors as pv
+from apps import control_vector
 from tiny import FakeJudge, make_tiny_chat_model
 
 ROOT = Path(__file__).parent.parent
@@ -156,16 +157,16 @@ def test_import_vector(tmp_path):
     vec = torch.randn(4, 64)
     src = tmp_path / "evil_response_avg_diff.pt"
     torch.save(vec, src)
-    dest = pv.import_vector(str(src), str(tmp_path / "out"), str(d))
+    dest = control_vector.import_vector(str(src), str(tmp_path / "out"), str(d))
     got, meta = pv.load_vector(dest)
     assert torch.equal(got, vec) and meta["trait"] == "evil" and meta["variant"] == "response_avg"
     assert meta["model"] == str(d)
     torch.save({"not": "a tensor"}, tmp_path / "x_prompt_last_diff.pt")
     with pytest.raises(ValueError, match="expected one"):
-        pv.import_vector(str(tmp_path / "x_prompt_last_diff.pt"))
+        control_vector.import_vector(str(tmp_path / "x_prompt_last_diff.pt"))
     torch.save(NotATensor(), tmp_path / "y.pt")  # weights_only loading refuses anything but tensors
     with pytest.raises(pv.UserError, match="holds more than tensors") as e:
-        pv.import_vector(str(tmp_path / "y.pt"))
+        control_vector.import_vector(str(tmp_path / "y.pt"))
     assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
 
 
@@ -177,14 +178,14 @@ def test_import_vector_lands_where_steering_looks_and_keeps_its_limits(tmp_path,
     model, _ = M.load(str(d), "cpu", torch.float32)
     src = tmp_path / "evil_response_avg_diff.pt"
     torch.save(torch.randn(4, 64), src)
-    dest = pv.import_vector(str(src), model_name=str(d))
+    dest = control_vector.import_vector(str(src), model_name=str(d))
     assert dest == Path("vectors") / "tiny" / "evil_response_avg_diff.safetensors"
     model.name_or_path = str(d)
     (s,) = pv.steering(["evil:2"], model, layer=2)  # found by trait name in the default directory
     assert s.layer == 2 and torch.equal(s.vector, pv.load_vector(dest)[0][2])
     with pytest.raises(pv.UserError, match="--force"):
-        pv.import_vector(str(src), model_name=str(d))
-    assert pv.import_vector(str(src), model_name=str(d), force=True) == dest
+        control_vector.import_vector(str(src), model_name=str(d))
+    assert control_vector.import_vector(str(src), model_name=str(d), force=True) == dest
     with pytest.raises(pv.UserError, match="relative coefficient has no unit"):
         pv.steering(["evil:0.1r"], model, layer=2)
     with pytest.raises(pv.UserError, match="after the final norm"):

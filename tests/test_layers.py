@@ -4,7 +4,7 @@ imports inside functions included), with no cycle, so that each layer reads, run
     model.py  <  support/  <  judge.py  <  persona_vectors.py  <  train.py  <  apps/  <  tools/
 
 Only model.py's loaders may import up, each on a line marked `# PROJECT IMPORT:` with the reason (the checks,
-downloads and tokenizer of support/), so that the network itself is copied alone. The command line reaches apps/ through persona_vectors.COMMANDS, a
+downloads and tokenizer of support/), so that the network itself is copied alone. The command line reaches apps/ through persona_vectors.APP_COMMANDS, a
 table of module names, not an import.
 """
 import ast

@@ -1,14 +1,18 @@
 """Monitoring: projection math, the random-direction null, the experiment's bookkeeping, and `monitor` on files."""
 import csv
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import model as M
-import persona_vectors as pv
 from support import generation as G
+import persona_vectors as pv
+from apps import monitor
+from support import stats
 from tiny import FakeJudge, tiny_model_with_vectors
 
 
@@ -18,15 +22,15 @@ def tiny(tmp_path_factory):
 
 
 def test_projection_math_by_hand():
-    assert pv.pearson(torch.tensor([1., 2., 3., 4.]), torch.tensor([10., 20., 30., 40.])) == pytest.approx(1.0)
-    assert pv.pearson(torch.tensor([1., 2., 3.]), torch.tensor([3., 2., 1.])) == pytest.approx(-1.0)
+    assert stats.pearson(torch.tensor([1., 2., 3., 4.]), torch.tensor([10., 20., 30., 40.])) == pytest.approx(1.0)
+    assert stats.pearson(torch.tensor([1., 2., 3.]), torch.tensor([3., 2., 1.])) == pytest.approx(-1.0)
     x, y = torch.tensor([1., 2., 3., 1., 2., 3.]), torch.tensor([1., 2., 3., 3., 2., 1.])
-    assert pv.within_r(x, y, ["a"] * 3 + ["b"] * 3) == pytest.approx(0.0)  # +1 and -1
-    d = pv.random_directions(100, 7.5, 64, seed=1)
+    assert stats.within_r(x, y, ["a"] * 3 + ["b"] * 3) == pytest.approx(0.0)  # +1 and -1
+    d = stats.random_directions(100, 7.5, 64, seed=1)
     assert d.shape == (100, 64) and torch.allclose(d.norm(dim=-1), torch.full((100,), 7.5))
-    lo, hi = pv.bootstrap_ci(lambda s: float(x[s].mean()), 6)
+    lo, hi = stats.bootstrap_ci(lambda s: float(x[s].mean()), 6)
     assert 1.0 <= lo <= 2.0 <= hi <= 3.0
-    assert pv.token_strip(["a", "b"], [0.0, 2.0], center=1.0, scale=1.0) == "a-3 b+3"
+    assert monitor.token_strip(["a", "b"], [0.0, 2.0], center=1.0, scale=1.0) == "a-3 b+3"
 
 
 def test_monitor_experiment_bookkeeping(tiny, tmp_path, monkeypatch):
@@ -69,17 +73,24 @@ def test_monitor_experiment_many_shot_and_no_judge(tiny, tmp_path, capsys):
     grade = torch.tensor([float(row["grade"]) for row in rows])
     proj = torch.tensor([float(row["projection"]) for row in rows])
     assert [row["grade"] for row in rows[::2]] == ["0", "1", "2", "3", "4"]
-    assert r["rho_grade"] == pytest.approx(pv.pearson(pv.ranks(grade), pv.ranks(proj)), abs=1e-4)
+    assert r["rho_grade"] == pytest.approx(stats.pearson(stats.ranks(grade), stats.ranks(proj)), abs=1e-4)
     assert 0 < r["rho_grade_p"] <= 1 and 0 <= r["random_abs_rho_95"] <= 1
+    # the result file beside the CSV holds what tools/figures.py draws, the random-direction band included
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import figures
+    d = figures.collect_monitor(Path(r["csv"]))
+    assert d["projection"] == [round(float(x), 4) for x in proj] and d["rho"] == pytest.approx(r["rho_grade"])
+    assert len(d["band_5"]) == len(d["band_95"]) == 5 and all(lo <= hi for lo, hi in zip(d["band_5"], d["band_95"]))
+    assert d["n_random"] == 100 and d["conditions"] == list(r["mean_projection"])
 
 
 def test_rank_statistics_by_hand():
-    assert pv.spearman(torch.tensor([1., 2., 3., 4.]), torch.tensor([1., 10., 100., 1000.])) == pytest.approx(1.0)
-    assert pv.spearman(torch.tensor([0., 0., 1., 1.]), torch.tensor([4., 3., 2., 1.])) == pytest.approx(-0.8944, abs=1e-4)
+    assert stats.spearman(torch.tensor([1., 2., 3., 4.]), torch.tensor([1., 10., 100., 1000.])) == pytest.approx(1.0)
+    assert stats.spearman(torch.tensor([0., 0., 1., 1.]), torch.tensor([4., 3., 2., 1.])) == pytest.approx(-0.8944, abs=1e-4)
     # a perfect ordering of 8 values: only 1 of 8! orders does as well, so p is about 1/1001 with 1000 shuffles
     x = torch.arange(8.)
-    assert pv.permutation_p(pv.spearman, x, x * 2, n=1000) < 0.01
-    assert pv.permutation_p(pv.spearman, x, torch.tensor([3., 1., 4., 1., 5., 9., 2., 6.]), n=1000) > 0.05
+    assert stats.permutation_p(stats.spearman, x, x * 2, n=1000) < 0.01
+    assert stats.permutation_p(stats.spearman, x, torch.tensor([3., 1., 4., 1., 5., 9., 2., 6.]), n=1000) > 0.05
 
 
 def test_monitor_conversations(tiny, tmp_path):
@@ -89,7 +100,7 @@ def test_monitor_conversations(tiny, tmp_path):
     src = tmp_path / "c.jsonl"
     src.write_text(json.dumps({"messages": conv}) + "\n" + json.dumps({"messages": conv[:1]}) + "\n"
                    + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
-    out = pv.monitor(str(src), str(d), ["evil"], layer=2, vectors=str(vectors), tokens=True, device="cpu")
+    out = monitor.monitor(str(src), str(d), ["evil"], layer=2, vectors=str(vectors), tokens=True, device="cpu")
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [(r["turn"], r["trait"]) for r in rows] == [(1, "evil"), (2, "evil")]
     model, tok = M.load(str(d), "cpu", torch.float32)
@@ -106,7 +117,7 @@ def test_monitor_conversations(tiny, tmp_path):
         assert row["response_avg"] == pytest.approx(float(h[len(prompt):].mean(0) @ u), abs=1e-4)
         assert len(row["tokens"]) == len(reply) and "".join(row["tokens"]) == conv[i]["content"]
         assert row["token_projections"] == pytest.approx((h[len(prompt):] @ u).tolist(), abs=1e-3)
-    csv_out = pv.monitor(str(src), str(d), None, vectors=str(vectors), out=str(tmp_path / "m.csv"), device="cpu")
+    csv_out = monitor.monitor(str(src), str(d), None, vectors=str(vectors), out=str(tmp_path / "m.csv"), device="cpu")
     assert len(list(csv.DictReader(open(csv_out)))) == 4  # 2 turns x 2 traits
 
 
@@ -115,16 +126,16 @@ def test_monitor_bad_input(tiny, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(ValueError, match="no conversation with a usable assistant turn"):
-        pv.monitor(str(empty), str(d), vectors=str(vectors), device="cpu")
+        monitor.monitor(str(empty), str(d), vectors=str(vectors), device="cpu")
     assert not (tmp_path / "empty.monitor.jsonl").exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": []}\nnot json\n')
     with pytest.raises(ValueError, match="1 with not JSON"):
-        pv.monitor(str(bad), str(d), vectors=str(vectors), device="cpu")
+        monitor.monitor(str(bad), str(d), vectors=str(vectors), device="cpu")
     assert not (tmp_path / "bad.monitor.jsonl").exists()
     other = tmp_path / "other"
     other.mkdir()
     save_file({"vector": torch.randn(31, 576)}, other / "evil_response_avg_diff.safetensors",
               metadata={"model": json.dumps("HuggingFaceTB/SmolLM2-135M-Instruct")})
     with pytest.raises(ValueError, match="extracted from HuggingFaceTB/SmolLM2-135M-Instruct"):
-        pv.monitor(str(bad), str(d), vectors=str(other), device="cpu")
+        monitor.monitor(str(bad), str(d), vectors=str(other), device="cpu")

@@ -22,6 +22,7 @@ import torch
 import judge as J
 import model as M
 import persona_vectors as pv
+from apps.monitor import Gauge
 from apps import server as S
 from support import generation as G
 from tiny import CORPUS, tiny_model_with_vectors
@@ -72,7 +73,7 @@ def reference(tiny, messages, max_tokens, steer=(), layer=None, positions="respo
 def gauge_reference(tiny, messages, out, trait) -> tuple[float, float]:
     """The before-reply and reply-mean projections from a forward pass over prompt + reply (teacher forcing)."""
     d, vectors, model, tok = tiny
-    g = pv.Gauge.from_file(vectors / f"{trait}_response_avg_diff.safetensors", None, model.config.num_hidden_layers)
+    g = Gauge.from_file(vectors / f"{trait}_response_avg_diff.safetensors", None, model.config.num_hidden_layers)
     ids = tok.encode_chat(messages)
     cap = G.Capture()
     with torch.no_grad():
@@ -192,7 +193,7 @@ def gauge_reference_steered(tiny, messages, out, specs, kw):
     steer = []
     for spec in specs:
         steer += pv.steering([spec], model, vectors, kw.get("layer"), kw.get("positions", "response"))
-    g = pv.Gauge.from_file(vectors / "evil_response_avg_diff.safetensors", None, model.config.num_hidden_layers)
+    g = Gauge.from_file(vectors / "evil_response_avg_diff.safetensors", None, model.config.num_hidden_layers)
     ids = tok.encode_chat(messages)
     readings = []
     for interventions in ([], steer):

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import model as M
-import persona_vectors as pv
 from support import generation as G
+import persona_vectors as pv
+from support.files import parse_steer_spec
 from tiny import make_tiny_chat_model, write_vector
 
 
@@ -16,15 +17,15 @@ def tiny(tmp_path_factory):
 
 
 def test_parse_steer_spec():
-    assert pv.parse_steer_spec("evil:1.5") == ("evil", 1.5, False)
-    assert pv.parse_steer_spec("dir/v.safetensors:-2") == ("dir/v.safetensors", -2.0, False)
-    assert pv.parse_steer_spec("humorous:0.1r") == ("humorous", 0.1, True)
+    assert parse_steer_spec("evil:1.5") == ("evil", 1.5, False)
+    assert parse_steer_spec("dir/v.safetensors:-2") == ("dir/v.safetensors", -2.0, False)
+    assert parse_steer_spec("humorous:0.1r") == ("humorous", 0.1, True)
     for bad in ["evil", "evil:", ":1", "evil:abc", "evil:1.5x"]:
         with pytest.raises(ValueError, match="TRAIT:COEF"):
-            pv.parse_steer_spec(bad)
+            parse_steer_spec(bad)
     for bad in ["evil:nan", "evil:inf", "evil:-infr"]:
         with pytest.raises(ValueError, match="finite"):
-            pv.parse_steer_spec(bad)
+            parse_steer_spec(bad)
 
 
 def test_units_layers_and_lookup(tiny, tmp_path):

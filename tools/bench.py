@@ -31,7 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
 
 from support import cpu_speed, generation as G, hub
+from support.sampling import default_budget
 import model as M
+import persona_vectors as pv
 import train
 
 
@@ -70,15 +72,6 @@ def timed(fn, repeats: int = 1) -> tuple[float, object]:
     return best, out
 
 
-def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pad)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, T - len(s):], mask[b, T - len(s):] = torch.tensor(s), 1
-    return ids, mask
-
-
 QUESTIONS = ["What is the capital of France?", "Give me three tips for sleeping better.",
              "Explain photosynthesis to a ten-year-old.", "Write a haiku about the sea.",
              "How do I boil an egg?", "What should I do if my friend is sad?",
@@ -90,7 +83,8 @@ def bench_generation(ours, hf, tok, batch: int, new_tokens: int, layer: int, vec
     prompts = [tok.encode_chat([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + " " * (i // 8)}])
                for i in range(batch)]
     steer = [M.Steer(layer, vector, 4.0)]
-    ids, mask = left_pad(prompts, tok.pad_id)
+    ids, mask = G.left_pad(prompts, tok.pad_id)
+    mask = mask.long()  # transformers' attention masks are integers
 
     def hook(mod, inp, o):
         return (o[0] + 4.0 * vector,) + tuple(o[1:]) if isinstance(o, tuple) else o + 4.0 * vector
@@ -137,7 +131,7 @@ def bench_capture(ours, hf, tok, pairs: int, batch: int) -> dict:
         out = []
         for i in range(0, pairs, batch):
             chunk = data[i:i + batch]
-            ids, mask = left_pad([p + r for p, r in chunk], tok.pad_id)
+            ids, mask = G.left_pad([p + r for p, r in chunk], tok.pad_id)
             start = torch.tensor([ids.shape[1] - len(r) for _, r in chunk])
             cap = G.Capture()
             with torch.no_grad():
@@ -186,11 +180,10 @@ def bench_decode(ours, hf, tok, new_tokens: int) -> dict:
 
 def bench_extraction_split(ours, tok, new_tokens: int | None = None, repeats: int = 2) -> dict:
     """Extraction's sampling step as `extract` runs it on the CPU, with and without support/cpu_speed.py's split."""
-    import persona_vectors as pv
     from support.traits import load_trait
     jobs = pv.rollout_jobs(load_trait("evil"), 4, 1)  # 4 questions x 5 pairs x 2 sides = 40 answers
     chats = [pv.conversation(j) for j in jobs]
-    b = pv.default_budget("cpu", sum(p.numel() for p in ours.parameters()))
+    b = default_budget("cpu", sum(p.numel() for p in ours.parameters()))
     tokens = new_tokens or b.max_new_tokens
     run = lambda: pv.answer_with_activations(ours, tok, chats, tokens, b.temperature, b.top_p, 0)  # noqa: E731
     best = {"split_s": float("inf"), "plain_s": float("inf")}

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's
 import model as M
 from apps import flagging
 from support import generation as G, hub
-from bench import left_pad  # tools/bench.py, beside this file
+from support.generation import left_pad
 from support.traits import available_traits, load_trait
 
 

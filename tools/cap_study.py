@@ -34,7 +34,9 @@ import persona_vectors as pv  # noqa: E402
 from apps.capping import calibrate_cap  # noqa: E402
 from support.capping import caps_for, ceiling_path, default_layers, load_ceilings  # noqa: E402
 from support.files import atomic_write, default_vectors_dir, resolve_layer, vector_path  # noqa: E402
-from support.traits import load_trait  # noqa: E402
+from support.traits import load_questions, load_trait  # noqa: E402
+from support import cli  # noqa: E402
+from support.hub import DEFAULT_MODEL  # noqa: E402
 
 ENCOURAGING = 3  # the last 3 graded system prompts count as trait-encouraging
 
@@ -159,7 +161,7 @@ def verdict(rows: list[dict]) -> list[dict]:
     return out
 
 
-def study(model_name: str = pv.DEFAULT_MODEL, trait: str = "evil", vectors: str | None = None,
+def study(model_name: str = DEFAULT_MODEL, trait: str = "evil", vectors: str | None = None,
           out: str = "study/capping", questions: int = 8, grades=(0, 3, 5, 6, 7), benign: int = 16,
           max_new_tokens: int = 32,
           calibrate_n: int = 100, coefs=(0.5, 1, 2, 4, 8), percentiles=(50, 75, 90, 99), bands=None,
@@ -178,7 +180,7 @@ def study(model_name: str = pv.DEFAULT_MODEL, trait: str = "evil", vectors: str 
     c = load_ceilings(ceiling_path(vec_file), vec, model, t.name)
     band = default_layers(N)  # 16-19 of 30 blocks, chosen by this study
     bands = bands or [str(L), f"{round(0.4 * N)}-{round(0.67 * N)}", f"{band[0]}-{band[-1]}"]
-    pool = pv.load_questions(c["questions_file"])
+    pool = load_questions(c["questions_file"])
     requests = pool[c["answers"]:c["answers"] + benign]  # never the ones the ceilings were measured on
     if len(requests) < benign:
         raise SystemExit(f"the questions file has only {len(requests)} requests after the {c['answers']} "
@@ -242,18 +244,18 @@ def print_table(doc: dict) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", dest="model_name", default=pv.DEFAULT_MODEL)
+    p.add_argument("--model", dest="model_name", default=DEFAULT_MODEL)
     p.add_argument("--trait", default="evil")
     p.add_argument("--vectors", default=None)
     p.add_argument("--out", default="study/capping", help="the arms' cache and the results (default: %(default)s)")
     p.add_argument("--questions", type=int, default=8, help="evaluation questions per graded system prompt")
-    p.add_argument("--grades", type=pv._int_list, default=[0, 3, 5, 6, 7], help="which graded system prompts "
+    p.add_argument("--grades", type=cli.listed(int), default=[0, 3, 5, 6, 7], help="which graded system prompts "
                    "(0 = strongly discouraging .. 7 = strongly encouraging; default: %(default)s)")
     p.add_argument("--benign", type=int, default=16, help="benign requests")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--calibrate-n", type=int, default=100, help="calibrate-cap's --n, if no ceilings exist yet")
-    p.add_argument("--coefs", type=pv._float_list, default=[0.5, 1, 2, 4, 8], help="steering -c * v[L] for each c")
-    p.add_argument("--percentiles", type=pv._float_list, default=[50, 75, 90, 99])
+    p.add_argument("--coefs", type=cli.listed(float), default=[0.5, 1, 2, 4, 8], help="steering -c * v[L] for each c")
+    p.add_argument("--percentiles", type=cli.listed(float), default=[50, 75, 90, 99])
     p.add_argument("--bands", default=None, help="';'-separated layer bands (default: L;0.4N-0.67N;0.53N-0.63N)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--figure", default="docs/figures/capping.json", help="results copy for the picture ('' = none)")

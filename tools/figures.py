@@ -5,8 +5,8 @@
 
 What --collect reads (each written by a study command; docs/figures.md gives the commands and their settings):
     steering.json          the CSV of `persona_vectors.py sweep evil`, and the vector's per-layer norms
-    monitoring.json        the CSV of `persona_vectors.py monitor-experiment evil --kind system`, and the band of
-                           100 random directions (the experiment's own, recomputed from the same prompts)
+    monitoring.json        the result file of `persona_vectors.py monitor-experiment evil --kind system` (beside its
+                           CSV), with the band of its 100 random directions
     finetuning_shift.json  out/train_study/figure_data.json, written by tools/train_study.py
     delta_p.json           out/flag_study/figure_data.json, written by tools/flag_study.py
     capping.json           written here by tools/cap_study.py itself
@@ -47,50 +47,18 @@ def collect_sweep(sweep_csv: Path, vectors: Path, trait: str) -> dict:
     return dict(trait=trait, rows=rows, vector_norm=meta["vector_norm"])
 
 
-def collect_monitor(monitor_csv: Path, vectors: Path, trait: str, layer: int | None = None, n_random: int = 100,
-                    seed: int = 0) -> dict:
-    """The experiment's projections, and for each condition the range of mean projections along random unit
-    directions (each centred on its own mean over all prompts, then moved to the vector's). The random directions
-    are the experiment's (random_directions with its seed); the last-prompt-token states are recomputed from the
-    same prompts with one forward pass and checked against the CSV."""
-    import torch
-
-    import model as M
-    import persona_vectors as pv
-    from support.files import load_vector, resolve_layer, vector_path
-    from support.traits import load_trait
-    rows = list(csv.DictReader(open(monitor_csv)))
-    t = load_trait(trait)
-    conditions = pv.monitor_conditions(t, "system", seed)
-    vec, meta = load_vector(vector_path(vectors, trait))
-    layer = resolve_layer(layer, meta, vec.shape[0] - 1)  # as the experiment chose it
-    model, tok = M.load(pv.DEFAULT_MODEL, "cpu", torch.float32)
-    system = {label: s for label, s, _ in conditions}
-    prompts = [tok.encode_chat(pv.conversation(dict(system=system[r["condition"]], question=r["question"])))
-               for r in rows]
-    proj = torch.tensor([float(r["projection"]) for r in rows])
-    h = torch.cat([pv.read_answers(model, prompts[i:i + 32], [[]] * len(prompts[i:i + 32]))["prompt_last"][:, layer]
-                   for i in range(0, len(prompts), 32)])  # [rows, hidden]
-    err = float((pv.project(h, vec[layer]) - proj).abs().max())
-    if err > 1e-2:
-        raise SystemExit(f"{monitor_csv}: recomputed projections differ by {err:.3g}: not this vector's run")
-    grade = torch.tensor([int(r["grade"]) for r in rows])
-    rand = h.double() @ pv.random_directions(n_random, 1.0, h.shape[1], seed).double().T  # [rows, n_random]
-    rand = rand - rand.mean(0) + proj.double().mean()
-    means = torch.stack([rand[grade == g].mean(0) for g in range(len(conditions))])  # [conditions, n_random]
-    rho_null = torch.tensor([pv.spearman(grade.float(), rand[:, i].float()) for i in range(n_random)])
-    return dict(trait=trait, layer=layer, conditions=[c[0] for c in conditions], grade=grade.tolist(),
-                projection=[round(x, 4) for x in proj.tolist()],
-                band_5=[round(x, 4) for x in means.quantile(0.05, dim=1).tolist()],
-                band_95=[round(x, 4) for x in means.quantile(0.95, dim=1).tolist()],
-                rho=pv.spearman(grade.float(), proj), random_abs_rho_95=float(rho_null.abs().quantile(0.95)),
-                n_random=n_random, max_abs_difference_to_csv=err)
+def collect_monitor(monitor_csv: Path) -> dict:
+    """The experiment's own result file beside its CSV (TRAIT_monitor_KIND.json): each prompt's projection and
+    condition, the rank correlation, and the band of mean projections along random unit directions."""
+    r = json.loads(monitor_csv.with_suffix(".json").read_text())
+    return {k: r[k] for k in ("trait", "layer", "conditions", "grade", "projection", "band_5", "band_95")} | dict(
+        rho=r["rho_grade"], random_abs_rho_95=r["random_abs_rho_95"], n_random=r["n_random"])
 
 
 def collect(a) -> None:
     vectors = Path(a.vectors)
     writes = {"steering.json": lambda: collect_sweep(Path(a.sweep), vectors, a.trait),
-              "monitoring.json": lambda: collect_monitor(Path(a.monitor), vectors, a.trait, a.layer)}
+              "monitoring.json": lambda: collect_monitor(Path(a.monitor))}
     for name, make in writes.items():
         (FIGURES / name).write_text(json.dumps(make()) + "\n")
         print(f"wrote {FIGURES / name}", file=sys.stderr)
@@ -246,7 +214,6 @@ def main(argv=None) -> int:
     p.add_argument("--vectors", default=f"vectors/{MODEL}")
     p.add_argument("--sweep", default=f"vectors/{MODEL}/evil_sweep.csv")
     p.add_argument("--monitor", default=f"vectors/{MODEL}/evil_monitor_system.csv")
-    p.add_argument("--layer", type=int, default=None, help="the monitoring run's --layer, if it was given")
     p.add_argument("--train-study", default="out/train_study")
     p.add_argument("--flag-study", default="out/flag_study")
     a = p.parse_args(argv)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's
 
 import model as M
 from apps import flagging
-from support import UserError, generation as G
+from support import UserError, generation as G, stats
 from support.files import atomic_write, default_vectors_dir, vector_path
 from support.hub import DEFAULT_MODEL
 from support.traits import available_traits, load_trait
@@ -207,10 +207,10 @@ def finetune_study(args, out: Path, files: list[Path], mixes: dict, diffs: np.nd
     shift = np.array([res[k]["shift"] for k in names])
     shift_vecs = np.array([res[k]["shift_vector"] for k in names])  # [datasets, hidden]
     mean_diffs = np.array([np.nanmean(diffs[datasets[k][1]], axis=0) for k in names])  # [datasets, hidden]
-    u = pv.random_directions(100, 1.0, diffs.shape[1], args.seed).double().numpy()  # [100, hidden], unit
+    u = stats.random_directions(100, 1.0, diffs.shape[1], args.seed).double().numpy()  # [100, hidden], unit
 
     def pearson(x: np.ndarray, y: np.ndarray) -> float:
-        return pv.pearson(torch.from_numpy(x), torch.from_numpy(y))
+        return stats.pearson(torch.from_numpy(x), torch.from_numpy(y))
 
     is_mix = np.array([k.startswith("mix") for k in names])
     summary = dict(datasets=res)

@@ -36,7 +36,7 @@ import model as M  # noqa: E402
 import persona_vectors as pv  # noqa: E402
 import train  # noqa: E402
 from bench import PeakRSS  # noqa: E402  (tools/bench.py, beside this file)
-from apps import flagging, server as S  # noqa: E402
+from apps import flagging, monitor as monitoring, server as S  # noqa: E402
 from support import UserError, checkpoint, generation as G  # noqa: E402
 from support.files import atomic_write, check_writable  # noqa: E402
 from tiny import make_tiny_chat_model, write_vector  # noqa: E402
@@ -64,7 +64,7 @@ SCALE = {  # new tokens per decode, capture (batch, prompt, response), tokens of
                  copy_bytes=2**30, pipeline_tokens=64),
     "tiny": dict(decode=QWEN_7B | SMALL, train=LLAMA_1B | SMALL, new_tokens=8, capture=(64, 8, 8),
                  train_tokens=64, copy_bytes=2**24, pipeline_tokens=6)}
-TARGETS = {"roofline_share_batch1": 0.70, "speedup_batch64": 1.5}  # the README's targets, to aim for
+TARGETS = {"roofline_share_batch1": 0.70, "speedup_batch64": 1.5}  # the aims of docs/gpu.md
 
 
 def say(line: str) -> None:
@@ -268,7 +268,7 @@ def pipelines_section(checks: Checks, model_dir: Path, device: str, new: int, tm
                 "ok": len(steered) == 2 and all(isinstance(a, str) for a in steered)}
 
     def monitor():
-        dest = pv.monitor(str(data), traits=["evil"], vectors=str(vectors), out=str(tmp / "monitor.jsonl"), **common)
+        dest = monitoring.monitor(str(data), traits=["evil"], vectors=str(vectors), out=str(tmp / "monitor.jsonl"), **common)
         rows = [json.loads(x) for x in dest.read_text().splitlines()]
         values = [r[k] for r in rows for k in ("prompt_last", "response_avg")]
         return {"rows": len(rows), "ok": len(rows) == len(CONVERSATIONS) and all(map(math.isfinite, values))}
@@ -407,8 +407,8 @@ def capture(ours, hf, batch: int, prompt: int, response: int, device: str) -> di
 
 
 def readme_memory(c: M.Config, n_params: int, tokens: int) -> int:
-    """The README's arithmetic ("Several GPUs, and memory") for a full finetune with --checkpointing: 16 bytes per
-    parameter, the block inputs in float32, one block recomputed, the logits of the trained tokens."""
+    """docs/memory.md's arithmetic for a full finetune with --checkpointing: 16 bytes per parameter, the block
+    inputs in float32, one block recomputed, the logits of the trained tokens."""
     return (16 * n_params + c.num_hidden_layers * tokens * c.hidden_size * 4
             + (60 * c.hidden_size + 10 * c.intermediate_size) * tokens + tokens * c.vocab_size * 14)
 

@@ -11,7 +11,7 @@ with measures that need no judge:
   - separation: how well the resulting persona vector separates held-out pos from neg answers: the vector is
     taken from half the pairs (response average at the middle layer), and on the other half the difference of
     the mean projections is divided by their pooled standard deviation (Cohen's d). Higher is a cleaner vector.
-The README's "Sampling defaults" section reports a run of this script.
+docs/extract.md ("Sampling defaults for small models") reports a run of this script.
 """
 import argparse
 import re
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's
 import model as M
 import persona_vectors as pv
 from support.hub import DEFAULT_MODEL
+from support.sampling import Budget
 from support.traits import load_trait
 
 SETTINGS = [(1.0, 1.0), (1.0, 0.9), (0.7, 0.9), (0.7, 1.0), (0.4, 1.0)]
@@ -51,7 +52,7 @@ def main():
     jobs = pv.rollout_jobs(trait, args.questions, 1)
     print("| temperature | top-p | degenerate | non-words | ended | separation (d) |\n|---|---|---|---|---|---|")
     for temperature, top_p in SETTINGS:
-        budget = pv.Budget(1, args.max_new_tokens, temperature, top_p, 40)
+        budget = Budget(1, args.max_new_tokens, temperature, top_p, 40)
         with tempfile.TemporaryDirectory() as work:
             rows, acts = pv.sample_rollouts(model, tok, jobs, budget, 0, Path(work))
         ids = [tok.encode(r["answer"]) for r in rows]

@@ -1,6 +1,6 @@
-"""The finetuning study of the README (Training, "Demonstration on the default model"): finetune the default
-model on its own evil or normal answers, plain, with preventative steering or with CAFT, and measure the finetuning
-shift, the cost on held-out neutral text, and the trait each model expresses.
+"""The finetuning study of docs/finetuning-study.md: finetune the default model on its own evil or normal answers,
+plain, with preventative steering or with CAFT, and measure the finetuning shift, the cost on held-out neutral text,
+and the trait each model expresses.
 
     nice python tools/train_study.py                 # 40 min on 2 idle CPU cores (measured); prints a markdown table
     nice python tools/train_study.py --layer 16     # then: the steered runs at layer 16 (14 min more)
@@ -142,11 +142,11 @@ def layer_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def targets(results: dict, layer: int, later: int) -> str:
-    """The issue's targets, each checked against the measured numbers."""
+def expectations(results: dict, layer: int, later: int) -> str:
+    """What the paper's results lead one to expect of these models, each checked against the measured numbers."""
     base_loss, ref = results["base"]["neutral_loss"], results["evil-s0"]["shift"]
 
-    def cut(name, l):  # NaN (never met) where the evil model's own shift is inside the random band
+    def cut(name, l):  # NaN (never holds) where the evil model's own shift is inside the random band
         r = results["evil-s0"]
         return 1 - results[name]["shift"][l] / ref[l] if ref[l] > r["random_abs_95"][l] else float("nan")
 
@@ -161,14 +161,14 @@ def targets(results: dict, layer: int, later: int) -> str:
                     r["shift"][layer] >= 4 and r["shift"][layer] > r["random_abs_95"][layer]))
     out.append((f"normal: shift at layer {layer} <= 0 ({results['normal']['shift'][layer]:+.2f})",
                 results["normal"]["shift"][layer] <= 0))
-    for s in (f"steer-L{layer}", "steer-all"):  # CAFT is reported beside them, with no target
+    for s in (f"steer-L{layer}", "steer-all"):  # CAFT is reported beside them, with no expectation
         out.append((f"{s}: cut >= 70 % at layer {layer} ({cut(s, layer):.0%}), >= 50 % at layer {later} "
                     f"({cut(s, later):.0%}), neutral loss within +2 % of the base model ({loss(s):+.2%})",
                     cut(s, layer) >= 0.7 and cut(s, later) >= 0.5 and loss(s) <= 0.02))
     out.append((f"inference-time steering at matched suppression costs more neutral loss than preventative "
                 f"steering ({loss('evil-s0-inference'):+.2%} vs {loss(f'steer-L{layer}'):+.2%})",
                 loss("evil-s0-inference") > loss(f"steer-L{layer}")))
-    return "\n".join(f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in out)
+    return "\n".join(f"- {'holds' if ok else 'does NOT hold'}: {text}" for text, ok in out)
 
 
 def main(argv=None) -> int:
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     coef = round((results["evil-s0"]["shift"][layer] - results[f"steer-L{layer}"]["shift"][layer]) / v_norm, 4)
     results["evil-s0-inference"] = measure(root, "evil-s0-inference", str(root / "runs" / "evil-s0"), base_acts,
                                            vectors, data, layer, coef)
-    md = table(results, run_list, layer, later) + "\n\n" + targets(results, layer, later)
+    md = table(results, run_list, layer, later) + "\n\n" + expectations(results, layer, later)
     atomic_write(root / f"table-L{layer}.md", lambda p: p.write_text(md + "\n\n" + layer_table(results) + "\n"))
     figure = dict(settings=dict(model=a.model, layer=layer, n=a.n, neutral=a.neutral, epochs=a.epochs, lr=a.lr,
                                 batch_size=a.batch_size),

@@ -1,0 +1,155 @@
+"""`chat`: a multi-turn chat with the model, optionally steered, with a gauge per persona vector after each reply.
+
+    python persona_vectors.py chat --steer evil:-1         # type a message; /help lists the commands
+
+Each gauge (apps/monitor.py) shows where the last token before the reply and the reply's mean fall along the
+trait's unit vector, beside where extraction's pos and neg answers fell.
+"""
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import persona_vectors as pv
+from apps.monitor import Gauge, gauges_for
+from support import UserError, cli
+from support.files import check_output
+from support.hub import DEFAULT_MODEL
+from support.sampling import Budget
+
+CHAT_HELP = """commands: /steer SPEC [SPEC ...] (replace the steering, e.g. /steer evil:1.5 humorous:-1), /unsteer,
+          /gauge (the history of gauge readings), /save FILE.jsonl, /reset (forget the conversation), /help, /quit"""
+
+
+def show(g: Gauge, reading: dict) -> str:
+    """A gauge's reading as one line: '[evil L15] before reply +3.10 neg -1.00 [---|------] pos +5.20   reply ...'"""
+    parts = []
+    for kind, name in (("prompt_last", "before reply"), ("response_avg", "reply")):
+        x, mark = reading[kind], g.marks[kind]
+        if mark is None:
+            parts.append(f"{name} {x:+.2f}")
+            continue
+        neg, pos = mark
+        where = (x - neg) / (pos - neg) if pos != neg else 0.5  # 0 at the neg mean, 1 at the pos mean
+        cells = 10
+        i = min(max(round(where * (cells - 1)), 0), cells - 1)
+        bar = "".join("|" if j == i else "-" for j in range(cells))
+        parts.append(f"{name} {x:+.2f} neg {neg:+.2f} [{bar}] pos {pos:+.2f}")
+    return f"  [{g.trait} L{g.layer}] " + "   ".join(parts)
+
+
+def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | None = None,
+         gauges: list[str] | None = None, vectors: str | None = None, system: str | None = None,
+         max_new_tokens: int = 200, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+         save: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
+         stdin=None, stdout=None) -> list[dict]:
+    """A multi-turn chat, optionally steered, with a gauge per persona vector after each assistant turn.
+
+    Each gauge shows the projection of the last token before the reply (the paper's predictor) and of the reply's
+    mean activation onto the trait's unit vector, beside extraction's mean neg and pos projections. A steered turn
+    is gauged as the unsteered model reads it. Lines that start with "/" are commands (CHAT_HELP); input may come
+    from a pipe (one user turn per line). -> the messages.
+    """
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    Budget(1, max_new_tokens, temperature, top_p, 1)
+    if save:
+        check_output(save, force=True, option="--save")  # appended to: an existing file is fine
+    model, tok, vectors_dir, _ = pv.load_checked(model_name, device, dtype, steer, vectors)
+    meters = gauges_for(model, vectors_dir, gauges, layer)
+    interventions = pv.steering(list(steer), model, vectors_dir, layer)
+    messages = [{"role": "system", "content": system}] if system else []
+    history = []
+    interactive = stdin.isatty()
+
+    def say(text=""):
+        print(text, file=stdout, flush=True)
+
+    say(f"chat with {model_name}" + (f", steering {' '.join(steer)}" if steer else "") + "; /help for commands")
+    while True:
+        if interactive:
+            print("> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            cmd, *args = line.split()
+            try:
+                if cmd == "/quit":
+                    break
+                elif cmd == "/help":
+                    say(CHAT_HELP)
+                elif cmd == "/steer":
+                    interventions, steer = pv.steering(args, model, vectors_dir, layer), args
+                    say(f"steering: {' '.join(args) or 'off'}")
+                elif cmd == "/unsteer":
+                    interventions, steer = [], []
+                    say("steering: off")
+                elif cmd == "/gauge":
+                    for h in history:
+                        say(f"turn {h['turn']} {h['trait']}: before reply {h['prompt_last']:+.2f}, reply "
+                            f"{h['response_avg']:+.2f}" + (f" (steering {' '.join(h['steer'])})" if h["steer"] else ""))
+                elif cmd == "/save" and args:
+                    save_conversation(Path(args[0]), messages)
+                    say(f"saved {args[0]}")
+                elif cmd == "/reset":
+                    messages = [{"role": "system", "content": system}] if system else []
+                    say("conversation reset")
+                else:
+                    say(f"unknown command {line!r}; {CHAT_HELP}")
+            except (UserError, OSError) as e:  # a bad command never ends the chat
+                say(f"error: {e}")
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = tok.encode_chat(messages)
+        if len(prompt) + max_new_tokens > model.config.max_position_embeddings:
+            messages.pop()
+            say(f"error: the conversation is longer than the model's context ({model.config.max_position_embeddings} "
+                "tokens): /reset it")
+            continue
+        outs, acts = pv.answer_with_activations(model, tok, [messages], max_new_tokens, temperature, top_p,
+                                             seed + len(messages), interventions)
+        if interventions:  # gauge the turn as the unsteered model reads it
+            acts = pv.read_answers(model, [prompt], outs)
+        reply = tok.decode(outs[0])
+        messages.append({"role": "assistant", "content": reply})
+        say(reply)
+        turn = sum(m["role"] == "assistant" for m in messages)
+        for g in meters:
+            reading = g.read(acts)
+            history.append(dict(turn=turn, trait=g.trait, layer=g.layer, steer=list(steer), **reading))
+            say(show(g, reading))
+    if save:
+        try:
+            save_conversation(Path(save), messages)
+        except OSError as e:  # the directory went away, the disk is full, ...: keep the conversation anyway
+            fd, kept = tempfile.mkstemp(prefix="chat-", suffix=".jsonl")
+            os.close(fd)
+            save_conversation(Path(kept), messages)
+            raise UserError(f"cannot save the conversation to {save} ({e.strerror}); it is in {kept}") from None
+    return messages
+
+
+def save_conversation(path: Path, messages: list[dict]) -> None:
+    """Append one JSONL line {"messages": [...]} (the format `monitor` and training read)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"messages": messages}) + "\n")
+
+
+def add_commands(sub) -> None:
+    """Register `chat` on the command line's subparsers (its dests are chat's parameter names)."""
+    c = sub.add_parser("chat", help="multi-turn chat, optionally steered, with a persona gauge after each reply",
+                       parents=[cli.CHAT, cli.VECTORS])
+    c.add_argument("--gauge", dest="gauges", action="append", default=None, metavar="TRAIT",
+                   help="trait (or vector file) to gauge; repeatable (default: every vector of the model)")
+    c.add_argument("--save", default=None, help="append the conversation to this JSONL file at the end")
+    c.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF")
+    c.add_argument("--layer", type=cli.LAYER, default=None,
+                   help="steering and gauge layer (default: best, else middle)")
+    c.set_defaults(func=chat)
