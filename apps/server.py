@@ -37,8 +37,9 @@ import torch
 
 import model as M
 import persona_vectors as pv
-from support import UserError, capping, generation as G
+from support import UserError, generation as G
 from support.files import check_fits, default_vectors_dir, load_vector, traits_in, vector_path
+from support import capping
 from support.hub import DEFAULT_MODEL
 
 POSITIONS = ("response", "all", "prompt")
