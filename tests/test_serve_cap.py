@@ -110,7 +110,7 @@ def test_a_capped_reply_is_gauged_as_the_plain_model_reads_it(tiny, srv):
     r = requests.post(f"{url}/chat/completions", json={"messages": HI, "max_tokens": 6, "temperature": 0,
                                                        "cap": {"humorous": 10}}, timeout=TIMEOUT).json()
     out, _ = alone(tiny, HI, 6, ["humorous:10"])
-    g = pv.Gauge.from_file(vectors / "humorous_response_avg_diff.safetensors", None, model.config.num_hidden_layers)
+    g = next(g for g in engine.gauges if g.trait == "humorous")
     ids, cap = tok.encode_chat(HI), G.Capture()
     with torch.no_grad():  # no cap in this pass: the plain model reads prompt + reply
         model(torch.tensor([ids + out]), response_start=torch.tensor([len(ids)]), capture=cap, logits="none")
