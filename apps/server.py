@@ -6,7 +6,7 @@ persona vectors and each reply reports how far it leaned along every one of them
                                                   "steer": {"evil": -1.5}}'
 
 Endpoints: GET /v1/models and POST /v1/chat/completions (messages, max_tokens / max_completion_tokens,
-temperature, top_p, seed, stop, n, stream, logprobs, top_logprobs, usage). Two extensions that other clients
+temperature, top_p, seed, stop, n, stream, logprobs, top_logprobs, usage). Extensions that other clients
 ignore: the request field `steer` ({"evil": -1.5, "humorous": "0.1r"}, or a list of {"vector", "coef", "layer",
 "positions"}, as `steering` reads --steer specs), the request field `cap` ({"evil": 95}, or {"evil": {"percentile":
 95, "layers": "16-19"}}: persona capping, as --cap reads TRAIT:PERCENTILE@LAYERS) and, on every choice, `persona`:
@@ -14,8 +14,9 @@ the projection of the last prompt token (before the reply) and of the reply's me
 vector, like `chat`'s gauge, and `capped_tokens`: how many of the reply's tokens each cap moved.
 
 Requests are batched dynamically: one worker thread generates; the requests that arrive while a batch runs make
-up the next batch, each row with its own steering (Steer.vector [B, hidden]), caps (Cap.ceilings [B, n]), sampling settings, stop strings and
-token limit. A row leaves the batch as soon as it is done or its client has gone, so its cache is freed.
+up the next batch, each row with its own steering (Steer.vector [B, hidden]), caps (Cap.ceilings [B, n]), sampling
+settings, stop strings and token limit. A row leaves the batch as soon as it is done or its client has gone, so its
+cache, ceilings and cap counts go with it.
 """
 import hmac
 import json
