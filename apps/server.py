@@ -6,14 +6,17 @@ persona vectors and each reply reports how far it leaned along every one of them
                                                   "steer": {"evil": -1.5}}'
 
 Endpoints: GET /v1/models and POST /v1/chat/completions (messages, max_tokens / max_completion_tokens,
-temperature, top_p, seed, stop, n, stream, logprobs, top_logprobs, usage). Two extensions that other clients
+temperature, top_p, seed, stop, n, stream, logprobs, top_logprobs, usage). Extensions that other clients
 ignore: the request field `steer` ({"evil": -1.5, "humorous": "0.1r"}, or a list of {"vector", "coef", "layer",
-"positions"}, as `steering` reads --steer specs) and, on every choice, `persona`: the projection of the last
-prompt token (before the reply) and of the reply's mean activation onto each loaded vector, like `chat`'s gauge.
+"positions"}, as `steering` reads --steer specs), the request field `cap` ({"evil": 95}, or {"evil": {"percentile":
+95, "layers": "16-19"}}: persona capping, as --cap reads TRAIT:PERCENTILE@LAYERS) and, on every choice, `persona`:
+the projection of the last prompt token (before the reply) and of the reply's mean activation onto each loaded
+vector, like `chat`'s gauge, and `capped_tokens`: how many of the reply's tokens each cap moved.
 
 Requests are batched dynamically: one worker thread generates; the requests that arrive while a batch runs make
-up the next batch, each row with its own steering (Steer.vector [B, hidden]), sampling settings, stop strings and
-token limit. A row leaves the batch as soon as it is done or its client has gone, so its cache is freed.
+up the next batch, each row with its own steering (Steer.vector [B, hidden]), caps (Cap.ceilings [B, n]), sampling
+settings, stop strings and token limit. A row leaves the batch as soon as it is done or its client has gone, so its
+cache, ceilings and cap counts go with it.
 """
 import hmac
 import json
@@ -39,6 +42,7 @@ from apps.monitor import Gauge
 from support import UserError, cli, generation as G
 from support.checkpoint import DTYPES
 from support.files import check_fits, default_vectors_dir, load_vector, traits_in, vector_path
+from support import capping
 from support.hub import DEFAULT_MODEL
 
 POSITIONS = ("response", "all", "prompt")
@@ -69,6 +73,7 @@ class Request:
     logprobs: bool = False
     top_logprobs: int = 0
     steer: list[M.Steer] = field(default_factory=list)
+    cap: dict[str, str] = field(default_factory=dict)  # trait -> --cap spec, in the order of trait names
 
 
 def _is_int(x) -> bool:
@@ -143,6 +148,37 @@ def parse_steer(value, names: list[str], n_layers: int) -> list[tuple[str, str, 
     return out
 
 
+def parse_cap(value, names: list[str]) -> dict[str, str]:
+    """The `cap` field -> {trait: --cap spec}, sorted by trait, so that a row's caps apply in one order, alone or
+    in any batch. {"evil": 95} (a percentile), or {"evil": {"percentile": 95, "layers": "16-19"}}, where either key
+    may be left out (the calibrated defaults); layers may also be a list of blocks.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RequestError('cap must be an object like {"evil": 95} or {"evil": {"percentile": 95, "layers": '
+                           '"16-19"}}', "cap")
+    out = {}
+    for name in sorted(value):
+        it, where = value[name], f"cap.{name}"
+        if name not in names:
+            raise RequestError(f"cap: unknown vector {json.dumps(name)[:60]}; this server has "
+                               f"{', '.join(names) or 'no vectors'}", "cap")
+        it = it if isinstance(it, dict) else {"percentile": it}
+        if set(it) - {"percentile", "layers"}:
+            raise RequestError(f"{where} must be a percentile or an object with keys percentile, layers", "cap")
+        p, layers = it.get("percentile", capping.DEFAULT_PERCENTILE), it.get("layers")
+        if not (_is_number(p) and 0 < p < 100):
+            raise RequestError(f"{where}: the percentile must be a number in (0, 100), not {json.dumps(p)[:40]}",
+                               "cap")
+        if isinstance(layers, list) and layers and all(_is_int(l) for l in layers):
+            layers = ",".join(map(str, layers))
+        elif layers is not None and not (isinstance(layers, str) and layers.strip()):
+            raise RequestError(f'{where}.layers must be like "16-19", "12,14,16" or [16, 17]', "cap")
+        out[name] = f"{name}:{float(p)!r}" + (f"@{layers.strip()}" if layers is not None else "")
+    return out
+
+
 # ---------------------------------------------------------------------------------------- generation rows
 def byte_level_alphabet() -> dict[str, int]:
     """The characters that byte-level BPE vocabularies (GPT-2, Llama-3, Qwen2, SmolLM2) write bytes with -> byte.
@@ -174,7 +210,7 @@ class Row:
     """One choice being generated: its tokens, text sent so far, logprobs and where it stands."""
     def __init__(self, job: Job, index: int, steer: list[M.Steer], device):
         r = job.req
-        self.job, self.index, self.steer = job, index, steer
+        self.job, self.index, self.steer, self.caps = job, index, steer, job.req.cap
         self.max_tokens, self.stops = r.max_tokens, r.stop
         self.temperature, self.top_p = r.temperature, r.top_p
         self.generator = (torch.Generator(device).manual_seed(r.seed + index) if r.seed is not None and r.temperature
@@ -285,6 +321,7 @@ class Engine:
             piece = tok.backend.id_to_token(i) or ""
             self.token_bytes.append(list(bytes(alphabet[c] for c in piece)) if all(c in alphabet for c in piece)
                                     else list(self.token_text[i].encode()))
+        self._calibrations = {}  # vector file -> its vector and checked ceiling file, read at its first cap
         self.stats = {"batches": 0, "rows": 0, "max_rows": 0, "mixed_steering": 0, "cancelled": 0, "errors": 0}
         self._waiting: list[Job] = []
         self._running: list[Job] = []  # the jobs of the batch being generated
@@ -348,6 +385,11 @@ class Engine:
                                    "converted: give a raw coefficient", "steer") from None
             except ValueError as e:
                 raise RequestError(str(e).replace("--steer ", "steer "), "steer") from None
+        cap = parse_cap(body.get("cap"), self.names)
+        try:  # every check now (a 400, not a failed batch); each trait's ceiling file is read once, then cached
+            capping.resolved(list(cap.values()), self.model, self.vectors_dir, self._calibrations)
+        except UserError as e:
+            raise RequestError(str(e).replace("--cap ", "cap "), "cap") from None
         return Request(
             prompt=prompt, max_tokens=max_tokens,
             temperature=_get(body, "temperature", lambda x: _is_number(x) and 0 <= x <= 2, "a number from 0 to 2", 1.0),
@@ -355,7 +397,8 @@ class Engine:
             seed=_get(body, "seed", lambda x: _is_int(x) and 0 <= x < 2 ** 63, "an integer from 0 to 2^63 - 1"),
             stop=[stop] if isinstance(stop, str) else stop, n=n,
             stream=_get(body, "stream", lambda x: isinstance(x, bool), "true or false", False),
-            include_usage=bool(options.get("include_usage")), logprobs=logprobs, top_logprobs=top, steer=steer)
+            include_usage=bool(options.get("include_usage")), logprobs=logprobs, top_logprobs=top, steer=steer,
+            cap=cap)
 
     def submit(self, req: Request) -> Job:
         job = Job(req)
@@ -446,14 +489,19 @@ class Engine:
         cache = G.KVCache(model.config, B, width, dev, self.dtype)
         steer = per_row_steering(rows, model.config.hidden_size, dev, self.dtype)
         cap = G.Capture() if self.gauges else None
-        logits = model(ids, mask[:, :T0], cache, response_start, steer=steer, capture=cap, logits="last")[:, -1]
+        traits = sorted({t for r in rows for t in r.caps})  # per trait, so that each Cap's `fired` is that trait's
+        caps = {t: capping.caps_per_row([[r.caps[t]] if t in r.caps else [] for r in rows], model, self.vectors_dir,
+                                        self._calibrations) for t in traits}
+        all_caps = [c for t in traits for c in caps[t]]
+        logits = model(ids, mask[:, :T0], cache, response_start, steer=steer, capture=cap, logits="last",
+                       cap=all_caps)[:, -1]
         stop = torch.tensor(sorted(tok.stop_ids), dtype=torch.long, device=dev)
         logits = logits.index_fill(-1, stop, -math.inf)  # at least one new token, as G.generate
         for t in range(width - T0 + 1):
             need_lp = any(r.job.req.logprobs for r in rows if r.finish is None)
             logp = torch.log_softmax(logits.float(), dim=-1) if need_lp else None
             greedy = logits.argmax(-1).tolist()
-            keep = [b for b, r in enumerate(rows) if self._step(r, b, logits, greedy[b], logp, cap)]
+            keep = [b for b, r in enumerate(rows) if self._step(r, b, logits, greedy[b], logp, cap, caps)]
             if len(keep) < len(rows):  # rows that are done leave the batch, and their cache with them
                 if not keep:
                     return
@@ -463,20 +511,23 @@ class Engine:
                 cache.k, cache.v = [k[idx] for k in cache.k], [v[idx] for v in cache.v]
                 steer = [M.Steer(s.layer, s.vector[idx], s.coef, s.positions) for s in steer]
                 cap = select_rows(cap, idx) if cap is not None else None
+                for c in all_caps:  # a row's ceilings and count leave with it
+                    c.ceilings, c.fired = c.ceilings[idx], c.fired[idx]
             nxt = torch.tensor([r.tokens[-1] for r in rows], device=dev)[:, None]  # [B, 1]
             logits = model(nxt, mask[:, :T0 + t + 1], cache, response_start, steer=steer, capture=cap,
-                           logits="last")[:, -1]
+                           logits="last", cap=all_caps)[:, -1]
         raise RuntimeError(f"{len(rows)} row(s) still running after the longest max_tokens")  # cannot happen
 
     def _step(self, r: Row, b: int, logits: torch.Tensor, greedy: int, logp: torch.Tensor | None,
-              cap: G.Capture | None) -> bool:
+              cap: G.Capture | None, caps: dict[str, list[M.Cap]]) -> bool:
         """Row r (row b of the batch) after a forward pass: sample its next token, or finish it. -> whether it
-        stays in the batch (for its next token, or to feed its last one so that the gauge covers the reply)."""
+        stays in the batch (for its next token, or to feed its last one so that the gauge and the caps' counts
+        cover the reply, as G.generate does)."""
         if r.job.cancelled:
             self.stats["cancelled"] += 1
             return False
         if r.finish is not None:  # its last token has now been fed
-            self._finish(r, cap, b)
+            self._finish(r, cap, b, caps)
             return False
         if r.temperature == 0:
             token = greedy
@@ -484,8 +535,8 @@ class Engine:
             token = int(G.sample(logits[b:b + 1], r.temperature, r.top_p, r.generator)[0])
         lp = self._logprob(logp[b], token, r.job.req.top_logprobs) if r.job.req.logprobs else None
         ended = r.push(self.tok, token, self.tok.stop_ids, lp)  # an end-of-turn token is not fed
-        if ended or r.finish is not None and cap is None:
-            self._finish(r, cap, b)
+        if ended or r.finish is not None and cap is None and not r.caps:
+            self._finish(r, cap, b, caps)
             return False
         return True
 
@@ -501,21 +552,23 @@ class Engine:
         return {"token": self.token_text[token] if known else "", "logprob": logprob,
                 "bytes": self.token_bytes[token] if known else []}
 
-    def _finish(self, r: Row, cap: G.Capture | None, b: int) -> None:
+    def _finish(self, r: Row, cap: G.Capture | None, b: int, caps: dict[str, list[M.Cap]]) -> None:
         r.flush(self.tok)
+        capped = {t: int(sum(c.fired[b] for c in caps[t])) for t in r.caps}  # only its own Cap is finite for it
         persona = {}
         if cap is not None:
             one = select_rows(cap, torch.tensor([b], device=self.device))
             replied = bool(one.counts["response"][0] > 0)
             acts = {"prompt_last": one.prompt_last(), "response_avg": one.response_mean()}
-            if r.steer and replied:  # a steered reply is gauged as the unsteered model reads it (as chat and eval)
+            if (r.steer or r.caps) and replied:  # an intervened reply is gauged as the plain model reads it (as chat)
                 acts = self.pv.read_answers(self.model, [r.job.req.prompt], [r.tokens])
             for g in self.gauges:
                 x = g.read(acts)
                 persona[g.trait] = {"layer": g.layer, "before_reply": x["prompt_last"],
                                     "reply": x["response_avg"] if replied else None,
                                     "marks": {"before_reply": g.marks["prompt_last"], "reply": g.marks["response_avg"]}}
-        r.emit("finish", finish_reason=r.finish or "length", persona=persona, tokens=len(r.tokens))
+        r.emit("finish", finish_reason=r.finish or "length", persona=persona, tokens=len(r.tokens),
+               capped_tokens=capped)
 
 
 # ---------------------------------------------------------------------------------------------------- HTTP
@@ -691,7 +744,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_error_json(e)
         choices = [{"index": i, "message": {"role": "assistant", "content": text[i], "refusal": None},
                     "logprobs": {"content": lps[i], "refusal": None} if job.req.logprobs else None,
-                    "finish_reason": ends[i]["finish_reason"], "persona": ends[i]["persona"]} for i in range(n)]
+                    "finish_reason": ends[i]["finish_reason"], "persona": ends[i]["persona"],
+                    "capped_tokens": ends[i]["capped_tokens"]} for i in range(n)]
         self.send_json(200, self.head(job, "chat.completion") | {
             "choices": choices, "usage": self.usage(job, sum(e["tokens"] for e in ends))})
 
@@ -723,7 +777,8 @@ class Handler(BaseHTTPRequestHandler):
                 else:
                     completion += data["tokens"]
                     send(head | {"choices": [{"index": i, "delta": {}, "logprobs": None,
-                                              "finish_reason": data["finish_reason"], "persona": data["persona"]}]})
+                                              "finish_reason": data["finish_reason"], "persona": data["persona"],
+                                              "capped_tokens": data["capped_tokens"]}]})
         except RequestError as e:  # the stream has begun: the error goes into it
             send(error_body(str(e), e.status))
         else:

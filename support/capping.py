@@ -154,21 +154,29 @@ def ceilings_at(c: dict, percentile: float, label: str = "--cap") -> np.ndarray:
     return np.array([np.interp(percentile, grid, table[:, i]) for i in range(table.shape[1])])
 
 
-def resolved(specs: list[str], model: M.Transformer, vectors_dir: Path) -> list[tuple[str, list[int], torch.Tensor,
-                                                                                        np.ndarray]]:
-    """Each spec -> (vector file, layers, unit directions [n, hidden], ceilings [n]), every check done."""
-    N, out = model.config.num_hidden_layers, []
+def calibrated(spec: CapSpec, path: Path, model: M.Transformer) -> tuple[torch.Tensor, dict]:
+    """A vector file's vector and its ceiling file, both checked to fit this model."""
+    vec, meta = load_vector(path)
+    check_fits(vec, meta, path, model.config.num_hidden_layers, model.config.hidden_size, model)
+    trait = meta.get("trait", path.name.split("_")[0]) if spec.source.endswith(".safetensors") else spec.source
+    return vec, load_ceilings(ceiling_path(path), vec, model, trait)
+
+
+def resolved(specs: list[str], model: M.Transformer, vectors_dir: Path, cache: dict | None = None
+             ) -> list[tuple[str, list[int], torch.Tensor, np.ndarray]]:
+    """Each spec -> (vector file, layers, unit directions [n, hidden], ceilings [n]), every check done.
+    cache: a dict that keeps each vector file's `calibrated` result, so that a server reads and checks it once."""
+    N, out, cache = model.config.num_hidden_layers, [], {} if cache is None else cache
     for text in specs:
         spec = parse_cap(text)
         path = spec_vector(spec, vectors_dir)
-        vec, meta = load_vector(path)
-        check_fits(vec, meta, path, N, model.config.hidden_size, model)
         layers = spec.layers or default_layers(N)
         bad = [l for l in layers if not 1 <= l <= N]
         if bad:
             raise UserError(f"{spec.label()}: layer {bad[0]} out of range: this model has blocks 1..{N}")
-        trait = meta.get("trait", path.name.split("_")[0]) if spec.source.endswith(".safetensors") else spec.source
-        c = load_ceilings(ceiling_path(path), vec, model, trait)
+        if path not in cache:
+            cache[path] = calibrated(spec, path, model)
+        vec, c = cache[path]
         ceil = ceilings_at(c, spec.percentile, spec.label())
         out.append((str(path), layers, vec[layers], ceil[layers]))
     return out
@@ -181,10 +189,11 @@ def caps_for(specs: list[str], model: M.Transformer, vectors_dir: Path) -> list[
             for _, layers, dirs, ceil in resolved(specs, model, vectors_dir)]
 
 
-def caps_per_row(row_specs: list[list[str]], model: M.Transformer, vectors_dir: Path) -> list[M.Cap]:
+def caps_per_row(row_specs: list[list[str]], model: M.Transformer, vectors_dir: Path, cache: dict | None = None
+                 ) -> list[M.Cap]:
     """One list of --cap specs per row of a batch -> model.Caps with per-row ceilings [B, n]: one Cap per (vector,
-    layers), and +inf where a row does not have it (such a row passes unchanged)."""
-    rows = [resolved(specs, model, vectors_dir) for specs in row_specs]
+    layers), and +inf where a row does not have it (such a row passes unchanged). cache: as for `resolved`."""
+    rows = [resolved(specs, model, vectors_dir, cache) for specs in row_specs]
     keys = list(dict.fromkeys((path, tuple(layers)) for row in rows for path, layers, _, _ in row))
     device, caps = model.lm_head.weight.device, []
     for path, layers in keys:
