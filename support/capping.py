@@ -143,12 +143,16 @@ def load_ceilings(path: Path, vec: torch.Tensor, model, trait: str) -> dict:
     return c
 
 
+NOTED = set()
+
+
 def ceilings_at(c: dict, percentile: float, label: str = "--cap") -> np.ndarray:
     """The ceiling at every hidden index for a percentile: a grid point's, or linear between the two around it."""
     grid, table = np.array(c["percentiles"]), np.array(c["ceilings"])  # [P], [P, N + 1]
     if not grid[0] <= percentile <= grid[-1]:
         raise UserError(f"{label}: percentile {percentile:g} is outside the calibrated {grid[0]:g}..{grid[-1]:g}")
-    if percentile not in grid:
+    if percentile not in grid and (label, percentile) not in NOTED:  # once per process (a server gets many)
+        NOTED.add((label, percentile))
         print(f"note: {label}: percentile {percentile:g} is not on the calibrated grid; interpolating linearly "
               "between the two grid points around it", file=sys.stderr)
     return np.array([np.interp(percentile, grid, table[:, i]) for i in range(table.shape[1])])
