@@ -36,8 +36,9 @@ import torch
 
 import model as M
 from support import UserError, checkpoint, generation as G
-from support.cli import (CHAT, COUNT, DEVICE, GENERATION, LAYER, MODEL, PIPELINE, SAMPLING, SCORE, STEER, VECTORS,
-                         listed, number)
+from support.capping import caps_for, merged, parse_cap, spec_vector
+from support.cli import (CAP, CHAT, COUNT, DEVICE, GENERATION, LAYER, MODEL, PIPELINE, SAMPLING, SCORE, STEER,
+                         VECTORS, listed, number)
 from support.files import (VARIANTS, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
                            expect_model, load_batch, load_vector, other_vectors, resolve_layer, save_batch, save_vector,
                            steer_sources, vector_file, vector_path, write_csv)
@@ -59,14 +60,10 @@ LAYER_CONVENTION = "index 0 = embeddings, index L = output of block L (before th
 
 def rollout_jobs(trait, questions: int, rollouts: int) -> list[dict]:
     """Every (question, instruction pair, rollout) once per side; pos and neg of a pair sit next to each other."""
-    jobs = []
-    for qi, question in enumerate(trait.extract_questions[:questions]):
-        for i in range(len(trait.instructions)):
-            for r in range(rollouts):
-                for side in ("pos", "neg"):
-                    jobs.append(dict(key=f"{side}:{i}:{qi}:{r}", side=side, instruction=i, question_id=qi,
-                                     rollout=r, question=question, system=trait.system_prompt(side, i)))
-    return jobs
+    return [dict(key=f"{side}:{i}:{qi}:{r}", side=side, instruction=i, question_id=qi, rollout=r, question=question,
+                 system=trait.system_prompt(side, i))
+            for qi, question in enumerate(trait.extract_questions[:questions]) for i in range(len(trait.instructions))
+            for r in range(rollouts) for side in ("pos", "neg")]
 
 
 def conversation(job: dict) -> list[dict]:
@@ -78,18 +75,20 @@ def conversation(job: dict) -> list[dict]:
 # 2. Answers with their activations, captured while they are generated (no second pass).
 
 @torch.no_grad()
-def answer_with_activations(model: M.Transformer, tok, chats: list[list[dict]], max_new_tokens: int,
-                            temperature: float, top_p: float, seed: int, steer: list[M.Steer] = ()):
-    """Answer each chat -> (answer token ids per chat, {variant: [B, N + 1, hidden]} activations).
+def answer_with_activations(model: M.Transformer, tok, chats: list[list[dict]], max_new_tokens: int, temperature: float,
+                            top_p: float, seed: int, steer: list[M.Steer] = (), cap: list[M.Cap] = ()):
+    """Answer each chat -> (answer token ids per chat, {variant: [B, N + 1, hidden]} activations); steered, then
+    capped (after it, cap[0].fired counts the capped positions of each: the last prompt token and the answer's).
 
     Variants: response_avg (mean over the answer's tokens), prompt_avg (mean over the prompt), prompt_last (the
     last prompt token, from which the answer is written), and response_norm [B, N + 1] (mean per-token norm).
     """
-    cap = G.Capture()
+    rec = G.Capture()
     outs = G.generate(model, [tok.encode_chat(c) for c in chats], max_new_tokens, stop_ids=tok.stop_ids,
-                      pad_id=tok.pad_id, temperature=temperature, top_p=top_p, seed=seed, steer=steer, capture=cap)
-    return outs, {"response_avg": cap.response_mean(), "prompt_avg": cap.prompt_mean(),
-                  "prompt_last": cap.prompt_last(), "response_norm": cap.response_norm()}
+                      pad_id=tok.pad_id, temperature=temperature, top_p=top_p, seed=seed, steer=steer, capture=rec,
+                      cap=cap)
+    return outs, {"response_avg": rec.response_mean(), "prompt_avg": rec.prompt_mean(),
+                  "prompt_last": rec.prompt_last(), "response_norm": rec.response_norm()}
 
 
 @torch.no_grad()
@@ -209,8 +208,8 @@ def projection_difference(response: torch.Tensor, base: torch.Tensor, v: torch.T
 # The paper's pipelines: the method over files, resumable and cached
 # ===============================================================================================================
 
-def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, work: Path,
-                    steer: list[M.Steer] = ()) -> tuple[list[dict], dict]:
+def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, work: Path, steer: list[M.Steer] = (),
+                    cap: list[M.Cap] = ()) -> tuple[list[dict], dict]:
     """Generate every job's answer and capture its activations, batch by batch, each batch saved as it finishes.
 
     jobs: dicts with "key", "question" and "system" (None: no system message, the template decides), and
@@ -226,13 +225,14 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
         if not path.exists():
             chats = [conversation(j) for j in batch]
             outs, tensors = answer_with_activations(model, tok, chats, budget.max_new_tokens, budget.temperature,
-                                                    budget.top_p, seed * 1_000_003 + b, steer)
+                                                    budget.top_p, seed * 1_000_003 + b, steer, cap)
             answered = torch.tensor([len(o) > 0 for o in outs])  # an empty answer's means are NaN by design
             if not (torch.isfinite(tensors["prompt_last"]).all() and torch.isfinite(tensors["response_avg"][answered]).all()):
                 raise UserError("the activations became non-finite (inf/NaN) while generating: the steering "
                                 "coefficient is too large for this model; use a smaller one")
-            new = [j | {"answer": tok.decode(o), "answer_ids": o, "n_tokens": len(o), "prompt": tok.chat(c)}
-                   for j, o, c in zip(batch, outs, chats)]
+            fired = cap[0].fired.tolist() if cap else [None] * len(batch)  # positions capped (None: no cap)
+            new = [j | {"answer": tok.decode(o), "answer_ids": o, "n_tokens": len(o), "prompt": tok.chat(c),
+                        "capped": f} for j, o, c, f in zip(batch, outs, chats, fired)]
             save_batch(path, new, tensors)
             done_now += len(batch)
             rate = done_now / (time.time() - t0)
@@ -251,15 +251,16 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
 
 
 def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors: str | None = None,
-                 judge: str | None = "none", judge_workers: int | None = None, trait=None):
-    """Check what can be checked before the model loads (device, steering files, the judge: one that cannot work,
-    with no API key, fails here), then load it. -> (model, tokenizer, vectors_dir, judge). A trait's judge prompt
-    that never asks for REFUSAL (official-format trait files may not) is worth a note: refusals then get a score
-    like any other answer, where the judge would otherwise leave them unscored."""
+                 judge: str | None = "none", judge_workers: int | None = None, trait=None, cap: list[str] = ()):
+    """Check what can be checked before the model loads (device, --steer and --cap specs and their vector files, the
+    judge: one that cannot work, with no API key, fails here), then load it. -> (model, tokenizer, vectors_dir,
+    judge). A trait's judge prompt that never asks for REFUSAL (official-format trait files may not) is worth a
+    note: refusals then get a score like any other answer, where the judge would otherwise leave them unscored."""
     import judge as J
     checkpoint.check_device(device or checkpoint.default_device())
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
     steer_sources(list(steer), vectors_dir)
+    [spec_vector(parse_cap(spec), vectors_dir) for spec in cap]
     judge_ = J.make_judge(judge, workers=judge_workers)
     if trait is not None and judge_.name != "none" and "REFUSAL" not in trait.eval_prompt:
         print(f"note: the eval_prompt of {trait.source or trait.name} never asks the judge to answer REFUSAL, so "
@@ -268,12 +269,15 @@ def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors:
     return model, tok, vectors_dir, judge_
 
 
-def open_pipeline(t, model_name: str, device, dtype, judge, judge_workers, budget: tuple, out=None, vectors=None,
-                  steer: list[str] = ()):
-    """How every judged pipeline opens, after its trait `t` is loaded: the checks, the model and the judge, the
-    budget (rollouts, max_new_tokens, temperature, top_p, batch_size; None: the default) and a writable output
-    directory (default: the vectors directory) -> (model, tokenizer, judge, budget, vectors_dir, out_dir)."""
-    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, steer, vectors, judge, judge_workers, t)
+def open_pipeline(t, questions: int, model_name: str, device, dtype, judge, judge_workers, budget: tuple, out=None,
+                  vectors=None, steer: list[str] = (), cap: list[str] = ()):
+    """How every judged pipeline opens, after its trait `t` is loaded: the checks (--questions among them), the model
+    and the judge, the budget (rollouts, max_new_tokens, temperature, top_p, batch_size; None: the default) and a
+    writable output directory (default: the vectors directory) -> (model, tokenizer, judge, budget, vectors_dir,
+    out_dir)."""
+    check_count("questions", questions)
+    model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, steer, vectors, judge, judge_workers, t,
+                                                   cap)
     b = budget_for(model, *budget)
     out_dir = Path(out) if out else vectors_dir
     check_writable(out_dir)
@@ -281,20 +285,20 @@ def open_pipeline(t, model_name: str, device, dtype, judge, judge_workers, budge
 
 
 def sample_and_judge(t, model, tok, judge, jobs: list[dict], budget: Budget, seed: int, out_dir: Path, name: str,
-                     settings: dict, steer: list[M.Steer] = ()) -> tuple[list[dict], dict, str]:
+                     settings: dict, steer: list[M.Steer] = (), cap: list[M.Cap] = ()) -> tuple[list[dict], dict, str]:
     """Every job answered (cached in OUT/.work/NAME-<settings hash>/) and judged (cached in
     OUT/.work/judgments.jsonl) -> (rows, activations, the judge's name)."""
     import judge as J  # imported where a pipeline judges, as in load_checked
     work = out_dir / ".work" / f"{name}-{settings_hash(settings)}"
-    rows, acts = sample_rollouts(model, tok, jobs, budget, seed, work, steer)
+    rows, acts = sample_rollouts(model, tok, jobs, budget, seed, work, steer, cap)
     return rows, acts, J.judge_rows(t, rows, judge, out_dir / ".work" / "judgments.jsonl")
 
 
 def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None, judge_workers: int | None = None,
             rollouts: int | None = None, max_new_tokens: int | None = None, questions: int = 20, out: str | None = None,
-            batch_size: int | None = None, seed: int = 0, temperature: float | None = None,
-            top_p: float | None = None, pos_threshold: float = 50, neg_threshold: float = 50,
-            coherence_threshold: float = 50, device: str | None = None, dtype: torch.dtype | None = None) -> dict:
+            batch_size: int | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
+            pos_threshold: float = 50, neg_threshold: float = 50, coherence_threshold: float = 50,
+            device: str | None = None, dtype: torch.dtype | None = None) -> dict:
     """Extract a persona vector for `trait` -> {variant: path of its .safetensors file, "csv_pos"/"csv_neg": ...}.
 
     For each extraction question x instruction pair x rollout, answers are sampled under the trait-eliciting (pos)
@@ -303,8 +307,7 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
     mean(kept pos activations) - mean(kept neg activations) at every layer.
     """
     t = load_trait(trait)
-    check_count("questions", questions)
-    model, tok, judge_, b, _, out_dir = open_pipeline(t, model_name, device, dtype, judge, judge_workers,
+    model, tok, judge_, b, _, out_dir = open_pipeline(t, questions, model_name, device, dtype, judge, judge_workers,
                                                       (rollouts, max_new_tokens, temperature, top_p, batch_size), out)
     questions = min(questions, len(t.extract_questions))
     settings = dict(model=model_name, trait=t.name, trait_sha=hashlib.sha256(json.dumps(asdict(t), default=str)
@@ -353,8 +356,7 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
     for n, r in enumerate(rows):
         r["kept"] = n in kept
     for side in ("pos", "neg"):
-        paths[f"csv_{side}"] = out_dir / f"{t.name}_{side}_instruct.csv"
-        # the official repository's columns first
+        paths[f"csv_{side}"] = out_dir / f"{t.name}_{side}_instruct.csv"  # the official repository's columns first
         write_csv(paths[f"csv_{side}"], [r for r in rows if r["side"] == side],
                   ["question", "prompt", "answer", "question_id", t.name, "coherence", "instruction", "rollout", "kept"])
     rel = vectors["response_avg"].norm(dim=-1) / norms.clamp(min=1e-6)
@@ -417,51 +419,69 @@ def steering(specs: list[str], model: M.Transformer, vectors_dir: str | Path | N
     return out
 
 
+def interventions(model: M.Transformer, vectors_dir: Path, steer=(), cap=(), layer=None, positions="response",
+                  all_layers=False) -> tuple[list[M.Steer], list[M.Cap]]:
+    """--steer and --cap specs -> (Steers, [] or one Cap), every check done. The model steers first, then caps
+    (model.py), so a cap bounds what steering added too; one Cap for all specs counts a token capped twice once."""
+    return (steering(list(steer), model, vectors_dir, layer, positions, all_layers),
+            merged(caps_for(list(cap), model, vectors_dir)))
+
+
+def file_label(specs: list[str], prefix: str = "") -> str:
+    """--steer or --cap specs in a file name: 'evil:1.5', 'a/v.safetensors:2' -> 'evil@1.5_a-v.safetensors@2'."""
+    return "_".join(prefix + spec.replace("/", "-").replace(":", "@") for spec in specs)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Generation, evaluation and sweeps.
 
-def generate(prompts: list[str], model_name: str = DEFAULT_MODEL, system: str | None = None,
-             max_new_tokens: int = 200, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             steer: list[str] = (), layer: int | None = None, positions: str = "response", all_layers: bool = False,
+def generate(prompts: list[str], model_name: str = DEFAULT_MODEL, system: str | None = None, max_new_tokens: int = 200,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, steer: list[str] = (),
+             layer: int | None = None, positions: str = "response", all_layers: bool = False, cap: list[str] = (),
              vectors: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> list[str]:
-    """Answer each prompt as a single-turn chat (greedy unless temperature > 0), optionally steered -> the answers.
+    """Answer each prompt as a single-turn chat (greedy unless temperature > 0), optionally steered and capped.
 
     steer: specs like "evil:1.5", "humorous:-0.1r" or "path/v.safetensors:2" (see `steering`); negative coefficients
-    steer away from the trait. With system=None the model's own chat template decides (Qwen2.5 and SmolLM2 insert
-    their default system prompt).
+    steer away from the trait; cap: "evil", "evil:75@12-20" (support/capping.py), the positions capped are printed.
+    With system=None the model's own chat template decides (Qwen2.5 and SmolLM2 insert their default system prompt).
     """
     if not prompts:
         raise UserError("no prompt: give one or more, or --prompts-file FILE")
     Budget(1, max_new_tokens, temperature, top_p, 1)  # the same checks as every pipeline's
-    model, tok, vectors_dir, _ = load_checked(model_name, device, dtype, steer, vectors)
-    interventions = steering(list(steer), model, vectors_dir, layer, positions, all_layers)
+    model, tok, vectors_dir, _ = load_checked(model_name, device, dtype, steer, vectors, cap=cap)
+    steers, caps = interventions(model, vectors_dir, steer, cap, layer, positions, all_layers)
     ids = [tok.encode_chat(conversation(dict(system=system, question=p))) for p in prompts]
     longest = max(len(x) for x in ids) + max_new_tokens
     if longest > model.config.max_position_embeddings:
         raise UserError(f"a prompt plus --max-new-tokens is {longest} tokens, beyond this model's context of "
                         f"{model.config.max_position_embeddings}: shorten it or lower --max-new-tokens")
     out = G.generate(model, ids, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
-                     temperature=temperature, top_p=top_p, seed=seed, steer=interventions, progress=True)
+                     temperature=temperature, top_p=top_p, seed=seed, steer=steers, cap=caps, progress=True)
+    if caps:
+        print("capped positions (the last prompt token and the answer's) per prompt: "
+              + ", ".join(f"{n}/{len(o) + 1}" for n, o in zip(caps[0].fired.tolist(), out)), file=sys.stderr)
     return [tok.decode(o) for o in out]
 
 
-def _evaluate(t, model, tok, judge, budget: Budget, *, questions: int, steer: list[str], layer: int | None,
-              positions: str, all_layers: bool, vectors_dir: Path, out_dir: Path, seed: int, label: str) -> dict:
+def _evaluate(t, model, tok, judge, budget: Budget, *, questions: int, steer: list[str], cap: list[str],
+              layer: int | None, vectors_dir: Path, out_dir: Path, seed: int, label: str, positions: str = "response",
+              all_layers: bool = False) -> dict:
     """One setting of `evaluate` (and of each cell of `sweep`) on a loaded model -> its means and its CSV."""
-    interventions = steering(steer, model, vectors_dir, layer, positions, all_layers)
+    steers, caps = interventions(model, vectors_dir, steer, cap, layer, positions, all_layers)
     N = model.config.num_hidden_layers
     vec_file = vector_path(vectors_dir, t.name)
     vec, meta = model_vector(vec_file, model) if vec_file.is_file() else (None, {})
-    proj_layer = interventions[0].layer if interventions and not all_layers else resolve_layer(layer, meta, N)
+    proj_layer = steers[0].layer if steers and not all_layers else resolve_layer(layer, meta, N)
     jobs = [dict(key=f"eval:{qi}:{r}", question_id=qi, rollout=r, question=q, system=None)
             for qi, q in enumerate(t.eval_questions[:questions]) for r in range(budget.rollouts)]
     settings = dict(model=model.name_or_path, trait=t.name, questions=questions, seed=seed, steer=steer,
-                    layer=layer, positions=positions, all_layers=all_layers, **asdict(budget))
+                    layer=layer, positions=positions, all_layers=all_layers, **asdict(budget)) | (
+                    dict(cap=cap, ceilings=caps[0].ceilings.tolist()) if caps else {})  # a capped run, its own cache
     print(f"eval {t.name} [{label}]: {len(jobs)} answers ({questions} questions x {budget.rollouts} samples)",
           file=sys.stderr)
     rows, _, judge_name = sample_and_judge(t, model, tok, judge, jobs, budget, seed, out_dir, f"eval-{t.name}",
-                                           settings, interventions)
-    if vec is not None:  # each answer as the unsteered model reads it, projected on the trait's unit vector
+                                           settings, steers, caps)
+    if vec is not None:  # each answer as the plain model (unsteered, uncapped) reads it, on the trait's unit vector
         for i in range(0, len(rows), budget.batch_size):
             batch = rows[i:i + budget.batch_size]
             acts = read_answers(model, [tok.encode_chat(conversation(r)) for r in batch], [r["answer_ids"] for r in batch])
@@ -475,10 +495,12 @@ def _evaluate(t, model, tok, judge, budget: Budget, *, questions: int, steer: li
     proj_m, proj_se, _ = mean_se(r.get("projection") for r in rows)
     csv_path = out_dir / "eval" / f"{t.name}_{label}.csv"
     write_csv(csv_path, rows, ["question", "answer", "question_id", "rollout", t.name, "coherence", "projection",
-                               "judge"])
+                               "judge"] + (["capped", "n_tokens"] if caps else []))
+    share = sum(r["capped"] for r in rows) / sum(r["n_tokens"] + 1 for r in rows) if caps else None
     return dict(trait=t.name, label=label, judge=judge_name, n=len(rows), judged=n, trait_mean=trait_m,
                 trait_se=trait_se, coherence_mean=coh_m, coherence_se=coh_se, projection_mean=proj_m,
-                projection_se=proj_se, projection_layer=proj_layer, csv=str(csv_path))
+                projection_se=proj_se, projection_layer=proj_layer, cap=list(cap), capped_share=share,
+                csv=str(csv_path))
 
 
 def _format(x, se=None) -> str:
@@ -486,34 +508,33 @@ def _format(x, se=None) -> str:
 
 
 def evaluate(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None, judge_workers: int | None = None,
-             samples: int | None = None, questions: int = 20, steer: list[str] = (), layer: int | None = None, positions: str = "response",
-             all_layers: bool = False, vectors: str | None = None, out: str | None = None,
-             max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-             batch_size: int | None = None, seed: int = 0, device: str | None = None,
+             samples: int | None = None, questions: int = 20, steer: list[str] = (), layer: int | None = None,
+             positions: str = "response", all_layers: bool = False, cap: list[str] = (), vectors: str | None = None,
+             out: str | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
+             top_p: float | None = None, batch_size: int | None = None, seed: int = 0, device: str | None = None,
              dtype: torch.dtype | None = None) -> dict:
-    """Trait expression on the trait's evaluation questions (never the extraction ones), optionally steered.
+    """Trait expression on the trait's evaluation questions (never the extraction ones), optionally steered and capped.
 
     Answers are sampled with no system prompt, `samples` per question (greedy when there is one, as in the
     official evaluation), and judged for the trait and coherence -> means with standard errors, the mean projection
-    of the answers (read by the unsteered model) on the trait's vector, and the answers as CSV. With the `none`
-    judge only the answers and projections are reported.
+    of the answers (read by the plain model) on the trait's vector, the share of answer positions capped, and the
+    answers as CSV. With the `none` judge only the answers and projections are reported.
     """
     t = load_trait(trait)
-    check_count("questions", questions)
-    model, tok, judge_, b, vectors_dir, out_dir = open_pipeline(
-        t, model_name, device, dtype, judge, judge_workers, (samples, max_new_tokens, temperature, top_p, batch_size),
-        out, vectors, steer)
+    model, tok, judge_, b, vectors_dir, out_dir = open_pipeline(t, questions, model_name, device, dtype, judge,
+        judge_workers, (samples, max_new_tokens, temperature, top_p, batch_size), out, vectors, steer, cap)
     if b.rollouts == 1 and temperature is None:
         b.temperature = 0.0
-    label = "base" if not steer else "_".join(spec.replace("/", "-").replace(":", "@") for spec in steer) + (
-        f"_L{layer}" if layer is not None else "") + ("_all" if all_layers else "")
+    label = "_".join(x for x in (steer and file_label(steer) + (f"_L{layer}" if layer is not None else "")
+                                 + ("_all" if all_layers else ""), file_label(cap, "cap-")) if x) or "base"
     r = _evaluate(t, model, tok, judge_, b, questions=min(questions, len(t.eval_questions)), steer=list(steer),
-                  layer=layer, positions=positions, all_layers=all_layers, vectors_dir=vectors_dir, out_dir=out_dir,
-                  seed=seed, label=label)
+                  cap=list(cap), layer=layer, positions=positions, all_layers=all_layers, vectors_dir=vectors_dir,
+                  out_dir=out_dir, seed=seed, label=label)
     print(f"{t.name} [{label}]: trait {_format(r['trait_mean'], r['trait_se'])}, coherence "
           f"{_format(r['coherence_mean'], r['coherence_se'])} ({r['judged']}/{r['n']} judged by {r['judge']}); "
           f"projection at layer {r['projection_layer']}: {_format(r['projection_mean'], r['projection_se'])}; "
-          f"answers in {r['csv']}", file=sys.stderr)
+          + (f"{r['capped_share']:.1%} of answer positions capped; " if cap else "") + f"answers in {r['csv']}",
+          file=sys.stderr)
     return r
 
 
@@ -530,41 +551,42 @@ def best_setting(results: list[dict], coherence_min: float = 75) -> dict | None:
 
 
 def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None, judge_workers: int | None = None,
-          layers: list[int] | None = None, coefs: list[float] | None = None, relative: bool = False, samples: int | None = None, questions: int = 20,
-          coherence_min: float = 75, vectors: str | None = None, out: str | None = None,
-          max_new_tokens: int | None = None, batch_size: int | None = None, seed: int = 0,
-          device: str | None = None, dtype: torch.dtype | None = None) -> dict:
+          layers: list[int] | None = None, coefs: list[float] | None = None, relative: bool = False,
+          samples: int | None = None, questions: int = 20, coherence_min: float = 75, cap: list[str] = (),
+          vectors: str | None = None, out: str | None = None, max_new_tokens: int | None = None,
+          batch_size: int | None = None, seed: int = 0, device: str | None = None,
+          dtype: torch.dtype | None = None) -> dict:
     """Evaluate steering over a grid of layers x coefficients -> CSV, plot, and the best layer recorded in the vector.
 
     Defaults: six layers spread over the middle two thirds of the network, the paper's coefficients 0.5 to 2.5 (raw),
     or 0.05 to 0.25 of the residual norm with relative=True. The best setting (highest trait score with coherence >=
     coherence_min) is written into the vector file's metadata (best_layer, best_coef), so later commands default
-    to it. Each setting is cached like `extract`, so an interrupted sweep resumes.
+    to it. Each setting is cached like `extract`, so an interrupted sweep resumes. cap: --cap specs applied after the
+    steering in every setting, named in the CSV; a capped sweep prints its best setting but does not record it.
     """
     t = load_trait(trait)
-    check_count("questions", questions)
     vec_path = vector_path(Path(vectors) if vectors else default_vectors_dir(model_name), t.name)
-    model, tok, judge_, b, vectors_dir, out_dir = open_pipeline(
-        t, model_name, device, dtype, judge, judge_workers, (samples, max_new_tokens, None, None, batch_size), out,
-        vectors, [f"{vec_path}:0"])
+    model, tok, judge_, b, vectors_dir, out_dir = open_pipeline(t, questions, model_name, device, dtype, judge,
+        judge_workers, (samples, max_new_tokens, None, None, batch_size), out, vectors, [f"{vec_path}:0"], cap)
     N = model.config.num_hidden_layers
     vec, meta = model_vector(vec_path, model)
     layers = layers or sorted({round(N / 6 + i * (2 * N / 3) / 5) for i in range(6)})
     for L in layers:
         resolve_layer(L, meta, N)
     coefs = coefs or ([0.05, 0.1, 0.15, 0.2, 0.25] if relative else [0.5, 1.0, 1.5, 2.0, 2.5])
-    results = []
+    results, capped = [], "_" + file_label(cap, "cap-") if cap else ""
     for i, (layer, coef) in enumerate((l, c) for l in layers for c in coefs):
         print(f"sweep {t.name}: setting {i + 1}/{len(layers) * len(coefs)} (layer {layer}, coef {coef})", file=sys.stderr)
         r = _evaluate(t, model, tok, judge_, b, questions=min(questions, len(t.eval_questions)),
-                      steer=[f"{vec_path}:{coef}{'r' if relative else ''}"], layer=layer, positions="response",
-                      all_layers=False, vectors_dir=vectors_dir, out_dir=out_dir, seed=seed,
-                      label=f"L{layer}_c{coef}{'r' if relative else ''}")
+                      steer=[f"{vec_path}:{coef}{'r' if relative else ''}"], cap=list(cap), layer=layer,
+                      vectors_dir=vectors_dir, out_dir=out_dir, seed=seed,
+                      label=f"L{layer}_c{coef}{'r' if relative else ''}{capped}")
         results.append(dict(layer=layer, coef=coef, relative=relative) | {k: r[k] for k in (
-            "trait_mean", "trait_se", "coherence_mean", "coherence_se", "projection_mean", "n", "judged", "judge")})
-    csv_path = out_dir / f"{t.name}_sweep.csv"
+            "trait_mean", "trait_se", "coherence_mean", "coherence_se", "projection_mean", "n", "judged", "judge")}
+                       | (dict(cap=" ".join(cap), capped_share=r["capped_share"]) if cap else {}))
+    csv_path = out_dir / f"{t.name}_sweep{capped}.csv"
     write_csv(csv_path, results, list(results[0]))
-    plot = plot_sweep(results, t.name, out_dir / f"{t.name}_sweep.png")
+    plot = plot_sweep(results, t.name, out_dir / f"{t.name}_sweep{capped}.png")
     best = best_setting(results, coherence_min)
     if best is None:
         print(f"sweep {t.name}: no setting kept coherence >= {coherence_min}" if results[0]["judged"] else
@@ -572,10 +594,11 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
     else:
         meta |= dict(best_layer=best["layer"], best_coef=f"{best['coef']}{'r' if relative else ''}",
                      best_trait_mean=best["trait_mean"], best_coherence_mean=best["coherence_mean"])
-        save_vector(vec_path, vec, meta)
+        if not cap:  # the vector's best layer is plain steering's choice
+            save_vector(vec_path, vec, meta)
         print(f"sweep {t.name}: best layer {best['layer']} at coef {meta['best_coef']} (trait "
-              f"{best['trait_mean']:.1f}, coherence {best['coherence_mean']:.1f}); recorded in {vec_path}",
-              file=sys.stderr)
+              f"{best['trait_mean']:.1f}, coherence {best['coherence_mean']:.1f}); "
+              + (f"with --cap {' '.join(cap)}, not recorded" if cap else f"recorded in {vec_path}"), file=sys.stderr)
     print(f"wrote {csv_path}" + (f", {plot}" if plot else " (pip install matplotlib for the plot)"), file=sys.stderr)
     return dict(results=results, best=best, csv=csv_path, plot=plot)
 
@@ -601,11 +624,10 @@ def monitor_conditions(t, kind: str, seed: int = 0) -> list[tuple[str, str | Non
 
 
 def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAULT_MODEL, judge: str | None = None,
-                       judge_workers: int | None = None,
-                       rollouts: int | None = None, questions: int = 20, layer: int | None = None,
-                       vectors: str | None = None, out: str | None = None, max_new_tokens: int | None = None,
-                       batch_size: int | None = None, n_random: int = 100, seed: int = 0,
-                       device: str | None = None, dtype: torch.dtype | None = None) -> dict:
+                       judge_workers: int | None = None, rollouts: int | None = None, questions: int = 20,
+                       layer: int | None = None, vectors: str | None = None, out: str | None = None,
+                       max_new_tokens: int | None = None, batch_size: int | None = None, n_random: int = 100,
+                       seed: int = 0, device: str | None = None, dtype: torch.dtype | None = None) -> dict:
     """Projection of the last prompt token (before any reply) vs the condition's strength and the judged score.
 
     Conditions: the trait's 8 graded system prompts, or k = 0, 5, 10, 15, 20 trait-exhibiting example exchanges,
@@ -618,11 +640,9 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
     """
     t = load_trait(trait)
     conditions = monitor_conditions(t, kind, seed)
-    check_count("questions", questions)
     check_count("random", n_random)
-    model, tok, judge_, b, vectors_dir, out_dir = open_pipeline(
-        t, model_name, device, dtype, judge, judge_workers, (rollouts, max_new_tokens, None, None, batch_size), out,
-        vectors)
+    model, tok, judge_, b, vectors_dir, out_dir = open_pipeline(t, questions, model_name, device, dtype, judge,
+        judge_workers, (rollouts, max_new_tokens, None, None, batch_size), out, vectors)
     vec, meta = model_vector(vector_file(t.name, vectors_dir), model)
     L = resolve_layer(layer, meta, model.config.num_hidden_layers)
     qs = t.eval_questions[:questions]
@@ -711,13 +731,9 @@ def dataset_jobs(trait, kind: str, questions: list[str], n: int, seed: int) -> l
     the trait's pos (kind "trait") or neg (kind "normal") system prompt, cycling through the instruction pairs."""
     side = {"trait": "pos", "normal": "neg"}[kind]
     order = torch.randperm(len(questions), generator=torch.Generator().manual_seed(seed)).tolist()
-    jobs = []
-    for i in range(n):
-        qi, instruction = order[i % len(questions)], i % len(trait.instructions)
-        jobs.append(dict(key=f"{kind}:{i}", side=side, question_id=qi, rollout=i // len(questions),
-                         instruction=instruction, question=questions[qi],
-                         system=trait.system_prompt(side, instruction)))
-    return jobs
+    return [dict(key=f"{kind}:{i}", side=side, question_id=qi, rollout=i // len(questions), instruction=k,
+                 question=questions[qi], system=trait.system_prompt(side, k))
+            for i in range(n) for qi, k in [(order[i % len(questions)], i % len(trait.instructions))]]
 
 
 def trim_to_sentence(answer: str) -> str:
@@ -815,10 +831,9 @@ def shift_controls(base_acts: torch.Tensor, finetuned_acts: torch.Tensor, vector
                 shift_norm=(finetuned_acts.float().mean(0) - base_acts.float().mean(0)).norm(dim=-1))
 
 
-def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | None = None,
-          vectors: str | None = None, out: str | None = None, n_random: int = 100, run_eval: bool = False,
-          judge: str | None = None, batch_size: int = 32, seed: int = 0, device: str | None = None,
-          dtype=None) -> dict:
+def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | None = None, vectors: str | None = None,
+          out: str | None = None, n_random: int = 100, run_eval: bool = False, judge: str | None = None,
+          batch_size: int = 32, seed: int = 0, device: str | None = None, dtype=None) -> dict:
     """Finetuning shift of `finetuned` against `base` along the trait's persona vector (extracted from base).
 
     Last-prompt-token activations of both models on the trait's evaluation questions (their means over questions),
@@ -909,17 +924,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--neg-threshold", type=SCORE, default=50, help="... and whose neg answer scores < this")
     add("--coherence-threshold", type=SCORE, default=50, help="... and both coherences >= this")
     add = command("eval", evaluate, "trait expression on the evaluation questions, optionally steered", PIPELINE,
-                  SAMPLING, STEER)
+                  SAMPLING, STEER, CAP)
     add("--samples", type=COUNT, default=None, help="answers per question (default: 10 on CUDA, 1 on CPU; one "
         "answer is greedy unless --temperature is given)")
     add = command("sweep", sweep, "steer over layers x coefficients; record the best layer in the vector file",
-                  PIPELINE, VECTORS)
+                  PIPELINE, VECTORS, CAP)
     add("--samples", type=COUNT, default=None, help="answers per question and setting")
     add("--layers", type=listed(LAYER), default=None, help="e.g. 8,12,16")
     add("--coefs", type=listed(number(float)), default=None, help="e.g. 0.5,1,2")
     add("--relative", action="store_true", help="coefficients relative to the residual norm")
     add("--coherence-min", type=SCORE, default=75)
-    add = command("generate", _generate_command, "answer prompts with the chat model, optionally steered", CHAT, STEER)
+    add = command("generate", _generate_command, "answer prompts with the chat model, optionally steered", CHAT, STEER,
+                  CAP)
     add("prompts", nargs="*", help="one or more user messages")
     add("--prompts-file", default=None, help="a text file with one prompt per line")
     add = command("monitor-experiment", monitor_experiment, "does the projection before the reply predict the trait?",

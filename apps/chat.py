@@ -1,6 +1,8 @@
-"""`chat`: a multi-turn chat with the model, optionally steered, with a gauge per persona vector after each reply.
+"""`chat`: a multi-turn chat with the model, optionally steered or capped, with a gauge per persona vector after
+each reply.
 
     python persona_vectors.py chat --steer evil:-1         # type a message; /help lists the commands
+    python persona_vectors.py chat --cap evil              # capped (docs/capping.md): "capped 3/41 positions"
 
 Each gauge (apps/monitor.py) shows where the last token before the reply and the reply's mean fall along the
 trait's unit vector, beside where extraction's pos and neg answers fell.
@@ -21,7 +23,7 @@ from support.hub import DEFAULT_MODEL
 from support.sampling import Budget
 
 CHAT_HELP = """commands: /steer SPEC [SPEC ...] (replace the steering, e.g. /steer evil:1.5 humorous:-1), /unsteer,
-          /gauge (the history of gauge readings), /save FILE.jsonl, /reset (forget the conversation), /help, /quit"""
+          /cap SPEC [SPEC ...] (replace the caps, e.g. /cap evil:75@12-20), /cap off, /gauge (the history of gauge readings), /save FILE.jsonl, /reset (forget the conversation), /help, /quit"""
 
 
 def show(g: Gauge, reading: dict) -> str:
@@ -41,7 +43,7 @@ def show(g: Gauge, reading: dict) -> str:
     return f"  [{g.trait} L{g.layer}] " + "   ".join(parts)
 
 
-def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | None = None,
+def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), cap: list[str] = (), layer: int | None = None,
          gauges: list[str] | None = None, vectors: str | None = None, system: str | None = None,
          max_new_tokens: int = 200, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
          save: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
@@ -50,16 +52,17 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | No
 
     Each gauge shows the projection of the last token before the reply (the paper's predictor) and of the reply's
     mean activation onto the trait's unit vector, beside extraction's mean neg and pos projections. A steered turn
-    is gauged as the unsteered model reads it. Lines that start with "/" are commands (CHAT_HELP); input may come
+    or capped turn is gauged as the plain model reads it, and a capped one says how many of its positions (the
+    last prompt token and the reply's tokens) were capped. Lines that start with "/" are commands (CHAT_HELP); input may come
     from a pipe (one user turn per line). -> the messages.
     """
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     Budget(1, max_new_tokens, temperature, top_p, 1)
     if save:
         check_output(save, force=True, option="--save")  # appended to: an existing file is fine
-    model, tok, vectors_dir, _ = pv.load_checked(model_name, device, dtype, steer, vectors)
+    model, tok, vectors_dir, _ = pv.load_checked(model_name, device, dtype, steer, vectors, cap=cap)
     meters = gauges_for(model, vectors_dir, gauges, layer)
-    interventions = pv.steering(list(steer), model, vectors_dir, layer)
+    interventions, caps = pv.interventions(model, vectors_dir, steer, cap, layer)
     messages = [{"role": "system", "content": system}] if system else []
     history = []
     interactive = stdin.isatty()
@@ -67,7 +70,8 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | No
     def say(text=""):
         print(text, file=stdout, flush=True)
 
-    say(f"chat with {model_name}" + (f", steering {' '.join(steer)}" if steer else "") + "; /help for commands")
+    say(f"chat with {model_name}" + (f", steering {' '.join(steer)}" if steer else "")
+        + (f", capping {' '.join(cap)}" if cap else "") + "; /help for commands")
     while True:
         if interactive:
             print("> ", end="", file=stdout, flush=True)
@@ -90,10 +94,15 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | No
                 elif cmd == "/unsteer":
                     interventions, steer = [], []
                     say("steering: off")
+                elif cmd == "/cap" and args:
+                    new = [] if args == ["off"] else args
+                    caps, cap = pv.interventions(model, vectors_dir, cap=new)[1], new
+                    say(f"capping: {' '.join(cap) or 'off'}")
                 elif cmd == "/gauge":
                     for h in history:
                         say(f"turn {h['turn']} {h['trait']}: before reply {h['prompt_last']:+.2f}, reply "
-                            f"{h['response_avg']:+.2f}" + (f" (steering {' '.join(h['steer'])})" if h["steer"] else ""))
+                            f"{h['response_avg']:+.2f}" + (f" (steering {' '.join(h['steer'])})" if h["steer"] else "")
+                            + (f" (capping {' '.join(h['cap'])})" if h["cap"] else ""))
                 elif cmd == "/save" and args:
                     save_conversation(Path(args[0]), messages)
                     say(f"saved {args[0]}")
@@ -113,16 +122,18 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), layer: int | No
                 "tokens): /reset it")
             continue
         outs, acts = pv.answer_with_activations(model, tok, [messages], max_new_tokens, temperature, top_p,
-                                             seed + len(messages), interventions)
-        if interventions:  # gauge the turn as the unsteered model reads it
+                                             seed + len(messages), interventions, caps)
+        if interventions or caps:  # gauge the turn as the plain model reads it
             acts = pv.read_answers(model, [prompt], outs)
         reply = tok.decode(outs[0])
         messages.append({"role": "assistant", "content": reply})
         say(reply)
+        if caps:
+            say(f"  capped {int(caps[0].fired[0])}/{len(outs[0]) + 1} positions")
         turn = sum(m["role"] == "assistant" for m in messages)
         for g in meters:
             reading = g.read(acts)
-            history.append(dict(turn=turn, trait=g.trait, layer=g.layer, steer=list(steer), **reading))
+            history.append(dict(turn=turn, trait=g.trait, layer=g.layer, steer=list(steer), cap=list(cap), **reading))
             say(show(g, reading))
     if save:
         try:
@@ -144,8 +155,8 @@ def save_conversation(path: Path, messages: list[dict]) -> None:
 
 def add_commands(sub) -> None:
     """Register `chat` on the command line's subparsers (its dests are chat's parameter names)."""
-    c = sub.add_parser("chat", help="multi-turn chat, optionally steered, with a persona gauge after each reply",
-                       parents=[cli.CHAT, cli.VECTORS])
+    c = sub.add_parser("chat", help="multi-turn chat, optionally steered or capped, with a persona gauge after each "
+                       "reply", parents=[cli.CHAT, cli.VECTORS, cli.CAP])
     c.add_argument("--gauge", dest="gauges", action="append", default=None, metavar="TRAIT",
                    help="trait (or vector file) to gauge; repeatable (default: every vector of the model)")
     c.add_argument("--save", default=None, help="append the conversation to this JSONL file at the end")

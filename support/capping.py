@@ -193,6 +193,15 @@ def caps_for(specs: list[str], model: M.Transformer, vectors_dir: Path) -> list[
             for _, layers, dirs, ceil in resolved(specs, model, vectors_dir)]
 
 
+def merged(caps: list[M.Cap]) -> list[M.Cap]:
+    """Several caps as one, with the same bounds applied in the same order at every layer, whose `fired` counts a
+    token capped by any of them once -> [] or [Cap]."""
+    if len(caps) < 2:
+        return list(caps)
+    return [M.Cap([l for c in caps for l in c.layers], torch.cat([c.directions for c in caps]),
+                  torch.cat([c.ceilings for c in caps], -1))]
+
+
 def caps_per_row(row_specs: list[list[str]], model: M.Transformer, vectors_dir: Path, cache: dict | None = None
                  ) -> list[M.Cap]:
     """One list of --cap specs per row of a batch -> model.Caps with per-row ceilings [B, n]: one Cap per (vector,

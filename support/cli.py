@@ -80,6 +80,10 @@ STEER.add_argument("--layer", type=LAYER, default=None, help="block to steer (de
                    "else the middle)")
 STEER.add_argument("--positions", choices=["response", "all", "prompt"], default="response")
 STEER.add_argument("--all-layers", action="store_true", help="steer every block with v[l] - v[l-1]")
+CAP = parent()  # persona capping (support/capping.py): generate, chat, eval, sweep
+CAP.add_argument("--cap", action="append", default=[], metavar="TRAIT[:PERCENTILE][@LAYERS]", help="bound the "
+                 "activations along the trait from above at the percentile of its calibrate-cap ceilings (default 90, "
+                 "blocks 16-19 of 30); repeatable; applied after any --steer")
 CHAT = parent(MODEL)  # generate's and chat's: greedy and short by default
 CHAT.add_argument("--max-new-tokens", type=COUNT, default=200)
 CHAT.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 = greedy (default)")

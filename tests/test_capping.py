@@ -1,5 +1,7 @@
 """Persona capping's calibration (apps/capping.py), its ceiling file and --cap specs (support/capping.py), and the
 study's code path (tools/cap_study.py), on a tiny random model."""
+import csv
+import io
 import json
 import shutil
 import sys
@@ -11,7 +13,6 @@ import torch
 
 import model as M
 import persona_vectors as pv
-from support import UserError
 from support import generation as G
 from support.capping import PERCENTILES, caps_for, caps_per_row, ceiling_path, parse_cap
 from support.files import load_vector
@@ -85,25 +86,16 @@ def test_calibrate_cap_refuses_to_overwrite_without_force(tiny, capsys):
     assert "pass --force" in err[-1] and tree(root) == before
 
 
-def cap_main(argv: list[str]) -> int:
-    """What `--cap SPEC` does on the command line once the model is loaded, with main's error handling."""
-    model, vectors = cap_main.loaded, cap_main.vectors
-    try:
-        caps_for(argv, model, vectors)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def no_generation(*args, **kwargs):
     raise AssertionError("generation started before the input was checked")
 
 
 # (arguments, exit code, what the message must say); {d} = tiny model, {v} = its vectors, {r} = the test folder.
-# "cap SPEC" runs SPEC through caps_for (the --cap of generate, chat, eval, serve); the rest through pv.main.
+# "cap SPEC" is `generate Hi --cap SPEC` on the tiny model; every case runs through pv.main.
+GEN = "generate Hi --model {d} --vectors {v} --device cpu --cap"
+PIPE = "--model {d} --vectors {v} --judge none --questions 1 --max-new-tokens 2 --device cpu --cap"
 CASES = [
-    ("cap evil:150", 1, "the percentile must be a number in (0, 100)"),
+    ("cap evil:150", 1, "--cap 'evil:150': the percentile must be a number in (0, 100)"),
     ("cap evil:0", 1, "the percentile must be a number in (0, 100)"),
     ("cap evil:x", 1, "the percentile must be a number in (0, 100)"),
     ("cap evil:99.95", 1, "outside the calibrated 1..99.9"),
@@ -116,6 +108,14 @@ CASES = [
     ("cap humorous", 1, "run: python persona_vectors.py calibrate-cap humorous"),
     ("cap other", 1, "was calibrated on someone/else, not"),
     ("cap stale", 1, "calibrated for another stale vector (sha256 differs)"),
+    ("cap evil:50 --cap humorous", 1, "calibrate-cap humorous"),  # every spec checked before any generation
+    ("cap evil --steer nosuch:1", 1, "run `extract nosuch` first"),
+    ("generate Hi --model {d} --vectors {v} --device cpu --cap", 2, "--cap: expected one argument"),
+    ("chat --model {d} --vectors {v} --device cpu --cap humorous", 1, "calibrate-cap humorous"),
+    ("eval evil " + PIPE + " evil@9", 1, "layer 9 out of range"),
+    ("eval evil " + PIPE + " other", 1, "was calibrated on someone/else"),
+    ("sweep evil --layers 1 --coefs 1 " + PIPE + " evil:0", 1, "the percentile must be a number in (0, 100)"),
+    ("sweep evil --layers 1 --coefs 1 " + PIPE + " stale", 1, "calibrated for another stale vector"),
     ("calibrate-cap nosuch --model {d} --vectors {v}", 1, "run `extract nosuch` first"),
     ("calibrate-cap evil --model {d} --vectors {v}", 1, "exists: pass --force"),
     ("calibrate-cap humorous --model {d} --vectors {v} --n 0", 2, "--n: must be >= 1"),
@@ -133,12 +133,11 @@ def test_bad_input(tiny, loaded, argv, code, message, monkeypatch, capsys, tmp_p
     d, vectors, root = tiny
     if not (root / "wide.safetensors").exists():
         write_vector(root / "wide.safetensors", torch.randn(4, 96))
-    cap_main.loaded, cap_main.vectors = loaded[0], vectors
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(G, "generate", no_generation)
     before = tree(root)
-    args = argv.format(d=d, v=vectors, r=root).split()
-    err = run_bad(cap_main, args[1:], code, capsys) if args[0] == "cap" else run_bad(pv.main, args, code, capsys)
+    args = (GEN + argv[3:] if argv.startswith("cap ") else argv).format(d=d, v=vectors, r=root).split()
+    err = run_bad(pv.main, args, code, capsys)
     assert message in err[-1], err
     assert err[-1].startswith("error: " if code == 1 else "persona_vectors.py")
     assert list(tmp_path.iterdir()) == []
@@ -169,6 +168,104 @@ def test_caps_per_row_leave_rows_without_a_cap_unchanged(tiny, loaded):
     plain = G.generate(model, [prompt] * 3, 5, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
     capped = G.generate(model, [prompt] * 3, 5, stop_ids=tok.stop_ids, pad_id=tok.pad_id, cap=caps)
     assert capped[1] == plain[1] and cap.fired[1] == 0 and caps[1].fired[1] == 0
+
+
+def encode(tok, question: str) -> list[int]:
+    return tok.encode_chat([{"role": "user", "content": question}])
+
+
+def read_projection(model, prompt: list[int], answer: list[int], u: torch.Tensor, layer: int, cap=()) -> float:
+    """An answer's mean state at `layer` as the model reads prompt + answer in one pass (with `cap`: capped), on u."""
+    rec = G.Capture()
+    with torch.no_grad():
+        model(torch.tensor([prompt + answer]), response_start=torch.tensor([len(prompt)]), capture=rec,
+              logits="none", cap=cap)
+    return float(rec.response_mean()[0, layer] @ u)
+
+
+def test_generate_with_cap_is_generation_with_caps_for(tiny, loaded, capsys):
+    d, vectors, root = tiny
+    model, tok = loaded
+    kw = dict(model_name=str(d), vectors=str(vectors), max_new_tokens=8, device="cpu")
+    plain = pv.generate(QUESTIONS[:3], **kw)
+    capsys.readouterr()
+    assert pv.main(["generate", *QUESTIONS[:3], "--model", str(d), "--vectors", str(vectors), "--max-new-tokens", "8",
+                    "--device", "cpu", "--cap", "evil:1@1-3"]) == 0
+    out, err = capsys.readouterr()
+    caps = caps_for(["evil:1@1-3"], model, vectors)
+    want = G.generate(model, [encode(tok, q) for q in QUESTIONS[:3]], 8, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                      cap=caps)
+    assert out == "".join(f">>> {q}\n{tok.decode(o)}\n\n" for q, o in zip(QUESTIONS, want))
+    assert [tok.decode(o) for o in want] != plain  # a cap at the 1st percentile changes what the model writes
+    counts = ", ".join(f"{n}/{len(o) + 1}" for n, o in zip(caps[0].fired.tolist(), want))
+    assert f"capped positions (the last prompt token and the answer's) per prompt: {counts}" in err
+    assert caps[0].fired.sum() > 0
+
+
+def test_eval_with_cap_reads_the_answers_with_the_plain_model(tiny, loaded, tmp_path):
+    d, vectors, root = tiny
+    model, tok = loaded
+    kw = dict(model_name=str(d), judge="none", questions=3, vectors=str(vectors), out=str(tmp_path),
+              max_new_tokens=6, device="cpu")
+    base = pv.evaluate("evil", **kw)
+    capped = pv.evaluate("evil", cap=["evil:1@1"], **kw)
+    assert base["cap"] == [] and base["capped_share"] is None and capped["cap"] == ["evil:1@1"]
+    assert capped["csv"] != base["csv"] and capped["label"] == "cap-evil@1@1"
+    assert len([p for p in (tmp_path / ".work").iterdir() if p.name.startswith("eval-evil-")]) == 2  # its own cache
+    L = capped["projection_layer"]
+    u = pv.unit(load_vector(vectors / "evil_response_avg_diff.safetensors")[0][L])
+    caps = caps_for(["evil:1@1"], model, vectors)
+    rows, positions, fired = list(csv.DictReader(open(capped["csv"]))), 0, 0
+    for row in rows:  # each answer again, capped, by hand (greedy), then read by the plain and the capped model
+        prompt = encode(tok, row["question"])
+        ids = G.generate(model, [prompt], 6, stop_ids=tok.stop_ids, pad_id=tok.pad_id, cap=caps)[0]
+        assert tok.decode(ids) == row["answer"] and int(row["capped"]) == int(caps[0].fired[0])
+        positions, fired = positions + len(ids) + 1, fired + int(caps[0].fired[0])
+        plain = read_projection(model, prompt, ids, u, L)
+        assert float(row["projection"]) == pytest.approx(plain, abs=1e-4)
+        assert abs(plain - read_projection(model, prompt, ids, u, L, caps)) > 1e-2  # a capped reading would differ
+    assert capped["capped_share"] == pytest.approx(fired / positions) and fired > 0
+    assert [r["answer"] for r in rows] != [r["answer"] for r in csv.DictReader(open(base["csv"]))]
+
+
+def test_sweep_with_cap_caps_every_setting_and_records_no_best_layer(tiny, tmp_path, monkeypatch):
+    import judge as J
+    from tiny import FakeJudge
+    d, vectors, root = tiny
+    monkeypatch.setattr(J, "make_judge", lambda spec, **kw: FakeJudge(hashed=True))
+    before = tree(vectors)
+    result = pv.sweep("evil", str(d), judge="fake", layers=[1, 2], coefs=[1.0], questions=2, vectors=str(vectors),
+                      out=str(tmp_path), max_new_tokens=4, coherence_min=0, cap=["evil:1@1"], device="cpu")
+    assert result["best"] is not None and tree(vectors) == before  # printed, not recorded in the vector file
+    assert result["csv"].name == "evil_sweep_cap-evil@1@1.csv"
+    rows = list(csv.DictReader(open(result["csv"])))
+    assert [(r["layer"], r["cap"]) for r in rows] == [("1", "evil:1@1"), ("2", "evil:1@1")]
+    assert all(float(r["capped_share"]) > 0 for r in rows)
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["evil_L1_c1.0_cap-evil@1@1.csv",
+                                                                    "evil_L2_c1.0_cap-evil@1@1.csv"]
+
+
+def test_chat_caps_from_the_start_and_with_slash_cap(tiny, loaded):
+    from apps import chat
+    d, vectors, root = tiny
+    model, tok = loaded
+    script = "How are you?\n/cap off\nHow are you?\n/cap nosuch\n/cap evil:2@1-3\nHow are you?\n/gauge\n"
+    out = io.StringIO()
+    messages = chat.chat(str(d), vectors=str(vectors), gauges=["evil"], cap=["evil:1@1-3"], max_new_tokens=10,
+                         device="cpu", stdin=io.StringIO(script), stdout=out)
+    text = out.getvalue()
+    replies, counts = [m["content"] for m in messages if m["role"] == "assistant"], []
+    for turn, specs in enumerate((["evil:1@1-3"], [], ["evil:2@1-3"])):  # each turn again by hand, on its history
+        prompt = tok.encode_chat(messages[:2 * turn + 1])
+        plain = G.generate(model, [prompt], 10, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
+        caps = caps_for(specs, model, vectors)
+        ids = G.generate(model, [prompt], 10, stop_ids=tok.stop_ids, pad_id=tok.pad_id, cap=caps)[0]
+        assert replies[turn] == tok.decode(ids) and (ids != plain) == bool(specs)  # a capped turn differs
+        counts += [f"capped {int(caps[0].fired[0])}/{len(ids) + 1} positions"] if caps else []
+    assert [line.strip() for line in text.splitlines() if line.strip().startswith("capped ")] == counts
+    assert "capping evil:1@1-3" in text.splitlines()[0] and "capping: off" in text and "error: --cap 'nosuch'" in text
+    history = [line for line in text.splitlines() if line.startswith("turn ")]
+    assert "(capping evil:1@1-3)" in history[0] and "capping" not in history[1] and "(capping evil:2@1-3)" in history[2]
 
 
 def test_study_runs_and_resumes(tiny, tmp_path, monkeypatch):
