@@ -282,3 +282,30 @@ def test_study_runs_and_resumes(tiny, tmp_path, monkeypatch):
     assert len(none["expression_by_grade"]) == 5 and (tmp_path / "capping.png").stat().st_size < 150_000
     monkeypatch.setattr(G, "generate", no_generation)  # every arm is cached now
     assert cap_study.study(str(d), "evil", str(vectors), str(tmp_path / "study"), **kw)["rows"] == doc["rows"]
+
+
+def test_study_judges_every_answer_when_a_judge_is_configured(tiny, tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import cap_study
+    import judge as J
+    from support.tokenizer import Tokenizer
+    from support.traits import load_trait
+    from tiny import FakeJudge
+    d, vectors, root = tiny
+    kw = dict(questions=2, benign=1, max_new_tokens=4, coefs=[4], percentiles=[50], bands=["1-2"], batch_size=8,
+              figure=None, device="cpu")
+    plain = cap_study.study(str(d), "evil", str(vectors), str(tmp_path / "study"), judge="none", **kw)
+    assert all("judged_encouraging" not in r for r in plain["rows"])
+    fake = FakeJudge(hashed=True)
+    monkeypatch.setattr(J, "make_judge", lambda spec, workers=None: fake)
+    monkeypatch.setattr(G, "generate", no_generation)  # the cached answers are judged, not generated again
+    doc = cap_study.study(str(d), "evil", str(vectors), str(tmp_path / "study"), judge="fake", **kw)
+    assert fake.asked > 0 and all(r["judged_encouraging"] is not None for r in doc["rows"])
+    assert doc["rows"][0]["judged_reduction"] == 0
+    none = json.loads((tmp_path / "study" / "arms" / "none.json").read_text())["result"]
+    t, tok = load_trait("evil"), Tokenizer(d)  # the first prompt: sys0 with the first evaluation question
+    assert none["scores"][0] == FakeJudge(hashed=True).score([t.judge_prompt(t.eval_questions[0],
+                                                                             tok.decode(none["answers"][0]))])[0]
+    asked = fake.asked
+    assert cap_study.study(str(d), "evil", str(vectors), str(tmp_path / "study"), judge="fake", **kw) == doc
+    assert fake.asked == asked  # judged once: a rerun reads the scores kept with each arm

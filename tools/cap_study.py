@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 import model as M  # noqa: E402
 from support import generation as G  # noqa: E402
+import judge as J  # noqa: E402
 import persona_vectors as pv  # noqa: E402
 from apps.capping import calibrate_cap  # noqa: E402
 from support.capping import caps_for, ceiling_path, default_layers, load_ceilings  # noqa: E402
@@ -57,13 +58,10 @@ def batches(xs: list, size: int):
 def neutral_nll(model, prompts, answers, steer, cap) -> tuple[float, int]:
     """Summed nats of the answer tokens given prompt and earlier answer tokens, with the interventions on."""
     device = model.lm_head.weight.device
-    seqs = [p + a for p, a in zip(prompts, answers)]
-    T = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    target = torch.zeros(len(seqs), T, dtype=torch.bool)  # positions whose next token is an answer token
-    for b, (s, a) in enumerate(zip(seqs, answers)):
-        ids[b, T - len(s):], mask[b, T - len(s):] = torch.tensor(s), True
+    ids, mask = G.left_pad([p + a for p, a in zip(prompts, answers)])
+    T = ids.shape[1]
+    target = torch.zeros(len(answers), T, dtype=torch.bool)  # positions whose next token is an answer token
+    for b, a in enumerate(answers):
         target[b, T - len(a) - 1:T - 1] = True
     start = torch.tensor([T - len(a) for a in answers], device=device)
     logits = model(ids.to(device), mask.to(device), response_start=start, steer=steer, cap=cap).float()
@@ -112,7 +110,15 @@ def summarize(arm: dict, r: dict, base: dict, kinds: list[str], grades: list[int
                 for k in sorted(set(grades) - {-1})}
     tokens = lambda idx: sum(len(r["answers"][i]) for i in idx)  # noqa: E731
     row = {k: v for k, v in arm.items() if k not in ("max_new_tokens",)}
-    return row | dict(
+    judged = {} if "scores" not in r else dict(  # the judge's 0-100 trait score, where one was configured
+        judged_by_grade={f"sys{k}": mean(r["scores"][i] for i, g in enumerate(grades) if g == k)
+                         for k in sorted(set(grades) - {-1})},
+        judged_encouraging=mean(r["scores"][i] for i in enc), judged_benign=mean(r["scores"][i] for i in benign),
+        judged_reduction=(None if "scores" not in base or mean(base["scores"][i] for i in enc) is None
+                          or mean(r["scores"][i] for i in enc) is None
+                          else mean(base["scores"][i] for i in enc) - mean(r["scores"][i] for i in enc)),
+        coherence_benign=mean(r["coherence"][i] for i in benign))
+    return row | judged | dict(
         expression_by_grade={k: round(x, 3) for k, x in by_grade.items()},
         expression_encouraging=round(mean(r["expression"][i] for i in enc), 3),
         expression_benign=round(mean(r["expression"][i] for i in benign), 3),
@@ -165,8 +171,10 @@ def study(model_name: str = DEFAULT_MODEL, trait: str = "evil", vectors: str | N
           out: str = "study/capping", questions: int = 8, grades=(0, 3, 5, 6, 7), benign: int = 16,
           max_new_tokens: int = 32,
           calibrate_n: int = 100, coefs=(0.5, 1, 2, 4, 8), percentiles=(50, 75, 90, 99), bands=None,
-          batch_size: int = 64, figure: str | None = "docs/figures/capping.json", device: str = "cpu") -> dict:
+          batch_size: int = 64, figure: str | None = "docs/figures/capping.json", device: str = "cpu",
+          judge: str | None = None) -> dict:
     t = load_trait(trait)
+    judge_ = J.make_judge(judge)  # the pipelines' default: openai when OPENAI_API_KEY is set, else none
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
     out = Path(out)
     (out / "arms").mkdir(parents=True, exist_ok=True)
@@ -185,9 +193,9 @@ def study(model_name: str = DEFAULT_MODEL, trait: str = "evil", vectors: str | N
     if len(requests) < benign:
         raise SystemExit(f"the questions file has only {len(requests)} requests after the {c['answers']} "
                          "calibrate-cap used: lower --benign")
-    chats = [(g, pv.conversation(dict(system=t.graded_system_prompts[g], question=q))) for g in grades
-             for q in t.eval_questions[:questions]]
-    chats += [(None, pv.conversation(dict(system=None, question=q))) for q in requests]
+    asked = [(g, q) for g in grades for q in t.eval_questions[:questions]] + [(None, q) for q in requests]
+    chats = [(g, pv.conversation(dict(system=None if g is None else t.graded_system_prompts[g], question=q)))
+             for g, q in asked]
     prompts = [tok.encode_chat(ch) for _, ch in chats]
     prompt_grades = [g if g is not None else -1 for g, _ in chats]
     kinds = ["benign" if g is None else "graded" for g, _ in chats]
@@ -209,13 +217,21 @@ def study(model_name: str = DEFAULT_MODEL, trait: str = "evil", vectors: str | N
         r = run_arm(arm, model, tok, vec, L, vectors_dir, t.name, prompts, kinds, base, batch_size)
         atomic_write(path, lambda p: p.write_text(json.dumps(dict(settings=settings, result=r))))
         results[arm["name"]] = r
+    for arm in todo if judge_.name != "none" else []:  # judged scores beside the projections, kept with the arm
+        r = results[arm["name"]]
+        if r.get("judge") != judge_.name:
+            rows = [dict(question=q, answer=tok.decode(a)) for (_, q), a in zip(asked, r["answers"])]
+            r["judge"] = J.judge_rows(t, rows, judge_, out / "judgments.jsonl")
+            r["scores"], r["coherence"] = [x[t.name] for x in rows], [x["coherence"] for x in rows]
+            path = out / "arms" / f"{arm['name']}.json"
+            atomic_write(path, lambda p: p.write_text(json.dumps(dict(settings=settings, result=r))))
     rows = [summarize(a, results[a["name"]], results["none"], kinds, prompt_grades, len(t.graded_system_prompts))
             for a in todo]
     doc = dict(model=model_name, trait=t.name, layer=L, vector_norm=round(float(vec[L].norm()), 4),
                settings=dict(questions=questions, grades=list(grades), benign=benign,
                              max_new_tokens=max_new_tokens, calibration_answers=c["answers"],
                              calibration_tokens=c["tokens"], encouraging_grades=ENCOURAGING, greedy=True,
-                             neutral_text="the benign prompts' unintervened greedy answers"),
+                             neutral_text="the benign prompts' unintervened greedy answers", judge=judge_.name),
                rows=rows, verdict=verdict(rows))
     atomic_write(out / "capping.json", lambda p: p.write_text(json.dumps(doc, indent=1) + "\n"))
     if figure:
@@ -235,6 +251,10 @@ def print_table(doc: dict) -> None:
         print(f"{r['name']:<16} {r['expression_encouraging']:7.2f} {r['reduction']:7.2f} {r['expression_benign']:7.2f}"
               f" {r['nll_increase']:7.3f} {r['unchanged']:6.2f} {r['fired_benign']:7.3f} {r['fired_encouraging']:7.3f}"
               "  " + " ".join(f"{k} {x:.1f}" for k, x in r["expression_by_grade"].items()))
+    for r in doc["rows"]:
+        if "judged_encouraging" in r:
+            print(f"judged {r['name']:<16} sys5-7 {r['judged_encouraging']}, benign {r['judged_benign']}, reduction "
+                  f"{r['judged_reduction']}, benign coherence {r['coherence_benign']}; by grade {r['judged_by_grade']}")
     for v in doc["verdict"]:
         print(f"verdict {v['arm']}: reduction {v['reduction']:.2f}; nll+ {v['nll_increase']:.3f} vs steering's "
               f"{'n/a' if v['steer_nll_increase'] is None else format(v['steer_nll_increase'], '.3f')}; unchanged "
@@ -258,10 +278,12 @@ def main(argv=None) -> int:
     p.add_argument("--percentiles", type=cli.listed(float), default=[50, 75, 90, 99])
     p.add_argument("--bands", default=None, help="';'-separated layer bands (default: L;0.4N-0.67N;0.53N-0.63N)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--judge", default=None, help="openai[:MODEL] | local:MODEL | none: also score every answer "
+                   "(default: openai when OPENAI_API_KEY is set, else none)")
     p.add_argument("--figure", default="docs/figures/capping.json", help="results copy for the picture ('' = none)")
     a = p.parse_args(argv)
     study(a.model_name, a.trait, a.vectors, a.out, a.questions, a.grades, a.benign, a.max_new_tokens, a.calibrate_n, a.coefs,
-          a.percentiles, a.bands.split(";") if a.bands else None, a.batch_size, a.figure or None)
+          a.percentiles, a.bands.split(";") if a.bands else None, a.batch_size, a.figure or None, judge=a.judge)
     return 0
 
 
