@@ -32,12 +32,8 @@ def answer_projections(model: M.Transformer, prompts: list[list[int]], answers: 
 
     units: [N + 1, hidden] unit vectors -> per answer an array [answer tokens, N + 1]."""
     device = model.lm_head.weight.device
-    seqs = [p + a for p, a in zip(prompts, answers)]
-    T = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for b, s in enumerate(seqs):  # left padding: every answer ends in the last column
-        ids[b, T - len(s):], mask[b, T - len(s):] = torch.tensor(s), True
+    ids, mask = G.left_pad([p + a for p, a in zip(prompts, answers)])  # every answer ends in the last column
+    T = ids.shape[1]
     N = model.config.num_hidden_layers
     cap = G.Capture(token_layers=tuple(range(N + 1)))
     model(ids.to(device), mask.to(device), capture=cap, logits="none")

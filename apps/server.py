@@ -477,13 +477,9 @@ class Engine:
         self.stats["rows"] += B
         self.stats["max_rows"] = max(self.stats["max_rows"], B)
         self.stats["mixed_steering"] += len({tuple((s.layer, s.coef) for s in r.steer) for r in rows}) > 1
-        ids = torch.full((B, T0), tok.pad_id, dtype=torch.long)
-        width = T0 + max(r.max_tokens for r in rows)
-        mask = torch.ones(B, width, dtype=torch.bool)  # rows leave when done, so every generated column is real
-        for b, r in enumerate(rows):
-            p = r.job.req.prompt
-            ids[b, T0 - len(p):] = torch.tensor(p)
-            mask[b, :T0 - len(p)] = False
+        ids, mask = G.left_pad([r.job.req.prompt for r in rows], tok.pad_id)  # [B, T0] each
+        width = T0 + max(r.max_tokens for r in rows)  # rows leave when done, so every generated column is real
+        mask = torch.cat([mask, mask.new_ones(B, width - T0)], 1)
         ids, mask = ids.to(dev), mask.to(dev)
         response_start = torch.full((B,), T0, device=dev)
         cache = G.KVCache(model.config, B, width, dev, self.dtype)
