@@ -108,7 +108,9 @@ def summarize(arm: dict, r: dict, base: dict, kinds: list[str], grades: list[int
     enc = [i for i, g in enumerate(grades) if g >= n_grades - ENCOURAGING]
     by_grade = {f"sys{k}": mean(r["expression"][i] for i, g in enumerate(grades) if g == k)
                 for k in sorted(set(grades) - {-1})}
-    tokens = lambda idx: sum(len(r["answers"][i]) for i in idx)  # noqa: E731
+    # a Cap's `fired` counts the positions of prompt + answer it read the answer from: the last prompt token and each
+    # answer token, len(answer) + 1 per answer
+    positions = lambda idx: sum(len(r["answers"][i]) + 1 for i in idx)  # noqa: E731
     row = {k: v for k, v in arm.items() if k not in ("max_new_tokens",)}
     judged = {} if "scores" not in r else dict(  # the judge's 0-100 trait score, where one was configured
         judged_by_grade={f"sys{k}": mean(r["scores"][i] for i, g in enumerate(grades) if g == k)
@@ -125,8 +127,8 @@ def summarize(arm: dict, r: dict, base: dict, kinds: list[str], grades: list[int
         reduction=round(mean(base["expression"][i] for i in enc) - mean(r["expression"][i] for i in enc), 3),
         nll=round(r["nll"], 4), nll_increase=round(r["nll"] - base["nll"], 4),
         unchanged=round(sum(r["answers"][i] == base["answers"][i] for i in benign) / len(benign), 3),
-        fired_benign=round(sum(r["fired"][i] for i in benign) / max(1, tokens(benign)), 4),
-        fired_encouraging=round(sum(r["fired"][i] for i in enc) / max(1, tokens(enc)), 4))
+        fired_benign=round(sum(r["fired"][i] for i in benign) / positions(benign), 4),
+        fired_encouraging=round(sum(r["fired"][i] for i in enc) / positions(enc), 4))
 
 
 def interpolate(x: float, xs: list[float], ys: list[float]) -> float | None:
