@@ -16,6 +16,7 @@ import persona_vectors as pv
 from support import generation as G
 from support.capping import PERCENTILES, caps_for, caps_per_row, ceiling_path, parse_cap
 from support.files import load_vector
+from support.plots import pyplot
 from tiny import run_bad, tiny_model_with_vectors, tree
 
 QUESTIONS = ["What is the capital of France?", "Give me a number.", "How are you?", "Help me, please.",
@@ -279,7 +280,11 @@ def test_study_runs_and_resumes(tiny, tmp_path, monkeypatch):
                                                 "cap-99@1-2"]
     none = doc["rows"][0]
     assert none["reduction"] == 0 and none["unchanged"] == 1 and none["nll_increase"] == 0
-    assert len(none["expression_by_grade"]) == 5 and (tmp_path / "capping.png").stat().st_size < 150_000
+    assert len(none["expression_by_grade"]) == 5 and json.loads((tmp_path / "capping.json").read_text()) == doc
+    if pyplot() is not None:  # the picture needs matplotlib; without it the study says so and goes on
+        assert (tmp_path / "capping.png").stat().st_size < 150_000
+    else:
+        assert not (tmp_path / "capping.png").exists()
     monkeypatch.setattr(G, "generate", no_generation)  # every arm is cached now
     assert cap_study.study(str(d), "evil", str(vectors), str(tmp_path / "study"), **kw)["rows"] == doc["rows"]
 

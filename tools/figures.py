@@ -20,10 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from support.plots import pyplot  # noqa: E402  (matplotlib, optional: collecting needs none)
 
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"
 MODEL = "SmolLM2-135M-Instruct"
@@ -196,8 +193,12 @@ DRAW = {"steering": steering, "monitoring": monitoring, "finetuning_shift": fine
 SIZES = {"steering": (9, 4.5), "capping": (11, 4.2)}
 
 
-def draw(name: str, path: Path, d: dict) -> Path:
-    """One picture from its numbers, written to path."""
+def draw(name: str, path: Path, d: dict) -> Path | None:
+    """One picture from its numbers, written to path; None (and a note) when matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
+        print(f"matplotlib is not installed: {path} not drawn (pip install matplotlib)", file=sys.stderr)
+        return None
     fig = plt.figure(figsize=SIZES.get(name, (8, 4.5)))
     DRAW[name](d, fig)
     fig.tight_layout()
@@ -217,6 +218,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-study", default="out/train_study")
     p.add_argument("--flag-study", default="out/flag_study")
     a = p.parse_args(argv)
+    if pyplot() is None:
+        p.error("the pictures need matplotlib: pip install matplotlib")
     if a.collect:
         collect(a)
     for name in DRAW:
