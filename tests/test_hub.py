@@ -401,6 +401,17 @@ def test_hf_hub_offline_uses_a_complete_cache_and_otherwise_says_what_to_do(fake
     assert "local model directory" in single_line(e.value) and fake.requests == []
 
 
+def test_a_snapshot_is_judged_by_what_the_model_needs_not_by_every_file_fetched(fake, monkeypatch):
+    """huggingface_hub calls a snapshot incomplete when a file it listed is gone; the model needs fewer."""
+    fake.repos[REPO]["special_tokens_map.json"] = b'{"bos_token": "<s>"}'
+    snapshot = hub.resolve(REPO, verbose=False)
+    (snapshot / "special_tokens_map.json").unlink()
+    fake.requests.clear()
+    assert hub.resolve(REPO, verbose=False) == snapshot and fake.requests == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub.resolve(REPO, verbose=False) == snapshot
+
+
 def test_a_snapshot_from_an_earlier_release_of_hub_py_is_used_offline(fake, tmp_path, monkeypatch):
     """The cache layout that hub.py wrote by hand (refs/main, blobs, relative links, no tree listing)."""
     repo_dir = tmp_path / "hf-cache" / "models--org--tiny"
