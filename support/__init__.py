@@ -3,7 +3,7 @@ trait files, file I/O, the sampling budget, checkpoint checks, statistics, plots
 Nothing here imports the files above it (persona_vectors.py, train.py, judge.py, apps/); tests/test_layers.py
 keeps it so.
 
-    hub.py           model downloads into the Hugging Face cache layout, and the offline default model
+    hub.py           model downloads (huggingface_hub) into the Hugging Face cache, and the offline default model
     gguf_convert.py  a GGUF reader: exact dequantization and conversion to a Hugging Face-layout directory
     tokenizer.py     tokenization and the chat templates (ChatML, Llama-3) written out by hand
     traits.py        trait files: data/traits/*.json, their schema and validation; the pools of everyday requests

