@@ -120,12 +120,12 @@ def test_schedule_and_data_order():
     assert [round(train.lr_at(s, 6, 1.0, 2), 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
     assert [train.lr_at(s, 3, 2.0, 0) for s in range(3)] == [2.0, 2.0 * 2 / 3, 2.0 / 3]
     exs = [train.Example(torch.tensor([i, i]), torch.tensor([False, True])) for i in range(10)]
-    epoch = [int(e.ids[0]) for s in range(3) for e in train.step_examples(exs, s, 4, seed=0)]  # 4 + 4 + 2
+    epoch = [int(e.ids[0]) for s in range(3) for e in training.step_examples(exs, s, 4, seed=0)]  # 4 + 4 + 2
     assert sorted(epoch) == list(range(10))  # every conversation once per epoch
-    assert epoch != [int(e.ids[0]) for s in range(3, 6) for e in train.step_examples(exs, s, 4, seed=0)]
+    assert epoch != [int(e.ids[0]) for s in range(3, 6) for e in training.step_examples(exs, s, 4, seed=0)]
     # a short last step split over 2 processes x 2 micro-batches: 2 real micro-batches, 2 at weight 0
-    step = train.step_examples(exs, 2, 4, seed=0)
-    parts = [train.my_micro_batches(step, r, 2, 2) for r in range(2)]
+    step = training.step_examples(exs, 2, 4, seed=0)
+    parts = [training.my_micro_batches(step, r, 2, 2) for r in range(2)]
     assert [w for p in parts for _, w in p] == [1.0, 0.0, 1.0, 0.0]  # world 2 / 2 trained tokens
 
 
