@@ -370,6 +370,43 @@ def test_every_flag_is_a_train_keyword(monkeypatch):
     assert got["steer"] == ["evil:1", "x:2"] and set(got) == keywords
 
 
+def test_flags_are_train_keywords_with_its_defaults():
+    """One plain parser in train.py: each flag named as train's keyword (no dest= renames), with the
+    keyword's default (the required --out and the positional DATA aside)."""
+    import inspect
+
+    params = inspect.signature(train.train).parameters
+    actions = [a for a in train.parser()._actions if a.dest != "help"]
+    assert {a.dest for a in actions} == set(params)
+    for a in actions:
+        if a.option_strings:
+            assert a.dest == a.option_strings[0].removeprefix("--").replace("-", "_"), a.dest
+        if a.option_strings and not a.required:
+            default = params[a.dest].default
+            assert a.default == (list(default) if isinstance(default, tuple) else default), a.dest
+
+
+def test_train_py_reads_top_to_bottom():
+    """train.py as a tutorial (issue 25): no function over 50 lines, the file within 350 lines of at
+    most 100 columns, and of the command-line module persona_vectors.py only the steering method."""
+    import ast
+
+    src = (ROOT / "train.py").read_text()
+    tree = ast.parse(src)
+    functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+    lengths = {f.name: f.end_lineno - min([f.lineno] + [d.lineno for d in f.decorator_list]) + 1
+               for f in functions}
+    assert max(lengths.values()) <= 50, lengths
+    lines = src.splitlines()
+    assert len(lines) <= 350 and max(map(len, lines)) <= 100
+    imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not [n for n in imports if isinstance(n, ast.Import) and "persona_vectors" in
+                [a.name for a in n.names]]
+    from_pv = [a.name for n in imports if isinstance(n, ast.ImportFrom) and n.module == "persona_vectors"
+               for a in n.names]
+    assert from_pv == ["steering"]
+
+
 def test_bad_input_is_one_line_naming_the_fix(tiny, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
     assert main(tiny, tmp_path / "o1", data=tmp_path / "empty.jsonl") == 1
