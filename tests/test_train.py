@@ -402,8 +402,8 @@ def test_train_py_reads_top_to_bottom():
     imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert not [n for n in imports if isinstance(n, ast.Import) and "persona_vectors" in
                 [a.name for a in n.names]]
-    from_pv = [a.name for n in imports if isinstance(n, ast.ImportFrom) and n.module == "persona_vectors"
-               for a in n.names]
+    from_pv = [a.name for n in imports if isinstance(n, ast.ImportFrom)
+               and n.module == "persona_vectors" for a in n.names]
     assert from_pv == ["steering"]
 
 
