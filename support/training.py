@@ -307,13 +307,9 @@ def my_micro_batches(examples: list, rank: int, world: int, grad_accum: int) -> 
     slots = world * grad_accum
     examples = sorted(examples, key=lambda e: len(e.ids))
     size = math.ceil(len(examples) / slots)
-    parts = [
-        examples[j * size : (j + 1) * size] for j in range(slots)
-    ]  # rank r's m-th: m * world + r
-    return [
-        (parts[j], world / tokens) if parts[j] else (examples[:1], 0.0)
-        for j in range(rank, slots, world)
-    ]
+    parts = [examples[j * size : (j + 1) * size] for j in range(slots)]
+    mine = [parts[j] for j in range(rank, slots, world)]  # rank r's m-th: part m * world + r
+    return [(part, world / tokens) if part else (examples[:1], 0.0) for part in mine]
 
 
 @dataclass
@@ -412,12 +408,8 @@ class Run:
 
     def __init__(self, settings: dict, batches: Batches, counts: dict, model_dir: Path):
         """settings: train's keywords, max_seq_len as trained on; counts: load_data's."""
-        self.proc, self.batches, self.counts, self.model_dir = (
-            batches.proc,
-            batches,
-            counts,
-            model_dir,
-        )
+        self.proc, self.batches, self.counts = batches.proc, batches, counts
+        self.model_dir = model_dir
         self.settings = settings | {"grad_accum": batches.grad_accum}
         self.settings |= {"global_batch": batches.global_batch, "dtype": self.proc.dtype}
         self.out = Path(settings["out"])
@@ -432,12 +424,8 @@ class Run:
 
     def describe(self) -> None:
         s, n, train_set, val_set = self.settings, self.counts, self.batches.train, self.batches.val
-        if s["val"]:
-            held = ""
-        else:
-            held = (
-                " (10 % held out)" if val_set else " (fewer than 10 conversations: give --val FILE)"
-            )
+        held = " (10 % held out)" if val_set else " (fewer than 10 conversations: give --val FILE)"
+        held = "" if s["val"] else held
         self.proc.say(
             f"data: {len(train_set)} conversations to train on ({trained_tokens(train_set)} "
             f"trained tokens), {len(val_set)} to validate on{held}; {n['no_assistant_reply']} "
@@ -455,9 +443,8 @@ class Run:
         """Check `out` for this run (see check_out) and tidy it: the run is then fresh, or resumes
         from its last checkpoint (`checkpoint`), or is already `finished`."""
         settings = run_settings(self.settings, interventions)
-        found, self.checkpoint = open_run(
-            self.out, settings, self.settings["resume"], self.proc.rank
-        )
+        resume, rank = self.settings["resume"], self.proc.rank
+        found, self.checkpoint = open_run(self.out, settings, resume, rank)
         self.finished = found is not None and found["status"] == "done"
         if self.finished:
             self.proc.say(f"{self.out} already holds this finished run")
@@ -508,13 +495,11 @@ class Run:
         """Record step `step` (0-based): its mean loss per trained token over all processes, its
         learning rate and gradient norm; print the progress line. A non-finite loss stops the run
         (a UserError)."""
-        norm = float(
-            norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        )  # FSDP2: a DTensor
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+        norm = float(norm)
         due = self.save_steps is not None and (step + 1) % self.save_steps == 0
-        due = (
-            due or self.save_seconds is not None and time.time() - self.t_saved > self.save_seconds
-        )
+        seconds = time.time() - self.t_saved
+        due = due or self.save_seconds is not None and seconds > self.save_seconds
         loss_sum, want_save = all_sum([float(loss), float(due)], self.proc.device)  # agreed by all
         self.want_save = bool(want_save)
         loss = loss_sum / trained_tokens(examples)
@@ -544,9 +529,8 @@ class Run:
     def validated(self, step: int, val_loss: float) -> None:
         """Record the validation loss at the end of step `step` (0-based), an epoch's end."""
         epoch = (step + 1) / self.per_epoch
-        self.record["val_loss"].append(
-            {"step": step + 1, "epoch": round(epoch, 3), "loss": val_loss}
-        )
+        record = {"step": step + 1, "epoch": round(epoch, 3), "loss": val_loss}
+        self.record["val_loss"].append(record)
         self.proc.say(f"\nepoch {epoch:g}: validation loss {val_loss:.4f}")
 
     def checkpoint_if_due(self, step: int, model, optimizer) -> None:
@@ -668,7 +652,9 @@ def save_model(weights: dict, config: dict, out: Path, shard_bytes: int = SHARD_
     for name, keys in zip(names, shards):
         atomic_write(
             out / name,
-            lambda p: save_file({k: weights[k] for k in keys}, p, metadata={"format": "pt"}),
+            lambda p, keys=keys: save_file(
+                {k: weights[k] for k in keys}, p, metadata={"format": "pt"}
+            ),
         )
     if len(shards) > 1:
         index = {
