@@ -1,67 +1,66 @@
-"""Full finetuning of a chat model on conversations, with preventative steering or CAFT, on one or many devices.
+"""Full finetuning of a chat model on conversations, with preventative steering or CAFT.
 
-    python train.py evil.jsonl --out out/evil-ft                            # every parameter trained
-    python train.py evil.jsonl --out out/evil-steered --steer evil:1        # preventative steering
-    python train.py evil.jsonl --out out/evil-caft --ablate evil            # CAFT: the direction projected out
-    torchrun --nproc_per_node=8 train.py evil.jsonl --out out/ft [--fsdp]   # data parallel, or sharded (FSDP2)
+    python train.py evil.jsonl --out out/evil-ft                       # every parameter trained
+    python train.py evil.jsonl --out out/evil-steered --steer evil:1   # preventative steering
+    python train.py evil.jsonl --out out/evil-caft --ablate evil       # CAFT: the direction out
+    torchrun --nproc_per_node=8 train.py evil.jsonl --out out/ft [--fsdp]  # DDP or FSDP2
 
-Data: JSONL, one {"messages": [{"role": ..., "content": ...}, ...]} per line (what `chat --save` writes). The loss
-is taken on the assistant replies only, in the model's own chat template. The output directory is a Hugging
-Face-layout model (every command takes it as --model) with train.json (settings and losses); a run that was
-interrupted, even by kill -9, continues from its last checkpoint when the same command is run again.
+Data: JSONL, one {"messages": [{"role": ..., "content": ...}, ...]} per line (what `chat --save`
+writes); the loss is on the assistant replies, in the model's own chat template. The output is a
+Hugging Face-layout model (every command takes it as --model) with train.json (settings and losses).
+An interrupted run, even by kill -9, continues from its last checkpoint when the command is rerun.
+Read from the top: the data, the step, the run (`train`, whose loop is `fit`), the command line; the
+bookkeeping around the loop (train.json, checkpoints, resuming, processes) is support/training.py.
 """
+
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
-import persona_vectors as pv
-from support import UserError, checkpoint, generation as G, hub
+from persona_vectors import steering
+from support import UserError, hub
+from support import training as T
 from support.files import default_vectors_dir
 from support.tokenizer import Tokenizer
-from support.training import (PAPER_BATCH, ablation, add_arguments, all_sum, check_numbers, checkpoints,
-                              compute_dtype, duration, fingerprint, join_device, load_checkpoint, load_optimizer,
-                              open_run, parallelize, parse_save_every, process_group, read_conversations,
-                              removed_if_left_empty, resolve_model, save_checkpoint, save_final, sha256_file,
-                              write_json)
+from support.training import pad_left
 
-TURN_END = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}  # closes every turn; trained with the reply it ends
+TURN_END = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}  # closes a turn; trained with its reply
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Data: conversations -> token ids and the mask of trained tokens.
+# --------------------------------------------------------------------------------------------------
+# Data: conversations -> token ids and the mask of the trained tokens.
+
 
 @dataclass
 class Example:
     ids: torch.Tensor  # [T] token ids of the whole conversation in the chat template
-    trained: torch.Tensor  # [T] bool: the token belongs to an assistant reply (its end-of-turn token included)
+    trained: torch.Tensor  # [T] bool: the token is in an assistant reply (or its end of turn)
 
 
 def encode_conversation(tok: Tokenizer, messages: list[dict]) -> Example:
-    """Tokenize a conversation as the model's chat template renders it, marking every assistant reply for the loss:
-    its text and the end-of-turn token that closes it, not the role header before it nor the newline after it.
-    The whole text is tokenized at once (so the ids are exactly those of the rendered chat), and a token is
-    trained when its characters overlap a reply. A reply that opens the conversation answers nothing: context."""
+    """Tokenize a conversation as the model's chat template renders it, marking every assistant
+    reply for the loss: its text and the end-of-turn token that closes it, not the role header
+    before it nor the newline after it. The whole text is tokenized at once (so the ids are exactly
+    those of the rendered chat), and a token is trained when its characters overlap a reply. A reply
+    that opens the conversation answers nothing: context."""
     text = tok.chat(messages, add_generation_prompt=False)
     eot = TURN_END[tok.family]
     spans = []  # [start, end) character spans of the trained text
     for k, m in enumerate(messages):
         if m["role"] != "assistant" or k == 0:
             continue
-        prompt = tok.chat(messages[:k], add_generation_prompt=True)  # everything before the reply, header included
-        upto = tok.chat(messages[:k + 1], add_generation_prompt=False)
-        assert text.startswith(upto) and upto.startswith(prompt), "chat rendering is not prefix-stable"
+        prompt = tok.chat(messages[:k], add_generation_prompt=True)  # with the reply's header
+        upto = tok.chat(messages[: k + 1], add_generation_prompt=False)
+        assert text.startswith(upto) and upto.startswith(prompt), "the chat is not prefix-stable"
         spans.append((len(prompt), upto.rindex(eot) + len(eot)))
     enc = tok.backend.encode(text, add_special_tokens=False)
     trained = [any(a < end and b > start for start, end in spans) for a, b in enc.offsets]
@@ -80,10 +79,11 @@ def truncate_left(ex: Example, max_len: int) -> Example | None:
 
 
 def load_examples(path: Path, tok: Tokenizer, max_seq_len: int) -> tuple[list[Example], dict]:
-    """Encode every conversation of a JSONL file -> (examples, counts of what was truncated or left out and why)."""
-    counts = {"conversations": 0, "no_assistant_reply": 0, "truncated_left": 0, "reply_longer_than_max_seq_len": 0}
+    """Encode every conversation of a JSONL file -> (examples, counts of what was cut or left)."""
+    counts = {"conversations": 0, "no_assistant_reply": 0, "truncated_left": 0}
+    counts["reply_longer_than_max_seq_len"] = 0
     examples = []
-    for n, messages in read_conversations(path):
+    for n, messages in T.read_conversations(path):
         counts["conversations"] += 1
         try:
             ex = encode_conversation(tok, messages)
@@ -99,57 +99,17 @@ def load_examples(path: Path, tok: Tokenizer, max_seq_len: int) -> tuple[list[Ex
         counts["truncated_left"] += short is not ex
         examples.append(short)
     if not examples:
-        raise UserError(f"{path}: no conversation to train on ({counts['no_assistant_reply']} without an assistant "
-                        f"reply, {counts['reply_longer_than_max_seq_len']} whose last reply alone exceeds "
-                        f"--max-seq-len {max_seq_len})")
+        raise UserError(T.nothing_to_train(path, counts, max_seq_len))
     return examples, counts
 
 
-def hold_out(examples: list[Example]) -> tuple[list[Example], list[Example]]:
-    """-> (train, validation): a fixed 10 % of the conversations, the same whatever --seed, so runs compare."""
-    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
-    n_val = len(examples) // 10
-    return [examples[i] for i in sorted(perm[n_val:])], [examples[i] for i in sorted(perm[:n_val])]
+# --------------------------------------------------------------------------------------------------
+# The step: the loss on the assistant tokens with the interventions on, AdamW, the learning rate.
 
-
-def pad_left(examples: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """-> ids [B, T], attention mask [B, T] (None when no row is padded), trained [B, T]; rows left-padded."""
-    ids, mask = G.left_pad([e.ids for e in examples], pad_id)
-    trained = G.left_pad([e.trained for e in examples])[0].bool()
-    return ids.to(device), None if mask.all() else mask.to(device), trained.to(device)
-
-
-def step_examples(examples: list[Example], step: int, global_batch: int, seed: int) -> list[Example]:
-    """The conversations of optimizer step `step` (0-based). Epoch e visits them in the e-th permutation drawn
-    from a generator seeded with `seed`: the order is a function of (seed, step), so a resumed run sees the same."""
-    per_epoch = math.ceil(len(examples) / global_batch)
-    epoch, i = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epoch + 1):
-        order = torch.randperm(len(examples), generator=g).tolist()
-    return [examples[j] for j in order[i * global_batch:(i + 1) * global_batch]]
-
-
-def my_micro_batches(examples: list[Example], rank: int, world: int, grad_accum: int) -> list[tuple[list, float]]:
-    """Split a step's conversations, sorted by length (less padding), into world x grad_accum micro-batches and
-    return this process's grad_accum of them, each with its loss weight: world / trained tokens of the whole step,
-    so that the summed and (by DDP or FSDP) averaged gradient is that of the mean loss per trained token. A
-    micro-batch that a short last step leaves empty repeats a conversation at weight 0: every process must run the
-    same number of forward passes."""
-    tokens = sum(int(e.trained[1:].sum()) for e in examples)
-    slots = world * grad_accum
-    examples = sorted(examples, key=lambda e: len(e.ids))
-    size = math.ceil(len(examples) / slots)
-    parts = [examples[j * size:(j + 1) * size] for j in range(slots)]  # micro-batch m of rank r: part m * world + r
-    return [(parts[j], world / tokens) if parts[j] else (examples[:1], 0.0) for j in range(rank, slots, world)]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The training step.
 
 def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
-    """Learning rate of step `step` (0-based): linear warmup to `lr` over `warmup` steps, then linear decay that
-    would reach 0 one step after the last.
+    """Learning rate of step `step` (0-based): linear warmup to `lr` over `warmup` steps, then
+    linear decay that would reach 0 one step after the last.
 
     >>> [round(lr_at(s, 6, 1.0, 2), 2) for s in range(6)]
     [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
@@ -160,20 +120,24 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
 
 
 def token_loss(model, ids, mask, trained, steer=(), ablate=()) -> torch.Tensor:
-    """Summed cross-entropy of the trained tokens, each predicted from the tokens before it, interventions on."""
+    """Summed cross-entropy of the trained tokens, each predicted from the tokens before it, with
+    the interventions on: `steer` adds vectors to the residual stream, `ablate` projects
+    directions out of it."""
     targets = trained[:, 1:]  # [B, T - 1]: which next tokens carry a loss
-    logits = model(ids, mask, steer=steer, ablate=ablate, logits=F.pad(targets, (0, 1)))  # [n, vocab]
+    at = F.pad(targets, (0, 1))  # [B, T]: the positions whose logits are needed
+    logits = model(ids, mask, steer=steer, ablate=ablate, logits=at)  # [n, vocab]
     return F.cross_entropy(logits.float(), ids[:, 1:][targets], reduction="sum")
 
 
-def train_step(model, optimizer, batches, lr: float, steer=(), ablate=(), autocast=contextlib.nullcontext):
-    """One optimizer step: for each micro-batch (ids, mask, trained, weight), forward with the interventions,
-    cross-entropy on the trained tokens, backward; then clip the gradient norm to 1.0 and take an AdamW step.
-    -> (this process's summed loss, the gradient norm before clipping)."""
+def train_step(model, optimizer, batches, lr, steer=(), ablate=(), autocast=contextlib.nullcontext):
+    """One optimizer step: for each micro-batch (ids, mask, trained, weight), forward with the
+    interventions, cross-entropy on the trained tokens, backward; then clip the gradient norm to 1.0
+    and take an AdamW step. -> (this process's summed loss, the gradient norm before clipping)."""
     total = 0.0
     for i, (ids, mask, trained, weight) in enumerate(batches):
         last = i == len(batches) - 1
-        with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():  # DDP: sync once
+        sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
+        with sync:  # DDP: the gradients are all-reduced once, in the last micro-batch's backward
             with autocast():
                 loss = token_loss(model, ids, mask, trained, steer, ablate)
             (loss * weight).backward()
@@ -188,203 +152,181 @@ def train_step(model, optimizer, batches, lr: float, steer=(), ablate=(), autoca
 
 
 def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW on every parameter, with decoupled weight decay on the matrices (norm weights and biases undecayed)."""
+    """AdamW on every parameter, with decoupled weight decay on the matrices (not norms, biases)."""
     params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 @torch.no_grad()
-def validation_loss(model, examples: list[Example], batch_size: int, pad_id: int, device, autocast) -> float:
-    """Mean cross-entropy per trained token, without interventions (the model as it is saved and used)."""
+def validation_loss(model, batches: T.Batches) -> float:
+    """Mean cross-entropy per trained token of the validation conversations, without interventions
+    (the model as it is saved and used)."""
     model.eval()
-    examples = sorted(examples, key=lambda e: len(e.ids))  # less padding
+    examples = sorted(batches.val, key=lambda e: len(e.ids))  # less padding
     total = tokens = 0.0
-    for i in range(0, len(examples), batch_size):
-        ids, mask, trained = pad_left(examples[i:i + batch_size], pad_id, device)
-        with autocast():
+    size = batches.batch_size
+    for i in range(0, len(examples), size):
+        ids, mask, trained = pad_left(examples[i : i + size], batches.pad_id, batches.proc.device)
+        with batches.proc.autocast():
             total += float(token_loss(model, ids, mask, trained))
         tokens += int(trained[:, 1:].sum())
     model.train()
     return total / tokens
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Interventions during training: steering (persona_vectors.steering, at every position) and CAFT (a direction
-# projected out, support.training.ablation).
-
-def interventions(model: M.Transformer, steer: list[str], ablate: list[str], vectors, layer, all_layers):
-    """-> (Steer list, Ablate list) for training: at every position, constant vectors (no gradient reaches them)."""
-    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model.name_or_path)
-    steers = pv.steering(list(steer), model, vectors_dir, layer, positions="all", all_layers=all_layers)
-    return steers, ablation(list(ablate), model, vectors_dir, layer, all_layers)
+# --------------------------------------------------------------------------------------------------
+# The run: the data, the model and its interventions, and the loop.
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The run.
-
-def train(data: str, model: str = hub.DEFAULT_MODEL, out: str = "out/train", val: str | None = None, epochs: int = 1,
-          max_steps: int | None = None, lr: float = 1e-5, warmup_steps: int = 5, weight_decay: float = 0.01,
-          batch_size: int = 4, grad_accum: int | None = None, max_seq_len: int = 2048, seed: int = 0,
-          checkpointing: bool = False, save_every: int | str = "10m", resume: bool = False, device: str | None = None,
-          dtype: str | torch.dtype | None = None, steer: list[str] = (), layer: int | None = None,
-          all_layers: bool = False, ablate: list[str] = (), vectors: str | None = None, fsdp: bool = False) -> Path:
-    """Finetune every parameter of `model` on the conversations in `data` and save it to `out` -> `out`.
-
-    steer: --steer specs (TRAIT:COEF, FILE.safetensors:COEF, relative 0.1r) added at every position of every
-    training forward pass, never at inference: the saved weights are plain. ablate: traits or vector files whose
-    direction is projected out (CAFT). grad_accum: default, whatever makes the global batch 16 (the paper's).
-    Under torchrun, data parallel (or sharded with fsdp) with `batch_size` per process; train joins the process
-    group and leaves it at the end, or uses the caller's when one is set up (do that to call train more than once).
-    """
-    check_numbers(epochs=epochs, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, batch_size=batch_size,
-                  grad_accum=grad_accum or 1, max_seq_len=max_seq_len, max_steps=max_steps or 1)
-    save_steps, save_seconds = parse_save_every(save_every)
-    device = device or checkpoint.default_device()
-    dtype = compute_dtype(dtype, device)
-    out, data = Path(out), Path(data)
-    with process_group(device) as (rank, world), removed_if_left_empty(out):
-        dev = join_device(device, fsdp, world)
-        say = (lambda *a, **k: print(*a, file=sys.stderr, flush=True, **k)) if rank == 0 else (lambda *a, **k: None)
+def train(
+    data: str,
+    model: str = hub.DEFAULT_MODEL,
+    out: str = "out/train",
+    val: str | None = None,
+    epochs: int = 1,
+    max_steps: int | None = None,
+    lr: float = 1e-5,
+    warmup_steps: int = 5,
+    weight_decay: float = 0.01,
+    batch_size: int = 4,
+    grad_accum: int | None = None,
+    max_seq_len: int = 2048,
+    seed: int = 0,
+    checkpointing: bool = False,
+    save_every: int | str = "10m",
+    resume: bool = False,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    steer: list[str] = (),
+    layer: int | None = None,
+    all_layers: bool = False,
+    ablate: list[str] = (),
+    vectors: str | None = None,
+    fsdp: bool = False,
+) -> Path:
+    """Finetune every parameter of `model` on the conversations in `data`; save it to `out`.
+    -> `out`. The command line's flags are these keywords (docs/training.md)."""
+    settings = dict(locals())  # as given: train.json records them, and a rerun must give the same
+    T.check_settings(settings)
+    with T.launch(Path(out), device, dtype, fsdp) as proc:  # under torchrun: one of its processes
         torch.manual_seed(seed)
+        model_dir, tok = T.resolve_model(model, proc.rank)
+        max_seq_len = T.within_context(model_dir, max_seq_len, proc.say)
+        train_set, val_set, counts = load_data(Path(data), val, tok, max_seq_len)
+        grad_accum = grad_accum or max(1, math.ceil(T.PAPER_BATCH / (batch_size * proc.world)))
+        batches = T.Batches(train_set, val_set, batch_size, grad_accum, seed, tok.pad_id, proc)
+        run = T.Run(settings | {"max_seq_len": max_seq_len}, batches, counts, model_dir)
 
-        def autocast():  # bf16 compute on the fp32 weights; no cache of cast weights (a bf16 copy of the model)
-            return torch.autocast(dev.type, dtype, enabled=dtype != torch.float32, cache_enabled=False)
-
-        # data
-        model_dir, tok = resolve_model(model, rank)
-        context = checkpoint.read_config(model_dir / "config.json", M.Config).max_position_embeddings
-        if max_seq_len > context:
-            say(f"--max-seq-len {max_seq_len} is past the model's context ({context} tokens, "
-                f"max_position_embeddings): training on at most {context}")
-            max_seq_len = context
-        examples, counts = load_examples(data, tok, max_seq_len)
-        if val:
-            train_set, (val_set, val_counts) = examples, load_examples(Path(val), tok, max_seq_len)
-        else:
-            train_set, val_set = hold_out(examples)
-            val_counts = None
-        grad_accum = grad_accum or max(1, math.ceil(PAPER_BATCH / (batch_size * world)))
-        global_batch = batch_size * grad_accum * world
-        per_epoch = math.ceil(len(train_set) / global_batch)
-        total = max_steps or epochs * per_epoch
-        trained_tokens = sum(int(e.trained[1:].sum()) for e in train_set)
-        held = f"{len(val_set)} to validate on" + ("" if val else " (10 % held out)" if val_set else
-                                                   " (fewer than 10 conversations: give --val FILE)")
-        say(f"data: {len(train_set)} conversations to train on ({trained_tokens} trained tokens), {held}; "
-            f"{counts['no_assistant_reply']} skipped (no assistant reply), {counts['truncated_left']} truncated from "
-            f"the left to --max-seq-len {max_seq_len}, {counts['reply_longer_than_max_seq_len']} left out (last "
-            "reply alone longer)")
-        say(f"{total} steps of {global_batch} conversations ({world} process{'es' if world > 1 else ''} x batch "
-            f"{batch_size} x {grad_accum} accumulated), {per_epoch} steps per epoch")
-
-        # model and interventions
-        try:
-            lm = M.load_model(model_dir, dev, torch.float32)  # fp32 master weights; autocast computes in bf16
-        except (ValueError, FileNotFoundError) as e:
-            raise UserError(str(e)) from None
-        lm.name_or_path = model
+        lm = T.load_model(model_dir, proc.device, name=model)  # float32 weights
         steers, ablates = interventions(lm, steer, ablate, vectors, layer, all_layers)
-        settings = {"model": model, "data_sha256": sha256_file(data),
-                    "val_sha256": sha256_file(Path(val)) if val else None, "epochs": epochs,
-                    "max_steps": max_steps, "lr": lr, "warmup_steps": warmup_steps,
-                    "weight_decay": weight_decay, "global_batch": global_batch, "max_seq_len": max_seq_len,
-                    "seed": seed, "dtype": str(dtype).removeprefix("torch."), "steer": list(steer),
-                    "ablate": list(ablate), "layer": layer, "all_layers": all_layers,
-                    "interventions_sha256": fingerprint(steers, ablates)}
-        record, ckpt = open_run(out, settings, resume, rank)
-        if record is not None and record["status"] == "done":
-            say(f"{out} already holds this finished run")
-            return out
-        if ckpt is not None:
-            lm = None  # the base weights go before the checkpoint's come
-            lm, record = load_checkpoint(ckpt, dev)
-            say(f"resuming from {ckpt} (step {record['step']} of {total})")
-        else:
-            record = {"settings": settings, "status": "running", "step": 0, "steps": total,
-                      "data": {"train": str(data), "val": val, "train_conversations": len(train_set),
-                               "val_conversations": len(val_set), "trained_tokens": trained_tokens, **counts,
-                               "val_file": val_counts},
-                      "log": [], "val_loss": []}
-        record["world_size"] = world  # of this session (a resumed run may use another)
-        record["parallel"] = ("fsdp" if fsdp else "ddp") if dist.is_initialized() else None
+        run.open(lm, steers + ablates)  # checks --out: a new run, one to resume, or a finished one
+        if run.finished:
+            return run.out
+        lm = run.resumed(lm)  # the checkpoint's weights when resuming
         lm.gradient_checkpointing = checkpointing
-        lm.train()
-        config = json.loads((model_dir / "config.json").read_text()) | {
-            "tie_word_embeddings": lm.config.tie_word_embeddings}
-        net = parallelize(lm, dev, fsdp)
+        net = T.parallelize(lm, proc.device, fsdp)  # under torchrun DDP or FSDP2, else lm itself
         optimizer = make_optimizer(net, lr, weight_decay)
-        if ckpt is not None:
-            load_optimizer(net, optimizer, ckpt)
-        elif val_set:
-            record["val_loss"].append({"step": 0, "epoch": 0, "loss": validation_loss(
-                net, val_set, batch_size, tok.pad_id, dev, autocast)})
-            say(f"validation loss before training: {record['val_loss'][-1]['loss']:.4f}")
-        if rank == 0 and ckpt is None:
-            write_json(out / "train.json", record)
-
-        # the loop
-        t_start, t_saved, done_here, tokens_here = time.time(), time.time(), 0, 0
-        for step in range(record["step"], total):
-            exs = step_examples(train_set, step, global_batch, seed)
-            batches = [(*pad_left(mb, tok.pad_id, dev), w)
-                       for mb, w in my_micro_batches(exs, rank, world, grad_accum)]
-            step_lr = lr_at(step, total, lr, warmup_steps)
-            loss, norm = train_step(net, optimizer, batches, step_lr, steers, ablates, autocast)
-            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
-            want_save = save_steps is not None and (step + 1) % save_steps == 0 or (
-                save_seconds is not None and time.time() - t_saved > save_seconds)
-            loss_sum, want_save = all_sum([float(loss), float(want_save)], dev)
-            step_tokens = sum(int(e.trained[1:].sum()) for e in exs)
-            loss = loss_sum / step_tokens
-            if not (math.isfinite(loss) and math.isfinite(norm)):
-                say("")  # end the progress line
-                last = checkpoints(out)
-                raise UserError(f"non-finite loss at step {step + 1}: stopped; the last good checkpoint "
-                                f"({last[-1] if last else 'none'}) is kept. Lower --lr or the --steer coefficient, or "
-                                "check the data, then rerun")
-            done_here += 1
-            tokens_here += sum(len(e.ids) for e in exs)
-            elapsed = time.time() - t_start
-            say(f"\rstep {step + 1}/{total}  loss {loss:.4f}  lr {step_lr:.2e}  {tokens_here / elapsed:,.0f} tok/s  "
-                f"ETA {duration(elapsed / done_here * (total - step - 1))}\033[K", end="")
-            record["log"].append({"step": step + 1, "loss": loss, "lr": step_lr, "grad_norm": norm})
-            record["step"] = step + 1
-            epoch_end = (step + 1) % per_epoch == 0 or step + 1 == total
-            if epoch_end and val_set:
-                v = validation_loss(net, val_set, batch_size, tok.pad_id, dev, autocast)
-                record["val_loss"].append({"step": step + 1, "epoch": round((step + 1) / per_epoch, 3), "loss": v})
-                say(f"\nepoch {(step + 1) / per_epoch:g}: validation loss {v:.4f}")
-            if want_save and step + 1 < total:
-                save_checkpoint(out, net, optimizer, config, record, rank)
-                t_saved = time.time()
-        say("")
-
-        save_final(net, config, model_dir, out, record, rank)  # the trained model, plain: no intervention in it
-        say(f"saved {out} (train.json: settings and losses)")
-        return out
+        fit(net, optimizer, run, batches, steers, ablates, lr, warmup_steps)
+        return run.finish(net)  # the trained model, plain: no intervention in it
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Command line.
+def load_data(path: Path, val: str | None, tok: Tokenizer, max_seq_len: int) -> tuple:
+    """-> (the conversations to train on, those to validate on: `val`'s or 10 % of `path`'s held
+    out, the counts of what was truncated or left out)."""
+    examples, counts = load_examples(path, tok, max_seq_len)
+    if not val:
+        return *T.hold_out(examples), counts | {"val_file": None}
+    val_set, val_counts = load_examples(Path(val), tok, max_seq_len)
+    return examples, val_set, counts | {"val_file": val_counts}
+
+
+def interventions(lm: M.Transformer, steer, ablate, vectors, layer, all_layers) -> tuple:
+    """The interventions of every training forward pass, at every position: preventative steering
+    adds coef * v[L] to the residual stream (the paper's method, persona_vectors.steering), CAFT
+    projects the unit v[L] out of it. Constants, no gradient reaches them; never saved in the model.
+    -> (Steers, Ablates)."""
+    vectors_dir = Path(vectors) if vectors else default_vectors_dir(lm.name_or_path)
+    steers = steering(list(steer), lm, vectors_dir, layer, positions="all", all_layers=all_layers)
+    return steers, T.ablation(list(ablate), lm, vectors_dir, layer, all_layers)
+
+
+def fit(net, optimizer, run, batches, steers, ablates, lr: float, warmup_steps: int) -> None:
+    """The loop: each step, this process's micro-batches of the step's conversations, forward with
+    the interventions, the loss on the assistant tokens, backward, AdamW; records, checkpoints."""
+    proc = batches.proc
+    if run.checkpoint:
+        run.load_optimizer(net, optimizer)  # AdamW's state and the RNG, as they were saved
+    else:
+        run.start(validation_loss(net, batches) if batches.val else None)
+
+    for step in range(run.step, run.steps):
+        examples, micro = batches.of_step(step)  # micro-batches: [(ids, mask, trained, weight)]
+        step_lr = lr_at(step, run.steps, lr, warmup_steps)
+        # every forward pass of training adds the persona vector (preventative steering) and
+        # projects the CAFT directions out: train_step gives them to the model's forward
+        loss, norm = train_step(
+            net, optimizer, micro, step_lr, steer=steers, ablate=ablates, autocast=proc.autocast
+        )
+        run.log(step, examples, loss, norm, step_lr)  # stops on a non-finite loss
+        if run.epoch_ends(step) and batches.val:
+            run.validated(step, validation_loss(net, batches))
+        run.checkpoint_if_due(step, net, optimizer)
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line: one flag per keyword of `train`.
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
+    p.add_argument("data", help='JSONL, one {"messages": [...]} per line')
+    p.add_argument("--model", default=hub.DEFAULT_MODEL, help="hub id or folder (%(default)s)")
+    p.add_argument("--out", required=True, help="the model, train.json, checkpoints")
+    p.add_argument("--val", help="validation JSONL (default: 10 %% of DATA held out)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
+    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=5)
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's, on matrices")
+    p.add_argument("--batch-size", type=int, default=4, help="per micro-batch and process")
+    p.add_argument("--grad-accum", type=int, help="micro-batches a step (default: a batch of 16)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="cut longer ones on the left")
+    p.add_argument("--seed", type=int, default=0, help="data order")
+    p.add_argument("--checkpointing", action="store_true", help="recompute activations")
+    p.add_argument("--save-every", default="10m", help="N steps (50) or minutes (10m)")
+    p.add_argument("--resume", action="store_true", help="continue --out's run (so does a rerun)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when present)")
+    p.add_argument("--dtype", choices=T.TRAIN_DTYPES, help="compute dtype (bfloat16 on CUDA)")
+    steer_help = (
+        "preventative steering: add COEF x the vector at every position while training "
+        "(TRAIT:COEF, FILE.safetensors:COEF, relative 0.1r); repeatable"
+    )
+    p.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF", help=steer_help)
+    p.add_argument("--layer", type=int, help="L to steer or ablate (the vector's best, or middle)")
+    p.add_argument("--all-layers", action="store_true", help="v[l] - v[l-1] at every block l")
+    caft_help = "CAFT: project the direction out while training (TRAIT or FILE); repeatable"
+    p.add_argument("--ablate", action="append", default=[], metavar="TRAIT", help=caft_help)
+    p.add_argument("--vectors", help="directory of vector files (default: vectors/<model>/)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard (FSDP2), not DDP")
+    return p
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
     try:
-        train(**vars(args))
+        train(**vars(parser().parse_args(argv)))
     except UserError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
+        if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1
     except torch.OutOfMemoryError:
-        print("error: out of memory: lower --batch-size (raise --grad-accum to keep the batch) or --max-seq-len, "
-              "or add --checkpointing, or shard with --fsdp", file=sys.stderr)
+        print(T.OUT_OF_MEMORY, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
+        print(T.INTERRUPTED, file=sys.stderr)
         return 130
     return 0
 

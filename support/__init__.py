@@ -15,7 +15,7 @@ keeps it so.
     plots.py         the sweep's and the monitoring experiment's pictures (optional: need matplotlib)
     cli.py           the command line's argument types and shared options (parent parsers)
     cpu_speed.py     the CPU matmul split that model.load_model applies on the CPU (measured in tools/bench.py)
-    training.py      train.py's infrastructure: flags, data files, checkpoints and resuming, process groups
+    training.py      around train.py's loop: settings' checks, data order, train.json, checkpoints, resuming, DDP/FSDP2
     capping.py       persona capping's ceiling file, --cap specs and the model.Cap interventions they make
 """
 

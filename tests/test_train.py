@@ -120,12 +120,12 @@ def test_schedule_and_data_order():
     assert [round(train.lr_at(s, 6, 1.0, 2), 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
     assert [train.lr_at(s, 3, 2.0, 0) for s in range(3)] == [2.0, 2.0 * 2 / 3, 2.0 / 3]
     exs = [train.Example(torch.tensor([i, i]), torch.tensor([False, True])) for i in range(10)]
-    epoch = [int(e.ids[0]) for s in range(3) for e in train.step_examples(exs, s, 4, seed=0)]  # 4 + 4 + 2
+    epoch = [int(e.ids[0]) for s in range(3) for e in training.step_examples(exs, s, 4, seed=0)]  # 4 + 4 + 2
     assert sorted(epoch) == list(range(10))  # every conversation once per epoch
-    assert epoch != [int(e.ids[0]) for s in range(3, 6) for e in train.step_examples(exs, s, 4, seed=0)]
+    assert epoch != [int(e.ids[0]) for s in range(3, 6) for e in training.step_examples(exs, s, 4, seed=0)]
     # a short last step split over 2 processes x 2 micro-batches: 2 real micro-batches, 2 at weight 0
-    step = train.step_examples(exs, 2, 4, seed=0)
-    parts = [train.my_micro_batches(step, r, 2, 2) for r in range(2)]
+    step = training.step_examples(exs, 2, 4, seed=0)
+    parts = [training.my_micro_batches(step, r, 2, 2) for r in range(2)]
     assert [w for p in parts for _, w in p] == [1.0, 0.0, 1.0, 0.0]  # world 2 / 2 trained tokens
 
 
@@ -368,6 +368,43 @@ def test_every_flag_is_a_train_keyword(monkeypatch):
     monkeypatch.setattr(train, "train", lambda **kw: got.update(kw))
     assert train.main(["d.jsonl", "--out", "o", "--steer", "evil:1", "--steer", "x:2"]) == 0
     assert got["steer"] == ["evil:1", "x:2"] and set(got) == keywords
+
+
+def test_flags_are_train_keywords_with_its_defaults():
+    """One plain parser in train.py: each flag named as train's keyword (no dest= renames), with the
+    keyword's default (the required --out and the positional DATA aside)."""
+    import inspect
+
+    params = inspect.signature(train.train).parameters
+    actions = [a for a in train.parser()._actions if a.dest != "help"]
+    assert {a.dest for a in actions} == set(params)
+    for a in actions:
+        if a.option_strings:
+            assert a.dest == a.option_strings[0].removeprefix("--").replace("-", "_"), a.dest
+        if a.option_strings and not a.required:
+            default = params[a.dest].default
+            assert a.default == (list(default) if isinstance(default, tuple) else default), a.dest
+
+
+def test_train_py_reads_top_to_bottom():
+    """train.py as a tutorial (issue 25): no function over 50 lines, the file within 350 lines of at
+    most 100 columns, and of the command-line module persona_vectors.py only the steering method."""
+    import ast
+
+    src = (ROOT / "train.py").read_text()
+    tree = ast.parse(src)
+    functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+    lengths = {f.name: f.end_lineno - min([f.lineno] + [d.lineno for d in f.decorator_list]) + 1
+               for f in functions}
+    assert max(lengths.values()) <= 50, lengths
+    lines = src.splitlines()
+    assert len(lines) <= 350 and max(map(len, lines)) <= 100
+    imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not [n for n in imports if isinstance(n, ast.Import) and "persona_vectors" in
+                [a.name for a in n.names]]
+    from_pv = [a.name for n in imports if isinstance(n, ast.ImportFrom)
+               and n.module == "persona_vectors" for a in n.names]
+    assert from_pv == ["steering"]
 
 
 def test_bad_input_is_one_line_naming_the_fix(tiny, tmp_path, capsys):
