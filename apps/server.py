@@ -48,6 +48,7 @@ from support.hub import DEFAULT_MODEL
 
 POSITIONS = ("response", "all", "prompt")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_STOP = 1000  # characters in one stop string: held_back costs O(length^2) per token and row
 UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logit_bias", "audio", "prediction")
 
 
@@ -368,6 +369,8 @@ class Engine:
                                code="context_length_exceeded")
         stop = _get(body, "stop", lambda x: isinstance(x, str) and x or isinstance(x, list) and len(x) <= 4
                     and all(isinstance(s, str) and s for s in x), "a non-empty string or a list of up to 4", [])
+        if max(map(len, [stop] if isinstance(stop, str) else stop), default=0) > MAX_STOP:
+            raise RequestError(f"stop strings must be at most {MAX_STOP} characters each", "stop")
         n = _get(body, "n", _is_int, "an integer", 1)
         if not 1 <= n <= self.max_n:
             raise RequestError(f"n must be between 1 and this server's limit of {self.max_n}", "n")
