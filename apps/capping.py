@@ -44,14 +44,16 @@ def answer_projections(model: M.Transformer, prompts: list[list[int]], answers: 
 
 
 def check_beside(vec_file: Path, dest: Path) -> None:
-    """Fail now when the vector's folder, where its ceiling file goes (--cap finds it there), cannot be written."""
+    """Fail now when the vector's folder, where its ceiling file goes (--cap finds it there), cannot
+    be written."""
     try:
         with tempfile.TemporaryFile(dir=vec_file.parent):
             pass
     except OSError as e:
-        raise UserError(f"cannot write the ceiling file {dest.name} beside its vector in {vec_file.parent} "
-                        f"({e.strerror}): copy the vector into a folder you can write to and pass that folder as "
-                        "--vectors (or the copied .safetensors file as the trait, and to --cap)") from None
+        raise UserError(
+            f"cannot write the ceiling file {dest.name} beside its vector in {vec_file.parent} "
+            f"({e.strerror}): copy the vector into a folder you can write to and pass that folder "
+            "as --vectors (or the copied .safetensors file as the trait, and to --cap)") from None
 
 
 def calibrate_cap(trait: str, questions_file: str | None = None, n: int = 100, max_new_tokens: int = 96,

@@ -603,9 +603,10 @@ class Handler(BaseHTTPRequestHandler):
             self.log_error("the client went away: %s", e)
 
     def handle_one_request(self):
-        """The standard library's, with two waits: an idle connection waits up to `timeout` s for its next request,
-        but once a request has begun, its line and headers (as its body, in read_body) must keep coming, with no
-        pause over body_timeout s, else a 408: half a request holds its connection seconds, not minutes."""
+        """The standard library's, with two waits: an idle connection waits up to `timeout` s for
+        its next request, but once a request has begun, its line and headers (as its body, in
+        read_body) must keep coming, with no pause over body_timeout s, else a 408: half a request
+        holds its connection seconds, not minutes."""
         self.requestline = self.command = ""
         try:
             if not self.rfile.peek(1):  # the client closed its idle connection
@@ -628,8 +629,9 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def read_head(self) -> bool:
-        """Read and parse the request line and headers -> whether they came whole and well-formed (else answered:
-        a 414, the standard library's 400s and 505, or a 408 when they stalled for body_timeout s)."""
+        """Read and parse the request line and headers -> whether they came whole and well-formed
+        (else answered: a 414, the standard library's 400s and 505, or a 408 when they stalled for
+        body_timeout s)."""
         wait = self.server.body_timeout
         self.connection.settimeout(wait)
         try:
@@ -639,7 +641,8 @@ class Handler(BaseHTTPRequestHandler):
                 return False
             return self.parse_request()
         except TimeoutError:
-            self.send_error(408, f"the request stalled before its headers ended: nothing came for {wait:g} s")
+            self.send_error(408, "the request stalled before its headers ended: nothing came for "
+                                 f"{wait:g} s")
             return False
         finally:
             self.connection.settimeout(self.timeout)
@@ -687,13 +690,15 @@ class Handler(BaseHTTPRequestHandler):
             "owned_by": "persona-vectors", "persona_vectors": self.engine.names}]})
 
     def content_length(self) -> int | None:
-        """The body's length from its one Content-Length header (several that agree count as one), or None after
-        answering 400: none, not decimal digits, several that disagree, or a Transfer-Encoding (RFC 9112 6.3: a
-        message whose length is unclear is refused, and its connection closed)."""
+        """The body's length from its one Content-Length header (several that agree count as one),
+        or None after answering 400: none, not decimal digits, several that disagree, or a
+        Transfer-Encoding (RFC 9112 6.3: a message whose length is unclear is refused, and its
+        connection closed)."""
         values = [v.strip() for v in self.headers.get_all("Content-Length", [])]
         problem = None
         if "Transfer-Encoding" in self.headers:
-            problem = "Transfer-Encoding is not supported: send the request body with a Content-Length header"
+            problem = ("Transfer-Encoding is not supported: send the request body with a "
+                       "Content-Length header")
         elif not values:
             problem = "send the request body with a Content-Length header"
         elif len(set(values)) > 1:
@@ -703,7 +708,7 @@ class Handler(BaseHTTPRequestHandler):
         if problem:
             self.send_error_json(RequestError(problem), close=True)
             return None
-        return int(values[0]) if len(values[0]) <= 18 else 1 << 62  # (int() refuses over 4300 digits)
+        return int(values[0]) if len(values[0]) <= 18 else 1 << 62  # int() refuses > 4300 digits
 
     def read_body(self) -> bytes | None:
         """The request body, or None after answering 400 (no Content-Length, or over max_body) or 408 (the body
@@ -867,13 +872,14 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address, handler, max_connections: int, drain: float = 5):
         self.lock, self.connections, self.max_connections = threading.Lock(), set(), max_connections
-        self.replies, self.drain = threading.Condition(self.lock), drain  # replies being generated, how long to wait
-        self.in_reply = 0
+        self.replies = threading.Condition(self.lock)  # notified when a reply from the engine ends
+        self.in_reply, self.drain = 0, drain  # replies being written; how long server_close waits
         super().__init__(address, handler)
 
     @contextlib.contextmanager
     def answering(self):
-        """Around a request's reply from the engine: server_close waits for it (up to `drain` s) to be written."""
+        """Around a request's reply from the engine: server_close waits for it (up to `drain` s) to
+        be written."""
         with self.lock:
             self.in_reply += 1
         try:
@@ -900,9 +906,9 @@ class Server(ThreadingHTTPServer):
         super().shutdown_request(request)
 
     def server_close(self):
-        """Stop listening; close the engine, so that each reply in flight ends (a 503, or in a stream an error chunk
-        and [DONE]), and wait up to `drain` s for those ends to be written; then end every open connection (a
-        keep-alive client's too), and join their threads."""
+        """Stop listening; close the engine, so that each reply in flight ends (a 503, or in a
+        stream an error chunk and [DONE]), and wait up to `drain` s for those ends to be written;
+        then end every open connection (a keep-alive client's too), and join their threads."""
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
@@ -952,7 +958,7 @@ def serve(model_name: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
     finally:
-        server.server_close()  # the engine first: every reply in flight ends with an error, then the connections
+        server.server_close()  # the engine first: each reply in flight ends with an error
 
 
 def add_commands(sub) -> None:

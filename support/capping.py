@@ -80,13 +80,13 @@ class CapSpec:
         return f"--cap {self.text!r}"
 
 
-MAX_BLOCKS = 1024  # where the model is not known yet: no model has more blocks (the largest have about 130)
+MAX_BLOCKS = 1024  # before the model is known: no model has more blocks (the largest: about 130)
 
 
 def parse_layers(text: str, spec: str, n_layers: int | None = None) -> list[int]:
-    """'16-19' or '12,14,16' (or both: '8,12-14') -> sorted unique layers, each checked to be a block 1..n_layers
-    (1..MAX_BLOCKS when the model is not known) before any range is expanded: a spec costs no more than the
-    model's blocks, whatever numbers it holds."""
+    """'16-19' or '12,14,16' (or both: '8,12-14') -> sorted unique layers, each checked to be a
+    block 1..n_layers (1..MAX_BLOCKS when the model is not known) before any range is expanded: a
+    spec costs no more than the model's blocks, whatever numbers it holds."""
     ranges = []
     try:
         for part in text.split(","):
@@ -99,14 +99,16 @@ def parse_layers(text: str, spec: str, n_layers: int | None = None) -> list[int]
     top = n_layers or MAX_BLOCKS
     bad = [a if a < 1 else b for a, b in ranges if a < 1 or b > top]  # as given, in its order
     if bad:
-        has = f"this model has blocks 1..{n_layers}" if n_layers else f"no model has more than {MAX_BLOCKS} blocks"
+        has = (f"this model has blocks 1..{n_layers}" if n_layers
+               else f"no model has more than {MAX_BLOCKS} blocks")
         raise UserError(f"--cap {spec!r}: layer {bad[0]} out of range: {has}")
     return sorted({layer for a, b in ranges for layer in range(a, b + 1)})
 
 
 def parse_cap(spec: str, n_layers: int | None = None) -> CapSpec:
-    """'TRAIT[:PERCENTILE][@LAYERS]' -> CapSpec; default percentile DEFAULT_PERCENTILE, default layers the model's band.
-    n_layers: the model's blocks, when known (layers are checked against it; else against MAX_BLOCKS).
+    """'TRAIT[:PERCENTILE][@LAYERS]' -> CapSpec; default percentile DEFAULT_PERCENTILE, default
+    layers the model's band. n_layers: the model's blocks, when known (layers are checked against
+    it, else against MAX_BLOCKS).
 
     >>> parse_cap("evil:99@16-19")
     CapSpec(source='evil', percentile=99.0, layers=[16, 17, 18, 19], text='evil:99@16-19')
@@ -145,8 +147,9 @@ def _numbers(x, n: int | None = None) -> bool:
 
 
 def check_ceilings(c, path: Path, fix: str) -> None:
-    """The whole of a ceiling file's content, checked before any of it is used: a hand-edited or truncated file is
-    one line naming the file, what is wrong and the fix, never a KeyError or numpy's error."""
+    """The whole of a ceiling file's content, checked before any of it is used: a hand-edited or
+    truncated file is one line naming the file, what is wrong and the fix, never a KeyError or
+    numpy's error."""
     def bad(what: str):
         raise UserError(f"{path}: {what}; recalibrate: {fix} --force")
 
@@ -158,17 +161,20 @@ def check_ceilings(c, path: Path, fix: str) -> None:
     if not isinstance(c.get("model_path"), (str, type(None))):
         bad("`model_path` must be a string")
     grid = c.get("percentiles")
-    if not _numbers(grid) or len(grid) < 2 or not all(0 < a < b < 100 for a, b in zip(grid, grid[1:])):
+    increasing = _numbers(grid) and all(0 < a < b < 100 for a, b in zip(grid, grid[1:]))
+    if not increasing or len(grid) < 2:
         bad("`percentiles` must be at least two increasing numbers in (0, 100)")
     table = c.get("ceilings")
-    ok = isinstance(table, list) and len(table) == len(grid) and isinstance(table[0], list) and table[0]
-    if not ok or not all(_numbers(row, len(table[0])) for row in table):
-        bad(f"`ceilings` must be {len(grid)} rows (one per percentile) of as many finite numbers (one per hidden "
-            "index)")
+    rows = isinstance(table, list) and len(table) == len(grid)
+    if not (rows and isinstance(table[0], list) and table[0]
+            and all(_numbers(row, len(table[0])) for row in table)):
+        bad(f"`ceilings` must be {len(grid)} rows (one per percentile) of as many finite numbers "
+            "(one per hidden index)")
 
 
 def load_ceilings(path: Path, vec: torch.Tensor, model, trait: str) -> dict:
-    """The ceiling file of a vector, checked whole, and to be this model's (loaded, or its name) and this vector's."""
+    """The ceiling file of a vector, checked whole, and to be this model's (loaded, or its name) and
+    this vector's."""
     model_name = str(getattr(model, "name_or_path", model))
     fix = f"python persona_vectors.py calibrate-cap {trait}"
     if not path.is_file():
@@ -176,12 +182,15 @@ def load_ceilings(path: Path, vec: torch.Tensor, model, trait: str) -> dict:
     c = read_json(path)
     check_ceilings(c, path, fix)
     if not same_model(c, model):
-        raise UserError(f"{path} was calibrated on {c['model']}, not {model_name}; run: {fix} --model {model_name}")
+        raise UserError(f"{path} was calibrated on {c['model']}, not {model_name}; "
+                        f"run: {fix} --model {model_name}")
     if c["vector_sha256"] != vector_sha256(vec):
-        raise UserError(f"{path} was calibrated for another {trait} vector (sha256 differs): run: {fix} --force")
+        raise UserError(f"{path} was calibrated for another {trait} vector (sha256 differs): "
+                        f"run: {fix} --force")
     if len(c["ceilings"][0]) != len(vec):
-        raise UserError(f"{path}: its ceilings have {len(c['ceilings'][0])} hidden indices, its vector "
-                        f"{len(vec)}; recalibrate: {fix} --force")
+        width = len(c["ceilings"][0])
+        raise UserError(f"{path}: its ceilings have {width} hidden indices, its vector {len(vec)}; "
+                        f"recalibrate: {fix} --force")
     return c
 
 

@@ -36,7 +36,7 @@ def tiny(tmp_path_factory):
     shutil.copy(humorous, vectors / "plain_response_avg_diff.safetensors")
     evil = vectors / "evil_response_avg_diff.safetensors"
     calibrated = json.loads(ceiling_path(evil).read_text())
-    for name, drop in [("nosha", "vector_sha256"), ("shortgrid", None)]:  # evil's vector, a damaged ceiling file
+    for name, drop in [("nosha", "vector_sha256"), ("shortgrid", None)]:  # evil's, damaged by hand
         shutil.copy(evil, vectors / f"{name}_response_avg_diff.safetensors")
         c = {k: v for k, v in calibrated.items() if k != drop}
         c["percentiles"] = c["percentiles"][:-1] if drop is None else c["percentiles"]
@@ -140,10 +140,10 @@ BAD = [
     ({"cap": {"plain": 90}}, "no cap ceilings"),
     ({"cap": {"plain": 90}}, "run: python persona_vectors.py calibrate-cap plain"),
     ({"cap": "evil:90"}, "cap must be an object"),
-    ({"cap": {"evil": {"layers": "1-5000000"}}}, "layer 5000000 out of range: this model has blocks 1..3"),
+    ({"cap": {"evil": {"layers": "1-5000000"}}}, "layer 5000000 out of range: this model has"),
     ({"cap": {"evil": {"layers": "1,3-1"}}}, "layers must be like 16, 16-19"),
-    ({"cap": {"nosha": 90}}, "nosha_response_avg_diff.cap.json: no `vector_sha256` (a string); recalibrate: "
-     "python persona_vectors.py calibrate-cap nosha --force"),
+    ({"cap": {"nosha": 90}}, "nosha_response_avg_diff.cap.json: no `vector_sha256` (a string); "
+     "recalibrate: python persona_vectors.py calibrate-cap nosha --force"),
     ({"cap": {"shortgrid": 90}}, "`ceilings` must be 100 rows (one per percentile)"),
 ]
 
@@ -159,8 +159,8 @@ def test_a_bad_cap_is_a_one_line_400(tiny, srv, body, message):
 
 
 def test_a_huge_layer_range_is_refused_before_it_is_expanded(tiny, srv):
-    """The request's layers are checked against the model's blocks before any range is expanded: "1-5000000"
-    costs what "1-3" does (it cost 0.5 GB and seconds before its 400)."""
+    """The request's layers are checked against the model's blocks before any range is expanded:
+    "1-5000000" costs what "1-3" does (it cost 0.5 GB and seconds before its 400)."""
     import tracemalloc
     url, engine = srv
     tracemalloc.start()

@@ -170,8 +170,9 @@ def test_eval_prompt_slots(tmp_path, prompt, fragment):
 
 
 def test_a_judge_prompt_without_refusal_loads_but_is_never_saved(tmp_path):
-    """As an official-format file: it loads (load_checked notes it where a judge reads it; under --judge none the
-    prompt is never used); new-trait's writer still requires REFUSAL in the files it writes."""
+    """As an official-format file: it loads (load_checked notes it where a judge reads it; under
+    --judge none the prompt is never used); new-trait's writer still requires REFUSAL in the files
+    it writes."""
     path = broken(tmp_path, setitem("eval_prompt", "Q {question} A {answer}. Reply with a number."))
     assert "REFUSAL" not in load_trait(str(path)).eval_prompt
     with pytest.raises(ValueError, match="`eval_prompt`: must tell the judge to answer REFUSAL"):
