@@ -9,6 +9,7 @@ docs/capping.md the study behind the defaults).
 """
 import hashlib
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +43,19 @@ def answer_projections(model: M.Transformer, prompts: list[list[int]], answers: 
     return [proj[b, T - len(a):].numpy() for b, a in enumerate(answers)]
 
 
+def check_beside(vec_file: Path, dest: Path) -> None:
+    """Fail now when the vector's folder, where its ceiling file goes (--cap finds it there), cannot
+    be written."""
+    try:
+        with tempfile.TemporaryFile(dir=vec_file.parent):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"cannot write the ceiling file {dest.name} beside its vector in {vec_file.parent} "
+            f"({e.strerror}): copy the vector into a folder you can write to and pass that folder "
+            "as --vectors (or the copied .safetensors file as the trait, and to --cap)") from None
+
+
 def calibrate_cap(trait: str, questions_file: str | None = None, n: int = 100, max_new_tokens: int = 96,
                   batch_size: int = 32, force: bool = False, model_name: str = DEFAULT_MODEL,
                   vectors: str | None = None, device: str | None = None, dtype=None) -> Path:
@@ -52,6 +66,7 @@ def calibrate_cap(trait: str, questions_file: str | None = None, n: int = 100, m
     dest = ceiling_path(vec_file)
     if dest.exists() and not force:
         raise UserError(f"{dest} exists: pass --force to calibrate again")
+    check_beside(vec_file, dest)
     check_output(dest, True, inputs=[vec_file, questions_file], option="ceiling file")
     check_count("n", n)
     questions = load_questions(questions_file)[:n]

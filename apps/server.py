@@ -18,6 +18,7 @@ up the next batch, each row with its own steering (Steer.vector [B, hidden]), ca
 settings, stop strings and token limit. A row leaves the batch as soon as it is done or its client has gone, so its
 cache, ceilings and cap counts go with it.
 """
+import contextlib
 import hmac
 import json
 import math
@@ -47,6 +48,7 @@ from support.hub import DEFAULT_MODEL
 
 POSITIONS = ("response", "all", "prompt")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_STOP = 1000  # characters in one stop string: held_back costs O(length^2) per token and row
 UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logit_bias", "audio", "prediction")
 
 
@@ -367,6 +369,8 @@ class Engine:
                                code="context_length_exceeded")
         stop = _get(body, "stop", lambda x: isinstance(x, str) and x or isinstance(x, list) and len(x) <= 4
                     and all(isinstance(s, str) and s for s in x), "a non-empty string or a list of up to 4", [])
+        if max(map(len, [stop] if isinstance(stop, str) else stop), default=0) > MAX_STOP:
+            raise RequestError(f"stop strings must be at most {MAX_STOP} characters each", "stop")
         n = _get(body, "n", _is_int, "an integer", 1)
         if not 1 <= n <= self.max_n:
             raise RequestError(f"n must be between 1 and this server's limit of {self.max_n}", "n")
@@ -598,6 +602,51 @@ class Handler(BaseHTTPRequestHandler):
         except (ConnectionError, TimeoutError) as e:  # the client left (or stalled): one line, not a traceback
             self.log_error("the client went away: %s", e)
 
+    def handle_one_request(self):
+        """The standard library's, with two waits: an idle connection waits up to `timeout` s for
+        its next request, but once a request has begun, its line and headers (as its body, in
+        read_body) must keep coming, with no pause over body_timeout s, else a 408: half a request
+        holds its connection seconds, not minutes."""
+        self.requestline = self.command = ""
+        try:
+            if not self.rfile.peek(1):  # the client closed its idle connection
+                self.close_connection = True
+                return
+        except TimeoutError as e:
+            self.log_error("Request timed out: %r", e)
+            self.close_connection = True
+            return
+        if not self.read_head():
+            return
+        try:
+            method = getattr(self, "do_" + self.command, None)
+            if method is None:
+                return self.send_error(501, f"Unsupported method ({self.command!r})")
+            method()
+            self.wfile.flush()
+        except TimeoutError as e:  # a reply that could not be written
+            self.log_error("Request timed out: %r", e)
+            self.close_connection = True
+
+    def read_head(self) -> bool:
+        """Read and parse the request line and headers -> whether they came whole and well-formed
+        (else answered: a 414, the standard library's 400s and 505, or a 408 when they stalled for
+        body_timeout s)."""
+        wait = self.server.body_timeout
+        self.connection.settimeout(wait)
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.send_error(414)
+                return False
+            return self.parse_request()
+        except TimeoutError:
+            self.send_error(408, "the request stalled before its headers ended: nothing came for "
+                                 f"{wait:g} s")
+            return False
+        finally:
+            self.connection.settimeout(self.timeout)
+
     def send_json(self, status: int, obj: dict, close: bool = False) -> None:
         data = json.dumps(obj).encode()
         self.send_response(status)
@@ -640,15 +689,35 @@ class Handler(BaseHTTPRequestHandler):
             "id": self.engine.model_id, "object": "model", "created": self.server.started,
             "owned_by": "persona-vectors", "persona_vectors": self.engine.names}]})
 
+    def content_length(self) -> int | None:
+        """The body's length from its one Content-Length header (several that agree count as one),
+        or None after answering 400: none, not decimal digits, several that disagree, or a
+        Transfer-Encoding (RFC 9112 6.3: a message whose length is unclear is refused, and its
+        connection closed)."""
+        values = [v.strip() for v in self.headers.get_all("Content-Length", [])]
+        problem = None
+        if "Transfer-Encoding" in self.headers:
+            problem = ("Transfer-Encoding is not supported: send the request body with a "
+                       "Content-Length header")
+        elif not values:
+            problem = "send the request body with a Content-Length header"
+        elif len(set(values)) > 1:
+            problem = f"conflicting Content-Length headers ({', '.join(values)[:80]}): send one"
+        elif not (values[0].isascii() and values[0].isdigit()):
+            problem = f"the Content-Length header must be a number of bytes, not {values[0][:40]!r}"
+        if problem:
+            self.send_error_json(RequestError(problem), close=True)
+            return None
+        return int(values[0]) if len(values[0]) <= 18 else 1 << 62  # int() refuses > 4300 digits
+
     def read_body(self) -> bytes | None:
         """The request body, or None after answering 400 (no Content-Length, or over max_body) or 408 (the body
         stalled for body_timeout seconds). An oversized body is read and dropped (up to 16 x max_body), so that
         the client gets to read our answer."""
-        length = self.headers.get("Content-Length", "")
-        if not length.isdigit():
-            self.send_error_json(RequestError("send the request body with a Content-Length header"), close=True)
+        length = self.content_length()
+        if length is None:
             return None
-        length, limit, wait = int(length), self.server.max_body, self.server.body_timeout
+        limit, wait = self.server.max_body, self.server.body_timeout
         self.connection.settimeout(wait)  # a stalled body frees its thread soon, not after an idle connection's wait
         try:
             if length > limit:
@@ -684,10 +753,11 @@ class Handler(BaseHTTPRequestHandler):
             traceback.print_exc()
             return self.send_error_json(RequestError(f"internal error: {type(e).__name__}: {e}", status=500))
         try:
-            if req.stream:
-                self.stream(job)
-            else:
-                self.complete(job)
+            with self.server.answering():
+                if req.stream:
+                    self.stream(job)
+                else:
+                    self.complete(job)
         except (ConnectionError, TimeoutError):
             job.cancelled = True  # the client is gone: its rows leave the batch at the next step
             raise
@@ -800,9 +870,24 @@ class Server(ThreadingHTTPServer):
     tensors) outlives the server."""
     daemon_threads = False  # joined by server_close (the standard library joins only non-daemon threads)
 
-    def __init__(self, address, handler, max_connections: int):
+    def __init__(self, address, handler, max_connections: int, drain: float = 5):
         self.lock, self.connections, self.max_connections = threading.Lock(), set(), max_connections
+        self.replies = threading.Condition(self.lock)  # notified when a reply from the engine ends
+        self.in_reply, self.drain = 0, drain  # replies being written; how long server_close waits
         super().__init__(address, handler)
+
+    @contextlib.contextmanager
+    def answering(self):
+        """Around a request's reply from the engine: server_close waits for it (up to `drain` s) to
+        be written."""
+        with self.lock:
+            self.in_reply += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.in_reply -= 1
+                self.replies.notify_all()
 
     def process_request(self, request, client_address):
         with self.lock:
@@ -821,8 +906,14 @@ class Server(ThreadingHTTPServer):
         super().shutdown_request(request)
 
     def server_close(self):
-        """Stop listening, end every open connection (a keep-alive client's too), and join their threads."""
+        """Stop listening; close the engine, so that each reply in flight ends (a 503, or in a
+        stream an error chunk and [DONE]), and wait up to `drain` s for those ends to be written;
+        then end every open connection (a keep-alive client's too), and join their threads."""
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
         with self.lock:
+            self.replies.wait_for(lambda: not self.in_reply, timeout=self.drain)
             for conn in self.connections:
                 try:
                     conn.shutdown(socket.SHUT_RDWR)  # a thread waiting to read or write wakes up and ends
@@ -867,8 +958,7 @@ def serve(model_name: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
     finally:
-        server.server_close()
-        engine.close()
+        server.server_close()  # the engine first: each reply in flight ends with an error
 
 
 def add_commands(sub) -> None:

@@ -80,22 +80,35 @@ class CapSpec:
         return f"--cap {self.text!r}"
 
 
-def parse_layers(text: str, spec: str) -> list[int]:
-    """'16-19' or '12,14,16' (or both: '8,12-14') -> sorted unique layers."""
-    layers = set()
+MAX_BLOCKS = 1024  # before the model is known: no model has more blocks (the largest: about 130)
+
+
+def parse_layers(text: str, spec: str, n_layers: int | None = None) -> list[int]:
+    """'16-19' or '12,14,16' (or both: '8,12-14') -> sorted unique layers, each checked to be a
+    block 1..n_layers (1..MAX_BLOCKS when the model is not known) before any range is expanded: a
+    spec costs no more than the model's blocks, whatever numbers it holds."""
+    ranges = []
     try:
         for part in text.split(","):
             a, sep, b = part.partition("-")
-            layers |= set(range(int(a), int(b) + 1)) if sep else {int(a)}
+            ranges.append((int(a), int(b) if sep else int(a)))
     except ValueError:
-        layers = set()
-    if not layers:
+        ranges = []
+    if not ranges or any(a > b for a, b in ranges):
         raise UserError(f"--cap {spec!r}: layers must be like 16, 16-19 or 12,14,16")
-    return sorted(layers)
+    top = n_layers or MAX_BLOCKS
+    bad = [a if a < 1 else b for a, b in ranges if a < 1 or b > top]  # as given, in its order
+    if bad:
+        has = (f"this model has blocks 1..{n_layers}" if n_layers
+               else f"no model has more than {MAX_BLOCKS} blocks")
+        raise UserError(f"--cap {spec!r}: layer {bad[0]} out of range: {has}")
+    return sorted({layer for a, b in ranges for layer in range(a, b + 1)})
 
 
-def parse_cap(spec: str) -> CapSpec:
-    """'TRAIT[:PERCENTILE][@LAYERS]' -> CapSpec; default percentile DEFAULT_PERCENTILE, default layers the model's band.
+def parse_cap(spec: str, n_layers: int | None = None) -> CapSpec:
+    """'TRAIT[:PERCENTILE][@LAYERS]' -> CapSpec; default percentile DEFAULT_PERCENTILE, default
+    layers the model's band. n_layers: the model's blocks, when known (layers are checked against
+    it, else against MAX_BLOCKS).
 
     >>> parse_cap("evil:99@16-19")
     CapSpec(source='evil', percentile=99.0, layers=[16, 17, 18, 19], text='evil:99@16-19')
@@ -109,7 +122,7 @@ def parse_cap(spec: str) -> CapSpec:
         p = math.nan
     if not 0 < p < 100:
         raise UserError(f"--cap {spec!r}: the percentile must be a number in (0, 100), e.g. evil:90")
-    layers = None if m["layers"] is None else parse_layers(m["layers"], spec)
+    layers = None if m["layers"] is None else parse_layers(m["layers"], spec, n_layers)
     return CapSpec(m["trait"].strip(), p, layers, spec)
 
 
@@ -127,19 +140,57 @@ def same_model(c: dict, model) -> bool:
                                           and Path(c["model_path"]).resolve() == Path(folder).resolve())
 
 
-def load_ceilings(path: Path, vec: torch.Tensor, model, trait: str) -> dict:
-    """The ceiling file of a vector, checked to be this model's (loaded, or its name) and this vector's."""
-    model_name = str(getattr(model, "name_or_path", model))
-    fix = f"run: python persona_vectors.py calibrate-cap {trait}"
-    if not path.is_file():
-        raise UserError(f"no cap ceilings {path}; {fix}")
-    c = read_json(path)
+def _numbers(x, n: int | None = None) -> bool:
+    """Whether x is a list of finite numbers (n of them, when n is given)."""
+    return isinstance(x, list) and (n is None or len(x) == n) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in x)
+
+
+def check_ceilings(c, path: Path, fix: str) -> None:
+    """The whole of a ceiling file's content, checked before any of it is used: a hand-edited or
+    truncated file is one line naming the file, what is wrong and the fix, never a KeyError or
+    numpy's error."""
+    def bad(what: str):
+        raise UserError(f"{path}: {what}; recalibrate: {fix} --force")
+
     if not isinstance(c, dict) or c.get("format") != FORMAT:
-        raise UserError(f"{path} is not a ceiling file of calibrate-cap; {fix} --force")
+        bad("not a ceiling file of calibrate-cap")
+    for key in ("model", "vector_sha256"):
+        if not isinstance(c.get(key), str) or not c[key]:
+            bad(f"no `{key}` (a string)")
+    if not isinstance(c.get("model_path"), (str, type(None))):
+        bad("`model_path` must be a string")
+    grid = c.get("percentiles")
+    increasing = _numbers(grid) and all(0 < a < b < 100 for a, b in zip(grid, grid[1:]))
+    if not increasing or len(grid) < 2:
+        bad("`percentiles` must be at least two increasing numbers in (0, 100)")
+    table = c.get("ceilings")
+    rows = isinstance(table, list) and len(table) == len(grid)
+    if not (rows and isinstance(table[0], list) and table[0]
+            and all(_numbers(row, len(table[0])) for row in table)):
+        bad(f"`ceilings` must be {len(grid)} rows (one per percentile) of as many finite numbers "
+            "(one per hidden index)")
+
+
+def load_ceilings(path: Path, vec: torch.Tensor, model, trait: str) -> dict:
+    """The ceiling file of a vector, checked whole, and to be this model's (loaded, or its name) and
+    this vector's."""
+    model_name = str(getattr(model, "name_or_path", model))
+    fix = f"python persona_vectors.py calibrate-cap {trait}"
+    if not path.is_file():
+        raise UserError(f"no cap ceilings {path}; run: {fix}")
+    c = read_json(path)
+    check_ceilings(c, path, fix)
     if not same_model(c, model):
-        raise UserError(f"{path} was calibrated on {c['model']}, not {model_name}; {fix} --model {model_name}")
-    if c["vector_sha256"] != vector_sha256(vec) or len(c["ceilings"][0]) != len(vec):
-        raise UserError(f"{path} was calibrated for another {trait} vector (sha256 differs): {fix} --force")
+        raise UserError(f"{path} was calibrated on {c['model']}, not {model_name}; "
+                        f"run: {fix} --model {model_name}")
+    if c["vector_sha256"] != vector_sha256(vec):
+        raise UserError(f"{path} was calibrated for another {trait} vector (sha256 differs): "
+                        f"run: {fix} --force")
+    if len(c["ceilings"][0]) != len(vec):
+        width = len(c["ceilings"][0])
+        raise UserError(f"{path}: its ceilings have {width} hidden indices, its vector {len(vec)}; "
+                        f"recalibrate: {fix} --force")
     return c
 
 
@@ -172,12 +223,9 @@ def resolved(specs: list[str], model: M.Transformer, vectors_dir: Path, cache: d
     cache: a dict that keeps each vector file's `calibrated` result, so that a server reads and checks it once."""
     N, out, cache = model.config.num_hidden_layers, [], {} if cache is None else cache
     for text in specs:
-        spec = parse_cap(text)
+        spec = parse_cap(text, N)  # layers checked against this model's blocks
         path = spec_vector(spec, vectors_dir)
         layers = spec.layers or default_layers(N)
-        bad = [l for l in layers if not 1 <= l <= N]
-        if bad:
-            raise UserError(f"{spec.label()}: layer {bad[0]} out of range: this model has blocks 1..{N}")
         if path not in cache:
             cache[path] = calibrated(spec, path, model)
         vec, c = cache[path]

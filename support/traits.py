@@ -99,8 +99,9 @@ def validate(data: dict, source: str, stem: str | None = None, official: bool = 
     `source` labels the errors (a file path, or e.g. "<dict>"); when `stem` is given (the file name without
     .json), the trait's `name` must equal it, so that `load_trait(name)` finds the file that defines that name.
     official: a file converted from the official format (`from_official`), which may have any number of questions
-    in each split (from 1), and whose judge prompt need not mention REFUSAL (a judge then scores refusals too;
-    `persona_vectors.load_checked` says so where a judge is used).
+    in each split (from 1). A judge prompt need not mention REFUSAL (a judge then scores refusals
+    too; `persona_vectors.load_checked` says so where a judge is used, and under --judge none the
+    prompt is never read); only `save_trait`, which writes the files of `new-trait`, requires it.
     """
     def fail(field: str, msg: str):
         raise UserError(f"{source}: field `{field}`: {msg}")
@@ -186,8 +187,6 @@ def validate(data: dict, source: str, stem: str | None = None, official: bool = 
             fail("eval_prompt", f"must contain the slot {slot} exactly once, found {prompt.count(slot)}")
     if "{" in SLOT_RE.sub("", prompt) or "}" in SLOT_RE.sub("", prompt):
         fail("eval_prompt", "has a brace outside the {question} and {answer} slots (literal braces are not allowed)")
-    if "REFUSAL" not in prompt and not official:
-        fail("eval_prompt", "must tell the judge to answer REFUSAL when the model refused")
 
     if "note" in data:
         text(data["note"], "note")
@@ -288,6 +287,9 @@ def save_trait(trait_dict: dict, path: Path, force: bool = False) -> Path:
     An existing file is kept unless force=True (--force)."""
     path = Path(path)
     validate(trait_dict, str(path), stem=path.stem)
+    if "REFUSAL" not in trait_dict["eval_prompt"]:  # files written here leave refusals unscored
+        raise UserError(f"{path}: field `eval_prompt`: must tell the judge to answer REFUSAL when "
+                        "the model refused")
     if path.exists() and not force:
         raise UserError(f"{path} already exists; pass --force to overwrite it")
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(trait_dict, indent=2, ensure_ascii=False) + "\n",

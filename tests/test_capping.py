@@ -39,7 +39,23 @@ def tiny(tmp_path_factory):
         ceilings | dict(model="someone/else", model_path="/nowhere")))
     shutil.copy(vectors / "humorous_response_avg_diff.safetensors", vectors / "stale_response_avg_diff.safetensors")
     shutil.copy(ceiling_path(evil), vectors / "stale_response_avg_diff.cap.json")
+    for name, change in BROKEN.items():  # evil's vector, with a ceiling file changed by hand
+        shutil.copy(evil, vectors / f"{name}_response_avg_diff.safetensors")
+        damaged = json.dumps(change(dict(ceilings)))
+        (vectors / f"{name}_response_avg_diff.cap.json").write_text(damaged)
     return d, vectors, root
+
+
+BROKEN = {  # trait -> how its ceiling file was damaged
+    "nosha": lambda c: {k: v for k, v in c.items() if k != "vector_sha256"},
+    "nomodel": lambda c: {k: v for k, v in c.items() if k not in ("model", "model_path")},
+    "shortgrid": lambda c: c | {"percentiles": c["percentiles"][:-1]},
+    "shortrow": lambda c: c | {"ceilings": [r[:-1] if i == 5 else r
+                                            for i, r in enumerate(c["ceilings"])]},
+    "nullceil": lambda c: c | {"ceilings": [[None] * len(r) for r in c["ceilings"]]},
+    "unsorted": lambda c: c | {"percentiles": c["percentiles"][::-1]},
+    "listonly": lambda c: ["not", "an", "object"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +126,20 @@ CASES = [
     ("cap other", 1, "was calibrated on someone/else, not"),
     ("cap stale", 1, "calibrated for another stale vector (sha256 differs)"),
     ("cap evil:50 --cap humorous", 1, "calibrate-cap humorous"),  # every spec checked before any generation
+    # layers checked before any range is expanded; a reversed range is an error, not left out
+    ("cap evil@1-5000000", 1, "--cap 'evil@1-5000000': layer 5000000 out of range"),
+    ("cap evil@1,3-1", 1, "layers must be like 16, 16-19 or 12,14,16"),
+    ("cap nosha", 1, "nosha_response_avg_diff.cap.json: no `vector_sha256` (a string); "
+     "recalibrate: python persona_vectors.py calibrate-cap nosha --force"),
+    ("cap nomodel", 1, "nomodel_response_avg_diff.cap.json: no `model`"),
+    ("cap shortgrid", 1, "shortgrid_response_avg_diff.cap.json: `ceilings` must be 100 rows"),
+    ("cap shortrow", 1, "`ceilings` must be 101 rows (one per percentile) of as many finite"),
+    ("cap nullceil", 1, "`ceilings` must be 101 rows"),
+    ("cap unsorted", 1, "`percentiles` must be at least two increasing numbers in (0, 100)"),
+    ("cap listonly", 1, "not a ceiling file of calibrate-cap; recalibrate: "
+     "python persona_vectors.py calibrate-cap listonly --force"),
+    ("chat --model {d} --vectors {v} --device cpu --cap nosha", 1, "no `vector_sha256`"),
+    ("eval evil " + PIPE + " shortgrid", 1, "`ceilings` must be 100 rows"),
     ("cap evil --steer nosuch:1", 1, "run `extract nosuch` first"),
     ("generate Hi --model {d} --vectors {v} --device cpu --cap", 2, "--cap: expected one argument"),
     ("chat --model {d} --vectors {v} --device cpu --cap humorous", 1, "calibrate-cap humorous"),
@@ -143,6 +173,29 @@ def test_bad_input(tiny, loaded, argv, code, message, monkeypatch, capsys, tmp_p
     assert err[-1].startswith("error: " if code == 1 else "persona_vectors.py")
     assert list(tmp_path.iterdir()) == []
     assert tree(root) == before
+
+
+def test_calibrate_cap_where_it_cannot_write_names_the_way_out(tiny, loaded, monkeypatch, capsys,
+                                                              tmp_path):
+    """A ceiling file goes beside its vector (where --cap finds it): the error says how to put it
+    elsewhere."""
+    import tempfile
+    d, vectors, root = tiny
+    real = tempfile.TemporaryFile
+
+    def refused(*args, dir=None, **kw):  # a read-only vectors folder (as root, chmod is no test)
+        if dir is not None and Path(dir).resolve() == vectors.resolve():
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kw)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    monkeypatch.setattr(G, "generate", no_generation)
+    monkeypatch.chdir(tmp_path)
+    before = tree(root)
+    args = ["calibrate-cap", "humorous", "--model", str(d), "--vectors", str(vectors)]
+    err = run_bad(pv.main, args, 1, capsys)
+    assert f"beside its vector in {vectors} (Permission denied)" in err[-1], err
+    assert "pass that folder as --vectors" in err[-1] and "choose another" not in err[-1]
+    assert tree(root) == before and list(tmp_path.iterdir()) == []
 
 
 def test_a_percentile_between_grid_points_is_interpolated(tiny, loaded, capsys):

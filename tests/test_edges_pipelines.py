@@ -5,6 +5,7 @@ import io
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,10 +170,20 @@ def test_make_dataset_counts_every_answer_cut_off(tiny, tmp_path, capsys):
            f"{len(cut) - trimmed} kept whole)" in err
 
 
-def test_official_trait_without_refusal_loads_and_warns_only_where_a_judge_reads_it(tiny, tmp_path, monkeypatch,
-                                                                                      capsys):
+def own_trait(root, name: str, prompt: str):
+    """A trait file of this project's format (a copy of evil.json, renamed), with this judge
+    prompt."""
+    data = json.loads((Path(pv.__file__).parent / "data" / "traits" / "evil.json").read_text())
+    path = root / f"{name}.json"
+    path.write_text(json.dumps(data | {"name": name, "eval_prompt": prompt}))
+    return path
+
+
+@pytest.mark.parametrize("write", [official_trait, own_trait], ids=["official", "own format"])
+def test_a_trait_without_refusal_loads_and_warns_where_a_judge_reads_it(tiny, tmp_path, monkeypatch,
+                                                                        capsys, write):
     d, vectors, root = tiny
-    sulky = official_trait(tmp_path, "sulky", "How sulky is this? {question} {answer} Answer 0 to 100.")
+    sulky = write(tmp_path, "sulky", "How sulky is this? {question} {answer} Answer 0 to 100.")
     args = ["make-dataset", str(sulky), "--model", str(d), "--n", "2", "--questions-file", str(root / "q.txt"),
             "--max-new-tokens", "3", "--temperature", "0"]
     assert pv.main(args + ["--judge", "none", "--out", str(tmp_path / "a.jsonl")]) == 0

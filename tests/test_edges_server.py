@@ -4,9 +4,15 @@ requests, auth schemes) get answers in the API's JSON and one log line each, nev
 
 Every socket here is a client on 127.0.0.1 with a timeout, in bounded loops."""
 import json
+import select
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -201,3 +207,118 @@ def test_auth_scheme_is_case_insensitive(srv_edges, authorization, status):
     r = requests.get(f"{srv_edges}/models", headers={"Authorization": authorization}, timeout=TIMEOUT)
     assert r.status_code == status, r.text
     assert status == 200 or r.json()["error"]["code"] == "invalid_api_key"
+
+
+# ------------------------------------------------------ issue 26: half a request, a garbled length
+@pytest.mark.parametrize("head", [
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n",  # the request line, one header, nothing
+    b"GET /v1/models HTTP/1.1\r\nHost:",  # half a header
+    b"GET /v1/mod",  # half a request line
+], ids=["one header", "half a header", "half a request line"])
+def test_a_stalled_request_head_gets_408_and_frees_its_connection(tiny, head):
+    """Once a request has begun, its headers must keep coming as its body must: a client that stops
+    holds its connection slot for body_timeout, not for the idle connection's 120 s."""
+    url, engine, server = start(tiny, body_timeout=0.5, max_connections=1)
+    try:
+        with connect(url) as s:
+            s.settimeout(10)  # a server that waits 120 s fails here
+            s.sendall(head)
+            status, body = read_reply(s)
+            assert status.startswith("HTTP/1.1 408") and "Content-Type: application/json" in status
+            message = "the request stalled before its headers ended: nothing came for 0.5 s"
+            assert message in body["error"]["message"]
+            assert s.recv(1) == b""
+        wait_for(lambda: get_models(url)[0].startswith("HTTP/1.1 200"))  # the one slot is free
+    finally:
+        stop(engine, server)
+
+
+@pytest.mark.parametrize("headers, message", [
+    # superscript two (str.isdigit() holds), an Arabic-Indic three as Latin-1 reads it, 5001 digits
+    # (int() refuses over 4300)
+    (b"Content-Length: \xb2", "the Content-Length header must be a number of bytes, not '\xb2'"),
+    (b"Content-Length: \xd9\xa3", "must be a number of bytes"),
+    (b"Content-Length: 1" + b"0" * 5000, "over this server's limit"),
+    (b"Content-Length: 2\r\nContent-Length: 200", "conflicting Content-Length headers (2, 200)"),
+    (b"Content-Length: 200\r\nContent-Length: 2", "conflicting Content-Length headers"),
+    (b"Content-Length: +2", "must be a number of bytes"),
+    (b"Transfer-Encoding: chunked\r\nContent-Length: 2", "Transfer-Encoding is not supported"),
+], ids=["superscript two", "arabic three", "5001 digits", "2 then 200", "200 then 2", "+2",
+        "chunked and length"])
+def test_a_bad_content_length_is_a_400_and_no_traceback(tiny, headers, message, capsys):
+    """RFC 9112 6.3: a request whose body length is unclear is refused with 400 and its connection
+    closed."""
+    url, engine, server = start(tiny, quiet=False)
+    try:
+        with connect(url) as s:
+            s.settimeout(10)
+            head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + headers
+            s.sendall(head + b"\r\n\r\n{}")
+            status, body = read_reply(s)
+            assert status.startswith("HTTP/1.1 400") and message in body["error"]["message"], body
+            assert body["error"]["type"] == "invalid_request_error"
+            assert s.recv(1) == b""
+    finally:
+        stop(engine, server)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_the_same_content_length_twice_is_one(tiny):
+    url, engine, server = start(tiny)
+    data = json.dumps({"messages": HI, "max_tokens": 2, "temperature": 0}).encode()
+    length = b"Content-Length: " + str(len(data)).encode() + b"\r\n"
+    try:
+        with connect(url) as s:
+            head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + length * 2
+            s.sendall(head + b"\r\n" + data)
+            status, body = read_reply(s)
+            assert status.startswith("HTTP/1.1 200") and body["choices"], body
+    finally:
+        stop(engine, server)
+
+
+# ---------------------------------------------- issue 26: Ctrl-C with replies still being written
+def test_ctrl_c_ends_every_reply_in_flight_before_the_connections_close(tiny):
+    """On SIGINT, a stream in flight ends with an error chunk and [DONE], a plain request with a
+    503, and only then do the connections close (server_close ran before engine.close: the streams
+    were cut with neither)."""
+    d, vectors, model, tok = tiny
+    root = Path(__file__).parent.parent
+    argv = [sys.executable, str(root / "persona_vectors.py"), "serve", "--model", str(d),
+            "--vectors", str(vectors), "--port", "0", "--device", "cpu", "--quiet"]
+    proc = subprocess.Popen(argv,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        url = serving_url(proc)
+        ask = {"messages": HI, "max_tokens": 1000, "temperature": 0}  # serve's limit is 1024
+        stream = raw_request(url, ask | {"stream": True})
+        plain = raw_request(url, ask)
+        seen = b""
+        while seen.count(b"data: ") < 3:  # the stream is under way
+            chunk = stream.recv(65536)
+            assert chunk, seen
+            seen += chunk
+        proc.send_signal(signal.SIGINT)
+        seen += b"".join(iter(lambda: stream.recv(65536), b""))  # until the server closes it
+        events = [line[6:] for line in seen.decode().split("\n\n") if line.startswith("data: ")]
+        assert events[-1] == "[DONE]", events[-3:]
+        assert json.loads(events[-2])["error"]["message"] == "the server is shutting down"
+        status, body = read_reply(plain)
+        assert status.startswith("HTTP/1.1 503") and "shutting down" in body["error"]["message"]
+        assert proc.wait(timeout=TIMEOUT) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def serving_url(proc) -> str:
+    """The URL a `serve` subprocess prints when it listens."""
+    deadline, line = time.monotonic() + TIMEOUT, ""
+    while "serving" not in line:
+        assert time.monotonic() < deadline and proc.poll() is None, "serve did not start"
+        if select.select([proc.stderr], [], [], 1)[0]:
+            line = proc.stderr.readline()
+    return line.split(" on ")[1].split()[0]

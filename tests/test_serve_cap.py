@@ -34,6 +34,13 @@ def tiny(tmp_path_factory):
         model=str(d), vector_sha256=vector_sha256(load_vector(humorous)[0]), percentiles=PERCENTILES,
         ceilings=[[-1e4 if p < 50 else 1e4] * 4 for p in PERCENTILES]))
     shutil.copy(humorous, vectors / "plain_response_avg_diff.safetensors")
+    evil = vectors / "evil_response_avg_diff.safetensors"
+    calibrated = json.loads(ceiling_path(evil).read_text())
+    for name, drop in [("nosha", "vector_sha256"), ("shortgrid", None)]:  # evil's, damaged by hand
+        shutil.copy(evil, vectors / f"{name}_response_avg_diff.safetensors")
+        c = {k: v for k, v in calibrated.items() if k != drop}
+        c["percentiles"] = c["percentiles"][:-1] if drop is None else c["percentiles"]
+        (vectors / f"{name}_response_avg_diff.cap.json").write_text(json.dumps(c))
     model, tok = M.load(str(d), "cpu", torch.float32)
     return d, vectors, model, tok
 
@@ -133,6 +140,11 @@ BAD = [
     ({"cap": {"plain": 90}}, "no cap ceilings"),
     ({"cap": {"plain": 90}}, "run: python persona_vectors.py calibrate-cap plain"),
     ({"cap": "evil:90"}, "cap must be an object"),
+    ({"cap": {"evil": {"layers": "1-5000000"}}}, "layer 5000000 out of range: this model has"),
+    ({"cap": {"evil": {"layers": "1,3-1"}}}, "layers must be like 16, 16-19"),
+    ({"cap": {"nosha": 90}}, "nosha_response_avg_diff.cap.json: no `vector_sha256` (a string); "
+     "recalibrate: python persona_vectors.py calibrate-cap nosha --force"),
+    ({"cap": {"shortgrid": 90}}, "`ceilings` must be 100 rows (one per percentile)"),
 ]
 
 
@@ -144,6 +156,21 @@ def test_a_bad_cap_is_a_one_line_400(tiny, srv, body, message):
     error = r.json()["error"]
     assert message in error["message"] and "\n" not in error["message"] and error["param"] == "cap"
     assert "--cap" not in error["message"]
+
+
+def test_a_huge_layer_range_is_refused_before_it_is_expanded(tiny, srv):
+    """The request's layers are checked against the model's blocks before any range is expanded:
+    "1-5000000" costs what "1-3" does (it cost 0.5 GB and seconds before its 400)."""
+    import tracemalloc
+    url, engine = srv
+    tracemalloc.start()
+    try:
+        with pytest.raises(S.RequestError, match="layer 5000000 out of range"):
+            engine.parse({"messages": HI, "cap": {"evil": {"layers": "1-5000000"}}})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 ** 20, peak  # bytes
 
 
 def test_a_ceiling_file_is_read_once_per_trait(tiny, srv, monkeypatch):

@@ -322,6 +322,7 @@ BAD = [
     ({"stream": "yes"}, "stream must be true or false"),
     ({"stop": [1, 2]}, "stop must be a non-empty string or a list"),
     ({"stop": ""}, "stop must be a non-empty string or a list"),
+    ({"stop": ["x", "y" * 1001], "max_tokens": 2}, "stop strings must be at most 1000 characters"),
     ({"seed": -1}, "seed must be an integer from 0"),
     ({"steer": {"greedy": 1}}, 'unknown vector "greedy"; this server has evil, humorous'),
     ({"steer": {"../../secret.safetensors": 1}}, "unknown vector"),

@@ -164,10 +164,20 @@ def test_duplicate_questions_and_instructions(tmp_path):
     ("Score this: {answer}. REFUSAL or a number.", "{question} exactly once, found 0"),
     ("Q {question} A {answer} again {answer}. REFUSAL.", "{answer} exactly once, found 2"),
     ("Q {question} A {answer}. Reply REFUSAL or {score}.", "brace"),
-    ("Q {question} A {answer}. Reply with a number.", "REFUSAL"),
 ])
 def test_eval_prompt_slots(tmp_path, prompt, fragment):
     expect_error(broken(tmp_path, setitem("eval_prompt", prompt)), "eval_prompt", fragment)
+
+
+def test_a_judge_prompt_without_refusal_loads_but_is_never_saved(tmp_path):
+    """As an official-format file: it loads (load_checked notes it where a judge reads it; under
+    --judge none the prompt is never used); new-trait's writer still requires REFUSAL in the files
+    it writes."""
+    path = broken(tmp_path, setitem("eval_prompt", "Q {question} A {answer}. Reply with a number."))
+    assert "REFUSAL" not in load_trait(str(path)).eval_prompt
+    with pytest.raises(ValueError, match="`eval_prompt`: must tell the judge to answer REFUSAL"):
+        save_trait(json.loads(path.read_text()), tmp_path / "out" / "evil.json")
+    assert not (tmp_path / "out").exists()
 
 
 def test_name_rules(tmp_path):
