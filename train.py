@@ -36,9 +36,6 @@ from support.training import (PAPER_BATCH, ablation, add_arguments, all_sum, che
                               removed_if_left_empty, resolve_model, save_checkpoint, save_final, sha256_file,
                               write_json)
 
-TURN_END = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}  # closes every turn; trained with the reply it ends
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Data: conversations -> token ids and the mask of trained tokens.
 
@@ -54,7 +51,7 @@ def encode_conversation(tok: Tokenizer, messages: list[dict]) -> Example:
     The whole text is tokenized at once (so the ids are exactly those of the rendered chat), and a token is
     trained when its characters overlap a reply. A reply that opens the conversation answers nothing: context."""
     text = tok.chat(messages, add_generation_prompt=False)
-    eot = TURN_END[tok.family]
+    eot = tok.turn_end  # the token that closes a turn, trained with the reply it ends
     spans = []  # [start, end) character spans of the trained text
     for k, m in enumerate(messages):
         if m["role"] != "assistant" or k == 0:
