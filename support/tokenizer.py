@@ -40,6 +40,7 @@ control it, pass a system message first. Messages are {"role": "system" | "user"
 from __future__ import annotations
 
 import json
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -107,7 +108,16 @@ class _Namespace(Namespace):
         super().__setitem__(name, value)
 
 
+def _check_jinja2_version(version: str = jinja2.__version__) -> None:
+    """jinja2 before 3.1.6 has known sandbox escapes (CVE-2024-56326, CVE-2025-27516, ...)."""
+    numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:3])
+    if numbers < (3, 1, 6):
+        raise UserError(f"jinja2 {version} has known sandbox escapes, and chat templates are "
+                        "untrusted input: pip install -U 'jinja2>=3.1.6'")
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
+    _check_jinja2_version()
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
     )

@@ -391,6 +391,15 @@ def test_the_sandbox_renders_a_bare_internal_attribute_as_nothing(tmp_path):
     assert tok.chat([{"role": "user", "content": "Hi"}]) == "[||]"
 
 
+def test_an_old_jinja2_with_known_sandbox_escapes_is_refused():
+    from support.tokenizer import _check_jinja2_version
+
+    _check_jinja2_version("3.1.6")
+    _check_jinja2_version("3.2.0rc1")
+    with pytest.raises(UserError, match=r"jinja2 3\.1\.5 has known sandbox escapes.*jinja2>=3\.1\.6"):
+        _check_jinja2_version("3.1.5")
+
+
 def test_invalid_template_syntax_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match=r"not valid Jinja \(line 1") as err:
         with_template(tmp_path, "{% for m in messages %}{{ m.content }")
