@@ -301,6 +301,9 @@ class Tokenizer:
         except jinja2.exceptions.TemplateError as e:
             raise UserError(f"{self.name}: the chat template refuses this conversation: "
                             f"{_one_line(e)}") from None
+        except (TypeError, ValueError, LookupError, AttributeError) as e:  # Python, in the template
+            raise UserError(f"{self.name}: the chat template fails on this conversation: "
+                            f"{type(e).__name__}: {_one_line(e)}") from None
 
     def _renders(self, messages) -> bool:
         try:

@@ -357,6 +357,13 @@ def test_raise_exception_is_a_one_line_error_naming_the_model(tmp_path):
     assert "Only one message, please" in msg and str(tmp_path / "m") in msg and "\n" not in msg
 
 
+def test_a_python_error_inside_the_template_is_a_one_line_error(tmp_path):
+    tok = with_template(tmp_path, "{{ messages[0]['content'] + 1 }}")  # str + int: a TypeError
+    with pytest.raises(UserError, match="chat template fails on this conversation: TypeError") as err:
+        tok.chat([{"role": "user", "content": "Hi"}])
+    assert "\n" not in str(err.value) and tok.accepts_system  # the probes did not crash either
+
+
 SANDBOX_ESCAPES = [
     "{{ ''.__class__.__mro__[1].__subclasses__() }}",
     "{{ cycler.__init__.__globals__ }}",
