@@ -33,8 +33,6 @@ from support.files import default_vectors_dir
 from support.tokenizer import Tokenizer
 from support.training import pad_left
 
-TURN_END = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}  # closes a turn; trained with its reply
-
 
 # --------------------------------------------------------------------------------------------------
 # Data: conversations -> token ids and the mask of the trained tokens.
@@ -53,7 +51,7 @@ def encode_conversation(tok: Tokenizer, messages: list[dict]) -> Example:
     those of the rendered chat), and a token is trained when its characters overlap a reply. A reply
     that opens the conversation answers nothing: context."""
     text = tok.chat(messages, add_generation_prompt=False)
-    eot = TURN_END[tok.family]
+    eot = tok.turn_end  # the token that closes a turn, trained with the reply it ends
     spans = []  # [start, end) character spans of the trained text
     for k, m in enumerate(messages):
         if m["role"] != "assistant" or k == 0:

@@ -1,77 +1,134 @@
-"""Tokenizer and chat formatting for a Hugging Face-layout model directory, without jinja2.
+"""Tokenizer and chat formatting for a Hugging Face-layout model directory: the model's template.
 
-`Tokenizer(model_dir)` wraps `tokenizers.Tokenizer` (tokenizer.json) and renders chats exactly as the model's own
-chat template does, for the families below. Instead of running the Jinja template, each family's format is written
-out by hand, and the few values that differ between models (the default system prompt, the Llama date line) are read
-out of the template text itself. tests/test_tokenizer.py checks the result character for character against the real
-templates rendered by `transformers` (tests/golden/chat_golden.json).
+`Tokenizer(model_dir)` wraps `tokenizers.Tokenizer` (tokenizer.json) and renders a chat with the
+model's own Jinja chat template, as `transformers`' `apply_chat_template` renders it. The template
+comes from `chat_template.jinja` if the directory has one (transformers gives it priority),
+otherwise from tokenizer_config.json's `chat_template` (a string, or a list of named templates, of
+which "default" is used). It runs in jinja2's `ImmutableSandboxedEnvironment` (a template is
+untrusted input from a download) with `trim_blocks`, `lstrip_blocks`, the `loopcontrols` extension
+and what transformers gives a template:
 
-The template is taken from `chat_template.jinja` if the directory has one (transformers gives it priority), otherwise
-from tokenizer_config.json's `chat_template` (a string, or a list of named templates, of which "default" is used).
-Without any template, the family is guessed from the vocabulary and no default system prompt is inserted.
+* variables: `messages`, `add_generation_prompt`, `tools` and `documents` (None), the special
+  tokens of tokenizer_config.json (`bos_token`, `eos_token`, `pad_token`, ... where set),
+  `enable_thinking`, and `date_string` when you pin it;
+* functions: `raise_exception(message)` (our error: one line naming the model and the template's
+  message), `strftime_now(format)` (today's date, as Llama-3.2's template writes it),
+  `namespace(...)` (refusing names that start with "_"); the `tojson` filter as transformers
+  defines it (JSON without HTML escaping, non-ASCII kept).
 
-Supported families and what each does when the conversation has NO system message:
+tests/test_tokenizer.py checks the result, character for character and token for token, against
+`transformers` on the real templates of Llama-3.0/3.1/3.2/3.3, Qwen2, Qwen2.5, Qwen3, SmolLM2,
+Mistral, Gemma 2 and Gemma 3 (tests/golden/templates/, tests/golden/chat_golden.json).
 
-* ChatML (`<|im_start|>role\\ncontent<|im_end|>\\n`, generation prompt `<|im_start|>assistant\\n`): Qwen2, Qwen2.5,
-  SmolLM2. No BOS token, message content is used verbatim (not stripped). If the first message is not a system
-  message, the template inserts its default system prompt:
-    - Qwen2.5-Instruct: "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-    - Qwen2-Instruct:   "You are a helpful assistant."
-    - SmolLM2-Instruct: "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-  (read from the template's `'<|im_start|>system\\n...<|im_end|>'` string; a template without one inserts nothing).
-  Reasoning templates with `<think>` (Qwen3, SmolLM3) are refused: they are not this format.
-* Llama-3 (`<|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>`..., generation prompt
-  `<|start_header_id|>assistant<|end_header_id|>\\n\\n`). Every message's content is stripped of leading and trailing
-  whitespace (the template's `| trim`).
-    - Llama-3.0: no system block at all unless you give one.
-    - Llama-3.1 / 3.2 / 3.3: there is no default system *prompt*, but the template ALWAYS writes a system block that
-      starts with "Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n"; a system message of yours
-      (trimmed) is appended after that text, inside the same block. Llama-3.2's template puts today's date there
-      instead (`strftime_now("%d %b %Y")`, as transformers does), so its prompts change from day to day; pass
-      `date_string=` to `chat()` to pin it. Only a system message in first position goes into that block; a later
-      one is rendered as an ordinary `system` turn, as the template does.
+What the project adds to the template, and why:
 
-POLICY: we reproduce the model's own template exactly. So with no system message the model's default system prompt
-(or, for Llama-3.1+, the date block) is inserted, just as `tokenizer.apply_chat_template` does and as the official
-persona-vectors code (which calls `apply_chat_template`) does. To control the system prompt, pass an explicit
-{"role": "system", "content": ...} message as the first message.
+* Thinking is off by default: `enable_thinking=False` is passed, which Qwen3's template turns into
+  an empty `<think>\\n\\n</think>\\n\\n` block after the generation prompt (templates that do
+  not read it ignore it). `Tokenizer(..., thinking=True)` or `chat(..., thinking=True)` turns it
+  on; then the answer that counts is the text after `</think>`: `answer_after_thinking(text)`.
+* A template that refuses a system message (Gemma 2: "System role not supported"; found by
+  rendering one, not by the model's name): a leading system message is put at the head of the
+  first user turn followed by a blank line, as Gemma 3's own template does. This is said once on
+  stderr and `tok.system_folded` becomes True (`tok.accepts_system` says it beforehand).
 
-Tool calling, images and other template branches are not supported: messages are {"role": "system" | "user" |
-"assistant", "content": str} only.
+With no system message, the template's own default is used (Qwen2.5's "You are Qwen, ...",
+Llama-3.1's date block), as `apply_chat_template` and the official persona-vectors code do; to
+control it, pass a system message first. Messages are {"role": "system" | "user" | "assistant",
+"content": str}; tool calls and images are not used.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from datetime import datetime
 from pathlib import Path
 
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 from tokenizers import Tokenizer as _HFTokenizer
 
 from support import UserError
 from support.files import read_json
 
 ROLES = ("system", "user", "assistant")
-SUPPORTED_FAMILIES = "ChatML (Qwen2, Qwen2.5, SmolLM2) and Llama-3 (3.0, 3.1, 3.2, 3.3)"
-
-# Tokens that end an assistant turn, whenever the vocabulary has them.
-_TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>")
-
-# The default system prompt of a ChatML template: one Jinja string literal holding
-# '<|im_start|>system\n<text><|im_end|>' (the \n written either as an escape or as a real newline).
-_CHATML_DEFAULT_SYSTEM = re.compile(
-    r"""(?P<q>['"])<\|im_start\|>system(?:\\n|\n)(?P<text>(?:\\.|(?!(?P=q))[^\\])*?)<\|im_end\|>""")
-_LLAMA_CUTOFF = re.compile(r"Cutting Knowledge Date: (.*?)(?:\\n|\n)")
-_LLAMA_DEFAULT_DATE = re.compile(r"""set date_string = (['"])(.*?)\1""")
-_LLAMA_STRFTIME = re.compile(r"""strftime_now\(\s*(['"])(.*?)\1\s*\)""")
-_JINJA_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "'": "'", '"': '"', "\\": "\\"}
+# The named special tokens transformers passes to a template (its SPECIAL_TOKENS_ATTRIBUTES).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                       "mask_token")
+_PROBE_USER = {"role": "user", "content": "Hi"}
+_PROBE_SYSTEM = {"role": "system", "content": "Be brief."}
+_PROBE_REPLY = "Hello there"
 
 
 def _strftime_now(fmt: str) -> str:
-    """Today's date as the Llama-3.2 template's `strftime_now` gives it (a function, so tests can pin it)."""
+    """Today's date as a template's `strftime_now` gives it (a module function: tests pin it)."""
     return datetime.now().strftime(fmt)
 
 
+def answer_after_thinking(text: str) -> str:
+    """The answer in a decoded reply of a thinking model: the text after the last `</think>`
+    (leading newlines dropped, as Qwen3's template drops them); "" while a `<think>` block is
+    still open (the reply ran out of tokens thinking); the text itself when it has no think block.
+    """
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[1].lstrip("\n")
+    return "" if "<think>" in text else text
+
+
+# ------------------------------------------------------------------------------ the sandbox
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """transformers' `tojson`: plain json.dumps (jinja2's own escapes <, >, & and ' for HTML)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _check_name(name) -> None:
+    if isinstance(name, str) and name.startswith("_"):
+        raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with '_'")
+
+
+class _Namespace(Namespace):
+    """jinja2's `namespace()`, refusing attribute names starting with "_" (as transformers does)."""
+
+    def __init__(self, *args, **kwargs):
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _check_name(name)
+        super().__init__(attrs)
+
+    def __setitem__(self, name, value):
+        _check_name(name)
+        super().__setitem__(name, value)
+
+
+def _check_jinja2_version(version: str = jinja2.__version__) -> None:
+    """jinja2 before 3.1.6 has known sandbox escapes (CVE-2024-56326, CVE-2025-27516, ...)."""
+    numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:3])
+    if numbers < (3, 1, 6):
+        raise UserError(f"jinja2 {version} has known sandbox escapes, and chat templates are "
+                        "untrusted input: pip install -U 'jinja2>=3.1.6'")
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    _check_jinja2_version()
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: _strftime_now(fmt)  # found at call time: tests pin it
+    env.globals["namespace"] = _Namespace
+    return env
+
+
+# ------------------------------------------------------------------------------ model files
 def _read_json(path: Path) -> dict:
     """A JSON object file that may be absent ({}); a malformed one is a UserError naming it."""
     data = read_json(path) if path.is_file() else {}
@@ -81,13 +138,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _token_text(token) -> str | None:
-    """A special token in tokenizer_config.json is a string, or an AddedToken dict with "content"."""
+    """A special token in tokenizer_config.json: a string, or an AddedToken dict with "content"."""
     return token.get("content") if isinstance(token, dict) else token
-
-
-def _unescape(s: str) -> str:
-    """Undo the backslash escapes of a Jinja string literal."""
-    return re.sub(r"\\(.)", lambda m: _JINJA_ESCAPES.get(m.group(1), m.group(0)), s, flags=re.S)
 
 
 def _load_template(model_dir: Path, config: dict) -> str | None:
@@ -101,101 +153,103 @@ def _load_template(model_dir: Path, config: dict) -> str | None:
     return template
 
 
-class Tokenizer:
-    """Encode/decode text and render chats the way the model's chat template does (see the module docstring)."""
+def _eos_ids(*configs: dict) -> list[int]:
+    """The eos_token_id values of generation_config.json / config.json (an int or a list)."""
+    ids = []
+    for cfg in configs:
+        eos = cfg.get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return [int(i) for i in ids]
 
-    def __init__(self, model_dir: str | Path):
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _read_tokenizer(tok_file: Path) -> _HFTokenizer:
+    if not tok_file.is_file():
+        raise UserError(f"{tok_file} not found (a Hugging Face-layout model directory is needed)")
+    try:
+        return _HFTokenizer.from_file(str(tok_file))
+    except Exception as e:  # tokenizers raises a plain Exception for a file it cannot parse
+        why = _one_line(e)[:200]
+        raise UserError(f"{tok_file} cannot be read ({why}): download it again") from None
+
+
+def _special_tokens(config: dict, vocab: dict, model_dir: Path) -> dict[str, str]:
+    """The named special tokens of tokenizer_config.json that are set, each checked in the vocab."""
+    tokens = {}
+    for name in SPECIAL_TOKEN_NAMES:
+        text = _token_text(config.get(name))
+        if text is None:
+            continue
+        if text not in vocab:
+            raise UserError(
+                f"{model_dir}: {name} {text!r} (tokenizer_config.json) is not in tokenizer.json"
+            )
+        tokens[name] = text
+    return tokens
+
+
+def _compile(template: str | None, model_dir: Path) -> jinja2.Template | None:
+    if template is None:
+        return None  # text encoding works; chat() says what is missing
+    try:
+        return _environment().from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise UserError(
+            f"{model_dir}: the chat template is not valid Jinja (line {e.lineno}: "
+            f"{_one_line(e.message)})"
+        ) from None
+
+
+class Tokenizer:
+    """Encode/decode text; render chats with the model's own template (see the module docstring)."""
+
+    def __init__(self, model_dir: str | Path, *, thinking: bool = False):
         model_dir = Path(model_dir)
-        tok_file = model_dir / "tokenizer.json"
-        if not tok_file.is_file():
-            raise UserError(f"{tok_file} not found (a Hugging Face-layout model directory is needed)")
-        try:
-            self._tok = _HFTokenizer.from_file(str(tok_file))
-        except Exception as e:  # the tokenizers library raises a plain Exception for a file it cannot parse
-            raise UserError(f"{tok_file} cannot be read ({' '.join(str(e).split())[:200]}): download it again") from None
+        self.name = str(model_dir)
+        self._tok = _read_tokenizer(model_dir / "tokenizer.json")
         self.backend = self._tok  # the `tokenizers.Tokenizer`, for what this wrapper does not cover
         config = _read_json(model_dir / "tokenizer_config.json")
-        gen_config = _read_json(model_dir / "generation_config.json")
-        model_config = _read_json(model_dir / "config.json")
+        gen_eos = _eos_ids(_read_json(model_dir / "generation_config.json"),
+                           _read_json(model_dir / "config.json"))
         vocab = self._tok.get_vocab(with_added_tokens=True)
-        # Size of the tokenizer's vocabulary; the model's embedding matrix may have more (padded) rows.
+        # Size of the tokenizer's vocabulary; the embedding matrix may have more (padded) rows.
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        # The special tokens by name (bos_token, eos_token, ...), as the template sees them.
+        self.special_tokens: dict[str, str] = _special_tokens(config, vocab, model_dir)
+        self.bos_token: str | None = self.special_tokens.get("bos_token")
+        self.bos_id: int | None = vocab.get(self.bos_token) if self.bos_token else None
+        eos = self.special_tokens.get("eos_token")
+        if eos is None and not gen_eos:
+            raise UserError(
+                f"{model_dir}: no eos_token in tokenizer_config.json and no eos_token_id in "
+                "generation_config.json or config.json"
+            )
+        self.eos_id: int = vocab[eos] if eos is not None else gen_eos[0]
+        pad = self.special_tokens.get("pad_token")
+        self.pad_id: int = self.eos_id if pad is None else vocab[pad]
 
-        def token_id(name: str) -> int | None:
-            text = _token_text(config.get(name))
-            if text is None:
-                return None
-            if text not in vocab:
-                raise UserError(f"{model_dir}: {name} {text!r} from tokenizer_config.json is not in tokenizer.json")
-            return vocab[text]
-
-        config_eos = []
-        for cfg in (gen_config, model_config):
-            eos = cfg.get("eos_token_id")
-            config_eos += eos if isinstance(eos, list) else [] if eos is None else [eos]
-
-        self.bos_token: str | None = _token_text(config.get("bos_token"))
-        self.bos_id: int | None = token_id("bos_token")
-        eos_id = token_id("eos_token")
-        if eos_id is None:
-            if not config_eos:
-                raise UserError(f"{model_dir}: no eos_token in tokenizer_config.json and no eos_token_id in "
-                                "generation_config.json or config.json")
-            eos_id = int(config_eos[0])
-        self.eos_id: int = eos_id
-        pad_id = token_id("pad_token")
-        self.pad_id: int = eos_id if pad_id is None else pad_id
-        self.stop_ids: set[int] = ({eos_id} | {vocab[t] for t in _TURN_END_TOKENS if t in vocab}
-                                   | {int(i) for i in config_eos})
-
+        self.thinking = thinking
         self.chat_template: str | None = _load_template(model_dir, config)
-        self.family, self.variant, self._format = self._detect(self.chat_template, vocab, model_dir)
-        # ChatML: the system prompt inserted when none is given (None: nothing is inserted).
-        self.default_system_prompt: str | None = self._format.get("default_system")
+        self._template = _compile(self.chat_template, model_dir)
+        # Does the template take a system message? (If even [user] fails, we cannot tell: yes.)
+        with_system = self._renders([_PROBE_SYSTEM, _PROBE_USER])
+        self.accepts_system: bool = with_system or not self._renders([_PROBE_USER])
+        self.system_folded = False  # True once a system message was folded into a user turn
+        # The token closing an assistant turn, read from the template (<|im_end|>, <end_of_turn>).
+        self.turn_end: str | None = self._find_turn_end()
+        turn_end_id = [vocab[self.turn_end]] if self.turn_end else []
+        # Where generation stops: eos_token, generation_config / config.json eos ids, turn end.
+        self.stop_ids: set[int] = {self.eos_id, *gen_eos, *turn_end_id}
 
-    # ----------------------------------------------------------------------------------------------- detection
-    @staticmethod
-    def _detect(template: str | None, vocab: dict, model_dir: Path) -> tuple[str, str, dict]:
-        """-> (family, variant, format values read from the template)."""
-        unsupported = UserError(f"{model_dir}: unsupported chat format; supported families: {SUPPORTED_FAMILIES}")
-        if template is not None:
-            is_chatml, is_llama3 = "<|im_start|>" in template, "<|start_header_id|>" in template
-        else:  # no template: guess from the vocabulary
-            is_chatml, is_llama3 = "<|im_start|>" in vocab, "<|start_header_id|>" in vocab
-        if is_chatml and not is_llama3:
-            if template is not None and "<think>" in template:
-                raise UserError(f"{model_dir}: reasoning (<think>) chat templates are not supported; supported "
-                                f"families: {SUPPORTED_FAMILIES}")
-            needed, family = ("<|im_start|>", "<|im_end|>"), "chatml"
-            m = _CHATML_DEFAULT_SYSTEM.search(template or "")
-            fmt = {"default_system": _unescape(m.group("text")) if m else None}
-            variant = "chatml"
-        elif is_llama3 and not is_chatml:
-            needed, family = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "llama3"
-            cutoff = _LLAMA_CUTOFF.search(template or "")
-            if cutoff is None:  # Llama-3.0: no system block of its own
-                fmt, variant = {"date_block": False}, "llama3.0"
-            else:  # Llama-3.1/3.2/3.3: a system block with the knowledge cutoff and a date, always
-                default_date = _LLAMA_DEFAULT_DATE.search(template)
-                strftime = _LLAMA_STRFTIME.search(template)
-                fmt = {"date_block": True, "cutoff": cutoff.group(1),
-                       "default_date": default_date.group(2) if default_date else None,
-                       "strftime": strftime.group(2) if strftime else None}
-                if fmt["default_date"] is None and fmt["strftime"] is None:
-                    raise unsupported
-                variant = "llama3.1"
-        else:
-            raise unsupported
-        missing = [t for t in needed if t not in vocab]
-        if missing:
-            raise UserError(f"{model_dir}: the {family} chat format needs {missing}, which tokenizer.json lacks")
-        return family, variant, fmt
-
-    # --------------------------------------------------------------------------------------------- text <-> ids
+    # ------------------------------------------------------------------------- text <-> ids
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of `text`. Special tokens written in the text (e.g. `<|im_start|>`) become their ids; nothing is
-        added implicitly (tokenizer.json's post-processor, which adds BOS for Llama-3, is not applied). With
-        `add_bos`, BOS is prepended unless the text already starts with it or the model has none (Qwen)."""
+        """Token ids of `text`. Special tokens written in the text (e.g. `<|im_start|>`) become
+        their ids; nothing is added implicitly (tokenizer.json's post-processor, which adds BOS for
+        Llama-3, is not applied). With `add_bos`, BOS is prepended unless the text already starts
+        with it or the model has none (Qwen)."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id] + ids
@@ -205,61 +259,101 @@ class Tokenizer:
         """Text of a sequence of ids (a list, or a 1-D tensor/array)."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    # ---------------------------------------------------------------------------------------------------- chat
-    def chat(self, messages: list[dict], add_generation_prompt: bool = True, *, date_string: str | None = None) -> str:
+    # --------------------------------------------------------------------------------- chat
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True, *,
+             date_string: str | None = None, thinking: bool | None = None) -> str:
         """The prompt string the model's chat template renders for `messages`.
 
         add_generation_prompt: end with the header of a new assistant turn (for generation).
-        date_string: Llama-3.1+ only, the "Today Date:" text (default: the template's, i.e. "26 Jul 2024", or
-            today's date for Llama-3.2's template); like `apply_chat_template(..., date_string=...)`.
+        date_string: the date Llama-3.1+ templates write ("Today Date: ..."; by default
+            "26 Jul 2024", or today's date for Llama-3.2's), like `apply_chat_template`'s.
+        thinking: enable_thinking for the template (default: the Tokenizer's `thinking`, False).
         """
         _check_messages(messages)
-        if self.family == "chatml":
-            return self._chat_chatml(messages, add_generation_prompt)
-        return self._chat_llama3(messages, add_generation_prompt, date_string)
+        if not self.accepts_system and messages[0]["role"] == "system":
+            messages = self._fold_system(messages)
+        extra = {} if date_string is None else {"date_string": date_string}
+        think = self.thinking if thinking is None else thinking
+        return self._render(messages, add_generation_prompt, enable_thinking=think, **extra)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, *,
-                    date_string: str | None = None) -> list[int]:
-        """Token ids of `chat(messages, ...)`; the chat string carries its own BOS (if any), so none is added."""
-        return self.encode(self.chat(messages, add_generation_prompt, date_string=date_string))
+                    date_string: str | None = None, thinking: bool | None = None) -> list[int]:
+        """Token ids of `chat(messages, ...)`; the chat has its own BOS (if any): none is added."""
+        text = self.chat(
+            messages, add_generation_prompt, date_string=date_string, thinking=thinking
+        )
+        return self.encode(text)
 
-    def _chat_chatml(self, messages, add_generation_prompt):
-        parts = []
-        default_system = self._format["default_system"]
-        if default_system is not None and messages[0]["role"] != "system":
-            parts.append(f"<|im_start|>system\n{default_system}<|im_end|>\n")
-        parts += [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
-        if add_generation_prompt:
-            parts.append("<|im_start|>assistant\n")
-        return "".join(parts)
+    def _render(self, messages, add_generation_prompt: bool, **kwargs) -> str:
+        """The template's text; its errors are one-line UserErrors naming the model."""
+        if self._template is None:
+            raise UserError(
+                f"{self.name}: no chat template (neither chat_template.jinja nor "
+                "tokenizer_config.json's chat_template); an instruction-tuned model has one"
+            )
+        variables = {**self.special_tokens, **kwargs}
+        try:
+            return self._template.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **variables)
+        except jinja2.exceptions.SecurityError as e:
+            raise UserError(f"{self.name}: the chat template tried something the sandbox forbids "
+                            f"({_one_line(e)})") from None
+        except jinja2.exceptions.TemplateError as e:
+            raise UserError(f"{self.name}: the chat template refuses this conversation: "
+                            f"{_one_line(e)}") from None
+        except (TypeError, ValueError, LookupError, AttributeError) as e:  # Python, in the template
+            raise UserError(f"{self.name}: the chat template fails on this conversation: "
+                            f"{type(e).__name__}: {_one_line(e)}") from None
 
-    def _chat_llama3(self, messages, add_generation_prompt, date_string):
-        parts = [self.bos_token or ""]
-        if self._format["date_block"]:
-            system = ""
-            if messages[0]["role"] == "system":
-                system, messages = messages[0]["content"].strip(), messages[1:]
-            if date_string is None:
-                fmt = self._format
-                date_string = _strftime_now(fmt["strftime"]) if fmt["strftime"] else fmt["default_date"]
-            parts.append(f"<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
-                         f"{self._format['cutoff']}\nToday Date: {date_string}\n\n{system}<|eot_id|>")
-        parts += [f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
-                  for m in messages]
-        if add_generation_prompt:
-            parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
-        return "".join(parts)
+    def _renders(self, messages) -> bool:
+        try:
+            self._render(messages, True, enable_thinking=False)
+        except UserError:
+            return False
+        return True
+
+    def _fold_system(self, messages: list[dict]) -> list[dict]:
+        """The leading system message at the head of the first user turn, then a blank line."""
+        system, rest = messages[0]["content"], messages[1:]
+        if rest and rest[0]["role"] == "user":
+            folded = [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}] + rest[1:]
+        else:  # no user turn to carry it: the instruction becomes the user turn
+            folded = [{"role": "user", "content": system}] + rest
+        if not self.system_folded:
+            note = (
+                f"note: the chat template of {self.name} refuses system messages; the system "
+                "prompt is put at the head of the first user turn, followed by a blank line"
+            )
+            print(note, file=sys.stderr)
+            self.system_folded = True
+        return folded
+
+    def _find_turn_end(self) -> str | None:
+        """The first added token the template writes after an assistant reply, or None."""
+        try:
+            reply = {"role": "assistant", "content": _PROBE_REPLY}
+            text = self._render([_PROBE_USER, reply], False, enable_thinking=False)
+        except UserError:
+            return None
+        if _PROBE_REPLY not in text:
+            return None
+        added = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+        tail = self._tok.encode(text.rsplit(_PROBE_REPLY, 1)[1], add_special_tokens=False)
+        return next((t for t in tail.tokens if t in added), None)
 
     def __repr__(self):
-        return f"Tokenizer(family={self.family!r}, variant={self.variant!r}, vocab_size={self.vocab_size})"
+        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, turn_end={self.turn_end!r})"
 
 
 def _check_messages(messages) -> None:
     if not messages:
-        raise UserError("messages is empty; give at least one {'role': ..., 'content': ...} message")
+        raise UserError(
+            "messages is empty; give at least one {'role': ..., 'content': ...} message"
+        )
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             role = m.get("role") if isinstance(m, dict) else m
             raise UserError(f"unknown message role {role!r}; allowed roles: {', '.join(ROLES)}")
         if not isinstance(m.get("content"), str):
-            raise UserError(f"message content must be a string, got {type(m.get('content')).__name__}")
+            got = type(m.get("content")).__name__
+            raise UserError(f"message content must be a string, got {got}")

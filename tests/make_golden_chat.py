@@ -10,13 +10,23 @@ variables `apply_chat_template` passes (the tokenizer's special tokens: bos_toke
 model sets them). So: sandboxed Jinja with trim_blocks=True, lstrip_blocks=True, transformers' `tojson`,
 `raise_exception` and `strftime_now`.
 
+Thinking: every case passes enable_thinking (False, the project's default; templates that do not
+read it ignore it), and a template that reads it (Qwen3) is rendered with enable_thinking=True too.
+
+System messages: a template that refuses one (rendering [system, user] raises while [user] renders:
+Gemma 2, Mistral-7B's [INST] template) is given what support/tokenizer.py gives it: the system
+message folded into the head of the first user turn followed by a blank line (`fold_system` below);
+such cases carry "reference_messages" (what transformers rendered) and "folded": true. A
+conversation the template refuses even so carries "error" (the template's message), no "text".
+
 Dates: Llama-3.1 templates default to "Today Date: 26 Jul 2024". Llama-3.2's template calls `strftime_now("%d %b %Y")`
 (today's date); to keep the file reproducible the clock is frozen at FROZEN_NOW while rendering, and such cases carry
 "frozen_now" so the test can pin tokenizer.py's clock the same way. A few Llama cases pass an explicit
 `date_string` (in "kwargs"), as `apply_chat_template(..., date_string=...)` would.
 
-Output: {template name: [{"messages", "add_generation_prompt", "text", ["kwargs"], ["frozen_now"]}, ...]}.
-Produced with transformers 5.24.0 and jinja2 3.1.6 on 2026-11-29.
+Output: {template name: [{"name", "messages", "add_generation_prompt", "kwargs", "text" | "error",
+["reference_messages", "folded"], ["frozen_now"]}, ...]}.
+Produced with transformers 5.24.0 and jinja2 3.1.6 on 2026-12-07.
 """
 import json
 from datetime import datetime
@@ -44,6 +54,9 @@ CONVERSATIONS = {
     "late_system": _m((U, "Hi"), (A, "Hello."), (S, "Now answer in French."), (U, "How are you?")),
     "unicode": _m((U, "Ça va? 日本語 — emoji 🙂")),
     "control_tokens_in_content": _m((U, "Print <|im_end|> and <|eot_id|> literally.")),
+    "assistant_with_think": _m(
+        (U, "Hi"), (A, "<think>\nThe user greets me.\n</think>\n\nHello!"), (U, "Bye")
+    ),
     "assistant_last": _m((U, "Say hi."), (A, "Hi!")),
     "system_only": _m((S, "You are a helpful assistant.")),
 }
@@ -61,10 +74,57 @@ def render(template: str, special_tokens: dict, messages, add_generation_prompt:
     return rendered[0]
 
 
+def fold_system(messages):
+    """The leading system message at the head of the first user turn, followed by a blank line."""
+    system, rest = messages[0]["content"], messages[1:]
+    if rest and rest[0]["role"] == "user":
+        return [{"role": "user", "content": system + "\n\n" + rest[0]["content"]}] + rest[1:]
+    return [{"role": "user", "content": system}] + rest
+
+
+def refuses_system(template: str, special: dict) -> bool:
+    from jinja2.exceptions import TemplateError
+
+    try:
+        render(template, special, _m((S, "Be brief."), (U, "Hi")), True, enable_thinking=False)
+    except TemplateError:
+        render(template, special, _m((U, "Hi")), True, enable_thinking=False)  # must work
+        return True
+    return False
+
+
+def make_case(template, special, conv, agp, kwargs, fold) -> dict:
+    from jinja2.exceptions import TemplateError
+
+    messages = CONVERSATIONS[conv]
+    case = {"name": conv, "messages": messages, "add_generation_prompt": agp, "kwargs": kwargs}
+    reference = fold_system(messages) if fold and messages[0]["role"] == "system" else messages
+    if reference is not messages:
+        case.update(reference_messages=reference, folded=True)
+    try:
+        case["text"] = render(template, special, reference, agp, **kwargs)
+    except TemplateError as e:
+        case["error"] = str(e)
+    if "strftime_now" in template and "date_string" not in kwargs:
+        case["frozen_now"] = FROZEN_NOW.isoformat()
+    return case
+
+
 class _FrozenDatetime(datetime):
     @classmethod
     def now(cls, tz=None):
         return FROZEN_NOW
+
+
+def cases_for(template: str, special: dict) -> list[dict]:
+    plan = [(conv, {"enable_thinking": False}) for conv in CONVERSATIONS]
+    if "enable_thinking" in template:
+        plan += [(conv, {"enable_thinking": True}) for conv in CONVERSATIONS]
+    if "Cutting Knowledge Date" in template:
+        plan += [(conv, {"enable_thinking": False, **kw}) for conv, kw in KWARGS_CASES["llama3.1+"]]
+    fold = refuses_system(template, special)
+    return [make_case(template, special, conv, agp, kwargs, fold)
+            for conv, kwargs in plan for agp in (True, False)]
 
 
 def main():
@@ -80,22 +140,7 @@ def main():
     try:
         for name in names:
             template = (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
-            special = sources[name]["special_tokens"]
-            uses_clock = "strftime_now" in template
-            cases = []
-            plan = [(conv, {}) for conv in CONVERSATIONS]
-            if "Cutting Knowledge Date" in template:
-                plan += KWARGS_CASES["llama3.1+"]
-            for conv, kwargs in plan:
-                for agp in (True, False):
-                    case = {"name": conv, "messages": CONVERSATIONS[conv], "add_generation_prompt": agp,
-                            "text": render(template, special, CONVERSATIONS[conv], agp, **kwargs)}
-                    if kwargs:
-                        case["kwargs"] = kwargs
-                    if uses_clock and "date_string" not in kwargs:
-                        case["frozen_now"] = FROZEN_NOW.isoformat()
-                    cases.append(case)
-            golden[name] = cases
+            golden[name] = cases_for(template, sources[name]["special_tokens"])
     finally:
         chat_template_utils.datetime = real_datetime
     out = HERE / "chat_golden.json"

@@ -1,19 +1,22 @@
 """tokenizer.py: chat rendering against the real templates (golden file + live transformers), encoding, special ids.
 
 Each model directory here is a tiny stand-in built in tmp: a byte-level BPE tokenizer.json trained on a few sentences
-whose special tokens are the family's control tokens, and a tokenizer_config.json carrying the model's real chat
+whose special tokens are the model's control tokens, and a tokenizer_config.json carrying the model's real chat
 template (tests/golden/templates/). Regenerate the golden strings with tests/make_golden_chat.py.
 """
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 import support.tokenizer as tokenizer_module
-from support.tokenizer import Tokenizer
+from support import UserError
+from support.tokenizer import Tokenizer, answer_after_thinking
 
 GOLDEN = Path(__file__).parent / "golden"
 SOURCES = json.loads((GOLDEN / "templates" / "SOURCES.json").read_text(encoding="utf-8"))
@@ -27,13 +30,15 @@ def template_text(name):
     return (GOLDEN / "templates" / f"{name}.jinja").read_text(encoding="utf-8")
 
 
-def build_tokenizer_json(control_tokens, bos_post_processor=None) -> HFTokenizer:
+def build_tokenizer_json(control_tokens, bos_post_processor=None, plain_tokens=()) -> HFTokenizer:
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(control_tokens), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
+    # Qwen3's <think> and </think>: added tokens, not special ones
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain_tokens])
     if bos_post_processor:  # like Llama-3's tokenizer.json, which adds BOS unless add_special_tokens=False
         bos_id = tok.token_to_id(bos_post_processor)
         tok.post_processor = processors.TemplateProcessing(
@@ -47,7 +52,8 @@ def make_model_dir(path: Path, name: str, *, template="real", gen_eos="list", co
     src = SOURCES[name]
     path.mkdir(parents=True, exist_ok=True)
     special = src["special_tokens"]
-    tok = build_tokenizer_json(src["control_tokens"], special["bos_token"] if src["family"] == "llama3" else None)
+    bos = special["bos_token"] if src["adds_bos"] else None
+    tok = build_tokenizer_json(src["control_tokens"], bos, src.get("plain_added_tokens", ()))
     tok.save(str(path / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
               **{k: v for k, v in special.items() if v is not None}}
@@ -75,11 +81,40 @@ def pin_clock(monkeypatch, iso: str):
 
 # ------------------------------------------------------------------------------------------------ golden strings
 def test_golden_file_covers_every_template():
-    assert sorted(CHAT_GOLDEN) == NAMES
+    assert sorted(CHAT_GOLDEN) == NAMES and len(NAMES) >= 12
     for name in NAMES:
         cases = CHAT_GOLDEN[name]
         assert {c["add_generation_prompt"] for c in cases} == {True, False}
-        assert len(cases) >= 20
+        assert len(cases) >= 20 and sum("text" in c for c in cases) >= 20
+
+
+def ours(tok, case, messages=None):
+    """`tok.chat` for a golden case: its template kwargs are our keywords."""
+    kwargs = case["kwargs"]
+    messages = case["messages"] if messages is None else messages
+    return tok.chat(messages, case["add_generation_prompt"], thinking=kwargs["enable_thinking"],
+                    date_string=kwargs.get("date_string"))
+
+
+def check_case(tok, case, want_text, label):
+    """Our rendering of `case` is `want_text` and tokenizes as it does; or both refuse it."""
+    if "error" in case:
+        with pytest.raises(UserError) as err:
+            ours(tok, case)
+        assert case["error"] in str(err.value) and tok.name in str(err.value), label
+        assert "\n" not in str(err.value)
+        return
+    assert ours(tok, case) == want_text, label
+    kwargs = case["kwargs"]
+    ids = tok.encode_chat(case["messages"], case["add_generation_prompt"],
+                          thinking=kwargs["enable_thinking"], date_string=kwargs.get("date_string"))
+    assert ids == tok.encode(want_text), label
+    if tok.bos_id is not None and SOURCES[tok_name(tok)]["adds_bos"]:
+        assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1, label
+
+
+def tok_name(tok):
+    return Path(tok.name).name
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -88,28 +123,9 @@ def test_chat_matches_golden(name, model_dirs, monkeypatch):
     for case in CHAT_GOLDEN[name]:
         if "frozen_now" in case:
             pin_clock(monkeypatch, case["frozen_now"])
-        got = tok.chat(case["messages"], case["add_generation_prompt"], **case.get("kwargs", {}))
-        assert got == case["text"], f"{name} / {case['name']} / add_generation_prompt={case['add_generation_prompt']}"
-        ids = tok.encode_chat(case["messages"], case["add_generation_prompt"], **case.get("kwargs", {}))
-        assert ids == tok.encode(case["text"])
-        if tok.bos_id is not None and tok.family == "llama3":
-            assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
-
-
-EXPECTED = {
-    "qwen2.5-7b-instruct": ("chatml", "chatml", "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
-    "qwen2-7b-instruct": ("chatml", "chatml", "You are a helpful assistant."),
-    "smollm2-135m-instruct": ("chatml", "chatml", "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
-    "llama-3-8b-instruct": ("llama3", "llama3.0", None),
-    "llama-3.1-8b-instruct": ("llama3", "llama3.1", None),
-    "llama-3.2-3b-instruct": ("llama3", "llama3.1", None),
-}
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_family_and_default_system_read_from_template(name, model_dirs):
-    tok = Tokenizer(model_dirs[name])
-    assert (tok.family, tok.variant, tok.default_system_prompt) == EXPECTED[name]
+        label = f"{name} / {case['name']} / {case['kwargs']} / agp={case['add_generation_prompt']}"
+        check_case(tok, case, case.get("text"), label)
+    assert tok.system_folded == any(c.get("folded") for c in CHAT_GOLDEN[name])
 
 
 def test_llama32_uses_todays_date_and_date_string_overrides(model_dirs, monkeypatch):
@@ -126,7 +142,7 @@ def test_llama32_uses_todays_date_and_date_string_overrides(model_dirs, monkeypa
 @pytest.mark.parametrize("name", NAMES)
 def test_chat_matches_live_transformers(name, model_dirs, monkeypatch):
     transformers = pytest.importorskip("transformers")
-    pytest.importorskip("jinja2")
+    jinja2 = pytest.importorskip("jinja2")
     from transformers.utils import chat_template_utils
 
     frozen = datetime(2030, 10, 2, 9, 30)
@@ -139,13 +155,62 @@ def test_chat_matches_live_transformers(name, model_dirs, monkeypatch):
     monkeypatch.setattr(chat_template_utils, "datetime", FrozenDatetime)
     pin_clock(monkeypatch, frozen.isoformat())
     ref = transformers.AutoTokenizer.from_pretrained(str(model_dirs[name]))
-    ours = Tokenizer(model_dirs[name])
+    tok = Tokenizer(model_dirs[name])
     for case in CHAT_GOLDEN[name]:
-        msgs, agp, kwargs = case["messages"], case["add_generation_prompt"], case.get("kwargs", {})
+        msgs = case.get("reference_messages", case["messages"])
+        agp, kwargs = case["add_generation_prompt"], case["kwargs"]
+        if "error" in case:
+            with pytest.raises(jinja2.exceptions.TemplateError, match=re.escape(case["error"])):
+                ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=agp, **kwargs)
+            check_case(tok, case, None, name)
+            continue
         want = ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=agp, **kwargs)
-        assert ours.chat(msgs, agp, **kwargs) == want, f"{name} / {case['name']}"
-        want_ids = ref.apply_chat_template(msgs, tokenize=True, return_dict=False, add_generation_prompt=agp, **kwargs)
-        assert ours.encode_chat(msgs, agp, **kwargs) == list(want_ids)
+        check_case(tok, case, want, f"{name} / {case['name']} / {kwargs}")
+        want_ids = ref.apply_chat_template(msgs, tokenize=True, return_dict=False,
+                                           add_generation_prompt=agp, **kwargs)
+        assert tok.encode(want) == list(want_ids)
+
+
+# ------------------------------------------------------------------- thinking, system folding
+def test_qwen3_thinking_off_by_default_renders_the_empty_think_block(model_dirs):
+    msgs = [{"role": "user", "content": "What is 2 + 2?"}]
+    off = Tokenizer(model_dirs["qwen3-0.6b"])
+    assert off.chat(msgs).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert off.chat(msgs, thinking=True).endswith("<|im_start|>assistant\n")
+    on = Tokenizer(model_dirs["qwen3-0.6b"], thinking=True)
+    assert on.chat(msgs) == off.chat(msgs, thinking=True)
+    assert on.chat(msgs, thinking=False) == off.chat(msgs)
+    golden = next(c for c in CHAT_GOLDEN["qwen3-0.6b"] if c["name"] == "user_only"
+                  and c["add_generation_prompt"] and c["kwargs"] == {"enable_thinking": False})
+    assert off.chat(golden["messages"]) == golden["text"]
+    # the think token ids are those of the model's own <think> / </think> tokens
+    ids = off.encode_chat(msgs)
+    assert off.backend.token_to_id("</think>") in ids and off.backend.token_to_id("<think>") in ids
+
+
+def test_answer_after_thinking():
+    assert answer_after_thinking("<think>\nLet me see.\n</think>\n\nFour.") == "Four."
+    assert answer_after_thinking("<think>\na</think>b</think>\n\nc") == "c"
+    assert answer_after_thinking("<think>\nStill thinking when the tokens ran out") == ""
+    assert answer_after_thinking("Four.\n") == "Four.\n"  # no think block: the text itself
+    assert answer_after_thinking("\n\nFour.") == "\n\nFour."
+
+
+def test_gemma2_folds_the_system_message_into_the_first_user_turn(model_dirs, capsys):
+    gemma2, gemma3 = Tokenizer(model_dirs["gemma-2-2b-it"]), Tokenizer(model_dirs["gemma-3-it"])
+    assert not gemma2.accepts_system and gemma3.accepts_system and not gemma2.system_folded
+    msgs = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Hi"}]
+    want = "<bos><start_of_turn>user\nYou are a pirate.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert gemma2.chat(msgs) == want == gemma3.chat(msgs)  # Gemma 3's template does the same
+    assert gemma2.system_folded and not gemma3.system_folded
+    gemma2.chat(msgs)
+    err = capsys.readouterr().err
+    assert err.count("refuses system messages") == 1 and "gemma-2-2b-it" in err
+    # without a system message nothing is folded
+    fresh = Tokenizer(model_dirs["gemma-2-2b-it"])
+    want = "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert fresh.chat(msgs[1:]) == want
+    assert not fresh.system_folded and capsys.readouterr().err == ""
 
 
 # ------------------------------------------------------------------------------------------- encode / decode
@@ -187,19 +252,37 @@ def ids_of(tok, *tokens):
 
 def test_stop_ids(model_dirs):
     qwen = Tokenizer(model_dirs["qwen2.5-7b-instruct"])
-    assert qwen.eos_id == qwen._tok.token_to_id("<|im_end|>")
+    assert qwen.eos_id == qwen._tok.token_to_id("<|im_end|>") and qwen.turn_end == "<|im_end|>"
     assert qwen.stop_ids == ids_of(qwen, "<|im_end|>", "<|endoftext|>")
     llama = Tokenizer(model_dirs["llama-3.1-8b-instruct"])
-    assert llama.eos_id == llama._tok.token_to_id("<|eot_id|>")
+    assert llama.eos_id == llama._tok.token_to_id("<|eot_id|>") and llama.turn_end == "<|eot_id|>"
     assert llama.stop_ids == ids_of(llama, "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
     smol = Tokenizer(model_dirs["smollm2-135m-instruct"])
     assert smol.stop_ids == ids_of(smol, "<|im_end|>") and smol.bos_id == smol._tok.token_to_id("<|im_start|>")
+    qwen3 = Tokenizer(model_dirs["qwen3-0.6b"])
+    assert qwen3.stop_ids == ids_of(qwen3, "<|im_end|>", "<|endoftext|>")
+    assert qwen3.turn_end == "<|im_end|>"
+    for name in ("gemma-2-2b-it", "gemma-3-it"):  # eos_token <eos>; turns end with <end_of_turn>
+        gemma = Tokenizer(model_dirs[name])
+        assert gemma.eos_id == gemma._tok.token_to_id("<eos>") and gemma.turn_end == "<end_of_turn>"
+        assert gemma.stop_ids == ids_of(gemma, "<eos>", "<end_of_turn>")
+    for name in ("mistral-7b-instruct-v0.3", "mistral-nemo-instruct-2407"):
+        mistral = Tokenizer(model_dirs[name])
+        assert mistral.stop_ids == ids_of(mistral, "</s>") and mistral.turn_end == "</s>"
+
+
+def test_stop_ids_from_the_files_and_the_template(tmp_path):
+    """Without generation_config.json the turn end read from the template still stops generation."""
+    d = make_model_dir(tmp_path / "g", "gemma-2-2b-it", gen_eos=None)
+    tok = Tokenizer(d)
+    assert tok.stop_ids == ids_of(tok, "<eos>", "<end_of_turn>")
 
 
 def test_stop_ids_from_int_eos_and_config_json(tmp_path):
     d = make_model_dir(tmp_path / "m", "llama-3-8b-instruct", gen_eos="int")
     tok = Tokenizer(d)
-    assert tok.stop_ids == ids_of(tok, "<|eot_id|>", "<|end_of_text|>")  # eot from the vocab, end_of_text from gen
+    # eot: eos_token, end_of_text: generation_config
+    assert tok.stop_ids == ids_of(tok, "<|eot_id|>", "<|end_of_text|>")
     (d / "generation_config.json").unlink()
     (d / "config.json").write_text(json.dumps({"eos_token_id": [tok._tok.token_to_id("<|end_of_text|>")]}))
     assert Tokenizer(d).stop_ids == ids_of(tok, "<|eot_id|>", "<|end_of_text|>")
@@ -230,18 +313,19 @@ def test_template_list_and_chat_template_jinja_file(tmp_path):
     real = template_text("qwen2.5-7b-instruct")
     d = make_model_dir(tmp_path / "list", "qwen2.5-7b-instruct", config_overrides={"chat_template": [
         {"name": "tool_use", "template": "{{ 'unused' }}<|im_start|>"}, {"name": "default", "template": real}]})
-    assert Tokenizer(d).default_system_prompt.startswith("You are Qwen")
+    user = [{"role": "user", "content": "Hi"}]
+    assert "You are Qwen, created by Alibaba Cloud" in Tokenizer(d).chat(user)
     # chat_template.jinja (how transformers >= 4.43 saves templates) wins over tokenizer_config.json
     (d / "chat_template.jinja").write_text(template_text("smollm2-135m-instruct"), encoding="utf-8")
-    assert Tokenizer(d).default_system_prompt.endswith("named SmolLM, trained by Hugging Face")
+    assert "named SmolLM, trained by Hugging Face" in Tokenizer(d).chat(user)
 
 
-def test_no_template_falls_back_to_vocabulary(tmp_path):
+def test_no_template_encodes_but_chat_says_what_is_missing(tmp_path):
     tok = Tokenizer(make_model_dir(tmp_path / "c", "qwen2.5-7b-instruct", template=None))
-    assert (tok.family, tok.default_system_prompt) == ("chatml", None)
-    assert tok.chat([{"role": "user", "content": "Hi"}]) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    tok = Tokenizer(make_model_dir(tmp_path / "l", "llama-3.1-8b-instruct", template=None))
-    assert (tok.family, tok.variant) == ("llama3", "llama3.0")
+    assert tok.decode(tok.encode("Hello")) == "Hello" and tok.turn_end is None
+    with pytest.raises(UserError, match="no chat template") as err:
+        tok.chat([{"role": "user", "content": "Hi"}])
+    assert "\n" not in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------------ errors
@@ -257,41 +341,79 @@ def test_unknown_role_and_empty_messages(model_dirs):
         tok.chat([{"role": "user", "content": None}])
 
 
-GEMMA = ("{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + message['role'] + '\n' + "
-         "message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}")
+def with_template(tmp_path, template: str) -> Tokenizer:
+    return Tokenizer(make_model_dir(tmp_path / "m", "qwen2.5-7b-instruct",
+                                    config_overrides={"chat_template": template}))
 
 
-def test_unknown_family_is_a_one_line_error(tmp_path):
-    d = make_model_dir(tmp_path / "g", "qwen2.5-7b-instruct", config_overrides={"chat_template": GEMMA})
-    with pytest.raises(ValueError) as err:
-        Tokenizer(d)
-    assert "supported families: ChatML" in str(err.value) and "Llama-3" in str(err.value)
+def test_raise_exception_is_a_one_line_error_naming_the_model(tmp_path):
+    tok = with_template(tmp_path, "{% if messages|length > 1 %}"
+                                  "{{ raise_exception('Only one\nmessage, please') }}"
+                                  "{% endif %}{{ messages[0]['content'] }}")
+    assert tok.chat([{"role": "user", "content": "Hi"}]) == "Hi"
+    with pytest.raises(UserError) as err:
+        tok.chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])
+    msg = str(err.value)
+    assert "Only one message, please" in msg and str(tmp_path / "m") in msg and "\n" not in msg
+
+
+def test_a_python_error_inside_the_template_is_a_one_line_error(tmp_path):
+    tok = with_template(tmp_path, "{{ messages[0]['content'] + 1 }}")  # str + int: a TypeError
+    with pytest.raises(UserError, match="chat template fails on this conversation: TypeError") as err:
+        tok.chat([{"role": "user", "content": "Hi"}])
+    assert "\n" not in str(err.value) and tok.accepts_system  # the probes did not crash either
+
+
+SANDBOX_ESCAPES = [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__ }}",
+    "{% set ns = namespace() %}{% set ns._x = 1 %}{{ ns._x }}",
+    "{{ namespace(__class__=1) }}",
+    "{% set d = {} %}{{ d.update({'a': 1}) }}",  # the immutable sandbox: no mutation of data
+]
+
+
+@pytest.mark.parametrize("template", SANDBOX_ESCAPES)
+def test_the_sandbox_refuses_python_internals(tmp_path, template):
+    tok = with_template(tmp_path, template)
+    with pytest.raises(UserError, match="sandbox forbids") as err:
+        tok.chat([{"role": "user", "content": "Hi"}])
+    assert "\n" not in str(err.value) and str(tmp_path / "m") in str(err.value)
+
+
+def test_tojson_strftime_and_loop_controls_as_transformers_gives_them(tmp_path, monkeypatch):
+    tok = with_template(tmp_path, "{{ {'b': '<é>', 'a': 1} | tojson }}|"
+                                  "{{ [1] | tojson(indent=2) }}|{{ strftime_now('%Y-%m-%d') }}|"
+                                  "{% for m in messages %}{% if loop.index > 1 %}{% break %}"
+                                  "{% endif %}{{ m.content }}{% endfor %}|{{ eos_token }}")
+    pin_clock(monkeypatch, "2029-02-03T04:05:06")
+    got = tok.chat([{"role": "user", "content": "A"}, {"role": "user", "content": "B"}])
+    assert got == '{"b": "<é>", "a": 1}|[\n  1\n]|2029-02-03|A|<|im_end|>'
+
+
+def test_the_sandbox_renders_a_bare_internal_attribute_as_nothing(tmp_path):
+    """A lone unsafe attribute is jinja2's undefined, printed as "" (as under transformers)."""
+    tok = with_template(tmp_path, "[{{ messages.__class__ }}|{{ ''.__class__ }}|"
+                                  "{{ raise_exception.__globals__ }}]")
+    assert tok.chat([{"role": "user", "content": "Hi"}]) == "[||]"
+
+
+def test_an_old_jinja2_with_known_sandbox_escapes_is_refused():
+    from support.tokenizer import _check_jinja2_version
+
+    _check_jinja2_version("3.1.6")
+    _check_jinja2_version("3.2.0rc1")
+    with pytest.raises(UserError, match=r"jinja2 3\.1\.5 has known sandbox escapes.*jinja2>=3\.1\.6"):
+        _check_jinja2_version("3.1.5")
+
+
+def test_invalid_template_syntax_is_a_one_line_error(tmp_path):
+    with pytest.raises(UserError, match=r"not valid Jinja \(line 1") as err:
+        with_template(tmp_path, "{% for m in messages %}{{ m.content }")
     assert "\n" not in str(err.value)
-    # no template, and a vocabulary with neither <|im_start|> nor <|start_header_id|>
-    d = tmp_path / "bare"
-    d.mkdir()
-    build_tokenizer_json(["<s>", "</s>"]).save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
-    with pytest.raises(ValueError, match="supported families"):
-        Tokenizer(d)
-
-
-def test_reasoning_chatml_template_is_refused(tmp_path):
-    think = template_text("qwen2.5-7b-instruct").replace("{%- endfor %}", "{{- '<think>' }}{%- endfor %}")
-    d = make_model_dir(tmp_path / "t", "qwen2.5-7b-instruct", config_overrides={"chat_template": think})
-    with pytest.raises(ValueError, match="<think>"):
-        Tokenizer(d)
-
-
-def test_template_tokens_missing_from_vocabulary(tmp_path):
-    d = make_model_dir(tmp_path / "m", "qwen2.5-7b-instruct",
-                       config_overrides={"chat_template": template_text("llama-3.1-8b-instruct")})
-    with pytest.raises(ValueError, match="lacks"):
-        Tokenizer(d)
 
 
 def test_unreadable_tokenizer_files_name_the_file(tmp_path):
-    from support import UserError
     d = make_model_dir(tmp_path / "q", "qwen2.5-7b-instruct")
     (d / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>",', encoding="utf-8")
     with pytest.raises(UserError, match=r"tokenizer_config.json: invalid JSON at line 1"):
