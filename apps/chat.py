@@ -154,13 +154,26 @@ def save_conversation(path: Path, messages: list[dict]) -> None:
 
 
 def add_commands(sub) -> None:
-    """Register `chat` on the command line's subparsers (its dests are chat's parameter names)."""
-    c = sub.add_parser("chat", help="multi-turn chat, optionally steered or capped, with a persona gauge after each "
-                       "reply", parents=[cli.CHAT, cli.VECTORS, cli.CAP])
-    c.add_argument("--gauge", dest="gauges", action="append", default=None, metavar="TRAIT",
+    """Register `chat` on the command line's subparsers (python -m apps)."""
+    c = sub.add_parser("chat", help="multi-turn chat, optionally steered or capped, with a persona gauge after "
+                       "each reply")
+    c.add_argument("--model", default=DEFAULT_MODEL, help=pv.MODEL_HELP)
+    c.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF", help=pv.STEER_HELP)
+    c.add_argument("--cap", action="append", default=[], metavar="TRAIT[:PERCENTILE][@LAYERS]", help=pv.CAP_HELP)
+    c.add_argument("--layer", type=cli.layer_or_sweep, default=None, help="steering and gauge layer: "
+                   + pv.LAYER_HELP)
+    c.add_argument("--gauge", action="append", default=None, metavar="TRAIT",
                    help="trait (or vector file) to gauge; repeatable (default: every vector of the model)")
+    c.add_argument("--vectors", default=None, help=pv.VECTORS_HELP)
+    c.add_argument("--system", default=None, help="system prompt (default: the model's own template decides)")
+    c.add_argument("--max-new-tokens", type=cli.COUNT, default=200)
+    c.add_argument("--temperature", type=cli.TEMPERATURE, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--top-p", type=cli.TOP_P, default=1.0)
+    c.add_argument("--seed", type=int, default=0)
     c.add_argument("--save", default=None, help="append the conversation to this JSONL file at the end")
-    c.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF")
-    c.add_argument("--layer", type=cli.LAYER, default=None,
-                   help="steering and gauge layer (default: best, else middle)")
-    c.set_defaults(func=chat)
+    c.add_argument("--device", default=None, help=pv.DEVICE_HELP)
+    c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=pv.DTYPE_HELP)
+    c.set_defaults(run=lambda a: chat(
+        model_name=a.model, steer=a.steer, cap=a.cap, layer=a.layer, gauges=a.gauge, vectors=a.vectors,
+        system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+        seed=a.seed, save=a.save, device=a.device, dtype=a.dtype))

@@ -100,6 +100,8 @@ def parse_cap(spec: str) -> CapSpec:
     >>> parse_cap("evil:99@16-19")
     CapSpec(source='evil', percentile=99.0, layers=[16, 17, 18, 19], text='evil:99@16-19')
     """
+    if isinstance(spec, CapSpec):  # parsed already
+        return spec
     m = SPEC_RE.fullmatch(spec.strip())
     if not m or not m["trait"].strip():
         raise UserError(f"--cap {spec!r}: expected TRAIT[:PERCENTILE][@LAYERS], e.g. evil, evil:90 or evil:99@12-20")
