@@ -13,11 +13,12 @@ import torch
 
 import model as M
 import persona_vectors as pv
+from apps import __main__ as apps_cli
 from support import generation as G
 from support.capping import PERCENTILES, caps_for, caps_per_row, ceiling_path, parse_cap
 from support.files import load_vector
 from support.plots import pyplot
-from tiny import run_bad, tiny_model_with_vectors, tree
+from tiny import main_of, run_bad, tiny_model_with_vectors, tree
 
 QUESTIONS = ["What is the capital of France?", "Give me a number.", "How are you?", "Help me, please.",
              "What is 42?"]
@@ -30,7 +31,7 @@ def tiny(tmp_path_factory):
     d, vectors = tiny_model_with_vectors(tmp_path_factory.mktemp("cap"))
     root = d.parent
     (root / "q.json").write_text(json.dumps(QUESTIONS))
-    assert pv.main(["calibrate-cap", "evil", "--model", str(d), "--vectors", str(vectors), "--questions-file",
+    assert apps_cli.main(["calibrate-cap", "evil", "--model", str(d), "--vectors", str(vectors), "--questions-file",
                     str(root / "q.json"), "--n", "4", "--max-new-tokens", "6", "--device", "cpu"]) == 0
     evil = vectors / "evil_response_avg_diff.safetensors"
     ceilings = json.loads(ceiling_path(evil).read_text())
@@ -83,7 +84,7 @@ def test_calibrate_cap_writes_the_percentiles_of_every_answer_token(tiny, loaded
 def test_calibrate_cap_refuses_to_overwrite_without_force(tiny, capsys):
     d, vectors, root = tiny
     before = tree(root)
-    err = run_bad(pv.main, ["calibrate-cap", "evil", "--model", str(d), "--vectors", str(vectors)], 1, capsys)
+    err = run_bad(apps_cli.main, ["calibrate-cap", "evil", "--model", str(d), "--vectors", str(vectors)], 1, capsys)
     assert "pass --force" in err[-1] and tree(root) == before
 
 
@@ -92,7 +93,7 @@ def no_generation(*args, **kwargs):
 
 
 # (arguments, exit code, what the message must say); {d} = tiny model, {v} = its vectors, {r} = the test folder.
-# "cap SPEC" is `generate Hi --cap SPEC` on the tiny model; every case runs through pv.main.
+# "cap SPEC" is `generate Hi --cap SPEC` on the tiny model; every case runs through its command line's main.
 GEN = "generate Hi --model {d} --vectors {v} --device cpu --cap"
 PIPE = "--model {d} --vectors {v} --judge none --questions 1 --max-new-tokens 2 --device cpu --cap"
 CASES = [
@@ -138,9 +139,10 @@ def test_bad_input(tiny, loaded, argv, code, message, monkeypatch, capsys, tmp_p
     monkeypatch.setattr(G, "generate", no_generation)
     before = tree(root)
     args = (GEN + argv[3:] if argv.startswith("cap ") else argv).format(d=d, v=vectors, r=root).split()
-    err = run_bad(pv.main, args, code, capsys)
+    err = run_bad(main_of(args), args, code, capsys)
     assert message in err[-1], err
-    assert err[-1].startswith("error: " if code == 1 else "persona_vectors.py")
+    assert err[-1].startswith("error: " if code == 1 else "python -m apps" if main_of(args) is apps_cli.main
+                              else "persona_vectors.py")
     assert list(tmp_path.iterdir()) == []
     assert tree(root) == before
 

@@ -59,6 +59,8 @@ CASES = [
     ("generate Hi --model {d} --steer {r}/corrupt.safetensors:1", 1, "not safetensors"),
     ("generate Hi --model {d} --steer {r}/hf_meta.safetensors:0.1r", 1, "relative coefficient has no unit"),
     ("generate Hi --model {d} --steer evil", 1, "expected TRAIT:COEF"),
+    ("generate Hi --model {d} --vectors {v} --steer evil:1 --layer sweep", 1, "no sweep result"),
+    ("monitor {r}/ok.jsonl --model {d} --vectors {v} --layer sweep", 1, "run `sweep evil` first"),
     # gauges and vectors that do not fit
     ("chat --model {d} --gauge {r}/wide.safetensors", 1, "use a vector extracted from this model"),
     ("chat --model {d} --gauge {r}/deep.safetensors", 1, "use a vector extracted from this model"),

@@ -9,7 +9,7 @@ import torch
 
 import model as M
 import persona_vectors as pv
-from apps import server as S
+from apps import __main__ as apps_cli, server as S
 from support import generation as G
 from support.capping import PERCENTILES, caps_for, ceiling_path, vector_sha256, write_ceilings
 from support.files import load_vector
@@ -27,7 +27,7 @@ def tiny(tmp_path_factory):
     d, vectors = tiny_model_with_vectors(tmp_path_factory.mktemp("serve_cap"))
     root = d.parent
     (root / "q.json").write_text(json.dumps(["What is the capital of France?", "How are you?", "Help me, please."]))
-    assert pv.main(["calibrate-cap", "evil", "--model", str(d), "--vectors", str(vectors), "--questions-file",
+    assert apps_cli.main(["calibrate-cap", "evil", "--model", str(d), "--vectors", str(vectors), "--questions-file",
                     str(root / "q.json"), "--n", "3", "--max-new-tokens", "6", "--device", "cpu"]) == 0
     humorous = vectors / "humorous_response_avg_diff.safetensors"
     write_ceilings(ceiling_path(humorous), dict(
