@@ -1,7 +1,9 @@
-"""The applications' command line: python -m apps COMMAND ... (the method's own: python persona_vectors.py).
+"""The applications' command line: python -m apps COMMAND ...
+(the method's own commands: python persona_vectors.py COMMAND ...).
 
 Each module here registers its commands with add_commands(sub); each command calls its function.
 """
+
 import argparse
 import sys
 
@@ -12,7 +14,9 @@ MODULES = (monitor, chat, flagging, control_vector, new_trait, server, capping)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m apps", description="applications built on persona vectors")
+    p = argparse.ArgumentParser(
+        prog="python -m apps", description="applications built on persona vectors"
+    )
     sub = p.add_subparsers(dest="command", required=True)
     for module in MODULES:
         module.add_commands(sub)

@@ -1,8 +1,8 @@
 """`chat`: a multi-turn chat with the model, optionally steered or capped, with a gauge per persona vector after
 each reply.
 
-    python persona_vectors.py chat --steer evil:-1         # type a message; /help lists the commands
-    python persona_vectors.py chat --cap evil              # capped (docs/capping.md): "capped 3/41 positions"
+    python -m apps chat --steer evil:-1         # type a message; /help lists the commands
+    python -m apps chat --cap evil              # capped (docs/capping.md): "capped 3/41 positions"
 
 Each gauge (apps/monitor.py) shows where the last token before the reply and the reply's mean fall along the
 trait's unit vector, beside where extraction's pos and neg answers fell.
@@ -155,17 +155,18 @@ def save_conversation(path: Path, messages: list[dict]) -> None:
 
 def add_commands(sub) -> None:
     """Register `chat` on the command line's subparsers (python -m apps)."""
-    c = sub.add_parser("chat", help="multi-turn chat, optionally steered or capped, with a persona gauge after "
-                       "each reply")
+    c = sub.add_parser("chat", help="multi-turn chat, optionally steered or capped, with a persona "
+                       "gauge after each reply")
     c.add_argument("--model", default=DEFAULT_MODEL, help=pv.MODEL_HELP)
     c.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF", help=pv.STEER_HELP)
-    c.add_argument("--cap", action="append", default=[], metavar="TRAIT[:PERCENTILE][@LAYERS]", help=pv.CAP_HELP)
-    c.add_argument("--layer", type=cli.layer_or_sweep, default=None, help="steering and gauge layer: "
-                   + pv.LAYER_HELP)
+    c.add_argument("--cap", action="append", default=[], metavar=pv.CAP_SPEC, help=pv.CAP_HELP)
+    c.add_argument("--layer", type=cli.layer_or_sweep, default=None,
+                   help="steering and gauge layer: " + pv.LAYER_HELP)
     c.add_argument("--gauge", action="append", default=None, metavar="TRAIT",
                    help="trait (or vector file) to gauge; repeatable (default: every vector of the model)")
     c.add_argument("--vectors", default=None, help=pv.VECTORS_HELP)
-    c.add_argument("--system", default=None, help="system prompt (default: the model's own template decides)")
+    c.add_argument("--system", default=None,
+                   help="system prompt (default: the model's own template decides)")
     c.add_argument("--max-new-tokens", type=cli.COUNT, default=200)
     c.add_argument("--temperature", type=cli.TEMPERATURE, default=0.0, help="0 = greedy (default)")
     c.add_argument("--top-p", type=cli.TOP_P, default=1.0)
@@ -174,6 +175,7 @@ def add_commands(sub) -> None:
     c.add_argument("--device", default=None, help=pv.DEVICE_HELP)
     c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=pv.DTYPE_HELP)
     c.set_defaults(run=lambda a: chat(
-        model_name=a.model, steer=a.steer, cap=a.cap, layer=a.layer, gauges=a.gauge, vectors=a.vectors,
-        system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-        seed=a.seed, save=a.save, device=a.device, dtype=a.dtype))
+        model_name=a.model, steer=a.steer, cap=a.cap, layer=a.layer, gauges=a.gauge,
+        vectors=a.vectors, system=a.system, max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature, top_p=a.top_p, seed=a.seed, save=a.save, device=a.device,
+        dtype=a.dtype))

@@ -205,8 +205,8 @@ def export_gguf(vector: str, out: str | None = None, layer: int | None = None, l
         raise UserError(f"--coef {coef}: must be a finite number")
     if layer is None and layers is None and not all_layers:
         layer = resolve_layer(None, meta, num_layers)
-        print(f"layer {layer} ({'the best layer recorded by a sweep' if 'best_layer' in meta else 'the middle'}"
-              "; choose with --layer)", file=sys.stderr)
+        own = "the layer the file records" if "best_layer" in meta else "the middle"
+        print(f"layer {layer} ({own}; choose with --layer)", file=sys.stderr)
     last_row_normed = bool(meta.get("last_row_post_norm"))  # import-vector: official files
     rows = select_directions(vec, layer, parse_layer_range(layers) if layers else None, all_layers, last_row_normed)
 
@@ -396,4 +396,5 @@ def add_commands(sub) -> None:
     iv.add_argument("--out", default=None, help="output directory (default: vectors/<model name>/ with --model, "
                     "else beside the file)")
     iv.add_argument("--force", action="store_true", help="replace an existing vector file")
-    iv.set_defaults(run=lambda a: import_vector(a.file, out=a.out, model_name=a.model, force=a.force))
+    iv.set_defaults(run=lambda a: import_vector(
+        a.file, out=a.out, model_name=a.model, force=a.force))

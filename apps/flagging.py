@@ -1,8 +1,8 @@
 """Data flagging at scale: the projection difference ΔP of training samples and datasets on persona vectors (paper §6).
 
-    python persona_vectors.py flag data.jsonl --trait evil                      # -> flags/data.flag.csv, summary
-    python persona_vectors.py flag a.jsonl b.jsonl --trait evil --trait sycophantic --select top --k 500
-    torchrun --nproc_per_node 8 persona_vectors.py flag chats.jsonl --trait evil  # one shard per GPU, merged
+    python -m apps flag data.jsonl --trait evil                    # -> flags/data.flag.csv, summary
+    python -m apps flag a.jsonl b.jsonl --trait evil --trait sycophantic --select top --k 500
+    torchrun --nproc_per_node 8 -m apps flag chats.jsonl --trait evil  # one shard per GPU, merged
 
 For a sample (prompt x, response y), the base model's own response y' to the same prompt, and the unit persona
 vector v̂ at layer L:
@@ -662,7 +662,8 @@ def add_commands(sub) -> None:
         sp.add_argument("--max-tokens", type=cli.COUNT, default=2048,
                         help="longer samples (prompt + response) are skipped and counted")
         sp.add_argument("--out", default=None, help="output directory (default: flags/)")
-        sp.add_argument("--format", choices=["csv", "jsonl"], default="csv", help="per-sample files")
+        sp.add_argument("--format", choices=["csv", "jsonl"], default="csv",
+                        help="per-sample files")
         sp.add_argument("--select", choices=SELECT, default=None)
         sp.add_argument("--k", type=cli.COUNT, default=None, help="how many samples to select")
         sp.add_argument("--select-out", default=None, help="JSONL of the selected lines, unchanged")
@@ -683,17 +684,18 @@ def add_commands(sub) -> None:
     f.add_argument("--batch-size", type=cli.COUNT, default=None, help="default: 64 on CUDA, 16 on CPU")
     f.add_argument("--device", default=None)
     f.set_defaults(run=lambda a: flag(
-        a.files, traits=a.trait, model_name=a.model, layer=a.layer, base_temperature=a.base_temperature,
-        base_top_p=a.base_top_p, base_samples=a.base_samples, max_new_tokens=a.max_new_tokens,
-        max_tokens=a.max_tokens, out=a.out, fmt=a.format, select=a.select, k=a.k, select_out=a.select_out,
-        select_trait=a.select_trait, reference=a.reference, shard=a.shard, batch_size=a.batch_size,
-        chunk_size=a.chunk_size, seed=a.seed, vectors=a.vectors, device=a.device, dtype=a.dtype,
-        force=a.force))
+        a.files, traits=a.trait, model_name=a.model, layer=a.layer,
+        base_temperature=a.base_temperature, base_top_p=a.base_top_p, base_samples=a.base_samples,
+        max_new_tokens=a.max_new_tokens, max_tokens=a.max_tokens, out=a.out, fmt=a.format,
+        select=a.select, k=a.k, select_out=a.select_out, select_trait=a.select_trait,
+        reference=a.reference, shard=a.shard, batch_size=a.batch_size, chunk_size=a.chunk_size,
+        seed=a.seed, vectors=a.vectors, device=a.device, dtype=a.dtype, force=a.force))
     m = sub.add_parser("flag-merge", help="write the outputs of a sharded flag run (same arguments)")
     shared(m)
     m.set_defaults(run=lambda a: flag_merge(
-        a.files, traits=a.trait, model_name=a.model, layer=a.layer, base_temperature=a.base_temperature,
-        base_top_p=a.base_top_p, base_samples=a.base_samples, max_new_tokens=a.max_new_tokens,
-        max_tokens=a.max_tokens, out=a.out, fmt=a.format, select=a.select, k=a.k, select_out=a.select_out,
-        select_trait=a.select_trait, reference=a.reference, chunk_size=a.chunk_size, seed=a.seed,
-        vectors=a.vectors, dtype=a.dtype, force=a.force))
+        a.files, traits=a.trait, model_name=a.model, layer=a.layer,
+        base_temperature=a.base_temperature, base_top_p=a.base_top_p, base_samples=a.base_samples,
+        max_new_tokens=a.max_new_tokens, max_tokens=a.max_tokens, out=a.out, fmt=a.format,
+        select=a.select, k=a.k, select_out=a.select_out, select_trait=a.select_trait,
+        reference=a.reference, chunk_size=a.chunk_size, seed=a.seed, vectors=a.vectors,
+        dtype=a.dtype, force=a.force))

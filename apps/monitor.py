@@ -1,7 +1,7 @@
 """`monitor`: where each assistant turn of a file of conversations falls along each persona vector, and the
 gauges that `chat` and `serve` show after each reply.
 
-    python persona_vectors.py monitor chats.jsonl --trait evil --tokens      # -> chats.monitor.jsonl
+    python -m apps monitor chats.jsonl --trait evil --tokens      # -> chats.monitor.jsonl
 
 A gauge reads a trait's unit vector at one layer: the projection of the last token before the reply (the paper's
 predictor of the trait the reply will show) and of the reply's mean activation, beside where extraction's neg and
@@ -178,11 +178,14 @@ def add_commands(sub) -> None:
     c = sub.add_parser("monitor", help="projections of each assistant turn of JSONL conversations")
     c.add_argument("file", help='JSONL, one {"messages": [...]} per line')
     c.add_argument("--model", default=DEFAULT_MODEL, help=pv.MODEL_HELP)
-    c.add_argument("--trait", action="append", default=None, help="repeatable (default: every vector of the model)")
+    c.add_argument("--trait", action="append", default=None,
+                   help="repeatable (default: every vector of the model)")
     c.add_argument("--layer", type=cli.layer_or_sweep, default=None, help=pv.LAYER_HELP)
     c.add_argument("--vectors", default=None, help=pv.VECTORS_HELP)
-    c.add_argument("--out", default=None, help="output .jsonl or .csv (default: FILE.monitor.jsonl)")
-    c.add_argument("--tokens", action="store_true", help="per-token projections of each reply (printed and saved)")
+    c.add_argument("--out", default=None,
+                   help="output .jsonl or .csv (default: FILE.monitor.jsonl)")
+    c.add_argument("--tokens", action="store_true",
+                   help="per-token projections of each reply (printed and saved)")
     c.add_argument("--device", default=None, help=pv.DEVICE_HELP)
     c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=pv.DTYPE_HELP)
     c.set_defaults(run=lambda a: monitor(

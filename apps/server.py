@@ -1,7 +1,7 @@
 """`serve`: an OpenAI-compatible chat server, on the standard library, where each request may steer the model along
 persona vectors and each reply reports how far it leaned along every one of them.
 
-    python persona_vectors.py serve [--model M] [--port 8000] [--api-key KEY]
+    python -m apps serve [--model M] [--port 8000] [--api-key KEY]
     curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}],
                                                   "steer": {"evil": -1.5}}'
 
@@ -893,6 +893,7 @@ def add_commands(sub) -> None:
     sp.add_argument("--dtype", choices=DTYPES, default=None)
     sp.add_argument("--quiet", action="store_true", help="no access log on stderr")
     sp.set_defaults(run=lambda a: serve(
-        model_name=a.model, host=a.host, port=a.port, api_key=a.api_key, vectors=a.vectors, max_batch=a.max_batch,
-        max_tokens_limit=a.max_tokens_limit, max_n=a.max_n, batch_wait=a.batch_wait, max_body=a.max_body,
-        max_connections=a.max_connections, device=a.device, dtype=a.dtype, quiet=a.quiet))
+        model_name=a.model, host=a.host, port=a.port, api_key=a.api_key, vectors=a.vectors,
+        max_batch=a.max_batch, max_tokens_limit=a.max_tokens_limit, max_n=a.max_n,
+        batch_wait=a.batch_wait, max_body=a.max_body, max_connections=a.max_connections,
+        device=a.device, dtype=a.dtype, quiet=a.quiet))

@@ -132,7 +132,7 @@ def same_model(c: dict, model) -> bool:
 def load_ceilings(path: Path, vec: torch.Tensor, model, trait: str) -> dict:
     """The ceiling file of a vector, checked to be this model's (loaded, or its name) and this vector's."""
     model_name = str(getattr(model, "name_or_path", model))
-    fix = f"run: python persona_vectors.py calibrate-cap {trait}"
+    fix = f"run: python -m apps calibrate-cap {trait}"
     if not path.is_file():
         raise UserError(f"no cap ceilings {path}; {fix}")
     c = read_json(path)

@@ -1,5 +1,6 @@
-"""Files the project reads and writes: atomic writes, CSV, the persona-vector files (their name, a sweep's
-result, saving, loading, fit) and conversation files (JSONL, one {"messages": [...]} per line)."""
+"""Files the project reads and writes: atomic writes, CSV, the persona-vector files (their name, a
+sweep's result, saving, loading, fit) and conversation files (JSONL, one {"messages": [...]} per
+line)."""
 import csv
 import glob
 import json
@@ -262,7 +263,8 @@ def check_model(meta: dict, path: Path, model) -> None:
 
 def sweep_path(vector: Path, meta: dict) -> Path:
     """Where `sweep` writes its result for a vector file's trait: TRAIT_sweep.json beside it."""
-    return Path(vector).parent / f"{meta.get('trait') or Path(vector).name.split('_')[0]}_sweep.json"
+    trait = meta.get("trait") or Path(vector).name.split("_")[0]
+    return Path(vector).parent / f"{trait}_sweep.json"
 
 
 def sweep_layer(vector: Path, meta: dict) -> int:
@@ -271,20 +273,22 @@ def sweep_layer(vector: Path, meta: dict) -> int:
     try:
         result = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"--layer sweep: no sweep result {path}: run `sweep {path.name[:-11]}` first (one run "
-                        "with --out DIR wrote it to DIR), or give --layer N") from None
+        trait = path.name[: -len("_sweep.json")]
+        raise UserError(f"--layer sweep: no sweep result {path}: run `sweep {trait}` first (one "
+                        "run with --out DIR wrote it to DIR), or give --layer N") from None
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"--layer sweep: cannot read {path} ({e}): run the sweep again") from None
     if result.get("best_layer") is None:
-        raise UserError(f"--layer sweep: the sweep in {path} chose no layer (no setting kept its coherence, or "
-                        "no judge): give --layer N")
+        raise UserError(f"--layer sweep: the sweep in {path} chose no layer (no setting kept its "
+                        "coherence, or no judge): give --layer N")
     return result["best_layer"]
 
 
-def resolve_layer(layer: int | str | None, meta: dict, num_layers: int, path: Path | None = None) -> int:
-    """The layer to steer or monitor: `layer`; "sweep": the best layer of the trait's sweep (beside the vector
-    file `path`, see sweep_layer); None: the layer the vector file records (import-gguf of one direction, or a
-    sweep of the time sweeps wrote into vectors), else the middle."""
+def resolve_layer(layer: int | str | None, meta: dict, num_layers: int,
+                  path: Path | None = None) -> int:
+    """The layer to steer or monitor: `layer`; "sweep": the best layer of the trait's sweep (beside
+    the vector file `path`, see sweep_layer); None: the layer the vector file records (import-gguf
+    of one direction, or a sweep from when sweeps wrote into vectors), else the middle."""
     if layer == "sweep":
         if path is None:
             raise UserError("--layer sweep is not available here: give --layer N")

@@ -31,8 +31,9 @@ def tiny(tmp_path_factory):
     d, vectors = tiny_model_with_vectors(tmp_path_factory.mktemp("cap"))
     root = d.parent
     (root / "q.json").write_text(json.dumps(QUESTIONS))
-    assert apps_cli.main(["calibrate-cap", "evil", "--model", str(d), "--vectors", str(vectors), "--questions-file",
-                    str(root / "q.json"), "--n", "4", "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    assert apps_cli.main(["calibrate-cap", "evil", "--model", str(d), "--vectors", str(vectors),
+                          "--questions-file", str(root / "q.json"), "--n", "4",
+                          "--max-new-tokens", "6", "--device", "cpu"]) == 0
     evil = vectors / "evil_response_avg_diff.safetensors"
     ceilings = json.loads(ceiling_path(evil).read_text())
     shutil.copy(evil, vectors / "other_response_avg_diff.safetensors")
@@ -84,7 +85,8 @@ def test_calibrate_cap_writes_the_percentiles_of_every_answer_token(tiny, loaded
 def test_calibrate_cap_refuses_to_overwrite_without_force(tiny, capsys):
     d, vectors, root = tiny
     before = tree(root)
-    err = run_bad(apps_cli.main, ["calibrate-cap", "evil", "--model", str(d), "--vectors", str(vectors)], 1, capsys)
+    args = ["calibrate-cap", "evil", "--model", str(d), "--vectors", str(vectors)]
+    err = run_bad(apps_cli.main, args, 1, capsys)
     assert "pass --force" in err[-1] and tree(root) == before
 
 
@@ -93,7 +95,8 @@ def no_generation(*args, **kwargs):
 
 
 # (arguments, exit code, what the message must say); {d} = tiny model, {v} = its vectors, {r} = the test folder.
-# "cap SPEC" is `generate Hi --cap SPEC` on the tiny model; every case runs through its command line's main.
+# "cap SPEC" is `generate Hi --cap SPEC` on the tiny model; every case runs through its command
+# line's main (persona_vectors.py, or python -m apps).
 GEN = "generate Hi --model {d} --vectors {v} --device cpu --cap"
 PIPE = "--model {d} --vectors {v} --judge none --questions 1 --max-new-tokens 2 --device cpu --cap"
 CASES = [
@@ -107,7 +110,7 @@ CASES = [
     ("cap :90", 1, "expected TRAIT[:PERCENTILE][@LAYERS]"),
     ("cap nosuch", 1, "run `extract nosuch` first"),
     ("cap {r}/missing.safetensors", 1, "does not exist"),
-    ("cap humorous", 1, "run: python persona_vectors.py calibrate-cap humorous"),
+    ("cap humorous", 1, "run: python -m apps calibrate-cap humorous"),
     ("cap other", 1, "was calibrated on someone/else, not"),
     ("cap stale", 1, "calibrated for another stale vector (sha256 differs)"),
     ("cap evil:50 --cap humorous", 1, "calibrate-cap humorous"),  # every spec checked before any generation
@@ -141,8 +144,8 @@ def test_bad_input(tiny, loaded, argv, code, message, monkeypatch, capsys, tmp_p
     args = (GEN + argv[3:] if argv.startswith("cap ") else argv).format(d=d, v=vectors, r=root).split()
     err = run_bad(main_of(args), args, code, capsys)
     assert message in err[-1], err
-    assert err[-1].startswith("error: " if code == 1 else "python -m apps" if main_of(args) is apps_cli.main
-                              else "persona_vectors.py")
+    prog = "python -m apps" if main_of(args) is apps_cli.main else "persona_vectors.py"
+    assert err[-1].startswith("error: " if code == 1 else prog)
     assert list(tmp_path.iterdir()) == []
     assert tree(root) == before
 

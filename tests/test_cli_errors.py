@@ -95,9 +95,11 @@ def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(G, "generate", no_generation)
     before = tree(root)
     app = argv.split()[0] in pv.APP_COMMANDS  # python -m apps COMMAND
-    err = run_bad(apps_cli.main if app else pv.main, argv.format(d=d, v=vectors, r=root).split(), code, capsys)
+    args = argv.format(d=d, v=vectors, r=root).split()
+    err = run_bad(apps_cli.main if app else pv.main, args, code, capsys)
     assert message in err[-1], err
-    assert err[-1].startswith("error: " if code == 1 else "python -m apps" if app else "persona_vectors.py")
+    prog = "python -m apps" if app else "persona_vectors.py"
+    assert err[-1].startswith("error: " if code == 1 else prog)
     assert list(tmp_path.iterdir()) == []  # nothing written
     assert tree(root) == before  # nothing changed
 
@@ -113,8 +115,8 @@ def test_import_vector_never_overwrites_silently(tiny, tmp_path, capsys):
 
 
 def test_an_application_command_says_where_it_moved(tiny, capsys):
-    """`persona_vectors.py chat` (or any command of apps/) exits 2 with one line naming `python -m apps chat`; the
-    core's list of them is the applications' own."""
+    """`persona_vectors.py chat` (or any command of apps/) exits 2 with one line naming
+    `python -m apps chat`; the core's list of them is the applications' own."""
     d, vectors, root = tiny
     for command in pv.APP_COMMANDS:
         err = run_bad(pv.main, [command, "--model", str(d)], 2, capsys)

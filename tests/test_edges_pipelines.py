@@ -136,8 +136,8 @@ def test_chat_keeps_the_conversation_when_the_save_fails_at_the_end(tiny, tmp_pa
 
     monkeypatch.setattr(sys, "stdin", User("Hi\nHow are you?\n"))
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    code = apps_cli.main(["chat", "--model", str(d), "--vectors", str(vectors), "--max-new-tokens", "3",
-                    "--save", str(target / "c.jsonl")])
+    code = apps_cli.main(["chat", "--model", str(d), "--vectors", str(vectors), "--max-new-tokens",
+                          "3", "--save", str(target / "c.jsonl")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("error: cannot save the conversation"), err
     kept = re.search(r"it is in (\S+)$", err[-1]).group(1)

@@ -42,7 +42,8 @@ def test_bad_serve_flags(tiny, argv, code, message, monkeypatch, capsys, tmp_pat
     before = tree(root)
     err = run_bad(apps_cli.main, argv.format(d=d, r=root).split(), code, capsys)
     assert message in err[-1], err
-    assert len(err) == 1 if code == 1 else err[-1].startswith("python -m apps serve: error:")  # after usage
+    usage_then_error = err[-1].startswith("python -m apps serve: error:")
+    assert len(err) == 1 if code == 1 else usage_then_error
     assert list(tmp_path.iterdir()) == [] and tree(root) == before
 
 

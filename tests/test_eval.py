@@ -87,8 +87,8 @@ def test_steered_answers_are_measured_as_the_unsteered_model_reads_them(tiny, tm
 
 
 def test_sweep_end_to_end_writes_its_own_result_and_resumes(tiny, tmp_path, monkeypatch):
-    """The sweep's best setting goes to TRAIT_sweep.json; the vector file is not changed (not a byte), and a later
-    command steers at the sweep's layer only when told (--layer sweep)."""
+    """The sweep's best setting goes to TRAIT_sweep.json; the vector file is not changed (not a
+    byte), and a later command steers at the sweep's layer only when told (--layer sweep)."""
     import judge as J
     d, vectors = tiny
     judge = FakeJudge(hashed=True)
@@ -98,11 +98,13 @@ def test_sweep_end_to_end_writes_its_own_result_and_resumes(tiny, tmp_path, monk
     vec_file = vec_dir / "evil_response_avg_diff.safetensors"
     vec_file.write_bytes((vectors / "evil_response_avg_diff.safetensors").read_bytes())
     before = vec_file.read_bytes()
-    kw = dict(model_name=str(d), judge="fake", layers=[2, 3], coefs=[0.5, 4.0], questions=2, vectors=str(vec_dir),
+    kw = dict(model_name=str(d), judge="fake", layers=[2, 3], coefs=[0.5, 4.0], questions=2,
+              vectors=str(vec_dir),
               max_new_tokens=5, coherence_min=0, device="cpu")
     result = pv.sweep("evil", **kw)
     rows = list(csv.DictReader(open(result["csv"])))
-    assert [(int(r["layer"]), float(r["coef"])) for r in rows] == [(2, 0.5), (2, 4.0), (3, 0.5), (3, 4.0)]
+    grid = [(int(r["layer"]), float(r["coef"])) for r in rows]
+    assert grid == [(2, 0.5), (2, 4.0), (3, 0.5), (3, 4.0)]
     try:  # the plot is optional: a PNG when matplotlib is installed
         import matplotlib  # noqa: F401
         assert result["plot"].read_bytes()[:4] == b"\x89PNG"
@@ -113,8 +115,9 @@ def test_sweep_end_to_end_writes_its_own_result_and_resumes(tiny, tmp_path, monk
     recorded = json.loads((vec_dir / "evil_sweep.json").read_text())
     assert recorded["best_layer"] == best["layer"] and recorded["best_coef"] == str(best["coef"])
     model = M.load(str(d), "cpu")[0]
-    assert pv.steering(["evil:1"], model, vec_dir)[0].layer == 1  # by default the middle, as before the sweep
-    assert pv.steering(["evil:1"], model, vec_dir, layer="sweep")[0].layer == best["layer"] != 1  # when told
+    assert pv.steering(["evil:1"], model, vec_dir)[0].layer == 1  # the middle, as before the sweep
+    told = pv.steering(["evil:1"], model, vec_dir, layer="sweep")[0].layer
+    assert told == best["layer"] != 1
     asked, calls = judge.asked, []
     monkeypatch.setattr(G, "generate", lambda *a, **k: calls.append(1))
     pv.sweep("evil", **kw)  # everything cached: no generation, no judgment

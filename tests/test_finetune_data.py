@@ -269,8 +269,10 @@ def test_each_command_calls_its_function_with_its_flags(tiny, tmp_path, capsys, 
         args = F.build_parser().parse_args(argv)
         args.run(args)
     (a1, make), (a2, shift) = calls
-    assert a1 == ("evil",) and (make["kind"], make["n"], make["dtype"]) == ("normal", 3, torch.float32)
-    assert a2 == ("evil", "x") and (shift["run_eval"], shift["n_random"], shift["base"]) == (True, 10, "b")
+    assert a1 == ("evil",)
+    assert (make["kind"], make["n"], make["dtype"]) == ("normal", 3, torch.float32)
+    assert a2 == ("evil", "x")
+    assert (shift["run_eval"], shift["n_random"], shift["base"]) == (True, 10, "b")
     monkeypatch.undo()
     d, vectors = tiny
     out = tmp_path / "cli.jsonl"

@@ -281,8 +281,9 @@ def test_command_line(tiny, tmp_path, capsys):
     """`python -m apps flag` calls flag with its flags; flag-merge takes the same ones."""
     write_data(tmp_path / "d.jsonl", 4)
     d, vectors = tiny
-    argv = [str(tmp_path / "d.jsonl"), "--trait", "evil", "--model", str(d), "--vectors", str(vectors), "--out",
-            str(tmp_path / "o"), "--max-new-tokens", "3", "--format", "jsonl", "--select", "bottom", "--k", "2"]
+    argv = [str(tmp_path / "d.jsonl"), "--trait", "evil", "--model", str(d), "--vectors",
+            str(vectors), "--out", str(tmp_path / "o"), "--max-new-tokens", "3", "--format",
+            "jsonl", "--select", "bottom", "--k", "2"]
     args = apps_cli.build_parser().parse_args(["flag", *argv, "--device", "cpu"])
     r = args.run(args)
     assert len(read_rows(r["outputs"][str(tmp_path / "d.jsonl")])) == 4

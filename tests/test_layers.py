@@ -4,9 +4,10 @@ imports inside functions included), with no cycle, so that each layer reads, run
     model.py  <  support/  <  judge.py  <  persona_vectors.py  <  train.py  <  apps/  <  tools/
 
 Only model.py's loaders may import up, each on a line marked `# PROJECT IMPORT:` with the reason (the checks,
-downloads and tokenizer of support/), so that the network itself is copied alone. An import by name
-(importlib.import_module("x"), __import__("x")) counts as an import; one whose name is not written out cannot be
-checked, so it is refused. The applications are started their own way (python -m apps), never by the core.
+downloads and tokenizer of support/), so that the network itself is copied alone. An import by
+name (importlib.import_module("x"), __import__("x")) counts as an import; one whose name is not
+written out cannot be checked, so it is refused. The applications are started their own way
+(python -m apps), never by the core.
 """
 import ast
 import re
@@ -36,8 +37,8 @@ def resolve(name: str, importer: Path) -> Path | None:
 
 
 def dynamic_name(node: ast.AST) -> str | None:
-    """The module name of an import by name (importlib.import_module("x"), __import__("x")): the string, or "?"
-    when it is not written out; None for any other node."""
+    """The module name of an import by name (importlib.import_module("x"), __import__("x")): the
+    string, or "?" when it is not written out; None for any other node."""
     if not isinstance(node, ast.Call):
         return None
     f = node.func
@@ -49,8 +50,8 @@ def dynamic_name(node: ast.AST) -> str | None:
 
 
 def imports(path: Path) -> list[tuple[int, Path, bool]]:
-    """(line, imported project file, marked as a declared exception) for every import in `path`, imports by name
-    included."""
+    """(line, imported project file, marked as a declared exception) for every import in `path`,
+    imports by name included."""
     lines = path.read_text().splitlines()
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
@@ -87,7 +88,7 @@ def test_no_import_by_an_unwritten_name():
     """importlib.import_module(variable) could import anything, unseen by the checks here."""
     found = [f"{p.relative_to(ROOT).as_posix()}:{n.lineno}" for p in layer_of()
              for n in ast.walk(ast.parse(p.read_text())) if dynamic_name(n) == "?"]
-    assert not found, f"imports by a name that is not written out (write `import x` instead): {found}"
+    assert not found, f"imports by a name not written out (write `import x` instead): {found}"
 
 
 def test_the_core_never_reaches_apps_or_tools():
@@ -101,7 +102,8 @@ def test_the_core_never_reaches_apps_or_tools():
             if isinstance(n, ast.Constant) and isinstance(n.value, str) and NAME.fullmatch(n.value):
                 t = resolve(n.value, ROOT / f)
                 if t is not None and any(d in t.parents for d in above):
-                    found.append(f"{f}:{n.lineno} names {t.relative_to(ROOT).as_posix()} ({n.value!r})")
+                    named = t.relative_to(ROOT).as_posix()
+                    found.append(f"{f}:{n.lineno} names {named} ({n.value!r})")
     assert not found, "the core reaches the applications or tools:\n" + "\n".join(found)
     assert all((ROOT / f).is_file() for f in CORE)
 

@@ -78,8 +78,8 @@ def tree(root) -> dict:
 
 
 def main_of(args: list[str]):
-    """The main that takes this command line: `python -m apps` for the applications' commands (chat, serve, ...),
-    else persona_vectors.py's."""
+    """The main that takes this command line: `python -m apps` for the applications' commands
+    (chat, serve, ...), else persona_vectors.py's."""
     import persona_vectors as pv
     from apps import __main__ as apps_cli
     return apps_cli.main if args[0] in pv.APP_COMMANDS else pv.main
