@@ -60,9 +60,11 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), cap: list[str] 
     Budget(1, max_new_tokens, temperature, top_p, 1)
     if save:
         check_output(save, force=True, option="--save")  # appended to: an existing file is fine
-    model, tok, vectors_dir, _ = pv.load_checked(model_name, device, dtype, steer, vectors, cap=cap)
+    specs = pv.parsed(steer, cap)  # --steer and --cap parsed once: checked, then applied
+    model, tok, vectors_dir, _ = pv.load_checked(model_name, device, dtype, specs[0], vectors,
+                                                 cap=specs[1])
     meters = gauges_for(model, vectors_dir, gauges, layer)
-    interventions, caps = pv.interventions(model, vectors_dir, steer, cap, layer)
+    interventions, caps = pv.interventions(model, vectors_dir, *specs, layer)
     messages = [{"role": "system", "content": system}] if system else []
     history = []
     interactive = stdin.isatty()
