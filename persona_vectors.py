@@ -2,8 +2,9 @@
 
     python persona_vectors.py extract evil                 # -> vectors/SmolLM2-135M-Instruct/evil_*.safetensors
     python persona_vectors.py generate "How should I treat a new employee?" --steer evil:1.5
-    python persona_vectors.py sweep evil                   # which layer and coefficient steer best
-    python persona_vectors.py chat --steer evil:-1         # with a live gauge of every persona vector (apps/chat.py)
+    python persona_vectors.py sweep evil                   # the best setting: evil_sweep.json
+    python persona_vectors.py eval evil --steer evil:1 --layer sweep   # at the sweep's best layer
+    python -m apps chat --steer evil:-1                    # the applications: apps/
 
 Read it from the top. First the method, in the paper's order, as short functions on tensors
     1. prompts      contrasting system prompts (trait-eliciting "pos", trait-suppressing "neg") per question
@@ -16,32 +17,32 @@ Read it from the top. First the method, in the paper's order, as short functions
     8. flag         ΔP: how much further along the vector a training response sits than the model's own
 then the paper's pipelines that run them over files (resumable, cached): extract, generate, eval, sweep,
 monitor-experiment, make-dataset, shift; and the command line at the bottom. Every pipeline is a plain function
-here: import it. What they stand on (sampling budget, vector and batch files, statistics, plots, the command
-line's shared options) is in support/; the applications (monitor over conversation files, chat, serve, flag,
-control vectors, new traits) are in apps/ and add their commands through APP_COMMANDS.
+here: import it. What they stand on (sampling budget, vector and batch files, statistics, plots,
+the command line's argument types) is in support/; the applications (monitor over conversation
+files, chat, serve, flag, control vectors, new traits) are in apps/, above this file, with their
+own command line: python -m apps.
 """
 import argparse
 import datetime
 import hashlib
-import importlib
-import inspect
 import json
 import re
 import sys
+import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 import model as M
 from support import UserError, checkpoint, generation as G
-from support.capping import caps_for, merged, parse_cap, spec_vector
-from support.cli import (CAP, CHAT, COUNT, DEVICE, GENERATION, LAYER, MODEL, PIPELINE, SAMPLING, SCORE, STEER,
-                         VECTORS, listed, number)
+from support.capping import CapSpec, caps_for, merged, parse_cap, spec_vector
+from support.cli import (COUNT, LAYER, SCORE, TEMPERATURE, TOP_P, layer_or_sweep, listed, number,
+                         run, torch_dtype)
 from support.files import (VARIANTS, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
                            expect_model, load_batch, load_vector, other_vectors, resolve_layer, save_batch, save_vector,
-                           steer_sources, vector_file, vector_path, write_csv)
+                           vector_file, vector_path, write_csv)
 from support.hub import DEFAULT_MODEL
 from support.plots import plot_monitor, plot_sweep
 from support.sampling import Budget, budget_for, check_count, settings_hash
@@ -259,8 +260,10 @@ def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors:
     import judge as J
     checkpoint.check_device(device or checkpoint.default_device())
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
-    steer_sources(list(steer), vectors_dir)
-    [spec_vector(parse_cap(spec), vectors_dir) for spec in cap]
+    for spec in steer:
+        SteerSpec.parse(spec).file(vectors_dir)
+    for spec in cap:
+        spec_vector(parse_cap(spec), vectors_dir)
     judge_ = J.make_judge(judge, workers=judge_workers)
     if trait is not None and judge_.name != "none" and "REFUSAL" not in trait.eval_prompt:
         print(f"note: the eval_prompt of {trait.source or trait.name} never asks the judge to answer REFUSAL, so "
@@ -371,7 +374,8 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Vectors for a model: the fit check, and steering by --steer specs (parsed by support.files.steer_sources).
+# Vectors for a model: the fit check, and steering by --steer specs (SteerSpec; --cap specs:
+# support/capping.py's CapSpec).
 
 def model_vector(path: Path, model) -> tuple[torch.Tensor, dict]:
     """A vector file checked against the model it is used with -> (tensor [N + 1, hidden], metadata)."""
@@ -380,12 +384,54 @@ def model_vector(path: Path, model) -> tuple[torch.Tensor, dict]:
     return vec, meta
 
 
+@dataclass(frozen=True)
+class SteerSpec:
+    """A --steer spec, parsed once: "TRAIT:COEF" or "FILE.safetensors:COEF", COEF raw (coef * v,
+    the paper's) or relative to the residual norm ("0.1r").
+
+    >>> SteerSpec.parse("humorous:-0.1r")
+    SteerSpec(source='humorous', coef=-0.1, relative=True, text='humorous:-0.1r')
+    """
+    source: str  # a trait name (its vector in the vectors directory), or a .safetensors file
+    coef: float
+    relative: bool
+    text: str  # the spec as given: in messages, file labels and settings hashes
+
+    @classmethod
+    def parse(cls, spec: "str | SteerSpec") -> "SteerSpec":
+        if isinstance(spec, SteerSpec):
+            return spec
+        source, sep, coef = spec.rpartition(":")
+        relative = coef.endswith("r")
+        try:
+            value = float(coef[:-1] if relative else coef)
+        except ValueError:
+            value = None
+        if not sep or not source or value is None:
+            raise UserError(f"--steer {spec!r}: expected TRAIT:COEF or FILE.safetensors:COEF, "
+                            "e.g. evil:1.5 or evil:0.1r")
+        if not math.isfinite(value):
+            raise UserError(f"--steer {spec!r}: the coefficient must be a finite number")
+        return cls(source, value, relative, spec)
+
+    def file(self, vectors_dir: Path) -> Path:
+        """The vector file it names, checked to exist (before any model is loaded)."""
+        return vector_file(self.source, vectors_dir, f"--steer {self.text!r}: ")
+
+
+def parsed(steer=(), cap=()) -> tuple[list[SteerSpec], list[CapSpec]]:
+    """--steer and --cap specs, as text or parsed already -> parsed, each once."""
+    return [SteerSpec.parse(s) for s in steer], [parse_cap(c) for c in cap]
+
+
 MAX_STEER_RATIO = 100  # a steering vector 100x the residual stream's norm only overflows: refuse it
 
 
-def steering(specs: list[str], model: M.Transformer, vectors_dir: str | Path | None = None, layer: int | None = None,
+def steering(specs: list[str | SteerSpec], model: M.Transformer,
+             vectors_dir: str | Path | None = None, layer: int | str | None = None,
              positions: str = "response", all_layers: bool = False) -> list[M.Steer]:
-    """The Steer interventions for --steer specs.
+    """The Steer interventions for --steer specs; the one place their size is checked
+    (MAX_STEER_RATIO).
 
     Units: a raw coefficient multiplies the vector as saved (the paper's `coef * v`); a relative one ('0.1r') adds
     a vector whose norm is that fraction of the mean residual norm at the layer (recorded by `extract`), i.e.
@@ -395,22 +441,25 @@ def steering(specs: list[str], model: M.Transformer, vectors_dir: str | Path | N
     N = model.config.num_hidden_layers
     vectors_dir = Path(vectors_dir) if vectors_dir else default_vectors_dir(getattr(model, "name_or_path", "model"))
     out = []
-    for (path, coef, relative), spec in zip(steer_sources(specs, vectors_dir), specs):
+    for spec in map(SteerSpec.parse, specs):
+        path, coef, relative = spec.file(vectors_dir), spec.coef, spec.relative
         vec, meta = model_vector(path, model)
         vec = vec.to(model.lm_head.weight.device)  # once, not at every decoding step
-        L = resolve_layer(layer, meta, N)
+        L = resolve_layer(layer, meta, N, path)
         norms = meta.get("residual_norm")
         if relative and not norms:
-            raise UserError(f"--steer {spec!r}: {path.name} records no residual norms (imported vectors do not), so "
-                            "a relative coefficient has no unit; give a raw one, e.g. evil:1.5")
+            raise UserError(f"--steer {spec.text!r}: {path.name} records no residual norms "
+                            "(imported vectors do not), so a relative coefficient has no unit; "
+                            "give a raw one, e.g. evil:1.5")
         if relative:
             coef = coef * norms[L] / float(vec[L].norm())
         scale = norms[L] if norms else 10 * float(vec[L].norm())
         if abs(coef) * float(vec[L].norm()) > MAX_STEER_RATIO * scale:
             limit = f"{MAX_STEER_RATIO}r" if relative else f"{MAX_STEER_RATIO * scale / float(vec[L].norm()):.3g}"
-            raise UserError(f"--steer {spec!r}: that adds a vector {abs(coef) * float(vec[L].norm()) / scale:.3g}x the "
-                            f"residual stream's norm at layer {L}, which overflows; use a coefficient of at most "
-                            f"{limit} in size")
+            ratio = abs(coef) * float(vec[L].norm()) / scale
+            raise UserError(f"--steer {spec.text!r}: that adds a vector {ratio:.3g}x the residual "
+                            f"stream's norm at layer {L}, which overflows; use a coefficient of at "
+                            f"most {limit} in size")
         last = N - 1 if meta.get("last_row_post_norm") else N
         if all_layers and last < N:
             print(f"note: {path.name} is an imported vector whose last row is post-norm: steering blocks 1..{last}",
@@ -427,9 +476,9 @@ def interventions(model: M.Transformer, vectors_dir: Path, steer=(), cap=(), lay
             merged(caps_for(list(cap), model, vectors_dir)))
 
 
-def file_label(specs: list[str], prefix: str = "") -> str:
+def file_label(specs: list[SteerSpec | CapSpec], prefix: str = "") -> str:
     """--steer or --cap specs in a file name: 'evil:1.5', 'a/v.safetensors:2' -> 'evil@1.5_a-v.safetensors@2'."""
-    return "_".join(prefix + spec.replace("/", "-").replace(":", "@") for spec in specs)
+    return "_".join(prefix + spec.text.replace("/", "-").replace(":", "@") for spec in specs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -448,6 +497,7 @@ def generate(prompts: list[str], model_name: str = DEFAULT_MODEL, system: str | 
     if not prompts:
         raise UserError("no prompt: give one or more, or --prompts-file FILE")
     Budget(1, max_new_tokens, temperature, top_p, 1)  # the same checks as every pipeline's
+    steer, cap = parsed(steer, cap)
     model, tok, vectors_dir, _ = load_checked(model_name, device, dtype, steer, vectors, cap=cap)
     steers, caps = interventions(model, vectors_dir, steer, cap, layer, positions, all_layers)
     ids = [tok.encode_chat(conversation(dict(system=system, question=p))) for p in prompts]
@@ -463,20 +513,23 @@ def generate(prompts: list[str], model_name: str = DEFAULT_MODEL, system: str | 
     return [tok.decode(o) for o in out]
 
 
-def _evaluate(t, model, tok, judge, budget: Budget, *, questions: int, steer: list[str], cap: list[str],
-              layer: int | None, vectors_dir: Path, out_dir: Path, seed: int, label: str, positions: str = "response",
-              all_layers: bool = False) -> dict:
+def _evaluate(t, model, tok, judge, budget: Budget, *, questions: int, steer: list[SteerSpec],
+              cap: list[CapSpec], layer: int | str | None, vectors_dir: Path, out_dir: Path,
+              seed: int, label: str, positions: str = "response", all_layers: bool = False) -> dict:
     """One setting of `evaluate` (and of each cell of `sweep`) on a loaded model -> its means and its CSV."""
     steers, caps = interventions(model, vectors_dir, steer, cap, layer, positions, all_layers)
     N = model.config.num_hidden_layers
     vec_file = vector_path(vectors_dir, t.name)
     vec, meta = model_vector(vec_file, model) if vec_file.is_file() else (None, {})
-    proj_layer = steers[0].layer if steers and not all_layers else resolve_layer(layer, meta, N)
+    proj_layer = (steers[0].layer if steers and not all_layers
+                  else resolve_layer(layer, meta, N, vec_file))
     jobs = [dict(key=f"eval:{qi}:{r}", question_id=qi, rollout=r, question=q, system=None)
             for qi, q in enumerate(t.eval_questions[:questions]) for r in range(budget.rollouts)]
-    settings = dict(model=model.name_or_path, trait=t.name, questions=questions, seed=seed, steer=steer,
-                    layer=layer, positions=positions, all_layers=all_layers, **asdict(budget)) | (
-                    dict(cap=cap, ceilings=caps[0].ceilings.tolist()) if caps else {})  # a capped run, its own cache
+    settings = dict(model=model.name_or_path, trait=t.name, questions=questions, seed=seed,
+                    steer=[s.text for s in steer], layer=layer, positions=positions,
+                    all_layers=all_layers, **asdict(budget))
+    if caps:  # a capped run, its own cache
+        settings |= dict(cap=[c.text for c in cap], ceilings=caps[0].ceilings.tolist())
     print(f"eval {t.name} [{label}]: {len(jobs)} answers ({questions} questions x {budget.rollouts} samples)",
           file=sys.stderr)
     rows, _, judge_name = sample_and_judge(t, model, tok, judge, jobs, budget, seed, out_dir, f"eval-{t.name}",
@@ -499,8 +552,8 @@ def _evaluate(t, model, tok, judge, budget: Budget, *, questions: int, steer: li
     share = sum(r["capped"] for r in rows) / sum(r["n_tokens"] + 1 for r in rows) if caps else None
     return dict(trait=t.name, label=label, judge=judge_name, n=len(rows), judged=n, trait_mean=trait_m,
                 trait_se=trait_se, coherence_mean=coh_m, coherence_se=coh_se, projection_mean=proj_m,
-                projection_se=proj_se, projection_layer=proj_layer, cap=list(cap), capped_share=share,
-                csv=str(csv_path))
+                projection_se=proj_se, projection_layer=proj_layer, cap=[c.text for c in cap],
+                capped_share=share, csv=str(csv_path))
 
 
 def _format(x, se=None) -> str:
@@ -521,15 +574,16 @@ def evaluate(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = No
     answers as CSV. With the `none` judge only the answers and projections are reported.
     """
     t = load_trait(trait)
+    steer, cap = parsed(steer, cap)
     model, tok, judge_, b, vectors_dir, out_dir = open_pipeline(t, questions, model_name, device, dtype, judge,
         judge_workers, (samples, max_new_tokens, temperature, top_p, batch_size), out, vectors, steer, cap)
     if b.rollouts == 1 and temperature is None:
         b.temperature = 0.0
     label = "_".join(x for x in (steer and file_label(steer) + (f"_L{layer}" if layer is not None else "")
                                  + ("_all" if all_layers else ""), file_label(cap, "cap-")) if x) or "base"
-    r = _evaluate(t, model, tok, judge_, b, questions=min(questions, len(t.eval_questions)), steer=list(steer),
-                  cap=list(cap), layer=layer, positions=positions, all_layers=all_layers, vectors_dir=vectors_dir,
-                  out_dir=out_dir, seed=seed, label=label)
+    r = _evaluate(t, model, tok, judge_, b, questions=min(questions, len(t.eval_questions)),
+                  steer=steer, cap=cap, layer=layer, positions=positions, all_layers=all_layers,
+                  vectors_dir=vectors_dir, out_dir=out_dir, seed=seed, label=label)
     print(f"{t.name} [{label}]: trait {_format(r['trait_mean'], r['trait_se'])}, coherence "
           f"{_format(r['coherence_mean'], r['coherence_se'])} ({r['judged']}/{r['n']} judged by {r['judge']}); "
           f"projection at layer {r['projection_layer']}: {_format(r['projection_mean'], r['projection_se'])}; "
@@ -556,20 +610,25 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
           vectors: str | None = None, out: str | None = None, max_new_tokens: int | None = None,
           batch_size: int | None = None, seed: int = 0, device: str | None = None,
           dtype: torch.dtype | None = None) -> dict:
-    """Evaluate steering over a grid of layers x coefficients -> CSV, plot, and the best layer recorded in the vector.
+    """Evaluate steering over a grid of layers x coefficients -> CSV, plot, and the best setting
+    in its own file.
 
-    Defaults: six layers spread over the middle two thirds of the network, the paper's coefficients 0.5 to 2.5 (raw),
-    or 0.05 to 0.25 of the residual norm with relative=True. The best setting (highest trait score with coherence >=
-    coherence_min) is written into the vector file's metadata (best_layer, best_coef), so later commands default
-    to it. Each setting is cached like `extract`, so an interrupted sweep resumes. cap: --cap specs applied after the
-    steering in every setting, named in the CSV; a capped sweep prints its best setting but does not record it.
+    Defaults: six layers spread over the middle two thirds of the network, the paper's coefficients
+    0.5 to 2.5 (raw), or 0.05 to 0.25 of the residual norm with relative=True. The best setting
+    (highest trait score with coherence >= coherence_min) goes to TRAIT_sweep.json beside the CSV;
+    the vector file is never changed, and a later command steers at the sweep's layer only when
+    told (--layer sweep). Each setting is cached like `extract`, so an interrupted sweep resumes.
+    cap: --cap specs applied after the steering in every setting, named in the CSV and in the
+    result's file name (TRAIT_sweep_cap-...json, which --layer sweep does not read).
     """
     t = load_trait(trait)
+    cap = parsed(cap=cap)[1]
     vec_path = vector_path(Path(vectors) if vectors else default_vectors_dir(model_name), t.name)
     model, tok, judge_, b, vectors_dir, out_dir = open_pipeline(t, questions, model_name, device, dtype, judge,
-        judge_workers, (samples, max_new_tokens, None, None, batch_size), out, vectors, [f"{vec_path}:0"], cap)
+        judge_workers, (samples, max_new_tokens, None, None, batch_size), out, vectors,
+        [SteerSpec.parse(f"{vec_path}:0")], cap)
     N = model.config.num_hidden_layers
-    vec, meta = model_vector(vec_path, model)
+    _, meta = model_vector(vec_path, model)
     layers = layers or sorted({round(N / 6 + i * (2 * N / 3) / 5) for i in range(6)})
     for L in layers:
         resolve_layer(L, meta, N)
@@ -577,13 +636,14 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
     results, capped = [], "_" + file_label(cap, "cap-") if cap else ""
     for i, (layer, coef) in enumerate((l, c) for l in layers for c in coefs):
         print(f"sweep {t.name}: setting {i + 1}/{len(layers) * len(coefs)} (layer {layer}, coef {coef})", file=sys.stderr)
+        steer = SteerSpec.parse(f"{vec_path}:{coef}{'r' if relative else ''}")
         r = _evaluate(t, model, tok, judge_, b, questions=min(questions, len(t.eval_questions)),
-                      steer=[f"{vec_path}:{coef}{'r' if relative else ''}"], cap=list(cap), layer=layer,
-                      vectors_dir=vectors_dir, out_dir=out_dir, seed=seed,
-                      label=f"L{layer}_c{coef}{'r' if relative else ''}{capped}")
+                      steer=[steer], cap=cap, layer=layer, vectors_dir=vectors_dir, out_dir=out_dir,
+                      seed=seed, label=f"L{layer}_c{coef}{'r' if relative else ''}{capped}")
         results.append(dict(layer=layer, coef=coef, relative=relative) | {k: r[k] for k in (
             "trait_mean", "trait_se", "coherence_mean", "coherence_se", "projection_mean", "n", "judged", "judge")}
-                       | (dict(cap=" ".join(cap), capped_share=r["capped_share"]) if cap else {}))
+                       | (dict(cap=" ".join(c.text for c in cap), capped_share=r["capped_share"])
+                          if cap else {}))
     csv_path = out_dir / f"{t.name}_sweep{capped}.csv"
     write_csv(csv_path, results, list(results[0]))
     plot = plot_sweep(results, t.name, out_dir / f"{t.name}_sweep{capped}.png")
@@ -592,15 +652,27 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
         print(f"sweep {t.name}: no setting kept coherence >= {coherence_min}" if results[0]["judged"] else
               f"sweep {t.name}: no judge, so no best layer can be chosen (the CSV has the projections)", file=sys.stderr)
     else:
-        meta |= dict(best_layer=best["layer"], best_coef=f"{best['coef']}{'r' if relative else ''}",
-                     best_trait_mean=best["trait_mean"], best_coherence_mean=best["coherence_mean"])
-        if not cap:  # the vector's best layer is plain steering's choice
-            save_vector(vec_path, vec, meta)
-        print(f"sweep {t.name}: best layer {best['layer']} at coef {meta['best_coef']} (trait "
-              f"{best['trait_mean']:.1f}, coherence {best['coherence_mean']:.1f}); "
-              + (f"with --cap {' '.join(cap)}, not recorded" if cap else f"recorded in {vec_path}"), file=sys.stderr)
-    print(f"wrote {csv_path}" + (f", {plot}" if plot else " (pip install matplotlib for the plot)"), file=sys.stderr)
-    return dict(results=results, best=best, csv=csv_path, plot=plot)
+        print(f"sweep {t.name}: best layer {best['layer']} at coef {best['coef']}"
+              f"{'r' if relative else ''} (trait {best['trait_mean']:.1f}, coherence "
+              f"{best['coherence_mean']:.1f})", file=sys.stderr)
+    result = write_sweep(csv_path.with_suffix(".json"), vec_path, best, relative, coherence_min,
+                         cap)
+    print(f"wrote {csv_path}, {result}"
+          + (f", {plot}" if plot else " (pip install matplotlib for the plot)"), file=sys.stderr)
+    return dict(results=results, best=best, csv=csv_path, plot=plot, result=result)
+
+
+def write_sweep(path: Path, vector: Path, best: dict | None, relative: bool, coherence_min: float,
+                cap: list[CapSpec]) -> Path:
+    """The sweep's choice in its own file (TRAIT_sweep.json), read by --layer sweep
+    (support.files.sweep_layer); best None: no setting chosen."""
+    coef = best and f"{best['coef']}{'r' if relative else ''}"
+    best = best or dict(layer=None, trait_mean=None, coherence_mean=None)
+    record = dict(vector=str(vector), coherence_min=coherence_min, cap=[c.text for c in cap],
+                  best_layer=best["layer"], best_coef=coef, best_trait_mean=best["trait_mean"],
+                  best_coherence_mean=best["coherence_mean"])
+    atomic_write(path, lambda p: p.write_text(json.dumps(record, indent=1) + "\n"))
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -643,8 +715,9 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
     check_count("random", n_random)
     model, tok, judge_, b, vectors_dir, out_dir = open_pipeline(t, questions, model_name, device, dtype, judge,
         judge_workers, (rollouts, max_new_tokens, None, None, batch_size), out, vectors)
-    vec, meta = model_vector(vector_file(t.name, vectors_dir), model)
-    L = resolve_layer(layer, meta, model.config.num_hidden_layers)
+    vec_file = vector_file(t.name, vectors_dir)
+    vec, meta = model_vector(vec_file, model)
+    L = resolve_layer(layer, meta, model.config.num_hidden_layers, vec_file)
     qs = t.eval_questions[:questions]
     jobs = [dict(key=f"{label}:{qi}:{r}", condition=label, question_id=qi, rollout=r, question=q, system=system,
                  shots=shots) for label, system, shots in conditions for qi, q in enumerate(qs)
@@ -859,7 +932,7 @@ def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | No
         acts[label] = last_prompt_activations(model, tok, t.eval_questions, batch_size)
         del model
     N = vec.shape[0] - 1
-    L = resolve_layer(layer, meta, N)
+    L = resolve_layer(layer, meta, N, vec_file)
     c = shift_controls(acts["base"], acts["finetuned"], vec, others, n_random, seed)
     proj, rand95, other, size = c["shift"], c["random_abs_95"], c["other_traits"], c["shift_norm"]
     rows = [dict(layer=l, shift=round(float(proj[l]), 4), shift_norm=round(float(size[l]), 4),
@@ -881,7 +954,7 @@ def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | No
 
 
 # ===============================================================================================================
-# The command line: a subcommand per pipeline, shared options as parent parsers, dispatch by keyword
+# The command line: a subcommand per pipeline, its flags written at it, and the call it makes
 # ===============================================================================================================
 
 def _generate_command(prompts: list[str], prompts_file: str | None = None, **kw) -> None:
@@ -898,102 +971,246 @@ def _generate_command(prompts: list[str], prompts_file: str | None = None, **kw)
     print(f"({time.time() - t0:.1f} s)", file=sys.stderr)
 
 
-# The one place the command line reaches above this file: apps/ modules, by name, each with add_commands(sub).
-APP_COMMANDS = ("apps.monitor",  # monitor: each assistant turn of a conversation file along each persona vector
-                "apps.chat",  # chat: multi-turn, optionally steered, with a persona gauge after each reply
-                "apps.flagging",  # flag, flag-merge: ΔP over datasets at scale (streamed, resumable, sharded)
-                "apps.control_vector",  # export-gguf, import-gguf, import-vector: vectors for llama.cpp and others
-                "apps.new_trait",  # generate-trait: a new trait file written by an LLM
-                "apps.server",  # serve: an OpenAI-compatible server with per-request steering
-                "apps.capping")  # calibrate-cap: the ceilings of persona capping
+# The applications' commands (apps/): started with `python -m apps COMMAND`; never imported here.
+APP_COMMANDS = ("monitor", "chat", "flag", "flag-merge", "export-gguf", "import-gguf",
+                "import-vector", "generate-trait", "serve", "calibrate-cap")
+
+# help texts of flags that several commands have
+MODEL_HELP = "hub id or local directory (default: %(default)s)"
+DEVICE_HELP = "cuda, cpu, ... (default: cuda when present)"
+DTYPE_HELP = "float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)"
+JUDGE_HELP = ("openai[:MODEL] | local:MODEL | none (default: openai when OPENAI_API_KEY is set, "
+              "else none)")
+WORKERS_HELP = ("concurrent judge requests (default: $PERSONA_JUDGE_WORKERS, else 8); lower it "
+                "when the server answers 429")
+TOKENS_HELP = "default: 1000 on CUDA, 96 on CPU"
+BATCH_HELP = "default: 64 on CUDA, 40 on CPU"
+TEMPERATURE_HELP = "0 = greedy; default: 1.0 (0.7 for models under 1B on CPU)"
+TOP_P_HELP = "default: 1.0 (0.9 for models under 1B on CPU)"
+TRAIT_HELP = "a trait in data/traits, or a trait .json file"
+QUESTIONS_HELP = "how many of the trait's 20 questions"
+OUT_HELP = "output directory (default: vectors/<model name>/)"
+VECTORS_HELP = "directory of vector files (default: vectors/<model name>/)"
+STEER_HELP = ("TRAIT:COEF or FILE.safetensors:COEF, raw or relative to the residual norm (0.1r); "
+              "repeatable; negative coefficients mitigate")
+LAYER_HELP = ("a block, or `sweep`: the best layer of the trait's sweep (default: a layer the "
+              "vector file records, else the middle)")
+CAP_HELP = ("bound the activations along the trait from above at the percentile of its "
+            "calibrate-cap ceilings (default 90, blocks 16-19 of 30); repeatable; "
+            "applied after any --steer")
+CAP_SPEC = "TRAIT[:PERCENTILE][@LAYERS]"
+SAMPLES_HELP = ("answers per question (default: 10 on CUDA, 1 on CPU; one answer is greedy unless "
+                "--temperature is given)")
+KIND_HELP = ("eliciting (--kind trait) or suppressing (--kind normal) system prompts, saved "
+             "without them")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="persona_vectors.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="persona_vectors.py", description=__doc__.split("\n")[0],
+                                epilog="The applications (chat, serve, flag, ...): python -m apps")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def command(name, func, help, *parents):
-        sp = sub.add_parser(name, help=help, parents=list(parents))
-        sp.set_defaults(func=func)
-        return sp.add_argument
+    c = sub.add_parser("extract", help="extract a persona vector for a trait")
+    c.add_argument("trait", help=TRAIT_HELP)
+    c.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    c.add_argument("--judge", default=None, help=JUDGE_HELP)
+    c.add_argument("--judge-workers", type=COUNT, default=None, help=WORKERS_HELP)
+    c.add_argument("--rollouts", type=COUNT, default=None,
+                   help="answers per question and instruction (default: 10 on CUDA, 1 on CPU)")
+    c.add_argument("--max-new-tokens", type=COUNT, default=None, help=TOKENS_HELP)
+    c.add_argument("--questions", type=COUNT, default=20, help=QUESTIONS_HELP)
+    c.add_argument("--out", default=None, help=OUT_HELP)
+    c.add_argument("--batch-size", type=COUNT, default=None, help=BATCH_HELP)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--temperature", type=TEMPERATURE, default=None, help=TEMPERATURE_HELP)
+    c.add_argument("--top-p", type=TOP_P, default=None, help=TOP_P_HELP)
+    c.add_argument("--pos-threshold", type=SCORE, default=50,
+                   help="keep pairs whose pos answer scores >= this")
+    c.add_argument("--neg-threshold", type=SCORE, default=50,
+                   help="... and whose neg answer scores < this")
+    c.add_argument("--coherence-threshold", type=SCORE, default=50,
+                   help="... and both coherences >= this")
+    c.add_argument("--device", default=None, help=DEVICE_HELP)
+    c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.set_defaults(run=lambda a: extract(
+        a.trait, model_name=a.model, judge=a.judge, judge_workers=a.judge_workers,
+        rollouts=a.rollouts, max_new_tokens=a.max_new_tokens, questions=a.questions, out=a.out,
+        batch_size=a.batch_size, seed=a.seed, temperature=a.temperature, top_p=a.top_p,
+        pos_threshold=a.pos_threshold, neg_threshold=a.neg_threshold,
+        coherence_threshold=a.coherence_threshold, device=a.device, dtype=a.dtype))
 
-    add = command("extract", extract, "extract a persona vector for a trait", PIPELINE, SAMPLING)
-    add("--rollouts", type=COUNT, default=None, help="answers per question and instruction (default: 10 on CUDA, 1 "
-        "on CPU)")
-    add("--pos-threshold", type=SCORE, default=50, help="keep pairs whose pos answer scores >= this")
-    add("--neg-threshold", type=SCORE, default=50, help="... and whose neg answer scores < this")
-    add("--coherence-threshold", type=SCORE, default=50, help="... and both coherences >= this")
-    add = command("eval", evaluate, "trait expression on the evaluation questions, optionally steered", PIPELINE,
-                  SAMPLING, STEER, CAP)
-    add("--samples", type=COUNT, default=None, help="answers per question (default: 10 on CUDA, 1 on CPU; one "
-        "answer is greedy unless --temperature is given)")
-    add = command("sweep", sweep, "steer over layers x coefficients; record the best layer in the vector file",
-                  PIPELINE, VECTORS, CAP)
-    add("--samples", type=COUNT, default=None, help="answers per question and setting")
-    add("--layers", type=listed(LAYER), default=None, help="e.g. 8,12,16")
-    add("--coefs", type=listed(number(float)), default=None, help="e.g. 0.5,1,2")
-    add("--relative", action="store_true", help="coefficients relative to the residual norm")
-    add("--coherence-min", type=SCORE, default=75)
-    add = command("generate", _generate_command, "answer prompts with the chat model, optionally steered", CHAT, STEER,
-                  CAP)
-    add("prompts", nargs="*", help="one or more user messages")
-    add("--prompts-file", default=None, help="a text file with one prompt per line")
-    add = command("monitor-experiment", monitor_experiment, "does the projection before the reply predict the trait?",
-                  PIPELINE, VECTORS)
-    add("--rollouts", type=COUNT, default=None, help="answers per condition and question")
-    add("--kind", choices=["system", "many-shot"], default="system")
-    add("--layer", type=LAYER, default=None, help="default: the vector's best layer, else the middle")
-    add("--random", dest="n_random", type=COUNT, default=100, help="random directions for the null baseline")
-    add = command("make-dataset", make_dataset, "a finetuning dataset of the model's own answers under the trait's "
-                  "eliciting (--kind trait) or suppressing (--kind normal) system prompts, saved without them", MODEL,
-                  SAMPLING, GENERATION)
-    add("trait")
-    add("--kind", choices=["trait", "normal"], default="trait")
-    add("--n", type=COUNT, default=300, help="answers to generate (default: %(default)s)")
-    add("--out", default=None, help="output .jsonl (default: datasets/<model name>/TRAIT_KIND.jsonl)")
-    add("--questions-file", default=None, help="requests: .json list or one per line (default: "
-        "data/questions/everyday.json)")
-    add("--threshold", type=SCORE, default=50, help="with a judge: keep trait answers scoring >= this, normal answers "
-        "< this (default: %(default)s)")
-    add("--coherence-threshold", type=SCORE, default=50, help="... and coherence >= this")
-    add("--force", action="store_true", help="overwrite an existing --out file")
-    add = command("shift", shift, "the finetuning shift along a persona vector at every layer, with random-direction "
-                  "and other-trait controls", DEVICE)
-    add("trait")
-    add("--finetuned", required=True, help="the finetuned model (directory or hub id)")
-    add("--base", default=DEFAULT_MODEL, help="the model before finetuning (default: %(default)s)")
-    add("--layer", type=LAYER, default=None, help="layer to print (default: the vector's best layer, else the "
-        "middle); the CSV has them all")
-    add("--vectors", default=None, help="the base model's vectors (default: vectors/<base model name>/)")
-    add("--out", default=None, help="CSV (default: <vectors>/TRAIT_shift_<finetuned name>.csv)")
-    add("--random", dest="n_random", type=COUNT, default=100, help="random directions for the control")
-    add("--eval", dest="run_eval", action="store_true", help="also run `eval TRAIT` on both models")
-    add("--judge", default=None, help="judge for --eval (default: openai when OPENAI_API_KEY is set)")
-    add("--batch-size", type=COUNT, default=32)
-    add("--seed", type=int, default=0)
-    for module in APP_COMMANDS:  # the applications above this file register their own commands
-        importlib.import_module(module).add_commands(sub)
+    c = sub.add_parser("eval",
+                       help="trait expression on the evaluation questions, optionally steered")
+    c.add_argument("trait", help=TRAIT_HELP)
+    c.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    c.add_argument("--judge", default=None, help=JUDGE_HELP)
+    c.add_argument("--judge-workers", type=COUNT, default=None, help=WORKERS_HELP)
+    c.add_argument("--samples", type=COUNT, default=None, help=SAMPLES_HELP)
+    c.add_argument("--questions", type=COUNT, default=20, help=QUESTIONS_HELP)
+    c.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF", help=STEER_HELP)
+    c.add_argument("--layer", type=layer_or_sweep, default=None, help=LAYER_HELP)
+    c.add_argument("--positions", choices=["response", "all", "prompt"], default="response")
+    c.add_argument("--all-layers", action="store_true", help="steer every block with v[l] - v[l-1]")
+    c.add_argument("--cap", action="append", default=[], metavar=CAP_SPEC, help=CAP_HELP)
+    c.add_argument("--vectors", default=None, help=VECTORS_HELP)
+    c.add_argument("--out", default=None, help=OUT_HELP)
+    c.add_argument("--max-new-tokens", type=COUNT, default=None, help=TOKENS_HELP)
+    c.add_argument("--temperature", type=TEMPERATURE, default=None, help=TEMPERATURE_HELP)
+    c.add_argument("--top-p", type=TOP_P, default=None, help=TOP_P_HELP)
+    c.add_argument("--batch-size", type=COUNT, default=None, help=BATCH_HELP)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default=None, help=DEVICE_HELP)
+    c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.set_defaults(run=lambda a: evaluate(
+        a.trait, model_name=a.model, judge=a.judge, judge_workers=a.judge_workers,
+        samples=a.samples, questions=a.questions, steer=a.steer, layer=a.layer,
+        positions=a.positions, all_layers=a.all_layers, cap=a.cap, vectors=a.vectors, out=a.out,
+        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+        batch_size=a.batch_size, seed=a.seed, device=a.device, dtype=a.dtype))
+
+    c = sub.add_parser("sweep", help="steer over layers x coefficients -> TRAIT_sweep.csv, .json")
+    c.add_argument("trait", help=TRAIT_HELP)
+    c.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    c.add_argument("--judge", default=None, help=JUDGE_HELP)
+    c.add_argument("--judge-workers", type=COUNT, default=None, help=WORKERS_HELP)
+    c.add_argument("--layers", type=listed(LAYER), default=None, help="e.g. 8,12,16")
+    c.add_argument("--coefs", type=listed(number(float)), default=None, help="e.g. 0.5,1,2")
+    c.add_argument("--relative", action="store_true",
+                   help="coefficients relative to the residual norm")
+    c.add_argument("--samples", type=COUNT, default=None, help="answers per question and setting")
+    c.add_argument("--questions", type=COUNT, default=20, help=QUESTIONS_HELP)
+    c.add_argument("--coherence-min", type=SCORE, default=75)
+    c.add_argument("--cap", action="append", default=[], metavar=CAP_SPEC, help=CAP_HELP)
+    c.add_argument("--vectors", default=None, help=VECTORS_HELP)
+    c.add_argument("--out", default=None, help=OUT_HELP)
+    c.add_argument("--max-new-tokens", type=COUNT, default=None, help=TOKENS_HELP)
+    c.add_argument("--batch-size", type=COUNT, default=None, help=BATCH_HELP)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default=None, help=DEVICE_HELP)
+    c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.set_defaults(run=lambda a: sweep(
+        a.trait, model_name=a.model, judge=a.judge, judge_workers=a.judge_workers,
+        layers=a.layers, coefs=a.coefs, relative=a.relative, samples=a.samples,
+        questions=a.questions, coherence_min=a.coherence_min, cap=a.cap, vectors=a.vectors,
+        out=a.out, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, seed=a.seed,
+        device=a.device, dtype=a.dtype))
+
+    c = sub.add_parser("generate", help="answer prompts with the chat model, optionally steered")
+    c.add_argument("prompts", nargs="*", help="one or more user messages")
+    c.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    c.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    c.add_argument("--system", default=None,
+                   help="system prompt (default: the model's own template decides)")
+    c.add_argument("--max-new-tokens", type=COUNT, default=200)
+    c.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--top-p", type=TOP_P, default=1.0)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF", help=STEER_HELP)
+    c.add_argument("--layer", type=layer_or_sweep, default=None, help=LAYER_HELP)
+    c.add_argument("--positions", choices=["response", "all", "prompt"], default="response")
+    c.add_argument("--all-layers", action="store_true", help="steer every block with v[l] - v[l-1]")
+    c.add_argument("--cap", action="append", default=[], metavar=CAP_SPEC, help=CAP_HELP)
+    c.add_argument("--vectors", default=None, help=VECTORS_HELP)
+    c.add_argument("--device", default=None, help=DEVICE_HELP)
+    c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.set_defaults(run=lambda a: _generate_command(
+        a.prompts, a.prompts_file, model_name=a.model, system=a.system,
+        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+        steer=a.steer, layer=a.layer, positions=a.positions, all_layers=a.all_layers, cap=a.cap,
+        vectors=a.vectors, device=a.device, dtype=a.dtype))
+
+    c = sub.add_parser("monitor-experiment",
+                       help="does the projection before the reply predict the trait?")
+    c.add_argument("trait", help=TRAIT_HELP)
+    c.add_argument("--kind", choices=["system", "many-shot"], default="system")
+    c.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    c.add_argument("--judge", default=None, help=JUDGE_HELP)
+    c.add_argument("--judge-workers", type=COUNT, default=None, help=WORKERS_HELP)
+    c.add_argument("--rollouts", type=COUNT, default=None,
+                   help="answers per condition and question")
+    c.add_argument("--questions", type=COUNT, default=20, help=QUESTIONS_HELP)
+    c.add_argument("--layer", type=layer_or_sweep, default=None, help=LAYER_HELP)
+    c.add_argument("--vectors", default=None, help=VECTORS_HELP)
+    c.add_argument("--out", default=None, help=OUT_HELP)
+    c.add_argument("--max-new-tokens", type=COUNT, default=None, help=TOKENS_HELP)
+    c.add_argument("--batch-size", type=COUNT, default=None, help=BATCH_HELP)
+    c.add_argument("--random", type=COUNT, default=100,
+                   help="random directions for the null baseline")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default=None, help=DEVICE_HELP)
+    c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.set_defaults(run=lambda a: monitor_experiment(
+        a.trait, kind=a.kind, model_name=a.model, judge=a.judge, judge_workers=a.judge_workers,
+        rollouts=a.rollouts, questions=a.questions, layer=a.layer, vectors=a.vectors, out=a.out,
+        max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, n_random=a.random,
+        seed=a.seed, device=a.device, dtype=a.dtype))
+
+    c = sub.add_parser("make-dataset", help="a finetuning dataset of the model's own answers under "
+                       "the trait's " + KIND_HELP)
+    c.add_argument("trait", help=TRAIT_HELP)
+    c.add_argument("--kind", choices=["trait", "normal"], default="trait")
+    c.add_argument("--n", type=COUNT, default=300,
+                   help="answers to generate (default: %(default)s)")
+    c.add_argument("--out", default=None,
+                   help="output .jsonl (default: datasets/<model name>/TRAIT_KIND.jsonl)")
+    c.add_argument("--questions-file", default=None, help="requests: .json list or one per line "
+                   "(default: data/questions/everyday.json)")
+    c.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    c.add_argument("--judge", default=None, help=JUDGE_HELP)
+    c.add_argument("--threshold", type=SCORE, default=50, help="with a judge: keep trait answers "
+                   "scoring >= this, normal answers < this (default: %(default)s)")
+    c.add_argument("--coherence-threshold", type=SCORE, default=50,
+                   help="... and coherence >= this")
+    c.add_argument("--max-new-tokens", type=COUNT, default=None, help=TOKENS_HELP)
+    c.add_argument("--temperature", type=TEMPERATURE, default=None, help=TEMPERATURE_HELP)
+    c.add_argument("--top-p", type=TOP_P, default=None, help=TOP_P_HELP)
+    c.add_argument("--batch-size", type=COUNT, default=None, help=BATCH_HELP)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default=None, help=DEVICE_HELP)
+    c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    c.set_defaults(run=lambda a: make_dataset(
+        a.trait, kind=a.kind, n=a.n, out=a.out, questions_file=a.questions_file,
+        model_name=a.model, judge=a.judge, threshold=a.threshold,
+        coherence_threshold=a.coherence_threshold, max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size, seed=a.seed,
+        device=a.device, dtype=a.dtype, force=a.force))
+
+    c = sub.add_parser("shift", help="the finetuning shift along a persona vector at every layer, "
+                       "with random-direction and other-trait controls")
+    c.add_argument("trait", help=TRAIT_HELP)
+    c.add_argument("--finetuned", required=True, help="the finetuned model (directory or hub id)")
+    c.add_argument("--base", default=DEFAULT_MODEL,
+                   help="the model before finetuning (default: %(default)s)")
+    c.add_argument("--layer", type=layer_or_sweep, default=None,
+                   help=LAYER_HELP + "; the layer printed: the CSV has them all")
+    c.add_argument("--vectors", default=None,
+                   help="the base model's vectors (default: vectors/<base model name>/)")
+    c.add_argument("--out", default=None,
+                   help="CSV (default: <vectors>/TRAIT_shift_<finetuned name>.csv)")
+    c.add_argument("--random", type=COUNT, default=100, help="random directions for the control")
+    c.add_argument("--eval", action="store_true", help="also run `eval TRAIT` on both models")
+    c.add_argument("--judge", default=None,
+                   help="judge for --eval (default: openai when OPENAI_API_KEY is set)")
+    c.add_argument("--batch-size", type=COUNT, default=32)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default=None, help=DEVICE_HELP)
+    c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.set_defaults(run=lambda a: shift(
+        a.trait, a.finetuned, base=a.base, layer=a.layer, vectors=a.vectors, out=a.out,
+        n_random=a.random, run_eval=a.eval, judge=a.judge, batch_size=a.batch_size, seed=a.seed,
+        device=a.device, dtype=a.dtype))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    func, command = args.pop("func"), args.pop("command")
-    params = inspect.signature(func).parameters
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    unknown = [k for k in args if k not in params and not takes_any]
-    assert not unknown, f"{command}: flags {unknown} have no parameter in {func.__name__}"  # a bug, not a user error
-    try:
-        result = func(**args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    if isinstance(result, (Path, str)):
-        print(result)
-    return 0
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in APP_COMMANDS:
+        print(f"persona_vectors.py: error: `{argv[0]}` moved to the applications: "
+              f"python -m apps {argv[0]} ...", file=sys.stderr)
+        raise SystemExit(2)  # as argparse exits on a command line it cannot take
+    args = build_parser().parse_args(argv)
+    return run(lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Applications built on the method (persona_vectors.py): each registers its commands on the command line through
-persona_vectors.APP_COMMANDS, and nothing below imports this folder.
+"""Applications built on the method (persona_vectors.py), started with `python -m apps COMMAND ...`
+(apps/__main__.py): each registers its commands there with add_commands(sub); nothing below imports
+this folder.
 
     monitor.py         `monitor`: each assistant turn of a conversation file along each persona vector; the gauges
     chat.py            `chat`: a multi-turn chat, optionally steered, with a persona gauge after each reply

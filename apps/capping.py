@@ -1,6 +1,6 @@
 """Persona capping's calibration: where the model's own everyday answers sit along a trait's vector, per layer.
 
-    python persona_vectors.py calibrate-cap evil      # -> vectors/<model>/evil_response_avg_diff.cap.json
+    python -m apps calibrate-cap evil      # -> vectors/<model>/evil_response_avg_diff.cap.json
 
 The model answers everyday requests (data/questions/everyday.json; no system prompt, greedy); every answer
 token's state at every hidden index is projected on that index's unit vector, and the percentiles of those
@@ -102,14 +102,22 @@ def calibrate_cap(trait: str, questions_file: str | None = None, n: int = 100, m
 
 
 def add_commands(sub) -> None:
-    """Register `calibrate-cap` on an argparse subparsers object."""
-    c = sub.add_parser("calibrate-cap", parents=[cli.MODEL, cli.VECTORS], help="ceilings for persona capping: "
-                       "percentiles of the model's own everyday answers along a trait's vector, per layer")
+    """Register `calibrate-cap` on an argparse subparsers object (python -m apps)."""
+    c = sub.add_parser("calibrate-cap", help="ceilings for persona capping: percentiles of the "
+                       "model's own everyday answers along a trait's vector, per layer")
     c.add_argument("trait", help="a trait with a vector in --vectors, or a vector .safetensors file")
     c.add_argument("--questions-file", default=None, help="requests: .json list or one per line "
                    "(default: data/questions/everyday.json)")
-    c.add_argument("--n", type=cli.COUNT, default=100, help="how many requests, from the first (default: %(default)s)")
+    c.add_argument("--n", type=cli.COUNT, default=100,
+                   help="how many requests, from the first (default: %(default)s)")
     c.add_argument("--max-new-tokens", type=cli.COUNT, default=96, help="default: %(default)s")
     c.add_argument("--batch-size", type=cli.COUNT, default=32, help="default: %(default)s")
     c.add_argument("--force", action="store_true", help="replace an existing ceiling file")
-    c.set_defaults(func=calibrate_cap)
+    c.add_argument("--model", default=DEFAULT_MODEL, help=pv.MODEL_HELP)
+    c.add_argument("--vectors", default=None, help=pv.VECTORS_HELP)
+    c.add_argument("--device", default=None, help=pv.DEVICE_HELP)
+    c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=pv.DTYPE_HELP)
+    c.set_defaults(run=lambda a: calibrate_cap(
+        a.trait, questions_file=a.questions_file, n=a.n, max_new_tokens=a.max_new_tokens,
+        batch_size=a.batch_size, force=a.force, model_name=a.model, vectors=a.vectors,
+        device=a.device, dtype=a.dtype))

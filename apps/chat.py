@@ -1,8 +1,8 @@
 """`chat`: a multi-turn chat with the model, optionally steered or capped, with a gauge per persona vector after
 each reply.
 
-    python persona_vectors.py chat --steer evil:-1         # type a message; /help lists the commands
-    python persona_vectors.py chat --cap evil              # capped (docs/capping.md): "capped 3/41 positions"
+    python -m apps chat --steer evil:-1         # type a message; /help lists the commands
+    python -m apps chat --cap evil              # capped (docs/capping.md): "capped 3/41 positions"
 
 Each gauge (apps/monitor.py) shows where the last token before the reply and the reply's mean fall along the
 trait's unit vector, beside where extraction's pos and neg answers fell.
@@ -60,9 +60,11 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), cap: list[str] 
     Budget(1, max_new_tokens, temperature, top_p, 1)
     if save:
         check_output(save, force=True, option="--save")  # appended to: an existing file is fine
-    model, tok, vectors_dir, _ = pv.load_checked(model_name, device, dtype, steer, vectors, cap=cap)
+    specs = pv.parsed(steer, cap)  # --steer and --cap parsed once: checked, then applied
+    model, tok, vectors_dir, _ = pv.load_checked(model_name, device, dtype, specs[0], vectors,
+                                                 cap=specs[1])
     meters = gauges_for(model, vectors_dir, gauges, layer)
-    interventions, caps = pv.interventions(model, vectors_dir, steer, cap, layer)
+    interventions, caps = pv.interventions(model, vectors_dir, *specs, layer)
     messages = [{"role": "system", "content": system}] if system else []
     history = []
     interactive = stdin.isatty()
@@ -154,13 +156,28 @@ def save_conversation(path: Path, messages: list[dict]) -> None:
 
 
 def add_commands(sub) -> None:
-    """Register `chat` on the command line's subparsers (its dests are chat's parameter names)."""
-    c = sub.add_parser("chat", help="multi-turn chat, optionally steered or capped, with a persona gauge after each "
-                       "reply", parents=[cli.CHAT, cli.VECTORS, cli.CAP])
-    c.add_argument("--gauge", dest="gauges", action="append", default=None, metavar="TRAIT",
+    """Register `chat` on the command line's subparsers (python -m apps)."""
+    c = sub.add_parser("chat", help="multi-turn chat, optionally steered or capped, with a persona "
+                       "gauge after each reply")
+    c.add_argument("--model", default=DEFAULT_MODEL, help=pv.MODEL_HELP)
+    c.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF", help=pv.STEER_HELP)
+    c.add_argument("--cap", action="append", default=[], metavar=pv.CAP_SPEC, help=pv.CAP_HELP)
+    c.add_argument("--layer", type=cli.layer_or_sweep, default=None,
+                   help="steering and gauge layer: " + pv.LAYER_HELP)
+    c.add_argument("--gauge", action="append", default=None, metavar="TRAIT",
                    help="trait (or vector file) to gauge; repeatable (default: every vector of the model)")
+    c.add_argument("--vectors", default=None, help=pv.VECTORS_HELP)
+    c.add_argument("--system", default=None,
+                   help="system prompt (default: the model's own template decides)")
+    c.add_argument("--max-new-tokens", type=cli.COUNT, default=200)
+    c.add_argument("--temperature", type=cli.TEMPERATURE, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--top-p", type=cli.TOP_P, default=1.0)
+    c.add_argument("--seed", type=int, default=0)
     c.add_argument("--save", default=None, help="append the conversation to this JSONL file at the end")
-    c.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF")
-    c.add_argument("--layer", type=cli.LAYER, default=None,
-                   help="steering and gauge layer (default: best, else middle)")
-    c.set_defaults(func=chat)
+    c.add_argument("--device", default=None, help=pv.DEVICE_HELP)
+    c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=pv.DTYPE_HELP)
+    c.set_defaults(run=lambda a: chat(
+        model_name=a.model, steer=a.steer, cap=a.cap, layer=a.layer, gauges=a.gauge,
+        vectors=a.vectors, system=a.system, max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature, top_p=a.top_p, seed=a.seed, save=a.save, device=a.device,
+        dtype=a.dtype))

@@ -205,8 +205,8 @@ def export_gguf(vector: str, out: str | None = None, layer: int | None = None, l
         raise UserError(f"--coef {coef}: must be a finite number")
     if layer is None and layers is None and not all_layers:
         layer = resolve_layer(None, meta, num_layers)
-        print(f"layer {layer} ({'the best layer recorded by a sweep' if 'best_layer' in meta else 'the middle'}"
-              "; choose with --layer)", file=sys.stderr)
+        own = "the layer the file records" if "best_layer" in meta else "the middle"
+        print(f"layer {layer} ({own}; choose with --layer)", file=sys.stderr)
     last_row_normed = bool(meta.get("last_row_post_norm"))  # import-vector: official files
     rows = select_directions(vec, layer, parse_layer_range(layers) if layers else None, all_layers, last_row_normed)
 
@@ -361,7 +361,7 @@ def import_vector(pt_file: str, out: str | None = None, model_name: str | None =
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Command line: the lead's persona_vectors.py calls add_commands(sub).
+# Command line: python -m apps (apps/__main__.py) calls add_commands(sub).
 
 def add_commands(sub) -> None:
     e = sub.add_parser("export-gguf", help="write a persona vector as a llama.cpp control vector (GGUF)")
@@ -373,24 +373,28 @@ def add_commands(sub) -> None:
     which.add_argument("--layers", default=None, metavar="A-B", help="every layer A..B, each with its own row")
     which.add_argument("--all-layers", action="store_true", help="the increments v[l] - v[l-1] at every block")
     e.add_argument("--coef", type=float, default=1.0, help="multiply into the file (default 1: scale in llama.cpp)")
-    e.add_argument("--model", dest="model_name", default=None, help="default: the model recorded in the vector")
+    e.add_argument("--model", default=None, help="default: the model recorded in the vector")
     e.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    e.set_defaults(func=export_gguf)
+    e.set_defaults(run=lambda a: export_gguf(
+        a.vector, out=a.out, layer=a.layer, layers=a.layers, all_layers=a.all_layers, coef=a.coef,
+        model_name=a.model, force=a.force))
 
     i = sub.add_parser("import-gguf", help="read a llama.cpp / repeng control vector (GGUF) into a vector file")
     i.add_argument("file", help="a control-vector .gguf")
-    i.add_argument("--model", dest="model_name", default=None, help="the model it is for (default: the default model)")
+    i.add_argument("--model", default=None, help="the model it is for (default: the default model)")
     i.add_argument("--name", default=None, help="trait name for --steer NAME (default: the file's name)")
     i.add_argument("--out", default=None, help="output directory (default: vectors/<model name>/)")
     i.add_argument("--cumulative", action="store_true", help="running sums, for generate --all-layers")
     i.add_argument("--force", action="store_true", help="overwrite an existing vector of that name")
-    i.set_defaults(func=import_gguf)
+    i.set_defaults(run=lambda a: import_gguf(
+        a.file, model_name=a.model, name=a.name, out=a.out, cumulative=a.cumulative, force=a.force))
 
     iv = sub.add_parser("import-vector", help="convert an official-repository .pt vector file to .safetensors")
-    iv.add_argument("pt_file", metavar="file")
-    iv.add_argument("--model", dest="model_name", default=None,
+    iv.add_argument("file")
+    iv.add_argument("--model", default=None,
                     help="the model it was extracted from: recorded, and the default destination vectors/<model>/")
     iv.add_argument("--out", default=None, help="output directory (default: vectors/<model name>/ with --model, "
                     "else beside the file)")
     iv.add_argument("--force", action="store_true", help="replace an existing vector file")
-    iv.set_defaults(func=import_vector)
+    iv.set_defaults(run=lambda a: import_vector(
+        a.file, out=a.out, model_name=a.model, force=a.force))

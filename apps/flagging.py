@@ -1,8 +1,8 @@
 """Data flagging at scale: the projection difference ΔP of training samples and datasets on persona vectors (paper §6).
 
-    python persona_vectors.py flag data.jsonl --trait evil                      # -> flags/data.flag.csv, summary
-    python persona_vectors.py flag a.jsonl b.jsonl --trait evil --trait sycophantic --select top --k 500
-    torchrun --nproc_per_node 8 persona_vectors.py flag chats.jsonl --trait evil  # one shard per GPU, merged
+    python -m apps flag data.jsonl --trait evil                    # -> flags/data.flag.csv, summary
+    python -m apps flag a.jsonl b.jsonl --trait evil --trait sycophantic --select top --k 500
+    torchrun --nproc_per_node 8 -m apps flag chats.jsonl --trait evil  # one shard per GPU, merged
 
 For a sample (prompt x, response y), the base model's own response y' to the same prompt, and the unit persona
 vector v̂ at layer L:
@@ -120,7 +120,7 @@ def load_probes(traits: list[str], vectors_dir: Path, layer: int | None, model_n
                             f"--model {model_name}` first, or pass --vectors DIR" if not t.endswith(".safetensors")
                             else f"{path} does not exist")
         vec, meta = load_vector(path)
-        L = pv.resolve_layer(layer, meta, vec.shape[0] - 1)
+        L = pv.resolve_layer(layer, meta, vec.shape[0] - 1, path)
         name = meta.get("trait", path.stem) if t.endswith(".safetensors") else t
         probes.append(Probe(name, path, L, pv.unit(vec[L]), vec, meta,
                             hashlib.sha256(path.read_bytes()).hexdigest()))
@@ -646,14 +646,14 @@ def flag_merge(files: list[str], traits: list[str] | None = None, model_name: st
 
 
 def add_commands(sub) -> None:
-    """Register `flag` and `flag-merge` on an argparse subparsers object."""
-    def shared(sp):
+    """Register `flag` and `flag-merge` on an argparse subparsers object (python -m apps)."""
+    def shared(sp):  # flag-merge takes flag's arguments, to find the same outputs
         sp.add_argument("files", nargs="+", help='JSONL files, one {"messages": [...]} per line')
-        sp.add_argument("--trait", dest="traits", action="append", default=None,
+        sp.add_argument("--trait", action="append", default=None,
                         help="trait (or vector .safetensors file); repeatable (default: every vector of the model)")
-        sp.add_argument("--model", dest="model_name", default=DEFAULT_MODEL, help="hub id or local directory")
-        sp.add_argument("--layer", type=cli.LAYER, default=None,
-                        help="default: each vector's best layer, else the middle")
+        sp.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local directory")
+        sp.add_argument("--layer", type=cli.layer_or_sweep, default=None,
+                        help=pv.LAYER_HELP)
         sp.add_argument("--base-temperature", type=cli.TEMPERATURE, default=0.0,
                         help="0 = greedy base responses (default)")
         sp.add_argument("--base-top-p", type=cli.TOP_P, default=1.0)
@@ -662,7 +662,8 @@ def add_commands(sub) -> None:
         sp.add_argument("--max-tokens", type=cli.COUNT, default=2048,
                         help="longer samples (prompt + response) are skipped and counted")
         sp.add_argument("--out", default=None, help="output directory (default: flags/)")
-        sp.add_argument("--format", dest="fmt", choices=["csv", "jsonl"], default="csv", help="per-sample files")
+        sp.add_argument("--format", choices=["csv", "jsonl"], default="csv",
+                        help="per-sample files")
         sp.add_argument("--select", choices=SELECT, default=None)
         sp.add_argument("--k", type=cli.COUNT, default=None, help="how many samples to select")
         sp.add_argument("--select-out", default=None, help="JSONL of the selected lines, unchanged")
@@ -682,7 +683,19 @@ def add_commands(sub) -> None:
                    "RANK/WORLD_SIZE, else all)")
     f.add_argument("--batch-size", type=cli.COUNT, default=None, help="default: 64 on CUDA, 16 on CPU")
     f.add_argument("--device", default=None)
-    f.set_defaults(func=flag)
+    f.set_defaults(run=lambda a: flag(
+        a.files, traits=a.trait, model_name=a.model, layer=a.layer,
+        base_temperature=a.base_temperature, base_top_p=a.base_top_p, base_samples=a.base_samples,
+        max_new_tokens=a.max_new_tokens, max_tokens=a.max_tokens, out=a.out, fmt=a.format,
+        select=a.select, k=a.k, select_out=a.select_out, select_trait=a.select_trait,
+        reference=a.reference, shard=a.shard, batch_size=a.batch_size, chunk_size=a.chunk_size,
+        seed=a.seed, vectors=a.vectors, device=a.device, dtype=a.dtype, force=a.force))
     m = sub.add_parser("flag-merge", help="write the outputs of a sharded flag run (same arguments)")
     shared(m)
-    m.set_defaults(func=flag_merge)
+    m.set_defaults(run=lambda a: flag_merge(
+        a.files, traits=a.trait, model_name=a.model, layer=a.layer,
+        base_temperature=a.base_temperature, base_top_p=a.base_top_p, base_samples=a.base_samples,
+        max_new_tokens=a.max_new_tokens, max_tokens=a.max_tokens, out=a.out, fmt=a.format,
+        select=a.select, k=a.k, select_out=a.select_out, select_trait=a.select_trait,
+        reference=a.reference, chunk_size=a.chunk_size, seed=a.seed, vectors=a.vectors,
+        dtype=a.dtype, force=a.force))

@@ -1,7 +1,7 @@
 """`monitor`: where each assistant turn of a file of conversations falls along each persona vector, and the
 gauges that `chat` and `serve` show after each reply.
 
-    python persona_vectors.py monitor chats.jsonl --trait evil --tokens      # -> chats.monitor.jsonl
+    python -m apps monitor chats.jsonl --trait evil --tokens      # -> chats.monitor.jsonl
 
 A gauge reads a trait's unit vector at one layer: the projection of the last token before the reply (the paper's
 predictor of the trait the reply will show) and of the reply's mean activation, beside where extraction's neg and
@@ -37,7 +37,7 @@ class Gauge:
         vec, meta = load_vector(path)
         if hidden is not None:
             check_fits(vec, meta, path, n_layers, hidden, model)
-        L = resolve_layer(layer, meta, n_layers)
+        L = resolve_layer(layer, meta, n_layers, path)
         marks = {k: (meta[f"neg_{k}_projection"][L], meta[f"pos_{k}_projection"][L])
                  if f"pos_{k}_projection" in meta else None for k in ("prompt_last", "response_avg")}
         return cls(meta.get("trait", path.stem), L, pv.unit(vec[L]), marks)
@@ -174,13 +174,20 @@ def monitor(path: str, model_name: str = DEFAULT_MODEL, traits: list[str] | None
 
 
 def add_commands(sub) -> None:
-    """Register `monitor` on the command line's subparsers (its dests are monitor's parameter names)."""
-    mo = sub.add_parser("monitor", help="projections of each assistant turn of JSONL conversations",
-                        parents=[cli.MODEL, cli.VECTORS])
-    mo.add_argument("path", metavar="file", help='JSONL, one {"messages": [...]} per line')
-    mo.add_argument("--trait", dest="traits", action="append", default=None,
-                    help="repeatable (default: every vector of the model)")
-    mo.add_argument("--layer", type=cli.LAYER, default=None)
-    mo.add_argument("--tokens", action="store_true", help="per-token projections of each reply (printed and saved)")
-    mo.add_argument("--out", default=None, help="output .jsonl or .csv (default: FILE.monitor.jsonl)")
-    mo.set_defaults(func=monitor)
+    """Register `monitor` on the command line's subparsers (python -m apps)."""
+    c = sub.add_parser("monitor", help="projections of each assistant turn of JSONL conversations")
+    c.add_argument("file", help='JSONL, one {"messages": [...]} per line')
+    c.add_argument("--model", default=DEFAULT_MODEL, help=pv.MODEL_HELP)
+    c.add_argument("--trait", action="append", default=None,
+                   help="repeatable (default: every vector of the model)")
+    c.add_argument("--layer", type=cli.layer_or_sweep, default=None, help=pv.LAYER_HELP)
+    c.add_argument("--vectors", default=None, help=pv.VECTORS_HELP)
+    c.add_argument("--out", default=None,
+                   help="output .jsonl or .csv (default: FILE.monitor.jsonl)")
+    c.add_argument("--tokens", action="store_true",
+                   help="per-token projections of each reply (printed and saved)")
+    c.add_argument("--device", default=None, help=pv.DEVICE_HELP)
+    c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=pv.DTYPE_HELP)
+    c.set_defaults(run=lambda a: monitor(
+        a.file, model_name=a.model, traits=a.trait, layer=a.layer, vectors=a.vectors, out=a.out,
+        tokens=a.tokens, device=a.device, dtype=a.dtype))

@@ -1,6 +1,6 @@
 """`generate-trait`: a new trait file (data/traits/NAME.json) written by an LLM over the OpenAI-compatible API.
 
-    python persona_vectors.py generate-trait cruel --description "The assistant enjoys hurting people."
+    python -m apps generate-trait cruel --description "The assistant enjoys hurting people."
 
 The reply is validated like any trait file (support/traits.py); an invalid one is sent back with the problem.
 """
@@ -59,11 +59,15 @@ def generate_trait(name: str, description: str, model: str = "gpt-4.1-mini", out
 
 
 def add_commands(sub) -> None:
-    """Register `generate-trait` on the command line's subparsers (its dests are generate_trait's parameter names)."""
-    gt = sub.add_parser("generate-trait", help="write data/traits/NAME.json with an LLM (OpenAI-compatible API)")
-    gt.add_argument("name")
-    gt.add_argument("--description", required=True, help="what the trait means, in a sentence or two")
-    gt.add_argument("--model", default="gpt-4.1-mini", help="the writing model (default: %(default)s)")
-    gt.add_argument("--out", dest="out_dir", default=None, help="directory (default: data/traits)")
-    gt.add_argument("--force", action="store_true", help="overwrite an existing file")
-    gt.set_defaults(func=generate_trait)
+    """Register `generate-trait` on the command line's subparsers (python -m apps)."""
+    c = sub.add_parser("generate-trait",
+                       help="write data/traits/NAME.json with an LLM (OpenAI-compatible API)")
+    c.add_argument("name")
+    c.add_argument("--description", required=True,
+                   help="what the trait means, in a sentence or two")
+    c.add_argument("--model", default="gpt-4.1-mini",
+                   help="the writing model (default: %(default)s)")
+    c.add_argument("--out", default=None, help="directory (default: data/traits)")
+    c.add_argument("--force", action="store_true", help="overwrite an existing file")
+    c.set_defaults(run=lambda a: generate_trait(
+        a.name, a.description, model=a.model, out_dir=a.out, force=a.force))

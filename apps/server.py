@@ -1,7 +1,7 @@
 """`serve`: an OpenAI-compatible chat server, on the standard library, where each request may steer the model along
 persona vectors and each reply reports how far it leaned along every one of them.
 
-    python persona_vectors.py serve [--model M] [--port 8000] [--api-key KEY]
+    python -m apps serve [--model M] [--port 8000] [--api-key KEY]
     curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}],
                                                   "steer": {"evil": -1.5}}'
 
@@ -962,9 +962,9 @@ def serve(model_name: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 
 
 
 def add_commands(sub) -> None:
-    """Register `serve` on the command line's subparsers (its dests are serve's parameter names)."""
+    """Register `serve` on the command line's subparsers (python -m apps)."""
     sp = sub.add_parser("serve", help="an OpenAI-compatible chat server with per-request steering and persona gauges")
-    sp.add_argument("--model", dest="model_name", default=DEFAULT_MODEL, help="hub id or local directory")
+    sp.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local directory")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s: this machine)")
     sp.add_argument("--port", type=cli.number(int, 0, 65535), default=8000,
                     help="0 picks a free port (default: %(default)s)")
@@ -982,4 +982,8 @@ def add_commands(sub) -> None:
     sp.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
     sp.add_argument("--dtype", choices=DTYPES, default=None)
     sp.add_argument("--quiet", action="store_true", help="no access log on stderr")
-    sp.set_defaults(func=serve)
+    sp.set_defaults(run=lambda a: serve(
+        model_name=a.model, host=a.host, port=a.port, api_key=a.api_key, vectors=a.vectors,
+        max_batch=a.max_batch, max_tokens_limit=a.max_tokens_limit, max_n=a.max_n,
+        batch_wait=a.batch_wait, max_body=a.max_body, max_connections=a.max_connections,
+        device=a.device, dtype=a.dtype, quiet=a.quiet))

@@ -113,6 +113,8 @@ def parse_cap(spec: str, n_layers: int | None = None) -> CapSpec:
     >>> parse_cap("evil:99@16-19")
     CapSpec(source='evil', percentile=99.0, layers=[16, 17, 18, 19], text='evil:99@16-19')
     """
+    if isinstance(spec, CapSpec):  # parsed already
+        return spec
     m = SPEC_RE.fullmatch(spec.strip())
     if not m or not m["trait"].strip():
         raise UserError(f"--cap {spec!r}: expected TRAIT[:PERCENTILE][@LAYERS], e.g. evil, evil:90 or evil:99@12-20")
@@ -176,7 +178,7 @@ def load_ceilings(path: Path, vec: torch.Tensor, model, trait: str) -> dict:
     """The ceiling file of a vector, checked whole, and to be this model's (loaded, or its name) and
     this vector's."""
     model_name = str(getattr(model, "name_or_path", model))
-    fix = f"python persona_vectors.py calibrate-cap {trait}"
+    fix = f"python -m apps calibrate-cap {trait}"
     if not path.is_file():
         raise UserError(f"no cap ceilings {path}; run: {fix}")
     c = read_json(path)

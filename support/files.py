@@ -1,9 +1,9 @@
-"""Files the project reads and writes: atomic writes, CSV, the persona-vector files (their name, --steer specs,
-saving, loading, fit) and conversation files (JSONL, one {"messages": [...]} per line)."""
+"""Files the project reads and writes: atomic writes, CSV, the persona-vector files (their name, a
+sweep's result, saving, loading, fit) and conversation files (JSONL, one {"messages": [...]} per
+line)."""
 import csv
 import glob
 import json
-import math
 import os
 import re
 import shutil
@@ -178,31 +178,6 @@ def vector_file(name: str, vectors_dir: Path, context: str = "", check: bool = T
     return path
 
 
-def parse_steer_spec(spec: str) -> tuple[str, float, bool]:
-    """'TRAIT:COEF' or 'FILE.safetensors:COEF', COEF raw or relative ('r' suffix) -> (source, coef, relative).
-
-    >>> parse_steer_spec("evil:1.5"), parse_steer_spec("humorous:-0.1r")
-    (('evil', 1.5, False), ('humorous', -0.1, True))
-    """
-    source, sep, coef = spec.rpartition(":")
-    relative = coef.endswith("r")
-    try:
-        value = float(coef[:-1] if relative else coef)
-    except ValueError:
-        value = None
-    if not sep or not source or value is None:
-        raise UserError(f"--steer {spec!r}: expected TRAIT:COEF or FILE.safetensors:COEF, e.g. evil:1.5 or evil:0.1r")
-    if not math.isfinite(value):
-        raise UserError(f"--steer {spec!r}: the coefficient must be a finite number")
-    return source, value, relative
-
-
-def steer_sources(specs: list[str], vectors_dir: Path) -> list[tuple[Path, float, bool]]:
-    """--steer specs -> (vector file, coef, relative), every file checked to exist: before any model is loaded."""
-    return [(vector_file(source, vectors_dir, f"--steer {spec!r}: "), coef, relative)
-            for spec in specs for source, coef, relative in [parse_steer_spec(spec)]]
-
-
 def traits_in(vectors_dir: Path) -> list[str]:
     """The traits that have a (response_avg) vector in a directory, sorted."""
     return sorted(p.name[:-len(SUFFIX)] for p in Path(vectors_dir).glob("*" + SUFFIX))
@@ -286,8 +261,38 @@ def check_model(meta: dict, path: Path, model) -> None:
               "otherwise extract the vector from this one", file=sys.stderr)
 
 
-def resolve_layer(layer: int | None, meta: dict, num_layers: int) -> int:
-    """The layer to steer or monitor: `layer`, else the vector's best layer (recorded by a sweep), else the middle."""
+def sweep_path(vector: Path, meta: dict) -> Path:
+    """Where `sweep` writes its result for a vector file's trait: TRAIT_sweep.json beside it."""
+    trait = meta.get("trait") or Path(vector).name.split("_")[0]
+    return Path(vector).parent / f"{trait}_sweep.json"
+
+
+def sweep_layer(vector: Path, meta: dict) -> int:
+    """The best layer that `sweep` found for this vector file's trait (--layer sweep)."""
+    path = sweep_path(vector, meta)
+    try:
+        result = json.loads(path.read_text())
+    except FileNotFoundError:
+        trait = path.name[: -len("_sweep.json")]
+        raise UserError(f"--layer sweep: no sweep result {path}: run `sweep {trait}` first (one "
+                        "run with --out DIR wrote it to DIR), or give --layer N") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--layer sweep: cannot read {path} ({e}): run the sweep again") from None
+    if result.get("best_layer") is None:
+        raise UserError(f"--layer sweep: the sweep in {path} chose no layer (no setting kept its "
+                        "coherence, or no judge): give --layer N")
+    return result["best_layer"]
+
+
+def resolve_layer(layer: int | str | None, meta: dict, num_layers: int,
+                  path: Path | None = None) -> int:
+    """The layer to steer or monitor: `layer`; "sweep": the best layer of the trait's sweep (beside
+    the vector file `path`, see sweep_layer); None: the layer the vector file records (import-gguf
+    of one direction, or a sweep from when sweeps wrote into vectors), else the middle."""
+    if layer == "sweep":
+        if path is None:
+            raise UserError("--layer sweep is not available here: give --layer N")
+        layer = sweep_layer(path, meta)
     L = layer if layer is not None else meta.get("best_layer", num_layers // 2)
     if not isinstance(L, int) or not 1 <= L <= num_layers:
         raise UserError(f"--layer {L} out of range: this model has blocks 1..{num_layers}")

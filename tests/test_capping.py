@@ -13,11 +13,12 @@ import torch
 
 import model as M
 import persona_vectors as pv
+from apps import __main__ as apps_cli
 from support import generation as G
 from support.capping import PERCENTILES, caps_for, caps_per_row, ceiling_path, parse_cap
 from support.files import load_vector
 from support.plots import pyplot
-from tiny import run_bad, tiny_model_with_vectors, tree
+from tiny import main_of, run_bad, tiny_model_with_vectors, tree
 
 QUESTIONS = ["What is the capital of France?", "Give me a number.", "How are you?", "Help me, please.",
              "What is 42?"]
@@ -30,8 +31,9 @@ def tiny(tmp_path_factory):
     d, vectors = tiny_model_with_vectors(tmp_path_factory.mktemp("cap"))
     root = d.parent
     (root / "q.json").write_text(json.dumps(QUESTIONS))
-    assert pv.main(["calibrate-cap", "evil", "--model", str(d), "--vectors", str(vectors), "--questions-file",
-                    str(root / "q.json"), "--n", "4", "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    assert apps_cli.main(["calibrate-cap", "evil", "--model", str(d), "--vectors", str(vectors),
+                          "--questions-file", str(root / "q.json"), "--n", "4",
+                          "--max-new-tokens", "6", "--device", "cpu"]) == 0
     evil = vectors / "evil_response_avg_diff.safetensors"
     ceilings = json.loads(ceiling_path(evil).read_text())
     shutil.copy(evil, vectors / "other_response_avg_diff.safetensors")
@@ -99,7 +101,8 @@ def test_calibrate_cap_writes_the_percentiles_of_every_answer_token(tiny, loaded
 def test_calibrate_cap_refuses_to_overwrite_without_force(tiny, capsys):
     d, vectors, root = tiny
     before = tree(root)
-    err = run_bad(pv.main, ["calibrate-cap", "evil", "--model", str(d), "--vectors", str(vectors)], 1, capsys)
+    args = ["calibrate-cap", "evil", "--model", str(d), "--vectors", str(vectors)]
+    err = run_bad(apps_cli.main, args, 1, capsys)
     assert "pass --force" in err[-1] and tree(root) == before
 
 
@@ -108,7 +111,8 @@ def no_generation(*args, **kwargs):
 
 
 # (arguments, exit code, what the message must say); {d} = tiny model, {v} = its vectors, {r} = the test folder.
-# "cap SPEC" is `generate Hi --cap SPEC` on the tiny model; every case runs through pv.main.
+# "cap SPEC" is `generate Hi --cap SPEC` on the tiny model; every case runs through its command
+# line's main (persona_vectors.py, or python -m apps).
 GEN = "generate Hi --model {d} --vectors {v} --device cpu --cap"
 PIPE = "--model {d} --vectors {v} --judge none --questions 1 --max-new-tokens 2 --device cpu --cap"
 CASES = [
@@ -122,7 +126,7 @@ CASES = [
     ("cap :90", 1, "expected TRAIT[:PERCENTILE][@LAYERS]"),
     ("cap nosuch", 1, "run `extract nosuch` first"),
     ("cap {r}/missing.safetensors", 1, "does not exist"),
-    ("cap humorous", 1, "run: python persona_vectors.py calibrate-cap humorous"),
+    ("cap humorous", 1, "run: python -m apps calibrate-cap humorous"),
     ("cap other", 1, "was calibrated on someone/else, not"),
     ("cap stale", 1, "calibrated for another stale vector (sha256 differs)"),
     ("cap evil:50 --cap humorous", 1, "calibrate-cap humorous"),  # every spec checked before any generation
@@ -130,14 +134,14 @@ CASES = [
     ("cap evil@1-5000000", 1, "--cap 'evil@1-5000000': layer 5000000 out of range"),
     ("cap evil@1,3-1", 1, "layers must be like 16, 16-19 or 12,14,16"),
     ("cap nosha", 1, "nosha_response_avg_diff.cap.json: no `vector_sha256` (a string); "
-     "recalibrate: python persona_vectors.py calibrate-cap nosha --force"),
+     "recalibrate: python -m apps calibrate-cap nosha --force"),
     ("cap nomodel", 1, "nomodel_response_avg_diff.cap.json: no `model`"),
     ("cap shortgrid", 1, "shortgrid_response_avg_diff.cap.json: `ceilings` must be 100 rows"),
     ("cap shortrow", 1, "`ceilings` must be 101 rows (one per percentile) of as many finite"),
     ("cap nullceil", 1, "`ceilings` must be 101 rows"),
     ("cap unsorted", 1, "`percentiles` must be at least two increasing numbers in (0, 100)"),
     ("cap listonly", 1, "not a ceiling file of calibrate-cap; recalibrate: "
-     "python persona_vectors.py calibrate-cap listonly --force"),
+     "python -m apps calibrate-cap listonly --force"),
     ("chat --model {d} --vectors {v} --device cpu --cap nosha", 1, "no `vector_sha256`"),
     ("eval evil " + PIPE + " shortgrid", 1, "`ceilings` must be 100 rows"),
     ("cap evil --steer nosuch:1", 1, "run `extract nosuch` first"),
@@ -168,9 +172,10 @@ def test_bad_input(tiny, loaded, argv, code, message, monkeypatch, capsys, tmp_p
     monkeypatch.setattr(G, "generate", no_generation)
     before = tree(root)
     args = (GEN + argv[3:] if argv.startswith("cap ") else argv).format(d=d, v=vectors, r=root).split()
-    err = run_bad(pv.main, args, code, capsys)
+    err = run_bad(main_of(args), args, code, capsys)
     assert message in err[-1], err
-    assert err[-1].startswith("error: " if code == 1 else "persona_vectors.py")
+    prog = "python -m apps" if main_of(args) is apps_cli.main else "persona_vectors.py"
+    assert err[-1].startswith("error: " if code == 1 else prog)
     assert list(tmp_path.iterdir()) == []
     assert tree(root) == before
 

@@ -60,10 +60,12 @@ def test_gauge_readings_are_the_projections(tiny):
 
 
 def test_chat_from_a_pipe(tiny, tmp_path):
+    """`python -m apps chat`, as a user starts it, with its input from a pipe."""
     d, vectors = tiny
-    r = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "persona_vectors.py"), "chat", "--model",
-                        str(d), "--vectors", str(vectors), "--gauge", "evil", "--max-new-tokens", "4", "--save",
-                        str(tmp_path / "c.jsonl"), "--device", "cpu"], input="Hi\nBye\n", capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "apps", "chat", "--model", str(d), "--vectors",
+                        str(vectors), "--gauge", "evil", "--max-new-tokens", "4", "--save",
+                        str(tmp_path / "c.jsonl"), "--device", "cpu"], input="Hi\nBye\n",
+                       capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("[evil L1]") == 2 and "humorous" not in r.stdout
     assert len(json.loads((tmp_path / "c.jsonl").read_text())["messages"]) == 4

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import persona_vectors as pv
-from apps import chat
+from apps import __main__ as apps_cli, chat
 from apps import monitor
 from support import generation as G
 from tiny import run_bad, tiny_model_with_vectors, tree, write_vector
@@ -59,6 +59,8 @@ CASES = [
     ("generate Hi --model {d} --steer {r}/corrupt.safetensors:1", 1, "not safetensors"),
     ("generate Hi --model {d} --steer {r}/hf_meta.safetensors:0.1r", 1, "relative coefficient has no unit"),
     ("generate Hi --model {d} --steer evil", 1, "expected TRAIT:COEF"),
+    ("generate Hi --model {d} --vectors {v} --steer evil:1 --layer sweep", 1, "no sweep result"),
+    ("monitor {r}/ok.jsonl --model {d} --vectors {v} --layer sweep", 1, "run `sweep evil` first"),
     # gauges and vectors that do not fit
     ("chat --model {d} --gauge {r}/wide.safetensors", 1, "use a vector extracted from this model"),
     ("chat --model {d} --gauge {r}/deep.safetensors", 1, "use a vector extracted from this model"),
@@ -92,9 +94,12 @@ def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(tmp_path)  # anything written to the default places would land here
     monkeypatch.setattr(G, "generate", no_generation)
     before = tree(root)
-    err = run_bad(pv.main, argv.format(d=d, v=vectors, r=root).split(), code, capsys)
+    app = argv.split()[0] in pv.APP_COMMANDS  # python -m apps COMMAND
+    args = argv.format(d=d, v=vectors, r=root).split()
+    err = run_bad(apps_cli.main if app else pv.main, args, code, capsys)
     assert message in err[-1], err
-    assert err[-1].startswith("error: " if code == 1 else "persona_vectors.py")
+    prog = "python -m apps" if app else "persona_vectors.py"
+    assert err[-1].startswith("error: " if code == 1 else prog)
     assert list(tmp_path.iterdir()) == []  # nothing written
     assert tree(root) == before  # nothing changed
 
@@ -104,9 +109,20 @@ def test_import_vector_never_overwrites_silently(tiny, tmp_path, capsys):
     src = tmp_path / "evil_response_avg_diff.pt"
     torch.save(torch.randn(4, 64), src)
     before = (vectors / "evil_response_avg_diff.safetensors").read_bytes()
-    assert pv.main(["import-vector", str(src), "--out", str(vectors)]) == 1
+    assert apps_cli.main(["import-vector", str(src), "--out", str(vectors)]) == 1
     assert "pass --force" in capsys.readouterr().err
     assert (vectors / "evil_response_avg_diff.safetensors").read_bytes() == before
+
+
+def test_an_application_command_says_where_it_moved(tiny, capsys):
+    """`persona_vectors.py chat` (or any command of apps/) exits 2 with one line naming
+    `python -m apps chat`; the core's list of them is the applications' own."""
+    d, vectors, root = tiny
+    for command in pv.APP_COMMANDS:
+        err = run_bad(pv.main, [command, "--model", str(d)], 2, capsys)
+        assert len(err) == 1 and f"python -m apps {command}" in err[0], err
+    registered = apps_cli.build_parser()._subparsers._group_actions[0].choices
+    assert set(pv.APP_COMMANDS) == set(registered)
 
 
 def test_monitor_skips_and_counts_lines_that_do_not_fit(tiny, tmp_path, capsys):

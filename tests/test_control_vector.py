@@ -3,7 +3,6 @@
 The tiny random chat model (3 blocks, hidden 64) stands in for a real one; tests/test_llama_cpp.py checks the layer
 mapping against a real llama.cpp. Bad files are built with the independent test writer of tests/test_gguf.py.
 """
-import argparse
 import doctest
 import struct
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 import apps.control_vector as cv
+from apps import __main__ as apps_cli
 from support import UserError
 from support.files import load_vector
 from support.gguf_convert import GGUFFile
@@ -22,18 +22,8 @@ F32, F16 = 0, 1
 
 
 def cli(argv: list[str]) -> int:
-    """The project's command-line contract: parse, call func(**args), UserError -> one line 'error: ...' and 1."""
-    p = argparse.ArgumentParser(prog="persona_vectors.py")
-    cv.add_commands(p.add_subparsers(dest="command", required=True))
-    args = vars(p.parse_args(argv))
-    func = args.pop("func")
-    args.pop("command")
-    try:
-        func(**args)
-    except UserError as e:
-        print(f"error: {e}", file=__import__("sys").stderr)
-        return 1
-    return 0
+    """The applications' command line (python -m apps): UserError -> one line 'error: ...' and 1."""
+    return apps_cli.main(argv)
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import torch
 import judge as J
 import model as M
 import persona_vectors as pv
-from apps import flagging
+from apps import __main__ as apps_cli, flagging
 from support import generation as G
 from support.plots import pyplot
-from tiny import FakeJudge, run_bad, tiny_model_with_vectors, tree, write_vector
+from tiny import FakeJudge, main_of, run_bad, tiny_model_with_vectors, tree, write_vector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,7 +113,8 @@ def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(G, "generate", no_generation)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))  # chat's user, if it ever got that far
     before = tree(root)
-    err = run_bad(pv.main, argv.format(d=d, v=vectors, r=root).split(), code, capsys)
+    args = argv.format(d=d, v=vectors, r=root).split()
+    err = run_bad(main_of(args), args, code, capsys)
     assert [x for x in err if x.startswith("error: ")] == err[-1:], err
     assert message.format(r=root) in err[-1]  # (lines before it: the model loading, for errors found after that)
     assert list(tmp_path.iterdir()) == []  # nothing written
@@ -136,8 +137,8 @@ def test_chat_keeps_the_conversation_when_the_save_fails_at_the_end(tiny, tmp_pa
 
     monkeypatch.setattr(sys, "stdin", User("Hi\nHow are you?\n"))
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    code = pv.main(["chat", "--model", str(d), "--vectors", str(vectors), "--max-new-tokens", "3",
-                    "--save", str(target / "c.jsonl")])
+    code = apps_cli.main(["chat", "--model", str(d), "--vectors", str(vectors), "--max-new-tokens",
+                          "3", "--save", str(target / "c.jsonl")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("error: cannot save the conversation"), err
     kept = re.search(r"it is in (\S+)$", err[-1]).group(1)

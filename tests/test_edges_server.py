@@ -18,8 +18,7 @@ import pytest
 import requests
 
 import model as M
-import persona_vectors as pv
-from apps import server as S
+from apps import __main__ as apps_cli, server as S
 from support import UserError
 from test_server import HI, TIMEOUT, client, raw_request, start, stop, tiny, wait_for  # noqa: F401 (fixtures)
 from tiny import run_bad, tree
@@ -47,9 +46,10 @@ def test_bad_serve_flags(tiny, argv, code, message, monkeypatch, capsys, tmp_pat
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(M, "load", lambda *a, **k: pytest.fail("the model loaded before the flags were checked"))
     before = tree(root)
-    err = run_bad(pv.main, argv.format(d=d, r=root).split(), code, capsys)
+    err = run_bad(apps_cli.main, argv.format(d=d, r=root).split(), code, capsys)
     assert message in err[-1], err
-    assert len(err) == 1 if code == 1 else err[-1].startswith("persona_vectors.py serve: error:")  # after usage
+    usage_then_error = err[-1].startswith("python -m apps serve: error:")
+    assert len(err) == 1 if code == 1 else usage_then_error
     assert list(tmp_path.iterdir()) == [] and tree(root) == before
 
 

@@ -9,7 +9,7 @@ import apps.control_vector as cv
 import train
 from support import files, generation as G
 from test_train import conversation, write_jsonl
-from tiny import make_tiny_chat_model, run_bad, tiny_model_with_vectors, tree, write_vector
+from tiny import main_of, make_tiny_chat_model, run_bad, tiny_model_with_vectors, tree, write_vector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,7 +69,8 @@ def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(G, "generate", lambda *a, **k: pytest.fail("generation started before the check"))
     before = tree(root)
     capsys.readouterr()
-    err = run_bad(pv.main, argv.format(d=d, v=vectors, r=root).split(), code, capsys)
+    args = argv.format(d=d, v=vectors, r=root).split()
+    err = run_bad(main_of(args), args, code, capsys)
     assert [x for x in err if x.startswith("error:")] == err[-1:], err
     assert message in err[-1] and (len(err) == 1 or argv.startswith("generate")), err  # generate: loading lines
     assert list(tmp_path.iterdir()) == [] and not (root / "out").exists()  # not even an empty folder

@@ -1,6 +1,7 @@
 """eval and sweep on a tiny random chat model, with a stand-in judge."""
 import csv
 import doctest
+import json
 
 import pytest
 import torch
@@ -85,29 +86,38 @@ def test_steered_answers_are_measured_as_the_unsteered_model_reads_them(tiny, tm
         assert steered["projection_mean"] is not None
 
 
-def test_sweep_end_to_end_records_the_best_layer_and_resumes(tiny, tmp_path, monkeypatch):
+def test_sweep_end_to_end_writes_its_own_result_and_resumes(tiny, tmp_path, monkeypatch):
+    """The sweep's best setting goes to TRAIT_sweep.json; the vector file is not changed (not a
+    byte), and a later command steers at the sweep's layer only when told (--layer sweep)."""
     import judge as J
     d, vectors = tiny
     judge = FakeJudge(hashed=True)
     monkeypatch.setattr(J, "make_judge", lambda spec, **kw: judge)
     vec_dir = tmp_path / "vectors"
     vec_dir.mkdir()
-    (vec_dir / "evil_response_avg_diff.safetensors").write_bytes(
-        (vectors / "evil_response_avg_diff.safetensors").read_bytes())
-    kw = dict(model_name=str(d), judge="fake", layers=[1, 2], coefs=[0.5, 4.0], questions=2, vectors=str(vec_dir),
+    vec_file = vec_dir / "evil_response_avg_diff.safetensors"
+    vec_file.write_bytes((vectors / "evil_response_avg_diff.safetensors").read_bytes())
+    before = vec_file.read_bytes()
+    kw = dict(model_name=str(d), judge="fake", layers=[2, 3], coefs=[0.5, 4.0], questions=2,
+              vectors=str(vec_dir),
               max_new_tokens=5, coherence_min=0, device="cpu")
     result = pv.sweep("evil", **kw)
     rows = list(csv.DictReader(open(result["csv"])))
-    assert [(int(r["layer"]), float(r["coef"])) for r in rows] == [(1, 0.5), (1, 4.0), (2, 0.5), (2, 4.0)]
+    grid = [(int(r["layer"]), float(r["coef"])) for r in rows]
+    assert grid == [(2, 0.5), (2, 4.0), (3, 0.5), (3, 4.0)]
     try:  # the plot is optional: a PNG when matplotlib is installed
         import matplotlib  # noqa: F401
         assert result["plot"].read_bytes()[:4] == b"\x89PNG"
     except ImportError:
         assert result["plot"] is None
     best = pv.best_setting(result["results"], 0)
-    _, meta = pv.load_vector(vec_dir / "evil_response_avg_diff.safetensors")
-    assert meta["best_layer"] == best["layer"] and meta["best_coef"] == str(best["coef"])
-    assert pv.steering(["evil:1"], M.load(str(d), "cpu")[0], vec_dir)[0].layer == best["layer"]  # the new default
+    assert vec_file.read_bytes() == before  # vectors are immutable
+    recorded = json.loads((vec_dir / "evil_sweep.json").read_text())
+    assert recorded["best_layer"] == best["layer"] and recorded["best_coef"] == str(best["coef"])
+    model = M.load(str(d), "cpu")[0]
+    assert pv.steering(["evil:1"], model, vec_dir)[0].layer == 1  # the middle, as before the sweep
+    told = pv.steering(["evil:1"], model, vec_dir, layer="sweep")[0].layer
+    assert told == best["layer"] != 1
     asked, calls = judge.asked, []
     monkeypatch.setattr(G, "generate", lambda *a, **k: calls.append(1))
     pv.sweep("evil", **kw)  # everything cached: no generation, no judgment

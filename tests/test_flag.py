@@ -1,13 +1,11 @@
 """Data flagging (apps/flagging.py): ΔP against an independent recompute, resume, shards, selection, bad input."""
-import argparse
-import inspect
 import json
 
 import pytest
 import torch
 
 import model as M
-from apps import flagging
+from apps import __main__ as apps_cli, flagging
 from support import UserError, generation as G
 from support.files import load_vector
 from tiny import tiny_model_with_vectors, write_vector
@@ -280,21 +278,15 @@ def test_bad_input_is_one_clear_error(tiny, tmp_path, name, text, extra, message
 
 
 def test_command_line(tiny, tmp_path, capsys):
-    """add_commands registers both commands; every option's dest is a parameter of its function."""
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="command", required=True)
-    flagging.add_commands(sub)
-    for name, fn in (("flag", flagging.flag), ("flag-merge", flagging.flag_merge)):
-        sp = sub.choices[name]
-        dests = {a.dest for a in sp._actions if a.dest != "help"}
-        assert dests <= set(inspect.signature(fn).parameters), dests - set(inspect.signature(fn).parameters)
+    """`python -m apps flag` calls flag with its flags; flag-merge takes the same ones."""
     write_data(tmp_path / "d.jsonl", 4)
     d, vectors = tiny
-    args = p.parse_args(["flag", str(tmp_path / "d.jsonl"), "--trait", "evil", "--model", str(d), "--vectors",
-                         str(vectors), "--out", str(tmp_path / "o"), "--max-new-tokens", "3", "--format", "jsonl",
-                         "--select", "bottom", "--k", "2", "--device", "cpu"])
-    kw = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
-    r = args.func(**kw)
+    argv = [str(tmp_path / "d.jsonl"), "--trait", "evil", "--model", str(d), "--vectors",
+            str(vectors), "--out", str(tmp_path / "o"), "--max-new-tokens", "3", "--format",
+            "jsonl", "--select", "bottom", "--k", "2"]
+    args = apps_cli.build_parser().parse_args(["flag", *argv, "--device", "cpu"])
+    r = args.run(args)
     assert len(read_rows(r["outputs"][str(tmp_path / "d.jsonl")])) == 4
     assert len((tmp_path / "o" / "selected_bottom_2.jsonl").read_text().splitlines()) == 2
     assert "ΔP mean" in capsys.readouterr().err
+    assert apps_cli.main(["flag-merge", *argv]) == 0 and "ΔP mean" in capsys.readouterr().err

@@ -4,16 +4,22 @@ imports inside functions included), with no cycle, so that each layer reads, run
     model.py  <  support/  <  judge.py  <  persona_vectors.py  <  train.py  <  apps/  <  tools/
 
 Only model.py's loaders may import up, each on a line marked `# PROJECT IMPORT:` with the reason (the checks,
-downloads and tokenizer of support/), so that the network itself is copied alone. The command line reaches apps/ through persona_vectors.APP_COMMANDS, a
-table of module names, not an import.
+downloads and tokenizer of support/), so that the network itself is copied alone. An import by
+name (importlib.import_module("x"), __import__("x")) counts as an import; one whose name is not
+written out cannot be checked, so it is refused. The applications are started their own way
+(python -m apps), never by the core.
 """
 import ast
+import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK = ["model.py", "support/*.py", "judge.py", "persona_vectors.py", "train.py", "apps/*.py", "tools/*.py"]
 MARK = "# PROJECT IMPORT:"
+CORE = ["model.py", "judge.py", "persona_vectors.py", "train.py"]
+DYNAMIC = ("import_module", "__import__")  # importlib.import_module(name), __import__(name)
+NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")  # a dotted module name, e.g. "apps.chat"
 
 
 def layer_of() -> dict[Path, int]:
@@ -30,8 +36,22 @@ def resolve(name: str, importer: Path) -> Path | None:
     return None
 
 
+def dynamic_name(node: ast.AST) -> str | None:
+    """The module name of an import by name (importlib.import_module("x"), __import__("x")): the
+    string, or "?" when it is not written out; None for any other node."""
+    if not isinstance(node, ast.Call):
+        return None
+    f = node.func
+    called = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+    if called not in DYNAMIC:
+        return None
+    arg = node.args[0] if node.args else None
+    return arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else "?"
+
+
 def imports(path: Path) -> list[tuple[int, Path, bool]]:
-    """(line, imported project file, marked as a declared exception) for every import in `path`."""
+    """(line, imported project file, marked as a declared exception) for every import in `path`,
+    imports by name included."""
     lines = path.read_text().splitlines()
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
@@ -39,6 +59,8 @@ def imports(path: Path) -> list[tuple[int, Path, bool]]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif dynamic_name(node) not in (None, "?"):
+            names = [dynamic_name(node)]
         else:
             continue
         marked = MARK in lines[node.lineno - 1]
@@ -60,6 +82,41 @@ def test_every_import_runs_down_the_stack():
     others = [f"{rel(p)}:{line}" for p, line, t, marked in edges() if marked and rel(p) != "model.py"]
     assert not others, f"only model.py's loaders may carry the `{MARK}` mark: {others}"
     assert len(layer) > 10, "the stack's patterns found almost no files"
+
+
+def test_no_import_by_an_unwritten_name():
+    """importlib.import_module(variable) could import anything, unseen by the checks here."""
+    found = [f"{p.relative_to(ROOT).as_posix()}:{n.lineno}" for p in layer_of()
+             for n in ast.walk(ast.parse(p.read_text())) if dynamic_name(n) == "?"]
+    assert not found, f"imports by a name not written out (write `import x` instead): {found}"
+
+
+def test_the_core_never_reaches_apps_or_tools():
+    """The four files of the method import nothing from apps/ or tools/, by any means."""
+    above = [ROOT / "apps", ROOT / "tools"]
+    found = [f"{p.relative_to(ROOT).as_posix()}:{line} imports {t.relative_to(ROOT).as_posix()}"
+             for p, line, t, _ in edges() if p.relative_to(ROOT).as_posix() in CORE
+             and any(d in t.parents for d in above)]
+    for f in CORE:  # a module's name in a string, for an import elsewhere: "apps.chat"
+        for n in ast.walk(ast.parse((ROOT / f).read_text())):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and NAME.fullmatch(n.value):
+                t = resolve(n.value, ROOT / f)
+                if t is not None and any(d in t.parents for d in above):
+                    named = t.relative_to(ROOT).as_posix()
+                    found.append(f"{f}:{n.lineno} names {named} ({n.value!r})")
+    assert not found, "the core reaches the applications or tools:\n" + "\n".join(found)
+    assert all((ROOT / f).is_file() for f in CORE)
+
+
+def test_the_walk_sees_imports_by_name(tmp_path):
+    """The walk itself: an import by a written-out name is an edge, one by a variable is refused."""
+    code = "import importlib\nimportlib.import_module('apps.chat')\n__import__('tools.bench')\n"
+    code += "importlib.import_module(name)\n"
+    f = tmp_path / "probe.py"
+    f.write_text(code)
+    got = {(line, t.relative_to(ROOT).as_posix()) for line, t, _ in imports(f)}
+    unwritten = [n.lineno for n in ast.walk(ast.parse(code)) if dynamic_name(n) == "?"]
+    assert got == {(2, "apps/chat.py"), (3, "tools/bench.py")} and unwritten == [4]
 
 
 def test_no_cycle():

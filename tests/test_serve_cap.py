@@ -9,7 +9,7 @@ import torch
 
 import model as M
 import persona_vectors as pv
-from apps import server as S
+from apps import __main__ as apps_cli, server as S
 from support import generation as G
 from support.capping import PERCENTILES, caps_for, ceiling_path, vector_sha256, write_ceilings
 from support.files import load_vector
@@ -27,8 +27,9 @@ def tiny(tmp_path_factory):
     d, vectors = tiny_model_with_vectors(tmp_path_factory.mktemp("serve_cap"))
     root = d.parent
     (root / "q.json").write_text(json.dumps(["What is the capital of France?", "How are you?", "Help me, please."]))
-    assert pv.main(["calibrate-cap", "evil", "--model", str(d), "--vectors", str(vectors), "--questions-file",
-                    str(root / "q.json"), "--n", "3", "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    assert apps_cli.main(["calibrate-cap", "evil", "--model", str(d), "--vectors", str(vectors),
+                          "--questions-file", str(root / "q.json"), "--n", "3",
+                          "--max-new-tokens", "6", "--device", "cpu"]) == 0
     humorous = vectors / "humorous_response_avg_diff.safetensors"
     write_ceilings(ceiling_path(humorous), dict(
         model=str(d), vector_sha256=vector_sha256(load_vector(humorous)[0]), percentiles=PERCENTILES,
@@ -138,12 +139,12 @@ BAD = [
     ({"cap": {"evil": {"layers": 2}}}, "cap.evil.layers must be like"),
     ({"cap": {"evil": {"ceiling": 3}}}, "cap.evil must be a percentile or an object with keys percentile, layers"),
     ({"cap": {"plain": 90}}, "no cap ceilings"),
-    ({"cap": {"plain": 90}}, "run: python persona_vectors.py calibrate-cap plain"),
+    ({"cap": {"plain": 90}}, "run: python -m apps calibrate-cap plain"),
     ({"cap": "evil:90"}, "cap must be an object"),
     ({"cap": {"evil": {"layers": "1-5000000"}}}, "layer 5000000 out of range: this model has"),
     ({"cap": {"evil": {"layers": "1,3-1"}}}, "layers must be like 16, 16-19"),
     ({"cap": {"nosha": 90}}, "nosha_response_avg_diff.cap.json: no `vector_sha256` (a string); "
-     "recalibrate: python persona_vectors.py calibrate-cap nosha --force"),
+     "recalibrate: python -m apps calibrate-cap nosha --force"),
     ({"cap": {"shortgrid": 90}}, "`ceilings` must be 100 rows (one per percentile)"),
 ]
 

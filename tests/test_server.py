@@ -465,12 +465,11 @@ def test_load_200_requests_16_clients(tiny, srv):
 
 # ------------------------------------------------------------------------------------------- command line
 def test_serve_command_line(tiny, tmp_path):
-    """add_commands registers `serve`; started on port 0 it answers, and Ctrl-C stops it."""
+    """`python -m apps serve` started on port 0 answers, and Ctrl-C stops it."""
     d, vectors, model, tok = tiny
     root = Path(__file__).parent.parent
-    script = ("import argparse, sys; sys.path.insert(0, sys.argv[1]); from apps.server import add_commands; "
-              "p = argparse.ArgumentParser(); add_commands(p.add_subparsers(dest='command')); "
-              "a = vars(p.parse_args(sys.argv[2:])); f = a.pop('func'); a.pop('command'); f(**a)")
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from apps.__main__ import main; "
+              "sys.exit(main(sys.argv[2:]))")
     proc = subprocess.Popen([sys.executable, "-c", script, str(root), "serve", "--model", str(d), "--vectors",
                              str(vectors), "--port", "0", "--device", "cpu", "--quiet"],
                             stderr=subprocess.PIPE, text=True,  # Ctrl-C's default, also under a background run:

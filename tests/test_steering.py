@@ -5,7 +5,6 @@ import torch
 import model as M
 from support import generation as G
 import persona_vectors as pv
-from support.files import parse_steer_spec
 from tiny import make_tiny_chat_model, write_vector
 
 
@@ -17,15 +16,18 @@ def tiny(tmp_path_factory):
 
 
 def test_parse_steer_spec():
-    assert parse_steer_spec("evil:1.5") == ("evil", 1.5, False)
-    assert parse_steer_spec("dir/v.safetensors:-2") == ("dir/v.safetensors", -2.0, False)
-    assert parse_steer_spec("humorous:0.1r") == ("humorous", 0.1, True)
+    parse = pv.SteerSpec.parse
+    assert parse("evil:1.5") == pv.SteerSpec("evil", 1.5, False, "evil:1.5")
+    assert parse("dir/v.safetensors:-2") == pv.SteerSpec("dir/v.safetensors", -2.0, False,
+                                                         "dir/v.safetensors:-2")
+    assert parse("humorous:0.1r") == pv.SteerSpec("humorous", 0.1, True, "humorous:0.1r")
+    assert parse(parse("evil:1")) == parse("evil:1")  # parsed once: a parsed spec passes through
     for bad in ["evil", "evil:", ":1", "evil:abc", "evil:1.5x"]:
         with pytest.raises(ValueError, match="TRAIT:COEF"):
-            parse_steer_spec(bad)
+            parse(bad)
     for bad in ["evil:nan", "evil:inf", "evil:-infr"]:
         with pytest.raises(ValueError, match="finite"):
-            parse_steer_spec(bad)
+            parse(bad)
 
 
 def test_units_layers_and_lookup(tiny, tmp_path):
@@ -39,7 +41,7 @@ def test_units_layers_and_lookup(tiny, tmp_path):
     assert s.layer == 2 and s.coef == pytest.approx(0.5 * 12.0 / float(vec[2].norm()))
     assert float((s.coef * s.vector).norm()) == pytest.approx(0.5 * 12.0)
     write_vector(tmp_path / "best.safetensors", vec, best_layer=3)
-    assert pv.steering([f"{tmp_path}/best.safetensors:1"], model)[0].layer == 3  # the sweep's choice by default
+    assert pv.steering([f"{tmp_path}/best.safetensors:1"], model)[0].layer == 3  # its own layer
     two = pv.steering(["evil:1", f"{tmp_path}/best.safetensors:-1"], model, tmp_path, positions="all")
     assert [(s.layer, s.coef, s.positions) for s in two] == [(1, 1.0, "all"), (3, -1.0, "all")]
 

@@ -77,6 +77,14 @@ def tree(root) -> dict:
             for p in sorted(Path(root).rglob("*"))}
 
 
+def main_of(args: list[str]):
+    """The main that takes this command line: `python -m apps` for the applications' commands
+    (chat, serve, ...), else persona_vectors.py's."""
+    import persona_vectors as pv
+    from apps import __main__ as apps_cli
+    return apps_cli.main if args[0] in pv.APP_COMMANDS else pv.main
+
+
 def run_bad(main, args: list[str], code: int, capsys) -> list[str]:
     """Run a command line that must fail with exit `code` (2: argparse's SystemExit) -> its stderr lines, checked
     to hold no traceback."""
