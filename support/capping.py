@@ -113,8 +113,10 @@ def parse_cap(spec: str, n_layers: int | None = None) -> CapSpec:
     >>> parse_cap("evil:99@16-19")
     CapSpec(source='evil', percentile=99.0, layers=[16, 17, 18, 19], text='evil:99@16-19')
     """
-    if isinstance(spec, CapSpec):  # parsed already
-        return spec
+    if isinstance(spec, CapSpec):  # parsed already: again only to check its layers against this model
+        if n_layers is None:
+            return spec
+        spec = spec.text
     m = SPEC_RE.fullmatch(spec.strip())
     if not m or not m["trait"].strip():
         raise UserError(f"--cap {spec!r}: expected TRAIT[:PERCENTILE][@LAYERS], e.g. evil, evil:90 or evil:99@12-20")

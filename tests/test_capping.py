@@ -197,7 +197,7 @@ def test_calibrate_cap_where_it_cannot_write_names_the_way_out(tiny, loaded, mon
     monkeypatch.chdir(tmp_path)
     before = tree(root)
     args = ["calibrate-cap", "humorous", "--model", str(d), "--vectors", str(vectors)]
-    err = run_bad(pv.main, args, 1, capsys)
+    err = run_bad(main_of(args), args, 1, capsys)
     assert f"beside its vector in {vectors} (Permission denied)" in err[-1], err
     assert "pass that folder as --vectors" in err[-1] and "choose another" not in err[-1]
     assert tree(root) == before and list(tmp_path.iterdir()) == []

@@ -284,9 +284,9 @@ def test_ctrl_c_ends_every_reply_in_flight_before_the_connections_close(tiny):
     were cut with neither)."""
     d, vectors, model, tok = tiny
     root = Path(__file__).parent.parent
-    argv = [sys.executable, str(root / "persona_vectors.py"), "serve", "--model", str(d),
+    argv = [sys.executable, "-m", "apps", "serve", "--model", str(d),
             "--vectors", str(vectors), "--port", "0", "--device", "cpu", "--quiet"]
-    proc = subprocess.Popen(argv,
+    proc = subprocess.Popen(argv, cwd=root,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
