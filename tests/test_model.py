@@ -15,7 +15,7 @@ import model as M
 from support import UserError, checkpoint, cpu_speed, generation as G
 
 GOLDEN = Path(__file__).parent / "golden"
-TINY = ["tiny-llama3", "tiny-qwen2", "tiny-tied"]
+TINY = ["tiny-llama3", "tiny-qwen2", "tiny-tied", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3"]
 
 
 def tiny(name: str) -> M.Transformer:
@@ -349,9 +349,11 @@ def test_steered_generation_equals_the_official_hook(name, L, positions):
 
 
 @pytest.mark.parametrize("positions", ["response", "prompt"])
-def test_steered_generation_equals_the_official_hook_on_transformers(positions):
+@pytest.mark.parametrize("name", ["tiny-llama3", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3"])
+def test_steered_generation_equals_the_official_hook_on_transformers(name, positions):
+    """Layer L is the output of block L in every family (Gemma's: after its post-feedforward residual add)."""
     transformers = pytest.importorskip("transformers")
-    name, L, n = "tiny-llama3", 2, 8
+    L, n = 2, 8
     hf = transformers.AutoModelForCausalLM.from_pretrained(GOLDEN / name, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # no stop token, like G.generate without stop_ids
     hf.generation_config.pad_token_id = 0
