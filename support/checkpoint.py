@@ -17,18 +17,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ROPE_NEEDS = {"default": (), "linear": ("factor",),
               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 GEMMA = ("gemma2", "gemma3_text")
-# What transformers' config classes assume for a key a family's config.json leaves out, where model.Config's default
-# differs (hub configs of Gemma 3, the multimodal ones' nested text_config above all, omit most of these).
+# What transformers' config classes assume for a key that a family's config.json leaves out, where
+# model.Config's default differs (Gemma 3's hub configs, the multimodal ones' text_config above all,
+# omit most of these)
 FAMILY_DEFAULTS = {
     "qwen2": dict(max_position_embeddings=32768),
     "qwen3": dict(head_dim=128, max_position_embeddings=32768),
-    "gemma2": dict(vocab_size=256000, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                   max_position_embeddings=8192, query_pre_attn_scalar=256, sliding_window=4096,
-                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0, tie_word_embeddings=True),
-    "gemma3_text": dict(vocab_size=262208, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                        max_position_embeddings=131072, query_pre_attn_scalar=256, sliding_window=4096,
-                        tie_word_embeddings=True, rope_theta=1e6, rope_local_base_freq=1e4)}
-ATTENTION_TYPES = ("full_attention", "sliding_attention")
+    "gemma2": dict(
+        vocab_size=256000, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        max_position_embeddings=8192, query_pre_attn_scalar=256, sliding_window=4096,
+        final_logit_softcapping=30.0, attn_logit_softcapping=50.0, tie_word_embeddings=True),
+    "gemma3_text": dict(
+        vocab_size=262208, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        max_position_embeddings=131072, query_pre_attn_scalar=256, sliding_window=4096,
+        tie_word_embeddings=True, rope_theta=1e6, rope_local_base_freq=1e4)}
 
 
 def read_config(path: Path, config_class):
@@ -37,16 +39,18 @@ def read_config(path: Path, config_class):
 
 
 def check_config(d: dict, config_class, source: str = "config.json") -> dict:
-    """config.json's keys -> the keys of `config_class` (a dataclass), each present one checked for its JSON type
-    and value, as transformers reads them: a multimodal Gemma 3's text_config unwrapped, the family's defaults,
-    transformers 5's `rope_parameters` unfolded, the sliding-window layers listed; a UserError naming `source`."""
+    """config.json's keys -> the keys of `config_class` (a dataclass), each one checked for its JSON
+    type and value, read as transformers reads them: a multimodal Gemma 3's text_config unwrapped,
+    the family's defaults, transformers 5's `rope_parameters` unfolded, the sliding layers listed.
+    A problem is a one-line UserError naming `source`."""
     def fail(msg: str):
         raise UserError(f"{source}: {msg}")
 
     if not isinstance(d, dict):
         fail(f"expected a JSON object, got {type(d).__name__}")
     if d.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        fail(f"unsupported model_type {d.get('model_type')!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        supported = ", ".join(SUPPORTED_MODEL_TYPES)
+        fail(f"unsupported model_type {d.get('model_type')!r}; supported: {supported}")
     d = _text_config(d, fail) if d["model_type"] == "gemma3" else dict(d)
     d = FAMILY_DEFAULTS.get(d["model_type"], {}) | d
     _unfold_rope(d, fail)
@@ -76,7 +80,7 @@ def check_config(d: dict, config_class, source: str = "config.json") -> dict:
 
 
 def _text_config(d: dict, fail) -> dict:
-    """A multimodal Gemma 3 config -> its language model's (text_config), tied as the whole model is."""
+    """A multimodal Gemma 3 config -> its language model's (text_config), tied as the whole is."""
     text = d.get("text_config") or {}
     if not isinstance(text, dict):
         fail(f"`text_config` must be an object, not {json.dumps(text)[:80]}")
@@ -85,8 +89,8 @@ def _text_config(d: dict, fail) -> dict:
 
 
 def _unfold_rope(d: dict, fail) -> None:
-    """transformers 5's `rope_parameters` -> rope_theta and rope_scaling (and Gemma 3's per layer type: its sliding
-    layers' theta -> rope_local_base_freq), the names transformers 4 wrote and most hub configs still carry."""
+    """transformers 5's `rope_parameters` -> rope_theta and rope_scaling, and Gemma 3's sliding
+    layers' theta -> rope_local_base_freq: transformers 4's names, which most hub configs carry."""
     if "rope_parameters" not in d:
         return
     rp = d.pop("rope_parameters") or {}
@@ -95,7 +99,7 @@ def _unfold_rope(d: dict, fail) -> None:
     if "full_attention" in rp or "sliding_attention" in rp:  # Gemma 3: one entry per layer type
         local = rp.get("sliding_attention") or {}
         if local.get("rope_type", "default") != "default":
-            fail("`rope_parameters.sliding_attention` scales RoPE on the sliding layers: not supported")
+            fail("`rope_parameters.sliding_attention` scales RoPE: not supported")
         d["rope_local_base_freq"] = local.get("rope_theta", d.get("rope_local_base_freq", 1e4))
         rp = rp.get("full_attention") or {}
     d["rope_theta"] = rp.get("rope_theta", d.get("rope_theta", 10000.0))
@@ -104,30 +108,41 @@ def _unfold_rope(d: dict, fail) -> None:
 
 
 def _check_family(d: dict, fail) -> None:
-    """The keys only some families read, kept for those (as transformers' own classes read them); the activation;
-    and `layer_types`, which blocks attend through the sliding window."""
+    """The keys only some families read, kept for those (as transformers' classes read them), the
+    activation, and `layer_types`: which blocks attend through the sliding window."""
     t, n = d["model_type"], d["num_hidden_layers"]
     if t in GEMMA:  # Gemma reads `hidden_activation`; its config.json's `hidden_act` is a leftover
         d["hidden_act"] = d.get("hidden_activation") or "gelu_pytorch_tanh"
     if d.get("hidden_act", "silu") not in ("silu", "gelu_pytorch_tanh"):
         fail(f"unsupported activation {d['hidden_act']!r}; implemented: silu, gelu_pytorch_tanh")
-    drop = {"gemma2": ["rope_local_base_freq"], "gemma3_text": ["attn_logit_softcapping"]}.get(t, [
-        "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "rope_local_base_freq"])
-    for k in drop:
+    unread = ["query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"]
+    unread = {"gemma2": [], "gemma3_text": ["attn_logit_softcapping"]}.get(t, unread)
+    for k in unread + ([] if t == "gemma3_text" else ["rope_local_base_freq"]):
         d.pop(k, None)
     if t in GEMMA and d.get("use_bidirectional_attention"):
         fail("`use_bidirectional_attention` is set: an encoder (EmbeddingGemma?), not a causal LM")
     if t in ("qwen2", "qwen3") and not d.get("use_sliding_window") or t == "llama":
         d["sliding_window"] = None  # transformers ignores it then
-    if t == "mistral" or d.get("sliding_window") is None:
-        d["layer_types"] = ["sliding_attention" if d.get("sliding_window") else "full_attention"] * n
-    elif d.get("layer_types") is None:  # transformers' rule for configs written without the list
-        first, every = d.get("max_window_layers", 28), d.get("sliding_window_pattern", 2 if t == "gemma2" else 6)
-        d["layer_types"] = [("sliding_attention" if i >= first else "full_attention") if t.startswith("qwen")
-                            else ("sliding_attention" if (i + 1) % every else "full_attention") for i in range(n)]
+    if t == "mistral" or d.get("sliding_window") is None:  # Mistral: every layer, if any window
+        d["layer_types"] = [_SLIDING if d.get("sliding_window") else _FULL] * n
+    elif d.get("layer_types") is None:
+        d["layer_types"] = _default_layer_types(d)
     lt = d["layer_types"]
-    if not (isinstance(lt, list) and len(lt) == n and all(x in ATTENTION_TYPES for x in lt)):
-        fail(f"`layer_types` must list {n} of full_attention, sliding_attention, not {json.dumps(lt)[:80]}")
+    if not (isinstance(lt, list) and len(lt) == n and all(x in (_FULL, _SLIDING) for x in lt)):
+        fail(f"`layer_types` must list {n} of {_FULL}, {_SLIDING}, not {json.dumps(lt)[:80]}")
+
+
+_FULL, _SLIDING = "full_attention", "sliding_attention"
+
+
+def _default_layer_types(d: dict) -> list[str]:
+    """transformers' rule for a config written without `layer_types`: Qwen slides from layer
+    max_window_layers on; in Gemma every sliding_window_pattern-th layer is global, others slide."""
+    n, t = d["num_hidden_layers"], d["model_type"]
+    if t.startswith("qwen"):
+        return [_SLIDING if i >= d.get("max_window_layers", 28) else _FULL for i in range(n)]
+    every = d.get("sliding_window_pattern", 2 if t == "gemma2" else 6)
+    return [_FULL if (i + 1) % every == 0 else _SLIDING for i in range(n)]
 
 
 def _json_type_ok(value, typ) -> bool:
@@ -165,15 +180,16 @@ def weight_files(model_dir: Path) -> list[Path]:
                     "(only safetensors weights are supported; convert .bin checkpoints first)")
 
 
-# A multimodal Gemma 3 checkpoint: its language model's tensors under a prefix (transformers 4 or 5 wrote it), and
-# the vision tower and its projector, which a text model does not use
+# A multimodal Gemma 3 checkpoint: its language model's tensors under a prefix (as transformers 4
+# or 5 wrote it), and the vision tower and its projector, which a text model does not use
 MULTIMODAL_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
                        "language_model.lm_head.": "lm_head."}
-VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.",
+                   "model.vision_tower.", "model.multi_modal_projector.")
 
 
 def our_name(key: str, model_type: str) -> str | None:
-    """A checkpoint's tensor name -> the model's (Hugging Face's causal-LM names), or None for one it does not use."""
+    """A checkpoint's tensor name -> the model's (HF's causal-LM names); None: a tensor not used."""
     if key.endswith("rotary_emb.inv_freq"):  # recomputed
         return None
     if model_type == "gemma3_text":
@@ -188,9 +204,10 @@ def our_name(key: str, model_type: str) -> str | None:
 def read_weights(model_dir: Path, expected: dict, tied: bool, device, dtype, model_type: str) -> dict:
     """Every tensor of the checkpoint, checked against `expected` (name -> shape) -> {name: tensor on device}.
 
-    Extras that are harmless are skipped (rotary inv_freq, recomputed; lm_head.weight of a tied model; a multimodal
-    Gemma 3's vision tower, its language model's prefix removed); a missing lm_head.weight means a tied head. Any
-    other unexpected, missing or misshapen tensor is a UserError."""
+    Harmless extras are skipped (rotary inv_freq, recomputed; lm_head.weight of a tied model; a
+    multimodal Gemma 3's vision tower; its language model's prefix is removed); a missing
+    lm_head.weight means a tied head. Any other unexpected, missing or misshapen tensor is a
+    UserError."""
     files = weight_files(Path(model_dir))
     state = {}
     for n, path in enumerate(files, start=1):
@@ -206,8 +223,9 @@ def read_weights(model_dir: Path, expected: dict, tied: bool, device, dtype, mod
                         raise UserError(f"unexpected tensor {key!r} in {path}: not a {model_type} checkpoint?")
                     t = f.get_tensor(key)
                     if t.shape != expected[name]:
-                        raise UserError(f"tensor {key!r} in {path} has shape {tuple(t.shape)}, "
-                                        f"expected {tuple(expected[name])}: config.json does not match the weights")
+                        raise UserError(
+                            f"tensor {key!r} in {path} has shape {tuple(t.shape)}, expected "
+                            f"{tuple(expected[name])}: config.json does not match the weights")
                     state[name] = t.to(device=device, dtype=dtype)
         except (SafetensorError, OSError) as e:
             raise UserError(f"cannot read {path} ({e}); the file is missing or truncated: download it again") from None

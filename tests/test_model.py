@@ -351,7 +351,7 @@ def test_steered_generation_equals_the_official_hook(name, L, positions):
 @pytest.mark.parametrize("positions", ["response", "prompt"])
 @pytest.mark.parametrize("name", ["tiny-llama3", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3"])
 def test_steered_generation_equals_the_official_hook_on_transformers(name, positions):
-    """Layer L is the output of block L in every family (Gemma's: after its post-feedforward residual add)."""
+    """Layer L is block L's output in every family (Gemma's: after the post-feedforward add)."""
     transformers = pytest.importorskip("transformers")
     L, n = 2, 8
     hf = transformers.AutoModelForCausalLM.from_pretrained(GOLDEN / name, dtype=torch.float32).eval()

@@ -45,7 +45,8 @@ from tiny import make_tiny_chat_model, write_vector  # noqa: E402
 # stays within SPREAD x transformers' own error in the same dtype on the same device, or under FP32_LIMIT in float32
 FP32_LIMIT = 1e-4
 SPREAD = 2.0
-BUDGET_S = {"parity": 120, "pipelines": 150, "speed": 200}  # seconds per section: 7.8 min, 9 with start-up
+# seconds per section: 7.8 min, 9 with start-up
+BUDGET_S = {"parity": 120, "pipelines": 150, "speed": 200}
 
 # Speed at the paper's scale: a Qwen2.5-7B shape to decode and capture, a Llama-3.2-1B shape to train; tiny ones
 # with --tiny, to run the same code in seconds.
@@ -180,12 +181,12 @@ def within(ours: torch.Tensor, theirs: torch.Tensor, floor: float) -> dict:
 
 
 def parity(model_dir: Path, device: str, dtype: torch.dtype) -> dict:
-    """Our logits and transformers', both in `dtype` on `device`, against transformers' float64 logits on the CPU
-    (of each row alone: the same numbers, as padding is masked)."""
+    """Our logits and transformers', both in `dtype` on `device`, against transformers' float64
+    logits on the CPU (of each row alone: the same numbers, as padding is masked)."""
     from transformers import AutoModelForCausalLM
     hf = lambda dev, dt: AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).to(dev).eval()  # noqa: E731
     ids, mask = padded_batch(checkpoint.read_config(model_dir / "config.json", M.Config).vocab_size)
-    with torch.no_grad():  # each row alone: transformers' float64 Gemma 2 turns a padded batch's rows into NaN
+    with torch.no_grad():  # row by row: transformers' float64 Gemma 2 gives padded rows NaN
         exact = hf("cpu", torch.float64)
         truth = torch.cat([exact(row[keep][None]).logits[0] for row, keep in zip(ids, mask.bool())])
     ours = (logits(M.load_model(model_dir, device, dtype), ids, mask, device, hf=False) - truth).abs()
@@ -221,9 +222,9 @@ def shape_only(src: Path, dest: Path) -> Path:
 
 @torch.no_grad()
 def batched_generation(model_dir: Path, device: str, dtype: torch.dtype) -> dict:
-    """Greedy generation for three left-padded prompts (12, 2 and 7 tokens, 10 new ones, past the Gemma windows)
-    against each prompt alone: the same tokens per row, and finite logits for the padded batch (where the official
-    code's fork met NaNs with Qwen3 in bfloat16)."""
+    """Greedy generation for three left-padded prompts (12, 2 and 7 tokens, 10 new ones, past the
+    Gemma windows) against each prompt alone: the same tokens per row, and finite logits for the
+    padded batch (where the official code's fork met NaNs with Qwen3 in bfloat16)."""
     m = M.load_model(model_dir, device, dtype)
     prompts = [list(range(5, 17)), [12, 13], list(range(20, 27))]
     batched = G.generate(m, prompts, 10)
@@ -242,8 +243,9 @@ def parity_section(checks: Checks, device: str, default_model: Path | None, tmp:
         golden.write_checkpoint(tmp / name, config, golden.random_weights(config, seed), shards=1)
         for dtype in (torch.float32, torch.bfloat16):
             checks.run(f"{name}.{str(dtype).removeprefix('torch.')}", parity, tmp / name, device, dtype)
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32  # bf16 is slow on CPUs
-    for name in ("qwen3", "gemma2", "gemma3"):  # the new families: batched = alone (tests/test_families.py: CPU)
+    cuda = torch.device(device).type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32  # bf16 is slow on CPUs (tests cover it there)
+    for name in ("qwen3", "gemma2", "gemma3"):  # the new families: batched = alone
         checks.run(f"{name}.batched-generation", batched_generation, tmp / name, device, dtype)
     if default_model is None:
         return checks.skip("default-model", "no --default-model DIR (see docs/gpu.md)")
