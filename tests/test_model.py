@@ -542,9 +542,12 @@ def test_written_out_attention_equals_the_fused_kernel():
             mask = None
             if masked:  # a random mask in which every query sees at least itself
                 mask = (torch.rand(2, 1, T, S, generator=g) < 0.6) | (torch.arange(S) == torch.arange(S - T, S)[:, None])
-            fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != H_kv,
-                                                                     is_causal=mask is None and T > 1)
-            torch.testing.assert_close(M.attention(q, k, v, mask), fused, rtol=tol, atol=tol)
+            for scale in (None, 0.3):  # 1/√hd, or Gemma's query_pre_attn_scalar ** -0.5
+                fused = torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, enable_gqa=H != H_kv, is_causal=mask is None and T > 1,
+                    scale=scale)
+                ours = M.attention(q, k, v, mask, scale)
+                torch.testing.assert_close(ours, fused, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("name", TINY)
