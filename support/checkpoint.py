@@ -126,6 +126,9 @@ def _check_family(d: dict, fail) -> None:
     if t == "mistral" or d.get("sliding_window") is None:  # Mistral: every layer, if any window
         d["layer_types"] = [_SLIDING if d.get("sliding_window") else _FULL] * n
     elif d.get("layer_types") is None:
+        for k in ("sliding_window_pattern", "max_window_layers"):
+            if k in d and not (_json_type_ok(d[k], int) and d[k] >= 1):
+                fail(f"`{k}` must be an integer of at least 1, not {json.dumps(d[k])[:80]}")
         d["layer_types"] = _default_layer_types(d)
     lt = d["layer_types"]
     if not (isinstance(lt, list) and len(lt) == n and all(x in (_FULL, _SLIDING) for x in lt)):

@@ -273,6 +273,10 @@ def test_a_vision_tower_in_a_text_only_checkpoint_is_still_unexpected(tmp_path):
         ({"use_bidirectional_attention": True}, "`use_bidirectional_attention` is set: an encoder"),
         ({"sliding_window": 0}, "`sliding_window` must be at least 1, not 0"),
         (
+            {"sliding_window_pattern": "6"},
+            '`sliding_window_pattern` must be an integer of at least 1, not "6"',
+        ),
+        (
             {"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
             "sliding_attention` scales RoPE: not supported",
         ),
