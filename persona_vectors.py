@@ -42,8 +42,8 @@ from support.cli import (CAP, CHAT, COUNT, DEVICE, GENERATION, LAYER, MODEL, PIP
 from support.files import (VARIANTS, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
                            expect_model, load_batch, load_vector, other_vectors, resolve_layer, save_batch, save_vector,
                            steer_sources, vector_file, vector_path, write_csv)
-from support.files import locked
 from support.hub import DEFAULT_MODEL
+from support.files import locked
 from support.plots import plot_monitor, plot_sweep
 from support.sampling import Budget, budget_for, check_count, settings_hash
 from support.stats import (bootstrap_ci, mean_se, pearson, permutation_p, random_band, random_directions, spearman,

@@ -1,6 +1,5 @@
 """Files the project reads and writes: atomic writes, CSV, the persona-vector files (their name, --steer specs,
 saving, loading, fit) and conversation files (JSONL, one {"messages": [...]} per line)."""
-import contextlib
 import csv
 import fcntl
 import glob
@@ -12,6 +11,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -86,7 +86,7 @@ def _alive(pid: int) -> bool:
 LOCK = ".lock"  # the lock file of a directory a run writes (see locked)
 
 
-@contextlib.contextmanager
+@contextmanager
 def locked(directory: Path, what: str = "--out", name: str = LOCK):
     """Hold `directory` for this run: an exclusive flock on the file `name` in it (the directory is made if need
     be). A second run on the same directory stops at once with one line naming the holder (its pid and command)
