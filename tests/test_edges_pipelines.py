@@ -216,22 +216,34 @@ def test_flag_select_out_with_force_replaces_a_file_that_is_no_input(tiny, tmp_p
 
 
 # ------------------------------------------------------------------------------- two runs on one work directory
+try:
+    from apps import __main__ as apps_cli  # python -m apps: the applications' command line
+except ImportError:  # before it existed, persona_vectors.py ran them too
+    apps_cli = pv
+APPS = """
+try:
+    from apps import __main__ as apps_cli
+except ImportError:
+    apps_cli = pv
+"""
 WAITER = """
 import sys, time
 sys.path[:0] = [{root!r}]
 import persona_vectors as pv
 from apps import flagging
+{apps}
 def wait(*args, **kw):  # called with the work directory locked: hold it
     print("working", flush=True)
     time.sleep(600)
 {patch} = wait
-sys.exit(pv.main({argv!r}))
+sys.exit({main}.main({argv!r}))
 """
-TWICE = {  # command -> (where it works with its .work directory locked, its arguments after the tiny model's)
-    "make-dataset": ("pv.sample_rollouts", "make-dataset evil --n 2 --questions-file {r}/q.txt --judge none "
+TWICE = {  # command -> (its command line, where it works with its .work directory locked, its arguments after
+    # the tiny model's)
+    "make-dataset": ("pv", "pv.sample_rollouts", "make-dataset evil --n 2 --questions-file {r}/q.txt --judge none "
                      "--max-new-tokens 3 --batch-size 2 --device cpu --out {o}/d.jsonl"),
-    "flag": ("flagging.score_job", "flag {r}/data.jsonl --vectors {v} --trait evil --max-new-tokens 3 "
-             "--device cpu --out {o}/flagged"),
+    "flag": ("apps_cli", "flagging.score_job", "flag {r}/data.jsonl --vectors {v} --trait evil "
+             "--max-new-tokens 3 --device cpu --out {o}/flagged"),
 }
 
 
@@ -241,14 +253,16 @@ def test_a_second_run_on_the_same_work_directory_stops_and_a_killed_one_blocks_n
     """The same command twice at once with the same --out: the second stops in one line naming the first, and
     changes nothing; after the first is killed (-9), its lock file blocks nothing."""
     d, vectors, root = tiny
-    patch, args = TWICE[command]
+    main, patch, args = TWICE[command]
+    cli = {"pv": pv, "apps_cli": apps_cli}[main]
     argv = args.format(r=root, v=vectors, o=tmp_path).split() + ["--model", str(d)]
-    first = subprocess.Popen([sys.executable, "-c", WAITER.format(root=str(ROOT), patch=patch, argv=argv)],
+    script = WAITER.format(root=str(ROOT), apps=APPS, main=main, patch=patch, argv=argv)
+    first = subprocess.Popen([sys.executable, "-c", script],
                              stdout=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     try:
         assert first.stdout.readline() == "working\n"
         before = tree(tmp_path)
-        err = run_bad(pv.main, argv, 1, capsys)
+        err = run_bad(cli.main, argv, 1, capsys)
         assert err[-1].startswith("error: ") and f"is in use by another run (pid {first.pid}: -c)" in err[-1]
         assert err[-1].endswith("choose another --out") and sum("error" in line for line in err) == 1
         assert tree(tmp_path) == before
@@ -256,5 +270,5 @@ def test_a_second_run_on_the_same_work_directory_stops_and_a_killed_one_blocks_n
         first.kill()
         first.wait()
     assert len(list(tmp_path.rglob(".work/*/.lock*"))) == 1  # left by the killed run
-    assert pv.main(argv) == 0
+    assert cli.main(argv) == 0
     assert not list(tmp_path.rglob(".lock*"))
