@@ -1,5 +1,6 @@
 """support/files.py: atomic writes with the usual mode, JSON errors that name the file, leftovers of killed runs,
 and vector files written by other tools."""
+import ast
 import os
 import subprocess
 import sys
@@ -138,3 +139,43 @@ def test_locked_removes_the_folders_it_made_when_nothing_was_written(tmp_path):
     with files.locked(tmp_path / "a" / "b"):
         assert os.listdir(tmp_path / "a" / "b") == [files.LOCK]
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------- every safetensors write, one mechanism
+def direct_saves(source: str) -> list[int]:
+    """Lines of `source` that write a safetensors file (save_file) or a torch file (torch.save) outside an
+    atomic_write call: a temporary there would be the library's, or a half file under the real name."""
+    tree_ = ast.parse(source)
+    parents = {child: node for node in ast.walk(tree_) for child in ast.iter_child_nodes(node)}
+
+    def name(call):
+        f = call.func
+        return f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+
+    def inside_atomic_write(node):
+        while node in parents:
+            node = parents[node]
+            if isinstance(node, ast.Call) and name(node) == "atomic_write":
+                return True
+        return False
+    saves = [n for n in ast.walk(tree_) if isinstance(n, ast.Call) and name(n) in ("save_file", "save")
+             and (name(n) == "save_file" or ast.unparse(n.func) == "torch.save")]
+    return sorted(n.lineno for n in saves if not inside_atomic_write(n))
+
+
+# torch.save into a checkpoint's own temporary folder, renamed into place whole (support/training.py)
+INSIDE_A_TEMPORARY_FOLDER = {("support/training.py", 'torch.save({"optimizer": optim')}
+
+
+def test_every_weights_file_is_written_through_atomic_write():
+    assert direct_saves("from safetensors.torch import save_file\nsave_file({}, 'x.safetensors')\n") == [2]
+    assert direct_saves("atomic_write(p, lambda t: save_file({}, t))\n") == []
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith(("tests/", ".")) or "/." in rel:
+            continue
+        lines = path.read_text().splitlines()
+        found += [(rel, lines[n - 1].strip()) for n in direct_saves(path.read_text())]
+    assert [f for f in found if not any(f[0] == a and f[1].startswith(b) for a, b in INSIDE_A_TEMPORARY_FOLDER)] \
+        == []
