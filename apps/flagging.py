@@ -608,7 +608,8 @@ def flag(files: list[str], traits: list[str] | None = None, model_name: str = DE
                      f"{base_samples} sampled at temperature {base_temperature}")
                   + f", up to {max_new_tokens} tokens; batches of {bs}", file=sys.stderr)
             for job in jobs:
-                with locked(job.work, name=f".lock-{shard_i}-of-{shard_n}"):  # a shard runs once at a time
+                # one run of a shard at a time
+                with locked(job.work, name=f".lock-{shard_i}-of-{shard_n}"):
                     score_job(model, tok, probes, job, settings, bs, (shard_i, shard_n))
 
         missing = {str(j.src): j.missing() for j in jobs if j.missing()}

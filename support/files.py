@@ -25,17 +25,20 @@ os.umask(UMASK)
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename into place: an interrupted run never leaves a half-written file.
+    """Call write(tmp_path), then rename into place: an interrupted run never leaves a half-written
+    file.
 
-    tmp_path has the file's own name, inside a private folder `.<name>.<pid>-XXXX.tmp` beside the file: a
-    library that writes its own temporary next to the path it is given (safetensors 0.8's `.tmpXXXXXX`) writes it
-    in there, so whatever a kill -9 leaves is a temporary of ours, and the next write of the same file removes it
-    (remove_stale_temps). The file gets the usual permissions (0666 less the umask), not a private 0600.
+    tmp_path has the file's own name, inside a private folder `.<name>.<pid>-XXXX.tmp` beside the
+    file: a library that writes its own temporary next to the path it is given (safetensors 0.8's
+    `.tmpXXXXXX`) writes it in there, so whatever a kill -9 leaves is a temporary of ours, and the
+    next write of the same file removes it (remove_stale_temps). The file gets the usual
+    permissions (0666 less the umask), not a private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
-    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp"))
+    prefix = f".{path.name}.{os.getpid()}-"
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".tmp"))
     tmp = folder / path.name
     try:
         write(tmp)
@@ -52,7 +55,8 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-TEMP_PID = re.compile(r"(\d+)(-\w+)?")  # the middle of a temporary's name: <pid> (temp_path), <pid>-XXXX (atomic_write)
+# the middle of a temporary's name: <pid> (temp_path) or <pid>-XXXX (atomic_write)
+TEMP_PID = re.compile(r"(\d+)(-\w+)?")
 
 
 def remove_stale_temps(path: Path, max_age: float = 3600.0) -> list[Path]:
@@ -88,10 +92,11 @@ LOCK = ".lock"  # the lock file of a directory a run writes (see locked)
 
 @contextmanager
 def locked(directory: Path, what: str = "--out", name: str = LOCK):
-    """Hold `directory` for this run: an exclusive flock on the file `name` in it (the directory is made if need
-    be). A second run on the same directory stops at once with one line naming the holder (its pid and command)
-    and changes nothing. The kernel releases a flock when its process dies, so a lock file left by a killed run
-    blocks nothing; at the end the file and the folders made for it (when left empty) are removed."""
+    """Hold `directory` for this run: an exclusive flock on the file `name` in it (the directory is
+    made if need be). A second run on the same directory stops at once with one line naming the
+    holder (its pid and command) and changes nothing. The kernel releases a flock when its process
+    dies, so a lock file left by a killed run blocks nothing; at the end the file and the folders
+    made for it (when left empty) are removed."""
     directory = Path(directory)
     made = [p for p in [directory, *directory.parents] if not p.exists()]  # deepest first
     check_writable(directory, what)
@@ -102,7 +107,7 @@ def locked(directory: Path, what: str = "--out", name: str = LOCK):
         os.write(fd, f"pid {os.getpid()}: {command}\n".encode(errors="replace"))
         yield directory
     finally:
-        (directory / name).unlink(missing_ok=True)  # while held: a run that opened it meanwhile retries
+        (directory / name).unlink(missing_ok=True)  # while held: one that opened it now retries
         os.close(fd)
         for d in made:
             try:
@@ -112,17 +117,20 @@ def locked(directory: Path, what: str = "--out", name: str = LOCK):
 
 
 def _lock(path: Path, what: str) -> int:
-    """-> a file descriptor holding the flock on `path`, created if need be; a UserError when another process holds
-    it."""
+    """-> a file descriptor holding the flock on `path`, created if need be; a UserError when
+    another process holds it."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~UMASK)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            holder = holder if len(holder) <= 200 else holder[:200] + " ..."
             os.close(fd)
-            raise UserError(f"{path.parent} is in use by another run ({holder}): wait until it ends, or choose "
-                            f"another {what}") from None
+            raise UserError(
+                f"{path.parent} is in use by another run ({holder}): wait until it ends, or choose "
+                f"another {what}"
+            ) from None
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd

@@ -141,8 +141,8 @@ class Process:
 @contextlib.contextmanager
 def launch(out: Path, device: str | None, dtype, fsdp: bool):
     """-> this Process. Joins the process group when launched by torchrun (and leaves it at the
-    end); holds `out` for the run (rank 0: see files.locked, a second run on it stops); on a failure,
-    `out` and the folders made for it go if they are left empty."""
+    end); holds `out` for the run (rank 0; see files.locked: a second run on it stops); on a
+    failure, `out` and the folders made for it go if they are left empty."""
     device = device or checkpoint.default_device()
     dtype = compute_dtype(dtype, device)
     with process_group(device) as (rank, world), removed_if_left_empty(out):
@@ -779,8 +779,8 @@ def remove(checkpoint: Path) -> None:
     shutil.rmtree(trash)
 
 
-LIBRARY_TEMP = re.compile(r"\.tmp\w{6}")  # safetensors' own temporary, left by runs before atomic_write
-# gave it a folder of ours to write in
+# safetensors' own temporary, left by runs before atomic_write gave it a folder of ours to write in
+LIBRARY_TEMP = re.compile(r"\.tmp\w{6}")
 
 
 def leftover(path: Path) -> bool:

@@ -215,7 +215,7 @@ def test_flag_select_out_with_force_replaces_a_file_that_is_no_input(tiny, tmp_p
     assert sorted(p.name for p in r["plots"]) == expected
 
 
-# ------------------------------------------------------------------------------- two runs on one work directory
+# ------------------------------------------------------------------- two runs on one work directory
 try:
     from apps import __main__ as apps_cli  # python -m apps: the applications' command line
 except ImportError:  # before it existed, persona_vectors.py ran them too
@@ -238,33 +238,45 @@ def wait(*args, **kw):  # called with the work directory locked: hold it
 {patch} = wait
 sys.exit({main}.main({argv!r}))
 """
-TWICE = {  # command -> (its command line, where it works with its .work directory locked, its arguments after
-    # the tiny model's)
-    "make-dataset": ("pv", "pv.sample_rollouts", "make-dataset evil --n 2 --questions-file {r}/q.txt --judge none "
-                     "--max-new-tokens 3 --batch-size 2 --device cpu --out {o}/d.jsonl"),
-    "flag": ("apps_cli", "flagging.score_job", "flag {r}/data.jsonl --vectors {v} --trait evil "
-             "--max-new-tokens 3 --device cpu --out {o}/flagged"),
+# command -> (its command line, where it works with its .work directory locked, its arguments after
+# the tiny model's)
+TWICE = {
+    "make-dataset": (
+        "pv",
+        "pv.sample_rollouts",
+        "make-dataset evil --n 2 --questions-file {r}/q.txt --judge none --max-new-tokens 3 "
+        "--batch-size 2 --device cpu --out {o}/d.jsonl",
+    ),
+    "flag": (
+        "apps_cli",
+        "flagging.score_job",
+        "flag {r}/data.jsonl --vectors {v} --trait evil --max-new-tokens 3 --device cpu "
+        "--out {o}/flagged",
+    ),
 }
 
 
 @pytest.mark.parametrize("command", TWICE)
-def test_a_second_run_on_the_same_work_directory_stops_and_a_killed_one_blocks_nothing(tiny, tmp_path, capsys,
-                                                                                       command):
-    """The same command twice at once with the same --out: the second stops in one line naming the first, and
-    changes nothing; after the first is killed (-9), its lock file blocks nothing."""
+def test_a_second_run_on_the_same_work_directory_stops_and_a_killed_one_blocks_nothing(
+    tiny, tmp_path, capsys, command
+):
+    """The same command twice at once with the same --out: the second stops in one line naming the
+    first, and changes nothing; after the first is killed (-9), its lock file blocks nothing."""
     d, vectors, root = tiny
     main, patch, args = TWICE[command]
     cli = {"pv": pv, "apps_cli": apps_cli}[main]
     argv = args.format(r=root, v=vectors, o=tmp_path).split() + ["--model", str(d)]
     script = WAITER.format(root=str(ROOT), apps=APPS, main=main, patch=patch, argv=argv)
-    first = subprocess.Popen([sys.executable, "-c", script],
-                             stdout=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", script]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert first.stdout.readline() == "working\n"
         before = tree(tmp_path)
         err = run_bad(cli.main, argv, 1, capsys)
-        assert err[-1].startswith("error: ") and f"is in use by another run (pid {first.pid}: -c)" in err[-1]
-        assert err[-1].endswith("choose another --out") and sum("error" in line for line in err) == 1
+        assert err[-1].startswith("error: ") and sum("error" in line for line in err) == 1
+        assert f"is in use by another run (pid {first.pid}: -c)" in err[-1]
+        assert err[-1].endswith("choose another --out")
         assert tree(tmp_path) == before
     finally:
         first.kill()

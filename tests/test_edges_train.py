@@ -80,7 +80,7 @@ CASES = [
     ("{r}/ok.jsonl --out {r}/new/o --save-every 10x", 1, "give a number of steps (50) or of minutes (10m)"),
     ("{r}/ok.jsonl --out {r}/new/o --fsdp", 1, "launch with torchrun"),
     ("{r}/ok.jsonl --out {r}/new/o --dtype float16", 2, "--dtype: invalid choice"),
-    ("{r}/ok.jsonl --out {r}/held", 1, "{r}/held is in use by another run (pid "),  # refused, nothing written
+    ("{r}/ok.jsonl --out {r}/held", 1, "{r}/held is in use by another run (pid "),
 ]
 
 
@@ -157,7 +157,7 @@ from support import training
 save_file = training.save_file
 def save_then_die(tensors, filename, metadata=None):
     if {point!r} == "library temporary" and "checkpoint" not in str(filename):
-        Path(filename).with_name(".tmpAjgqNV").write_bytes(b"half")  # safetensors 0.8's own temporary
+        Path(filename).with_name(".tmpAjgqNV").write_bytes(b"half")  # safetensors 0.8's own
         os.kill(os.getpid(), signal.SIGKILL)  # in the final save, before the library's rename
     save_file(tensors, filename, metadata=metadata)
 training.save_file = save_then_die
@@ -186,7 +186,7 @@ def test_kill_9_during_the_final_save_leaves_nothing_after_a_rerun(tiny, finishe
     assert tree(out) == tree(finished)  # nothing left over, and the same model as a run never killed
 
 
-# ------------------------------------------------------------------------------------------ two runs, one --out
+# ------------------------------------------------------------------------------ two runs, one --out
 WAITER = """
 import sys, time
 sys.path[:0] = [{root!r}]
@@ -202,14 +202,16 @@ sys.exit(train.main({argv!r}))
 def test_a_second_run_on_the_same_out_stops_and_a_killed_one_blocks_nothing(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     args = argv(tiny, tiny[2] / "ok.jsonl", "--out", out)
-    first = subprocess.Popen([sys.executable, "-c", WAITER.format(root=str(ROOT), argv=args)],
-                             stdout=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    script, env = WAITER.format(root=str(ROOT), argv=args), os.environ | {"OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", script]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert first.stdout.readline() == "training\n"
         before = tree(tmp_path)
         err = run_bad(train.main, args, 1, capsys)
-        assert err == [f"error: {out} is in use by another run (pid {first.pid}: -c): wait until it ends, or "
-                       "choose another --out"]  # (-c: the command line of that run, here a script)
+        holder = f"pid {first.pid}: -c"  # the command line of that run, here a script
+        why = f"{out} is in use by another run ({holder})"
+        assert err == [f"error: {why}: wait until it ends, or choose another --out"]
         assert tree(tmp_path) == before
     finally:
         first.kill()  # -9: its lock file stays
@@ -219,20 +221,22 @@ def test_a_second_run_on_the_same_out_stops_and_a_killed_one_blocks_nothing(tiny
     assert not (out / ".lock").exists() and (out / "model.safetensors").is_file()
 
 
-# -------------------------------------------------------------------------------------------------- divergence
+# --------------------------------------------------------------------------------------- divergence
 def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys):
-    """--lr 100 on the tiny model: step 2's loss is ~2e5 (35 at step 1), finite; the run used to end with exit 0
-    and save those weights (validation loss 31 -> 9e4)."""
+    """--lr 100 on the tiny model: step 2's loss is ~2e5 (35 at step 1), finite; the run used to end
+    with exit 0 and save those weights (validation loss 31 -> 9e4)."""
     out = tmp_path / "out"
-    args = argv(tiny, tiny[2] / "ok.jsonl", "--out", out, "--lr", 100, "--warmup-steps", 0, "--max-steps", 4)
-    err = run_bad(train.main, args, 1, capsys)
-    assert err[-1].startswith("error: the loss diverged at step 2 (") and "checkpoint-000001) is kept" in err[-1]
+    args = argv(tiny, tiny[2] / "ok.jsonl", "--out", out, "--lr", 100, "--warmup-steps", 0)
+    err = run_bad(train.main, [*args, "--max-steps", "4"], 1, capsys)
+    assert err[-1].startswith("error: the loss diverged at step 2 (")
+    assert "checkpoint-000001) is kept" in err[-1]
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-000001"]
     assert not (out / "model.safetensors").exists() and not list(out.glob(".*"))
 
 
 def test_a_diverging_validation_loss_stops_the_run(tiny, tmp_path, capsys, monkeypatch):
-    """The validation loss more than 5 nats above its value before training (simulated: +6 after the start)."""
+    """The validation loss more than 5 nats above its value before training (simulated: +6 after
+    the start)."""
     losses = []
     real = train.validation_loss
 
@@ -241,7 +245,8 @@ def test_a_diverging_validation_loss_stops_the_run(tiny, tmp_path, capsys, monke
         return losses[-1]
     monkeypatch.setattr(train, "validation_loss", validation_loss)
     out = tmp_path / "out"
-    err = run_bad(train.main, argv(tiny, tiny[2] / "ok.jsonl", "--out", out, "--max-steps", 5), 1, capsys)
+    args = argv(tiny, tiny[2] / "ok.jsonl", "--out", out, "--max-steps", 5)
+    err = run_bad(train.main, args, 1, capsys)
     assert err[-1].startswith("error: the validation loss diverged at step 5 (")
     assert f"{losses[0]:.4g} before training" in err[-1] and "checkpoint-000004) is kept" in err[-1]
     assert not (out / "model.safetensors").exists()

@@ -54,7 +54,7 @@ def test_a_vector_file_with_standard_metadata_loads(tmp_path):
     assert vec.shape == (3, 4) and meta == {"format": "pt", "model": "tiny"}
 
 
-# ------------------------------------------------------------------------------------ kill -9 in a library's write
+# --------------------------------------------------------------------- kill -9 in a library's write
 KILLED_SAVE = """
 import os, signal, sys
 from pathlib import Path
@@ -62,7 +62,7 @@ sys.path[:0] = [{root!r}]
 import torch
 from support import files
 
-def save_file(tensors, filename, metadata=None):  # as safetensors 0.8 does: its own temporary beside the file
+def save_file(tensors, filename, metadata=None):  # as safetensors 0.8: its own temporary beside it
     Path(filename).with_name(".tmpAjgqNV").write_bytes(b"half a file")
     os.kill(os.getpid(), signal.SIGKILL)  # killed before its rename
 
@@ -77,8 +77,9 @@ SAVERS = {
 
 @pytest.mark.parametrize("saver", SAVERS)
 def test_a_library_temporary_left_by_kill_9_goes_with_the_next_write(tmp_path, saver):
-    """safetensors 0.8 writes its own .tmpXXXXXX beside the path it is given: atomic_write gives it a folder of
-    ours, so the next write of the same file removes what a kill -9 left, whichever library wrote it."""
+    """safetensors 0.8 writes its own .tmpXXXXXX beside the path it is given: atomic_write gives it
+    a folder of ours, so the next write of the same file removes what a kill -9 left, whichever
+    library wrote it."""
     path = tmp_path / "out" / "x.safetensors"
     call = SAVERS[saver].format(path=str(path))
     script = KILLED_SAVE.format(root=str(ROOT), saver=call)
@@ -90,10 +91,16 @@ def test_a_library_temporary_left_by_kill_9_goes_with_the_next_write(tmp_path, s
 
 
 def test_atomic_write_temporaries_are_recognised_as_this_process_s(tmp_path):
-    """What atomic_write leaves while it writes is a temporary remove_stale_temps knows: `.NAME.PID-XXXX.tmp`."""
+    """What atomic_write leaves while it writes is a temporary remove_stale_temps knows:
+    `.NAME.PID-XXXX.tmp`."""
     seen = []
-    files.atomic_write(tmp_path / "a.txt", lambda p: seen.extend(os.listdir(tmp_path)) or p.write_text("x"))
-    assert len(seen) == 1 and seen[0].startswith(f".a.txt.{os.getpid()}-") and seen[0].endswith(".tmp")
+
+    def write(p):
+        seen.extend(os.listdir(tmp_path))
+        p.write_text("x")
+    files.atomic_write(tmp_path / "a.txt", write)
+    assert len(seen) == 1 and seen[0].startswith(f".a.txt.{os.getpid()}-")
+    assert seen[0].endswith(".tmp")
     dead = tmp_path / ".a.txt.99999999-k3j2h1.tmp"
     dead.mkdir()
     (dead / ".tmpAjgqNV").write_text("")
@@ -101,7 +108,7 @@ def test_atomic_write_temporaries_are_recognised_as_this_process_s(tmp_path):
     assert os.listdir(tmp_path) == ["a.txt"]
 
 
-# ------------------------------------------------------------------------------------------------------ the lock
+# ----------------------------------------------------------------------------------------- the lock
 HOLD = """
 import sys, time
 sys.path[:0] = [{root!r}]
@@ -141,10 +148,11 @@ def test_locked_removes_the_folders_it_made_when_nothing_was_written(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-# ------------------------------------------------------------------------- every safetensors write, one mechanism
+# ----------------------------------------------------------- every safetensors write, one mechanism
 def direct_saves(source: str) -> list[int]:
-    """Lines of `source` that write a safetensors file (save_file) or a torch file (torch.save) outside an
-    atomic_write call: a temporary there would be the library's, or a half file under the real name."""
+    """Lines of `source` that write a safetensors file (save_file) or a torch file (torch.save)
+    outside an atomic_write call: a temporary there would be the library's, or a half file under the
+    real name."""
     tree_ = ast.parse(source)
     parents = {child: node for node in ast.walk(tree_) for child in ast.iter_child_nodes(node)}
 
@@ -158,17 +166,17 @@ def direct_saves(source: str) -> list[int]:
             if isinstance(node, ast.Call) and name(node) == "atomic_write":
                 return True
         return False
-    saves = [n for n in ast.walk(tree_) if isinstance(n, ast.Call) and name(n) in ("save_file", "save")
-             and (name(n) == "save_file" or ast.unparse(n.func) == "torch.save")]
+    calls = [n for n in ast.walk(tree_) if isinstance(n, ast.Call)]
+    saves = [n for n in calls if name(n) == "save_file" or ast.unparse(n.func) == "torch.save"]
     return sorted(n.lineno for n in saves if not inside_atomic_write(n))
 
 
-# torch.save into a checkpoint's own temporary folder, renamed into place whole (support/training.py)
+# torch.save into a checkpoint's own temporary folder, renamed into place whole
 INSIDE_A_TEMPORARY_FOLDER = {("support/training.py", 'torch.save({"optimizer": optim')}
 
 
 def test_every_weights_file_is_written_through_atomic_write():
-    assert direct_saves("from safetensors.torch import save_file\nsave_file({}, 'x.safetensors')\n") == [2]
+    assert direct_saves("import torch\ntorch.save({}, 'x.pt')\nsave_file({}, 'y')\n") == [2, 3]
     assert direct_saves("atomic_write(p, lambda t: save_file({}, t))\n") == []
     found = []
     for path in sorted(ROOT.rglob("*.py")):
@@ -177,5 +185,6 @@ def test_every_weights_file_is_written_through_atomic_write():
             continue
         lines = path.read_text().splitlines()
         found += [(rel, lines[n - 1].strip()) for n in direct_saves(path.read_text())]
-    assert [f for f in found if not any(f[0] == a and f[1].startswith(b) for a, b in INSIDE_A_TEMPORARY_FOLDER)] \
-        == []
+    allowed = [(f, line) for f, line in found for a, b in INSIDE_A_TEMPORARY_FOLDER
+               if f == a and line.startswith(b)]
+    assert found == allowed
