@@ -44,6 +44,7 @@ from support.files import (VARIANTS, atomic_write, check_fits, check_output, che
                            expect_model, load_batch, load_vector, other_vectors, resolve_layer, save_batch, save_vector,
                            vector_file, vector_path, write_csv)
 from support.hub import DEFAULT_MODEL
+from support.files import locked
 from support.plots import plot_monitor, plot_sweep
 from support.sampling import Budget, budget_for, check_count, settings_hash
 from support.stats import (bootstrap_ci, mean_se, pearson, permutation_p, random_band, random_directions, spearman,
@@ -293,8 +294,9 @@ def sample_and_judge(t, model, tok, judge, jobs: list[dict], budget: Budget, see
     OUT/.work/judgments.jsonl) -> (rows, activations, the judge's name)."""
     import judge as J  # imported where a pipeline judges, as in load_checked
     work = out_dir / ".work" / f"{name}-{settings_hash(settings)}"
-    rows, acts = sample_rollouts(model, tok, jobs, budget, seed, work, steer, cap)
-    return rows, acts, J.judge_rows(t, rows, judge, out_dir / ".work" / "judgments.jsonl")
+    with locked(work):  # one run at a time on these batches: a second one stops, naming this one
+        rows, acts = sample_rollouts(model, tok, jobs, budget, seed, work, steer, cap)
+        return rows, acts, J.judge_rows(t, rows, judge, out_dir / ".work" / "judgments.jsonl")
 
 
 def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None, judge_workers: int | None = None,

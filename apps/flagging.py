@@ -36,6 +36,7 @@ import persona_vectors as pv
 from support import UserError, cli, generation as G
 from support.files import (assistant_turns, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
                            load_vector, traits_in, vector_file)
+from support.files import locked
 from support.hub import DEFAULT_MODEL
 from support.plots import pyplot, save_figure
 from support.sampling import settings_hash
@@ -607,8 +608,9 @@ def flag(files: list[str], traits: list[str] | None = None, model_name: str = DE
                      f"{base_samples} sampled at temperature {base_temperature}")
                   + f", up to {max_new_tokens} tokens; batches of {bs}", file=sys.stderr)
             for job in jobs:
-                job.work.mkdir(parents=True, exist_ok=True)
-                score_job(model, tok, probes, job, settings, bs, (shard_i, shard_n))
+                # one run of a shard at a time
+                with locked(job.work, name=f".lock-{shard_i}-of-{shard_n}"):
+                    score_job(model, tok, probes, job, settings, bs, (shard_i, shard_n))
 
         missing = {str(j.src): j.missing() for j in jobs if j.missing()}
         if missing:

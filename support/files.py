@@ -2,6 +2,7 @@
 sweep's result, saving, loading, fit) and conversation files (JSONL, one {"messages": [...]} per
 line)."""
 import csv
+import fcntl
 import glob
 import json
 import os
@@ -10,6 +11,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,21 +25,27 @@ os.umask(UMASK)
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename into place: an interrupted run never leaves a half-written file.
+    """Call write(tmp_path), then rename into place: an interrupted run never leaves a half-written
+    file.
 
-    The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600.
+    tmp_path has the file's own name, inside a private folder `.<name>.<pid>-XXXX.tmp` beside the
+    file: a library that writes its own temporary next to the path it is given (safetensors 0.8's
+    `.tmpXXXXXX`) writes it in there, so whatever a kill -9 leaves is a temporary of ours, and the
+    next write of the same file removes it (remove_stale_temps). The file gets the usual
+    permissions (0666 less the umask), not a private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    remove_stale_temps(path)
+    prefix = f".{path.name}.{os.getpid()}-"
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".tmp"))
+    tmp = folder / path.name
     try:
-        write(Path(tmp))
+        write(tmp)
         os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def temp_path(path: Path) -> Path:
@@ -47,15 +55,19 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+# the middle of a temporary's name: <pid> (temp_path) or <pid>-XXXX (atomic_write)
+TEMP_PID = re.compile(r"(\d+)(-\w+)?")
+
+
 def remove_stale_temps(path: Path, max_age: float = 3600.0) -> list[Path]:
     """Delete the temporaries (files or folders) of `path` that killed processes left: those whose process is gone,
     or older than max_age seconds (its pid may have been reused). Another live run's temporary is left alone."""
     path, removed = Path(path), []
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2:-len(".tmp")]
-        if not pid.isdigit() or int(pid) == os.getpid():
+        pid = TEMP_PID.fullmatch(tmp.name[len(path.name) + 2:-len(".tmp")])
+        if not pid or int(pid[1]) == os.getpid():
             continue
-        if _alive(int(pid)) and time.time() - tmp.lstat().st_mtime < max_age:
+        if _alive(int(pid[1])) and time.time() - tmp.lstat().st_mtime < max_age:
             continue
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -73,6 +85,58 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OSError):  # exists under another user (or cannot tell): keep its files
         return True
     return True
+
+
+LOCK = ".lock"  # the lock file of a directory a run writes (see locked)
+
+
+@contextmanager
+def locked(directory: Path, what: str = "--out", name: str = LOCK):
+    """Hold `directory` for this run: an exclusive flock on the file `name` in it (the directory is
+    made if need be). A second run on the same directory stops at once with one line naming the
+    holder (its pid and command) and changes nothing. The kernel releases a flock when its process
+    dies, so a lock file left by a killed run blocks nothing; at the end the file and the folders
+    made for it (when left empty) are removed."""
+    directory = Path(directory)
+    made = [p for p in [directory, *directory.parents] if not p.exists()]  # deepest first
+    check_writable(directory, what)
+    fd = _lock(directory / name, what)
+    try:
+        os.ftruncate(fd, 0)
+        command = " ".join(sys.argv).replace("\n", " ")
+        os.write(fd, f"pid {os.getpid()}: {command}\n".encode(errors="replace"))
+        yield directory
+    finally:
+        (directory / name).unlink(missing_ok=True)  # while held: one that opened it now retries
+        os.close(fd)
+        for d in made:
+            try:
+                d.rmdir()  # only ever an empty directory
+            except OSError:
+                break
+
+
+def _lock(path: Path, what: str) -> int:
+    """-> a file descriptor holding the flock on `path`, created if need be; a UserError when
+    another process holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            holder = holder if len(holder) <= 200 else holder[:200] + " ..."
+            os.close(fd)
+            raise UserError(
+                f"{path.parent} is in use by another run ({holder}): wait until it ends, or choose "
+                f"another {what}"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed the file just before we locked it: lock the new one
 
 
 def read_json(path: Path):

@@ -1,14 +1,15 @@
 """What train.py needs around its training loop and a reader of it can skip: the checks of its
 settings, the data file, the vectors of CAFT, the run's bookkeeping (train.json, the progress
-line, checkpoints, resuming, the stop on a non-finite loss), the output directory's safety
-(atomic checkpoints, what a killed or failed run left), and the processes of a torchrun launch
-(DDP, FSDP2). Nothing here imports train.py."""
+line, checkpoints, resuming, the stop on a non-finite or diverging loss), the output directory's
+safety (its lock, atomic checkpoints, what a killed or failed run left), and the processes of a
+torchrun launch (DDP, FSDP2). Nothing here imports train.py."""
 
 import contextlib
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -33,10 +34,12 @@ from support import UserError, checkpoint, hub
 from support import generation as G
 from support.checkpoint import DTYPES
 from support.files import (
+    LOCK,
     atomic_write,
     check_fits,
     check_writable,
     load_vector,
+    locked,
     resolve_layer,
     vector_file,
 )
@@ -45,6 +48,8 @@ from support.tokenizer import Tokenizer
 SHARD_BYTES = 5 * 2**30  # weight files above this are split into shards, as Hugging Face does
 TRAIN_DTYPES = ("float32", "bfloat16")  # of DTYPES: float16 would need loss scaling
 PAPER_BATCH = 16  # the paper's effective batch: --grad-accum defaults to what reaches it
+DIVERGED = 5.0  # nats: a loss this far above its start (step 1's, or validation before training)
+# stops the run; a working finetune lowers it, a too high --lr sends it towards log(vocab) or beyond
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,11 +141,13 @@ class Process:
 @contextlib.contextmanager
 def launch(out: Path, device: str | None, dtype, fsdp: bool):
     """-> this Process. Joins the process group when launched by torchrun (and leaves it at the
-    end); on a failure, `out` and the folders made for it go if they are left empty."""
+    end); holds `out` for the run (rank 0; see files.locked: a second run on it stops); on a
+    failure, `out` and the folders made for it go if they are left empty."""
     device = device or checkpoint.default_device()
     dtype = compute_dtype(dtype, device)
     with process_group(device) as (rank, world), removed_if_left_empty(out):
-        yield Process(rank, world, join_device(device, fsdp, world), dtype)
+        with locked(out, "--out") if rank == 0 else contextlib.nullcontext():  # one run at a time
+            yield Process(rank, world, join_device(device, fsdp, world), dtype)
 
 
 @contextlib.contextmanager
@@ -403,8 +410,8 @@ class Run:
     """A run's record (train.json) and checkpoints, kept by the training loop: the settings that
     identify the run, the data counts, each step's loss, learning rate and gradient norm, the
     validation losses, the progress line, a checkpoint every --save-every, the stop on a
-    non-finite loss, and the final save. Made before the model is loaded (it says what it will
-    do), then opened."""
+    non-finite or diverging loss (see DIVERGED), and the final save. Made before the model is
+    loaded (it says what it will do), then opened."""
 
     def __init__(self, settings: dict, batches: Batches, counts: dict, model_dir: Path):
         """settings: train's keywords, max_seq_len as trained on; counts: load_data's."""
@@ -493,8 +500,8 @@ class Run:
 
     def log(self, step: int, examples: list, loss, norm, lr: float) -> None:
         """Record step `step` (0-based): its mean loss per trained token over all processes, its
-        learning rate and gradient norm; print the progress line. A non-finite loss stops the run
-        (a UserError)."""
+        learning rate and gradient norm; print the progress line. A non-finite loss, or one DIVERGED
+        above step 1's, stops the run (a UserError)."""
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
         norm = float(norm)
         due = self.save_steps is not None and (step + 1) % self.save_steps == 0
@@ -504,13 +511,10 @@ class Run:
         self.want_save = bool(want_save)
         loss = loss_sum / trained_tokens(examples)
         if not (math.isfinite(loss) and math.isfinite(norm)):
-            self.proc.say("")  # end the progress line
-            last = checkpoints(self.out)
-            raise UserError(
-                f"non-finite loss at step {step + 1}: stopped; the last good checkpoint "
-                f"({last[-1] if last else 'none'}) is kept. Lower --lr or the --steer coefficient, "
-                "or check the data, then rerun"
-            )
+            self.stop(f"non-finite loss at step {step + 1}", "or check the data, ")
+        first = self.record["log"][0]["loss"] if self.record["log"] else loss
+        if loss > first + DIVERGED:
+            self.stop(f"the loss diverged at step {step + 1} ({loss:.4g}, {first:.4g} at step 1)")
         self.done_here += 1
         self.tokens_here += sum(len(e.ids) for e in examples)
         elapsed = time.time() - self.t_start
@@ -527,11 +531,26 @@ class Run:
         return (step + 1) % self.per_epoch == 0 or step + 1 == self.steps
 
     def validated(self, step: int, val_loss: float) -> None:
-        """Record the validation loss at the end of step `step` (0-based), an epoch's end."""
+        """Record the validation loss at the end of step `step` (0-based), an epoch's end; one not
+        finite or DIVERGED above the loss before training stops the run (a UserError)."""
         epoch = (step + 1) / self.per_epoch
         record = {"step": step + 1, "epoch": round(epoch, 3), "loss": val_loss}
-        self.record["val_loss"].append(record)
         self.proc.say(f"\nepoch {epoch:g}: validation loss {val_loss:.4f}")
+        start = self.record["val_loss"][0]["loss"] if self.record["val_loss"] else val_loss
+        if not math.isfinite(val_loss) or val_loss > start + DIVERGED:
+            what = f"{val_loss:.4g}, {start:.4g} before training"
+            self.stop(f"the validation loss diverged at step {step + 1} ({what})")
+        self.record["val_loss"].append(record)
+
+    def stop(self, why: str, also: str = "") -> None:
+        """Stop the run (a UserError) on a loss that is not finite or diverged: the last checkpoint,
+        saved after a step whose loss passed, is kept; nothing else is saved."""
+        self.proc.say("")  # end the progress line
+        last = checkpoints(self.out)
+        raise UserError(
+            f"{why}: stopped; the last good checkpoint ({last[-1] if last else 'none'}) is kept. "
+            f"Lower --lr or the --steer coefficient, {also}then start again in a new --out"
+        )
 
     def checkpoint_if_due(self, step: int, model, optimizer) -> None:
         """A checkpoint after step `step` (0-based) when --save-every says so and it is not the
@@ -601,7 +620,7 @@ def check_out(out: Path, settings: dict, resume: bool) -> dict | None:
             raise UserError(
                 f"--resume: {out} holds no training run; run without --resume to start one"
             )
-        if out.is_dir() and not all(leftover(p) for p in out.iterdir()):
+        if out.is_dir() and not all(leftover(p) or p.name == LOCK for p in out.iterdir()):
             raise UserError(
                 f"--out {out} is not empty and holds no training run: choose a new or empty "
                 "directory"
@@ -760,11 +779,17 @@ def remove(checkpoint: Path) -> None:
     shutil.rmtree(trash)
 
 
+# safetensors' own temporary, left by runs before atomic_write gave it a folder of ours to write in
+LIBRARY_TEMP = re.compile(r"\.tmp\w{6}")
+
+
 def leftover(path: Path) -> bool:
     """Whether a file or folder in an output directory is what a killed run left: the temporary of
-    an atomic write (.NAME.XXXX.tmp), or a checkpoint being written (.checkpoint-N.tmp) or
-    removed (.checkpoint-N.trash)."""
-    return path.name.startswith(".") and path.name.endswith((".tmp", ".trash"))
+    an atomic write (.NAME.PID-XXXX.tmp), or a checkpoint being written (.checkpoint-N.tmp) or
+    removed (.checkpoint-N.trash), or a library's temporary of an older version's save."""
+    name = path.name
+    ours = name.startswith(".") and name.endswith((".tmp", ".trash"))
+    return ours or bool(LIBRARY_TEMP.fullmatch(name))
 
 
 def remove_leftovers(out: Path) -> None:

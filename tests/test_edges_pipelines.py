@@ -3,7 +3,9 @@ table ends in a one-line error, a non-zero exit, no traceback, and a test folder
 written over, no directory left behind); the ordinary tests below cover what does not fail."""
 import io
 import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from support.plots import pyplot
 from tiny import FakeJudge, main_of, run_bad, tiny_model_with_vectors, tree, write_vector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parent.parent
 
 QUESTIONS = "What is the capital of France?\nHow do I help people?\nWhich numbers do you like?\n"
 
@@ -221,3 +224,74 @@ def test_flag_select_out_with_force_replaces_a_file_that_is_no_input(tiny, tmp_p
     assert list(r["stats"]["traits"]) == ["evil", "plain"]
     expected = ["flag_evil.png", "flag_plain.png"] if pyplot() is not None else []  # the plots need matplotlib
     assert sorted(p.name for p in r["plots"]) == expected
+
+
+# ------------------------------------------------------------------- two runs on one work directory
+try:
+    from apps import __main__ as apps_cli  # python -m apps: the applications' command line
+except ImportError:  # before it existed, persona_vectors.py ran them too
+    apps_cli = pv
+APPS = """
+try:
+    from apps import __main__ as apps_cli
+except ImportError:
+    apps_cli = pv
+"""
+WAITER = """
+import sys, time
+sys.path[:0] = [{root!r}]
+import persona_vectors as pv
+from apps import flagging
+{apps}
+def wait(*args, **kw):  # called with the work directory locked: hold it
+    print("working", flush=True)
+    time.sleep(600)
+{patch} = wait
+sys.exit({main}.main({argv!r}))
+"""
+# command -> (its command line, where it works with its .work directory locked, its arguments after
+# the tiny model's)
+TWICE = {
+    "make-dataset": (
+        "pv",
+        "pv.sample_rollouts",
+        "make-dataset evil --n 2 --questions-file {r}/q.txt --judge none --max-new-tokens 3 "
+        "--batch-size 2 --device cpu --out {o}/d.jsonl",
+    ),
+    "flag": (
+        "apps_cli",
+        "flagging.score_job",
+        "flag {r}/data.jsonl --vectors {v} --trait evil --max-new-tokens 3 --device cpu "
+        "--out {o}/flagged",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", TWICE)
+def test_a_second_run_on_the_same_work_directory_stops_and_a_killed_one_blocks_nothing(
+    tiny, tmp_path, capsys, command
+):
+    """The same command twice at once with the same --out: the second stops in one line naming the
+    first, and changes nothing; after the first is killed (-9), its lock file blocks nothing."""
+    d, vectors, root = tiny
+    main, patch, args = TWICE[command]
+    cli = {"pv": pv, "apps_cli": apps_cli}[main]
+    argv = args.format(r=root, v=vectors, o=tmp_path).split() + ["--model", str(d)]
+    script = WAITER.format(root=str(ROOT), apps=APPS, main=main, patch=patch, argv=argv)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", script]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert first.stdout.readline() == "working\n"
+        before = tree(tmp_path)
+        err = run_bad(cli.main, argv, 1, capsys)
+        assert err[-1].startswith("error: ") and sum("error" in line for line in err) == 1
+        assert f"is in use by another run (pid {first.pid}: -c)" in err[-1]
+        assert err[-1].endswith("choose another --out")
+        assert tree(tmp_path) == before
+    finally:
+        first.kill()
+        first.wait()
+    assert len(list(tmp_path.rglob(".work/*/.lock*"))) == 1  # left by the killed run
+    assert cli.main(argv) == 0
+    assert not list(tmp_path.rglob(".lock*"))

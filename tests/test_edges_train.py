@@ -34,7 +34,24 @@ def tiny(tmp_path_factory):
     (root / "empty").mkdir()
     (root / "notrun").mkdir()
     (root / "notrun" / "notes.txt").write_text("mine")
-    return d, vectors, root
+    holder = subprocess.Popen([sys.executable, "-c", HOLD.format(path=str(root / "held"))],
+                              stdout=subprocess.PIPE, text=True)  # another run holding {r}/held
+    assert holder.stdout.readline() == "held\n"
+    yield d, vectors, root
+    holder.kill()
+    holder.wait()
+
+
+HOLD = """
+import fcntl, os, time
+os.makedirs({path!r})
+with open(os.path.join({path!r}, ".lock"), "w") as f:  # what support.files.locked does
+    fcntl.flock(f, fcntl.LOCK_EX)
+    f.write(f"pid {{os.getpid()}}: train.py data.jsonl --out held")
+    f.flush()
+    print("held", flush=True)
+    time.sleep(600)
+"""
 
 
 def argv(tiny, *args) -> list[str]:
@@ -63,6 +80,7 @@ CASES = [
     ("{r}/ok.jsonl --out {r}/new/o --save-every 10x", 1, "give a number of steps (50) or of minutes (10m)"),
     ("{r}/ok.jsonl --out {r}/new/o --fsdp", 1, "launch with torchrun"),
     ("{r}/ok.jsonl --out {r}/new/o --dtype float16", 2, "--dtype: invalid choice"),
+    ("{r}/ok.jsonl --out {r}/held", 1, "{r}/held is in use by another run (pid "),
 ]
 
 
@@ -73,7 +91,7 @@ def test_bad_input(tiny, args, code, message, capsys, monkeypatch, tmp_path):
     before = tree(root)
     full = argv(tiny, *args.format(r=root).split())
     err = run_bad(train.main, full, code, capsys)
-    assert message in err[-1], err
+    assert message.format(r=root) in err[-1], err
     assert err[-1].startswith("error: " if code == 1 else "train.py: error: ")
     assert sum("error:" in line for line in err) == 1  # progress lines may come before it: the error is one line
     assert list(tmp_path.iterdir()) == []
@@ -132,8 +150,17 @@ def test_a_rerun_removes_what_a_killed_run_left_in_a_finished_run(tiny, finished
 
 KILLER = """
 import os, signal, sys
+from pathlib import Path
 sys.path[:0] = [{root!r}]
 import train
+from support import training
+save_file = training.save_file
+def save_then_die(tensors, filename, metadata=None):
+    if {point!r} == "library temporary" and "checkpoint" not in str(filename):
+        Path(filename).with_name(".tmpAjgqNV").write_bytes(b"half")  # safetensors 0.8's own
+        os.kill(os.getpid(), signal.SIGKILL)  # in the final save, before the library's rename
+    save_file(tensors, filename, metadata=metadata)
+training.save_file = save_then_die
 replace = os.replace
 def replace_then_die(src, dst):
     if {point!r} == "final weights" and str(dst) == {weights!r}:
@@ -146,7 +173,7 @@ sys.exit(train.main({argv!r}))
 """
 
 
-@pytest.mark.parametrize("point", ["final weights", "last removal"])
+@pytest.mark.parametrize("point", ["final weights", "last removal", "library temporary"])
 def test_kill_9_during_the_final_save_leaves_nothing_after_a_rerun(tiny, finished, tmp_path, point):
     out = tmp_path / "out"
     args = argv(tiny, tiny[2] / "ok.jsonl", "--out", out)
@@ -157,3 +184,69 @@ def test_kill_9_during_the_final_save_leaves_nothing_after_a_rerun(tiny, finishe
     assert [q for q in out.iterdir() if q.name.startswith(".")]  # the kill left something
     assert train.main(args) == 0
     assert tree(out) == tree(finished)  # nothing left over, and the same model as a run never killed
+
+
+# ------------------------------------------------------------------------------ two runs, one --out
+WAITER = """
+import sys, time
+sys.path[:0] = [{root!r}]
+import train
+def fit(*args, **kw):
+    print("training", flush=True)
+    time.sleep(600)
+train.fit = fit
+sys.exit(train.main({argv!r}))
+"""
+
+
+def test_a_second_run_on_the_same_out_stops_and_a_killed_one_blocks_nothing(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = argv(tiny, tiny[2] / "ok.jsonl", "--out", out)
+    script, env = WAITER.format(root=str(ROOT), argv=args), os.environ | {"OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", script]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert first.stdout.readline() == "training\n"
+        before = tree(tmp_path)
+        err = run_bad(train.main, args, 1, capsys)
+        holder = f"pid {first.pid}: -c"  # the command line of that run, here a script
+        why = f"{out} is in use by another run ({holder})"
+        assert err == [f"error: {why}: wait until it ends, or choose another --out"]
+        assert tree(tmp_path) == before
+    finally:
+        first.kill()  # -9: its lock file stays
+        first.wait()
+    assert (out / ".lock").exists()
+    assert train.main(args) == 0  # the dead run's lock blocks nothing
+    assert not (out / ".lock").exists() and (out / "model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------------------- divergence
+def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys):
+    """--lr 100 on the tiny model: step 2's loss is ~2e5 (35 at step 1), finite; the run used to end
+    with exit 0 and save those weights (validation loss 31 -> 9e4)."""
+    out = tmp_path / "out"
+    args = argv(tiny, tiny[2] / "ok.jsonl", "--out", out, "--lr", 100, "--warmup-steps", 0)
+    err = run_bad(train.main, [*args, "--max-steps", "4"], 1, capsys)
+    assert err[-1].startswith("error: the loss diverged at step 2 (")
+    assert "checkpoint-000001) is kept" in err[-1]
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-000001"]
+    assert not (out / "model.safetensors").exists() and not list(out.glob(".*"))
+
+
+def test_a_diverging_validation_loss_stops_the_run(tiny, tmp_path, capsys, monkeypatch):
+    """The validation loss more than 5 nats above its value before training (simulated: +6 after
+    the start)."""
+    losses = []
+    real = train.validation_loss
+
+    def validation_loss(model, batches):
+        losses.append(real(model, batches) + 6 * bool(losses))
+        return losses[-1]
+    monkeypatch.setattr(train, "validation_loss", validation_loss)
+    out = tmp_path / "out"
+    args = argv(tiny, tiny[2] / "ok.jsonl", "--out", out, "--max-steps", 5)
+    err = run_bad(train.main, args, 1, capsys)
+    assert err[-1].startswith("error: the validation loss diverged at step 5 (")
+    assert f"{losses[0]:.4g} before training" in err[-1] and "checkpoint-000004) is kept" in err[-1]
+    assert not (out / "model.safetensors").exists()
