@@ -227,15 +227,10 @@ def test_flag_select_out_with_force_replaces_a_file_that_is_no_input(tiny, tmp_p
 
 
 # ------------------------------------------------------------------- two runs on one work directory
-try:
-    from apps import __main__ as apps_cli  # python -m apps: the applications' command line
-except ImportError:  # before it existed, persona_vectors.py ran them too
-    apps_cli = pv
+from apps import __main__ as apps_cli  # noqa: E402  python -m apps: the applications' command line
+
 APPS = """
-try:
-    from apps import __main__ as apps_cli
-except ImportError:
-    apps_cli = pv
+from apps import __main__ as apps_cli
 """
 WAITER = """
 import sys, time
