@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 import model as M
-from support import UserError, checkpoint, generation as G
+from support import UserError, checkpoint
 from support.capping import CapSpec, caps_for, merged, parse_cap, spec_vector
 from support.cli import (COUNT, LAYER, SCORE, TEMPERATURE, TOP_P, layer_or_sweep, listed, number,
                          run, torch_dtype)
@@ -85,12 +85,12 @@ def answer_with_activations(model: M.Transformer, tok, chats: list[list[dict]], 
     Variants: response_avg (mean over the answer's tokens), prompt_avg (mean over the prompt), prompt_last (the
     last prompt token, from which the answer is written), and response_norm [B, N + 1] (mean per-token norm).
     """
-    rec = G.Capture()
-    outs = G.generate(model, [tok.encode_chat(c) for c in chats], max_new_tokens, stop_ids=tok.stop_ids,
+    rec = M.Capture()
+    outs = M.generate(model, [tok.encode_chat(c) for c in chats], max_new_tokens, stop_ids=tok.stop_ids,
                       pad_id=tok.pad_id, temperature=temperature, top_p=top_p, seed=seed, steer=steer, capture=rec,
                       cap=cap)
-    return outs, {"response_avg": rec.response_mean(), "prompt_avg": rec.prompt_mean(),
-                  "prompt_last": rec.prompt_last(), "response_norm": rec.response_norm()}
+    return outs, {"response_avg": rec.answer_mean(), "prompt_avg": rec.prompt_mean(),
+                  "prompt_last": rec.prompt_last(), "response_norm": rec.answer_norm()}
 
 
 @torch.no_grad()
@@ -102,11 +102,11 @@ def read_answers(model: M.Transformer, prompts: list[list[int]], answers: list[l
     makes of the text.
     """
     device = model.lm_head.weight.device
-    ids, mask = G.left_pad([p + a for p, a in zip(prompts, answers)])
+    ids, mask = M.left_pad([p + a for p, a in zip(prompts, answers)])
     start = torch.tensor([ids.shape[1] - len(a) for a in answers])  # column where each answer begins
-    cap = G.Capture()
-    model(ids.to(device), mask.to(device), response_start=start.to(device), capture=cap, logits="none")
-    return {"response_avg": cap.response_mean(), "prompt_avg": cap.prompt_mean(), "prompt_last": cap.prompt_last()}
+    cap = M.Capture()
+    model(ids.to(device), mask.to(device), answer_start=start.to(device), capture=cap, logits="none")
+    return {"response_avg": cap.answer_mean(), "prompt_avg": cap.prompt_mean(), "prompt_last": cap.prompt_last()}
 
 
 # 3. Filter: keep the pairs the judge finds clear.
@@ -187,9 +187,9 @@ def last_prompt_activations(model, tok, questions: list[str], batch_size: int = 
     steer: interventions during the pass (an inference-time steered model), recorded after they are added."""
     device, out = model.lm_head.weight.device, []
     for i in range(0, len(questions), batch_size):
-        ids, mask = G.left_pad([tok.encode_chat([{"role": "user", "content": q}]) for q in questions[i:i + batch_size]],
+        ids, mask = M.left_pad([tok.encode_chat([{"role": "user", "content": q}]) for q in questions[i:i + batch_size]],
                              tok.pad_id)
-        cap = G.Capture()
+        cap = M.Capture()
         model(ids.to(device), mask.to(device), steer=steer, capture=cap, logits="none")
         out.append(cap.prompt_last().cpu())
     return torch.cat(out)
@@ -269,7 +269,7 @@ def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors:
     if trait is not None and judge_.name != "none" and "REFUSAL" not in trait.eval_prompt:
         print(f"note: the eval_prompt of {trait.source or trait.name} never asks the judge to answer REFUSAL, so "
               "refused answers are scored like any other", file=sys.stderr)
-    model, tok = M.load(model_name, device, dtype)
+    model, tok = checkpoint.load(model_name, device, dtype)
     return model, tok, vectors_dir, judge_
 
 
@@ -507,7 +507,7 @@ def generate(prompts: list[str], model_name: str = DEFAULT_MODEL, system: str | 
     if longest > model.config.max_position_embeddings:
         raise UserError(f"a prompt plus --max-new-tokens is {longest} tokens, beyond this model's context of "
                         f"{model.config.max_position_embeddings}: shorten it or lower --max-new-tokens")
-    out = G.generate(model, ids, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+    out = M.generate(model, ids, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                      temperature=temperature, top_p=top_p, seed=seed, steer=steers, cap=caps, progress=True)
     if caps:
         print("capped positions (the last prompt token and the answer's) per prompt: "
@@ -928,7 +928,7 @@ def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | No
     check_writable(dest.parent)
     acts = {}
     for label, name in (("base", base), ("finetuned", finetuned)):  # one model in memory at a time
-        model, tok = M.load(name, device, dtype)
+        model, tok = checkpoint.load(name, device, dtype)
         check_fits(vec, meta, vec_file, model.config.num_hidden_layers, model.config.hidden_size, model)
         print(f"shift {t.name}: {label} model {name}, {len(t.eval_questions)} evaluation questions", file=sys.stderr)
         acts[label] = last_prompt_activations(model, tok, t.eval_questions, batch_size)

@@ -14,9 +14,9 @@ import torch
 
 import judge as J
 import model as M
+from support import checkpoint
 import persona_vectors as pv
 from apps import __main__ as apps_cli, flagging
-from support import generation as G
 from support.plots import pyplot
 from tiny import FakeJudge, main_of, run_bad, tiny_model_with_vectors, tree, write_vector
 
@@ -113,7 +113,7 @@ def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     d, vectors, root = tiny
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.chdir(tmp_path)  # anything written to the default places would land here
-    monkeypatch.setattr(G, "generate", no_generation)
+    monkeypatch.setattr(M, "generate", no_generation)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))  # chat's user, if it ever got that far
     before = tree(root)
     args = argv.format(d=d, v=vectors, r=root).split()
@@ -201,7 +201,7 @@ def test_a_trait_without_refusal_loads_and_warns_where_a_judge_reads_it(tiny, tm
 
 def test_flag_names_conversations_with_the_roles_reversed(tiny):
     d, vectors, root = tiny
-    _, tok = M.load(str(d), "cpu", torch.float32)
+    _, tok = checkpoint.load(str(d), "cpu", torch.float32)
     reason = flagging.parse_sample((root / "reversed.jsonl").read_bytes(), tok, 1000)
     assert reason.startswith("roles reversed?")
     # an assistant turn after the first user turn is used as before, one that only opens the chat is no reason

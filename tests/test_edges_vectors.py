@@ -7,7 +7,7 @@ import torch
 import persona_vectors as pv
 import apps.control_vector as cv
 import train
-from support import files, generation as G
+from support import files
 from test_train import conversation, write_jsonl
 from tiny import main_of, make_tiny_chat_model, run_bad, tiny_model_with_vectors, tree, write_vector
 
@@ -66,7 +66,7 @@ CASES = [
 def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     d, vectors, root = tiny
     monkeypatch.chdir(tmp_path)  # anything written to the default places would land here
-    monkeypatch.setattr(G, "generate", lambda *a, **k: pytest.fail("generation started before the check"))
+    monkeypatch.setattr(M, "generate", lambda *a, **k: pytest.fail("generation started before the check"))
     before = tree(root)
     capsys.readouterr()
     args = argv.format(d=d, v=vectors, r=root).split()
