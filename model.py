@@ -448,24 +448,15 @@ class Transformer(nn.Module):
         hidden index with the state after the interventions and the token spans of `token_masks`.
         """
         B, T = input_ids.shape
-        dev = input_ids.device
         start = cache.length if cache is not None else 0
         if start == 0:
-            check_fits(self.config, [*steer, *ablate, *cap], B)
-            for c in cap:  # on the device once, not copied at every decoded token; a new sequence, a new count
-                c.directions, c.ceilings, c.fired = c.directions.to(dev), c.ceilings.to(dev), input_ids.new_zeros(B)
-        cols = torch.arange(start, start + T, device=dev)  # [T] absolute columns of these tokens
-        pos, mask, spans = token_masks(cols, start + T, attention_mask, answer_start, B)
-        window = window_mask(mask, cols, start + T, self.config.sliding_window)
-        masks = {"full_attention": mask, "sliding_attention": window}
+            self.start_sequence([*steer, *ablate, *cap], input_ids)
+        spans, masks, rope = self.layout(start, T, attention_mask, answer_start, B, input_ids.device)
         for c in cap:
-            c.hit = torch.zeros(B, T, dtype=torch.bool, device=dev)
-        dtype = self.model.embed_tokens.weight.dtype
-        rope = {"full_attention": self.model.rotary_emb(pos, dtype),  # (cos, sin), [B, 1, T, hd]
-                "sliding_attention": self.model.rotary_local(pos, dtype)}
+            c.hit = torch.zeros(B, T, dtype=torch.bool, device=input_ids.device)
         h = self.model.embed_tokens(input_ids)  # [B, T, hidden]
         if self.config.gemma:  # times √hidden rounded to the dtype, as Gemma's: index 0 sees it
-            h = h * torch.tensor(self.config.hidden_size**0.5, dtype=dtype)
+            h = h * torch.tensor(self.config.hidden_size**0.5, dtype=h.dtype)
         h = self.intervene(0, h, steer, ablate, cap, capture, spans)
         for i, block in enumerate(self.model.layers, start=1):
             args = (h, *rope[block.attention_type], masks[block.attention_type], cache)
@@ -478,6 +469,28 @@ class Transformer(nn.Module):
             c.fired += (c.hit & spans["response"]).sum(1)  # [B]
         if cache is not None:
             cache.length += T
+        return self.head(h, logits)
+
+    def start_sequence(self, interventions: list, input_ids: torch.Tensor) -> None:
+        """At a sequence's first call: the interventions fit this model and batch; each Cap's tensors go to the
+        device once (not copied at every decoded token) and its count starts at zero."""
+        B, dev = input_ids.shape[0], input_ids.device
+        check_fits(self.config, interventions, B)
+        for c in [c for c in interventions if isinstance(c, Cap)]:
+            c.directions, c.ceilings, c.fired = c.directions.to(dev), c.ceilings.to(dev), input_ids.new_zeros(B)
+
+    def layout(self, start: int, T: int, attention_mask, answer_start, B: int, dev):
+        """For T tokens after `start` cached ones -> (spans, attention masks, rope's (cos, sin)), the last two
+        per layer type (full_attention, sliding_attention)."""
+        cols = torch.arange(start, start + T, device=dev)  # [T] absolute columns of these tokens
+        pos, mask, spans = token_masks(cols, start + T, attention_mask, answer_start, B)
+        window = window_mask(mask, cols, start + T, self.config.sliding_window)
+        dtype = self.model.embed_tokens.weight.dtype
+        rope = {FULL: self.model.rotary_emb(pos, dtype), SLIDING: self.model.rotary_local(pos, dtype)}
+        return spans, {FULL: mask, SLIDING: window}, rope  # cos, sin: [B, 1, T, hd]
+
+    def head(self, h: torch.Tensor, logits: str | torch.Tensor) -> torch.Tensor | None:
+        """The final norm and the LM head, where `logits` asks for them (see forward)."""
         if isinstance(logits, torch.Tensor):
             h = h[logits]  # [n, hidden]: the LM head runs only where a loss is taken
         elif logits == "none":
@@ -612,6 +625,19 @@ def check_prompts(model: Transformer, prompts: list[list[int]], max_new_tokens: 
               "the prompt or --max-new-tokens", file=sys.stderr)
 
 
+def start_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, pad_id: int):
+    """Prompts -> (ids [B, T0] left-padded, mask [B, T0 + max_new_tokens] (True = a real token), answer_start [B],
+    an empty KVCache), on the model's device, after checking the prompts."""
+    check_prompts(model, prompts, max_new_tokens)
+    device, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
+    B, T0 = len(prompts), max(len(p) for p in prompts)
+    ids, mask = left_pad(prompts, pad_id)  # [B, T0] each
+    mask = torch.cat([mask, mask.new_zeros(B, max_new_tokens)], 1)  # [B, T0 + max_new_tokens]
+    answer_start = torch.full((B,), T0, device=device)
+    cache = KVCache(model.config, B, T0 + max_new_tokens, device, dtype)
+    return ids.to(device), mask.to(device), answer_start, cache
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(), pad_id: int = 0,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, steer: list[Steer] = (),
@@ -623,32 +649,28 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     `stop_ids`; its later columns are masked out, so a `capture` sees exactly the prompt and every generated token
     before the stop (the answer): the same states as a forward pass over prompt + answer.
     """
-    check_prompts(model, prompts, max_new_tokens)
-    device, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
-    B, T0 = len(prompts), max(len(p) for p in prompts)
-    ids, mask = left_pad(prompts, pad_id)  # [B, T0] each
-    mask = torch.cat([mask, mask.new_zeros(B, max_new_tokens)], 1)  # [B, T0 + max_new_tokens]: True = a real token
-    ids, mask = ids.to(device), mask.to(device)
-    answer_start = torch.full((B,), T0, device=device)
-    cache = KVCache(model.config, B, T0 + max_new_tokens, device, dtype)
+    ids, mask, answer_start, cache = start_batch(model, prompts, max_new_tokens, pad_id)
+    B, T0, device = ids.shape[0], ids.shape[1], ids.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    out = []
-    logits = model(ids, mask[:, :T0], cache, answer_start, steer=steer, capture=capture, logits="last", cap=cap)
+    done, out = torch.zeros(B, dtype=torch.bool, device=device), []
+    kw = dict(steer=steer, capture=capture, cap=cap)
+    logits = model(ids, mask[:, :T0], cache, answer_start, logits="last", **kw)
     for t in range(max_new_tokens):
         if progress:
             print(f"\rgenerating: {t}/{max_new_tokens} tokens", end="", file=sys.stderr, flush=True)
-        step = logits[:, -1] if t > 0 else logits[:, -1].index_fill(-1, stop, -math.inf)  # [B, vocab]
+        step = logits[:, -1]  # [B, vocab]
+        if t == 0:  # no stop token first: every answer has a token
+            step = step.index_fill(-1, stop, -math.inf)
         nxt = sample(step, temperature, top_p, generator)
         done |= torch.isin(nxt, stop)
         out.append(torch.where(done, -1, nxt))
-        final = t == max_new_tokens - 1  # then only a capture or a cap's count needs the last token fed back
+        final = t == max_new_tokens - 1  # then only a capture or a cap's count needs it fed back
         if bool(done.all()) or final and capture is None and not cap:
             break
         mask[:, T0 + t] = ~done  # a finished row's filler token is padding from now on
-        logits = model(nxt[:, None], mask[:, :T0 + t + 1], cache, answer_start, steer=steer, capture=capture,
-                       logits="none" if final else "last", cap=cap)
+        want = "none" if final else "last"
+        logits = model(nxt[:, None], mask[:, : T0 + t + 1], cache, answer_start, logits=want, **kw)
     if progress:
         print("\r\033[K", end="", file=sys.stderr, flush=True)
     tokens = torch.stack(out, 1).tolist()  # [B, steps], -1 after a row's stop

@@ -56,7 +56,7 @@ def test_extract_end_to_end_and_vector_equals_hand_computed_mean_difference(tiny
                 model(torch.tensor([p + r["answer_ids"]]), answer_start=torch.tensor([len(p)]), capture=cap,
                       logits="none")
             caps.append(cap)
-        means[side] = {v: torch.cat([getattr(c, {"response_avg": "response_mean", "prompt_avg": "prompt_mean",
+        means[side] = {v: torch.cat([getattr(c, {"response_avg": "answer_mean", "prompt_avg": "prompt_mean",
                                                    "prompt_last": "prompt_last"}[v])() for c in caps]).mean(0)
                        for v in pv.VARIANTS}
     for variant in pv.VARIANTS:

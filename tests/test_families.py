@@ -25,7 +25,7 @@ def edited(tmp_path, name: str, edit: dict) -> M.Transformer:
     d = tmp_path / name
     shutil.copytree(GOLDEN / name, d)
     (d / "config.json").write_text(json.dumps(json.loads((d / "config.json").read_text()) | edit))
-    return M.load_model(d, "cpu", torch.float32)
+    return checkpoint.load_model(d, "cpu", torch.float32)  # checked first: one-line errors
 
 
 def max_error(m: M.Transformer, ref: dict) -> float:
