@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import model as M
 import persona_vectors as pv
 from apps import __main__ as apps_cli, chat
 from apps import monitor

@@ -96,7 +96,6 @@ def test_default_layer_is_the_best_layer_else_the_middle(tmp_path, tiny):
 
 def test_import_is_where_generate_looks(tmp_path, tiny, vec_file, monkeypatch):
     """`generate --steer NAME:COEF` finds the imported vector by name and steers its layer by default."""
-    import model as M
     import persona_vectors as pv
     path, vec = vec_file
     monkeypatch.chdir(tmp_path)

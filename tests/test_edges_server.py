@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
-import model as M
 from apps import __main__ as apps_cli, server as S
-from support import UserError
+from support import UserError, checkpoint
 from test_server import HI, TIMEOUT, client, raw_request, start, stop, tiny, wait_for  # noqa: F401 (fixtures)
 from tiny import run_bad, tree
 

@@ -4,6 +4,7 @@ written over), and the recorded-model check every command that loads a vector ma
 import pytest
 import torch
 
+import model as M
 import persona_vectors as pv
 import apps.control_vector as cv
 import train

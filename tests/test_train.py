@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import model as M
 import train
 from support import UserError, checkpoint, training
 from support.tokenizer import Tokenizer

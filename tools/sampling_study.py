@@ -23,7 +23,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
 
-import model as M
 from support import checkpoint
 import persona_vectors as pv
 from support.hub import DEFAULT_MODEL
