@@ -29,6 +29,7 @@ def atomic_write(path: Path, write) -> None:
     The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600.
     """
     path = Path(path)
+    _note((path.parent, *path.parent.parents))  # the folders made for it are the run's (made_dirs)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -139,6 +140,8 @@ _scopes: list[set[Path]] = []  # the open made_dirs scopes, innermost last
 
 def _note(dirs) -> None:
     """Note, in every open made_dirs scope, the folders among `dirs` that do not exist (yet)."""
+    if not _scopes:
+        return
     missing = {Path(d).absolute() for d in dirs if not Path(d).exists()}
     for scope in _scopes:
         scope |= missing
@@ -147,10 +150,10 @@ def _note(dirs) -> None:
 @contextlib.contextmanager
 def made_dirs(*paths):
     """A run's scope for the folders it makes: those missing when it starts among `paths` and their
-    parents, and those that check_writable and check_output find missing within it. When the run
-    fails (any exception, Ctrl-C included), each of them that exists and is empty is removed,
-    innermost first: a failed run leaves no empty folder behind, and never removes one that existed
-    before it or that holds a file. -> the set of noted folders (absolute paths)."""
+    parents, and those that check_writable, check_output and atomic_write find missing within it.
+    When the run fails (any exception, Ctrl-C included), each of them that exists and is empty is
+    removed, innermost first: a failed run leaves no empty folder behind, and never removes one
+    that existed before it or that holds a file. -> the set of noted folders (absolute paths)."""
     scope = set()
     _scopes.append(scope)
     _note(d for p in paths for d in (Path(p), *Path(p).parents))
