@@ -11,6 +11,7 @@ import torch
 
 from support import UserError
 from support.checkpoint import DTYPES
+from support.files import made_dirs
 
 
 def number(kind, least=None, most=None, strict_least=False):
@@ -59,9 +60,11 @@ def layer_or_sweep(text: str) -> int | str:
 
 def run(call) -> int:
     """Run a command -> its exit status: a UserError is one line on stderr (1), Ctrl-C is 130; a
-    returned path is printed on stdout."""
+    returned path is printed on stdout. A failed command leaves no empty folder behind
+    (files.made_dirs)."""
     try:
-        result = call()
+        with made_dirs():
+            result = call()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,6 +1,7 @@
 """Files the project reads and writes: atomic writes, CSV, the persona-vector files (their name, a
 sweep's result, saving, loading, fit) and conversation files (JSONL, one {"messages": [...]} per
 line)."""
+import contextlib
 import csv
 import fcntl
 import glob
@@ -35,6 +36,7 @@ def atomic_write(path: Path, write) -> None:
     permissions (0666 less the umask), not a private 0600.
     """
     path = Path(path)
+    _note((path.parent, *path.parent.parents))  # the folders made for it are the run's (made_dirs)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     prefix = f".{path.name}.{os.getpid()}-"
@@ -155,28 +157,81 @@ def read_json(path: Path):
 
 
 def check_writable(out: Path, option: str = "--out") -> None:
-    """Fail now, not after the work, when `out` (a directory) cannot be created or written."""
+    """Fail now, not after the work, when the directory `out` cannot be made or written. Nothing is
+    created: its nearest existing folder is tried, and the folders missing below it are noted in
+    the open made_dirs scopes (a failed run removes them again when it left them empty)."""
+    out = Path(out)
+    missing = [p for p in (out, *out.parents) if not p.exists()]  # innermost first
+    nearest = out.parents[len(missing) - 1] if missing else out
     try:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
+        with tempfile.TemporaryFile(dir=nearest):
             pass
     except OSError as e:
         raise UserError(f"cannot write to {out} ({e.strerror}): choose another {option}") from None
+    _note(missing)
 
 
-def check_output(path: Path, force: bool = False, inputs=(), option: str = "--out") -> Path:
-    """Fail now, before the work, when the file `path` cannot be written: a directory, an input of this run (never
-    written over, even with --force), an existing file without --force, or a folder that cannot be written (its
-    nearest existing one is tried: nothing is created before the work)."""
+def check_output(
+    path: Path, force: bool = False, inputs=(), option: str = "--out", taken=()
+) -> Path:
+    """Fail now, before the work, when the file `path` cannot be written: a directory, an input of
+    this run or another of its outputs (`taken`: paths, or {path: what it is}; neither is ever
+    written over, even with --force), an existing file without --force, or a folder that cannot be
+    written (its nearest existing one is tried: nothing is created before the work)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{option} {path} is a directory: give a file name")
     if any(path.resolve() == Path(i).resolve() for i in inputs if i):
         raise UserError(f"{option} {path} is an input of this run and is never written over: choose another file")
+    named = taken if isinstance(taken, dict) else dict.fromkeys(taken)
+    for other, what in named.items():
+        if other and path.resolve() == Path(other).resolve():
+            raise UserError(
+                f"{option} {path} is {what or 'another output'} of this run ({other}), never "
+                f"written over by another: choose another {option}"
+            )
     if path.exists() and not force:
         raise UserError(f"{path} exists: choose another {option} or pass --force to overwrite it")
-    check_writable(next(p for p in (path.parent, *path.parent.parents) if p.exists()), option)
+    check_writable(path.parent, option)
     return path
+
+
+# The folders a run makes for its outputs: made only when there is something to write in them
+# (atomic_write makes a file's folder), and removed again by a run that fails while they are empty.
+
+_scopes: list[set[Path]] = []  # the open made_dirs scopes, innermost last
+
+
+def _note(dirs) -> None:
+    """Note, in every open made_dirs scope, the folders among `dirs` that do not exist (yet)."""
+    if not _scopes:
+        return
+    missing = {Path(d).absolute() for d in dirs if not Path(d).exists()}
+    for scope in _scopes:
+        scope |= missing
+
+
+@contextlib.contextmanager
+def made_dirs(*paths):
+    """A run's scope for the folders it makes: those missing when it starts among `paths` and their
+    parents, and those that check_writable, check_output and atomic_write find missing within it.
+    When the run fails (any exception, Ctrl-C included), each of them that exists and is empty is
+    removed, innermost first: a failed run leaves no empty folder behind, and never removes one
+    that existed before it or that holds a file. -> the set of noted folders (absolute paths)."""
+    scope = set()
+    _scopes.append(scope)
+    _note(d for p in paths for d in (Path(p), *Path(p).parents))
+    try:
+        yield scope
+    except BaseException:
+        for d in sorted(scope, key=lambda d: len(d.parts), reverse=True):
+            try:
+                d.rmdir()  # only ever an empty folder
+            except OSError:  # not empty (the run wrote there, or another one did), or never made
+                pass
+        raise
+    finally:
+        del _scopes[[s is scope for s in _scopes].index(True)]  # sets compare by value
 
 
 NAME_RE = re.compile(r"\w[\w.-]{0,99}")  # a name becomes a file name: no separator, no leading dot, no "..", no ""

@@ -40,6 +40,7 @@ from support.files import (
     check_writable,
     load_vector,
     locked,
+    made_dirs,
     resolve_layer,
     vector_file,
 )
@@ -145,7 +146,7 @@ def launch(out: Path, device: str | None, dtype, fsdp: bool):
     failure, `out` and the folders made for it go if they are left empty."""
     device = device or checkpoint.default_device()
     dtype = compute_dtype(dtype, device)
-    with process_group(device) as (rank, world), removed_if_left_empty(out):
+    with process_group(device) as (rank, world), made_dirs(out):
         with locked(out, "--out") if rank == 0 else contextlib.nullcontext():  # one run at a time
             yield Process(rank, world, join_device(device, fsdp, world), dtype)
 
@@ -793,23 +794,6 @@ def leftover(path: Path) -> bool:
 
 
 def remove_leftovers(out: Path) -> None:
-    for p in out.iterdir():
+    for p in out.iterdir() if out.is_dir() else []:  # made at the first write
         if leftover(p):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-
-
-@contextlib.contextmanager
-def removed_if_left_empty(out: Path):
-    """On a failure, remove `out` and the parents made for it while they are empty: a run that fails
-    before writing anything leaves no trace, and nothing that existed before it started is
-    removed."""
-    made = [p for p in [out, *out.parents] if not p.exists()]  # deepest first
-    try:
-        yield
-    except BaseException:
-        for d in made:
-            try:
-                d.rmdir()  # only ever an empty directory
-            except OSError:
-                break
-        raise
