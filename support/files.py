@@ -102,6 +102,7 @@ def locked(directory: Path, what: str = "--out", name: str = LOCK):
     directory = Path(directory)
     made = [p for p in [directory, *directory.parents] if not p.exists()]  # deepest first
     check_writable(directory, what)
+    directory.mkdir(parents=True, exist_ok=True)  # removed again at the end when left empty
     fd = _lock(directory / name, what)
     try:
         os.ftruncate(fd, 0)
