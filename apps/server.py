@@ -603,19 +603,30 @@ class Handler(BaseHTTPRequestHandler):
             self.log_error("the client went away: %s", e)
 
     def handle_one_request(self):
-        """The standard library's, with two waits: an idle connection waits up to `timeout` s for
-        its next request, but once a request has begun, its line and headers (as its body, in
-        read_body) must keep coming, with no pause over body_timeout s, else a 408: half a request
-        holds its connection seconds, not minutes."""
+        """The standard library's, with two waits: an idle keep-alive connection waits up to
+        `timeout` s for its next request, but a new connection's first request, and once a request
+        has begun its line and headers (as its body, in read_body), must keep coming, with no pause
+        over body_timeout s, else a 408: a silent or half request holds its connection seconds, not
+        minutes."""
         self.requestline = self.command = ""
+        first = not getattr(self, "served", False)  # a new connection owes its first request now
+        if first:
+            self.connection.settimeout(self.server.body_timeout)
         try:
             if not self.rfile.peek(1):  # the client closed its idle connection
                 self.close_connection = True
                 return
         except TimeoutError as e:
-            self.log_error("Request timed out: %r", e)
+            if first:  # opened and then silent: a stalled request, not an idle keep-alive
+                wait = self.server.body_timeout
+                self.send_error(408, f"no request came on this new connection for {wait:g} s")
+            else:
+                self.log_error("Request timed out: %r", e)
             self.close_connection = True
             return
+        finally:
+            self.connection.settimeout(self.timeout)
+        self.served = True
         if not self.read_head():
             return
         try:
