@@ -17,7 +17,7 @@ import torch
 
 import persona_vectors as pv
 from apps.monitor import Gauge, gauges_for
-from support import UserError, cli
+from support import UserError, cli, generation as G
 from support.files import check_output
 from support.hub import DEFAULT_MODEL
 from support.sampling import Budget
@@ -63,6 +63,7 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), cap: list[str] 
     specs = pv.parsed(steer, cap)  # --steer and --cap parsed once: checked, then applied
     model, tok, vectors_dir, _ = pv.load_checked(model_name, device, dtype, specs[0], vectors,
                                                  cap=specs[1])
+    G.check_new_tokens(model, max_new_tokens)  # each turn: its conversation's length, below
     meters = gauges_for(model, vectors_dir, gauges, layer)
     interventions, caps = pv.interventions(model, vectors_dir, *specs, layer)
     messages = [{"role": "system", "content": system}] if system else []
@@ -169,11 +170,11 @@ def add_commands(sub) -> None:
     c.add_argument("--vectors", default=None, help=pv.VECTORS_HELP)
     c.add_argument("--system", default=None,
                    help="system prompt (default: the model's own template decides)")
-    c.add_argument("--max-new-tokens", type=cli.COUNT, default=200)
+    c.add_argument("--max-new-tokens", type=cli.MAX_NEW_TOKENS, default=200)
     c.add_argument("--temperature", type=cli.TEMPERATURE, default=0.0, help="0 = greedy (default)")
     c.add_argument("--top-p", type=cli.TOP_P, default=1.0)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--save", default=None, help="append the conversation to this JSONL file at the end")
+    c.add_argument("--seed", type=cli.SEED, default=0)
+    c.add_argument("--save", type=cli.APPEND_FILE, default=None, help="append the conversation to this JSONL file at the end")
     c.add_argument("--device", default=None, help=pv.DEVICE_HELP)
     c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=pv.DTYPE_HELP)
     c.set_defaults(run=lambda a: chat(

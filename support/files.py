@@ -1,8 +1,10 @@
 """Files the project reads and writes: atomic writes, CSV, the persona-vector files (their name, a
 sweep's result, saving, loading, fit) and conversation files (JSONL, one {"messages": [...]} per
 line)."""
+import codecs
 import csv
 import glob
+import hashlib
 import json
 import os
 import re
@@ -17,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from support import UserError
+from support.limits import LABEL_BYTES, NAME_BYTES, TEXT_FILE_BYTES
 
 UMASK = os.umask(0o022)  # read once, at import: os.umask can only be read by setting it, which races with threads
 os.umask(UMASK)
@@ -100,19 +103,99 @@ def check_writable(out: Path, option: str = "--out") -> None:
         raise UserError(f"cannot write to {out} ({e.strerror}): choose another {option}") from None
 
 
+def check_name_length(path: Path, option: str = "--out") -> None:
+    """No name in `path` longer than a file system takes (NAME_BYTES): "File name too long" after
+    the work would lose it."""
+    for part in Path(path).parts:
+        if len(part.encode("utf-8", "surrogateescape")) > NAME_BYTES:
+            raise UserError(f"{option}: the name {part[:40]}... is {len(part.encode())} bytes, "
+                            f"beyond the {NAME_BYTES} a file name may have: choose a shorter one")
+
+
+def _writable_ancestor(path: Path, option: str) -> None:
+    """The nearest existing folder of `path` (itself included) can be written: nothing is created."""
+    nearest = next(p for p in (path, *path.parents) if p.exists())
+    if not nearest.is_dir():
+        raise UserError(f"{option} {path}: {nearest} is a file, not a folder: choose another {option}")
+    check_writable(nearest, option)
+
+
 def check_output(path: Path, force: bool = False, inputs=(), option: str = "--out") -> Path:
-    """Fail now, before the work, when the file `path` cannot be written: a directory, an input of this run (never
-    written over, even with --force), an existing file without --force, or a folder that cannot be written (its
-    nearest existing one is tried: nothing is created before the work)."""
+    """Fail now, before the work, when the file `path` cannot be written: a name too long, a directory, an input
+    of this run (never written over, even with --force), an existing file without --force, or a folder that
+    cannot be written (its nearest existing one is tried: nothing is created before the work)."""
     path = Path(path)
+    check_name_length(path, option)
     if path.is_dir():
         raise UserError(f"{option} {path} is a directory: give a file name")
     if any(path.resolve() == Path(i).resolve() for i in inputs if i):
         raise UserError(f"{option} {path} is an input of this run and is never written over: choose another file")
     if path.exists() and not force:
         raise UserError(f"{path} exists: choose another {option} or pass --force to overwrite it")
-    check_writable(next(p for p in (path.parent, *path.parent.parents) if p.exists()), option)
+    _writable_ancestor(path.parent, option)
     return path
+
+
+def check_output_dir(path: Path, inputs=(), option: str = "--out") -> Path:
+    """Fail now, before the work, when the folder `path` cannot hold a run's files: a name too long, an
+    existing file (an input of this run or not), or a folder that cannot be written. Nothing is created."""
+    path = Path(path)
+    check_name_length(path, option)
+    if any(path.resolve() == Path(i).resolve() for i in inputs if i):
+        raise UserError(f"{option} {path} is an input of this run: choose a folder")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is a file, not a folder: choose another {option}")
+    _writable_ancestor(path, option)
+    return path
+
+
+def short_label(label: str) -> str:
+    """A part of an output name built from the arguments (e.g. several --cap specs), at most LABEL_BYTES:
+    a longer one keeps its start and ends in a hash of the whole, so that distinct labels stay distinct."""
+    if len(label.encode("utf-8")) <= LABEL_BYTES:
+        return label
+    digest = hashlib.sha256(label.encode("utf-8")).hexdigest()[:12]
+    head = label.encode("utf-8")[: LABEL_BYTES - 13].decode("utf-8", "ignore")
+    return f"{head}-{digest}"
+
+
+# Text inputs: every text file a command reads (prompts, questions, JSONL conversations) is checked by
+# check_text before the command runs (support.cli.check_paths) and read by read_text or text_lines.
+
+def check_text(path, option: str = "") -> Path:
+    """A text input -> its path, checked whole before any work: it exists, is a file, can be read, and is
+    UTF-8 (streamed: a large JSONL costs a read, not its size in memory)."""
+    path, label = Path(path), (option + " " if option.startswith("-") else "")
+    if not path.exists():
+        raise UserError(f"{label}{path} does not exist")
+    if not path.is_file():
+        raise UserError(f"{label}{path} is not a file: give a text file")
+    decoder, lines = codecs.getincrementaldecoder("utf-8")(), 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as e:
+                    line = lines + chunk[: max(e.start, 0)].count(b"\n") + 1
+                    raise UserError(f"{label}{path} is not UTF-8 text ({e.reason} at line {line}): "
+                                    "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+                lines += chunk.count(b"\n")
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{label}{path} is not UTF-8 text ({e.reason} at its end): save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read {label}{path} ({e.strerror})") from None
+    return path
+
+
+def read_text(path, option: str = "") -> str:
+    """The one reader of a text file read whole: UTF-8, at most TEXT_FILE_BYTES, errors as one line."""
+    path = check_text(path, option)
+    if path.stat().st_size > TEXT_FILE_BYTES:
+        raise UserError(f"{option + ' ' if option else ''}{path} is {path.stat().st_size} bytes, beyond the "
+                        f"{TEXT_FILE_BYTES} a text file read whole may have: split it")
+    return path.read_text(encoding="utf-8")
 
 
 NAME_RE = re.compile(r"\w[\w.-]{0,99}")  # a name becomes a file name: no separator, no leading dot, no "..", no ""
@@ -327,7 +410,7 @@ def assistant_turns(record) -> tuple[list[dict], list[int]] | str:
 def jsonl_conversations(src: Path, skipped: dict):
     """(line number, messages, indices of its assistant turns) for each usable line of a JSONL file; the others
     are counted in `skipped` by reason, with their line numbers. Streamed: one line in memory at a time."""
-    with open(src) as f:
+    with open(src, encoding="utf-8") as f:  # checked to be UTF-8 by check_text
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
