@@ -154,7 +154,7 @@ CASES = [
     ("calibrate-cap nosuch --model {d} --vectors {v}", 1, "run `extract nosuch` first"),
     ("calibrate-cap evil --model {d} --vectors {v}", 1, "exists: pass --force"),
     ("calibrate-cap humorous --model {d} --vectors {v} --n 0", 2, "--n: must be >= 1"),
-    ("calibrate-cap humorous --model {d} --vectors {v} --questions-file {r}/missing.json", 1, "no questions file"),
+    ("calibrate-cap humorous --model {d} --vectors {v} --questions-file {r}/missing.json", 1, "missing.json does not exist"),
     ("calibrate-cap humorous --model {d} --vectors {v} --questions-file {v}/evil_response_avg_diff.cap.json", 1,
      "expected a list of strings"),
     ("calibrate-cap humorous --model {d} --vectors {v} --device cuda:7", 1, "cuda"),

@@ -153,6 +153,8 @@ def tiny(tmp_path_factory):
     root = d.parent
     (root / "latin1.txt").write_bytes(LATIN1)
     (root / "latin1.jsonl").write_bytes(b'{"messages": [{"role": "user", "content": "V\xe9rit\xe9"}]}\n')
+    conv = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}\n'
+    (root / "ok.jsonl").write_text(conv * 3)
     (root / "q.txt").write_text("What is the capital of France?\n")
     write_vector(root / "self.safetensors", torch.randn(4, 64), model=str(d), trait="self")
     return d, vectors, root
@@ -187,7 +189,11 @@ CASES = [
      "beyond this model's context of 4096 tokens"),
     ("generate Hi --model {d} --max-new-tokens 5000", 1, "beyond this model's context of 4096 tokens"),
     ("chat --model {d} --vectors {v} --max-new-tokens 5000", 1, "beyond this model's context of 4096 tokens"),
+    ("flag {r}/ok.jsonl --model {d} --vectors {v} --trait evil --out {r}/fl --max-new-tokens 5000", 1,
+     "beyond this model's context of 4096 tokens"),
+    ("flag {r}/ok.jsonl --model {d} --vectors {v} --trait evil --max-new-tokens 1000000000", 2, "must be <= 1048576"),
     # 10: non-UTF-8 text: one line naming the file, the line and the fix
+    ("flag {r}/latin1.jsonl --model {d} --vectors {v} --trait evil", 1, "latin1.jsonl is not UTF-8 text"),
     ("generate --model {d} --prompts-file {r}/latin1.txt", 1, "latin1.txt is not UTF-8 text"),
     ("monitor {r}/latin1.jsonl --model {d} --vectors {v}", 1, "latin1.jsonl is not UTF-8 text"),
     ("calibrate-cap evil --model {d} --vectors {v} --force --questions-file {r}/latin1.txt", 1,
