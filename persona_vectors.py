@@ -41,8 +41,9 @@ from support.capping import CapSpec, caps_for, merged, parse_cap, spec_vector
 from support.cli import (COEF, COUNT, LAYER, MAX_NEW_TOKENS, OUTPUT_DIR, OUTPUT_FILE, SCORE, SEED,
                          TEMPERATURE, TEXT_FILE, TOP_P, check_paths, layer_or_sweep, listed, number,
                          run, torch_dtype)
-from support.files import (VARIANTS, atomic_write, check_fits, check_name_length, check_output, check_writable,
-                           default_vectors_dir, expect_model, load_batch, load_vector, other_vectors, read_text, resolve_layer, save_batch,
+from support.files import (VARIANTS, atomic_write, check_fits, check_name_length, check_output,
+                           check_writable, default_vectors_dir, expect_model, load_batch,
+                           load_vector, other_vectors, read_text, resolve_layer, save_batch,
                            save_vector, short_label, vector_file, vector_path, write_csv)
 from support.hub import DEFAULT_MODEL
 from support.plots import plot_monitor, plot_sweep
@@ -479,7 +480,8 @@ def interventions(model: M.Transformer, vectors_dir: Path, steer=(), cap=(), lay
 
 def file_label(specs: list[SteerSpec | CapSpec], prefix: str = "") -> str:
     """--steer or --cap specs in a file name: 'evil:1.5', 'a/v.safetensors:2' -> 'evil@1.5_a-v.safetensors@2'."""
-    return short_label("_".join(prefix + spec.text.replace("/", "-").replace(":", "@") for spec in specs))
+    names = (prefix + spec.text.replace("/", "-").replace(":", "@") for spec in specs)
+    return short_label("_".join(names))  # a hash of the long part: see short_label
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -580,7 +582,7 @@ def evaluate(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = No
     label = "_".join(x for x in (steer and file_label(steer) + (f"_L{layer}" if layer is not None else "")
                                  + ("_all" if all_layers else ""), file_label(cap, "cap-")) if x) or "base"
     label = short_label(label)
-    check_name_length(out_dir / "eval" / f"{t.name}_{label}.csv", "the trait's name")  # before the work
+    check_name_length(out_dir / "eval" / f"{t.name}_{label}.csv", "the trait's name")  # before
     r = _evaluate(t, model, tok, judge_, b, questions=min(questions, len(t.eval_questions)),
                   steer=steer, cap=cap, layer=layer, positions=positions, all_layers=all_layers,
                   vectors_dir=vectors_dir, out_dir=out_dir, seed=seed, label=label)
@@ -634,7 +636,7 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
         resolve_layer(L, meta, N)
     coefs = coefs or ([0.05, 0.1, 0.15, 0.2, 0.25] if relative else [0.5, 1.0, 1.5, 2.0, 2.5])
     results, capped = [], "_" + file_label(cap, "cap-") if cap else ""
-    check_name_length(out_dir / f"{t.name}_sweep{capped}.png", "the trait's name")  # before the work
+    check_name_length(out_dir / f"{t.name}_sweep{capped}.png", "the trait's name")  # before
     for i, (layer, coef) in enumerate((l, c) for l in layers for c in coefs):
         print(f"sweep {t.name}: setting {i + 1}/{len(layers) * len(coefs)} (layer {layer}, coef {coef})", file=sys.stderr)
         steer = SteerSpec.parse(f"{vec_path}:{coef}{'r' if relative else ''}")
@@ -925,7 +927,7 @@ def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | No
     expect_model(vec_file, finetuned)  # the base model's vector on its finetune, knowingly: no warning
     others = other_vectors(vectors_dir, t.name, vec)
     dest = Path(out) if out else vectors_dir / f"{t.name}_shift_{Path(str(finetuned).rstrip('/')).name}.csv"
-    read = [vec_file, *(vector_path(vectors_dir, o) for o in others)]  # never written over, even with force
+    read = [vec_file, *(vector_path(vectors_dir, o) for o in others)]  # never written over
     check_output(dest, force, read)
     acts = {}
     for label, name in (("base", base), ("finetuned", finetuned)):  # one model in memory at a time
@@ -1098,7 +1100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("generate", help="answer prompts with the chat model, optionally steered")
     c.add_argument("prompts", nargs="*", help="one or more user messages")
-    c.add_argument("--prompts-file", type=TEXT_FILE, default=None, help="a text file with one prompt per line")
+    c.add_argument("--prompts-file", type=TEXT_FILE, default=None,
+                   help="a text file with one prompt per line")
     c.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     c.add_argument("--system", default=None,
                    help="system prompt (default: the model's own template decides)")
@@ -1154,7 +1157,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answers to generate (default: %(default)s)")
     c.add_argument("--out", type=OUTPUT_FILE, default=None,
                    help="output .jsonl (default: datasets/<model name>/TRAIT_KIND.jsonl)")
-    c.add_argument("--questions-file", type=TEXT_FILE, default=None, help="requests: .json list or one per line "
+    c.add_argument("--questions-file", type=TEXT_FILE, default=None,
+                   help="requests: .json list or one per line "
                    "(default: data/questions/everyday.json)")
     c.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     c.add_argument("--judge", default=None, help=JUDGE_HELP)

@@ -174,7 +174,8 @@ def add_commands(sub) -> None:
     c.add_argument("--temperature", type=cli.TEMPERATURE, default=0.0, help="0 = greedy (default)")
     c.add_argument("--top-p", type=cli.TOP_P, default=1.0)
     c.add_argument("--seed", type=cli.SEED, default=0)
-    c.add_argument("--save", type=cli.APPEND_FILE, default=None, help="append the conversation to this JSONL file at the end")
+    c.add_argument("--save", type=cli.APPEND_FILE, default=None,
+                   help="append the conversation to this JSONL file at the end")
     c.add_argument("--device", default=None, help=pv.DEVICE_HELP)
     c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=pv.DTYPE_HELP)
     c.set_defaults(run=lambda a: chat(

@@ -18,8 +18,9 @@ import torch
 
 import persona_vectors as pv
 from support import UserError, cli, generation as G
-from support.files import (atomic_write, check_fits, check_output, default_vectors_dir, jsonl_conversations,
-                           load_vector, resolve_layer, traits_in, vector_file)
+from support.files import (atomic_write, check_fits, check_output, default_vectors_dir,
+                           jsonl_conversations, load_vector, resolve_layer, traits_in,
+                           vector_file)
 from support.hub import DEFAULT_MODEL
 
 

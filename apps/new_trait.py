@@ -67,7 +67,8 @@ def add_commands(sub) -> None:
                    help="what the trait means, in a sentence or two")
     c.add_argument("--model", default="gpt-4.1-mini",
                    help="the writing model (default: %(default)s)")
-    c.add_argument("--out", type=cli.OUTPUT_DIR, default=None, help="directory (default: data/traits)")
+    c.add_argument("--out", type=cli.OUTPUT_DIR, default=None,
+                   help="directory (default: data/traits)")
     c.add_argument("--force", action="store_true", help="overwrite an existing file")
     c.set_defaults(run=lambda a: generate_trait(
         a.name, a.description, model=a.model, out_dir=a.out, force=a.force))

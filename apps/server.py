@@ -972,11 +972,13 @@ def add_commands(sub) -> None:
                     help="require 'Authorization: Bearer KEY' (default: $PERSONA_VECTORS_API_KEY, else none)")
     sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
     sp.add_argument("--max-batch", type=cli.COUNT, default=16, help="rows generated together (default: %(default)s)")
-    sp.add_argument("--max-tokens-limit", type=cli.MAX_NEW_TOKENS, default=1024, help="largest max_tokens a request may ask")
+    sp.add_argument("--max-tokens-limit", type=cli.MAX_NEW_TOKENS, default=1024,
+                    help="largest max_tokens a request may ask")
     sp.add_argument("--max-n", type=cli.COUNT, default=8, help="largest n (choices per request)")
     sp.add_argument("--batch-wait", type=cli.bounded("seconds"), default=0.05,
                     help="seconds the worker waits for more requests to join a batch (default: %(default)s)")
-    sp.add_argument("--max-body", type=cli.bounded("bytes"), default=1 << 20, help="largest request body in bytes")
+    sp.add_argument("--max-body", type=cli.bounded("bytes"), default=1 << 20,
+                    help="largest request body in bytes")
     sp.add_argument("--max-connections", type=cli.COUNT, default=64,
                     help="open connections served at once; one more gets 503 at once (default: %(default)s)")
     sp.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")

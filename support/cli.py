@@ -85,7 +85,7 @@ class PathType:
 OUTPUT_FILE = PathType("output file")  # exists: --force; an input of this run: never
 OUTPUT_DIR = PathType("output folder")  # a run's folder (resumable): may exist, must be a folder
 APPEND_FILE = PathType("appended file")  # added to (chat --save): may exist, never an input
-TEXT_FILE = PathType("text file")  # read as UTF-8 text (support.files.read_text, text_lines)
+TEXT_FILE = PathType("text file")  # UTF-8, checked whole (support.files.check_text)
 INPUT_FILE = PathType("input file")  # read as bytes (.gguf, .pt): must exist
 
 

@@ -113,23 +113,26 @@ def check_name_length(path: Path, option: str = "--out") -> None:
 
 
 def _writable_ancestor(path: Path, option: str) -> None:
-    """The nearest existing folder of `path` (itself included) can be written: nothing is created."""
+    """The nearest existing folder of `path` (itself included) can be written; nothing is made."""
     nearest = next(p for p in (path, *path.parents) if p.exists())
     if not nearest.is_dir():
-        raise UserError(f"{option} {path}: {nearest} is a file, not a folder: choose another {option}")
+        raise UserError(f"{option} {path}: {nearest} is a file, not a folder: "
+                        f"choose another {option}")
     check_writable(nearest, option)
 
 
 def check_output(path: Path, force: bool = False, inputs=(), option: str = "--out") -> Path:
-    """Fail now, before the work, when the file `path` cannot be written: a name too long, a directory, an input
-    of this run (never written over, even with --force), an existing file without --force, or a folder that
-    cannot be written (its nearest existing one is tried: nothing is created before the work)."""
+    """Fail now, before the work, when the file `path` cannot be written: a name too long, a
+    directory, an input of this run (never written over, even with --force), an existing file
+    without --force, or a folder that cannot be written (its nearest existing one is tried:
+    nothing is created before the work)."""
     path = Path(path)
     check_name_length(path, option)
     if path.is_dir():
         raise UserError(f"{option} {path} is a directory: give a file name")
     if any(path.resolve() == Path(i).resolve() for i in inputs if i):
-        raise UserError(f"{option} {path} is an input of this run and is never written over: choose another file")
+        raise UserError(f"{option} {path} is an input of this run and is never written over: "
+                        "choose another file")
     if path.exists() and not force:
         raise UserError(f"{path} exists: choose another {option} or pass --force to overwrite it")
     _writable_ancestor(path.parent, option)
@@ -137,8 +140,9 @@ def check_output(path: Path, force: bool = False, inputs=(), option: str = "--ou
 
 
 def check_output_dir(path: Path, inputs=(), option: str = "--out") -> Path:
-    """Fail now, before the work, when the folder `path` cannot hold a run's files: a name too long, an
-    existing file (an input of this run or not), or a folder that cannot be written. Nothing is created."""
+    """Fail now, before the work, when the folder `path` cannot hold a run's files: a name too
+    long, an existing file (an input of this run or not), or a folder that cannot be written.
+    Nothing is created."""
     path = Path(path)
     check_name_length(path, option)
     if any(path.resolve() == Path(i).resolve() for i in inputs if i):
@@ -150,8 +154,9 @@ def check_output_dir(path: Path, inputs=(), option: str = "--out") -> Path:
 
 
 def short_label(label: str) -> str:
-    """A part of an output name built from the arguments (e.g. several --cap specs), at most LABEL_BYTES:
-    a longer one keeps its start and ends in a hash of the whole, so that distinct labels stay distinct."""
+    """A part of an output name built from the arguments (e.g. several --cap specs), at most
+    LABEL_BYTES: a longer one keeps its start and ends in a hash of the whole, so that distinct
+    labels stay distinct."""
     if len(label.encode("utf-8")) <= LABEL_BYTES:
         return label
     digest = hashlib.sha256(label.encode("utf-8")).hexdigest()[:12]
@@ -159,18 +164,21 @@ def short_label(label: str) -> str:
     return f"{head}-{digest}"
 
 
-# Text inputs: every text file a command reads (prompts, questions, JSONL conversations) is checked by
-# check_text before the command runs (support.cli.check_paths) and read by read_text or text_lines.
+# Text inputs: every text file a command reads (prompts, questions, JSONL conversations) is checked
+# by check_text before the command runs (support.cli.check_paths); read whole by read_text, or
+# streamed as UTF-8 (jsonl_conversations).
+
 
 def check_text(path, option: str = "") -> Path:
-    """A text input -> its path, checked whole before any work: it exists, is a file, can be read, and is
-    UTF-8 (streamed: a large JSONL costs a read, not its size in memory)."""
+    """A text input -> its path, checked whole before any work: it exists, is a file, can be
+    read, and is UTF-8 (streamed: a large JSONL costs a read, not its size in memory)."""
     path, label = Path(path), (option + " " if option.startswith("-") else "")
     if not path.exists():
         raise UserError(f"{label}{path} does not exist")
     if not path.is_file():
         raise UserError(f"{label}{path} is not a file: give a text file")
     decoder, lines = codecs.getincrementaldecoder("utf-8")(), 0
+    fix = "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
     try:
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
@@ -178,22 +186,24 @@ def check_text(path, option: str = "") -> Path:
                     decoder.decode(chunk)
                 except UnicodeDecodeError as e:
                     line = lines + chunk[: max(e.start, 0)].count(b"\n") + 1
-                    raise UserError(f"{label}{path} is not UTF-8 text ({e.reason} at line {line}): "
-                                    "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+                    raise UserError(f"{label}{path} is not UTF-8 text ({e.reason} at line "
+                                    f"{line}): {fix}") from None
                 lines += chunk.count(b"\n")
             decoder.decode(b"", final=True)
     except UnicodeDecodeError as e:
-        raise UserError(f"{label}{path} is not UTF-8 text ({e.reason} at its end): save it as UTF-8") from None
+        raise UserError(f"{label}{path} is not UTF-8 text ({e.reason} at its end): {fix}") from None
     except OSError as e:
         raise UserError(f"cannot read {label}{path} ({e.strerror})") from None
     return path
 
 
 def read_text(path, option: str = "") -> str:
-    """The one reader of a text file read whole: UTF-8, at most TEXT_FILE_BYTES, errors as one line."""
+    """The one reader of a text file read whole: UTF-8, at most TEXT_FILE_BYTES, errors as one
+    line naming the file and the fix."""
     path = check_text(path, option)
-    if path.stat().st_size > TEXT_FILE_BYTES:
-        raise UserError(f"{option + ' ' if option else ''}{path} is {path.stat().st_size} bytes, beyond the "
+    size = path.stat().st_size
+    if size > TEXT_FILE_BYTES:
+        raise UserError(f"{option + ' ' if option else ''}{path} is {size} bytes, beyond the "
                         f"{TEXT_FILE_BYTES} a text file read whole may have: split it")
     return path.read_text(encoding="utf-8")
 

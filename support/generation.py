@@ -93,14 +93,16 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 
 
 def check_new_tokens(model: M.Transformer, max_new_tokens: int, prompt_tokens: int = 1) -> int:
-    """The one check of --max-new-tokens against the model's context, used by every command once the
-    model is loaded (with the longest prompt where it is known, else 1) and by `generate` itself: the
-    KV cache holds prompt + new tokens, and positions past max_position_embeddings were never trained."""
+    """The one check of --max-new-tokens against the model's context, used by every command once
+    the model is loaded (with the longest prompt where it is known, else 1) and by `generate`
+    itself: the KV cache holds prompt + new tokens, and positions past max_position_embeddings
+    were never trained."""
     n_ctx = model.config.max_position_embeddings
     if prompt_tokens + max_new_tokens > n_ctx:
-        raise UserError(f"--max-new-tokens {max_new_tokens} plus {prompt_tokens} prompt token"
-                        f"{'s' if prompt_tokens != 1 else ''} is beyond this model's context of {n_ctx} "
-                        f"tokens: use --max-new-tokens {max(1, n_ctx - prompt_tokens)} or less"
+        plural = "s" if prompt_tokens != 1 else ""
+        raise UserError(f"--max-new-tokens {max_new_tokens} plus {prompt_tokens} prompt "
+                        f"token{plural} is beyond this model's context of {n_ctx} tokens: use "
+                        f"--max-new-tokens {max(1, n_ctx - prompt_tokens)} or less"
                         + (" (or a shorter prompt)" if prompt_tokens > 1 else ""))
     return max_new_tokens
 

@@ -27,6 +27,6 @@ LIMITS = {
     "bytes": (1, 2**40, False),
 }
 
-NAME_BYTES = 255  # one file or folder name (ext4, APFS, NTFS): longer ones fail with "File name too long"
-LABEL_BYTES = 100  # the part of an output name built from the arguments; longer: shortened with a hash
+NAME_BYTES = 255  # a file or folder name (ext4, APFS, NTFS); longer: "File name too long"
+LABEL_BYTES = 100  # the part of an output name built from arguments; longer: cut, and a hash
 TEXT_FILE_BYTES = 256 * 2**20  # a text file read whole (prompts, questions); JSONL is streamed

@@ -45,7 +45,7 @@ def budget_for(model, rollouts=None, max_new_tokens=None, temperature=None, top_
     b = default_budget(dev, sum(p.numel() for p in model.parameters()))
     if max_new_tokens is not None:
         check_count("max-new-tokens", max_new_tokens)
-        check_new_tokens(model, max_new_tokens)  # the context, before any work; prompts: by generate
+        check_new_tokens(model, max_new_tokens)  # before any work; each batch: in generate
     return Budget(b.rollouts if rollouts is None else rollouts,
                   b.max_new_tokens if max_new_tokens is None else max_new_tokens,
                   b.temperature if temperature is None else temperature, b.top_p if top_p is None else top_p,
