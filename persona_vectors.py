@@ -39,7 +39,7 @@ import model as M
 from support import UserError, checkpoint, generation as G
 from support.capping import CapSpec, caps_for, merged, parse_cap, spec_vector
 from support.cli import (COEF, COUNT, LAYER, MAX_NEW_TOKENS, OUTPUT_DIR, OUTPUT_FILE, SCORE, SEED,
-                         TEMPERATURE, TEXT_FILE, TOP_P, check_paths, layer_or_sweep, listed, number,
+                         TEMPERATURE, TEXT_FILE, TOP_P, check_paths, layer_or_sweep, listed,
                          run, torch_dtype)
 from support.files import (VARIANTS, atomic_write, check_fits, check_name_length, check_output,
                            check_writable, default_vectors_dir, expect_model, load_batch,

@@ -369,7 +369,7 @@ def add_commands(sub) -> None:
     e.add_argument("--out", type=cli.OUTPUT_FILE, default=None,
                    help="output .gguf (default: TRAIT_L<layer>.gguf beside the vector)")
     which = e.add_mutually_exclusive_group()
-    which.add_argument("--layer", type=cli.LAYER, default=None,
+    which.add_argument("--layer", type=cli.bounded("hidden_index"), default=None,
                        help="our layer L (output of block L, 2..N) (default: the best layer, else the middle)")
     which.add_argument("--layers", default=None, metavar="A-B", help="every layer A..B, each with its own row")
     which.add_argument("--all-layers", action="store_true", help="the increments v[l] - v[l-1] at every block")

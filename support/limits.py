@@ -11,6 +11,7 @@ BIG = sys.float_info.max  # a float row bounded by this only refuses inf and nan
 LIMITS = {
     "count": (1, 10**9, False),  # questions, samples, rollouts, batch sizes, n, k, ...
     "layer": (1, 10**4, False),  # a block: the model's own count is checked once it is loaded
+    "hidden_index": (0, 10**4, False),  # a vector row: 0 = the embeddings (refused where unfit)
     "score": (0, 100, False),  # judge scores and their thresholds
     "temperature": (0.0, 100.0, False),
     "top_p": (0.0, 1.0, True),

@@ -103,14 +103,15 @@ def test_every_main_checks_every_path_first(name, flag, kind, tmp_path, monkeypa
                     "output folder": ("existing.jsonl", "is a file, not a folder"),
                     "appended file": ("adir", "is a directory"),
                     "text file": ("latin1.txt", "is not UTF-8 text"),
-                    "input file": (None, None)}[kind]
-    if bad is None:
-        pytest.skip("a binary input is only named here: read by its command")
+                    "input file": ("existing.jsonl", "is an input of this run")}[kind]
     action = next(a for a in flags(parser) if flag in (a.dest, *a.option_strings))
     if action.option_strings:
         argv += [flag, str(tmp_path / bad)]
     else:
         argv[argv.index(str(tmp_path / "good.txt"))] = str(tmp_path / bad)
+    if kind == "input file":  # a binary input is read by its command; no output may be written over it
+        out = next(a for a in flags(parser) if kind_of(a) in ("output file", "output folder"))
+        argv += [out.option_strings[-1], str(tmp_path / bad), "--force"]
 
     def never(*args, **kwargs):
         raise AssertionError("the command ran before its paths were checked")
@@ -152,6 +153,8 @@ def test_check_new_tokens_is_the_one_context_check(tmp_path):
         G.check_new_tokens(m, n_ctx, 10)
     with pytest.raises(files.UserError, match="beyond this model's context"):
         G.generate(m, [[5, 6]], n_ctx)  # refused before the KV cache is allocated
+    with pytest.raises(files.UserError, match="beyond this model's context"):
+        G.generate(m, [[5, 6]], 10**9)  # (was: "can't allocate memory")
 
 
 @pytest.fixture(scope="module")
