@@ -17,10 +17,11 @@ import torch
 
 import persona_vectors as pv
 from apps.monitor import Gauge, gauges_for
-from support import UserError, cli, generation as G
+from support import UserError, cli
 from support.files import check_output
 from support.hub import DEFAULT_MODEL
 from support.sampling import Budget
+from support.generation import check_new_tokens
 
 CHAT_HELP = """commands: /steer SPEC [SPEC ...] (replace the steering, e.g. /steer evil:1.5 humorous:-1), /unsteer,
           /cap SPEC [SPEC ...] (replace the caps, e.g. /cap evil:75@12-20), /cap off, /gauge (the history of gauge readings), /save FILE.jsonl, /reset (forget the conversation), /help, /quit"""
@@ -63,7 +64,7 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), cap: list[str] 
     specs = pv.parsed(steer, cap)  # --steer and --cap parsed once: checked, then applied
     model, tok, vectors_dir, _ = pv.load_checked(model_name, device, dtype, specs[0], vectors,
                                                  cap=specs[1])
-    G.check_new_tokens(model, max_new_tokens)  # each turn: its conversation's length, below
+    check_new_tokens(model, max_new_tokens)  # each turn: its conversation's length, below
     meters = gauges_for(model, vectors_dir, gauges, layer)
     interventions, caps = pv.interventions(model, vectors_dir, *specs, layer)
     messages = [{"role": "system", "content": system}] if system else []

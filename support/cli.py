@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from support import UserError, files
+from support import UserError, files, limits
 from support.checkpoint import DTYPES
-from support.limits import LIMITS, NAME_BYTES
 
 
 def number(kind, least=None, most=None, strict_least=False):
@@ -47,7 +46,7 @@ def number(kind, least=None, most=None, strict_least=False):
 
 def bounded(name: str):
     """The argparse type of a number whose range is the row `name` of support/limits.LIMITS."""
-    least, most, strict = LIMITS[name]
+    least, most, strict = limits.LIMITS[name]
     kind = int if isinstance(least, int) and isinstance(most, int) else float
     parse = number(kind, least, most, strict_least=strict)
     parse.limit = name  # what tests/test_edges_mechanism.py looks for
@@ -72,9 +71,9 @@ class PathType:
 
     def __call__(self, text: str) -> str:
         for part in Path(text).parts:
-            if len(part.encode("utf-8", "surrogateescape")) > NAME_BYTES:
+            if len(part.encode("utf-8", "surrogateescape")) > limits.NAME_BYTES:
                 raise argparse.ArgumentTypeError(
-                    f"a name in {text[:40]}... is longer than {NAME_BYTES} bytes: shorten it"
+                    f"a name in {text[:40]}... is longer than {limits.NAME_BYTES} bytes: shorten it"
                 )
         return text
 

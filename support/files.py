@@ -1,7 +1,6 @@
 """Files the project reads and writes: atomic writes, CSV, the persona-vector files (their name, a
 sweep's result, saving, loading, fit) and conversation files (JSONL, one {"messages": [...]} per
 line)."""
-import codecs
 import csv
 import glob
 import hashlib
@@ -103,6 +102,22 @@ def check_writable(out: Path, option: str = "--out") -> None:
         raise UserError(f"cannot write to {out} ({e.strerror}): choose another {option}") from None
 
 
+def check_output(path: Path, force: bool = False, inputs=(), option: str = "--out") -> Path:
+    """Fail now, before the work, when the file `path` cannot be written: a directory, an input of this run (never
+    written over, even with --force), an existing file without --force, or a folder that cannot be written (its
+    nearest existing one is tried: nothing is created before the work)."""
+    path = Path(path)
+    check_name_length(path, option)  # "File name too long" after the work would lose it
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a directory: give a file name")
+    if any(path.resolve() == Path(i).resolve() for i in inputs if i):
+        raise UserError(f"{option} {path} is an input of this run and is never written over: choose another file")
+    if path.exists() and not force:
+        raise UserError(f"{path} exists: choose another {option} or pass --force to overwrite it")
+    check_writable(next(p for p in (path.parent, *path.parent.parents) if p.exists()), option)
+    return path
+
+
 def check_name_length(path: Path, option: str = "--out") -> None:
     """No name in `path` longer than a file system takes (NAME_BYTES): "File name too long" after
     the work would lose it."""
@@ -112,44 +127,21 @@ def check_name_length(path: Path, option: str = "--out") -> None:
                             f"beyond the {NAME_BYTES} a file name may have: choose a shorter one")
 
 
-def _writable_ancestor(path: Path, option: str) -> None:
-    """The nearest existing folder of `path` (itself included) can be written; nothing is made."""
-    nearest = next(p for p in (path, *path.parents) if p.exists())
-    if not nearest.is_dir():
-        raise UserError(f"{option} {path}: {nearest} is a file, not a folder: "
-                        f"choose another {option}")
-    check_writable(nearest, option)
-
-
-def check_output(path: Path, force: bool = False, inputs=(), option: str = "--out") -> Path:
-    """Fail now, before the work, when the file `path` cannot be written: a name too long, a
-    directory, an input of this run (never written over, even with --force), an existing file
-    without --force, or a folder that cannot be written (its nearest existing one is tried:
-    nothing is created before the work)."""
-    path = Path(path)
-    check_name_length(path, option)
-    if path.is_dir():
-        raise UserError(f"{option} {path} is a directory: give a file name")
-    if any(path.resolve() == Path(i).resolve() for i in inputs if i):
-        raise UserError(f"{option} {path} is an input of this run and is never written over: "
-                        "choose another file")
-    if path.exists() and not force:
-        raise UserError(f"{path} exists: choose another {option} or pass --force to overwrite it")
-    _writable_ancestor(path.parent, option)
-    return path
-
-
 def check_output_dir(path: Path, inputs=(), option: str = "--out") -> Path:
     """Fail now, before the work, when the folder `path` cannot hold a run's files: a name too
-    long, an existing file (an input of this run or not), or a folder that cannot be written.
-    Nothing is created."""
+    long, an existing file (an input of this run or not), or a folder that cannot be written (its
+    nearest existing one is tried). Nothing is created."""
     path = Path(path)
     check_name_length(path, option)
     if any(path.resolve() == Path(i).resolve() for i in inputs if i):
         raise UserError(f"{option} {path} is an input of this run: choose a folder")
     if path.exists() and not path.is_dir():
         raise UserError(f"{option} {path} is a file, not a folder: choose another {option}")
-    _writable_ancestor(path, option)
+    nearest = next(p for p in (path, *path.parents) if p.exists())
+    if not nearest.is_dir():
+        raise UserError(f"{option} {path}: {nearest} is a file, not a folder: "
+                        f"choose another {option}")
+    check_writable(nearest, option)
     return path
 
 
@@ -177,21 +169,14 @@ def check_text(path, option: str = "") -> Path:
         raise UserError(f"{label}{path} does not exist")
     if not path.is_file():
         raise UserError(f"{label}{path} is not a file: give a text file")
-    decoder, lines = codecs.getincrementaldecoder("utf-8")(), 0
-    fix = "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    fix, lines = "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)", 0
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                try:
-                    decoder.decode(chunk)
-                except UnicodeDecodeError as e:
-                    line = lines + chunk[: max(e.start, 0)].count(b"\n") + 1
-                    raise UserError(f"{label}{path} is not UTF-8 text ({e.reason} at line "
-                                    f"{line}): {fix}") from None
-                lines += chunk.count(b"\n")
-            decoder.decode(b"", final=True)
+        with open(path, encoding="utf-8") as f:  # strict: the first byte that is not UTF-8 fails
+            while text := f.read(1 << 20):
+                lines += text.count("\n")
     except UnicodeDecodeError as e:
-        raise UserError(f"{label}{path} is not UTF-8 text ({e.reason} at its end): {fix}") from None
+        line = lines + e.object[: e.start].count(b"\n") + 1  # e.object: the bytes being decoded
+        raise UserError(f"{label}{path} is not UTF-8 text ({e.reason} at line {line}): {fix}") from None
     except OSError as e:
         raise UserError(f"cannot read {label}{path} ({e.strerror})") from None
     return path
