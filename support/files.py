@@ -118,6 +118,17 @@ def check_output(path: Path, force: bool = False, inputs=(), option: str = "--ou
     return path
 
 
+NAME_RE = re.compile(r"\w[\w.-]{0,99}")  # a name becomes a file name: no separator, no leading dot, no "..", no ""
+
+
+def check_name(name: str, flag: str = "--name") -> str:
+    """A name that becomes part of a file name (e.g. --name of import-gguf) must be just a name, never a path."""
+    if not NAME_RE.fullmatch(name) or ".." in name:
+        raise UserError(f"{flag} {name!r}: a name is up to 100 letters, digits, '_', '.' or '-' (not a path), "
+                        "starting with a letter or digit")
+    return name
+
+
 def check_name_length(path: Path, option: str = "--out") -> None:
     """No name in `path` longer than a file system takes (NAME_BYTES): "File name too long" after
     the work would lose it."""
@@ -191,17 +202,6 @@ def read_text(path, option: str = "") -> str:
         raise UserError(f"{option + ' ' if option else ''}{path} is {size} bytes, beyond the "
                         f"{TEXT_FILE_BYTES} a text file read whole may have: split it")
     return path.read_text(encoding="utf-8")
-
-
-NAME_RE = re.compile(r"\w[\w.-]{0,99}")  # a name becomes a file name: no separator, no leading dot, no "..", no ""
-
-
-def check_name(name: str, flag: str = "--name") -> str:
-    """A name that becomes part of a file name (e.g. --name of import-gguf) must be just a name, never a path."""
-    if not NAME_RE.fullmatch(name) or ".." in name:
-        raise UserError(f"{flag} {name!r}: a name is up to 100 letters, digits, '_', '.' or '-' (not a path), "
-                        "starting with a letter or digit")
-    return name
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
