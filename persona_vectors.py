@@ -38,11 +38,13 @@ import torch
 import model as M
 from support import UserError, checkpoint, generation as G
 from support.capping import CapSpec, caps_for, merged, parse_cap, spec_vector
-from support.cli import (COUNT, LAYER, SCORE, TEMPERATURE, TOP_P, layer_or_sweep, listed, number,
+from support.cli import (COEF, COUNT, LAYER, MAX_NEW_TOKENS, OUTPUT_DIR, OUTPUT_FILE, SCORE, SEED,
+                         TEMPERATURE, TEXT_FILE, TOP_P, check_paths, layer_or_sweep, listed,
                          run, torch_dtype)
-from support.files import (VARIANTS, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
-                           expect_model, load_batch, load_vector, other_vectors, resolve_layer, save_batch, save_vector,
-                           vector_file, vector_path, write_csv)
+from support.files import (VARIANTS, atomic_write, check_fits, check_name_length, check_output,
+                           check_writable, default_vectors_dir, expect_model, load_batch,
+                           load_vector, other_vectors, read_text, resolve_layer, save_batch,
+                           save_vector, short_label, vector_file, vector_path, write_csv)
 from support.hub import DEFAULT_MODEL
 from support.files import locked
 from support.plots import plot_monitor, plot_sweep
@@ -480,7 +482,8 @@ def interventions(model: M.Transformer, vectors_dir: Path, steer=(), cap=(), lay
 
 def file_label(specs: list[SteerSpec | CapSpec], prefix: str = "") -> str:
     """--steer or --cap specs in a file name: 'evil:1.5', 'a/v.safetensors:2' -> 'evil@1.5_a-v.safetensors@2'."""
-    return "_".join(prefix + spec.text.replace("/", "-").replace(":", "@") for spec in specs)
+    names = (prefix + spec.text.replace("/", "-").replace(":", "@") for spec in specs)
+    return short_label("_".join(names))  # a hash of the long part: see short_label
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -503,10 +506,7 @@ def generate(prompts: list[str], model_name: str = DEFAULT_MODEL, system: str | 
     model, tok, vectors_dir, _ = load_checked(model_name, device, dtype, steer, vectors, cap=cap)
     steers, caps = interventions(model, vectors_dir, steer, cap, layer, positions, all_layers)
     ids = [tok.encode_chat(conversation(dict(system=system, question=p))) for p in prompts]
-    longest = max(len(x) for x in ids) + max_new_tokens
-    if longest > model.config.max_position_embeddings:
-        raise UserError(f"a prompt plus --max-new-tokens is {longest} tokens, beyond this model's context of "
-                        f"{model.config.max_position_embeddings}: shorten it or lower --max-new-tokens")
+    G.check_new_tokens(model, max_new_tokens, max(len(x) for x in ids))
     out = G.generate(model, ids, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                      temperature=temperature, top_p=top_p, seed=seed, steer=steers, cap=caps, progress=True)
     if caps:
@@ -583,6 +583,8 @@ def evaluate(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = No
         b.temperature = 0.0
     label = "_".join(x for x in (steer and file_label(steer) + (f"_L{layer}" if layer is not None else "")
                                  + ("_all" if all_layers else ""), file_label(cap, "cap-")) if x) or "base"
+    label = short_label(label)
+    check_name_length(out_dir / "eval" / f"{t.name}_{label}.csv", "the trait's name")  # before
     r = _evaluate(t, model, tok, judge_, b, questions=min(questions, len(t.eval_questions)),
                   steer=steer, cap=cap, layer=layer, positions=positions, all_layers=all_layers,
                   vectors_dir=vectors_dir, out_dir=out_dir, seed=seed, label=label)
@@ -636,6 +638,7 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
         resolve_layer(L, meta, N)
     coefs = coefs or ([0.05, 0.1, 0.15, 0.2, 0.25] if relative else [0.5, 1.0, 1.5, 2.0, 2.5])
     results, capped = [], "_" + file_label(cap, "cap-") if cap else ""
+    check_name_length(out_dir / f"{t.name}_sweep{capped}.png", "the trait's name")  # before
     for i, (layer, coef) in enumerate((l, c) for l in layers for c in coefs):
         print(f"sweep {t.name}: setting {i + 1}/{len(layers) * len(coefs)} (layer {layer}, coef {coef})", file=sys.stderr)
         steer = SteerSpec.parse(f"{vec_path}:{coef}{'r' if relative else ''}")
@@ -908,7 +911,8 @@ def shift_controls(base_acts: torch.Tensor, finetuned_acts: torch.Tensor, vector
 
 def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | None = None, vectors: str | None = None,
           out: str | None = None, n_random: int = 100, run_eval: bool = False, judge: str | None = None,
-          batch_size: int = 32, seed: int = 0, device: str | None = None, dtype=None) -> dict:
+          batch_size: int = 32, seed: int = 0, device: str | None = None, dtype=None,
+          force: bool = False) -> dict:
     """Finetuning shift of `finetuned` against `base` along the trait's persona vector (extracted from base).
 
     Last-prompt-token activations of both models on the trait's evaluation questions (their means over questions),
@@ -925,7 +929,8 @@ def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | No
     expect_model(vec_file, finetuned)  # the base model's vector on its finetune, knowingly: no warning
     others = other_vectors(vectors_dir, t.name, vec)
     dest = Path(out) if out else vectors_dir / f"{t.name}_shift_{Path(str(finetuned).rstrip('/')).name}.csv"
-    check_writable(dest.parent)
+    read = [vec_file, *(vector_path(vectors_dir, o) for o in others)]  # never written over
+    check_output(dest, force, read)
     acts = {}
     for label, name in (("base", base), ("finetuned", finetuned)):  # one model in memory at a time
         model, tok = M.load(name, device, dtype)
@@ -963,10 +968,8 @@ def _generate_command(prompts: list[str], prompts_file: str | None = None, **kw)
     """`generate` on the command line: prompts from arguments and a file, answers printed."""
     prompts = list(prompts)
     if prompts_file:
-        try:
-            prompts += [line for line in Path(prompts_file).read_text().splitlines() if line.strip()]
-        except OSError as e:
-            raise UserError(f"cannot read --prompts-file {prompts_file}: {e.strerror}") from None
+        text = read_text(prompts_file, "--prompts-file")
+        prompts += [line for line in text.splitlines() if line.strip()]
     t0 = time.time()
     for prompt, answer in zip(prompts, generate(prompts, **kw)):
         print(f">>> {prompt}\n{answer}\n")
@@ -1019,11 +1022,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--judge-workers", type=COUNT, default=None, help=WORKERS_HELP)
     c.add_argument("--rollouts", type=COUNT, default=None,
                    help="answers per question and instruction (default: 10 on CUDA, 1 on CPU)")
-    c.add_argument("--max-new-tokens", type=COUNT, default=None, help=TOKENS_HELP)
+    c.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS, default=None, help=TOKENS_HELP)
     c.add_argument("--questions", type=COUNT, default=20, help=QUESTIONS_HELP)
-    c.add_argument("--out", default=None, help=OUT_HELP)
+    c.add_argument("--out", type=OUTPUT_DIR, default=None, help=OUT_HELP)
     c.add_argument("--batch-size", type=COUNT, default=None, help=BATCH_HELP)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--temperature", type=TEMPERATURE, default=None, help=TEMPERATURE_HELP)
     c.add_argument("--top-p", type=TOP_P, default=None, help=TOP_P_HELP)
     c.add_argument("--pos-threshold", type=SCORE, default=50,
@@ -1055,12 +1058,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--all-layers", action="store_true", help="steer every block with v[l] - v[l-1]")
     c.add_argument("--cap", action="append", default=[], metavar=CAP_SPEC, help=CAP_HELP)
     c.add_argument("--vectors", default=None, help=VECTORS_HELP)
-    c.add_argument("--out", default=None, help=OUT_HELP)
-    c.add_argument("--max-new-tokens", type=COUNT, default=None, help=TOKENS_HELP)
+    c.add_argument("--out", type=OUTPUT_DIR, default=None, help=OUT_HELP)
+    c.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS, default=None, help=TOKENS_HELP)
     c.add_argument("--temperature", type=TEMPERATURE, default=None, help=TEMPERATURE_HELP)
     c.add_argument("--top-p", type=TOP_P, default=None, help=TOP_P_HELP)
     c.add_argument("--batch-size", type=COUNT, default=None, help=BATCH_HELP)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
     c.set_defaults(run=lambda a: evaluate(
@@ -1076,7 +1079,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--judge", default=None, help=JUDGE_HELP)
     c.add_argument("--judge-workers", type=COUNT, default=None, help=WORKERS_HELP)
     c.add_argument("--layers", type=listed(LAYER), default=None, help="e.g. 8,12,16")
-    c.add_argument("--coefs", type=listed(number(float)), default=None, help="e.g. 0.5,1,2")
+    c.add_argument("--coefs", type=listed(COEF), default=None, help="e.g. 0.5,1,2")
     c.add_argument("--relative", action="store_true",
                    help="coefficients relative to the residual norm")
     c.add_argument("--samples", type=COUNT, default=None, help="answers per question and setting")
@@ -1084,10 +1087,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--coherence-min", type=SCORE, default=75)
     c.add_argument("--cap", action="append", default=[], metavar=CAP_SPEC, help=CAP_HELP)
     c.add_argument("--vectors", default=None, help=VECTORS_HELP)
-    c.add_argument("--out", default=None, help=OUT_HELP)
-    c.add_argument("--max-new-tokens", type=COUNT, default=None, help=TOKENS_HELP)
+    c.add_argument("--out", type=OUTPUT_DIR, default=None, help=OUT_HELP)
+    c.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS, default=None, help=TOKENS_HELP)
     c.add_argument("--batch-size", type=COUNT, default=None, help=BATCH_HELP)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
     c.set_defaults(run=lambda a: sweep(
@@ -1099,14 +1102,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("generate", help="answer prompts with the chat model, optionally steered")
     c.add_argument("prompts", nargs="*", help="one or more user messages")
-    c.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    c.add_argument("--prompts-file", type=TEXT_FILE, default=None,
+                   help="a text file with one prompt per line")
     c.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     c.add_argument("--system", default=None,
                    help="system prompt (default: the model's own template decides)")
-    c.add_argument("--max-new-tokens", type=COUNT, default=200)
+    c.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS, default=200)
     c.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 = greedy (default)")
     c.add_argument("--top-p", type=TOP_P, default=1.0)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF", help=STEER_HELP)
     c.add_argument("--layer", type=layer_or_sweep, default=None, help=LAYER_HELP)
     c.add_argument("--positions", choices=["response", "all", "prompt"], default="response")
@@ -1133,12 +1137,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--questions", type=COUNT, default=20, help=QUESTIONS_HELP)
     c.add_argument("--layer", type=layer_or_sweep, default=None, help=LAYER_HELP)
     c.add_argument("--vectors", default=None, help=VECTORS_HELP)
-    c.add_argument("--out", default=None, help=OUT_HELP)
-    c.add_argument("--max-new-tokens", type=COUNT, default=None, help=TOKENS_HELP)
+    c.add_argument("--out", type=OUTPUT_DIR, default=None, help=OUT_HELP)
+    c.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS, default=None, help=TOKENS_HELP)
     c.add_argument("--batch-size", type=COUNT, default=None, help=BATCH_HELP)
     c.add_argument("--random", type=COUNT, default=100,
                    help="random directions for the null baseline")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
     c.set_defaults(run=lambda a: monitor_experiment(
@@ -1153,9 +1157,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kind", choices=["trait", "normal"], default="trait")
     c.add_argument("--n", type=COUNT, default=300,
                    help="answers to generate (default: %(default)s)")
-    c.add_argument("--out", default=None,
+    c.add_argument("--out", type=OUTPUT_FILE, default=None,
                    help="output .jsonl (default: datasets/<model name>/TRAIT_KIND.jsonl)")
-    c.add_argument("--questions-file", default=None, help="requests: .json list or one per line "
+    c.add_argument("--questions-file", type=TEXT_FILE, default=None,
+                   help="requests: .json list or one per line "
                    "(default: data/questions/everyday.json)")
     c.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     c.add_argument("--judge", default=None, help=JUDGE_HELP)
@@ -1163,11 +1168,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "scoring >= this, normal answers < this (default: %(default)s)")
     c.add_argument("--coherence-threshold", type=SCORE, default=50,
                    help="... and coherence >= this")
-    c.add_argument("--max-new-tokens", type=COUNT, default=None, help=TOKENS_HELP)
+    c.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS, default=None, help=TOKENS_HELP)
     c.add_argument("--temperature", type=TEMPERATURE, default=None, help=TEMPERATURE_HELP)
     c.add_argument("--top-p", type=TOP_P, default=None, help=TOP_P_HELP)
     c.add_argument("--batch-size", type=COUNT, default=None, help=BATCH_HELP)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
     c.add_argument("--force", action="store_true", help="overwrite an existing --out file")
@@ -1188,20 +1193,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help=LAYER_HELP + "; the layer printed: the CSV has them all")
     c.add_argument("--vectors", default=None,
                    help="the base model's vectors (default: vectors/<base model name>/)")
-    c.add_argument("--out", default=None,
+    c.add_argument("--out", type=OUTPUT_FILE, default=None,
                    help="CSV (default: <vectors>/TRAIT_shift_<finetuned name>.csv)")
+    c.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     c.add_argument("--random", type=COUNT, default=100, help="random directions for the control")
     c.add_argument("--eval", action="store_true", help="also run `eval TRAIT` on both models")
     c.add_argument("--judge", default=None,
                    help="judge for --eval (default: openai when OPENAI_API_KEY is set)")
     c.add_argument("--batch-size", type=COUNT, default=32)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
     c.set_defaults(run=lambda a: shift(
         a.trait, a.finetuned, base=a.base, layer=a.layer, vectors=a.vectors, out=a.out,
         n_random=a.random, run_eval=a.eval, judge=a.judge, batch_size=a.batch_size, seed=a.seed,
-        device=a.device, dtype=a.dtype))
+        device=a.device, dtype=a.dtype, force=a.force))
     return p
 
 
@@ -1211,8 +1217,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"persona_vectors.py: error: `{argv[0]}` moved to the applications: "
               f"python -m apps {argv[0]} ...", file=sys.stderr)
         raise SystemExit(2)  # as argparse exits on a command line it cannot take
-    args = build_parser().parse_args(argv)
-    return run(lambda: args.run(args))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run(lambda: args.run(check_paths(parser, args)))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
 from persona_vectors import steering
-from support import UserError, hub
+from support import UserError, cli, hub
 from support import training as T
 from support.files import default_vectors_dir
 from support.tokenizer import Tokenizer
@@ -281,19 +281,25 @@ def fit(net, optimizer, run, batches, steers, ablates, lr: float, warmup_steps: 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
-    p.add_argument("data", help='JSONL, one {"messages": [...]} per line')
+    p.add_argument("data", type=cli.TEXT_FILE, help='JSONL, one {"messages": [...]} per line')
     p.add_argument("--model", default=hub.DEFAULT_MODEL, help="hub id or folder (%(default)s)")
-    p.add_argument("--out", required=True, help="the model, train.json, checkpoints")
-    p.add_argument("--val", help="validation JSONL (default: 10 %% of DATA held out)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
-    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=int, default=5)
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's, on matrices")
-    p.add_argument("--batch-size", type=int, default=4, help="per micro-batch and process")
-    p.add_argument("--grad-accum", type=int, help="micro-batches a step (default: a batch of 16)")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="cut longer ones on the left")
-    p.add_argument("--seed", type=int, default=0, help="data order")
+    p.add_argument("--out", type=cli.OUTPUT_DIR, required=True,
+                   help="the model, train.json, checkpoints")
+    p.add_argument("--val", type=cli.TEXT_FILE,
+                   help="validation JSONL (default: 10 %% of DATA held out)")
+    p.add_argument("--epochs", type=cli.COUNT, default=1)
+    p.add_argument("--max-steps", type=cli.COUNT, help="optimizer steps; overrides --epochs")
+    p.add_argument("--lr", type=cli.bounded("learning_rate"), default=1e-5,
+                   help="peak learning rate")
+    p.add_argument("--warmup-steps", type=cli.bounded("steps"), default=5)
+    p.add_argument("--weight-decay", type=cli.bounded("weight_decay"), default=0.01,
+                   help="AdamW's, on matrices")
+    p.add_argument("--batch-size", type=cli.COUNT, default=4, help="per micro-batch and process")
+    p.add_argument("--grad-accum", type=cli.COUNT,
+                   help="micro-batches a step (default: a batch of 16)")
+    p.add_argument("--max-seq-len", type=cli.bounded("max_seq_len"), default=2048,
+                   help="cut longer ones on the left")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="data order")
     p.add_argument("--checkpointing", action="store_true", help="recompute activations")
     p.add_argument("--save-every", default="10m", help="N steps (50) or minutes (10m)")
     p.add_argument("--resume", action="store_true", help="continue --out's run (so does a rerun)")
@@ -304,7 +310,8 @@ def parser() -> argparse.ArgumentParser:
         "(TRAIT:COEF, FILE.safetensors:COEF, relative 0.1r); repeatable"
     )
     p.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF", help=steer_help)
-    p.add_argument("--layer", type=int, help="L to steer or ablate (the vector's best, or middle)")
+    p.add_argument("--layer", type=cli.LAYER,
+                   help="L to steer or ablate (the vector's best, or middle)")
     p.add_argument("--all-layers", action="store_true", help="v[l] - v[l-1] at every block l")
     caft_help = "CAFT: project the direction out while training (TRAIT or FILE); repeatable"
     p.add_argument("--ablate", action="append", default=[], metavar="TRAIT", help=caft_help)
@@ -315,7 +322,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        train(**vars(parser().parse_args(argv)))
+        p = parser()
+        args = p.parse_args(argv)
+        train(**vars(cli.check_paths(p, args)))
     except UserError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)

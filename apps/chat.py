@@ -21,6 +21,7 @@ from support import UserError, cli
 from support.files import atomic_write, check_output
 from support.hub import DEFAULT_MODEL
 from support.sampling import Budget
+from support.generation import check_new_tokens
 
 CHAT_HELP = """commands: /steer SPEC [SPEC ...] (replace the steering, e.g. /steer evil:1.5 humorous:-1), /unsteer,
           /cap SPEC [SPEC ...] (replace the caps, e.g. /cap evil:75@12-20), /cap off, /gauge (the history of gauge readings), /save FILE.jsonl, /reset (forget the conversation), /help, /quit"""
@@ -63,6 +64,7 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), cap: list[str] 
     specs = pv.parsed(steer, cap)  # --steer and --cap parsed once: checked, then applied
     model, tok, vectors_dir, _ = pv.load_checked(model_name, device, dtype, specs[0], vectors,
                                                  cap=specs[1])
+    check_new_tokens(model, max_new_tokens)  # each turn: its conversation's length, below
     meters = gauges_for(model, vectors_dir, gauges, layer)
     interventions, caps = pv.interventions(model, vectors_dir, *specs, layer)
     messages = [{"role": "system", "content": system}] if system else []
@@ -196,11 +198,12 @@ def add_commands(sub) -> None:
     c.add_argument("--vectors", default=None, help=pv.VECTORS_HELP)
     c.add_argument("--system", default=None,
                    help="system prompt (default: the model's own template decides)")
-    c.add_argument("--max-new-tokens", type=cli.COUNT, default=200)
+    c.add_argument("--max-new-tokens", type=cli.MAX_NEW_TOKENS, default=200)
     c.add_argument("--temperature", type=cli.TEMPERATURE, default=0.0, help="0 = greedy (default)")
     c.add_argument("--top-p", type=cli.TOP_P, default=1.0)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--save", default=None, help="append the conversation to this JSONL file at the end")
+    c.add_argument("--seed", type=cli.SEED, default=0)
+    c.add_argument("--save", type=cli.APPEND_FILE, default=None,
+                   help="append the conversation to this JSONL file at the end")
     c.add_argument("--device", default=None, help=pv.DEVICE_HELP)
     c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=pv.DTYPE_HELP)
     c.set_defaults(run=lambda a: chat(

@@ -642,7 +642,8 @@ def flag_merge(files: list[str], traits: list[str] | None = None, model_name: st
 def add_commands(sub) -> None:
     """Register `flag` and `flag-merge` on an argparse subparsers object (python -m apps)."""
     def shared(sp):  # flag-merge takes flag's arguments, to find the same outputs
-        sp.add_argument("files", nargs="+", help='JSONL files, one {"messages": [...]} per line')
+        sp.add_argument("files", nargs="+", type=cli.TEXT_FILE,
+                        help='JSONL files, one {"messages": [...]} per line')
         sp.add_argument("--trait", action="append", default=None,
                         help="trait (or vector .safetensors file); repeatable (default: every vector of the model)")
         sp.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local directory")
@@ -652,21 +653,25 @@ def add_commands(sub) -> None:
                         help="0 = greedy base responses (default)")
         sp.add_argument("--base-top-p", type=cli.TOP_P, default=1.0)
         sp.add_argument("--base-samples", type=cli.COUNT, default=1, help="base responses per prompt, averaged")
-        sp.add_argument("--max-new-tokens", type=cli.COUNT, default=200, help="length limit of base responses")
-        sp.add_argument("--max-tokens", type=cli.COUNT, default=2048,
+        sp.add_argument("--max-new-tokens", type=cli.MAX_NEW_TOKENS, default=200,
+                        help="length limit of base responses")
+        sp.add_argument("--max-tokens", type=cli.bounded("max_tokens"), default=2048,
                         help="longer samples (prompt + response) are skipped and counted")
-        sp.add_argument("--out", default=None, help="output directory (default: flags/)")
+        sp.add_argument("--out", type=cli.OUTPUT_DIR, default=None,
+                        help="output directory (default: flags/)")
         sp.add_argument("--format", choices=["csv", "jsonl"], default="csv",
                         help="per-sample files")
         sp.add_argument("--select", choices=SELECT, default=None)
         sp.add_argument("--k", type=cli.COUNT, default=None, help="how many samples to select")
-        sp.add_argument("--select-out", default=None, help="JSONL of the selected lines, unchanged")
+        sp.add_argument("--select-out", type=cli.OUTPUT_FILE, default=None,
+                        help="JSONL of the selected lines, unchanged")
         sp.add_argument("--force", action="store_true", help="overwrite an existing --select-out file")
         sp.add_argument("--select-trait", default=None, help="the trait to select on (default: the first)")
-        sp.add_argument("--reference", default=None, help="a clean JSONL file: flag samples above its 95th "
+        sp.add_argument("--reference", type=cli.TEXT_FILE, default=None,
+                        help="a clean JSONL file: flag samples above its 95th "
                         "percentile of ΔP")
         sp.add_argument("--chunk-size", type=cli.COUNT, default=1024, help="lines per resumable chunk")
-        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--seed", type=cli.SEED, default=0)
         sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
         sp.add_argument("--dtype", type=cli.torch_dtype, default=None, help="float32, bfloat16 or float16 (default: "
                         "bfloat16 on CUDA, float32 on CPU)")

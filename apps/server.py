@@ -977,17 +977,19 @@ def add_commands(sub) -> None:
     sp = sub.add_parser("serve", help="an OpenAI-compatible chat server with per-request steering and persona gauges")
     sp.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local directory")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s: this machine)")
-    sp.add_argument("--port", type=cli.number(int, 0, 65535), default=8000,
+    sp.add_argument("--port", type=cli.bounded("port"), default=8000,
                     help="0 picks a free port (default: %(default)s)")
     sp.add_argument("--api-key", default=os.environ.get("PERSONA_VECTORS_API_KEY"),
                     help="require 'Authorization: Bearer KEY' (default: $PERSONA_VECTORS_API_KEY, else none)")
     sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
     sp.add_argument("--max-batch", type=cli.COUNT, default=16, help="rows generated together (default: %(default)s)")
-    sp.add_argument("--max-tokens-limit", type=cli.COUNT, default=1024, help="largest max_tokens a request may ask")
+    sp.add_argument("--max-tokens-limit", type=cli.MAX_NEW_TOKENS, default=1024,
+                    help="largest max_tokens a request may ask")
     sp.add_argument("--max-n", type=cli.COUNT, default=8, help="largest n (choices per request)")
-    sp.add_argument("--batch-wait", type=cli.number(float, 0), default=0.05,
+    sp.add_argument("--batch-wait", type=cli.bounded("seconds"), default=0.05,
                     help="seconds the worker waits for more requests to join a batch (default: %(default)s)")
-    sp.add_argument("--max-body", type=cli.COUNT, default=1 << 20, help="largest request body in bytes")
+    sp.add_argument("--max-body", type=cli.bounded("bytes"), default=1 << 20,
+                    help="largest request body in bytes")
     sp.add_argument("--max-connections", type=cli.COUNT, default=64,
                     help="open connections served at once; one more gets 503 at once (default: %(default)s)")
     sp.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")

@@ -92,6 +92,21 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_new_tokens(model: M.Transformer, max_new_tokens: int, prompt_tokens: int = 1) -> int:
+    """The one check of --max-new-tokens against the model's context, used by every command once
+    the model is loaded (with the longest prompt where it is known, else 1) and by `generate`
+    itself, before its KV cache (prompt + new tokens) is allocated: positions past
+    max_position_embeddings were never trained."""
+    n_ctx = model.config.max_position_embeddings
+    if prompt_tokens + max_new_tokens > n_ctx:
+        plural = "s" if prompt_tokens != 1 else ""
+        raise UserError(f"--max-new-tokens {max_new_tokens} plus {prompt_tokens} prompt "
+                        f"token{plural} is beyond this model's context of {n_ctx} tokens: use "
+                        f"--max-new-tokens {max(1, n_ctx - prompt_tokens)} or less"
+                        + (" (or a shorter prompt)" if prompt_tokens > 1 else ""))
+    return max_new_tokens
+
+
 @torch.no_grad()
 def generate(model: M.Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(), pad_id: int = 0,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, steer: list[M.Steer] = (),
@@ -110,11 +125,12 @@ def generate(model: M.Transformer, prompts: list[list[int]], max_new_tokens: int
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     B, T0 = len(prompts), max(len(p) for p in prompts)
+    check_new_tokens(model, max_new_tokens)  # before the KV cache is allocated
     n_ctx = model.config.max_position_embeddings
-    if T0 + max_new_tokens > n_ctx:
-        print(f"warning: {T0} prompt tokens + {max_new_tokens} new ones exceed the model's context of {n_ctx} tokens "
-              "(max_position_embeddings): positions past it were never trained, so expect degraded text; shorten "
-              "the prompt or --max-new-tokens", file=sys.stderr)
+    if T0 + max_new_tokens > n_ctx:  # a long prompt among short ones: warned, as a run stops for none
+        print(f"warning: {T0} prompt tokens + {max_new_tokens} new ones exceed the model's context of "
+              f"{n_ctx} tokens (max_position_embeddings): positions past it were never trained, so "
+              "expect degraded text; shorten the prompt or --max-new-tokens", file=sys.stderr)
     ids, mask = left_pad(prompts, pad_id)  # [B, T0] each
     mask = torch.cat([mask, mask.new_zeros(B, max_new_tokens)], 1)  # [B, T0 + max_new_tokens]: True = a real token
     ids, mask = ids.to(device), mask.to(device)
