@@ -272,7 +272,7 @@ def check_output_dir(path: Path, inputs=(), option: str = "--out") -> Path:
     if not nearest.is_dir():
         raise UserError(f"{option} {path}: {nearest} is a file, not a folder: "
                         f"choose another {option}")
-    check_writable(nearest, option)
+    check_writable(path, option)  # tries `nearest`; notes the folders missing below it for made_dirs
     return path
 
 
