@@ -7,6 +7,7 @@ Per family, one module-scoped model and one `extract --judge none` (its vector f
 HTTP) and `export-gguf`, each from its command line. Then the thinking mode (`--thinking`: the answer
 after `</think>`) and multi-turn training on the real Qwen3 template.
 """
+import csv
 import json
 import threading
 from pathlib import Path
@@ -22,8 +23,8 @@ from apps import __main__ as apps_cli
 from apps import server as S
 from support import generation as G
 from support.files import load_vector
-from support.tokenizer import Tokenizer
-from tiny import FAMILIES, make_family_model, run_bad
+from support.tokenizer import Tokenizer, answer_after_thinking
+from tiny import FAMILIES, make_family_model, run_bad, swap_token_rows, write_vector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,3 +179,110 @@ def test_export_gguf(fam, loaded):
     vec, _ = load_vector(path)
     assert list(tensors) == ["direction.1"]  # our layer L is llama.cpp's direction.(L-1)
     assert torch.allclose(torch.tensor(tensors["direction.1"].data).flatten(), vec[2], atol=1e-6)
+
+
+def test_thinking_is_refused_without_a_think_token(fam, loaded, capsys):
+    family, root, d, vectors = fam
+    if len(loaded[1].encode("</think>")) == 1:
+        pytest.skip(f"{family}'s template has a thinking mode")
+    err = run_bad(pv.main, ["generate", "Hi", "--model", str(d), "--thinking", *CPU], 1, capsys)
+    assert err[-1].startswith("error: ") and err[-1].endswith("drop --thinking")
+
+
+# ------------------------------------------------------------------------------------ thinking (Qwen3)
+THINKING = ("qwen2", "qwen3-0.6b")  # (family, template): Qwen3's template on a model main has
+QUESTION = pv.load_trait("evil").eval_questions[0]
+
+
+def first_single(out: list[int], prompt: list[int], newlines) -> int:
+    """An index i >= 1 of `out` whose token occurs nowhere else (nor in the prompt), followed by a
+    token that is not a newline."""
+    return next(i for i in range(1, len(out) - 2) if out.count(out[i]) == 1 and out[i] not in prompt
+                and out[i] not in newlines and out[i + 1] not in newlines)
+
+
+@pytest.fixture(scope="module")
+def thinker(tmp_path_factory):
+    """A tiny model with Qwen3's template whose greedy reply to QUESTION, thinking on, is
+    [t0 .. t(i-1), </think>, answer...]: its own reply with token t(i) relabelled as </think>
+    (tiny.swap_token_rows). -> (dir, i, the reply before the relabelling)."""
+    root = tmp_path_factory.mktemp("thinker")
+    d = make_family_model(root / "model", THINKING[0], template=THINKING[1])
+    model, tok = M.load(str(d), "cpu", torch.float32)
+    tok.thinking = True
+    close, newlines = G.think_marks(tok)
+    chat = [{"role": "user", "content": QUESTION}]
+    prompt = tok.encode_chat(chat)
+    out = G.generate(model, [prompt], 8, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
+    assert close not in out + prompt
+    i = first_single(out, prompt, newlines)
+    swap_token_rows(d, out[i], close)
+    return d, i, out
+
+
+def test_thinking_response_span_starts_after_think(thinker):
+    d, i, before = thinker
+    model, tok = M.load(str(d), "cpu", torch.float32)
+    tok.thinking = True
+    chat = [{"role": "user", "content": QUESTION}]
+    outs, acts = pv.answer_with_activations(model, tok, [chat], 8, 0.0, 1.0, 0)
+    close = tok.encode("</think>")[0]
+    assert outs[0] == before[:i] + [close] + before[i + 1:]  # the same reply, relabelled
+    think, answer = G.split_thinking(tok, outs[0])
+    assert think == outs[0][:i + 1] and answer == outs[0][i + 1:]
+    prompt = tok.encode_chat(chat)
+    want = pv.read_answers(model, [prompt + think], [answer])  # the think block as context
+    assert torch.allclose(acts["response_avg"], want["response_avg"], atol=1e-5)
+    whole = pv.read_answers(model, [prompt], [outs[0]])  # the reply whole, as without --thinking
+    assert not torch.allclose(acts["response_avg"], whole["response_avg"], atol=1e-3)
+    assert torch.allclose(acts["prompt_last"], whole["prompt_last"], atol=1e-5)  # still the prompt's
+    assert tok.decode(answer) == answer_after_thinking(tok.decode(outs[0]))
+
+
+def test_eval_and_generate_with_thinking(thinker, tmp_path):
+    d, i, before = thinker
+    model, tok = M.load(str(d), "cpu", torch.float32)
+    vectors = tmp_path / "vectors"
+    vectors.mkdir()
+    vec = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
+    write_vector(vectors / "evil_response_avg_diff.safetensors", vec, model=str(d), trait="evil")
+    r = pv.evaluate("evil", model_name=str(d), judge="none", samples=1, questions=1,
+                    vectors=str(vectors), out=str(tmp_path / "out"), max_new_tokens=8, layer=2,
+                    device="cpu", dtype=torch.float32, thinking=True)
+    row = next(csv.DictReader(open(r["csv"], encoding="utf-8")))
+    tok.thinking = True
+    prompt = tok.encode_chat([{"role": "user", "content": QUESTION}])
+    reply = G.generate(model, [prompt], 8, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
+    think, answer = reply[:i + 1], reply[i + 1:]
+    assert row["answer"] == tok.decode(answer) and "</think>" not in row["answer"]
+    acts = pv.read_answers(model, [prompt + think], [answer])
+    assert float(row["projection"]) == pytest.approx(float(pv.project(acts["response_avg"][0, 2], vec[2])),
+                                                     abs=1e-4)
+    text = pv.generate([QUESTION], model_name=str(d), max_new_tokens=8, device="cpu",
+                       dtype=torch.float32, thinking=True)[0]
+    assert text == tok.decode(reply) and "</think>" in text  # generate shows the whole reply
+    plain = pv.generate([QUESTION], model_name=str(d), max_new_tokens=8, device="cpu",
+                        dtype=torch.float32)[0]
+    assert plain != text  # thinking off: the prompt ends in the template's empty think block
+
+
+def test_training_a_multi_turn_qwen3_conversation(thinker, tmp_path):
+    """Qwen3's template drops the think block of a reply before the last question, so the chat is
+    not prefix-stable: each reply is found in the full rendering."""
+    d, _, _ = thinker
+    tok = Tokenizer(d)
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "Hi!"},
+                {"role": "assistant", "content": "<think>\nThe user greets me.\n</think>\n\nHello!"},
+                {"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "Paris is the capital."}]
+    ex = train.encode_conversation(tok, messages)
+    text = tok.chat(messages, add_generation_prompt=False)
+    assert "The user greets me" not in text and text.count("<think>") == 1  # only the last reply's
+    trained = tok.decode(ex.ids[ex.trained].tolist(), skip_special_tokens=False)
+    assert trained == "Hello!<|im_end|>Paris is the capital.<|im_end|>"
+    assert tok.decode(ex.ids.tolist(), skip_special_tokens=False) == text
+    data = tmp_path / "multi.jsonl"
+    data.write_text("".join(json.dumps({"messages": messages}) + "\n" for _ in range(4)))
+    assert train.main([str(data), "--model", str(d), "--out", str(tmp_path / "ft"), "--max-steps", "1",
+                       "--batch-size", "2", "--grad-accum", "1", "--device", "cpu"]) == 0

@@ -155,3 +155,16 @@ def make_family_model(path: Path, family: str, seed: int = 0, template: str | No
     eos = [tok.token_to_id(t) for t in src["generation_eos"]]
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
     return path
+
+
+def swap_token_rows(model_dir: Path, a: int, b: int) -> None:
+    """Relabel token ids a and b in a checkpoint: their rows of the embedding and the LM head trade
+    places, so the model computes the same function with the two ids swapped (e.g. to make a random
+    model write `</think>` where it wrote another token)."""
+    from safetensors.torch import load_file
+    for f in sorted(model_dir.glob("*.safetensors")):
+        weights = load_file(f)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in weights:
+                weights[name][[a, b]] = weights[name][[b, a]]
+        save_file(weights, f, metadata={"format": "pt"})
