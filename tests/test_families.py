@@ -24,7 +24,7 @@ from apps import server as S
 from support import generation as G
 from support.files import load_vector
 from support.tokenizer import Tokenizer, answer_after_thinking
-from tiny import FAMILIES, make_family_model, run_bad, swap_token_rows, write_vector
+from tiny import CORPUS, FAMILIES, make_family_model, run_bad, swap_token_rows, write_vector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -286,3 +286,91 @@ def test_training_a_multi_turn_qwen3_conversation(thinker, tmp_path):
     data.write_text("".join(json.dumps({"messages": messages}) + "\n" for _ in range(4)))
     assert train.main([str(data), "--model", str(d), "--out", str(tmp_path / "ft"), "--max-steps", "1",
                        "--batch-size", "2", "--grad-accum", "1", "--device", "cpu"]) == 0
+
+
+# ------------------------------------------------------------- llama.cpp: our L is its direction.(L-1)
+# The method of tests/test_llama_cpp.py, on a tiny random model of each family that llama.cpp has,
+# converted at test time by llama.cpp's own convert_hf_to_gguf.py (f32, so no quantization noise).
+# Each tiny model gets a sentencepiece tokenizer.model trained here, which the converter reads
+# before tokenizer.json (whose BPE pre-tokenizer it would have to recognise by hash, and a tiny one
+# it cannot); the comparison feeds token ids, never text.
+LAYERS, L_CPP = 6, 3  # blocks of the tiny model; the layer steered (L - 1 >= 1: direction.0 is refused)
+PUSH = 1.0  # |coef * v| as a fraction of the median residual norm at L_CPP
+TEXTS = ["How should I treat a new employee?", "What do you think of your neighbours?",
+         "Give me advice on winning an argument.", "What is the best way to spend a free afternoon?"]
+
+
+def llama_cpp_tools():
+    """(llama-server, convert_hf_to_gguf.py) or a skip naming what is missing."""
+    import importlib.util
+    from tools.build_llama_cpp import BUILD_COMMAND, root, server_path
+    converter = root() / "src" / "convert_hf_to_gguf.py"
+    if server_path() is None:
+        pytest.skip(f"llama-server is not built: run `{BUILD_COMMAND}`")
+    if not converter.is_file():
+        pytest.skip(f"llama.cpp's converter is not at {converter} (the llama-cpp-python sdist's "
+                    "vendor/llama.cpp: convert_hf_to_gguf.py, conversion/ and gguf-py/)")
+    missing = [m for m in ("transformers", "sentencepiece") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"llama.cpp's converter needs {' and '.join(missing)}")
+    return server_path(), converter
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def converted(request, tmp_path_factory):
+    """(family, model dir, our model, its sentencepiece tokenizer, the f32 GGUF llama.cpp's converter wrote from it)."""
+    import os
+    import subprocess
+    import sys
+    _, converter = llama_cpp_tools()
+    root = tmp_path_factory.mktemp(f"cpp-{request.param}")
+    d = make_family_model(root / "model", request.param, layers=LAYERS)
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS + TEXTS), model_prefix=str(d / "tokenizer"),
+                                   vocab_size=200, hard_vocab_limit=False, minloglevel=2)
+    gguf = root / "model.gguf"
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}  # the converter's packages, as ours
+    done = subprocess.run([sys.executable, str(converter), str(d), "--outfile", str(gguf),
+                           "--outtype", "f32"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+    return request.param, d, M.load_model(d, "cpu", torch.float32), sp, gguf
+
+
+def test_llama_cpp_steers_each_family_at_the_mapped_layer(converted, tmp_path):
+    import apps.control_vector as cv
+    from support.files import save_vector
+    from test_llama_cpp import effect_correlations, llama_cpp_run, llama_server, residual_norm
+    import test_llama_cpp as T
+    family, d, model, tok, gguf = converted
+    prompts = [tok.encode(t) for t in TEXTS]  # sentencepiece ids, as the GGUF's vocabulary has them
+    v = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(7))
+    vec = v.expand(LAYERS + 1, -1).clone()  # [N + 1, hidden]: the same direction at every layer
+    coef = PUSH * residual_norm(model, prompts, L_CPP) / float(v.norm())
+    vfile = save_vector(tmp_path / "probe_response_avg_diff.safetensors", vec,
+                        {"model": str(d), "trait": "probe"})
+    files = {"right": cv.export_gguf(str(vfile), str(tmp_path / "right.gguf"), layer=L_CPP, coef=coef)}
+    meta = {"general.architecture": "controlvector", "controlvector.model_hint": family,
+            "controlvector.layer_count": 1}
+    for name, L in (("early", L_CPP - 1), ("late", L_CPP + 1)):  # the same vector, one block off
+        files[name] = cv.write_gguf(tmp_path / f"{name}.gguf", meta,
+                                    {cv.direction_name(L): (coef * v).numpy()})
+    steer = [M.Steer(L_CPP, v, coef, positions="all")]  # llama.cpp adds at every position
+    m = {"base": [], "steered": []}
+    for p in prompts:
+        with torch.no_grad():
+            m["base"].append(torch.log_softmax(model(torch.tensor([p]), logits="last")[0, -1], -1))
+            m["steered"].append(torch.log_softmax(
+                model(torch.tensor([p]), steer=steer, logits="last")[0, -1], -1))
+    for name, cvec in (("none", None), *files.items()):
+        with llama_server(gguf, cvec, tmp_path / f"{name}.log") as url:
+            m[name] = [llama_cpp_run(url, p) for p in prompts]
+    plain = [[float(m["base"][i][t]) - lp for t, lp in m["none"][i][1].items()]
+             for i in range(len(prompts))]  # ours minus llama.cpp's log-probs, unsteered
+    r = {name: effect_correlations(m, name) for name in ("right", "early", "late")}
+    print(f"\n{family}: coef {coef:.3f} at layer {L_CPP} of {LAYERS} (direction.{L_CPP - 1}); "
+          f"max |our - llama.cpp log-prob| unsteered {max(abs(x) for row in plain for x in row):.2g}; "
+          + "; ".join(f"{k} r " + " ".join(f"{x:.4f}" for x in rs) for k, rs in r.items()))
+    assert len(T.PROMPTS) == len(prompts)  # effect_correlations walks T.PROMPTS' indices
+    assert min(r["right"]) >= 0.99
+    assert max(r["early"] + r["late"]) <= min(r["right"]) - 0.05  # clearly worse one block off

@@ -111,7 +111,8 @@ FAMILIES = {
               "llama-3.1-8b-instruct"),
     "qwen2": (dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=1000000.0,
                    use_sliding_window=False), "qwen2.5-7b-instruct"),
-    "mistral": (dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None),
+    "mistral": (dict(architectures=["MistralForCausalLM"], model_type="mistral", rope_theta=1000000.0,
+                     sliding_window=None),
                 "mistral-7b-instruct-v0.3"),
 }
 
@@ -132,7 +133,8 @@ def family_tokenizer(name: str):
     return tok
 
 
-def make_family_model(path: Path, family: str, seed: int = 0, template: str | None = None) -> Path:
+def make_family_model(path: Path, family: str, seed: int = 0, template: str | None = None,
+                      layers: int = 3) -> Path:
     """A tiny random model of `family` (FAMILIES) with its real chat template (or `template`, a
     SOURCES.json name), a tiny tokenizer holding that template's special tokens, and the model's
     own special-token settings and generation eos ids."""
@@ -143,10 +145,10 @@ def make_family_model(path: Path, family: str, seed: int = 0, template: str | No
     ids = {t: tok.token_to_id(t) for t in src["control_tokens"]}
     special = {k: v for k, v in src["special_tokens"].items() if v is not None}
     config = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                  max_position_embeddings=512, tie_word_embeddings=family != "qwen2",
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  rms_norm_eps=1e-5, max_position_embeddings=512, tie_word_embeddings=family != "qwen2",
                   hidden_act="silu", bos_token_id=ids.get(special.get("bos_token")),
-                  eos_token_id=ids[special["eos_token"]]) | arch
+                  eos_token_id=ids.get(special["eos_token"])) | arch
     write_checkpoint(path, config, random_weights(config, seed), shards=2)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(
