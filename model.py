@@ -1,10 +1,11 @@
-"""A hand-written Llama / Qwen2 / Mistral forward pass on safetensors, with steering, ablation, capping and capture.
+"""A hand-written Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 forward pass on safetensors,
+with steering, ablation, capping and capture: one block, its variations chosen by `Config`.
 
     model, tok = load("HuggingFaceTB/SmolLM2-135M-Instruct")
     logits = model(torch.tensor([tok.encode("Hello")]))            # [1, T, vocab]
 
 The layer convention, used everywhere in this project:
-    hidden index 0     = the token embeddings (input of block 1)
+    hidden index 0     = the token embeddings (input of block 1; Gemma's scaled by √hidden, as HF's)
     hidden index L > 0 = the output of block L (the residual stream after it), before the final norm
 so a model with N blocks has N + 1 indices, as Hugging Face `hidden_states` and the official persona-vectors
 files ([N + 1, hidden]) do. One difference: Hugging Face applies the final RMSNorm to its last entry; here
@@ -34,8 +35,10 @@ def user_error(message: str) -> ValueError:
 
 @dataclass
 class Config:
-    """The model's shape, named like `config.json` keys."""
-    model_type: str  # llama, mistral or qwen2
+    """The model's shape, named like `config.json` keys (support/checkpoint.py reads them).
+    Families differ here only: qwen2's bias on q, k, v; qwen3's and gemma3's q/k norms; Gemma's
+    scaled embeddings, (1 + weight) norms, four a block, GELU-tanh, sliding layers, soft-caps."""
+    model_type: str  # llama, mistral, qwen2, qwen3, gemma2 or gemma3_text
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -49,21 +52,33 @@ class Config:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Llama option: bias on q, k, v and o (Qwen2 always has it on q, k, v only)
     mlp_bias: bool = False
-    hidden_act: str = "silu"
+    hidden_act: str = "silu"  # or gelu_pytorch_tanh (Gemma's `hidden_activation`)
     max_position_embeddings: int = 4096
+    query_pre_attn_scalar: float | None = None  # Gemma: scores * this ** -0.5 (None: head_dim)
+    attn_logit_softcapping: float | None = None  # scores <- cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # logits <- cap * tanh(logits / cap)
+    sliding_window: int | None = None  # sliding layers: keys fewer than this many columns back
+    layer_types: list | None = None  # per block: full_attention or sliding_attention (None: full)
+    rope_local_base_freq: float | None = None  # Gemma 3: sliding layers' RoPE theta, unscaled
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        self.layer_types = self.layer_types or ["full_attention"] * self.num_hidden_layers
+        self.gemma = self.model_type in ("gemma2", "gemma3_text")  # the variations named above
+        self.qk_norm = self.model_type in ("qwen3", "gemma3_text")
 
 
 class RoPE(nn.Module):
     """Rotary position embedding: position p turns channel pair (i, i + hd/2) by the angle p * inv_freq[i], with
-    inv_freq[i] = theta^(-2i/hd) in fp32, scaled (Llama-3.1 style or linearly) if configured."""
-    def __init__(self, c: Config):
+    inv_freq[i] = theta^(-2i/hd) in fp32, scaled (Llama-3.1 style or linearly) if configured.
+    local: for sliding layers, which in Gemma 3 have their own theta and no scaling."""
+    def __init__(self, c: Config, local: bool = False):
         super().__init__()
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
-        rs = c.rope_scaling or {}
+        own = local and c.rope_local_base_freq is not None
+        theta, rs = (c.rope_local_base_freq, {}) if own else (c.rope_theta, c.rope_scaling or {})
+        exponents = torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim  # 2i/hd
+        inv_freq = 1.0 / (theta**exponents)
         rope_type = rs.get("rope_type", rs.get("type", "default"))
         if rope_type == "linear":
             inv_freq = inv_freq / rs["factor"]
@@ -94,26 +109,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) * weight; Gemma's (plus_one) stores weight - 1: x / rms(x) * (1 + weight)."""
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x):
         xf = x.float()  # fp32 whatever the dtype: the mean of squares overflows/underflows in bf16
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:  # rounded once, after the scale (Llama rounds before it)
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q kᵀ / √hd, masked) v written out: the reference for the fused kernel (see FUSED_ATTENTION).
-    q [B, H, T, hd]; k, v [B, H_kv, S, hd]; mask [B|1, 1, T, S], True where a query may see a key (None: causal)."""
+def attention(q, k, v, mask, scale: float | None = None, softcap: float | None = None):
+    """softmax(q kᵀ * scale, masked) v written out: the fused kernel's reference (FUSED_ATTENTION).
+    q [B, H, T, hd]; k, v [B, H_kv, S, hd]; mask [B|1, 1, T, S], True where a query may see a key
+    (None: causal). scale: 1/√hd unless given; softcap (Gemma 2): scores <- c * tanh(scores / c)."""
     H, H_kv, T, S = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     k = k.repeat_interleave(H // H_kv, dim=1)  # [B, H, S, hd]: grouped-query attention, kv head j serves
     v = v.repeat_interleave(H // H_kv, dim=1)  # [B, H, S, hd]  query heads j * H/H_kv .. (j + 1) * H/H_kv - 1
     if mask is None:  # the T queries are the last T of S columns; each sees the keys at or before it
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # [T, S]
-    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # [B, H, T, S], in fp32 as the kernel
+    scale = scale or q.shape[-1] ** -0.5
+    scores = (q @ k.transpose(-2, -1)).float() * scale  # [B, H, T, S], in fp32 as the kernel
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)  # within (-softcap, softcap)
     scores = scores.masked_fill(~mask, -math.inf)  # a masked key gets weight exactly 0
     return scores.softmax(dim=-1).to(v.dtype) @ v  # [B, H, T, hd]: per query, the weighted sum of the values
 
@@ -127,46 +149,68 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.hd, c.hidden_size, bias=c.attention_bias)
+        self.scale = (c.query_pre_attn_scalar or self.hd) ** -0.5
+        self.softcap, self.qk_norm = c.attn_logit_softcapping, c.qk_norm
+        if c.qk_norm:  # Qwen 3, Gemma 3: an RMSNorm over head_dim, the same weights for every head
+            self.q_norm = RMSNorm(self.hd, c.rms_norm_eps, plus_one=c.gemma)
+            self.k_norm = RMSNorm(self.hd, c.rms_norm_eps, plus_one=c.gemma)
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # [B, T, H * hd] -> [B, H, T, hd]
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, T, H_kv * hd] -> [B, H_kv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, T, H_kv * hd] -> [B, H_kv, T, hd]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)  # each head's vector normed: [B, H|H_kv, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # stored; -> all S = cached + T: [B, H_kv, S, hd]
-        if FUSED_ATTENTION:  # `attention` in one kernel, which also accumulates the softmax in fp32 for bf16
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=self.n_kv != self.n_head)
-        else:
-            y = attention(q, k, v, mask)
+        if FUSED_ATTENTION and self.softcap is None:  # `attention` in one kernel (fp32 softmax)
+            causal, gqa = mask is None and T > 1, self.n_kv != self.n_head
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               scale=self.scale, enable_gqa=gqa)
+        else:  # the kernel cannot soft-cap: Gemma 2 always takes the written-out path
+            y = attention(q, k, v, mask, self.scale, self.softcap)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))  # [B, H, T, hd] -> [B, T, H * hd]
 
 
 class MLP(nn.Module):
-    """The gated MLP (SwiGLU): down(silu(gate(x)) * up(x))."""
+    """The gated MLP: down(act(gate(x)) * up(x)), act = silu (SwiGLU) or tanh-approximated GELU."""
     def __init__(self, c: Config):
         super().__init__()
+        self.tanh_gelu = c.hidden_act == "gelu_pytorch_tanh"
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)  # [B, T, intermediate]
+        gate = F.gelu(gate, approximate="tanh") if self.tanh_gelu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class Block(nn.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x)). Gemma also norms each sublayer's output before
+    the add: four norms, named as HF names them (post_attention_layernorm: elsewhere the MLP's)."""
     def __init__(self, c: Config, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.attention_type = c.layer_types[layer]  # full_attention or sliding_attention
+        self.sandwich = c.gemma
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, plus_one=c.gemma)
         self.self_attn = Attention(c, layer)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, plus_one=c.gemma)
         self.mlp = MLP(c)
+        if c.gemma:
+            self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, plus_one=True)
+            self.post_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, plus_one=True)
 
     def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)  # [B, T, hidden]
+        if not self.sandwich:  # Llama, Mistral, Qwen
+            x = x + a
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(a)  # Gemma
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 @dataclass
@@ -284,6 +328,17 @@ def token_masks(cols: torch.Tensor, S: int, attention_mask: torch.Tensor | None,
                        "answer": valid & (cols > last), "last": valid & (cols == last)}
 
 
+def window_mask(mask, cols: torch.Tensor, S: int, window: int | None) -> torch.Tensor | None:
+    """A sliding layer's mask [B|1, 1, T, S]: `mask` (None: causal), and a query sees only keys
+    fewer than `window` columns back (itself included). Left padding keeps a row's tokens
+    contiguous, so the columns count its tokens, in the cache and alone alike."""
+    if window is None or S <= window:  # no key is that far back
+        return mask
+    keys = torch.arange(S, device=cols.device)
+    causal = mask if mask is not None else (cols[:, None] >= keys)[None, None]
+    return causal & (cols[:, None] - keys < window)  # [T, S] broadcast
+
+
 class Transformer(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
@@ -291,8 +346,9 @@ class Transformer(nn.Module):
         self.model = nn.Module()  # attribute names follow Hugging Face, so checkpoints load as an identity map
         self.model.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.model.layers = nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers))
-        self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, plus_one=c.gemma)
         self.model.rotary_emb = RoPE(c)
+        self.model.rotary_local = RoPE(c, local=True)  # the sliding layers'
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
 
@@ -320,15 +376,23 @@ class Transformer(nn.Module):
                 c.directions, c.ceilings, c.fired = c.directions.to(dev), c.ceilings.to(dev), input_ids.new_zeros(B)
         cols = torch.arange(start, start + T, device=dev)  # [T] absolute columns of these tokens
         pos, mask, spans = token_masks(cols, start + T, attention_mask, response_start, B)
+        window = window_mask(mask, cols, start + T, self.config.sliding_window)
+        masks = {"full_attention": mask, "sliding_attention": window}
         for c in cap:
             c.hit = torch.zeros(B, T, dtype=torch.bool, device=dev)
-        cos, sin = self.model.rotary_emb(pos, self.model.embed_tokens.weight.dtype)  # [B, 1, T, hd] each
-        h = self.intervene(0, self.model.embed_tokens(input_ids), steer, ablate, cap, capture, spans)  # [B, T, hidden]
+        dtype = self.model.embed_tokens.weight.dtype
+        rope = {"full_attention": self.model.rotary_emb(pos, dtype),  # (cos, sin), [B, 1, T, hd]
+                "sliding_attention": self.model.rotary_local(pos, dtype)}
+        h = self.model.embed_tokens(input_ids)  # [B, T, hidden]
+        if self.config.gemma:  # times √hidden rounded to the dtype, as Gemma's: index 0 sees it
+            h = h * torch.tensor(self.config.hidden_size**0.5, dtype=dtype)
+        h = self.intervene(0, h, steer, ablate, cap, capture, spans)
         for i, block in enumerate(self.model.layers, start=1):
+            args = (h, *rope[block.attention_type], masks[block.attention_type], cache)
             if self.gradient_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, cache, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
-                h = block(h, cos, sin, mask, cache)
+                h = block(*args)
             h = self.intervene(i, h, steer, ablate, cap, capture, spans)
         for c in cap:  # count the response positions this call capped at any layer
             c.fired += (c.hit & spans["response"]).sum(1)  # [B]
@@ -340,7 +404,8 @@ class Transformer(nn.Module):
             return None
         elif logits == "last":
             h = h[:, -1:]  # left padding puts every row's last token in the last column
-        return self.lm_head(self.model.norm(h))
+        out, softcap = self.lm_head(self.model.norm(h)), self.config.final_logit_softcapping
+        return out if softcap is None else softcap * torch.tanh(out / softcap)  # Gemma 2
 
     def intervene(self, i: int, h: torch.Tensor, steer, ablate, cap, capture, spans: dict):
         """The interventions at hidden index i on h [B, T, hidden], in order: ablation, steering, capping, capture.
@@ -388,6 +453,7 @@ def load(name_or_path: str | Path, device: str | None = None, dtype: torch.dtype
         model.config.tie_word_embeddings = True
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb = RoPE(config).to(device)  # computed, not read from the files
+    model.model.rotary_local = RoPE(config, local=True).to(device)
     model = cpu_speed.split_linears(model.eval()) if torch.device(device).type == "cpu" else model.eval()
     if model_only:
         return model

@@ -17,6 +17,8 @@ keeps it so.
     cpu_speed.py     the CPU matmul split that model.load_model applies on the CPU (measured in tools/bench.py)
     training.py      around train.py's loop: settings' checks, data order, train.json, checkpoints, resuming, DDP/FSDP2
     capping.py       persona capping's ceiling file, --cap specs and the model.Cap interventions they make
+    openai_client.py the judge's transport: an OpenAI-compatible HTTP client (retries) and worker threads
+    judge_cache.py   the judge's JSONL cache: every judgment on disk, so a rerun never pays twice
 """
 
 

@@ -12,10 +12,25 @@ from safetensors import SafetensorError, safe_open
 from support import UserError
 from support.files import read_json
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype's names
 ROPE_NEEDS = {"default": (), "linear": ("factor",),
               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+GEMMA = ("gemma2", "gemma3_text")
+# What transformers' config classes assume for a key that a family's config.json leaves out, where
+# model.Config's default differs (Gemma 3's hub configs, the multimodal ones' text_config above all,
+# omit most of these)
+FAMILY_DEFAULTS = {
+    "qwen2": dict(max_position_embeddings=32768),
+    "qwen3": dict(head_dim=128, max_position_embeddings=32768),
+    "gemma2": dict(
+        vocab_size=256000, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        max_position_embeddings=8192, query_pre_attn_scalar=256, sliding_window=4096,
+        final_logit_softcapping=30.0, attn_logit_softcapping=50.0, tie_word_embeddings=True),
+    "gemma3_text": dict(
+        vocab_size=262208, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        max_position_embeddings=131072, query_pre_attn_scalar=256, sliding_window=4096,
+        tie_word_embeddings=True, rope_theta=1e6, rope_local_base_freq=1e4)}
 
 
 def read_config(path: Path, config_class):
@@ -24,21 +39,21 @@ def read_config(path: Path, config_class):
 
 
 def check_config(d: dict, config_class, source: str = "config.json") -> dict:
-    """config.json's keys -> the keys of `config_class` (a dataclass), each present one checked for its JSON type
-    and value, with transformers 5's `rope_parameters` unfolded; a UserError naming `source` and the key."""
+    """config.json's keys -> the keys of `config_class` (a dataclass), each one checked for its JSON
+    type and value, read as transformers reads them: a multimodal Gemma 3's text_config unwrapped,
+    the family's defaults, transformers 5's `rope_parameters` unfolded, the sliding layers listed.
+    A problem is a one-line UserError naming `source`."""
     def fail(msg: str):
         raise UserError(f"{source}: {msg}")
 
     if not isinstance(d, dict):
         fail(f"expected a JSON object, got {type(d).__name__}")
-    d = dict(d)
-    if "rope_parameters" in d:  # transformers >= 5 writes rope settings as one dict
-        rp = d.pop("rope_parameters") or {}
-        if not isinstance(rp, dict):
-            fail(f"`rope_parameters` must be an object, not {rp!r}")
-        d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
-        if rp.get("rope_type", "default") != "default":
-            d.setdefault("rope_scaling", rp)
+    if d.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        supported = ", ".join(SUPPORTED_MODEL_TYPES)
+        fail(f"unsupported model_type {d.get('model_type')!r}; supported: {supported}")
+    d = _text_config(d, fail) if d["model_type"] == "gemma3" else dict(d)
+    d = FAMILY_DEFAULTS.get(d["model_type"], {}) | d
+    _unfold_rope(d, fail)
     known = fields(config_class)
     missing = [f.name for f in known if f.default is MISSING and f.name not in d]
     if missing:
@@ -47,16 +62,13 @@ def check_config(d: dict, config_class, source: str = "config.json") -> dict:
         if f.name in d and not _json_type_ok(d[f.name], f.type):
             fail(f"`{f.name}` must be {_json_type_name(f.type)}, not {json.dumps(d[f.name])[:80]}")
     for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "max_position_embeddings"):
+              "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window"):
         if d.get(k) is not None and d[k] < 1:
             fail(f"`{k}` must be at least 1, not {d[k]}")
-    if d["model_type"] not in SUPPORTED_MODEL_TYPES:
-        fail(f"unsupported model_type {d['model_type']!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     kv = d.get("num_key_value_heads") or d["num_attention_heads"]
     if d["num_attention_heads"] % kv:
         fail(f"`num_attention_heads` ({d['num_attention_heads']}) is not a multiple of `num_key_value_heads` ({kv})")
-    if d.get("hidden_act", "silu") != "silu":
-        fail(f"unsupported hidden_act {d['hidden_act']!r}; only 'silu' (Llama/Qwen2/Mistral) is implemented")
+    _check_family(d, fail)
     rs = d.get("rope_scaling") or {}
     rope_type = rs.get("rope_type", rs.get("type", "default"))
     if rope_type not in ROPE_NEEDS:
@@ -65,6 +77,75 @@ def check_config(d: dict, config_class, source: str = "config.json") -> dict:
         if not _json_type_ok(rs.get(k), float):
             fail(f"`rope_scaling.{k}` must be a number for rope type {rope_type!r}, not {json.dumps(rs.get(k))[:80]}")
     return {f.name: d[f.name] for f in known if f.name in d}
+
+
+def _text_config(d: dict, fail) -> dict:
+    """A multimodal Gemma 3 config -> its language model's (text_config), tied as the whole is."""
+    text = d.get("text_config") or {}
+    if not isinstance(text, dict):
+        fail(f"`text_config` must be an object, not {json.dumps(text)[:80]}")
+    tied = d.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
+    return text | {"model_type": "gemma3_text", "tie_word_embeddings": tied}
+
+
+def _unfold_rope(d: dict, fail) -> None:
+    """transformers 5's `rope_parameters` -> rope_theta and rope_scaling, and Gemma 3's sliding
+    layers' theta -> rope_local_base_freq: transformers 4's names, which most hub configs carry."""
+    if "rope_parameters" not in d:
+        return
+    rp = d.pop("rope_parameters") or {}
+    if not isinstance(rp, dict):
+        fail(f"`rope_parameters` must be an object, not {rp!r}")
+    if "full_attention" in rp or "sliding_attention" in rp:  # Gemma 3: one entry per layer type
+        local = rp.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            fail("`rope_parameters.sliding_attention` scales RoPE: not supported")
+        d["rope_local_base_freq"] = local.get("rope_theta", d.get("rope_local_base_freq", 1e4))
+        rp = rp.get("full_attention") or {}
+    d["rope_theta"] = rp.get("rope_theta", d.get("rope_theta", 10000.0))
+    if rp.get("rope_type", "default") != "default":
+        d.setdefault("rope_scaling", rp)
+
+
+def _check_family(d: dict, fail) -> None:
+    """The keys only some families read, kept for those (as transformers' classes read them), the
+    activation, and `layer_types`: which blocks attend through the sliding window."""
+    t, n = d["model_type"], d["num_hidden_layers"]
+    if t in GEMMA:  # Gemma reads `hidden_activation`; its config.json's `hidden_act` is a leftover
+        d["hidden_act"] = d.get("hidden_activation") or "gelu_pytorch_tanh"
+    if d.get("hidden_act", "silu") not in ("silu", "gelu_pytorch_tanh"):
+        fail(f"unsupported activation {d['hidden_act']!r}; implemented: silu, gelu_pytorch_tanh")
+    unread = ["query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"]
+    unread = {"gemma2": [], "gemma3_text": ["attn_logit_softcapping"]}.get(t, unread)
+    for k in unread + ([] if t == "gemma3_text" else ["rope_local_base_freq"]):
+        d.pop(k, None)
+    if t in GEMMA and d.get("use_bidirectional_attention"):
+        fail("`use_bidirectional_attention` is set: an encoder (EmbeddingGemma?), not a causal LM")
+    if t in ("qwen2", "qwen3") and not d.get("use_sliding_window") or t == "llama":
+        d["sliding_window"] = None  # transformers ignores it then
+    if t == "mistral" or d.get("sliding_window") is None:  # Mistral: every layer, if any window
+        d["layer_types"] = [_SLIDING if d.get("sliding_window") else _FULL] * n
+    elif d.get("layer_types") is None:
+        for k in ("sliding_window_pattern", "max_window_layers"):
+            if k in d and not (_json_type_ok(d[k], int) and d[k] >= 1):
+                fail(f"`{k}` must be an integer of at least 1, not {json.dumps(d[k])[:80]}")
+        d["layer_types"] = _default_layer_types(d)
+    lt = d["layer_types"]
+    if not (isinstance(lt, list) and len(lt) == n and all(x in (_FULL, _SLIDING) for x in lt)):
+        fail(f"`layer_types` must list {n} of {_FULL}, {_SLIDING}, not {json.dumps(lt)[:80]}")
+
+
+_FULL, _SLIDING = "full_attention", "sliding_attention"
+
+
+def _default_layer_types(d: dict) -> list[str]:
+    """transformers' rule for a config written without `layer_types`: Qwen slides from layer
+    max_window_layers on; in Gemma every sliding_window_pattern-th layer is global, others slide."""
+    n, t = d["num_hidden_layers"], d["model_type"]
+    if t.startswith("qwen"):
+        return [_SLIDING if i >= d.get("max_window_layers", 28) else _FULL for i in range(n)]
+    every = d.get("sliding_window_pattern", 2 if t == "gemma2" else 6)
+    return [_FULL if (i + 1) % every == 0 else _SLIDING for i in range(n)]
 
 
 def _json_type_ok(value, typ) -> bool:
@@ -76,14 +157,14 @@ def _json_type_ok(value, typ) -> bool:
         if isinstance(value, bool):
             continue  # true/false is not a number
         if isinstance(value, int) and t in (int, float) or isinstance(value, float) and t is float \
-                or isinstance(value, (str, dict)) and t is type(value):
+                or isinstance(value, (str, dict, list)) and t is type(value):
             return True
     return False
 
 
 def _json_type_name(typ) -> str:
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
-             type(None): "null"}
+             list: "a list", type(None): "null"}
     return " or ".join(names[t] for t in (typ.__args__ if isinstance(typ, types.UnionType) else (typ,)))
 
 
@@ -102,11 +183,34 @@ def weight_files(model_dir: Path) -> list[Path]:
                     "(only safetensors weights are supported; convert .bin checkpoints first)")
 
 
+# A multimodal Gemma 3 checkpoint: its language model's tensors under a prefix (as transformers 4
+# or 5 wrote it), and the vision tower and its projector, which a text model does not use
+MULTIMODAL_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                       "language_model.lm_head.": "lm_head."}
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.",
+                   "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def our_name(key: str, model_type: str) -> str | None:
+    """A checkpoint's tensor name -> the model's (HF's causal-LM names); None: a tensor not used."""
+    if key.endswith("rotary_emb.inv_freq"):  # recomputed
+        return None
+    if model_type == "gemma3_text":
+        if key.startswith(VISION_PREFIXES):
+            return None
+        for prefix, ours in MULTIMODAL_PREFIXES.items():
+            if key.startswith(prefix):
+                return ours + key[len(prefix):]
+    return key
+
+
 def read_weights(model_dir: Path, expected: dict, tied: bool, device, dtype, model_type: str) -> dict:
     """Every tensor of the checkpoint, checked against `expected` (name -> shape) -> {name: tensor on device}.
 
-    Extras that are harmless are skipped (rotary inv_freq, recomputed; lm_head.weight of a tied model); a missing
-    lm_head.weight means a tied head. Any other unexpected, missing or misshapen tensor is a UserError."""
+    Harmless extras are skipped (rotary inv_freq, recomputed; lm_head.weight of a tied model; a
+    multimodal Gemma 3's vision tower; its language model's prefix is removed); a missing
+    lm_head.weight means a tied head. Any other unexpected, missing or misshapen tensor is a
+    UserError."""
     files = weight_files(Path(model_dir))
     state = {}
     for n, path in enumerate(files, start=1):
@@ -115,15 +219,17 @@ def read_weights(model_dir: Path, expected: dict, tied: bool, device, dtype, mod
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and tied):
+                    name = our_name(key, model_type)
+                    if name is None or (name == "lm_head.weight" and tied):
                         continue
-                    if key not in expected:
+                    if name not in expected:
                         raise UserError(f"unexpected tensor {key!r} in {path}: not a {model_type} checkpoint?")
                     t = f.get_tensor(key)
-                    if t.shape != expected[key]:
-                        raise UserError(f"tensor {key!r} in {path} has shape {tuple(t.shape)}, "
-                                        f"expected {tuple(expected[key])}: config.json does not match the weights")
-                    state[key] = t.to(device=device, dtype=dtype)
+                    if t.shape != expected[name]:
+                        raise UserError(
+                            f"tensor {key!r} in {path} has shape {tuple(t.shape)}, expected "
+                            f"{tuple(expected[name])}: config.json does not match the weights")
+                    state[name] = t.to(device=device, dtype=dtype)
         except (SafetensorError, OSError) as e:
             raise UserError(f"cannot read {path} ({e}); the file is missing or truncated: download it again") from None
     if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
@@ -166,6 +272,8 @@ def model_shape(model_name: str) -> tuple[int, int, str]:
     path = hub.resolve(model_name, verbose=False) / "config.json"
     config = read_json(path)
     try:
+        if config.get("model_type") == "gemma3":  # multimodal: the language model's shape
+            config = config["text_config"] | {"model_type": "gemma3_text"}
         return int(config["num_hidden_layers"]), int(config["hidden_size"]), config.get("model_type", "unknown")
     except (KeyError, TypeError, ValueError, AttributeError):
         raise UserError(f"{path} gives no num_hidden_layers and hidden_size: is {model_name} a model?") from None

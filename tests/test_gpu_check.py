@@ -13,7 +13,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKS = {
-    "parity": [f"{m}.{d}" for m in ("llama3", "qwen2", "qwen2-tied") for d in ("float32", "bfloat16")],
+    "parity": [f"{m}.{d}" for m in ("llama3", "qwen2", "qwen2-tied", "qwen3", "gemma2", "gemma3")
+               for d in ("float32", "bfloat16")]
+    + [f"{m}.batched-generation" for m in ("qwen3", "gemma2", "gemma3")],
     "pipelines": ["extract", "generate-steered", "monitor", "flag", "train-2-steps", "serve"],
     "speed": ["build-7b-shape", "decode-batch1", "decode-batch64", "capture-batch64", "train-step-1b-shape"]}
 

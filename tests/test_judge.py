@@ -1,4 +1,5 @@
-"""judge.py: logprob aggregation, the OpenAI client against a local fake server, the cache, the local judge."""
+"""judge.py: logprob aggregation, the OpenAI judge and its client (support/openai_client.py) against a local fake
+server, the cache (support/judge_cache.py), the local judge, and the module docstring's example."""
 import json
 import math
 import signal
@@ -14,6 +15,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 import judge as J
 from support import UserError
+from support.openai_client import OpenAIClient
 from make_golden_models import CONFIGS, random_weights, write_checkpoint
 
 
@@ -255,7 +257,7 @@ def test_unexpected_replies_are_one_line_judge_errors(fake, reply):
 
 def test_unexpected_chat_replies_are_one_line_judge_errors(fake):
     for reply in ({}, {"choices": []}, {"choices": [{"message": "hi"}]}, {"choices": [{"message": {"content": 3}}]}):
-        client = J.OpenAIClient(base_url=fake(reply=reply).url, api_key="k")
+        client = OpenAIClient(base_url=fake(reply=reply).url, api_key="k")
         with pytest.raises(J.JudgeError):
             client.chat([{"role": "user", "content": "hi"}], model="writer")
 
@@ -319,13 +321,29 @@ def test_openai_concurrency(fake, capsys):
 
 def test_chat_helper(fake):
     server = fake(failures=[503])
-    client = J.OpenAIClient(base_url=server.url, api_key="k", backoff=0.001)
+    client = OpenAIClient(base_url=server.url, api_key="k", backoff=0.001)
     out = client.chat([{"role": "user", "content": "hi"}], model="writer", temperature=0.7, max_tokens=100,
                       response_format={"type": "json_object"})
     assert out == "echo: hi" and len(server.requests) == 2
     body = server.requests[-1]["body"]
     assert body == {"model": "writer", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.7,
                     "max_tokens": 100, "response_format": {"type": "json_object"}}
+
+
+def test_the_module_docstring_example_runs(fake, env, tmp_path):
+    """The tutorial's entry: judge.py's usage example, run as written against the fake server."""
+    server = fake()
+    env.setenv("OPENAI_API_KEY", "sk-test")
+    env.setenv("OPENAI_BASE_URL", server.url)
+    env.chdir(tmp_path)
+    lines = J.__doc__.split("\n\n")[1].splitlines()
+    example = "\n".join(line[4:] for line in lines)
+    namespace = vars(J).copy()
+    exec(example, namespace)
+    assert namespace["scores"] == [None]  # the fake refuses every prompt that is not "score:N"
+    assert server.requests[0]["body"]["messages"][0]["content"].startswith("Rate how coherent")
+    record = json.loads((tmp_path / "out/.work/judgments.jsonl").read_text())
+    assert record["judge"] == f"openai:{J.DEFAULT_MODEL}@{server.url}" and record["refused"] is True
 
 
 # ------------------------------------------------------------------------------------------------ make_judge

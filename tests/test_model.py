@@ -15,7 +15,7 @@ import model as M
 from support import UserError, checkpoint, cpu_speed, generation as G
 
 GOLDEN = Path(__file__).parent / "golden"
-TINY = ["tiny-llama3", "tiny-qwen2", "tiny-tied"]
+TINY = ["tiny-llama3", "tiny-qwen2", "tiny-tied", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3"]
 
 
 def tiny(name: str) -> M.Transformer:
@@ -349,9 +349,11 @@ def test_steered_generation_equals_the_official_hook(name, L, positions):
 
 
 @pytest.mark.parametrize("positions", ["response", "prompt"])
-def test_steered_generation_equals_the_official_hook_on_transformers(positions):
+@pytest.mark.parametrize("name", ["tiny-llama3", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3"])
+def test_steered_generation_equals_the_official_hook_on_transformers(name, positions):
+    """Layer L is block L's output in every family (Gemma's: after the post-feedforward add)."""
     transformers = pytest.importorskip("transformers")
-    name, L, n = "tiny-llama3", 2, 8
+    L, n = 2, 8
     hf = transformers.AutoModelForCausalLM.from_pretrained(GOLDEN / name, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # no stop token, like G.generate without stop_ids
     hf.generation_config.pad_token_id = 0
@@ -540,9 +542,12 @@ def test_written_out_attention_equals_the_fused_kernel():
             mask = None
             if masked:  # a random mask in which every query sees at least itself
                 mask = (torch.rand(2, 1, T, S, generator=g) < 0.6) | (torch.arange(S) == torch.arange(S - T, S)[:, None])
-            fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != H_kv,
-                                                                     is_causal=mask is None and T > 1)
-            torch.testing.assert_close(M.attention(q, k, v, mask), fused, rtol=tol, atol=tol)
+            for scale in (None, 0.3):  # 1/√hd, or Gemma's query_pre_attn_scalar ** -0.5
+                fused = torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, enable_gqa=H != H_kv, is_causal=mask is None and T > 1,
+                    scale=scale)
+                ours = M.attention(q, k, v, mask, scale)
+                torch.testing.assert_close(ours, fused, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("name", TINY)
