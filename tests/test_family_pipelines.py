@@ -103,8 +103,8 @@ def test_monitor_experiment(fam):
 def dataset(fam):
     family, root, d, vectors = fam
     out = root / "evil.jsonl"
-    assert pv.main(["make-dataset", "evil", "--n", "4", "--model", str(d), "--judge", "none",
-                    "--max-new-tokens", "4", "--out", str(out), *CPU]) == 0
+    assert pv.main(["make-dataset", "evil", "--n", "6", "--model", str(d), "--judge", "none",
+                    "--max-new-tokens", "8", "--out", str(out), *CPU]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert rows and all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows)
     return out
@@ -190,7 +190,7 @@ def test_thinking_is_refused_without_a_think_token(fam, loaded, capsys):
 
 
 # ------------------------------------------------------------------------------------ thinking (Qwen3)
-THINKING = ("qwen2", "qwen3-0.6b")  # (family, template): Qwen3's template on a model main has
+THINKING = ("qwen3", None)  # (family, template): Qwen3 with its own template
 QUESTION = pv.load_trait("evil").eval_questions[0]
 
 
