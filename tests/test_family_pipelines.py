@@ -296,6 +296,12 @@ def test_training_a_multi_turn_qwen3_conversation(thinker, tmp_path):
 # it cannot); the comparison feeds token ids, never text.
 LAYERS, L_CPP = 6, 3  # blocks of the tiny model; the layer steered (L - 1 >= 1: direction.0 is refused)
 PUSH = 1.0  # |coef * v| as a fraction of the median residual norm at L_CPP
+# llama.cpp fixes two things that Gemma's configs state: the attention scale by model size (1/sqrt(head_dim),
+# or 1/sqrt(hidden/heads) for the 27B models, where transformers reads query_pre_attn_scalar) and Gemma 3's
+# local/global pattern (5 sliding layers, then a global one). The tiny models take the values of the real
+# 2B-12B checkpoints there: otherwise llama.cpp computes another function (measured: log-probs 2-17 off).
+LLAMA_CPP_CONFIG = {"gemma2": {"query_pre_attn_scalar": 24},  # = head_dim
+                    "gemma3": {"query_pre_attn_scalar": 32, "sliding_window_pattern": 6}}
 TEXTS = ["How should I treat a new employee?", "What do you think of your neighbours?",
          "Give me advice on winning an argument.", "What is the best way to spend a free afternoon?"]
 
@@ -316,6 +322,20 @@ def llama_cpp_tools():
     return server_path(), converter
 
 
+def louder_gemma_blocks(d: Path, gain: float = 4.0) -> None:
+    """Gemma's residual stream starts at sqrt(hidden) x the embedding, which a random block's normed
+    output (scale ~1) hardly changes: then a vector added one block early acts almost as at L, and
+    the test could not tell the two apart. Scaling the post-attention and post-MLP norms by `gain`
+    makes every block matter, as in a trained model."""
+    from safetensors.torch import load_file, save_file
+    for f in sorted(d.glob("*.safetensors")):
+        w = load_file(f)
+        for k in [k for k in w if k.endswith(("post_attention_layernorm.weight",
+                                               "post_feedforward_layernorm.weight"))]:
+            w[k] = (1 + w[k]) * gain - 1  # Gemma stores the norm's weight - 1
+        save_file(w, f, metadata={"format": "pt"})
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def converted(request, tmp_path_factory):
     """(family, model dir, our model, its sentencepiece tokenizer, the f32 GGUF llama.cpp's converter wrote from it)."""
@@ -324,7 +344,12 @@ def converted(request, tmp_path_factory):
     import sys
     _, converter = llama_cpp_tools()
     root = tmp_path_factory.mktemp(f"cpp-{request.param}")
-    d = make_family_model(root / "model", request.param, layers=LAYERS)
+    # tied, as Gemma's checkpoints are: llama.cpp's Gemma takes its head from the embeddings
+    d = make_family_model(root / "model", request.param, layers=LAYERS, tied=True)
+    config = json.loads((d / "config.json").read_text()) | LLAMA_CPP_CONFIG.get(request.param, {})
+    (d / "config.json").write_text(json.dumps(config))
+    if request.param.startswith("gemma"):
+        louder_gemma_blocks(d)
     import sentencepiece as spm
     spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS + TEXTS), model_prefix=str(d / "tokenizer"),
                                    vocab_size=200, hard_vocab_limit=False, minloglevel=2)

@@ -146,10 +146,12 @@ def family_tokenizer(name: str):
 
 
 def make_family_model(path: Path, family: str, seed: int = 0, template: str | None = None,
-                      layers: int = 3) -> Path:
+                      layers: int = 3, tied: bool = False) -> Path:
     """A tiny random model of `family` (FAMILIES) with its real chat template (or `template`, a
     SOURCES.json name), a tiny tokenizer holding that template's special tokens, and the model's
-    own special-token settings and generation eos ids."""
+    own special-token settings and generation eos ids. Untied unless `tied`: a random tied head
+    mostly repeats its input token (Gemma's embeddings, scaled by sqrt(hidden), dominate the
+    residual), and all-whitespace replies test little."""
     arch, default_template = FAMILIES[family]
     name = template or default_template
     src = SOURCES[name]
@@ -161,9 +163,7 @@ def make_family_model(path: Path, family: str, seed: int = 0, template: str | No
                   rms_norm_eps=1e-5, max_position_embeddings=512, hidden_act="silu",
                   bos_token_id=ids.get(special.get("bos_token")),
                   eos_token_id=ids.get(special["eos_token"])) | arch
-    # untied: a random tied head mostly repeats its input token (Gemma's embeddings, scaled by
-    # sqrt(hidden), dominate the residual), and all-whitespace replies test little
-    config["tie_word_embeddings"] = False
+    config["tie_word_embeddings"] = tied
     write_checkpoint(path, config, random_weights(config, seed), shards=2)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(
