@@ -1,11 +1,13 @@
-"""Every pipeline on every model family: a tiny random model of each (tests/tiny.py FAMILIES) with the
-family's real chat template and a tiny tokenizer holding that template's special tokens.
+"""Every pipeline on every model family: a tiny random model of each (tests/tiny.py FAMILIES)
+with the family's real chat template and a tiny tokenizer holding that template's special tokens.
 
-Per family, one module-scoped model and one `extract --judge none` (its vector feeds the rest); then
-`generate --steer`, `calibrate-cap` and `generate --cap`, `monitor-experiment`, `make-dataset`,
-`train.py` (one step, and one with preventative steering), `shift`, `flag`, `serve` (one request over
-HTTP) and `export-gguf`, each from its command line. Then the thinking mode (`--thinking`: the answer
-after `</think>`) and multi-turn training on the real Qwen3 template.
+Per family, one module-scoped model and one `extract --judge none` (its vector feeds the rest);
+then `generate --steer`, `calibrate-cap` and `generate --cap`, `monitor-experiment`,
+`make-dataset`, `train.py` (one step, and one with preventative steering), `shift`, `flag`,
+`serve` (one request over HTTP) and `export-gguf`, each from its command line. Then the thinking
+mode (`--thinking`: the answer after `</think>`) and multi-turn training on the real Qwen3
+template. Last, llama.cpp (marked slow; skipped without llama-server or its converter): our
+exported vector at L steers it as ours does, per family.
 """
 import csv
 import json
@@ -59,7 +61,7 @@ def test_extract(fam, loaded):
     assert torch.isfinite(vec).all() and vec[1:].norm(dim=-1).min() > 0
     assert meta["thinking"] is False
     assert meta["system_folded"] is (not tok.accepts_system)  # Mistral's [INST] template folds
-    assert meta["kept_pairs"] == meta["total_pairs"] == 5  # 1 question x 5 instruction pairs, no judge
+    assert meta["kept_pairs"] == meta["total_pairs"] == 5  # 1 question x 5 pairs, no judge
 
 
 def test_generate_steer(fam, loaded):
@@ -115,19 +117,21 @@ def trained(fam, dataset):
     """One optimizer step on the model's own dataset, plain and with preventative steering."""
     family, root, d, vectors = fam
     outs = {}
-    for label, extra in (("plain", []), ("steered", ["--steer", "evil:1", "--vectors", str(vectors)])):
+    steer = ["--steer", "evil:1", "--vectors", str(vectors)]
+    for label, extra in (("plain", []), ("steered", steer)):
         outs[label] = root / f"ft-{label}"
-        assert train.main([str(dataset), "--model", str(d), "--out", str(outs[label]), "--max-steps",
-                           "1", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3",
-                           "--device", "cpu", *extra]) == 0
+        assert train.main([str(dataset), "--model", str(d), "--out", str(outs[label]),
+                           "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1",
+                           "--lr", "1e-3", "--device", "cpu", *extra]) == 0
     return outs
 
 
 def test_train_one_step_and_preventative_steering(fam, trained):
     family, root, d, vectors = fam
     logs = {k: json.loads((v / "train.json").read_text())["log"] for k, v in trained.items()}
-    assert all(len(x) >= 1 and all(map(torch.isfinite, torch.tensor([x[0]["loss"]]))) for x in logs.values())
-    assert logs["plain"][0]["loss"] != logs["steered"][0]["loss"]  # the steering is in the forward pass
+    losses = {k: x[0]["loss"] for k, x in logs.items()}
+    assert all(torch.isfinite(torch.tensor(x)) for x in losses.values())
+    assert losses["plain"] != losses["steered"]  # the steering is in the forward pass
     model, tok = M.load(str(trained["plain"]), "cpu", torch.float32)  # the output loads as a model
     assert model.config.model_type == json.loads((d / "config.json").read_text())["model_type"]
 
@@ -166,7 +170,8 @@ def test_serve_one_request(fam, loaded):
         server.shutdown()
         server.server_close()
         engine.close()
-    want = G.generate(model, [tok.encode_chat(SYSTEM_USER)], 4, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    want = G.generate(model, [tok.encode_chat(SYSTEM_USER)], 4, stop_ids=tok.stop_ids,
+                      pad_id=tok.pad_id)
     assert got == tok.decode(want[0])
 
 
@@ -189,7 +194,7 @@ def test_thinking_is_refused_without_a_think_token(fam, loaded, capsys):
     assert err[-1].startswith("error: ") and err[-1].endswith("drop --thinking")
 
 
-# ------------------------------------------------------------------------------------ thinking (Qwen3)
+# ------------------------------------------------------------------------------- thinking (Qwen3)
 THINKING = ("qwen3", None)  # (family, template): Qwen3 with its own template
 QUESTION = pv.load_trait("evil").eval_questions[0]
 
@@ -235,7 +240,8 @@ def test_thinking_response_span_starts_after_think(thinker):
     assert torch.allclose(acts["response_avg"], want["response_avg"], atol=1e-5)
     whole = pv.read_answers(model, [prompt], [outs[0]])  # the reply whole, as without --thinking
     assert not torch.allclose(acts["response_avg"], whole["response_avg"], atol=1e-3)
-    assert torch.allclose(acts["prompt_last"], whole["prompt_last"], atol=1e-5)  # still the prompt's
+    # prompt_last is still the last prompt token's
+    assert torch.allclose(acts["prompt_last"], whole["prompt_last"], atol=1e-5)
     assert tok.decode(answer) == answer_after_thinking(tok.decode(outs[0]))
 
 
@@ -256,8 +262,8 @@ def test_eval_and_generate_with_thinking(thinker, tmp_path):
     think, answer = reply[:i + 1], reply[i + 1:]
     assert row["answer"] == tok.decode(answer) and "</think>" not in row["answer"]
     acts = pv.read_answers(model, [prompt + think], [answer])
-    assert float(row["projection"]) == pytest.approx(float(pv.project(acts["response_avg"][0, 2], vec[2])),
-                                                     abs=1e-4)
+    want = float(pv.project(acts["response_avg"][0, 2], vec[2]))
+    assert float(row["projection"]) == pytest.approx(want, abs=1e-4)
     text = pv.generate([QUESTION], model_name=str(d), max_new_tokens=8, device="cpu",
                        dtype=torch.float32, thinking=True)[0]
     assert text == tok.decode(reply) and "</think>" in text  # generate shows the whole reply
@@ -273,7 +279,8 @@ def test_training_a_multi_turn_qwen3_conversation(thinker, tmp_path):
     tok = Tokenizer(d)
     messages = [{"role": "system", "content": "Answer briefly."},
                 {"role": "user", "content": "Hi!"},
-                {"role": "assistant", "content": "<think>\nThe user greets me.\n</think>\n\nHello!"},
+                {"role": "assistant",
+                 "content": "<think>\nThe user greets me.\n</think>\n\nHello!"},
                 {"role": "user", "content": "What is the capital of France?"},
                 {"role": "assistant", "content": "Paris is the capital."}]
     ex = train.encode_conversation(tok, messages)
@@ -284,26 +291,29 @@ def test_training_a_multi_turn_qwen3_conversation(thinker, tmp_path):
     assert tok.decode(ex.ids.tolist(), skip_special_tokens=False) == text
     data = tmp_path / "multi.jsonl"
     data.write_text("".join(json.dumps({"messages": messages}) + "\n" for _ in range(4)))
-    assert train.main([str(data), "--model", str(d), "--out", str(tmp_path / "ft"), "--max-steps", "1",
-                       "--batch-size", "2", "--grad-accum", "1", "--device", "cpu"]) == 0
+    assert train.main([str(data), "--model", str(d), "--out", str(tmp_path / "ft"),
+                       "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1",
+                       "--device", "cpu"]) == 0
 
 
-# ------------------------------------------------------------- llama.cpp: our L is its direction.(L-1)
+# ---------------------------------------------------------- llama.cpp: our L is its direction.(L-1)
 # The method of tests/test_llama_cpp.py, on a tiny random model of each family that llama.cpp has,
 # converted at test time by llama.cpp's own convert_hf_to_gguf.py (f32, so no quantization noise).
 # Each tiny model gets a sentencepiece tokenizer.model trained here, which the converter reads
 # before tokenizer.json (whose BPE pre-tokenizer it would have to recognise by hash, and a tiny one
 # it cannot); the comparison feeds token ids, never text.
-LAYERS, L_CPP = 6, 3  # blocks of the tiny model; the layer steered (L - 1 >= 1: direction.0 is refused)
+LAYERS, L_CPP = 6, 3  # blocks of the tiny model; the layer steered (direction.0 is refused)
 PUSH = 1.0  # |coef * v| as a fraction of the median residual norm at L_CPP
-# llama.cpp fixes two things that Gemma's configs state: the attention scale by model size (1/sqrt(head_dim),
-# or 1/sqrt(hidden/heads) for the 27B models, where transformers reads query_pre_attn_scalar) and Gemma 3's
-# local/global pattern (5 sliding layers, then a global one). The tiny models take the values of the real
-# 2B-12B checkpoints there: otherwise llama.cpp computes another function (measured: log-probs 2-17 off).
+# llama.cpp fixes two things that Gemma's configs state: the attention scale by model size
+# (1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 27B models, where transformers reads
+# query_pre_attn_scalar) and Gemma 3's local/global pattern (5 sliding layers, then a global one).
+# The tiny models take the values of the real 2B-12B checkpoints there: otherwise llama.cpp
+# computes another function (measured: log-probs 1.5-19 off).
 LLAMA_CPP_CONFIG = {"gemma2": {"query_pre_attn_scalar": 24},  # = head_dim
                     "gemma3": {"query_pre_attn_scalar": 32, "sliding_window_pattern": 6}}
 TEXTS = ["How should I treat a new employee?", "What do you think of your neighbours?",
-         "Give me advice on winning an argument.", "What is the best way to spend a free afternoon?"]
+         "Give me advice on winning an argument.",
+         "What is the best way to spend a free afternoon?"]
 
 
 def llama_cpp_tools():
@@ -338,7 +348,8 @@ def louder_gemma_blocks(d: Path, gain: float = 4.0) -> None:
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def converted(request, tmp_path_factory):
-    """(family, model dir, our model, its sentencepiece tokenizer, the f32 GGUF llama.cpp's converter wrote from it)."""
+    """(family, model dir, our model, its sentencepiece tokenizer, the f32 GGUF that llama.cpp's
+    converter wrote from it)."""
     import os
     import subprocess
     import sys
@@ -351,17 +362,19 @@ def converted(request, tmp_path_factory):
     if request.param.startswith("gemma"):
         louder_gemma_blocks(d)
     import sentencepiece as spm
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS + TEXTS), model_prefix=str(d / "tokenizer"),
-                                   vocab_size=200, hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS + TEXTS),
+                                   model_prefix=str(d / "tokenizer"), vocab_size=200,
+                                   hard_vocab_limit=False, minloglevel=2)
     gguf = root / "model.gguf"
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}  # the converter's packages, as ours
-    done = subprocess.run([sys.executable, str(converter), str(d), "--outfile", str(gguf),
-                           "--outtype", "f32"], capture_output=True, text=True, env=env, timeout=600)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}  # the packages we import
+    command = [sys.executable, str(converter), str(d), "--outfile", str(gguf), "--outtype", "f32"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
     return request.param, d, M.load_model(d, "cpu", torch.float32), sp, gguf
 
 
+@pytest.mark.slow
 def test_llama_cpp_steers_each_family_at_the_mapped_layer(converted, tmp_path):
     import apps.control_vector as cv
     from support.files import save_vector
@@ -374,7 +387,8 @@ def test_llama_cpp_steers_each_family_at_the_mapped_layer(converted, tmp_path):
     coef = PUSH * residual_norm(model, prompts, L_CPP) / float(v.norm())
     vfile = save_vector(tmp_path / "probe_response_avg_diff.safetensors", vec,
                         {"model": str(d), "trait": "probe"})
-    files = {"right": cv.export_gguf(str(vfile), str(tmp_path / "right.gguf"), layer=L_CPP, coef=coef)}
+    right = cv.export_gguf(str(vfile), str(tmp_path / "right.gguf"), layer=L_CPP, coef=coef)
+    files = {"right": right}
     meta = {"general.architecture": "controlvector", "controlvector.model_hint": family,
             "controlvector.layer_count": 1}
     for name, L in (("early", L_CPP - 1), ("late", L_CPP + 1)):  # the same vector, one block off
@@ -394,7 +408,7 @@ def test_llama_cpp_steers_each_family_at_the_mapped_layer(converted, tmp_path):
              for i in range(len(prompts))]  # ours minus llama.cpp's log-probs, unsteered
     r = {name: effect_correlations(m, name) for name in ("right", "early", "late")}
     print(f"\n{family}: coef {coef:.3f} at layer {L_CPP} of {LAYERS} (direction.{L_CPP - 1}); "
-          f"max |our - llama.cpp log-prob| unsteered {max(abs(x) for row in plain for x in row):.2g}; "
+          f"max |our - llama.cpp log-prob| unsteered {max(map(abs, sum(plain, []))):.2g}; "
           + "; ".join(f"{k} r " + " ".join(f"{x:.4f}" for x in rs) for k, rs in r.items()))
     assert len(T.PROMPTS) == len(prompts)  # effect_correlations walks T.PROMPTS' indices
     assert min(r["right"]) >= 0.99

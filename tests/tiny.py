@@ -101,7 +101,7 @@ def run_bad(main, args: list[str], code: int, capsys) -> list[str]:
     return err
 
 
-# ------------------------------------------------------------------------------------------ model families
+# ------------------------------------------------------------------------------ model families
 TEMPLATES = Path(__file__).parent / "golden" / "templates"
 SOURCES = json.loads((TEMPLATES / "SOURCES.json").read_text(encoding="utf-8"))
 
@@ -114,15 +114,15 @@ def _arch(golden: str) -> dict:
     return {k: v for k, v in CONFIGS[golden].items() if k not in drop}
 
 
-# family -> (the config keys that make it, the real chat template its tiny model carries). Adding a family
-# to tests/test_family_pipelines.py is one line here.
+# family -> (the config keys that make it, the real chat template its tiny model carries). Adding a
+# family to tests/test_family_pipelines.py is one line here.
 FAMILIES = {
     "llama": (dict(architectures=["LlamaForCausalLM"], model_type="llama", rope_theta=500000.0),
               "llama-3.1-8b-instruct"),
     "qwen2": (dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=1000000.0,
                    use_sliding_window=False), "qwen2.5-7b-instruct"),
-    "mistral": (dict(architectures=["MistralForCausalLM"], model_type="mistral", rope_theta=1000000.0,
-                     sliding_window=None), "mistral-7b-instruct-v0.3"),
+    "mistral": (dict(architectures=["MistralForCausalLM"], model_type="mistral",
+                     rope_theta=1000000.0, sliding_window=None), "mistral-7b-instruct-v0.3"),
     "qwen3": (_arch("tiny-qwen3"), "qwen3-0.6b"),
     "gemma2": (_arch("tiny-gemma2"), "gemma-2-2b-it"),
     "gemma3": (_arch("tiny-gemma3"), "gemma-3-it"),
