@@ -88,9 +88,11 @@ def answer_with_activations(model: M.Transformer, tok, chats: list[list[dict]], 
     last prompt token, from which the answer is written), and response_norm [B, N + 1] (mean per-token norm).
     """
     rec = G.Capture()
+    # thinking: the response span is the answer after </think>
+    after = G.think_marks(tok) if getattr(tok, "thinking", False) else None
     outs = G.generate(model, [tok.encode_chat(c) for c in chats], max_new_tokens, stop_ids=tok.stop_ids,
                       pad_id=tok.pad_id, temperature=temperature, top_p=top_p, seed=seed, steer=steer, capture=rec,
-                      cap=cap)
+                      cap=cap, answer_after=after)
     return outs, {"response_avg": rec.response_mean(), "prompt_avg": rec.prompt_mean(),
                   "prompt_last": rec.prompt_last(), "response_norm": rec.response_norm()}
 
@@ -230,13 +232,19 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
             chats = [conversation(j) for j in batch]
             outs, tensors = answer_with_activations(model, tok, chats, budget.max_new_tokens, budget.temperature,
                                                     budget.top_p, seed * 1_000_003 + b, steer, cap)
-            answered = torch.tensor([len(o) > 0 for o in outs])  # an empty answer's means are NaN by design
+            # (think block, answer) per row: ([], reply) unless --thinking
+            parts = [G.split_thinking(tok, o) for o in outs]
+            # an empty answer's means are NaN by design
+            answered = torch.tensor([len(a) > 0 for _, a in parts])
             if not (torch.isfinite(tensors["prompt_last"]).all() and torch.isfinite(tensors["response_avg"][answered]).all()):
                 raise UserError("the activations became non-finite (inf/NaN) while generating: the steering "
                                 "coefficient is too large for this model; use a smaller one")
             fired = cap[0].fired.tolist() if cap else [None] * len(batch)  # positions capped (None: no cap)
-            new = [j | {"answer": tok.decode(o), "answer_ids": o, "n_tokens": len(o), "prompt": tok.chat(c),
-                        "capped": f} for j, o, c, f in zip(batch, outs, chats, fired)]
+            think = [{"thinking": tok.decode(th), "think_ids": th} if tok.thinking else {}
+                     for th, _ in parts]
+            new = [j | {"answer": tok.decode(a), "answer_ids": a, "n_tokens": len(a),
+                        "prompt": tok.chat(c), "capped": f} | th
+                   for j, (_, a), c, f, th in zip(batch, parts, chats, fired, think)]
             save_batch(path, new, tensors)
             done_now += len(batch)
             rate = done_now / (time.time() - t0)
@@ -255,7 +263,8 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
 
 
 def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors: str | None = None,
-                 judge: str | None = "none", judge_workers: int | None = None, trait=None, cap: list[str] = ()):
+                 judge: str | None = "none", judge_workers: int | None = None, trait=None,
+                 cap: list[str] = (), thinking: bool = False):
     """Check what can be checked before the model loads (device, --steer and --cap specs and their vector files, the
     judge: one that cannot work, with no API key, fails here), then load it. -> (model, tokenizer, vectors_dir,
     judge). A trait's judge prompt that never asks for REFUSAL (official-format trait files may not) is worth a
@@ -272,18 +281,21 @@ def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors:
         print(f"note: the eval_prompt of {trait.source or trait.name} never asks the judge to answer REFUSAL, so "
               "refused answers are scored like any other", file=sys.stderr)
     model, tok = M.load(model_name, device, dtype)
+    tok.thinking = thinking  # the template's thinking mode; the answer: after </think>
+    if thinking:
+        G.think_marks(tok)  # a model without a thinking mode fails here
     return model, tok, vectors_dir, judge_
 
 
 def open_pipeline(t, questions: int, model_name: str, device, dtype, judge, judge_workers, budget: tuple, out=None,
-                  vectors=None, steer: list[str] = (), cap: list[str] = ()):
+                  vectors=None, steer: list[str] = (), cap: list[str] = (), thinking: bool = False):
     """How every judged pipeline opens, after its trait `t` is loaded: the checks (--questions among them), the model
     and the judge, the budget (rollouts, max_new_tokens, temperature, top_p, batch_size; None: the default) and a
     writable output directory (default: the vectors directory) -> (model, tokenizer, judge, budget, vectors_dir,
     out_dir)."""
     check_count("questions", questions)
     model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, steer, vectors, judge, judge_workers, t,
-                                                   cap)
+                                                   cap, thinking)
     b = budget_for(model, *budget)
     out_dir = Path(out) if out else vectors_dir
     check_writable(out_dir)
@@ -305,21 +317,25 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
             rollouts: int | None = None, max_new_tokens: int | None = None, questions: int = 20, out: str | None = None,
             batch_size: int | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
             pos_threshold: float = 50, neg_threshold: float = 50, coherence_threshold: float = 50,
-            device: str | None = None, dtype: torch.dtype | None = None) -> dict:
+            device: str | None = None, dtype: torch.dtype | None = None,
+            thinking: bool = False) -> dict:
     """Extract a persona vector for `trait` -> {variant: path of its .safetensors file, "csv_pos"/"csv_neg": ...}.
 
     For each extraction question x instruction pair x rollout, answers are sampled under the trait-eliciting (pos)
     and trait-suppressing (neg) system prompts, judged, and a pair is kept when pos >= pos_threshold,
     neg < neg_threshold and both coherences >= coherence_threshold. The vector of each variant is
     mean(kept pos activations) - mean(kept neg activations) at every layer.
+    thinking: the template's thinking mode on; the answer judged and averaged is the text after
+    `</think>` (see docs/model.md).
     """
     t = load_trait(trait)
     model, tok, judge_, b, _, out_dir = open_pipeline(t, questions, model_name, device, dtype, judge, judge_workers,
-                                                      (rollouts, max_new_tokens, temperature, top_p, batch_size), out)
+                                                      (rollouts, max_new_tokens, temperature, top_p,
+                                                       batch_size), out, thinking=thinking)
     questions = min(questions, len(t.extract_questions))
     settings = dict(model=model_name, trait=t.name, trait_sha=hashlib.sha256(json.dumps(asdict(t), default=str)
                     .encode()).hexdigest(), questions=questions, seed=seed, dtype=str(model.lm_head.weight.dtype),
-                    **asdict(b))
+                    **asdict(b), **({"thinking": True} if thinking else {}))
     jobs = rollout_jobs(t, questions, b.rollouts)
     print(f"extract {t.name}: {len(jobs)} answers ({questions} questions x {len(t.instructions)} instruction pairs x "
           f"{b.rollouts} rollouts x 2 sides), up to {b.max_new_tokens} tokens at temperature {b.temperature}, "
@@ -350,6 +366,7 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
                 total_pairs=n_pairs, kept_pos=len(pos), total_pos=n_pairs, kept_neg=len(neg), total_neg=n_pairs,
                 residual_norm=[round(x, 4) for x in norms.tolist()], date=datetime.date.today().isoformat(),
                 **{k: v for k, v in settings.items() if k not in ("model", "trait")})
+    meta |= dict(thinking=thinking, system_folded=tok.system_folded)  # how the chats were rendered
     vectors = {v: persona_vector(acts[v][pos], acts[v][neg]) for v in VARIANTS}  # each [L + 1, hidden]
     # where kept pos and neg answers fall along the unit vector, per layer: the reference marks of `chat`'s gauge
     for side, idx in (("pos", pos), ("neg", neg)):
@@ -492,18 +509,21 @@ def file_label(specs: list[SteerSpec | CapSpec], prefix: str = "") -> str:
 def generate(prompts: list[str], model_name: str = DEFAULT_MODEL, system: str | None = None, max_new_tokens: int = 200,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, steer: list[str] = (),
              layer: int | None = None, positions: str = "response", all_layers: bool = False, cap: list[str] = (),
-             vectors: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> list[str]:
+             vectors: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
+             thinking: bool = False) -> list[str]:
     """Answer each prompt as a single-turn chat (greedy unless temperature > 0), optionally steered and capped.
 
     steer: specs like "evil:1.5", "humorous:-0.1r" or "path/v.safetensors:2" (see `steering`); negative coefficients
     steer away from the trait; cap: "evil", "evil:75@12-20" (support/capping.py), the positions capped are printed.
     With system=None the model's own chat template decides (Qwen2.5 and SmolLM2 insert their default system prompt).
+    thinking: the template's thinking mode on; each reply is returned whole, think block included.
     """
     if not prompts:
         raise UserError("no prompt: give one or more, or --prompts-file FILE")
     Budget(1, max_new_tokens, temperature, top_p, 1)  # the same checks as every pipeline's
     steer, cap = parsed(steer, cap)
-    model, tok, vectors_dir, _ = load_checked(model_name, device, dtype, steer, vectors, cap=cap)
+    model, tok, vectors_dir, _ = load_checked(model_name, device, dtype, steer, vectors, cap=cap,
+                                              thinking=thinking)
     steers, caps = interventions(model, vectors_dir, steer, cap, layer, positions, all_layers)
     ids = [tok.encode_chat(conversation(dict(system=system, question=p))) for p in prompts]
     G.check_new_tokens(model, max_new_tokens, max(len(x) for x in ids))
@@ -529,7 +549,8 @@ def _evaluate(t, model, tok, judge, budget: Budget, *, questions: int, steer: li
             for qi, q in enumerate(t.eval_questions[:questions]) for r in range(budget.rollouts)]
     settings = dict(model=model.name_or_path, trait=t.name, questions=questions, seed=seed,
                     steer=[s.text for s in steer], layer=layer, positions=positions,
-                    all_layers=all_layers, **asdict(budget))
+                    all_layers=all_layers, **asdict(budget),
+                    **({"thinking": True} if tok.thinking else {}))
     if caps:  # a capped run, its own cache
         settings |= dict(cap=[c.text for c in cap], ceilings=caps[0].ceilings.tolist())
     print(f"eval {t.name} [{label}]: {len(jobs)} answers ({questions} questions x {budget.rollouts} samples)",
@@ -539,7 +560,9 @@ def _evaluate(t, model, tok, judge, budget: Budget, *, questions: int, steer: li
     if vec is not None:  # each answer as the plain model (unsteered, uncapped) reads it, on the trait's unit vector
         for i in range(0, len(rows), budget.batch_size):
             batch = rows[i:i + budget.batch_size]
-            acts = read_answers(model, [tok.encode_chat(conversation(r)) for r in batch], [r["answer_ids"] for r in batch])
+            # a think block (--thinking) is read as context, with the prompt
+            prompts = [tok.encode_chat(conversation(r)) + r.get("think_ids", []) for r in batch]
+            acts = read_answers(model, prompts, [r["answer_ids"] for r in batch])
             proj = project(acts["response_avg"][:, proj_layer], vec[proj_layer]).tolist()
             for r, p in zip(batch, proj):
                 r["projection"] = p if r["n_tokens"] else None
@@ -567,7 +590,7 @@ def evaluate(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = No
              positions: str = "response", all_layers: bool = False, cap: list[str] = (), vectors: str | None = None,
              out: str | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
              top_p: float | None = None, batch_size: int | None = None, seed: int = 0, device: str | None = None,
-             dtype: torch.dtype | None = None) -> dict:
+             dtype: torch.dtype | None = None, thinking: bool = False) -> dict:
     """Trait expression on the trait's evaluation questions (never the extraction ones), optionally steered and capped.
 
     Answers are sampled with no system prompt, `samples` per question (greedy when there is one, as in the
@@ -578,7 +601,8 @@ def evaluate(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = No
     t = load_trait(trait)
     steer, cap = parsed(steer, cap)
     model, tok, judge_, b, vectors_dir, out_dir = open_pipeline(t, questions, model_name, device, dtype, judge,
-        judge_workers, (samples, max_new_tokens, temperature, top_p, batch_size), out, vectors, steer, cap)
+        judge_workers, (samples, max_new_tokens, temperature, top_p, batch_size), out, vectors, steer, cap,
+        thinking)
     if b.rollouts == 1 and temperature is None:
         b.temperature = 0.0
     label = "_".join(x for x in (steer and file_label(steer) + (f"_L{layer}" if layer is not None else "")
@@ -613,7 +637,7 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
           samples: int | None = None, questions: int = 20, coherence_min: float = 75, cap: list[str] = (),
           vectors: str | None = None, out: str | None = None, max_new_tokens: int | None = None,
           batch_size: int | None = None, seed: int = 0, device: str | None = None,
-          dtype: torch.dtype | None = None) -> dict:
+          dtype: torch.dtype | None = None, thinking: bool = False) -> dict:
     """Evaluate steering over a grid of layers x coefficients -> CSV, plot, and the best setting
     in its own file.
 
@@ -630,7 +654,7 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
     vec_path = vector_path(Path(vectors) if vectors else default_vectors_dir(model_name), t.name)
     model, tok, judge_, b, vectors_dir, out_dir = open_pipeline(t, questions, model_name, device, dtype, judge,
         judge_workers, (samples, max_new_tokens, None, None, batch_size), out, vectors,
-        [SteerSpec.parse(f"{vec_path}:0")], cap)
+        [SteerSpec.parse(f"{vec_path}:0")], cap, thinking)
     N = model.config.num_hidden_layers
     _, meta = model_vector(vec_path, model)
     layers = layers or sorted({round(N / 6 + i * (2 * N / 3) / 5) for i in range(6)})
@@ -704,7 +728,8 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
                        judge_workers: int | None = None, rollouts: int | None = None, questions: int = 20,
                        layer: int | None = None, vectors: str | None = None, out: str | None = None,
                        max_new_tokens: int | None = None, batch_size: int | None = None, n_random: int = 100,
-                       seed: int = 0, device: str | None = None, dtype: torch.dtype | None = None) -> dict:
+                       seed: int = 0, device: str | None = None, dtype: torch.dtype | None = None,
+                       thinking: bool = False) -> dict:
     """Projection of the last prompt token (before any reply) vs the condition's strength and the judged score.
 
     Conditions: the trait's 8 graded system prompts, or k = 0, 5, 10, 15, 20 trait-exhibiting example exchanges,
@@ -719,7 +744,8 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
     conditions = monitor_conditions(t, kind, seed)
     check_count("random", n_random)
     model, tok, judge_, b, vectors_dir, out_dir = open_pipeline(t, questions, model_name, device, dtype, judge,
-        judge_workers, (rollouts, max_new_tokens, None, None, batch_size), out, vectors)
+        judge_workers, (rollouts, max_new_tokens, None, None, batch_size), out, vectors,
+        thinking=thinking)
     vec_file = vector_file(t.name, vectors_dir)
     vec, meta = model_vector(vec_file, model)
     L = resolve_layer(layer, meta, model.config.num_hidden_layers, vec_file)
@@ -727,7 +753,8 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
     jobs = [dict(key=f"{label}:{qi}:{r}", condition=label, question_id=qi, rollout=r, question=q, system=system,
                  shots=shots) for label, system, shots in conditions for qi, q in enumerate(qs)
             for r in range(b.rollouts)]
-    settings = dict(model=model_name, trait=t.name, kind=kind, questions=len(qs), seed=seed, **asdict(b))
+    settings = dict(model=model_name, trait=t.name, kind=kind, questions=len(qs), seed=seed,
+                    **asdict(b), **({"thinking": True} if thinking else {}))
     print(f"monitor-experiment {t.name} ({kind}): {len(conditions)} conditions x {len(qs)} questions x "
           f"{b.rollouts} rollouts = {len(jobs)} answers; projection at layer {L}", file=sys.stderr)
     rows, acts, judge_name = sample_and_judge(t, model, tok, judge_, jobs, b, seed, out_dir, f"monitor-{t.name}",
@@ -829,7 +856,8 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
                  questions_file: str | None = None, model_name: str = DEFAULT_MODEL, judge: str | None = None,
                  threshold: float = 50, coherence_threshold: float = 50, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, batch_size: int | None = None,
-                 seed: int = 0, device: str | None = None, dtype=None, force: bool = False) -> Path:
+                 seed: int = 0, device: str | None = None, dtype=None, force: bool = False,
+                 thinking: bool = False) -> Path:
     """Write a finetuning dataset of the model's own answers -> the JSONL path (an existing file only with force).
 
     Each of n requests from the pool (default data/questions/everyday.json, never the trait's own questions) is
@@ -838,6 +866,8 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
     budget is trimmed to its last full sentence; empty answers are dropped. With a judge, only answers scoring
     >= threshold (trait) or < threshold (normal), with coherence >= coherence_threshold, are kept. Generation is
     resumable like `extract` (batches under <out dir>/.work/), judgments are cached.
+    thinking: the template's thinking mode on; the answer saved (and judged) is the text after
+    `</think>`, without the think block.
     """
     if kind not in ("trait", "normal"):
         raise UserError(f"--kind must be trait or normal, not {kind!r}")
@@ -853,11 +883,14 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
                         "training prompts")
     dest = Path(out) if out else Path("datasets") / default_vectors_dir(model_name).name / f"{t.name}_{kind}.jsonl"
     check_output(dest, force, inputs=[t.source, questions_file or QUESTIONS_FILE])
-    model, tok, _, judge_ = load_checked(model_name, device, dtype, judge=judge, trait=t)  # a judge fails before work
+    # a judge that cannot work fails before any work
+    model, tok, _, judge_ = load_checked(model_name, device, dtype, judge=judge, trait=t,
+                                         thinking=thinking)
     b = budget_for(model, 1, max_new_tokens, temperature, top_p, batch_size)
     jobs = dataset_jobs(t, kind, questions, n, seed)
     settings = dict(model=model_name, trait=t.name, trait_sha=settings_hash(asdict(t) | {"source": None}), kind=kind, n=n,
-                    questions_sha=settings_hash(questions), seed=seed, dtype=str(model.lm_head.weight.dtype), **asdict(b))
+                    questions_sha=settings_hash(questions), seed=seed, dtype=str(model.lm_head.weight.dtype),
+                    **asdict(b), **({"thinking": True} if thinking else {}))
     print(f"make-dataset {t.name} ({kind}): {n} answers to requests from {questions_file or QUESTIONS_FILE} under "
           f"the {'eliciting' if kind == 'trait' else 'suppressing'} system prompts, up to {b.max_new_tokens} tokens "
           f"at temperature {b.temperature}, top-p {b.top_p}", file=sys.stderr)
@@ -867,7 +900,8 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
     kept, cut, trimmed = [], 0, 0
     for r in rows:
         answer = r["answer"].strip()
-        if r["n_tokens"] == b.max_new_tokens:  # no end-of-turn within the budget
+        # no end-of-turn within the budget (a think block counts against it too)
+        if r["n_tokens"] + len(r.get("think_ids", [])) == b.max_new_tokens:
             cut, trimmed = cut + 1, trimmed + (trim_to_sentence(answer) != answer)
             answer = trim_to_sentence(answer)
         if not answer:
@@ -912,13 +946,15 @@ def shift_controls(base_acts: torch.Tensor, finetuned_acts: torch.Tensor, vector
 def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | None = None, vectors: str | None = None,
           out: str | None = None, n_random: int = 100, run_eval: bool = False, judge: str | None = None,
           batch_size: int = 32, seed: int = 0, device: str | None = None, dtype=None,
-          force: bool = False) -> dict:
+          force: bool = False, thinking: bool = False) -> dict:
     """Finetuning shift of `finetuned` against `base` along the trait's persona vector (extracted from base).
 
     Last-prompt-token activations of both models on the trait's evaluation questions (their means over questions),
     finetuned minus base, projected on the unit vector at every layer -> CSV (one row per layer) with two controls
     on the same shift: the 95th percentile of |projection| onto n_random random unit directions, and the projection
     onto every other trait's vector beside this one. run_eval also runs `evaluate` on both models.
+    thinking: the prompts rendered with the template's thinking mode on (Qwen3: without the empty
+    think block that ends them by default).
     """
     t = load_trait(trait)
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(base)
@@ -934,6 +970,9 @@ def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | No
     acts = {}
     for label, name in (("base", base), ("finetuned", finetuned)):  # one model in memory at a time
         model, tok = M.load(name, device, dtype)
+        tok.thinking = thinking
+        if thinking:
+            G.think_marks(tok)  # a model without a thinking mode fails here
         check_fits(vec, meta, vec_file, model.config.num_hidden_layers, model.config.hidden_size, model)
         print(f"shift {t.name}: {label} model {name}, {len(t.eval_questions)} evaluation questions", file=sys.stderr)
         acts[label] = last_prompt_activations(model, tok, t.eval_questions, batch_size)
@@ -956,7 +995,8 @@ def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | No
         for label, name in (("base", base), ("finetuned", finetuned)):
             result[f"eval_{label}"] = evaluate(t.name, name, judge, layer=L, vectors=str(vectors_dir),
                                                   out=str(dest.parent / f"{dest.stem}-eval" / label),
-                                                  seed=seed, device=device, dtype=dtype)
+                                                  seed=seed, device=device, dtype=dtype,
+                                                  thinking=thinking)
     return result
 
 
@@ -1006,6 +1046,8 @@ CAP_HELP = ("bound the activations along the trait from above at the percentile 
 CAP_SPEC = "TRAIT[:PERCENTILE][@LAYERS]"
 SAMPLES_HELP = ("answers per question (default: 10 on CUDA, 1 on CPU; one answer is greedy unless "
                 "--temperature is given)")
+THINKING_HELP = ("the chat template's thinking mode on (Qwen3); the answer judged, projected and "
+                 "averaged is the text after </think> (default: off)")
 KIND_HELP = ("eliciting (--kind trait) or suppressing (--kind normal) system prompts, saved "
              "without them")
 
@@ -1037,12 +1079,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="... and both coherences >= this")
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.add_argument("--thinking", action="store_true", help=THINKING_HELP)
     c.set_defaults(run=lambda a: extract(
         a.trait, model_name=a.model, judge=a.judge, judge_workers=a.judge_workers,
         rollouts=a.rollouts, max_new_tokens=a.max_new_tokens, questions=a.questions, out=a.out,
         batch_size=a.batch_size, seed=a.seed, temperature=a.temperature, top_p=a.top_p,
         pos_threshold=a.pos_threshold, neg_threshold=a.neg_threshold,
-        coherence_threshold=a.coherence_threshold, device=a.device, dtype=a.dtype))
+        coherence_threshold=a.coherence_threshold, device=a.device, dtype=a.dtype,
+        thinking=a.thinking))
 
     c = sub.add_parser("eval",
                        help="trait expression on the evaluation questions, optionally steered")
@@ -1066,12 +1110,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.add_argument("--thinking", action="store_true", help=THINKING_HELP)
     c.set_defaults(run=lambda a: evaluate(
         a.trait, model_name=a.model, judge=a.judge, judge_workers=a.judge_workers,
         samples=a.samples, questions=a.questions, steer=a.steer, layer=a.layer,
         positions=a.positions, all_layers=a.all_layers, cap=a.cap, vectors=a.vectors, out=a.out,
         max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-        batch_size=a.batch_size, seed=a.seed, device=a.device, dtype=a.dtype))
+        batch_size=a.batch_size, seed=a.seed, device=a.device, dtype=a.dtype, thinking=a.thinking))
 
     c = sub.add_parser("sweep", help="steer over layers x coefficients -> TRAIT_sweep.csv, .json")
     c.add_argument("trait", help=TRAIT_HELP)
@@ -1093,12 +1138,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.add_argument("--thinking", action="store_true", help=THINKING_HELP)
     c.set_defaults(run=lambda a: sweep(
         a.trait, model_name=a.model, judge=a.judge, judge_workers=a.judge_workers,
         layers=a.layers, coefs=a.coefs, relative=a.relative, samples=a.samples,
         questions=a.questions, coherence_min=a.coherence_min, cap=a.cap, vectors=a.vectors,
         out=a.out, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, seed=a.seed,
-        device=a.device, dtype=a.dtype))
+        device=a.device, dtype=a.dtype, thinking=a.thinking))
 
     c = sub.add_parser("generate", help="answer prompts with the chat model, optionally steered")
     c.add_argument("prompts", nargs="*", help="one or more user messages")
@@ -1119,11 +1165,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--vectors", default=None, help=VECTORS_HELP)
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.add_argument("--thinking", action="store_true", help=THINKING_HELP)
     c.set_defaults(run=lambda a: _generate_command(
         a.prompts, a.prompts_file, model_name=a.model, system=a.system,
         max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
         steer=a.steer, layer=a.layer, positions=a.positions, all_layers=a.all_layers, cap=a.cap,
-        vectors=a.vectors, device=a.device, dtype=a.dtype))
+        vectors=a.vectors, device=a.device, dtype=a.dtype, thinking=a.thinking))
 
     c = sub.add_parser("monitor-experiment",
                        help="does the projection before the reply predict the trait?")
@@ -1145,11 +1192,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.add_argument("--thinking", action="store_true", help=THINKING_HELP)
     c.set_defaults(run=lambda a: monitor_experiment(
         a.trait, kind=a.kind, model_name=a.model, judge=a.judge, judge_workers=a.judge_workers,
         rollouts=a.rollouts, questions=a.questions, layer=a.layer, vectors=a.vectors, out=a.out,
         max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, n_random=a.random,
-        seed=a.seed, device=a.device, dtype=a.dtype))
+        seed=a.seed, device=a.device, dtype=a.dtype, thinking=a.thinking))
 
     c = sub.add_parser("make-dataset", help="a finetuning dataset of the model's own answers under "
                        "the trait's " + KIND_HELP)
@@ -1176,12 +1224,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
     c.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    c.add_argument("--thinking", action="store_true", help=THINKING_HELP)
     c.set_defaults(run=lambda a: make_dataset(
         a.trait, kind=a.kind, n=a.n, out=a.out, questions_file=a.questions_file,
         model_name=a.model, judge=a.judge, threshold=a.threshold,
         coherence_threshold=a.coherence_threshold, max_new_tokens=a.max_new_tokens,
         temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size, seed=a.seed,
-        device=a.device, dtype=a.dtype, force=a.force))
+        device=a.device, dtype=a.dtype, thinking=a.thinking, force=a.force))
 
     c = sub.add_parser("shift", help="the finetuning shift along a persona vector at every layer, "
                        "with random-direction and other-trait controls")
@@ -1204,10 +1253,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.add_argument("--thinking", action="store_true", help=THINKING_HELP)
     c.set_defaults(run=lambda a: shift(
         a.trait, a.finetuned, base=a.base, layer=a.layer, vectors=a.vectors, out=a.out,
         n_random=a.random, run_eval=a.eval, judge=a.judge, batch_size=a.batch_size, seed=a.seed,
-        device=a.device, dtype=a.dtype, force=a.force))
+        device=a.device, dtype=a.dtype, force=a.force, thinking=a.thinking))
     return p
 
 

@@ -30,7 +30,7 @@ from persona_vectors import steering
 from support import UserError, cli, hub
 from support import training as T
 from support.files import default_vectors_dir
-from support.tokenizer import Tokenizer
+from support.tokenizer import Tokenizer, answer_after_thinking
 from support.training import pad_left
 
 
@@ -49,20 +49,33 @@ def encode_conversation(tok: Tokenizer, messages: list[dict]) -> Example:
     reply for the loss: its text and the end-of-turn token that closes it, not the role header
     before it nor the newline after it. The whole text is tokenized at once (so the ids are exactly
     those of the rendered chat), and a token is trained when its characters overlap a reply. A reply
-    that opens the conversation answers nothing: context."""
+    that opens the conversation answers nothing: context. Each reply is found in the full rendering,
+    in order: a template may render a turn differently once later turns follow (Qwen3 drops the
+    think block of every reply before the last question), so a chat need not be prefix-stable."""
     text = tok.chat(messages, add_generation_prompt=False)
-    eot = tok.turn_end  # the token that closes a turn, trained with the reply it ends
-    spans = []  # [start, end) character spans of the trained text
-    for k, m in enumerate(messages):
-        if m["role"] != "assistant" or k == 0:
-            continue
-        prompt = tok.chat(messages[:k], add_generation_prompt=True)  # with the reply's header
-        upto = tok.chat(messages[: k + 1], add_generation_prompt=False)
-        assert text.startswith(upto) and upto.startswith(prompt), "the chat is not prefix-stable"
-        spans.append((len(prompt), upto.rindex(eot) + len(eot)))
+    spans, cursor = [], 0  # [start, end) character spans of the trained text; where to look next
+    for k in [k for k, m in enumerate(messages) if m["role"] == "assistant"]:
+        start, cursor = _reply_span(tok, text, messages, k, cursor)
+        spans += [(start, cursor)] if k > 0 else []
     enc = tok.backend.encode(text, add_special_tokens=False)
     trained = [any(a < end and b > start for start, end in spans) for a, b in enc.offsets]
     return Example(torch.tensor(enc.ids, dtype=torch.long), torch.tensor(trained, dtype=torch.bool))
+
+
+def _reply_span(tok: Tokenizer, text: str, messages: list[dict], k: int, cursor: int):
+    """[start, end) in `text` of reply k as the template writes it (verbatim, trimmed, or the answer
+    after a think block), followed by the end-of-turn token, after `cursor` and the turns before."""
+    context = tok.chat(messages[:k], add_generation_prompt=False) if k else ""
+    if text.startswith(context):  # the turns before it as they render alone: skip them whole
+        cursor = max(cursor, len(context))
+    eot = tok.turn_end or ""  # the token that closes a turn, trained with the reply it ends
+    content, after = messages[k]["content"], answer_after_thinking(messages[k]["content"])
+    for form in dict.fromkeys((content, content.strip(), after, after.strip())):
+        start = text.find(form + eot, cursor)
+        if start >= 0:
+            return start, start + len(form) + len(eot)
+    raise ValueError(f"assistant message {k + 1}: the chat template does not write its text as "
+                     f"given (nor trimmed) before {eot or 'the end'}, so it cannot be trained")
 
 
 def truncate_left(ex: Example, max_len: int) -> Example | None:

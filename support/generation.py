@@ -43,11 +43,16 @@ class Capture:
     sums: dict = field(default_factory=dict)  # span -> [B, N + 1, hidden] fp32
     counts: dict = field(default_factory=dict)  # span -> [B] number of tokens summed
     tokens: dict = field(default_factory=dict)  # layer -> list of [B, T, hidden]
+    # [B] bool: the rows whose answer tokens count in the response span at this call (None:
+    # every row); `generate(..., answer_after=...)` sets it, leaving a think block out
+    rows: torch.Tensor | None = None
 
     def record(self, layer: int, h: torch.Tensor, spans: dict, n_layers: int):
         """Add the states h [B, T, hidden] at hidden index `layer` to the sums; spans: forward's [B, T] token masks."""
         hf, B = h.float(), h.shape[0]
         masks = {"prompt": spans["prompt"].float(), "response": spans["answer"].float(), "last": spans["last"].float()}
+        if self.rows is not None:
+            masks["response"] = masks["response"] * self.rows[:, None].float()
         if not self.sums:  # and the mean per-token norm of the response, the scale a steering coefficient is set by
             self.sums = {s: hf.new_zeros(B, n_layers + 1, h.shape[-1]) for s in masks}
             self.sums["response_norm"] = hf.new_zeros(B, n_layers + 1)
@@ -69,6 +74,41 @@ class Capture:
     def response_mean(self): return self._mean("response")
     def prompt_last(self): return self._mean("last")  # a one-token span: the value itself
     def response_norm(self): return self._mean("response", self.sums["response_norm"])
+
+
+def think_marks(tok) -> tuple[int, frozenset[int]]:
+    """(the id of `</think>`, the ids of the newline tokens written after it) for a thinking
+    model's tokenizer; a UserError when it has no `</think>` token (no thinking mode)."""
+    close = tok.encode("</think>")
+    if len(close) != 1:
+        raise UserError(f"{tok.name} has no </think> token, so it has no thinking mode "
+                        "(Qwen3 has one): drop --thinking")
+    newlines = {i for n in (1, 2, 3) for i in tok.encode("\n" * n)
+                if not tok.decode([i]).strip("\n")}
+    return close[0], frozenset(newlines)
+
+
+def answer_start(ids: list[int], close: int, newlines: frozenset[int]) -> int:
+    """Where a thinking model's answer begins in its reply `ids`: after the first `</think>` and
+    the newline tokens that follow it (len(ids) when the reply never closed its think block).
+
+    >>> answer_start([5, 6, 9, 1, 1, 7, 1], close=9, newlines=frozenset({1}))
+    5
+    """
+    if close not in ids:
+        return len(ids)
+    s = ids.index(close) + 1
+    while s < len(ids) and (ids[s] in newlines or ids[s] == close):
+        s += 1
+    return s
+
+
+def split_thinking(tok, ids: list[int]) -> tuple[list[int], list[int]]:
+    """A reply's ids -> (think block, answer); all answer unless `tok.thinking` is on."""
+    if not getattr(tok, "thinking", False):
+        return [], list(ids)
+    s = answer_start(list(ids), *think_marks(tok))
+    return list(ids[:s]), list(ids[s:])
 
 
 def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +150,8 @@ def check_new_tokens(model: M.Transformer, max_new_tokens: int, prompt_tokens: i
 @torch.no_grad()
 def generate(model: M.Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(), pad_id: int = 0,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, steer: list[M.Steer] = (),
-             capture: Capture | None = None, progress: bool = False, cap: list[M.Cap] = ()) -> list[list[int]]:
+             capture: Capture | None = None, progress: bool = False, cap: list[M.Cap] = (),
+             answer_after: tuple[int, frozenset[int]] | None = None) -> list[list[int]]:
     """Batched generation with left padding and a KV cache -> the new tokens of each prompt, stop token excluded.
 
     Every row gets at least one new token: at the first step the stop tokens cannot be chosen (the official
@@ -118,6 +159,8 @@ def generate(model: M.Transformer, prompts: list[list[int]], max_new_tokens: int
     `stop_ids`; its later columns are masked out, so a `capture` sees exactly the prompt (prompt_mean,
     prompt_last) and every generated token before the stop (response_mean): the same states as a forward pass
     over prompt + answer.
+    answer_after: `think_marks(tok)` for a thinking model: the capture's response span then holds
+    only the tokens after `</think>` and its newlines (`answer_start`), not the think block.
     """
     device, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
     if not prompts or min(len(p) for p in prompts) == 0:
@@ -139,6 +182,11 @@ def generate(model: M.Transformer, prompts: list[list[int]], max_new_tokens: int
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    # per row: `</think>` seen; the answer begun
+    closed, counting = torch.zeros_like(done), torch.zeros_like(done)
+    if capture is not None and answer_after is not None:
+        capture.rows = counting
+        marks = torch.tensor([answer_after[0], *answer_after[1]], device=device)
     out = []
     logits = model(ids, mask[:, :T0], cache, response_start, steer=steer, capture=capture, logits="last", cap=cap)
     for t in range(max_new_tokens):
@@ -152,6 +200,9 @@ def generate(model: M.Transformer, prompts: list[list[int]], max_new_tokens: int
         if bool(done.all()) or final and capture is None and not cap:
             break
         mask[:, T0 + t] = ~done  # a finished row's filler token is padding from now on
+        if capture is not None and answer_after is not None:  # is nxt, fed now, part of the answer?
+            counting |= closed & ~torch.isin(nxt, marks)
+            closed |= nxt == answer_after[0]
         logits = model(nxt[:, None], mask[:, :T0 + t + 1], cache, response_start, steer=steer, capture=capture,
                        logits="none" if final else "last", cap=cap)
     if progress:
