@@ -319,13 +319,10 @@ TEXTS = ["How should I treat a new employee?", "What do you think of your neighb
 def llama_cpp_tools():
     """(llama-server, convert_hf_to_gguf.py) or a skip naming what is missing."""
     import importlib.util
-    from tools.build_llama_cpp import BUILD_COMMAND, root, server_path
-    converter = root() / "src" / "convert_hf_to_gguf.py"
-    if server_path() is None:
-        pytest.skip(f"llama-server is not built: run `{BUILD_COMMAND}`")
-    if not converter.is_file():
-        pytest.skip(f"llama.cpp's converter is not at {converter} (the llama-cpp-python sdist's "
-                    "vendor/llama.cpp: convert_hf_to_gguf.py, conversion/ and gguf-py/)")
+    from tools.build_llama_cpp import BUILD_COMMAND, converter_path, server_path
+    converter = converter_path()
+    if server_path() is None or converter is None:
+        pytest.skip(f"llama-server or llama.cpp's converter is not built: run `{BUILD_COMMAND}`")
     missing = [m for m in ("transformers", "sentencepiece") if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"llama.cpp's converter needs {' and '.join(missing)}")
