@@ -16,7 +16,6 @@ bookkeeping around the loop (train.json, checkpoints, resuming, processes) is su
 import argparse
 import contextlib
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,21 +333,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        p = parser()
-        args = p.parse_args(argv)
-        train(**vars(cli.check_paths(p, args)))
-    except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 1
-    except torch.OutOfMemoryError:
-        print(T.OUT_OF_MEMORY, file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(T.INTERRUPTED, file=sys.stderr)
-        return 130
-    return 0
+    p = parser()
+    args = p.parse_args(argv)
+    return T.run(lambda: train(**vars(cli.check_paths(p, args))))  # errors: one line, exit 1 or 130
 
 
 if __name__ == "__main__":

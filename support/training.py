@@ -66,6 +66,24 @@ OUT_OF_MEMORY = (
 )
 
 
+def run(call) -> int:
+    """train.py's command -> its exit status: a UserError is one line on stderr (rank 0 only), out
+    of memory a line on what to lower (1); Ctrl-C says how to resume (130)."""
+    try:
+        call()
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError:
+        print(OUT_OF_MEMORY, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+    return 0
+
+
 def check_settings(settings: dict) -> None:
     """train's keywords: each number at least its LOWEST value (grad_accum and max_steps may be
     unset), --save-every and --dtype readable; else a UserError naming the flag."""
