@@ -266,6 +266,7 @@ def default_dtype(device: str) -> torch.dtype:
 
 def check_device(device: str) -> str:
     """The device name, if this machine has it; else a UserError (torch would fail later, with an AssertionError)."""
+    device = str(device)  # train.py passes a torch.device: named as the user wrote it
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
