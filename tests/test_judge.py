@@ -203,6 +203,15 @@ def test_a_refused_connection_fails_fast_with_one_line():
     assert time.time() - t0 < 5 and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("url", ["garbage", "127.0.0.1:8000/v1", "ftp://x/v1", "http://"])
+def test_a_base_url_that_is_no_url_is_a_one_line_error(url, env):
+    """It was requests' MissingSchema or InvalidSchema traceback, at the first request."""
+    env.setenv("OPENAI_BASE_URL", url)
+    with pytest.raises(UserError, match="OPENAI_BASE_URL '.*' is no http.s. URL") as e:
+        J.OpenAIJudge("m", api_key="k").score(["score:1"])
+    assert "\n" not in str(e.value)
+
+
 def test_a_long_retry_after_fails_at_once_and_short_waits_are_announced(fake, capsys, env):
     server = fake(failures=[429], retry_after="3600")
     t0 = time.time()
