@@ -470,6 +470,25 @@ def test_cache_torn_last_line_and_killed_run(tmp_path):
         J.JudgeCache(path)
 
 
+@pytest.mark.parametrize("score", ["NaN", "Infinity", "true"])
+def test_a_cached_score_that_is_no_finite_number_is_refused(tmp_path, score):
+    """json reads NaN, Infinity and true; as scores they made every mean NaN (or 1)."""
+    path = tmp_path / "c.jsonl"
+    path.write_text(f'{{"key": "k", "judge": "j", "score": {score}}}\n')
+    with pytest.raises(UserError, match="c.jsonl:1 is not a judge-cache record") as e:
+        J.JudgeCache(path)
+    assert "\n" not in str(e.value)
+
+
+def test_a_cache_path_that_is_a_folder_or_under_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "d.jsonl").mkdir()
+    (tmp_path / "f").write_text("x")
+    for path in (tmp_path / "d.jsonl", tmp_path / "f" / "c.jsonl"):
+        with pytest.raises(UserError, match="cannot use .* as the judge cache"):
+            J.JudgeCache(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "f"]
+
+
 def test_cache_with_a_judge_that_ignores_on_result(tmp_path):
     class Plain:
         name = "plain"
