@@ -260,7 +260,7 @@ def _load_template(model_dir: Path, config: dict) -> str | None:
         return jinja_file.read_text(encoding="utf-8")
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
-        if not all(isinstance(t, dict) for t in template):
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in template):
             template = 0  # refused below
         else:
             named = {t.get("name"): t.get("template") for t in template}
@@ -273,13 +273,19 @@ def _load_template(model_dir: Path, config: dict) -> str | None:
     return template
 
 
-def _eos_ids(*configs: dict) -> list[int]:
-    """The eos_token_id values of generation_config.json / config.json (an int or a list)."""
+def _eos_ids(model_dir: Path, vocab_size: int) -> list[int]:
+    """The eos_token_id values of generation_config.json / config.json (an int or a list), each a
+    token id of the tokenizer."""
     ids = []
-    for cfg in configs:
-        eos = cfg.get("eos_token_id")
-        ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
-    return [int(i) for i in ids]
+    for name in ("generation_config.json", "config.json"):
+        eos = _read_json(model_dir / name).get("eos_token_id")
+        listed = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        for i in listed:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+                raise UserError(f"{model_dir / name}: eos_token_id {json.dumps(eos)[:80]} is not "
+                                f"a token id (0..{vocab_size - 1}) or a list of them")
+        ids += listed
+    return ids
 
 
 def _one_line(text) -> str:
@@ -303,6 +309,9 @@ def _special_tokens(config: dict, vocab: dict, model_dir: Path) -> dict[str, str
         text = _token_text(config.get(name))
         if text is None:
             continue
+        if not isinstance(text, str):
+            raise UserError(f"{model_dir}: {name} {json.dumps(text)[:80]} (tokenizer_config.json) "
+                            "is not a token: a string, or an object with its \"content\"")
         if text not in vocab:
             raise UserError(
                 f"{model_dir}: {name} {text!r} (tokenizer_config.json) is not in tokenizer.json"
@@ -333,11 +342,10 @@ class Tokenizer:
         self._tok = _read_tokenizer(model_dir / "tokenizer.json")
         self.backend = self._tok  # the `tokenizers.Tokenizer`, for what this wrapper does not cover
         config = _read_json(model_dir / "tokenizer_config.json")
-        gen_eos = _eos_ids(_read_json(model_dir / "generation_config.json"),
-                           _read_json(model_dir / "config.json"))
         vocab = self._tok.get_vocab(with_added_tokens=True)
         # Size of the tokenizer's vocabulary; the embedding matrix may have more (padded) rows.
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        gen_eos = _eos_ids(model_dir, self.vocab_size)
         # The special tokens by name (bos_token, eos_token, ...), as the template sees them.
         self.special_tokens: dict[str, str] = _special_tokens(config, vocab, model_dir)
         self.bos_token: str | None = self.special_tokens.get("bos_token")

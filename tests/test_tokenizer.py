@@ -479,3 +479,24 @@ def test_a_chat_template_that_is_no_string_is_a_one_line_error(tmp_path, value):
     with pytest.raises(UserError, match="chat_template must be a string or a list") as err:
         with_template(tmp_path, value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"tokenizer_config.json": {"eos_token": ["<|im_end|>"]}}, "eos_token .* is not a token"),
+    ({"tokenizer_config.json": {"chat_template": [{"name": ["a"], "template": "x"}]}},
+     "chat_template must be a string or a list"),
+    ({"generation_config.json": {"eos_token_id": "x"}}, "eos_token_id \"x\" is not a token id"),
+    ({"generation_config.json": {"eos_token_id": [1.5]}}, r"eos_token_id \[1.5\] is not a token id"),
+    ({"config.json": {"eos_token_id": -1}}, "eos_token_id -1 is not a token id"),
+    ({"config.json": {"eos_token_id": 10**9}}, "eos_token_id 1000000000 is not a token id"),
+])
+def test_special_tokens_and_eos_ids_of_the_wrong_type_are_one_line_errors(tmp_path, files, message):
+    """Each was a TypeError or ValueError traceback, or (1.5, 10**9, -1) a stop or pad id taken as is."""
+    d = make_model_dir(tmp_path / "m", "qwen2.5-7b-instruct")
+    for name, edit in files.items():
+        path = d / name
+        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        path.write_text(json.dumps(old | edit), encoding="utf-8")
+    with pytest.raises(UserError, match=message) as e:
+        Tokenizer(d)
+    assert "\n" not in str(e.value)
