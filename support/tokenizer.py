@@ -424,8 +424,10 @@ class Tokenizer:
         try:
             return self._generate(messages, add_generation_prompt, variables)
         except _TooMuch as e:
-            raise TemplateTooCostly(f"{self.name}: the chat template goes past the limits on a rendering "
-                            f"({_one_line(e)}); it is not a chat template to use") from None
+            raise TemplateTooCostly(
+                f"{self.name}: the chat template goes past the limits on a rendering "
+                f"({_one_line(e)}); it is not a chat template to use"
+            ) from None
         except jinja2.exceptions.SecurityError as e:
             raise UserError(f"{self.name}: the chat template tried something the sandbox forbids "
                             f"({_one_line(e)})") from None

@@ -428,7 +428,7 @@ def test_unreadable_tokenizer_files_name_the_file(tmp_path):
 
 
 # A template is untrusted code: each of these hung, or filled the memory, or ended in a traceback
-# (OverflowError, TypeError) before the limits on a rendering (support/tokenizer.py: MAX_STEPS, ...).
+# (OverflowError, TypeError) before the limits on a rendering (support/tokenizer.py: MAX_STEPS).
 COSTLY_TEMPLATES = [
     "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
     "{% macro f(n) %}{% if n < 40 %}{{ f(n+1) }}{{ f(n+1) }}{% endif %}{% endmacro %}{{ f(0) }}",
@@ -486,12 +486,12 @@ def test_a_chat_template_that_is_no_string_is_a_one_line_error(tmp_path, value):
     ({"tokenizer_config.json": {"chat_template": [{"name": ["a"], "template": "x"}]}},
      "chat_template must be a string or a list"),
     ({"generation_config.json": {"eos_token_id": "x"}}, "eos_token_id \"x\" is not a token id"),
-    ({"generation_config.json": {"eos_token_id": [1.5]}}, r"eos_token_id \[1.5\] is not a token id"),
+    ({"generation_config.json": {"eos_token_id": [1.5]}}, r"eos_token_id \[1.5\] is not a token"),
     ({"config.json": {"eos_token_id": -1}}, "eos_token_id -1 is not a token id"),
     ({"config.json": {"eos_token_id": 10**9}}, "eos_token_id 1000000000 is not a token id"),
 ])
 def test_special_tokens_and_eos_ids_of_the_wrong_type_are_one_line_errors(tmp_path, files, message):
-    """Each was a TypeError or ValueError traceback, or (1.5, 10**9, -1) a stop or pad id taken as is."""
+    """Each was a TypeError or ValueError traceback, or (1.5, 10**9, -1) an id taken as is."""
     d = make_model_dir(tmp_path / "m", "qwen2.5-7b-instruct")
     for name, edit in files.items():
         path = d / name
