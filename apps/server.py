@@ -756,6 +756,9 @@ class Handler(BaseHTTPRequestHandler):
                 body = json.loads(raw, parse_constant=_not_json)  # NaN and Infinity are not JSON
             except (ValueError, UnicodeDecodeError) as e:
                 raise RequestError(f"the request body is not valid JSON ({e})") from None
+            except RecursionError:  # [[[[...: a 500 and a traceback in the log, before
+                raise RequestError("the request body is not valid JSON here (nested too "
+                                   "deep)") from None
             req = self.engine.parse(body)
             job = self.engine.submit(req)
         except RequestError as e:

@@ -1,6 +1,7 @@
 """Reading a Hugging Face-layout checkpoint safely: config.json checked key by key, safetensors weights checked
 tensor by tensor, and the device checked before anything is loaded (model.py's loader builds and assigns)."""
 import json
+import math
 import sys
 import types
 from dataclasses import MISSING, fields
@@ -69,13 +70,19 @@ def check_config(d: dict, config_class, source: str = "config.json") -> dict:
     if d["num_attention_heads"] % kv:
         fail(f"`num_attention_heads` ({d['num_attention_heads']}) is not a multiple of `num_key_value_heads` ({kv})")
     _check_family(d, fail)
+    for k in POSITIVE_NUMBERS:  # as read: softcappings a family ignores were dropped above
+        if d.get(k) is not None and not 0 < d[k] < math.inf:
+            fail(f"`{k}` must be a number above 0, not {d[k]}")
+    if "rms_norm_eps" in d and not 0 <= d["rms_norm_eps"] < math.inf:
+        fail(f"`rms_norm_eps` must be a number of at least 0, not {d['rms_norm_eps']}")
     rs = d.get("rope_scaling") or {}
     rope_type = rs.get("rope_type", rs.get("type", "default"))
     if rope_type not in ROPE_NEEDS:
         fail(f"unsupported rope_scaling type {rope_type!r}; supported: default, linear, llama3")
     for k in ROPE_NEEDS[rope_type]:
-        if not _json_type_ok(rs.get(k), float):
-            fail(f"`rope_scaling.{k}` must be a number for rope type {rope_type!r}, not {json.dumps(rs.get(k))[:80]}")
+        if not _json_type_ok(rs.get(k), float) or not 0 < rs[k] < math.inf:
+            fail(f"`rope_scaling.{k}` must be a number above 0 for rope type {rope_type!r}, "
+                 f"not {json.dumps(rs.get(k))[:80]}")
     return {f.name: d[f.name] for f in known if f.name in d}
 
 
@@ -97,6 +104,9 @@ def _unfold_rope(d: dict, fail) -> None:
     if not isinstance(rp, dict):
         fail(f"`rope_parameters` must be an object, not {rp!r}")
     if "full_attention" in rp or "sliding_attention" in rp:  # Gemma 3: one entry per layer type
+        for k in ("full_attention", "sliding_attention"):
+            if not isinstance(rp.get(k) or {}, dict):
+                fail(f"`rope_parameters.{k}` must be an object, not {json.dumps(rp[k])[:80]}")
         local = rp.get("sliding_attention") or {}
         if local.get("rope_type", "default") != "default":
             fail("`rope_parameters.sliding_attention` scales RoPE: not supported")
@@ -105,6 +115,11 @@ def _unfold_rope(d: dict, fail) -> None:
     d["rope_theta"] = rp.get("rope_theta", d.get("rope_theta", 10000.0))
     if rp.get("rope_type", "default") != "default":
         d.setdefault("rope_scaling", rp)
+
+
+# Config numbers that must be above 0 where set (0 or less gives NaN logits, or a complex scale).
+POSITIVE_NUMBERS = ("rope_theta", "rope_local_base_freq", "query_pre_attn_scalar",
+                    "attn_logit_softcapping", "final_logit_softcapping")
 
 
 def _check_family(d: dict, fail) -> None:
@@ -251,6 +266,7 @@ def default_dtype(device: str) -> torch.dtype:
 
 def check_device(device: str) -> str:
     """The device name, if this machine has it; else a UserError (torch would fail later, with an AssertionError)."""
+    device = str(device)  # train.py passes a torch.device: named as the user wrote it
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
