@@ -557,11 +557,16 @@ class Capture:
     sums: dict = field(default_factory=dict)  # span -> [B, N + 1, hidden] fp32
     counts: dict = field(default_factory=dict)  # span -> [B] number of tokens summed
     tokens: dict = field(default_factory=dict)  # layer -> list of [B, T, hidden]
+    # [B] bool: the rows whose tokens count in the answer span at this call (None: every row);
+    # `generate(..., answer_after=...)` sets it, leaving a think block out
+    rows: torch.Tensor | None = None
 
     def record(self, layer: int, h: torch.Tensor, spans: dict, n_layers: int):
         """Add the states h [B, T, hidden] at hidden index `layer` to the sums; spans: forward's [B, T] token masks."""
         hf, B = h.float(), h.shape[0]
         masks = {s: spans[s].float() for s in ("prompt", "answer", "last")}
+        if self.rows is not None:
+            masks["answer"] = masks["answer"] * self.rows[:, None].float()
         if not self.sums:  # and the mean per-token norm of the answer, the scale a steering coefficient is set by
             self.sums = {s: hf.new_zeros(B, n_layers + 1, h.shape[-1]) for s in masks}
             self.sums["answer_norm"] = hf.new_zeros(B, n_layers + 1)
@@ -613,16 +618,46 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_new_tokens(model: Transformer, max_new_tokens: int, prompt_tokens: int = 1) -> int:
+    """The one check of --max-new-tokens against the model's context, used by every command once
+    the model is loaded (with the longest prompt where it is known, else 1) and by `generate`
+    itself, before its KV cache (prompt + new tokens) is allocated: positions past
+    max_position_embeddings were never trained."""
+    n_ctx = model.config.max_position_embeddings
+    if prompt_tokens + max_new_tokens > n_ctx:
+        plural = "s" if prompt_tokens != 1 else ""
+        raise UserError(f"--max-new-tokens {max_new_tokens} plus {prompt_tokens} prompt "
+                        f"token{plural} is beyond this model's context of {n_ctx} tokens: use "
+                        f"--max-new-tokens {max(1, n_ctx - prompt_tokens)} or less"
+                        + (" (or a shorter prompt)" if prompt_tokens > 1 else ""))
+    return max_new_tokens
+
+
 def check_prompts(model: Transformer, prompts: list[list[int]], max_new_tokens: int) -> None:
     if not prompts or min(len(p) for p in prompts) == 0:
         raise UserError("empty prompt: every prompt needs at least one token")
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+    check_new_tokens(model, max_new_tokens)  # before the KV cache is allocated
     T0, n_ctx = max(len(p) for p in prompts), model.config.max_position_embeddings
-    if T0 + max_new_tokens > n_ctx:
-        print(f"warning: {T0} prompt tokens + {max_new_tokens} new ones exceed the model's context of {n_ctx} tokens "
-              "(max_position_embeddings): positions past it were never trained, so expect degraded text; shorten "
-              "the prompt or --max-new-tokens", file=sys.stderr)
+    if T0 + max_new_tokens > n_ctx:  # a long prompt among short ones: warned, as a run stops for none
+        print(f"warning: {T0} prompt tokens + {max_new_tokens} new ones exceed the model's context of "
+              f"{n_ctx} tokens (max_position_embeddings): positions past it were never trained, so "
+              "expect degraded text; shorten the prompt or --max-new-tokens", file=sys.stderr)
+
+
+class AnswerRows:
+    """A thinking model's rows whose answer has begun (after `</think>` and its newlines), as a [B] bool
+    tensor for Capture.rows; answer_after: (the id of `</think>`, the ids of its newlines)."""
+
+    def __init__(self, answer_after: tuple[int, frozenset[int]], done: torch.Tensor):
+        self.close, self.closed, self.counting = answer_after[0], torch.zeros_like(done), torch.zeros_like(done)
+        self.marks = torch.tensor([answer_after[0], *answer_after[1]], device=done.device)
+
+    def feed(self, nxt: torch.Tensor) -> None:
+        """The tokens nxt [B] fed now: part of a row's answer once `</think>` and its newlines are past."""
+        self.counting |= self.closed & ~torch.isin(nxt, self.marks)
+        self.closed |= nxt == self.close
 
 
 def start_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, pad_id: int):
@@ -641,34 +676,37 @@ def start_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: in
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(), pad_id: int = 0,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, steer: list[Steer] = (),
-             capture: Capture | None = None, progress: bool = False, cap: list[Cap] = ()) -> list[list[int]]:
+             capture: Capture | None = None, progress: bool = False, cap: list[Cap] = (),
+             answer_after: tuple[int, frozenset[int]] | None = None) -> list[list[int]]:
     """Batched generation with left padding and a KV cache -> the new tokens of each prompt, stop token excluded.
-
-    Every row gets at least one new token: at the first step the stop tokens cannot be chosen (the official
-    sampling's minimum of one new token), so no answer is empty. After that a row stops at its first token in
-    `stop_ids`; its later columns are masked out, so a `capture` sees exactly the prompt and every generated token
-    before the stop (the answer): the same states as a forward pass over prompt + answer.
-    """
+    At the first step no stop token can be chosen (the official minimum of one new token); then a row stops at its
+    first token in `stop_ids`, its later columns masked out, so a `capture` sees the prompt and the answer: the
+    states of a forward pass over prompt + answer. answer_after (`</think>`'s id, its newlines' ids): a thinking
+    model's capture then counts only the tokens after them in the answer span (AnswerRows)."""
     ids, mask, answer_start, cache = start_batch(model, prompts, max_new_tokens, pad_id)
     B, T0, device = ids.shape[0], ids.shape[1], ids.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done, out = torch.zeros(B, dtype=torch.bool, device=device), []
+    thinking = AnswerRows(answer_after, done) if capture is not None and answer_after else None
+    if thinking:
+        capture.rows = thinking.counting  # updated in place as the answers begin
     kw = dict(steer=steer, capture=capture, cap=cap)
     logits = model(ids, mask[:, :T0], cache, answer_start, logits="last", **kw)
     for t in range(max_new_tokens):
         if progress:
             print(f"\rgenerating: {t}/{max_new_tokens} tokens", end="", file=sys.stderr, flush=True)
-        step = logits[:, -1]  # [B, vocab]
-        if t == 0:  # no stop token first: every answer has a token
-            step = step.index_fill(-1, stop, -math.inf)
-        nxt = sample(step, temperature, top_p, generator)
+        # [B, vocab]; at the first step, no stop token: no empty answer
+        step = logits[:, -1] if t > 0 else logits[:, -1].index_fill(-1, stop, -math.inf)
+        nxt = sample(step, temperature, top_p, generator)  # [B]
         done |= torch.isin(nxt, stop)
         out.append(torch.where(done, -1, nxt))
         final = t == max_new_tokens - 1  # then only a capture or a cap's count needs it fed back
         if bool(done.all()) or final and capture is None and not cap:
             break
         mask[:, T0 + t] = ~done  # a finished row's filler token is padding from now on
+        if thinking:
+            thinking.feed(nxt)
         want = "none" if final else "last"
         logits = model(nxt[:, None], mask[:, : T0 + t + 1], cache, answer_start, logits=want, **kw)
     if progress:

@@ -36,13 +36,15 @@ from pathlib import Path
 import torch
 
 import model as M
-from support import UserError, checkpoint
+from support import UserError, checkpoint, tokenizer
 from support.capping import CapSpec, caps_for, merged, parse_cap, spec_vector
-from support.cli import (COUNT, LAYER, SCORE, TEMPERATURE, TOP_P, layer_or_sweep, listed, number,
+from support.cli import (COEF, COUNT, LAYER, MAX_NEW_TOKENS, OUTPUT_DIR, OUTPUT_FILE, SCORE, SEED,
+                         TEMPERATURE, TEXT_FILE, TOP_P, check_paths, layer_or_sweep, listed,
                          run, torch_dtype)
-from support.files import (VARIANTS, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
-                           expect_model, load_batch, load_vector, other_vectors, resolve_layer, save_batch, save_vector,
-                           vector_file, vector_path, write_csv)
+from support.files import (VARIANTS, atomic_write, check_fits, check_name_length, check_output,
+                           check_writable, default_vectors_dir, expect_model, load_batch,
+                           load_vector, other_vectors, read_text, resolve_layer, save_batch,
+                           save_vector, short_label, vector_file, vector_path, write_csv)
 from support.hub import DEFAULT_MODEL
 from support.files import locked
 from support.plots import plot_monitor, plot_sweep
@@ -86,9 +88,11 @@ def answer_with_activations(model: M.Transformer, tok, chats: list[list[dict]], 
     last prompt token, from which the answer is written), and response_norm [B, N + 1] (mean per-token norm).
     """
     rec = M.Capture()
+    # thinking: the response span is the answer after </think>
+    after = tokenizer.think_marks(tok) if getattr(tok, "thinking", False) else None
     outs = M.generate(model, [tok.encode_chat(c) for c in chats], max_new_tokens, stop_ids=tok.stop_ids,
                       pad_id=tok.pad_id, temperature=temperature, top_p=top_p, seed=seed, steer=steer, capture=rec,
-                      cap=cap)
+                      cap=cap, answer_after=after)
     return outs, {"response_avg": rec.answer_mean(), "prompt_avg": rec.prompt_mean(),
                   "prompt_last": rec.prompt_last(), "response_norm": rec.answer_norm()}
 
@@ -228,13 +232,19 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
             chats = [conversation(j) for j in batch]
             outs, tensors = answer_with_activations(model, tok, chats, budget.max_new_tokens, budget.temperature,
                                                     budget.top_p, seed * 1_000_003 + b, steer, cap)
-            answered = torch.tensor([len(o) > 0 for o in outs])  # an empty answer's means are NaN by design
+            # (think block, answer) per row: ([], reply) unless --thinking
+            parts = [tokenizer.split_thinking(tok, o) for o in outs]
+            # an empty answer's means are NaN by design
+            answered = torch.tensor([len(a) > 0 for _, a in parts])
             if not (torch.isfinite(tensors["prompt_last"]).all() and torch.isfinite(tensors["response_avg"][answered]).all()):
                 raise UserError("the activations became non-finite (inf/NaN) while generating: the steering "
                                 "coefficient is too large for this model; use a smaller one")
             fired = cap[0].fired.tolist() if cap else [None] * len(batch)  # positions capped (None: no cap)
-            new = [j | {"answer": tok.decode(o), "answer_ids": o, "n_tokens": len(o), "prompt": tok.chat(c),
-                        "capped": f} for j, o, c, f in zip(batch, outs, chats, fired)]
+            think = [{"thinking": tok.decode(th), "think_ids": th} if tok.thinking else {}
+                     for th, _ in parts]
+            new = [j | {"answer": tok.decode(a), "answer_ids": a, "n_tokens": len(a),
+                        "prompt": tok.chat(c), "capped": f} | th
+                   for j, (_, a), c, f, th in zip(batch, parts, chats, fired, think)]
             save_batch(path, new, tensors)
             done_now += len(batch)
             rate = done_now / (time.time() - t0)
@@ -253,7 +263,8 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
 
 
 def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors: str | None = None,
-                 judge: str | None = "none", judge_workers: int | None = None, trait=None, cap: list[str] = ()):
+                 judge: str | None = "none", judge_workers: int | None = None, trait=None,
+                 cap: list[str] = (), thinking: bool = False):
     """Check what can be checked before the model loads (device, --steer and --cap specs and their vector files, the
     judge: one that cannot work, with no API key, fails here), then load it. -> (model, tokenizer, vectors_dir,
     judge). A trait's judge prompt that never asks for REFUSAL (official-format trait files may not) is worth a
@@ -270,18 +281,21 @@ def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors:
         print(f"note: the eval_prompt of {trait.source or trait.name} never asks the judge to answer REFUSAL, so "
               "refused answers are scored like any other", file=sys.stderr)
     model, tok = checkpoint.load(model_name, device, dtype)
+    tok.thinking = thinking  # the template's thinking mode; the answer: after </think>
+    if thinking:
+        tokenizer.think_marks(tok)  # a model without a thinking mode fails here
     return model, tok, vectors_dir, judge_
 
 
 def open_pipeline(t, questions: int, model_name: str, device, dtype, judge, judge_workers, budget: tuple, out=None,
-                  vectors=None, steer: list[str] = (), cap: list[str] = ()):
+                  vectors=None, steer: list[str] = (), cap: list[str] = (), thinking: bool = False):
     """How every judged pipeline opens, after its trait `t` is loaded: the checks (--questions among them), the model
     and the judge, the budget (rollouts, max_new_tokens, temperature, top_p, batch_size; None: the default) and a
     writable output directory (default: the vectors directory) -> (model, tokenizer, judge, budget, vectors_dir,
     out_dir)."""
     check_count("questions", questions)
     model, tok, vectors_dir, judge_ = load_checked(model_name, device, dtype, steer, vectors, judge, judge_workers, t,
-                                                   cap)
+                                                   cap, thinking)
     b = budget_for(model, *budget)
     out_dir = Path(out) if out else vectors_dir
     check_writable(out_dir)
@@ -303,21 +317,25 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
             rollouts: int | None = None, max_new_tokens: int | None = None, questions: int = 20, out: str | None = None,
             batch_size: int | None = None, seed: int = 0, temperature: float | None = None, top_p: float | None = None,
             pos_threshold: float = 50, neg_threshold: float = 50, coherence_threshold: float = 50,
-            device: str | None = None, dtype: torch.dtype | None = None) -> dict:
+            device: str | None = None, dtype: torch.dtype | None = None,
+            thinking: bool = False) -> dict:
     """Extract a persona vector for `trait` -> {variant: path of its .safetensors file, "csv_pos"/"csv_neg": ...}.
 
     For each extraction question x instruction pair x rollout, answers are sampled under the trait-eliciting (pos)
     and trait-suppressing (neg) system prompts, judged, and a pair is kept when pos >= pos_threshold,
     neg < neg_threshold and both coherences >= coherence_threshold. The vector of each variant is
     mean(kept pos activations) - mean(kept neg activations) at every layer.
+    thinking: the template's thinking mode on; the answer judged and averaged is the text after
+    `</think>` (see docs/model.md).
     """
     t = load_trait(trait)
     model, tok, judge_, b, _, out_dir = open_pipeline(t, questions, model_name, device, dtype, judge, judge_workers,
-                                                      (rollouts, max_new_tokens, temperature, top_p, batch_size), out)
+                                                      (rollouts, max_new_tokens, temperature, top_p,
+                                                       batch_size), out, thinking=thinking)
     questions = min(questions, len(t.extract_questions))
     settings = dict(model=model_name, trait=t.name, trait_sha=hashlib.sha256(json.dumps(asdict(t), default=str)
                     .encode()).hexdigest(), questions=questions, seed=seed, dtype=str(model.lm_head.weight.dtype),
-                    **asdict(b))
+                    **asdict(b), **({"thinking": True} if thinking else {}))
     jobs = rollout_jobs(t, questions, b.rollouts)
     print(f"extract {t.name}: {len(jobs)} answers ({questions} questions x {len(t.instructions)} instruction pairs x "
           f"{b.rollouts} rollouts x 2 sides), up to {b.max_new_tokens} tokens at temperature {b.temperature}, "
@@ -348,6 +366,7 @@ def extract(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = Non
                 total_pairs=n_pairs, kept_pos=len(pos), total_pos=n_pairs, kept_neg=len(neg), total_neg=n_pairs,
                 residual_norm=[round(x, 4) for x in norms.tolist()], date=datetime.date.today().isoformat(),
                 **{k: v for k, v in settings.items() if k not in ("model", "trait")})
+    meta |= dict(thinking=thinking, system_folded=tok.system_folded)  # how the chats were rendered
     vectors = {v: persona_vector(acts[v][pos], acts[v][neg]) for v in VARIANTS}  # each [L + 1, hidden]
     # where kept pos and neg answers fall along the unit vector, per layer: the reference marks of `chat`'s gauge
     for side, idx in (("pos", pos), ("neg", neg)):
@@ -480,7 +499,8 @@ def interventions(model: M.Transformer, vectors_dir: Path, steer=(), cap=(), lay
 
 def file_label(specs: list[SteerSpec | CapSpec], prefix: str = "") -> str:
     """--steer or --cap specs in a file name: 'evil:1.5', 'a/v.safetensors:2' -> 'evil@1.5_a-v.safetensors@2'."""
-    return "_".join(prefix + spec.text.replace("/", "-").replace(":", "@") for spec in specs)
+    names = (prefix + spec.text.replace("/", "-").replace(":", "@") for spec in specs)
+    return short_label("_".join(names))  # a hash of the long part: see short_label
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -489,24 +509,24 @@ def file_label(specs: list[SteerSpec | CapSpec], prefix: str = "") -> str:
 def generate(prompts: list[str], model_name: str = DEFAULT_MODEL, system: str | None = None, max_new_tokens: int = 200,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, steer: list[str] = (),
              layer: int | None = None, positions: str = "response", all_layers: bool = False, cap: list[str] = (),
-             vectors: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> list[str]:
+             vectors: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
+             thinking: bool = False) -> list[str]:
     """Answer each prompt as a single-turn chat (greedy unless temperature > 0), optionally steered and capped.
 
     steer: specs like "evil:1.5", "humorous:-0.1r" or "path/v.safetensors:2" (see `steering`); negative coefficients
     steer away from the trait; cap: "evil", "evil:75@12-20" (support/capping.py), the positions capped are printed.
     With system=None the model's own chat template decides (Qwen2.5 and SmolLM2 insert their default system prompt).
+    thinking: the template's thinking mode on; each reply is returned whole, think block included.
     """
     if not prompts:
         raise UserError("no prompt: give one or more, or --prompts-file FILE")
     Budget(1, max_new_tokens, temperature, top_p, 1)  # the same checks as every pipeline's
     steer, cap = parsed(steer, cap)
-    model, tok, vectors_dir, _ = load_checked(model_name, device, dtype, steer, vectors, cap=cap)
+    model, tok, vectors_dir, _ = load_checked(model_name, device, dtype, steer, vectors, cap=cap,
+                                              thinking=thinking)
     steers, caps = interventions(model, vectors_dir, steer, cap, layer, positions, all_layers)
     ids = [tok.encode_chat(conversation(dict(system=system, question=p))) for p in prompts]
-    longest = max(len(x) for x in ids) + max_new_tokens
-    if longest > model.config.max_position_embeddings:
-        raise UserError(f"a prompt plus --max-new-tokens is {longest} tokens, beyond this model's context of "
-                        f"{model.config.max_position_embeddings}: shorten it or lower --max-new-tokens")
+    M.check_new_tokens(model, max_new_tokens, max(len(x) for x in ids))
     out = M.generate(model, ids, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                      temperature=temperature, top_p=top_p, seed=seed, steer=steers, cap=caps, progress=True)
     if caps:
@@ -529,7 +549,8 @@ def _evaluate(t, model, tok, judge, budget: Budget, *, questions: int, steer: li
             for qi, q in enumerate(t.eval_questions[:questions]) for r in range(budget.rollouts)]
     settings = dict(model=model.name_or_path, trait=t.name, questions=questions, seed=seed,
                     steer=[s.text for s in steer], layer=layer, positions=positions,
-                    all_layers=all_layers, **asdict(budget))
+                    all_layers=all_layers, **asdict(budget),
+                    **({"thinking": True} if tok.thinking else {}))
     if caps:  # a capped run, its own cache
         settings |= dict(cap=[c.text for c in cap], ceilings=caps[0].ceilings.tolist())
     print(f"eval {t.name} [{label}]: {len(jobs)} answers ({questions} questions x {budget.rollouts} samples)",
@@ -539,7 +560,9 @@ def _evaluate(t, model, tok, judge, budget: Budget, *, questions: int, steer: li
     if vec is not None:  # each answer as the plain model (unsteered, uncapped) reads it, on the trait's unit vector
         for i in range(0, len(rows), budget.batch_size):
             batch = rows[i:i + budget.batch_size]
-            acts = read_answers(model, [tok.encode_chat(conversation(r)) for r in batch], [r["answer_ids"] for r in batch])
+            # a think block (--thinking) is read as context, with the prompt
+            prompts = [tok.encode_chat(conversation(r)) + r.get("think_ids", []) for r in batch]
+            acts = read_answers(model, prompts, [r["answer_ids"] for r in batch])
             proj = project(acts["response_avg"][:, proj_layer], vec[proj_layer]).tolist()
             for r, p in zip(batch, proj):
                 r["projection"] = p if r["n_tokens"] else None
@@ -567,7 +590,7 @@ def evaluate(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = No
              positions: str = "response", all_layers: bool = False, cap: list[str] = (), vectors: str | None = None,
              out: str | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
              top_p: float | None = None, batch_size: int | None = None, seed: int = 0, device: str | None = None,
-             dtype: torch.dtype | None = None) -> dict:
+             dtype: torch.dtype | None = None, thinking: bool = False) -> dict:
     """Trait expression on the trait's evaluation questions (never the extraction ones), optionally steered and capped.
 
     Answers are sampled with no system prompt, `samples` per question (greedy when there is one, as in the
@@ -578,11 +601,14 @@ def evaluate(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = No
     t = load_trait(trait)
     steer, cap = parsed(steer, cap)
     model, tok, judge_, b, vectors_dir, out_dir = open_pipeline(t, questions, model_name, device, dtype, judge,
-        judge_workers, (samples, max_new_tokens, temperature, top_p, batch_size), out, vectors, steer, cap)
+        judge_workers, (samples, max_new_tokens, temperature, top_p, batch_size), out, vectors, steer, cap,
+        thinking)
     if b.rollouts == 1 and temperature is None:
         b.temperature = 0.0
     label = "_".join(x for x in (steer and file_label(steer) + (f"_L{layer}" if layer is not None else "")
                                  + ("_all" if all_layers else ""), file_label(cap, "cap-")) if x) or "base"
+    label = short_label(label)
+    check_name_length(out_dir / "eval" / f"{t.name}_{label}.csv", "the trait's name")  # before
     r = _evaluate(t, model, tok, judge_, b, questions=min(questions, len(t.eval_questions)),
                   steer=steer, cap=cap, layer=layer, positions=positions, all_layers=all_layers,
                   vectors_dir=vectors_dir, out_dir=out_dir, seed=seed, label=label)
@@ -611,7 +637,7 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
           samples: int | None = None, questions: int = 20, coherence_min: float = 75, cap: list[str] = (),
           vectors: str | None = None, out: str | None = None, max_new_tokens: int | None = None,
           batch_size: int | None = None, seed: int = 0, device: str | None = None,
-          dtype: torch.dtype | None = None) -> dict:
+          dtype: torch.dtype | None = None, thinking: bool = False) -> dict:
     """Evaluate steering over a grid of layers x coefficients -> CSV, plot, and the best setting
     in its own file.
 
@@ -628,7 +654,7 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
     vec_path = vector_path(Path(vectors) if vectors else default_vectors_dir(model_name), t.name)
     model, tok, judge_, b, vectors_dir, out_dir = open_pipeline(t, questions, model_name, device, dtype, judge,
         judge_workers, (samples, max_new_tokens, None, None, batch_size), out, vectors,
-        [SteerSpec.parse(f"{vec_path}:0")], cap)
+        [SteerSpec.parse(f"{vec_path}:0")], cap, thinking)
     N = model.config.num_hidden_layers
     _, meta = model_vector(vec_path, model)
     layers = layers or sorted({round(N / 6 + i * (2 * N / 3) / 5) for i in range(6)})
@@ -636,6 +662,7 @@ def sweep(trait: str, model_name: str = DEFAULT_MODEL, judge: str | None = None,
         resolve_layer(L, meta, N)
     coefs = coefs or ([0.05, 0.1, 0.15, 0.2, 0.25] if relative else [0.5, 1.0, 1.5, 2.0, 2.5])
     results, capped = [], "_" + file_label(cap, "cap-") if cap else ""
+    check_name_length(out_dir / f"{t.name}_sweep{capped}.png", "the trait's name")  # before
     for i, (layer, coef) in enumerate((l, c) for l in layers for c in coefs):
         print(f"sweep {t.name}: setting {i + 1}/{len(layers) * len(coefs)} (layer {layer}, coef {coef})", file=sys.stderr)
         steer = SteerSpec.parse(f"{vec_path}:{coef}{'r' if relative else ''}")
@@ -701,7 +728,8 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
                        judge_workers: int | None = None, rollouts: int | None = None, questions: int = 20,
                        layer: int | None = None, vectors: str | None = None, out: str | None = None,
                        max_new_tokens: int | None = None, batch_size: int | None = None, n_random: int = 100,
-                       seed: int = 0, device: str | None = None, dtype: torch.dtype | None = None) -> dict:
+                       seed: int = 0, device: str | None = None, dtype: torch.dtype | None = None,
+                       thinking: bool = False) -> dict:
     """Projection of the last prompt token (before any reply) vs the condition's strength and the judged score.
 
     Conditions: the trait's 8 graded system prompts, or k = 0, 5, 10, 15, 20 trait-exhibiting example exchanges,
@@ -716,7 +744,8 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
     conditions = monitor_conditions(t, kind, seed)
     check_count("random", n_random)
     model, tok, judge_, b, vectors_dir, out_dir = open_pipeline(t, questions, model_name, device, dtype, judge,
-        judge_workers, (rollouts, max_new_tokens, None, None, batch_size), out, vectors)
+        judge_workers, (rollouts, max_new_tokens, None, None, batch_size), out, vectors,
+        thinking=thinking)
     vec_file = vector_file(t.name, vectors_dir)
     vec, meta = model_vector(vec_file, model)
     L = resolve_layer(layer, meta, model.config.num_hidden_layers, vec_file)
@@ -724,7 +753,8 @@ def monitor_experiment(trait: str, kind: str = "system", model_name: str = DEFAU
     jobs = [dict(key=f"{label}:{qi}:{r}", condition=label, question_id=qi, rollout=r, question=q, system=system,
                  shots=shots) for label, system, shots in conditions for qi, q in enumerate(qs)
             for r in range(b.rollouts)]
-    settings = dict(model=model_name, trait=t.name, kind=kind, questions=len(qs), seed=seed, **asdict(b))
+    settings = dict(model=model_name, trait=t.name, kind=kind, questions=len(qs), seed=seed,
+                    **asdict(b), **({"thinking": True} if thinking else {}))
     print(f"monitor-experiment {t.name} ({kind}): {len(conditions)} conditions x {len(qs)} questions x "
           f"{b.rollouts} rollouts = {len(jobs)} answers; projection at layer {L}", file=sys.stderr)
     rows, acts, judge_name = sample_and_judge(t, model, tok, judge_, jobs, b, seed, out_dir, f"monitor-{t.name}",
@@ -826,7 +856,8 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
                  questions_file: str | None = None, model_name: str = DEFAULT_MODEL, judge: str | None = None,
                  threshold: float = 50, coherence_threshold: float = 50, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, batch_size: int | None = None,
-                 seed: int = 0, device: str | None = None, dtype=None, force: bool = False) -> Path:
+                 seed: int = 0, device: str | None = None, dtype=None, force: bool = False,
+                 thinking: bool = False) -> Path:
     """Write a finetuning dataset of the model's own answers -> the JSONL path (an existing file only with force).
 
     Each of n requests from the pool (default data/questions/everyday.json, never the trait's own questions) is
@@ -835,6 +866,8 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
     budget is trimmed to its last full sentence; empty answers are dropped. With a judge, only answers scoring
     >= threshold (trait) or < threshold (normal), with coherence >= coherence_threshold, are kept. Generation is
     resumable like `extract` (batches under <out dir>/.work/), judgments are cached.
+    thinking: the template's thinking mode on; the answer saved (and judged) is the text after
+    `</think>`, without the think block.
     """
     if kind not in ("trait", "normal"):
         raise UserError(f"--kind must be trait or normal, not {kind!r}")
@@ -850,11 +883,14 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
                         "training prompts")
     dest = Path(out) if out else Path("datasets") / default_vectors_dir(model_name).name / f"{t.name}_{kind}.jsonl"
     check_output(dest, force, inputs=[t.source, questions_file or QUESTIONS_FILE])
-    model, tok, _, judge_ = load_checked(model_name, device, dtype, judge=judge, trait=t)  # a judge fails before work
+    # a judge that cannot work fails before any work
+    model, tok, _, judge_ = load_checked(model_name, device, dtype, judge=judge, trait=t,
+                                         thinking=thinking)
     b = budget_for(model, 1, max_new_tokens, temperature, top_p, batch_size)
     jobs = dataset_jobs(t, kind, questions, n, seed)
     settings = dict(model=model_name, trait=t.name, trait_sha=settings_hash(asdict(t) | {"source": None}), kind=kind, n=n,
-                    questions_sha=settings_hash(questions), seed=seed, dtype=str(model.lm_head.weight.dtype), **asdict(b))
+                    questions_sha=settings_hash(questions), seed=seed, dtype=str(model.lm_head.weight.dtype),
+                    **asdict(b), **({"thinking": True} if thinking else {}))
     print(f"make-dataset {t.name} ({kind}): {n} answers to requests from {questions_file or QUESTIONS_FILE} under "
           f"the {'eliciting' if kind == 'trait' else 'suppressing'} system prompts, up to {b.max_new_tokens} tokens "
           f"at temperature {b.temperature}, top-p {b.top_p}", file=sys.stderr)
@@ -864,7 +900,8 @@ def make_dataset(trait: str, kind: str = "trait", n: int = 300, out: str | None 
     kept, cut, trimmed = [], 0, 0
     for r in rows:
         answer = r["answer"].strip()
-        if r["n_tokens"] == b.max_new_tokens:  # no end-of-turn within the budget
+        # no end-of-turn within the budget (a think block counts against it too)
+        if r["n_tokens"] + len(r.get("think_ids", [])) == b.max_new_tokens:
             cut, trimmed = cut + 1, trimmed + (trim_to_sentence(answer) != answer)
             answer = trim_to_sentence(answer)
         if not answer:
@@ -908,13 +945,16 @@ def shift_controls(base_acts: torch.Tensor, finetuned_acts: torch.Tensor, vector
 
 def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | None = None, vectors: str | None = None,
           out: str | None = None, n_random: int = 100, run_eval: bool = False, judge: str | None = None,
-          batch_size: int = 32, seed: int = 0, device: str | None = None, dtype=None) -> dict:
+          batch_size: int = 32, seed: int = 0, device: str | None = None, dtype=None,
+          force: bool = False, thinking: bool = False) -> dict:
     """Finetuning shift of `finetuned` against `base` along the trait's persona vector (extracted from base).
 
     Last-prompt-token activations of both models on the trait's evaluation questions (their means over questions),
     finetuned minus base, projected on the unit vector at every layer -> CSV (one row per layer) with two controls
     on the same shift: the 95th percentile of |projection| onto n_random random unit directions, and the projection
     onto every other trait's vector beside this one. run_eval also runs `evaluate` on both models.
+    thinking: the prompts rendered with the template's thinking mode on (Qwen3: without the empty
+    think block that ends them by default).
     """
     t = load_trait(trait)
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(base)
@@ -925,10 +965,14 @@ def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | No
     expect_model(vec_file, finetuned)  # the base model's vector on its finetune, knowingly: no warning
     others = other_vectors(vectors_dir, t.name, vec)
     dest = Path(out) if out else vectors_dir / f"{t.name}_shift_{Path(str(finetuned).rstrip('/')).name}.csv"
-    check_writable(dest.parent)
+    read = [vec_file, *(vector_path(vectors_dir, o) for o in others)]  # never written over
+    check_output(dest, force, read)
     acts = {}
     for label, name in (("base", base), ("finetuned", finetuned)):  # one model in memory at a time
         model, tok = checkpoint.load(name, device, dtype)
+        tok.thinking = thinking
+        if thinking:
+            tokenizer.think_marks(tok)  # a model without a thinking mode fails here
         check_fits(vec, meta, vec_file, model.config.num_hidden_layers, model.config.hidden_size, model)
         print(f"shift {t.name}: {label} model {name}, {len(t.eval_questions)} evaluation questions", file=sys.stderr)
         acts[label] = last_prompt_activations(model, tok, t.eval_questions, batch_size)
@@ -951,7 +995,8 @@ def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | No
         for label, name in (("base", base), ("finetuned", finetuned)):
             result[f"eval_{label}"] = evaluate(t.name, name, judge, layer=L, vectors=str(vectors_dir),
                                                   out=str(dest.parent / f"{dest.stem}-eval" / label),
-                                                  seed=seed, device=device, dtype=dtype)
+                                                  seed=seed, device=device, dtype=dtype,
+                                                  thinking=thinking)
     return result
 
 
@@ -963,10 +1008,8 @@ def _generate_command(prompts: list[str], prompts_file: str | None = None, **kw)
     """`generate` on the command line: prompts from arguments and a file, answers printed."""
     prompts = list(prompts)
     if prompts_file:
-        try:
-            prompts += [line for line in Path(prompts_file).read_text().splitlines() if line.strip()]
-        except OSError as e:
-            raise UserError(f"cannot read --prompts-file {prompts_file}: {e.strerror}") from None
+        text = read_text(prompts_file, "--prompts-file")
+        prompts += [line for line in text.splitlines() if line.strip()]
     t0 = time.time()
     for prompt, answer in zip(prompts, generate(prompts, **kw)):
         print(f">>> {prompt}\n{answer}\n")
@@ -1003,6 +1046,8 @@ CAP_HELP = ("bound the activations along the trait from above at the percentile 
 CAP_SPEC = "TRAIT[:PERCENTILE][@LAYERS]"
 SAMPLES_HELP = ("answers per question (default: 10 on CUDA, 1 on CPU; one answer is greedy unless "
                 "--temperature is given)")
+THINKING_HELP = ("the chat template's thinking mode on (Qwen3); the answer judged, projected and "
+                 "averaged is the text after </think> (default: off)")
 KIND_HELP = ("eliciting (--kind trait) or suppressing (--kind normal) system prompts, saved "
              "without them")
 
@@ -1019,11 +1064,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--judge-workers", type=COUNT, default=None, help=WORKERS_HELP)
     c.add_argument("--rollouts", type=COUNT, default=None,
                    help="answers per question and instruction (default: 10 on CUDA, 1 on CPU)")
-    c.add_argument("--max-new-tokens", type=COUNT, default=None, help=TOKENS_HELP)
+    c.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS, default=None, help=TOKENS_HELP)
     c.add_argument("--questions", type=COUNT, default=20, help=QUESTIONS_HELP)
-    c.add_argument("--out", default=None, help=OUT_HELP)
+    c.add_argument("--out", type=OUTPUT_DIR, default=None, help=OUT_HELP)
     c.add_argument("--batch-size", type=COUNT, default=None, help=BATCH_HELP)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--temperature", type=TEMPERATURE, default=None, help=TEMPERATURE_HELP)
     c.add_argument("--top-p", type=TOP_P, default=None, help=TOP_P_HELP)
     c.add_argument("--pos-threshold", type=SCORE, default=50,
@@ -1034,12 +1079,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="... and both coherences >= this")
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.add_argument("--thinking", action="store_true", help=THINKING_HELP)
     c.set_defaults(run=lambda a: extract(
         a.trait, model_name=a.model, judge=a.judge, judge_workers=a.judge_workers,
         rollouts=a.rollouts, max_new_tokens=a.max_new_tokens, questions=a.questions, out=a.out,
         batch_size=a.batch_size, seed=a.seed, temperature=a.temperature, top_p=a.top_p,
         pos_threshold=a.pos_threshold, neg_threshold=a.neg_threshold,
-        coherence_threshold=a.coherence_threshold, device=a.device, dtype=a.dtype))
+        coherence_threshold=a.coherence_threshold, device=a.device, dtype=a.dtype,
+        thinking=a.thinking))
 
     c = sub.add_parser("eval",
                        help="trait expression on the evaluation questions, optionally steered")
@@ -1055,20 +1102,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--all-layers", action="store_true", help="steer every block with v[l] - v[l-1]")
     c.add_argument("--cap", action="append", default=[], metavar=CAP_SPEC, help=CAP_HELP)
     c.add_argument("--vectors", default=None, help=VECTORS_HELP)
-    c.add_argument("--out", default=None, help=OUT_HELP)
-    c.add_argument("--max-new-tokens", type=COUNT, default=None, help=TOKENS_HELP)
+    c.add_argument("--out", type=OUTPUT_DIR, default=None, help=OUT_HELP)
+    c.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS, default=None, help=TOKENS_HELP)
     c.add_argument("--temperature", type=TEMPERATURE, default=None, help=TEMPERATURE_HELP)
     c.add_argument("--top-p", type=TOP_P, default=None, help=TOP_P_HELP)
     c.add_argument("--batch-size", type=COUNT, default=None, help=BATCH_HELP)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.add_argument("--thinking", action="store_true", help=THINKING_HELP)
     c.set_defaults(run=lambda a: evaluate(
         a.trait, model_name=a.model, judge=a.judge, judge_workers=a.judge_workers,
         samples=a.samples, questions=a.questions, steer=a.steer, layer=a.layer,
         positions=a.positions, all_layers=a.all_layers, cap=a.cap, vectors=a.vectors, out=a.out,
         max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-        batch_size=a.batch_size, seed=a.seed, device=a.device, dtype=a.dtype))
+        batch_size=a.batch_size, seed=a.seed, device=a.device, dtype=a.dtype, thinking=a.thinking))
 
     c = sub.add_parser("sweep", help="steer over layers x coefficients -> TRAIT_sweep.csv, .json")
     c.add_argument("trait", help=TRAIT_HELP)
@@ -1076,7 +1124,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--judge", default=None, help=JUDGE_HELP)
     c.add_argument("--judge-workers", type=COUNT, default=None, help=WORKERS_HELP)
     c.add_argument("--layers", type=listed(LAYER), default=None, help="e.g. 8,12,16")
-    c.add_argument("--coefs", type=listed(number(float)), default=None, help="e.g. 0.5,1,2")
+    c.add_argument("--coefs", type=listed(COEF), default=None, help="e.g. 0.5,1,2")
     c.add_argument("--relative", action="store_true",
                    help="coefficients relative to the residual norm")
     c.add_argument("--samples", type=COUNT, default=None, help="answers per question and setting")
@@ -1084,29 +1132,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--coherence-min", type=SCORE, default=75)
     c.add_argument("--cap", action="append", default=[], metavar=CAP_SPEC, help=CAP_HELP)
     c.add_argument("--vectors", default=None, help=VECTORS_HELP)
-    c.add_argument("--out", default=None, help=OUT_HELP)
-    c.add_argument("--max-new-tokens", type=COUNT, default=None, help=TOKENS_HELP)
+    c.add_argument("--out", type=OUTPUT_DIR, default=None, help=OUT_HELP)
+    c.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS, default=None, help=TOKENS_HELP)
     c.add_argument("--batch-size", type=COUNT, default=None, help=BATCH_HELP)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.add_argument("--thinking", action="store_true", help=THINKING_HELP)
     c.set_defaults(run=lambda a: sweep(
         a.trait, model_name=a.model, judge=a.judge, judge_workers=a.judge_workers,
         layers=a.layers, coefs=a.coefs, relative=a.relative, samples=a.samples,
         questions=a.questions, coherence_min=a.coherence_min, cap=a.cap, vectors=a.vectors,
         out=a.out, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, seed=a.seed,
-        device=a.device, dtype=a.dtype))
+        device=a.device, dtype=a.dtype, thinking=a.thinking))
 
     c = sub.add_parser("generate", help="answer prompts with the chat model, optionally steered")
     c.add_argument("prompts", nargs="*", help="one or more user messages")
-    c.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    c.add_argument("--prompts-file", type=TEXT_FILE, default=None,
+                   help="a text file with one prompt per line")
     c.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     c.add_argument("--system", default=None,
                    help="system prompt (default: the model's own template decides)")
-    c.add_argument("--max-new-tokens", type=COUNT, default=200)
+    c.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS, default=200)
     c.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 = greedy (default)")
     c.add_argument("--top-p", type=TOP_P, default=1.0)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF", help=STEER_HELP)
     c.add_argument("--layer", type=layer_or_sweep, default=None, help=LAYER_HELP)
     c.add_argument("--positions", choices=["response", "all", "prompt"], default="response")
@@ -1115,11 +1165,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--vectors", default=None, help=VECTORS_HELP)
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.add_argument("--thinking", action="store_true", help=THINKING_HELP)
     c.set_defaults(run=lambda a: _generate_command(
         a.prompts, a.prompts_file, model_name=a.model, system=a.system,
         max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
         steer=a.steer, layer=a.layer, positions=a.positions, all_layers=a.all_layers, cap=a.cap,
-        vectors=a.vectors, device=a.device, dtype=a.dtype))
+        vectors=a.vectors, device=a.device, dtype=a.dtype, thinking=a.thinking))
 
     c = sub.add_parser("monitor-experiment",
                        help="does the projection before the reply predict the trait?")
@@ -1133,19 +1184,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--questions", type=COUNT, default=20, help=QUESTIONS_HELP)
     c.add_argument("--layer", type=layer_or_sweep, default=None, help=LAYER_HELP)
     c.add_argument("--vectors", default=None, help=VECTORS_HELP)
-    c.add_argument("--out", default=None, help=OUT_HELP)
-    c.add_argument("--max-new-tokens", type=COUNT, default=None, help=TOKENS_HELP)
+    c.add_argument("--out", type=OUTPUT_DIR, default=None, help=OUT_HELP)
+    c.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS, default=None, help=TOKENS_HELP)
     c.add_argument("--batch-size", type=COUNT, default=None, help=BATCH_HELP)
     c.add_argument("--random", type=COUNT, default=100,
                    help="random directions for the null baseline")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.add_argument("--thinking", action="store_true", help=THINKING_HELP)
     c.set_defaults(run=lambda a: monitor_experiment(
         a.trait, kind=a.kind, model_name=a.model, judge=a.judge, judge_workers=a.judge_workers,
         rollouts=a.rollouts, questions=a.questions, layer=a.layer, vectors=a.vectors, out=a.out,
         max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, n_random=a.random,
-        seed=a.seed, device=a.device, dtype=a.dtype))
+        seed=a.seed, device=a.device, dtype=a.dtype, thinking=a.thinking))
 
     c = sub.add_parser("make-dataset", help="a finetuning dataset of the model's own answers under "
                        "the trait's " + KIND_HELP)
@@ -1153,9 +1205,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kind", choices=["trait", "normal"], default="trait")
     c.add_argument("--n", type=COUNT, default=300,
                    help="answers to generate (default: %(default)s)")
-    c.add_argument("--out", default=None,
+    c.add_argument("--out", type=OUTPUT_FILE, default=None,
                    help="output .jsonl (default: datasets/<model name>/TRAIT_KIND.jsonl)")
-    c.add_argument("--questions-file", default=None, help="requests: .json list or one per line "
+    c.add_argument("--questions-file", type=TEXT_FILE, default=None,
+                   help="requests: .json list or one per line "
                    "(default: data/questions/everyday.json)")
     c.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     c.add_argument("--judge", default=None, help=JUDGE_HELP)
@@ -1163,20 +1216,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "scoring >= this, normal answers < this (default: %(default)s)")
     c.add_argument("--coherence-threshold", type=SCORE, default=50,
                    help="... and coherence >= this")
-    c.add_argument("--max-new-tokens", type=COUNT, default=None, help=TOKENS_HELP)
+    c.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS, default=None, help=TOKENS_HELP)
     c.add_argument("--temperature", type=TEMPERATURE, default=None, help=TEMPERATURE_HELP)
     c.add_argument("--top-p", type=TOP_P, default=None, help=TOP_P_HELP)
     c.add_argument("--batch-size", type=COUNT, default=None, help=BATCH_HELP)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
     c.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    c.add_argument("--thinking", action="store_true", help=THINKING_HELP)
     c.set_defaults(run=lambda a: make_dataset(
         a.trait, kind=a.kind, n=a.n, out=a.out, questions_file=a.questions_file,
         model_name=a.model, judge=a.judge, threshold=a.threshold,
         coherence_threshold=a.coherence_threshold, max_new_tokens=a.max_new_tokens,
         temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size, seed=a.seed,
-        device=a.device, dtype=a.dtype, force=a.force))
+        device=a.device, dtype=a.dtype, thinking=a.thinking, force=a.force))
 
     c = sub.add_parser("shift", help="the finetuning shift along a persona vector at every layer, "
                        "with random-direction and other-trait controls")
@@ -1188,20 +1242,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help=LAYER_HELP + "; the layer printed: the CSV has them all")
     c.add_argument("--vectors", default=None,
                    help="the base model's vectors (default: vectors/<base model name>/)")
-    c.add_argument("--out", default=None,
+    c.add_argument("--out", type=OUTPUT_FILE, default=None,
                    help="CSV (default: <vectors>/TRAIT_shift_<finetuned name>.csv)")
+    c.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     c.add_argument("--random", type=COUNT, default=100, help="random directions for the control")
     c.add_argument("--eval", action="store_true", help="also run `eval TRAIT` on both models")
     c.add_argument("--judge", default=None,
                    help="judge for --eval (default: openai when OPENAI_API_KEY is set)")
     c.add_argument("--batch-size", type=COUNT, default=32)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--device", default=None, help=DEVICE_HELP)
     c.add_argument("--dtype", type=torch_dtype, default=None, help=DTYPE_HELP)
+    c.add_argument("--thinking", action="store_true", help=THINKING_HELP)
     c.set_defaults(run=lambda a: shift(
         a.trait, a.finetuned, base=a.base, layer=a.layer, vectors=a.vectors, out=a.out,
         n_random=a.random, run_eval=a.eval, judge=a.judge, batch_size=a.batch_size, seed=a.seed,
-        device=a.device, dtype=a.dtype))
+        device=a.device, dtype=a.dtype, force=a.force, thinking=a.thinking))
     return p
 
 
@@ -1211,8 +1267,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"persona_vectors.py: error: `{argv[0]}` moved to the applications: "
               f"python -m apps {argv[0]} ...", file=sys.stderr)
         raise SystemExit(2)  # as argparse exits on a command line it cannot take
-    args = build_parser().parse_args(argv)
-    return run(lambda: args.run(args))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run(lambda: args.run(check_paths(parser, args)))
 
 
 if __name__ == "__main__":

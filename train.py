@@ -16,7 +16,6 @@ bookkeeping around the loop (train.json, checkpoints, resuming, processes) is su
 import argparse
 import contextlib
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +26,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
 from persona_vectors import steering
-from support import UserError, hub
+from support import UserError, cli, hub
 from support import training as T
 from support.files import default_vectors_dir
-from support.tokenizer import Tokenizer
+from support.tokenizer import Tokenizer, answer_after_thinking
 from support.training import pad_left
 
 
@@ -49,20 +48,33 @@ def encode_conversation(tok: Tokenizer, messages: list[dict]) -> Example:
     reply for the loss: its text and the end-of-turn token that closes it, not the role header
     before it nor the newline after it. The whole text is tokenized at once (so the ids are exactly
     those of the rendered chat), and a token is trained when its characters overlap a reply. A reply
-    that opens the conversation answers nothing: context."""
+    that opens the conversation answers nothing: context. Each reply is found in the full rendering,
+    in order: a template may render a turn differently once later turns follow (Qwen3 drops the
+    think block of every reply before the last question), so a chat need not be prefix-stable."""
     text = tok.chat(messages, add_generation_prompt=False)
-    eot = tok.turn_end  # the token that closes a turn, trained with the reply it ends
-    spans = []  # [start, end) character spans of the trained text
-    for k, m in enumerate(messages):
-        if m["role"] != "assistant" or k == 0:
-            continue
-        prompt = tok.chat(messages[:k], add_generation_prompt=True)  # with the reply's header
-        upto = tok.chat(messages[: k + 1], add_generation_prompt=False)
-        assert text.startswith(upto) and upto.startswith(prompt), "the chat is not prefix-stable"
-        spans.append((len(prompt), upto.rindex(eot) + len(eot)))
+    spans, cursor = [], 0  # [start, end) character spans of the trained text; where to look next
+    for k in [k for k, m in enumerate(messages) if m["role"] == "assistant"]:
+        start, cursor = _reply_span(tok, text, messages, k, cursor)
+        spans += [(start, cursor)] if k > 0 else []
     enc = tok.backend.encode(text, add_special_tokens=False)
     trained = [any(a < end and b > start for start, end in spans) for a, b in enc.offsets]
     return Example(torch.tensor(enc.ids, dtype=torch.long), torch.tensor(trained, dtype=torch.bool))
+
+
+def _reply_span(tok: Tokenizer, text: str, messages: list[dict], k: int, cursor: int):
+    """[start, end) in `text` of reply k as the template writes it (verbatim, trimmed, or the answer
+    after a think block), followed by the end-of-turn token, after `cursor` and the turns before."""
+    context = tok.chat(messages[:k], add_generation_prompt=False) if k else ""
+    if text.startswith(context):  # the turns before it as they render alone: skip them whole
+        cursor = max(cursor, len(context))
+    eot = tok.turn_end or ""  # the token that closes a turn, trained with the reply it ends
+    content, after = messages[k]["content"], answer_after_thinking(messages[k]["content"])
+    for form in dict.fromkeys((content, content.strip(), after, after.strip())):
+        start = text.find(form + eot, cursor)
+        if start >= 0:
+            return start, start + len(form) + len(eot)
+    raise ValueError(f"assistant message {k + 1}: the chat template does not write its text as "
+                     f"given (nor trimmed) before {eot or 'the end'}, so it cannot be trained")
 
 
 def truncate_left(ex: Example, max_len: int) -> Example | None:
@@ -281,19 +293,25 @@ def fit(net, optimizer, run, batches, steers, ablates, lr: float, warmup_steps: 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
-    p.add_argument("data", help='JSONL, one {"messages": [...]} per line')
+    p.add_argument("data", type=cli.TEXT_FILE, help='JSONL, one {"messages": [...]} per line')
     p.add_argument("--model", default=hub.DEFAULT_MODEL, help="hub id or folder (%(default)s)")
-    p.add_argument("--out", required=True, help="the model, train.json, checkpoints")
-    p.add_argument("--val", help="validation JSONL (default: 10 %% of DATA held out)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
-    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=int, default=5)
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's, on matrices")
-    p.add_argument("--batch-size", type=int, default=4, help="per micro-batch and process")
-    p.add_argument("--grad-accum", type=int, help="micro-batches a step (default: a batch of 16)")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="cut longer ones on the left")
-    p.add_argument("--seed", type=int, default=0, help="data order")
+    p.add_argument("--out", type=cli.OUTPUT_DIR, required=True,
+                   help="the model, train.json, checkpoints")
+    p.add_argument("--val", type=cli.TEXT_FILE,
+                   help="validation JSONL (default: 10 %% of DATA held out)")
+    p.add_argument("--epochs", type=cli.COUNT, default=1)
+    p.add_argument("--max-steps", type=cli.COUNT, help="optimizer steps; overrides --epochs")
+    p.add_argument("--lr", type=cli.bounded("learning_rate"), default=1e-5,
+                   help="peak learning rate")
+    p.add_argument("--warmup-steps", type=cli.bounded("steps"), default=5)
+    p.add_argument("--weight-decay", type=cli.bounded("weight_decay"), default=0.01,
+                   help="AdamW's, on matrices")
+    p.add_argument("--batch-size", type=cli.COUNT, default=4, help="per micro-batch and process")
+    p.add_argument("--grad-accum", type=cli.COUNT,
+                   help="micro-batches a step (default: a batch of 16)")
+    p.add_argument("--max-seq-len", type=cli.bounded("max_seq_len"), default=2048,
+                   help="cut longer ones on the left")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="data order")
     p.add_argument("--checkpointing", action="store_true", help="recompute activations")
     p.add_argument("--save-every", default="10m", help="N steps (50) or minutes (10m)")
     p.add_argument("--resume", action="store_true", help="continue --out's run (so does a rerun)")
@@ -304,7 +322,8 @@ def parser() -> argparse.ArgumentParser:
         "(TRAIT:COEF, FILE.safetensors:COEF, relative 0.1r); repeatable"
     )
     p.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF", help=steer_help)
-    p.add_argument("--layer", type=int, help="L to steer or ablate (the vector's best, or middle)")
+    p.add_argument("--layer", type=cli.LAYER,
+                   help="L to steer or ablate (the vector's best, or middle)")
     p.add_argument("--all-layers", action="store_true", help="v[l] - v[l-1] at every block l")
     caft_help = "CAFT: project the direction out while training (TRAIT or FILE); repeatable"
     p.add_argument("--ablate", action="append", default=[], metavar="TRAIT", help=caft_help)
@@ -314,19 +333,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        train(**vars(parser().parse_args(argv)))
-    except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 1
-    except torch.OutOfMemoryError:
-        print(T.OUT_OF_MEMORY, file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(T.INTERRUPTED, file=sys.stderr)
-        return 130
-    return 0
+    p = parser()
+    args = p.parse_args(argv)
+    return T.run(lambda: train(**vars(cli.check_paths(p, args))))  # errors: one line, exit 1 or 130
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from apps import capping, chat, control_vector, flagging, monitor, new_trait, server
-from support.cli import run
+from support.cli import check_paths, run
 
 MODULES = (monitor, chat, flagging, control_vector, new_trait, server, capping)
 
@@ -24,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run(lambda: args.run(args))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run(lambda: args.run(check_paths(parser, args)))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ def calibrate_cap(trait: str, questions_file: str | None = None, n: int = 100, m
     checkpoint.check_device(device or checkpoint.default_device())
     model, tok = checkpoint.load(model_name, device, dtype)
     check_fits(vec, meta, vec_file, model.config.num_hidden_layers, model.config.hidden_size, model)
+    M.check_new_tokens(model, max_new_tokens)  # before any answer; each batch: in generate
     units = pv.unit(vec)
     print(f"calibrate-cap {vec_file.name}: {len(questions)} requests from {questions_file or QUESTIONS_FILE}, "
           f"greedy, up to {max_new_tokens} tokens", file=sys.stderr)
@@ -106,11 +107,13 @@ def add_commands(sub) -> None:
     c = sub.add_parser("calibrate-cap", help="ceilings for persona capping: percentiles of the "
                        "model's own everyday answers along a trait's vector, per layer")
     c.add_argument("trait", help="a trait with a vector in --vectors, or a vector .safetensors file")
-    c.add_argument("--questions-file", default=None, help="requests: .json list or one per line "
+    c.add_argument("--questions-file", type=cli.TEXT_FILE, default=None,
+                   help="requests: .json list or one per line "
                    "(default: data/questions/everyday.json)")
     c.add_argument("--n", type=cli.COUNT, default=100,
                    help="how many requests, from the first (default: %(default)s)")
-    c.add_argument("--max-new-tokens", type=cli.COUNT, default=96, help="default: %(default)s")
+    c.add_argument("--max-new-tokens", type=cli.MAX_NEW_TOKENS, default=96,
+                   help="default: %(default)s")
     c.add_argument("--batch-size", type=cli.COUNT, default=32, help="default: %(default)s")
     c.add_argument("--force", action="store_true", help="replace an existing ceiling file")
     c.add_argument("--model", default=DEFAULT_MODEL, help=pv.MODEL_HELP)

@@ -18,9 +18,10 @@ import torch
 import persona_vectors as pv
 from apps.monitor import Gauge, gauges_for
 from support import UserError, cli
-from support.files import check_output
+from support.files import atomic_write, check_output
 from support.hub import DEFAULT_MODEL
 from support.sampling import Budget
+from model import check_new_tokens
 
 CHAT_HELP = """commands: /steer SPEC [SPEC ...] (replace the steering, e.g. /steer evil:1.5 humorous:-1), /unsteer,
           /cap SPEC [SPEC ...] (replace the caps, e.g. /cap evil:75@12-20), /cap off, /gauge (the history of gauge readings), /save FILE.jsonl, /reset (forget the conversation), /help, /quit"""
@@ -63,6 +64,7 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), cap: list[str] 
     specs = pv.parsed(steer, cap)  # --steer and --cap parsed once: checked, then applied
     model, tok, vectors_dir, _ = pv.load_checked(model_name, device, dtype, specs[0], vectors,
                                                  cap=specs[1])
+    check_new_tokens(model, max_new_tokens)  # each turn: its conversation's length, below
     meters = gauges_for(model, vectors_dir, gauges, layer)
     interventions, caps = pv.interventions(model, vectors_dir, *specs, layer)
     messages = [{"role": "system", "content": system}] if system else []
@@ -74,85 +76,112 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), cap: list[str] 
 
     say(f"chat with {model_name}" + (f", steering {' '.join(steer)}" if steer else "")
         + (f", capping {' '.join(cap)}" if cap else "") + "; /help for commands")
-    while True:
-        if interactive:
-            print("> ", end="", file=stdout, flush=True)
-        line = stdin.readline()
-        if not line:
-            break
-        line = line.rstrip("\n")
-        if not line.strip():
-            continue
-        if line.startswith("/"):
-            cmd, *args = line.split()
-            try:
-                if cmd == "/quit":
-                    break
-                elif cmd == "/help":
-                    say(CHAT_HELP)
-                elif cmd == "/steer":
-                    interventions, steer = pv.steering(args, model, vectors_dir, layer), args
-                    say(f"steering: {' '.join(args) or 'off'}")
-                elif cmd == "/unsteer":
-                    interventions, steer = [], []
-                    say("steering: off")
-                elif cmd == "/cap" and args:
-                    new = [] if args == ["off"] else args
-                    caps, cap = pv.interventions(model, vectors_dir, cap=new)[1], new
-                    say(f"capping: {' '.join(cap) or 'off'}")
-                elif cmd == "/gauge":
-                    for h in history:
-                        say(f"turn {h['turn']} {h['trait']}: before reply {h['prompt_last']:+.2f}, reply "
-                            f"{h['response_avg']:+.2f}" + (f" (steering {' '.join(h['steer'])})" if h["steer"] else "")
-                            + (f" (capping {' '.join(h['cap'])})" if h["cap"] else ""))
-                elif cmd == "/save" and args:
-                    save_conversation(Path(args[0]), messages)
-                    say(f"saved {args[0]}")
-                elif cmd == "/reset":
-                    messages = [{"role": "system", "content": system}] if system else []
-                    say("conversation reset")
-                else:
-                    say(f"unknown command {line!r}; {CHAT_HELP}")
-            except (UserError, OSError) as e:  # a bad command never ends the chat
-                say(f"error: {e}")
-            continue
-        messages.append({"role": "user", "content": line})
-        prompt = tok.encode_chat(messages)
-        if len(prompt) + max_new_tokens > model.config.max_position_embeddings:
-            messages.pop()
-            say(f"error: the conversation is longer than the model's context ({model.config.max_position_embeddings} "
-                "tokens): /reset it")
-            continue
-        outs, acts = pv.answer_with_activations(model, tok, [messages], max_new_tokens, temperature, top_p,
-                                             seed + len(messages), interventions, caps)
-        if interventions or caps:  # gauge the turn as the plain model reads it
-            acts = pv.read_answers(model, [prompt], outs)
-        reply = tok.decode(outs[0])
-        messages.append({"role": "assistant", "content": reply})
-        say(reply)
-        if caps:
-            say(f"  capped {int(caps[0].fired[0])}/{len(outs[0]) + 1} positions")
-        turn = sum(m["role"] == "assistant" for m in messages)
-        for g in meters:
-            reading = g.read(acts)
-            history.append(dict(turn=turn, trait=g.trait, layer=g.layer, steer=list(steer), cap=list(cap), **reading))
-            say(show(g, reading))
+    try:
+        while True:
+            if interactive:
+                print("> ", end="", file=stdout, flush=True)
+            line = stdin.readline()
+            if not line:
+                break
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                cmd, *args = line.split()
+                try:
+                    if cmd == "/quit":
+                        break
+                    elif cmd == "/help":
+                        say(CHAT_HELP)
+                    elif cmd == "/steer":
+                        interventions, steer = pv.steering(args, model, vectors_dir, layer), args
+                        say(f"steering: {' '.join(args) or 'off'}")
+                    elif cmd == "/unsteer":
+                        interventions, steer = [], []
+                        say("steering: off")
+                    elif cmd == "/cap" and args:
+                        new = [] if args == ["off"] else args
+                        caps, cap = pv.interventions(model, vectors_dir, cap=new)[1], new
+                        say(f"capping: {' '.join(cap) or 'off'}")
+                    elif cmd == "/gauge":
+                        for h in history:
+                            say(f"turn {h['turn']} {h['trait']}: before reply "
+                                f"{h['prompt_last']:+.2f}, reply {h['response_avg']:+.2f}"
+                                + (f" (steering {' '.join(h['steer'])})" if h["steer"] else "")
+                                + (f" (capping {' '.join(h['cap'])})" if h["cap"] else ""))
+                    elif cmd == "/save" and args:
+                        save_conversation(Path(args[0]), messages)
+                        say(f"saved {args[0]}")
+                    elif cmd == "/reset":
+                        messages = [{"role": "system", "content": system}] if system else []
+                        say("conversation reset")
+                    else:
+                        say(f"unknown command {line!r}; {CHAT_HELP}")
+                except (UserError, OSError) as e:  # a bad command never ends the chat
+                    say(f"error: {e}")
+                continue
+            messages.append({"role": "user", "content": line})
+            prompt = tok.encode_chat(messages)
+            if len(prompt) + max_new_tokens > model.config.max_position_embeddings:
+                messages.pop()
+                context = model.config.max_position_embeddings
+                say(f"error: the conversation is longer than the model's context ({context} "
+                    "tokens): /reset it")
+                continue
+            outs, acts = pv.answer_with_activations(
+                model, tok, [messages], max_new_tokens, temperature, top_p, seed + len(messages),
+                interventions, caps)
+            if interventions or caps:  # gauge the turn as the plain model reads it
+                acts = pv.read_answers(model, [prompt], outs)
+            reply = tok.decode(outs[0])
+            messages.append({"role": "assistant", "content": reply})
+            say(reply)
+            if caps:
+                say(f"  capped {int(caps[0].fired[0])}/{len(outs[0]) + 1} positions")
+            turn = sum(m["role"] == "assistant" for m in messages)
+            for g in meters:
+                reading = g.read(acts)
+                history.append(dict(turn=turn, trait=g.trait, layer=g.layer, steer=list(steer),
+                                    cap=list(cap), **reading))
+                say(show(g, reading))
+    except KeyboardInterrupt:  # Ctrl-C: the conversation is kept, as at the end of input
+        if messages and messages[-1]["role"] == "user":
+            messages.pop()  # its reply was cut off
+        if save and any(m["role"] == "user" for m in messages):
+            save_at_end(Path(save), messages)
+            print(f"interrupted: the conversation is saved in {save}", file=sys.stderr)
+        raise
     if save:
-        try:
-            save_conversation(Path(save), messages)
-        except OSError as e:  # the directory went away, the disk is full, ...: keep the conversation anyway
-            fd, kept = tempfile.mkstemp(prefix="chat-", suffix=".jsonl")
-            os.close(fd)
-            save_conversation(Path(kept), messages)
-            raise UserError(f"cannot save the conversation to {save} ({e.strerror}); it is in {kept}") from None
+        save_at_end(Path(save), messages)
     return messages
 
 
+def save_at_end(save: Path, messages: list[dict]) -> None:
+    """The conversation appended to --save; when that fails (the folder went away, the disk is full,
+    ...) it is kept in a temporary file, which the error names."""
+    try:
+        save_conversation(save, messages)
+    except OSError as e:
+        fd, kept = tempfile.mkstemp(prefix="chat-", suffix=".jsonl")
+        os.close(fd)
+        save_conversation(Path(kept), messages)
+        raise UserError(
+            f"cannot save the conversation to {save} ({e.strerror}); it is in {kept}"
+        ) from None
+
+
 def save_conversation(path: Path, messages: list[dict]) -> None:
-    """Append one JSONL line {"messages": [...]} (the format `monitor` and training read)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps({"messages": messages}) + "\n")
+    """Append one JSONL line {"messages": [...]} (the format `monitor` and training read),
+    atomically: the file holds the line whole or not at all, even when the save is cut short."""
+    path = Path(path)
+    try:
+        old = path.read_bytes()
+    except FileNotFoundError:
+        old = b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"  # a last line left without its end: the new one starts on a line of its own
+    line = json.dumps({"messages": messages}) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_bytes(old + line.encode("utf-8")))
 
 
 def add_commands(sub) -> None:
@@ -169,11 +198,12 @@ def add_commands(sub) -> None:
     c.add_argument("--vectors", default=None, help=pv.VECTORS_HELP)
     c.add_argument("--system", default=None,
                    help="system prompt (default: the model's own template decides)")
-    c.add_argument("--max-new-tokens", type=cli.COUNT, default=200)
+    c.add_argument("--max-new-tokens", type=cli.MAX_NEW_TOKENS, default=200)
     c.add_argument("--temperature", type=cli.TEMPERATURE, default=0.0, help="0 = greedy (default)")
     c.add_argument("--top-p", type=cli.TOP_P, default=1.0)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--save", default=None, help="append the conversation to this JSONL file at the end")
+    c.add_argument("--seed", type=cli.SEED, default=0)
+    c.add_argument("--save", type=cli.APPEND_FILE, default=None,
+                   help="append the conversation to this JSONL file at the end")
     c.add_argument("--device", default=None, help=pv.DEVICE_HELP)
     c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=pv.DTYPE_HELP)
     c.set_defaults(run=lambda a: chat(

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import persona_vectors as pv
-from support import UserError
+from support import UserError, cli
 from support.checkpoint import model_shape
 from support.files import NAME_RE, VARIANTS, atomic_write, check_fits, check_name, check_output, \
     default_vectors_dir, load_vector, resolve_layer, save_vector, vector_path
@@ -366,13 +366,15 @@ def import_vector(pt_file: str, out: str | None = None, model_name: str | None =
 def add_commands(sub) -> None:
     e = sub.add_parser("export-gguf", help="write a persona vector as a llama.cpp control vector (GGUF)")
     e.add_argument("vector", help="a vector .safetensors file, or a trait name in vectors/<model name>/")
-    e.add_argument("--out", default=None, help="output .gguf (default: TRAIT_L<layer>.gguf beside the vector)")
+    e.add_argument("--out", type=cli.OUTPUT_FILE, default=None,
+                   help="output .gguf (default: TRAIT_L<layer>.gguf beside the vector)")
     which = e.add_mutually_exclusive_group()
-    which.add_argument("--layer", type=int, default=None,
+    which.add_argument("--layer", type=cli.bounded("hidden_index"), default=None,
                        help="our layer L (output of block L, 2..N) (default: the best layer, else the middle)")
     which.add_argument("--layers", default=None, metavar="A-B", help="every layer A..B, each with its own row")
     which.add_argument("--all-layers", action="store_true", help="the increments v[l] - v[l-1] at every block")
-    e.add_argument("--coef", type=float, default=1.0, help="multiply into the file (default 1: scale in llama.cpp)")
+    e.add_argument("--coef", type=cli.COEF, default=1.0,
+                   help="multiply into the file (default 1: scale in llama.cpp)")
     e.add_argument("--model", default=None, help="default: the model recorded in the vector")
     e.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     e.set_defaults(run=lambda a: export_gguf(
@@ -380,20 +382,22 @@ def add_commands(sub) -> None:
         model_name=a.model, force=a.force))
 
     i = sub.add_parser("import-gguf", help="read a llama.cpp / repeng control vector (GGUF) into a vector file")
-    i.add_argument("file", help="a control-vector .gguf")
+    i.add_argument("file", type=cli.INPUT_FILE, help="a control-vector .gguf")
     i.add_argument("--model", default=None, help="the model it is for (default: the default model)")
     i.add_argument("--name", default=None, help="trait name for --steer NAME (default: the file's name)")
-    i.add_argument("--out", default=None, help="output directory (default: vectors/<model name>/)")
+    i.add_argument("--out", type=cli.OUTPUT_DIR, default=None,
+                   help="output directory (default: vectors/<model name>/)")
     i.add_argument("--cumulative", action="store_true", help="running sums, for generate --all-layers")
     i.add_argument("--force", action="store_true", help="overwrite an existing vector of that name")
     i.set_defaults(run=lambda a: import_gguf(
         a.file, model_name=a.model, name=a.name, out=a.out, cumulative=a.cumulative, force=a.force))
 
     iv = sub.add_parser("import-vector", help="convert an official-repository .pt vector file to .safetensors")
-    iv.add_argument("file")
+    iv.add_argument("file", type=cli.INPUT_FILE)
     iv.add_argument("--model", default=None,
                     help="the model it was extracted from: recorded, and the default destination vectors/<model>/")
-    iv.add_argument("--out", default=None, help="output directory (default: vectors/<model name>/ with --model, "
+    iv.add_argument("--out", type=cli.OUTPUT_DIR, default=None,
+                    help="output directory (default: vectors/<model name>/ with --model, "
                     "else beside the file)")
     iv.add_argument("--force", action="store_true", help="replace an existing vector file")
     iv.set_defaults(run=lambda a: import_vector(

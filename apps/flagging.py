@@ -35,8 +35,7 @@ import model as M
 import persona_vectors as pv
 from support import UserError, checkpoint, cli
 from support.files import (assistant_turns, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
-                           load_vector, traits_in, vector_file)
-from support.files import locked
+                           load_vector, locked, made_dirs, traits_in, vector_file)
 from support.hub import DEFAULT_MODEL
 from support.plots import pyplot, save_figure
 from support.sampling import settings_hash
@@ -502,17 +501,13 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     return int(i), int(n)
 
 
-def new_dirs(paths: list[Path]) -> list[Path]:
-    """The directories among `paths` and their parents that do not exist yet, deepest first."""
-    return sorted({d for p in paths for d in (p, *p.parents) if not d.exists()}, key=lambda d: -len(d.parts))
-
-
-def remove_empty(dirs: list[Path]) -> None:
-    for d in dirs:
-        try:
-            d.rmdir()
-        except OSError:  # not empty (the run wrote something there), or gone
-            pass
+def own_outputs(jobs: list, probes: list[Probe], out_dir: Path, fmt: str) -> dict[Path, str]:
+    """The files every flag run writes -> what each is: a per-sample file per input, the summary, a
+    histogram per trait."""
+    outputs = {out_dir / f"{j.src.stem}.flag.{fmt}": f"the per-sample file of {j.src}"
+               for j in jobs}
+    outputs[out_dir / "flag_summary.json"] = "the summary"
+    return outputs | {out_dir / f"flag_{p.trait}.png": f"the {p.trait} histogram" for p in probes}
 
 
 def flag(files: list[str], traits: list[str] | None = None, model_name: str = DEFAULT_MODEL,
@@ -584,16 +579,16 @@ def flag(files: list[str], traits: list[str] | None = None, model_name: str = DE
             raise UserError(f"--k {k} but the data has only {available} non-blank lines: choose --k {available} "
                             "or less")
 
-    # The directories this run creates are removed again if it fails before writing anything into them.
-    created = new_dirs([out_dir, *(j.work for j in jobs)] + ([sel_path.parent] if select else []))
-    try:
+    # The folders this run makes (out_dir, its work folders, --select-out's) go again if it fails
+    # while they are empty.
+    with made_dirs(*(j.work for j in jobs)):
         check_writable(out_dir)
-        inputs = [j.src for j in jobs]
-        for dest in [out_dir / f"{j.src.stem}.flag.{fmt}" for j in jobs] + [out_dir / "flag_summary.json"] + [
-                out_dir / f"flag_{p.trait}.png" for p in probes]:
-            check_output(dest, force=True, inputs=inputs)  # rewritten by every run, but never over an input
-        if select:
-            check_output(sel_path, force=force or not select_out, inputs=inputs, option="--select-out")
+        inputs, outputs = [j.src for j in jobs], own_outputs(jobs, probes, out_dir, fmt)
+        for i, dest in enumerate(outputs):  # rewritten by every run, but never over an input
+            check_output(dest, force=True, inputs=inputs, taken=dict(list(outputs.items())[:i]))
+        if select:  # nor over another output of this run, whatever --force says
+            check_output(sel_path, force=force or not select_out, inputs=inputs,
+                         option="--select-out", taken={out_dir: "the output folder"} | outputs)
         if not merge_only and any(j.missing() for j in jobs):
             if isinstance(dtype, str):
                 dtype = getattr(torch, dtype)
@@ -628,9 +623,6 @@ def flag(files: list[str], traits: list[str] | None = None, model_name: str = DE
             return dict(complete=False, missing=missing)
         return finish(jobs, probes, out_dir, fmt, select, k, sel_path if select else None, select_trait, seed,
                       model_name)
-    except BaseException:
-        remove_empty(created)
-        raise
 
 
 def flag_merge(files: list[str], traits: list[str] | None = None, model_name: str = DEFAULT_MODEL,
@@ -650,7 +642,8 @@ def flag_merge(files: list[str], traits: list[str] | None = None, model_name: st
 def add_commands(sub) -> None:
     """Register `flag` and `flag-merge` on an argparse subparsers object (python -m apps)."""
     def shared(sp):  # flag-merge takes flag's arguments, to find the same outputs
-        sp.add_argument("files", nargs="+", help='JSONL files, one {"messages": [...]} per line')
+        sp.add_argument("files", nargs="+", type=cli.TEXT_FILE,
+                        help='JSONL files, one {"messages": [...]} per line')
         sp.add_argument("--trait", action="append", default=None,
                         help="trait (or vector .safetensors file); repeatable (default: every vector of the model)")
         sp.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local directory")
@@ -660,21 +653,25 @@ def add_commands(sub) -> None:
                         help="0 = greedy base responses (default)")
         sp.add_argument("--base-top-p", type=cli.TOP_P, default=1.0)
         sp.add_argument("--base-samples", type=cli.COUNT, default=1, help="base responses per prompt, averaged")
-        sp.add_argument("--max-new-tokens", type=cli.COUNT, default=200, help="length limit of base responses")
-        sp.add_argument("--max-tokens", type=cli.COUNT, default=2048,
+        sp.add_argument("--max-new-tokens", type=cli.MAX_NEW_TOKENS, default=200,
+                        help="length limit of base responses")
+        sp.add_argument("--max-tokens", type=cli.bounded("max_tokens"), default=2048,
                         help="longer samples (prompt + response) are skipped and counted")
-        sp.add_argument("--out", default=None, help="output directory (default: flags/)")
+        sp.add_argument("--out", type=cli.OUTPUT_DIR, default=None,
+                        help="output directory (default: flags/)")
         sp.add_argument("--format", choices=["csv", "jsonl"], default="csv",
                         help="per-sample files")
         sp.add_argument("--select", choices=SELECT, default=None)
         sp.add_argument("--k", type=cli.COUNT, default=None, help="how many samples to select")
-        sp.add_argument("--select-out", default=None, help="JSONL of the selected lines, unchanged")
+        sp.add_argument("--select-out", type=cli.OUTPUT_FILE, default=None,
+                        help="JSONL of the selected lines, unchanged")
         sp.add_argument("--force", action="store_true", help="overwrite an existing --select-out file")
         sp.add_argument("--select-trait", default=None, help="the trait to select on (default: the first)")
-        sp.add_argument("--reference", default=None, help="a clean JSONL file: flag samples above its 95th "
+        sp.add_argument("--reference", type=cli.TEXT_FILE, default=None,
+                        help="a clean JSONL file: flag samples above its 95th "
                         "percentile of ΔP")
         sp.add_argument("--chunk-size", type=cli.COUNT, default=1024, help="lines per resumable chunk")
-        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--seed", type=cli.SEED, default=0)
         sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
         sp.add_argument("--dtype", type=cli.torch_dtype, default=None, help="float32, bfloat16 or float16 (default: "
                         "bfloat16 on CUDA, float32 on CPU)")

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-import model as M
 import persona_vectors as pv
+import model as M
 from support import UserError, cli
-from support.files import (atomic_write, check_fits, check_output, jsonl_conversations, load_vector, resolve_layer,
-                           traits_in, vector_file)
+from support.files import (atomic_write, check_fits, check_output, default_vectors_dir,
+                           jsonl_conversations, load_vector, resolve_layer, traits_in,
+                           vector_file)
 from support.hub import DEFAULT_MODEL
 
 
@@ -141,7 +142,7 @@ def write_rows(path: Path, rows, as_csv: bool) -> None:
 
 def monitor(path: str, model_name: str = DEFAULT_MODEL, traits: list[str] | None = None, layer: int | None = None,
             vectors: str | None = None, out: str | None = None, tokens: bool = False, device: str | None = None,
-            dtype: torch.dtype | None = None) -> Path:
+            dtype: torch.dtype | None = None, force: bool = False) -> Path:
     """Per assistant turn of each conversation in a JSONL file ({"messages": [...]} per line): the projection of
     the last token before the reply and of the reply's mean, on each persona vector -> a JSONL (or .csv) file.
 
@@ -153,7 +154,10 @@ def monitor(path: str, model_name: str = DEFAULT_MODEL, traits: list[str] | None
     src = Path(path)
     if not src.is_file():
         raise UserError(f"{src} does not exist")
-    dest = check_output(Path(out) if out else src.with_suffix(".monitor.jsonl"), force=True, inputs=[src])
+    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
+    names = traits_in(vectors_dir) if traits is None else traits
+    read = [src, *(vector_file(n, vectors_dir, check=False) for n in names)]  # never written over
+    dest = check_output(Path(out) if out else src.with_suffix(".monitor.jsonl"), force, inputs=read)
     model, tok, vectors_dir, _ = pv.load_checked(model_name, device, dtype, [], vectors)
     if traits is None and not traits_in(vectors_dir):
         raise UserError(f"no vectors in {vectors_dir}: run `extract TRAIT` first or pass --vectors DIR")
@@ -177,18 +181,19 @@ def monitor(path: str, model_name: str = DEFAULT_MODEL, traits: list[str] | None
 def add_commands(sub) -> None:
     """Register `monitor` on the command line's subparsers (python -m apps)."""
     c = sub.add_parser("monitor", help="projections of each assistant turn of JSONL conversations")
-    c.add_argument("file", help='JSONL, one {"messages": [...]} per line')
+    c.add_argument("file", type=cli.TEXT_FILE, help='JSONL, one {"messages": [...]} per line')
     c.add_argument("--model", default=DEFAULT_MODEL, help=pv.MODEL_HELP)
     c.add_argument("--trait", action="append", default=None,
                    help="repeatable (default: every vector of the model)")
     c.add_argument("--layer", type=cli.layer_or_sweep, default=None, help=pv.LAYER_HELP)
     c.add_argument("--vectors", default=None, help=pv.VECTORS_HELP)
-    c.add_argument("--out", default=None,
+    c.add_argument("--out", type=cli.OUTPUT_FILE, default=None,
                    help="output .jsonl or .csv (default: FILE.monitor.jsonl)")
+    c.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     c.add_argument("--tokens", action="store_true",
                    help="per-token projections of each reply (printed and saved)")
     c.add_argument("--device", default=None, help=pv.DEVICE_HELP)
     c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=pv.DTYPE_HELP)
     c.set_defaults(run=lambda a: monitor(
         a.file, model_name=a.model, traits=a.trait, layer=a.layer, vectors=a.vectors, out=a.out,
-        tokens=a.tokens, device=a.device, dtype=a.dtype))
+        tokens=a.tokens, device=a.device, dtype=a.dtype, force=a.force))

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import judge as J
-from support import UserError, traits
+from support import UserError, cli, traits
 
 TRAIT_WRITER_PROMPT = """I am building a dataset to find the direction in a language model's activations that controls one \
 character trait of an AI assistant. The trait is "{name}": {description}
@@ -67,7 +67,8 @@ def add_commands(sub) -> None:
                    help="what the trait means, in a sentence or two")
     c.add_argument("--model", default="gpt-4.1-mini",
                    help="the writing model (default: %(default)s)")
-    c.add_argument("--out", default=None, help="directory (default: data/traits)")
+    c.add_argument("--out", type=cli.OUTPUT_DIR, default=None,
+                   help="directory (default: data/traits)")
     c.add_argument("--force", action="store_true", help="overwrite an existing file")
     c.set_defaults(run=lambda a: generate_trait(
         a.name, a.description, model=a.model, out_dir=a.out, force=a.force))

@@ -603,19 +603,30 @@ class Handler(BaseHTTPRequestHandler):
             self.log_error("the client went away: %s", e)
 
     def handle_one_request(self):
-        """The standard library's, with two waits: an idle connection waits up to `timeout` s for
-        its next request, but once a request has begun, its line and headers (as its body, in
-        read_body) must keep coming, with no pause over body_timeout s, else a 408: half a request
-        holds its connection seconds, not minutes."""
+        """The standard library's, with two waits: an idle keep-alive connection waits up to
+        `timeout` s for its next request, but a new connection's first request, and once a request
+        has begun its line and headers (as its body, in read_body), must keep coming, with no pause
+        over body_timeout s, else a 408: a silent or half request holds its connection seconds, not
+        minutes."""
         self.requestline = self.command = ""
+        first = not getattr(self, "served", False)  # a new connection owes its first request now
+        if first:
+            self.connection.settimeout(self.server.body_timeout)
         try:
             if not self.rfile.peek(1):  # the client closed its idle connection
                 self.close_connection = True
                 return
         except TimeoutError as e:
-            self.log_error("Request timed out: %r", e)
+            if first:  # opened and then silent: a stalled request, not an idle keep-alive
+                wait = self.server.body_timeout
+                self.send_error(408, f"no request came on this new connection for {wait:g} s")
+            else:
+                self.log_error("Request timed out: %r", e)
             self.close_connection = True
             return
+        finally:
+            self.connection.settimeout(self.timeout)
+        self.served = True
         if not self.read_head():
             return
         try:
@@ -745,6 +756,9 @@ class Handler(BaseHTTPRequestHandler):
                 body = json.loads(raw, parse_constant=_not_json)  # NaN and Infinity are not JSON
             except (ValueError, UnicodeDecodeError) as e:
                 raise RequestError(f"the request body is not valid JSON ({e})") from None
+            except RecursionError:  # [[[[...: a 500 and a traceback in the log, before
+                raise RequestError("the request body is not valid JSON here (nested too "
+                                   "deep)") from None
             req = self.engine.parse(body)
             job = self.engine.submit(req)
         except RequestError as e:
@@ -966,17 +980,19 @@ def add_commands(sub) -> None:
     sp = sub.add_parser("serve", help="an OpenAI-compatible chat server with per-request steering and persona gauges")
     sp.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local directory")
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s: this machine)")
-    sp.add_argument("--port", type=cli.number(int, 0, 65535), default=8000,
+    sp.add_argument("--port", type=cli.bounded("port"), default=8000,
                     help="0 picks a free port (default: %(default)s)")
     sp.add_argument("--api-key", default=os.environ.get("PERSONA_VECTORS_API_KEY"),
                     help="require 'Authorization: Bearer KEY' (default: $PERSONA_VECTORS_API_KEY, else none)")
     sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
     sp.add_argument("--max-batch", type=cli.COUNT, default=16, help="rows generated together (default: %(default)s)")
-    sp.add_argument("--max-tokens-limit", type=cli.COUNT, default=1024, help="largest max_tokens a request may ask")
+    sp.add_argument("--max-tokens-limit", type=cli.MAX_NEW_TOKENS, default=1024,
+                    help="largest max_tokens a request may ask")
     sp.add_argument("--max-n", type=cli.COUNT, default=8, help="largest n (choices per request)")
-    sp.add_argument("--batch-wait", type=cli.number(float, 0), default=0.05,
+    sp.add_argument("--batch-wait", type=cli.bounded("seconds"), default=0.05,
                     help="seconds the worker waits for more requests to join a batch (default: %(default)s)")
-    sp.add_argument("--max-body", type=cli.COUNT, default=1 << 20, help="largest request body in bytes")
+    sp.add_argument("--max-body", type=cli.bounded("bytes"), default=1 << 20,
+                    help="largest request body in bytes")
     sp.add_argument("--max-connections", type=cli.COUNT, default=64,
                     help="open connections served at once; one more gets 503 at once (default: %(default)s)")
     sp.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")

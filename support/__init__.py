@@ -13,6 +13,7 @@ keeps it so.
     stats.py         correlations, permutation p-values, bootstrap intervals, random directions, means with errors
     plots.py         the sweep's and the monitoring experiment's pictures (optional: need matplotlib)
     cli.py           the command line's argument types, and `run` (a UserError as one line)
+    limits.py        every numeric range and length limit of the command line, in one table
     cpu_speed.py     the CPU matmul split that checkpoint.load_model applies on the CPU (measured in tools/bench.py)
     training.py      around train.py's loop: settings' checks, data order, train.json, checkpoints, resuming, DDP/FSDP2
     capping.py       persona capping's ceiling file, --cap specs and the model.Cap interventions they make

@@ -6,6 +6,7 @@ the CPU speed-up applied. model.py's `load_model` then reads the directory stric
 """
 
 import json
+import math
 import types
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -20,6 +21,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype's names
 ROPE_NEEDS = {"default": (), "linear": ("factor",),
               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+# Config numbers that must be above 0 where set (0 or less gives NaN logits, or a complex scale).
+POSITIVE_NUMBERS = ("rope_theta", "rope_local_base_freq", "query_pre_attn_scalar",
+                    "attn_logit_softcapping", "final_logit_softcapping")
 
 
 def load(name_or_path: str | Path, device: str | None = None, dtype: torch.dtype | None = None):
@@ -81,9 +85,11 @@ def _check_raw(d: dict, fail) -> None:
         fail(f"lacks required key(s) {', '.join(missing)}: is this a causal-LM config?")
     _check_types(d, fail)
     rp = d.get("rope_parameters") or {}
-    parts = [rp.get(M.FULL), rp.get(M.SLIDING)] if isinstance(rp, dict) else []
-    if not isinstance(rp, dict) or not all(isinstance(x or {}, dict) for x in parts):
-        fail(f"`rope_parameters` must be an object, not {json.dumps(rp)[:80]}")
+    if not isinstance(rp, dict):
+        fail(f"`rope_parameters` must be an object, not {rp!r}")
+    for k in (M.FULL, M.SLIDING):  # Gemma 3: one entry per layer type
+        if not isinstance(rp.get(k) or {}, dict):
+            fail(f"`rope_parameters.{k}` must be an object, not {json.dumps(rp[k])[:80]}")
     if ((rp.get(M.SLIDING) or {}).get("rope_type") or "default") != "default":
         fail("`rope_parameters.sliding_attention` scales RoPE: not supported")
     for k in ("sliding_window_pattern", "max_window_layers"):
@@ -110,6 +116,11 @@ def _check_values(d: dict, fail) -> None:
         fail(f"`num_attention_heads` ({d['num_attention_heads']}) is not a multiple of `num_key_value_heads` ({kv})")
     if d.get("hidden_act", "silu") not in ("silu", "gelu_pytorch_tanh"):
         fail(f"unsupported activation {d['hidden_act']!r}; implemented: silu, gelu_pytorch_tanh")
+    for k in POSITIVE_NUMBERS:  # as read: softcappings a family ignores were dropped
+        if d.get(k) is not None and not 0 < d[k] < math.inf:
+            fail(f"`{k}` must be a number above 0, not {d[k]}")
+    if "rms_norm_eps" in d and not 0 <= d["rms_norm_eps"] < math.inf:
+        fail(f"`rms_norm_eps` must be a number of at least 0, not {d['rms_norm_eps']}")
     n, lt = d["num_hidden_layers"], d["layer_types"]
     if not (isinstance(lt, list) and len(lt) == n and all(x in (M.FULL, M.SLIDING) for x in lt)):
         fail(f"`layer_types` must list {n} of {M.FULL}, {M.SLIDING}, not {json.dumps(lt)[:80]}")
@@ -118,8 +129,9 @@ def _check_values(d: dict, fail) -> None:
     if rope_type not in ROPE_NEEDS:
         fail(f"unsupported rope_scaling type {rope_type!r}; supported: default, linear, llama3")
     for k in ROPE_NEEDS[rope_type]:
-        if not _json_type_ok(rs.get(k), float):
-            fail(f"`rope_scaling.{k}` must be a number for rope type {rope_type!r}, not {json.dumps(rs.get(k))[:80]}")
+        if not _json_type_ok(rs.get(k), float) or not 0 < rs[k] < math.inf:
+            fail(f"`rope_scaling.{k}` must be a number above 0 for rope type {rope_type!r}, "
+                 f"not {json.dumps(rs.get(k))[:80]}")
 
 
 def _json_type_ok(value, typ) -> bool:
@@ -152,6 +164,7 @@ def default_dtype(device: str) -> torch.dtype:
 
 def check_device(device: str) -> str:
     """The device name, if this machine has it; else a UserError (torch would fail later, with an AssertionError)."""
+    device = str(device)  # train.py passes a torch.device: named as the user wrote it
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):

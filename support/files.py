@@ -1,9 +1,11 @@
 """Files the project reads and writes: atomic writes, CSV, the persona-vector files (their name, a
 sweep's result, saving, loading, fit) and conversation files (JSONL, one {"messages": [...]} per
 line)."""
+import contextlib
 import csv
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import re
@@ -19,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from support import UserError
+from support.limits import LABEL_BYTES, NAME_BYTES, TEXT_FILE_BYTES
 
 UMASK = os.umask(0o022)  # read once, at import: os.umask can only be read by setting it, which races with threads
 os.umask(UMASK)
@@ -35,6 +38,7 @@ def atomic_write(path: Path, write) -> None:
     permissions (0666 less the umask), not a private 0600.
     """
     path = Path(path)
+    _note((path.parent, *path.parent.parents))  # the folders made for it are the run's (made_dirs)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     prefix = f".{path.name}.{os.getpid()}-"
@@ -100,6 +104,7 @@ def locked(directory: Path, what: str = "--out", name: str = LOCK):
     directory = Path(directory)
     made = [p for p in [directory, *directory.parents] if not p.exists()]  # deepest first
     check_writable(directory, what)
+    directory.mkdir(parents=True, exist_ok=True)  # removed again at the end when left empty
     fd = _lock(directory / name, what)
     try:
         os.ftruncate(fd, 0)
@@ -155,28 +160,82 @@ def read_json(path: Path):
 
 
 def check_writable(out: Path, option: str = "--out") -> None:
-    """Fail now, not after the work, when `out` (a directory) cannot be created or written."""
+    """Fail now, not after the work, when the directory `out` cannot be made or written. Nothing is
+    created: its nearest existing folder is tried, and the folders missing below it are noted in
+    the open made_dirs scopes (a failed run removes them again when it left them empty)."""
+    out = Path(out)
+    missing = [p for p in (out, *out.parents) if not p.exists()]  # innermost first
+    nearest = out.parents[len(missing) - 1] if missing else out
     try:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
+        with tempfile.TemporaryFile(dir=nearest):
             pass
     except OSError as e:
         raise UserError(f"cannot write to {out} ({e.strerror}): choose another {option}") from None
+    _note(missing)
 
 
-def check_output(path: Path, force: bool = False, inputs=(), option: str = "--out") -> Path:
-    """Fail now, before the work, when the file `path` cannot be written: a directory, an input of this run (never
-    written over, even with --force), an existing file without --force, or a folder that cannot be written (its
-    nearest existing one is tried: nothing is created before the work)."""
+def check_output(
+    path: Path, force: bool = False, inputs=(), option: str = "--out", taken=()
+) -> Path:
+    """Fail now, before the work, when the file `path` cannot be written: a directory, an input of
+    this run or another of its outputs (`taken`: paths, or {path: what it is}; neither is ever
+    written over, even with --force), an existing file without --force, or a folder that cannot be
+    written (its nearest existing one is tried: nothing is created before the work)."""
     path = Path(path)
+    check_name_length(path, option)  # "File name too long" after the work would lose it
     if path.is_dir():
         raise UserError(f"{option} {path} is a directory: give a file name")
     if any(path.resolve() == Path(i).resolve() for i in inputs if i):
         raise UserError(f"{option} {path} is an input of this run and is never written over: choose another file")
+    named = taken if isinstance(taken, dict) else dict.fromkeys(taken)
+    for other, what in named.items():
+        if other and path.resolve() == Path(other).resolve():
+            raise UserError(
+                f"{option} {path} is {what or 'another output'} of this run ({other}), never "
+                f"written over by another: choose another {option}"
+            )
     if path.exists() and not force:
         raise UserError(f"{path} exists: choose another {option} or pass --force to overwrite it")
-    check_writable(next(p for p in (path.parent, *path.parent.parents) if p.exists()), option)
+    check_writable(path.parent, option)
     return path
+
+
+# The folders a run makes for its outputs: made only when there is something to write in them
+# (atomic_write makes a file's folder), and removed again by a run that fails while they are empty.
+
+_scopes: list[set[Path]] = []  # the open made_dirs scopes, innermost last
+
+
+def _note(dirs) -> None:
+    """Note, in every open made_dirs scope, the folders among `dirs` that do not exist (yet)."""
+    if not _scopes:
+        return
+    missing = {Path(d).absolute() for d in dirs if not Path(d).exists()}
+    for scope in _scopes:
+        scope |= missing
+
+
+@contextlib.contextmanager
+def made_dirs(*paths):
+    """A run's scope for the folders it makes: those missing when it starts among `paths` and their
+    parents, and those that check_writable, check_output and atomic_write find missing within it.
+    When the run fails (any exception, Ctrl-C included), each of them that exists and is empty is
+    removed, innermost first: a failed run leaves no empty folder behind, and never removes one
+    that existed before it or that holds a file. -> the set of noted folders (absolute paths)."""
+    scope = set()
+    _scopes.append(scope)
+    _note(d for p in paths for d in (Path(p), *Path(p).parents))
+    try:
+        yield scope
+    except BaseException:
+        for d in sorted(scope, key=lambda d: len(d.parts), reverse=True):
+            try:
+                d.rmdir()  # only ever an empty folder
+            except OSError:  # not empty (the run wrote there, or another one did), or never made
+                pass
+        raise
+    finally:
+        del _scopes[[s is scope for s in _scopes].index(True)]  # sets compare by value
 
 
 NAME_RE = re.compile(r"\w[\w.-]{0,99}")  # a name becomes a file name: no separator, no leading dot, no "..", no ""
@@ -188,6 +247,81 @@ def check_name(name: str, flag: str = "--name") -> str:
         raise UserError(f"{flag} {name!r}: a name is up to 100 letters, digits, '_', '.' or '-' (not a path), "
                         "starting with a letter or digit")
     return name
+
+
+def check_name_length(path: Path, option: str = "--out") -> None:
+    """No name in `path` longer than a file system takes (NAME_BYTES): "File name too long" after
+    the work would lose it."""
+    for part in Path(path).parts:
+        if len(part.encode("utf-8", "surrogateescape")) > NAME_BYTES:
+            raise UserError(f"{option}: the name {part[:40]}... is {len(part.encode())} bytes, "
+                            f"beyond the {NAME_BYTES} a file name may have: choose a shorter one")
+
+
+def check_output_dir(path: Path, inputs=(), option: str = "--out") -> Path:
+    """Fail now, before the work, when the folder `path` cannot hold a run's files: a name too
+    long, an existing file (an input of this run or not), or a folder that cannot be written (its
+    nearest existing one is tried). Nothing is created."""
+    path = Path(path)
+    check_name_length(path, option)
+    if any(path.resolve() == Path(i).resolve() for i in inputs if i):
+        raise UserError(f"{option} {path} is an input of this run: choose a folder")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is a file, not a folder: choose another {option}")
+    nearest = next(p for p in (path, *path.parents) if p.exists())
+    if not nearest.is_dir():
+        raise UserError(f"{option} {path}: {nearest} is a file, not a folder: "
+                        f"choose another {option}")
+    check_writable(path, option)  # tries `nearest`; notes the folders missing below it for made_dirs
+    return path
+
+
+def short_label(label: str) -> str:
+    """A part of an output name built from the arguments (e.g. several --cap specs), at most
+    LABEL_BYTES: a longer one keeps its start and ends in a hash of the whole, so that distinct
+    labels stay distinct."""
+    if len(label.encode("utf-8")) <= LABEL_BYTES:
+        return label
+    digest = hashlib.sha256(label.encode("utf-8")).hexdigest()[:12]
+    head = label.encode("utf-8")[: LABEL_BYTES - 13].decode("utf-8", "ignore")
+    return f"{head}-{digest}"
+
+
+# Text inputs: every text file a command reads (prompts, questions, JSONL conversations) is checked
+# by check_text before the command runs (support.cli.check_paths); read whole by read_text, or
+# streamed as UTF-8 (jsonl_conversations).
+
+
+def check_text(path, option: str = "") -> Path:
+    """A text input -> its path, checked whole before any work: it exists, is a file, can be
+    read, and is UTF-8 (streamed: a large JSONL costs a read, not its size in memory)."""
+    path, label = Path(path), (option + " " if option.startswith("-") else "")
+    if not path.exists():
+        raise UserError(f"{label}{path} does not exist")
+    if not path.is_file():
+        raise UserError(f"{label}{path} is not a file: give a text file")
+    fix, lines = "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)", 0
+    try:
+        with open(path, encoding="utf-8") as f:  # strict: the first byte that is not UTF-8 fails
+            while text := f.read(1 << 20):
+                lines += text.count("\n")
+    except UnicodeDecodeError as e:
+        line = lines + e.object[: e.start].count(b"\n") + 1  # e.object: the bytes being decoded
+        raise UserError(f"{label}{path} is not UTF-8 text ({e.reason} at line {line}): {fix}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {label}{path} ({e.strerror})") from None
+    return path
+
+
+def read_text(path, option: str = "") -> str:
+    """The one reader of a text file read whole: UTF-8, at most TEXT_FILE_BYTES, errors as one
+    line naming the file and the fix."""
+    path = check_text(path, option)
+    size = path.stat().st_size
+    if size > TEXT_FILE_BYTES:
+        raise UserError(f"{option + ' ' if option else ''}{path} is {size} bytes, beyond the "
+                        f"{TEXT_FILE_BYTES} a text file read whole may have: split it")
+    return path.read_text(encoding="utf-8")
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
@@ -391,7 +525,7 @@ def assistant_turns(record) -> tuple[list[dict], list[int]] | str:
 def jsonl_conversations(src: Path, skipped: dict):
     """(line number, messages, indices of its assistant turns) for each usable line of a JSONL file; the others
     are counted in `skipped` by reason, with their line numbers. Streamed: one line in memory at a time."""
-    with open(src) as f:
+    with open(src, encoding="utf-8") as f:  # checked to be UTF-8 by check_text
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue

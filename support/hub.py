@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 import zipfile
 from pathlib import Path
 
@@ -152,6 +153,7 @@ def _snapshot(repo_id: str, revision: str) -> tuple[Path, str]:
     cache = f"{repo_id}@{revision} {where} the Hugging Face cache ({hf_hub_cache()})"
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         raise HubUnreachable(f"HF_HUB_OFFLINE is set, and {cache}")
+    _check_endpoint(_endpoint())
     try:
         snapshot = _download(repo_id, revision, ALLOW_PATTERNS)
         index = snapshot / "model.safetensors.index.json"
@@ -209,6 +211,14 @@ def _listed(repo_id: str, commit: str) -> bool:
 
 def _endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _check_endpoint(endpoint: str) -> None:
+    """HF_ENDPOINT must be an http(s) URL (else every request fails, and a rerun cannot help)."""
+    url = urllib.parse.urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise HubError(f"HF_ENDPOINT {endpoint!r} is no http(s) URL like https://huggingface.co:"
+                       " fix it, or unset it to use the Hugging Face hub")
 
 
 def _download(repo_id: str, revision: str, patterns: list[str]) -> Path:

@@ -35,8 +35,12 @@ class JudgeCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.scores: dict[str, float | None] = {}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = self.path.read_bytes() if self.path.exists() else b""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            data = self.path.read_bytes() if self.path.exists() else b""
+        except OSError as e:  # a folder of that name, a file where its folder should be
+            raise UserError(f"cannot use {self.path} as the judge cache ({e.strerror}): move "
+                            "what is in the way, or choose another output folder") from None
         complete = data[: data.rfind(b"\n") + 1]  # up to the last newline; the rest is a torn line
         lines = complete.decode("utf-8", errors="replace").splitlines()
         for lineno, line in enumerate(lines, start=1):
@@ -53,8 +57,9 @@ class JudgeCache:
         try:
             record = json.loads(line)
             key, score = record["key"], record["score"]
-            if not isinstance(key, str) or not (score is None or isinstance(score, (int, float))):
-                raise TypeError
+            number = isinstance(score, (int, float)) and not isinstance(score, bool)
+            if not isinstance(key, str) or not (score is None or number and math.isfinite(score)):
+                raise TypeError  # NaN, Infinity (json reads them) or true: no judgment
         except (ValueError, KeyError, TypeError):
             raise UserError(
                 f"{self.path}:{lineno} is not a judge-cache record: delete that line "

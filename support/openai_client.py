@@ -57,6 +57,12 @@ class OpenAIClient:
     ):
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL).rstrip("/")
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY")
+        url = urlsplit(self.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:  # requests: MissingSchema
+            raise UserError(
+                f"OPENAI_BASE_URL {self.base_url!r} is no http(s) URL: give one like "
+                "http://127.0.0.1:8000/v1 (a local server), or unset it to use OpenAI's API"
+            )
         if not self.api_key and urlsplit(self.base_url).hostname == "api.openai.com":
             # Only OpenAI itself surely needs a key. vLLM and llama.cpp servers usually run
             # without one, so any other base URL is tried without; if it does want one, its 401

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from support import UserError
+from model import check_new_tokens
 
 SMALL_MODEL_TEMPERATURE, SMALL_MODEL_TOP_P = 0.7, 0.9
 
@@ -42,6 +43,9 @@ def budget_for(model, rollouts=None, max_new_tokens=None, temperature=None, top_
     """The default budget for this model and device, with any of the user's settings in place of the defaults."""
     dev = str(model.model.embed_tokens.weight.device)
     b = default_budget(dev, sum(p.numel() for p in model.parameters()))
+    if max_new_tokens is not None:
+        check_count("max-new-tokens", max_new_tokens)
+        check_new_tokens(model, max_new_tokens)  # before any work; each batch: in generate
     return Budget(b.rollouts if rollouts is None else rollouts,
                   b.max_new_tokens if max_new_tokens is None else max_new_tokens,
                   b.temperature if temperature is None else temperature, b.top_p if top_p is None else top_p,

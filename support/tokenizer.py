@@ -6,7 +6,7 @@ comes from `chat_template.jinja` if the directory has one (transformers gives it
 otherwise from tokenizer_config.json's `chat_template` (a string, or a list of named templates, of
 which "default" is used). It runs in jinja2's `ImmutableSandboxedEnvironment` (a template is
 untrusted input from a download) with `trim_blocks`, `lstrip_blocks`, the `loopcontrols` extension
-and what transformers gives a template:
+and what transformers gives a template (and limits: below):
 
 * variables: `messages`, `add_generation_prompt`, `tools` and `documents` (None), the special
   tokens of tokenizer_config.json (`bos_token`, `eos_token`, `pad_token`, ... where set),
@@ -15,6 +15,11 @@ and what transformers gives a template:
   message), `strftime_now(format)` (today's date, as Llama-3.2's template writes it),
   `namespace(...)` (refusing names that start with "_"); the `tojson` filter as transformers
   defines it (JSON without HTML escaping, non-ASCII kept).
+
+A template cannot hang or fill the memory: one rendering may take at most 1,000,000 loop steps
+and calls (MAX_STEPS) and 10 s (MAX_SECONDS), and no string or list it builds, nor its output, may
+pass twice the messages' characters plus 1,000,000 (`*` and `**` are checked before they run);
+past a limit, a one-line error names the model. jinja2's sandbox alone bounds only `range`.
 
 tests/test_tokenizer.py checks the result, character for character and token for token, against
 `transformers` on the real templates of Llama-3.0/3.1/3.2/3.3, Qwen2, Qwen2.5, Qwen3, SmolLM2,
@@ -42,13 +47,17 @@ from __future__ import annotations
 import json
 import re
 import sys
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
 import jinja2
+from jinja2 import nodes
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
+from jinja2.visitor import NodeTransformer
 from tokenizers import Tokenizer as _HFTokenizer
 
 from support import UserError
@@ -61,6 +70,11 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 _PROBE_USER = {"role": "user", "content": "Hi"}
 _PROBE_SYSTEM = {"role": "system", "content": "Be brief."}
 _PROBE_REPLY = "Hello there"
+# Limits on one rendering of a template (untrusted code from a download).
+MAX_STEPS = 1_000_000  # loop iterations and calls
+MAX_SECONDS = 10.0
+MAX_CHARS = 1_000_000  # a value's or the output's length, beyond twice the messages' characters
+MAX_POWER_BITS = 100_000  # the size of an integer that ** or * may make
 
 
 def _strftime_now(fmt: str) -> str:
@@ -76,6 +90,41 @@ def answer_after_thinking(text: str) -> str:
     if "</think>" in text:
         return text.rsplit("</think>", 1)[1].lstrip("\n")
     return "" if "<think>" in text else text
+
+
+def think_marks(tok) -> tuple[int, frozenset[int]]:
+    """(the id of `</think>`, the ids of the newline tokens written after it) for a thinking
+    model's tokenizer; a UserError when it has no `</think>` token (no thinking mode)."""
+    close = tok.encode("</think>")
+    if len(close) != 1:
+        raise UserError(f"{tok.name} has no </think> token, so it has no thinking mode "
+                        "(Qwen3 has one): drop --thinking")
+    newlines = {i for n in (1, 2, 3) for i in tok.encode("\n" * n)
+                if not tok.decode([i]).strip("\n")}
+    return close[0], frozenset(newlines)
+
+
+def answer_start(ids: list[int], close: int, newlines: frozenset[int]) -> int:
+    """Where a thinking model's answer begins in its reply `ids`: after the first `</think>` and
+    the newline tokens that follow it (len(ids) when the reply never closed its think block).
+
+    >>> answer_start([5, 6, 9, 1, 1, 7, 1], close=9, newlines=frozenset({1}))
+    5
+    """
+    if close not in ids:
+        return len(ids)
+    s = ids.index(close) + 1
+    while s < len(ids) and (ids[s] in newlines or ids[s] == close):
+        s += 1
+    return s
+
+
+def split_thinking(tok, ids: list[int]) -> tuple[list[int], list[int]]:
+    """A reply's ids -> (think block, answer); all answer unless `tok.thinking` is on."""
+    if not getattr(tok, "thinking", False):
+        return [], list(ids)
+    s = answer_start(list(ids), *think_marks(tok))
+    return list(ids[:s]), list(ids[s:])
 
 
 # ------------------------------------------------------------------------------ the sandbox
@@ -116,12 +165,110 @@ def _check_jinja2_version(version: str = jinja2.__version__) -> None:
                         "untrusted input: pip install -U 'jinja2>=3.1.6'")
 
 
+class _TooMuch(jinja2.exceptions.TemplateError):
+    """A rendering past one of the limits (MAX_STEPS, MAX_SECONDS, the size limit)."""
+
+
+class TemplateTooCostly(UserError):
+    """A chat template that went past the limits on a rendering: not retried on other chats."""
+
+
+class _Limits:
+    """What one rendering may still spend; one per render, per thread (see _render)."""
+
+    def __init__(self, max_chars: int):
+        self.steps_left = MAX_STEPS
+        self.deadline = time.monotonic() + MAX_SECONDS
+        self.max_chars = max_chars
+
+    def step(self) -> None:
+        self.steps_left -= 1
+        if self.steps_left < 0:
+            raise _TooMuch(f"more than {MAX_STEPS} loop steps and calls")
+        if time.monotonic() > self.deadline:
+            raise _TooMuch(f"more than {MAX_SECONDS:g} s")
+
+    def check_size(self, value):
+        if isinstance(value, (str, list, tuple)) and len(value) > self.max_chars:
+            raise _TooMuch(f"a value of more than {self.max_chars} items")
+        if isinstance(value, int) and value.bit_length() > MAX_POWER_BITS:
+            raise _TooMuch(f"an integer of more than {MAX_POWER_BITS} bits")
+        return value
+
+
+_LIMITS = threading.local()  # .current: the _Limits of this thread's rendering
+
+
+def _step(value=None):
+    """A filter the guard puts in the compiled template: one step (returns its argument)."""
+    _LIMITS.current.step()
+    return value
+
+
+def _counted(iterable):
+    """A filter around each loop's iterable: one step an item."""
+    for item in iterable:
+        _LIMITS.current.step()
+        yield item
+
+
+def _sized(value):
+    """A filter around each `~` concatenation: its result within the size limit."""
+    return _LIMITS.current.check_size(value)
+
+
+def _check_binop(operator: str, left, right) -> None:
+    """`*` and `**` are checked before they run (a huge result costs time before it exists)."""
+    if isinstance(right, bool) or not isinstance(right, int):
+        return
+    if operator == "**" and isinstance(left, int) and abs(left) > 1 and right > 0:
+        if right * abs(left).bit_length() > MAX_POWER_BITS:
+            raise _TooMuch(f"an integer of more than {MAX_POWER_BITS} bits")
+    if operator == "*":
+        if isinstance(left, (str, list, tuple)):
+            if len(left) * right > _LIMITS.current.max_chars:
+                raise _TooMuch(f"a value of more than {_LIMITS.current.max_chars} items")
+        elif isinstance(left, int) and left.bit_length() + right.bit_length() > MAX_POWER_BITS:
+            raise _TooMuch(f"an integer of more than {MAX_POWER_BITS} bits")
+
+
+class _Guard(NodeTransformer):
+    """Puts the step and size filters into a parsed template (every loop, every `~`)."""
+
+    def visit_For(self, node: nodes.For) -> nodes.For:
+        node = self.generic_visit(node)
+        node.iter = nodes.Filter(node.iter, "_pv_counted", [], [], None, None, lineno=node.lineno)
+        if node.recursive:  # loop(items) iterates items unwrapped: count the body instead
+            step = nodes.Filter(nodes.Const(None), "_pv_step", [], [], None, None)
+            node.body.insert(0, nodes.ExprStmt(step, lineno=node.lineno))
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Filter:
+        node = self.generic_visit(node)
+        return nodes.Filter(node, "_pv_sized", [], [], None, None, lineno=node.lineno)
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox, counting calls and checking `*`, `**`, `+`, `%` (see _Limits)."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's own signature)
+        _LIMITS.current.step()
+        return _LIMITS.current.check_size(super().call(__context, __obj, *args, **kwargs))
+
+    def call_binop(self, context, operator, left, right):
+        _check_binop(operator, left, right)
+        if operator == "*" and isinstance(right, (str, list, tuple)):
+            _check_binop(operator, right, left)  # 3 * "x" as "x" * 3
+        return _LIMITS.current.check_size(super().call_binop(context, operator, left, right))
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
     _check_jinja2_version()
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-    )
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
+    env.filters.update(_pv_counted=_counted, _pv_step=_step, _pv_sized=_sized)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: _strftime_now(fmt)  # found at call time: tests pin it
     env.globals["namespace"] = _Namespace
@@ -148,18 +295,32 @@ def _load_template(model_dir: Path, config: dict) -> str | None:
         return jinja_file.read_text(encoding="utf-8")
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template}
-        template = named.get("default", template[0].get("template") if template else None)
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in template):
+            template = 0  # refused below
+        else:
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default", template[0].get("template") if template else None)
+    if template is not None and not isinstance(template, str):
+        raise UserError(
+            f"{model_dir / 'tokenizer_config.json'}: chat_template must be a string or a list of "
+            '{"name": ..., "template": "..."}: download the model again'
+        )
     return template
 
 
-def _eos_ids(*configs: dict) -> list[int]:
-    """The eos_token_id values of generation_config.json / config.json (an int or a list)."""
+def _eos_ids(model_dir: Path, vocab_size: int) -> list[int]:
+    """The eos_token_id values of generation_config.json / config.json (an int or a list), each a
+    token id of the tokenizer."""
     ids = []
-    for cfg in configs:
-        eos = cfg.get("eos_token_id")
-        ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
-    return [int(i) for i in ids]
+    for name in ("generation_config.json", "config.json"):
+        eos = _read_json(model_dir / name).get("eos_token_id")
+        listed = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        for i in listed:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+                raise UserError(f"{model_dir / name}: eos_token_id {json.dumps(eos)[:80]} is not "
+                                f"a token id (0..{vocab_size - 1}) or a list of them")
+        ids += listed
+    return ids
 
 
 def _one_line(text) -> str:
@@ -183,6 +344,9 @@ def _special_tokens(config: dict, vocab: dict, model_dir: Path) -> dict[str, str
         text = _token_text(config.get(name))
         if text is None:
             continue
+        if not isinstance(text, str):
+            raise UserError(f"{model_dir}: {name} {json.dumps(text)[:80]} (tokenizer_config.json) "
+                            "is not a token: a string, or an object with its \"content\"")
         if text not in vocab:
             raise UserError(
                 f"{model_dir}: {name} {text!r} (tokenizer_config.json) is not in tokenizer.json"
@@ -195,7 +359,8 @@ def _compile(template: str | None, model_dir: Path) -> jinja2.Template | None:
     if template is None:
         return None  # text encoding works; chat() says what is missing
     try:
-        return _environment().from_string(template)
+        env = _environment()
+        return env.from_string(_Guard().visit(env.parse(template)))
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise UserError(
             f"{model_dir}: the chat template is not valid Jinja (line {e.lineno}: "
@@ -212,11 +377,10 @@ class Tokenizer:
         self._tok = _read_tokenizer(model_dir / "tokenizer.json")
         self.backend = self._tok  # the `tokenizers.Tokenizer`, for what this wrapper does not cover
         config = _read_json(model_dir / "tokenizer_config.json")
-        gen_eos = _eos_ids(_read_json(model_dir / "generation_config.json"),
-                           _read_json(model_dir / "config.json"))
         vocab = self._tok.get_vocab(with_added_tokens=True)
         # Size of the tokenizer's vocabulary; the embedding matrix may have more (padded) rows.
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        gen_eos = _eos_ids(model_dir, self.vocab_size)
         # The special tokens by name (bos_token, eos_token, ...), as the template sees them.
         self.special_tokens: dict[str, str] = _special_tokens(config, vocab, model_dir)
         self.bos_token: str | None = self.special_tokens.get("bos_token")
@@ -293,21 +457,45 @@ class Tokenizer:
             )
         variables = {**self.special_tokens, **kwargs}
         try:
-            return self._template.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **variables)
+            return self._generate(messages, add_generation_prompt, variables)
+        except _TooMuch as e:
+            raise TemplateTooCostly(
+                f"{self.name}: the chat template goes past the limits on a rendering "
+                f"({_one_line(e)}); it is not a chat template to use"
+            ) from None
         except jinja2.exceptions.SecurityError as e:
             raise UserError(f"{self.name}: the chat template tried something the sandbox forbids "
                             f"({_one_line(e)})") from None
         except jinja2.exceptions.TemplateError as e:
             raise UserError(f"{self.name}: the chat template refuses this conversation: "
                             f"{_one_line(e)}") from None
-        except (TypeError, ValueError, LookupError, AttributeError) as e:  # Python, in the template
+        except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError,
+                RecursionError, MemoryError) as e:  # Python, in the template
             raise UserError(f"{self.name}: the chat template fails on this conversation: "
-                            f"{type(e).__name__}: {_one_line(e)}") from None
+                            f"{type(e).__name__}: {_one_line(e)[:200]}") from None
+
+    def _generate(self, messages, add_generation_prompt: bool, variables: dict) -> str:
+        """The template's text, under this thread's _Limits (the output within its size limit)."""
+        limits = _Limits(2 * sum(len(m["content"]) for m in messages) + MAX_CHARS)
+        _LIMITS.current = limits
+        try:
+            parts, size = [], 0
+            for part in self._template.generate(messages=messages, tools=None, documents=None,
+                                                add_generation_prompt=add_generation_prompt,
+                                                **variables):
+                size += len(part)
+                if size > limits.max_chars:
+                    raise _TooMuch(f"an output of more than {limits.max_chars} characters")
+                parts.append(part)
+            return "".join(parts)
+        finally:
+            _LIMITS.current = None
 
     def _renders(self, messages) -> bool:
         try:
             self._render(messages, True, enable_thinking=False)
+        except TemplateTooCostly:
+            raise
         except UserError:
             return False
         return True
@@ -333,6 +521,8 @@ class Tokenizer:
         try:
             reply = {"role": "assistant", "content": _PROBE_REPLY}
             text = self._render([_PROBE_USER, reply], False, enable_thinking=False)
+        except TemplateTooCostly:
+            raise
         except UserError:
             return None
         if _PROBE_REPLY not in text:

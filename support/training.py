@@ -39,6 +39,7 @@ from support.files import (
     check_writable,
     load_vector,
     locked,
+    made_dirs,
     resolve_layer,
     vector_file,
 )
@@ -62,6 +63,24 @@ OUT_OF_MEMORY = (
     "error: out of memory: lower --batch-size (raise --grad-accum to keep the batch) or "
     "--max-seq-len, or add --checkpointing, or shard with --fsdp"
 )
+
+
+def run(call) -> int:
+    """train.py's command -> its exit status: a UserError is one line on stderr (rank 0 only), out
+    of memory a line on what to lower (1); Ctrl-C says how to resume (130)."""
+    try:
+        call()
+    except UserError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError:
+        print(OUT_OF_MEMORY, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+    return 0
 
 
 def check_settings(settings: dict) -> None:
@@ -144,7 +163,7 @@ def launch(out: Path, device: str | None, dtype, fsdp: bool):
     failure, `out` and the folders made for it go if they are left empty."""
     device = device or checkpoint.default_device()
     dtype = compute_dtype(dtype, device)
-    with process_group(device) as (rank, world), removed_if_left_empty(out):
+    with process_group(device) as (rank, world), made_dirs(out):
         with locked(out, "--out") if rank == 0 else contextlib.nullcontext():  # one run at a time
             yield Process(rank, world, join_device(device, fsdp, world), dtype)
 
@@ -792,23 +811,6 @@ def leftover(path: Path) -> bool:
 
 
 def remove_leftovers(out: Path) -> None:
-    for p in out.iterdir():
+    for p in out.iterdir() if out.is_dir() else []:  # made at the first write
         if leftover(p):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-
-
-@contextlib.contextmanager
-def removed_if_left_empty(out: Path):
-    """On a failure, remove `out` and the parents made for it while they are empty: a run that fails
-    before writing anything leaves no trace, and nothing that existed before it started is
-    removed."""
-    made = [p for p in [out, *out.parents] if not p.exists()]  # deepest first
-    try:
-        yield
-    except BaseException:
-        for d in made:
-            try:
-                d.rmdir()  # only ever an empty directory
-            except OSError:
-                break
-        raise

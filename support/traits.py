@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from support import UserError
-from support.files import atomic_write, read_json
+from support.files import atomic_write, read_json, read_text
 
 TRAITS_DIR = Path(__file__).resolve().parent.parent / "data" / "traits"
 QUESTIONS_FILE = TRAITS_DIR.parent / "questions" / "everyday.json"  # make-dataset's default pool of requests
@@ -303,7 +303,7 @@ def load_questions(path: str | Path | None = None) -> list[str]:
     path = Path(path) if path else QUESTIONS_FILE
     if not path.is_file():
         raise UserError(f"no questions file {path}: give a .json list or a text file with one request per line")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "--questions-file")
     if path.suffix == ".json":
         try:
             data = json.loads(text)

@@ -69,3 +69,58 @@ def test_chat_from_a_pipe(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("[evil L1]") == 2 and "humorous" not in r.stdout
     assert len(json.loads((tmp_path / "c.jsonl").read_text())["messages"]) == 4
+
+
+@pytest.mark.parametrize("when", ["at the prompt", "during a reply"])
+def test_ctrl_c_saves_the_finished_turns(tiny, tmp_path, monkeypatch, capsys, when):
+    """Ctrl-C after a turn: the conversation so far is appended to --save (a reply cut off is left
+    out), stderr says where, and the exit status is still 130."""
+    from apps import __main__ as apps_cli
+
+    d, vectors = tiny
+    save = tmp_path / "new" / "c.jsonl"
+    save.parent.mkdir()
+    save.write_text('{"messages": []}\n')  # an earlier conversation: appended to, never lost
+
+    class User(io.StringIO):
+        def readline(self):
+            line = super().readline()
+            if not line and when == "at the prompt":
+                raise KeyboardInterrupt
+            return line
+
+    answer = pv.answer_with_activations
+
+    def answer_once(*args, **kwargs):
+        if sum(m["role"] == "user" for m in args[2][0]) > 1:
+            raise KeyboardInterrupt  # the second reply
+        return answer(*args, **kwargs)
+
+    monkeypatch.setattr(pv, "answer_with_activations", answer_once)
+    monkeypatch.setattr(sys, "stdin", User("Hi\n" + ("Again\n" if when == "during a reply" else "")))
+    code = apps_cli.main(["chat", "--model", str(d), "--vectors", str(vectors), "--max-new-tokens",
+                          "3", "--device", "cpu", "--save", str(save)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and err[-2:] == [f"interrupted: the conversation is saved in {save}",
+                                        "interrupted"], err
+    lines = [json.loads(x) for x in save.read_text().splitlines()]
+    assert lines[0] == {"messages": []} and len(lines) == 2
+    assert [(m["role"], m["content"]) for m in lines[1]["messages"]][0] == ("user", "Hi")
+    assert [m["role"] for m in lines[1]["messages"]] == ["user", "assistant"]
+    assert [p.name for p in save.parent.iterdir()] == ["c.jsonl"]  # no temporary left
+
+
+def test_ctrl_c_before_any_turn_writes_nothing(tiny, tmp_path, monkeypatch, capsys):
+    from apps import __main__ as apps_cli
+
+    d, vectors = tiny
+
+    class User(io.StringIO):
+        def readline(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "stdin", User())
+    code = apps_cli.main(["chat", "--model", str(d), "--vectors", str(vectors), "--device", "cpu",
+                          "--save", str(tmp_path / "a" / "c.jsonl")])
+    assert code == 130 and capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+    assert list(tmp_path.iterdir()) == []  # no file, and no folder made for it

@@ -78,7 +78,7 @@ CASES = [
     ("monitor {r}/missing.jsonl --model {d} --vectors {v}", 1, "does not exist"),
     ("import-vector {r}/missing.pt", 1, "does not exist"),
     ("generate --model {d}", 1, "no prompt"),
-    ("generate --model {d} --prompts-file {r}/missing.txt", 1, "cannot read --prompts-file"),
+    ("generate --model {d} --prompts-file {r}/missing.txt", 1, "missing.txt does not exist"),
     ("extract nosuch_trait --model {d}", 1, "unknown trait"),
     ("extract ../evil --model {d}", 1, "trait names are plain words"),
     ("import-gguf {r}/missing.gguf --model {d}", 1, "no file"),

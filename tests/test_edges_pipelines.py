@@ -1,6 +1,7 @@
 """Issue 17 for the pipelines (make-dataset, chat, monitor, flag): nothing lost, nothing silent. Each case of the
 table ends in a one-line error, a non-zero exit, no traceback, and a test folder unchanged to the byte (no file
 written over, no directory left behind); the ordinary tests below cover what does not fail."""
+import errno
 import io
 import json
 import os
@@ -14,9 +15,9 @@ import torch
 
 import judge as J
 import model as M
-from support import checkpoint
 import persona_vectors as pv
 from apps import __main__ as apps_cli, flagging
+from support import UserError, checkpoint, files
 from support.plots import pyplot
 from tiny import FakeJudge, main_of, run_bad, tiny_model_with_vectors, tree, write_vector
 
@@ -81,6 +82,16 @@ CASES = [
     (FLAG + " --select top --k 2 --select-out {r}/adir", 1, "--select-out {r}/adir is a directory"),
     ("flag {r}/data.jsonl {r}/out/data.flag.jsonl --model {d} --vectors {v} --trait evil --out {r}/out "
      "--format jsonl", 1, "data.flag.jsonl is an input of this run"),  # data.jsonl's per-sample file
+    # issue 26, 4: nor over another output of the same run, whatever --force says
+    (FLAG + " --out {r}/fl --select top --k 2 --select-out {r}/fl/flag_summary.json", 1,
+     "--select-out {r}/fl/flag_summary.json is the summary of this run"),
+    (FLAG + " --out {r}/flagged --format jsonl --select top --k 2 --select-out "
+     "{r}/flagged/data.flag.jsonl --force", 1,
+     "is the per-sample file of {r}/data.jsonl of this run"),
+    (FLAG + " --out {r}/flagged --select top --k 2 --select-out {r}/flagged/flag_evil.png "
+     "--force", 1, "is the evil histogram of this run"),
+    (FLAG + " --out {r}/fl --select top --k 2 --select-out {r}/fl", 1,
+     "is the output folder of this run"),
     # 2. make-dataset --out: the same rule
     ("make-dataset evil --model {d} --n 2 --out {r}/existing.jsonl", 1, "pass --force to overwrite it"),
     ("make-dataset evil --model {d} --n 2 --questions-file {r}/q.txt --out {r}/q.txt --force", 1,
@@ -122,6 +133,66 @@ def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     assert message.format(r=root) in err[-1]  # (lines before it: the model loading, for errors found after that)
     assert list(tmp_path.iterdir()) == []  # nothing written
     assert tree(root) == before  # nothing changed, nothing left behind
+
+
+LATE = [  # commands that fail once their work has started; {t}: the current folder (empty)
+    "extract evil --model {d} --judge none --questions 1 --rollouts 1 --out {t}/new/a/b",
+    "extract evil --model {d} --judge none --questions 1 --rollouts 1",  # default: ./vectors/model/
+    "eval evil --model {d} --vectors {v} --judge none --questions 1 --out {t}/new/a/b",
+    "sweep evil --model {d} --vectors {v} --judge none --questions 1 --layers 1 --coefs 1 "
+    "--out {t}/new/a/b",
+    "monitor-experiment evil --model {d} --vectors {v} --judge none --questions 1 --rollouts 1 "
+    "--out {t}/new/a/b",
+    "make-dataset evil --model {d} --n 2 --questions-file {r}/q.txt --judge none "
+    "--out {t}/new/a/d.jsonl",
+    "flag {r}/data.jsonl --model {d} --vectors {v} --trait evil --out {t}/new/a/b",
+    "chat --model {d} --vectors {v} --save {t}/new/a/c.jsonl",
+]
+
+
+LATE_IDS = [a.split(" {")[0] + (" --out" if "{t}/new" in a else "") for a in LATE]
+
+
+@pytest.mark.parametrize("failure, code", [(UserError("the generation failed"), 1),
+                                           (KeyboardInterrupt(), 130)], ids=["error", "ctrl-c"])
+@pytest.mark.parametrize("argv", LATE, ids=LATE_IDS)
+def test_a_failed_run_leaves_no_folder_behind(tiny, argv, failure, code, monkeypatch, capsys,
+                                               tmp_path):
+    """Issue 26, 8 (a seed of 1e23, --max-new-tokens 1e9: a failure once the model has loaded): the
+    folders a run would write into are made only when there is something to write, and a failed run
+    removes those it made while they are empty, parents included."""
+    d, vectors, root = tiny
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(M, "generate", fail)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    before = tree(root)
+    args = argv.format(d=d, v=vectors, r=root, t=tmp_path).split()
+    run_bad(main_of(args), args, code, capsys)
+    assert list(tmp_path.iterdir()) == []  # no output, no folder: nothing made
+    assert tree(root) == before  # no input changed
+
+
+@pytest.mark.parametrize("argv", LATE[:6], ids=LATE_IDS[:6])
+def test_a_run_that_cannot_write_leaves_no_folder_behind(tiny, argv, monkeypatch, tmp_path):
+    """The disk is full at the first batch: the folders made to hold it go again (innermost first)
+    as the run fails."""
+    d, vectors, root = tiny
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(files, "save_file", disk_full)  # save_batch's writer, inside atomic_write
+    before = tree(root)
+    args = argv.format(d=d, v=vectors, r=root, t=tmp_path).split()
+    with pytest.raises(OSError, match="No space left"):
+        main_of(args)(args)
+    assert list(tmp_path.iterdir()) == []
+    assert tree(root) == before
 
 
 def test_chat_keeps_the_conversation_when_the_save_fails_at_the_end(tiny, tmp_path, monkeypatch, capsys):

@@ -232,6 +232,22 @@ def test_a_stalled_request_head_gets_408_and_frees_its_connection(tiny, head):
         stop(engine, server)
 
 
+def test_a_new_connection_that_sends_nothing_gets_408_and_frees_its_slot(tiny):
+    """A client that opens a connection and sends nothing is a stalled request too: 64 of them
+    would otherwise hold every slot for the idle connection's 120 s."""
+    url, engine, server = start(tiny, body_timeout=0.5, max_connections=1)
+    try:
+        with connect(url) as s:
+            s.settimeout(10)  # a server that waits 120 s fails here
+            status, body = read_reply(s)
+            assert status.startswith("HTTP/1.1 408") and "Content-Type: application/json" in status
+            assert "no request came on this new connection for 0.5 s" in body["error"]["message"]
+            assert s.recv(1) == b""
+        wait_for(lambda: get_models(url)[0].startswith("HTTP/1.1 200"))  # the one slot is free
+    finally:
+        stop(engine, server)
+
+
 @pytest.mark.parametrize("headers, message", [
     # superscript two (str.isdigit() holds), an Arabic-Indic three as Latin-1 reads it, 5001 digits
     # (int() refuses over 4300)

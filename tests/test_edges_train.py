@@ -67,7 +67,7 @@ def argv(tiny, *args) -> list[str]:
 # always below a folder that does not exist yet: a failed run must leave neither behind.
 CASES = [
     ("{r}/bad.jsonl --out {r}/new/o", 1, "bad.jsonl:1: not JSON"),
-    ("{r}/missing.jsonl --out {r}/new/o", 1, "no data file"),
+    ("{r}/missing.jsonl --out {r}/new/o", 1, "missing.jsonl does not exist"),
     ("{r}/ok.jsonl --out {r}/new/o --steer nosuch:1", 1, "run `extract nosuch` first"),
     ("{r}/ok.jsonl --out {r}/new/o --steer evil", 1, "expected TRAIT:COEF"),
     ("{r}/ok.jsonl --out {r}/new/o --steer {r}/wide.safetensors:1", 1, "use a vector extracted from this model"),
@@ -75,7 +75,7 @@ CASES = [
     ("{r}/ok.jsonl --out {r}/new/deeper/o --resume", 1, "holds no training run"),
     ("{r}/ok.jsonl --out {r}/empty --resume", 1, "holds no training run"),  # a folder that was there stays
     ("{r}/ok.jsonl --out {r}/notrun", 1, "not empty and holds no training run"),
-    ("{r}/ok.jsonl --out {r}/ok.jsonl", 1, "cannot write to"),
+    ("{r}/ok.jsonl --out {r}/ok.jsonl", 1, "is an input of this run"),
     ("{r}/ok.jsonl --out {r}/new/o --max-seq-len 1", 1, "--max-seq-len 1 must be at least 2"),
     ("{r}/ok.jsonl --out {r}/new/o --save-every 10x", 1, "give a number of steps (50) or of minutes (10m)"),
     ("{r}/ok.jsonl --out {r}/new/o --fsdp", 1, "launch with torchrun"),

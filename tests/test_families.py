@@ -280,6 +280,18 @@ def test_a_vision_tower_in_a_text_only_checkpoint_is_still_unexpected(tmp_path):
             {"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
             "sliding_attention` scales RoPE: not supported",
         ),
+        # each of these crashed (AttributeError, a complex scale) or gave NaN logits before
+        ({"rope_parameters": {"full_attention": [1]}}, "`rope_parameters.full_attention` must be"),
+        ({"rope_parameters": {"sliding_attention": "x"}}, "`rope_parameters.sliding_attention` mu"),
+        ({"query_pre_attn_scalar": -4}, "`query_pre_attn_scalar` must be a number above 0, not -4"),
+        ({"final_logit_softcapping": 0.0}, "`final_logit_softcapping` must be a number above 0"),
+        ({"rope_local_base_freq": -1}, "`rope_local_base_freq` must be a number above 0, not -1"),
+        ({"rope_theta": 0}, "`rope_theta` must be a number above 0, not 0"),
+        ({"rms_norm_eps": -1.0}, "`rms_norm_eps` must be a number of at least 0, not -1.0"),
+        (
+            {"rope_scaling": {"rope_type": "linear", "factor": 0}},
+            "`rope_scaling.factor` must be a number above 0 for rope type 'linear', not 0",
+        ),
     ],
 )
 def test_family_config_errors_are_one_line(tmp_path, edit, message):

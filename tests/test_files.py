@@ -188,3 +188,25 @@ def test_every_weights_file_is_written_through_atomic_write():
     allowed = [(f, line) for f, line in found for a, b in INSIDE_A_TEMPORARY_FOLDER
                if f == a and line.startswith(b)]
     assert found == allowed
+
+
+def test_made_dirs_removes_only_the_empty_folders_a_failed_run_made(tmp_path):
+    """check_writable makes nothing; within made_dirs, a failure removes the folders the run made
+    while they are empty (innermost first), and keeps one that holds a file or existed before."""
+    (tmp_path / "old").mkdir()
+    with pytest.raises(KeyboardInterrupt), files.made_dirs(tmp_path / "w" / "x"):
+        files.check_writable(tmp_path / "old" / "a" / "b")
+        assert not (tmp_path / "old" / "a").exists()  # checked, not made
+        files.atomic_write(tmp_path / "old" / "a" / "b" / "c" / "f.txt", lambda p: p.write_text("x"))
+        (tmp_path / "old" / "a" / "b" / "c" / "f.txt").unlink()  # made, then left empty
+        files.atomic_write(tmp_path / "kept" / "g.txt", lambda p: p.write_text("y"))
+        (tmp_path / "w" / "x").mkdir(parents=True)
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["g.txt", "kept", "old"]
+
+
+def test_made_dirs_keeps_what_a_run_that_succeeds_made(tmp_path):
+    with files.made_dirs():
+        files.check_writable(tmp_path / "a" / "b")
+        (tmp_path / "a" / "b").mkdir(parents=True)
+    assert (tmp_path / "a" / "b").is_dir() and files._scopes == []

@@ -469,6 +469,18 @@ def test_a_partial_snapshot_and_no_hub_counts_as_no_hub(fake, tmp_path, monkeypa
     assert source_lines(capsys.readouterr().err)[-1] == (hub.GGUF_SOURCE, str(model_dir))
 
 
+@pytest.mark.parametrize("endpoint", ["garbage", "ftp://x", "http://", "huggingface.co"])
+def test_an_hf_endpoint_that_is_no_url_is_named_and_nothing_is_asked(endpoint, monkeypatch,
+                                                                    tmp_path):
+    """It said "the download broke off (UnsupportedProtocol): run again", which cannot help."""
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    shown = re.escape(endpoint.rstrip("/"))
+    with pytest.raises(hub.HubError, match=f"HF_ENDPOINT '{shown}' is no http.s. URL") as e:
+        hub.resolve(REPO)
+    single_line(e.value)
+    assert not (tmp_path / "hf-cache").exists()
+
+
 def test_a_hub_that_never_answers_fails_after_the_timeout(monkeypatch):
     """A server that accepts connections and never answers: huggingface_hub alone waits forever."""
     server = socket.socket()

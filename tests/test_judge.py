@@ -203,6 +203,15 @@ def test_a_refused_connection_fails_fast_with_one_line():
     assert time.time() - t0 < 5 and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("url", ["garbage", "127.0.0.1:8000/v1", "ftp://x/v1", "http://"])
+def test_a_base_url_that_is_no_url_is_a_one_line_error(url, env):
+    """It was requests' MissingSchema or InvalidSchema traceback, at the first request."""
+    env.setenv("OPENAI_BASE_URL", url)
+    with pytest.raises(UserError, match="OPENAI_BASE_URL '.*' is no http.s. URL") as e:
+        J.OpenAIJudge("m", api_key="k").score(["score:1"])
+    assert "\n" not in str(e.value)
+
+
 def test_a_long_retry_after_fails_at_once_and_short_waits_are_announced(fake, capsys, env):
     server = fake(failures=[429], retry_after="3600")
     t0 = time.time()
@@ -459,6 +468,25 @@ def test_cache_torn_last_line_and_killed_run(tmp_path):
     path.write_text('{"key": "k", "judge": "j", "score": 1}\nnot json\n{"key": "l", "judge": "j", "score": 2}\n')
     with pytest.raises(ValueError, match="c.jsonl:2 is not a judge-cache record: delete that line"):
         J.JudgeCache(path)
+
+
+@pytest.mark.parametrize("score", ["NaN", "Infinity", "true"])
+def test_a_cached_score_that_is_no_finite_number_is_refused(tmp_path, score):
+    """json reads NaN, Infinity and true; as scores they made every mean NaN (or 1)."""
+    path = tmp_path / "c.jsonl"
+    path.write_text(f'{{"key": "k", "judge": "j", "score": {score}}}\n')
+    with pytest.raises(UserError, match="c.jsonl:1 is not a judge-cache record") as e:
+        J.JudgeCache(path)
+    assert "\n" not in str(e.value)
+
+
+def test_a_cache_path_that_is_a_folder_or_under_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "d.jsonl").mkdir()
+    (tmp_path / "f").write_text("x")
+    for path in (tmp_path / "d.jsonl", tmp_path / "f" / "c.jsonl"):
+        with pytest.raises(UserError, match="cannot use .* as the judge cache"):
+            J.JudgeCache(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "f"]
 
 
 def test_cache_with_a_judge_that_ignores_on_result(tmp_path):

@@ -122,6 +122,8 @@ def test_a_device_this_machine_lacks_is_a_user_error(monkeypatch):
         checkpoint.load_model(GOLDEN / "tiny-tied", "cuda")
     with pytest.raises(UserError, match="unknown device 'gpu'"):
         checkpoint.load_model(GOLDEN / "tiny-tied", "gpu")
+    with pytest.raises(UserError, match="^device 'cuda': no CUDA"):  # as train.py passes it
+        checkpoint.load_model(GOLDEN / "tiny-tied", torch.device("cuda"))  # said "device(type='cuda')"
 
 
 def test_load_records_the_source_of_the_weights(tmp_path):

@@ -313,6 +313,7 @@ BAD = [
     (b"{not json", "not valid JSON"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "not valid JSON"),
     (b"[1, 2]", "must be a JSON object"),
+    (b"[" * 40_000 + b"]" * 40_000, "not valid JSON here (nested too deep)"),  # was a 500
     ({"messages": "hi"}, "messages must be a non-empty list"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role must be one of"),
     ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content must be"),

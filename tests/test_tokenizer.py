@@ -425,3 +425,78 @@ def test_unreadable_tokenizer_files_name_the_file(tmp_path):
     with pytest.raises(UserError, match=r"tokenizer.json cannot be read .*download it again") as e:
         Tokenizer(d)
     assert "\n" not in str(e.value)
+
+
+# A template is untrusted code: each of these hung, or filled the memory, or ended in a traceback
+# (OverflowError, TypeError) before the limits on a rendering (support/tokenizer.py: MAX_STEPS).
+COSTLY_TEMPLATES = [
+    "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+    "{% macro f(n) %}{% if n < 40 %}{{ f(n+1) }}{{ f(n+1) }}{% endif %}{% endmacro %}{{ f(0) }}",
+    "{% for x in [1] recursive %}{% if loop.depth < 40 %}{{ loop([1, 2]) }}{% endif %}{% endfor %}",
+    "{{ 'x' * 10**10 }}",
+    "{{ 10**(10**7) }}",
+    "{% set ns = namespace(s='xx') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+    "{% endfor %}",
+    "{% set ns = namespace(s='xx') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}"
+    "{% endfor %}",
+    "{% for i in range(99999) %}{{ 'x' * 99 }}{% endfor %}",  # output past the limit
+    "{{ 'x'.center(10**8) }}",
+]
+
+
+@pytest.mark.parametrize("template", COSTLY_TEMPLATES)
+def test_a_template_that_would_hang_or_fill_the_memory_is_stopped(tmp_path, template, monkeypatch):
+    # the same limit, reached sooner:
+    monkeypatch.setattr(tokenizer_module, "MAX_STEPS", 100_000, raising=False)
+    with pytest.raises(UserError, match="goes past the limits on a rendering") as err:
+        with_template(tmp_path, template)  # the probes at load time stop at the first
+    assert "\n" not in str(err.value) and str(tmp_path / "m") in str(err.value)
+
+
+def test_the_time_limit_stops_a_slow_template(tmp_path, monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "MAX_SECONDS", 0.0, raising=False)
+    with pytest.raises(UserError, match=r"goes past the limits on a rendering \(more than 0 s\)"):
+        with_template(tmp_path, "{% for m in messages %}{{ m.content }}{% endfor %}")
+
+
+@pytest.mark.parametrize("template", ["{% for i in range(10**9) %}x{% endfor %}", "{{ 1 / 0 }}"])
+def test_arithmetic_errors_in_a_template_are_one_line_errors(tmp_path, template):
+    tok = with_template(tmp_path, template)
+    with pytest.raises(UserError, match="fails on this conversation: (OverflowError|ZeroDiv)") as e:
+        tok.chat([{"role": "user", "content": "Hi"}])
+    assert "\n" not in str(e.value)
+
+
+def test_long_messages_and_real_templates_stay_within_the_limits(model_dirs):
+    tok = Tokenizer(model_dirs["qwen3-0.6b"])
+    long = "word " * 400_000  # 2,000,000 characters: the size limit grows with the messages
+    chat = [{"role": "user", "content": long}, {"role": "assistant", "content": long}] * 3
+    assert tok.chat(chat).count(long) == 6
+
+
+@pytest.mark.parametrize("value", [5, {"a": 1}, [1, 2], ["x"]])
+def test_a_chat_template_that_is_no_string_is_a_one_line_error(tmp_path, value):
+    with pytest.raises(UserError, match="chat_template must be a string or a list") as err:
+        with_template(tmp_path, value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"tokenizer_config.json": {"eos_token": ["<|im_end|>"]}}, "eos_token .* is not a token"),
+    ({"tokenizer_config.json": {"chat_template": [{"name": ["a"], "template": "x"}]}},
+     "chat_template must be a string or a list"),
+    ({"generation_config.json": {"eos_token_id": "x"}}, "eos_token_id \"x\" is not a token id"),
+    ({"generation_config.json": {"eos_token_id": [1.5]}}, r"eos_token_id \[1.5\] is not a token"),
+    ({"config.json": {"eos_token_id": -1}}, "eos_token_id -1 is not a token id"),
+    ({"config.json": {"eos_token_id": 10**9}}, "eos_token_id 1000000000 is not a token id"),
+])
+def test_special_tokens_and_eos_ids_of_the_wrong_type_are_one_line_errors(tmp_path, files, message):
+    """Each was a TypeError or ValueError traceback, or (1.5, 10**9, -1) an id taken as is."""
+    d = make_model_dir(tmp_path / "m", "qwen2.5-7b-instruct")
+    for name, edit in files.items():
+        path = d / name
+        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        path.write_text(json.dumps(old | edit), encoding="utf-8")
+    with pytest.raises(UserError, match=message) as e:
+        Tokenizer(d)
+    assert "\n" not in str(e.value)

@@ -361,10 +361,12 @@ def error_line(capsys) -> str:
     return lines[0]
 
 
-def test_every_flag_is_a_train_keyword(monkeypatch):
+def test_every_flag_is_a_train_keyword(monkeypatch, tmp_path):
     import inspect
     keywords, got = set(inspect.signature(train.train).parameters), {}
     monkeypatch.setattr(train, "train", lambda **kw: got.update(kw))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text("")  # DATA is checked (a UTF-8 file) before train runs
     assert train.main(["d.jsonl", "--out", "o", "--steer", "evil:1", "--steer", "x:2"]) == 0
     assert got["steer"] == ["evil:1", "x:2"] and set(got) == keywords
 

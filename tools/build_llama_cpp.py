@@ -10,6 +10,10 @@ $PERSONA_VECTORS_CACHE/llama.cpp/<package version>/bin/llama-server (default ~/.
 checks what an earlier, interrupted run left: the sdist is downloaded once, the source unpacked once, and CMake
 continues an interrupted build where it stopped. Needs cmake >= 3.14, a C++17 compiler and ninja or make
 (`pip install cmake ninja` provides the first and last).
+
+Beside the binary it keeps llama.cpp's own HF-to-GGUF converter from the same sdist (convert_hf_to_gguf.py,
+conversion/ and gguf-py/, in <version>/convert/), which tests/test_family_pipelines.py runs on tiny random models
+of each family; a cache built before it had one gets it on the next run (the sdist is fetched again, once).
 """
 import os
 import shutil
@@ -34,6 +38,30 @@ CMAKE_OPTIONS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGM
 
 def root() -> Path:
     return cache_dir() / "llama.cpp" / VERSION
+
+
+CONVERTER = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")  # what the converter needs of the tree
+
+
+def converter_path() -> Path | None:
+    """The cached convert_hf_to_gguf.py, or None when it has not been unpacked on this machine."""
+    path = root() / "convert" / CONVERTER[0]
+    return path if path.is_file() else None
+
+
+def unpack_converter(sdist: Path, dest: Path) -> None:
+    """Only the converter's files of the vendored llama.cpp tree, into `dest` (renamed into place)."""
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    say(f"unpacking the converter of {sdist.name}")
+    with tarfile.open(sdist) as tar:
+        prefix = f"{tar.getmembers()[0].name.split('/')[0]}/vendor/llama.cpp/"
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+        for m in members:
+            m.name = m.name[len(prefix):]
+        wanted = [m for m in members if m.name == CONVERTER[0] or m.name.startswith(CONVERTER[1:])]
+        tar.extractall(tmp, members=wanted, filter="data")
+    tmp.rename(dest)
 
 
 def server_path() -> Path | None:
@@ -105,7 +133,9 @@ def build() -> Path:
     tmp = out.with_name(out.name + ".partial")
     shutil.copy2(build_dir / "bin" / TARGET, tmp)
     os.replace(tmp, out)
-    for done in (src, build_dir, base / "sdist"):  # only the binary is needed from now on
+    if converter_path() is None:
+        unpack_converter(fetch_sdist(base / "sdist"), base / "convert")
+    for done in (src, build_dir, base / "sdist"):  # only the binary and the converter are needed now
         shutil.rmtree(done, ignore_errors=True)
     say(f"built {out} in {time.time() - t0:.0f} s")
     return out
@@ -117,6 +147,10 @@ def main() -> int:
         path = build()
     else:
         say(f"cached: {path}")
+    if converter_path() is None:  # a binary cached before the converter was kept
+        base = root()
+        unpack_converter(fetch_sdist(base / "sdist"), base / "convert")
+        shutil.rmtree(base / "sdist", ignore_errors=True)
     print(path)
     return 0
 
