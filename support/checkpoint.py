@@ -1,6 +1,7 @@
-"""Loading a model by name, and the checks before it: config.json checked key by key (one-line errors), the device
-checked before anything is loaded, hub ids and the offline GGUF fallback resolved (hub.py), the tokenizer built, and
-the CPU speed-up applied. model.py's `load_model` then reads the directory strictly; this is the project's door to it.
+"""Loading a model by name, and the checks before it: config.json checked key by key (one-line
+errors), the device checked before anything is loaded, hub ids and the offline GGUF fallback
+resolved (hub.py), the tokenizer built, and the CPU speed-up applied. model.py's `load_model` then
+reads the directory strictly; this is the project's door to it.
 
     model, tok = checkpoint.load("HuggingFaceTB/SmolLM2-135M-Instruct")
 """
@@ -18,29 +19,47 @@ from support import UserError
 from support.files import read_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype's names
-ROPE_NEEDS = {"default": (), "linear": ("factor",),
-              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}  # --dtype's names
+ROPE_NEEDS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 # Config numbers that must be above 0 where set (0 or less gives NaN logits, or a complex scale).
-POSITIVE_NUMBERS = ("rope_theta", "rope_local_base_freq", "query_pre_attn_scalar",
-                    "attn_logit_softcapping", "final_logit_softcapping")
+POSITIVE_NUMBERS = (
+    "rope_theta",
+    "rope_local_base_freq",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+)
 
 
 def load(name_or_path: str | Path, device: str | None = None, dtype: torch.dtype | None = None):
-    """A model (in eval mode) and its tokenizer from a hub id or a Hugging Face-layout directory -> (model, tokenizer).
-    The model records where it came from (name_or_path, source_dir, source), for the files we write."""
+    """A model (in eval mode) and its tokenizer from a hub id or a Hugging Face-layout directory ->
+    (model, tokenizer). The model records where it came from (name_or_path, source_dir, source), for
+    the files we write."""
     from support import hub, tokenizer  # hub: downloads and the GGUF fallback
 
     model_dir = hub.resolve(name_or_path)
     model = load_model(model_dir, device, dtype)
     model.name_or_path, model.source_dir = str(name_or_path), model_dir
-    model.source = hub.source(name_or_path, model_dir)  # hub, local or converted GGUF, and any quantization
+    model.source = hub.source(
+        name_or_path, model_dir
+    )  # hub, local or converted GGUF, and any quantization
     return model, tokenizer.Tokenizer(model_dir)
 
 
-def load_model(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> M.Transformer:
-    """model.load_model on a local directory, after the checks (one-line errors), with the defaults (the GPU if
-    there is one; bf16 there, fp32 on the CPU) and, on the CPU, the matrix-product split (support/cpu_speed.py)."""
+def load_model(
+    model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None
+) -> M.Transformer:
+    """model.load_model on a local directory, after the checks (one-line errors), with the defaults
+    (the GPU if there is one; bf16 there, fp32 on the CPU) and, on the CPU, the matrix-product split
+    (support/cpu_speed.py)."""
     from support import cpu_speed
 
     device = check_device(device or default_device())
@@ -55,8 +74,9 @@ def read_config(path: Path) -> M.Config:
 
 
 def check_config(d: dict, source: str = "config.json") -> dict:
-    """config.json's keys -> model.Config's keywords (model.config_keys), each one checked for its JSON type and
-    value before and after model.py's reading. A problem is a one-line UserError naming `source`."""
+    """config.json's keys -> model.Config's keywords (model.config_keys), each one checked for its
+    JSON type and value before and after model.py's reading. A problem is a one-line UserError
+    naming `source`."""
 
     def fail(msg: str):
         raise UserError(f"{source}: {msg}")
@@ -78,8 +98,8 @@ def check_config(d: dict, source: str = "config.json") -> dict:
 
 
 def _check_raw(d: dict, fail) -> None:
-    """What model.config_keys reads as it is: the required keys, the JSON types, `rope_parameters`, the
-    keys the sliding layers are derived from, and an encoder's flag."""
+    """What model.config_keys reads as it is: the required keys, the JSON types, `rope_parameters`,
+    the keys the sliding layers are derived from, and an encoder's flag."""
     missing = [f.name for f in fields(M.Config) if f.default is MISSING and f.name not in d]
     if missing:
         fail(f"lacks required key(s) {', '.join(missing)}: is this a causal-LM config?")
@@ -107,13 +127,24 @@ def _check_types(d: dict, fail) -> None:
 
 def _check_values(d: dict, fail) -> None:
     """Config's keywords: sizes, the heads, the activation, the layer types and RoPE's scaling."""
-    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window"):
+    for k in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "sliding_window",
+    ):
         if d.get(k) is not None and d[k] < 1:
             fail(f"`{k}` must be at least 1, not {d[k]}")
     kv = d.get("num_key_value_heads") or d["num_attention_heads"]
     if d["num_attention_heads"] % kv:
-        fail(f"`num_attention_heads` ({d['num_attention_heads']}) is not a multiple of `num_key_value_heads` ({kv})")
+        fail(
+            f"`num_attention_heads` ({d['num_attention_heads']}) is not a multiple of `num_key_value_heads` ({kv})"
+        )
     if d.get("hidden_act", "silu") not in ("silu", "gelu_pytorch_tanh"):
         fail(f"unsupported activation {d['hidden_act']!r}; implemented: silu, gelu_pytorch_tanh")
     for k in POSITIVE_NUMBERS:  # as read: softcappings a family ignores were dropped
@@ -130,8 +161,10 @@ def _check_values(d: dict, fail) -> None:
         fail(f"unsupported rope_scaling type {rope_type!r}; supported: default, linear, llama3")
     for k in ROPE_NEEDS[rope_type]:
         if not _json_type_ok(rs.get(k), float) or not 0 < rs[k] < math.inf:
-            fail(f"`rope_scaling.{k}` must be a number above 0 for rope type {rope_type!r}, "
-                 f"not {json.dumps(rs.get(k))[:80]}")
+            fail(
+                f"`rope_scaling.{k}` must be a number above 0 for rope type {rope_type!r}, "
+                f"not {json.dumps(rs.get(k))[:80]}"
+            )
 
 
 def _json_type_ok(value, typ) -> bool:
@@ -142,16 +175,31 @@ def _json_type_ok(value, typ) -> bool:
             return True
         if isinstance(value, bool):
             continue  # true/false is not a number
-        if isinstance(value, int) and t in (int, float) or isinstance(value, float) and t is float \
-                or isinstance(value, (str, dict, list)) and t is type(value):
+        if (
+            isinstance(value, int)
+            and t in (int, float)
+            or isinstance(value, float)
+            and t is float
+            or isinstance(value, (str, dict, list))
+            and t is type(value)
+        ):
             return True
     return False
 
 
 def _json_type_name(typ) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
-             list: "a list", type(None): "null"}
-    return " or ".join(names[t] for t in (typ.__args__ if isinstance(typ, types.UnionType) else (typ,)))
+    names = {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        dict: "an object",
+        list: "a list",
+        type(None): "null",
+    }
+    return " or ".join(
+        names[t] for t in (typ.__args__ if isinstance(typ, types.UnionType) else (typ,))
+    )
 
 
 def default_device() -> str:
@@ -159,7 +207,9 @@ def default_device() -> str:
 
 
 def default_dtype(device: str) -> torch.dtype:
-    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32  # bf16 is ~6x slower on CPU
+    return (
+        torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    )  # bf16 is ~6x slower on CPU
 
 
 def check_device(device: str) -> str:
@@ -170,11 +220,15 @@ def check_device(device: str) -> str:
     except (RuntimeError, TypeError):
         raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r}: no CUDA GPU is available to this PyTorch "
-                        f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+        raise UserError(
+            f"device {device!r}: no CUDA GPU is available to this PyTorch "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu"
+        )
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                        f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        raise UserError(
+            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device {device!r}: Apple MPS is not available here; use --device cpu")
     return str(device)
@@ -183,11 +237,18 @@ def check_device(device: str) -> str:
 def model_shape(model_name: str) -> tuple[int, int, str]:
     """(num_layers, hidden, model_type) from the model's config.json (no weights are loaded)."""
     from support import hub  # a name may need a download first
+
     path = hub.resolve(model_name, verbose=False) / "config.json"
     config = read_json(path)
     try:
         if config.get("model_type") == "gemma3":  # multimodal: the language model's shape
             config = config["text_config"] | {"model_type": "gemma3_text"}
-        return int(config["num_hidden_layers"]), int(config["hidden_size"]), config.get("model_type", "unknown")
+        return (
+            int(config["num_hidden_layers"]),
+            int(config["hidden_size"]),
+            config.get("model_type", "unknown"),
+        )
     except (KeyError, TypeError, ValueError, AttributeError):
-        raise UserError(f"{path} gives no num_hidden_layers and hidden_size: is {model_name} a model?") from None
+        raise UserError(
+            f"{path} gives no num_hidden_layers and hidden_size: is {model_name} a model?"
+        ) from None

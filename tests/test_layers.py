@@ -3,19 +3,28 @@ imports inside functions included), with no cycle, so that each layer reads, run
 
     model.py  <  support/  <  judge.py  <  persona_vectors.py  <  train.py  <  apps/  <  tools/
 
-model.py imports no project file at all: the network, its generation, Capture and its loader copy alone
-(test_model_py_can_be_copied_alone runs such a copy). An import by
+model.py imports no project file at all: the network, its generation, Capture and its loader copy
+alone (test_model_py_can_be_copied_alone runs such a copy). An import by
 name (importlib.import_module("x"), __import__("x")) counts as an import; one whose name is not
 written out cannot be checked, so it is refused. The applications are started their own way
 (python -m apps), never by the core.
 """
+
 import ast
 import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STACK = ["model.py", "support/*.py", "judge.py", "persona_vectors.py", "train.py", "apps/*.py", "tools/*.py"]
+STACK = [
+    "model.py",
+    "support/*.py",
+    "judge.py",
+    "persona_vectors.py",
+    "train.py",
+    "apps/*.py",
+    "tools/*.py",
+]
 CORE = ["model.py", "judge.py", "persona_vectors.py", "train.py"]
 DYNAMIC = ("import_module", "__import__")  # importlib.import_module(name), __import__(name)
 NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")  # a dotted module name, e.g. "apps.chat"
@@ -29,7 +38,10 @@ def resolve(name: str, importer: Path) -> Path | None:
     """The project file a module name refers to (None: torch, the standard library, ...)."""
     parts = name.split(".")
     for base in (ROOT, importer.parent):  # tools/ put their own folder on sys.path
-        for candidate in (base.joinpath(*parts).with_suffix(".py"), base.joinpath(*parts, "__init__.py")):
+        for candidate in (
+            base.joinpath(*parts).with_suffix(".py"),
+            base.joinpath(*parts, "__init__.py"),
+        ):
             if candidate.is_file():
                 return candidate
     return None
@@ -72,26 +84,37 @@ def edges() -> list[tuple[Path, int, Path]]:
 def test_every_import_runs_down_the_stack():
     layer = layer_of()
     rel = lambda p: p.relative_to(ROOT).as_posix()  # noqa: E731
-    up = [f"{rel(p)}:{line} imports {rel(t)} ({STACK[layer[p]]} is below {STACK[layer.get(t, -1)]})"
-          for p, line, t in edges() if t in layer and layer[t] > layer[p]]
+    up = [
+        f"{rel(p)}:{line} imports {rel(t)} ({STACK[layer[p]]} is below {STACK[layer.get(t, -1)]})"
+        for p, line, t in edges()
+        if t in layer and layer[t] > layer[p]
+    ]
     assert not up, "imports that run up the stack:\n" + "\n".join(up)
-    assert [rel(t) for p, _, t in edges() if rel(p) == "model.py"] == [], "model.py imports a project file"
+    assert [rel(t) for p, _, t in edges() if rel(p) == "model.py"] == [], (
+        "model.py imports a project file"
+    )
     assert len(layer) > 10, "the stack's patterns found almost no files"
 
 
 def test_no_import_by_an_unwritten_name():
     """importlib.import_module(variable) could import anything, unseen by the checks here."""
-    found = [f"{p.relative_to(ROOT).as_posix()}:{n.lineno}" for p in layer_of()
-             for n in ast.walk(ast.parse(p.read_text())) if dynamic_name(n) == "?"]
+    found = [
+        f"{p.relative_to(ROOT).as_posix()}:{n.lineno}"
+        for p in layer_of()
+        for n in ast.walk(ast.parse(p.read_text()))
+        if dynamic_name(n) == "?"
+    ]
     assert not found, f"imports by a name not written out (write `import x` instead): {found}"
 
 
 def test_the_core_never_reaches_apps_or_tools():
     """The four files of the method import nothing from apps/ or tools/, by any means."""
     above = [ROOT / "apps", ROOT / "tools"]
-    found = [f"{p.relative_to(ROOT).as_posix()}:{line} imports {t.relative_to(ROOT).as_posix()}"
-             for p, line, t in edges() if p.relative_to(ROOT).as_posix() in CORE
-             and any(d in t.parents for d in above)]
+    found = [
+        f"{p.relative_to(ROOT).as_posix()}:{line} imports {t.relative_to(ROOT).as_posix()}"
+        for p, line, t in edges()
+        if p.relative_to(ROOT).as_posix() in CORE and any(d in t.parents for d in above)
+    ]
     for f in CORE:  # a module's name in a string, for an import elsewhere: "apps.chat"
         for n in ast.walk(ast.parse((ROOT / f).read_text())):
             if isinstance(n, ast.Constant) and isinstance(n.value, str) and NAME.fullmatch(n.value):
@@ -124,7 +147,10 @@ def test_no_cycle():
         state[p] = 1
         for t in graph.get(p, ()):
             if state.get(t) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(x.relative_to(ROOT).as_posix() for x in path + [t]))
+                raise AssertionError(
+                    "import cycle: "
+                    + " -> ".join(x.relative_to(ROOT).as_posix() for x in path + [t])
+                )
             if t not in state:
                 visit(t, path + [t])
         state[p] = 2
@@ -160,7 +186,9 @@ def test_model_py_can_be_copied_alone(tmp_path):
     import model as M
     from support import checkpoint
 
-    tree = ast.parse((ROOT / "model.py").read_text())  # at module level: torch, safetensors, the standard library
+    tree = ast.parse(
+        (ROOT / "model.py").read_text()
+    )  # at module level: torch, safetensors, the standard library
     top = [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names]
     top += [n.module for n in tree.body if isinstance(n, ast.ImportFrom)]
     allowed = set(sys.stdlib_module_names) | {"torch", "safetensors", "__future__"}
@@ -168,8 +196,14 @@ def test_model_py_can_be_copied_alone(tmp_path):
     shutil.copy(ROOT / "model.py", tmp_path / "model.py")
     names = ["tiny-llama3", "tiny-tied", "tiny-gemma3"]
     script = f"GOLDEN = {str(ROOT / 'tests' / 'golden')!r}\n" + COPIED_ALONE
-    r = subprocess.run([sys.executable, "-c", script, *names], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ""})
+    r = subprocess.run(
+        [sys.executable, "-c", script, *names],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ""},
+    )
     assert r.returncode == 0, r.stderr
     copied = load_file(tmp_path / "copied.safetensors")
     for name in names:  # the project's way: checked, and on the CPU the split matrix products
@@ -177,8 +211,12 @@ def test_model_py_can_be_copied_alone(tmp_path):
         cap = M.Capture()
         answers = M.generate(m, [[5, 6, 7], [40, 41, 42, 43]], 6, capture=cap)
         assert copied[name + ".answers"].tolist() == answers
-        torch.testing.assert_close(copied[name + ".answer_mean"], cap.answer_mean(), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(copied[name + ".prompt_last"], cap.prompt_last(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            copied[name + ".answer_mean"], cap.answer_mean(), rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(
+            copied[name + ".prompt_last"], cap.prompt_last(), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_every_folder_opens_with_an_index():

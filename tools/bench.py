@@ -12,8 +12,8 @@
     transformers' model with `labels` and torch.optim.AdamW, same weights and batch. Target >= 1.0x tokens/s, and
     no more peak memory (the first step, which also allocates the gradients and AdamW's state).
 (e) the main job, extraction's sampling (40 answers of 96 tokens with capture, the CPU budget), with the CPU matmul
-    split that support.checkpoint.load_model applies (support/cpu_speed.py) and with plain nn.Linear: the split stays only while
-    it buys >= 15 % here. `--only e --new-tokens 32` is a shorter check.
+    split that support.checkpoint.load_model applies (support/cpu_speed.py) and with plain nn.Linear: the split
+    stays only while it buys >= 15 % here. `--only e --new-tokens 32` is a shorter check.
 Targets are ratios measured in the same run, never absolute times.
 """
 import argparse
