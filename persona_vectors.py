@@ -697,7 +697,9 @@ def write_sweep(path: Path, vector: Path, best: dict | None, relative: bool, coh
     (support.files.sweep_layer); best None: no setting chosen."""
     coef = best and f"{best['coef']}{'r' if relative else ''}"
     best = best or dict(layer=None, trait_mean=None, coherence_mean=None)
-    record = dict(vector=str(vector), coherence_min=coherence_min, cap=[c.text for c in cap],
+    sha = hashlib.sha256(Path(vector).read_bytes()).hexdigest()  # checked by --layer sweep
+    record = dict(vector=str(vector), vector_sha256=sha, coherence_min=coherence_min,
+                  cap=[c.text for c in cap],
                   best_layer=best["layer"], best_coef=coef, best_trait_mean=best["trait_mean"],
                   best_coherence_mean=best["coherence_mean"])
     atomic_write(path, lambda p: p.write_text(json.dumps(record, indent=1) + "\n"))

@@ -21,7 +21,7 @@ import model as M
 from support import UserError, cli
 from support.files import (atomic_write, check_fits, check_output, default_vectors_dir,
                            jsonl_conversations, load_vector, resolve_layer, traits_in,
-                           vector_file)
+                           sweep_path, vector_file)
 from support.hub import DEFAULT_MODEL
 
 
@@ -52,7 +52,11 @@ class Gauge:
 def gauges_for(model, vectors_dir: Path, names: list[str] | None, layer: int | None) -> list[Gauge]:
     """A gauge per trait name or vector file (default: every vector in the directory), each checked to fit."""
     paths = [vector_file(n, vectors_dir) for n in (traits_in(vectors_dir) if names is None else names)]
-    return [Gauge.from_file(p, layer, model.config.num_hidden_layers, model.config.hidden_size, model) for p in paths]
+    c = model.config
+
+    def at(p: Path):  # --layer sweep: each trait's own sweep; one never swept reads at its default layer
+        return None if layer == "sweep" and not sweep_path(p, {}).is_file() else layer
+    return [Gauge.from_file(p, at(p), c.num_hidden_layers, c.hidden_size, model) for p in paths]
 
 
 def token_strip(tokens: list[str], values: list[float], center: float, scale: float) -> str:

@@ -466,20 +466,27 @@ def sweep_path(vector: Path, meta: dict) -> Path:
 
 
 def sweep_layer(vector: Path, meta: dict) -> int:
-    """The best layer that `sweep` found for this vector file's trait (--layer sweep)."""
+    """The best layer that `sweep` found for this vector file's trait (--layer sweep), from a sweep
+    of this very file (its bytes' sha256, where the sweep recorded it)."""
     path = sweep_path(vector, meta)
-    try:
-        result = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.is_file():
         trait = path.name[: -len("_sweep.json")]
         raise UserError(f"--layer sweep: no sweep result {path}: run `sweep {trait}` first (one "
-                        "run with --out DIR wrote it to DIR), or give --layer N") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"--layer sweep: cannot read {path} ({e}): run the sweep again") from None
-    if result.get("best_layer") is None:
+                        "run with --out DIR wrote it to DIR), or give --layer N")
+    result, again = read_json(path), "run the sweep again, or give --layer N"
+    if not isinstance(result, dict):
+        raise UserError(f"--layer sweep: {path} is not a sweep result: {again}")
+    sha = result.get("vector_sha256")
+    if sha is not None and sha != hashlib.sha256(Path(vector).read_bytes()).hexdigest():
+        raise UserError(f"--layer sweep: {path} was swept on another {Path(vector).name} (its "
+                        f"sha256 differs; re-extracted?): {again}")
+    layer = result.get("best_layer")
+    if layer is None:
         raise UserError(f"--layer sweep: the sweep in {path} chose no layer (no setting kept its "
                         "coherence, or no judge): give --layer N")
-    return result["best_layer"]
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise UserError(f"--layer sweep: {path}: best_layer {layer!r} is not a whole number: {again}")
+    return layer
 
 
 def resolve_layer(layer: int | str | None, meta: dict, num_layers: int,

@@ -61,7 +61,7 @@ from jinja2.visitor import NodeTransformer
 from tokenizers import Tokenizer as _HFTokenizer
 
 from support import UserError
-from support.files import read_json
+from support.files import read_json, read_text
 
 ROLES = ("system", "user", "assistant")
 # The named special tokens transformers passes to a template (its SPECIAL_TOKENS_ATTRIBUTES).
@@ -292,7 +292,7 @@ def _token_text(token) -> str | None:
 def _load_template(model_dir: Path, config: dict) -> str | None:
     jinja_file = model_dir / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        return read_text(jinja_file)  # UTF-8, else one line naming the file
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
         if not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in template):

@@ -88,8 +88,8 @@ def check_settings(settings: dict) -> None:
     unset), --save-every and --dtype readable; else a UserError naming the flag."""
     for name, lowest in LOWEST.items():
         value = settings[name]
-        if name in ("grad_accum", "max_steps"):
-            value = value or lowest  # unset: the default
+        if name in ("grad_accum", "max_steps") and value is None:
+            value = lowest  # unset: the default
         if not value >= lowest:
             raise UserError(f"--{name.replace('_', '-')} {value} must be at least {lowest:g}")
     parse_save_every(settings["save_every"])

@@ -81,6 +81,7 @@ CASES = [
     ("{r}/ok.jsonl --out {r}/new/o --fsdp", 1, "launch with torchrun"),
     ("{r}/ok.jsonl --out {r}/new/o --dtype float16", 2, "--dtype: invalid choice"),
     ("{r}/ok.jsonl --out {r}/held", 1, "{r}/held is in use by another run (pid "),
+    ("{r}/ok.jsonl --out {r}/new/o --grad-accum 0", 2, "--grad-accum: must be >= 1"),
 ]
 
 

@@ -210,3 +210,32 @@ def test_made_dirs_keeps_what_a_run_that_succeeds_made(tmp_path):
         files.check_writable(tmp_path / "a" / "b")
         (tmp_path / "a" / "b").mkdir(parents=True)
     assert (tmp_path / "a" / "b").is_dir() and files._scopes == []
+
+
+# ------------------------------------------------------------------ --layer sweep's result file
+@pytest.mark.parametrize("content, message", [
+    (b"[1, 2]", "is not a sweep result"),
+    (b'{"best_layer": "2"}', "best_layer '2' is not a whole number"),
+    (b'{"best_layer": true}', "best_layer True is not a whole number"),
+    (b'{"best_layer": 2.0}', "best_layer 2.0 is not a whole number"),
+    (b'{"best_layer": null}', "chose no layer"),
+    (b'{"best_layer": 2, "vector_sha256": "00"}', "was swept on another evil_response_avg_diff"),
+    (b'{"best_layer": \xff}', "not UTF-8"),
+])
+def test_a_bad_sweep_result_is_one_line(tmp_path, content, message):
+    vector = files.save_vector(tmp_path / "evil_response_avg_diff.safetensors", torch.ones(4, 8),
+                               {"trait": "evil"})
+    sweep = files.sweep_path(vector, {"trait": "evil"})
+    sweep.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        files.sweep_layer(vector, {"trait": "evil"})
+
+
+def test_a_sweep_result_of_this_vector_gives_its_layer(tmp_path):
+    import hashlib
+    vector = files.save_vector(tmp_path / "evil_response_avg_diff.safetensors", torch.ones(4, 8),
+                               {"trait": "evil"})
+    sha = hashlib.sha256(vector.read_bytes()).hexdigest()
+    files.sweep_path(vector, {"trait": "evil"}).write_text(
+        f'{{"best_layer": 2, "vector_sha256": "{sha}"}}')
+    assert files.sweep_layer(vector, {"trait": "evil"}) == 2

@@ -138,3 +138,17 @@ def test_monitor_bad_input(tiny, tmp_path):
               metadata={"model": json.dumps("HuggingFaceTB/SmolLM2-135M-Instruct")})
     with pytest.raises(ValueError, match="extracted from HuggingFaceTB/SmolLM2-135M-Instruct"):
         monitor.monitor(str(bad), str(d), vectors=str(other), device="cpu")
+
+
+def test_layer_sweep_reads_each_gauge_at_its_own_sweep_or_its_default(tmp_path):
+    """chat/monitor --layer sweep: a trait with a sweep result reads at its best layer, one never
+    swept at its default layer (not an error for every gauge but the steered trait's)."""
+    import hashlib
+    d, vectors = tiny_model_with_vectors(tmp_path)
+    model, _ = M.load(str(d), device="cpu")
+    evil = vectors / "evil_response_avg_diff.safetensors"
+    sha = hashlib.sha256(evil.read_bytes()).hexdigest()
+    (vectors / "evil_sweep.json").write_text(json.dumps(dict(best_layer=2, vector_sha256=sha)))
+    layers = {g.trait: g.layer for g in monitor.gauges_for(model, vectors, None, "sweep")}
+    default = {g.trait: g.layer for g in monitor.gauges_for(model, vectors, None, None)}
+    assert layers == {"evil": 2, "humorous": default["humorous"]} and default["evil"] != 2

@@ -500,3 +500,11 @@ def test_special_tokens_and_eos_ids_of_the_wrong_type_are_one_line_errors(tmp_pa
     with pytest.raises(UserError, match=message) as e:
         Tokenizer(d)
     assert "\n" not in str(e.value)
+
+
+def test_a_chat_template_file_that_is_not_utf8_is_one_line(tmp_path):
+    d = make_model_dir(tmp_path / "latin", "qwen2.5-7b-instruct")
+    (d / "chat_template.jinja").write_bytes("{{ 'caf\xe9' }}".encode("latin-1"))
+    with pytest.raises(UserError, match="chat_template.jinja.*UTF-8") as err:
+        Tokenizer(d)
+    assert "\n" not in str(err.value)

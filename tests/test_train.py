@@ -443,3 +443,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path
     assert [p.name for p in training.checkpoints(out)] == ["checkpoint-000001"]
     assert not list(out.glob(".checkpoint-*")) and not (out / "model.safetensors").exists()
     assert torch.isfinite(load_file(out / "checkpoint-000001" / "model.safetensors")["model.norm.weight"]).all()
+
+
+def test_grad_accum_zero_from_python_is_refused_not_taken_for_the_default():
+    from support import training as T
+    settings = dict(epochs=1, lr=1e-5, warmup_steps=0, weight_decay=0, batch_size=1, grad_accum=0,
+                    max_seq_len=8, max_steps=None, save_every="10m", dtype=None)
+    with pytest.raises(UserError, match="--grad-accum 0 must be at least 1"):
+        T.check_settings(settings)
+    T.check_settings(settings | {"grad_accum": None})  # unset: the default
