@@ -145,7 +145,7 @@ def test_layer_sweep_reads_each_gauge_at_its_own_sweep_or_its_default(tmp_path):
     swept at its default layer (not an error for every gauge but the steered trait's)."""
     import hashlib
     d, vectors = tiny_model_with_vectors(tmp_path)
-    model, _ = M.load(str(d), device="cpu")
+    model, _ = checkpoint.load(str(d), device="cpu")
     evil = vectors / "evil_response_avg_diff.safetensors"
     sha = hashlib.sha256(evil.read_bytes()).hexdigest()
     (vectors / "evil_sweep.json").write_text(json.dumps(dict(best_layer=2, vector_sha256=sha)))
