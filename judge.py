@@ -36,8 +36,7 @@ from typing import Protocol
 import torch
 
 import model as M
-from support import UserError
-from support import generation as G
+from support import UserError, checkpoint
 from support.judge_cache import NO_ANSWER, JudgeCache, no_answer
 from support.openai_client import (
     OPENAI_URL,
@@ -178,14 +177,14 @@ class OpenAIJudge(OpenAIClient):
 
 # -------------------------------------------------------------------------------------- local model
 class _SharedPrefixCache:
-    """Stands in for G.KVCache in ONE forward call of B rows that all continue one cached prompt.
+    """Stands in for M.KVCache in ONE forward call of B rows that all continue one cached prompt.
 
     The prompt's keys and values are kept once ([1, n_kv, P, hd]) and expanded to the B rows layer
     by layer, so only one layer's copy exists at a time: copying the whole cache to B = 101 rows
     would take 101x its memory.
     """
 
-    def __init__(self, prompt_cache: G.KVCache):
+    def __init__(self, prompt_cache: M.KVCache):
         self.length = prompt_cache.length
         self.k = [k[:, :, : self.length] for k in prompt_cache.k]
         self.v = [v[:, :, : self.length] for v in prompt_cache.v]
@@ -214,7 +213,7 @@ class LocalJudge:
     """
 
     def __init__(self, model_name_or_path: str, device=None, dtype: torch.dtype | None = None):
-        self.model, self.tok = M.load(model_name_or_path, device, dtype)
+        self.model, self.tok = checkpoint.load(model_name_or_path, device, dtype)
         self.name = f"local:{model_name_or_path}"
         self.device = self.model.model.embed_tokens.weight.device
         # each answer as the model writes it, and the token rows that hold them all
@@ -253,7 +252,7 @@ class LocalJudge:
         token's text)."""
         ids = self.tok.encode_chat([{"role": "user", "content": prompt}])
         dtype = self.model.model.embed_tokens.weight.dtype
-        cache = G.KVCache(self.model.config, 1, len(ids), self.device, dtype)
+        cache = M.KVCache(self.model.config, 1, len(ids), self.device, dtype)
         ids = torch.tensor([ids], device=self.device)
         first = self.model(ids, cache=cache, logits="last")[0]  # [1, V]
         # right padding is harmless: attention is causal, so no real token sees the padding after it

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 import model as M
-from support import UserError, checkpoint, generation as G
+from support import UserError, checkpoint, tokenizer
 from support.capping import CapSpec, caps_for, merged, parse_cap, spec_vector
 from support.cli import (COEF, COUNT, LAYER, MAX_NEW_TOKENS, OUTPUT_DIR, OUTPUT_FILE, SCORE, SEED,
                          TEMPERATURE, TEXT_FILE, TOP_P, check_paths, layer_or_sweep, listed,
@@ -87,14 +87,14 @@ def answer_with_activations(model: M.Transformer, tok, chats: list[list[dict]], 
     Variants: response_avg (mean over the answer's tokens), prompt_avg (mean over the prompt), prompt_last (the
     last prompt token, from which the answer is written), and response_norm [B, N + 1] (mean per-token norm).
     """
-    rec = G.Capture()
+    rec = M.Capture()
     # thinking: the response span is the answer after </think>
-    after = G.think_marks(tok) if getattr(tok, "thinking", False) else None
-    outs = G.generate(model, [tok.encode_chat(c) for c in chats], max_new_tokens, stop_ids=tok.stop_ids,
+    after = tokenizer.think_marks(tok) if getattr(tok, "thinking", False) else None
+    outs = M.generate(model, [tok.encode_chat(c) for c in chats], max_new_tokens, stop_ids=tok.stop_ids,
                       pad_id=tok.pad_id, temperature=temperature, top_p=top_p, seed=seed, steer=steer, capture=rec,
                       cap=cap, answer_after=after)
-    return outs, {"response_avg": rec.response_mean(), "prompt_avg": rec.prompt_mean(),
-                  "prompt_last": rec.prompt_last(), "response_norm": rec.response_norm()}
+    return outs, {"response_avg": rec.answer_mean(), "prompt_avg": rec.prompt_mean(),
+                  "prompt_last": rec.prompt_last(), "response_norm": rec.answer_norm()}
 
 
 @torch.no_grad()
@@ -106,11 +106,11 @@ def read_answers(model: M.Transformer, prompts: list[list[int]], answers: list[l
     makes of the text.
     """
     device = model.lm_head.weight.device
-    ids, mask = G.left_pad([p + a for p, a in zip(prompts, answers)])
+    ids, mask = M.left_pad([p + a for p, a in zip(prompts, answers)])
     start = torch.tensor([ids.shape[1] - len(a) for a in answers])  # column where each answer begins
-    cap = G.Capture()
-    model(ids.to(device), mask.to(device), response_start=start.to(device), capture=cap, logits="none")
-    return {"response_avg": cap.response_mean(), "prompt_avg": cap.prompt_mean(), "prompt_last": cap.prompt_last()}
+    cap = M.Capture()
+    model(ids.to(device), mask.to(device), answer_start=start.to(device), capture=cap, logits="none")
+    return {"response_avg": cap.answer_mean(), "prompt_avg": cap.prompt_mean(), "prompt_last": cap.prompt_last()}
 
 
 # 3. Filter: keep the pairs the judge finds clear.
@@ -191,9 +191,9 @@ def last_prompt_activations(model, tok, questions: list[str], batch_size: int = 
     steer: interventions during the pass (an inference-time steered model), recorded after they are added."""
     device, out = model.lm_head.weight.device, []
     for i in range(0, len(questions), batch_size):
-        ids, mask = G.left_pad([tok.encode_chat([{"role": "user", "content": q}]) for q in questions[i:i + batch_size]],
+        ids, mask = M.left_pad([tok.encode_chat([{"role": "user", "content": q}]) for q in questions[i:i + batch_size]],
                              tok.pad_id)
-        cap = G.Capture()
+        cap = M.Capture()
         model(ids.to(device), mask.to(device), steer=steer, capture=cap, logits="none")
         out.append(cap.prompt_last().cpu())
     return torch.cat(out)
@@ -233,7 +233,7 @@ def sample_rollouts(model, tok, jobs: list[dict], budget: Budget, seed: int, wor
             outs, tensors = answer_with_activations(model, tok, chats, budget.max_new_tokens, budget.temperature,
                                                     budget.top_p, seed * 1_000_003 + b, steer, cap)
             # (think block, answer) per row: ([], reply) unless --thinking
-            parts = [G.split_thinking(tok, o) for o in outs]
+            parts = [tokenizer.split_thinking(tok, o) for o in outs]
             # an empty answer's means are NaN by design
             answered = torch.tensor([len(a) > 0 for _, a in parts])
             if not (torch.isfinite(tensors["prompt_last"]).all() and torch.isfinite(tensors["response_avg"][answered]).all()):
@@ -280,10 +280,10 @@ def load_checked(model_name: str, device, dtype, steer: list[str] = (), vectors:
     if trait is not None and judge_.name != "none" and "REFUSAL" not in trait.eval_prompt:
         print(f"note: the eval_prompt of {trait.source or trait.name} never asks the judge to answer REFUSAL, so "
               "refused answers are scored like any other", file=sys.stderr)
-    model, tok = M.load(model_name, device, dtype)
+    model, tok = checkpoint.load(model_name, device, dtype)
     tok.thinking = thinking  # the template's thinking mode; the answer: after </think>
     if thinking:
-        G.think_marks(tok)  # a model without a thinking mode fails here
+        tokenizer.think_marks(tok)  # a model without a thinking mode fails here
     return model, tok, vectors_dir, judge_
 
 
@@ -526,8 +526,8 @@ def generate(prompts: list[str], model_name: str = DEFAULT_MODEL, system: str | 
                                               thinking=thinking)
     steers, caps = interventions(model, vectors_dir, steer, cap, layer, positions, all_layers)
     ids = [tok.encode_chat(conversation(dict(system=system, question=p))) for p in prompts]
-    G.check_new_tokens(model, max_new_tokens, max(len(x) for x in ids))
-    out = G.generate(model, ids, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+    M.check_new_tokens(model, max_new_tokens, max(len(x) for x in ids))
+    out = M.generate(model, ids, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                      temperature=temperature, top_p=top_p, seed=seed, steer=steers, cap=caps, progress=True)
     if caps:
         print("capped positions (the last prompt token and the answer's) per prompt: "
@@ -971,10 +971,10 @@ def shift(trait: str, finetuned: str, base: str = DEFAULT_MODEL, layer: int | No
     check_output(dest, force, read)
     acts = {}
     for label, name in (("base", base), ("finetuned", finetuned)):  # one model in memory at a time
-        model, tok = M.load(name, device, dtype)
+        model, tok = checkpoint.load(name, device, dtype)
         tok.thinking = thinking
         if thinking:
-            G.think_marks(tok)  # a model without a thinking mode fails here
+            tokenizer.think_marks(tok)  # a model without a thinking mode fails here
         check_fits(vec, meta, vec_file, model.config.num_hidden_layers, model.config.hidden_size, model)
         print(f"shift {t.name}: {label} model {name}, {len(t.eval_questions)} evaluation questions", file=sys.stderr)
         acts[label] = last_prompt_activations(model, tok, t.eval_questions, batch_size)

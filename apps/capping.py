@@ -18,7 +18,7 @@ import torch
 
 import model as M
 import persona_vectors as pv
-from support import UserError, checkpoint, cli, generation as G
+from support import UserError, checkpoint, cli
 from support.capping import ceiling_path, percentile_table, vector_sha256, write_ceilings
 from support.files import check_fits, check_output, default_vectors_dir, load_vector, vector_file
 from support.hub import DEFAULT_MODEL
@@ -33,10 +33,10 @@ def answer_projections(model: M.Transformer, prompts: list[list[int]], answers: 
 
     units: [N + 1, hidden] unit vectors -> per answer an array [answer tokens, N + 1]."""
     device = model.lm_head.weight.device
-    ids, mask = G.left_pad([p + a for p, a in zip(prompts, answers)])  # every answer ends in the last column
+    ids, mask = M.left_pad([p + a for p, a in zip(prompts, answers)])  # every answer ends in the last column
     T = ids.shape[1]
     N = model.config.num_hidden_layers
-    cap = G.Capture(token_layers=tuple(range(N + 1)))
+    cap = M.Capture(token_layers=tuple(range(N + 1)))
     model(ids.to(device), mask.to(device), capture=cap, logits="none")
     units = units.float().to(device)
     proj = torch.stack([cap.tokens[l][0] @ units[l] for l in range(N + 1)], -1).cpu()  # [B, T, N + 1]
@@ -72,9 +72,9 @@ def calibrate_cap(trait: str, questions_file: str | None = None, n: int = 100, m
     questions = load_questions(questions_file)[:n]
     vec, meta = load_vector(vec_file)
     checkpoint.check_device(device or checkpoint.default_device())
-    model, tok = M.load(model_name, device, dtype)
+    model, tok = checkpoint.load(model_name, device, dtype)
     check_fits(vec, meta, vec_file, model.config.num_hidden_layers, model.config.hidden_size, model)
-    G.check_new_tokens(model, max_new_tokens)  # before any answer; each batch: in generate
+    M.check_new_tokens(model, max_new_tokens)  # before any answer; each batch: in generate
     units = pv.unit(vec)
     print(f"calibrate-cap {vec_file.name}: {len(questions)} requests from {questions_file or QUESTIONS_FILE}, "
           f"greedy, up to {max_new_tokens} tokens", file=sys.stderr)
@@ -82,7 +82,7 @@ def calibrate_cap(trait: str, questions_file: str | None = None, n: int = 100, m
     for i in range(0, len(questions), batch_size):
         prompts = [tok.encode_chat(pv.conversation(dict(system=None, question=q)))
                    for q in questions[i:i + batch_size]]
-        answers = G.generate(model, prompts, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+        answers = M.generate(model, prompts, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
         proj += answer_projections(model, prompts, answers, units)
         print(f"calibrate-cap: {min(i + batch_size, len(questions))}/{len(questions)} answers "
               f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)

@@ -33,7 +33,7 @@ import torch
 
 import model as M
 import persona_vectors as pv
-from support import UserError, cli, generation as G
+from support import UserError, checkpoint, cli
 from support.files import (assistant_turns, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
                            load_vector, locked, made_dirs, traits_in, vector_file)
 from support.hub import DEFAULT_MODEL
@@ -56,19 +56,19 @@ def measure(model: M.Transformer, prompts: list[list[int]], responses: list[list
     """
     device = model.lm_head.weight.device
     B = len(prompts)
-    ids, mask = G.left_pad([p + r for p, r in zip(prompts, responses)], pad_id)
+    ids, mask = M.left_pad([p + r for p, r in zip(prompts, responses)], pad_id)
     start = torch.tensor([ids.shape[1] - len(r) for r in responses], device=device)  # column where each y begins
-    cap = G.Capture()
-    model(ids.to(device), mask.to(device), response_start=start, capture=cap, logits="none")
-    gen = G.Capture()
-    outs = G.generate(model, [p for p in prompts for _ in range(samples)], max_new_tokens, stop_ids=stop_ids,
+    cap = M.Capture()
+    model(ids.to(device), mask.to(device), answer_start=start, capture=cap, logits="none")
+    gen = M.Capture()
+    outs = M.generate(model, [p for p in prompts for _ in range(samples)], max_new_tokens, stop_ids=stop_ids,
                       pad_id=pad_id, temperature=temperature, top_p=top_p, seed=seed, capture=gen)
     n = torch.tensor([len(o) for o in outs], dtype=torch.float32, device=device).view(B, samples)
-    means = gen.response_mean()  # [B * K, N + 1, hidden], the K responses of a prompt next to each other
+    means = gen.answer_mean()  # [B * K, N + 1, hidden], the K responses of a prompt next to each other
     per_sample = means.view(B, samples, *means.shape[1:])  # [B, K, N + 1, hidden]
     w = (n > 0).float()[..., None, None]  # an empty y' has no mean: left out of the average
     base = (per_sample * w).sum(1) / w.sum(1)  # 0 / 0 = NaN where all K were empty
-    return dict(response=cap.response_mean(), base=base, prompt_last=cap.prompt_last(), base_tokens=n.mean(1))
+    return dict(response=cap.answer_mean(), base=base, prompt_last=cap.prompt_last(), base_tokens=n.mean(1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -594,7 +594,7 @@ def flag(files: list[str], traits: list[str] | None = None, model_name: str = DE
                 dtype = getattr(torch, dtype)
             if device is None and shard is None and shard_n > 1 and torch.cuda.is_available():  # a torchrun rank
                 device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-            model, tok = M.load(model_name, device, dtype)
+            model, tok = checkpoint.load(model_name, device, dtype)
             for p in probes:
                 check_fits(p.vector, p.meta, p.path, model.config.num_hidden_layers, model.config.hidden_size, model)
             bs = batch_size or (64 if model.lm_head.weight.device.type == "cuda" else 16)

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 import persona_vectors as pv
-from support import UserError, cli, generation as G
+import model as M
+from support import UserError, cli
 from support.files import (atomic_write, check_fits, check_output, default_vectors_dir,
                            jsonl_conversations, load_vector, resolve_layer, traits_in,
                            sweep_path, vector_file)
@@ -72,7 +73,7 @@ def token_strip(tokens: list[str], values: list[float], center: float, scale: fl
 
 
 @torch.no_grad()
-def read_turn(model, tok, messages: list[dict], i: int, token_layers=()) -> tuple[G.Capture, int, list[int]] | str:
+def read_turn(model, tok, messages: list[dict], i: int, token_layers=()) -> tuple[M.Capture, int, list[int]] | str:
     """Assistant turn messages[i] read by the model after the turns before it -> (its Capture, the prompt's
     length, the reply's tokens), or why it is skipped."""
     prompt, reply = tok.encode_chat(messages[:i]), tok.encode(messages[i]["content"])
@@ -81,17 +82,17 @@ def read_turn(model, tok, messages: list[dict], i: int, token_layers=()) -> tupl
         return "an empty reply"
     if len(prompt) + len(reply) > context:
         return f"a turn longer than the model's context ({context} tokens)"
-    device, cap = model.lm_head.weight.device, G.Capture(token_layers=token_layers)
-    model(torch.tensor([prompt + reply], device=device), response_start=torch.tensor([len(prompt)], device=device),
+    device, cap = model.lm_head.weight.device, M.Capture(token_layers=token_layers)
+    model(torch.tensor([prompt + reply], device=device), answer_start=torch.tensor([len(prompt)], device=device),
           capture=cap, logits="none")
     return cap, len(prompt), reply
 
 
-def turn_rows(cap: G.Capture, n_prompt: int, reply: list[int], tok, gauges: list[Gauge], where: dict,
+def turn_rows(cap: M.Capture, n_prompt: int, reply: list[int], tok, gauges: list[Gauge], where: dict,
               tokens: bool) -> list[dict]:
     """One row per gauge for a read turn (`where`: its conversation, line and turn); with tokens, each reply
     token's projection too, printed as a strip centred between extraction's neg and pos means."""
-    acts, rows = {"prompt_last": cap.prompt_last(), "response_avg": cap.response_mean()}, []
+    acts, rows = {"prompt_last": cap.prompt_last(), "response_avg": cap.answer_mean()}, []
     for g in gauges:
         rows.append(dict(where, trait=g.trait, layer=g.layer, **g.read(acts)))
         if tokens:

@@ -40,7 +40,7 @@ import torch
 import model as M
 import persona_vectors as pv
 from apps.monitor import Gauge
-from support import UserError, cli, generation as G
+from support import UserError, checkpoint, cli
 from support.checkpoint import DTYPES
 from support.files import check_fits, default_vectors_dir, load_vector, traits_in, vector_path
 from support import capping
@@ -286,9 +286,9 @@ def per_row_steering(rows: list[Row], hidden: int, device, dtype) -> list[M.Stee
     return [M.Steer(layer, v, 1.0, positions) for (k, layer, positions), v in in_order]
 
 
-def select_rows(cap: G.Capture, keep: torch.Tensor) -> G.Capture:
+def select_rows(cap: M.Capture, keep: torch.Tensor) -> M.Capture:
     """The capture of the rows `keep` only (its running sums are all [B, ...])."""
-    return G.Capture(sums={k: v[keep] for k, v in cap.sums.items()}, counts={k: v[keep] for k, v in cap.counts.items()})
+    return M.Capture(sums={k: v[keep] for k, v in cap.sums.items()}, counts={k: v[keep] for k, v in cap.counts.items()})
 
 
 # -------------------------------------------------------------------------------------------------- engine
@@ -472,7 +472,7 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, rows: list[Row]) -> None:
-        """Generate every row to its end, step by step (as support.generation.generate does, plus per-row settings)."""
+        """Generate every row to its end, step by step (as model.generate does, plus per-row settings)."""
         if not rows:
             return
         model, tok, dev = self.model, self.tok, self.device
@@ -481,22 +481,22 @@ class Engine:
         self.stats["rows"] += B
         self.stats["max_rows"] = max(self.stats["max_rows"], B)
         self.stats["mixed_steering"] += len({tuple((s.layer, s.coef) for s in r.steer) for r in rows}) > 1
-        ids, mask = G.left_pad([r.job.req.prompt for r in rows], tok.pad_id)  # [B, T0] each
+        ids, mask = M.left_pad([r.job.req.prompt for r in rows], tok.pad_id)  # [B, T0] each
         width = T0 + max(r.max_tokens for r in rows)  # rows leave when done, so every generated column is real
         mask = torch.cat([mask, mask.new_ones(B, width - T0)], 1)
         ids, mask = ids.to(dev), mask.to(dev)
-        response_start = torch.full((B,), T0, device=dev)
-        cache = G.KVCache(model.config, B, width, dev, self.dtype)
+        answer_start = torch.full((B,), T0, device=dev)
+        cache = M.KVCache(model.config, B, width, dev, self.dtype)
         steer = per_row_steering(rows, model.config.hidden_size, dev, self.dtype)
-        cap = G.Capture() if self.gauges else None
+        cap = M.Capture() if self.gauges else None
         traits = sorted({t for r in rows for t in r.caps})  # per trait, so that each Cap's `fired` is that trait's
         caps = {t: capping.caps_per_row([[r.caps[t]] if t in r.caps else [] for r in rows], model, self.vectors_dir,
                                         self._calibrations) for t in traits}
         all_caps = [c for t in traits for c in caps[t]]
-        logits = model(ids, mask[:, :T0], cache, response_start, steer=steer, capture=cap, logits="last",
+        logits = model(ids, mask[:, :T0], cache, answer_start, steer=steer, capture=cap, logits="last",
                        cap=all_caps)[:, -1]
         stop = torch.tensor(sorted(tok.stop_ids), dtype=torch.long, device=dev)
-        logits = logits.index_fill(-1, stop, -math.inf)  # at least one new token, as G.generate
+        logits = logits.index_fill(-1, stop, -math.inf)  # at least one new token, as M.generate
         for t in range(width - T0 + 1):
             need_lp = any(r.job.req.logprobs for r in rows if r.finish is None)
             logp = torch.log_softmax(logits.float(), dim=-1) if need_lp else None
@@ -507,22 +507,22 @@ class Engine:
                     return
                 idx = torch.tensor(keep, device=dev)
                 rows = [rows[b] for b in keep]
-                mask, response_start = mask[idx], response_start[idx]
+                mask, answer_start = mask[idx], answer_start[idx]
                 cache.k, cache.v = [k[idx] for k in cache.k], [v[idx] for v in cache.v]
                 steer = [M.Steer(s.layer, s.vector[idx], s.coef, s.positions) for s in steer]
                 cap = select_rows(cap, idx) if cap is not None else None
                 for c in all_caps:  # a row's ceilings and count leave with it
                     c.ceilings, c.fired = c.ceilings[idx], c.fired[idx]
             nxt = torch.tensor([r.tokens[-1] for r in rows], device=dev)[:, None]  # [B, 1]
-            logits = model(nxt, mask[:, :T0 + t + 1], cache, response_start, steer=steer, capture=cap,
+            logits = model(nxt, mask[:, :T0 + t + 1], cache, answer_start, steer=steer, capture=cap,
                            logits="last", cap=all_caps)[:, -1]
         raise RuntimeError(f"{len(rows)} row(s) still running after the longest max_tokens")  # cannot happen
 
     def _step(self, r: Row, b: int, logits: torch.Tensor, greedy: int, logp: torch.Tensor | None,
-              cap: G.Capture | None, caps: dict[str, list[M.Cap]]) -> bool:
+              cap: M.Capture | None, caps: dict[str, list[M.Cap]]) -> bool:
         """Row r (row b of the batch) after a forward pass: sample its next token, or finish it. -> whether it
         stays in the batch (for its next token, or to feed its last one so that the gauge and the caps' counts
-        cover the reply, as G.generate does)."""
+        cover the reply, as M.generate does)."""
         if r.job.cancelled:
             self.stats["cancelled"] += 1
             return False
@@ -532,7 +532,7 @@ class Engine:
         if r.temperature == 0:
             token = greedy
         else:
-            token = int(G.sample(logits[b:b + 1], r.temperature, r.top_p, r.generator)[0])
+            token = int(M.sample(logits[b:b + 1], r.temperature, r.top_p, r.generator)[0])
         lp = self._logprob(logp[b], token, r.job.req.top_logprobs) if r.job.req.logprobs else None
         ended = r.push(self.tok, token, self.tok.stop_ids, lp)  # an end-of-turn token is not fed
         if ended or r.finish is not None and cap is None and not r.caps:
@@ -552,14 +552,14 @@ class Engine:
         return {"token": self.token_text[token] if known else "", "logprob": logprob,
                 "bytes": self.token_bytes[token] if known else []}
 
-    def _finish(self, r: Row, cap: G.Capture | None, b: int, caps: dict[str, list[M.Cap]]) -> None:
+    def _finish(self, r: Row, cap: M.Capture | None, b: int, caps: dict[str, list[M.Cap]]) -> None:
         r.flush(self.tok)
         capped = {t: int(sum(c.fired[b] for c in caps[t])) for t in r.caps}  # only its own Cap is finite for it
         persona = {}
         if cap is not None:
             one = select_rows(cap, torch.tensor([b], device=self.device))
-            replied = bool(one.counts["response"][0] > 0)
-            acts = {"prompt_last": one.prompt_last(), "response_avg": one.response_mean()}
+            replied = bool(one.counts["answer"][0] > 0)
+            acts = {"prompt_last": one.prompt_last(), "response_avg": one.answer_mean()}
             if (r.steer or r.caps) and replied:  # an intervened reply is gauged as the plain model reads it (as chat)
                 acts = self.pv.read_answers(self.model, [r.job.req.prompt], [r.tokens])
             for g in self.gauges:
@@ -958,7 +958,7 @@ def serve(model_name: str = DEFAULT_MODEL, host: str = "127.0.0.1", port: int = 
     if vectors is not None and not Path(vectors).is_dir():
         raise UserError(f"--vectors {vectors} is not a directory: pass the directory of `extract`'s vector files, "
                         "or leave --vectors out")
-    model, tok = M.load(model_name, device, DTYPES.get(dtype))
+    model, tok = checkpoint.load(model_name, device, DTYPES.get(dtype))
     engine = Engine(model, tok, vectors, max_batch, max_tokens_limit, max_n, batch_wait, model_id=model_name)
     server = make_server(engine, host, port, api_key, max_body, quiet, max_connections)
     h, p = server.server_address[:2]

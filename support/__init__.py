@@ -9,13 +9,12 @@ keeps it so.
     traits.py        trait files: data/traits/*.json, their schema and validation; the pools of everyday requests
     files.py         atomic writes, CSV, the vector files (name, --steer specs, save, load, fit) and conversation files
     sampling.py      the sampling budget (answers, tokens, temperature, batch) and the hash naming a cached run
-    checkpoint.py    model directories: config and weight-file checks, the device and dtype defaults, a model's shape
-    generation.py    generate and sample on model.py (left padding, per-row stops), its KVCache, and Capture
+    checkpoint.py    `load`: a model and tokenizer by hub id or path, config and device checked first
     stats.py         correlations, permutation p-values, bootstrap intervals, random directions, means with errors
     plots.py         the sweep's and the monitoring experiment's pictures (optional: need matplotlib)
     cli.py           the command line's argument types, and `run` (a UserError as one line)
     limits.py        every numeric range and length limit of the command line, in one table
-    cpu_speed.py     the CPU matmul split that model.load_model applies on the CPU (measured in tools/bench.py)
+    cpu_speed.py     the CPU matmul split that checkpoint.load_model applies (measured in tools/bench.py)
     training.py      around train.py's loop: settings' checks, data order, train.json, checkpoints, resuming, DDP/FSDP2
     capping.py       persona capping's ceiling file, --cap specs and the model.Cap interventions they make
     openai_client.py the judge's transport: an OpenAI-compatible HTTP client (retries) and worker threads
@@ -23,6 +22,5 @@ keeps it so.
 """
 
 
-class UserError(ValueError):
-    """A problem the user can fix (bad input, a missing file, a wrong flag): the command line prints its message as
-    one line and exits 1. Every other exception is a bug and keeps its traceback."""
+# UserError, a problem the user can fix, is one class, defined in model.py so that it copies alone
+from model import UserError  # noqa: F401

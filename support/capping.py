@@ -1,7 +1,7 @@
 """Persona capping's inputs: the ceiling file `calibrate-cap` writes, --cap specs, and the model.Cap they make.
 
     caps = caps_for(["evil", "evil:99@12-20"], model, Path("vectors/SmolLM2-135M-Instruct"))
-    G.generate(model, prompts, 100, cap=caps)
+    M.generate(model, prompts, 100, cap=caps)
 
 A cap bounds the residual stream's component along a trait's unit vector u_l after block l,
     h <- h - u_l * max(h.u_l - ceiling_l, 0),

@@ -1,4 +1,5 @@
-"""A CPU speed trick for model.py, applied from outside (model.load_model calls it on the CPU); skip when reading.
+"""A CPU speed trick for model.py, applied from outside (support.checkpoint.load_model calls it on
+the CPU); skip when reading.
 
 MKL runs the product of a few rows (decoding) by a weight matrix on one core. Viewing W [N, K] as g blocks of N/g
 rows in one batched product uses g cores: extraction's sampling ran 1.22x faster on 2 cores (tools/bench.py (e)),

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from support import UserError
-from support.generation import check_new_tokens
+from model import check_new_tokens
 
 SMALL_MODEL_TEMPERATURE, SMALL_MODEL_TOP_P = 0.7, 0.9
 

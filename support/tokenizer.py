@@ -92,6 +92,41 @@ def answer_after_thinking(text: str) -> str:
     return "" if "<think>" in text else text
 
 
+def think_marks(tok) -> tuple[int, frozenset[int]]:
+    """(the id of `</think>`, the ids of the newline tokens written after it) for a thinking
+    model's tokenizer; a UserError when it has no `</think>` token (no thinking mode)."""
+    close = tok.encode("</think>")
+    if len(close) != 1:
+        raise UserError(f"{tok.name} has no </think> token, so it has no thinking mode "
+                        "(Qwen3 has one): drop --thinking")
+    newlines = {i for n in (1, 2, 3) for i in tok.encode("\n" * n)
+                if not tok.decode([i]).strip("\n")}
+    return close[0], frozenset(newlines)
+
+
+def answer_start(ids: list[int], close: int, newlines: frozenset[int]) -> int:
+    """Where a thinking model's answer begins in its reply `ids`: after the first `</think>` and
+    the newline tokens that follow it (len(ids) when the reply never closed its think block).
+
+    >>> answer_start([5, 6, 9, 1, 1, 7, 1], close=9, newlines=frozenset({1}))
+    5
+    """
+    if close not in ids:
+        return len(ids)
+    s = ids.index(close) + 1
+    while s < len(ids) and (ids[s] in newlines or ids[s] == close):
+        s += 1
+    return s
+
+
+def split_thinking(tok, ids: list[int]) -> tuple[list[int], list[int]]:
+    """A reply's ids -> (think block, answer); all answer unless `tok.thinking` is on."""
+    if not getattr(tok, "thinking", False):
+        return [], list(ids)
+    s = answer_start(list(ids), *think_marks(tok))
+    return list(ids[:s]), list(ids[s:])
+
+
 # ------------------------------------------------------------------------------ the sandbox
 def _raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)

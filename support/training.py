@@ -31,7 +31,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
 from support import UserError, checkpoint, hub
-from support import generation as G
 from support.checkpoint import DTYPES
 from support.files import (
     LOCK,
@@ -287,7 +286,7 @@ def nothing_to_train(path: Path, counts: dict, max_seq_len: int) -> str:
 
 def within_context(model_dir: Path, max_seq_len: int, say) -> int:
     """--max-seq-len, at most the model's context (max_position_embeddings), said when it is cut."""
-    context = checkpoint.read_config(model_dir / "config.json", M.Config).max_position_embeddings
+    context = checkpoint.read_config(model_dir / "config.json").max_position_embeddings
     if max_seq_len <= context:
         return max_seq_len
     say(
@@ -306,8 +305,8 @@ def hold_out(examples: list) -> tuple[list, list]:
 
 def pad_left(examples: list, pad_id: int, device) -> tuple[torch.Tensor, ...]:
     """-> ids [B, T], attention mask [B, T] (None when no row is padded), trained [B, T]."""
-    ids, mask = G.left_pad([e.ids for e in examples], pad_id)
-    trained = G.left_pad([e.trained for e in examples])[0].bool()
+    ids, mask = M.left_pad([e.ids for e in examples], pad_id)
+    trained = M.left_pad([e.trained for e in examples])[0].bool()
     return ids.to(device), None if mask.all() else mask.to(device), trained.to(device)
 
 
@@ -377,7 +376,7 @@ def load_model(model_dir: Path, device: torch.device, name: str) -> M.Transforme
     """The model to train, float32 (the master weights; autocast computes in bfloat16), named
     `name`."""
     try:
-        lm = M.load_model(model_dir, device, torch.float32)
+        lm = checkpoint.load_model(model_dir, device, torch.float32)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
     lm.name_or_path = name
@@ -748,10 +747,10 @@ def save_checkpoint(out: Path, model, optimizer, config: dict, record: dict, ran
     return final
 
 
-def load_checkpoint(checkpoint: Path, device) -> tuple[M.Transformer, dict]:
+def load_checkpoint(path: Path, device) -> tuple[M.Transformer, dict]:
     """-> (the checkpoint's weights as a float32 model, the run record saved with them)."""
-    return M.load_model(checkpoint, device, torch.float32), json.loads(
-        (checkpoint / "state.json").read_text()
+    return checkpoint.load_model(path, device, torch.float32), json.loads(
+        (path / "state.json").read_text()
     )
 
 

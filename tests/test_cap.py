@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 import model as M
-from support import UserError, generation as G
+from support import UserError
 from test_model import GOLDEN, TINY, hidden_states, tiny
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]
@@ -35,11 +35,11 @@ def medians(h: torch.Tensor, u: torch.Tensor, layers, mask) -> torch.Tensor:
 def test_an_infinite_ceiling_is_no_intervention(dtype):
     m = M.load_model(GOLDEN / "tiny-llama3", "cpu", dtype)
     ids, mask = batch("tiny-llama3")
-    kw = dict(attention_mask=mask, response_start=torch.tensor([10, 20, 15]))
+    kw = dict(attention_mask=mask, answer_start=torch.tensor([10, 20, 15]))
     none = M.Cap([1, 2, 3], unit(3, 64), torch.full((3,), float("inf")), "all")
     assert torch.equal(m(ids, **kw), m(ids, cap=[none], **kw))
     assert none.fired.tolist() == [0, 0, 0]
-    assert G.generate(m, PROMPTS, 8) == G.generate(m, PROMPTS, 8, cap=[none])
+    assert M.generate(m, PROMPTS, 8) == M.generate(m, PROMPTS, 8, cap=[none])
 
 
 @pytest.mark.parametrize("positions", ["all", "prompt", "response"])
@@ -47,7 +47,7 @@ def test_an_infinite_ceiling_is_no_intervention(dtype):
 def test_capped_states_are_at_most_the_ceiling_and_the_others_untouched(name, positions):
     m, (ids, mask) = tiny(name), batch(name)
     start, layers = torch.tensor([14, 20, 15]), [1, 2]
-    kw = dict(attention_mask=mask, response_start=start)
+    kw = dict(attention_mask=mask, answer_start=start)
     u = unit(2, 64, seed=1)
     base = hidden_states(m, ids, **kw)  # [N + 1, B, T, d]
     c = medians(base, u, layers, mask)
@@ -118,22 +118,22 @@ def test_per_row_ceilings_equal_each_row_capped_alone():
     m, layers, u = tiny("tiny-qwen2"), [1, 3], unit(2, 64, seed=4)
     ceilings = torch.tensor([[0.0, -1.0], [float("inf")] * 2, [-2.0, 0.5]])
     cap = M.Cap(layers, u, ceilings, "response")
-    batched = G.generate(m, PROMPTS, 10, cap=[cap])
+    batched = M.generate(m, PROMPTS, 10, cap=[cap])
     fired = cap.fired.tolist()
     alone = []
     for p, row in zip(PROMPTS, ceilings):
         one = M.Cap(layers, u, row, "response")
-        alone.append((G.generate(m, [p], 10, cap=[one])[0], int(one.fired[0])))
+        alone.append((M.generate(m, [p], 10, cap=[one])[0], int(one.fired[0])))
     assert list(zip(batched, fired)) == alone
-    assert batched[1] == G.generate(m, [PROMPTS[1]], 10)[0] and fired[1] == 0
-    assert batched != G.generate(m, PROMPTS, 10) and fired[0] > 0 and fired[2] > 0
+    assert batched[1] == M.generate(m, [PROMPTS[1]], 10)[0] and fired[1] == 0
+    assert batched != M.generate(m, PROMPTS, 10) and fired[0] > 0 and fired[2] > 0
     # the logits too: a left-padded batched forward equals each row's own, on its real tokens
     ids, mask = batch("tiny-qwen2")
     start = torch.tensor([14, 20, 15])
-    got = m(ids, attention_mask=mask, response_start=start, cap=[M.Cap(layers, u, ceilings, "response")])
+    got = m(ids, attention_mask=mask, answer_start=start, cap=[M.Cap(layers, u, ceilings, "response")])
     for b in range(3):
         real = mask[b].bool()
-        one = m(ids[b:b + 1, real], response_start=start[b:b + 1] - int((~real).sum()),
+        one = m(ids[b:b + 1, real], answer_start=start[b:b + 1] - int((~real).sum()),
                 cap=[M.Cap(layers, u, ceilings[b], "response")])
         torch.testing.assert_close(got[b, real], one[0], rtol=1e-4, atol=1e-4)
 
@@ -141,20 +141,20 @@ def test_per_row_ceilings_equal_each_row_capped_alone():
 def test_fired_counts_the_capped_response_positions_of_a_sequence():
     m = tiny("tiny-llama3")
     low = M.Cap([1, 2], unit(2, 64, seed=5), [-3.0, -3.0], "all")  # below every projection: fires everywhere
-    free = G.generate(m, PROMPTS, 8, cap=[low])
+    free = M.generate(m, PROMPTS, 8, cap=[low])
     stop = next(t for i, t in enumerate(free[0]) if i >= 2 and t not in free[0][:i])  # row 0 stops there
-    outs = G.generate(m, PROMPTS, 8, stop_ids={stop}, cap=[low])
+    outs = M.generate(m, PROMPTS, 8, stop_ids={stop}, cap=[low])
     assert outs[0] == free[0][:free[0].index(stop)] and len(outs[0]) < 8
     assert low.fired.tolist() == [len(out) + 1 for out in outs]  # the last prompt token and every answer token
     # greedy decoding with the cache equals a capped forward over prompt + answer, which counts the same
     for b, (p, out) in enumerate(zip(PROMPTS, outs)):
         full = M.Cap([1, 2], unit(2, 64, seed=5), [-3.0, -3.0], "all")
-        logits = m(torch.tensor([p + out]), response_start=torch.tensor([len(p)]), cap=[full])[0, len(p) - 1:-1]
+        logits = m(torch.tensor([p + out]), answer_start=torch.tensor([len(p)]), cap=[full])[0, len(p) - 1:-1]
         assert logits.argmax(-1).tolist() == out and full.fired.tolist() == [low.fired[b]]
-    G.generate(m, PROMPTS[:2], 4, cap=[low])  # the same Cap, a new sequence: a new count, of the new batch
+    M.generate(m, PROMPTS[:2], 4, cap=[low])  # the same Cap, a new sequence: a new count, of the new batch
     assert low.fired.tolist() == [5, 5]
     high = M.Cap([1, 2], unit(2, 64, seed=5), [1e4, 1e4])  # above every projection: never fires
-    assert G.generate(m, PROMPTS, 8, cap=[high]) == G.generate(m, PROMPTS, 8) and high.fired.tolist() == [0, 0, 0]
+    assert M.generate(m, PROMPTS, 8, cap=[high]) == M.generate(m, PROMPTS, 8) and high.fired.tolist() == [0, 0, 0]
 
 
 def test_cap_comes_after_steering_and_ablation_at_the_same_index():
@@ -187,7 +187,7 @@ def test_cap_trains_under_gradient_checkpointing():
     m.gradient_checkpointing = True
     loss2, g2, fired2 = grads()
     assert torch.allclose(loss, loss2) and torch.allclose(g, g2, atol=1e-6) and g.abs().sum() > 0
-    assert torch.equal(fired, fired2) and fired.item() == 1  # no response_start: the last token is the response
+    assert torch.equal(fired, fired2) and fired.item() == 1  # no answer_start: the last token is the response
 
 
 def test_cap_is_checked_once_per_sequence_and_kept_on_the_device(monkeypatch):
@@ -195,7 +195,7 @@ def test_cap_is_checked_once_per_sequence_and_kept_on_the_device(monkeypatch):
     check = M.check_fits
     monkeypatch.setattr(M, "check_fits", lambda *a: calls.append(a) or check(*a))
     cap = M.Cap([1], unit(1, 64).double(), [0.0])
-    G.generate(m, [[5, 6, 7]], 12, cap=[cap])
+    M.generate(m, [[5, 6, 7]], 12, cap=[cap])
     assert len(calls) == 1 and cap.directions.dtype == torch.float32
 
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import model as M
+from support import checkpoint
 import persona_vectors as pv
 from apps import __main__ as apps_cli
-from support import generation as G
 from support.capping import PERCENTILES, caps_for, caps_per_row, ceiling_path, parse_cap
 from support.files import load_vector
 from support.plots import pyplot
@@ -62,7 +62,7 @@ BROKEN = {  # trait -> how its ceiling file was damaged
 
 @pytest.fixture(scope="module")
 def loaded(tiny):
-    return M.load(str(tiny[0]), "cpu", torch.float32)
+    return checkpoint.load(str(tiny[0]), "cpu", torch.float32)
 
 
 def hidden_states(model, ids: list[int]) -> torch.Tensor:
@@ -90,7 +90,7 @@ def test_calibrate_cap_writes_the_percentiles_of_every_answer_token(tiny, loaded
     with torch.no_grad():
         for q in QUESTIONS[:4]:  # each answered alone, read back by hand: no padding, no Capture
             prompt = tok.encode_chat([{"role": "user", "content": q}])
-            answer = G.generate(model, [prompt], 6, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
+            answer = M.generate(model, [prompt], 6, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
             h = hidden_states(model, prompt + answer)[:, len(prompt):]  # [N + 1, answer, hidden]
             proj.append((h * units[:, None]).sum(-1).T.numpy())  # [answer, N + 1]
     proj = np.concatenate(proj)
@@ -170,7 +170,7 @@ def test_bad_input(tiny, loaded, argv, code, message, monkeypatch, capsys, tmp_p
     if not (root / "wide.safetensors").exists():
         write_vector(root / "wide.safetensors", torch.randn(4, 96))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(G, "generate", no_generation)
+    monkeypatch.setattr(M, "generate", no_generation)
     before = tree(root)
     args = (GEN + argv[3:] if argv.startswith("cap ") else argv).format(d=d, v=vectors, r=root).split()
     err = run_bad(main_of(args), args, code, capsys)
@@ -194,7 +194,7 @@ def test_calibrate_cap_where_it_cannot_write_names_the_way_out(tiny, loaded, mon
             raise PermissionError(13, "Permission denied")
         return real(*args, dir=dir, **kw)
     monkeypatch.setattr(tempfile, "TemporaryFile", refused)
-    monkeypatch.setattr(G, "generate", no_generation)
+    monkeypatch.setattr(M, "generate", no_generation)
     monkeypatch.chdir(tmp_path)
     before = tree(root)
     args = ["calibrate-cap", "humorous", "--model", str(d), "--vectors", str(vectors)]
@@ -225,8 +225,8 @@ def test_caps_per_row_leave_rows_without_a_cap_unchanged(tiny, loaded):
     assert cap.ceilings.shape == (3, 1) and cap.ceilings[1, 0] == inf and cap.ceilings[0, 0] < cap.ceilings[2, 0]
     assert caps[1].ceilings[:2].eq(inf).all() and caps[1].ceilings[2].isfinite().all()
     prompt = tok.encode_chat([{"role": "user", "content": "How are you?"}])
-    plain = G.generate(model, [prompt] * 3, 5, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
-    capped = G.generate(model, [prompt] * 3, 5, stop_ids=tok.stop_ids, pad_id=tok.pad_id, cap=caps)
+    plain = M.generate(model, [prompt] * 3, 5, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    capped = M.generate(model, [prompt] * 3, 5, stop_ids=tok.stop_ids, pad_id=tok.pad_id, cap=caps)
     assert capped[1] == plain[1] and cap.fired[1] == 0 and caps[1].fired[1] == 0
 
 
@@ -236,11 +236,11 @@ def encode(tok, question: str) -> list[int]:
 
 def read_projection(model, prompt: list[int], answer: list[int], u: torch.Tensor, layer: int, cap=()) -> float:
     """An answer's mean state at `layer` as the model reads prompt + answer in one pass (with `cap`: capped), on u."""
-    rec = G.Capture()
+    rec = M.Capture()
     with torch.no_grad():
-        model(torch.tensor([prompt + answer]), response_start=torch.tensor([len(prompt)]), capture=rec,
+        model(torch.tensor([prompt + answer]), answer_start=torch.tensor([len(prompt)]), capture=rec,
               logits="none", cap=cap)
-    return float(rec.response_mean()[0, layer] @ u)
+    return float(rec.answer_mean()[0, layer] @ u)
 
 
 def test_generate_with_cap_is_generation_with_caps_for(tiny, loaded, capsys):
@@ -253,7 +253,7 @@ def test_generate_with_cap_is_generation_with_caps_for(tiny, loaded, capsys):
                     "--device", "cpu", "--cap", "evil:1@1-3"]) == 0
     out, err = capsys.readouterr()
     caps = caps_for(["evil:1@1-3"], model, vectors)
-    want = G.generate(model, [encode(tok, q) for q in QUESTIONS[:3]], 8, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+    want = M.generate(model, [encode(tok, q) for q in QUESTIONS[:3]], 8, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                       cap=caps)
     assert out == "".join(f">>> {q}\n{tok.decode(o)}\n\n" for q, o in zip(QUESTIONS, want))
     assert [tok.decode(o) for o in want] != plain  # a cap at the 1st percentile changes what the model writes
@@ -278,7 +278,7 @@ def test_eval_with_cap_reads_the_answers_with_the_plain_model(tiny, loaded, tmp_
     rows, positions, fired = list(csv.DictReader(open(capped["csv"]))), 0, 0
     for row in rows:  # each answer again, capped, by hand (greedy), then read by the plain and the capped model
         prompt = encode(tok, row["question"])
-        ids = G.generate(model, [prompt], 6, stop_ids=tok.stop_ids, pad_id=tok.pad_id, cap=caps)[0]
+        ids = M.generate(model, [prompt], 6, stop_ids=tok.stop_ids, pad_id=tok.pad_id, cap=caps)[0]
         assert tok.decode(ids) == row["answer"] and int(row["capped"]) == int(caps[0].fired[0])
         positions, fired = positions + len(ids) + 1, fired + int(caps[0].fired[0])
         plain = read_projection(model, prompt, ids, u, L)
@@ -317,9 +317,9 @@ def test_chat_caps_from_the_start_and_with_slash_cap(tiny, loaded):
     replies, counts = [m["content"] for m in messages if m["role"] == "assistant"], []
     for turn, specs in enumerate((["evil:1@1-3"], [], ["evil:2@1-3"])):  # each turn again by hand, on its history
         prompt = tok.encode_chat(messages[:2 * turn + 1])
-        plain = G.generate(model, [prompt], 10, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
+        plain = M.generate(model, [prompt], 10, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
         caps = caps_for(specs, model, vectors)
-        ids = G.generate(model, [prompt], 10, stop_ids=tok.stop_ids, pad_id=tok.pad_id, cap=caps)[0]
+        ids = M.generate(model, [prompt], 10, stop_ids=tok.stop_ids, pad_id=tok.pad_id, cap=caps)[0]
         assert replies[turn] == tok.decode(ids) and (ids != plain) == bool(specs)  # a capped turn differs
         counts += [f"capped {int(caps[0].fired[0])}/{len(ids) + 1} positions"] if caps else []
     assert [line.strip() for line in text.splitlines() if line.strip().startswith("capped ")] == counts
@@ -344,7 +344,7 @@ def test_study_runs_and_resumes(tiny, tmp_path, monkeypatch):
         assert (tmp_path / "capping.png").stat().st_size < 150_000
     else:
         assert not (tmp_path / "capping.png").exists()
-    monkeypatch.setattr(G, "generate", no_generation)  # every arm is cached now
+    monkeypatch.setattr(M, "generate", no_generation)  # every arm is cached now
     assert cap_study.study(str(d), "evil", str(vectors), str(tmp_path / "study"), **kw)["rows"] == doc["rows"]
 
 
@@ -362,7 +362,7 @@ def test_study_judges_every_answer_when_a_judge_is_configured(tiny, tmp_path, mo
     assert all("judged_encouraging" not in r for r in plain["rows"])
     fake = FakeJudge(hashed=True)
     monkeypatch.setattr(J, "make_judge", lambda spec, workers=None: fake)
-    monkeypatch.setattr(G, "generate", no_generation)  # the cached answers are judged, not generated again
+    monkeypatch.setattr(M, "generate", no_generation)  # the cached answers are judged, not generated again
     doc = cap_study.study(str(d), "evil", str(vectors), str(tmp_path / "study"), judge="fake", **kw)
     assert fake.asked > 0 and all(r["judged_encouraging"] is not None for r in doc["rows"])
     assert doc["rows"][0]["judged_reduction"] == 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import model as M
-from support import generation as G
+from support import checkpoint
 import persona_vectors as pv
 from apps import chat
 from apps.monitor import Gauge
@@ -40,20 +40,20 @@ def test_scripted_chat_writes_jsonl_and_gauges(tiny, tmp_path):
 
 def test_gauge_readings_are_the_projections(tiny):
     d, vectors = tiny
-    model, tok = M.load(str(d), "cpu", torch.float32)
+    model, tok = checkpoint.load(str(d), "cpu", torch.float32)
     g = Gauge.from_file(vectors / "evil_response_avg_diff.safetensors", 2, model.config.num_hidden_layers)
     messages = [{"role": "user", "content": "Hello there!"}]
-    cap = G.Capture()
-    out = G.generate(model, [tok.encode_chat(messages)], 6, stop_ids=tok.stop_ids, pad_id=tok.pad_id, capture=cap)[0]
-    reading = g.read({"prompt_last": cap.prompt_last(), "response_avg": cap.response_mean()})
+    cap = M.Capture()
+    out = M.generate(model, [tok.encode_chat(messages)], 6, stop_ids=tok.stop_ids, pad_id=tok.pad_id, capture=cap)[0]
+    reading = g.read({"prompt_last": cap.prompt_last(), "response_avg": cap.answer_mean()})
     ids = tok.encode_chat(messages)
-    ref = G.Capture()
+    ref = M.Capture()
     with torch.no_grad():
-        model(torch.tensor([ids + out]), response_start=torch.tensor([len(ids)]), capture=ref, logits="none")
+        model(torch.tensor([ids + out]), answer_start=torch.tensor([len(ids)]), capture=ref, logits="none")
     v, _ = pv.load_vector(vectors / "evil_response_avg_diff.safetensors")
     u = v[2] / v[2].norm()
     assert reading["prompt_last"] == pytest.approx(float(ref.prompt_last()[0, 2] @ u), abs=1e-4)
-    assert reading["response_avg"] == pytest.approx(float(ref.response_mean()[0, 2] @ u), abs=1e-4)
+    assert reading["response_avg"] == pytest.approx(float(ref.answer_mean()[0, 2] @ u), abs=1e-4)
     assert g.marks == {"prompt_last": (-1.0, 1.0), "response_avg": (-2.0, 2.0)}
     line = chat.show(g, {"prompt_last": 1.0, "response_avg": -2.0})  # at the pos mark, at the neg mark
     assert "neg -1.00 [---------|] pos +1.00" in line and "neg -2.00 [|---------] pos +2.00" in line

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import model as M
 import persona_vectors as pv
 from apps import __main__ as apps_cli, chat
 from apps import monitor
-from support import generation as G
 from tiny import run_bad, tiny_model_with_vectors, tree, write_vector
 
 
@@ -92,7 +92,7 @@ def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.chdir(tmp_path)  # anything written to the default places would land here
-    monkeypatch.setattr(G, "generate", no_generation)
+    monkeypatch.setattr(M, "generate", no_generation)
     before = tree(root)
     app = argv.split()[0] in pv.APP_COMMANDS  # python -m apps COMMAND
     args = argv.format(d=d, v=vectors, r=root).split()

@@ -12,7 +12,7 @@ import torch
 
 import apps.control_vector as cv
 from apps import __main__ as apps_cli
-from support import UserError
+from support import UserError, checkpoint
 from support.files import load_vector
 from support.gguf_convert import GGUFFile
 from test_gguf import write_gguf as write_test_gguf
@@ -96,13 +96,12 @@ def test_default_layer_is_the_best_layer_else_the_middle(tmp_path, tiny):
 
 def test_import_is_where_generate_looks(tmp_path, tiny, vec_file, monkeypatch):
     """`generate --steer NAME:COEF` finds the imported vector by name and steers its layer by default."""
-    import model as M
     import persona_vectors as pv
     path, vec = vec_file
     monkeypatch.chdir(tmp_path)
     gguf = cv.export_gguf(str(path), str(tmp_path / "mine.gguf"), layer=2)
     cv.import_gguf(str(gguf), str(tiny))
-    model, _ = M.load(str(tiny), "cpu", torch.float32)
+    model, _ = checkpoint.load(str(tiny), "cpu", torch.float32)
     (steer,) = pv.steering(["mine:1.5"], model)
     assert steer.layer == 2 and steer.coef == 1.5 and torch.equal(steer.vector, vec[2])
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from support import generation as G
+import model as M
 from make_golden_smollm2 import PROMPT, reference_ids, reference_model
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ ROOT = Path(__file__).parent.parent
 def test_greedy_answer_names_paris(smollm2):
     model, tok = smollm2
     ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
-    answer = tok.decode(G.generate(model, [ids], 30, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0])
+    answer = tok.decode(M.generate(model, [ids], 30, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0])
     assert "Paris" in answer
 
 
@@ -51,12 +51,12 @@ def test_logits_match_transformers_reading_the_gguf_live(smollm2):
 def test_batched_capture_equals_one_at_a_time(smollm2):
     model, tok = smollm2
     convs = [tok.encode_chat([{"role": "user", "content": q}]) for q in ["Hi!", "Name three colours of the rainbow."]]
-    answers = G.generate(model, convs, 12, stop_ids=tok.stop_ids, pad_id=tok.pad_id, capture=(cap := G.Capture()))
+    answers = M.generate(model, convs, 12, stop_ids=tok.stop_ids, pad_id=tok.pad_id, capture=(cap := M.Capture()))
     for b, (p, a) in enumerate(zip(convs, answers)):
-        one = G.Capture()
-        G.generate(model, [p], 12, stop_ids=tok.stop_ids, pad_id=tok.pad_id, capture=one)
+        one = M.Capture()
+        M.generate(model, [p], 12, stop_ids=tok.stop_ids, pad_id=tok.pad_id, capture=one)
         assert torch.allclose(cap.prompt_last()[b], one.prompt_last()[0], atol=1e-3, rtol=1e-4)
-        assert torch.allclose(cap.response_mean()[b], one.response_mean()[0], atol=1e-3, rtol=1e-4)
+        assert torch.allclose(cap.answer_mean()[b], one.answer_mean()[0], atol=1e-3, rtol=1e-4)
 
 
 def run_cli(*args):

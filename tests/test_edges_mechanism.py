@@ -15,7 +15,8 @@ import torch
 import persona_vectors as pv
 import train
 from apps import __main__ as apps_cli
-from support import cli, files, generation as G
+import model as M
+from support import checkpoint, cli, files
 from support.limits import LABEL_BYTES, LIMITS
 from tiny import main_of, run_bad, tiny_model_with_vectors, tree, write_vector
 
@@ -146,15 +147,15 @@ def test_short_label_keeps_names_short_and_distinct():
 def test_check_new_tokens_is_the_one_context_check(tmp_path):
     d, _ = tiny_model_with_vectors(tmp_path)
     import model as M
-    m, _ = M.load(str(d), "cpu", torch.float32)
+    m, _ = checkpoint.load(str(d), "cpu", torch.float32)
     n_ctx = m.config.max_position_embeddings
-    assert G.check_new_tokens(m, n_ctx - 1) == n_ctx - 1
+    assert M.check_new_tokens(m, n_ctx - 1) == n_ctx - 1
     with pytest.raises(files.UserError, match=f"use --max-new-tokens {n_ctx - 10} or less"):
-        G.check_new_tokens(m, n_ctx, 10)
+        M.check_new_tokens(m, n_ctx, 10)
     with pytest.raises(files.UserError, match="beyond this model's context"):
-        G.generate(m, [[5, 6]], n_ctx)  # refused before the KV cache is allocated
+        M.generate(m, [[5, 6]], n_ctx)  # refused before the KV cache is allocated
     with pytest.raises(files.UserError, match="beyond this model's context"):
-        G.generate(m, [[5, 6]], 10**9)  # (was: "can't allocate memory")
+        M.generate(m, [[5, 6]], 10**9)  # (was: "can't allocate memory")
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +238,7 @@ def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     d, vectors, root = tiny
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.chdir(tmp_path)  # anything written to the default places would land here
-    monkeypatch.setattr(G, "sample", no_generation)  # the KV cache may not even be made
+    monkeypatch.setattr(M, "sample", no_generation)  # the KV cache may not even be made
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Hi\n"))
     before = tree(root)
     args = argv.format(d=d, v=vectors, r=root).split()

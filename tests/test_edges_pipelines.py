@@ -17,7 +17,7 @@ import judge as J
 import model as M
 import persona_vectors as pv
 from apps import __main__ as apps_cli, flagging
-from support import UserError, files, generation as G
+from support import UserError, checkpoint, files
 from support.plots import pyplot
 from tiny import FakeJudge, main_of, run_bad, tiny_model_with_vectors, tree, write_vector
 
@@ -124,7 +124,7 @@ def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     d, vectors, root = tiny
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.chdir(tmp_path)  # anything written to the default places would land here
-    monkeypatch.setattr(G, "generate", no_generation)
+    monkeypatch.setattr(M, "generate", no_generation)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))  # chat's user, if it ever got that far
     before = tree(root)
     args = argv.format(d=d, v=vectors, r=root).split()
@@ -167,7 +167,7 @@ def test_a_failed_run_leaves_no_folder_behind(tiny, argv, failure, code, monkeyp
         raise failure
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(G, "generate", fail)
+    monkeypatch.setattr(M, "generate", fail)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
     before = tree(root)
     args = argv.format(d=d, v=vectors, r=root, t=tmp_path).split()
@@ -272,7 +272,7 @@ def test_a_trait_without_refusal_loads_and_warns_where_a_judge_reads_it(tiny, tm
 
 def test_flag_names_conversations_with_the_roles_reversed(tiny):
     d, vectors, root = tiny
-    _, tok = M.load(str(d), "cpu", torch.float32)
+    _, tok = checkpoint.load(str(d), "cpu", torch.float32)
     reason = flagging.parse_sample((root / "reversed.jsonl").read_bytes(), tok, 1000)
     assert reason.startswith("roles reversed?")
     # an assistant turn after the first user turn is used as before, one that only opens the chat is no reason

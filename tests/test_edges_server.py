@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
-import model as M
 from apps import __main__ as apps_cli, server as S
-from support import UserError
+from support import UserError, checkpoint
 from test_server import HI, TIMEOUT, client, raw_request, start, stop, tiny, wait_for  # noqa: F401 (fixtures)
 from tiny import run_bad, tree
 
@@ -44,7 +43,7 @@ def test_bad_serve_flags(tiny, argv, code, message, monkeypatch, capsys, tmp_pat
     d, vectors, model, tok = tiny
     root = d.parent
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(M, "load", lambda *a, **k: pytest.fail("the model loaded before the flags were checked"))
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: pytest.fail("the model loaded before the flags were checked"))
     before = tree(root)
     err = run_bad(apps_cli.main, argv.format(d=d, r=root).split(), code, capsys)
     assert message in err[-1], err

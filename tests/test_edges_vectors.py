@@ -4,10 +4,11 @@ written over), and the recorded-model check every command that loads a vector ma
 import pytest
 import torch
 
+import model as M
 import persona_vectors as pv
 import apps.control_vector as cv
 import train
-from support import files, generation as G
+from support import files
 from test_train import conversation, write_jsonl
 from tiny import main_of, make_tiny_chat_model, run_bad, tiny_model_with_vectors, tree, write_vector
 
@@ -66,7 +67,7 @@ CASES = [
 def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     d, vectors, root = tiny
     monkeypatch.chdir(tmp_path)  # anything written to the default places would land here
-    monkeypatch.setattr(G, "generate", lambda *a, **k: pytest.fail("generation started before the check"))
+    monkeypatch.setattr(M, "generate", lambda *a, **k: pytest.fail("generation started before the check"))
     before = tree(root)
     capsys.readouterr()
     args = argv.format(d=d, v=vectors, r=root).split()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import model as M
+from support import checkpoint
 import persona_vectors as pv
-from support import generation as G
 from tiny import FakeJudge, tiny_model_with_vectors
 from support.traits import load_trait
 
@@ -50,11 +50,11 @@ def test_eval_uses_only_evaluation_questions(tiny, tmp_path, monkeypatch):
 def reread_projection(model, tok, question, answer_ids, v, layer):
     """The answer as the plain (unsteered) model reads it: one forward pass over prompt + answer, projected."""
     prompt = tok.encode_chat([{"role": "user", "content": question}])
-    cap = G.Capture()
+    cap = M.Capture()
     with torch.no_grad():
-        model(torch.tensor([prompt + answer_ids]), response_start=torch.tensor([len(prompt)]), capture=cap,
+        model(torch.tensor([prompt + answer_ids]), answer_start=torch.tensor([len(prompt)]), capture=cap,
               logits="none")
-    return float(cap.response_mean()[0, layer] @ (v / v.norm()))
+    return float(cap.answer_mean()[0, layer] @ (v / v.norm()))
 
 
 def test_steered_answers_are_measured_as_the_unsteered_model_reads_them(tiny, tmp_path):
@@ -70,13 +70,13 @@ def test_steered_answers_are_measured_as_the_unsteered_model_reads_them(tiny, tm
     for spec, layer, all_layers in (["evil:20"], 2, False), (["evil:20", "humorous:-10"], 2, False), \
             (["evil:5"], None, True):
         steered = pv.evaluate("evil", steer=spec, layer=layer, all_layers=all_layers, **kw)
-        model, tok = M.load(str(d), "cpu", torch.float32)
+        model, tok = checkpoint.load(str(d), "cpu", torch.float32)
         L = steered["projection_layer"]
         v = pv.load_vector(vectors / "evil_response_avg_diff.safetensors")[0][L]
         rows = list(csv.DictReader(open(steered["csv"])))
         # the answers again, by hand (greedy: one sample per question), then each re-read without steering
         interventions = pv.steering(spec, model, vectors, layer, "response", all_layers)
-        outs = G.generate(model, [tok.encode_chat([{"role": "user", "content": r["question"]}]) for r in rows], 6,
+        outs = M.generate(model, [tok.encode_chat([{"role": "user", "content": r["question"]}]) for r in rows], 6,
                           stop_ids=tok.stop_ids, pad_id=tok.pad_id, steer=interventions)
         for row, ids in zip(rows, outs):
             assert tok.decode(ids) == row["answer"]
@@ -114,11 +114,11 @@ def test_sweep_end_to_end_writes_its_own_result_and_resumes(tiny, tmp_path, monk
     assert vec_file.read_bytes() == before  # vectors are immutable
     recorded = json.loads((vec_dir / "evil_sweep.json").read_text())
     assert recorded["best_layer"] == best["layer"] and recorded["best_coef"] == str(best["coef"])
-    model = M.load(str(d), "cpu")[0]
+    model = checkpoint.load(str(d), "cpu")[0]
     assert pv.steering(["evil:1"], model, vec_dir)[0].layer == 1  # the middle, as before the sweep
     told = pv.steering(["evil:1"], model, vec_dir, layer="sweep")[0].layer
     assert told == best["layer"] != 1
     asked, calls = judge.asked, []
-    monkeypatch.setattr(G, "generate", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(M, "generate", lambda *a, **k: calls.append(1))
     pv.sweep("evil", **kw)  # everything cached: no generation, no judgment
     assert calls == [] and judge.asked == asked

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import model as M
-from support import generation as G
+from support import checkpoint
 import persona_vectors as pv
 from apps import control_vector
 from tiny import FakeJudge, make_tiny_chat_model
@@ -39,7 +39,7 @@ def test_extract_end_to_end_and_vector_equals_hand_computed_mean_difference(tiny
     gap = torch.tensor(meta["pos_response_avg_projection"]) - torch.tensor(meta["neg_response_avg_projection"])
     assert torch.allclose(gap, vec.norm(dim=-1), atol=1e-3) and len(meta["pos_prompt_last_projection"]) == 4
     # recompute every kept answer's activations with a plain forward pass over prompt + generated tokens
-    model, tok = M.load(str(tiny_dir), "cpu", torch.float32)
+    model, tok = checkpoint.load(str(tiny_dir), "cpu", torch.float32)
     rows = []
     work = next((tmp_path / ".work").glob("evil-*"))
     from safetensors import safe_open
@@ -51,12 +51,12 @@ def test_extract_end_to_end_and_vector_equals_hand_computed_mean_difference(tiny
         caps = []
         for r in (r for r in rows if r["side"] == side):
             p = tok.encode_chat([{"role": "system", "content": r["system"]}, {"role": "user", "content": r["question"]}])
-            cap = G.Capture()
+            cap = M.Capture()
             with torch.no_grad():
-                model(torch.tensor([p + r["answer_ids"]]), response_start=torch.tensor([len(p)]), capture=cap,
+                model(torch.tensor([p + r["answer_ids"]]), answer_start=torch.tensor([len(p)]), capture=cap,
                       logits="none")
             caps.append(cap)
-        means[side] = {v: torch.cat([getattr(c, {"response_avg": "response_mean", "prompt_avg": "prompt_mean",
+        means[side] = {v: torch.cat([getattr(c, {"response_avg": "answer_mean", "prompt_avg": "prompt_mean",
                                                    "prompt_last": "prompt_last"}[v])() for c in caps]).mean(0)
                        for v in pv.VARIANTS}
     for variant in pv.VARIANTS:
@@ -142,7 +142,7 @@ def test_bad_input(tiny_dir, tmp_path, monkeypatch):
         pv.extract("../evil", model_name=str(tiny_dir), judge="none")
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    monkeypatch.setattr(M, "load", lambda *a, **k: pytest.fail("generation started before the judge was checked"))
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: pytest.fail("generation started before the judge was checked"))
     with pytest.raises(ValueError, match="OPENAI_API_KEY"):
         pv.extract("evil", model_name=str(tiny_dir), judge="openai")
     blocker = tmp_path / "file"
@@ -175,7 +175,7 @@ def test_import_vector_lands_where_steering_looks_and_keeps_its_limits(tmp_path,
     coefficients (no residual norms) and never steers with the post-norm last row."""
     monkeypatch.chdir(tmp_path)
     d = make_tiny_chat_model(tmp_path / "tiny")
-    model, _ = M.load(str(d), "cpu", torch.float32)
+    model, _ = checkpoint.load(str(d), "cpu", torch.float32)
     src = tmp_path / "evil_response_avg_diff.pt"
     torch.save(torch.randn(4, 64), src)
     dest = control_vector.import_vector(str(src), model_name=str(d))

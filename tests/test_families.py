@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model as M
-from support import UserError, checkpoint, generation as G
+from support import UserError, checkpoint
 from test_model import GOLDEN, TINY, tiny
 
 NEW = ["tiny-qwen3", "tiny-gemma2", "tiny-gemma3"]
@@ -25,7 +25,7 @@ def edited(tmp_path, name: str, edit: dict) -> M.Transformer:
     d = tmp_path / name
     shutil.copytree(GOLDEN / name, d)
     (d / "config.json").write_text(json.dumps(json.loads((d / "config.json").read_text()) | edit))
-    return M.load_model(d, "cpu", torch.float32)
+    return checkpoint.load_model(d, "cpu", torch.float32)  # checked first: one-line errors
 
 
 def max_error(m: M.Transformer, ref: dict) -> float:
@@ -67,7 +67,7 @@ def test_each_family_feature_shows_in_the_logits(tmp_path, name, edit):
 
 def test_gemma_embeddings_are_scaled_before_hidden_index_0():
     m, ids = tiny("tiny-gemma2"), torch.tensor([[5, 6, 7]])
-    cap = G.Capture(token_layers=(0,))
+    cap = M.Capture(token_layers=(0,))
     m(ids, logits="none", capture=cap)
     assert torch.equal(cap.tokens[0][0], m.model.embed_tokens(ids) * torch.tensor(64**0.5))
 
@@ -148,7 +148,7 @@ def test_missing_keys_get_the_defaults_transformers_gives_them(config):
     transformers = pytest.importorskip("transformers")
     theirs = transformers.AutoConfig.for_model(**config)
     theirs = getattr(theirs, "text_config", theirs)
-    ours = M.Config(**checkpoint.check_config(config, M.Config))
+    ours = M.Config(**checkpoint.check_config(config))
     if getattr(theirs, "head_dim", None) is None:  # Qwen2: hidden_size / num_attention_heads
         theirs.head_dim = theirs.hidden_size // theirs.num_attention_heads
     for key in (
@@ -305,7 +305,7 @@ def test_the_sliding_window_holds_with_the_cache_and_left_padding():
     m = tiny("tiny-gemma2")  # window 5
     ids = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(0))
     full = m(ids)
-    cache = G.KVCache(m.config, 1, 20, "cpu", torch.float32)
+    cache = M.KVCache(m.config, 1, 20, "cpu", torch.float32)
     steps = [m(ids[:, :3], cache=cache, logits="last")] + [
         m(ids[:, t : t + 1], cache=cache) for t in range(3, 20)
     ]
@@ -321,9 +321,9 @@ def test_batched_left_padded_generation_gives_each_row_what_it_gets_alone(name, 
     """Prompts of 12, 2 and 7 tokens, 10 new ones, past the Gemma windows (5, 6): no NaN."""
     m = M.load_model(GOLDEN / name, "cpu", dtype)
     prompts = [list(range(5, 17)), [12, 13], [20, 21, 22, 23, 24, 25, 26]]
-    batched = G.generate(m, prompts, max_new_tokens=10)
-    assert batched == [G.generate(m, [p], max_new_tokens=10)[0] for p in prompts]
-    ids, mask = G.left_pad(prompts)
+    batched = M.generate(m, prompts, max_new_tokens=10)
+    assert batched == [M.generate(m, [p], max_new_tokens=10)[0] for p in prompts]
+    ids, mask = M.left_pad(prompts)
     assert m(ids, attention_mask=mask).isfinite().all()  # padding queries too
 
 

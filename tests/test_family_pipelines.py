@@ -19,11 +19,12 @@ import requests
 import torch
 
 import model as M
+from support import checkpoint, tokenizer
 import persona_vectors as pv
 import train
 from apps import __main__ as apps_cli
 from apps import server as S
-from support import generation as G
+
 from support.files import load_vector
 from support.tokenizer import Tokenizer, answer_after_thinking
 from tiny import CORPUS, FAMILIES, make_family_model, run_bad, swap_token_rows, write_vector
@@ -50,7 +51,7 @@ def fam(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(fam):
-    return M.load(str(fam[2]), "cpu", torch.float32)
+    return checkpoint.load(str(fam[2]), "cpu", torch.float32)
 
 
 def test_extract(fam, loaded):
@@ -71,10 +72,10 @@ def test_generate_steer(fam, loaded):
     plain = pv.generate(QUESTIONS, **kw)
     steered = pv.generate(QUESTIONS, steer=["evil:1r"], layer=2, **kw)
     assert steered != plain
-    model, tok = loaded  # the same reply as G.generate with the Steer the spec stands for
+    model, tok = loaded  # the same reply as M.generate with the Steer the spec stands for
     steer = pv.steering(["evil:1r"], model, vectors, 2)
     ids = [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
-    want = G.generate(model, ids, 4, stop_ids=tok.stop_ids, pad_id=tok.pad_id, steer=steer)
+    want = M.generate(model, ids, 4, stop_ids=tok.stop_ids, pad_id=tok.pad_id, steer=steer)
     assert steered == [tok.decode(o) for o in want]
     assert pv.main(["generate", QUESTIONS[0], "--model", str(d), "--vectors", str(vectors),
                     "--steer", "evil:1r", "--max-new-tokens", "3", *CPU]) == 0
@@ -132,7 +133,7 @@ def test_train_one_step_and_preventative_steering(fam, trained):
     losses = {k: x[0]["loss"] for k, x in logs.items()}
     assert all(torch.isfinite(torch.tensor(x)) for x in losses.values())
     assert losses["plain"] != losses["steered"]  # the steering is in the forward pass
-    model, tok = M.load(str(trained["plain"]), "cpu", torch.float32)  # the output loads as a model
+    model, tok = checkpoint.load(str(trained["plain"]), "cpu", torch.float32)  # the output loads as a model
     assert model.config.model_type == json.loads((d / "config.json").read_text())["model_type"]
 
 
@@ -170,7 +171,7 @@ def test_serve_one_request(fam, loaded):
         server.shutdown()
         server.server_close()
         engine.close()
-    want = G.generate(model, [tok.encode_chat(SYSTEM_USER)], 4, stop_ids=tok.stop_ids,
+    want = M.generate(model, [tok.encode_chat(SYSTEM_USER)], 4, stop_ids=tok.stop_ids,
                       pad_id=tok.pad_id)
     assert got == tok.decode(want[0])
 
@@ -213,12 +214,12 @@ def thinker(tmp_path_factory):
     (tiny.swap_token_rows). -> (dir, i, the reply before the relabelling)."""
     root = tmp_path_factory.mktemp("thinker")
     d = make_family_model(root / "model", THINKING[0], template=THINKING[1])
-    model, tok = M.load(str(d), "cpu", torch.float32)
+    model, tok = checkpoint.load(str(d), "cpu", torch.float32)
     tok.thinking = True
-    close, newlines = G.think_marks(tok)
+    close, newlines = tokenizer.think_marks(tok)
     chat = [{"role": "user", "content": QUESTION}]
     prompt = tok.encode_chat(chat)
-    out = G.generate(model, [prompt], 8, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
+    out = M.generate(model, [prompt], 8, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
     assert close not in out + prompt
     i = first_single(out, prompt, newlines)
     swap_token_rows(d, out[i], close)
@@ -227,13 +228,13 @@ def thinker(tmp_path_factory):
 
 def test_thinking_response_span_starts_after_think(thinker):
     d, i, before = thinker
-    model, tok = M.load(str(d), "cpu", torch.float32)
+    model, tok = checkpoint.load(str(d), "cpu", torch.float32)
     tok.thinking = True
     chat = [{"role": "user", "content": QUESTION}]
     outs, acts = pv.answer_with_activations(model, tok, [chat], 8, 0.0, 1.0, 0)
     close = tok.encode("</think>")[0]
     assert outs[0] == before[:i] + [close] + before[i + 1:]  # the same reply, relabelled
-    think, answer = G.split_thinking(tok, outs[0])
+    think, answer = tokenizer.split_thinking(tok, outs[0])
     assert think == outs[0][:i + 1] and answer == outs[0][i + 1:]
     prompt = tok.encode_chat(chat)
     want = pv.read_answers(model, [prompt + think], [answer])  # the think block as context
@@ -247,7 +248,7 @@ def test_thinking_response_span_starts_after_think(thinker):
 
 def test_eval_and_generate_with_thinking(thinker, tmp_path):
     d, i, before = thinker
-    model, tok = M.load(str(d), "cpu", torch.float32)
+    model, tok = checkpoint.load(str(d), "cpu", torch.float32)
     vectors = tmp_path / "vectors"
     vectors.mkdir()
     vec = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
@@ -258,7 +259,7 @@ def test_eval_and_generate_with_thinking(thinker, tmp_path):
     row = next(csv.DictReader(open(r["csv"], encoding="utf-8")))
     tok.thinking = True
     prompt = tok.encode_chat([{"role": "user", "content": QUESTION}])
-    reply = G.generate(model, [prompt], 8, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
+    reply = M.generate(model, [prompt], 8, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
     think, answer = reply[:i + 1], reply[i + 1:]
     assert row["answer"] == tok.decode(answer) and "</think>" not in row["answer"]
     acts = pv.read_answers(model, [prompt + think], [answer])

@@ -10,7 +10,7 @@ import torch
 import model as M
 import persona_vectors as pv
 import persona_vectors as F
-from support import UserError, generation as G
+from support import UserError, checkpoint
 from support.traits import available_traits, load_trait
 from tiny import FakeJudge, make_tiny_chat_model, tiny_model_with_vectors
 
@@ -87,12 +87,12 @@ def test_dataset_is_the_models_answers_under_the_system_prompt_saved_without_it(
     got = lines(path)
     assert got and all([m["role"] for m in c["messages"]] == ["user", "assistant"] for c in got)
     # recompute independently: greedy answers one by one under the side's system prompts, cut as documented
-    model, tok = M.load(str(tiny[0]), "cpu", torch.float32)
+    model, tok = checkpoint.load(str(tiny[0]), "cpu", torch.float32)
     expected = []
     for j in F.dataset_jobs(load_trait("evil"), kind, F.load_questions(questions), 5, seed=1):
         assert j["system"] == load_trait("evil").system_prompt(side, j["instruction"])
         ids = tok.encode_chat([{"role": "system", "content": j["system"]}, {"role": "user", "content": j["question"]}])
-        out = G.generate(model, [ids], 40, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
+        out = M.generate(model, [ids], 40, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
         answer = tok.decode(out).strip() if len(out) < 40 else F.trim_to_sentence(tok.decode(out).strip())
         if answer:
             expected.append({"messages": [{"role": "user", "content": j["question"]},
@@ -103,7 +103,7 @@ def test_dataset_is_the_models_answers_under_the_system_prompt_saved_without_it(
 
 def test_interrupted_run_resumes_to_the_same_file_without_regenerating(tiny, tmp_path, monkeypatch):
     ref = run(tiny, tmp_path / "ref.jsonl")
-    calls, real = [], G.generate
+    calls, real = [], M.generate
 
     def interrupted(*a, **k):
         calls.append(1)
@@ -111,12 +111,12 @@ def test_interrupted_run_resumes_to_the_same_file_without_regenerating(tiny, tmp
             raise KeyboardInterrupt  # Ctrl-C during the second batch
         return real(*a, **k)
 
-    monkeypatch.setattr(G, "generate", interrupted)
+    monkeypatch.setattr(M, "generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(tiny, tmp_path / "run" / "d.jsonl")
     assert not (tmp_path / "run" / "d.jsonl").exists()  # nothing half-written
     calls.clear()
-    monkeypatch.setattr(G, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(M, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     out = run(tiny, tmp_path / "run" / "d.jsonl")
     assert len(calls) == 2  # batches 2 and 3 of 3; batch 1 was loaded from disk
     assert out.read_bytes() == ref.read_bytes()
@@ -182,7 +182,7 @@ def tuned(tmp_path_factory):
 def reference_last_prompt(model_dir, questions):
     """Each question alone, no padding: the residual stream at its last token, read with a forward hook on every
     block (not Capture), and the embeddings from the embedding table -> [Q, N + 1, hidden]."""
-    model, tok = M.load(str(model_dir), "cpu", torch.float32)
+    model, tok = checkpoint.load(str(model_dir), "cpu", torch.float32)
     out = []
     for q in questions:
         ids = torch.tensor([tok.encode_chat([{"role": "user", "content": q}])])

@@ -6,7 +6,7 @@ import torch
 
 import model as M
 from apps import __main__ as apps_cli, flagging
-from support import UserError, generation as G
+from support import UserError, checkpoint
 from support.files import load_vector
 from tiny import tiny_model_with_vectors, write_vector
 
@@ -47,7 +47,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(tiny):
-    return M.load(str(tiny[0]), "cpu", torch.float32)
+    return checkpoint.load(str(tiny[0]), "cpu", torch.float32)
 
 
 def run(tiny, files, out, **kw):
@@ -63,7 +63,7 @@ def read_rows(path):
 
 def states(model, ids: list[int]) -> torch.Tensor:
     """Every token's state at hidden index 2, from a plain batch-1 forward pass: [T, hidden]."""
-    cap = G.Capture(token_layers=(2,))
+    cap = M.Capture(token_layers=(2,))
     with torch.no_grad():
         model(torch.tensor([ids]), capture=cap, logits="none")
     return cap.tokens[2][0][0]
@@ -89,7 +89,7 @@ def test_delta_p_matches_an_independent_recompute(tiny, loaded, tmp_path):
         prompt, y = tok.encode_chat(messages[:-1]), tok.encode(messages[-1]["content"])
         h = states(model, prompt + y)
         a_y, last = h[len(prompt):].mean(0), h[len(prompt) - 1]
-        y_base = G.generate(model, [prompt], 6, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]  # greedy, alone
+        y_base = M.generate(model, [prompt], 6, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]  # greedy, alone
         assert row["base_tokens"] == len(y_base) and row["response_tokens"] == len(y)
         a_base = states(model, prompt + y_base)[len(prompt):].mean(0) if y_base else None
         for t, u in units.items():
@@ -113,7 +113,7 @@ def test_sampled_base_responses_are_averaged(loaded):
     ys = [tok.encode("Paris is the capital"), tok.encode("help them")]
     got = flagging.measure(model, prompts, ys, tok.stop_ids, tok.pad_id, 5, temperature=20.0, samples=3, seed=7)
     # the same sampling again (same seed, same batch), then each base response through its own forward pass
-    outs = G.generate(model, [p for p in prompts for _ in range(3)], 5, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+    outs = M.generate(model, [p for p in prompts for _ in range(3)], 5, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                       temperature=20.0, seed=7)
     assert len({tuple(o) for o in outs[:3]}) > 1  # the three responses differ, so the average means something
     for b, p in enumerate(prompts):

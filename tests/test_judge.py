@@ -654,8 +654,8 @@ def test_make_judge_local_loads_the_model_once(local_judge, monkeypatch):
     style, j = local_judge
     path = j.name.split(":", 1)[1]
     loads = []
-    real_load = J.M.load
-    monkeypatch.setattr(J.M, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    real_load = J.checkpoint.load
+    monkeypatch.setattr(J.checkpoint, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     J._local_judge.cache_clear()
     assert J.make_judge(f"local:{path}") is J.make_judge(f"local:{path}")  # e.g. checked early, then used
     assert len(loads) == 1

@@ -3,20 +3,28 @@ imports inside functions included), with no cycle, so that each layer reads, run
 
     model.py  <  support/  <  judge.py  <  persona_vectors.py  <  train.py  <  apps/  <  tools/
 
-Only model.py's loaders may import up, each on a line marked `# PROJECT IMPORT:` with the reason (the checks,
-downloads and tokenizer of support/), so that the network itself is copied alone. An import by
+model.py imports no project file at all: the network, its generation, Capture and its loader copy
+alone (test_model_py_can_be_copied_alone runs such a copy). An import by
 name (importlib.import_module("x"), __import__("x")) counts as an import; one whose name is not
 written out cannot be checked, so it is refused. The applications are started their own way
 (python -m apps), never by the core.
 """
+
 import ast
 import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STACK = ["model.py", "support/*.py", "judge.py", "persona_vectors.py", "train.py", "apps/*.py", "tools/*.py"]
-MARK = "# PROJECT IMPORT:"
+STACK = [
+    "model.py",
+    "support/*.py",
+    "judge.py",
+    "persona_vectors.py",
+    "train.py",
+    "apps/*.py",
+    "tools/*.py",
+]
 CORE = ["model.py", "judge.py", "persona_vectors.py", "train.py"]
 DYNAMIC = ("import_module", "__import__")  # importlib.import_module(name), __import__(name)
 NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")  # a dotted module name, e.g. "apps.chat"
@@ -30,7 +38,10 @@ def resolve(name: str, importer: Path) -> Path | None:
     """The project file a module name refers to (None: torch, the standard library, ...)."""
     parts = name.split(".")
     for base in (ROOT, importer.parent):  # tools/ put their own folder on sys.path
-        for candidate in (base.joinpath(*parts).with_suffix(".py"), base.joinpath(*parts, "__init__.py")):
+        for candidate in (
+            base.joinpath(*parts).with_suffix(".py"),
+            base.joinpath(*parts, "__init__.py"),
+        ):
             if candidate.is_file():
                 return candidate
     return None
@@ -49,10 +60,8 @@ def dynamic_name(node: ast.AST) -> str | None:
     return arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else "?"
 
 
-def imports(path: Path) -> list[tuple[int, Path, bool]]:
-    """(line, imported project file, marked as a declared exception) for every import in `path`,
-    imports by name included."""
-    lines = path.read_text().splitlines()
+def imports(path: Path) -> list[tuple[int, Path]]:
+    """(line, imported project file) for every import in `path`, imports by name included."""
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -63,40 +72,49 @@ def imports(path: Path) -> list[tuple[int, Path, bool]]:
             names = [dynamic_name(node)]
         else:
             continue
-        marked = MARK in lines[node.lineno - 1]
         for target in {t for n in names if (t := resolve(n, path)) is not None and t != path}:
-            out.append((node.lineno, target, marked))
+            out.append((node.lineno, target))
     return out
 
 
-def edges() -> list[tuple[Path, int, Path, bool]]:
-    return [(p, line, t, marked) for p in layer_of() for line, t, marked in imports(p)]
+def edges() -> list[tuple[Path, int, Path]]:
+    return [(p, line, t) for p in layer_of() for line, t in imports(p)]
 
 
 def test_every_import_runs_down_the_stack():
     layer = layer_of()
     rel = lambda p: p.relative_to(ROOT).as_posix()  # noqa: E731
-    up = [f"{rel(p)}:{line} imports {rel(t)} ({STACK[layer[p]]} is below {STACK[layer.get(t, -1)]})"
-          for p, line, t, marked in edges() if t in layer and layer[t] > layer[p] and not marked]
+    up = [
+        f"{rel(p)}:{line} imports {rel(t)} ({STACK[layer[p]]} is below {STACK[layer.get(t, -1)]})"
+        for p, line, t in edges()
+        if t in layer and layer[t] > layer[p]
+    ]
     assert not up, "imports that run up the stack:\n" + "\n".join(up)
-    others = [f"{rel(p)}:{line}" for p, line, t, marked in edges() if marked and rel(p) != "model.py"]
-    assert not others, f"only model.py's loaders may carry the `{MARK}` mark: {others}"
+    assert [rel(t) for p, _, t in edges() if rel(p) == "model.py"] == [], (
+        "model.py imports a project file"
+    )
     assert len(layer) > 10, "the stack's patterns found almost no files"
 
 
 def test_no_import_by_an_unwritten_name():
     """importlib.import_module(variable) could import anything, unseen by the checks here."""
-    found = [f"{p.relative_to(ROOT).as_posix()}:{n.lineno}" for p in layer_of()
-             for n in ast.walk(ast.parse(p.read_text())) if dynamic_name(n) == "?"]
+    found = [
+        f"{p.relative_to(ROOT).as_posix()}:{n.lineno}"
+        for p in layer_of()
+        for n in ast.walk(ast.parse(p.read_text()))
+        if dynamic_name(n) == "?"
+    ]
     assert not found, f"imports by a name not written out (write `import x` instead): {found}"
 
 
 def test_the_core_never_reaches_apps_or_tools():
     """The four files of the method import nothing from apps/ or tools/, by any means."""
     above = [ROOT / "apps", ROOT / "tools"]
-    found = [f"{p.relative_to(ROOT).as_posix()}:{line} imports {t.relative_to(ROOT).as_posix()}"
-             for p, line, t, _ in edges() if p.relative_to(ROOT).as_posix() in CORE
-             and any(d in t.parents for d in above)]
+    found = [
+        f"{p.relative_to(ROOT).as_posix()}:{line} imports {t.relative_to(ROOT).as_posix()}"
+        for p, line, t in edges()
+        if p.relative_to(ROOT).as_posix() in CORE and any(d in t.parents for d in above)
+    ]
     for f in CORE:  # a module's name in a string, for an import elsewhere: "apps.chat"
         for n in ast.walk(ast.parse((ROOT / f).read_text())):
             if isinstance(n, ast.Constant) and isinstance(n.value, str) and NAME.fullmatch(n.value):
@@ -114,23 +132,25 @@ def test_the_walk_sees_imports_by_name(tmp_path):
     code += "importlib.import_module(name)\n"
     f = tmp_path / "probe.py"
     f.write_text(code)
-    got = {(line, t.relative_to(ROOT).as_posix()) for line, t, _ in imports(f)}
+    got = {(line, t.relative_to(ROOT).as_posix()) for line, t in imports(f)}
     unwritten = [n.lineno for n in ast.walk(ast.parse(code)) if dynamic_name(n) == "?"]
     assert got == {(2, "apps/chat.py"), (3, "tools/bench.py")} and unwritten == [4]
 
 
 def test_no_cycle():
     graph: dict[Path, set[Path]] = {}
-    for p, _, t, marked in edges():
-        if not marked:
-            graph.setdefault(p, set()).add(t)
+    for p, _, t in edges():
+        graph.setdefault(p, set()).add(t)
     state: dict[Path, int] = {}  # 1: on the current path, 2: done
 
     def visit(p, path):
         state[p] = 1
         for t in graph.get(p, ()):
             if state.get(t) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(x.relative_to(ROOT).as_posix() for x in path + [t]))
+                raise AssertionError(
+                    "import cycle: "
+                    + " -> ".join(x.relative_to(ROOT).as_posix() for x in path + [t])
+                )
             if t not in state:
                 visit(t, path + [t])
         state[p] = 2
@@ -140,13 +160,63 @@ def test_no_cycle():
             visit(p, [p])
 
 
-def test_model_py_can_be_copied_alone():
-    """At module level model.py imports only torch, safetensors and the standard library."""
-    tree = ast.parse((ROOT / "model.py").read_text())
+COPIED_ALONE = """
+import json, sys, torch, model as M
+from safetensors.torch import save_file
+out = {}
+for name in sys.argv[1:]:
+    m = M.load_model(GOLDEN + "/" + name, "cpu", torch.float32)
+    cap = M.Capture()
+    answers = M.generate(m, [[5, 6, 7], [40, 41, 42, 43]], 6, capture=cap)
+    out[name + ".answers"] = torch.tensor(answers)
+    out[name + ".answer_mean"], out[name + ".prompt_last"] = cap.answer_mean(), cap.prompt_last()
+save_file(out, "copied.safetensors")
+"""
+
+
+def test_model_py_can_be_copied_alone(tmp_path):
+    """model.py alone in an empty folder, in a fresh Python without the project on its path, loads
+    checkpoints (sharded; tied; Gemma 3), generates and captures exactly as the project does."""
+    import shutil
+    import subprocess
+
+    import torch
+    from safetensors.torch import load_file
+
+    import model as M
+    from support import checkpoint
+
+    tree = ast.parse(
+        (ROOT / "model.py").read_text()
+    )  # at module level: torch, safetensors, the standard library
     top = [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names]
     top += [n.module for n in tree.body if isinstance(n, ast.ImportFrom)]
     allowed = set(sys.stdlib_module_names) | {"torch", "safetensors", "__future__"}
     assert [m for m in top if m.split(".")[0] not in allowed] == []
+    shutil.copy(ROOT / "model.py", tmp_path / "model.py")
+    names = ["tiny-llama3", "tiny-tied", "tiny-gemma3"]
+    script = f"GOLDEN = {str(ROOT / 'tests' / 'golden')!r}\n" + COPIED_ALONE
+    r = subprocess.run(
+        [sys.executable, "-c", script, *names],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ""},
+    )
+    assert r.returncode == 0, r.stderr
+    copied = load_file(tmp_path / "copied.safetensors")
+    for name in names:  # the project's way: checked, and on the CPU the split matrix products
+        m = checkpoint.load_model(ROOT / "tests" / "golden" / name, "cpu", torch.float32)
+        cap = M.Capture()
+        answers = M.generate(m, [[5, 6, 7], [40, 41, 42, 43]], 6, capture=cap)
+        assert copied[name + ".answers"].tolist() == answers
+        torch.testing.assert_close(
+            copied[name + ".answer_mean"], cap.answer_mean(), rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(
+            copied[name + ".prompt_last"], cap.prompt_last(), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_every_folder_opens_with_an_index():

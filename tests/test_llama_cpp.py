@@ -19,7 +19,7 @@ import torch
 
 import model as M
 import apps.control_vector as cv
-from support import generation as G, hub
+from support import hub
 from support.files import save_vector
 from support.tokenizer import Tokenizer
 from tools.build_llama_cpp import BUILD_COMMAND, server_path
@@ -52,7 +52,7 @@ def ours():
 def persona_vector(model, tok) -> torch.Tensor:
     """A small persona vector [N + 1, hidden]: mean prompt activations under an evil minus a helpful system prompt."""
     def mean_acts(system):
-        cap = G.Capture()
+        cap = M.Capture()
         for q in PROMPTS:
             ids = tok.encode_chat([{"role": "system", "content": system}, {"role": "user", "content": q}])
             with torch.no_grad():
@@ -124,7 +124,7 @@ def residual_norm(model, prompts, layer) -> float:
     """The median norm of the residual stream at `layer` over the prompts' tokens, the first (an outlier) left out."""
     norms = []
     for p in prompts:
-        cap = G.Capture(token_layers=(layer,))
+        cap = M.Capture(token_layers=(layer,))
         with torch.no_grad():
             model(torch.tensor([p]), capture=cap, logits="none")
         norms.append(cap.tokens[layer][0][0, 1:].norm(dim=-1))  # [T - 1]
@@ -152,7 +152,7 @@ def measured(ours, tmp_path_factory):
         with torch.no_grad():
             out["base"].append(torch.log_softmax(model(torch.tensor([p]), logits="last")[0, -1], -1))
             out["steered"].append(torch.log_softmax(model(torch.tensor([p]), steer=steer, logits="last")[0, -1], -1))
-        out["tokens"].append(G.generate(model, [p], N_TOKENS, steer=steer)[0])
+        out["tokens"].append(M.generate(model, [p], N_TOKENS, steer=steer)[0])
     for name, cvec in (("none", None), *files.items()):
         with llama_server(gguf, cvec, tmp / f"{name}.log") as url:
             out[name] = [llama_cpp_run(url, p) for p in prompts]

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model as M
-from support import UserError, checkpoint, cpu_speed, generation as G
+from support import UserError, checkpoint, cpu_speed
 
 GOLDEN = Path(__file__).parent / "golden"
 TINY = ["tiny-llama3", "tiny-qwen2", "tiny-tied", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3"]
@@ -24,7 +24,7 @@ def tiny(name: str) -> M.Transformer:
 
 def hidden_states(m: M.Transformer, ids, **kw) -> torch.Tensor:
     """Every token's state at every hidden index -> [N + 1, B, T, d]."""
-    cap = G.Capture(token_layers=tuple(range(m.config.num_hidden_layers + 1)))
+    cap = M.Capture(token_layers=tuple(range(m.config.num_hidden_layers + 1)))
     m(ids, logits="none", capture=cap, **kw)
     return torch.stack([cap.tokens[i][0] for i in range(m.config.num_hidden_layers + 1)])
 
@@ -70,14 +70,14 @@ def test_parity_test_can_fail(tmp_path):
 def test_default_model_type_errors(tmp_path):
     base = json.loads((GOLDEN / "tiny-llama3" / "config.json").read_text())
     with pytest.raises(ValueError, match="supported: llama, mistral, qwen2"):
-        checkpoint.check_config(base | {"model_type": "gpt2"}, M.Config)
+        checkpoint.check_config(base | {"model_type": "gpt2"})
     with pytest.raises(ValueError, match="hidden_size"):
-        checkpoint.check_config({k: v for k, v in base.items() if k != "hidden_size"}, M.Config)
+        checkpoint.check_config({k: v for k, v in base.items() if k != "hidden_size"})
     with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
-        checkpoint.check_config(base | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, M.Config)
+        checkpoint.check_config(base | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     # transformers >= 5 writes rope settings as `rope_parameters`
     c = M.Config(**checkpoint.check_config({k: v for k, v in base.items() if k not in ("rope_scaling", "rope_theta")}
-                                           | {"rope_parameters": base["rope_scaling"] | {"rope_theta": 5e5}}, M.Config))
+                                           | {"rope_parameters": base["rope_scaling"] | {"rope_theta": 5e5}}))
     assert c.rope_theta == 5e5 and c.rope_scaling["rope_type"] == "llama3"
 
 
@@ -95,7 +95,7 @@ def test_config_errors_name_the_file_and_key(tmp_path, edit, message):
     d = corrupt(tmp_path)
     (d / "config.json").write_text(json.dumps(json.loads((d / "config.json").read_text()) | edit))
     with pytest.raises(UserError, match=message) as e:
-        M.load_model(d, "cpu")
+        checkpoint.load_model(d, "cpu")
     assert str(e.value).startswith(str(d / "config.json")) and "\n" not in str(e.value)
 
 
@@ -103,33 +103,33 @@ def test_unreadable_config_and_index_name_the_file(tmp_path):
     d = corrupt(tmp_path)
     (d / "config.json").write_text('{"model_type": "llama",')
     with pytest.raises(UserError, match=r"config.json: invalid JSON at line 1, column 24"):
-        M.load_model(d, "cpu")
+        checkpoint.load_model(d, "cpu")
     (d / "config.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="config.json: expected a JSON object, got list"):
-        M.load_model(d, "cpu")
+        checkpoint.load_model(d, "cpu")
     shutil.copy(GOLDEN / "tiny-llama3" / "config.json", d / "config.json")
     (d / "model.safetensors.index.json").write_text('{"weight_map": 3}')
     with pytest.raises(UserError, match="model.safetensors.index.json: expected an object with a `weight_map`"):
-        M.load_model(d, "cpu")
+        checkpoint.load_model(d, "cpu")
     (d / "model.safetensors.index.json").write_text("{")
     with pytest.raises(UserError, match="model.safetensors.index.json: invalid JSON"):
-        M.load_model(d, "cpu")
+        checkpoint.load_model(d, "cpu")
 
 
 def test_a_device_this_machine_lacks_is_a_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="device 'cuda': no CUDA GPU is available.*use --device cpu"):
-        M.load_model(GOLDEN / "tiny-tied", "cuda")
+        checkpoint.load_model(GOLDEN / "tiny-tied", "cuda")
     with pytest.raises(UserError, match="unknown device 'gpu'"):
-        M.load_model(GOLDEN / "tiny-tied", "gpu")
+        checkpoint.load_model(GOLDEN / "tiny-tied", "gpu")
     with pytest.raises(UserError, match="^device 'cuda': no CUDA"):  # as train.py passes it
-        M.load_model(GOLDEN / "tiny-tied", torch.device("cuda"))  # said "device(type='cuda')"
+        checkpoint.load_model(GOLDEN / "tiny-tied", torch.device("cuda"))  # said "device(type='cuda')"
 
 
 def test_load_records_the_source_of_the_weights(tmp_path):
     from tiny import make_tiny_chat_model
     d = make_tiny_chat_model(tmp_path / "m")
-    m, _ = M.load(str(d), "cpu")
+    m, _ = checkpoint.load(str(d), "cpu")
     assert m.source == {"repo": None, "path": str(d), "origin": "local", "revision": None, "quantization": None}
 
 
@@ -173,7 +173,7 @@ def test_cached_decode_equals_full_recompute(name, attention_path):
     m, ref = tiny(name), load_file(GOLDEN / name / "reference.safetensors")
     ids, mask = ref["ids_batch"], ref["mask_batch"]
     full = m(ids, attention_mask=mask)
-    cache = G.KVCache(m.config, ids.shape[0], ids.shape[1], "cpu", torch.float32)
+    cache = M.KVCache(m.config, ids.shape[0], ids.shape[1], "cpu", torch.float32)
     split = 18  # prefill 18 columns (one row is still all padding there), then decode one token at a time
     steps = [m(ids[:, :split], attention_mask=mask[:, :split], cache=cache, logits="last")]
     for t in range(split, ids.shape[1]):
@@ -185,8 +185,8 @@ def test_cached_decode_equals_full_recompute(name, attention_path):
 def test_batched_generation_equals_one_at_a_time():
     m = tiny("tiny-qwen2")
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]
-    batched = G.generate(m, prompts, max_new_tokens=12, stop_ids={3}, pad_id=0)
-    single = [G.generate(m, [p], max_new_tokens=12, stop_ids={3}, pad_id=0)[0] for p in prompts]
+    batched = M.generate(m, prompts, max_new_tokens=12, stop_ids={3}, pad_id=0)
+    single = [M.generate(m, [p], max_new_tokens=12, stop_ids={3}, pad_id=0)[0] for p in prompts]
     assert batched == single
     # and greedy generation is the argmax of a full forward over prompt + output
     for p, out in zip(prompts, batched):
@@ -196,9 +196,9 @@ def test_batched_generation_equals_one_at_a_time():
 
 def test_generation_stops_per_row_and_excludes_the_stop_token():
     m = tiny("tiny-llama3")
-    free = G.generate(m, [[5, 6, 7], [40, 41]], max_new_tokens=10)
+    free = M.generate(m, [[5, 6, 7], [40, 41]], max_new_tokens=10)
     stop = free[0][3]  # make row 0 stop at its 4th token
-    out = G.generate(m, [[5, 6, 7], [40, 41]], max_new_tokens=10, stop_ids={stop})
+    out = M.generate(m, [[5, 6, 7], [40, 41]], max_new_tokens=10, stop_ids={stop})
     assert out[0] == free[0][:free[0].index(stop)]
     assert stop not in out[1] and out[1] == free[1][:len(out[1])]
 
@@ -206,10 +206,10 @@ def test_generation_stops_per_row_and_excludes_the_stop_token():
 @pytest.mark.parametrize("name", TINY)
 def test_at_least_one_new_token_even_when_the_first_choice_is_a_stop_token(name):
     m, prompts = tiny(name), [[5, 6, 7], [40, 41, 42, 43]]
-    first = [out[0] for out in G.generate(m, prompts, 1)]
+    first = [out[0] for out in M.generate(m, prompts, 1)]
     stop = set(first)  # each row's greedy first token is a stop token
-    cap = G.Capture()
-    outs = G.generate(m, prompts, 6, stop_ids=stop, capture=cap)
+    cap = M.Capture()
+    outs = M.generate(m, prompts, 6, stop_ids=stop, capture=cap)
     for b, (p, out) in enumerate(zip(prompts, outs)):
         # reference: the best token other than the stop tokens, then plain greedy decoding until a stop token
         logits = m(torch.tensor([p]))[0, -1]
@@ -221,12 +221,12 @@ def test_at_least_one_new_token_even_when_the_first_choice_is_a_stop_token(name)
                 break
             ref.append(nxt)
         assert out == ref and len(out) >= 1
-        full = G.Capture()
-        m(torch.tensor([p + out]), response_start=torch.tensor([len(p)]), capture=full, logits="none")
-        assert cap.counts["response"][b] == len(out)
-        torch.testing.assert_close(cap.response_mean()[b], full.response_mean()[0], rtol=1e-5, atol=1e-5)
+        full = M.Capture()
+        m(torch.tensor([p + out]), answer_start=torch.tensor([len(p)]), capture=full, logits="none")
+        assert cap.counts["answer"][b] == len(out)
+        torch.testing.assert_close(cap.answer_mean()[b], full.answer_mean()[0], rtol=1e-5, atol=1e-5)
     # sampling obeys the same rule: a nucleus holding only the top token still avoids the stop tokens
-    sampled = G.generate(m, prompts, 1, stop_ids=stop, temperature=1.0, top_p=1e-6, seed=0)
+    sampled = M.generate(m, prompts, 1, stop_ids=stop, temperature=1.0, top_p=1e-6, seed=0)
     assert [out[0] for out in sampled] == [out[0] for out in outs]
 
 
@@ -234,10 +234,10 @@ def test_empty_spans_are_nan_not_zero():
     m, ref = tiny("tiny-tied"), load_file(GOLDEN / "tiny-tied" / "reference.safetensors")
     ids, mask = ref["ids_batch"], ref["mask_batch"]
     T = ids.shape[1]
-    cap = G.Capture()
-    m(ids, attention_mask=mask, response_start=torch.tensor([10, T, 15]), capture=cap, logits="none")  # row 1: no answer
-    assert cap.response_mean()[1].isnan().all() and cap.response_norm()[1].isnan().all()
-    assert cap.response_mean()[[0, 2]].isfinite().all() and cap.response_norm()[[0, 2]].isfinite().all()
+    cap = M.Capture()
+    m(ids, attention_mask=mask, answer_start=torch.tensor([10, T, 15]), capture=cap, logits="none")  # row 1: no answer
+    assert cap.answer_mean()[1].isnan().all() and cap.answer_norm()[1].isnan().all()
+    assert cap.answer_mean()[[0, 2]].isfinite().all() and cap.answer_norm()[[0, 2]].isfinite().all()
     assert cap.prompt_mean().isfinite().all() and cap.prompt_last().isfinite().all()
 
 
@@ -245,36 +245,36 @@ def test_generate_rejects_no_tokens():
     m = tiny("tiny-llama3")
     for bad in (0, -4):
         with pytest.raises(UserError, match="max_new_tokens must be at least 1"):
-            G.generate(m, [[5, 6]], bad)
+            M.generate(m, [[5, 6]], bad)
     with pytest.raises(UserError, match="empty prompt"):
-        G.generate(m, [[5, 6], []], 4)
+        M.generate(m, [[5, 6], []], 4)
 
 
 def test_generation_past_the_context_warns(capsys):
     m = tiny("tiny-llama3")  # max_position_embeddings 256
     capsys.readouterr()
-    G.generate(m, [[5] * 250], 6)
+    M.generate(m, [[5] * 250], 6)
     assert capsys.readouterr().err == ""
-    G.generate(m, [[5] * 250], 7)
+    M.generate(m, [[5] * 250], 7)
     assert "250 prompt tokens + 7 new ones exceed the model's context of 256 tokens" in capsys.readouterr().err
 
 
 def test_sampling_is_seeded_and_top_p_small_is_greedy():
     m = tiny("tiny-llama3")
-    a = G.generate(m, [[5, 6, 7]] * 4, 16, temperature=1.0, seed=1)
-    assert a == G.generate(m, [[5, 6, 7]] * 4, 16, temperature=1.0, seed=1)
-    assert a != G.generate(m, [[5, 6, 7]] * 4, 16, temperature=1.0, seed=2)
-    assert G.generate(m, [[5, 6, 7]], 16, temperature=1.0, top_p=1e-6, seed=3) == G.generate(m, [[5, 6, 7]], 16)
+    a = M.generate(m, [[5, 6, 7]] * 4, 16, temperature=1.0, seed=1)
+    assert a == M.generate(m, [[5, 6, 7]] * 4, 16, temperature=1.0, seed=1)
+    assert a != M.generate(m, [[5, 6, 7]] * 4, 16, temperature=1.0, seed=2)
+    assert M.generate(m, [[5, 6, 7]], 16, temperature=1.0, top_p=1e-6, seed=3) == M.generate(m, [[5, 6, 7]], 16)
 
 
 def test_zero_steering_is_bit_identical():
     m, ref = tiny("tiny-llama3"), load_file(GOLDEN / "tiny-llama3" / "reference.safetensors")
     v = torch.randn(64)
     steer = [M.Steer(layer, v, 0.0, pos) for layer, pos in [(1, "all"), (2, "response"), (3, "prompt")]]
-    kw = dict(attention_mask=ref["mask_batch"], response_start=torch.tensor([10, 20, 15]))
+    kw = dict(attention_mask=ref["mask_batch"], answer_start=torch.tensor([10, 20, 15]))
     assert torch.equal(m(ref["ids_batch"], **kw), m(ref["ids_batch"], steer=steer, **kw))
-    out = G.generate(m, [[5, 6, 7]], 8)
-    assert out == G.generate(m, [[5, 6, 7]], 8, steer=steer)
+    out = M.generate(m, [[5, 6, 7]], 8)
+    assert out == M.generate(m, [[5, 6, 7]], 8, steer=steer)
 
 
 @pytest.mark.parametrize("positions", ["all", "prompt", "response"])
@@ -282,7 +282,7 @@ def test_steering_changes_exactly_the_chosen_layer_and_positions(positions):
     m, ref = tiny("tiny-qwen2"), load_file(GOLDEN / "tiny-qwen2" / "reference.safetensors")
     ids, mask = ref["ids_batch"], ref["mask_batch"]
     start = torch.tensor([14, 20, 15])  # response begins at these columns
-    kw = dict(attention_mask=mask, response_start=start)
+    kw = dict(attention_mask=mask, answer_start=start)
     L, v, coef = 2, torch.randn(64), 1.5
     base = hidden_states(m, ids, **kw)
     steered = hidden_states(m, ids, steer=[M.Steer(L, v, coef, positions)], **kw)
@@ -319,7 +319,7 @@ def hooked_greedy(m: M.Transformer, prompt: list[int], n: int, L: int, vector, p
     -> (new tokens, logits [n, vocab] each token was chosen from)."""
     handle = official_hook(m.model.layers[L - 1], positions, vector)
     try:
-        cache = G.KVCache(m.config, 1, len(prompt) + n, "cpu", torch.float32)
+        cache = M.KVCache(m.config, 1, len(prompt) + n, "cpu", torch.float32)
         logits = m(torch.tensor([prompt]), cache=cache, logits="last")[0, -1]
         tokens, steps = [], []
         for _ in range(n):
@@ -338,15 +338,15 @@ def test_steered_generation_equals_the_official_hook(name, L, positions):
     v = 3.0 * torch.randn(64, generator=torch.Generator().manual_seed(L))
     prompts, n = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 40], [20, 21, 22, 23, 24]], 10
     steer = [M.Steer(L, v, 1.0, positions)]
-    got = G.generate(m, prompts, n, steer=steer)  # batched, left-padded
+    got = M.generate(m, prompts, n, steer=steer)  # batched, left-padded
     for p, out in zip(prompts, got):
         tokens, logits = hooked_greedy(m, p, n, L, v, positions)
         assert out == tokens
         # one forward over prompt + answer, steered the same way, gives the logits each token was sampled from
-        full = m(torch.tensor([p + out]), response_start=torch.tensor([len(p)]), steer=steer)[0, len(p) - 1:-1]
+        full = m(torch.tensor([p + out]), answer_start=torch.tensor([len(p)]), steer=steer)[0, len(p) - 1:-1]
         torch.testing.assert_close(full, logits, rtol=1e-5, atol=1e-4)
     if positions == "response":  # the first token already differs from unsteered generation for some prompt
-        plain = G.generate(m, prompts, n)
+        plain = M.generate(m, prompts, n)
         assert any(a[0] != b[0] for a, b in zip(got, plain))
 
 
@@ -357,7 +357,7 @@ def test_steered_generation_equals_the_official_hook_on_transformers(name, posit
     transformers = pytest.importorskip("transformers")
     L, n = 2, 8
     hf = transformers.AutoModelForCausalLM.from_pretrained(GOLDEN / name, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None  # no stop token, like G.generate without stop_ids
+    hf.generation_config.eos_token_id = None  # no stop token, like M.generate without stop_ids
     hf.generation_config.pad_token_id = 0
     m, v = tiny(name), 3.0 * torch.randn(64, generator=torch.Generator().manual_seed(0))
     steer = [M.Steer(L, v, 1.0, positions)]
@@ -369,9 +369,9 @@ def test_steered_generation_equals_the_official_hook_on_transformers(name, posit
                                   use_cache=True, output_logits=True, return_dict_in_generate=True)
         finally:
             handle.remove()
-        out = G.generate(m, [p], n, steer=steer)[0]
+        out = M.generate(m, [p], n, steer=steer)[0]
         assert out == ref.sequences[0, len(p):].tolist()
-        full = m(torch.tensor([p + out]), response_start=torch.tensor([len(p)]), steer=steer)[0, len(p) - 1:-1]
+        full = m(torch.tensor([p + out]), answer_start=torch.tensor([len(p)]), steer=steer)[0, len(p) - 1:-1]
         torch.testing.assert_close(full, torch.cat(ref.logits), rtol=1e-4, atol=1e-4)
 
 
@@ -390,12 +390,12 @@ def test_per_row_steering_equals_each_row_steered_alone():
     v, w = torch.randn(3, 64), torch.randn(3, 64)
     v[2] = 0  # row 2: no steering at layer 2
     w[0] = 0  # row 0: no steering of the response at layer 1
-    batched = G.generate(m, prompts, 10, steer=[M.Steer(2, 3 * v, 1.0, "all"), M.Steer(1, 2 * w, 1.0, "response")])
-    alone = [G.generate(m, [prompts[0]], 10, steer=[M.Steer(2, v[0], 3.0, "all")]),
-             G.generate(m, [prompts[1]], 10, steer=[M.Steer(2, v[1], 3.0, "all"), M.Steer(1, w[1], 2.0, "response")]),
-             G.generate(m, [prompts[2]], 10, steer=[M.Steer(1, w[2], 2.0, "response")])]
+    batched = M.generate(m, prompts, 10, steer=[M.Steer(2, 3 * v, 1.0, "all"), M.Steer(1, 2 * w, 1.0, "response")])
+    alone = [M.generate(m, [prompts[0]], 10, steer=[M.Steer(2, v[0], 3.0, "all")]),
+             M.generate(m, [prompts[1]], 10, steer=[M.Steer(2, v[1], 3.0, "all"), M.Steer(1, w[1], 2.0, "response")]),
+             M.generate(m, [prompts[2]], 10, steer=[M.Steer(1, w[2], 2.0, "response")])]
     assert batched == [a[0] for a in alone]
-    assert batched != G.generate(m, prompts, 10)  # the steering does change the answers
+    assert batched != M.generate(m, prompts, 10)  # the steering does change the answers
     # the states: at index 2, row 0 changes by exactly 1.5 v[0] and row 1 not at all; each row as if alone
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     base = hidden_states(m, ids)
@@ -420,40 +420,40 @@ def test_captured_means_equal_means_of_full_hidden_states():
     m, ref = tiny("tiny-tied"), load_file(GOLDEN / "tiny-tied" / "reference.safetensors")
     ids, mask = ref["ids_batch"], ref["mask_batch"].bool()
     start = torch.tensor([14, 20, 15])
-    cap = G.Capture()
-    m(ids, attention_mask=mask, response_start=start, capture=cap, logits="none")
-    full = hidden_states(m, ids, attention_mask=mask, response_start=start)  # [N + 1, B, T, d]
+    cap = M.Capture()
+    m(ids, attention_mask=mask, answer_start=start, capture=cap, logits="none")
+    full = hidden_states(m, ids, attention_mask=mask, answer_start=start)  # [N + 1, B, T, d]
     cols = torch.arange(ids.shape[1])
     for b in range(ids.shape[0]):
         prompt = mask[b] & (cols < start[b])
         resp = mask[b] & (cols >= start[b])
         assert torch.allclose(cap.prompt_mean()[b], full[:, b, prompt].mean(1), atol=1e-5)
-        assert torch.allclose(cap.response_mean()[b], full[:, b, resp].mean(1), atol=1e-5)
+        assert torch.allclose(cap.answer_mean()[b], full[:, b, resp].mean(1), atol=1e-5)
         assert torch.equal(cap.prompt_last()[b], full[:, b, start[b] - 1])
 
 
 def test_capture_during_generation_matches_teacher_forcing():
     m = tiny("tiny-qwen2")
     prompts = [[5, 6, 7, 8], [9, 10]]
-    cap = G.Capture()
-    outs = G.generate(m, prompts, max_new_tokens=6, capture=cap)
+    cap = M.Capture()
+    outs = M.generate(m, prompts, max_new_tokens=6, capture=cap)
     for b, (p, out) in enumerate(zip(prompts, outs)):
-        ref = G.Capture()
-        m(torch.tensor([p + out]), response_start=torch.tensor([len(p)]), capture=ref, logits="none")
+        ref = M.Capture()
+        m(torch.tensor([p + out]), answer_start=torch.tensor([len(p)]), capture=ref, logits="none")
         assert torch.allclose(cap.prompt_mean()[b], ref.prompt_mean()[0], atol=1e-5)
-        assert torch.allclose(cap.response_mean()[b], ref.response_mean()[0], atol=1e-5)
+        assert torch.allclose(cap.answer_mean()[b], ref.answer_mean()[0], atol=1e-5)
         assert torch.allclose(cap.prompt_last()[b], ref.prompt_last()[0], atol=1e-5)
-        assert torch.allclose(cap.response_norm()[b], ref.response_norm()[0], atol=1e-4)
-        assert cap.counts["response"][b] == len(out)
+        assert torch.allclose(cap.answer_norm()[b], ref.answer_norm()[0], atol=1e-4)
+        assert cap.counts["answer"][b] == len(out)
     # a row that stops early: its stop token and the filler after it are not part of the response
     stop = next(t for i, t in enumerate(outs[0]) if i >= 2 and t not in outs[0][:i])  # first seen at >= 2
-    cap = G.Capture()
-    stopped = G.generate(m, prompts, max_new_tokens=6, stop_ids={stop}, capture=cap)
-    assert stopped[0] == outs[0][:outs[0].index(stop)] and cap.counts["response"][0] == len(stopped[0])
+    cap = M.Capture()
+    stopped = M.generate(m, prompts, max_new_tokens=6, stop_ids={stop}, capture=cap)
+    assert stopped[0] == outs[0][:outs[0].index(stop)] and cap.counts["answer"][0] == len(stopped[0])
     outs = stopped
-    ref = G.Capture()
-    m(torch.tensor([prompts[0] + outs[0]]), response_start=torch.tensor([4]), capture=ref, logits="none")
-    assert torch.allclose(cap.response_mean()[0], ref.response_mean()[0], atol=1e-5)
+    ref = M.Capture()
+    m(torch.tensor([prompts[0] + outs[0]]), answer_start=torch.tensor([4]), capture=ref, logits="none")
+    assert torch.allclose(cap.answer_mean()[0], ref.answer_mean()[0], atol=1e-5)
 
 
 def test_bad_interventions_fail_clearly():
@@ -513,13 +513,13 @@ def test_the_cpu_split_is_applied_from_outside_and_changes_no_output():
     gives the same generations and captured states."""
     m = M.Transformer(M.Config("llama", 96, 64, 112, 2, 4, 2))
     assert {type(x) for x in m.modules() if isinstance(x, torch.nn.Linear)} == {torch.nn.Linear}
-    m = tiny("tiny-llama3")
+    m = checkpoint.load_model(GOLDEN / "tiny-llama3", "cpu", torch.float32)
     linears = [x for x in m.modules() if isinstance(x, torch.nn.Linear)]
     assert len(linears) == 3 * 7 + 1 and all(type(x) is cpu_speed.SplitLinear for x in linears)
 
     def run():
-        cap = G.Capture()
-        return G.generate(m, [[5, 6, 7], [40, 41, 42, 43]], 8, capture=cap), cap.response_mean()
+        cap = M.Capture()
+        return M.generate(m, [[5, 6, 7], [40, 41, 42, 43]], 8, capture=cap), cap.answer_mean()
 
     threads = torch.get_num_threads()
     try:
@@ -558,9 +558,9 @@ def test_written_out_attention_gives_the_models_outputs(name, monkeypatch):
     ids, mask = ref["ids_batch"], ref["mask_batch"]
 
     def run():
-        cap = G.Capture()
-        out = G.generate(m, [[5, 6, 7, 8, 9, 10, 11], [12, 13]], 10, capture=cap)
-        return m(ids, attention_mask=mask) * mask[..., None], m(ref["ids_single"]), out, cap.response_mean()
+        cap = M.Capture()
+        out = M.generate(m, [[5, 6, 7, 8, 9, 10, 11], [12, 13]], 10, capture=cap)
+        return m(ids, attention_mask=mask) * mask[..., None], m(ref["ids_single"]), out, cap.answer_mean()
 
     fused = run()
     monkeypatch.setattr(M, "FUSED_ATTENTION", False)
@@ -574,7 +574,7 @@ def test_interventions_are_checked_once_per_sequence_not_per_token(monkeypatch):
     m, calls = tiny("tiny-llama3"), []
     check = M.check_fits
     monkeypatch.setattr(M, "check_fits", lambda *a: calls.append(a) or check(*a))
-    G.generate(m, [[5, 6, 7]], 12, steer=[M.Steer(2, torch.randn(64), 1.0)])
+    M.generate(m, [[5, 6, 7]], 12, steer=[M.Steer(2, torch.randn(64), 1.0)])
     assert len(calls) == 1
 
 
@@ -587,8 +587,8 @@ def test_model_py_copied_alone_runs(tmp_path):
               "m = M.Transformer(M.Config('llama', 96, 64, 112, 2, 4, 2)).eval()\n"
               "assert m(torch.tensor([[5, 6, 7]]), steer=[M.Steer(1, torch.ones(64))]).shape == (1, 3, 96)\n"
               "try:\n    M.Steer(1, torch.ones(64), positions='middle')\n"
-              "except ValueError as e:\n    print(type(e).__name__, e)\n")
+              "except ValueError as e:\n    print(type(e).__name__, e)\n")  # model.UserError, a ValueError
     r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ""})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "ValueError positions must be all, prompt or response, not 'middle'"
+    assert r.stdout.strip() == "UserError positions must be all, prompt or response, not 'middle'"

@@ -9,10 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 import model as M
-from support import generation as G
 import persona_vectors as pv
 from apps import monitor
-from support import stats
+from support import checkpoint, stats
 from tiny import FakeJudge, tiny_model_with_vectors
 
 
@@ -51,10 +50,10 @@ def test_monitor_experiment_bookkeeping(tiny, tmp_path, monkeypatch):
     # a row's projection is the last prompt token's state at layer 2 on the unit vector
     from support.traits import load_trait
     t = load_trait("evil")
-    model, tok = M.load(str(d), "cpu", torch.float32)
+    model, tok = checkpoint.load(str(d), "cpu", torch.float32)
     ids = tok.encode_chat([{"role": "system", "content": t.graded_system_prompts[5]},
                            {"role": "user", "content": t.eval_questions[1]}])
-    cap = G.Capture()
+    cap = M.Capture()
     with torch.no_grad():
         model(torch.tensor([ids]), capture=cap, logits="none")
     v = pv.load_vector(vectors / "evil_response_avg_diff.safetensors")[0][2]
@@ -103,14 +102,14 @@ def test_monitor_conversations(tiny, tmp_path):
     out = monitor.monitor(str(src), str(d), ["evil"], layer=2, vectors=str(vectors), tokens=True, device="cpu")
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [(r["turn"], r["trait"]) for r in rows] == [(1, "evil"), (2, "evil")]
-    model, tok = M.load(str(d), "cpu", torch.float32)
+    model, tok = checkpoint.load(str(d), "cpu", torch.float32)
     v = pv.load_vector(vectors / "evil_response_avg_diff.safetensors")[0][2]
     u = v / v.norm()
     for row, i in zip(rows, (1, 3)):
         prompt, reply = tok.encode_chat(conv[:i]), tok.encode(conv[i]["content"])
-        cap = G.Capture(token_layers=(2,))
+        cap = M.Capture(token_layers=(2,))
         with torch.no_grad():
-            model(torch.tensor([prompt + reply]), response_start=torch.tensor([len(prompt)]), capture=cap,
+            model(torch.tensor([prompt + reply]), answer_start=torch.tensor([len(prompt)]), capture=cap,
                   logits="none")
         h = cap.tokens[2][0][0]
         assert row["prompt_last"] == pytest.approx(float(h[len(prompt) - 1] @ u), abs=1e-4)
@@ -146,7 +145,7 @@ def test_layer_sweep_reads_each_gauge_at_its_own_sweep_or_its_default(tmp_path):
     swept at its default layer (not an error for every gauge but the steered trait's)."""
     import hashlib
     d, vectors = tiny_model_with_vectors(tmp_path)
-    model, _ = M.load(str(d), device="cpu")
+    model, _ = checkpoint.load(str(d), device="cpu")
     evil = vectors / "evil_response_avg_diff.safetensors"
     sha = hashlib.sha256(evil.read_bytes()).hexdigest()
     (vectors / "evil_sweep.json").write_text(json.dumps(dict(best_layer=2, vector_sha256=sha)))

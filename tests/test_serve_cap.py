@@ -1,5 +1,5 @@
 """Persona capping in `serve` (the request field `cap`, the choice's `capped_tokens`) on a tiny random model: each
-capped, steered or plain row of one batch gives what support.generation.generate gives on it alone, with caps_for."""
+capped, steered or plain row of one batch gives what model.generate gives on it alone, with caps_for."""
 import json
 import shutil
 
@@ -8,9 +8,9 @@ import requests
 import torch
 
 import model as M
+from support import checkpoint
 import persona_vectors as pv
 from apps import __main__ as apps_cli, server as S
-from support import generation as G
 from support.capping import PERCENTILES, caps_for, ceiling_path, vector_sha256, write_ceilings
 from support.files import load_vector
 from test_server import HI, NUMBERS, TIMEOUT, start, stop
@@ -42,7 +42,7 @@ def tiny(tmp_path_factory):
         c = {k: v for k, v in calibrated.items() if k != drop}
         c["percentiles"] = c["percentiles"][:-1] if drop is None else c["percentiles"]
         (vectors / f"{name}_response_avg_diff.cap.json").write_text(json.dumps(c))
-    model, tok = M.load(str(d), "cpu", torch.float32)
+    model, tok = checkpoint.load(str(d), "cpu", torch.float32)
     return d, vectors, model, tok
 
 
@@ -54,10 +54,10 @@ def srv(tiny):
 
 
 def alone(tiny, messages, max_tokens, caps=(), steer=()) -> tuple[list[int], dict]:
-    """G.generate alone, greedy, with caps_for(caps) and --steer specs -> (reply tokens, {trait: cap.fired})."""
+    """M.generate alone, greedy, with caps_for(caps) and --steer specs -> (reply tokens, {trait: cap.fired})."""
     d, vectors, model, tok = tiny
     capped = [caps_for([spec], model, vectors)[0] for spec in caps]
-    out = G.generate(model, [tok.encode_chat(messages)], max_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+    out = M.generate(model, [tok.encode_chat(messages)], max_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                      steer=pv.steering(list(steer), model, vectors), cap=capped)[0]
     return out, {spec.split(":")[0]: int(c.fired[0]) for spec, c in zip(caps, capped)}
 
@@ -119,10 +119,10 @@ def test_a_capped_reply_is_gauged_as_the_plain_model_reads_it(tiny, srv):
                                                        "cap": {"humorous": 10}}, timeout=TIMEOUT).json()
     out, _ = alone(tiny, HI, 6, ["humorous:10"])
     g = next(g for g in engine.gauges if g.trait == "humorous")
-    ids, cap = tok.encode_chat(HI), G.Capture()
+    ids, cap = tok.encode_chat(HI), M.Capture()
     with torch.no_grad():  # no cap in this pass: the plain model reads prompt + reply
-        model(torch.tensor([ids + out]), response_start=torch.tensor([len(ids)]), capture=cap, logits="none")
-    reply = float(cap.response_mean()[0, g.layer] @ g.unit)
+        model(torch.tensor([ids + out]), answer_start=torch.tensor([len(ids)]), capture=cap, logits="none")
+    reply = float(cap.answer_mean()[0, g.layer] @ g.unit)
     assert r["choices"][0]["persona"]["humorous"]["reply"] == pytest.approx(reply, abs=1e-4)
 
 

@@ -1,7 +1,7 @@
 """`serve` (apps/server.py) on a tiny random chat model: the official openai client, the judge's backend, per-row
 steering in one batch, bad input, a client that leaves mid-stream, and a bounded load test on 127.0.0.1.
 
-Every reply is checked against support.generation.generate run alone on the same request (the independent reference)."""
+Every reply is checked against model.generate run alone on the same request (the independent reference)."""
 import json
 import math
 import random
@@ -21,10 +21,10 @@ import torch
 
 import judge as J
 import model as M
+from support import checkpoint
 import persona_vectors as pv
 from apps.monitor import Gauge
 from apps import server as S
-from support import generation as G
 from tiny import CORPUS, tiny_model_with_vectors
 
 TIMEOUT = 60  # seconds, for every client call
@@ -33,7 +33,7 @@ TIMEOUT = 60  # seconds, for every client call
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d, vectors = tiny_model_with_vectors(tmp_path_factory.mktemp("tiny"))
-    model, tok = M.load(str(d), "cpu", torch.float32)
+    model, tok = checkpoint.load(str(d), "cpu", torch.float32)
     return d, vectors, model, tok
 
 
@@ -61,12 +61,12 @@ def srv(tiny):
 
 
 def reference(tiny, messages, max_tokens, steer=(), layer=None, positions="response", **kw) -> list[int]:
-    """G.generate alone on this request: the tokens of the reply."""
+    """M.generate alone on this request: the tokens of the reply."""
     d, vectors, model, tok = tiny
     interventions = []
     for spec in steer:  # one spec at a time, as the server resolves each entry with its own layer
         interventions += pv.steering([spec], model, vectors, layer, positions)
-    return G.generate(model, [tok.encode_chat(messages)], max_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+    return M.generate(model, [tok.encode_chat(messages)], max_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                       steer=interventions, **kw)[0]
 
 
@@ -75,10 +75,10 @@ def gauge_reference(tiny, messages, out, trait) -> tuple[float, float]:
     d, vectors, model, tok = tiny
     g = Gauge.from_file(vectors / f"{trait}_response_avg_diff.safetensors", None, model.config.num_hidden_layers)
     ids = tok.encode_chat(messages)
-    cap = G.Capture()
+    cap = M.Capture()
     with torch.no_grad():
-        model(torch.tensor([ids + out]), response_start=torch.tensor([len(ids)]), capture=cap, logits="none")
-    return float(cap.prompt_last()[0, g.layer] @ g.unit), float(cap.response_mean()[0, g.layer] @ g.unit)
+        model(torch.tensor([ids + out]), answer_start=torch.tensor([len(ids)]), capture=cap, logits="none")
+    return float(cap.prompt_last()[0, g.layer] @ g.unit), float(cap.answer_mean()[0, g.layer] @ g.unit)
 
 
 @pytest.fixture
@@ -197,11 +197,11 @@ def gauge_reference_steered(tiny, messages, out, specs, kw):
     ids = tok.encode_chat(messages)
     readings = []
     for interventions in ([], steer):
-        cap = G.Capture()
+        cap = M.Capture()
         with torch.no_grad():
-            model(torch.tensor([ids + out]), response_start=torch.tensor([len(ids)]), steer=interventions,
+            model(torch.tensor([ids + out]), answer_start=torch.tensor([len(ids)]), steer=interventions,
                   capture=cap, logits="none")
-        readings.append((float(cap.prompt_last()[0, g.layer] @ g.unit), float(cap.response_mean()[0, g.layer] @ g.unit)))
+        readings.append((float(cap.prompt_last()[0, g.layer] @ g.unit), float(cap.answer_mean()[0, g.layer] @ g.unit)))
     if any(s.layer <= g.layer for s in steer):  # the steering shows in a steered pass: the reference is not one
         assert readings[0] != readings[1]
     return readings[0]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import model as M
-from support import generation as G
+from support import checkpoint
 import persona_vectors as pv
 from tiny import make_tiny_chat_model, write_vector
 
@@ -11,7 +11,7 @@ from tiny import make_tiny_chat_model, write_vector
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = make_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "model")
-    model, tok = M.load(str(d), "cpu", torch.float32)
+    model, tok = checkpoint.load(str(d), "cpu", torch.float32)
     return d, model
 
 
@@ -56,10 +56,10 @@ def test_all_layers_adds_increments(tiny, tmp_path):
         assert s.coef == 1.5 and torch.equal(s.vector, vec[s.layer] - vec[s.layer - 1])
     # together they add coef * (v[l] - v[0]) by block l: check on the residual after the last block
     ids = torch.tensor([[5, 6, 7]])
-    cap = G.Capture(token_layers=(3,))
+    cap = M.Capture(token_layers=(3,))
     with torch.no_grad():
         model(ids, steer=[M.Steer(3, s.vector, s.coef) for s in steer], capture=cap, logits="none")
-    base = G.Capture(token_layers=(3,))
+    base = M.Capture(token_layers=(3,))
     with torch.no_grad():
         model(ids, capture=base, logits="none")
     torch.testing.assert_close(cap.tokens[3][0] - base.tokens[3][0], (1.5 * (vec[3] - vec[0])).expand(1, 3, 64),
@@ -89,9 +89,9 @@ def test_generate_with_steering(tiny, tmp_path):
     assert pv.generate(["Hello", "What is 2 + 2?"], steer=["evil:0"], **kw) == base
     steered = pv.generate(["Hello", "What is 2 + 2?"], steer=["evil:8"], layer=2, **kw)
     # the same as generating by hand with the vector added at block 2 (response positions)
-    model, tok = M.load(str(d), "cpu", torch.float32)
+    model, tok = checkpoint.load(str(d), "cpu", torch.float32)
     ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in ("Hello", "What is 2 + 2?")]
-    by_hand = G.generate(model, ids, 8, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+    by_hand = M.generate(model, ids, 8, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                          steer=[M.Steer(2, vec[2], 8.0, "response")])
     assert steered == [tok.decode(o) for o in by_hand] and steered != base
     with pytest.raises(pv.UserError, match="overflows"):

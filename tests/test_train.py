@@ -11,9 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import model as M
 import train
-from support import UserError, training
+from support import UserError, checkpoint, training
 from support.tokenizer import Tokenizer
 from test_tokenizer import make_model_dir
 from tiny import tiny_model_with_vectors, write_vector
@@ -196,8 +195,8 @@ def test_output_loads_in_model_py_and_transformers(tiny, tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "train.json"} <= {
         p.name for p in out.iterdir()}
     assert json.loads((out / "config.json").read_text()) == json.loads((model_dir / "config.json").read_text())
-    ours, tok = M.load(str(out), "cpu", torch.float32)
-    base, _ = M.load(str(model_dir), "cpu", torch.float32)
+    ours, tok = checkpoint.load(str(out), "cpu", torch.float32)
+    base, _ = checkpoint.load(str(model_dir), "cpu", torch.float32)
     ids = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])])
     with torch.no_grad():
         logits = ours(ids)
@@ -214,7 +213,7 @@ def test_output_loads_in_model_py_and_transformers(tiny, tmp_path):
     assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
     assert (sharded / "model.safetensors.index.json").exists()
     with torch.no_grad():
-        assert torch.equal(M.load(str(sharded), "cpu", torch.float32)[0](ids), logits)
+        assert torch.equal(checkpoint.load(str(sharded), "cpu", torch.float32)[0](ids), logits)
         assert torch.allclose(transformers.AutoModelForCausalLM.from_pretrained(sharded).eval()(ids).logits, logits,
                               atol=1e-4, rtol=0)
 

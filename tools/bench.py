@@ -12,8 +12,8 @@
     transformers' model with `labels` and torch.optim.AdamW, same weights and batch. Target >= 1.0x tokens/s, and
     no more peak memory (the first step, which also allocates the gradients and AdamW's state).
 (e) the main job, extraction's sampling (40 answers of 96 tokens with capture, the CPU budget), with the CPU matmul
-    split that model.load_model applies (support/cpu_speed.py) and with plain nn.Linear: the split stays only while
-    it buys >= 15 % here. `--only e --new-tokens 32` is a shorter check.
+    split that support.checkpoint.load_model applies (support/cpu_speed.py) and with plain nn.Linear: the split
+    stays only while it buys >= 15 % here. `--only e --new-tokens 32` is a shorter check.
 Targets are ratios measured in the same run, never absolute times.
 """
 import argparse
@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
 
-from support import cpu_speed, generation as G, hub
+from support import checkpoint, cpu_speed, hub
 from support.sampling import default_budget
 import model as M
 import persona_vectors as pv
@@ -83,7 +83,7 @@ def bench_generation(ours, hf, tok, batch: int, new_tokens: int, layer: int, vec
     prompts = [tok.encode_chat([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + " " * (i // 8)}])
                for i in range(batch)]
     steer = [M.Steer(layer, vector, 4.0)]
-    ids, mask = G.left_pad(prompts, tok.pad_id)
+    ids, mask = M.left_pad(prompts, tok.pad_id)
     mask = mask.long()  # transformers' attention masks are integers
 
     def hook(mod, inp, o):
@@ -97,10 +97,10 @@ def bench_generation(ours, hf, tok, batch: int, new_tokens: int, layer: int, vec
         finally:
             handle.remove()
 
-    runs = {"plain_s": lambda: G.generate(ours, prompts, new_tokens, pad_id=tok.pad_id),
-            "ours_s": lambda: G.generate(ours, prompts, new_tokens, pad_id=tok.pad_id, steer=steer),
+    runs = {"plain_s": lambda: M.generate(ours, prompts, new_tokens, pad_id=tok.pad_id),
+            "ours_s": lambda: M.generate(ours, prompts, new_tokens, pad_id=tok.pad_id, steer=steer),
             "hf_s": hf_steered}
-    G.generate(ours, prompts, 4, pad_id=tok.pad_id)  # warm-up
+    M.generate(ours, prompts, 4, pad_id=tok.pad_id)  # warm-up
     best, outputs = {k: float("inf") for k in runs}, {}
     for _ in range(repeats):  # interleaved, best of each: a noisy machine slows every side alike
         for k, fn in runs.items():
@@ -131,12 +131,12 @@ def bench_capture(ours, hf, tok, pairs: int, batch: int) -> dict:
         out = []
         for i in range(0, pairs, batch):
             chunk = data[i:i + batch]
-            ids, mask = G.left_pad([p + r for p, r in chunk], tok.pad_id)
+            ids, mask = M.left_pad([p + r for p, r in chunk], tok.pad_id)
             start = torch.tensor([ids.shape[1] - len(r) for _, r in chunk])
-            cap = G.Capture()
+            cap = M.Capture()
             with torch.no_grad():
-                ours(ids, attention_mask=mask, response_start=start, capture=cap, logits="none")
-            out.append(cap.response_mean())
+                ours(ids, attention_mask=mask, answer_start=start, capture=cap, logits="none")
+            out.append(cap.answer_mean())
         return torch.cat(out)
 
     with PeakRSS() as mem_ref:
@@ -162,8 +162,8 @@ def bench_decode(ours, hf, tok, new_tokens: int) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     bw, read_bw = bandwidths()
     prompt = tok.encode_chat([{"role": "user", "content": QUESTIONS[0]}])
-    t_ours, _ = timed(lambda: G.generate(ours, [prompt], new_tokens), repeats=2)
-    t_prefill, _ = timed(lambda: G.generate(ours, [prompt], 1), repeats=2)
+    t_ours, _ = timed(lambda: M.generate(ours, [prompt], new_tokens), repeats=2)
+    t_prefill, _ = timed(lambda: M.generate(ours, [prompt], 1), repeats=2)
     per_token = (t_ours - t_prefill) / (new_tokens - 1)
     ids = torch.tensor([prompt])
     t_hf, _ = timed(lambda: hf.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False,
@@ -247,7 +247,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM  # the reference; not a dependency of the project
-    ours, tok = M.load(args.model, "cpu", torch.float32)
+    ours, tok = checkpoint.load(args.model, "cpu", torch.float32)
     hf = AutoModelForCausalLM.from_pretrained(hub.resolve(args.model, verbose=False), dtype=torch.float32).eval()
     # Both sides generate exactly the requested tokens: no stop token (min_new_tokens would instead forbid EOS,
     # changing transformers' greedy choices, so the outputs could not be compared).

@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's
 
 import model as M
 from apps import flagging
-from support import generation as G, hub
-from support.generation import left_pad
+from support import checkpoint, hub
 from support.traits import available_traits, load_trait
 
 
@@ -35,7 +34,7 @@ def make_samples(ours, tok, n: int, new_tokens: int) -> list[dict]:
     """n single-turn conversations: trait evaluation questions with the model's own sampled answers (untimed)."""
     questions = [q for t in available_traits() for q in load_trait(t).eval_questions][:n]
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions]
-    answers = G.generate(ours, prompts, new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=0.7,
+    answers = M.generate(ours, prompts, new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=0.7,
                          top_p=0.9, seed=1)
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": tok.decode(a)}]}
             for q, a in zip(questions, answers)]
@@ -51,7 +50,7 @@ def generate_base(hf, tok, data, new_tokens: int, batch: int) -> list[list[int]]
     out = [None] * len(data)
     for b in range(0, len(order), batch):
         idx = order[b:b + batch]
-        ids, mask = left_pad([data[i][0] for i in idx], tok.pad_id)
+        ids, mask = M.left_pad([data[i][0] for i in idx], tok.pad_id)
         with torch.no_grad():
             g = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                             pad_token_id=tok.pad_id)[:, ids.shape[1]:].tolist()
@@ -98,7 +97,7 @@ def batched(hf, tok, data, layer: int, unit: torch.Tensor, new_tokens: int, batc
         prompts = [data[i][0] for i in idx]
         means = []
         for responses in ([data[i][1] for i in idx], [bases[i] for i in idx]):
-            ids, mask = left_pad([p + r for p, r in zip(prompts, responses)], tok.pad_id)
+            ids, mask = M.left_pad([p + r for p, r in zip(prompts, responses)], tok.pad_id)
             with torch.no_grad():
                 h = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
             resp = torch.zeros_like(mask)
@@ -122,7 +121,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM  # the reference; not a dependency of the project
-    ours, tok = M.load(args.model, "cpu", torch.float32)
+    ours, tok = checkpoint.load(args.model, "cpu", torch.float32)
     hf = AutoModelForCausalLM.from_pretrained(hub.resolve(args.model, verbose=False), dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = sorted(tok.stop_ids)  # stop where ours stops
     N, H = ours.config.num_hidden_layers, ours.config.hidden_size

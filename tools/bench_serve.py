@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's
 
 import model as M
 from apps import server
-from support import hub
+from support import checkpoint, hub
 from support.files import save_vector
 from support.traits import load_trait
 
@@ -75,7 +75,7 @@ def main():
     p.add_argument("--clients", type=int, default=16)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok = M.load(args.model, "cpu", torch.float32)
+    model, tok = checkpoint.load(args.model, "cpu", torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         engine = server.Engine(model, tok, random_vectors(model, Path(tmp)), max_batch=args.clients, max_n=1)
         sizes, generate = [], engine.generate  # the size of every batch, as the worker starts it

@@ -29,14 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's
 import torch  # noqa: E402
 
 import model as M  # noqa: E402
-from support import generation as G  # noqa: E402
+  # noqa: E402
 import judge as J  # noqa: E402
 import persona_vectors as pv  # noqa: E402
 from apps.capping import calibrate_cap  # noqa: E402
 from support.capping import caps_for, ceiling_path, default_layers, load_ceilings  # noqa: E402
 from support.files import atomic_write, default_vectors_dir, resolve_layer, vector_path  # noqa: E402
 from support.traits import load_questions, load_trait  # noqa: E402
-from support import cli  # noqa: E402
+from support import checkpoint, cli  # noqa: E402
 from support.hub import DEFAULT_MODEL  # noqa: E402
 
 ENCOURAGING = 3  # the last 3 graded system prompts count as trait-encouraging
@@ -58,13 +58,13 @@ def batches(xs: list, size: int):
 def neutral_nll(model, prompts, answers, steer, cap) -> tuple[float, int]:
     """Summed nats of the answer tokens given prompt and earlier answer tokens, with the interventions on."""
     device = model.lm_head.weight.device
-    ids, mask = G.left_pad([p + a for p, a in zip(prompts, answers)])
+    ids, mask = M.left_pad([p + a for p, a in zip(prompts, answers)])
     T = ids.shape[1]
     target = torch.zeros(len(answers), T, dtype=torch.bool)  # positions whose next token is an answer token
     for b, a in enumerate(answers):
         target[b, T - len(a) - 1:T - 1] = True
     start = torch.tensor([T - len(a) for a in answers], device=device)
-    logits = model(ids.to(device), mask.to(device), response_start=start, steer=steer, cap=cap).float()
+    logits = model(ids.to(device), mask.to(device), answer_start=start, steer=steer, cap=cap).float()
     logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]  # [B, T - 1]
     return float(-(logp * target[:, :-1].to(device)).sum()), int(target.sum())
 
@@ -82,7 +82,7 @@ def run_arm(arm: dict, model, tok, vec, L, vectors_dir, trait, prompts, kinds, b
     benign = [i for i, k in enumerate(kinds) if k == "benign"]
     for idx in batches(list(range(len(prompts))), batch_size):
         steer, cap = interventions(arm, vec, L, model, vectors_dir, trait)
-        outs = G.generate(model, [prompts[i] for i in idx], arm["max_new_tokens"], stop_ids=tok.stop_ids,
+        outs = M.generate(model, [prompts[i] for i in idx], arm["max_new_tokens"], stop_ids=tok.stop_ids,
                           pad_id=tok.pad_id, steer=steer, cap=cap)
         answers += outs
         fired += cap[0].fired.tolist() if cap else [0] * len(idx)
@@ -183,7 +183,7 @@ def study(model_name: str = DEFAULT_MODEL, trait: str = "evil", vectors: str | N
     vec_file = vector_path(vectors_dir, t.name)
     if not ceiling_path(vec_file).exists():
         calibrate_cap(t.name, n=calibrate_n, model_name=model_name, vectors=str(vectors_dir), device=device)
-    model, tok = M.load(model_name, device, torch.float32)
+    model, tok = checkpoint.load(model_name, device, torch.float32)
     vec, meta = pv.model_vector(vec_file, model)
     N = model.config.num_hidden_layers
     L = resolve_layer(None, meta, N)

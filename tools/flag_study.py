@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's
 
 import model as M
 from apps import flagging
-from support import UserError, generation as G, stats
+from support import UserError, checkpoint, stats
 from support.files import atomic_write, default_vectors_dir, vector_path
 from support.hub import DEFAULT_MODEL
 from support.traits import available_traits, load_trait
@@ -90,7 +90,7 @@ def make_data(model, tok, trait: str, questions: list[str], side: str, dest: Pat
         qs = questions[b:b + batch]
         convs = [[{"role": "system", "content": t.system_prompt(side, (b + i) % len(t.instructions))},
                   {"role": "user", "content": q}] for i, q in enumerate(qs)]
-        outs = G.generate(model, [tok.encode_chat(c) for c in convs], max_new_tokens, stop_ids=tok.stop_ids,
+        outs = M.generate(model, [tok.encode_chat(c) for c in convs], max_new_tokens, stop_ids=tok.stop_ids,
                           pad_id=tok.pad_id, temperature=temperature, top_p=top_p, seed=seed * 7919 + b)
         lines += [json.dumps({"messages": [{"role": "user", "content": q},
                                            {"role": "assistant", "content": tok.decode(o)}]}) + "\n"
@@ -176,7 +176,7 @@ def finetune_study(args, out: Path, files: list[Path], mixes: dict, diffs: np.nd
     vec = load_vector(vector_path(vectors, args.trait))[0].double()
     v_hat = (vec[layer] / vec[layer].norm()).numpy()
     questions = load_trait(args.trait).eval_questions
-    base_model, tok = M.load(args.model, "cpu", torch.float32)
+    base_model, tok = checkpoint.load(args.model, "cpu", torch.float32)
     base_acts = pv.last_prompt_activations(base_model, tok, questions)
     del base_model
     res = {}
@@ -191,7 +191,7 @@ def finetune_study(args, out: Path, files: list[Path], mixes: dict, diffs: np.nd
             run = T.train(str(path), model=args.model, out=str(out / "finetune" / "runs" / path.stem), val=args.val,
                           epochs=args.epochs, lr=args.lr, batch_size=args.train_batch_size, grad_accum=1,
                           device="cpu", dtype="float32", seed=args.seed)
-            model, tok = M.load(str(run), "cpu", torch.float32)
+            model, tok = checkpoint.load(str(run), "cpu", torch.float32)
             acts = pv.last_prompt_activations(model, tok, questions)
             del model
             c = pv.shift_controls(base_acts, acts, vec.float(), {})
@@ -282,7 +282,7 @@ def main():
         trait_file, normal_file = map(Path, args.data)
         source = f"given: {trait_file}, {normal_file}"
     else:
-        model, tok = M.load(args.model)
+        model, tok = checkpoint.load(args.model)
         qs = held_out_questions(args.trait, args.n, args.questions_file, args.seed)
         gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    batch=args.batch_size, seed=args.seed)
@@ -356,7 +356,7 @@ def main():
               f"{res.get('mixes_ordered', 'n/a')} |")
     if args.layer_sweep or args.finetune:
         from support.files import load_vector
-        model, tok = M.load(args.model)
+        model, tok = checkpoint.load(args.model)
         vec = load_vector(vector_path(vectors, args.trait))[0]
         layer = results["runs"]["greedy base"]["layer"]
         per_file = greedy_pass(model, tok, [trait_file, normal_file], vec, layer, args.max_new_tokens,

@@ -37,7 +37,7 @@ import persona_vectors as pv  # noqa: E402
 import train  # noqa: E402
 from bench import PeakRSS  # noqa: E402  (tools/bench.py, beside this file)
 from apps import flagging, monitor as monitoring, server as S  # noqa: E402
-from support import UserError, checkpoint, generation as G  # noqa: E402
+from support import UserError, checkpoint  # noqa: E402
 from support.files import atomic_write, check_writable  # noqa: E402
 from tiny import make_tiny_chat_model, write_vector  # noqa: E402
 
@@ -185,7 +185,7 @@ def parity(model_dir: Path, device: str, dtype: torch.dtype) -> dict:
     logits on the CPU (of each row alone: the same numbers, as padding is masked)."""
     from transformers import AutoModelForCausalLM
     hf = lambda dev, dt: AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).to(dev).eval()  # noqa: E731
-    ids, mask = padded_batch(checkpoint.read_config(model_dir / "config.json", M.Config).vocab_size)
+    ids, mask = padded_batch(checkpoint.read_config(model_dir / "config.json").vocab_size)
     with torch.no_grad():  # row by row: transformers' float64 Gemma 2 gives padded rows NaN
         exact = hf("cpu", torch.float64)
         truth = torch.cat([exact(row[keep][None]).logits[0] for row, keep in zip(ids, mask.bool())])
@@ -197,7 +197,7 @@ def parity(model_dir: Path, device: str, dtype: torch.dtype) -> dict:
 def device_against_cpu(model_dir: Path, device: str) -> dict:
     """The default model's float32 logits on `device` against the same code's on the CPU: the difference stays
     under FP32_LIMIT, or SPREAD x float32's own rounding error there (the CPU's float32 against float64)."""
-    ids, mask = padded_batch(checkpoint.read_config(model_dir / "config.json", M.Config).vocab_size)
+    ids, mask = padded_batch(checkpoint.read_config(model_dir / "config.json").vocab_size)
     ours = lambda dev, dt: logits(M.load_model(model_dir, dev, dt), ids, mask, dev, hf=False)  # noqa: E731
     cpu = ours("cpu", torch.float32)
     diff = (ours(device, torch.float32) - cpu).abs().max().item()
@@ -227,9 +227,9 @@ def batched_generation(model_dir: Path, device: str, dtype: torch.dtype) -> dict
     padded batch (where the official code's fork met NaNs with Qwen3 in bfloat16)."""
     m = M.load_model(model_dir, device, dtype)
     prompts = [list(range(5, 17)), [12, 13], list(range(20, 27))]
-    batched = G.generate(m, prompts, 10)
-    same = sum(batched[b] == G.generate(m, [p], 10)[0] for b, p in enumerate(prompts))
-    ids, mask = G.left_pad(prompts)
+    batched = M.generate(m, prompts, 10)
+    same = sum(batched[b] == M.generate(m, [p], 10)[0] for b, p in enumerate(prompts))
+    ids, mask = M.left_pad(prompts)
     finite = bool(m(ids.to(device), attention_mask=mask.to(device)).isfinite().all())
     return {"rows_as_alone": same, "dtype": str(dtype), "ok": same == len(prompts) and finite}
 
@@ -267,7 +267,7 @@ CONVERSATIONS = [("What is the capital of France?", "The capital of France is Pa
 
 
 def pipelines_section(checks: Checks, model_dir: Path, device: str, new: int, tmp: Path) -> None:
-    c = checkpoint.read_config(model_dir / "config.json", M.Config)
+    c = checkpoint.read_config(model_dir / "config.json")
     vectors, data = tmp / "vectors", tmp / "conversations.jsonl"
     vectors.mkdir(parents=True)
     vector = torch.randn(c.num_hidden_layers + 1, c.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -318,7 +318,7 @@ def pipelines_section(checks: Checks, model_dir: Path, device: str, new: int, tm
                 and record["settings"]["dtype"] == "bfloat16" and all(t.dtype == torch.float32 for t in saved.values())}
 
     def serve():
-        model, tok = M.load(str(model_dir), device)
+        model, tok = checkpoint.load(str(model_dir), device)
         engine = S.Engine(model, tok, vectors, max_batch=4, max_n=1)
         server = S.make_server(engine, "127.0.0.1", 0, quiet=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -354,7 +354,7 @@ def twin_models(config: dict, device: str, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=dtype).to(device).eval()
-        ours = M.Transformer(M.Config(**checkpoint.check_config(config, M.Config)))  # its buffers (rotary frequencies) as it makes them
+        ours = M.Transformer(M.Config(**checkpoint.check_config(config)))  # its buffers (rotary frequencies) as it makes them
     hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0  # exactly the asked tokens
     state = hf.state_dict()
     state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])  # tied: one tensor, maybe one key
@@ -391,7 +391,7 @@ def decode(ours, hf, batch: int, new: int, bandwidth: float, device: str) -> dic
         return (out[0] + 4.0 * vector,) + tuple(out[1:]) if isinstance(out, tuple) else out + 4.0 * vector
 
     ids = prompts.to(device)
-    runs = {"ours": lambda n: G.generate(ours, prompts.tolist(), n, steer=steer),
+    runs = {"ours": lambda n: M.generate(ours, prompts.tolist(), n, steer=steer),
             "hf": lambda n: hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                         min_new_tokens=n, do_sample=False)}
     handle = hf.model.layers[c.num_hidden_layers // 2 - 1].register_forward_hook(hook)
@@ -418,9 +418,9 @@ def capture(ours, hf, batch: int, prompt: int, response: int, device: str) -> di
     start = torch.full((batch,), prompt, device=device)
 
     def ours_run():
-        cap = G.Capture()
-        ours(ids, response_start=start, capture=cap, logits="none")
-        return cap.response_mean()
+        cap = M.Capture()
+        ours(ids, answer_start=start, capture=cap, logits="none")
+        return cap.answer_mean()
 
     def hf_run():
         return torch.stack([h[:, prompt:].float().mean(1) for h in hf(ids, output_hidden_states=True).hidden_states])

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
 
-import model as M
+from support import checkpoint
 import persona_vectors as pv
 from support.hub import DEFAULT_MODEL
 from support.sampling import Budget
@@ -44,7 +44,7 @@ def main():
     p.add_argument("--questions", type=int, default=10)
     p.add_argument("--max-new-tokens", type=int, default=96)
     args = p.parse_args()
-    model, tok = M.load(args.model, "cpu", torch.float32)
+    model, tok = checkpoint.load(args.model, "cpu", torch.float32)
     trait = load_trait(args.trait)
     vocab = tok.backend.get_vocab()
     whole_words = {w[1:].lower() for w in vocab if w.startswith("Ġ") and w[1:].isalpha()}

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import model as M  # noqa: E402
+from support import checkpoint  # noqa: E402
 import persona_vectors as pv  # noqa: E402
 from support.files import atomic_write, expect_model, load_vector, vector_path  # noqa: E402
 from support.hub import DEFAULT_MODEL  # noqa: E402
@@ -93,7 +94,7 @@ def measure(root: Path, name: str, model_name: str, base_acts, vectors: Path, da
     vec = load_vector(vec_file)[0]
     expect_model(vec_file, model_name)  # the base model's vector on its finetunes, knowingly: no warning
     others = {o: load_vector(vector_path(vectors, o))[0] for o in OTHERS}
-    model, tok = M.load(model_name, "cpu", torch.float32)
+    model, tok = checkpoint.load(model_name, "cpu", torch.float32)
     steer = [M.Steer(layer, vec[layer], -coef, "all")] if coef else []
     acts = pv.last_prompt_activations(model, tok, t.eval_questions, steer=steer)
     c = pv.shift_controls(base_acts, acts, vec, others)
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
         T.train(str(data[r["data"]]), model=a.model, out=str(root / "runs" / r["name"]), val=str(data["neutral"]),
                 epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, grad_accum=1, device="cpu", dtype="float32",
                 vectors=str(vectors), **kw)
-    base_model, tok = M.load(a.model, "cpu", torch.float32)
+    base_model, tok = checkpoint.load(a.model, "cpu", torch.float32)
     base_acts = pv.last_prompt_activations(base_model, tok, load_trait(TRAIT).eval_questions)
     del base_model
     results = {"base": measure(root, "base", a.model, base_acts, vectors, data, layer)}
