@@ -52,10 +52,14 @@ class Gauge:
 def gauges_for(model, vectors_dir: Path, names: list[str] | None, layer: int | None) -> list[Gauge]:
     """A gauge per trait name or vector file (default: every vector in the directory), each checked to fit."""
     paths = [vector_file(n, vectors_dir) for n in (traits_in(vectors_dir) if names is None else names)]
-    c = model.config
+    c, swept = model.config, [p for p in paths if sweep_path(p, {}).is_file()]
 
-    def at(p: Path):  # --layer sweep: each trait's own sweep; one never swept reads at its default layer
-        return None if layer == "sweep" and not sweep_path(p, {}).is_file() else layer
+    def at(p: Path):  # --layer sweep: each trait's own sweep; one never swept: its default layer
+        if layer != "sweep" or p in swept or not swept:  # none swept: sweep_layer says what to run
+            return layer
+        print(f"note: --layer sweep: {p.name} has no sweep result; read at its default layer",
+              file=sys.stderr)
+        return None
     return [Gauge.from_file(p, at(p), c.num_hidden_layers, c.hidden_size, model) for p in paths]
 
 
