@@ -55,11 +55,7 @@ def unpack_converter(sdist: Path, dest: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     say(f"unpacking the converter of {sdist.name}")
     with tarfile.open(sdist) as tar:
-        prefix = f"{tar.getmembers()[0].name.split('/')[0]}/vendor/llama.cpp/"
-        members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
-        for m in members:
-            m.name = m.name[len(prefix):]
-        wanted = [m for m in members if m.name == CONVERTER[0] or m.name.startswith(CONVERTER[1:])]
+        wanted = [m for m in vendored(tar) if m.name == CONVERTER[0] or m.name.startswith(CONVERTER[1:])]
         tar.extractall(tmp, members=wanted, filter="data")
     tmp.rename(dest)
 
@@ -98,6 +94,15 @@ def fetch_sdist(dest: Path) -> Path:
     return dest / got[0].name
 
 
+def vendored(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """The sdist's vendor/llama.cpp/ members, named relative to that folder."""
+    prefix = f"{tar.getmembers()[0].name.split('/')[0]}/vendor/llama.cpp/"
+    members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+    for m in members:
+        m.name = m.name[len(prefix):]
+    return members
+
+
 def unpack(sdist: Path, src: Path) -> None:
     """Only the vendored llama.cpp tree, into `src` (renamed into place when complete)."""
     if (src / "CMakeLists.txt").is_file():
@@ -106,10 +111,7 @@ def unpack(sdist: Path, src: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     say(f"unpacking {sdist.name}")
     with tarfile.open(sdist) as tar:
-        prefix = f"{tar.getmembers()[0].name.split('/')[0]}/vendor/llama.cpp/"
-        members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
-        for m in members:
-            m.name = m.name[len(prefix):]
+        members = vendored(tar)
         # ".git" is the sdist's dangling submodule pointer: without it CMake does not ask git for a version
         tar.extractall(tmp, members=[m for m in members if m.name not in ("", ".git")], filter="data")
     tmp.rename(src)
