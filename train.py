@@ -32,7 +32,6 @@ from support.files import default_vectors_dir
 from support.tokenizer import Tokenizer, answer_after_thinking
 from support.training import pad_left
 
-
 # --------------------------------------------------------------------------------------------------
 # Data: conversations -> token ids and the mask of the trained tokens.
 
@@ -73,8 +72,10 @@ def _reply_span(tok: Tokenizer, text: str, messages: list[dict], k: int, cursor:
         start = text.find(form + eot, cursor)
         if start >= 0:
             return start, start + len(form) + len(eot)
-    raise ValueError(f"assistant message {k + 1}: the chat template does not write its text as "
-                     f"given (nor trimmed) before {eot or 'the end'}, so it cannot be trained")
+    raise ValueError(
+        f"assistant message {k + 1}: the chat template does not write its text as "
+        f"given (nor trimmed) before {eot or 'the end'}, so it cannot be trained"
+    )
 
 
 def truncate_left(ex: Example, max_len: int) -> Example | None:
@@ -295,22 +296,34 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
     p.add_argument("data", type=cli.TEXT_FILE, help='JSONL, one {"messages": [...]} per line')
     p.add_argument("--model", default=hub.DEFAULT_MODEL, help="hub id or folder (%(default)s)")
-    p.add_argument("--out", type=cli.OUTPUT_DIR, required=True,
-                   help="the model, train.json, checkpoints")
-    p.add_argument("--val", type=cli.TEXT_FILE,
-                   help="validation JSONL (default: 10 %% of DATA held out)")
+    p.add_argument(
+        "--out", type=cli.OUTPUT_DIR, required=True, help="the model, train.json, checkpoints"
+    )
+    p.add_argument(
+        "--val", type=cli.TEXT_FILE, help="validation JSONL (default: 10 %% of DATA held out)"
+    )
     p.add_argument("--epochs", type=cli.COUNT, default=1)
     p.add_argument("--max-steps", type=cli.COUNT, help="optimizer steps; overrides --epochs")
-    p.add_argument("--lr", type=cli.bounded("learning_rate"), default=1e-5,
-                   help="peak learning rate")
+    p.add_argument(
+        "--lr", type=cli.bounded("learning_rate"), default=1e-5, help="peak learning rate"
+    )
     p.add_argument("--warmup-steps", type=cli.bounded("steps"), default=5)
-    p.add_argument("--weight-decay", type=cli.bounded("weight_decay"), default=0.01,
-                   help="AdamW's, on matrices")
+    p.add_argument(
+        "--weight-decay",
+        type=cli.bounded("weight_decay"),
+        default=0.01,
+        help="AdamW's, on matrices",
+    )
     p.add_argument("--batch-size", type=cli.COUNT, default=4, help="per micro-batch and process")
-    p.add_argument("--grad-accum", type=cli.COUNT,
-                   help="micro-batches a step (default: a batch of 16)")
-    p.add_argument("--max-seq-len", type=cli.bounded("max_seq_len"), default=2048,
-                   help="cut longer ones on the left")
+    p.add_argument(
+        "--grad-accum", type=cli.COUNT, help="micro-batches a step (default: a batch of 16)"
+    )
+    p.add_argument(
+        "--max-seq-len",
+        type=cli.bounded("max_seq_len"),
+        default=2048,
+        help="cut longer ones on the left",
+    )
     p.add_argument("--seed", type=cli.SEED, default=0, help="data order")
     p.add_argument("--checkpointing", action="store_true", help="recompute activations")
     p.add_argument("--save-every", default="10m", help="N steps (50) or minutes (10m)")
@@ -322,8 +335,9 @@ def parser() -> argparse.ArgumentParser:
         "(TRAIT:COEF, FILE.safetensors:COEF, relative 0.1r); repeatable"
     )
     p.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF", help=steer_help)
-    p.add_argument("--layer", type=cli.LAYER,
-                   help="L to steer or ablate (the vector's best, or middle)")
+    p.add_argument(
+        "--layer", type=cli.LAYER, help="L to steer or ablate (the vector's best, or middle)"
+    )
     p.add_argument("--all-layers", action="store_true", help="v[l] - v[l-1] at every block l")
     caft_help = "CAFT: project the direction out while training (TRAIT or FILE); repeatable"
     p.add_argument("--ablate", action="append", default=[], metavar="TRAIT", help=caft_help)

@@ -7,6 +7,7 @@ token's state at every hidden index is projected on that index's unit vector, an
 projections are the ceilings a cap reads (support/capping.py has the file format and the --cap specs;
 docs/capping.md the study behind the defaults).
 """
+
 import hashlib
 import sys
 import tempfile
@@ -27,20 +28,25 @@ from support.traits import QUESTIONS_FILE, load_questions
 
 
 @torch.no_grad()
-def answer_projections(model: M.Transformer, prompts: list[list[int]], answers: list[list[int]],
-                       units: torch.Tensor) -> list[np.ndarray]:
+def answer_projections(
+    model: M.Transformer, prompts: list[list[int]], answers: list[list[int]], units: torch.Tensor
+) -> list[np.ndarray]:
     """Each answer token's projection at every hidden index, as the plain model reads prompt + answer.
 
     units: [N + 1, hidden] unit vectors -> per answer an array [answer tokens, N + 1]."""
     device = model.lm_head.weight.device
-    ids, mask = M.left_pad([p + a for p, a in zip(prompts, answers)])  # every answer ends in the last column
+    ids, mask = M.left_pad(
+        [p + a for p, a in zip(prompts, answers)]
+    )  # every answer ends in the last column
     T = ids.shape[1]
     N = model.config.num_hidden_layers
     cap = M.Capture(token_layers=tuple(range(N + 1)))
     model(ids.to(device), mask.to(device), capture=cap, logits="none")
     units = units.float().to(device)
-    proj = torch.stack([cap.tokens[l][0] @ units[l] for l in range(N + 1)], -1).cpu()  # [B, T, N + 1]
-    return [proj[b, T - len(a):].numpy() for b, a in enumerate(answers)]
+    proj = torch.stack(
+        [cap.tokens[l][0] @ units[l] for l in range(N + 1)], -1
+    ).cpu()  # [B, T, N + 1]
+    return [proj[b, T - len(a) :].numpy() for b, a in enumerate(answers)]
 
 
 def check_beside(vec_file: Path, dest: Path) -> None:
@@ -53,12 +59,22 @@ def check_beside(vec_file: Path, dest: Path) -> None:
         raise UserError(
             f"cannot write the ceiling file {dest.name} beside its vector in {vec_file.parent} "
             f"({e.strerror}): copy the vector into a folder you can write to and pass that folder "
-            "as --vectors (or the copied .safetensors file as the trait, and to --cap)") from None
+            "as --vectors (or the copied .safetensors file as the trait, and to --cap)"
+        ) from None
 
 
-def calibrate_cap(trait: str, questions_file: str | None = None, n: int = 100, max_new_tokens: int = 96,
-                  batch_size: int = 32, force: bool = False, model_name: str = DEFAULT_MODEL,
-                  vectors: str | None = None, device: str | None = None, dtype=None) -> Path:
+def calibrate_cap(
+    trait: str,
+    questions_file: str | None = None,
+    n: int = 100,
+    max_new_tokens: int = 96,
+    batch_size: int = 32,
+    force: bool = False,
+    model_name: str = DEFAULT_MODEL,
+    vectors: str | None = None,
+    device: str | None = None,
+    dtype=None,
+) -> Path:
     """Answer n everyday requests (greedy, no system prompt) and write the percentiles of every answer token's
     projection at every hidden index beside the trait's vector -> the ceiling file."""
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
@@ -76,51 +92,98 @@ def calibrate_cap(trait: str, questions_file: str | None = None, n: int = 100, m
     check_fits(vec, meta, vec_file, model.config.num_hidden_layers, model.config.hidden_size, model)
     M.check_new_tokens(model, max_new_tokens)  # before any answer; each batch: in generate
     units = pv.unit(vec)
-    print(f"calibrate-cap {vec_file.name}: {len(questions)} requests from {questions_file or QUESTIONS_FILE}, "
-          f"greedy, up to {max_new_tokens} tokens", file=sys.stderr)
+    print(
+        f"calibrate-cap {vec_file.name}: {len(questions)} requests from {questions_file or QUESTIONS_FILE}, "
+        f"greedy, up to {max_new_tokens} tokens",
+        file=sys.stderr,
+    )
     proj, t0 = [], time.time()
     for i in range(0, len(questions), batch_size):
-        prompts = [tok.encode_chat(pv.conversation(dict(system=None, question=q)))
-                   for q in questions[i:i + batch_size]]
-        answers = M.generate(model, prompts, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+        prompts = [
+            tok.encode_chat(pv.conversation(dict(system=None, question=q)))
+            for q in questions[i : i + batch_size]
+        ]
+        answers = M.generate(
+            model, prompts, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id
+        )
         proj += answer_projections(model, prompts, answers, units)
-        print(f"calibrate-cap: {min(i + batch_size, len(questions))}/{len(questions)} answers "
-              f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+        print(
+            f"calibrate-cap: {min(i + batch_size, len(questions))}/{len(questions)} answers "
+            f"({time.time() - t0:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     tokens = np.concatenate(proj)  # [all answer tokens, N + 1]
     qfile = Path(questions_file) if questions_file else QUESTIONS_FILE
-    record = dict(trait=meta.get("trait", trait), model=model.name_or_path, model_path=str(model.source_dir),
-                  model_source=getattr(model, "source", None), vector=vec_file.name,
-                  vector_sha256=vector_sha256(vec), questions_file=str(qfile),
-                  questions_sha256=hashlib.sha256(qfile.read_bytes()).hexdigest(), answers=len(proj),
-                  tokens=len(tokens), max_new_tokens=max_new_tokens, system_prompt=None, temperature=0.0,
-                  layer_convention=pv.LAYER_CONVENTION) | percentile_table(tokens)
+    record = dict(
+        trait=meta.get("trait", trait),
+        model=model.name_or_path,
+        model_path=str(model.source_dir),
+        model_source=getattr(model, "source", None),
+        vector=vec_file.name,
+        vector_sha256=vector_sha256(vec),
+        questions_file=str(qfile),
+        questions_sha256=hashlib.sha256(qfile.read_bytes()).hexdigest(),
+        answers=len(proj),
+        tokens=len(tokens),
+        max_new_tokens=max_new_tokens,
+        system_prompt=None,
+        temperature=0.0,
+        layer_convention=pv.LAYER_CONVENTION,
+    ) | percentile_table(tokens)
     write_ceilings(dest, record)
     L = meta.get("best_layer", model.config.num_hidden_layers // 2)
     c = record["ceilings"]
-    print(f"calibrate-cap: {len(tokens)} answer tokens; at layer {L} the projections' median is {c[49][L]:.2f}, "
-          f"90th percentile {c[89][L]:.2f}, 99th {c[98][L]:.2f} -> {dest}", file=sys.stderr)
+    print(
+        f"calibrate-cap: {len(tokens)} answer tokens; at layer {L} the projections' median is {c[49][L]:.2f}, "
+        f"90th percentile {c[89][L]:.2f}, 99th {c[98][L]:.2f} -> {dest}",
+        file=sys.stderr,
+    )
     return dest
 
 
 def add_commands(sub) -> None:
     """Register `calibrate-cap` on an argparse subparsers object (python -m apps)."""
-    c = sub.add_parser("calibrate-cap", help="ceilings for persona capping: percentiles of the "
-                       "model's own everyday answers along a trait's vector, per layer")
-    c.add_argument("trait", help="a trait with a vector in --vectors, or a vector .safetensors file")
-    c.add_argument("--questions-file", type=cli.TEXT_FILE, default=None,
-                   help="requests: .json list or one per line "
-                   "(default: data/questions/everyday.json)")
-    c.add_argument("--n", type=cli.COUNT, default=100,
-                   help="how many requests, from the first (default: %(default)s)")
-    c.add_argument("--max-new-tokens", type=cli.MAX_NEW_TOKENS, default=96,
-                   help="default: %(default)s")
+    c = sub.add_parser(
+        "calibrate-cap",
+        help="ceilings for persona capping: percentiles of the "
+        "model's own everyday answers along a trait's vector, per layer",
+    )
+    c.add_argument(
+        "trait", help="a trait with a vector in --vectors, or a vector .safetensors file"
+    )
+    c.add_argument(
+        "--questions-file",
+        type=cli.TEXT_FILE,
+        default=None,
+        help="requests: .json list or one per line (default: data/questions/everyday.json)",
+    )
+    c.add_argument(
+        "--n",
+        type=cli.COUNT,
+        default=100,
+        help="how many requests, from the first (default: %(default)s)",
+    )
+    c.add_argument(
+        "--max-new-tokens", type=cli.MAX_NEW_TOKENS, default=96, help="default: %(default)s"
+    )
     c.add_argument("--batch-size", type=cli.COUNT, default=32, help="default: %(default)s")
     c.add_argument("--force", action="store_true", help="replace an existing ceiling file")
     c.add_argument("--model", default=DEFAULT_MODEL, help=pv.MODEL_HELP)
     c.add_argument("--vectors", default=None, help=pv.VECTORS_HELP)
     c.add_argument("--device", default=None, help=pv.DEVICE_HELP)
     c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=pv.DTYPE_HELP)
-    c.set_defaults(run=lambda a: calibrate_cap(
-        a.trait, questions_file=a.questions_file, n=a.n, max_new_tokens=a.max_new_tokens,
-        batch_size=a.batch_size, force=a.force, model_name=a.model, vectors=a.vectors,
-        device=a.device, dtype=a.dtype))
+    c.set_defaults(
+        run=lambda a: calibrate_cap(
+            a.trait,
+            questions_file=a.questions_file,
+            n=a.n,
+            max_new_tokens=a.max_new_tokens,
+            batch_size=a.batch_size,
+            force=a.force,
+            model_name=a.model,
+            vectors=a.vectors,
+            device=a.device,
+            dtype=a.dtype,
+        )
+    )

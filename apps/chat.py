@@ -7,6 +7,7 @@ each reply.
 Each gauge (apps/monitor.py) shows where the last token before the reply and the reply's mean fall along the
 trait's unit vector, beside where extraction's pos and neg answers fell.
 """
+
 import json
 import os
 import sys
@@ -17,11 +18,11 @@ import torch
 
 import persona_vectors as pv
 from apps.monitor import Gauge, gauges_for
+from model import check_new_tokens
 from support import UserError, cli
 from support.files import atomic_write, check_output
 from support.hub import DEFAULT_MODEL
 from support.sampling import Budget
-from model import check_new_tokens
 
 CHAT_HELP = """commands: /steer SPEC [SPEC ...] (replace the steering, e.g. /steer evil:1.5 humorous:-1), /unsteer,
           /cap SPEC [SPEC ...] (replace the caps, e.g. /cap evil:75@12-20), /cap off, /gauge (the history of gauge readings), /save FILE.jsonl, /reset (forget the conversation), /help, /quit"""
@@ -36,7 +37,9 @@ def show(g: Gauge, reading: dict) -> str:
             parts.append(f"{name} {x:+.2f}")
             continue
         neg, pos = mark
-        where = (x - neg) / (pos - neg) if pos != neg else 0.5  # 0 at the neg mean, 1 at the pos mean
+        where = (
+            (x - neg) / (pos - neg) if pos != neg else 0.5
+        )  # 0 at the neg mean, 1 at the pos mean
         cells = 10
         i = min(max(round(where * (cells - 1)), 0), cells - 1)
         bar = "".join("|" if j == i else "-" for j in range(cells))
@@ -44,11 +47,24 @@ def show(g: Gauge, reading: dict) -> str:
     return f"  [{g.trait} L{g.layer}] " + "   ".join(parts)
 
 
-def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), cap: list[str] = (), layer: int | None = None,
-         gauges: list[str] | None = None, vectors: str | None = None, system: str | None = None,
-         max_new_tokens: int = 200, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-         save: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-         stdin=None, stdout=None) -> list[dict]:
+def chat(
+    model_name: str = DEFAULT_MODEL,
+    steer: list[str] = (),
+    cap: list[str] = (),
+    layer: int | None = None,
+    gauges: list[str] | None = None,
+    vectors: str | None = None,
+    system: str | None = None,
+    max_new_tokens: int = 200,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    save: str | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    stdin=None,
+    stdout=None,
+) -> list[dict]:
     """A multi-turn chat, optionally steered, with a gauge per persona vector after each assistant turn.
 
     Each gauge shows the projection of the last token before the reply (the paper's predictor) and of the reply's
@@ -62,8 +78,9 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), cap: list[str] 
     if save:
         check_output(save, force=True, option="--save")  # appended to: an existing file is fine
     specs = pv.parsed(steer, cap)  # --steer and --cap parsed once: checked, then applied
-    model, tok, vectors_dir, _ = pv.load_checked(model_name, device, dtype, specs[0], vectors,
-                                                 cap=specs[1])
+    model, tok, vectors_dir, _ = pv.load_checked(
+        model_name, device, dtype, specs[0], vectors, cap=specs[1]
+    )
     check_new_tokens(model, max_new_tokens)  # each turn: its conversation's length, below
     meters = gauges_for(model, vectors_dir, gauges, layer)
     interventions, caps = pv.interventions(model, vectors_dir, *specs, layer)
@@ -74,8 +91,12 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), cap: list[str] 
     def say(text=""):
         print(text, file=stdout, flush=True)
 
-    say(f"chat with {model_name}" + (f", steering {' '.join(steer)}" if steer else "")
-        + (f", capping {' '.join(cap)}" if cap else "") + "; /help for commands")
+    say(
+        f"chat with {model_name}"
+        + (f", steering {' '.join(steer)}" if steer else "")
+        + (f", capping {' '.join(cap)}" if cap else "")
+        + "; /help for commands"
+    )
     try:
         while True:
             if interactive:
@@ -105,10 +126,12 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), cap: list[str] 
                         say(f"capping: {' '.join(cap) or 'off'}")
                     elif cmd == "/gauge":
                         for h in history:
-                            say(f"turn {h['turn']} {h['trait']}: before reply "
+                            say(
+                                f"turn {h['turn']} {h['trait']}: before reply "
                                 f"{h['prompt_last']:+.2f}, reply {h['response_avg']:+.2f}"
                                 + (f" (steering {' '.join(h['steer'])})" if h["steer"] else "")
-                                + (f" (capping {' '.join(h['cap'])})" if h["cap"] else ""))
+                                + (f" (capping {' '.join(h['cap'])})" if h["cap"] else "")
+                            )
                     elif cmd == "/save" and args:
                         save_conversation(Path(args[0]), messages)
                         say(f"saved {args[0]}")
@@ -125,12 +148,22 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), cap: list[str] 
             if len(prompt) + max_new_tokens > model.config.max_position_embeddings:
                 messages.pop()
                 context = model.config.max_position_embeddings
-                say(f"error: the conversation is longer than the model's context ({context} "
-                    "tokens): /reset it")
+                say(
+                    f"error: the conversation is longer than the model's context ({context} "
+                    "tokens): /reset it"
+                )
                 continue
             outs, acts = pv.answer_with_activations(
-                model, tok, [messages], max_new_tokens, temperature, top_p, seed + len(messages),
-                interventions, caps)
+                model,
+                tok,
+                [messages],
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed + len(messages),
+                interventions,
+                caps,
+            )
             if interventions or caps:  # gauge the turn as the plain model reads it
                 acts = pv.read_answers(model, [prompt], outs)
             reply = tok.decode(outs[0])
@@ -141,8 +174,16 @@ def chat(model_name: str = DEFAULT_MODEL, steer: list[str] = (), cap: list[str] 
             turn = sum(m["role"] == "assistant" for m in messages)
             for g in meters:
                 reading = g.read(acts)
-                history.append(dict(turn=turn, trait=g.trait, layer=g.layer, steer=list(steer),
-                                    cap=list(cap), **reading))
+                history.append(
+                    dict(
+                        turn=turn,
+                        trait=g.trait,
+                        layer=g.layer,
+                        steer=list(steer),
+                        cap=list(cap),
+                        **reading,
+                    )
+                )
                 say(show(g, reading))
     except KeyboardInterrupt:  # Ctrl-C: the conversation is kept, as at the end of input
         if messages and messages[-1]["role"] == "user":
@@ -186,28 +227,57 @@ def save_conversation(path: Path, messages: list[dict]) -> None:
 
 def add_commands(sub) -> None:
     """Register `chat` on the command line's subparsers (python -m apps)."""
-    c = sub.add_parser("chat", help="multi-turn chat, optionally steered or capped, with a persona "
-                       "gauge after each reply")
+    c = sub.add_parser(
+        "chat",
+        help="multi-turn chat, optionally steered or capped, with a persona gauge after each reply",
+    )
     c.add_argument("--model", default=DEFAULT_MODEL, help=pv.MODEL_HELP)
     c.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF", help=pv.STEER_HELP)
     c.add_argument("--cap", action="append", default=[], metavar=pv.CAP_SPEC, help=pv.CAP_HELP)
-    c.add_argument("--layer", type=cli.layer_or_sweep, default=None,
-                   help="steering and gauge layer: " + pv.LAYER_HELP)
-    c.add_argument("--gauge", action="append", default=None, metavar="TRAIT",
-                   help="trait (or vector file) to gauge; repeatable (default: every vector of the model)")
+    c.add_argument(
+        "--layer",
+        type=cli.layer_or_sweep,
+        default=None,
+        help="steering and gauge layer: " + pv.LAYER_HELP,
+    )
+    c.add_argument(
+        "--gauge",
+        action="append",
+        default=None,
+        metavar="TRAIT",
+        help="trait (or vector file) to gauge; repeatable (default: every vector of the model)",
+    )
     c.add_argument("--vectors", default=None, help=pv.VECTORS_HELP)
-    c.add_argument("--system", default=None,
-                   help="system prompt (default: the model's own template decides)")
+    c.add_argument(
+        "--system", default=None, help="system prompt (default: the model's own template decides)"
+    )
     c.add_argument("--max-new-tokens", type=cli.MAX_NEW_TOKENS, default=200)
     c.add_argument("--temperature", type=cli.TEMPERATURE, default=0.0, help="0 = greedy (default)")
     c.add_argument("--top-p", type=cli.TOP_P, default=1.0)
     c.add_argument("--seed", type=cli.SEED, default=0)
-    c.add_argument("--save", type=cli.APPEND_FILE, default=None,
-                   help="append the conversation to this JSONL file at the end")
+    c.add_argument(
+        "--save",
+        type=cli.APPEND_FILE,
+        default=None,
+        help="append the conversation to this JSONL file at the end",
+    )
     c.add_argument("--device", default=None, help=pv.DEVICE_HELP)
     c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=pv.DTYPE_HELP)
-    c.set_defaults(run=lambda a: chat(
-        model_name=a.model, steer=a.steer, cap=a.cap, layer=a.layer, gauges=a.gauge,
-        vectors=a.vectors, system=a.system, max_new_tokens=a.max_new_tokens,
-        temperature=a.temperature, top_p=a.top_p, seed=a.seed, save=a.save, device=a.device,
-        dtype=a.dtype))
+    c.set_defaults(
+        run=lambda a: chat(
+            model_name=a.model,
+            steer=a.steer,
+            cap=a.cap,
+            layer=a.layer,
+            gauges=a.gauge,
+            vectors=a.vectors,
+            system=a.system,
+            max_new_tokens=a.max_new_tokens,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            seed=a.seed,
+            save=a.save,
+            device=a.device,
+            dtype=a.dtype,
+        )
+    )

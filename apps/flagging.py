@@ -18,6 +18,7 @@ its results written atomically to OUT/.work/; a rerun skips finished chunks (res
 `--shard I/N` (or torchrun's RANK/WORLD_SIZE) gives process I the chunks c with c % N == I. The process that
 finishes last writes the outputs; `flag-merge` does the same by hand.
 """
+
 import csv
 import hashlib
 import json
@@ -34,8 +35,19 @@ import torch
 import model as M
 import persona_vectors as pv
 from support import UserError, checkpoint, cli
-from support.files import (assistant_turns, atomic_write, check_fits, check_output, check_writable, default_vectors_dir,
-                           load_vector, locked, made_dirs, traits_in, vector_file)
+from support.files import (
+    assistant_turns,
+    atomic_write,
+    check_fits,
+    check_output,
+    check_writable,
+    default_vectors_dir,
+    load_vector,
+    locked,
+    made_dirs,
+    traits_in,
+    vector_file,
+)
 from support.hub import DEFAULT_MODEL
 from support.plots import pyplot, save_figure
 from support.sampling import settings_hash
@@ -45,9 +57,18 @@ NOT_JSON = "not JSON"
 
 
 @torch.no_grad()
-def measure(model: M.Transformer, prompts: list[list[int]], responses: list[list[int]], stop_ids, pad_id: int,
-            max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, samples: int = 1,
-            seed: int = 0) -> dict:
+def measure(
+    model: M.Transformer,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    stop_ids,
+    pad_id: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    samples: int = 1,
+    seed: int = 0,
+) -> dict:
     """One batch -> mean activations at every hidden index, [B, N + 1, hidden] each:
 
     "response": over y (one forward pass over prompt + y); "base": over the base model's response y', captured
@@ -57,22 +78,38 @@ def measure(model: M.Transformer, prompts: list[list[int]], responses: list[list
     device = model.lm_head.weight.device
     B = len(prompts)
     ids, mask = M.left_pad([p + r for p, r in zip(prompts, responses)], pad_id)
-    start = torch.tensor([ids.shape[1] - len(r) for r in responses], device=device)  # column where each y begins
+    start = torch.tensor(
+        [ids.shape[1] - len(r) for r in responses], device=device
+    )  # column where each y begins
     cap = M.Capture()
     model(ids.to(device), mask.to(device), answer_start=start, capture=cap, logits="none")
     gen = M.Capture()
-    outs = M.generate(model, [p for p in prompts for _ in range(samples)], max_new_tokens, stop_ids=stop_ids,
-                      pad_id=pad_id, temperature=temperature, top_p=top_p, seed=seed, capture=gen)
+    outs = M.generate(
+        model,
+        [p for p in prompts for _ in range(samples)],
+        max_new_tokens,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        capture=gen,
+    )
     n = torch.tensor([len(o) for o in outs], dtype=torch.float32, device=device).view(B, samples)
-    means = gen.answer_mean()  # [B * K, N + 1, hidden], the K responses of a prompt next to each other
+    means = (
+        gen.answer_mean()
+    )  # [B * K, N + 1, hidden], the K responses of a prompt next to each other
     per_sample = means.view(B, samples, *means.shape[1:])  # [B, K, N + 1, hidden]
     w = (n > 0).float()[..., None, None]  # an empty y' has no mean: left out of the average
     base = (per_sample * w).sum(1) / w.sum(1)  # 0 / 0 = NaN where all K were empty
-    return dict(response=cap.answer_mean(), base=base, prompt_last=cap.prompt_last(), base_tokens=n.mean(1))
+    return dict(
+        response=cap.answer_mean(), base=base, prompt_last=cap.prompt_last(), base_tokens=n.mean(1)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Inputs: samples from JSONL lines, and the vectors to project on.
+
 
 def parse_sample(raw: bytes, tok, max_tokens: int) -> tuple[list[int], list[int]] | str:
     """A JSONL line -> (prompt ids, response ids), or the reason it is skipped.
@@ -100,6 +137,7 @@ def parse_sample(raw: bytes, tok, max_tokens: int) -> tuple[list[int], list[int]
 @dataclass
 class Probe:
     """One trait's unit vector at the layer its projections are read from."""
+
     trait: str
     path: Path
     layer: int
@@ -109,21 +147,35 @@ class Probe:
     sha: str  # of the file: a re-extracted vector invalidates finished chunks
 
 
-def load_probes(traits: list[str], vectors_dir: Path, layer: int | None, model_name: str) -> list[Probe]:
+def load_probes(
+    traits: list[str], vectors_dir: Path, layer: int | None, model_name: str
+) -> list[Probe]:
     """Each trait's vector (a name in vectors_dir or a .safetensors path) at `layer`, else its best layer, else
     the middle one."""
     probes = []
     for t in traits:
         path = vector_file(t, vectors_dir, check=False)
         if not path.is_file():
-            raise UserError(f"no {t} vector ({path} does not exist): run `python persona_vectors.py extract {t} "
-                            f"--model {model_name}` first, or pass --vectors DIR" if not t.endswith(".safetensors")
-                            else f"{path} does not exist")
+            raise UserError(
+                f"no {t} vector ({path} does not exist): run `python persona_vectors.py extract {t} "
+                f"--model {model_name}` first, or pass --vectors DIR"
+                if not t.endswith(".safetensors")
+                else f"{path} does not exist"
+            )
         vec, meta = load_vector(path)
         L = pv.resolve_layer(layer, meta, vec.shape[0] - 1, path)
         name = meta.get("trait", path.stem) if t.endswith(".safetensors") else t
-        probes.append(Probe(name, path, L, pv.unit(vec[L]), vec, meta,
-                            hashlib.sha256(path.read_bytes()).hexdigest()))
+        probes.append(
+            Probe(
+                name,
+                path,
+                L,
+                pv.unit(vec[L]),
+                vec,
+                meta,
+                hashlib.sha256(path.read_bytes()).hexdigest(),
+            )
+        )
     if len({p.trait for p in probes}) < len(probes):
         raise UserError(f"a trait is given twice: {', '.join(p.trait for p in probes)}")
     return probes
@@ -155,9 +207,11 @@ def read_chunks(path: Path, size: int):
 # ---------------------------------------------------------------------------------------------------------------
 # Scoring: chunks of lines -> rows, written atomically to the work directory.
 
+
 @dataclass(frozen=True)
 class Settings:
     """What the numbers depend on (hashed into the work directory's name; batch size and device are not)."""
+
     model: str
     dtype: str | None
     base_temperature: float
@@ -173,8 +227,13 @@ def work_key(src: Path, settings: Settings, probes: list[Probe]) -> dict:
     """What a file's chunks depend on: the settings, the file as it is now, the vectors (hashed into the work
     directory's name, and written into every chunk so that other settings can be told apart)."""
     st = src.stat()
-    key = dict(settings=asdict(settings), file=str(src.resolve()), size=st.st_size, mtime=st.st_mtime_ns,
-               vectors=[(p.trait, p.sha, p.layer) for p in probes])
+    key = dict(
+        settings=asdict(settings),
+        file=str(src.resolve()),
+        size=st.st_size,
+        mtime=st.st_mtime_ns,
+        vectors=[(p.trait, p.sha, p.layer) for p in probes],
+    )
     return json.loads(json.dumps(key))  # as read back from a chunk (tuples become lists)
 
 
@@ -190,8 +249,17 @@ def _num(x: float) -> float | None:
     return round(x, 5) if math.isfinite(x) else None
 
 
-def score_chunk(model, tok, probes: list[Probe], lines: list[bytes], first_line: int, s: Settings, batch_size: int,
-                chunk: int, progress: str = "") -> tuple[list[dict], dict]:
+def score_chunk(
+    model,
+    tok,
+    probes: list[Probe],
+    lines: list[bytes],
+    first_line: int,
+    s: Settings,
+    batch_size: int,
+    chunk: int,
+    progress: str = "",
+) -> tuple[list[dict], dict]:
     """The rows of one chunk's samples (in line order) and its skipped lines {reason: [line numbers]}."""
     samples, skipped = [], {}
     for n, raw in enumerate(lines, start=first_line):
@@ -205,37 +273,65 @@ def score_chunk(model, tok, probes: list[Probe], lines: list[bytes], first_line:
     samples.sort(key=lambda x: len(x[1]) + len(x[2]))  # batches of similar length pad little
     rows, t0 = [], time.time()
     for b in range(0, len(samples), batch_size):
-        batch = samples[b:b + batch_size]
-        acts = measure(model, [x[1] for x in batch], [x[2] for x in batch], tok.stop_ids, tok.pad_id,
-                       s.max_new_tokens, s.base_temperature, s.base_top_p, s.base_samples,
-                       seed=s.seed * 1_000_003 + chunk * 10_007 + b // batch_size)
+        batch = samples[b : b + batch_size]
+        acts = measure(
+            model,
+            [x[1] for x in batch],
+            [x[2] for x in batch],
+            tok.stop_ids,
+            tok.pad_id,
+            s.max_new_tokens,
+            s.base_temperature,
+            s.base_top_p,
+            s.base_samples,
+            seed=s.seed * 1_000_003 + chunk * 10_007 + b // batch_size,
+        )
         cols = {}
         for p in probes:
-            resp, base, last = (acts[k][:, p.layer].cpu() for k in ("response", "base", "prompt_last"))
-            cols[p.trait] = (pv.projection_difference(resp, base, p.unit).tolist(), (resp @ p.unit).tolist(),
-                             (base @ p.unit).tolist(), (last @ p.unit).tolist())
+            resp, base, last = (
+                acts[k][:, p.layer].cpu() for k in ("response", "base", "prompt_last")
+            )
+            cols[p.trait] = (
+                pv.projection_difference(resp, base, p.unit).tolist(),
+                (resp @ p.unit).tolist(),
+                (base @ p.unit).tolist(),
+                (last @ p.unit).tolist(),
+            )
         base_tokens = acts["base_tokens"].tolist()
         for i, (n, prompt, response) in enumerate(batch):
-            row = dict(line=n, prompt_tokens=len(prompt), response_tokens=len(response),
-                       base_tokens=round(base_tokens[i], 2))
+            row = dict(
+                line=n,
+                prompt_tokens=len(prompt),
+                response_tokens=len(response),
+                base_tokens=round(base_tokens[i], 2),
+            )
             for t, (dp, proj, base_proj, last) in cols.items():
-                row |= {f"{t}_delta_p": _num(dp[i]), f"{t}_projection": _num(proj[i]),
-                        f"{t}_base_projection": _num(base_proj[i]), f"{t}_prompt_last": _num(last[i])}
+                row |= {
+                    f"{t}_delta_p": _num(dp[i]),
+                    f"{t}_projection": _num(proj[i]),
+                    f"{t}_base_projection": _num(base_proj[i]),
+                    f"{t}_prompt_last": _num(last[i]),
+                }
             rows.append(row)
         if progress:
             done = b + len(batch)
-            print(f"{progress}: {done}/{len(samples)} samples ({done / (time.time() - t0):.1f}/s)", file=sys.stderr,
-                  flush=True)
+            print(
+                f"{progress}: {done}/{len(samples)} samples ({done / (time.time() - t0):.1f}/s)",
+                file=sys.stderr,
+                flush=True,
+            )
     return sorted(rows, key=lambda r: r["line"]), skipped
 
 
 def write_chunk(path: Path, rows: list[dict], skipped: dict, key: dict) -> None:
     """First line: {"skipped": {reason: [line numbers]}, "key": the work key}; then one row per sample."""
+
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(json.dumps({"skipped": skipped, "key": key}) + "\n")
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+
     atomic_write(path, write)
 
 
@@ -250,6 +346,7 @@ def read_chunk(path: Path):
 @dataclass
 class Job:
     """One input file: its chunks, where they go, and what it is (a data file or the reference)."""
+
     src: Path
     lines: int  # every line, blank or not: chunks are counted in lines
     filled: int  # non-blank lines
@@ -275,37 +372,67 @@ class Job:
                 theirs = json.loads(f.readline()).get("key")
             if not theirs or theirs["file"] != self.key["file"]:
                 continue  # another file of the same name, or a chunk from before keys were written
-            a, b = (k["settings"] | {n: v for n, v in k.items() if n != "settings"} for k in (theirs, self.key))
-            words = {"size": "the file changed since", "mtime": "the file changed since",
-                     "vectors": "the vectors (traits, files or layers)"}
-            return ", ".join(dict.fromkeys(words.get(n, f"{n} {a.get(n)} there, {b[n]} here")
-                                           for n in b if a.get(n) != b[n]))
+            a, b = (
+                k["settings"] | {n: v for n, v in k.items() if n != "settings"}
+                for k in (theirs, self.key)
+            )
+            words = {
+                "size": "the file changed since",
+                "mtime": "the file changed since",
+                "vectors": "the vectors (traits, files or layers)",
+            }
+            return ", ".join(
+                dict.fromkeys(
+                    words.get(n, f"{n} {a.get(n)} there, {b[n]} here")
+                    for n in b
+                    if a.get(n) != b[n]
+                )
+            )
         return None
 
 
-def score_job(model, tok, probes, job: Job, s: Settings, batch_size: int, shard: tuple[int, int]) -> None:
+def score_job(
+    model, tok, probes, job: Job, s: Settings, batch_size: int, shard: tuple[int, int]
+) -> None:
     """Score this shard's unfinished chunks of one file, each saved as it finishes."""
     mine = [c for c in job.missing() if c % shard[1] == shard[0]]
     if not mine:
         return
     todo, t0, done = set(mine), time.time(), 0
     name = job.src.name + (f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else "")
-    print(f"flag {name}: {len(mine)} of {job.n_chunks} chunks to score ({job.n_chunks - len(job.missing())} "
-          f"already done)", file=sys.stderr)
+    print(
+        f"flag {name}: {len(mine)} of {job.n_chunks} chunks to score ({job.n_chunks - len(job.missing())} "
+        f"already done)",
+        file=sys.stderr,
+    )
     for c, lines in read_chunks(job.src, s.chunk_size):
         if c not in todo:
             continue
-        rows, skipped = score_chunk(model, tok, probes, lines, c * s.chunk_size + 1, s, batch_size, c,
-                                    progress=f"flag {name}: chunk {c + 1}/{job.n_chunks}")
+        rows, skipped = score_chunk(
+            model,
+            tok,
+            probes,
+            lines,
+            c * s.chunk_size + 1,
+            s,
+            batch_size,
+            c,
+            progress=f"flag {name}: chunk {c + 1}/{job.n_chunks}",
+        )
         write_chunk(chunk_path(job.work, c), rows, skipped, job.key)
         done += 1
         rate = (time.time() - t0) / done
-        print(f"flag {name}: chunk {c + 1}/{job.n_chunks} saved ({done}/{len(mine)} of this run, about "
-              f"{rate * (len(mine) - done):.0f} s left)", file=sys.stderr, flush=True)
+        print(
+            f"flag {name}: chunk {c + 1}/{job.n_chunks} saved ({done}/{len(mine)} of this run, about "
+            f"{rate * (len(mine) - done):.0f} s left)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Results: per-sample files, a summary per dataset, histograms, and the selection.
+
 
 def summarize(values: np.ndarray) -> dict:
     """Mean with a 95 % interval (normal approximation) and quantiles of the finite values.
@@ -318,8 +445,12 @@ def summarize(values: np.ndarray) -> dict:
         return dict(n=0)
     m, se = float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
     q = np.quantile(v, [0.05, 0.25, 0.5, 0.75, 0.95])
-    return dict(n=int(len(v)), mean=m, ci95=[m - 1.96 * se, m + 1.96 * se],
-                **{f"q{int(p * 100):02d}": float(x) for p, x in zip((0.05, 0.25, 0.5, 0.75, 0.95), q)})
+    return dict(
+        n=int(len(v)),
+        mean=m,
+        ci95=[m - 1.96 * se, m + 1.96 * se],
+        **{f"q{int(p * 100):02d}": float(x) for p, x in zip((0.05, 0.25, 0.5, 0.75, 0.95), q)},
+    )
 
 
 def collect(job: Job, traits: list[str]) -> dict:
@@ -333,13 +464,19 @@ def collect(job: Job, traits: list[str]) -> dict:
             entry["first_lines"] = (entry["first_lines"] + ns)[:5]
         lines += [r["line"] for r in rows]
         for t in traits:
-            dp[t] += [float("nan") if r[f"{t}_delta_p"] is None else r[f"{t}_delta_p"] for r in rows]
-    return dict(lines=np.array(lines, dtype=np.int64), dp={t: np.array(v, dtype=np.float64) for t, v in dp.items()},
-                skipped=skipped)
+            dp[t] += [
+                float("nan") if r[f"{t}_delta_p"] is None else r[f"{t}_delta_p"] for r in rows
+            ]
+    return dict(
+        lines=np.array(lines, dtype=np.int64),
+        dp={t: np.array(v, dtype=np.float64) for t, v in dp.items()},
+        skipped=skipped,
+    )
 
 
 def write_rows(job: Job, dest: Path, fmt: str, columns: list[str], extra) -> None:
     """The per-sample file, streamed from the chunk files; extra(row) adds columns (the reference flags)."""
+
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, columns, extrasaction="ignore") if fmt == "csv" else None
@@ -349,10 +486,13 @@ def write_rows(job: Job, dest: Path, fmt: str, columns: list[str], extra) -> Non
                 for r in read_chunk(chunk_path(job.work, c))[1]:
                     r |= extra(r)
                     w.writerow(r) if w else f.write(json.dumps(r) + "\n")
+
     atomic_write(dest, write)
 
 
-def choose(select: str, k: int | None, dp: np.ndarray, threshold: float | None, seed: int) -> np.ndarray:
+def choose(
+    select: str, k: int | None, dp: np.ndarray, threshold: float | None, seed: int
+) -> np.ndarray:
     """Indices into dp of the selected samples: the k highest, k lowest, k at random (seeded), or those above the
     reference threshold (the k highest of them when k is given). NaN (no base response) is never chosen."""
     ok = np.flatnonzero(np.isfinite(dp))
@@ -360,7 +500,9 @@ def choose(select: str, k: int | None, dp: np.ndarray, threshold: float | None, 
         ok = ok[dp[ok] > threshold]
         select, k = "top", min(k or len(ok), len(ok))
     if k > len(ok):
-        raise UserError(f"--k {k} but only {len(ok)} samples have a ΔP: choose --k {len(ok)} or less")
+        raise UserError(
+            f"--k {k} but only {len(ok)} samples have a ΔP: choose --k {len(ok)} or less"
+        )
     if select == "random":
         return np.sort(np.random.default_rng(seed).choice(ok, size=k, replace=False))
     order = np.argsort(-dp[ok] if select == "top" else dp[ok], kind="stable")
@@ -369,6 +511,7 @@ def choose(select: str, k: int | None, dp: np.ndarray, threshold: float | None, 
 
 def write_selection(dest: Path, chosen: dict[Path, set[int]]) -> None:
     """The chosen lines of each file, byte for byte, in file and line order."""
+
     def write(tmp):
         with open(tmp, "wb") as o:
             for src, lines in chosen.items():
@@ -376,11 +519,16 @@ def write_selection(dest: Path, chosen: dict[Path, set[int]]) -> None:
                     for n, raw in enumerate(f, start=1):
                         if n in lines:
                             o.write(raw if raw.endswith(b"\n") else raw + b"\n")
+
     atomic_write(dest, write)
 
 
-def plot_histograms(values: dict[str, dict[str, np.ndarray]], probes: list[Probe], out: Path,
-                    thresholds: dict[str, float]) -> list[Path]:
+def plot_histograms(
+    values: dict[str, dict[str, np.ndarray]],
+    probes: list[Probe],
+    out: Path,
+    thresholds: dict[str, float],
+) -> list[Path]:
     """One PNG per trait: the ΔP histogram of each file, overlaid (like the paper's Figure 9)."""
     plt = pyplot()
     if plt is None:
@@ -392,10 +540,17 @@ def plot_histograms(values: dict[str, dict[str, np.ndarray]], probes: list[Probe
         allv = np.concatenate([v for v in finite.values() if len(v)] or [np.zeros(1)])
         bins = np.linspace(allv.min(), allv.max() + 1e-9, 40)
         for name, v in finite.items():
-            ax.hist(v, bins=bins, alpha=0.5, density=True, label=f"{name} (n={len(v)}, mean {v.mean():+.2f})"
-                    if len(v) else name)
+            ax.hist(
+                v,
+                bins=bins,
+                alpha=0.5,
+                density=True,
+                label=f"{name} (n={len(v)}, mean {v.mean():+.2f})" if len(v) else name,
+            )
         if p.trait in thresholds:
-            ax.axvline(thresholds[p.trait], color="k", linestyle="--", label="reference 95th percentile")
+            ax.axvline(
+                thresholds[p.trait], color="k", linestyle="--", label="reference 95th percentile"
+            )
         ax.set_xlabel(f"ΔP on {p.trait}, layer {p.layer}")
         ax.set_ylabel("density")
         paths.append(save_figure(plt, fig, ax, out / f"flag_{p.trait}.png"))
@@ -403,46 +558,88 @@ def plot_histograms(values: dict[str, dict[str, np.ndarray]], probes: list[Probe
 
 
 def _describe_skipped(skipped: dict) -> str:
-    return "; ".join(f"{v['count']} {k} (line{'s' if v['count'] > 1 else ''} "
-                     f"{', '.join(map(str, v['first_lines']))}{', ...' if v['count'] > 5 else ''})"
-                     for k, v in skipped.items())
+    return "; ".join(
+        f"{v['count']} {k} (line{'s' if v['count'] > 1 else ''} "
+        f"{', '.join(map(str, v['first_lines']))}{', ...' if v['count'] > 5 else ''})"
+        for k, v in skipped.items()
+    )
 
 
-def finish(jobs: list[Job], probes: list[Probe], out: Path, fmt: str, select: str | None, k: int | None,
-           select_out: Path | None, select_trait: str, seed: int, model_name: str) -> dict:
+def finish(
+    jobs: list[Job],
+    probes: list[Probe],
+    out: Path,
+    fmt: str,
+    select: str | None,
+    k: int | None,
+    select_out: Path | None,
+    select_trait: str,
+    seed: int,
+    model_name: str,
+) -> dict:
     """All chunks are done: check the selection first, then write every output (each atomically)."""
     traits = [p.trait for p in probes]
     print(f"flag: every chunk is scored; writing the outputs to {out}", file=sys.stderr)
     got = {job.src: collect(job, traits) for job in jobs}
     for job in jobs:
         if len(got[job.src]["lines"]) == 0:
-            raise UserError(f"{job.src}: no line could be scored ({_describe_skipped(got[job.src]['skipped'])}); "
-                            'each line needs {"messages": [...]} ending in an assistant turn')
+            raise UserError(
+                f"{job.src}: no line could be scored ({_describe_skipped(got[job.src]['skipped'])}); "
+                'each line needs {"messages": [...]} ending in an assistant turn'
+            )
     ref = next((j for j in jobs if j.reference), None)
-    thresholds = {t: float(np.nanquantile(got[ref.src]["dp"][t], 0.95)) for t in traits} if ref else {}
+    thresholds = (
+        {t: float(np.nanquantile(got[ref.src]["dp"][t], 0.95)) for t in traits} if ref else {}
+    )
     data = [j for j in jobs if not j.reference]
     chosen = None
     if select:
         dp = np.concatenate([got[j.src]["dp"][select_trait] for j in data])
-        starts = np.cumsum([0] + [len(got[j.src]["lines"]) for j in data])  # file i holds dp[starts[i]:starts[i+1]]
+        starts = np.cumsum(
+            [0] + [len(got[j.src]["lines"]) for j in data]
+        )  # file i holds dp[starts[i]:starts[i+1]]
         idx = choose(select, k, dp, thresholds.get(select_trait), seed)
-        chosen = {j.src: set(got[j.src]["lines"][idx[(idx >= a) & (idx < b)] - a].tolist())
-                  for j, a, b in zip(data, starts[:-1], starts[1:])}
+        chosen = {
+            j.src: set(got[j.src]["lines"][idx[(idx >= a) & (idx < b)] - a].tolist())
+            for j, a, b in zip(data, starts[:-1], starts[1:])
+        }
 
     columns = ["line", "prompt_tokens", "response_tokens", "base_tokens"]
-    columns += [f"{t}_{c}" for t in traits for c in ("delta_p", "projection", "base_projection", "prompt_last")]
+    columns += [
+        f"{t}_{c}"
+        for t in traits
+        for c in ("delta_p", "projection", "base_projection", "prompt_last")
+    ]
     columns += [f"{t}_above_reference" for t in thresholds]
-    outputs, summary = {}, dict(model=model_name, traits={p.trait: dict(layer=p.layer, vector=str(p.path))
-                                                          for p in probes}, files={})
+    outputs, summary = (
+        {},
+        dict(
+            model=model_name,
+            traits={p.trait: dict(layer=p.layer, vector=str(p.path)) for p in probes},
+            files={},
+        ),
+    )
     for job in jobs:
         g = got[job.src]
         dest = out / f"{job.src.stem}.flag.{fmt}"
-        write_rows(job, dest, fmt, columns, lambda r: {
-            f"{t}_above_reference": None if r[f"{t}_delta_p"] is None else r[f"{t}_delta_p"] > x
-            for t, x in thresholds.items()})
+        write_rows(
+            job,
+            dest,
+            fmt,
+            columns,
+            lambda r: {
+                f"{t}_above_reference": None if r[f"{t}_delta_p"] is None else r[f"{t}_delta_p"] > x
+                for t, x in thresholds.items()
+            },
+        )
         outputs[str(job.src)] = dest
-        entry = dict(per_sample=str(dest), reference=job.reference, scored=int(len(g["lines"])),
-                     skipped=g["skipped"], traits={})
+        entry = dict(
+            per_sample=str(dest),
+            reference=job.reference,
+            scored=int(len(g["lines"])),
+            skipped=g["skipped"],
+            traits={},
+        )
         for t in traits:
             entry["traits"][t] = summarize(g["dp"][t])
             entry["traits"][t]["no_base_response"] = int(np.isnan(g["dp"][t]).sum())
@@ -454,37 +651,67 @@ def finish(jobs: list[Job], probes: list[Probe], out: Path, fmt: str, select: st
         summary["reference_95th_percentile"] = thresholds
     if chosen is not None:
         write_selection(select_out, chosen)
-        summary["selection"] = dict(select=select, k=k, trait=select_trait, file=str(select_out),
-                                    n=sum(len(v) for v in chosen.values()))
+        summary["selection"] = dict(
+            select=select,
+            k=k,
+            trait=select_trait,
+            file=str(select_out),
+            n=sum(len(v) for v in chosen.values()),
+        )
     summary_path = out / "flag_summary.json"
     atomic_write(summary_path, lambda p: p.write_text(json.dumps(summary, indent=1)))
     plots = plot_histograms({j.src.name: got[j.src]["dp"] for j in jobs}, probes, out, thresholds)
 
     for job in jobs:
         e = summary["files"][str(job.src)]
-        print(f"{job.src}{' (reference)' if job.reference else ''}: {e['scored']} samples scored"
-              + (f"; skipped {_describe_skipped(e['skipped'])}" if e["skipped"] else ""), file=sys.stderr)
+        print(
+            f"{job.src}{' (reference)' if job.reference else ''}: {e['scored']} samples scored"
+            + (f"; skipped {_describe_skipped(e['skipped'])}" if e["skipped"] else ""),
+            file=sys.stderr,
+        )
         for t, r in e["traits"].items():
             if r["n"] == 0:
                 print(f"  {t}: no sample has a base response", file=sys.stderr)
                 continue
-            print(f"  {t} (layer {summary['traits'][t]['layer']}): ΔP mean {r['mean']:+.3f} [{r['ci95'][0]:+.3f}, "
-                  f"{r['ci95'][1]:+.3f}], quantiles 5/25/50/75/95 % {r['q05']:+.2f} {r['q25']:+.2f} {r['q50']:+.2f} "
-                  f"{r['q75']:+.2f} {r['q95']:+.2f}" + (f"; {100 * r['above_reference']:.1f} % above the reference's "
-                                                        f"95th percentile" if "above_reference" in r else "")
-                  + (f"; {r['no_base_response']} without a base response" if r["no_base_response"] else ""),
-                  file=sys.stderr)
+            print(
+                f"  {t} (layer {summary['traits'][t]['layer']}): ΔP mean {r['mean']:+.3f} [{r['ci95'][0]:+.3f}, "
+                f"{r['ci95'][1]:+.3f}], quantiles 5/25/50/75/95 % {r['q05']:+.2f} {r['q25']:+.2f} {r['q50']:+.2f} "
+                f"{r['q75']:+.2f} {r['q95']:+.2f}"
+                + (
+                    f"; {100 * r['above_reference']:.1f} % above the reference's 95th percentile"
+                    if "above_reference" in r
+                    else ""
+                )
+                + (
+                    f"; {r['no_base_response']} without a base response"
+                    if r["no_base_response"]
+                    else ""
+                ),
+                file=sys.stderr,
+            )
     if chosen is not None:
-        print(f"selected {summary['selection']['n']} samples ({select} on {select_trait}) -> {select_out}",
-              file=sys.stderr)
-    print(f"wrote {', '.join(str(p) for p in outputs.values())}, {summary_path}"
-          + "".join(f", {p}" for p in plots), file=sys.stderr)
-    return dict(complete=True, outputs=outputs, summary=summary_path, plots=plots, selection=select_out if chosen
-                else None, stats=summary)
+        print(
+            f"selected {summary['selection']['n']} samples ({select} on {select_trait}) -> {select_out}",
+            file=sys.stderr,
+        )
+    print(
+        f"wrote {', '.join(str(p) for p in outputs.values())}, {summary_path}"
+        + "".join(f", {p}" for p in plots),
+        file=sys.stderr,
+    )
+    return dict(
+        complete=True,
+        outputs=outputs,
+        summary=summary_path,
+        plots=plots,
+        selection=select_out if chosen else None,
+        stats=summary,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The commands.
+
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
     """'I/N' (0 <= I < N), else torchrun's RANK/WORLD_SIZE, else (0, 1).
@@ -504,20 +731,40 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
 def own_outputs(jobs: list, probes: list[Probe], out_dir: Path, fmt: str) -> dict[Path, str]:
     """The files every flag run writes -> what each is: a per-sample file per input, the summary, a
     histogram per trait."""
-    outputs = {out_dir / f"{j.src.stem}.flag.{fmt}": f"the per-sample file of {j.src}"
-               for j in jobs}
+    outputs = {
+        out_dir / f"{j.src.stem}.flag.{fmt}": f"the per-sample file of {j.src}" for j in jobs
+    }
     outputs[out_dir / "flag_summary.json"] = "the summary"
     return outputs | {out_dir / f"flag_{p.trait}.png": f"the {p.trait} histogram" for p in probes}
 
 
-def flag(files: list[str], traits: list[str] | None = None, model_name: str = DEFAULT_MODEL,
-         layer: int | None = None, base_temperature: float = 0.0, base_top_p: float = 1.0, base_samples: int = 1,
-         max_new_tokens: int = 200, max_tokens: int = 2048, out: str | None = None, fmt: str = "csv",
-         select: str | None = None, k: int | None = None, select_out: str | None = None,
-         select_trait: str | None = None, reference: str | None = None, shard: str | None = None,
-         batch_size: int | None = None, chunk_size: int = 1024, seed: int = 0, vectors: str | None = None,
-         device: str | None = None, dtype: torch.dtype | str | None = None, merge_only: bool = False,
-         force: bool = False) -> dict:
+def flag(
+    files: list[str],
+    traits: list[str] | None = None,
+    model_name: str = DEFAULT_MODEL,
+    layer: int | None = None,
+    base_temperature: float = 0.0,
+    base_top_p: float = 1.0,
+    base_samples: int = 1,
+    max_new_tokens: int = 200,
+    max_tokens: int = 2048,
+    out: str | None = None,
+    fmt: str = "csv",
+    select: str | None = None,
+    k: int | None = None,
+    select_out: str | None = None,
+    select_trait: str | None = None,
+    reference: str | None = None,
+    shard: str | None = None,
+    batch_size: int | None = None,
+    chunk_size: int = 1024,
+    seed: int = 0,
+    vectors: str | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    merge_only: bool = False,
+    force: bool = False,
+) -> dict:
     """ΔP, raw projection and prompt-last projection of every sample of JSONL files ({"messages": [...]} per line)
     on each trait's vector -> per-sample files, a summary per file, histograms, and optionally a selection.
 
@@ -535,11 +782,22 @@ def flag(files: list[str], traits: list[str] | None = None, model_name: str = DE
             raise UserError(f"{src} does not exist")
     stems = [s.stem for s in srcs + ([Path(reference)] if reference else [])]
     if len(set(stems)) < len(stems):
-        raise UserError(f"two inputs share a name ({', '.join(stems)}): their outputs would collide; rename one")
-    if base_samples < 1 or max_new_tokens < 1 or chunk_size < 1 or (batch_size is not None and batch_size < 1):
-        raise UserError("--base-samples, --max-new-tokens, --chunk-size and --batch-size must be at least 1")
+        raise UserError(
+            f"two inputs share a name ({', '.join(stems)}): their outputs would collide; rename one"
+        )
+    if (
+        base_samples < 1
+        or max_new_tokens < 1
+        or chunk_size < 1
+        or (batch_size is not None and batch_size < 1)
+    ):
+        raise UserError(
+            "--base-samples, --max-new-tokens, --chunk-size and --batch-size must be at least 1"
+        )
     if base_samples > 1 and base_temperature == 0:
-        raise UserError("--base-samples > 1 needs --base-temperature > 0: greedy responses are all the same")
+        raise UserError(
+            "--base-samples > 1 needs --base-temperature > 0: greedy responses are all the same"
+        )
     if select not in (None,) + SELECT:
         raise UserError(f"--select must be one of {', '.join(SELECT)}")
     if select in ("top", "bottom", "random") and (k is None or k < 1):
@@ -556,18 +814,32 @@ def flag(files: list[str], traits: list[str] | None = None, model_name: str = DE
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
     traits = list(traits or traits_in(vectors_dir))
     if not traits:
-        raise UserError(f"no vectors in {vectors_dir}: run `python persona_vectors.py extract TRAIT` first, or pass "
-                        "--trait and --vectors DIR")
+        raise UserError(
+            f"no vectors in {vectors_dir}: run `python persona_vectors.py extract TRAIT` first, or pass "
+            "--trait and --vectors DIR"
+        )
     probes = load_probes(traits, vectors_dir, layer, model_name)
     select_trait = select_trait or probes[0].trait
     if select and select_trait not in [p.trait for p in probes]:
-        raise UserError(f"--select-trait {select_trait} is not among the traits ({', '.join(p.trait for p in probes)})")
+        raise UserError(
+            f"--select-trait {select_trait} is not among the traits ({', '.join(p.trait for p in probes)})"
+        )
 
-    settings = Settings(model_name, str(dtype).removeprefix("torch.") if dtype else None, float(base_temperature),
-                        float(base_top_p), int(base_samples), int(max_new_tokens), int(max_tokens), int(chunk_size),
-                        int(seed))
+    settings = Settings(
+        model_name,
+        str(dtype).removeprefix("torch.") if dtype else None,
+        float(base_temperature),
+        float(base_top_p),
+        int(base_samples),
+        int(max_new_tokens),
+        int(max_tokens),
+        int(chunk_size),
+        int(seed),
+    )
     jobs = []
-    for src, is_ref in [(s, False) for s in srcs] + ([(Path(reference), True)] if reference else []):
+    for src, is_ref in [(s, False) for s in srcs] + (
+        [(Path(reference), True)] if reference else []
+    ):
         n, filled = count_lines(src)
         if filled == 0:
             raise UserError(f"{src} is empty: nothing to flag")
@@ -576,8 +848,10 @@ def flag(files: list[str], traits: list[str] | None = None, model_name: str = DE
     if select in ("top", "bottom", "random"):
         available = sum(j.filled for j in jobs if not j.reference)
         if k > available:
-            raise UserError(f"--k {k} but the data has only {available} non-blank lines: choose --k {available} "
-                            "or less")
+            raise UserError(
+                f"--k {k} but the data has only {available} non-blank lines: choose --k {available} "
+                "or less"
+            )
 
     # The folders this run makes (out_dir, its work folders, --select-out's) go again if it fails
     # while they are empty.
@@ -587,21 +861,41 @@ def flag(files: list[str], traits: list[str] | None = None, model_name: str = DE
         for i, dest in enumerate(outputs):  # rewritten by every run, but never over an input
             check_output(dest, force=True, inputs=inputs, taken=dict(list(outputs.items())[:i]))
         if select:  # nor over another output of this run, whatever --force says
-            check_output(sel_path, force=force or not select_out, inputs=inputs,
-                         option="--select-out", taken={out_dir: "the output folder"} | outputs)
+            check_output(
+                sel_path,
+                force=force or not select_out,
+                inputs=inputs,
+                option="--select-out",
+                taken={out_dir: "the output folder"} | outputs,
+            )
         if not merge_only and any(j.missing() for j in jobs):
             if isinstance(dtype, str):
                 dtype = getattr(torch, dtype)
-            if device is None and shard is None and shard_n > 1 and torch.cuda.is_available():  # a torchrun rank
+            if (
+                device is None and shard is None and shard_n > 1 and torch.cuda.is_available()
+            ):  # a torchrun rank
                 device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
             model, tok = checkpoint.load(model_name, device, dtype)
             for p in probes:
-                check_fits(p.vector, p.meta, p.path, model.config.num_hidden_layers, model.config.hidden_size, model)
+                check_fits(
+                    p.vector,
+                    p.meta,
+                    p.path,
+                    model.config.num_hidden_layers,
+                    model.config.hidden_size,
+                    model,
+                )
             bs = batch_size or (64 if model.lm_head.weight.device.type == "cuda" else 16)
-            print(f"flag: {', '.join(f'{p.trait} (layer {p.layer})' for p in probes)}; base responses "
-                  + ("greedy" if base_temperature == 0 else
-                     f"{base_samples} sampled at temperature {base_temperature}")
-                  + f", up to {max_new_tokens} tokens; batches of {bs}", file=sys.stderr)
+            print(
+                f"flag: {', '.join(f'{p.trait} (layer {p.layer})' for p in probes)}; base responses "
+                + (
+                    "greedy"
+                    if base_temperature == 0
+                    else f"{base_samples} sampled at temperature {base_temperature}"
+                )
+                + f", up to {max_new_tokens} tokens; batches of {bs}",
+                file=sys.stderr,
+            )
             for job in jobs:
                 # one run of a shard at a time
                 with locked(job.work, name=f".lock-{shard_i}-of-{shard_n}"):
@@ -609,92 +903,246 @@ def flag(files: list[str], traits: list[str] | None = None, model_name: str = DE
 
         missing = {str(j.src): j.missing() for j in jobs if j.missing()}
         if missing:
-            where = "; ".join(f"{src}: chunks {', '.join(map(str, m[:10]))}{' ...' if len(m) > 10 else ''} of "
-                              f"{next(j.n_chunks for j in jobs if str(j.src) == src)}" for src, m in missing.items())
+            where = "; ".join(
+                f"{src}: chunks {', '.join(map(str, m[:10]))}{' ...' if len(m) > 10 else ''} of "
+                f"{next(j.n_chunks for j in jobs if str(j.src) == src)}"
+                for src, m in missing.items()
+            )
             if merge_only or shard_n == 1:
-                other = [f"{j.src}: {d}" for j in jobs if len(j.missing()) == j.n_chunks and (d := j.other_settings())]
+                other = [
+                    f"{j.src}: {d}"
+                    for j in jobs
+                    if len(j.missing()) == j.n_chunks and (d := j.other_settings())
+                ]
                 if other:
-                    raise UserError(f"{out_dir / '.work'} has chunks made with other settings ({'; '.join(other)}): "
-                                    "run flag-merge with the same arguments as the `flag` run")
-                raise UserError(f"not every chunk is scored yet ({where}): run `flag` with the same arguments "
-                                "(each --shard I/N) until all are done")
-            print(f"flag: shard {shard_i}/{shard_n} done; other shards still have {where}. The last shard to finish "
-                  "writes the outputs (or run `flag-merge` with the same arguments)", file=sys.stderr)
+                    raise UserError(
+                        f"{out_dir / '.work'} has chunks made with other settings ({'; '.join(other)}): "
+                        "run flag-merge with the same arguments as the `flag` run"
+                    )
+                raise UserError(
+                    f"not every chunk is scored yet ({where}): run `flag` with the same arguments "
+                    "(each --shard I/N) until all are done"
+                )
+            print(
+                f"flag: shard {shard_i}/{shard_n} done; other shards still have {where}. The last shard to finish "
+                "writes the outputs (or run `flag-merge` with the same arguments)",
+                file=sys.stderr,
+            )
             return dict(complete=False, missing=missing)
-        return finish(jobs, probes, out_dir, fmt, select, k, sel_path if select else None, select_trait, seed,
-                      model_name)
+        return finish(
+            jobs,
+            probes,
+            out_dir,
+            fmt,
+            select,
+            k,
+            sel_path if select else None,
+            select_trait,
+            seed,
+            model_name,
+        )
 
 
-def flag_merge(files: list[str], traits: list[str] | None = None, model_name: str = DEFAULT_MODEL,
-               layer: int | None = None, base_temperature: float = 0.0, base_top_p: float = 1.0,
-               base_samples: int = 1, max_new_tokens: int = 200, max_tokens: int = 2048, out: str | None = None,
-               fmt: str = "csv", select: str | None = None, k: int | None = None, select_out: str | None = None,
-               select_trait: str | None = None, reference: str | None = None, chunk_size: int = 1024,
-               seed: int = 0, vectors: str | None = None, dtype: torch.dtype | str | None = None,
-               force: bool = False) -> dict:
+def flag_merge(
+    files: list[str],
+    traits: list[str] | None = None,
+    model_name: str = DEFAULT_MODEL,
+    layer: int | None = None,
+    base_temperature: float = 0.0,
+    base_top_p: float = 1.0,
+    base_samples: int = 1,
+    max_new_tokens: int = 200,
+    max_tokens: int = 2048,
+    out: str | None = None,
+    fmt: str = "csv",
+    select: str | None = None,
+    k: int | None = None,
+    select_out: str | None = None,
+    select_trait: str | None = None,
+    reference: str | None = None,
+    chunk_size: int = 1024,
+    seed: int = 0,
+    vectors: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    force: bool = False,
+) -> dict:
     """Write the outputs of a sharded `flag` run from its finished chunks (same arguments as `flag`); loads no
     model."""
-    return flag(files, traits, model_name, layer, base_temperature, base_top_p, base_samples, max_new_tokens,
-                max_tokens, out, fmt, select, k, select_out, select_trait, reference, chunk_size=chunk_size,
-                seed=seed, vectors=vectors, dtype=dtype, merge_only=True, force=force)
+    return flag(
+        files,
+        traits,
+        model_name,
+        layer,
+        base_temperature,
+        base_top_p,
+        base_samples,
+        max_new_tokens,
+        max_tokens,
+        out,
+        fmt,
+        select,
+        k,
+        select_out,
+        select_trait,
+        reference,
+        chunk_size=chunk_size,
+        seed=seed,
+        vectors=vectors,
+        dtype=dtype,
+        merge_only=True,
+        force=force,
+    )
 
 
 def add_commands(sub) -> None:
     """Register `flag` and `flag-merge` on an argparse subparsers object (python -m apps)."""
+
     def shared(sp):  # flag-merge takes flag's arguments, to find the same outputs
-        sp.add_argument("files", nargs="+", type=cli.TEXT_FILE,
-                        help='JSONL files, one {"messages": [...]} per line')
-        sp.add_argument("--trait", action="append", default=None,
-                        help="trait (or vector .safetensors file); repeatable (default: every vector of the model)")
+        sp.add_argument(
+            "files",
+            nargs="+",
+            type=cli.TEXT_FILE,
+            help='JSONL files, one {"messages": [...]} per line',
+        )
+        sp.add_argument(
+            "--trait",
+            action="append",
+            default=None,
+            help="trait (or vector .safetensors file); repeatable (default: every vector of the model)",
+        )
         sp.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local directory")
-        sp.add_argument("--layer", type=cli.layer_or_sweep, default=None,
-                        help=pv.LAYER_HELP)
-        sp.add_argument("--base-temperature", type=cli.TEMPERATURE, default=0.0,
-                        help="0 = greedy base responses (default)")
+        sp.add_argument("--layer", type=cli.layer_or_sweep, default=None, help=pv.LAYER_HELP)
+        sp.add_argument(
+            "--base-temperature",
+            type=cli.TEMPERATURE,
+            default=0.0,
+            help="0 = greedy base responses (default)",
+        )
         sp.add_argument("--base-top-p", type=cli.TOP_P, default=1.0)
-        sp.add_argument("--base-samples", type=cli.COUNT, default=1, help="base responses per prompt, averaged")
-        sp.add_argument("--max-new-tokens", type=cli.MAX_NEW_TOKENS, default=200,
-                        help="length limit of base responses")
-        sp.add_argument("--max-tokens", type=cli.bounded("max_tokens"), default=2048,
-                        help="longer samples (prompt + response) are skipped and counted")
-        sp.add_argument("--out", type=cli.OUTPUT_DIR, default=None,
-                        help="output directory (default: flags/)")
-        sp.add_argument("--format", choices=["csv", "jsonl"], default="csv",
-                        help="per-sample files")
+        sp.add_argument(
+            "--base-samples", type=cli.COUNT, default=1, help="base responses per prompt, averaged"
+        )
+        sp.add_argument(
+            "--max-new-tokens",
+            type=cli.MAX_NEW_TOKENS,
+            default=200,
+            help="length limit of base responses",
+        )
+        sp.add_argument(
+            "--max-tokens",
+            type=cli.bounded("max_tokens"),
+            default=2048,
+            help="longer samples (prompt + response) are skipped and counted",
+        )
+        sp.add_argument(
+            "--out", type=cli.OUTPUT_DIR, default=None, help="output directory (default: flags/)"
+        )
+        sp.add_argument(
+            "--format", choices=["csv", "jsonl"], default="csv", help="per-sample files"
+        )
         sp.add_argument("--select", choices=SELECT, default=None)
         sp.add_argument("--k", type=cli.COUNT, default=None, help="how many samples to select")
-        sp.add_argument("--select-out", type=cli.OUTPUT_FILE, default=None,
-                        help="JSONL of the selected lines, unchanged")
-        sp.add_argument("--force", action="store_true", help="overwrite an existing --select-out file")
-        sp.add_argument("--select-trait", default=None, help="the trait to select on (default: the first)")
-        sp.add_argument("--reference", type=cli.TEXT_FILE, default=None,
-                        help="a clean JSONL file: flag samples above its 95th "
-                        "percentile of ΔP")
-        sp.add_argument("--chunk-size", type=cli.COUNT, default=1024, help="lines per resumable chunk")
+        sp.add_argument(
+            "--select-out",
+            type=cli.OUTPUT_FILE,
+            default=None,
+            help="JSONL of the selected lines, unchanged",
+        )
+        sp.add_argument(
+            "--force", action="store_true", help="overwrite an existing --select-out file"
+        )
+        sp.add_argument(
+            "--select-trait", default=None, help="the trait to select on (default: the first)"
+        )
+        sp.add_argument(
+            "--reference",
+            type=cli.TEXT_FILE,
+            default=None,
+            help="a clean JSONL file: flag samples above its 95th percentile of ΔP",
+        )
+        sp.add_argument(
+            "--chunk-size", type=cli.COUNT, default=1024, help="lines per resumable chunk"
+        )
         sp.add_argument("--seed", type=cli.SEED, default=0)
-        sp.add_argument("--vectors", default=None, help="directory of vector files (default: vectors/<model name>/)")
-        sp.add_argument("--dtype", type=cli.torch_dtype, default=None, help="float32, bfloat16 or float16 (default: "
-                        "bfloat16 on CUDA, float32 on CPU)")
+        sp.add_argument(
+            "--vectors",
+            default=None,
+            help="directory of vector files (default: vectors/<model name>/)",
+        )
+        sp.add_argument(
+            "--dtype",
+            type=cli.torch_dtype,
+            default=None,
+            help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)",
+        )
 
-    f = sub.add_parser("flag", help="ΔP of training samples and datasets: which data would teach a trait")
+    f = sub.add_parser(
+        "flag", help="ΔP of training samples and datasets: which data would teach a trait"
+    )
     shared(f)
-    f.add_argument("--shard", default=None, help="I/N: score chunks c with c %% N == I (default: torchrun's "
-                   "RANK/WORLD_SIZE, else all)")
-    f.add_argument("--batch-size", type=cli.COUNT, default=None, help="default: 64 on CUDA, 16 on CPU")
+    f.add_argument(
+        "--shard",
+        default=None,
+        help="I/N: score chunks c with c %% N == I (default: torchrun's RANK/WORLD_SIZE, else all)",
+    )
+    f.add_argument(
+        "--batch-size", type=cli.COUNT, default=None, help="default: 64 on CUDA, 16 on CPU"
+    )
     f.add_argument("--device", default=None)
-    f.set_defaults(run=lambda a: flag(
-        a.files, traits=a.trait, model_name=a.model, layer=a.layer,
-        base_temperature=a.base_temperature, base_top_p=a.base_top_p, base_samples=a.base_samples,
-        max_new_tokens=a.max_new_tokens, max_tokens=a.max_tokens, out=a.out, fmt=a.format,
-        select=a.select, k=a.k, select_out=a.select_out, select_trait=a.select_trait,
-        reference=a.reference, shard=a.shard, batch_size=a.batch_size, chunk_size=a.chunk_size,
-        seed=a.seed, vectors=a.vectors, device=a.device, dtype=a.dtype, force=a.force))
-    m = sub.add_parser("flag-merge", help="write the outputs of a sharded flag run (same arguments)")
+    f.set_defaults(
+        run=lambda a: flag(
+            a.files,
+            traits=a.trait,
+            model_name=a.model,
+            layer=a.layer,
+            base_temperature=a.base_temperature,
+            base_top_p=a.base_top_p,
+            base_samples=a.base_samples,
+            max_new_tokens=a.max_new_tokens,
+            max_tokens=a.max_tokens,
+            out=a.out,
+            fmt=a.format,
+            select=a.select,
+            k=a.k,
+            select_out=a.select_out,
+            select_trait=a.select_trait,
+            reference=a.reference,
+            shard=a.shard,
+            batch_size=a.batch_size,
+            chunk_size=a.chunk_size,
+            seed=a.seed,
+            vectors=a.vectors,
+            device=a.device,
+            dtype=a.dtype,
+            force=a.force,
+        )
+    )
+    m = sub.add_parser(
+        "flag-merge", help="write the outputs of a sharded flag run (same arguments)"
+    )
     shared(m)
-    m.set_defaults(run=lambda a: flag_merge(
-        a.files, traits=a.trait, model_name=a.model, layer=a.layer,
-        base_temperature=a.base_temperature, base_top_p=a.base_top_p, base_samples=a.base_samples,
-        max_new_tokens=a.max_new_tokens, max_tokens=a.max_tokens, out=a.out, fmt=a.format,
-        select=a.select, k=a.k, select_out=a.select_out, select_trait=a.select_trait,
-        reference=a.reference, chunk_size=a.chunk_size, seed=a.seed, vectors=a.vectors,
-        dtype=a.dtype, force=a.force))
+    m.set_defaults(
+        run=lambda a: flag_merge(
+            a.files,
+            traits=a.trait,
+            model_name=a.model,
+            layer=a.layer,
+            base_temperature=a.base_temperature,
+            base_top_p=a.base_top_p,
+            base_samples=a.base_samples,
+            max_new_tokens=a.max_new_tokens,
+            max_tokens=a.max_tokens,
+            out=a.out,
+            fmt=a.format,
+            select=a.select,
+            k=a.k,
+            select_out=a.select_out,
+            select_trait=a.select_trait,
+            reference=a.reference,
+            chunk_size=a.chunk_size,
+            seed=a.seed,
+            vectors=a.vectors,
+            dtype=a.dtype,
+            force=a.force,
+        )
+    )

@@ -21,6 +21,5 @@ keeps it so.
     judge_cache.py   the judge's JSONL cache: every judgment on disk, so a rerun never pays twice
 """
 
-
 # UserError, a problem the user can fix, is one class, defined in model.py so that it copies alone
 from model import UserError  # noqa: F401

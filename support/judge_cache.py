@@ -39,8 +39,10 @@ class JudgeCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             data = self.path.read_bytes() if self.path.exists() else b""
         except OSError as e:  # a folder of that name, a file where its folder should be
-            raise UserError(f"cannot use {self.path} as the judge cache ({e.strerror}): move "
-                            "what is in the way, or choose another output folder") from None
+            raise UserError(
+                f"cannot use {self.path} as the judge cache ({e.strerror}): move "
+                "what is in the way, or choose another output folder"
+            ) from None
         complete = data[: data.rfind(b"\n") + 1]  # up to the last newline; the rest is a torn line
         lines = complete.decode("utf-8", errors="replace").splitlines()
         for lineno, line in enumerate(lines, start=1):

@@ -1,4 +1,5 @@
 """The pipelines' pictures (optional: without matplotlib they are skipped), written atomically beside the CSVs."""
+
 from pathlib import Path
 
 from support.files import atomic_write
@@ -8,6 +9,7 @@ def pyplot():
     """matplotlib.pyplot without a display, or None when matplotlib is not installed (plots are optional)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -31,10 +33,19 @@ def plot_sweep(results: list[dict], trait: str, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for coef in sorted({r["coef"] for r in results}):
         rs = [r for r in results if r["coef"] == coef]
-        line, = ax.plot([r["layer"] for r in rs], [r["trait_mean"] if r["trait_mean"] is not None else float("nan")
-                                                   for r in rs], marker="o", label=f"coef {coef}")
-        ax.plot([r["layer"] for r in rs], [r["coherence_mean"] if r["coherence_mean"] is not None else float("nan")
-                                           for r in rs], linestyle="--", color=line.get_color(), alpha=0.5)
+        (line,) = ax.plot(
+            [r["layer"] for r in rs],
+            [r["trait_mean"] if r["trait_mean"] is not None else float("nan") for r in rs],
+            marker="o",
+            label=f"coef {coef}",
+        )
+        ax.plot(
+            [r["layer"] for r in rs],
+            [r["coherence_mean"] if r["coherence_mean"] is not None else float("nan") for r in rs],
+            linestyle="--",
+            color=line.get_color(),
+            alpha=0.5,
+        )
     ax.set_xticks(sorted({r["layer"] for r in results}))
     ax.set_xlabel("layer")
     ax.set_ylabel(f"{trait} score (solid), coherence (dashed)")

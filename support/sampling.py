@@ -1,12 +1,13 @@
 """The sampling budget of the pipelines: how many answers, how long, how hot, in batches of how many; the
 paper's on a GPU, a small one on the CPU. And the hash that names a cached run by its settings."""
+
 import hashlib
 import json
 import math
 from dataclasses import dataclass
 
-from support import UserError
 from model import check_new_tokens
+from support import UserError
 
 SMALL_MODEL_TEMPERATURE, SMALL_MODEL_TOP_P = 0.7, 0.9
 
@@ -14,6 +15,7 @@ SMALL_MODEL_TEMPERATURE, SMALL_MODEL_TOP_P = 0.7, 0.9
 @dataclass
 class Budget:
     """How many answers to sample and how: the paper's budget on a GPU, a small one on the CPU."""
+
     rollouts: int
     max_new_tokens: int
     temperature: float
@@ -35,21 +37,31 @@ def default_budget(device: str, n_params: int) -> Budget:
     # Small models at temperature 1 often derail into gibberish, and offline no judge removes it; see
     # docs/extract.md ("Sampling defaults for small models") for the measurement behind these numbers.
     small = n_params < 1_000_000_000
-    return Budget(rollouts=1, max_new_tokens=96, temperature=SMALL_MODEL_TEMPERATURE if small else 1.0,
-                  top_p=SMALL_MODEL_TOP_P if small else 1.0, batch_size=40)
+    return Budget(
+        rollouts=1,
+        max_new_tokens=96,
+        temperature=SMALL_MODEL_TEMPERATURE if small else 1.0,
+        top_p=SMALL_MODEL_TOP_P if small else 1.0,
+        batch_size=40,
+    )
 
 
-def budget_for(model, rollouts=None, max_new_tokens=None, temperature=None, top_p=None, batch_size=None) -> Budget:
+def budget_for(
+    model, rollouts=None, max_new_tokens=None, temperature=None, top_p=None, batch_size=None
+) -> Budget:
     """The default budget for this model and device, with any of the user's settings in place of the defaults."""
     dev = str(model.model.embed_tokens.weight.device)
     b = default_budget(dev, sum(p.numel() for p in model.parameters()))
     if max_new_tokens is not None:
         check_count("max-new-tokens", max_new_tokens)
         check_new_tokens(model, max_new_tokens)  # before any work; each batch: in generate
-    return Budget(b.rollouts if rollouts is None else rollouts,
-                  b.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                  b.temperature if temperature is None else temperature, b.top_p if top_p is None else top_p,
-                  b.batch_size if batch_size is None else batch_size)
+    return Budget(
+        b.rollouts if rollouts is None else rollouts,
+        b.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        b.temperature if temperature is None else temperature,
+        b.top_p if top_p is None else top_p,
+        b.batch_size if batch_size is None else batch_size,
+    )
 
 
 def check_count(name: str, value: int, least: int = 1) -> int:
@@ -59,4 +71,6 @@ def check_count(name: str, value: int, least: int = 1) -> int:
 
 
 def settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[
+        :12
+    ]

@@ -1,5 +1,6 @@
 """The statistics the pipelines report: correlations, permutation and bootstrap intervals, random-direction nulls,
 means with standard errors. Plain functions on tensors; nothing here knows about models or traits."""
+
 import torch
 
 
@@ -52,14 +53,19 @@ def permutation_p(stat, x: torch.Tensor, y: torch.Tensor, n: int = 1000, seed: i
     """Two-sided permutation p-value of stat(x, y): how often shuffling y gives |stat| at least as large."""
     g = torch.Generator().manual_seed(seed)
     observed = abs(stat(x, y))
-    hits = sum(abs(stat(x, y[torch.randperm(len(y), generator=g)])) >= observed - 1e-12 for _ in range(n))
+    hits = sum(
+        abs(stat(x, y[torch.randperm(len(y), generator=g)])) >= observed - 1e-12 for _ in range(n)
+    )
     return (1 + hits) / (1 + n)
 
 
 def within_r(x: torch.Tensor, y: torch.Tensor, groups: list) -> float:
     """Mean over conditions of the correlation inside each condition (conditions with a constant side skipped)."""
-    rs = [pearson(x[idx], y[idx]) for g in dict.fromkeys(groups)
-          if len(idx := torch.tensor([i for i, h in enumerate(groups) if h == g])) > 2]
+    rs = [
+        pearson(x[idx], y[idx])
+        for g in dict.fromkeys(groups)
+        if len(idx := torch.tensor([i for i, h in enumerate(groups) if h == g])) > 2
+    ]
     rs = [r for r in rs if r == r]
     return sum(rs) / len(rs) if rs else float("nan")
 
@@ -67,7 +73,9 @@ def within_r(x: torch.Tensor, y: torch.Tensor, groups: list) -> float:
 def bootstrap_ci(stat, n: int, boots: int = 1000, seed: int = 0) -> tuple[float, float]:
     """95 % percentile interval of stat(indices) over `boots` resamples of range(n) with replacement."""
     g = torch.Generator().manual_seed(seed)
-    vals = sorted(v for _ in range(boots) if (v := stat(torch.randint(0, n, (n,), generator=g))) == v)
+    vals = sorted(
+        v for _ in range(boots) if (v := stat(torch.randint(0, n, (n,), generator=g))) == v
+    )
     if not vals:
         return float("nan"), float("nan")
     return vals[int(0.025 * (len(vals) - 1))], vals[int(0.975 * (len(vals) - 1))]
@@ -79,12 +87,17 @@ def random_directions(n: int, norm: float, hidden: int, seed: int = 0) -> torch.
     return d / d.norm(dim=-1, keepdim=True) * norm
 
 
-def random_band(h: torch.Tensor, proj: torch.Tensor, grade: torch.Tensor, n_conditions: int,
-                dirs: torch.Tensor) -> dict:
+def random_band(
+    h: torch.Tensor, proj: torch.Tensor, grade: torch.Tensor, n_conditions: int, dirs: torch.Tensor
+) -> dict:
     """Per condition (grade 0..n_conditions - 1), the 5th-95th percentile of the mean projection of states h
     [rows, hidden] along random unit directions `dirs`, each centred on its own mean over all rows and moved to
     that of the vector's projections `proj`: the band a direction of no meaning spans."""
     rand = h.double() @ dirs.double().T  # [rows, n_random]
     rand = rand - rand.mean(0) + proj.double().mean()
-    means = torch.stack([rand[grade == g].mean(0) for g in range(n_conditions)])  # [conditions, n_random]
-    return {f"band_{q}": [round(x, 4) for x in means.quantile(q / 100, dim=1).tolist()] for q in (5, 95)}
+    means = torch.stack(
+        [rand[grade == g].mean(0) for g in range(n_conditions)]
+    )  # [conditions, n_random]
+    return {
+        f"band_{q}": [round(x, 4) for x in means.quantile(q / 100, dim=1).tolist()] for q in (5, 95)
+    }

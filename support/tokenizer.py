@@ -65,8 +65,15 @@ from support.files import read_json, read_text
 
 ROLES = ("system", "user", "assistant")
 # The named special tokens transformers passes to a template (its SPECIAL_TOKENS_ATTRIBUTES).
-SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
-                       "mask_token")
+SPECIAL_TOKEN_NAMES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 _PROBE_USER = {"role": "user", "content": "Hi"}
 _PROBE_SYSTEM = {"role": "system", "content": "Be brief."}
 _PROBE_REPLY = "Hello there"
@@ -97,10 +104,13 @@ def think_marks(tok) -> tuple[int, frozenset[int]]:
     model's tokenizer; a UserError when it has no `</think>` token (no thinking mode)."""
     close = tok.encode("</think>")
     if len(close) != 1:
-        raise UserError(f"{tok.name} has no </think> token, so it has no thinking mode "
-                        "(Qwen3 has one): drop --thinking")
-    newlines = {i for n in (1, 2, 3) for i in tok.encode("\n" * n)
-                if not tok.decode([i]).strip("\n")}
+        raise UserError(
+            f"{tok.name} has no </think> token, so it has no thinking mode "
+            "(Qwen3 has one): drop --thinking"
+        )
+    newlines = {
+        i for n in (1, 2, 3) for i in tok.encode("\n" * n) if not tok.decode([i]).strip("\n")
+    }
     return close[0], frozenset(newlines)
 
 
@@ -134,8 +144,9 @@ def _raise_exception(message):
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     """transformers' `tojson`: plain json.dumps (jinja2's own escapes <, >, & and ' for HTML)."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _check_name(name) -> None:
@@ -161,8 +172,10 @@ def _check_jinja2_version(version: str = jinja2.__version__) -> None:
     """jinja2 before 3.1.6 has known sandbox escapes (CVE-2024-56326, CVE-2025-27516, ...)."""
     numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:3])
     if numbers < (3, 1, 6):
-        raise UserError(f"jinja2 {version} has known sandbox escapes, and chat templates are "
-                        "untrusted input: pip install -U 'jinja2>=3.1.6'")
+        raise UserError(
+            f"jinja2 {version} has known sandbox escapes, and chat templates are "
+            "untrusted input: pip install -U 'jinja2>=3.1.6'"
+        )
 
 
 class _TooMuch(jinja2.exceptions.TemplateError):
@@ -317,8 +330,10 @@ def _eos_ids(model_dir: Path, vocab_size: int) -> list[int]:
         listed = eos if isinstance(eos, list) else [] if eos is None else [eos]
         for i in listed:
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
-                raise UserError(f"{model_dir / name}: eos_token_id {json.dumps(eos)[:80]} is not "
-                                f"a token id (0..{vocab_size - 1}) or a list of them")
+                raise UserError(
+                    f"{model_dir / name}: eos_token_id {json.dumps(eos)[:80]} is not "
+                    f"a token id (0..{vocab_size - 1}) or a list of them"
+                )
         ids += listed
     return ids
 
@@ -345,8 +360,10 @@ def _special_tokens(config: dict, vocab: dict, model_dir: Path) -> dict[str, str
         if text is None:
             continue
         if not isinstance(text, str):
-            raise UserError(f"{model_dir}: {name} {json.dumps(text)[:80]} (tokenizer_config.json) "
-                            "is not a token: a string, or an object with its \"content\"")
+            raise UserError(
+                f"{model_dir}: {name} {json.dumps(text)[:80]} (tokenizer_config.json) "
+                'is not a token: a string, or an object with its "content"'
+            )
         if text not in vocab:
             raise UserError(
                 f"{model_dir}: {name} {text!r} (tokenizer_config.json) is not in tokenizer.json"
@@ -424,8 +441,14 @@ class Tokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     # --------------------------------------------------------------------------------- chat
-    def chat(self, messages: list[dict], add_generation_prompt: bool = True, *,
-             date_string: str | None = None, thinking: bool | None = None) -> str:
+    def chat(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        *,
+        date_string: str | None = None,
+        thinking: bool | None = None,
+    ) -> str:
         """The prompt string the model's chat template renders for `messages`.
 
         add_generation_prompt: end with the header of a new assistant turn (for generation).
@@ -440,8 +463,14 @@ class Tokenizer:
         think = self.thinking if thinking is None else thinking
         return self._render(messages, add_generation_prompt, enable_thinking=think, **extra)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, *,
-                    date_string: str | None = None, thinking: bool | None = None) -> list[int]:
+    def encode_chat(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        *,
+        date_string: str | None = None,
+        thinking: bool | None = None,
+    ) -> list[int]:
         """Token ids of `chat(messages, ...)`; the chat has its own BOS (if any): none is added."""
         text = self.chat(
             messages, add_generation_prompt, date_string=date_string, thinking=thinking
@@ -464,15 +493,27 @@ class Tokenizer:
                 f"({_one_line(e)}); it is not a chat template to use"
             ) from None
         except jinja2.exceptions.SecurityError as e:
-            raise UserError(f"{self.name}: the chat template tried something the sandbox forbids "
-                            f"({_one_line(e)})") from None
+            raise UserError(
+                f"{self.name}: the chat template tried something the sandbox forbids "
+                f"({_one_line(e)})"
+            ) from None
         except jinja2.exceptions.TemplateError as e:
-            raise UserError(f"{self.name}: the chat template refuses this conversation: "
-                            f"{_one_line(e)}") from None
-        except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError,
-                RecursionError, MemoryError) as e:  # Python, in the template
-            raise UserError(f"{self.name}: the chat template fails on this conversation: "
-                            f"{type(e).__name__}: {_one_line(e)[:200]}") from None
+            raise UserError(
+                f"{self.name}: the chat template refuses this conversation: {_one_line(e)}"
+            ) from None
+        except (
+            TypeError,
+            ValueError,
+            LookupError,
+            AttributeError,
+            ArithmeticError,
+            RecursionError,
+            MemoryError,
+        ) as e:  # Python, in the template
+            raise UserError(
+                f"{self.name}: the chat template fails on this conversation: "
+                f"{type(e).__name__}: {_one_line(e)[:200]}"
+            ) from None
 
     def _generate(self, messages, add_generation_prompt: bool, variables: dict) -> str:
         """The template's text, under this thread's _Limits (the output within its size limit)."""
@@ -480,9 +521,13 @@ class Tokenizer:
         _LIMITS.current = limits
         try:
             parts, size = [], 0
-            for part in self._template.generate(messages=messages, tools=None, documents=None,
-                                                add_generation_prompt=add_generation_prompt,
-                                                **variables):
+            for part in self._template.generate(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            ):
                 size += len(part)
                 if size > limits.max_chars:
                     raise _TooMuch(f"an output of more than {limits.max_chars} characters")

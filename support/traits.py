@@ -18,6 +18,7 @@ Trait files of the official persona-vectors repository (`{"instruction": [{"pos"
 "eval_prompt"}`, in data_generation/trait_data_extract/ and trait_data_eval/) load too, converted by
 `from_official`; see there how their questions are split.
 """
+
 import dataclasses
 import json
 import re
@@ -29,32 +30,55 @@ from support import UserError
 from support.files import atomic_write, read_json, read_text
 
 TRAITS_DIR = Path(__file__).resolve().parent.parent / "data" / "traits"
-QUESTIONS_FILE = TRAITS_DIR.parent / "questions" / "everyday.json"  # make-dataset's default pool of requests
+QUESTIONS_FILE = (
+    TRAITS_DIR.parent / "questions" / "everyday.json"
+)  # make-dataset's default pool of requests
 
-N_INSTRUCTIONS, N_QUESTIONS, N_GRADED = 5, 20, 8        # pairs; questions per split; graded system prompts
-NAME_RE = re.compile(r"[a-z][a-z0-9_]*")                 # a trait name doubles as a file name: keep it plain
+N_INSTRUCTIONS, N_QUESTIONS, N_GRADED = (
+    5,
+    20,
+    8,
+)  # pairs; questions per split; graded system prompts
+NAME_RE = re.compile(r"[a-z][a-z0-9_]*")  # a trait name doubles as a file name: keep it plain
 ASSISTANT_NAME_RE = re.compile(r"[a-z]+(?:[ -][a-z]+)*")  # goes into "You are a/an ___ assistant."
 SLOT_RE = re.compile(r"\{(question|answer)\}")
-REQUIRED = {"name": str, "description": str, "assistant_names": dict, "instructions": list, "questions": dict,
-            "eval_prompt": str}
+REQUIRED = {
+    "name": str,
+    "description": str,
+    "assistant_names": dict,
+    "instructions": list,
+    "questions": dict,
+    "eval_prompt": str,
+}
 OPTIONAL = {"note": str, "graded_system_prompts": list, "many_shot_examples": list}
-JSON_TYPES = {str: "a string", dict: "an object", list: "an array", bool: "a boolean", int: "a number",
-              float: "a number", type(None): "null"}
+JSON_TYPES = {
+    str: "a string",
+    dict: "an object",
+    list: "an array",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    type(None): "null",
+}
 
 
 @dataclass(frozen=True)
 class Trait:
     name: str
     description: str
-    pos_name: str                             # "evil": the assistant the pos system prompts describe
-    neg_name: str                             # "helpful": the assistant the neg system prompts describe
-    instructions: list[tuple[str, str]]       # (pos, neg) x 5
-    extract_questions: list[str]              # used to build the vector
-    eval_questions: list[str]                 # held out: used to evaluate steering and monitoring
-    eval_prompt: str                          # judge prompt with one {question} and one {answer} slot
-    graded_system_prompts: list[str] | None = None   # 8, from strongly discouraging to strongly encouraging
-    many_shot_examples: list[dict] | None = None     # [{"question", "answer"}] exchanges showing the trait
-    source: Path | None = None                # the file it was loaded from
+    pos_name: str  # "evil": the assistant the pos system prompts describe
+    neg_name: str  # "helpful": the assistant the neg system prompts describe
+    instructions: list[tuple[str, str]]  # (pos, neg) x 5
+    extract_questions: list[str]  # used to build the vector
+    eval_questions: list[str]  # held out: used to evaluate steering and monitoring
+    eval_prompt: str  # judge prompt with one {question} and one {answer} slot
+    graded_system_prompts: list[str] | None = (
+        None  # 8, from strongly discouraging to strongly encouraging
+    )
+    many_shot_examples: list[dict] | None = (
+        None  # [{"question", "answer"}] exchanges showing the trait
+    )
+    source: Path | None = None  # the file it was loaded from
 
     def system_prompt(self, side: str, i: int) -> str:
         """System prompt number i (0-4) of one side: "You are an evil assistant. {pos instruction i}"."""
@@ -81,9 +105,11 @@ def article(word: str) -> str:
     """'an' before a vowel sound: an evil, an impolite, a humorous, an honest, a unique. A spelling heuristic with
     the usual exceptions, enough for the single adjectives used as assistant names."""
     w = word.lower()
-    if w.startswith(("hon", "hour", "heir")):                                        # silent h
+    if w.startswith(("hon", "hour", "heir")):  # silent h
         return "an"
-    if w.startswith(("uniq", "unif", "union", "unit", "univ", "use", "usu", "uti", "eu", "one")):  # "you-", "wun-"
+    if w.startswith(
+        ("uniq", "unif", "union", "unit", "univ", "use", "usu", "uti", "eu", "one")
+    ):  # "you-", "wun-"
         return "a"
     return "an" if w[:1] in "aeiou" else "a"
 
@@ -103,6 +129,7 @@ def validate(data: dict, source: str, stem: str | None = None, official: bool = 
     too; `persona_vectors.load_checked` says so where a judge is used, and under --judge none the
     prompt is never read); only `save_trait`, which writes the files of `new-trait`, requires it.
     """
+
     def fail(field: str, msg: str):
         raise UserError(f"{source}: field `{field}`: {msg}")
 
@@ -111,7 +138,10 @@ def validate(data: dict, source: str, stem: str | None = None, official: bool = 
 
     def text(v, field: str) -> str:
         if not isinstance(v, str) or not v.strip():
-            fail(field, f"expected a non-empty string, got {kind(v) if not isinstance(v, str) else 'an empty one'}")
+            fail(
+                field,
+                f"expected a non-empty string, got {kind(v) if not isinstance(v, str) else 'an empty one'}",
+            )
         return v
 
     def keys(v, field: str, expected: tuple[str, ...]) -> dict:
@@ -120,11 +150,13 @@ def validate(data: dict, source: str, stem: str | None = None, official: bool = 
             fail(field, f"expected an object with exactly the keys {list(expected)}, got {got}")
         return v
 
-    def pair(v, field: str, names: tuple[str, str]) -> tuple[str, str]:  # {"pos": ..., "neg": ...} and friends
+    def pair(
+        v, field: str, names: tuple[str, str]
+    ) -> tuple[str, str]:  # {"pos": ..., "neg": ...} and friends
         v = keys(v, field, names)
         return tuple(text(v[k], f"{field}.{k}") for k in names)
 
-    def norm(s: str) -> str:                  # duplicates that differ only in case or spacing are still duplicates
+    def norm(s: str) -> str:  # duplicates that differ only in case or spacing are still duplicates
         return " ".join(s.split()).casefold()
 
     def strings(v, field: str, n: int | None) -> list[str]:
@@ -142,10 +174,14 @@ def validate(data: dict, source: str, stem: str | None = None, official: bool = 
 
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a JSON object at the top level, got {kind(data)}")
-    unknown = [k for k in data if k not in REQUIRED | OPTIONAL]     # usually a typo: "instruction", "eval_promt"
+    unknown = [
+        k for k in data if k not in REQUIRED | OPTIONAL
+    ]  # usually a typo: "instruction", "eval_promt"
     if unknown:
-        raise UserError(f"{source}: unknown field(s) {', '.join(f'`{k}`' for k in unknown)} "
-                         f"(allowed: {', '.join(REQUIRED | OPTIONAL)})")
+        raise UserError(
+            f"{source}: unknown field(s) {', '.join(f'`{k}`' for k in unknown)} "
+            f"(allowed: {', '.join(REQUIRED | OPTIONAL)})"
+        )
     for key, typ in (REQUIRED | OPTIONAL).items():
         if key not in data and key in REQUIRED:
             fail(key, "required field is missing")
@@ -156,7 +192,10 @@ def validate(data: dict, source: str, stem: str | None = None, official: bool = 
     if not NAME_RE.fullmatch(name):
         fail("name", f"must be a plain lowercase word (letters, digits, underscores), got {name!r}")
     if stem is not None and name != stem:
-        fail("name", f"{name!r} does not match the file name {stem!r} (the name must equal the file stem)")
+        fail(
+            "name",
+            f"{name!r} does not match the file name {stem!r} (the name must equal the file stem)",
+        )
     text(data["description"], "description")
     pos_name, neg_name = pair(data["assistant_names"], "assistant_names", ("pos", "neg"))
     for side, n in (("pos", pos_name), ("neg", neg_name)):
@@ -166,10 +205,17 @@ def validate(data: dict, source: str, stem: str | None = None, official: bool = 
         fail("assistant_names", f"pos and neg are both {pos_name!r}")
 
     if len(data["instructions"]) != N_INSTRUCTIONS:
-        fail("instructions", f"expected {N_INSTRUCTIONS} pos/neg pairs, got {len(data['instructions'])}")
-    instructions = [pair(p, f"instructions[{i}]", ("pos", "neg")) for i, p in enumerate(data["instructions"])]
-    for side in (0, 1):                       # five copies of one instruction would make the pairs pointless
-        strings([p[side] for p in instructions], f"instructions.{('pos', 'neg')[side]}", N_INSTRUCTIONS)
+        fail(
+            "instructions",
+            f"expected {N_INSTRUCTIONS} pos/neg pairs, got {len(data['instructions'])}",
+        )
+    instructions = [
+        pair(p, f"instructions[{i}]", ("pos", "neg")) for i, p in enumerate(data["instructions"])
+    ]
+    for side in (0, 1):  # five copies of one instruction would make the pairs pointless
+        strings(
+            [p[side] for p in instructions], f"instructions.{('pos', 'neg')[side]}", N_INSTRUCTIONS
+        )
 
     # Extraction and evaluation questions must not overlap, or evaluation would re-measure the training prompts.
     questions = keys(data["questions"], "questions", ("extract", "eval"))
@@ -178,15 +224,23 @@ def validate(data: dict, source: str, stem: str | None = None, official: bool = 
     held_out = strings(questions["eval"], "questions.eval", n_questions)
     overlap = [q for q in held_out if norm(q) in {norm(e) for e in extract}]
     if overlap:
-        fail("questions", f"{len(overlap)} question(s) in both extract and eval, e.g. {overlap[0]!r}")
+        fail(
+            "questions", f"{len(overlap)} question(s) in both extract and eval, e.g. {overlap[0]!r}"
+        )
 
     # The judge prompt is filled by slot substitution (judge_prompt), so any other brace is a template mistake.
     prompt = text(data["eval_prompt"], "eval_prompt")
     for slot in ("{question}", "{answer}"):
         if prompt.count(slot) != 1:
-            fail("eval_prompt", f"must contain the slot {slot} exactly once, found {prompt.count(slot)}")
+            fail(
+                "eval_prompt",
+                f"must contain the slot {slot} exactly once, found {prompt.count(slot)}",
+            )
     if "{" in SLOT_RE.sub("", prompt) or "}" in SLOT_RE.sub("", prompt):
-        fail("eval_prompt", "has a brace outside the {question} and {answer} slots (literal braces are not allowed)")
+        fail(
+            "eval_prompt",
+            "has a brace outside the {question} and {answer} slots (literal braces are not allowed)",
+        )
 
     if "note" in data:
         text(data["note"], "note")
@@ -197,18 +251,36 @@ def validate(data: dict, source: str, stem: str | None = None, official: bool = 
     if shots is not None:
         if not shots:
             fail("many_shot_examples", "expected at least one example, got an empty array")
-        shots = [dict(zip(("question", "answer"), pair(ex, f"many_shot_examples[{i}]", ("question", "answer"))))
-                 for i, ex in enumerate(shots)]
+        shots = [
+            dict(
+                zip(
+                    ("question", "answer"),
+                    pair(ex, f"many_shot_examples[{i}]", ("question", "answer")),
+                )
+            )
+            for i, ex in enumerate(shots)
+        ]
 
-    return Trait(name=name, description=data["description"], pos_name=pos_name, neg_name=neg_name,
-                 instructions=instructions, extract_questions=extract, eval_questions=held_out,
-                 eval_prompt=prompt, graded_system_prompts=graded, many_shot_examples=shots)
+    return Trait(
+        name=name,
+        description=data["description"],
+        pos_name=pos_name,
+        neg_name=neg_name,
+        instructions=instructions,
+        extract_questions=extract,
+        eval_questions=held_out,
+        eval_prompt=prompt,
+        graded_system_prompts=graded,
+        many_shot_examples=shots,
+    )
 
 
 def validate_name(name: str) -> str:
     """A trait name must be a plain word: it becomes a file name under data/traits/ and a metadata field."""
     if not NAME_RE.fullmatch(name):
-        raise UserError(f"trait names are plain words (lowercase letters, digits, underscores), not {name!r}")
+        raise UserError(
+            f"trait names are plain words (lowercase letters, digits, underscores), not {name!r}"
+        )
     return name
 
 
@@ -218,19 +290,28 @@ def load_trait(name_or_path: str) -> Trait:
     if path.suffix != ".json" or not path.is_file():
         if not NAME_RE.fullmatch(str(name_or_path)):
             # Refuse "../x" and "a/b" as names: a name must never reach outside data/traits/.
-            raise UserError(f"{name_or_path!r} is not an existing .json file, and trait names are plain words "
-                             f"(lowercase letters, digits, underscores); available: {', '.join(available_traits())}")
+            raise UserError(
+                f"{name_or_path!r} is not an existing .json file, and trait names are plain words "
+                f"(lowercase letters, digits, underscores); available: {', '.join(available_traits())}"
+            )
         path = TRAITS_DIR / f"{name_or_path}.json"
         if not path.is_file():
-            raise UserError(f"unknown trait {name_or_path!r}; available: {', '.join(available_traits())} "
-                             f"(or pass the path of a .json trait file)")
+            raise UserError(
+                f"unknown trait {name_or_path!r}; available: {', '.join(available_traits())} "
+                f"(or pass the path of a .json trait file)"
+            )
     data = read_json(path)
     if is_official(data):
-        return dataclasses.replace(validate(from_official(path), str(path), path.stem, official=True), source=path)
+        return dataclasses.replace(
+            validate(from_official(path), str(path), path.stem, official=True), source=path
+        )
     return dataclasses.replace(validate(data, str(path), stem=path.stem), source=path)
 
 
-OFFICIAL_DIRS = ("trait_data_extract", "trait_data_eval")  # the official repository's two folders of trait files
+OFFICIAL_DIRS = (
+    "trait_data_extract",
+    "trait_data_eval",
+)  # the official repository's two folders of trait files
 
 
 def is_official(data) -> bool:
@@ -253,33 +334,48 @@ def from_official(path: Path) -> dict:
     extra = sorted(set(data) - {"instruction", "questions", "eval_prompt"})
     missing = sorted({"instruction", "questions", "eval_prompt"} - set(data))
     if extra or missing:
-        raise UserError(f"{path}: an official-format trait file has exactly the fields instruction, questions and "
-                        f"eval_prompt; " + (f"unknown: {', '.join(extra)}" if extra else f"missing: {', '.join(missing)}"))
+        raise UserError(
+            f"{path}: an official-format trait file has exactly the fields instruction, questions and "
+            f"eval_prompt; "
+            + (f"unknown: {', '.join(extra)}" if extra else f"missing: {', '.join(missing)}")
+        )
     name = validate_name(path.stem)
     questions = data["questions"]
     if not isinstance(questions, list) or len(questions) < 2:
         raise UserError(f"{path}: field `questions`: expected an array of at least 2 strings")
     splits = {"extract": None, "eval": None}
     if path.parent.name in OFFICIAL_DIRS:
-        mine, other = ("extract", "eval") if path.parent.name == OFFICIAL_DIRS[0] else ("eval", "extract")
+        mine, other = (
+            ("extract", "eval") if path.parent.name == OFFICIAL_DIRS[0] else ("eval", "extract")
+        )
         twin = path.parent.parent / f"trait_data_{other}" / path.name
         splits[mine] = questions
         if twin.is_file():
             twin_data = read_json(twin)
             if not isinstance(twin_data, dict) or not isinstance(twin_data.get("questions"), list):
-                raise UserError(f"{twin}: field `questions`: expected an array of strings (the {other} questions of "
-                                f"{path})")
+                raise UserError(
+                    f"{twin}: field `questions`: expected an array of strings (the {other} questions of "
+                    f"{path})"
+                )
             splits[other] = twin_data["questions"]
     if splits["extract"] is None or splits["eval"] is None:
         half = len(questions) // 2
         splits = {"extract": questions[:half], "eval": questions[half:]}
-        print(f"note: {path} is an official-format trait file without its twin in trait_data_extract/ or "
-              f"trait_data_eval/: its first {half} questions extract the vector, the other {len(questions) - half} "
-              "are held out for evaluation", file=sys.stderr)
-    return {"name": name, "description": f"The trait {name!r} as defined by the judge prompt of the official "
-                                         f"persona-vectors trait file {path.name}.",
-            "assistant_names": {"pos": name.replace("_", " "), "neg": "helpful"},
-            "instructions": data["instruction"], "questions": splits, "eval_prompt": data["eval_prompt"]}
+        print(
+            f"note: {path} is an official-format trait file without its twin in trait_data_extract/ or "
+            f"trait_data_eval/: its first {half} questions extract the vector, the other {len(questions) - half} "
+            "are held out for evaluation",
+            file=sys.stderr,
+        )
+    return {
+        "name": name,
+        "description": f"The trait {name!r} as defined by the judge prompt of the official "
+        f"persona-vectors trait file {path.name}.",
+        "assistant_names": {"pos": name.replace("_", " "), "neg": "helpful"},
+        "instructions": data["instruction"],
+        "questions": splits,
+        "eval_prompt": data["eval_prompt"],
+    }
 
 
 def save_trait(trait_dict: dict, path: Path, force: bool = False) -> Path:
@@ -288,12 +384,18 @@ def save_trait(trait_dict: dict, path: Path, force: bool = False) -> Path:
     path = Path(path)
     validate(trait_dict, str(path), stem=path.stem)
     if "REFUSAL" not in trait_dict["eval_prompt"]:  # files written here leave refusals unscored
-        raise UserError(f"{path}: field `eval_prompt`: must tell the judge to answer REFUSAL when "
-                        "the model refused")
+        raise UserError(
+            f"{path}: field `eval_prompt`: must tell the judge to answer REFUSAL when "
+            "the model refused"
+        )
     if path.exists() and not force:
         raise UserError(f"{path} already exists; pass --force to overwrite it")
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(trait_dict, indent=2, ensure_ascii=False) + "\n",
-                                                  encoding="utf-8"))
+    atomic_write(
+        path,
+        lambda tmp: tmp.write_text(
+            json.dumps(trait_dict, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        ),
+    )
     return path
 
 
@@ -302,7 +404,9 @@ def load_questions(path: str | Path | None = None) -> list[str]:
     (one request per line); default: the shipped pool of everyday requests."""
     path = Path(path) if path else QUESTIONS_FILE
     if not path.is_file():
-        raise UserError(f"no questions file {path}: give a .json list or a text file with one request per line")
+        raise UserError(
+            f"no questions file {path}: give a .json list or a text file with one request per line"
+        )
     text = read_text(path, "--questions-file")
     if path.suffix == ".json":
         try:
@@ -311,7 +415,9 @@ def load_questions(path: str | Path | None = None) -> list[str]:
             raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
         qs = data.get("questions") if isinstance(data, dict) else data
         if not isinstance(qs, list) or not all(isinstance(q, str) for q in qs):
-            raise UserError(f"{path}: expected a list of strings, or an object with a \"questions\" list of strings")
+            raise UserError(
+                f'{path}: expected a list of strings, or an object with a "questions" list of strings'
+            )
     else:
         qs = text.splitlines()
     qs = [q.strip() for q in qs if q.strip()]

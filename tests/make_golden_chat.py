@@ -28,6 +28,7 @@ Output: {template name: [{"name", "messages", "add_generation_prompt", "kwargs",
 ["reference_messages", "folded"], ["frozen_now"]}, ...]}.
 Produced with transformers 5.24.0 and jinja2 3.1.6 on 2026-12-07.
 """
+
 import json
 from datetime import datetime
 from pathlib import Path
@@ -46,9 +47,16 @@ def _m(*pairs):
 CONVERSATIONS = {
     "system_user": _m((S, "You are a helpful pirate."), (U, "What is the capital of France?")),
     "user_only": _m((U, "What is the capital of France?")),
-    "multi_turn": _m((S, "Answer briefly."), (U, "Hi!"), (A, "Hello! How can I help?"), (U, "Tell me a joke.")),
+    "multi_turn": _m(
+        (S, "Answer briefly."), (U, "Hi!"), (A, "Hello! How can I help?"), (U, "Tell me a joke.")
+    ),
     "multi_turn_no_system": _m((U, "Hi!"), (A, "Hello! How can I help?"), (U, "Tell me a joke.")),
-    "whitespace": _m((S, "  You are terse.\n\n"), (U, "\n  What is 2 + 2?  \n"), (A, "  4\n"), (U, "\tAnd 3 + 3?\n\n")),
+    "whitespace": _m(
+        (S, "  You are terse.\n\n"),
+        (U, "\n  What is 2 + 2?  \n"),
+        (A, "  4\n"),
+        (U, "\tAnd 3 + 3?\n\n"),
+    ),
     "inner_newlines": _m((U, "Line one.\nLine two.\n\nLine four.")),
     "empty_system": _m((S, ""), (U, "Hello")),
     "late_system": _m((U, "Hi"), (A, "Hello."), (S, "Now answer in French."), (U, "How are you?")),
@@ -61,16 +69,27 @@ CONVERSATIONS = {
     "system_only": _m((S, "You are a helpful assistant.")),
 }
 # Extra template variables for some cases (only for templates that read them).
-KWARGS_CASES = {"llama3.1+": [("system_user", {"date_string": "01 Jan 2025"}), ("user_only", {"date_string": "9 Feb 2026"})]}
+KWARGS_CASES = {
+    "llama3.1+": [
+        ("system_user", {"date_string": "01 Jan 2025"}),
+        ("user_only", {"date_string": "9 Feb 2026"}),
+    ]
+}
 
 
-def render(template: str, special_tokens: dict, messages, add_generation_prompt: bool, **kwargs) -> str:
+def render(
+    template: str, special_tokens: dict, messages, add_generation_prompt: bool, **kwargs
+) -> str:
     """What `tokenizer.apply_chat_template(messages, tokenize=False, ...)` returns for this template."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     template_kwargs = {**{k: v for k, v in special_tokens.items() if v is not None}, **kwargs}
-    rendered, _ = render_jinja_template(conversations=[messages], chat_template=template,
-                                        add_generation_prompt=add_generation_prompt, **template_kwargs)
+    rendered, _ = render_jinja_template(
+        conversations=[messages],
+        chat_template=template,
+        add_generation_prompt=add_generation_prompt,
+        **template_kwargs,
+    )
     return rendered[0]
 
 
@@ -123,8 +142,11 @@ def cases_for(template: str, special: dict) -> list[dict]:
     if "Cutting Knowledge Date" in template:
         plan += [(conv, {"enable_thinking": False, **kw}) for conv, kw in KWARGS_CASES["llama3.1+"]]
     fold = refuses_system(template, special)
-    return [make_case(template, special, conv, agp, kwargs, fold)
-            for conv, kwargs in plan for agp in (True, False)]
+    return [
+        make_case(template, special, conv, agp, kwargs, fold)
+        for conv, kwargs in plan
+        for agp in (True, False)
+    ]
 
 
 def main():
@@ -136,7 +158,9 @@ def main():
     names = sorted(k for k in sources if not k.startswith("_"))
     golden = {}
     real_datetime = chat_template_utils.datetime
-    chat_template_utils.datetime = _FrozenDatetime  # strftime_now() reads the clock through this name
+    chat_template_utils.datetime = (
+        _FrozenDatetime  # strftime_now() reads the clock through this name
+    )
     try:
         for name in names:
             template = (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
@@ -145,8 +169,10 @@ def main():
         chat_template_utils.datetime = real_datetime
     out = HERE / "chat_golden.json"
     out.write_text(json.dumps(golden, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {out} ({sum(map(len, golden.values()))} cases; transformers {transformers.__version__}, "
-          f"jinja2 {jinja2.__version__})")
+    print(
+        f"wrote {out} ({sum(map(len, golden.values()))} cases; transformers {transformers.__version__}, "
+        f"jinja2 {jinja2.__version__})"
+    )
 
 
 if __name__ == "__main__":

@@ -8,32 +8,48 @@ permutation with its own code, independently of gguf_convert.py. Stored: the pro
 positions `positions` [P, vocab] (a sample of the prompt, and its last token) in fp32.
 Produced with transformers 5.24.0, gguf 0.19.0, torch 2.13.0 (CPU), 2026-11-29.
 """
+
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-PROMPT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-          "<|im_start|>user\nWhat is the capital of France? Answer in 12 words.<|im_end|>\n<|im_start|>assistant\n")
+PROMPT = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\nWhat is the capital of France? Answer in 12 words.<|im_end|>\n<|im_start|>assistant\n"
+)
 OUT = Path(__file__).parent / "golden" / "smollm2-logits.safetensors"
 
 
 def reference_model():
     """transformers' LlamaForCausalLM built from the GGUF file itself (fp32, eval)."""
-    from support import hub
     from transformers import AutoModelForCausalLM
+
+    from support import hub
+
     path = hub.default_gguf("reference")
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
 
 
 def reference_ids() -> torch.Tensor:
     from tokenizers import Tokenizer
+
     from support import hub
-    return torch.tensor([Tokenizer.from_file(str(hub.resolve(hub.DEFAULT_MODEL) / "tokenizer.json")).encode(PROMPT).ids])
+
+    return torch.tensor(
+        [
+            Tokenizer.from_file(str(hub.resolve(hub.DEFAULT_MODEL) / "tokenizer.json"))
+            .encode(PROMPT)
+            .ids
+        ]
+    )
 
 
 if __name__ == "__main__":
     import sys
+
     sys.path.insert(0, str(Path(__file__).parent.parent))
     ids = reference_ids()
     with torch.no_grad():

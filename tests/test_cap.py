@@ -1,12 +1,13 @@
 """model.Cap (persona capping, h <- h - u * max(h.u - ceiling, 0)) against its exact invariants and against the same
 formula applied by a forward hook on Hugging Face transformers."""
+
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_model import GOLDEN, TINY, hidden_states, tiny
 
 import model as M
 from support import UserError
-from test_model import GOLDEN, TINY, hidden_states, tiny
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]
 
@@ -53,48 +54,69 @@ def test_capped_states_are_at_most_the_ceiling_and_the_others_untouched(name, po
     c = medians(base, u, layers, mask)
     got = hidden_states(m, ids, cap=[M.Cap(layers, u, c, positions)], **kw)
     cols = torch.arange(ids.shape[1])[None]
-    chosen = mask.bool() & {"all": cols >= 0, "prompt": cols < start[:, None],
-                            "response": cols >= start[:, None] - 1}[positions]
+    chosen = (
+        mask.bool()
+        & {
+            "all": cols >= 0,
+            "prompt": cols < start[:, None],
+            "response": cols >= start[:, None] - 1,
+        }[positions]
+    )
     assert torch.equal(got[0], base[0])  # below the first capped index nothing changes
-    over = chosen & (base[1] @ u[0] > c[0])  # at the first one: exactly the chosen positions above the ceiling move
+    over = chosen & (
+        base[1] @ u[0] > c[0]
+    )  # at the first one: exactly the chosen positions above the ceiling move
     assert over.any() and (chosen & ~over).any()
     keep = mask.bool() & ~over  # (padding, which no real token sees, may be capped under "all")
     assert torch.equal(got[1][keep], base[1][keep])
     torch.testing.assert_close(got[1][over], capped(base[1][over], u[0], c[0]), rtol=0, atol=1e-5)
-    for j, L in enumerate(layers):  # and after every capped block, no chosen position is above its ceiling
+    for j, L in enumerate(
+        layers
+    ):  # and after every capped block, no chosen position is above its ceiling
         assert (got[L][chosen] @ u[j]).max() <= c[j] + 1e-5
     if positions != "all":  # a position the cap may not touch keeps a state above the ceiling
         assert (got[1][mask.bool() & ~chosen] @ u[0]).max() > c[0]
 
 
 def test_in_bf16_the_cap_holds_to_one_rounding_and_leaves_the_rest_bit_identical():
-    m, ids = M.load_model(GOLDEN / "tiny-qwen2", "cpu", torch.bfloat16), torch.tensor([list(range(5, 30))])
+    m, ids = (
+        M.load_model(GOLDEN / "tiny-qwen2", "cpu", torch.bfloat16),
+        torch.tensor([list(range(5, 30))]),
+    )
     u = unit(1, 64, seed=2)
     base = hidden_states(m, ids)
     c = medians(base, u, [2], torch.ones_like(ids))
     got = hidden_states(m, ids, cap=[M.Cap([2], u, c)])
     over = base[2] @ u[0] > c[0]
     assert torch.equal(got[2][~over], base[2][~over]) and over.any()
-    rounding = 2 ** -8 * got[2].norm(dim=-1)  # one bf16 rounding of each element moves h.u by at most |h| 2^-9
+    rounding = 2**-8 * got[2].norm(
+        dim=-1
+    )  # one bf16 rounding of each element moves h.u by at most |h| 2^-9
     assert ((got[2] @ u[0] - c[0]) <= rounding).all()
-    torch.testing.assert_close(got[2][over], capped(base[2][over], u[0], c[0]), rtol=0, atol=float(rounding.max()))
+    torch.testing.assert_close(
+        got[2][over], capped(base[2][over], u[0], c[0]), rtol=0, atol=float(rounding.max())
+    )
 
 
 def cap_hook(module: torch.nn.Module, u: torch.Tensor, ceiling: torch.Tensor):
     """The cap written as a forward hook on a transformers decoder layer: its output h [B, T, d] is replaced by
     h - u * relu(h.u - ceiling); ceiling is [] or [B]."""
+
     def hook(mod, args, out):
         h = out[0] if isinstance(out, tuple) else out
         excess = torch.relu(torch.einsum("btd,d->bt", h, u) - ceiling.reshape(-1, 1))
         h = h - excess.unsqueeze(-1) * u
         return (h, *out[1:]) if isinstance(out, tuple) else h
+
     return module.register_forward_hook(hook)
 
 
 @pytest.mark.parametrize("name", TINY)
 def test_cap_equals_a_hook_on_transformers(name):
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(GOLDEN / name, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        GOLDEN / name, dtype=torch.float32
+    ).eval()
     m, (ids, mask) = tiny(name), batch(name)
     layers, u = [1, 2], unit(2, 64, seed=3)
     c = medians(hidden_states(m, ids, attention_mask=mask), u, layers, mask)
@@ -130,31 +152,48 @@ def test_per_row_ceilings_equal_each_row_capped_alone():
     # the logits too: a left-padded batched forward equals each row's own, on its real tokens
     ids, mask = batch("tiny-qwen2")
     start = torch.tensor([14, 20, 15])
-    got = m(ids, attention_mask=mask, answer_start=start, cap=[M.Cap(layers, u, ceilings, "response")])
+    got = m(
+        ids, attention_mask=mask, answer_start=start, cap=[M.Cap(layers, u, ceilings, "response")]
+    )
     for b in range(3):
         real = mask[b].bool()
-        one = m(ids[b:b + 1, real], answer_start=start[b:b + 1] - int((~real).sum()),
-                cap=[M.Cap(layers, u, ceilings[b], "response")])
+        one = m(
+            ids[b : b + 1, real],
+            answer_start=start[b : b + 1] - int((~real).sum()),
+            cap=[M.Cap(layers, u, ceilings[b], "response")],
+        )
         torch.testing.assert_close(got[b, real], one[0], rtol=1e-4, atol=1e-4)
 
 
 def test_fired_counts_the_capped_response_positions_of_a_sequence():
     m = tiny("tiny-llama3")
-    low = M.Cap([1, 2], unit(2, 64, seed=5), [-3.0, -3.0], "all")  # below every projection: fires everywhere
+    low = M.Cap(
+        [1, 2], unit(2, 64, seed=5), [-3.0, -3.0], "all"
+    )  # below every projection: fires everywhere
     free = M.generate(m, PROMPTS, 8, cap=[low])
-    stop = next(t for i, t in enumerate(free[0]) if i >= 2 and t not in free[0][:i])  # row 0 stops there
+    stop = next(
+        t for i, t in enumerate(free[0]) if i >= 2 and t not in free[0][:i]
+    )  # row 0 stops there
     outs = M.generate(m, PROMPTS, 8, stop_ids={stop}, cap=[low])
-    assert outs[0] == free[0][:free[0].index(stop)] and len(outs[0]) < 8
-    assert low.fired.tolist() == [len(out) + 1 for out in outs]  # the last prompt token and every answer token
+    assert outs[0] == free[0][: free[0].index(stop)] and len(outs[0]) < 8
+    assert low.fired.tolist() == [
+        len(out) + 1 for out in outs
+    ]  # the last prompt token and every answer token
     # greedy decoding with the cache equals a capped forward over prompt + answer, which counts the same
     for b, (p, out) in enumerate(zip(PROMPTS, outs)):
         full = M.Cap([1, 2], unit(2, 64, seed=5), [-3.0, -3.0], "all")
-        logits = m(torch.tensor([p + out]), answer_start=torch.tensor([len(p)]), cap=[full])[0, len(p) - 1:-1]
+        logits = m(torch.tensor([p + out]), answer_start=torch.tensor([len(p)]), cap=[full])[
+            0, len(p) - 1 : -1
+        ]
         assert logits.argmax(-1).tolist() == out and full.fired.tolist() == [low.fired[b]]
-    M.generate(m, PROMPTS[:2], 4, cap=[low])  # the same Cap, a new sequence: a new count, of the new batch
+    M.generate(
+        m, PROMPTS[:2], 4, cap=[low]
+    )  # the same Cap, a new sequence: a new count, of the new batch
     assert low.fired.tolist() == [5, 5]
     high = M.Cap([1, 2], unit(2, 64, seed=5), [1e4, 1e4])  # above every projection: never fires
-    assert M.generate(m, PROMPTS, 8, cap=[high]) == M.generate(m, PROMPTS, 8) and high.fired.tolist() == [0, 0, 0]
+    assert M.generate(m, PROMPTS, 8, cap=[high]) == M.generate(
+        m, PROMPTS, 8
+    ) and high.fired.tolist() == [0, 0, 0]
 
 
 def test_cap_comes_after_steering_and_ablation_at_the_same_index():
@@ -187,7 +226,9 @@ def test_cap_trains_under_gradient_checkpointing():
     m.gradient_checkpointing = True
     loss2, g2, fired2 = grads()
     assert torch.allclose(loss, loss2) and torch.allclose(g, g2, atol=1e-6) and g.abs().sum() > 0
-    assert torch.equal(fired, fired2) and fired.item() == 1  # no answer_start: the last token is the response
+    assert (
+        torch.equal(fired, fired2) and fired.item() == 1
+    )  # no answer_start: the last token is the response
 
 
 def test_cap_is_checked_once_per_sequence_and_kept_on_the_device(monkeypatch):

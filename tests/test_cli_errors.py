@@ -1,16 +1,17 @@
 """Bad input on the command line, as a new user would type it: each case ends in a one-line error that names the
 fix (or argparse's usage line and its error), a non-zero exit, no traceback, and no file written or changed."""
+
 import json
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny import run_bad, tiny_model_with_vectors, tree, write_vector
 
 import model as M
 import persona_vectors as pv
-from apps import __main__ as apps_cli, chat
-from apps import monitor
-from tiny import run_bad, tiny_model_with_vectors, tree, write_vector
+from apps import __main__ as apps_cli
+from apps import chat, monitor
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +21,12 @@ def tiny(tmp_path_factory):
     write_vector(root / "wide.safetensors", torch.randn(4, 96))  # another hidden size
     write_vector(root / "deep.safetensors", torch.randn(9, 64))  # another number of layers
     (root / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
-    save_file({"vector": torch.randn(4, 64)}, root / "hf_meta.safetensors", metadata={"format": "pt"})
-    conv = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    save_file(
+        {"vector": torch.randn(4, 64)}, root / "hf_meta.safetensors", metadata={"format": "pt"}
+    )
+    conv = {
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    }
     (root / "ok.jsonl").write_text(json.dumps(conv) + "\n")
     return d, vectors, root
 
@@ -46,25 +51,53 @@ CASES = [
     ("chat --model {d} --vectors {v} --layer -1", 2, "--layer: must be >= 1"),
     ("generate Hi --model {d} --dtype float64", 2, "--dtype: choose from float32"),
     # layers outside the model, caught before any generation (exit 1)
-    ("eval evil --model {d} --vectors {v} --layer 999", 1, "--layer 999 out of range: this model has blocks 1..3"),
-    ("monitor-experiment evil --model {d} --vectors {v} --layer 999", 1, "--layer 999 out of range"),
+    (
+        "eval evil --model {d} --vectors {v} --layer 999",
+        1,
+        "--layer 999 out of range: this model has blocks 1..3",
+    ),
+    (
+        "monitor-experiment evil --model {d} --vectors {v} --layer 999",
+        1,
+        "--layer 999 out of range",
+    ),
     ("monitor {r}/ok.jsonl --model {d} --vectors {v} --layer 999", 1, "--layer 999 out of range"),
     ("chat --model {d} --vectors {v} --layer 999", 1, "--layer 999 out of range"),
     ("sweep evil --model {d} --vectors {v} --layers 2,9", 1, "--layer 9 out of range"),
     # steering
-    ("generate Hi --model {d} --vectors {v} --steer evil:1e30", 1, "overflows; use a coefficient of at most"),
+    (
+        "generate Hi --model {d} --vectors {v} --steer evil:1e30",
+        1,
+        "overflows; use a coefficient of at most",
+    ),
     ("generate Hi --model {d} --vectors {v} --steer nosuch:1", 1, "run `extract nosuch` first"),
-    ("generate Hi --model {d} --steer {r}/wide.safetensors:1", 1, "use a vector extracted from this model"),
-    ("generate Hi --model {d} --steer {r}/deep.safetensors:1", 1, "use a vector extracted from this model"),
+    (
+        "generate Hi --model {d} --steer {r}/wide.safetensors:1",
+        1,
+        "use a vector extracted from this model",
+    ),
+    (
+        "generate Hi --model {d} --steer {r}/deep.safetensors:1",
+        1,
+        "use a vector extracted from this model",
+    ),
     ("generate Hi --model {d} --steer {r}/corrupt.safetensors:1", 1, "not safetensors"),
-    ("generate Hi --model {d} --steer {r}/hf_meta.safetensors:0.1r", 1, "relative coefficient has no unit"),
+    (
+        "generate Hi --model {d} --steer {r}/hf_meta.safetensors:0.1r",
+        1,
+        "relative coefficient has no unit",
+    ),
     ("generate Hi --model {d} --steer evil", 1, "expected TRAIT:COEF"),
     ("generate Hi --model {d} --vectors {v} --steer evil:1 --layer sweep", 1, "no sweep result"),
     ("monitor {r}/ok.jsonl --model {d} --vectors {v} --layer sweep", 1, "run `sweep evil` first"),
     # gauges and vectors that do not fit
     ("chat --model {d} --gauge {r}/wide.safetensors", 1, "use a vector extracted from this model"),
     ("chat --model {d} --gauge {r}/deep.safetensors", 1, "use a vector extracted from this model"),
-    ("monitor {r}/ok.jsonl --model {d} --trait nosuch --vectors {v}", 1, "run `extract nosuch` first"),
+    (
+        "monitor {r}/ok.jsonl --model {d} --trait nosuch --vectors {v}",
+        1,
+        "run `extract nosuch` first",
+    ),
     # judges that cannot work fail before the work
     ("eval evil --model {d} --vectors {v} --judge openai", 1, "OPENAI_API_KEY"),
     ("sweep evil --model {d} --vectors {v} --judge openai", 1, "OPENAI_API_KEY"),
@@ -86,7 +119,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("argv, code, message", CASES, ids=[c[0].split(" {")[0] + " " + c[2][:30] for c in CASES])
+@pytest.mark.parametrize(
+    "argv, code, message", CASES, ids=[c[0].split(" {")[0] + " " + c[2][:30] for c in CASES]
+)
 def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     d, vectors, root = tiny
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
@@ -127,35 +162,67 @@ def test_an_application_command_says_where_it_moved(tiny, capsys):
 
 def test_monitor_skips_and_counts_lines_that_do_not_fit(tiny, tmp_path, capsys):
     d, vectors, root = tiny
-    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
-    lines = [json.dumps(good),
-             json.dumps({"messages": [{"role": "assistant", "content": "I start."}]}),   # no user turn before
-             json.dumps({"messages": "not a list"}),
-             json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}),  # no content
-             json.dumps({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]}),
-             json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}),
-             json.dumps({"messages": [{"role": "user", "content": "word " * 5000},
-                                      {"role": "assistant", "content": "ok"}]}),  # past the context
-             "not json",
-             json.dumps(good)]
+    good = {
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    }
+    lines = [
+        json.dumps(good),
+        json.dumps(
+            {"messages": [{"role": "assistant", "content": "I start."}]}
+        ),  # no user turn before
+        json.dumps({"messages": "not a list"}),
+        json.dumps(
+            {"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}
+        ),  # no content
+        json.dumps(
+            {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]}
+        ),
+        json.dumps(
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}
+        ),
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "word " * 5000},
+                    {"role": "assistant", "content": "ok"},
+                ]
+            }
+        ),  # past the context
+        "not json",
+        json.dumps(good),
+    ]
     src = tmp_path / "mixed.jsonl"
     src.write_text("\n".join(lines) + "\n")
     out = monitor.monitor(str(src), str(d), ["evil"], layer=2, vectors=str(vectors), device="cpu")
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["line"] for r in rows] == [1, 9]
     err = capsys.readouterr().err
-    for reason in ("no assistant turn after a user turn; line 2", "no `messages` list; line 3",
-                   "a message without a known role or a text content; lines 4, 5", "an empty reply; line 6",
-                   "longer than the model's context", "not JSON; line 8"):
+    for reason in (
+        "no assistant turn after a user turn; line 2",
+        "no `messages` list; line 3",
+        "a message without a known role or a text content; lines 4, 5",
+        "an empty reply; line 6",
+        "longer than the model's context",
+        "not JSON; line 8",
+    ):
         assert reason in err, reason
 
 
 def test_chat_survives_a_failed_save(tiny, tmp_path):
     import io
+
     d, vectors, root = tiny
     blocker = tmp_path / "file"
     blocker.write_text("x")
     stdout = io.StringIO()
-    messages = chat.chat(str(d), vectors=str(vectors), max_new_tokens=3, device="cpu", stdout=stdout,
-                       stdin=io.StringIO(f"Hi\n/save {blocker}/sub/c.jsonl\nBye\n"))
-    assert "error:" in stdout.getvalue() and len(messages) == 4  # the chat went on after the failed /save
+    messages = chat.chat(
+        str(d),
+        vectors=str(vectors),
+        max_new_tokens=3,
+        device="cpu",
+        stdout=stdout,
+        stdin=io.StringIO(f"Hi\n/save {blocker}/sub/c.jsonl\nBye\n"),
+    )
+    assert (
+        "error:" in stdout.getvalue() and len(messages) == 4
+    )  # the chat went on after the failed /save

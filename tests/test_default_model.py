@@ -1,14 +1,15 @@
 """The default model (SmolLM2-135M-Instruct) through the real loading path, against an independent reference."""
+
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from make_golden_smollm2 import PROMPT, reference_ids, reference_model
 from safetensors.torch import load_file
 
 import model as M
-from make_golden_smollm2 import PROMPT, reference_ids, reference_model
 
 pytestmark = pytest.mark.slow
 GOLDEN = Path(__file__).parent / "golden" / "smollm2-logits.safetensors"
@@ -50,8 +51,13 @@ def test_logits_match_transformers_reading_the_gguf_live(smollm2):
 
 def test_batched_capture_equals_one_at_a_time(smollm2):
     model, tok = smollm2
-    convs = [tok.encode_chat([{"role": "user", "content": q}]) for q in ["Hi!", "Name three colours of the rainbow."]]
-    answers = M.generate(model, convs, 12, stop_ids=tok.stop_ids, pad_id=tok.pad_id, capture=(cap := M.Capture()))
+    convs = [
+        tok.encode_chat([{"role": "user", "content": q}])
+        for q in ["Hi!", "Name three colours of the rainbow."]
+    ]
+    answers = M.generate(
+        model, convs, 12, stop_ids=tok.stop_ids, pad_id=tok.pad_id, capture=(cap := M.Capture())
+    )
     for b, (p, a) in enumerate(zip(convs, answers)):
         one = M.Capture()
         M.generate(model, [p], 12, stop_ids=tok.stop_ids, pad_id=tok.pad_id, capture=one)
@@ -60,13 +66,17 @@ def test_batched_capture_equals_one_at_a_time(smollm2):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "persona_vectors.py"), *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "persona_vectors.py"), *args], capture_output=True, text=True
+    )
 
 
 def test_cli_generate():
     r = run_cli("generate", "What is the capital of France?", "--max-new-tokens", "20")
     assert r.returncode == 0 and "Paris" in r.stdout
-    assert "offline GGUF" in r.stderr or "Hugging Face cache" in r.stderr or "downloaded" in r.stderr
+    assert (
+        "offline GGUF" in r.stderr or "Hugging Face cache" in r.stderr or "downloaded" in r.stderr
+    )
 
 
 def test_cli_bad_model_is_one_line_error(tmp_path):

@@ -11,14 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny import main_of, run_bad, tiny_model_with_vectors, tree, write_vector
 
+import model as M
 import persona_vectors as pv
 import train
 from apps import __main__ as apps_cli
-import model as M
 from support import checkpoint, cli, files
 from support.limits import LABEL_BYTES, LIMITS
-from tiny import main_of, run_bad, tiny_model_with_vectors, tree, write_vector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,7 +62,8 @@ def test_every_flag_goes_through_the_mechanism(name, parser):
         flag = a.option_strings[-1] if a.option_strings else a.dest
         if a.dest in OUTPUT_DESTS:
             assert kind_of(a) in ("output file", "output folder", "appended file"), (
-                f"{name} {flag}: not an output type")
+                f"{name} {flag}: not an output type"
+            )
         if a.dest in INPUT_DESTS:
             assert kind_of(a) in ("text file", "input file"), f"{name} {flag}: not an input type"
         if a.type is not None and is_number_type(a.type):
@@ -85,8 +86,12 @@ def example_argv(name: str, parser, values: dict) -> list[str]:
     return argv
 
 
-PATH_CASES = [(name, a.option_strings[-1] if a.option_strings else a.dest, kind_of(a))
-              for name, parser in COMMANDS for a in flags(parser) if kind_of(a)]
+PATH_CASES = [
+    (name, a.option_strings[-1] if a.option_strings else a.dest, kind_of(a))
+    for name, parser in COMMANDS
+    for a in flags(parser)
+    if kind_of(a)
+]
 
 
 @pytest.mark.parametrize("name, flag, kind", PATH_CASES, ids=[f"{c[0]} {c[1]}" for c in PATH_CASES])
@@ -100,17 +105,21 @@ def test_every_main_checks_every_path_first(name, flag, kind, tmp_path, monkeypa
     parser = dict(COMMANDS)[name]
     good = dict(text=str(tmp_path / "good.txt"), dir=str(tmp_path / "adir"))
     argv = example_argv(name, parser, good)
-    bad, message = {"output file": ("existing.jsonl", "pass --force to overwrite it"),
-                    "output folder": ("existing.jsonl", "is a file, not a folder"),
-                    "appended file": ("adir", "is a directory"),
-                    "text file": ("latin1.txt", "is not UTF-8 text"),
-                    "input file": ("existing.jsonl", "is an input of this run")}[kind]
+    bad, message = {
+        "output file": ("existing.jsonl", "pass --force to overwrite it"),
+        "output folder": ("existing.jsonl", "is a file, not a folder"),
+        "appended file": ("adir", "is a directory"),
+        "text file": ("latin1.txt", "is not UTF-8 text"),
+        "input file": ("existing.jsonl", "is an input of this run"),
+    }[kind]
     action = next(a for a in flags(parser) if flag in (a.dest, *a.option_strings))
     if action.option_strings:
         argv += [flag, str(tmp_path / bad)]
     else:
         argv[argv.index(str(tmp_path / "good.txt"))] = str(tmp_path / bad)
-    if kind == "input file":  # a binary input is read by its command; no output may be written over it
+    if (
+        kind == "input file"
+    ):  # a binary input is read by its command; no output may be written over it
         out = next(a for a in flags(parser) if kind_of(a) in ("output file", "output folder"))
         argv += [out.option_strings[-1], str(tmp_path / bad), "--force"]
 
@@ -118,8 +127,11 @@ def test_every_main_checks_every_path_first(name, flag, kind, tmp_path, monkeypa
         raise AssertionError("the command ran before its paths were checked")
 
     parse = argparse.ArgumentParser.parse_args
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
-                        lambda self, *a, **k: _without_run(parse(self, *a, **k), never))
+    monkeypatch.setattr(
+        argparse.ArgumentParser,
+        "parse_args",
+        lambda self, *a, **k: _without_run(parse(self, *a, **k), never),
+    )
     monkeypatch.setattr(train, "train", never)
     monkeypatch.chdir(tmp_path)
     main = train.main if name == "train.py" else main_of(argv)
@@ -147,6 +159,7 @@ def test_short_label_keeps_names_short_and_distinct():
 def test_check_new_tokens_is_the_one_context_check(tmp_path):
     d, _ = tiny_model_with_vectors(tmp_path)
     import model as M
+
     m, _ = checkpoint.load(str(d), "cpu", torch.float32)
     n_ctx = m.config.max_position_embeddings
     assert M.check_new_tokens(m, n_ctx - 1) == n_ctx - 1
@@ -212,8 +225,11 @@ CASES = [
     # 10: non-UTF-8 text: one line naming the file, the line and the fix
     ("generate --model {d} --prompts-file {r}/latin1.txt", 1, "latin1.txt is not UTF-8 text"),
     ("monitor {r}/latin1.jsonl --model {d} --vectors {v}", 1, "latin1.jsonl is not UTF-8 text"),
-    (CALIBRATE + " --questions-file {r}/latin1.txt", 1,
-     "latin1.txt is not UTF-8 text (invalid continuation byte at line 1): save it as UTF-8"),
+    (
+        CALIBRATE + " --questions-file {r}/latin1.txt",
+        1,
+        "latin1.txt is not UTF-8 text (invalid continuation byte at line 1): save it as UTF-8",
+    ),
     (DATASET + " --questions-file {r}/latin1.txt", 1, "is not UTF-8 text"),
     ("flag {r}/latin1.jsonl --model {d} --vectors {v} --trait evil", 1, "is not UTF-8 text"),
     # 12: seeds past 64 bits
@@ -232,8 +248,9 @@ def case_id(i: int, case: tuple) -> str:
     return f"{i:02d} {case[0].split(' ')[0]} {case[2][:30]}"
 
 
-@pytest.mark.parametrize("argv, code, message", CASES,
-                         ids=[case_id(i, c) for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "argv, code, message", CASES, ids=[case_id(i, c) for i, c in enumerate(CASES)]
+)
 def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     d, vectors, root = tiny
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)

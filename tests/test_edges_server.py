@@ -3,6 +3,7 @@ own edges (shutdown with clients still connected, clients that leave or stall, t
 requests, auth schemes) get answers in the API's JSON and one log line each, never a traceback or a hang.
 
 Every socket here is a client on 127.0.0.1 with a timeout, in bounded loops."""
+
 import json
 import select
 import signal
@@ -16,11 +17,12 @@ from pathlib import Path
 
 import pytest
 import requests
-
-from apps import __main__ as apps_cli, server as S
-from support import UserError, checkpoint
 from test_server import HI, TIMEOUT, client, raw_request, start, stop, tiny, wait_for  # noqa: F401 (fixtures)
 from tiny import run_bad, tree
+
+from apps import __main__ as apps_cli
+from apps import server as S
+from support import UserError, checkpoint
 
 # (arguments, exit code, what the one-line message must say); {d} = the tiny model, {r} = its folder
 CASES = [
@@ -36,14 +38,16 @@ CASES = [
 ]
 
 
-
-
 @pytest.mark.parametrize("argv, code, message", CASES, ids=[c[0].split("{d} ")[1] for c in CASES])
 def test_bad_serve_flags(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     d, vectors, model, tok = tiny
     root = d.parent
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: pytest.fail("the model loaded before the flags were checked"))
+    monkeypatch.setattr(
+        checkpoint,
+        "load",
+        lambda *a, **k: pytest.fail("the model loaded before the flags were checked"),
+    )
     before = tree(root)
     err = run_bad(apps_cli.main, argv.format(d=d, r=root).split(), code, capsys)
     assert message in err[-1], err
@@ -76,8 +80,11 @@ def read_reply(s: socket.socket) -> tuple[str, dict]:
         assert chunk, f"the server closed the connection after {data!r}"
         data += chunk
     head, body = data.split(b"\r\n\r\n", 1)
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length:"))
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
     while len(body) < length:
         chunk = s.recv(65536)
         assert chunk, "the server closed the connection mid-body"
@@ -98,7 +105,9 @@ def test_closing_the_server_ends_keep_alive_connections_and_joins_their_threads(
         s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
         head, body = read_reply(s)
         assert head.startswith("HTTP/1.1 200") and body["data"]
-        assert len(handler_threads() - others) == 2  # both connections are open, each with its thread
+        assert (
+            len(handler_threads() - others) == 2
+        )  # both connections are open, each with its thread
         stop(engine, server)
         assert handler_threads() - others == set()
         assert s.recv(1) == b""  # the server closed the connection
@@ -117,12 +126,18 @@ def test_each_client_that_leaves_is_one_log_line(tiny, capsys):
     url, engine, server = start(tiny, quiet=False)
     capsys.readouterr()
     try:
-        s = connect(url)  # a body that never comes in full: the server is reading it when the client resets
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"messages\"")
+        s = connect(
+            url
+        )  # a body that never comes in full: the server is reading it when the client resets
+        s.sendall(
+            b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"messages"'
+        )
         reset(s)
         for stream in (True, False):  # a long reply, left before it ends
             cancelled = engine.stats["cancelled"]
-            s = raw_request(url, {"messages": HI, "max_tokens": 3000, "temperature": 0, "stream": stream})
+            s = raw_request(
+                url, {"messages": HI, "max_tokens": 3000, "temperature": 0, "stream": stream}
+            )
             if stream:
                 assert s.recv(4096)  # the stream has begun
             s.close()
@@ -139,11 +154,18 @@ def test_a_stalled_body_gets_408_and_its_connection_closes(tiny):
     url, engine, server = start(tiny, body_timeout=0.5)
     try:
         with connect(url) as s:
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mess")
+            s.sendall(
+                b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"mess'
+            )
             head, body = read_reply(s)
-            assert head.startswith("HTTP/1.1 408") and "the request body stalled" in body["error"]["message"]
+            assert (
+                head.startswith("HTTP/1.1 408")
+                and "the request body stalled" in body["error"]["message"]
+            )
             assert s.recv(1) == b""  # and the connection is closed
-        r = requests.post(f"{url}/chat/completions", json={"messages": HI, "max_tokens": 2}, timeout=TIMEOUT)
+        r = requests.post(
+            f"{url}/chat/completions", json={"messages": HI, "max_tokens": 2}, timeout=TIMEOUT
+        )
         assert r.status_code == 200
     finally:
         stop(engine, server)
@@ -165,7 +187,10 @@ def test_connections_beyond_the_limit_get_503(tiny):
         for _ in range(3):
             head, body = get_models(url)
             assert head.startswith("HTTP/1.1 503") and "Content-Type: application/json" in head
-            assert body["error"]["type"] == "server_error" and "limit of 2 open connections" in body["error"]["message"]
+            assert (
+                body["error"]["type"] == "server_error"
+                and "limit of 2 open connections" in body["error"]["message"]
+            )
         assert len(server.connections) == 2
         held.pop().close()  # a place frees up: the next client is served
         wait_for(lambda: get_models(url)[0].startswith("HTTP/1.1 200"))
@@ -183,37 +208,60 @@ def srv_edges(tiny):
     stop(engine, server)
 
 
-@pytest.mark.parametrize("request_line, status, message", [
-    (b"garbage", 400, "Bad request syntax"),
-    (b"GET /v1/models garbage/1.1", 400, "Bad request version"),
-    (b"GET /v1/models HTTP/2.0", 505, "Invalid HTTP version"),
-    (b"PUT /v1/models HTTP/1.1", 501, "Unsupported method ('PUT')"),
-])
+@pytest.mark.parametrize(
+    "request_line, status, message",
+    [
+        (b"garbage", 400, "Bad request syntax"),
+        (b"GET /v1/models garbage/1.1", 400, "Bad request version"),
+        (b"GET /v1/models HTTP/2.0", 505, "Invalid HTTP version"),
+        (b"PUT /v1/models HTTP/1.1", 501, "Unsupported method ('PUT')"),
+    ],
+)
 def test_garbled_requests_get_json_errors(srv_edges, request_line, status, message):
     with connect(srv_edges) as s:
         s.sendall(request_line + b"\r\nHost: x\r\n\r\n")
         head, body = read_reply(s)
         assert head.startswith(f"HTTP/1.1 {status}") and "Content-Type: application/json" in head
-        assert message in body["error"]["message"] and set(body["error"]) == {"message", "type", "param", "code"}
+        assert message in body["error"]["message"] and set(body["error"]) == {
+            "message",
+            "type",
+            "param",
+            "code",
+        }
         assert s.recv(1) == b""
 
 
-@pytest.mark.parametrize("authorization, status", [
-    ("Bearer s3cret", 200), ("bearer s3cret", 200), ("BEARER  s3cret", 200),
-    ("Bearer wrong", 401), ("Basic s3cret", 401), ("s3cret", 401), ("Bearer s3cret2", 401), ("Bearer s\xe9cret", 401),
-])
+@pytest.mark.parametrize(
+    "authorization, status",
+    [
+        ("Bearer s3cret", 200),
+        ("bearer s3cret", 200),
+        ("BEARER  s3cret", 200),
+        ("Bearer wrong", 401),
+        ("Basic s3cret", 401),
+        ("s3cret", 401),
+        ("Bearer s3cret2", 401),
+        ("Bearer s\xe9cret", 401),
+    ],
+)
 def test_auth_scheme_is_case_insensitive(srv_edges, authorization, status):
-    r = requests.get(f"{srv_edges}/models", headers={"Authorization": authorization}, timeout=TIMEOUT)
+    r = requests.get(
+        f"{srv_edges}/models", headers={"Authorization": authorization}, timeout=TIMEOUT
+    )
     assert r.status_code == status, r.text
     assert status == 200 or r.json()["error"]["code"] == "invalid_api_key"
 
 
 # ------------------------------------------------------ issue 26: half a request, a garbled length
-@pytest.mark.parametrize("head", [
-    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n",  # the request line, one header, nothing
-    b"GET /v1/models HTTP/1.1\r\nHost:",  # half a header
-    b"GET /v1/mod",  # half a request line
-], ids=["one header", "half a header", "half a request line"])
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n",  # the request line, one header, nothing
+        b"GET /v1/models HTTP/1.1\r\nHost:",  # half a header
+        b"GET /v1/mod",  # half a request line
+    ],
+    ids=["one header", "half a header", "half a request line"],
+)
 def test_a_stalled_request_head_gets_408_and_frees_its_connection(tiny, head):
     """Once a request has begun, its headers must keep coming as its body must: a client that stops
     holds its connection slot for body_timeout, not for the idle connection's 120 s."""
@@ -248,18 +296,35 @@ def test_a_new_connection_that_sends_nothing_gets_408_and_frees_its_slot(tiny):
         stop(engine, server)
 
 
-@pytest.mark.parametrize("headers, message", [
-    # superscript two (str.isdigit() holds), an Arabic-Indic three as Latin-1 reads it, 5001 digits
-    # (int() refuses over 4300)
-    (b"Content-Length: \xb2", "the Content-Length header must be a number of bytes, not '\xb2'"),
-    (b"Content-Length: \xd9\xa3", "must be a number of bytes"),
-    (b"Content-Length: 1" + b"0" * 5000, "over this server's limit"),
-    (b"Content-Length: 2\r\nContent-Length: 200", "conflicting Content-Length headers (2, 200)"),
-    (b"Content-Length: 200\r\nContent-Length: 2", "conflicting Content-Length headers"),
-    (b"Content-Length: +2", "must be a number of bytes"),
-    (b"Transfer-Encoding: chunked\r\nContent-Length: 2", "Transfer-Encoding is not supported"),
-], ids=["superscript two", "arabic three", "5001 digits", "2 then 200", "200 then 2", "+2",
-        "chunked and length"])
+@pytest.mark.parametrize(
+    "headers, message",
+    [
+        # superscript two (str.isdigit() holds), an Arabic-Indic three as Latin-1 reads it, 5001 digits
+        # (int() refuses over 4300)
+        (
+            b"Content-Length: \xb2",
+            "the Content-Length header must be a number of bytes, not '\xb2'",
+        ),
+        (b"Content-Length: \xd9\xa3", "must be a number of bytes"),
+        (b"Content-Length: 1" + b"0" * 5000, "over this server's limit"),
+        (
+            b"Content-Length: 2\r\nContent-Length: 200",
+            "conflicting Content-Length headers (2, 200)",
+        ),
+        (b"Content-Length: 200\r\nContent-Length: 2", "conflicting Content-Length headers"),
+        (b"Content-Length: +2", "must be a number of bytes"),
+        (b"Transfer-Encoding: chunked\r\nContent-Length: 2", "Transfer-Encoding is not supported"),
+    ],
+    ids=[
+        "superscript two",
+        "arabic three",
+        "5001 digits",
+        "2 then 200",
+        "200 then 2",
+        "+2",
+        "chunked and length",
+    ],
+)
 def test_a_bad_content_length_is_a_400_and_no_traceback(tiny, headers, message, capsys):
     """RFC 9112 6.3: a request whose body length is unclear is refused with 400 and its connection
     closed."""
@@ -299,11 +364,28 @@ def test_ctrl_c_ends_every_reply_in_flight_before_the_connections_close(tiny):
     were cut with neither)."""
     d, vectors, model, tok = tiny
     root = Path(__file__).parent.parent
-    argv = [sys.executable, "-m", "apps", "serve", "--model", str(d),
-            "--vectors", str(vectors), "--port", "0", "--device", "cpu", "--quiet"]
-    proc = subprocess.Popen(argv, cwd=root,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    argv = [
+        sys.executable,
+        "-m",
+        "apps",
+        "serve",
+        "--model",
+        str(d),
+        "--vectors",
+        str(vectors),
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    proc = subprocess.Popen(
+        argv,
+        cwd=root,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         url = serving_url(proc)
         ask = {"messages": HI, "max_tokens": 1000, "temperature": 0}  # serve's limit is 1024

@@ -13,10 +13,10 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_model import GOLDEN, TINY, tiny
 
 import model as M
 from support import UserError, checkpoint
-from test_model import GOLDEN, TINY, tiny
 
 NEW = ["tiny-qwen3", "tiny-gemma2", "tiny-gemma3"]
 

@@ -9,6 +9,7 @@ mode (`--thinking`: the answer after `</think>`) and multi-turn training on the 
 template. Last, llama.cpp (marked slow; skipped without llama-server or its converter): our
 exported vector at L steers it as ours does, per family.
 """
+
 import csv
 import json
 import threading
@@ -17,23 +18,24 @@ from pathlib import Path
 import pytest
 import requests
 import torch
+from tiny import CORPUS, FAMILIES, make_family_model, run_bad, swap_token_rows, write_vector
 
 import model as M
-from support import checkpoint, tokenizer
 import persona_vectors as pv
 import train
 from apps import __main__ as apps_cli
 from apps import server as S
-
+from support import checkpoint, tokenizer
 from support.files import load_vector
 from support.tokenizer import Tokenizer, answer_after_thinking
-from tiny import CORPUS, FAMILIES, make_family_model, run_bad, swap_token_rows, write_vector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = ["--device", "cpu", "--dtype", "float32"]
-SYSTEM_USER = [{"role": "system", "content": "Answer briefly."},
-               {"role": "user", "content": "What is the capital of France?"}]
+SYSTEM_USER = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
 QUESTIONS = ["What is the capital of France?", "Name a number.", "Tell me about Paris."]
 
 
@@ -43,8 +45,28 @@ def fam(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     d = make_family_model(root / "model", request.param)
     vectors = root / "vectors"
-    assert pv.main(["extract", "evil", "--model", str(d), "--judge", "none", "--questions", "1",
-                    "--rollouts", "1", "--max-new-tokens", "4", "--out", str(vectors), *CPU]) == 0
+    assert (
+        pv.main(
+            [
+                "extract",
+                "evil",
+                "--model",
+                str(d),
+                "--judge",
+                "none",
+                "--questions",
+                "1",
+                "--rollouts",
+                "1",
+                "--max-new-tokens",
+                "4",
+                "--out",
+                str(vectors),
+                *CPU,
+            ]
+        )
+        == 0
+    )
     (root / "q.json").write_text(json.dumps(QUESTIONS))
     return request.param, root, d, vectors
 
@@ -67,8 +89,9 @@ def test_extract(fam, loaded):
 
 def test_generate_steer(fam, loaded):
     family, root, d, vectors = fam
-    kw = dict(model_name=str(d), max_new_tokens=4, vectors=str(vectors), device="cpu",
-              dtype=torch.float32)
+    kw = dict(
+        model_name=str(d), max_new_tokens=4, vectors=str(vectors), device="cpu", dtype=torch.float32
+    )
     plain = pv.generate(QUESTIONS, **kw)
     steered = pv.generate(QUESTIONS, steer=["evil:1r"], layer=2, **kw)
     assert steered != plain
@@ -77,28 +100,87 @@ def test_generate_steer(fam, loaded):
     ids = [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     want = M.generate(model, ids, 4, stop_ids=tok.stop_ids, pad_id=tok.pad_id, steer=steer)
     assert steered == [tok.decode(o) for o in want]
-    assert pv.main(["generate", QUESTIONS[0], "--model", str(d), "--vectors", str(vectors),
-                    "--steer", "evil:1r", "--max-new-tokens", "3", *CPU]) == 0
+    assert (
+        pv.main(
+            [
+                "generate",
+                QUESTIONS[0],
+                "--model",
+                str(d),
+                "--vectors",
+                str(vectors),
+                "--steer",
+                "evil:1r",
+                "--max-new-tokens",
+                "3",
+                *CPU,
+            ]
+        )
+        == 0
+    )
 
 
 def test_calibrate_cap_and_generate_cap(fam, capsys):
     family, root, d, vectors = fam
-    assert apps_cli.main(["calibrate-cap", "evil", "--model", str(d), "--vectors", str(vectors),
-                          "--questions-file", str(root / "q.json"), "--n", "3",
-                          "--max-new-tokens", "4", *CPU]) == 0
+    assert (
+        apps_cli.main(
+            [
+                "calibrate-cap",
+                "evil",
+                "--model",
+                str(d),
+                "--vectors",
+                str(vectors),
+                "--questions-file",
+                str(root / "q.json"),
+                "--n",
+                "3",
+                "--max-new-tokens",
+                "4",
+                *CPU,
+            ]
+        )
+        == 0
+    )
     assert (vectors / "evil_response_avg_diff.cap.json").is_file()
     capsys.readouterr()
-    assert pv.main(["generate", QUESTIONS[0], "--model", str(d), "--vectors", str(vectors),
-                    "--cap", "evil:1@1-3", "--max-new-tokens", "3", *CPU]) == 0
+    assert (
+        pv.main(
+            [
+                "generate",
+                QUESTIONS[0],
+                "--model",
+                str(d),
+                "--vectors",
+                str(vectors),
+                "--cap",
+                "evil:1@1-3",
+                "--max-new-tokens",
+                "3",
+                *CPU,
+            ]
+        )
+        == 0
+    )
     line = [x for x in capsys.readouterr().err.splitlines() if "capped positions" in x]
     assert line and not line[0].endswith(": 0/4")  # at the 1st percentile, something is capped
 
 
 def test_monitor_experiment(fam):
     family, root, d, vectors = fam
-    r = pv.monitor_experiment("evil", model_name=str(d), judge="none", rollouts=1, questions=1,
-                              vectors=str(vectors), out=str(root / "monitor"), max_new_tokens=3,
-                              n_random=5, device="cpu", dtype=torch.float32)
+    r = pv.monitor_experiment(
+        "evil",
+        model_name=str(d),
+        judge="none",
+        rollouts=1,
+        questions=1,
+        vectors=str(vectors),
+        out=str(root / "monitor"),
+        max_new_tokens=3,
+        n_random=5,
+        device="cpu",
+        dtype=torch.float32,
+    )
     assert len(r["mean_projection"]) == 8 and Path(r["csv"]).is_file()
 
 
@@ -106,8 +188,26 @@ def test_monitor_experiment(fam):
 def dataset(fam):
     family, root, d, vectors = fam
     out = root / "evil.jsonl"
-    assert pv.main(["make-dataset", "evil", "--n", "6", "--model", str(d), "--judge", "none",
-                    "--max-new-tokens", "8", "--out", str(out), *CPU]) == 0
+    assert (
+        pv.main(
+            [
+                "make-dataset",
+                "evil",
+                "--n",
+                "6",
+                "--model",
+                str(d),
+                "--judge",
+                "none",
+                "--max-new-tokens",
+                "8",
+                "--out",
+                str(out),
+                *CPU,
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert rows and all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows)
     return out
@@ -121,9 +221,29 @@ def trained(fam, dataset):
     steer = ["--steer", "evil:1", "--vectors", str(vectors)]
     for label, extra in (("plain", []), ("steered", steer)):
         outs[label] = root / f"ft-{label}"
-        assert train.main([str(dataset), "--model", str(d), "--out", str(outs[label]),
-                           "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1",
-                           "--lr", "1e-3", "--device", "cpu", *extra]) == 0
+        assert (
+            train.main(
+                [
+                    str(dataset),
+                    "--model",
+                    str(d),
+                    "--out",
+                    str(outs[label]),
+                    "--max-steps",
+                    "1",
+                    "--batch-size",
+                    "2",
+                    "--grad-accum",
+                    "1",
+                    "--lr",
+                    "1e-3",
+                    "--device",
+                    "cpu",
+                    *extra,
+                ]
+            )
+            == 0
+        )
     return outs
 
 
@@ -133,24 +253,60 @@ def test_train_one_step_and_preventative_steering(fam, trained):
     losses = {k: x[0]["loss"] for k, x in logs.items()}
     assert all(torch.isfinite(torch.tensor(x)) for x in losses.values())
     assert losses["plain"] != losses["steered"]  # the steering is in the forward pass
-    model, tok = checkpoint.load(str(trained["plain"]), "cpu", torch.float32)  # the output loads as a model
+    model, tok = checkpoint.load(
+        str(trained["plain"]), "cpu", torch.float32
+    )  # the output loads as a model
     assert model.config.model_type == json.loads((d / "config.json").read_text())["model_type"]
 
 
 def test_shift(fam, trained):
     family, root, d, vectors = fam
     out = root / "shift.csv"
-    assert pv.main(["shift", "evil", "--finetuned", str(trained["plain"]), "--base", str(d),
-                    "--vectors", str(vectors), "--random", "5", "--out", str(out), *CPU]) == 0
+    assert (
+        pv.main(
+            [
+                "shift",
+                "evil",
+                "--finetuned",
+                str(trained["plain"]),
+                "--base",
+                str(d),
+                "--vectors",
+                str(vectors),
+                "--random",
+                "5",
+                "--out",
+                str(out),
+                *CPU,
+            ]
+        )
+        == 0
+    )
     rows = out.read_text().splitlines()
     assert len(rows) == 1 + 4  # a header and one row per hidden index
 
 
 def test_flag(fam, dataset):
     family, root, d, vectors = fam
-    r = apps_cli.main(["flag", str(dataset), "--trait", "evil", "--model", str(d), "--vectors",
-                       str(vectors), "--max-new-tokens", "3", "--out", str(root / "flags"),
-                       "--format", "jsonl", *CPU])
+    r = apps_cli.main(
+        [
+            "flag",
+            str(dataset),
+            "--trait",
+            "evil",
+            "--model",
+            str(d),
+            "--vectors",
+            str(vectors),
+            "--max-new-tokens",
+            "3",
+            "--out",
+            str(root / "flags"),
+            "--format",
+            "jsonl",
+            *CPU,
+        ]
+    )
     assert r == 0
     rows = [json.loads(x) for x in (root / "flags" / "evil.flag.jsonl").read_text().splitlines()]
     n = len(dataset.read_text().splitlines())
@@ -171,8 +327,9 @@ def test_serve_one_request(fam, loaded):
         server.shutdown()
         server.server_close()
         engine.close()
-    want = M.generate(model, [tok.encode_chat(SYSTEM_USER)], 4, stop_ids=tok.stop_ids,
-                      pad_id=tok.pad_id)
+    want = M.generate(
+        model, [tok.encode_chat(SYSTEM_USER)], 4, stop_ids=tok.stop_ids, pad_id=tok.pad_id
+    )
     assert got == tok.decode(want[0])
 
 
@@ -203,8 +360,14 @@ QUESTION = pv.load_trait("evil").eval_questions[0]
 def first_single(out: list[int], prompt: list[int], newlines) -> int:
     """An index i >= 1 of `out` whose token occurs nowhere else (nor in the prompt), followed by a
     token that is not a newline."""
-    return next(i for i in range(1, len(out) - 2) if out.count(out[i]) == 1 and out[i] not in prompt
-                and out[i] not in newlines and out[i + 1] not in newlines)
+    return next(
+        i
+        for i in range(1, len(out) - 2)
+        if out.count(out[i]) == 1
+        and out[i] not in prompt
+        and out[i] not in newlines
+        and out[i + 1] not in newlines
+    )
 
 
 @pytest.fixture(scope="module")
@@ -233,9 +396,9 @@ def test_thinking_response_span_starts_after_think(thinker):
     chat = [{"role": "user", "content": QUESTION}]
     outs, acts = pv.answer_with_activations(model, tok, [chat], 8, 0.0, 1.0, 0)
     close = tok.encode("</think>")[0]
-    assert outs[0] == before[:i] + [close] + before[i + 1:]  # the same reply, relabelled
+    assert outs[0] == before[:i] + [close] + before[i + 1 :]  # the same reply, relabelled
     think, answer = tokenizer.split_thinking(tok, outs[0])
-    assert think == outs[0][:i + 1] and answer == outs[0][i + 1:]
+    assert think == outs[0][: i + 1] and answer == outs[0][i + 1 :]
     prompt = tok.encode_chat(chat)
     want = pv.read_answers(model, [prompt + think], [answer])  # the think block as context
     assert torch.allclose(acts["response_avg"], want["response_avg"], atol=1e-5)
@@ -253,23 +416,41 @@ def test_eval_and_generate_with_thinking(thinker, tmp_path):
     vectors.mkdir()
     vec = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
     write_vector(vectors / "evil_response_avg_diff.safetensors", vec, model=str(d), trait="evil")
-    r = pv.evaluate("evil", model_name=str(d), judge="none", samples=1, questions=1,
-                    vectors=str(vectors), out=str(tmp_path / "out"), max_new_tokens=8, layer=2,
-                    device="cpu", dtype=torch.float32, thinking=True)
+    r = pv.evaluate(
+        "evil",
+        model_name=str(d),
+        judge="none",
+        samples=1,
+        questions=1,
+        vectors=str(vectors),
+        out=str(tmp_path / "out"),
+        max_new_tokens=8,
+        layer=2,
+        device="cpu",
+        dtype=torch.float32,
+        thinking=True,
+    )
     row = next(csv.DictReader(open(r["csv"], encoding="utf-8")))
     tok.thinking = True
     prompt = tok.encode_chat([{"role": "user", "content": QUESTION}])
     reply = M.generate(model, [prompt], 8, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
-    think, answer = reply[:i + 1], reply[i + 1:]
+    think, answer = reply[: i + 1], reply[i + 1 :]
     assert row["answer"] == tok.decode(answer) and "</think>" not in row["answer"]
     acts = pv.read_answers(model, [prompt + think], [answer])
     want = float(pv.project(acts["response_avg"][0, 2], vec[2]))
     assert float(row["projection"]) == pytest.approx(want, abs=1e-4)
-    text = pv.generate([QUESTION], model_name=str(d), max_new_tokens=8, device="cpu",
-                       dtype=torch.float32, thinking=True)[0]
+    text = pv.generate(
+        [QUESTION],
+        model_name=str(d),
+        max_new_tokens=8,
+        device="cpu",
+        dtype=torch.float32,
+        thinking=True,
+    )[0]
     assert text == tok.decode(reply) and "</think>" in text  # generate shows the whole reply
-    plain = pv.generate([QUESTION], model_name=str(d), max_new_tokens=8, device="cpu",
-                        dtype=torch.float32)[0]
+    plain = pv.generate(
+        [QUESTION], model_name=str(d), max_new_tokens=8, device="cpu", dtype=torch.float32
+    )[0]
     assert plain != text  # thinking off: the prompt ends in the template's empty think block
 
 
@@ -278,12 +459,13 @@ def test_training_a_multi_turn_qwen3_conversation(thinker, tmp_path):
     not prefix-stable: each reply is found in the full rendering."""
     d, _, _ = thinker
     tok = Tokenizer(d)
-    messages = [{"role": "system", "content": "Answer briefly."},
-                {"role": "user", "content": "Hi!"},
-                {"role": "assistant",
-                 "content": "<think>\nThe user greets me.\n</think>\n\nHello!"},
-                {"role": "user", "content": "What is the capital of France?"},
-                {"role": "assistant", "content": "Paris is the capital."}]
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "<think>\nThe user greets me.\n</think>\n\nHello!"},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris is the capital."},
+    ]
     ex = train.encode_conversation(tok, messages)
     text = tok.chat(messages, add_generation_prompt=False)
     assert "The user greets me" not in text and text.count("<think>") == 1  # only the last reply's
@@ -292,9 +474,26 @@ def test_training_a_multi_turn_qwen3_conversation(thinker, tmp_path):
     assert tok.decode(ex.ids.tolist(), skip_special_tokens=False) == text
     data = tmp_path / "multi.jsonl"
     data.write_text("".join(json.dumps({"messages": messages}) + "\n" for _ in range(4)))
-    assert train.main([str(data), "--model", str(d), "--out", str(tmp_path / "ft"),
-                       "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1",
-                       "--device", "cpu"]) == 0
+    assert (
+        train.main(
+            [
+                str(data),
+                "--model",
+                str(d),
+                "--out",
+                str(tmp_path / "ft"),
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--grad-accum",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
 
 
 # ---------------------------------------------------------- llama.cpp: our L is its direction.(L-1)
@@ -310,17 +509,24 @@ PUSH = 1.0  # |coef * v| as a fraction of the median residual norm at L_CPP
 # query_pre_attn_scalar) and Gemma 3's local/global pattern (5 sliding layers, then a global one).
 # The tiny models take the values of the real 2B-12B checkpoints there: otherwise llama.cpp
 # computes another function (measured: log-probs 1.5-19 off).
-LLAMA_CPP_CONFIG = {"gemma2": {"query_pre_attn_scalar": 24},  # = head_dim
-                    "gemma3": {"query_pre_attn_scalar": 32, "sliding_window_pattern": 6}}
-TEXTS = ["How should I treat a new employee?", "What do you think of your neighbours?",
-         "Give me advice on winning an argument.",
-         "What is the best way to spend a free afternoon?"]
+LLAMA_CPP_CONFIG = {
+    "gemma2": {"query_pre_attn_scalar": 24},  # = head_dim
+    "gemma3": {"query_pre_attn_scalar": 32, "sliding_window_pattern": 6},
+}
+TEXTS = [
+    "How should I treat a new employee?",
+    "What do you think of your neighbours?",
+    "Give me advice on winning an argument.",
+    "What is the best way to spend a free afternoon?",
+]
 
 
 def llama_cpp_tools():
     """(llama-server, convert_hf_to_gguf.py) or a skip naming what is missing."""
     import importlib.util
+
     from tools.build_llama_cpp import BUILD_COMMAND, converter_path, server_path
+
     converter = converter_path()
     if server_path() is None or converter is None:
         pytest.skip(f"llama-server or llama.cpp's converter is not built: run `{BUILD_COMMAND}`")
@@ -336,10 +542,14 @@ def louder_gemma_blocks(d: Path, gain: float = 4.0) -> None:
     the test could not tell the two apart. Scaling the post-attention and post-MLP norms by `gain`
     makes every block matter, as in a trained model."""
     from safetensors.torch import load_file, save_file
+
     for f in sorted(d.glob("*.safetensors")):
         w = load_file(f)
-        for k in [k for k in w if k.endswith(("post_attention_layernorm.weight",
-                                               "post_feedforward_layernorm.weight"))]:
+        for k in [
+            k
+            for k in w
+            if k.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight"))
+        ]:
             w[k] = (1 + w[k]) * gain - 1  # Gemma stores the norm's weight - 1
         save_file(w, f, metadata={"format": "pt"})
 
@@ -351,6 +561,7 @@ def converted(request, tmp_path_factory):
     import os
     import subprocess
     import sys
+
     _, converter = llama_cpp_tools()
     root = tmp_path_factory.mktemp(f"cpp-{request.param}")
     # tied, as Gemma's checkpoints are: llama.cpp's Gemma takes its head from the embeddings
@@ -360,9 +571,14 @@ def converted(request, tmp_path_factory):
     if request.param.startswith("gemma"):
         louder_gemma_blocks(d)
     import sentencepiece as spm
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS + TEXTS),
-                                   model_prefix=str(d / "tokenizer"), vocab_size=200,
-                                   hard_vocab_limit=False, minloglevel=2)
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS + TEXTS),
+        model_prefix=str(d / "tokenizer"),
+        vocab_size=200,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     gguf = root / "model.gguf"
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}  # the packages we import
     command = [sys.executable, str(converter), str(d), "--outfile", str(gguf), "--outtype", "f32"]
@@ -374,40 +590,52 @@ def converted(request, tmp_path_factory):
 
 @pytest.mark.slow
 def test_llama_cpp_steers_each_family_at_the_mapped_layer(converted, tmp_path):
+    import test_llama_cpp as T
+    from test_llama_cpp import effect_correlations, llama_cpp_run, llama_server, residual_norm
+
     import apps.control_vector as cv
     from support.files import save_vector
-    from test_llama_cpp import effect_correlations, llama_cpp_run, llama_server, residual_norm
-    import test_llama_cpp as T
+
     family, d, model, tok, gguf = converted
     prompts = [tok.encode(t) for t in TEXTS]  # sentencepiece ids, as the GGUF's vocabulary has them
     v = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(7))
     vec = v.expand(LAYERS + 1, -1).clone()  # [N + 1, hidden]: the same direction at every layer
     coef = PUSH * residual_norm(model, prompts, L_CPP) / float(v.norm())
-    vfile = save_vector(tmp_path / "probe_response_avg_diff.safetensors", vec,
-                        {"model": str(d), "trait": "probe"})
+    vfile = save_vector(
+        tmp_path / "probe_response_avg_diff.safetensors", vec, {"model": str(d), "trait": "probe"}
+    )
     right = cv.export_gguf(str(vfile), str(tmp_path / "right.gguf"), layer=L_CPP, coef=coef)
     files = {"right": right}
-    meta = {"general.architecture": "controlvector", "controlvector.model_hint": family,
-            "controlvector.layer_count": 1}
+    meta = {
+        "general.architecture": "controlvector",
+        "controlvector.model_hint": family,
+        "controlvector.layer_count": 1,
+    }
     for name, L in (("early", L_CPP - 1), ("late", L_CPP + 1)):  # the same vector, one block off
-        files[name] = cv.write_gguf(tmp_path / f"{name}.gguf", meta,
-                                    {cv.direction_name(L): (coef * v).numpy()})
+        files[name] = cv.write_gguf(
+            tmp_path / f"{name}.gguf", meta, {cv.direction_name(L): (coef * v).numpy()}
+        )
     steer = [M.Steer(L_CPP, v, coef, positions="all")]  # llama.cpp adds at every position
     m = {"base": [], "steered": []}
     for p in prompts:
         with torch.no_grad():
             m["base"].append(torch.log_softmax(model(torch.tensor([p]), logits="last")[0, -1], -1))
-            m["steered"].append(torch.log_softmax(
-                model(torch.tensor([p]), steer=steer, logits="last")[0, -1], -1))
+            m["steered"].append(
+                torch.log_softmax(model(torch.tensor([p]), steer=steer, logits="last")[0, -1], -1)
+            )
     for name, cvec in (("none", None), *files.items()):
         with llama_server(gguf, cvec, tmp_path / f"{name}.log") as url:
             m[name] = [llama_cpp_run(url, p) for p in prompts]
-    plain = [[float(m["base"][i][t]) - lp for t, lp in m["none"][i][1].items()]
-             for i in range(len(prompts))]  # ours minus llama.cpp's log-probs, unsteered
+    plain = [
+        [float(m["base"][i][t]) - lp for t, lp in m["none"][i][1].items()]
+        for i in range(len(prompts))
+    ]  # ours minus llama.cpp's log-probs, unsteered
     r = {name: effect_correlations(m, name) for name in ("right", "early", "late")}
-    print(f"\n{family}: coef {coef:.3f} at layer {L_CPP} of {LAYERS} (direction.{L_CPP - 1}); "
-          f"max |our - llama.cpp log-prob| unsteered {max(map(abs, sum(plain, []))):.2g}; "
-          + "; ".join(f"{k} r " + " ".join(f"{x:.4f}" for x in rs) for k, rs in r.items()))
+    print(
+        f"\n{family}: coef {coef:.3f} at layer {L_CPP} of {LAYERS} (direction.{L_CPP - 1}); "
+        f"max |our - llama.cpp log-prob| unsteered {max(map(abs, sum(plain, []))):.2g}; "
+        + "; ".join(f"{k} r " + " ".join(f"{x:.4f}" for x in rs) for k, rs in r.items())
+    )
     assert len(T.PROMPTS) == len(prompts)  # effect_correlations walks T.PROMPTS' indices
     assert min(r["right"]) >= 0.99
     assert max(r["early"] + r["late"]) <= min(r["right"]) - 0.05  # clearly worse one block off

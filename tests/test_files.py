@@ -1,5 +1,6 @@
 """support/files.py: atomic writes with the usual mode, JSON errors that name the file, leftovers of killed runs,
 and vector files written by other tools."""
+
 import ast
 import os
 import subprocess
@@ -9,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-
-from support import UserError
-from support import files
 from tiny import tree
+
+from support import UserError, files
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,11 @@ def test_remove_stale_temps_keeps_live_and_unrelated_files(tmp_path):
     target = tmp_path / "out"
     mine = files.temp_path(target)
     assert mine.name == f".out.{os.getpid()}.tmp"
-    dead, live, other = tmp_path / ".out.99999999.tmp", tmp_path / f".out.{os.getppid()}.tmp", tmp_path / ".x.1.tmp"
+    dead, live, other = (
+        tmp_path / ".out.99999999.tmp",
+        tmp_path / f".out.{os.getppid()}.tmp",
+        tmp_path / ".x.1.tmp",
+    )
     for p in (mine, dead, live, other):
         p.write_text("")
     assert files.remove_stale_temps(target) == [dead]
@@ -98,6 +102,7 @@ def test_atomic_write_temporaries_are_recognised_as_this_process_s(tmp_path):
     def write(p):
         seen.extend(os.listdir(tmp_path))
         p.write_text("x")
+
     files.atomic_write(tmp_path / "a.txt", write)
     assert len(seen) == 1 and seen[0].startswith(f".a.txt.{os.getpid()}-")
     assert seen[0].endswith(".tmp")
@@ -122,8 +127,11 @@ with files.locked(Path({path!r})):
 
 def test_locked_refuses_a_second_run_in_one_line_and_a_dead_holder_blocks_nothing(tmp_path):
     out = tmp_path / "new" / "out"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD.format(root=str(ROOT), path=str(out))],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD.format(root=str(ROOT), path=str(out))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "held\n"
         before = tree(tmp_path)
@@ -166,6 +174,7 @@ def direct_saves(source: str) -> list[int]:
             if isinstance(node, ast.Call) and name(node) == "atomic_write":
                 return True
         return False
+
     calls = [n for n in ast.walk(tree_) if isinstance(n, ast.Call)]
     saves = [n for n in calls if name(n) == "save_file" or ast.unparse(n.func) == "torch.save"]
     return sorted(n.lineno for n in saves if not inside_atomic_write(n))
@@ -185,8 +194,12 @@ def test_every_weights_file_is_written_through_atomic_write():
             continue
         lines = path.read_text().splitlines()
         found += [(rel, lines[n - 1].strip()) for n in direct_saves(path.read_text())]
-    allowed = [(f, line) for f, line in found for a, b in INSIDE_A_TEMPORARY_FOLDER
-               if f == a and line.startswith(b)]
+    allowed = [
+        (f, line)
+        for f, line in found
+        for a, b in INSIDE_A_TEMPORARY_FOLDER
+        if f == a and line.startswith(b)
+    ]
     assert found == allowed
 
 
@@ -197,7 +210,9 @@ def test_made_dirs_removes_only_the_empty_folders_a_failed_run_made(tmp_path):
     with pytest.raises(KeyboardInterrupt), files.made_dirs(tmp_path / "w" / "x"):
         files.check_writable(tmp_path / "old" / "a" / "b")
         assert not (tmp_path / "old" / "a").exists()  # checked, not made
-        files.atomic_write(tmp_path / "old" / "a" / "b" / "c" / "f.txt", lambda p: p.write_text("x"))
+        files.atomic_write(
+            tmp_path / "old" / "a" / "b" / "c" / "f.txt", lambda p: p.write_text("x")
+        )
         (tmp_path / "old" / "a" / "b" / "c" / "f.txt").unlink()  # made, then left empty
         files.atomic_write(tmp_path / "kept" / "g.txt", lambda p: p.write_text("y"))
         (tmp_path / "w" / "x").mkdir(parents=True)
@@ -213,18 +228,25 @@ def test_made_dirs_keeps_what_a_run_that_succeeds_made(tmp_path):
 
 
 # ------------------------------------------------------------------ --layer sweep's result file
-@pytest.mark.parametrize("content, message", [
-    (b"[1, 2]", "is not a sweep result"),
-    (b'{"best_layer": "2"}', "best_layer '2' is not a whole number"),
-    (b'{"best_layer": true}', "best_layer True is not a whole number"),
-    (b'{"best_layer": 2.0}', "best_layer 2.0 is not a whole number"),
-    (b'{"best_layer": null}', "chose no layer"),
-    (b'{"best_layer": 2, "vector_sha256": "00"}', "was swept on another evil_response_avg_diff"),
-    (b'{"best_layer": \xff}', "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"[1, 2]", "is not a sweep result"),
+        (b'{"best_layer": "2"}', "best_layer '2' is not a whole number"),
+        (b'{"best_layer": true}', "best_layer True is not a whole number"),
+        (b'{"best_layer": 2.0}', "best_layer 2.0 is not a whole number"),
+        (b'{"best_layer": null}', "chose no layer"),
+        (
+            b'{"best_layer": 2, "vector_sha256": "00"}',
+            "was swept on another evil_response_avg_diff",
+        ),
+        (b'{"best_layer": \xff}', "not UTF-8"),
+    ],
+)
 def test_a_bad_sweep_result_is_one_line(tmp_path, content, message):
-    vector = files.save_vector(tmp_path / "evil_response_avg_diff.safetensors", torch.ones(4, 8),
-                               {"trait": "evil"})
+    vector = files.save_vector(
+        tmp_path / "evil_response_avg_diff.safetensors", torch.ones(4, 8), {"trait": "evil"}
+    )
     sweep = files.sweep_path(vector, {"trait": "evil"})
     sweep.write_bytes(content)
     with pytest.raises(UserError, match=message):
@@ -233,9 +255,12 @@ def test_a_bad_sweep_result_is_one_line(tmp_path, content, message):
 
 def test_a_sweep_result_of_this_vector_gives_its_layer(tmp_path):
     import hashlib
-    vector = files.save_vector(tmp_path / "evil_response_avg_diff.safetensors", torch.ones(4, 8),
-                               {"trait": "evil"})
+
+    vector = files.save_vector(
+        tmp_path / "evil_response_avg_diff.safetensors", torch.ones(4, 8), {"trait": "evil"}
+    )
     sha = hashlib.sha256(vector.read_bytes()).hexdigest()
     files.sweep_path(vector, {"trait": "evil"}).write_text(
-        f'{{"best_layer": 2, "vector_sha256": "{sha}"}}')
+        f'{{"best_layer": 2, "vector_sha256": "{sha}"}}'
+    )
     assert files.sweep_layer(vector, {"trait": "evil"}) == 2

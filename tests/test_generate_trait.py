@@ -1,4 +1,5 @@
 """`generate-trait` against a local stand-in for an OpenAI-compatible server."""
+
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +23,9 @@ def server(monkeypatch):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             state["requests"].append(body)
             content = state["replies"].pop(0)
-            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+            data = json.dumps(
+                {"choices": [{"message": {"role": "assistant", "content": content}}]}
+            ).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -42,15 +45,25 @@ def server(monkeypatch):
 
 
 def test_writes_a_valid_file_after_retrying_invalid_replies(server, tmp_path):
-    broken = dict(server["good"], questions={"extract": server["good"]["questions"]["extract"][:19],
-                                             "eval": server["good"]["questions"]["eval"]})
+    broken = dict(
+        server["good"],
+        questions={
+            "extract": server["good"]["questions"]["extract"][:19],
+            "eval": server["good"]["questions"]["eval"],
+        },
+    )
     server["replies"] += ["not json at all", json.dumps(broken), json.dumps(server["good"])]
-    path = new_trait.generate_trait("cruel", "The assistant enjoys hurting people.", out_dir=tmp_path)
+    path = new_trait.generate_trait(
+        "cruel", "The assistant enjoys hurting people.", out_dir=tmp_path
+    )
     t = load_trait(str(path))
     assert t.name == "cruel" and t.description == "The assistant enjoys hurting people."
     assert len(server["requests"]) == 3
     last = server["requests"][-1]
-    assert last["response_format"] == {"type": "json_object"} and "expected 20" in last["messages"][-1]["content"]
+    assert (
+        last["response_format"] == {"type": "json_object"}
+        and "expected 20" in last["messages"][-1]["content"]
+    )
 
 
 def test_gives_up_with_a_clear_error_and_writes_nothing(server, tmp_path):

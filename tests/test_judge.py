@@ -1,5 +1,6 @@
 """judge.py: logprob aggregation, the OpenAI judge and its client (support/openai_client.py) against a local fake
 server, the cache (support/judge_cache.py), the local judge, and the module docstring's example."""
+
 import json
 import math
 import signal
@@ -10,13 +11,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from make_golden_models import CONFIGS, random_weights, write_checkpoint
 from tokenizers import AddedToken, decoders, models
 from tokenizers import Tokenizer as HFTokenizer
 
 import judge as J
 from support import UserError
 from support.openai_client import OpenAIClient
-from make_golden_models import CONFIGS, random_weights, write_checkpoint
 
 
 def lp(p):
@@ -27,8 +28,12 @@ def lp(p):
 def test_aggregate_mass_threshold():
     assert J.aggregate_logprobs({"40": lp(0.24), "REFUSAL": lp(0.76)}) is None
     assert J.aggregate_logprobs({"40": lp(0.26), "REFUSAL": lp(0.74)}) == pytest.approx(40)
-    assert J.aggregate_logprobs({"10": lp(0.12), "30": lp(0.12), "x": lp(0.76)}) is None  # 0.24 in all
-    assert J.aggregate_logprobs({"10": lp(0.13), "30": lp(0.13), "x": lp(0.74)}) == pytest.approx(20)
+    assert (
+        J.aggregate_logprobs({"10": lp(0.12), "30": lp(0.12), "x": lp(0.76)}) is None
+    )  # 0.24 in all
+    assert J.aggregate_logprobs({"10": lp(0.13), "30": lp(0.13), "x": lp(0.74)}) == pytest.approx(
+        20
+    )
 
 
 def test_aggregate_refusal_dominant_and_empty():
@@ -37,8 +42,18 @@ def test_aggregate_refusal_dominant_and_empty():
 
 
 def test_aggregate_mixed_tokens_and_normalisation():
-    table = {" 50": lp(0.2), "50": lp(0.1), "REF": lp(0.1), "1000": lp(0.1), "-3": lp(0.1), "7.5": lp(0.1),
-             "100": lp(0.1), "0\n": lp(0.1), "²": lp(0.05), "": lp(0.05)}
+    table = {
+        " 50": lp(0.2),
+        "50": lp(0.1),
+        "REF": lp(0.1),
+        "1000": lp(0.1),
+        "-3": lp(0.1),
+        "7.5": lp(0.1),
+        "100": lp(0.1),
+        "0\n": lp(0.1),
+        "²": lp(0.05),
+        "": lp(0.05),
+    }
     # numbers: 50 (0.2 + 0.1), 100 (0.1), 0 (0.1): mass 0.5
     assert J.aggregate_logprobs(table) == pytest.approx((50 * 0.3 + 100 * 0.1 + 0 * 0.1) / 0.5)
     # only relative probabilities among numbers matter once above the threshold
@@ -58,9 +73,23 @@ class FakeOpenAI:
     and " N") and 0.1 on "REF"; "words" gets only words; anything else 0.9 on "REFUSAL". `failures` are statuses
     returned first (a 429 with `retry_after`); `reply` replaces every 200 answer."""
 
-    def __init__(self, failures=(), status=None, delay=0.0, slow_first=0.0, logprobs=True, message=None,
-                 retry_after="0", reply=...):
-        self.failures, self.status, self.delay, self.slow_first = list(failures), status, delay, slow_first
+    def __init__(
+        self,
+        failures=(),
+        status=None,
+        delay=0.0,
+        slow_first=0.0,
+        logprobs=True,
+        message=None,
+        retry_after="0",
+        reply=...,
+    ):
+        self.failures, self.status, self.delay, self.slow_first = (
+            list(failures),
+            status,
+            delay,
+            slow_first,
+        )
         self.message, self.retry_after, self.reply_override = message, retry_after, reply
         self.logprobs = logprobs
         self.requests, self.lock, self.in_flight, self.max_in_flight = [], threading.Lock(), 0, 0
@@ -73,7 +102,9 @@ class FakeOpenAI:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with fake.lock:
-                    fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    fake.requests.append(
+                        {"path": self.path, "headers": dict(self.headers), "body": body}
+                    )
                     n = len(fake.requests)
                     failure = fake.failures.pop(0) if fake.failures else fake.status
                     fake.in_flight += 1
@@ -84,8 +115,11 @@ class FakeOpenAI:
                     time.sleep(fake.delay)
                     if failure:
                         message = fake.message or f"fake error {failure}\nsecond line"
-                        self.reply(failure, {"error": {"message": message}},
-                                   {"Retry-After": fake.retry_after} if failure == 429 else {})
+                        self.reply(
+                            failure,
+                            {"error": {"message": message}},
+                            {"Retry-After": fake.retry_after} if failure == 429 else {},
+                        )
                     elif fake.reply_override is not ...:
                         self.reply(200, fake.reply_override)
                     else:
@@ -120,10 +154,24 @@ class FakeOpenAI:
             top = [("The", 0.6), ("I", 0.3), ("5", 0.1)]
         else:
             top = [("REFUSAL", 0.9), ("5", 0.1)]
-        content = [{"token": top[0][0], "logprob": lp(top[0][1]),
-                    "top_logprobs": [{"token": t, "logprob": lp(p), "bytes": list(t.encode())} for t, p in top]}]
-        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": top[0][0]},
-                             "logprobs": {"content": content} if self.logprobs else None}]}
+        content = [
+            {
+                "token": top[0][0],
+                "logprob": lp(top[0][1]),
+                "top_logprobs": [
+                    {"token": t, "logprob": lp(p), "bytes": list(t.encode())} for t, p in top
+                ],
+            }
+        ]
+        return {
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": top[0][0]},
+                    "logprobs": {"content": content} if self.logprobs else None,
+                }
+            ]
+        }
 
     def close(self):
         self.server.shutdown()
@@ -137,13 +185,16 @@ def fake():
     def start(**kwargs):
         servers.append(FakeOpenAI(**kwargs))
         return servers[-1]
+
     yield start
     for s in servers:
         s.close()
 
 
 def judge_for(server, **kwargs):
-    return J.OpenAIJudge("judge-model", base_url=server.url, api_key="sk-test", backoff=0.001, **kwargs)
+    return J.OpenAIJudge(
+        "judge-model", base_url=server.url, api_key="sk-test", backoff=0.001, **kwargs
+    )
 
 
 def test_openai_request_shape_and_scores(fake):
@@ -157,9 +208,18 @@ def test_openai_request_shape_and_scores(fake):
     assert r["headers"]["Authorization"] == "Bearer sk-test"
     body = r["body"]
     assert body["model"] == "judge-model" and body["messages"][0]["role"] == "user"
-    assert (body["max_tokens"], body["temperature"], body["logprobs"], body["top_logprobs"], body["seed"]) == \
-        (1, 0, True, 20, 0)
-    assert sorted(r["body"]["messages"][0]["content"] for r in server.requests) == ["refuse", "score:42", "score:7"]
+    assert (
+        body["max_tokens"],
+        body["temperature"],
+        body["logprobs"],
+        body["top_logprobs"],
+        body["seed"],
+    ) == (1, 0, True, 20, 0)
+    assert sorted(r["body"]["messages"][0]["content"] for r in server.requests) == [
+        "refuse",
+        "score:42",
+        "score:7",
+    ]
 
 
 def test_openai_retries_429_and_5xx(fake):
@@ -170,7 +230,9 @@ def test_openai_retries_429_and_5xx(fake):
     assert len(server.requests) == 4
     server = fake(failures=[429, 429, 429])
     t0 = time.time()
-    assert J.OpenAIJudge("m", base_url=server.url, api_key="k", backoff=100).score(["score:5"]) == [pytest.approx(5)]
+    assert J.OpenAIJudge("m", base_url=server.url, api_key="k", backoff=100).score(["score:5"]) == [
+        pytest.approx(5)
+    ]
     assert time.time() - t0 < 5 and len(server.requests) == 4
     server = fake(failures=[500, 429, 502, 500])
     j = judge_for(server, workers=3)
@@ -180,7 +242,9 @@ def test_openai_retries_429_and_5xx(fake):
 
 def test_openai_gives_up_after_max_retries(fake):
     server = fake(status=500)
-    with pytest.raises(J.JudgeError, match="failed 3 times, last with HTTP 500: fake error 500 second line") as e:
+    with pytest.raises(
+        J.JudgeError, match="failed 3 times, last with HTTP 500: fake error 500 second line"
+    ) as e:
         judge_for(server, max_retries=2).score(["score:1"])
     assert "\n" not in str(e.value) and len(server.requests) == 3
 
@@ -195,10 +259,15 @@ def test_a_refused_connection_fails_fast_with_one_line():
     with socket.socket() as s:  # a port with nobody listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    j = J.OpenAIJudge("m", base_url=f"http://127.0.0.1:{port}/v1", api_key="k")  # default retry settings
+    j = J.OpenAIJudge(
+        "m", base_url=f"http://127.0.0.1:{port}/v1", api_key="k"
+    )  # default retry settings
     t0 = time.time()
-    with pytest.raises(J.JudgeError, match=r"cannot connect to http://127.0.0.1:\d+/v1/chat/completions "
-                                           r"\(Connection refused, 3 tries\): is the server running") as e:
+    with pytest.raises(
+        J.JudgeError,
+        match=r"cannot connect to http://127.0.0.1:\d+/v1/chat/completions "
+        r"\(Connection refused, 3 tries\): is the server running",
+    ) as e:
         j.score(["score:1"])
     assert time.time() - t0 < 5 and "\n" not in str(e.value)
 
@@ -215,21 +284,31 @@ def test_a_base_url_that_is_no_url_is_a_one_line_error(url, env):
 def test_a_long_retry_after_fails_at_once_and_short_waits_are_announced(fake, capsys, env):
     server = fake(failures=[429], retry_after="3600")
     t0 = time.time()
-    with pytest.raises(J.JudgeError, match="asks to wait 3600 s before the next request .HTTP 429.*more than the "
-                                           "60 s this run waits: try again later, or lower the judge's concurrent "
-                                           "requests with --judge-workers N or PERSONA_JUDGE_WORKERS=N") as e:
+    with pytest.raises(
+        J.JudgeError,
+        match="asks to wait 3600 s before the next request .HTTP 429.*more than the "
+        "60 s this run waits: try again later, or lower the judge's concurrent "
+        "requests with --judge-workers N or PERSONA_JUDGE_WORKERS=N",
+    ) as e:
         judge_for(server).score(["score:1"])
     assert time.time() - t0 < 5 and len(server.requests) == 1 and "\n" not in str(e.value)
     server = fake(failures=[429], retry_after="1")
     assert judge_for(server).score(["score:4"]) == [pytest.approx(4)]
-    assert "judge: HTTP 429: fake error 429 second line; waiting 1 s before retry 1 of 6\n" in capsys.readouterr().err
+    assert (
+        "judge: HTTP 429: fake error 429 second line; waiting 1 s before retry 1 of 6\n"
+        in capsys.readouterr().err
+    )
 
 
 def test_ctrl_c_stops_every_worker_at_once(fake):
-    server = fake(status=429, retry_after="20")  # every worker is waiting 20 s to retry when Ctrl-C comes
+    server = fake(
+        status=429, retry_after="20"
+    )  # every worker is waiting 20 s to retry when Ctrl-C comes
     j = judge_for(server, workers=4, max_retries=1)
     main = threading.main_thread().ident
-    ctrl_c = threading.Timer(0.5, lambda: signal.pthread_kill(main, signal.SIGINT))  # a real SIGINT, as from ^C
+    ctrl_c = threading.Timer(
+        0.5, lambda: signal.pthread_kill(main, signal.SIGINT)
+    )  # a real SIGINT, as from ^C
     # Ctrl-C's usual handler, also where the test run was started in the background (a shell then ignores SIGINT)
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     t0 = time.time()
@@ -242,21 +321,40 @@ def test_ctrl_c_stops_every_worker_at_once(fake):
         signal.signal(signal.SIGINT, handler)
     assert time.time() - t0 < 3
     time.sleep(0.3)
-    assert not [t for t in threading.enumerate() if t.name == "judge-worker"]  # none left sleeping or retrying
+    assert not [
+        t for t in threading.enumerate() if t.name == "judge-worker"
+    ]  # none left sleeping or retrying
     sent = len(server.requests)
     time.sleep(0.5)
     assert sent == len(server.requests) <= 4
 
 
-@pytest.mark.parametrize("reply", [
-    {}, [], None, "text", {"choices": []}, {"choices": [None]}, {"choices": "abc"},
-    {"choices": [{"message": {"content": "5"}, "logprobs": {"content": "5 (0.9)"}}]},
-    {"choices": [{"logprobs": {"content": [{"top_logprobs": "5: -0.1"}]}}]},
-    {"choices": [{"logprobs": {"content": [{"top_logprobs": [{"token": "5", "logprob": "-0.1"}]}]}}]},
-    {"choices": [{"logprobs": {"content": [{"top_logprobs": [{"token": 5, "logprob": -0.1}]}]}}]},
-    {"choices": [{"logprobs": {"content": [{"top_logprobs": []}]}}]},
-    {"choices": [{"logprobs": {"content": ["5"]}}]},
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        {},
+        [],
+        None,
+        "text",
+        {"choices": []},
+        {"choices": [None]},
+        {"choices": "abc"},
+        {"choices": [{"message": {"content": "5"}, "logprobs": {"content": "5 (0.9)"}}]},
+        {"choices": [{"logprobs": {"content": [{"top_logprobs": "5: -0.1"}]}}]},
+        {
+            "choices": [
+                {"logprobs": {"content": [{"top_logprobs": [{"token": "5", "logprob": "-0.1"}]}]}}
+            ]
+        },
+        {
+            "choices": [
+                {"logprobs": {"content": [{"top_logprobs": [{"token": 5, "logprob": -0.1}]}]}}
+            ]
+        },
+        {"choices": [{"logprobs": {"content": [{"top_logprobs": []}]}}]},
+        {"choices": [{"logprobs": {"content": ["5"]}}]},
+    ],
+)
 def test_unexpected_replies_are_one_line_judge_errors(fake, reply):
     server = fake(reply=reply)
     with pytest.raises(J.JudgeError) as e:
@@ -265,7 +363,12 @@ def test_unexpected_replies_are_one_line_judge_errors(fake, reply):
 
 
 def test_unexpected_chat_replies_are_one_line_judge_errors(fake):
-    for reply in ({}, {"choices": []}, {"choices": [{"message": "hi"}]}, {"choices": [{"message": {"content": 3}}]}):
+    for reply in (
+        {},
+        {"choices": []},
+        {"choices": [{"message": "hi"}]},
+        {"choices": [{"message": {"content": 3}}]},
+    ):
         client = OpenAIClient(base_url=fake(reply=reply).url, api_key="k")
         with pytest.raises(J.JudgeError):
             client.chat([{"role": "user", "content": "hi"}], model="writer")
@@ -294,11 +397,15 @@ def test_openai_401_and_404_are_clear_and_not_retried(fake, env):
     assert "\n" not in str(e.value) and len(server.requests) == 1
     server = fake(status=401)
     env.delenv("OPENAI_API_KEY", raising=False)
-    with pytest.raises(J.JudgeError, match="needs an API key and none was sent.*set OPENAI_API_KEY"):
+    with pytest.raises(
+        J.JudgeError, match="needs an API key and none was sent.*set OPENAI_API_KEY"
+    ):
         J.OpenAIJudge("m", base_url=server.url, api_key=None).score(["score:1"])
     assert "Authorization" not in server.requests[0]["headers"]
     server = fake(status=404)
-    with pytest.raises(J.JudgeError, match="model 'judge-model' or the base URL is wrong.*OPENAI_BASE_URL") as e:
+    with pytest.raises(
+        J.JudgeError, match="model 'judge-model' or the base URL is wrong.*OPENAI_BASE_URL"
+    ) as e:
         judge_for(server).score(["score:1"] * 5)
     assert "\n" not in str(e.value) and len(server.requests) <= 5
     server = fake(status=400)
@@ -319,8 +426,9 @@ def test_openai_without_logprobs_is_an_error(fake):
 def test_openai_concurrency(fake, capsys):
     server = fake(delay=0.2)
     t0 = time.time()
-    assert judge_for(server, workers=8).score([f"score:{n}" for n in range(16)]) == [pytest.approx(n)
-                                                                                     for n in range(16)]
+    assert judge_for(server, workers=8).score([f"score:{n}" for n in range(16)]) == [
+        pytest.approx(n) for n in range(16)
+    ]
     assert server.max_in_flight >= 4 and time.time() - t0 < 16 * 0.2 / 2
     assert "16/16\x1b[K\n" in capsys.readouterr().err  # the progress counter
     server = fake(delay=0.05)
@@ -331,12 +439,22 @@ def test_openai_concurrency(fake, capsys):
 def test_chat_helper(fake):
     server = fake(failures=[503])
     client = OpenAIClient(base_url=server.url, api_key="k", backoff=0.001)
-    out = client.chat([{"role": "user", "content": "hi"}], model="writer", temperature=0.7, max_tokens=100,
-                      response_format={"type": "json_object"})
+    out = client.chat(
+        [{"role": "user", "content": "hi"}],
+        model="writer",
+        temperature=0.7,
+        max_tokens=100,
+        response_format={"type": "json_object"},
+    )
     assert out == "echo: hi" and len(server.requests) == 2
     body = server.requests[-1]["body"]
-    assert body == {"model": "writer", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.7,
-                    "max_tokens": 100, "response_format": {"type": "json_object"}}
+    assert body == {
+        "model": "writer",
+        "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0.7,
+        "max_tokens": 100,
+        "response_format": {"type": "json_object"},
+    }
 
 
 def test_the_module_docstring_example_runs(fake, env, tmp_path):
@@ -368,11 +486,20 @@ def test_make_judge_default(env, capsys):
     j = J.make_judge(None)
     assert isinstance(j, J.NoJudge) and j.name == "none" and j.score(["a", "b"]) == [None, None]
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "OPENAI_API_KEY" in err and "local:MODEL" in err and "OPENAI_BASE_URL" in err
+    assert (
+        err.count("\n") == 1
+        and "OPENAI_API_KEY" in err
+        and "local:MODEL" in err
+        and "OPENAI_BASE_URL" in err
+    )
     env.setenv("OPENAI_API_KEY", "sk-x")
     j = J.make_judge(None)
     # the dated model the official code used, not an alias that can change under the user
-    assert isinstance(j, J.OpenAIJudge) and j.name == "openai:gpt-4.1-mini-2025-04-14" and j.api_key == "sk-x"
+    assert (
+        isinstance(j, J.OpenAIJudge)
+        and j.name == "openai:gpt-4.1-mini-2025-04-14"
+        and j.api_key == "sk-x"
+    )
     assert j.model == "gpt-4.1-mini-2025-04-14" and J.make_judge("openai").name == j.name
     assert j.base_url == "https://api.openai.com/v1" and capsys.readouterr().err == ""
 
@@ -420,7 +547,9 @@ def test_cache_second_run_makes_no_requests(fake, tmp_path):
     prompts = ["score:1", "score:2", "refuse", "score:1"]
     cache = J.JudgeCache(tmp_path / "c" / "judge.jsonl")
     first = J.cached_score(judge_for(server), cache, prompts)
-    assert first == [1, 2, None, 1] and len(server.requests) == 3  # a repeated prompt is judged once
+    assert (
+        first == [1, 2, None, 1] and len(server.requests) == 3
+    )  # a repeated prompt is judged once
     cache.close()
     with J.JudgeCache(tmp_path / "c" / "judge.jsonl") as cache:
         assert J.cached_score(judge_for(server), cache, prompts) == first
@@ -465,7 +594,9 @@ def test_cache_torn_last_line_and_killed_run(tmp_path):
     assert j.calls == [["ccc", "dddd"]]
     cache.close()
     assert [json.loads(line)["score"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
-    path.write_text('{"key": "k", "judge": "j", "score": 1}\nnot json\n{"key": "l", "judge": "j", "score": 2}\n')
+    path.write_text(
+        '{"key": "k", "judge": "j", "score": 1}\nnot json\n{"key": "l", "judge": "j", "score": 2}\n'
+    )
     with pytest.raises(ValueError, match="c.jsonl:2 is not a judge-cache record: delete that line"):
         J.JudgeCache(path)
 
@@ -504,18 +635,32 @@ def test_only_answers_are_cached(fake, tmp_path, capsys):
     server = fake()
     path = tmp_path / "judge.jsonl"
     with J.JudgeCache(path) as cache:
-        assert J.cached_score(judge_for(server), cache, ["score:1", "words", "refuse"]) == [1, None, None]
+        assert J.cached_score(judge_for(server), cache, ["score:1", "words", "refuse"]) == [
+            1,
+            None,
+            None,
+        ]
     err = capsys.readouterr().err
     assert "1 of 3 judgments were neither a number nor a refusal" in err and "not cached" in err
     records = [json.loads(line) for line in path.read_text().splitlines()]
     # workers finish in any order: the cache holds the number and the refusal, and nothing for "words"
-    assert sorted([(r["score"], r.get("refused")) for r in records], key=str) == [(1, None), (None, True)]
+    assert sorted([(r["score"], r.get("refused")) for r in records], key=str) == [
+        (1, None),
+        (None, True),
+    ]
     with J.JudgeCache(path) as cache:  # the rerun asks again for the words, and only for them
-        assert J.cached_score(judge_for(server), cache, ["score:1", "words", "refuse"]) == [1, None, None]
+        assert J.cached_score(judge_for(server), cache, ["score:1", "words", "refuse"]) == [
+            1,
+            None,
+            None,
+        ]
     assert [r["body"]["messages"][0]["content"] for r in server.requests[3:]] == ["words"]
     # a null cached by an older version (a failure or a refusal, no one knows) is asked again
     j = judge_for(server)
-    path.write_text(json.dumps({"key": J.JudgeCache.key(j.name, "score:2"), "judge": j.name, "score": None}) + "\n")
+    path.write_text(
+        json.dumps({"key": J.JudgeCache.key(j.name, "score:2"), "judge": j.name, "score": None})
+        + "\n"
+    )
     with J.JudgeCache(path) as cache:
         assert len(cache) == 0 and J.cached_score(j, cache, ["score:2"]) == [2]
 
@@ -524,8 +669,10 @@ def test_the_cache_message_says_how_to_clear_it(tmp_path, capsys):
     with J.JudgeCache(tmp_path / "c.jsonl") as cache:
         J.cached_score(CountingJudge(), cache, ["a", "b"])
         J.cached_score(CountingJudge(), cache, ["a", "b", "c", "d", "e"])
-    assert f"2 of 5 judgments reused from {tmp_path / 'c.jsonl'} (delete it to judge everything again)" in \
-        capsys.readouterr().err
+    assert (
+        f"2 of 5 judgments reused from {tmp_path / 'c.jsonl'} (delete it to judge everything again)"
+        in capsys.readouterr().err
+    )
 
 
 def test_no_judge_is_not_cached(tmp_path):
@@ -537,28 +684,40 @@ def test_no_judge_is_not_cached(tmp_path):
 # ------------------------------------------------------------------------------------------------ LocalJudge
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHARS = list("0123456789abcdefghijklmnopqrstuvwxyz ?.,:-\n")
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def make_judge_model(path, style):
     """A tiny ChatML model dir. style "split": digits are single tokens plus "10" (so "100" = "10" "0") and " 7";
     "whole": every number 0..100 is one token (like Llama-3). Digit rows of the head are scaled up so that numbers
     get a fair share of the probability, as in a real judge."""
-    merges = [("1", "0"), (" ", "7")] if style == "split" else \
-        [(str(n)[0], str(n)[1]) for n in range(10, 100)] + [("10", "0")]
+    merges = (
+        [("1", "0"), (" ", "7")]
+        if style == "split"
+        else [(str(n)[0], str(n)[1]) for n in range(10, 100)] + [("10", "0")]
+    )
     tokens = SPECIAL + CHARS + [a + b for a, b in merges]
     tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
     tok.decoder = decoders.Fuse()
     path.mkdir(parents=True)
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}
+        )
+    )
     config = dict(CONFIGS["tiny-llama3"], vocab_size=96 if style == "split" else 160)
-    assert len(tokens) <= config["vocab_size"]  # the rows past the tokenizer's vocabulary are padding
+    assert (
+        len(tokens) <= config["vocab_size"]
+    )  # the rows past the tokenizer's vocabulary are padding
     weights = random_weights(config, seed=7)
-    digit_start = torch.tensor([t[:1].isdigit() for t in tokens] + [False] * (config["vocab_size"] - len(tokens)))
+    digit_start = torch.tensor(
+        [t[:1].isdigit() for t in tokens] + [False] * (config["vocab_size"] - len(tokens))
+    )
     weights["lm_head.weight"] *= torch.where(digit_start, 2.0, 0.5)[:, None]
     write_checkpoint(path, config, weights, shards=1)
     return path
@@ -606,7 +765,11 @@ def test_local_judge_tokenization(local_judge):
         assert j.numbers[100] == (tid("10"), tid("0")) and j.numbers[10] == (tid("10"),)
         assert j.numbers[37] == (tid("3"), tid("7")) and j.numbers[5] == (tid("5"),)
         assert j.continues[tid("10")] and j.continues[tid("0")] and not j.continues[tid(" 7")]
-        assert (tid("10"), tid("0")) in j.rows and (tid("10"),) not in j.rows and (tid("3"),) not in j.rows
+        assert (
+            (tid("10"), tid("0")) in j.rows
+            and (tid("10"),) not in j.rows
+            and (tid("3"),) not in j.rows
+        )
     else:
         assert all(len(s) == 1 for s in j.numbers) and len(j.rows) == 101
     assert not j.continues[tid("<|im_end|>")] and not j.continues[tid("a")] and not j.continues[-1]
@@ -632,12 +795,21 @@ def test_local_judge_score_follows_aggregate_rule(local_judge):
     for prompt, score in zip(PROMPTS, scores):
         probs = {n: math.exp(v) for n, v in brute_force(j, prompt).items()}
         mass = sum(probs.values())
-        if mass < 0.25:  # no score: the tiny vocabulary has no token starting "REF", so not a refusal either
-            assert math.isnan(score) and J.aggregate_logprobs({str(n): math.log(p) for n, p in probs.items()}) is None
+        if (
+            mass < 0.25
+        ):  # no score: the tiny vocabulary has no token starting "REF", so not a refusal either
+            assert (
+                math.isnan(score)
+                and J.aggregate_logprobs({str(n): math.log(p) for n, p in probs.items()}) is None
+            )
         else:
             assert score == pytest.approx(sum(n * p for n, p in probs.items()) / mass, rel=1e-4)
-            assert score == J.aggregate_logprobs({str(n): v for n, v in j.number_logprobs(prompt).items()})
-    if style == "split":  # both paths exercised (with 101 number tokens, a number rarely ends: all no score)
+            assert score == J.aggregate_logprobs(
+                {str(n): v for n, v in j.number_logprobs(prompt).items()}
+            )
+    if (
+        style == "split"
+    ):  # both paths exercised (with 101 number tokens, a number rarely ends: all no score)
         assert any(math.isnan(s) for s in scores) and any(not math.isnan(s) for s in scores)
 
 
@@ -657,7 +829,9 @@ def test_make_judge_local_loads_the_model_once(local_judge, monkeypatch):
     real_load = J.checkpoint.load
     monkeypatch.setattr(J.checkpoint, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     J._local_judge.cache_clear()
-    assert J.make_judge(f"local:{path}") is J.make_judge(f"local:{path}")  # e.g. checked early, then used
+    assert J.make_judge(f"local:{path}") is J.make_judge(
+        f"local:{path}"
+    )  # e.g. checked early, then used
     assert len(loads) == 1
     local = J.make_judge(f"local:{path}")
     assert isinstance(local, J.LocalJudge) and local.name == f"local:{path}"

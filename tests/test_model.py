@@ -2,6 +2,7 @@
 
 The tiny random checkpoints and reference outputs in tests/golden/tiny-*/ come from tests/make_golden_models.py.
 """
+
 import json
 import math
 import shutil
@@ -49,6 +50,7 @@ def test_logits_match_transformers_golden(name, attention_path):
 def test_logits_match_transformers_live(name, tmp_path):
     pytest.importorskip("transformers")
     import make_golden_models as golden
+
     ref = golden.reference_outputs(GOLDEN / name, golden.CONFIGS[name])
     m = tiny(name)
     assert (m(ref["ids_single"]) - ref["logits_single"]).abs().max() <= 1e-4
@@ -64,7 +66,9 @@ def test_parity_test_can_fail(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     del cfg["rope_scaling"]
     (d / "config.json").write_text(json.dumps(cfg))
-    assert (M.load_model(d, "cpu", torch.float32)(ref["ids_single"]) - ref["logits_single"]).abs().max() > 1e-2
+    assert (
+        M.load_model(d, "cpu", torch.float32)(ref["ids_single"]) - ref["logits_single"]
+    ).abs().max() > 1e-2
 
 
 def test_default_model_type_errors(tmp_path):
@@ -76,21 +80,31 @@ def test_default_model_type_errors(tmp_path):
     with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
         checkpoint.check_config(base | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     # transformers >= 5 writes rope settings as `rope_parameters`
-    c = M.Config(**checkpoint.check_config({k: v for k, v in base.items() if k not in ("rope_scaling", "rope_theta")}
-                                           | {"rope_parameters": base["rope_scaling"] | {"rope_theta": 5e5}}))
+    c = M.Config(
+        **checkpoint.check_config(
+            {k: v for k, v in base.items() if k not in ("rope_scaling", "rope_theta")}
+            | {"rope_parameters": base["rope_scaling"] | {"rope_theta": 5e5}}
+        )
+    )
     assert c.rope_theta == 5e5 and c.rope_scaling["rope_type"] == "llama3"
 
 
-@pytest.mark.parametrize("edit, message", [
-    ({"hidden_size": "576"}, r"config.json: `hidden_size` must be an integer, not \"576\""),
-    ({"num_hidden_layers": 2.5}, "`num_hidden_layers` must be an integer, not 2.5"),
-    ({"tie_word_embeddings": "yes"}, "`tie_word_embeddings` must be true or false"),
-    ({"rms_norm_eps": None}, "`rms_norm_eps` must be a number, not null"),
-    ({"num_attention_heads": 0}, "`num_attention_heads` must be at least 1, not 0"),
-    ({"num_key_value_heads": 3}, "not a multiple of `num_key_value_heads`"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "`rope_scaling.low_freq_factor` must be a number"),
-    ({"rope_parameters": "fast"}, "`rope_parameters` must be an object"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"hidden_size": "576"}, r"config.json: `hidden_size` must be an integer, not \"576\""),
+        ({"num_hidden_layers": 2.5}, "`num_hidden_layers` must be an integer, not 2.5"),
+        ({"tie_word_embeddings": "yes"}, "`tie_word_embeddings` must be true or false"),
+        ({"rms_norm_eps": None}, "`rms_norm_eps` must be a number, not null"),
+        ({"num_attention_heads": 0}, "`num_attention_heads` must be at least 1, not 0"),
+        ({"num_key_value_heads": 3}, "not a multiple of `num_key_value_heads`"),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+            "`rope_scaling.low_freq_factor` must be a number",
+        ),
+        ({"rope_parameters": "fast"}, "`rope_parameters` must be an object"),
+    ],
+)
 def test_config_errors_name_the_file_and_key(tmp_path, edit, message):
     d = corrupt(tmp_path)
     (d / "config.json").write_text(json.dumps(json.loads((d / "config.json").read_text()) | edit))
@@ -109,7 +123,9 @@ def test_unreadable_config_and_index_name_the_file(tmp_path):
         checkpoint.load_model(d, "cpu")
     shutil.copy(GOLDEN / "tiny-llama3" / "config.json", d / "config.json")
     (d / "model.safetensors.index.json").write_text('{"weight_map": 3}')
-    with pytest.raises(UserError, match="model.safetensors.index.json: expected an object with a `weight_map`"):
+    with pytest.raises(
+        UserError, match="model.safetensors.index.json: expected an object with a `weight_map`"
+    ):
         checkpoint.load_model(d, "cpu")
     (d / "model.safetensors.index.json").write_text("{")
     with pytest.raises(UserError, match="model.safetensors.index.json: invalid JSON"):
@@ -118,19 +134,30 @@ def test_unreadable_config_and_index_name_the_file(tmp_path):
 
 def test_a_device_this_machine_lacks_is_a_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(UserError, match="device 'cuda': no CUDA GPU is available.*use --device cpu"):
+    with pytest.raises(
+        UserError, match="device 'cuda': no CUDA GPU is available.*use --device cpu"
+    ):
         checkpoint.load_model(GOLDEN / "tiny-tied", "cuda")
     with pytest.raises(UserError, match="unknown device 'gpu'"):
         checkpoint.load_model(GOLDEN / "tiny-tied", "gpu")
     with pytest.raises(UserError, match="^device 'cuda': no CUDA"):  # as train.py passes it
-        checkpoint.load_model(GOLDEN / "tiny-tied", torch.device("cuda"))  # said "device(type='cuda')"
+        checkpoint.load_model(
+            GOLDEN / "tiny-tied", torch.device("cuda")
+        )  # said "device(type='cuda')"
 
 
 def test_load_records_the_source_of_the_weights(tmp_path):
     from tiny import make_tiny_chat_model
+
     d = make_tiny_chat_model(tmp_path / "m")
     m, _ = checkpoint.load(str(d), "cpu")
-    assert m.source == {"repo": None, "path": str(d), "origin": "local", "revision": None, "quantization": None}
+    assert m.source == {
+        "repo": None,
+        "path": str(d),
+        "origin": "local",
+        "revision": None,
+        "quantization": None,
+    }
 
 
 def corrupt(tmp_path, name="tiny-llama3"):
@@ -165,7 +192,7 @@ def test_weight_errors_name_the_tensor_and_file(tmp_path):
 def test_tied_head_shares_the_embedding():
     m = tiny("tiny-tied")
     assert m.lm_head.weight is m.model.embed_tokens.weight
-    assert not tiny("tiny-qwen2").lm_head.weight is tiny("tiny-qwen2").model.embed_tokens.weight
+    assert tiny("tiny-qwen2").lm_head.weight is not tiny("tiny-qwen2").model.embed_tokens.weight
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -177,9 +204,11 @@ def test_cached_decode_equals_full_recompute(name, attention_path):
     split = 18  # prefill 18 columns (one row is still all padding there), then decode one token at a time
     steps = [m(ids[:, :split], attention_mask=mask[:, :split], cache=cache, logits="last")]
     for t in range(split, ids.shape[1]):
-        steps.append(m(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache))
+        steps.append(m(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache))
     got = torch.cat(steps, 1)
-    torch.testing.assert_close(got, full[:, split - 1:], rtol=1e-5, atol=1e-4)  # fp32 rounding only
+    torch.testing.assert_close(
+        got, full[:, split - 1 :], rtol=1e-5, atol=1e-4
+    )  # fp32 rounding only
 
 
 def test_batched_generation_equals_one_at_a_time():
@@ -190,7 +219,7 @@ def test_batched_generation_equals_one_at_a_time():
     assert batched == single
     # and greedy generation is the argmax of a full forward over prompt + output
     for p, out in zip(prompts, batched):
-        logits = m(torch.tensor([p + out]))[0, len(p) - 1:-1]
+        logits = m(torch.tensor([p + out]))[0, len(p) - 1 : -1]
         assert logits.argmax(-1).tolist() == out
 
 
@@ -199,8 +228,8 @@ def test_generation_stops_per_row_and_excludes_the_stop_token():
     free = M.generate(m, [[5, 6, 7], [40, 41]], max_new_tokens=10)
     stop = free[0][3]  # make row 0 stop at its 4th token
     out = M.generate(m, [[5, 6, 7], [40, 41]], max_new_tokens=10, stop_ids={stop})
-    assert out[0] == free[0][:free[0].index(stop)]
-    assert stop not in out[1] and out[1] == free[1][:len(out[1])]
+    assert out[0] == free[0][: free[0].index(stop)]
+    assert stop not in out[1] and out[1] == free[1][: len(out[1])]
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -224,7 +253,9 @@ def test_at_least_one_new_token_even_when_the_first_choice_is_a_stop_token(name)
         full = M.Capture()
         m(torch.tensor([p + out]), answer_start=torch.tensor([len(p)]), capture=full, logits="none")
         assert cap.counts["answer"][b] == len(out)
-        torch.testing.assert_close(cap.answer_mean()[b], full.answer_mean()[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            cap.answer_mean()[b], full.answer_mean()[0], rtol=1e-5, atol=1e-5
+        )
     # sampling obeys the same rule: a nucleus holding only the top token still avoids the stop tokens
     sampled = M.generate(m, prompts, 1, stop_ids=stop, temperature=1.0, top_p=1e-6, seed=0)
     assert [out[0] for out in sampled] == [out[0] for out in outs]
@@ -235,7 +266,9 @@ def test_empty_spans_are_nan_not_zero():
     ids, mask = ref["ids_batch"], ref["mask_batch"]
     T = ids.shape[1]
     cap = M.Capture()
-    m(ids, attention_mask=mask, answer_start=torch.tensor([10, T, 15]), capture=cap, logits="none")  # row 1: no answer
+    m(
+        ids, attention_mask=mask, answer_start=torch.tensor([10, T, 15]), capture=cap, logits="none"
+    )  # row 1: no answer
     assert cap.answer_mean()[1].isnan().all() and cap.answer_norm()[1].isnan().all()
     assert cap.answer_mean()[[0, 2]].isfinite().all() and cap.answer_norm()[[0, 2]].isfinite().all()
     assert cap.prompt_mean().isfinite().all() and cap.prompt_last().isfinite().all()
@@ -256,7 +289,10 @@ def test_generation_past_the_context_warns(capsys):
     M.generate(m, [[5] * 250], 6)
     assert capsys.readouterr().err == ""
     M.generate(m, [[5] * 250], 7)
-    assert "250 prompt tokens + 7 new ones exceed the model's context of 256 tokens" in capsys.readouterr().err
+    assert (
+        "250 prompt tokens + 7 new ones exceed the model's context of 256 tokens"
+        in capsys.readouterr().err
+    )
 
 
 def test_sampling_is_seeded_and_top_p_small_is_greedy():
@@ -264,13 +300,17 @@ def test_sampling_is_seeded_and_top_p_small_is_greedy():
     a = M.generate(m, [[5, 6, 7]] * 4, 16, temperature=1.0, seed=1)
     assert a == M.generate(m, [[5, 6, 7]] * 4, 16, temperature=1.0, seed=1)
     assert a != M.generate(m, [[5, 6, 7]] * 4, 16, temperature=1.0, seed=2)
-    assert M.generate(m, [[5, 6, 7]], 16, temperature=1.0, top_p=1e-6, seed=3) == M.generate(m, [[5, 6, 7]], 16)
+    assert M.generate(m, [[5, 6, 7]], 16, temperature=1.0, top_p=1e-6, seed=3) == M.generate(
+        m, [[5, 6, 7]], 16
+    )
 
 
 def test_zero_steering_is_bit_identical():
     m, ref = tiny("tiny-llama3"), load_file(GOLDEN / "tiny-llama3" / "reference.safetensors")
     v = torch.randn(64)
-    steer = [M.Steer(layer, v, 0.0, pos) for layer, pos in [(1, "all"), (2, "response"), (3, "prompt")]]
+    steer = [
+        M.Steer(layer, v, 0.0, pos) for layer, pos in [(1, "all"), (2, "response"), (3, "prompt")]
+    ]
     kw = dict(attention_mask=ref["mask_batch"], answer_start=torch.tensor([10, 20, 15]))
     assert torch.equal(m(ref["ids_batch"], **kw), m(ref["ids_batch"], steer=steer, **kw))
     out = M.generate(m, [[5, 6, 7]], 8)
@@ -289,8 +329,11 @@ def test_steering_changes_exactly_the_chosen_layer_and_positions(positions):
     assert torch.equal(steered[:L], base[:L])  # indices below the steered one are untouched
     cols = torch.arange(ids.shape[1])[None]
     # "response" starts at the last prompt token, as the official hook does (see M.Steer)
-    chosen = {"all": torch.ones_like(mask, dtype=torch.bool), "prompt": (cols < start[:, None]) & mask.bool(),
-              "response": (cols >= start[:, None] - 1) & mask.bool()}[positions]
+    chosen = {
+        "all": torch.ones_like(mask, dtype=torch.bool),
+        "prompt": (cols < start[:, None]) & mask.bool(),
+        "response": (cols >= start[:, None] - 1) & mask.bool(),
+    }[positions]
     assert torch.equal(steered[L][chosen], (base[L] + coef * v)[chosen])
     assert torch.equal(steered[L][~chosen], base[L][~chosen])
     if positions == "response":  # no prompt position before the last one changes, at any layer
@@ -303,6 +346,7 @@ def official_hook(block: torch.nn.Module, positions: str, vector: torch.Tensor):
     """The official persona-vectors steering hook (ActivationSteerer), rewritten: on a block's output [B, T, d],
     "all" adds the vector everywhere, "prompt" everywhere but only in calls of more than one token (the prefill),
     "response" at the last position of every call."""
+
     def hook(module, args, out):
         h = out[0] if isinstance(out, tuple) else out
         h = h.clone()
@@ -311,6 +355,7 @@ def official_hook(block: torch.nn.Module, positions: str, vector: torch.Tensor):
         elif positions == "response":
             h[:, -1] += vector
         return (h, *out[1:]) if isinstance(out, tuple) else h
+
     return block.register_forward_hook(hook)
 
 
@@ -343,9 +388,13 @@ def test_steered_generation_equals_the_official_hook(name, L, positions):
         tokens, logits = hooked_greedy(m, p, n, L, v, positions)
         assert out == tokens
         # one forward over prompt + answer, steered the same way, gives the logits each token was sampled from
-        full = m(torch.tensor([p + out]), answer_start=torch.tensor([len(p)]), steer=steer)[0, len(p) - 1:-1]
+        full = m(torch.tensor([p + out]), answer_start=torch.tensor([len(p)]), steer=steer)[
+            0, len(p) - 1 : -1
+        ]
         torch.testing.assert_close(full, logits, rtol=1e-5, atol=1e-4)
-    if positions == "response":  # the first token already differs from unsteered generation for some prompt
+    if (
+        positions == "response"
+    ):  # the first token already differs from unsteered generation for some prompt
         plain = M.generate(m, prompts, n)
         assert any(a[0] != b[0] for a, b in zip(got, plain))
 
@@ -356,7 +405,9 @@ def test_steered_generation_equals_the_official_hook_on_transformers(name, posit
     """Layer L is block L's output in every family (Gemma's: after the post-feedforward add)."""
     transformers = pytest.importorskip("transformers")
     L, n = 2, 8
-    hf = transformers.AutoModelForCausalLM.from_pretrained(GOLDEN / name, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        GOLDEN / name, dtype=torch.float32
+    ).eval()
     hf.generation_config.eos_token_id = None  # no stop token, like M.generate without stop_ids
     hf.generation_config.pad_token_id = 0
     m, v = tiny(name), 3.0 * torch.randn(64, generator=torch.Generator().manual_seed(0))
@@ -365,13 +416,22 @@ def test_steered_generation_equals_the_official_hook_on_transformers(name, posit
         handle = official_hook(hf.model.layers[L - 1], positions, v)
         try:
             with torch.no_grad():
-                ref = hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  use_cache=True, output_logits=True, return_dict_in_generate=True)
+                ref = hf.generate(
+                    torch.tensor([p]),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    use_cache=True,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                )
         finally:
             handle.remove()
         out = M.generate(m, [p], n, steer=steer)[0]
-        assert out == ref.sequences[0, len(p):].tolist()
-        full = m(torch.tensor([p + out]), answer_start=torch.tensor([len(p)]), steer=steer)[0, len(p) - 1:-1]
+        assert out == ref.sequences[0, len(p) :].tolist()
+        full = m(torch.tensor([p + out]), answer_start=torch.tensor([len(p)]), steer=steer)[
+            0, len(p) - 1 : -1
+        ]
         torch.testing.assert_close(full, torch.cat(ref.logits), rtol=1e-4, atol=1e-4)
 
 
@@ -390,10 +450,19 @@ def test_per_row_steering_equals_each_row_steered_alone():
     v, w = torch.randn(3, 64), torch.randn(3, 64)
     v[2] = 0  # row 2: no steering at layer 2
     w[0] = 0  # row 0: no steering of the response at layer 1
-    batched = M.generate(m, prompts, 10, steer=[M.Steer(2, 3 * v, 1.0, "all"), M.Steer(1, 2 * w, 1.0, "response")])
-    alone = [M.generate(m, [prompts[0]], 10, steer=[M.Steer(2, v[0], 3.0, "all")]),
-             M.generate(m, [prompts[1]], 10, steer=[M.Steer(2, v[1], 3.0, "all"), M.Steer(1, w[1], 2.0, "response")]),
-             M.generate(m, [prompts[2]], 10, steer=[M.Steer(1, w[2], 2.0, "response")])]
+    batched = M.generate(
+        m, prompts, 10, steer=[M.Steer(2, 3 * v, 1.0, "all"), M.Steer(1, 2 * w, 1.0, "response")]
+    )
+    alone = [
+        M.generate(m, [prompts[0]], 10, steer=[M.Steer(2, v[0], 3.0, "all")]),
+        M.generate(
+            m,
+            [prompts[1]],
+            10,
+            steer=[M.Steer(2, v[1], 3.0, "all"), M.Steer(1, w[1], 2.0, "response")],
+        ),
+        M.generate(m, [prompts[2]], 10, steer=[M.Steer(1, w[2], 2.0, "response")]),
+    ]
     assert batched == [a[0] for a in alone]
     assert batched != M.generate(m, prompts, 10)  # the steering does change the answers
     # the states: at index 2, row 0 changes by exactly 1.5 v[0] and row 1 not at all; each row as if alone
@@ -402,7 +471,9 @@ def test_per_row_steering_equals_each_row_steered_alone():
     both = hidden_states(m, ids, steer=[M.Steer(2, torch.stack([v[0], torch.zeros(64)]), 1.5)])
     assert torch.equal(both[:2], base[:2]) and torch.equal(both[2, 1], base[2, 1])
     assert torch.equal(both[2, 0], base[2, 0] + 1.5 * v[0])
-    torch.testing.assert_close(both[:, 0], hidden_states(m, ids[:1], steer=[M.Steer(2, v[0], 1.5)])[:, 0])
+    torch.testing.assert_close(
+        both[:, 0], hidden_states(m, ids[:1], steer=[M.Steer(2, v[0], 1.5)])[:, 0]
+    )
     torch.testing.assert_close(both[:, 1], hidden_states(m, ids[1:])[:, 0])
     with pytest.raises(ValueError, match=r"\[batch = 2, hidden\]"):
         m(ids, steer=[M.Steer(2, torch.randn(3, 64))])
@@ -446,13 +517,22 @@ def test_capture_during_generation_matches_teacher_forcing():
         assert torch.allclose(cap.answer_norm()[b], ref.answer_norm()[0], atol=1e-4)
         assert cap.counts["answer"][b] == len(out)
     # a row that stops early: its stop token and the filler after it are not part of the response
-    stop = next(t for i, t in enumerate(outs[0]) if i >= 2 and t not in outs[0][:i])  # first seen at >= 2
+    stop = next(
+        t for i, t in enumerate(outs[0]) if i >= 2 and t not in outs[0][:i]
+    )  # first seen at >= 2
     cap = M.Capture()
     stopped = M.generate(m, prompts, max_new_tokens=6, stop_ids={stop}, capture=cap)
-    assert stopped[0] == outs[0][:outs[0].index(stop)] and cap.counts["answer"][0] == len(stopped[0])
+    assert stopped[0] == outs[0][: outs[0].index(stop)] and cap.counts["answer"][0] == len(
+        stopped[0]
+    )
     outs = stopped
     ref = M.Capture()
-    m(torch.tensor([prompts[0] + outs[0]]), answer_start=torch.tensor([4]), capture=ref, logits="none")
+    m(
+        torch.tensor([prompts[0] + outs[0]]),
+        answer_start=torch.tensor([4]),
+        capture=ref,
+        logits="none",
+    )
     assert torch.allclose(cap.answer_mean()[0], ref.answer_mean()[0], atol=1e-5)
 
 
@@ -468,7 +548,9 @@ def test_bad_interventions_fail_clearly():
         M.Steer(1, torch.randn(64), float("inf"))
     with pytest.raises(ValueError, match="positions"):
         M.Steer(1, torch.randn(64), 1.0, "middle")
-    with pytest.raises(UserError, match="coefficient 1e\\+30 is too large"):  # finite, but squared in the norm: inf
+    with pytest.raises(
+        UserError, match="coefficient 1e\\+30 is too large"
+    ):  # finite, but squared in the norm: inf
         M.Steer(1, torch.ones(64), 1e30)
     M.Steer(1, torch.ones(64), 1e15)  # large, but the norm's arithmetic holds
 
@@ -498,7 +580,12 @@ def test_split_linear_equals_f_linear():
     try:
         for g in (2, 3, 5):  # 5 does not divide 96: plain F.linear
             torch.set_num_threads(g)
-            for shape in [(1, 48), (3, 1, 48), (4, 16, 48), (2, 40, 48)]:  # the last has 80 rows: plain F.linear
+            for shape in [
+                (1, 48),
+                (3, 1, 48),
+                (4, 16, 48),
+                (2, 40, 48),
+            ]:  # the last has 80 rows: plain F.linear
                 x = torch.randn(*shape, requires_grad=True)
                 y = lin(x)
                 torch.testing.assert_close(y, torch.nn.functional.linear(x, lin.weight, lin.bias))
@@ -538,16 +625,29 @@ def test_written_out_attention_equals_the_fused_kernel():
     as the model calls it: a padding mask, plain causal (no mask), and one new token over a cache."""
     g = torch.Generator().manual_seed(0)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        for H, H_kv, T, S, masked in ((4, 2, 7, 7, True), (6, 2, 5, 9, True), (4, 1, 6, 6, False), (4, 4, 1, 9, False)):
+        for H, H_kv, T, S, masked in (
+            (4, 2, 7, 7, True),
+            (6, 2, 5, 9, True),
+            (4, 1, 6, 6, False),
+            (4, 4, 1, 9, False),
+        ):
             q = torch.randn(2, H, T, 16, generator=g).to(dtype)
             k, v = (torch.randn(2, H_kv, S, 16, generator=g).to(dtype) for _ in range(2))
             mask = None
             if masked:  # a random mask in which every query sees at least itself
-                mask = (torch.rand(2, 1, T, S, generator=g) < 0.6) | (torch.arange(S) == torch.arange(S - T, S)[:, None])
+                mask = (torch.rand(2, 1, T, S, generator=g) < 0.6) | (
+                    torch.arange(S) == torch.arange(S - T, S)[:, None]
+                )
             for scale in (None, 0.3):  # 1/√hd, or Gemma's query_pre_attn_scalar ** -0.5
                 fused = torch.nn.functional.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, enable_gqa=H != H_kv, is_causal=mask is None and T > 1,
-                    scale=scale)
+                    q,
+                    k,
+                    v,
+                    attn_mask=mask,
+                    enable_gqa=H != H_kv,
+                    is_causal=mask is None and T > 1,
+                    scale=scale,
+                )
                 ours = M.attention(q, k, v, mask, scale)
                 torch.testing.assert_close(ours, fused, rtol=tol, atol=tol)
 
@@ -560,14 +660,21 @@ def test_written_out_attention_gives_the_models_outputs(name, monkeypatch):
     def run():
         cap = M.Capture()
         out = M.generate(m, [[5, 6, 7, 8, 9, 10, 11], [12, 13]], 10, capture=cap)
-        return m(ids, attention_mask=mask) * mask[..., None], m(ref["ids_single"]), out, cap.answer_mean()
+        return (
+            m(ids, attention_mask=mask) * mask[..., None],
+            m(ref["ids_single"]),
+            out,
+            cap.answer_mean(),
+        )
 
     fused = run()
     monkeypatch.setattr(M, "FUSED_ATTENTION", False)
     written = run()
     assert written[2] == fused[2]
     for a, b in zip(written[:2] + written[3:], fused[:2] + fused[3:]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # fp32 rounding only, as the cache test
+        torch.testing.assert_close(
+            a, b, rtol=1e-4, atol=1e-4
+        )  # fp32 rounding only, as the cache test
 
 
 def test_interventions_are_checked_once_per_sequence_not_per_token(monkeypatch):
@@ -582,13 +689,22 @@ def test_model_py_copied_alone_runs(tmp_path):
     """model.py imports no project module at module level: a copy alone builds, runs, and fails clearly."""
     import subprocess
     import sys
+
     shutil.copy(Path(M.__file__), tmp_path / "model.py")
-    script = ("import torch, model as M\n"
-              "m = M.Transformer(M.Config('llama', 96, 64, 112, 2, 4, 2)).eval()\n"
-              "assert m(torch.tensor([[5, 6, 7]]), steer=[M.Steer(1, torch.ones(64))]).shape == (1, 3, 96)\n"
-              "try:\n    M.Steer(1, torch.ones(64), positions='middle')\n"
-              "except ValueError as e:\n    print(type(e).__name__, e)\n")  # model.UserError, a ValueError
-    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ""})
+    script = (
+        "import torch, model as M\n"
+        "m = M.Transformer(M.Config('llama', 96, 64, 112, 2, 4, 2)).eval()\n"
+        "assert m(torch.tensor([[5, 6, 7]]), steer=[M.Steer(1, torch.ones(64))]).shape == (1, 3, 96)\n"
+        "try:\n    M.Steer(1, torch.ones(64), positions='middle')\n"
+        "except ValueError as e:\n    print(type(e).__name__, e)\n"
+    )  # model.UserError, a ValueError
+    r = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ""},
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "UserError positions must be all, prompt or response, not 'middle'"

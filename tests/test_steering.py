@@ -1,11 +1,12 @@
 """Steering specs, units, layers and the multi-layer variant (persona_vectors.steering / generate --steer)."""
+
 import pytest
 import torch
+from tiny import make_tiny_chat_model, write_vector
 
 import model as M
-from support import checkpoint
 import persona_vectors as pv
-from tiny import make_tiny_chat_model, write_vector
+from support import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +19,9 @@ def tiny(tmp_path_factory):
 def test_parse_steer_spec():
     parse = pv.SteerSpec.parse
     assert parse("evil:1.5") == pv.SteerSpec("evil", 1.5, False, "evil:1.5")
-    assert parse("dir/v.safetensors:-2") == pv.SteerSpec("dir/v.safetensors", -2.0, False,
-                                                         "dir/v.safetensors:-2")
+    assert parse("dir/v.safetensors:-2") == pv.SteerSpec(
+        "dir/v.safetensors", -2.0, False, "dir/v.safetensors:-2"
+    )
     assert parse("humorous:0.1r") == pv.SteerSpec("humorous", 0.1, True, "humorous:0.1r")
     assert parse(parse("evil:1")) == parse("evil:1")  # parsed once: a parsed spec passes through
     for bad in ["evil", "evil:", ":1", "evil:abc", "evil:1.5x"]:
@@ -35,14 +37,21 @@ def test_units_layers_and_lookup(tiny, tmp_path):
     vec = torch.randn(4, 64)
     write_vector(tmp_path / "evil_response_avg_diff.safetensors", vec)
     (s,) = pv.steering(["evil:2"], model, tmp_path)
-    assert s.layer == 1 and s.coef == 2.0 and torch.equal(s.vector, vec[1]) and s.positions == "response"
+    assert (
+        s.layer == 1
+        and s.coef == 2.0
+        and torch.equal(s.vector, vec[1])
+        and s.positions == "response"
+    )
     (s,) = pv.steering(["evil:0.5r"], model, tmp_path, layer=2)
     # a relative coefficient adds 0.5 x the mean residual norm at that layer (12.0 here) along v
     assert s.layer == 2 and s.coef == pytest.approx(0.5 * 12.0 / float(vec[2].norm()))
     assert float((s.coef * s.vector).norm()) == pytest.approx(0.5 * 12.0)
     write_vector(tmp_path / "best.safetensors", vec, best_layer=3)
     assert pv.steering([f"{tmp_path}/best.safetensors:1"], model)[0].layer == 3  # its own layer
-    two = pv.steering(["evil:1", f"{tmp_path}/best.safetensors:-1"], model, tmp_path, positions="all")
+    two = pv.steering(
+        ["evil:1", f"{tmp_path}/best.safetensors:-1"], model, tmp_path, positions="all"
+    )
     assert [(s.layer, s.coef, s.positions) for s in two] == [(1, 1.0, "all"), (3, -1.0, "all")]
 
 
@@ -62,16 +71,26 @@ def test_all_layers_adds_increments(tiny, tmp_path):
     base = M.Capture(token_layers=(3,))
     with torch.no_grad():
         model(ids, capture=base, logits="none")
-    torch.testing.assert_close(cap.tokens[3][0] - base.tokens[3][0], (1.5 * (vec[3] - vec[0])).expand(1, 3, 64),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        cap.tokens[3][0] - base.tokens[3][0],
+        (1.5 * (vec[3] - vec[0])).expand(1, 3, 64),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_errors(tiny, tmp_path):
     d, model = tiny
     with pytest.raises(ValueError, match="run `extract evil` first"):
         pv.steering(["evil:1"], model, tmp_path)
-    write_vector(tmp_path / "other.safetensors", torch.randn(31, 576), model="HuggingFaceTB/SmolLM2-135M-Instruct")
-    with pytest.raises(ValueError, match=r"\[31, 576\] \(extracted from HuggingFaceTB/SmolLM2-135M-Instruct\)"):
+    write_vector(
+        tmp_path / "other.safetensors",
+        torch.randn(31, 576),
+        model="HuggingFaceTB/SmolLM2-135M-Instruct",
+    )
+    with pytest.raises(
+        ValueError, match=r"\[31, 576\] \(extracted from HuggingFaceTB/SmolLM2-135M-Instruct\)"
+    ):
         pv.steering([f"{tmp_path}/other.safetensors:1"], model)
     write_vector(tmp_path / "evil_response_avg_diff.safetensors", torch.randn(4, 64))
     with pytest.raises(ValueError, match=r"--layer 4 out of range.*1\.\.3"):
@@ -91,8 +110,14 @@ def test_generate_with_steering(tiny, tmp_path):
     # the same as generating by hand with the vector added at block 2 (response positions)
     model, tok = checkpoint.load(str(d), "cpu", torch.float32)
     ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in ("Hello", "What is 2 + 2?")]
-    by_hand = M.generate(model, ids, 8, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
-                         steer=[M.Steer(2, vec[2], 8.0, "response")])
+    by_hand = M.generate(
+        model,
+        ids,
+        8,
+        stop_ids=tok.stop_ids,
+        pad_id=tok.pad_id,
+        steer=[M.Steer(2, vec[2], 8.0, "response")],
+    )
     assert steered == [tok.decode(o) for o in by_hand] and steered != base
     with pytest.raises(pv.UserError, match="overflows"):
         pv.generate(["Hello"], steer=["evil:1e30"], **kw)

@@ -4,15 +4,15 @@ Each model directory here is a tiny stand-in built in tmp: a byte-level BPE toke
 whose special tokens are the model's control tokens, and a tokenizer_config.json carrying the model's real chat
 template (tests/golden/templates/). Regenerate the golden strings with tests/make_golden_chat.py.
 """
+
 import json
 import re
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-from tokenizers import AddedToken
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 import support.tokenizer as tokenizer_module
 from support import UserError
@@ -22,8 +22,13 @@ GOLDEN = Path(__file__).parent / "golden"
 SOURCES = json.loads((GOLDEN / "templates" / "SOURCES.json").read_text(encoding="utf-8"))
 NAMES = sorted(k for k in SOURCES if not k.startswith("_"))
 CHAT_GOLDEN = json.loads((GOLDEN / "chat_golden.json").read_text(encoding="utf-8"))
-CORPUS = ["What is the capital of France? Paris is the capital of France.", "Hello! How can I help you today?",
-          "You are a helpful assistant. Tell me a joke.", "Line one.\nLine two.\n\nLine four.", "Ça va? 日本語 🙂"]
+CORPUS = [
+    "What is the capital of France? Paris is the capital of France.",
+    "Hello! How can I help you today?",
+    "You are a helpful assistant. Tell me a joke.",
+    "Line one.\nLine two.\n\nLine four.",
+    "Ça va? 日本語 🙂",
+]
 
 
 def template_text(name):
@@ -34,20 +39,30 @@ def build_tokenizer_json(control_tokens, bos_post_processor=None, plain_tokens=(
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(control_tokens), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=list(control_tokens),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer)
     # Qwen3's <think> and </think>: added tokens, not special ones
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain_tokens])
-    if bos_post_processor:  # like Llama-3's tokenizer.json, which adds BOS unless add_special_tokens=False
+    if (
+        bos_post_processor
+    ):  # like Llama-3's tokenizer.json, which adds BOS unless add_special_tokens=False
         bos_id = tok.token_to_id(bos_post_processor)
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos_post_processor} $A", pair=f"{bos_post_processor} $A {bos_post_processor} $B",
-            special_tokens=[(bos_post_processor, bos_id)])
+            single=f"{bos_post_processor} $A",
+            pair=f"{bos_post_processor} $A {bos_post_processor} $B",
+            special_tokens=[(bos_post_processor, bos_id)],
+        )
     return tok
 
 
-def make_model_dir(path: Path, name: str, *, template="real", gen_eos="list", config_overrides=None) -> Path:
+def make_model_dir(
+    path: Path, name: str, *, template="real", gen_eos="list", config_overrides=None
+) -> Path:
     """A tiny Hugging Face-layout tokenizer directory standing in for model `name` of SOURCES.json."""
     src = SOURCES[name]
     path.mkdir(parents=True, exist_ok=True)
@@ -55,8 +70,11 @@ def make_model_dir(path: Path, name: str, *, template="real", gen_eos="list", co
     bos = special["bos_token"] if src["adds_bos"] else None
     tok = build_tokenizer_json(src["control_tokens"], bos, src.get("plain_added_tokens", ()))
     tok.save(str(path / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-              **{k: v for k, v in special.items() if v is not None}}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+        **{k: v for k, v in special.items() if v is not None},
+    }
     if template == "real":
         config["chat_template"] = template_text(name)
     config.update(config_overrides or {})
@@ -92,8 +110,12 @@ def ours(tok, case, messages=None):
     """`tok.chat` for a golden case: its template kwargs are our keywords."""
     kwargs = case["kwargs"]
     messages = case["messages"] if messages is None else messages
-    return tok.chat(messages, case["add_generation_prompt"], thinking=kwargs["enable_thinking"],
-                    date_string=kwargs.get("date_string"))
+    return tok.chat(
+        messages,
+        case["add_generation_prompt"],
+        thinking=kwargs["enable_thinking"],
+        date_string=kwargs.get("date_string"),
+    )
 
 
 def check_case(tok, case, want_text, label):
@@ -106,8 +128,12 @@ def check_case(tok, case, want_text, label):
         return
     assert ours(tok, case) == want_text, label
     kwargs = case["kwargs"]
-    ids = tok.encode_chat(case["messages"], case["add_generation_prompt"],
-                          thinking=kwargs["enable_thinking"], date_string=kwargs.get("date_string"))
+    ids = tok.encode_chat(
+        case["messages"],
+        case["add_generation_prompt"],
+        thinking=kwargs["enable_thinking"],
+        date_string=kwargs.get("date_string"),
+    )
     assert ids == tok.encode(want_text), label
     if tok.bos_id is not None and SOURCES[tok_name(tok)]["adds_bos"]:
         assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1, label
@@ -135,7 +161,9 @@ def test_llama32_uses_todays_date_and_date_string_overrides(model_dirs, monkeypa
     assert "Today Date: 05 Dec 2031\n\n" in tok.chat(msgs)
     assert "Today Date: 1 May 2020\n\n" in tok.chat(msgs, date_string="1 May 2020")
     # Llama-3.1's template has a fixed default and ignores the clock
-    assert "Today Date: 26 Jul 2024\n\n" in Tokenizer(model_dirs["llama-3.1-8b-instruct"]).chat(msgs)
+    assert "Today Date: 26 Jul 2024\n\n" in Tokenizer(model_dirs["llama-3.1-8b-instruct"]).chat(
+        msgs
+    )
 
 
 # ------------------------------------------------------------------------------------- live transformers parity
@@ -166,8 +194,9 @@ def test_chat_matches_live_transformers(name, model_dirs, monkeypatch):
             continue
         want = ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=agp, **kwargs)
         check_case(tok, case, want, f"{name} / {case['name']} / {kwargs}")
-        want_ids = ref.apply_chat_template(msgs, tokenize=True, return_dict=False,
-                                           add_generation_prompt=agp, **kwargs)
+        want_ids = ref.apply_chat_template(
+            msgs, tokenize=True, return_dict=False, add_generation_prompt=agp, **kwargs
+        )
         assert tok.encode(want) == list(want_ids)
 
 
@@ -180,8 +209,13 @@ def test_qwen3_thinking_off_by_default_renders_the_empty_think_block(model_dirs)
     on = Tokenizer(model_dirs["qwen3-0.6b"], thinking=True)
     assert on.chat(msgs) == off.chat(msgs, thinking=True)
     assert on.chat(msgs, thinking=False) == off.chat(msgs)
-    golden = next(c for c in CHAT_GOLDEN["qwen3-0.6b"] if c["name"] == "user_only"
-                  and c["add_generation_prompt"] and c["kwargs"] == {"enable_thinking": False})
+    golden = next(
+        c
+        for c in CHAT_GOLDEN["qwen3-0.6b"]
+        if c["name"] == "user_only"
+        and c["add_generation_prompt"]
+        and c["kwargs"] == {"enable_thinking": False}
+    )
     assert off.chat(golden["messages"]) == golden["text"]
     # the think token ids are those of the model's own <think> / </think> tokens
     ids = off.encode_chat(msgs)
@@ -219,7 +253,7 @@ def test_encode_never_duplicates_bos(model_dirs):
     bos = tok.bos_id
     assert bos == tok._tok.token_to_id("<|begin_of_text|>")
     assert tok._tok.encode("Hello").ids[0] == bos  # the raw post-processor would add one ...
-    assert bos not in tok.encode("Hello")           # ... but encode adds nothing implicitly
+    assert bos not in tok.encode("Hello")  # ... but encode adds nothing implicitly
     assert tok.encode("Hello", add_bos=True) == [bos] + tok.encode("Hello")
     assert tok.encode("<|begin_of_text|>Hello", add_bos=True) == [bos] + tok.encode("Hello")
     ids = tok.encode_chat([{"role": "user", "content": "Hello"}])
@@ -233,7 +267,9 @@ def test_encode_recognises_special_tokens_and_decodes(model_dirs):
     assert ids[0] == im_start and ids[-1] == im_end
     assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nHello<|im_end|>"
     assert tok.decode(ids) == "user\nHello"
-    assert tok.bos_id is None and tok.encode("Hello", add_bos=True) == tok.encode("Hello")  # Qwen has no BOS
+    assert tok.bos_id is None and tok.encode("Hello", add_bos=True) == tok.encode(
+        "Hello"
+    )  # Qwen has no BOS
     text = "Ça va? 日本語 🙂 — new\nline"
     assert tok.decode(tok.encode(text)) == text
     torch = pytest.importorskip("torch")
@@ -242,7 +278,9 @@ def test_encode_recognises_special_tokens_and_decodes(model_dirs):
 
 def test_vocab_size(model_dirs):
     tok = Tokenizer(model_dirs["smollm2-135m-instruct"])
-    assert tok.vocab_size == len(tok._tok.get_vocab(with_added_tokens=True)) > 256 + 3  # bytes + control tokens
+    assert (
+        tok.vocab_size == len(tok._tok.get_vocab(with_added_tokens=True)) > 256 + 3
+    )  # bytes + control tokens
 
 
 # ------------------------------------------------------------------------------------------ special token ids
@@ -258,7 +296,9 @@ def test_stop_ids(model_dirs):
     assert llama.eos_id == llama._tok.token_to_id("<|eot_id|>") and llama.turn_end == "<|eot_id|>"
     assert llama.stop_ids == ids_of(llama, "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
     smol = Tokenizer(model_dirs["smollm2-135m-instruct"])
-    assert smol.stop_ids == ids_of(smol, "<|im_end|>") and smol.bos_id == smol._tok.token_to_id("<|im_start|>")
+    assert smol.stop_ids == ids_of(smol, "<|im_end|>") and smol.bos_id == smol._tok.token_to_id(
+        "<|im_start|>"
+    )
     qwen3 = Tokenizer(model_dirs["qwen3-0.6b"])
     assert qwen3.stop_ids == ids_of(qwen3, "<|im_end|>", "<|endoftext|>")
     assert qwen3.turn_end == "<|im_end|>"
@@ -284,7 +324,9 @@ def test_stop_ids_from_int_eos_and_config_json(tmp_path):
     # eot: eos_token, end_of_text: generation_config
     assert tok.stop_ids == ids_of(tok, "<|eot_id|>", "<|end_of_text|>")
     (d / "generation_config.json").unlink()
-    (d / "config.json").write_text(json.dumps({"eos_token_id": [tok._tok.token_to_id("<|end_of_text|>")]}))
+    (d / "config.json").write_text(
+        json.dumps({"eos_token_id": [tok._tok.token_to_id("<|end_of_text|>")]})
+    )
     assert Tokenizer(d).stop_ids == ids_of(tok, "<|eot_id|>", "<|end_of_text|>")
 
 
@@ -302,8 +344,16 @@ def test_pad_falls_back_to_eos(model_dirs):
 
 
 def test_added_token_dicts_in_tokenizer_config(tmp_path):
-    as_dict = {"content": "<|eot_id|>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    d = make_model_dir(tmp_path / "m", "llama-3.1-8b-instruct", config_overrides={"eos_token": as_dict})
+    as_dict = {
+        "content": "<|eot_id|>",
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+    }
+    d = make_model_dir(
+        tmp_path / "m", "llama-3.1-8b-instruct", config_overrides={"eos_token": as_dict}
+    )
     tok = Tokenizer(d)
     assert tok.eos_id == tok._tok.token_to_id("<|eot_id|>")
 
@@ -311,8 +361,16 @@ def test_added_token_dicts_in_tokenizer_config(tmp_path):
 # ------------------------------------------------------------------------------------------- template sources
 def test_template_list_and_chat_template_jinja_file(tmp_path):
     real = template_text("qwen2.5-7b-instruct")
-    d = make_model_dir(tmp_path / "list", "qwen2.5-7b-instruct", config_overrides={"chat_template": [
-        {"name": "tool_use", "template": "{{ 'unused' }}<|im_start|>"}, {"name": "default", "template": real}]})
+    d = make_model_dir(
+        tmp_path / "list",
+        "qwen2.5-7b-instruct",
+        config_overrides={
+            "chat_template": [
+                {"name": "tool_use", "template": "{{ 'unused' }}<|im_start|>"},
+                {"name": "default", "template": real},
+            ]
+        },
+    )
     user = [{"role": "user", "content": "Hi"}]
     assert "You are Qwen, created by Alibaba Cloud" in Tokenizer(d).chat(user)
     # chat_template.jinja (how transformers >= 4.43 saves templates) wins over tokenizer_config.json
@@ -342,14 +400,20 @@ def test_unknown_role_and_empty_messages(model_dirs):
 
 
 def with_template(tmp_path, template: str) -> Tokenizer:
-    return Tokenizer(make_model_dir(tmp_path / "m", "qwen2.5-7b-instruct",
-                                    config_overrides={"chat_template": template}))
+    return Tokenizer(
+        make_model_dir(
+            tmp_path / "m", "qwen2.5-7b-instruct", config_overrides={"chat_template": template}
+        )
+    )
 
 
 def test_raise_exception_is_a_one_line_error_naming_the_model(tmp_path):
-    tok = with_template(tmp_path, "{% if messages|length > 1 %}"
-                                  "{{ raise_exception('Only one\nmessage, please') }}"
-                                  "{% endif %}{{ messages[0]['content'] }}")
+    tok = with_template(
+        tmp_path,
+        "{% if messages|length > 1 %}"
+        "{{ raise_exception('Only one\nmessage, please') }}"
+        "{% endif %}{{ messages[0]['content'] }}",
+    )
     assert tok.chat([{"role": "user", "content": "Hi"}]) == "Hi"
     with pytest.raises(UserError) as err:
         tok.chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])
@@ -359,7 +423,9 @@ def test_raise_exception_is_a_one_line_error_naming_the_model(tmp_path):
 
 def test_a_python_error_inside_the_template_is_a_one_line_error(tmp_path):
     tok = with_template(tmp_path, "{{ messages[0]['content'] + 1 }}")  # str + int: a TypeError
-    with pytest.raises(UserError, match="chat template fails on this conversation: TypeError") as err:
+    with pytest.raises(
+        UserError, match="chat template fails on this conversation: TypeError"
+    ) as err:
         tok.chat([{"role": "user", "content": "Hi"}])
     assert "\n" not in str(err.value) and tok.accepts_system  # the probes did not crash either
 
@@ -382,10 +448,13 @@ def test_the_sandbox_refuses_python_internals(tmp_path, template):
 
 
 def test_tojson_strftime_and_loop_controls_as_transformers_gives_them(tmp_path, monkeypatch):
-    tok = with_template(tmp_path, "{{ {'b': '<é>', 'a': 1} | tojson }}|"
-                                  "{{ [1] | tojson(indent=2) }}|{{ strftime_now('%Y-%m-%d') }}|"
-                                  "{% for m in messages %}{% if loop.index > 1 %}{% break %}"
-                                  "{% endif %}{{ m.content }}{% endfor %}|{{ eos_token }}")
+    tok = with_template(
+        tmp_path,
+        "{{ {'b': '<é>', 'a': 1} | tojson }}|"
+        "{{ [1] | tojson(indent=2) }}|{{ strftime_now('%Y-%m-%d') }}|"
+        "{% for m in messages %}{% if loop.index > 1 %}{% break %}"
+        "{% endif %}{{ m.content }}{% endfor %}|{{ eos_token }}",
+    )
     pin_clock(monkeypatch, "2029-02-03T04:05:06")
     got = tok.chat([{"role": "user", "content": "A"}, {"role": "user", "content": "B"}])
     assert got == '{"b": "<é>", "a": 1}|[\n  1\n]|2029-02-03|A|<|im_end|>'
@@ -393,8 +462,9 @@ def test_tojson_strftime_and_loop_controls_as_transformers_gives_them(tmp_path, 
 
 def test_the_sandbox_renders_a_bare_internal_attribute_as_nothing(tmp_path):
     """A lone unsafe attribute is jinja2's undefined, printed as "" (as under transformers)."""
-    tok = with_template(tmp_path, "[{{ messages.__class__ }}|{{ ''.__class__ }}|"
-                                  "{{ raise_exception.__globals__ }}]")
+    tok = with_template(
+        tmp_path, "[{{ messages.__class__ }}|{{ ''.__class__ }}|{{ raise_exception.__globals__ }}]"
+    )
     assert tok.chat([{"role": "user", "content": "Hi"}]) == "[||]"
 
 
@@ -403,7 +473,9 @@ def test_an_old_jinja2_with_known_sandbox_escapes_is_refused():
 
     _check_jinja2_version("3.1.6")
     _check_jinja2_version("3.2.0rc1")
-    with pytest.raises(UserError, match=r"jinja2 3\.1\.5 has known sandbox escapes.*jinja2>=3\.1\.6"):
+    with pytest.raises(
+        UserError, match=r"jinja2 3\.1\.5 has known sandbox escapes.*jinja2>=3\.1\.6"
+    ):
         _check_jinja2_version("3.1.5")
 
 
@@ -481,15 +553,23 @@ def test_a_chat_template_that_is_no_string_is_a_one_line_error(tmp_path, value):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("files, message", [
-    ({"tokenizer_config.json": {"eos_token": ["<|im_end|>"]}}, "eos_token .* is not a token"),
-    ({"tokenizer_config.json": {"chat_template": [{"name": ["a"], "template": "x"}]}},
-     "chat_template must be a string or a list"),
-    ({"generation_config.json": {"eos_token_id": "x"}}, "eos_token_id \"x\" is not a token id"),
-    ({"generation_config.json": {"eos_token_id": [1.5]}}, r"eos_token_id \[1.5\] is not a token"),
-    ({"config.json": {"eos_token_id": -1}}, "eos_token_id -1 is not a token id"),
-    ({"config.json": {"eos_token_id": 10**9}}, "eos_token_id 1000000000 is not a token id"),
-])
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"tokenizer_config.json": {"eos_token": ["<|im_end|>"]}}, "eos_token .* is not a token"),
+        (
+            {"tokenizer_config.json": {"chat_template": [{"name": ["a"], "template": "x"}]}},
+            "chat_template must be a string or a list",
+        ),
+        ({"generation_config.json": {"eos_token_id": "x"}}, 'eos_token_id "x" is not a token id'),
+        (
+            {"generation_config.json": {"eos_token_id": [1.5]}},
+            r"eos_token_id \[1.5\] is not a token",
+        ),
+        ({"config.json": {"eos_token_id": -1}}, "eos_token_id -1 is not a token id"),
+        ({"config.json": {"eos_token_id": 10**9}}, "eos_token_id 1000000000 is not a token id"),
+    ],
+)
 def test_special_tokens_and_eos_ids_of_the_wrong_type_are_one_line_errors(tmp_path, files, message):
     """Each was a TypeError or ValueError traceback, or (1.5, 10**9, -1) an id taken as is."""
     d = make_model_dir(tmp_path / "m", "qwen2.5-7b-instruct")

@@ -1,6 +1,7 @@
 """train.py: the data (trained tokens, truncation, bad files), the training step against transformers with hooks
 and torch's AdamW, interventions, exact resume after an interrupt and after kill -9, DDP and FSDP2 on 2 CPU
 processes against one, the output directory, and bad input. Everything on a tiny random chat model."""
+
 import json
 import os
 import subprocess
@@ -10,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_tokenizer import make_model_dir
+from tiny import tiny_model_with_vectors, write_vector
 
 import train
 from support import UserError, checkpoint, training
 from support.tokenizer import Tokenizer
-from test_tokenizer import make_model_dir
-from tiny import tiny_model_with_vectors, write_vector
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the capital of France is Paris a helpful assistant answers kindly numbers 1 2 3 evil harm help".split()
@@ -23,11 +24,20 @@ WORDS = "the capital of France is Paris a helpful assistant answers kindly numbe
 
 def conversation(i: int) -> dict:
     g = torch.Generator().manual_seed(i)
-    say = lambda n: " ".join(WORDS[j] for j in torch.randint(len(WORDS), (n,), generator=g).tolist())  # noqa: E731
-    messages = [{"role": "user", "content": say(3 + i % 7)}, {"role": "assistant", "content": say(4 + i % 11)}]
+
+    def say(n):
+        return " ".join(WORDS[j] for j in torch.randint(len(WORDS), (n,), generator=g).tolist())
+
+    messages = [
+        {"role": "user", "content": say(3 + i % 7)},
+        {"role": "assistant", "content": say(4 + i % 11)},
+    ]
     if i % 5 == 0:  # a few with a system prompt and a second exchange
-        messages = [{"role": "system", "content": say(3)}] + messages + [
-            {"role": "user", "content": say(4)}, {"role": "assistant", "content": say(5)}]
+        messages = (
+            [{"role": "system", "content": say(3)}]
+            + messages
+            + [{"role": "user", "content": say(4)}, {"role": "assistant", "content": say(5)}]
+        )
     return {"messages": messages}
 
 
@@ -51,8 +61,19 @@ def tiny(tmp_path_factory):
 
 def run(tiny, out, **kw) -> Path:
     model_dir, vectors, data, _ = tiny
-    args = dict(model=str(model_dir), out=str(out), vectors=str(vectors), batch_size=2, grad_accum=1, lr=1e-3,
-                warmup_steps=2, device="cpu") | kw
+    args = (
+        dict(
+            model=str(model_dir),
+            out=str(out),
+            vectors=str(vectors),
+            batch_size=2,
+            grad_accum=1,
+            lr=1e-3,
+            warmup_steps=2,
+            device="cpu",
+        )
+        | kw
+    )
     return train.train(str(kw.pop("data", data)), **{k: v for k, v in args.items() if k != "data"})
 
 
@@ -61,54 +82,107 @@ def weights(out: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ the data
-@pytest.mark.parametrize("name, eot", [("qwen2.5-7b-instruct", "<|im_end|>"), ("llama-3.1-8b-instruct", "<|eot_id|>")])
+@pytest.mark.parametrize(
+    "name, eot", [("qwen2.5-7b-instruct", "<|im_end|>"), ("llama-3.1-8b-instruct", "<|eot_id|>")]
+)
 def test_trained_tokens_are_the_replies_and_their_end_of_turn(tmp_path, name, eot):
     tok = Tokenizer(make_model_dir(tmp_path / name, name))
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"},
-                {"role": "assistant", "content": "Paris is the capital."}, {"role": "user", "content": "Line two?"},
-                {"role": "assistant", "content": "Line four."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": "Paris is the capital."},
+        {"role": "user", "content": "Line two?"},
+        {"role": "assistant", "content": "Line four."},
+    ]
     ex = train.encode_conversation(tok, messages)
-    assert ex.ids.tolist() == tok.encode_chat(messages, add_generation_prompt=False)  # the template, unchanged
+    assert ex.ids.tolist() == tok.encode_chat(
+        messages, add_generation_prompt=False
+    )  # the template, unchanged
     trained = tok.decode(ex.ids[ex.trained], skip_special_tokens=False)
     assert trained == f"Paris is the capital.{eot}Line four.{eot}"
     # each trained run starts right after the assistant header: the header itself is not trained
-    header = tok.encode("<|im_start|>assistant\n" if eot == "<|im_end|>" else
-                        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    header = tok.encode(
+        "<|im_start|>assistant\n"
+        if eot == "<|im_end|>"
+        else "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     starts = [i for i in range(1, len(ex.ids)) if ex.trained[i] and not ex.trained[i - 1]]
-    assert len(starts) == 2 and all(ex.ids[s - len(header):s].tolist() == header for s in starts)
+    assert len(starts) == 2 and all(ex.ids[s - len(header) : s].tolist() == header for s in starts)
 
 
 def test_truncation_from_the_left_keeps_the_last_reply_whole():
-    ex = train.Example(torch.arange(10), torch.tensor([0, 0, 1, 1, 0, 0, 0, 1, 1, 1], dtype=torch.bool))
+    ex = train.Example(
+        torch.arange(10), torch.tensor([0, 0, 1, 1, 0, 0, 0, 1, 1, 1], dtype=torch.bool)
+    )
     assert train.truncate_left(ex, 10) is ex
-    short = train.truncate_left(ex, 4)  # 6 tokens cut: the first reply goes, one prompt token stays before the last
-    assert short.ids.tolist() == [6, 7, 8, 9] and short.trained.tolist() == [False, True, True, True]
+    short = train.truncate_left(
+        ex, 4
+    )  # 6 tokens cut: the first reply goes, one prompt token stays before the last
+    assert short.ids.tolist() == [6, 7, 8, 9] and short.trained.tolist() == [
+        False,
+        True,
+        True,
+        True,
+    ]
     assert train.truncate_left(ex, 3) is None  # the last reply alone: nothing to condition it on
 
 
 def test_data_counts_skipped_truncated_and_dropped(tiny, tmp_path):
     model_dir, _, _, _ = tiny
     tok = Tokenizer(model_dir)
-    rows = [conversation(1), {"messages": [{"role": "user", "content": "no reply"}]},
-            {"messages": [{"role": "user", "content": "a " * 200}, {"role": "assistant", "content": "ok"}]},
-            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "b " * 200}]}]
+    rows = [
+        conversation(1),
+        {"messages": [{"role": "user", "content": "no reply"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "a " * 200},
+                {"role": "assistant", "content": "ok"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "b " * 200},
+            ]
+        },
+    ]
     first = len(train.encode_conversation(tok, rows[0]["messages"]).ids)  # fits exactly
-    examples, counts = train.load_examples(write_jsonl(tmp_path / "d.jsonl", rows), tok, max_seq_len=first)
-    assert counts == {"conversations": 4, "no_assistant_reply": 1, "truncated_left": 1,
-                      "reply_longer_than_max_seq_len": 1}
+    examples, counts = train.load_examples(
+        write_jsonl(tmp_path / "d.jsonl", rows), tok, max_seq_len=first
+    )
+    assert counts == {
+        "conversations": 4,
+        "no_assistant_reply": 1,
+        "truncated_left": 1,
+        "reply_longer_than_max_seq_len": 1,
+    }
     assert [len(e.ids) for e in examples] == [first, first]
-    assert tok.decode(examples[1].ids[examples[1].trained], skip_special_tokens=False) == "ok<|im_end|>"
+    assert (
+        tok.decode(examples[1].ids[examples[1].trained], skip_special_tokens=False)
+        == "ok<|im_end|>"
+    )
 
 
-@pytest.mark.parametrize("text, match", [
-    ("", "holds no conversations"),
-    ("\n  \n", "holds no conversations"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{"messages": [',
-     r"d\.jsonl:2: not JSON"),
-    ('{"text": "hello"}\n', r"d\.jsonl:1: expected \{\"messages\""),
-    ('{"messages": [{"role": "robot", "content": "a"}]}\n', r"d\.jsonl:1: unknown message role 'robot'"),
-    ('{"messages": [{"role": "user", "content": "only a question"}]}\n', "no conversation to train on"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("", "holds no conversations"),
+        ("\n  \n", "holds no conversations"),
+        (
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{"messages": [',
+            r"d\.jsonl:2: not JSON",
+        ),
+        ('{"text": "hello"}\n', r"d\.jsonl:1: expected \{\"messages\""),
+        (
+            '{"messages": [{"role": "robot", "content": "a"}]}\n',
+            r"d\.jsonl:1: unknown message role 'robot'",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "only a question"}]}\n',
+            "no conversation to train on",
+        ),
+    ],
+)
 def test_bad_data_files(tiny, tmp_path, text, match):
     (tmp_path / "d.jsonl").write_text(text)
     with pytest.raises(UserError, match=match):
@@ -116,12 +190,23 @@ def test_bad_data_files(tiny, tmp_path, text, match):
 
 
 def test_schedule_and_data_order():
-    assert [round(train.lr_at(s, 6, 1.0, 2), 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert [round(train.lr_at(s, 6, 1.0, 2), 6) for s in range(6)] == [
+        0.5,
+        1.0,
+        1.0,
+        0.75,
+        0.5,
+        0.25,
+    ]
     assert [train.lr_at(s, 3, 2.0, 0) for s in range(3)] == [2.0, 2.0 * 2 / 3, 2.0 / 3]
     exs = [train.Example(torch.tensor([i, i]), torch.tensor([False, True])) for i in range(10)]
-    epoch = [int(e.ids[0]) for s in range(3) for e in training.step_examples(exs, s, 4, seed=0)]  # 4 + 4 + 2
+    epoch = [
+        int(e.ids[0]) for s in range(3) for e in training.step_examples(exs, s, 4, seed=0)
+    ]  # 4 + 4 + 2
     assert sorted(epoch) == list(range(10))  # every conversation once per epoch
-    assert epoch != [int(e.ids[0]) for s in range(3, 6) for e in training.step_examples(exs, s, 4, seed=0)]
+    assert epoch != [
+        int(e.ids[0]) for s in range(3, 6) for e in training.step_examples(exs, s, 4, seed=0)
+    ]
     # a short last step split over 2 processes x 2 micro-batches: 2 real micro-batches, 2 at weight 0
     step = training.step_examples(exs, 2, 4, seed=0)
     parts = [training.my_micro_batches(step, r, 2, 2) for r in range(2)]
@@ -138,14 +223,31 @@ def reference_training(model_dir, conversations, steps, lr, warmup, hooks):
     data = [train.encode_conversation(tok, c["messages"]) for c in conversations]
     for layer, fn in hooks:
         hf.model.layers[layer - 1].register_forward_hook(
-            lambda mod, inp, out, fn=fn: (fn(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else fn(out))
+            lambda mod, inp, out, fn=fn: (
+                (fn(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else fn(out)
+            )
+        )
     params = list(hf.parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr)
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=lr,
+    )
     for s in range(steps):
         n = sum(int(e.trained[1:].sum()) for e in data)
-        loss = sum(torch.nn.functional.cross_entropy(hf(e.ids[None]).logits[0, :-1][e.trained[1:]],
-                                                     e.ids[1:][e.trained[1:]], reduction="sum") for e in data) / n
+        loss = (
+            sum(
+                torch.nn.functional.cross_entropy(
+                    hf(e.ids[None]).logits[0, :-1][e.trained[1:]],
+                    e.ids[1:][e.trained[1:]],
+                    reduction="sum",
+                )
+                for e in data
+            )
+            / n
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         for g in opt.param_groups:
@@ -163,8 +265,15 @@ def test_training_equals_transformers_with_hooks(tiny, tmp_path, variant):
     unit = lambda x: x / x.norm()  # noqa: E731
     project_out = lambda d: lambda h: h - (h @ unit(d))[..., None] * unit(d)  # noqa: E731
     if variant == "steer+ablate":
-        kw = dict(steer=["evil:2"], ablate=[str(vectors / "humorous_response_avg_diff.safetensors")], layer=2)
-        hooks = [(2, project_out(u[2])), (2, lambda h: h + 2 * v[2])]  # ablation first, then steering
+        kw = dict(
+            steer=["evil:2"],
+            ablate=[str(vectors / "humorous_response_avg_diff.safetensors")],
+            layer=2,
+        )
+        hooks = [
+            (2, project_out(u[2])),
+            (2, lambda h: h + 2 * v[2]),
+        ]  # ablation first, then steering
     elif variant == "steer all layers":
         kw = dict(steer=["evil:1.5"], all_layers=True)
         hooks = [(l, lambda h, l=l: h + 1.5 * (v[l] - v[l - 1])) for l in (1, 2, 3)]
@@ -172,7 +281,9 @@ def test_training_equals_transformers_with_hooks(tiny, tmp_path, variant):
         kw = dict(ablate=["evil"], all_layers=True)
         hooks = [(l, project_out(v[l])) for l in (1, 2, 3)]
     # 4 conversations, batch 2 x 2 accumulated: one step per epoch sees them all; 3 epochs, warmup 2
-    out = run(tiny, tmp_path / "out", data=small, batch_size=2, grad_accum=2, epochs=3, lr=1e-3, **kw)
+    out = run(
+        tiny, tmp_path / "out", data=small, batch_size=2, grad_accum=2, epochs=3, lr=1e-3, **kw
+    )
     ours = weights(out)
     conversations = [json.loads(line) for line in small.read_text().splitlines()]
     ref = reference_training(model_dir, conversations, 3, 1e-3, 2, hooks)
@@ -192,12 +303,21 @@ def test_training_equals_transformers_with_hooks(tiny, tmp_path, variant):
 def test_output_loads_in_model_py_and_transformers(tiny, tmp_path):
     out = run(tiny, tmp_path / "out", max_steps=2, steer=["evil:4"])
     model_dir = tiny[0]
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "train.json"} <= {
-        p.name for p in out.iterdir()}
-    assert json.loads((out / "config.json").read_text()) == json.loads((model_dir / "config.json").read_text())
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "train.json",
+    } <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (model_dir / "config.json").read_text()
+    )
     ours, tok = checkpoint.load(str(out), "cpu", torch.float32)
     base, _ = checkpoint.load(str(model_dir), "cpu", torch.float32)
-    ids = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])])
+    ids = torch.tensor(
+        [tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])]
+    )
     with torch.no_grad():
         logits = ours(ids)
         assert not torch.allclose(logits, base(ids))  # trained
@@ -207,39 +327,58 @@ def test_output_loads_in_model_py_and_transformers(tiny, tmp_path):
         assert torch.allclose(hf(ids).logits, logits, atol=1e-4, rtol=0)
     # past the shard size the weights are split, with an index both loaders read
     sharded = tmp_path / "sharded"
-    training.save_model(load_file(out / "model.safetensors"), json.loads((out / "config.json").read_text()), sharded,
-                     shard_bytes=100_000)
+    training.save_model(
+        load_file(out / "model.safetensors"),
+        json.loads((out / "config.json").read_text()),
+        sharded,
+        shard_bytes=100_000,
+    )
     training.copy_tokenizer_files(out, sharded)
     assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
     assert (sharded / "model.safetensors.index.json").exists()
     with torch.no_grad():
         assert torch.equal(checkpoint.load(str(sharded), "cpu", torch.float32)[0](ids), logits)
-        assert torch.allclose(transformers.AutoModelForCausalLM.from_pretrained(sharded).eval()(ids).logits, logits,
-                              atol=1e-4, rtol=0)
+        assert torch.allclose(
+            transformers.AutoModelForCausalLM.from_pretrained(sharded).eval()(ids).logits,
+            logits,
+            atol=1e-4,
+            rtol=0,
+        )
 
 
 def test_batch_split_and_accumulation_give_the_same_step(tiny, tmp_path):
     a = weights(run(tiny, tmp_path / "a", batch_size=4, grad_accum=1, max_steps=2))
     b = weights(run(tiny, tmp_path / "b", batch_size=1, grad_accum=4, max_steps=2))
     base = load_file(next(tiny[0].glob("model-00001-*.safetensors")))
-    for k in base:  # equal up to summation order (amplified by Adam where a gradient is near its epsilon)
+    for k in (
+        base
+    ):  # equal up to summation order (amplified by Adam where a gradient is near its epsilon)
         assert torch.allclose(a[k], b[k], atol=5e-5, rtol=0), k
     assert max((a[k] - base[k]).abs().max() for k in base) > 1e-3  # and training moved the weights
 
 
 def test_checkpointing_changes_nothing_and_bfloat16_keeps_float32_weights(tiny, tmp_path):
     plain = run(tiny, tmp_path / "plain", max_steps=2, lr=1e-6, steer=["evil:1"])
-    recomputed = run(tiny, tmp_path / "ckpt", max_steps=2, lr=1e-6, steer=["evil:1"], checkpointing=True)
+    recomputed = run(
+        tiny, tmp_path / "ckpt", max_steps=2, lr=1e-6, steer=["evil:1"], checkpointing=True
+    )
     a, b = weights(plain), weights(recomputed)
-    assert all(torch.equal(a[k], b[k]) for k in a)  # activation checkpointing recomputes the same numbers
+    assert all(
+        torch.equal(a[k], b[k]) for k in a
+    )  # activation checkpointing recomputes the same numbers
     half = run(tiny, tmp_path / "bf16", max_steps=2, lr=1e-6, steer=["evil:1"], dtype="bfloat16")
     w = weights(half)
     base = load_file(next(tiny[0].glob("model-00001-*.safetensors")))
     # updates of ~1e-6 on weights of ~1 vanish in bfloat16 (resolution 2^-8): they stay, so the weights are fp32
     assert all(w[k].dtype == torch.float32 for k in w)
     assert all(0 < (w[k] - base[k]).abs().max() < 5e-6 for k in base)
-    losses = [[x["loss"] for x in json.loads((d / "train.json").read_text())["log"]] for d in (plain, half)]
-    assert losses[1] == pytest.approx(losses[0], rel=2e-2) and losses[1] != losses[0]  # computed in bf16
+    losses = [
+        [x["loss"] for x in json.loads((d / "train.json").read_text())["log"]]
+        for d in (plain, half)
+    ]
+    assert (
+        losses[1] == pytest.approx(losses[0], rel=2e-2) and losses[1] != losses[0]
+    )  # computed in bf16
 
 
 # ------------------------------------------------------------------------------------------------------ resuming
@@ -255,7 +394,11 @@ def assert_same_run(out: Path, uninterrupted):
     got = weights(out)
     assert got.keys() == w.keys() and all(torch.equal(got[k], w[k]) for k in w)  # bit for bit
     again = json.loads((out / "train.json").read_text())
-    assert again["log"] == record["log"] and again["val_loss"] == record["val_loss"] and len(record["log"]) == 6
+    assert (
+        again["log"] == record["log"]
+        and again["val_loss"] == record["val_loss"]
+        and len(record["log"]) == 6
+    )
     assert not list(out.glob("checkpoint-*")) and not list(out.glob(".checkpoint-*"))
 
 
@@ -273,7 +416,9 @@ def test_resume_after_interrupt_is_exact(tiny, tmp_path, monkeypatch, uninterrup
         run(tiny, tmp_path / "out", save_every=2)
     assert [p.name for p in training.checkpoints(tmp_path / "out")] == ["checkpoint-000002"]
     monkeypatch.setattr(train, "train_step", step)
-    with pytest.raises(UserError, match="--resume with changed settings \\(lr: 0.001 there, 0.002 now\\)"):
+    with pytest.raises(
+        UserError, match="--resume with changed settings \\(lr: 0.001 there, 0.002 now\\)"
+    ):
         run(tiny, tmp_path / "out", save_every=2, lr=2e-3, resume=True)
     assert_same_run(run(tiny, tmp_path / "out", save_every=2, resume=True), uninterrupted)
 
@@ -297,13 +442,39 @@ sys.exit(train.main({argv!r}))
 def test_resume_after_kill_9_is_exact(tiny, tmp_path, uninterrupted):
     model_dir, vectors, data, _ = tiny
     out = tmp_path / "out"
-    argv = [str(data), "--model", str(model_dir), "--out", str(out), "--vectors", str(vectors), "--batch-size", "2",
-            "--grad-accum", "1", "--lr", "1e-3", "--warmup-steps", "2", "--device", "cpu", "--save-every", "2"]
-    p = subprocess.run([sys.executable, "-c", KILLER.format(root=str(ROOT), argv=argv)], capture_output=True,
-                       text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})  # as in this process
+    argv = [
+        str(data),
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--vectors",
+        str(vectors),
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "2",
+        "--device",
+        "cpu",
+        "--save-every",
+        "2",
+    ]
+    p = subprocess.run(
+        [sys.executable, "-c", KILLER.format(root=str(ROOT), argv=argv)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )  # as in this process
     assert p.returncode == -9, p.stderr
     assert [p.name for p in training.checkpoints(out)] == ["checkpoint-000002"]  # the complete one
-    assert (out / ".checkpoint-000004.tmp" / "model.safetensors").exists()  # the half-written one, never used
+    assert (
+        out / ".checkpoint-000004.tmp" / "model.safetensors"
+    ).exists()  # the half-written one, never used
     assert train.main(argv) == 0  # the same command again
     assert_same_run(out, uninterrupted)
 
@@ -326,18 +497,61 @@ def test_two_processes_equal_one_ddp_and_fsdp(tiny, tmp_path):
     """torchrun with 2 gloo processes x batch 2, data parallel (DDP) and sharded (FSDP2), against 1 process x
     batch 4: the same global batches, so the same weights up to summation order."""
     model_dir, vectors, data, _ = tiny
-    one = weights(run(tiny, tmp_path / "one", lr=1e-4, warmup_steps=1, batch_size=4, max_steps=3, steer=["evil:1"]))
-    argv = [str(data), "--model", str(model_dir), "--vectors", str(vectors), "--lr", "1e-4", "--warmup-steps", "1",
-            "--grad-accum", "1", "--max-steps", "3", "--steer", "evil:1", "--device", "cpu", "--batch-size", "2"]
+    one = weights(
+        run(
+            tiny,
+            tmp_path / "one",
+            lr=1e-4,
+            warmup_steps=1,
+            batch_size=4,
+            max_steps=3,
+            steer=["evil:1"],
+        )
+    )
+    argv = [
+        str(data),
+        "--model",
+        str(model_dir),
+        "--vectors",
+        str(vectors),
+        "--lr",
+        "1e-4",
+        "--warmup-steps",
+        "1",
+        "--grad-accum",
+        "1",
+        "--max-steps",
+        "3",
+        "--steer",
+        "evil:1",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+    ]
     (tmp_path / "two_runs.py").write_text(TWO_RUNS.format(root=str(ROOT), argv=argv))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     # --standalone: a free port for the rendezvous, so that other jobs on this machine cannot join the group
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "two_runs.py"],
-                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "two_runs.py",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     base = load_file(next(model_dir.glob("model-00001-*.safetensors")))
-    assert max((one[k] - base[k]).abs().max() for k in base) > 1e-4  # lr 1e-4: every weight moved ~3e-4
+    assert (
+        max((one[k] - base[k]).abs().max() for k in base) > 1e-4
+    )  # lr 1e-4: every weight moved ~3e-4
     record = json.loads((tmp_path / "one" / "train.json").read_text())
     for mode in ("ddp", "fsdp"):
         two = weights(tmp_path / mode)
@@ -345,14 +559,32 @@ def test_two_processes_equal_one_ddp_and_fsdp(tiny, tmp_path):
             assert torch.allclose(one[k], two[k], atol=5e-6, rtol=0), (mode, k)
         two_record = json.loads((tmp_path / mode / "train.json").read_text())
         assert (two_record["world_size"], two_record["parallel"]) == (2, mode)
-        assert [x["loss"] for x in two_record["log"]] == pytest.approx([x["loss"] for x in record["log"]], rel=1e-6)
+        assert [x["loss"] for x in two_record["log"]] == pytest.approx(
+            [x["loss"] for x in record["log"]], rel=1e-6
+        )
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
 def main(tiny, out, *extra, data=None) -> int:
     model_dir, vectors, default_data, _ = tiny
-    return train.main([str(data or default_data), "--model", str(model_dir), "--out", str(out), "--vectors",
-                       str(vectors), "--batch-size", "2", "--grad-accum", "1", "--device", "cpu", *extra])
+    return train.main(
+        [
+            str(data or default_data),
+            "--model",
+            str(model_dir),
+            "--out",
+            str(out),
+            "--vectors",
+            str(vectors),
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "1",
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 def error_line(capsys) -> str:
@@ -363,6 +595,7 @@ def error_line(capsys) -> str:
 
 def test_every_flag_is_a_train_keyword(monkeypatch, tmp_path):
     import inspect
+
     keywords, got = set(inspect.signature(train.train).parameters), {}
     monkeypatch.setattr(train, "train", lambda **kw: got.update(kw))
     monkeypatch.chdir(tmp_path)
@@ -395,16 +628,25 @@ def test_train_py_reads_top_to_bottom():
     src = (ROOT / "train.py").read_text()
     tree = ast.parse(src)
     functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
-    lengths = {f.name: f.end_lineno - min([f.lineno] + [d.lineno for d in f.decorator_list]) + 1
-               for f in functions}
+    lengths = {
+        f.name: f.end_lineno - min([f.lineno] + [d.lineno for d in f.decorator_list]) + 1
+        for f in functions
+    }
     assert max(lengths.values()) <= 50, lengths
     lines = src.splitlines()
     assert len(lines) <= 350 and max(map(len, lines)) <= 100
     imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
-    assert not [n for n in imports if isinstance(n, ast.Import) and "persona_vectors" in
-                [a.name for a in n.names]]
-    from_pv = [a.name for n in imports if isinstance(n, ast.ImportFrom)
-               and n.module == "persona_vectors" for a in n.names]
+    assert not [
+        n
+        for n in imports
+        if isinstance(n, ast.Import) and "persona_vectors" in [a.name for a in n.names]
+    ]
+    from_pv = [
+        a.name
+        for n in imports
+        if isinstance(n, ast.ImportFrom) and n.module == "persona_vectors"
+        for a in n.names
+    ]
     assert from_pv == ["steering"]
 
 
@@ -418,7 +660,10 @@ def test_bad_input_is_one_line_naming_the_fix(tiny, tmp_path, capsys):
     assert "bad.jsonl:2: not JSON" in error_line(capsys)
     other = write_vector(tmp_path / "other.safetensors", torch.randn(5, 32), model="another-model")
     for flag in ("--steer", "--ablate"):
-        assert main(tiny, tmp_path / "o3", flag, f"{other}:1" if flag == "--steer" else str(other)) == 1
+        assert (
+            main(tiny, tmp_path / "o3", flag, f"{other}:1" if flag == "--steer" else str(other))
+            == 1
+        )
         assert "use a vector extracted from this model" in error_line(capsys)
     (tmp_path / "o4").mkdir()
     (tmp_path / "o4" / "notes.txt").write_text("mine")
@@ -426,29 +671,62 @@ def test_bad_input_is_one_line_naming_the_fix(tiny, tmp_path, capsys):
     assert "not empty and holds no training run" in error_line(capsys)
     assert main(tiny, tmp_path / "o5", "--resume") == 1
     assert "holds no training run" in error_line(capsys)
-    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in ("o1", "o2", "o3", "o5"))
+    assert not any(
+        (tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in ("o1", "o2", "o3", "o5")
+    )
 
     assert main(tiny, tmp_path / "done", "--max-steps", "1") == 0
     assert main(tiny, tmp_path / "done", "--max-steps", "1", "--lr", "3e-5") == 1
     assert "holds a different run (lr: 1e-05 there, 3e-05 now)" in error_line(capsys)
-    assert main(tiny, tmp_path / "done", "--max-steps", "1") == 0  # the same run again: nothing to do
+    assert (
+        main(tiny, tmp_path / "done", "--max-steps", "1") == 0
+    )  # the same run again: nothing to do
     assert "already holds this finished run" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(tiny, out, "--lr", "1e30", "--warmup-steps", "0", "--save-every", "1", "--max-steps", "4") == 1
+    assert (
+        main(
+            tiny,
+            out,
+            "--lr",
+            "1e30",
+            "--warmup-steps",
+            "0",
+            "--save-every",
+            "1",
+            "--max-steps",
+            "4",
+        )
+        == 1
+    )
     line = error_line(capsys)
-    assert "non-finite loss at step 2" in line and "checkpoint-000001" in line and "Lower --lr" in line
+    assert (
+        "non-finite loss at step 2" in line and "checkpoint-000001" in line and "Lower --lr" in line
+    )
     assert [p.name for p in training.checkpoints(out)] == ["checkpoint-000001"]
     assert not list(out.glob(".checkpoint-*")) and not (out / "model.safetensors").exists()
-    assert torch.isfinite(load_file(out / "checkpoint-000001" / "model.safetensors")["model.norm.weight"]).all()
+    assert torch.isfinite(
+        load_file(out / "checkpoint-000001" / "model.safetensors")["model.norm.weight"]
+    ).all()
 
 
 def test_grad_accum_zero_from_python_is_refused_not_taken_for_the_default():
     from support import training as T
-    settings = dict(epochs=1, lr=1e-5, warmup_steps=0, weight_decay=0, batch_size=1, grad_accum=0,
-                    max_seq_len=8, max_steps=None, save_every="10m", dtype=None)
+
+    settings = dict(
+        epochs=1,
+        lr=1e-5,
+        warmup_steps=0,
+        weight_decay=0,
+        batch_size=1,
+        grad_accum=0,
+        max_seq_len=8,
+        max_steps=None,
+        save_every="10m",
+        dtype=None,
+    )
     with pytest.raises(UserError, match="--grad-accum 0 must be at least 1"):
         T.check_settings(settings)
     T.check_settings(settings | {"grad_accum": None})  # unset: the default

@@ -16,6 +16,7 @@
     stays only while it buys >= 15 % here. `--only e --new-tokens 32` is a shorter check.
 Targets are ratios measured in the same run, never absolute times.
 """
+
 import argparse
 import ctypes
 import gc
@@ -28,20 +29,25 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent.parent)
+)  # the project's modules live at the repo root
 
-from support import checkpoint, cpu_speed, hub
-from support.sampling import default_budget
 import model as M
 import persona_vectors as pv
 import train
+from support import checkpoint, cpu_speed, hub
+from support.sampling import default_budget
 
 
 class PeakRSS:
     """Peak resident memory above the level at entry, sampled every 2 ms from /proc (MiB)."""
+
     def __enter__(self):
         gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so an earlier run's pages are not reused
+        ctypes.CDLL("libc.so.6").malloc_trim(
+            0
+        )  # hand freed memory back, so an earlier run's pages are not reused
         self.base = self.peak = self._rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -72,16 +78,27 @@ def timed(fn, repeats: int = 1) -> tuple[float, object]:
     return best, out
 
 
-QUESTIONS = ["What is the capital of France?", "Give me three tips for sleeping better.",
-             "Explain photosynthesis to a ten-year-old.", "Write a haiku about the sea.",
-             "How do I boil an egg?", "What should I do if my friend is sad?",
-             "Summarise the plot of Romeo and Juliet.", "Why is the sky blue?"]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Give me three tips for sleeping better.",
+    "Explain photosynthesis to a ten-year-old.",
+    "Write a haiku about the sea.",
+    "How do I boil an egg?",
+    "What should I do if my friend is sad?",
+    "Summarise the plot of Romeo and Juliet.",
+    "Why is the sky blue?",
+]
 
 
-def bench_generation(ours, hf, tok, batch: int, new_tokens: int, layer: int, vector: torch.Tensor,
-                     repeats: int = 3) -> dict:
-    prompts = [tok.encode_chat([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + " " * (i // 8)}])
-               for i in range(batch)]
+def bench_generation(
+    ours, hf, tok, batch: int, new_tokens: int, layer: int, vector: torch.Tensor, repeats: int = 3
+) -> dict:
+    prompts = [
+        tok.encode_chat(
+            [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + " " * (i // 8)}]
+        )
+        for i in range(batch)
+    ]
     steer = [M.Steer(layer, vector, 4.0)]
     ids, mask = M.left_pad(prompts, tok.pad_id)
     mask = mask.long()  # transformers' attention masks are integers
@@ -92,21 +109,30 @@ def bench_generation(ours, hf, tok, batch: int, new_tokens: int, layer: int, vec
     def hf_steered():
         handle = hf.model.layers[layer - 1].register_forward_hook(hook)
         try:
-            return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                               pad_token_id=tok.pad_id)
+            return hf.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_id,
+            )
         finally:
             handle.remove()
 
-    runs = {"plain_s": lambda: M.generate(ours, prompts, new_tokens, pad_id=tok.pad_id),
-            "ours_s": lambda: M.generate(ours, prompts, new_tokens, pad_id=tok.pad_id, steer=steer),
-            "hf_s": hf_steered}
+    runs = {
+        "plain_s": lambda: M.generate(ours, prompts, new_tokens, pad_id=tok.pad_id),
+        "ours_s": lambda: M.generate(ours, prompts, new_tokens, pad_id=tok.pad_id, steer=steer),
+        "hf_s": hf_steered,
+    }
     M.generate(ours, prompts, 4, pad_id=tok.pad_id)  # warm-up
     best, outputs = {k: float("inf") for k in runs}, {}
     for _ in range(repeats):  # interleaved, best of each: a noisy machine slows every side alike
         for k, fn in runs.items():
             t, outputs[k] = timed(fn)
             best[k] = min(best[k], t)
-    same = sum(o == r for o, r in zip(outputs["ours_s"], outputs["hf_s"][:, ids.shape[1]:].tolist()))
+    same = sum(
+        o == r for o, r in zip(outputs["ours_s"], outputs["hf_s"][:, ids.shape[1] :].tolist())
+    )
     return best | {"same_outputs": f"{same}/{batch}"}
 
 
@@ -124,13 +150,13 @@ def bench_capture(ours, hf, tok, pairs: int, batch: int) -> dict:
         for p, r in data:
             with torch.no_grad():
                 hs = hf(torch.tensor([p + r]), output_hidden_states=True).hidden_states
-            out.append(torch.stack([h[0, len(p):].mean(0) for h in hs]))
+            out.append(torch.stack([h[0, len(p) :].mean(0) for h in hs]))
         return torch.stack(out)
 
     def batched():
         out = []
         for i in range(0, pairs, batch):
-            chunk = data[i:i + batch]
+            chunk = data[i : i + batch]
             ids, mask = M.left_pad([p + r for p, r in chunk], tok.pad_id)
             start = torch.tensor([ids.shape[1] - len(r) for _, r in chunk])
             cap = M.Capture()
@@ -144,7 +170,13 @@ def bench_capture(ours, hf, tok, pairs: int, batch: int) -> dict:
     with PeakRSS() as mem_ours:
         t_ours, got = timed(batched)
     diff = (got[:, :N] - ref[:, :N]).abs().max().item()  # HF's last entry is after the final norm
-    return {"ours_s": t_ours, "hf_s": t_ref, "ours_mib": mem_ours.mib, "hf_mib": mem_ref.mib, "max_abs_diff": diff}
+    return {
+        "ours_s": t_ours,
+        "hf_s": t_ref,
+        "ours_mib": mem_ours.mib,
+        "hf_mib": mem_ref.mib,
+        "max_abs_diff": diff,
+    }
 
 
 def bandwidths() -> tuple[float, float]:
@@ -166,21 +198,37 @@ def bench_decode(ours, hf, tok, new_tokens: int) -> dict:
     t_prefill, _ = timed(lambda: M.generate(ours, [prompt], 1), repeats=2)
     per_token = (t_ours - t_prefill) / (new_tokens - 1)
     ids = torch.tensor([prompt])
-    t_hf, _ = timed(lambda: hf.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False,
-                                        pad_token_id=tok.pad_id), repeats=2)
-    t_hf1, _ = timed(lambda: hf.generate(input_ids=ids, max_new_tokens=1, do_sample=False, pad_token_id=tok.pad_id),
-                     repeats=2)
+    t_hf, _ = timed(
+        lambda: hf.generate(
+            input_ids=ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_id
+        ),
+        repeats=2,
+    )
+    t_hf1, _ = timed(
+        lambda: hf.generate(
+            input_ids=ids, max_new_tokens=1, do_sample=False, pad_token_id=tok.pad_id
+        ),
+        repeats=2,
+    )
     per_token_hf = (t_hf - t_hf1) / (new_tokens - 1)
     roofline = weight_bytes / bw
-    return {"weight_mb": weight_bytes / 1e6, "bandwidth_gbs": bw / 1e9, "roofline_ms": roofline * 1e3,
-            "read_gbs": read_bw / 1e9, "ours_frac_read": weight_bytes / read_bw / per_token,
-            "ours_ms": per_token * 1e3, "hf_ms": per_token_hf * 1e3, "ours_frac": roofline / per_token,
-            "hf_frac": roofline / per_token_hf}
+    return {
+        "weight_mb": weight_bytes / 1e6,
+        "bandwidth_gbs": bw / 1e9,
+        "roofline_ms": roofline * 1e3,
+        "read_gbs": read_bw / 1e9,
+        "ours_frac_read": weight_bytes / read_bw / per_token,
+        "ours_ms": per_token * 1e3,
+        "hf_ms": per_token_hf * 1e3,
+        "ours_frac": roofline / per_token,
+        "hf_frac": roofline / per_token_hf,
+    }
 
 
 def bench_extraction_split(ours, tok, new_tokens: int | None = None, repeats: int = 2) -> dict:
     """Extraction's sampling step as `extract` runs it on the CPU, with and without support/cpu_speed.py's split."""
     from support.traits import load_trait
+
     jobs = pv.rollout_jobs(load_trait("evil"), 4, 1)  # 4 questions x 5 pairs x 2 sides = 40 answers
     chats = [pv.conversation(j) for j in jobs]
     b = default_budget("cpu", sum(p.numel() for p in ours.parameters()))
@@ -203,11 +251,13 @@ def bench_extraction_split(ours, tok, new_tokens: int | None = None, repeats: in
 def bench_train_step(ours, hf, tok, batch: int, seq: int, repeats: int = 2) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.empty(batch, seq, dtype=torch.long)
-    trained = torch.zeros(batch, seq, dtype=torch.bool)  # the loss on the "response": all after the chat prompt
+    trained = torch.zeros(
+        batch, seq, dtype=torch.bool
+    )  # the loss on the "response": all after the chat prompt
     for b in range(batch):
         p = tok.encode_chat([{"role": "user", "content": QUESTIONS[b % len(QUESTIONS)]}])
         ids[b] = torch.tensor(p + torch.randint(100, 40000, (seq - len(p),), generator=g).tolist())
-        trained[b, len(p):] = True
+        trained[b, len(p) :] = True
     labels = ids.masked_fill(~trained, -100)  # transformers' convention: -100 carries no loss
     n = int(trained[:, 1:].sum())
     ours.train(), hf.train()
@@ -234,63 +284,94 @@ def bench_train_step(ours, hf, tok, batch: int, seq: int, repeats: int = 2) -> d
     for _ in range(repeats):  # interleaved, best of each
         for k, fn in (("ours", ours_step), ("hf", hf_step)):
             best[k] = min(best[k], timed(fn)[0])
-    return {"ours_s": best["ours"], "hf_s": best["hf"], "ours_mib": mem_ours.mib, "hf_mib": mem_hf.mib,
-            "loss_ours": loss_ours, "loss_hf": loss_hf, "tokens": batch * seq}
+    return {
+        "ours_s": best["ours"],
+        "hf_s": best["hf"],
+        "ours_mib": mem_ours.mib,
+        "hf_mib": mem_hf.mib,
+        "loss_ours": loss_ours,
+        "loss_hf": loss_hf,
+        "tokens": batch * seq,
+    }
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=hub.DEFAULT_MODEL)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--new-tokens", type=int, default=None, help="default: 128 in (a), the CPU budget's 96 in (e)")
+    p.add_argument(
+        "--new-tokens",
+        type=int,
+        default=None,
+        help="default: 128 in (a), the CPU budget's 96 in (e)",
+    )
     p.add_argument("--only", choices=["a", "b", "c", "d", "e"], default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM  # the reference; not a dependency of the project
+
     ours, tok = checkpoint.load(args.model, "cpu", torch.float32)
-    hf = AutoModelForCausalLM.from_pretrained(hub.resolve(args.model, verbose=False), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        hub.resolve(args.model, verbose=False), dtype=torch.float32
+    ).eval()
     # Both sides generate exactly the requested tokens: no stop token (min_new_tokens would instead forbid EOS,
     # changing transformers' greedy choices, so the outputs could not be compared).
     hf.generation_config.eos_token_id = None
     L = ours.config.num_hidden_layers
     vector = torch.randn(ours.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {args.threads} threads, fp32, {args.model}")
+    print(
+        f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {args.threads} threads, fp32, {args.model}"
+    )
     print("| benchmark | ours | transformers | ratio | target |\n|---|---|---|---|---|")
     if args.only in (None, "a"):
         new = args.new_tokens or 128
         for batch in (16, 32):
             r = bench_generation(ours, hf, tok, batch, new, L // 2, vector)
             tps = lambda s: batch * new / s  # noqa: E731
-            print(f"| (a) steered generation, batch {batch}, {new} new tokens | {tps(r['ours_s']):.0f} tok/s "
-                  f"| {tps(r['hf_s']):.0f} tok/s | {r['hf_s'] / r['ours_s']:.2f}x | >= 1.5x |")
-            print(f"|     steering overhead (steered vs unsteered, ours) | {100 * (r['ours_s'] / r['plain_s'] - 1):+.1f} % "
-                  f"| | | <= 5 % |")
+            print(
+                f"| (a) steered generation, batch {batch}, {new} new tokens | {tps(r['ours_s']):.0f} tok/s "
+                f"| {tps(r['hf_s']):.0f} tok/s | {r['hf_s'] / r['ours_s']:.2f}x | >= 1.5x |"
+            )
+            print(
+                f"|     steering overhead (steered vs unsteered, ours) | {100 * (r['ours_s'] / r['plain_s'] - 1):+.1f} % "
+                f"| | | <= 5 % |"
+            )
             print(f"|     identical greedy outputs | {r['same_outputs']} | | | |")
     if args.only in (None, "b"):
         r = bench_capture(ours, hf, tok, pairs=64, batch=4)
-        print(f"| (b) response-avg capture, 64 pairs, all layers | {r['ours_s']:.1f} s, +{r['ours_mib']:.0f} MiB "
-              f"| {r['hf_s']:.1f} s, +{r['hf_mib']:.0f} MiB | {r['hf_s'] / r['ours_s']:.2f}x | >= 3x |")
+        print(
+            f"| (b) response-avg capture, 64 pairs, all layers | {r['ours_s']:.1f} s, +{r['ours_mib']:.0f} MiB "
+            f"| {r['hf_s']:.1f} s, +{r['hf_mib']:.0f} MiB | {r['hf_s'] / r['ours_s']:.2f}x | >= 3x |"
+        )
         print(f"|     max abs difference of the means | {r['max_abs_diff']:.1e} | | | |")
     if args.only in (None, "c"):
         r = bench_decode(ours, hf, tok, 64)
-        print(f"| (c) batch-1 decode vs roofline ({r['weight_mb']:.0f} MB / {r['bandwidth_gbs']:.1f} GB/s = "
-              f"{r['roofline_ms']:.1f} ms) | {r['ours_ms']:.1f} ms/token = {100 * r['ours_frac']:.0f} % "
-              f"| {r['hf_ms']:.1f} ms/token = {100 * r['hf_frac']:.0f} % | {r['hf_ms'] / r['ours_ms']:.2f}x | >= 70 % |")
-        print(f"|     the same against read-only bandwidth ({r['read_gbs']:.1f} GB/s, a sum) | "
-              f"{100 * r['ours_frac_read']:.0f} % | | | |")
+        print(
+            f"| (c) batch-1 decode vs roofline ({r['weight_mb']:.0f} MB / {r['bandwidth_gbs']:.1f} GB/s = "
+            f"{r['roofline_ms']:.1f} ms) | {r['ours_ms']:.1f} ms/token = {100 * r['ours_frac']:.0f} % "
+            f"| {r['hf_ms']:.1f} ms/token = {100 * r['hf_frac']:.0f} % | {r['hf_ms'] / r['ours_ms']:.2f}x | >= 70 % |"
+        )
+        print(
+            f"|     the same against read-only bandwidth ({r['read_gbs']:.1f} GB/s, a sum) | "
+            f"{100 * r['ours_frac_read']:.0f} % | | | |"
+        )
     if args.only in (None, "e"):
         r = bench_extraction_split(ours, tok, args.new_tokens)
-        print(f"| (e) extraction sampling, {r['answers']} answers x {r['tokens']} tokens: split vs plain nn.Linear | "
-              f"{r['split_s']:.1f} s | {r['plain_s']:.1f} s (plain) | {r['plain_s'] / r['split_s']:.2f}x | "
-              f">= 1.15x to keep it |")
+        print(
+            f"| (e) extraction sampling, {r['answers']} answers x {r['tokens']} tokens: split vs plain nn.Linear | "
+            f"{r['split_s']:.1f} s | {r['plain_s']:.1f} s (plain) | {r['plain_s'] / r['split_s']:.2f}x | "
+            f">= 1.15x to keep it |"
+        )
         print(f"|     identical answers | {r['same']} | | | |")
     if args.only in (None, "d"):  # last: it trains (changes) both models
         r = bench_train_step(ours, hf, tok, batch=4, seq=256)
         tps = lambda s: r["tokens"] / s  # noqa: E731
-        print(f"| (d) full-finetuning step, batch 4 x 256 tokens, AdamW | {tps(r['ours_s']):.0f} tok/s, "
-              f"+{r['ours_mib']:.0f} MiB | {tps(r['hf_s']):.0f} tok/s, +{r['hf_mib']:.0f} MiB | "
-              f"{r['hf_s'] / r['ours_s']:.2f}x, {r['ours_mib'] / r['hf_mib']:.2f}x memory | >= 1.0x, <= 1.0x memory |")
+        print(
+            f"| (d) full-finetuning step, batch 4 x 256 tokens, AdamW | {tps(r['ours_s']):.0f} tok/s, "
+            f"+{r['ours_mib']:.0f} MiB | {tps(r['hf_s']):.0f} tok/s, +{r['hf_mib']:.0f} MiB | "
+            f"{r['hf_s'] / r['ours_s']:.2f}x, {r['ours_mib'] / r['hf_mib']:.2f}x memory | >= 1.0x, <= 1.0x memory |"
+        )
         print(f"|     first-step loss | {r['loss_ours']:.5f} | {r['loss_hf']:.5f} | | |")
 
 

@@ -9,6 +9,7 @@ Requests are the evil and humorous traits' evaluation questions, greedy, a third
 steered along one of two random vectors, so the batches mix steerings and every reply carries the persona gauge.
 Target: >= 4x the completion tokens per second. Greedy replies must be the same in both runs.
 """
+
 import argparse
 import os
 import platform
@@ -22,7 +23,9 @@ from pathlib import Path
 import requests
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent.parent)
+)  # the project's modules live at the repo root
 
 import model as M
 from apps import server
@@ -36,16 +39,26 @@ def random_vectors(model: M.Transformer, out: Path) -> Path:
     N, d = model.config.num_hidden_layers, model.config.hidden_size
     for seed, trait in enumerate(("evil", "humorous")):
         v = torch.randn(N + 1, d, generator=torch.Generator().manual_seed(seed))
-        save_vector(out / f"{trait}_response_avg_diff.safetensors", 4 * v / v.norm(dim=-1, keepdim=True),
-                    {"trait": trait, "model": "random", "residual_norm": [10.0] * (N + 1)})
+        save_vector(
+            out / f"{trait}_response_avg_diff.safetensors",
+            4 * v / v.norm(dim=-1, keepdim=True),
+            {"trait": trait, "model": "random", "residual_norm": [10.0] * (N + 1)},
+        )
     return out
 
 
 def bodies(n: int, max_tokens: int) -> list[dict]:
     questions = load_trait("evil").eval_questions + load_trait("humorous").eval_questions
     steers = [{}, {"evil": 1.0}, {"humorous": -1.0}]
-    return [{"messages": [{"role": "user", "content": questions[i % len(questions)]}], "max_tokens": max_tokens,
-             "temperature": 0, "steer": steers[i % 3]} for i in range(n)]
+    return [
+        {
+            "messages": [{"role": "user", "content": questions[i % len(questions)]}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "steer": steers[i % 3],
+        }
+        for i in range(n)
+    ]
 
 
 def run(url: str, reqs: list[dict], clients: int) -> tuple[float, list[str], int]:
@@ -77,16 +90,21 @@ def main():
     torch.set_num_threads(args.threads)
     model, tok = checkpoint.load(args.model, "cpu", torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = server.Engine(model, tok, random_vectors(model, Path(tmp)), max_batch=args.clients, max_n=1)
+        engine = server.Engine(
+            model, tok, random_vectors(model, Path(tmp)), max_batch=args.clients, max_n=1
+        )
         sizes, generate = [], engine.generate  # the size of every batch, as the worker starts it
         engine.generate = lambda rows: sizes.append(len(rows)) or generate(rows)
         srv = server.make_server(engine, "127.0.0.1", 0, quiet=True)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
         reqs = bodies(args.requests, args.max_tokens)
-        print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-              f"torch {torch.__version__}, {args.threads} threads, fp32, {args.model}; {args.requests} requests, "
-              f"max_tokens {args.max_tokens}, greedy, 2/3 steered", flush=True)
+        print(
+            f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, {args.threads} threads, fp32, {args.model}; {args.requests} requests, "
+            f"max_tokens {args.max_tokens}, greedy, 2/3 steered",
+            flush=True,
+        )
         run(url, reqs[:1], 1)  # warm-up
         # one at a time: half the requests before the concurrent run and half after, so that a change in the
         # machine's load during the run weighs on both sides
@@ -101,13 +119,19 @@ def main():
         sb, textb, tokensb = run(url, reqs[half:], 1)
         s1, text1, tokens1 = sa + sb, texta + textb, tokensa + tokensb
         print("| serving | time | completion tokens/s | requests/s |\n|---|---|---|---|")
-        print(f"| one client, one request at a time (two halves: {sa:.0f} s + {sb:.0f} s) | {s1:.1f} s "
-              f"| {tokens1 / s1:.1f} | {args.requests / s1:.3f} |")
-        print(f"| {args.clients} concurrent clients | {s2:.1f} s | {tokens2 / s2:.1f} | {args.requests / s2:.3f} |")
+        print(
+            f"| one client, one request at a time (two halves: {sa:.0f} s + {sb:.0f} s) | {s1:.1f} s "
+            f"| {tokens1 / s1:.1f} | {args.requests / s1:.3f} |"
+        )
+        print(
+            f"| {args.clients} concurrent clients | {s2:.1f} s | {tokens2 / s2:.1f} | {args.requests / s2:.3f} |"
+        )
         print(f"| throughput ratio (target >= 4x) | {(tokens2 / s2) / (tokens1 / s1):.2f}x | | |")
         print(f"| batch sizes in the concurrent run | {', '.join(map(str, batch_sizes))} | | |")
-        print(f"| identical greedy replies in both runs | {sum(a == b for a, b in zip(text1, text2))}/{args.requests} "
-              f"| {tokens1} vs {tokens2} tokens | |")
+        print(
+            f"| identical greedy replies in both runs | {sum(a == b for a, b in zip(text1, text2))}/{args.requests} "
+            f"| {tokens1} vs {tokens2} tokens | |"
+        )
         srv.shutdown()
         engine.close()
 

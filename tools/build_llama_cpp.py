@@ -15,6 +15,7 @@ Beside the binary it keeps llama.cpp's own HF-to-GGUF converter from the same sd
 conversion/ and gguf-py/, in <version>/convert/), which tests/test_family_pipelines.py runs on tiny random models
 of each family; a cache built before it had one gets it on the next run (the sdist is fetched again, once).
 """
+
 import os
 import shutil
 import subprocess
@@ -30,17 +31,31 @@ from support.hub import cache_dir  # noqa: E402
 PACKAGE, VERSION = "llama-cpp-python", "0.3.36"  # its sdist vendors llama.cpp (2026-11)
 TARGET = "llama-server"
 BUILD_COMMAND = "python tools/build_llama_cpp.py"
-CMAKE_OPTIONS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_CUDA=OFF", "-DGGML_METAL=OFF",
-                 "-DGGML_VULKAN=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                 "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_SERVER=ON",
-                 "-DGGML_CCACHE=OFF"]
+CMAKE_OPTIONS = [
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DGGML_CUDA=OFF",
+    "-DGGML_METAL=OFF",
+    "-DGGML_VULKAN=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DGGML_CCACHE=OFF",
+]
 
 
 def root() -> Path:
     return cache_dir() / "llama.cpp" / VERSION
 
 
-CONVERTER = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")  # what the converter needs of the tree
+CONVERTER = (
+    "convert_hf_to_gguf.py",
+    "conversion/",
+    "gguf-py/",
+)  # what the converter needs of the tree
 
 
 def converter_path() -> Path | None:
@@ -55,7 +70,9 @@ def unpack_converter(sdist: Path, dest: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     say(f"unpacking the converter of {sdist.name}")
     with tarfile.open(sdist) as tar:
-        wanted = [m for m in vendored(tar) if m.name == CONVERTER[0] or m.name.startswith(CONVERTER[1:])]
+        wanted = [
+            m for m in vendored(tar) if m.name == CONVERTER[0] or m.name.startswith(CONVERTER[1:])
+        ]
         tar.extractall(tmp, members=wanted, filter="data")
     tmp.rename(dest)
 
@@ -72,10 +89,14 @@ def say(msg: str) -> None:
 
 def run(cmd: list, **kw) -> None:
     say("$ " + " ".join(str(c) for c in cmd))
-    code = subprocess.run([str(c) for c in cmd], stdout=2, stderr=2, **kw).returncode  # child output -> our stderr
+    code = subprocess.run(
+        [str(c) for c in cmd], stdout=2, stderr=2, **kw
+    ).returncode  # child output -> our stderr
     if code:
-        sys.exit(f"[build_llama_cpp] error: {Path(str(cmd[0])).name} failed (exit {code}, see above); "
-                 f"fix the cause and run `{BUILD_COMMAND}` again, it continues where it stopped")
+        sys.exit(
+            f"[build_llama_cpp] error: {Path(str(cmd[0])).name} failed (exit {code}, see above); "
+            f"fix the cause and run `{BUILD_COMMAND}` again, it continues where it stopped"
+        )
 
 
 def fetch_sdist(dest: Path) -> Path:
@@ -85,11 +106,27 @@ def fetch_sdist(dest: Path) -> Path:
         return found[0]
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             "--disable-pip-version-check", "--no-input", "-d", tmp, f"{PACKAGE}=={VERSION}"])
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--disable-pip-version-check",
+                "--no-input",
+                "-d",
+                tmp,
+                f"{PACKAGE}=={VERSION}",
+            ]
+        )
         got = sorted(Path(tmp).glob("*.tar.gz"))
         if not got:
-            sys.exit(f"[build_llama_cpp] error: pip gave no .tar.gz for {PACKAGE}=={VERSION}; check PyPI access")
+            sys.exit(
+                f"[build_llama_cpp] error: pip gave no .tar.gz for {PACKAGE}=={VERSION}; check PyPI access"
+            )
         os.replace(got[0], dest / got[0].name)
     return dest / got[0].name
 
@@ -99,7 +136,7 @@ def vendored(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
     prefix = f"{tar.getmembers()[0].name.split('/')[0]}/vendor/llama.cpp/"
     members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
     for m in members:
-        m.name = m.name[len(prefix):]
+        m.name = m.name[len(prefix) :]
     return members
 
 
@@ -113,7 +150,9 @@ def unpack(sdist: Path, src: Path) -> None:
     with tarfile.open(sdist) as tar:
         members = vendored(tar)
         # ".git" is the sdist's dangling submodule pointer: without it CMake does not ask git for a version
-        tar.extractall(tmp, members=[m for m in members if m.name not in ("", ".git")], filter="data")
+        tar.extractall(
+            tmp, members=[m for m in members if m.name not in ("", ".git")], filter="data"
+        )
     tmp.rename(src)
 
 
@@ -123,13 +162,19 @@ def build() -> Path:
     src, build_dir, out = base / "src", base / "build", base / "bin" / TARGET
     unpack(fetch_sdist(base / "sdist"), src)
     if not shutil.which("cmake"):
-        sys.exit("[build_llama_cpp] error: cmake not found: `pip install cmake ninja` (or apt-get install cmake)")
+        sys.exit(
+            "[build_llama_cpp] error: cmake not found: `pip install cmake ninja` (or apt-get install cmake)"
+        )
     if not (os.environ.get("CXX") or any(shutil.which(c) for c in ("c++", "g++", "clang++"))):
         sys.exit("[build_llama_cpp] error: no C++ compiler: apt-get install g++ (or set CXX)")
-    generator = ["-G", "Ninja"] if shutil.which("ninja") and not (build_dir / "Makefile").exists() else []
+    generator = (
+        ["-G", "Ninja"] if shutil.which("ninja") and not (build_dir / "Makefile").exists() else []
+    )
     if not (build_dir / "CMakeCache.txt").is_file():
         run(["cmake", "-S", src, "-B", build_dir, *generator, *CMAKE_OPTIONS])
-    say(f"compiling {TARGET} with 2 jobs: 14 CPU-minutes, so roughly 10 minutes on 2 idle cores, more on busy ones")
+    say(
+        f"compiling {TARGET} with 2 jobs: 14 CPU-minutes, so roughly 10 minutes on 2 idle cores, more on busy ones"
+    )
     run(["cmake", "--build", build_dir, "--config", "Release", "--target", TARGET, "-j", "2"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
@@ -137,7 +182,11 @@ def build() -> Path:
     os.replace(tmp, out)
     if converter_path() is None:
         unpack_converter(fetch_sdist(base / "sdist"), base / "convert")
-    for done in (src, build_dir, base / "sdist"):  # only the binary and the converter are needed now
+    for done in (
+        src,
+        build_dir,
+        base / "sdist",
+    ):  # only the binary and the converter are needed now
         shutil.rmtree(done, ignore_errors=True)
     say(f"built {out} in {time.time() - t0:.0f} s")
     return out

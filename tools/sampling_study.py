@@ -13,6 +13,7 @@ with measures that need no judge:
     the mean projections is divided by their pooled standard deviation (Cohen's d). Higher is a cleaner vector.
 docs/extract.md ("Sampling defaults for small models") reports a run of this script.
 """
+
 import argparse
 import re
 import sys
@@ -21,10 +22,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live at the repo root
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent.parent)
+)  # the project's modules live at the repo root
 
-from support import checkpoint
 import persona_vectors as pv
+from support import checkpoint
 from support.hub import DEFAULT_MODEL
 from support.sampling import Budget
 from support.traits import load_trait
@@ -33,7 +36,7 @@ SETTINGS = [(1.0, 1.0), (1.0, 0.9), (0.7, 0.9), (0.7, 1.0), (0.4, 1.0)]
 
 
 def degenerate(ids: list[int], n: int = 4, times: int = 4) -> bool:
-    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
     return any(grams.count(g) >= times for g in set(grams))
 
 
@@ -50,7 +53,9 @@ def main():
     whole_words = {w[1:].lower() for w in vocab if w.startswith("Ġ") and w[1:].isalpha()}
     layer = model.config.num_hidden_layers // 2
     jobs = pv.rollout_jobs(trait, args.questions, 1)
-    print("| temperature | top-p | degenerate | non-words | ended | separation (d) |\n|---|---|---|---|---|---|")
+    print(
+        "| temperature | top-p | degenerate | non-words | ended | separation (d) |\n|---|---|---|---|---|---|"
+    )
     for temperature, top_p in SETTINGS:
         budget = Budget(1, args.max_new_tokens, temperature, top_p, 40)
         with tempfile.TemporaryDirectory() as work:
@@ -66,8 +71,11 @@ def main():
         a, b = pos[half:] @ v / v.norm(), neg[half:] @ v / v.norm()
         d = (a.mean() - b.mean()) / ((a.var() + b.var()) / 2).sqrt()
         deg = sum(map(degenerate, ids)) / len(ids)
-        print(f"| {temperature} | {top_p} | {100 * deg:.0f} % | {100 * non_words:.1f} % | {100 * ended:.0f} % "
-              f"| {d:.2f} |", flush=True)
+        print(
+            f"| {temperature} | {top_p} | {100 * deg:.0f} % | {100 * non_words:.1f} % | {100 * ended:.0f} % "
+            f"| {d:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
