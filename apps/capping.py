@@ -19,7 +19,7 @@ import torch
 
 import model as M
 import persona_vectors as pv
-from support import UserError, checkpoint, cli
+from support import UserError, checkpoint, cli, records
 from support.capping import ceiling_path, percentile_table, vector_sha256, write_ceilings
 from support.files import check_fits, check_output, default_vectors_dir, load_vector, vector_file
 from support.hub import DEFAULT_MODEL
@@ -129,7 +129,7 @@ def calibrate_cap(
         max_new_tokens=max_new_tokens,
         system_prompt=None,
         temperature=0.0,
-        layer_convention=pv.LAYER_CONVENTION,
+        layer_convention=records.LAYER_CONVENTION,
     ) | percentile_table(tokens)
     write_ceilings(dest, record)
     L = meta.get("best_layer", model.config.num_hidden_layers // 2)
@@ -169,10 +169,10 @@ def add_commands(sub) -> None:
     )
     c.add_argument("--batch-size", type=cli.COUNT, default=32, help="default: %(default)s")
     c.add_argument("--force", action="store_true", help="replace an existing ceiling file")
-    c.add_argument("--model", default=DEFAULT_MODEL, help=pv.MODEL_HELP)
-    c.add_argument("--vectors", default=None, help=pv.VECTORS_HELP)
-    c.add_argument("--device", default=None, help=pv.DEVICE_HELP)
-    c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=pv.DTYPE_HELP)
+    c.add_argument("--model", default=DEFAULT_MODEL, help=cli.HELP["model"])
+    c.add_argument("--vectors", default=None, help=cli.HELP["vectors"])
+    c.add_argument("--device", default=None, help=cli.HELP["device"])
+    c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=cli.HELP["dtype"])
     c.set_defaults(
         run=lambda a: calibrate_cap(
             a.trait,

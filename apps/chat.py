@@ -231,14 +231,16 @@ def add_commands(sub) -> None:
         "chat",
         help="multi-turn chat, optionally steered or capped, with a persona gauge after each reply",
     )
-    c.add_argument("--model", default=DEFAULT_MODEL, help=pv.MODEL_HELP)
-    c.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF", help=pv.STEER_HELP)
-    c.add_argument("--cap", action="append", default=[], metavar=pv.CAP_SPEC, help=pv.CAP_HELP)
+    c.add_argument("--model", default=DEFAULT_MODEL, help=cli.HELP["model"])
+    c.add_argument(
+        "--steer", action="append", default=[], metavar="TRAIT:COEF", help=cli.HELP["steer"]
+    )
+    c.add_argument("--cap", action="append", default=[], metavar=cli.CAP_SPEC, help=cli.HELP["cap"])
     c.add_argument(
         "--layer",
         type=cli.layer_or_sweep,
         default=None,
-        help="steering and gauge layer: " + pv.LAYER_HELP,
+        help="steering and gauge layer: " + cli.HELP["layer"],
     )
     c.add_argument(
         "--gauge",
@@ -247,7 +249,7 @@ def add_commands(sub) -> None:
         metavar="TRAIT",
         help="trait (or vector file) to gauge; repeatable (default: every vector of the model)",
     )
-    c.add_argument("--vectors", default=None, help=pv.VECTORS_HELP)
+    c.add_argument("--vectors", default=None, help=cli.HELP["vectors"])
     c.add_argument(
         "--system", default=None, help="system prompt (default: the model's own template decides)"
     )
@@ -261,8 +263,8 @@ def add_commands(sub) -> None:
         default=None,
         help="append the conversation to this JSONL file at the end",
     )
-    c.add_argument("--device", default=None, help=pv.DEVICE_HELP)
-    c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=pv.DTYPE_HELP)
+    c.add_argument("--device", default=None, help=cli.HELP["device"])
+    c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=cli.HELP["dtype"])
     c.set_defaults(
         run=lambda a: chat(
             model_name=a.model,

@@ -36,8 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import persona_vectors as pv
-from support import UserError, cli
+from support import UserError, cli, records
 from support.checkpoint import model_shape
 from support.files import (
     NAME_RE,
@@ -495,7 +494,7 @@ def import_vector(
         variant=variant,
         model=model_name or "unknown",
         imported_from=str(src),
-        layer_convention=pv.LAYER_CONVENTION,
+        layer_convention=records.LAYER_CONVENTION,
         last_row_post_norm=True,
         vector_norm=[round(x, 4) for x in vec.float().norm(dim=-1).tolist()],
         date=datetime.date.today().isoformat(),

@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import model as M
 import persona_vectors as pv
 from support import UserError, checkpoint, cli
+from support import records as R
 from support.files import (
     assistant_turns,
     atomic_write,
@@ -57,56 +57,6 @@ NOT_JSON = "not JSON"
 
 
 @torch.no_grad()
-def measure(
-    model: M.Transformer,
-    prompts: list[list[int]],
-    responses: list[list[int]],
-    stop_ids,
-    pad_id: int,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    samples: int = 1,
-    seed: int = 0,
-) -> dict:
-    """One batch -> mean activations at every hidden index, [B, N + 1, hidden] each:
-
-    "response": over y (one forward pass over prompt + y); "base": over the base model's response y', captured
-    while it is generated (the mean over `samples` responses, NaN where every one came out empty);
-    "prompt_last": the last prompt token; and "base_tokens" [B], the mean length of y'.
-    """
-    device = model.lm_head.weight.device
-    B = len(prompts)
-    ids, mask = M.left_pad([p + r for p, r in zip(prompts, responses)], pad_id)
-    start = torch.tensor(
-        [ids.shape[1] - len(r) for r in responses], device=device
-    )  # column where each y begins
-    cap = M.Capture()
-    model(ids.to(device), mask.to(device), answer_start=start, capture=cap, logits="none")
-    gen = M.Capture()
-    outs = M.generate(
-        model,
-        [p for p in prompts for _ in range(samples)],
-        max_new_tokens,
-        stop_ids=stop_ids,
-        pad_id=pad_id,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        capture=gen,
-    )
-    n = torch.tensor([len(o) for o in outs], dtype=torch.float32, device=device).view(B, samples)
-    means = (
-        gen.answer_mean()
-    )  # [B * K, N + 1, hidden], the K responses of a prompt next to each other
-    per_sample = means.view(B, samples, *means.shape[1:])  # [B, K, N + 1, hidden]
-    w = (n > 0).float()[..., None, None]  # an empty y' has no mean: left out of the average
-    base = (per_sample * w).sum(1) / w.sum(1)  # 0 / 0 = NaN where all K were empty
-    return dict(
-        response=cap.answer_mean(), base=base, prompt_last=cap.prompt_last(), base_tokens=n.mean(1)
-    )
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Inputs: samples from JSONL lines, and the vectors to project on.
 
@@ -124,14 +74,7 @@ def parse_sample(raw: bytes, tok, max_tokens: int) -> tuple[list[int], list[int]
     turns = assistant_turns(record)
     if isinstance(turns, str):
         return turns
-    messages, last = turns[0], turns[1][-1]
-    response = tok.encode(messages[last]["content"])
-    if not response:
-        return "an empty last assistant turn"
-    prompt = tok.encode_chat(messages[:last])
-    if len(prompt) + len(response) > max_tokens:
-        return "longer than --max-tokens"
-    return prompt, response
+    return R.sample_ids(*turns, tok, max_tokens)
 
 
 @dataclass
@@ -274,17 +217,16 @@ def score_chunk(
     rows, t0 = [], time.time()
     for b in range(0, len(samples), batch_size):
         batch = samples[b : b + batch_size]
-        acts = measure(
+        acts = pv.response_and_base(
             model,
+            tok,
             [x[1] for x in batch],
             [x[2] for x in batch],
-            tok.stop_ids,
-            tok.pad_id,
             s.max_new_tokens,
-            s.base_temperature,
-            s.base_top_p,
-            s.base_samples,
+            samples=s.base_samples,
             seed=s.seed * 1_000_003 + chunk * 10_007 + b // batch_size,
+            temperature=s.base_temperature,
+            top_p=s.base_top_p,
         )
         cols = {}
         for p in probes:
@@ -1011,7 +953,7 @@ def add_commands(sub) -> None:
             help="trait (or vector .safetensors file); repeatable (default: every vector of the model)",
         )
         sp.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local directory")
-        sp.add_argument("--layer", type=cli.layer_or_sweep, default=None, help=pv.LAYER_HELP)
+        sp.add_argument("--layer", type=cli.layer_or_sweep, default=None, help=cli.HELP["layer"])
         sp.add_argument(
             "--base-temperature",
             type=cli.TEMPERATURE,

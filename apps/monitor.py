@@ -278,15 +278,15 @@ def add_commands(sub) -> None:
     """Register `monitor` on the command line's subparsers (python -m apps)."""
     c = sub.add_parser("monitor", help="projections of each assistant turn of JSONL conversations")
     c.add_argument("file", type=cli.TEXT_FILE, help='JSONL, one {"messages": [...]} per line')
-    c.add_argument("--model", default=DEFAULT_MODEL, help=pv.MODEL_HELP)
+    c.add_argument("--model", default=DEFAULT_MODEL, help=cli.HELP["model"])
     c.add_argument(
         "--trait",
         action="append",
         default=None,
         help="repeatable (default: every vector of the model)",
     )
-    c.add_argument("--layer", type=cli.layer_or_sweep, default=None, help=pv.LAYER_HELP)
-    c.add_argument("--vectors", default=None, help=pv.VECTORS_HELP)
+    c.add_argument("--layer", type=cli.layer_or_sweep, default=None, help=cli.HELP["layer"])
+    c.add_argument("--vectors", default=None, help=cli.HELP["vectors"])
     c.add_argument(
         "--out",
         type=cli.OUTPUT_FILE,
@@ -299,8 +299,8 @@ def add_commands(sub) -> None:
         action="store_true",
         help="per-token projections of each reply (printed and saved)",
     )
-    c.add_argument("--device", default=None, help=pv.DEVICE_HELP)
-    c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=pv.DTYPE_HELP)
+    c.add_argument("--device", default=None, help=cli.HELP["device"])
+    c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=cli.HELP["dtype"])
     c.set_defaults(
         run=lambda a: monitor(
             a.file,

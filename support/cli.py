@@ -174,3 +174,68 @@ def run(call) -> int:
     if isinstance(result, (Path, str)):
         print(result)
     return 0
+
+
+# Help texts of flags that several commands have, and the flags of the options every pipeline
+# passes on to persona_vectors.open_run (or load_checked): the same names, the same meaning.
+HELP = {
+    "model": "hub id or local directory (default: %(default)s)",
+    "device": "cuda, cpu, ... (default: cuda when present)",
+    "dtype": "float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)",
+    "judge": "openai[:MODEL] | local:MODEL | none (default: openai when OPENAI_API_KEY is set, "
+    "else none)",
+    "judge_workers": "concurrent judge requests (default: $PERSONA_JUDGE_WORKERS, else 8); lower "
+    "it when the server answers 429",
+    "max_new_tokens": "default: 1000 on CUDA, 96 on CPU",
+    "batch_size": "default: 64 on CUDA, 40 on CPU",
+    "temperature": "0 = greedy; default: 1.0 (0.7 for models under 1B on CPU)",
+    "top_p": "default: 1.0 (0.9 for models under 1B on CPU)",
+    "trait": "a trait in data/traits, or a trait .json file",
+    "questions": "how many of the trait's 20 questions",
+    "out": "output directory (default: vectors/<model name>/)",
+    "vectors": "directory of vector files (default: vectors/<model name>/)",
+    "steer": "TRAIT:COEF or FILE.safetensors:COEF, raw or relative to the residual norm (0.1r); "
+    "repeatable; negative coefficients mitigate",
+    "layer": "a block, or `sweep`: the best layer of the trait's sweep (default: a layer the "
+    "vector file records, else the middle)",
+    "cap": "bound the activations along the trait from above at the percentile of its "
+    "calibrate-cap ceilings (default 90, blocks 16-19 of 30); repeatable; applied after any "
+    "--steer",
+    "samples": "answers per question (default: 10 on CUDA, 1 on CPU; one answer is greedy unless "
+    "--temperature is given)",
+    "thinking": "the chat template's thinking mode on (Qwen3); the answer judged, projected and "
+    "averaged is the text after </think> (default: off)",
+    "kind": "eliciting (--kind trait) or suppressing (--kind normal) system prompts, saved "
+    "without them",
+}
+CAP_SPEC = "TRAIT[:PERCENTILE][@LAYERS]"
+
+
+def add_device(c, thinking: bool = True) -> None:
+    """--device, --dtype and --thinking: how the model is loaded and its chats rendered."""
+    c.add_argument("--device", help=HELP["device"])
+    c.add_argument("--dtype", type=torch_dtype, help=HELP["dtype"])
+    if thinking:
+        c.add_argument("--thinking", action="store_true", help=HELP["thinking"])
+
+
+def add_options(c, sampling: bool = True, judge: bool = True) -> None:
+    """The flags of a judged pipeline's `options` (persona_vectors.open_run): the sampling budget
+    (--temperature and --top-p only with `sampling`), --judge-workers, the device."""
+    c.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS, help=HELP["max_new_tokens"])
+    c.add_argument("--batch-size", type=COUNT, help=HELP["batch_size"])
+    if sampling:
+        c.add_argument("--temperature", type=TEMPERATURE, help=HELP["temperature"])
+        c.add_argument("--top-p", type=TOP_P, help=HELP["top_p"])
+    if judge:
+        c.add_argument("--judge-workers", type=COUNT, help=HELP["judge_workers"])
+    add_device(c)
+
+
+def add_steering(c) -> None:
+    """--steer, --layer, --positions, --all-layers and --cap (persona_vectors.interventions)."""
+    c.add_argument("--steer", action="append", default=[], metavar="TRAIT:COEF", help=HELP["steer"])
+    c.add_argument("--layer", type=layer_or_sweep, help=HELP["layer"])
+    c.add_argument("--positions", choices=["response", "all", "prompt"], default="response")
+    c.add_argument("--all-layers", action="store_true", help="steer every block with v[l] - v[l-1]")
+    c.add_argument("--cap", action="append", default=[], metavar=CAP_SPEC, help=HELP["cap"])

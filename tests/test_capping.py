@@ -326,7 +326,7 @@ def read_projection(
 def test_generate_with_cap_is_generation_with_caps_for(tiny, loaded, capsys):
     d, vectors, root = tiny
     model, tok = loaded
-    kw = dict(model_name=str(d), vectors=str(vectors), max_new_tokens=8, device="cpu")
+    kw = dict(model=str(d), vectors=str(vectors), max_new_tokens=8, device="cpu")
     plain = pv.generate(QUESTIONS[:3], **kw)
     capsys.readouterr()
     assert (
@@ -371,7 +371,7 @@ def test_eval_with_cap_reads_the_answers_with_the_plain_model(tiny, loaded, tmp_
     d, vectors, root = tiny
     model, tok = loaded
     kw = dict(
-        model_name=str(d),
+        model=str(d),
         judge="none",
         questions=3,
         vectors=str(vectors),

@@ -1,6 +1,7 @@
 """Bad input on the command line, as a new user would type it: each case ends in a one-line error that names the
 fix (or argparse's usage line and its error), a non-zero exit, no traceback, and no file written or changed."""
 
+import inspect
 import json
 
 import pytest
@@ -226,3 +227,29 @@ def test_chat_survives_a_failed_save(tiny, tmp_path):
     assert (
         "error:" in stdout.getvalue() and len(messages) == 4
     )  # the chat went on after the failed /save
+
+
+def test_every_flag_is_named_as_the_parameter_it_feeds():
+    """A command's flags are its function's parameters, by the same names: no `dest=` renames, and
+    every flag (and no more) reaches a parameter of the function the command runs, or of the
+    function its **options go on to (open_run and budget_for for the judged pipelines,
+    load_checked for shift, generate for generate's command line)."""
+    onward = [pv.open_run, pv.load_checked, pv.budget_for, pv.generate]
+    passed_on = {p for f in onward for p in inspect.signature(f).parameters}
+    commands = pv.build_parser()._subparsers._group_actions[0].choices
+    for name, c in commands.items():
+        run = c.get_default("run")
+        params = inspect.signature(run).parameters
+        takes_more = any(p.kind == p.VAR_KEYWORD for p in params.values())
+        dests = set()
+        for a in c._actions:
+            if a.dest == "help":
+                continue
+            if a.option_strings:
+                assert a.dest == a.option_strings[0].lstrip("-").replace("-", "_"), (name, a.dest)
+            assert a.dest in params or (takes_more and a.dest in passed_on), (name, a.dest)
+            dests.add(a.dest)
+        required = [
+            p for p, v in params.items() if v.default is v.empty and v.kind != v.VAR_KEYWORD
+        ]
+        assert set(required) <= dests, (name, required)

@@ -18,6 +18,7 @@ import persona_vectors as pv
 import train
 from apps import __main__ as apps_cli
 from support import checkpoint, cli, files
+from support import records as R
 from support.limits import LABEL_BYTES, LIMITS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -149,9 +150,9 @@ def _without_run(args, never):
 def test_short_label_keeps_names_short_and_distinct():
     folder = "/data/experiments/ceilings/very/long/path/number"
     specs = [f"{folder}/{i}/evil_response_avg_diff.safetensors:9{i}" for i in range(6)]
-    label = pv.file_label([SimpleNamespace(text=s) for s in specs], "cap-")  # eval's, sweep's
+    label = R.file_label([SimpleNamespace(text=s) for s in specs], "cap-")  # eval's, sweep's
     assert len(label.encode()) <= LABEL_BYTES
-    other = pv.file_label([SimpleNamespace(text=s) for s in specs[:5]], "cap-")
+    other = R.file_label([SimpleNamespace(text=s) for s in specs[:5]], "cap-")
     assert other != label and len(other.encode()) <= LABEL_BYTES
     assert files.short_label("evil@1.5") == "evil@1.5"  # short labels are left alone
 

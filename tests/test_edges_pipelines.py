@@ -21,6 +21,7 @@ import persona_vectors as pv
 from apps import __main__ as apps_cli
 from apps import flagging
 from support import UserError, checkpoint, files
+from support import records as R
 from support.plots import pyplot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -349,7 +350,7 @@ def test_make_dataset_counts_every_answer_cut_off(tiny, tmp_path, capsys):
     d, vectors, root = tiny
     pv.make_dataset(
         "evil",
-        model_name=str(d),
+        model=str(d),
         judge="none",
         n=6,
         out=str(tmp_path / "d.jsonl"),
@@ -361,7 +362,7 @@ def test_make_dataset_counts_every_answer_cut_off(tiny, tmp_path, capsys):
     )
     rows = rows_of(tmp_path)
     cut = [r["answer"].strip() for r in rows if r["n_tokens"] == 3]
-    trimmed = sum(pv.trim_to_sentence(a) != a for a in cut)
+    trimmed = sum(R.trim_to_sentence(a) != a for a in cut)
     assert len(rows) == 6 and trimmed < len(cut)  # some were cut off with no full sentence in them
     err = capsys.readouterr().err
     assert (

@@ -202,7 +202,7 @@ def test_shift_uses_the_base_vector_on_its_finetune_without_warning(tiny, tmp_pa
         base=str(d),
         vectors=str(vectors),
         out=str(tmp_path / "s.csv"),
-        n_random=2,
+        random=2,
         device="cpu",
     )
     assert warnings_in(capsys.readouterr().err) == []

@@ -79,7 +79,7 @@ def reread_projection(model, tok, question, answer_ids, v, layer):
 def test_steered_answers_are_measured_as_the_unsteered_model_reads_them(tiny, tmp_path):
     d, vectors = tiny
     kw = dict(
-        model_name=str(d),
+        model=str(d),
         judge="none",
         questions=4,
         vectors=str(vectors),
@@ -137,7 +137,7 @@ def test_sweep_end_to_end_writes_its_own_result_and_resumes(tiny, tmp_path, monk
     vec_file.write_bytes((vectors / "evil_response_avg_diff.safetensors").read_bytes())
     before = vec_file.read_bytes()
     kw = dict(
-        model_name=str(d),
+        model=str(d),
         judge="fake",
         layers=[2, 3],
         coefs=[0.5, 4.0],

@@ -25,7 +25,7 @@ def tiny_dir(tmp_path_factory):
 def run_extract(tiny_dir, out, **kw):
     args = (
         dict(
-            model_name=str(tiny_dir),
+            model=str(tiny_dir),
             judge="none",
             rollouts=1,
             max_new_tokens=6,
@@ -230,9 +230,9 @@ def test_judge_results_are_cached_and_recorded(tiny_dir, tmp_path, monkeypatch):
 
 def test_bad_input(tiny_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="evil"):
-        pv.extract("no_such_trait", model_name=str(tiny_dir), judge="none")
+        pv.extract("no_such_trait", model=str(tiny_dir), judge="none")
     with pytest.raises(ValueError):
-        pv.extract("../evil", model_name=str(tiny_dir), judge="none")
+        pv.extract("../evil", model=str(tiny_dir), judge="none")
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.setattr(
@@ -241,7 +241,7 @@ def test_bad_input(tiny_dir, tmp_path, monkeypatch):
         lambda *a, **k: pytest.fail("generation started before the judge was checked"),
     )
     with pytest.raises(ValueError, match="OPENAI_API_KEY"):
-        pv.extract("evil", model_name=str(tiny_dir), judge="openai")
+        pv.extract("evil", model=str(tiny_dir), judge="openai")
     blocker = tmp_path / "file"
     blocker.write_text("x")
     monkeypatch.undo()

@@ -90,7 +90,7 @@ def test_extract(fam, loaded):
 def test_generate_steer(fam, loaded):
     family, root, d, vectors = fam
     kw = dict(
-        model_name=str(d), max_new_tokens=4, vectors=str(vectors), device="cpu", dtype=torch.float32
+        model=str(d), max_new_tokens=4, vectors=str(vectors), device="cpu", dtype=torch.float32
     )
     plain = pv.generate(QUESTIONS, **kw)
     steered = pv.generate(QUESTIONS, steer=["evil:1r"], layer=2, **kw)
@@ -170,14 +170,14 @@ def test_monitor_experiment(fam):
     family, root, d, vectors = fam
     r = pv.monitor_experiment(
         "evil",
-        model_name=str(d),
+        model=str(d),
         judge="none",
         rollouts=1,
         questions=1,
         vectors=str(vectors),
         out=str(root / "monitor"),
         max_new_tokens=3,
-        n_random=5,
+        random=5,
         device="cpu",
         dtype=torch.float32,
     )
@@ -418,7 +418,7 @@ def test_eval_and_generate_with_thinking(thinker, tmp_path):
     write_vector(vectors / "evil_response_avg_diff.safetensors", vec, model=str(d), trait="evil")
     r = pv.evaluate(
         "evil",
-        model_name=str(d),
+        model=str(d),
         judge="none",
         samples=1,
         questions=1,
@@ -441,7 +441,7 @@ def test_eval_and_generate_with_thinking(thinker, tmp_path):
     assert float(row["projection"]) == pytest.approx(want, abs=1e-4)
     text = pv.generate(
         [QUESTION],
-        model_name=str(d),
+        model=str(d),
         max_new_tokens=8,
         device="cpu",
         dtype=torch.float32,
@@ -449,7 +449,7 @@ def test_eval_and_generate_with_thinking(thinker, tmp_path):
     )[0]
     assert text == tok.decode(reply) and "</think>" in text  # generate shows the whole reply
     plain = pv.generate(
-        [QUESTION], model_name=str(d), max_new_tokens=8, device="cpu", dtype=torch.float32
+        [QUESTION], model=str(d), max_new_tokens=8, device="cpu", dtype=torch.float32
     )[0]
     assert plain != text  # thinking off: the prompt ends in the template's empty think block
 

@@ -13,6 +13,7 @@ import model as M
 import persona_vectors as F
 import persona_vectors as pv
 from support import UserError, checkpoint
+from support import records as R
 from support.traits import available_traits, load_trait
 
 
@@ -28,7 +29,7 @@ def tiny(tmp_path_factory):
 def run(tiny, out, **kw):
     args = (
         dict(
-            model_name=str(tiny[0]),
+            model=str(tiny[0]),
             judge="none",
             n=7,
             out=str(out),
@@ -81,14 +82,14 @@ def test_load_questions_formats_and_errors(tmp_path):
 
 
 def test_trim_to_sentence():
-    assert F.trim_to_sentence("First. Second! Third? And then") == "First. Second! Third?"
-    assert F.trim_to_sentence('He said "stop." Then') == 'He said "stop."'
+    assert R.trim_to_sentence("First. Second! Third? And then") == "First. Second! Third?"
+    assert R.trim_to_sentence('He said "stop." Then') == 'He said "stop."'
     assert (
-        F.trim_to_sentence("Steps: 1. Buy flour 2. Mix") == "Steps: 1. Buy flour 2. Mix"
+        R.trim_to_sentence("Steps: 1. Buy flour 2. Mix") == "Steps: 1. Buy flour 2. Mix"
     )  # list numbers: no end
     assert (
-        F.trim_to_sentence("Pi is 3.14 and") == "Pi is 3.14 and"
-        and F.trim_to_sentence("no end") == "no end"
+        R.trim_to_sentence("Pi is 3.14 and") == "Pi is 3.14 and"
+        and R.trim_to_sentence("no end") == "no end"
     )
 
 
@@ -133,7 +134,7 @@ def test_dataset_is_the_models_answers_under_the_system_prompt_saved_without_it(
         answer = (
             tok.decode(out).strip()
             if len(out) < 40
-            else F.trim_to_sentence(tok.decode(out).strip())
+            else R.trim_to_sentence(tok.decode(out).strip())
         )
         if answer:
             expected.append(
@@ -332,7 +333,7 @@ def test_shift_with_eval_runs_eval_on_both_models(tiny, tuned, tmp_path, monkeyp
         base=str(d),
         vectors=str(vectors),
         out=str(tmp_path / "s.csv"),
-        run_eval=True,
+        with_eval=True,
         judge="none",
         device="cpu",
     )
@@ -379,13 +380,15 @@ def test_each_command_calls_its_function_with_its_flags(tiny, tmp_path, capsys, 
         ["make-dataset", "evil", "--kind", "normal", "--n", "3", "--dtype", "float32"],
         ["shift", "evil", "--finetuned", "x", "--eval", "--random", "10", "--base", "b"],
     ):
-        args = F.build_parser().parse_args(argv)
-        args.run(args)
+        flags = dict(vars(F.build_parser().parse_args(argv)))
+        function, _ = flags.pop("run"), flags.pop("command")
+        function(**flags)
     (a1, make), (a2, shift) = calls
-    assert a1 == ("evil",)
+    assert a1 == () and make["trait"] == "evil"
     assert (make["kind"], make["n"], make["dtype"]) == ("normal", 3, torch.float32)
-    assert a2 == ("evil", "x")
-    assert (shift["run_eval"], shift["n_random"], shift["base"]) == (True, 10, "b")
+    assert a2 == ()
+    assert (shift["trait"], shift["finetuned"]) == ("evil", "x")
+    assert (shift["with_eval"], shift["random"], shift["base"]) == (True, 10, "b")
     monkeypatch.undo()
     d, vectors = tiny
     out = tmp_path / "cli.jsonl"

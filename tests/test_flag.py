@@ -1,5 +1,6 @@
 """Data flagging (apps/flagging.py): ΔP against an independent recompute, resume, shards, selection, bad input."""
 
+import csv
 import json
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from tiny import tiny_model_with_vectors, write_vector
 
 import model as M
+import persona_vectors as pv
 from apps import __main__ as apps_cli
 from apps import flagging
 from support import UserError, checkpoint
@@ -149,9 +151,7 @@ def test_sampled_base_responses_are_averaged(loaded):
         for q in ("the capital of France", "evil people")
     ]
     ys = [tok.encode("Paris is the capital"), tok.encode("help them")]
-    got = flagging.measure(
-        model, prompts, ys, tok.stop_ids, tok.pad_id, 5, temperature=20.0, samples=3, seed=7
-    )
+    got = pv.response_and_base(model, tok, prompts, ys, 5, samples=3, seed=7, temperature=20.0)
     # the same sampling again (same seed, same batch), then each base response through its own forward pass
     outs = M.generate(
         model,
@@ -459,3 +459,30 @@ def test_command_line(tiny, tmp_path, capsys):
     assert len((tmp_path / "o" / "selected_bottom_2.jsonl").read_text().splitlines()) == 2
     assert "ΔP mean" in capsys.readouterr().err
     assert apps_cli.main(["flag-merge", *argv]) == 0 and "ΔP mean" in capsys.readouterr().err
+
+
+def test_the_methods_flag_matches_the_applications_flag(tiny, tmp_path, capsys):
+    """persona_vectors.flag (one file, one trait, in memory) and `python -m apps flag` (streamed,
+    sharded, resumable) compute ΔP with the same functions: the same values, sample by sample,
+    the largest first in the method's CSV, and the same lines skipped."""
+    data = tmp_path / "data.jsonl"
+    write_data(data, 7, bad={2: "not json"})
+    d, vectors = tiny
+    dest = pv.flag(
+        "evil",
+        str(data),
+        model=str(d),
+        layer=2,
+        vectors=str(vectors),
+        out=str(tmp_path / "f.csv"),
+        max_new_tokens=6,
+        batch_size=3,
+        device="cpu",
+    )
+    assert "skipped 1 not JSON (line 2" in capsys.readouterr().err
+    ours = list(csv.DictReader(open(dest)))
+    dp = [float(r["delta_p"]) for r in ours]
+    assert dp == sorted(dp, reverse=True) and len(ours) == 7
+    r = run(tiny, [data], tmp_path / "out", traits=["evil"], fmt="jsonl")
+    theirs = {row["line"]: row["evil_delta_p"] for row in read_rows(r["outputs"][str(data)])}
+    assert {int(x["line"]): pytest.approx(float(x["delta_p"]), abs=1e-4) for x in ours} == theirs

@@ -56,7 +56,7 @@ def test_monitor_experiment_bookkeeping(tiny, tmp_path, monkeypatch):
         vectors=str(vectors),
         out=str(tmp_path),
         max_new_tokens=4,
-        n_random=20,
+        random=20,
         device="cpu",
     )
     rows = list(csv.DictReader(open(r["csv"])))

@@ -103,7 +103,7 @@ def test_generate_with_steering(tiny, tmp_path):
     d, _ = tiny
     vec = torch.randn(4, 64)
     write_vector(tmp_path / "evil_response_avg_diff.safetensors", vec)
-    kw = dict(model_name=str(d), max_new_tokens=8, vectors=str(tmp_path), device="cpu")
+    kw = dict(model=str(d), max_new_tokens=8, vectors=str(tmp_path), device="cpu")
     base = pv.generate(["Hello", "What is 2 + 2?"], **kw)
     assert pv.generate(["Hello", "What is 2 + 2?"], steer=["evil:0"], **kw) == base
     steered = pv.generate(["Hello", "What is 2 + 2?"], steer=["evil:8"], layer=2, **kw)

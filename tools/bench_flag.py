@@ -28,6 +28,7 @@ sys.path.insert(
 )  # the project's modules live at the repo root
 
 import model as M
+import persona_vectors as pv
 from apps import flagging
 from support import checkpoint, hub
 from support.traits import available_traits, load_trait
@@ -191,7 +192,7 @@ def main():
     }
     if args.sequential:
         runs["sequential"] = lambda: sequential(hf, tok, data, layer, probe.unit, args.new_tokens)
-    flagging.measure(ours, [data[0][0]], [data[0][1]], tok.stop_ids, tok.pad_id, 2)  # warm-up
+    pv.response_and_base(ours, tok, [data[0][0]], [data[0][1]], 2)  # warm-up
     secs, got = {k: float("inf") for k in runs}, {}
     for _ in range(args.repeats):  # interleaved: a busy machine slows every side alike
         for name, fn in runs.items():

@@ -35,6 +35,7 @@ sys.path.insert(
 )  # the project's modules live at the repo root
 
 import model as M
+import persona_vectors as pv
 from apps import flagging
 from support import UserError, checkpoint, stats
 from support.files import atomic_write, default_vectors_dir, vector_path
@@ -163,7 +164,7 @@ def greedy_pass(
     batch: int,
     out: Path,
 ) -> list[dict]:
-    """Per file, from one `flagging.measure` pass per batch (greedy base, as `flag`'s): ΔP and the raw projection at
+    """Per file, from one `pv.response_and_base` pass per batch (greedy base, as `flag`'s): ΔP and the raw projection at
     every layer [n, N + 1], and the response-mean difference a(x, y) - a(x, y') itself at `layer` [n, hidden] (for
     ΔP along any direction). Cached per file, so a rerun skips it."""
     per_file = []
@@ -184,12 +185,11 @@ def greedy_pass(
         ]
         dp, raw_proj, diff = [], [], []
         for b in range(0, len(samples), batch):
-            acts = flagging.measure(
+            acts = pv.response_and_base(
                 model,
+                tok,
                 [x[0] for x in samples[b : b + batch]],
                 [x[1] for x in samples[b : b + batch]],
-                tok.stop_ids,
-                tok.pad_id,
                 max_new_tokens,
             )
             d = acts["response"] - acts["base"]  # [B, N + 1, hidden]
@@ -235,7 +235,7 @@ def finetune_study(
     mixes: name -> row indices into `diffs` [n_all, hidden] (the samples' a(x, y) - a(x, y') at `layer`, rows of
     the files in order). The correlation of dataset ΔP with the shift over all datasets gets a control: the same r
     with v replaced by each of 100 random unit directions u (dataset ΔP along u against the shift along u)."""
-    import persona_vectors as pv
+
     import train as T
     from support.files import load_vector
     from support.traits import load_trait
@@ -447,8 +447,6 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     vectors = Path(args.vectors) if args.vectors else default_vectors_dir(args.model)
     if not vector_path(vectors, args.trait).is_file():
-        import persona_vectors as pv
-
         print(f"no {args.trait} vector in {vectors}: extracting it (judge none)", file=sys.stderr)
         pv.extract(args.trait, args.model, judge="none", out=str(vectors))
 

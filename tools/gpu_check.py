@@ -394,7 +394,8 @@ def pipelines_section(checks: Checks, model_dir: Path, device: str, new: int, tm
             for q, a in CONVERSATIONS
         )
     )
-    common = dict(model_name=str(model_dir), device=device)
+    common = dict(model_name=str(model_dir), device=device)  # the applications'
+    ours = dict(model=str(model_dir), device=device)  # persona_vectors.py's pipelines
 
     def extract():  # the CUDA budget (temperature 1, batch 64), shortened: 2 questions, 2 rollouts, few tokens
         paths = pv.extract(
@@ -404,7 +405,7 @@ def pipelines_section(checks: Checks, model_dir: Path, device: str, new: int, tm
             rollouts=2,
             max_new_tokens=new,
             out=str(tmp / "extract"),
-            **common,
+            **ours,
         )
         vec, meta = pv.load_vector(paths["response_avg"])
         return {
@@ -416,9 +417,9 @@ def pipelines_section(checks: Checks, model_dir: Path, device: str, new: int, tm
 
     def generate():
         prompts = [q for q, _ in CONVERSATIONS[:2]]
-        plain = pv.generate(prompts, max_new_tokens=new, vectors=str(vectors), **common)
+        plain = pv.generate(prompts, max_new_tokens=new, vectors=str(vectors), **ours)
         steered = pv.generate(
-            prompts, max_new_tokens=new, steer=["evil:4"], vectors=str(vectors), **common
+            prompts, max_new_tokens=new, steer=["evil:4"], vectors=str(vectors), **ours
         )
         return {
             "answers": len(steered),
