@@ -30,7 +30,6 @@ from support import UserError, cli, hub
 from support import training as T
 from support.files import default_vectors_dir
 from support.tokenizer import Tokenizer, answer_after_thinking
-from support.training import pad_left
 
 # --------------------------------------------------------------------------------------------------
 # Data: conversations -> token ids and the mask of the trained tokens.
@@ -181,7 +180,7 @@ def validation_loss(model, batches: T.Batches) -> float:
     total = tokens = 0.0
     size = batches.batch_size
     for i in range(0, len(examples), size):
-        ids, mask, trained = pad_left(examples[i : i + size], batches.pad_id, batches.proc.device)
+        ids, mask, trained = T.pad_left(examples[i : i + size], batches.pad_id, batches.proc.device)
         with batches.proc.autocast():
             total += float(token_loss(model, ids, mask, trained))
         tokens += int(trained[:, 1:].sum())
@@ -309,20 +308,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--warmup-steps", type=cli.bounded("steps"), default=5)
     p.add_argument(
-        "--weight-decay",
-        type=cli.bounded("weight_decay"),
-        default=0.01,
-        help="AdamW's, on matrices",
+        "--weight-decay", type=cli.bounded("weight_decay"), default=0.01, help="AdamW, on matrices"
     )
     p.add_argument("--batch-size", type=cli.COUNT, default=4, help="per micro-batch and process")
     p.add_argument(
         "--grad-accum", type=cli.COUNT, help="micro-batches a step (default: a batch of 16)"
     )
     p.add_argument(
-        "--max-seq-len",
-        type=cli.bounded("max_seq_len"),
-        default=2048,
-        help="cut longer ones on the left",
+        "--max-seq-len", type=cli.bounded("max_seq_len"), default=2048, help="cut on the left"
     )
     p.add_argument("--seed", type=cli.SEED, default=0, help="data order")
     p.add_argument("--checkpointing", action="store_true", help="recompute activations")

@@ -1,11 +1,12 @@
-"""Persona capping's calibration: where the model's own everyday answers sit along a trait's vector, per layer.
+"""Persona capping's calibration: where the model's own everyday answers sit along a trait's vector,
+per layer.
 
     python -m apps calibrate-cap evil      # -> vectors/<model>/evil_response_avg_diff.cap.json
 
-The model answers everyday requests (data/questions/everyday.json; no system prompt, greedy); every answer
-token's state at every hidden index is projected on that index's unit vector, and the percentiles of those
-projections are the ceilings a cap reads (support/capping.py has the file format and the --cap specs;
-docs/capping.md the study behind the defaults).
+The model answers everyday requests (data/questions/everyday.json; no system prompt, greedy); every
+answer token's state at every hidden index is projected on that index's unit vector, and the
+percentiles of those projections are the ceilings a cap reads (support/capping.py has the file
+format and the --cap specs; docs/capping.md the study behind the defaults).
 """
 
 import hashlib
@@ -31,13 +32,13 @@ from support.traits import QUESTIONS_FILE, load_questions
 def answer_projections(
     model: M.Transformer, prompts: list[list[int]], answers: list[list[int]], units: torch.Tensor
 ) -> list[np.ndarray]:
-    """Each answer token's projection at every hidden index, as the plain model reads prompt + answer.
+    """Each answer token's projection at every hidden index, as the plain model reads prompt +
+    answer.
 
     units: [N + 1, hidden] unit vectors -> per answer an array [answer tokens, N + 1]."""
     device = model.lm_head.weight.device
-    ids, mask = M.left_pad(
-        [p + a for p, a in zip(prompts, answers)]
-    )  # every answer ends in the last column
+    # every answer ends in the last column
+    ids, mask = M.left_pad([p + a for p, a in zip(prompts, answers)])
     T = ids.shape[1]
     N = model.config.num_hidden_layers
     cap = M.Capture(token_layers=tuple(range(N + 1)))
@@ -75,8 +76,9 @@ def calibrate_cap(
     device: str | None = None,
     dtype=None,
 ) -> Path:
-    """Answer n everyday requests (greedy, no system prompt) and write the percentiles of every answer token's
-    projection at every hidden index beside the trait's vector -> the ceiling file."""
+    """Answer n everyday requests (greedy, no system prompt) and write the percentiles of every
+    answer token's projection at every hidden index beside the trait's vector -> the ceiling
+    file."""
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
     vec_file = vector_file(trait, vectors_dir)
     dest = ceiling_path(vec_file)
@@ -93,8 +95,8 @@ def calibrate_cap(
     M.check_new_tokens(model, max_new_tokens)  # before any answer; each batch: in generate
     units = pv.unit(vec)
     print(
-        f"calibrate-cap {vec_file.name}: {len(questions)} requests from {questions_file or QUESTIONS_FILE}, "
-        f"greedy, up to {max_new_tokens} tokens",
+        f"calibrate-cap {vec_file.name}: {len(questions)} requests from "
+        f"{questions_file or QUESTIONS_FILE}, greedy, up to {max_new_tokens} tokens",
         file=sys.stderr,
     )
     proj, t0 = [], time.time()
@@ -135,8 +137,8 @@ def calibrate_cap(
     L = meta.get("best_layer", model.config.num_hidden_layers // 2)
     c = record["ceilings"]
     print(
-        f"calibrate-cap: {len(tokens)} answer tokens; at layer {L} the projections' median is {c[49][L]:.2f}, "
-        f"90th percentile {c[89][L]:.2f}, 99th {c[98][L]:.2f} -> {dest}",
+        f"calibrate-cap: {len(tokens)} answer tokens; at layer {L} the projections' median "
+        f"is {c[49][L]:.2f}, 90th percentile {c[89][L]:.2f}, 99th {c[98][L]:.2f} -> {dest}",
         file=sys.stderr,
     )
     return dest

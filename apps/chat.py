@@ -1,11 +1,11 @@
-"""`chat`: a multi-turn chat with the model, optionally steered or capped, with a gauge per persona vector after
-each reply.
+"""`chat`: a multi-turn chat with the model, optionally steered or capped, with a gauge per persona
+vector after each reply.
 
     python -m apps chat --steer evil:-1         # type a message; /help lists the commands
     python -m apps chat --cap evil              # capped (docs/capping.md): "capped 3/41 positions"
 
-Each gauge (apps/monitor.py) shows where the last token before the reply and the reply's mean fall along the
-trait's unit vector, beside where extraction's pos and neg answers fell.
+Each gauge (apps/monitor.py) shows where the last token before the reply and the reply's mean fall
+along the trait's unit vector, beside where extraction's pos and neg answers fell.
 """
 
 import json
@@ -24,12 +24,18 @@ from support.files import atomic_write, check_output
 from support.hub import DEFAULT_MODEL
 from support.sampling import Budget
 
-CHAT_HELP = """commands: /steer SPEC [SPEC ...] (replace the steering, e.g. /steer evil:1.5 humorous:-1), /unsteer,
-          /cap SPEC [SPEC ...] (replace the caps, e.g. /cap evil:75@12-20), /cap off, /gauge (the history of gauge readings), /save FILE.jsonl, /reset (forget the conversation), /help, /quit"""
+CHAT_HELP = (
+    "commands: /steer SPEC [SPEC ...] (replace the steering, e.g. /steer evil:1.5 humorous:-1), "
+    "/unsteer,\n"
+    "          /cap SPEC [SPEC ...] (replace the caps, e.g. /cap evil:75@12-20), /cap off, "
+    "/gauge (the history of gauge readings), /save FILE.jsonl, /reset (forget the conversation), "
+    "/help, /quit"
+)
 
 
 def show(g: Gauge, reading: dict) -> str:
-    """A gauge's reading as one line: '[evil L15] before reply +3.10 neg -1.00 [---|------] pos +5.20   reply ...'"""
+    """A gauge's reading as one line: '[evil L15] before reply +3.10 neg -1.00 [---|------] pos
+    +5.20   reply ...'"""
     parts = []
     for kind, name in (("prompt_last", "before reply"), ("response_avg", "reply")):
         x, mark = reading[kind], g.marks[kind]
@@ -37,9 +43,8 @@ def show(g: Gauge, reading: dict) -> str:
             parts.append(f"{name} {x:+.2f}")
             continue
         neg, pos = mark
-        where = (
-            (x - neg) / (pos - neg) if pos != neg else 0.5
-        )  # 0 at the neg mean, 1 at the pos mean
+        # 0 at the neg mean, 1 at the pos mean
+        where = (x - neg) / (pos - neg) if pos != neg else 0.5
         cells = 10
         i = min(max(round(where * (cells - 1)), 0), cells - 1)
         bar = "".join("|" if j == i else "-" for j in range(cells))
@@ -65,13 +70,15 @@ def chat(
     stdin=None,
     stdout=None,
 ) -> list[dict]:
-    """A multi-turn chat, optionally steered, with a gauge per persona vector after each assistant turn.
+    """A multi-turn chat, optionally steered, with a gauge per persona vector after each assistant
+    turn.
 
-    Each gauge shows the projection of the last token before the reply (the paper's predictor) and of the reply's
-    mean activation onto the trait's unit vector, beside extraction's mean neg and pos projections. A steered turn
-    or capped turn is gauged as the plain model reads it, and a capped one says how many of its positions (the
-    last prompt token and the reply's tokens) were capped. Lines that start with "/" are commands (CHAT_HELP); input may come
-    from a pipe (one user turn per line). -> the messages.
+    Each gauge shows the projection of the last token before the reply (the paper's predictor) and
+    of the reply's mean activation onto the trait's unit vector, beside extraction's mean neg and
+    pos projections. A steered turn or capped turn is gauged as the plain model reads it, and a
+    capped one says how many of its positions (the last prompt token and the reply's tokens) were
+    capped. Lines that start with "/" are commands (CHAT_HELP); input may come from a pipe (one user
+    turn per line). -> the messages.
     """
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     Budget(1, max_new_tokens, temperature, top_p, 1)

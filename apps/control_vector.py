@@ -1,29 +1,34 @@
-"""llama.cpp control vectors: persona vectors to and from its GGUF format (`llama-server --control-vector FILE`);
-and `import-vector`, the official repository's .pt vector files (torch.save) into this project's format.
+"""llama.cpp control vectors: persona vectors to and from its GGUF format
+(`llama-server --control-vector FILE`); and `import-vector`, the official repository's .pt vector
+files (torch.save) into this project's format.
 
-A control-vector GGUF holds metadata general.architecture = "controlvector", controlvector.model_hint (the model's
-architecture) and controlvector.layer_count (the number of directions), and one 1-D F32 tensor "direction.N" per
-layer N. We write it with our own small GGUF writer (`write_gguf`) and read it with support/gguf_convert.py.
+A control-vector GGUF holds metadata general.architecture = "controlvector",
+controlvector.model_hint (the model's architecture) and controlvector.layer_count (the number of
+directions), and one 1-D F32 tensor "direction.N" per layer N. We write it with our own small GGUF
+writer (`write_gguf`) and read it with support/gguf_convert.py.
 
 The layer mapping, read from llama.cpp's source (the copy vendored in llama-cpp-python 0.3.36):
-  - common/common.cpp, common_control_vector_load_one: a tensor "direction.N" must have N >= 1, be F32 and 1-D
-    (otherwise llama.cpp logs an error and runs without the whole file); it is added into a buffer at offset
-    (N - 1) * n_embd.
-  - src/llama-adapter.cpp, llama_adapter_cvec::apply: offset (il - 1) * n_embd fills the tensor of block il, for
-    il = 1 .. n_layer - 1 (block 0 never has one; anything past n_layer - 1 is ignored).
-  - src/models/llama.cpp, qwen2.cpp and the other model graphs: the loop over blocks il = 0 .. n_layer - 1 ends with
-    `cur = build_cvec(cur, il)`, which adds that tensor to the block's output (after the MLP's residual add).
-llama.cpp counts blocks from 0 and we from 1 (our hidden index L is the output of block L; 0 is the embeddings), so
-direction.N is added exactly where our hidden index N + 1 is:
+  - common/common.cpp, common_control_vector_load_one: a tensor "direction.N" must have N >= 1, be
+    F32 and 1-D (otherwise llama.cpp logs an error and runs without the whole file); it is added
+    into a buffer at offset (N - 1) * n_embd.
+  - src/llama-adapter.cpp, llama_adapter_cvec::apply: offset (il - 1) * n_embd fills the tensor of
+    block il, for il = 1 .. n_layer - 1 (block 0 never has one; anything past n_layer - 1 is
+    ignored).
+  - src/models/llama.cpp, qwen2.cpp and the other model graphs: the loop over blocks il = 0 ..
+    n_layer - 1 ends with `cur = build_cvec(cur, il)`, which adds that tensor to the block's output
+    (after the MLP's residual add).
+llama.cpp counts blocks from 0 and we from 1 (our hidden index L is the output of block L; 0 is the
+embeddings), so direction.N is added exactly where our hidden index N + 1 is:
 
     our v[L]  <->  llama.cpp direction.(L - 1),   L = 2 .. num_layers
 
-Our L = 1 (the first block's output) would be direction.0, which llama.cpp refuses (it logs an error and runs
-without the file), and L = 0 (the embeddings) has no counterpart at all. A script that writes Hugging Face's
-hidden_states[L] (the same index as ours) as direction.L, as llama.cpp's own cvector-generator does with the output of
-its block il (written as direction.(il + 1)), adds the vector one block later than where it was measured.
-tests/test_llama_cpp.py checks this against a real llama.cpp: v[L] written as direction.(L - 1) changes its next-token
-log-probabilities as our steering at L does (measured r = 0.994-0.997); written one block off, r = 0.61-0.79.
+Our L = 1 (the first block's output) would be direction.0, which llama.cpp refuses (it logs an error
+and runs without the file), and L = 0 (the embeddings) has no counterpart at all. A script that
+writes Hugging Face's hidden_states[L] (the same index as ours) as direction.L, as llama.cpp's own
+cvector-generator does with the output of its block il (written as direction.(il + 1)), adds the
+vector one block later than where it was measured. tests/test_llama_cpp.py checks this against a
+real llama.cpp: v[L] written as direction.(L - 1) changes its next-token log-probabilities as our
+steering at L does (measured r = 0.994-0.997); written one block off, r = 0.61-0.79.
 """
 
 import datetime
@@ -79,8 +84,9 @@ def hidden_index(name: str) -> int | None:
     return int(m.group(1)) + 1 if m else None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# A minimal GGUF writer: version 3, little-endian, metadata of strings / integers / floats / lists, tensors F32 or F16.
+# --------------------------------------------------------------------------------------------------
+# A minimal GGUF writer: version 3, little-endian, metadata of strings / integers / floats / lists,
+# tensors F32 or F16.
 
 _GGML_TYPE = {np.dtype("<f4"): 0, np.dtype("<f2"): 1}  # F32, F16
 _I32, _F32, _STRING, _ARRAY, _I64 = 5, 6, 8, 9, 11
@@ -111,10 +117,11 @@ def _value(v) -> bytes:
 
 
 def gguf_bytes(metadata: dict, tensors: dict[str, np.ndarray]) -> bytes:
-    """A whole GGUF file: header, metadata, tensor infos, padding, then each tensor's data (aligned).
+    """A whole GGUF file: header, metadata, tensor infos, padding, then each tensor's data
+    (aligned).
 
-    Tensor infos list dimensions fastest-varying first (numpy's shape reversed) and offsets relative to the start
-    of the data section.
+    Tensor infos list dimensions fastest-varying first (numpy's shape reversed) and offsets relative
+    to the start of the data section.
     """
     arrays = {
         name: np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
@@ -145,7 +152,7 @@ def write_gguf(path: Path, metadata: dict, tensors: dict[str, np.ndarray]) -> Pa
     return Path(path)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Export: which rows of a persona vector go into the file.
 
 
@@ -168,13 +175,15 @@ def select_directions(
     all_layers: bool = False,
     last_row_normed: bool = False,
 ) -> dict[int, torch.Tensor]:
-    """{our hidden index L: the vector llama.cpp adds after block L} for vec [num_layers + 1, hidden].
+    """{our hidden index L: the vector llama.cpp adds after block L} for vec
+    [num_layers + 1, hidden].
 
-    layer: that row alone. layers (A, B): every row A..B as it is; llama.cpp adds them all, so the pushes add up.
-    all_layers: the increments v[l] - v[l-1] (our `--all-layers`), so that by block l the total added is
-    v[l] - v[0]. llama.cpp cannot add after block 1, so block 1's increment is added after block 2 together with
-    block 2's: direction.1 = v[2] - v[0]. From block 2 on, the total added is then exactly ours.
-    last_row_normed: the last row was taken after the final norm (official .pt files): it is never exported.
+    layer: that row alone. layers (A, B): every row A..B as it is; llama.cpp adds them all, so the
+    pushes add up. all_layers: the increments v[l] - v[l-1] (our `--all-layers`), so that by block l
+    the total added is v[l] - v[0]. llama.cpp cannot add after block 1, so block 1's increment is
+    added after block 2 together with block 2's: direction.1 = v[2] - v[0]. From block 2 on, the
+    total added is then exactly ours. last_row_normed: the last row was taken after the final norm
+    (official .pt files): it is never exported.
     """
     N = vec.shape[0] - 1
     top = N - 1 if last_row_normed else N
@@ -187,14 +196,14 @@ def select_directions(
     def check(L, flag):
         if L < 2 or L > top:
             first = (
-                " llama.cpp adds control vectors only after our blocks 2.. (it refuses direction.0 and has "
-                "none for the embeddings);"
+                " llama.cpp adds control vectors only after our blocks 2.. "
+                "(it refuses direction.0 and has none for the embeddings);"
                 if L < 2
                 else ""
             )
             raise UserError(
-                f"{flag} {L} is outside the exportable layers 2..{top} of this {N}-block model{why_top};"
-                f"{first} choose a layer in 2..{top}"
+                f"{flag} {L} is outside the exportable layers 2..{top} of this "
+                f"{N}-block model{why_top};{first} choose a layer in 2..{top}"
             )
 
     if sum(x is not None and x is not False for x in (layer, layers, all_layers)) != 1:
@@ -219,7 +228,8 @@ def _find_vector(vector: str, model_name: str | None) -> Path:
     found = vector_path(default_vectors_dir(model_name or DEFAULT_MODEL), vector)
     if not found.is_file():
         raise UserError(
-            f"no vector file {vector!r} and no {found}: pass a .safetensors file or run `extract {vector}`"
+            f"no vector file {vector!r} and no {found}: pass "
+            f"a .safetensors file or run `extract {vector}`"
         )
     return found
 
@@ -234,13 +244,15 @@ def export_gguf(
     model_name: str | None = None,
     force: bool = False,
 ) -> Path:
-    """Write a persona vector as a llama.cpp control vector: `llama-server -m M.gguf --control-vector OUT`.
+    """Write a persona vector as a llama.cpp control vector:
+    `llama-server -m M.gguf --control-vector OUT`.
 
-    vector: a vector file, or a trait name (vectors/<model name>/TRAIT_response_avg_diff.safetensors).
-    layer (default: the file's best layer, else the middle one, as `generate` does), layers 'A-B' or all_layers:
-    see `select_directions`. coef multiplies the vector into the file (1: leave scaling to llama.cpp's
-    `--control-vector-scaled OUT SCALE`). model_name (default: the model recorded in the file) is checked against
-    the vector's shape and gives controlvector.model_hint.
+    vector: a vector file, or a trait name (vectors/<model
+    name>/TRAIT_response_avg_diff.safetensors). layer (default: the file's best layer, else the
+    middle one, as `generate` does), layers 'A-B' or all_layers: see `select_directions`. coef
+    multiplies the vector into the file (1: leave scaling to llama.cpp's
+    `--control-vector-scaled OUT SCALE`). model_name (default: the model recorded in the file) is
+    checked against the vector's shape and gives controlvector.model_hint.
     """
     path = _find_vector(vector, model_name)
     vec, meta = load_vector(path)
@@ -279,8 +291,8 @@ def export_gguf(
     ):  # control vectors are F32
         peak = max(float(v.abs().max()) for v in rows.values())
         raise UserError(
-            f"--coef {coef:g} puts values beyond float32's range (about {F32_MAX:.3g}) into the file: "
-            f"use a coefficient of at most {0.99 * F32_MAX / max(peak, 1.0):.3g} in size"
+            f"--coef {coef:g} puts values beyond float32's range (about {F32_MAX:.3g}) into the "
+            f"file: use a coefficient of at most {0.99 * F32_MAX / max(peak, 1.0):.3g} in size"
         )
     metadata = {
         "general.architecture": "controlvector",
@@ -300,21 +312,23 @@ def export_gguf(
         else f"{len(tensors)} direction(s) for blocks {min(rows)}..{max(rows)} of {num_layers}"
     )
     print(
-        f"wrote {out}: {what} as {', '.join(list(tensors)[:3])}{', ...' if len(tensors) > 3 else ''}\n"
+        f"wrote {out}: {what} as "
+        f"{', '.join(list(tensors)[:3])}{', ...' if len(tensors) > 3 else ''}\n"
         f"use: llama-server -m MODEL.gguf --control-vector-scaled {out}:1",
         file=sys.stderr,
     )
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Import: a llama.cpp / repeng control vector -> a vector file of ours.
 
 
 def read_control_vector(
     path: Path, num_layers: int, hidden: int
 ) -> tuple[dict[int, np.ndarray], dict]:
-    """{our hidden index L: direction [hidden] float32}, and the GGUF metadata; every problem a one-line UserError."""
+    """{our hidden index L: direction [hidden] float32}, and the GGUF metadata; every problem a
+    one-line UserError."""
     from support.gguf_convert import F32, GGUFFile, type_name
 
     path = Path(path)
@@ -327,8 +341,9 @@ def read_control_vector(
     arch = g.metadata.get("general.architecture")
     if arch != "controlvector":
         raise UserError(
-            f"{path} is not a control vector (general.architecture = {arch!r}, expected 'controlvector'): "
-            "pass a file written by export-gguf, llama-cvector-generator or repeng"
+            f"{path} is not a control vector (general.architecture = "
+            f"{arch!r}, expected 'controlvector'): pass a file written "
+            "by export-gguf, llama-cvector-generator or repeng"
         )
     if not g.tensors:
         raise UserError(f"{path} has no direction tensors: re-export it")
@@ -337,7 +352,8 @@ def read_control_vector(
         L = hidden_index(name)
         if L is None:
             raise UserError(
-                f"{path}: tensor {name!r} is not named direction.N: not a control vector, re-export it"
+                f"{path}: tensor {name!r} is not named "
+                "direction.N: not a control vector, re-export it"
             )
         if L == 1:
             raise UserError(
@@ -351,18 +367,18 @@ def read_control_vector(
             )
         if len(info.shape) != 1:
             raise UserError(
-                f"{path}: {name} has shape {list(info.shape)}, but a direction must be 1-D [hidden]: "
-                "re-export it"
+                f"{path}: {name} has shape {list(info.shape)}, but "
+                "a direction must be 1-D [hidden]: re-export it"
             )
         if info.shape[0] != hidden:
             raise UserError(
-                f"{path}: {name} has {info.shape[0]} values but the model's hidden size is {hidden}: "
-                "pass the --model this control vector was made for"
+                f"{path}: {name} has {info.shape[0]} values but the model's hidden "
+                f"size is {hidden}: pass the --model this control vector was made for"
             )
         if L > num_layers:
             raise UserError(
-                f"{path}: {name} is past the last block of this {num_layers}-block model (direction.1.."
-                f"direction.{num_layers - 1}): pass the --model it was made for"
+                f"{path}: {name} is past the last block of this {num_layers}-block model "
+                f"(direction.1..direction.{num_layers - 1}): pass the --model it was made for"
             )
         rows[L] = g.dequantize(name).astype(np.float32)
         if not np.isfinite(rows[L]).all():
@@ -378,12 +394,14 @@ def import_gguf(
     cumulative: bool = False,
     force: bool = False,
 ) -> Path:
-    """A control-vector GGUF -> vectors/<model name>/NAME_response_avg_diff.safetensors (or OUT/...).
+    """A control-vector GGUF -> vectors/<model name>/NAME_response_avg_diff.safetensors (or
+    OUT/...).
 
-    Row L of the vector is direction.(L - 1) (the reverse of `export_gguf`); rows without a direction are zero.
-    A file with a single direction records that layer as best_layer, so `generate --steer NAME:COEF` steers there.
-    cumulative: store running sums instead (row L = directions up to L), so that `generate --all-layers`, which
-    adds v[l] - v[l-1] after block l, adds exactly what llama.cpp adds for the whole file.
+    Row L of the vector is direction.(L - 1) (the reverse of `export_gguf`); rows without a
+    direction are zero. A file with a single direction records that layer as best_layer, so
+    `generate --steer NAME:COEF` steers there. cumulative: store running sums instead (row L =
+    directions up to L), so that `generate --all-layers`, which adds v[l] - v[l-1] after block l,
+    adds exactly what llama.cpp adds for the whole file.
     """
     from support.hub import DEFAULT_MODEL
 
@@ -439,13 +457,15 @@ def import_gguf(
 def import_vector(
     pt_file: str, out: str | None = None, model_name: str | None = None, force: bool = False
 ) -> Path:
-    """Convert an official-repository vector file (`torch.save` of an [L + 1, hidden] tensor) to this format.
+    """Convert an official-repository vector file (`torch.save` of an [L + 1, hidden] tensor) to
+    this format.
 
-    Written to `out`, else to vectors/<model>/ when the model is named (where `--steer TRAIT:COEF` looks), else
-    beside the file. The file is read with `torch.load(weights_only=True)`, which refuses anything but tensors.
-    The tensor must be finite and, when the model is named, fit it ([num_layers + 1, hidden], see check_fits).
-    The official files' last row is taken after the final norm (Hugging Face's last hidden state), unlike ours:
-    it is recorded, and steering or monitoring never uses that row.
+    Written to `out`, else to vectors/<model>/ when the model is named (where `--steer TRAIT:COEF`
+    looks), else beside the file. The file is read with `torch.load(weights_only=True)`, which
+    refuses anything but tensors. The tensor must be finite and, when the model is named, fit it
+    ([num_layers + 1, hidden], see check_fits). The official files' last row is taken after the
+    final norm (Hugging Face's last hidden state), unlike ours: it is recorded, and steering or
+    monitoring never uses that row.
     """
     src = Path(pt_file)
     if not src.is_file():
@@ -460,8 +480,8 @@ def import_vector(
         b"\x80\x02",
     ):  # torch.save writes a zip archive (older versions a pickle, protocol 2)
         raise UserError(
-            f"{src} is not a torch file (torch.save writes a zip archive, this starts with {head!r}); "
-            "expected an official <trait>_<variant>_diff.pt"
+            f"{src} is not a torch file (torch.save writes a zip archive, this "
+            f"starts with {head!r}); expected an official <trait>_<variant>_diff.pt"
         )
     try:
         vec = torch.load(src, map_location="cpu", weights_only=True)
@@ -483,8 +503,9 @@ def import_vector(
         raise UserError(f"{src} has non-finite values (NaN or infinity): it is no usable vector")
     if shape and tuple(vec.shape) != (shape[0] + 1, shape[1]):
         raise UserError(
-            f"{src} is [{vec.shape[0]}, {vec.shape[1]}], but {model_name} needs [{shape[0] + 1}, "
-            f"{shape[1]}] ({shape[0]} blocks + the embeddings): pass the --model it was extracted from"
+            f"{src} is [{vec.shape[0]}, {vec.shape[1]}], but {model_name} "
+            f"needs [{shape[0] + 1}, {shape[1]}] ({shape[0]} blocks + the "
+            "embeddings): pass the --model it was extracted from"
         )
     stem = src.stem  # e.g. evil_response_avg_diff
     variant = next((v for v in VARIANTS if stem.endswith(f"_{v}_diff")), "unknown")
@@ -502,7 +523,7 @@ def import_vector(
     return save_vector(dest, vec, meta)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line: python -m apps (apps/__main__.py) calls add_commands(sub).
 
 
@@ -589,7 +610,10 @@ def add_commands(sub) -> None:
     iv.add_argument(
         "--model",
         default=None,
-        help="the model it was extracted from: recorded, and the default destination vectors/<model>/",
+        help=(
+            "the model it was extracted from: recorded, "
+            "and the default destination vectors/<model>/"
+        ),
     )
     iv.add_argument(
         "--out",

@@ -1,22 +1,25 @@
-"""Data flagging at scale: the projection difference ΔP of training samples and datasets on persona vectors (paper §6).
+"""Data flagging at scale: the projection difference ΔP of training samples and datasets on persona
+vectors (paper §6).
 
     python -m apps flag data.jsonl --trait evil                    # -> flags/data.flag.csv, summary
     python -m apps flag a.jsonl b.jsonl --trait evil --trait sycophantic --select top --k 500
     torchrun --nproc_per_node 8 -m apps flag chats.jsonl --trait evil  # one shard per GPU, merged
 
-For a sample (prompt x, response y), the base model's own response y' to the same prompt, and the unit persona
-vector v̂ at layer L:
+For a sample (prompt x, response y), the base model's own response y' to the same prompt, and the
+unit persona vector v̂ at layer L:
 
-    ΔP(x, y) = (a_L(x, y) - a_L(x, y')) · v̂        a_L = mean residual state over the response tokens
+    ΔP(x, y) = (a_L(x, y) - a_L(x, y')) · v̂        a_L = mean residual state over the response
+                                                    tokens
 
-and a dataset's ΔP is the mean over its samples: how much further along the trait the data's responses sit than
-the model's own would. Each batch costs one forward pass over prompt + y and one generation of y', whose
-activations are captured while it is generated; every trait is read from the same captured states.
+and a dataset's ΔP is the mean over its samples: how much further along the trait the data's
+responses sit than the model's own would. Each batch costs one forward pass over prompt + y and one
+generation of y', whose activations are captured while it is generated; every trait is read from the
+same captured states.
 
-At scale: the input is streamed in chunks of `chunk_size` lines, each chunk sorted by length into batches and
-its results written atomically to OUT/.work/; a rerun skips finished chunks (resume after kill -9), and
-`--shard I/N` (or torchrun's RANK/WORLD_SIZE) gives process I the chunks c with c % N == I. The process that
-finishes last writes the outputs; `flag-merge` does the same by hand.
+At scale: the input is streamed in chunks of `chunk_size` lines, each chunk sorted by length into
+batches and its results written atomically to OUT/.work/; a rerun skips finished chunks (resume
+after kill -9), and `--shard I/N` (or torchrun's RANK/WORLD_SIZE) gives process I the chunks c with
+c % N == I. The process that finishes last writes the outputs; `flag-merge` does the same by hand.
 """
 
 import csv
@@ -56,16 +59,15 @@ SELECT = ("top", "bottom", "random", "above-reference")
 NOT_JSON = "not JSON"
 
 
-@torch.no_grad()
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Inputs: samples from JSONL lines, and the vectors to project on.
 
 
 def parse_sample(raw: bytes, tok, max_tokens: int) -> tuple[list[int], list[int]] | str:
     """A JSONL line -> (prompt ids, response ids), or the reason it is skipped.
 
-    The prompt is every message before the last assistant turn, rendered with the chat template and the assistant
-    header; the response is that turn's text.
+    The prompt is every message before the last assistant turn, rendered with the chat template and
+    the assistant header; the response is that turn's text.
     """
     try:
         record = json.loads(raw)
@@ -93,15 +95,15 @@ class Probe:
 def load_probes(
     traits: list[str], vectors_dir: Path, layer: int | None, model_name: str
 ) -> list[Probe]:
-    """Each trait's vector (a name in vectors_dir or a .safetensors path) at `layer`, else its best layer, else
-    the middle one."""
+    """Each trait's vector (a name in vectors_dir or a .safetensors path) at `layer`, else its best
+    layer, else the middle one."""
     probes = []
     for t in traits:
         path = vector_file(t, vectors_dir, check=False)
         if not path.is_file():
             raise UserError(
-                f"no {t} vector ({path} does not exist): run `python persona_vectors.py extract {t} "
-                f"--model {model_name}` first, or pass --vectors DIR"
+                f"no {t} vector ({path} does not exist): run `python persona_vectors.py "
+                f"extract {t} --model {model_name}` first, or pass --vectors DIR"
                 if not t.endswith(".safetensors")
                 else f"{path} does not exist"
             )
@@ -135,7 +137,8 @@ def count_lines(path: Path) -> tuple[int, int]:
 
 
 def read_chunks(path: Path, size: int):
-    """(chunk index, its lines as bytes) for consecutive runs of `size` lines; chunk c starts at line c * size + 1."""
+    """(chunk index, its lines as bytes) for consecutive runs of `size` lines; chunk c starts at
+    line c * size + 1."""
     with open(path, "rb") as f:
         lines, c = [], 0
         for raw in f:
@@ -147,13 +150,14 @@ def read_chunks(path: Path, size: int):
             yield c, lines
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Scoring: chunks of lines -> rows, written atomically to the work directory.
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What the numbers depend on (hashed into the work directory's name; batch size and device are not)."""
+    """What the numbers depend on (hashed into the work directory's name; batch size and device are
+    not)."""
 
     model: str
     dtype: str | None
@@ -167,8 +171,9 @@ class Settings:
 
 
 def work_key(src: Path, settings: Settings, probes: list[Probe]) -> dict:
-    """What a file's chunks depend on: the settings, the file as it is now, the vectors (hashed into the work
-    directory's name, and written into every chunk so that other settings can be told apart)."""
+    """What a file's chunks depend on: the settings, the file as it is now, the vectors (hashed into
+    the work directory's name, and written into every chunk so that other settings can be told
+    apart)."""
     st = src.stat()
     key = dict(
         settings=asdict(settings),
@@ -203,7 +208,8 @@ def score_chunk(
     chunk: int,
     progress: str = "",
 ) -> tuple[list[dict], dict]:
-    """The rows of one chunk's samples (in line order) and its skipped lines {reason: [line numbers]}."""
+    """The rows of one chunk's samples (in line order) and its skipped lines
+    {reason: [line numbers]}."""
     samples, skipped = [], {}
     for n, raw in enumerate(lines, start=first_line):
         if not raw.strip():
@@ -266,7 +272,8 @@ def score_chunk(
 
 
 def write_chunk(path: Path, rows: list[dict], skipped: dict, key: dict) -> None:
-    """First line: {"skipped": {reason: [line numbers]}, "key": the work key}; then one row per sample."""
+    """First line: {"skipped": {reason: [line numbers]}, "key": the work key}; then one row per
+    sample."""
 
     def write(tmp):
         with open(tmp, "w") as f:
@@ -305,7 +312,8 @@ class Job:
         return [c for c in range(self.n_chunks) if not chunk_path(self.work, c).is_file()]
 
     def other_settings(self) -> str | None:
-        """When chunks of this file were scored under other settings (beside this work directory): what differs."""
+        """When chunks of this file were scored under other settings (beside this work directory):
+        what differs."""
         for work in sorted(self.work.parent.glob(f"{self.src.stem}-*")):
             chunk = next(work.glob("chunk-*.jsonl"), None)
             if work == self.work or chunk is None:
@@ -343,8 +351,8 @@ def score_job(
     todo, t0, done = set(mine), time.time(), 0
     name = job.src.name + (f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else "")
     print(
-        f"flag {name}: {len(mine)} of {job.n_chunks} chunks to score ({job.n_chunks - len(job.missing())} "
-        f"already done)",
+        f"flag {name}: {len(mine)} of {job.n_chunks} chunks to "
+        f"score ({job.n_chunks - len(job.missing())} already done)",
         file=sys.stderr,
     )
     for c, lines in read_chunks(job.src, s.chunk_size):
@@ -365,22 +373,24 @@ def score_job(
         done += 1
         rate = (time.time() - t0) / done
         print(
-            f"flag {name}: chunk {c + 1}/{job.n_chunks} saved ({done}/{len(mine)} of this run, about "
-            f"{rate * (len(mine) - done):.0f} s left)",
+            f"flag {name}: chunk {c + 1}/{job.n_chunks} saved ({done}/{len(mine)} "
+            f"of this run, about {rate * (len(mine) - done):.0f} s left)",
             file=sys.stderr,
             flush=True,
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Results: per-sample files, a summary per dataset, histograms, and the selection.
 
 
 def summarize(values: np.ndarray) -> dict:
     """Mean with a 95 % interval (normal approximation) and quantiles of the finite values.
 
-    >>> summarize(np.array([1., 2., 3., 4., float("nan")]))["mean"], summarize(np.array([1., 2., 3.]))["q50"]
-    (2.5, 2.0)
+    >>> summarize(np.array([1., 2., 3., 4., float("nan")]))["mean"]
+    2.5
+    >>> summarize(np.array([1., 2., 3.]))["q50"]
+    2.0
     """
     v = values[np.isfinite(values)]
     if len(v) == 0:
@@ -396,7 +406,8 @@ def summarize(values: np.ndarray) -> dict:
 
 
 def collect(job: Job, traits: list[str]) -> dict:
-    """Every chunk's ΔP and line numbers as arrays, and the skipped lines: {reason: {count, first_lines}}."""
+    """Every chunk's ΔP and line numbers as arrays, and the skipped lines:
+    {reason: {count, first_lines}}."""
     lines, dp, skipped = [], {t: [] for t in traits}, {}
     for c in range(job.n_chunks):
         sk, rows = read_chunk(chunk_path(job.work, c))
@@ -417,7 +428,8 @@ def collect(job: Job, traits: list[str]) -> dict:
 
 
 def write_rows(job: Job, dest: Path, fmt: str, columns: list[str], extra) -> None:
-    """The per-sample file, streamed from the chunk files; extra(row) adds columns (the reference flags)."""
+    """The per-sample file, streamed from the chunk files; extra(row) adds columns (the reference
+    flags)."""
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
@@ -435,8 +447,9 @@ def write_rows(job: Job, dest: Path, fmt: str, columns: list[str], extra) -> Non
 def choose(
     select: str, k: int | None, dp: np.ndarray, threshold: float | None, seed: int
 ) -> np.ndarray:
-    """Indices into dp of the selected samples: the k highest, k lowest, k at random (seeded), or those above the
-    reference threshold (the k highest of them when k is given). NaN (no base response) is never chosen."""
+    """Indices into dp of the selected samples: the k highest, k lowest, k at random (seeded), or
+    those above the reference threshold (the k highest of them when k is given). NaN (no base
+    response) is never chosen."""
     ok = np.flatnonzero(np.isfinite(dp))
     if select == "above-reference":
         ok = ok[dp[ok] > threshold]
@@ -526,7 +539,8 @@ def finish(
     for job in jobs:
         if len(got[job.src]["lines"]) == 0:
             raise UserError(
-                f"{job.src}: no line could be scored ({_describe_skipped(got[job.src]['skipped'])}); "
+                f"{job.src}: no line could be scored "
+                f"({_describe_skipped(got[job.src]['skipped'])}); "
                 'each line needs {"messages": [...]} ending in an assistant turn'
             )
     ref = next((j for j in jobs if j.reference), None)
@@ -537,9 +551,8 @@ def finish(
     chosen = None
     if select:
         dp = np.concatenate([got[j.src]["dp"][select_trait] for j in data])
-        starts = np.cumsum(
-            [0] + [len(got[j.src]["lines"]) for j in data]
-        )  # file i holds dp[starts[i]:starts[i+1]]
+        # file i holds dp[starts[i]:starts[i+1]]
+        starts = np.cumsum([0] + [len(got[j.src]["lines"]) for j in data])
         idx = choose(select, k, dp, thresholds.get(select_trait), seed)
         chosen = {
             j.src: set(got[j.src]["lines"][idx[(idx >= a) & (idx < b)] - a].tolist())
@@ -616,9 +629,9 @@ def finish(
                 print(f"  {t}: no sample has a base response", file=sys.stderr)
                 continue
             print(
-                f"  {t} (layer {summary['traits'][t]['layer']}): ΔP mean {r['mean']:+.3f} [{r['ci95'][0]:+.3f}, "
-                f"{r['ci95'][1]:+.3f}], quantiles 5/25/50/75/95 % {r['q05']:+.2f} {r['q25']:+.2f} {r['q50']:+.2f} "
-                f"{r['q75']:+.2f} {r['q95']:+.2f}"
+                f"  {t} (layer {summary['traits'][t]['layer']}): ΔP mean {r['mean']:+.3f} "
+                f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}], quantiles 5/25/50/75/95 % "
+                f"{r['q05']:+.2f} {r['q25']:+.2f} {r['q50']:+.2f} {r['q75']:+.2f} {r['q95']:+.2f}"
                 + (
                     f"; {100 * r['above_reference']:.1f} % above the reference's 95th percentile"
                     if "above_reference" in r
@@ -633,7 +646,8 @@ def finish(
             )
     if chosen is not None:
         print(
-            f"selected {summary['selection']['n']} samples ({select} on {select_trait}) -> {select_out}",
+            f"selected {summary['selection']['n']} samples "
+            f"({select} on {select_trait}) -> {select_out}",
             file=sys.stderr,
         )
     print(
@@ -651,7 +665,7 @@ def finish(
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The commands.
 
 
@@ -707,14 +721,16 @@ def flag(
     merge_only: bool = False,
     force: bool = False,
 ) -> dict:
-    """ΔP, raw projection and prompt-last projection of every sample of JSONL files ({"messages": [...]} per line)
-    on each trait's vector -> per-sample files, a summary per file, histograms, and optionally a selection.
+    """ΔP, raw projection and prompt-last projection of every sample of JSONL files
+    ({"messages": [...]} per line) on each trait's vector -> per-sample files, a summary per file,
+    histograms, and optionally a selection.
 
-    Base responses y' are greedy (base_temperature 0), or `base_samples` responses sampled at base_temperature
-    and averaged. select: "top" / "bottom" / "random" k samples, or "above-reference": those above the 95th
-    percentile of the `reference` file's ΔP; on select_trait (default: the first trait), written unchanged to
-    select_out (an existing file only with force; never an input). Returns {"complete": False, ...} when other
-    shards still have chunks to do.
+    Base responses y' are greedy (base_temperature 0), or `base_samples` responses sampled at
+    base_temperature and averaged. select: "top" / "bottom" / "random" k samples, or
+    "above-reference": those above the 95th percentile of the `reference` file's ΔP; on
+    select_trait (default: the first trait), written unchanged to select_out (an existing file only
+    with force; never an input). Returns {"complete": False, ...} when other shards still have
+    chunks to do.
     """
     srcs = [Path(f) for f in files]
     if not srcs:
@@ -757,14 +773,15 @@ def flag(
     traits = list(traits or traits_in(vectors_dir))
     if not traits:
         raise UserError(
-            f"no vectors in {vectors_dir}: run `python persona_vectors.py extract TRAIT` first, or pass "
-            "--trait and --vectors DIR"
+            f"no vectors in {vectors_dir}: run `python persona_vectors.py "
+            "extract TRAIT` first, or pass --trait and --vectors DIR"
         )
     probes = load_probes(traits, vectors_dir, layer, model_name)
     select_trait = select_trait or probes[0].trait
     if select and select_trait not in [p.trait for p in probes]:
         raise UserError(
-            f"--select-trait {select_trait} is not among the traits ({', '.join(p.trait for p in probes)})"
+            f"--select-trait {select_trait} is not among the "
+            f"traits ({', '.join(p.trait for p in probes)})"
         )
 
     settings = Settings(
@@ -791,8 +808,8 @@ def flag(
         available = sum(j.filled for j in jobs if not j.reference)
         if k > available:
             raise UserError(
-                f"--k {k} but the data has only {available} non-blank lines: choose --k {available} "
-                "or less"
+                f"--k {k} but the data has only {available} "
+                f"non-blank lines: choose --k {available} or less"
             )
 
     # The folders this run makes (out_dir, its work folders, --select-out's) go again if it fails
@@ -829,7 +846,8 @@ def flag(
                 )
             bs = batch_size or (64 if model.lm_head.weight.device.type == "cuda" else 16)
             print(
-                f"flag: {', '.join(f'{p.trait} (layer {p.layer})' for p in probes)}; base responses "
+                f"flag: {', '.join(f'{p.trait} (layer {p.layer})' for p in probes)}; "
+                "base responses "
                 + (
                     "greedy"
                     if base_temperature == 0
@@ -858,16 +876,17 @@ def flag(
                 ]
                 if other:
                     raise UserError(
-                        f"{out_dir / '.work'} has chunks made with other settings ({'; '.join(other)}): "
-                        "run flag-merge with the same arguments as the `flag` run"
+                        f"{out_dir / '.work'} has chunks made with other "
+                        f"settings ({'; '.join(other)}): run flag-merge "
+                        "with the same arguments as the `flag` run"
                     )
                 raise UserError(
                     f"not every chunk is scored yet ({where}): run `flag` with the same arguments "
                     "(each --shard I/N) until all are done"
                 )
             print(
-                f"flag: shard {shard_i}/{shard_n} done; other shards still have {where}. The last shard to finish "
-                "writes the outputs (or run `flag-merge` with the same arguments)",
+                f"flag: shard {shard_i}/{shard_n} done; other shards still have {where}. The last "
+                "shard to finish writes the outputs (or run `flag-merge` with the same arguments)",
                 file=sys.stderr,
             )
             return dict(complete=False, missing=missing)
@@ -908,8 +927,8 @@ def flag_merge(
     dtype: torch.dtype | str | None = None,
     force: bool = False,
 ) -> dict:
-    """Write the outputs of a sharded `flag` run from its finished chunks (same arguments as `flag`); loads no
-    model."""
+    """Write the outputs of a sharded `flag` run from its finished chunks (same arguments as
+    `flag`); loads no model."""
     return flag(
         files,
         traits,
@@ -950,7 +969,10 @@ def add_commands(sub) -> None:
             "--trait",
             action="append",
             default=None,
-            help="trait (or vector .safetensors file); repeatable (default: every vector of the model)",
+            help=(
+                "trait (or vector .safetensors file); "
+                "repeatable (default: every vector of the model)"
+            ),
         )
         sp.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local directory")
         sp.add_argument("--layer", type=cli.layer_or_sweep, default=None, help=cli.HELP["layer"])

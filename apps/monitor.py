@@ -1,11 +1,12 @@
-"""`monitor`: where each assistant turn of a file of conversations falls along each persona vector, and the
-gauges that `chat` and `serve` show after each reply.
+"""`monitor`: where each assistant turn of a file of conversations falls along each persona vector,
+and the gauges that `chat` and `serve` show after each reply.
 
     python -m apps monitor chats.jsonl --trait evil --tokens      # -> chats.monitor.jsonl
 
-A gauge reads a trait's unit vector at one layer: the projection of the last token before the reply (the paper's
-predictor of the trait the reply will show) and of the reply's mean activation, beside where extraction's neg and
-pos answers fell. The file is streamed, one conversation at a time; each turn is read by one forward pass.
+A gauge reads a trait's unit vector at one layer: the projection of the last token before the reply
+(the paper's predictor of the trait the reply will show) and of the reply's mean activation, beside
+where extraction's neg and pos answers fell. The file is streamed, one conversation at a time; each
+turn is read by one forward pass.
 """
 
 import csv
@@ -37,12 +38,14 @@ from support.hub import DEFAULT_MODEL
 
 @dataclass
 class Gauge:
-    """One trait's direction at one layer, with where extraction's pos and neg answers fell along it."""
+    """One trait's direction at one layer, with where extraction's pos and neg answers fell along
+    it."""
 
     trait: str
     layer: int
     unit: torch.Tensor  # [hidden], |unit| = 1
-    marks: dict  # {"prompt_last": (neg, pos), "response_avg": (neg, pos)}, None when the file has no reference
+    # {"prompt_last": (neg, pos), "response_avg": (neg, pos)}, None when the file has no reference
+    marks: dict
 
     @classmethod
     def from_file(
@@ -61,7 +64,8 @@ class Gauge:
         return cls(meta.get("trait", path.stem), L, pv.unit(vec[L]), marks)
 
     def read(self, acts: dict) -> dict:
-        """acts: {"prompt_last", "response_avg"} [1, N + 1, hidden] (a Capture's, or `read_answers`')."""
+        """acts: {"prompt_last", "response_avg"} [1, N + 1, hidden] (a Capture's, or
+        `read_answers`')."""
         return {
             k: float(pv.project(acts[k][0, self.layer].cpu(), self.unit))
             for k in ("prompt_last", "response_avg")
@@ -69,7 +73,8 @@ class Gauge:
 
 
 def gauges_for(model, vectors_dir: Path, names: list[str] | None, layer: int | None) -> list[Gauge]:
-    """A gauge per trait name or vector file (default: every vector in the directory), each checked to fit."""
+    """A gauge per trait name or vector file (default: every vector in the directory), each checked
+    to fit."""
     paths = [
         vector_file(n, vectors_dir) for n in (traits_in(vectors_dir) if names is None else names)
     ]
@@ -88,7 +93,8 @@ def gauges_for(model, vectors_dir: Path, names: list[str] | None, layer: int | N
 
 
 def token_strip(tokens: list[str], values: list[float], center: float, scale: float) -> str:
-    """Each token followed by its sign and a 0-9 magnitude of (value - center) / scale, e.g. 'Sure+2 ,-0'.
+    """Each token followed by its sign and a 0-9 magnitude of (value - center) / scale, e.g. 'Sure+2
+    ,-0'.
 
     >>> token_strip(["Hi", " you"], [3.0, -1.0], center=1.0, scale=1.0)
     'Hi+6  you-6'
@@ -104,8 +110,8 @@ def token_strip(tokens: list[str], values: list[float], center: float, scale: fl
 def read_turn(
     model, tok, messages: list[dict], i: int, token_layers=()
 ) -> tuple[M.Capture, int, list[int]] | str:
-    """Assistant turn messages[i] read by the model after the turns before it -> (its Capture, the prompt's
-    length, the reply's tokens), or why it is skipped."""
+    """Assistant turn messages[i] read by the model after the turns before it -> (its Capture, the
+    prompt's length, the reply's tokens), or why it is skipped."""
     prompt, reply = tok.encode_chat(messages[:i]), tok.encode(messages[i]["content"])
     context = model.config.max_position_embeddings
     if not reply:
@@ -131,8 +137,9 @@ def turn_rows(
     where: dict,
     tokens: bool,
 ) -> list[dict]:
-    """One row per gauge for a read turn (`where`: its conversation, line and turn); with tokens, each reply
-    token's projection too, printed as a strip centred between extraction's neg and pos means."""
+    """One row per gauge for a read turn (`where`: its conversation, line and turn); with tokens,
+    each reply token's projection too, printed as a strip centred between extraction's neg and pos
+    means."""
     acts, rows = {"prompt_last": cap.prompt_last(), "response_avg": cap.answer_mean()}, []
     for g in gauges:
         rows.append(dict(where, trait=g.trait, layer=g.layer, **g.read(acts)))
@@ -147,7 +154,8 @@ def turn_rows(
                 else (sum(per_token) / len(per_token), 1.0)
             )
             print(
-                f"conversation {where['conversation']} turn {where['turn']} [{g.trait} L{g.layer}]: "
+                f"conversation {where['conversation']} turn "
+                f"{where['turn']} [{g.trait} L{g.layer}]: "
                 + token_strip(pieces, per_token, center, scale)
             )
     return rows
@@ -163,7 +171,8 @@ def conversation_rows(
     tokens: bool,
     skipped: dict,
 ) -> list[dict]:
-    """The rows of every assistant turn of one conversation (a turn that cannot be read is counted in `skipped`)."""
+    """The rows of every assistant turn of one conversation (a turn that cannot be read is counted
+    in `skipped`)."""
     rows, layers = [], tuple(sorted({g.layer for g in gauges})) if tokens else ()
     for k, i in enumerate(turns, start=1):
         turn = read_turn(model, tok, messages, i, layers)
@@ -177,7 +186,8 @@ def conversation_rows(
 def monitor_rows(
     src: Path, model, tok, gauges: list[Gauge], tokens: bool, skipped: dict, counts: dict
 ):
-    """Every row of the file, a conversation at a time (counts: "rows" and "conversations" so far)."""
+    """Every row of the file, a conversation at a time (counts: "rows" and "conversations" so
+    far)."""
     t0 = time.time()
     for lineno, messages, turns in jsonl_conversations(src, skipped):
         where = dict(conversation=counts["conversations"], line=lineno)
@@ -196,7 +206,8 @@ def monitor_rows(
 
 
 def write_rows(path: Path, rows, as_csv: bool) -> None:
-    """Rows as JSONL, or as CSV with the columns of a gauge's reading (per-token projections: JSONL only)."""
+    """Rows as JSONL, or as CSV with the columns of a gauge's reading (per-token projections: JSONL
+    only)."""
     with open(path, "w", newline="") as o:
         w = (
             csv.DictWriter(
@@ -225,13 +236,15 @@ def monitor(
     dtype: torch.dtype | None = None,
     force: bool = False,
 ) -> Path:
-    """Per assistant turn of each conversation in a JSONL file ({"messages": [...]} per line): the projection of
-    the last token before the reply and of the reply's mean, on each persona vector -> a JSONL (or .csv) file.
+    """Per assistant turn of each conversation in a JSONL file ({"messages": [...]} per line): the
+    projection of the last token before the reply and of the reply's mean, on each persona vector ->
+    a JSONL (or .csv) file.
 
-    The file is streamed (one conversation in memory at a time). With tokens=True each reply's per-token
-    projections are saved and printed as a strip (see `token_strip`), centred between extraction's neg and pos
-    means. Lines that cannot be used (not JSON, no messages, unknown roles, no assistant turn after a user turn),
-    empty replies and turns longer than the model's context are skipped and counted, with their line numbers.
+    The file is streamed (one conversation in memory at a time). With tokens=True each reply's
+    per-token projections are saved and printed as a strip (see `token_strip`), centred between
+    extraction's neg and pos means. Lines that cannot be used (not JSON, no messages, unknown roles,
+    no assistant turn after a user turn), empty replies and turns longer than the model's context
+    are skipped and counted, with their line numbers.
     """
     src = Path(path)
     if not src.is_file():
@@ -268,7 +281,8 @@ def monitor(
         for k, v in skipped.items()
     )
     print(
-        f"monitor: {counts['rows']} rows for {counts['conversations']} conversations -> {dest}{notes}",
+        f"monitor: {counts['rows']} rows for "
+        f"{counts['conversations']} conversations -> {dest}{notes}",
         file=sys.stderr,
     )
     return dest

@@ -1,22 +1,23 @@
-"""`serve`: an OpenAI-compatible chat server, on the standard library, where each request may steer the model along
-persona vectors and each reply reports how far it leaned along every one of them.
+"""`serve`: an OpenAI-compatible chat server, on the standard library, where each request may steer
+the model along persona vectors and each reply reports how far it leaned along every one of them.
 
     python -m apps serve [--model M] [--port 8000] [--api-key KEY]
     curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}],
                                                   "steer": {"evil": -1.5}}'
 
-Endpoints: GET /v1/models and POST /v1/chat/completions (messages, max_tokens / max_completion_tokens,
-temperature, top_p, seed, stop, n, stream, logprobs, top_logprobs, usage). Extensions that other clients
-ignore: the request field `steer` ({"evil": -1.5, "humorous": "0.1r"}, or a list of {"vector", "coef", "layer",
-"positions"}, as `steering` reads --steer specs), the request field `cap` ({"evil": 95}, or {"evil": {"percentile":
-95, "layers": "16-19"}}: persona capping, as --cap reads TRAIT:PERCENTILE@LAYERS) and, on every choice, `persona`:
-the projection of the last prompt token (before the reply) and of the reply's mean activation onto each loaded
-vector, like `chat`'s gauge, and `capped_tokens`: how many of the reply's tokens each cap moved.
+Endpoints: GET /v1/models and POST /v1/chat/completions (messages, max_tokens /
+max_completion_tokens, temperature, top_p, seed, stop, n, stream, logprobs, top_logprobs, usage).
+Extensions that other clients ignore: the request field `steer` ({"evil": -1.5, "humorous": "0.1r"},
+or a list of {"vector", "coef", "layer", "positions"}, as `steering` reads --steer specs), the
+request field `cap` ({"evil": 95}, or {"evil": {"percentile": 95, "layers": "16-19"}}: persona
+capping, as --cap reads TRAIT:PERCENTILE@LAYERS) and, on every choice, `persona`: the projection of
+the last prompt token (before the reply) and of the reply's mean activation onto each loaded vector,
+like `chat`'s gauge, and `capped_tokens`: how many of the reply's tokens each cap moved.
 
-Requests are batched dynamically: one worker thread generates; the requests that arrive while a batch runs make
-up the next batch, each row with its own steering (Steer.vector [B, hidden]), caps (Cap.ceilings [B, n]), sampling
-settings, stop strings and token limit. A row leaves the batch as soon as it is done or its client has gone, so its
-cache, ceilings and cap counts go with it.
+Requests are batched dynamically: one worker thread generates; the requests that arrive while a
+batch runs make up the next batch, each row with its own steering (Steer.vector [B, hidden]), caps
+(Cap.ceilings [B, n]), sampling settings, stop strings and token limit. A row leaves the batch as
+soon as it is done or its client has gone, so its cache, ceilings and cap counts go with it.
 """
 
 import contextlib
@@ -70,10 +71,11 @@ class RequestError(UserError):
         self.param, self.status, self.code = param, status, code
 
 
-# ------------------------------------------------------------------------------------------- request parsing
+# ---------------------------------------------------------------------------------- request parsing
 @dataclass
 class Request:
-    """A validated chat-completion request: the prompt's tokens and every setting, one row per choice."""
+    """A validated chat-completion request: the prompt's tokens and every setting, one row per
+    choice."""
 
     prompt: list[int]
     max_tokens: int
@@ -87,9 +89,8 @@ class Request:
     logprobs: bool = False
     top_logprobs: int = 0
     steer: list[M.Steer] = field(default_factory=list)
-    cap: dict[str, str] = field(
-        default_factory=dict
-    )  # trait -> --cap spec, in the order of trait names
+    # trait -> --cap spec, in the order of trait names
+    cap: dict[str, str] = field(default_factory=dict)
 
 
 def _is_int(x) -> bool:
@@ -135,8 +136,9 @@ def message_text(m, i: int) -> dict:
 def parse_steer(value, names: list[str], n_layers: int) -> list[tuple[str, str, int | None, str]]:
     """The `steer` field -> [(vector name, --steer spec, layer or None, positions)].
 
-    {"evil": -1.5, "humorous": "0.1r"}, or [{"vector": "evil", "coef": -1.5, "layer": 12, "positions": "all"}].
-    Only vectors loaded at start can be named (never a path on the server's disk).
+    {"evil": -1.5, "humorous": "0.1r"}, or
+    [{"vector": "evil", "coef": -1.5, "layer": 12, "positions": "all"}]. Only vectors loaded at
+    start can be named (never a path on the server's disk).
     """
     if value is None:
         return []
@@ -166,7 +168,8 @@ def parse_steer(value, names: list[str], n_layers: int) -> list[tuple[str, str, 
         if _is_number(coef):
             spec = f"{name}:{float(coef)!r}"
         elif isinstance(coef, str) and coef.strip():
-            spec = f"{name}:{coef.strip()}"  # "0.1r": relative to the residual norm; parse_steer_spec checks it
+            # "0.1r": relative to the residual norm; parse_steer_spec checks it
+            spec = f"{name}:{coef.strip()}"
         else:
             raise RequestError(
                 f'{where}.coef must be a finite number or a string like "0.1r"', "steer"
@@ -181,9 +184,10 @@ def parse_steer(value, names: list[str], n_layers: int) -> list[tuple[str, str, 
 
 
 def parse_cap(value, names: list[str]) -> dict[str, str]:
-    """The `cap` field -> {trait: --cap spec}, sorted by trait, so that a row's caps apply in one order, alone or
-    in any batch. {"evil": 95} (a percentile), or {"evil": {"percentile": 95, "layers": "16-19"}}, where either key
-    may be left out (the calibrated defaults); layers may also be a list of blocks.
+    """The `cap` field -> {trait: --cap spec}, sorted by trait, so that a row's caps apply in one
+    order, alone or in any batch. {"evil": 95} (a percentile), or
+    {"evil": {"percentile": 95, "layers": "16-19"}}, where either key may be left out (the
+    calibrated defaults); layers may also be a list of blocks.
     """
     if value is None:
         return {}
@@ -223,11 +227,13 @@ def parse_cap(value, names: list[str]) -> dict[str, str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------- generation rows
+# ---------------------------------------------------------------------------------- generation rows
 def byte_level_alphabet() -> dict[str, int]:
-    """The characters that byte-level BPE vocabularies (GPT-2, Llama-3, Qwen2, SmolLM2) write bytes with -> byte.
+    """The characters that byte-level BPE vocabularies (GPT-2, Llama-3, Qwen2, SmolLM2) write bytes
+    with -> byte.
 
-    Printable Latin-1 bytes stand for themselves; the 68 others, in byte order, take the characters from U+0100.
+    Printable Latin-1 bytes stand for themselves; the 68 others, in byte order, take the characters
+    from U+0100.
     """
     printable = [
         b for b in range(256) if 0x21 <= b <= 0x7E or 0xA1 <= b <= 0xAC or 0xAE <= b <= 0xFF
@@ -237,7 +243,8 @@ def byte_level_alphabet() -> dict[str, int]:
 
 
 def held_back(text: str, stops: list[str]) -> int:
-    """How many characters at the end of `text` must wait, because they could still grow into a stop string.
+    """How many characters at the end of `text` must wait, because they could still grow into a stop
+    string.
 
     >>> held_back("Hello Wor", ["World"]), held_back("Hello", ["World"])
     (3, 0)
@@ -267,10 +274,8 @@ class Row:
             else None
         )
         self.tokens: list[int] = []
-        self.text, self.sent = (
-            "",
-            0,
-        )  # text decoded so far (only whole characters) and how much of it was sent
+        # text decoded so far (only whole characters) and how much of it was sent
+        self.text, self.sent = "", 0
         self.prefix = self.read = (
             0  # incremental decoding: tokens[prefix:read] were decoded into the tail of text
         )
@@ -282,8 +287,9 @@ class Row:
         self.job.events.put((kind, self.index, data))
 
     def push(self, tok, token: int, stop_ids, logprob: dict | None) -> bool:
-        """Add a sampled token and send the text that is safe to send. -> True when the row is done at once (an
-        end-of-turn token, which is not part of the reply); a stop string or the token limit set `finish` instead.
+        """Add a sampled token and send the text that is safe to send. -> True when the row is done
+        at once (an end-of-turn token, which is not part of the reply); a stop string or the token
+        limit set `finish` instead.
         """
         if token in stop_ids:
             self.finish = "stop"
@@ -308,8 +314,9 @@ class Row:
         return False
 
     def decode(self, tok, final: bool) -> None:
-        """Extend `text` by the new tokens' characters: a short window is decoded, so each token costs O(1); a
-        character whose bytes are not all there yet (decoded as U+FFFD) waits, unless this is the end."""
+        """Extend `text` by the new tokens' characters: a short window is decoded, so each token
+        costs O(1); a character whose bytes are not all there yet (decoded as U+FFFD) waits, unless
+        this is the end."""
         new = tok.decode(self.tokens[self.prefix :])
         old = tok.decode(self.tokens[self.prefix : self.read])
         if final or not new.endswith("\ufffd"):
@@ -325,11 +332,13 @@ class Row:
 
 
 def per_row_steering(rows: list[Row], hidden: int, device, dtype) -> list[M.Steer]:
-    """Every row's own Steer list as Steers with one vector per row ([B, hidden], zeros where a row has none).
+    """Every row's own Steer list as Steers with one vector per row ([B, hidden], zeros where a row
+    has none).
 
-    The k-th intervention of each row goes into a Steer of its (layer, positions) among the k-th ones, and these
-    are applied in k order, so each row gets exactly its own additions, in its own order: coef * v is computed
-    in the model's dtype as the forward pass would, and 1.0 * that is added.
+    The k-th intervention of each row goes into a Steer of its (layer, positions) among the k-th
+    ones, and these are applied in k order, so each row gets exactly its own additions, in its own
+    order: coef * v is computed in the model's dtype as the forward pass would, and 1.0 * that is
+    added.
     """
     groups: dict[tuple, torch.Tensor] = {}
     for b, r in enumerate(rows):
@@ -338,9 +347,8 @@ def per_row_steering(rows: list[Row], hidden: int, device, dtype) -> list[M.Stee
             if key not in groups:
                 groups[key] = torch.zeros(len(rows), hidden, device=device, dtype=dtype)
             groups[key][b] = s.coef * s.vector.to(device=device, dtype=dtype)
-    in_order = sorted(
-        groups.items(), key=lambda g: g[0][0]
-    )  # by k; stable, so rows keep their own order
+    # by k; stable, so rows keep their own order
+    in_order = sorted(groups.items(), key=lambda g: g[0][0])
     return [M.Steer(layer, v, 1.0, positions) for (k, layer, positions), v in in_order]
 
 
@@ -352,9 +360,10 @@ def select_rows(cap: M.Capture, keep: torch.Tensor) -> M.Capture:
     )
 
 
-# -------------------------------------------------------------------------------------------------- engine
+# ------------------------------------------------------------------------------------------- engine
 class Engine:
-    """The model, its persona vectors, and one worker thread that generates batches of queued requests."""
+    """The model, its persona vectors, and one worker thread that generates batches of queued
+    requests."""
 
     def __init__(
         self,
@@ -402,7 +411,8 @@ class Engine:
                 if all(c in alphabet for c in piece)
                 else list(self.token_text[i].encode())
             )
-        self._calibrations = {}  # vector file -> its vector and checked ceiling file, read at its first cap
+        # vector file -> its vector and checked ceiling file, read at its first cap
+        self._calibrations = {}
         self.stats = {
             "batches": 0,
             "rows": 0,
@@ -413,18 +423,17 @@ class Engine:
         }
         self._waiting: list[Job] = []
         self._running: list[Job] = []  # the jobs of the batch being generated
-        self._last_rows, self._arrived = (
-            1,
-            0.0,
-        )  # rows of the last batch, when the last request came
+        # rows of the last batch, when the last request came
+        self._last_rows, self._arrived = 1, 0.0
         self._cv = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="generation", daemon=True)
         self._worker.start()
 
-    # ------------------------------------------------------------------------------------------ requests
+    # ------------------------------------------------------------------------------------- requests
     def parse(self, body) -> Request:
-        """A chat-completion request body (decoded JSON) -> Request; RequestError on anything wrong."""
+        """A chat-completion request body (decoded JSON) -> Request; RequestError on anything
+        wrong."""
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
         for name in UNSUPPORTED:
@@ -438,9 +447,8 @@ class Engine:
         for name in ("presence_penalty", "frequency_penalty"):
             if _get(body, name, _is_number, "a number", 0) != 0:
                 raise RequestError(f"{name} is not supported by this server (only 0)", name)
-        _get(
-            body, "model", lambda x: isinstance(x, str), "a string"
-        )  # any name: this server has one model
+        # any name: this server has one model
+        _get(body, "model", lambda x: isinstance(x, str), "a string")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise RequestError(
@@ -469,8 +477,8 @@ class Engine:
             )
         elif len(prompt) + max_tokens > self.context:
             raise RequestError(
-                f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceed this model's "
-                f"context of {self.context}: lower max_tokens",
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) "
+                f"exceed this model's context of {self.context}: lower max_tokens",
                 "max_tokens",
                 code="context_length_exceeded",
             )
@@ -517,7 +525,9 @@ class Engine:
             except ValueError as e:
                 raise RequestError(str(e).replace("--steer ", "steer "), "steer") from None
         cap = parse_cap(body.get("cap"), self.names)
-        try:  # every check now (a 400, not a failed batch); each trait's ceiling file is read once, then cached
+        try:
+            # every check now (a 400, not a failed batch); each trait's ceiling file is read once,
+            # then cached
             capping.resolved(list(cap.values()), self.model, self.vectors_dir, self._calibrations)
         except UserError as e:
             raise RequestError(str(e).replace("--cap ", "cap "), "cap") from None
@@ -571,13 +581,15 @@ class Engine:
             self._cv.notify()
         self._worker.join(timeout=60)
 
-    # ---------------------------------------------------------------------------------------- the worker
+    # ----------------------------------------------------------------------------------- the worker
     def _next_batch(self) -> list[Job] | None:
-        """Wait for a request -> the jobs of the next batch: every request waiting, up to max_batch rows.
+        """Wait for a request -> the jobs of the next batch: every request waiting, up to max_batch
+        rows.
 
-        Before starting, it waits (at most batch_wait) for as many rows as the last batch had, and while requests
-        keep arriving less than batch_wait / 2 apart: the clients of the batch that just ended send their next
-        requests a moment after their replies, and clients that start together arrive a few ms apart.
+        Before starting, it waits (at most batch_wait) for as many rows as the last batch had, and
+        while requests keep arriving less than batch_wait / 2 apart: the clients of the batch that
+        just ended send their next requests a moment after their replies, and clients that start
+        together arrive a few ms apart.
         """
         with self._cv:
             while not self._waiting and not self._closed:
@@ -611,9 +623,8 @@ class Engine:
 
     def _work(self) -> None:
         while (jobs := self._next_batch()) is not None:
-            self.stats["cancelled"] += sum(
-                j.req.n for j in jobs if j.cancelled
-            )  # gone before their batch began
+            # gone before their batch began
+            self.stats["cancelled"] += sum(j.req.n for j in jobs if j.cancelled)
             self._running = jobs = [j for j in jobs if not j.cancelled]
             try:
                 self.generate(
@@ -633,7 +644,8 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, rows: list[Row]) -> None:
-        """Generate every row to its end, step by step (as model.generate does, plus per-row settings)."""
+        """Generate every row to its end, step by step (as model.generate does, plus per-row
+        settings)."""
         if not rows:
             return
         model, tok, dev = self.model, self.tok, self.device
@@ -645,18 +657,16 @@ class Engine:
             len({tuple((s.layer, s.coef) for s in r.steer) for r in rows}) > 1
         )
         ids, mask = M.left_pad([r.job.req.prompt for r in rows], tok.pad_id)  # [B, T0] each
-        width = T0 + max(
-            r.max_tokens for r in rows
-        )  # rows leave when done, so every generated column is real
+        # rows leave when done, so every generated column is real
+        width = T0 + max(r.max_tokens for r in rows)
         mask = torch.cat([mask, mask.new_ones(B, width - T0)], 1)
         ids, mask = ids.to(dev), mask.to(dev)
         answer_start = torch.full((B,), T0, device=dev)
         cache = M.KVCache(model.config, B, width, dev, self.dtype)
         steer = per_row_steering(rows, model.config.hidden_size, dev, self.dtype)
         cap = M.Capture() if self.gauges else None
-        traits = sorted(
-            {t for r in rows for t in r.caps}
-        )  # per trait, so that each Cap's `fired` is that trait's
+        # per trait, so that each Cap's `fired` is that trait's
+        traits = sorted({t for r in rows for t in r.caps})
         caps = {
             t: capping.caps_per_row(
                 [[r.caps[t]] if t in r.caps else [] for r in rows],
@@ -712,9 +722,8 @@ class Engine:
                 logits="last",
                 cap=all_caps,
             )[:, -1]
-        raise RuntimeError(
-            f"{len(rows)} row(s) still running after the longest max_tokens"
-        )  # cannot happen
+        # cannot happen
+        raise RuntimeError(f"{len(rows)} row(s) still running after the longest max_tokens")
 
     def _step(
         self,
@@ -726,9 +735,9 @@ class Engine:
         cap: M.Capture | None,
         caps: dict[str, list[M.Cap]],
     ) -> bool:
-        """Row r (row b of the batch) after a forward pass: sample its next token, or finish it. -> whether it
-        stays in the batch (for its next token, or to feed its last one so that the gauge and the caps' counts
-        cover the reply, as M.generate does)."""
+        """Row r (row b of the batch) after a forward pass: sample its next token, or finish it. ->
+        whether it stays in the batch (for its next token, or to feed its last one so that the gauge
+        and the caps' counts cover the reply, as M.generate does)."""
         if r.job.cancelled:
             self.stats["cancelled"] += 1
             return False
@@ -747,7 +756,8 @@ class Engine:
         return True
 
     def _logprob(self, logp: torch.Tensor, token: int, top: int) -> dict:
-        """OpenAI's logprobs entry for one token: its log probability under the model (before temperature)."""
+        """OpenAI's logprobs entry for one token: its log probability under the model (before
+        temperature)."""
         entry = self._token_entry(token, float(logp[token]))
         values, idx = logp.topk(top) if top else (torch.empty(0), torch.empty(0, dtype=torch.long))
         entry["top_logprobs"] = [
@@ -756,9 +766,8 @@ class Engine:
         return entry
 
     def _token_entry(self, token: int, logprob: float) -> dict:
-        known = token < len(
-            self.token_text
-        )  # the model's vocabulary may have padding rows beyond the tokenizer's
+        # the model's vocabulary may have padding rows beyond the tokenizer's
+        known = token < len(self.token_text)
         return {
             "token": self.token_text[token] if known else "",
             "logprob": logprob,
@@ -799,7 +808,7 @@ class Engine:
         )
 
 
-# ---------------------------------------------------------------------------------------------------- HTTP
+# --------------------------------------------------------------------------------------------- HTTP
 def _not_json(constant: str):
     raise ValueError(f"{constant} is not a JSON number")
 
@@ -814,7 +823,8 @@ def error_body(
 
 
 class Handler(BaseHTTPRequestHandler):
-    """HTTP/1.1 with keep-alive for JSON replies; a stream is server-sent events, then the connection closes."""
+    """HTTP/1.1 with keep-alive for JSON replies; a stream is server-sent events, then the
+    connection closes."""
 
     protocol_version = "HTTP/1.1"
     server_version = "persona-vectors"
@@ -909,8 +919,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(e.status, error_body(str(e), e.status, e.param, e.code), close)
 
     def send_error(self, code, message=None, explain=None):
-        """The standard library's own refusals (a garbled request line, an unknown method, too many headers) in
-        the API's JSON too, as HTTP/1.1 even where the request line was too garbled to name its version."""
+        """The standard library's own refusals (a garbled request line, an unknown method, too many
+        headers) in the API's JSON too, as HTTP/1.1 even where the request line was too garbled to
+        name its version."""
         self.request_version = self.protocol_version
         message = " ".join(
             filter(None, [message or self.responses.get(code, ("error",))[0], explain])
@@ -918,8 +929,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_error_json(RequestError(message, status=code), close=True)
 
     def authorized(self) -> bool:
-        """Whether the request has `Authorization: Bearer KEY` (the scheme in any case, as RFC 7235 says; the key
-        compared in constant time); else it is answered 401."""
+        """Whether the request has `Authorization: Bearer KEY` (the scheme in any case, as RFC 7235
+        says; the key compared in constant time); else it is answered 401."""
         key = self.server.api_key
         scheme, _, given = self.headers.get("Authorization", "").partition(" ")
         if (
@@ -985,16 +996,15 @@ class Handler(BaseHTTPRequestHandler):
         return int(values[0]) if len(values[0]) <= 18 else 1 << 62  # int() refuses > 4300 digits
 
     def read_body(self) -> bytes | None:
-        """The request body, or None after answering 400 (no Content-Length, or over max_body) or 408 (the body
-        stalled for body_timeout seconds). An oversized body is read and dropped (up to 16 x max_body), so that
-        the client gets to read our answer."""
+        """The request body, or None after answering 400 (no Content-Length, or over max_body) or
+        408 (the body stalled for body_timeout seconds). An oversized body is read and dropped (up
+        to 16 x max_body), so that the client gets to read our answer."""
         length = self.content_length()
         if length is None:
             return None
         limit, wait = self.server.max_body, self.server.body_timeout
-        self.connection.settimeout(
-            wait
-        )  # a stalled body frees its thread soon, not after an idle connection's wait
+        # a stalled body frees its thread soon, not after an idle connection's wait
+        self.connection.settimeout(wait)
         try:
             if length > limit:
                 for start in range(0, length if length <= 16 * limit else 0, 65536):
@@ -1053,7 +1063,8 @@ class Handler(BaseHTTPRequestHandler):
             raise
 
     def events(self, job: Job):
-        """The job's events as they come, until every row has finished; stops the job if the client leaves."""
+        """The job's events as they come, until every row has finished; stops the job if the client
+        leaves."""
         finished, checked = 0, time.monotonic()
         while finished < job.req.n:
             if time.monotonic() - checked > 0.5:  # twice a second, whether or not tokens are coming
@@ -1071,7 +1082,8 @@ class Handler(BaseHTTPRequestHandler):
             yield kind, index, data
 
     def client_gone(self) -> bool:
-        """Whether the client closed its connection (it has nothing to send while it waits for our reply)."""
+        """Whether the client closed its connection (it has nothing to send while it waits for our
+        reply)."""
         readable, _, _ = select.select([self.connection], [], [], 0)
         try:
             return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
@@ -1124,9 +1136,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header(
-            "Connection", "close"
-        )  # no length and no chunked encoding: the end of the stream is EOF
+        # no length and no chunked encoding: the end of the stream is EOF
+        self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
         head = self.head(job, "chat.completion.chunk")
@@ -1196,7 +1207,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class Busy(Handler):
-    """A connection beyond the server's max_connections: answered 503 at once by the accepting thread, unread."""
+    """A connection beyond the server's max_connections: answered 503 at once by the accepting
+    thread, unread."""
 
     timeout = 1  # the accepting thread never waits long on it
     requestline, request_version = "-", "HTTP/1.1"
@@ -1213,9 +1225,9 @@ class Busy(Handler):
 
 
 class Server(ThreadingHTTPServer):
-    """One thread per connection, at most max_connections of them, and a record of the open connections:
-    server_close closes them and joins their threads, so that no handler thread (which may hold the model's
-    tensors) outlives the server."""
+    """One thread per connection, at most max_connections of them, and a record of the open
+    connections: server_close closes them and joins their threads, so that no handler thread (which
+    may hold the model's tensors) outlives the server."""
 
     daemon_threads = (
         False  # joined by server_close (the standard library joins only non-daemon threads)
@@ -1267,9 +1279,8 @@ class Server(ThreadingHTTPServer):
             self.replies.wait_for(lambda: not self.in_reply, timeout=self.drain)
             for conn in self.connections:
                 try:
-                    conn.shutdown(
-                        socket.SHUT_RDWR
-                    )  # a thread waiting to read or write wakes up and ends
+                    # a thread waiting to read or write wakes up and ends
+                    conn.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
         super().server_close()
@@ -1285,7 +1296,8 @@ def make_server(
     max_connections: int = 64,
     body_timeout: float = 10,
 ) -> Server:
-    """An HTTP server for `engine` (not yet serving: call serve_forever); port 0 picks a free port."""
+    """An HTTP server for `engine` (not yet serving: call serve_forever); port 0 picks a free
+    port."""
     try:
         server = Server((host, port), Handler, max_connections)
     except OSError as e:
@@ -1317,8 +1329,8 @@ def serve(
     """Serve `model_name` on http://host:port/v1 until interrupted (Ctrl-C)."""
     if vectors is not None and not Path(vectors).is_dir():
         raise UserError(
-            f"--vectors {vectors} is not a directory: pass the directory of `extract`'s vector files, "
-            "or leave --vectors out"
+            f"--vectors {vectors} is not a directory: pass the directory "
+            "of `extract`'s vector files, or leave --vectors out"
         )
     model, tok = checkpoint.load(model_name, device, DTYPES.get(dtype))
     engine = Engine(
@@ -1327,14 +1339,15 @@ def serve(
     server = make_server(engine, host, port, api_key, max_body, quiet, max_connections)
     h, p = server.server_address[:2]
     print(
-        f"serving {model_name} on http://{h}:{p}/v1 (persona vectors: {', '.join(engine.names) or 'none'} "
-        f"from {engine.vectors_dir}); Ctrl-C to stop",
+        f"serving {model_name} on http://{h}:{p}/v1 (persona vectors: "
+        f"{', '.join(engine.names) or 'none'} from {engine.vectors_dir}); Ctrl-C to stop",
         file=sys.stderr,
         flush=True,
     )
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         print(
-            "warning: listening beyond this machine without --api-key: anyone who can reach it can use it",
+            "warning: listening beyond this machine without "
+            "--api-key: anyone who can reach it can use it",
             file=sys.stderr,
         )
     try:

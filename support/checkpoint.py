@@ -48,9 +48,8 @@ def load(name_or_path: str | Path, device: str | None = None, dtype: torch.dtype
     model_dir = hub.resolve(name_or_path)
     model = load_model(model_dir, device, dtype)
     model.name_or_path, model.source_dir = str(name_or_path), model_dir
-    model.source = hub.source(
-        name_or_path, model_dir
-    )  # hub, local or converted GGUF, and any quantization
+    # hub, local or converted GGUF, and any quantization
+    model.source = hub.source(name_or_path, model_dir)
     return model, tokenizer.Tokenizer(model_dir)
 
 
@@ -143,7 +142,8 @@ def _check_values(d: dict, fail) -> None:
     kv = d.get("num_key_value_heads") or d["num_attention_heads"]
     if d["num_attention_heads"] % kv:
         fail(
-            f"`num_attention_heads` ({d['num_attention_heads']}) is not a multiple of `num_key_value_heads` ({kv})"
+            f"`num_attention_heads` ({d['num_attention_heads']}) "
+            f"is not a multiple of `num_key_value_heads` ({kv})"
         )
     if d.get("hidden_act", "silu") not in ("silu", "gelu_pytorch_tanh"):
         fail(f"unsupported activation {d['hidden_act']!r}; implemented: silu, gelu_pytorch_tanh")
@@ -168,7 +168,8 @@ def _check_values(d: dict, fail) -> None:
 
 
 def _json_type_ok(value, typ) -> bool:
-    """Whether a JSON value fits a Config field type: int, float (an int is fine), bool, str, dict, or X | None."""
+    """Whether a JSON value fits a Config field type: int, float (an int is fine), bool, str, dict,
+    or X | None."""
     options = typ.__args__ if isinstance(typ, types.UnionType) else (typ,)
     for t in options:
         if value is None and t is type(None) or isinstance(value, bool) and t is bool:
@@ -207,13 +208,13 @@ def default_device() -> str:
 
 
 def default_dtype(device: str) -> torch.dtype:
-    return (
-        torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    )  # bf16 is ~6x slower on CPU
+    # bf16 is ~6x slower on CPU
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
 def check_device(device: str) -> str:
-    """The device name, if this machine has it; else a UserError (torch would fail later, with an AssertionError)."""
+    """The device name, if this machine has it; else a UserError (torch would fail later, with an
+    AssertionError)."""
     device = str(device)  # train.py passes a torch.device: named as the user wrote it
     try:
         dev = torch.device(device)
@@ -221,8 +222,8 @@ def check_device(device: str) -> str:
         raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(
-            f"device {device!r}: no CUDA GPU is available to this PyTorch "
-            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu"
+            f"device {device!r}: no CUDA GPU is available to this PyTorch (torch "
+            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu"
         )
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         raise UserError(

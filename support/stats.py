@@ -1,5 +1,6 @@
-"""The statistics the pipelines report: correlations, permutation and bootstrap intervals, random-direction nulls,
-means with standard errors. Plain functions on tensors; nothing here knows about models or traits."""
+"""The statistics the pipelines report: correlations, permutation and bootstrap intervals,
+random-direction nulls, means with standard errors. Plain functions on tensors; nothing here knows
+about models or traits."""
 
 import torch
 
@@ -50,7 +51,8 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def permutation_p(stat, x: torch.Tensor, y: torch.Tensor, n: int = 1000, seed: int = 0) -> float:
-    """Two-sided permutation p-value of stat(x, y): how often shuffling y gives |stat| at least as large."""
+    """Two-sided permutation p-value of stat(x, y): how often shuffling y gives |stat| at least as
+    large."""
     g = torch.Generator().manual_seed(seed)
     observed = abs(stat(x, y))
     hits = sum(
@@ -60,7 +62,8 @@ def permutation_p(stat, x: torch.Tensor, y: torch.Tensor, n: int = 1000, seed: i
 
 
 def within_r(x: torch.Tensor, y: torch.Tensor, groups: list) -> float:
-    """Mean over conditions of the correlation inside each condition (conditions with a constant side skipped)."""
+    """Mean over conditions of the correlation inside each condition (conditions with a constant
+    side skipped)."""
     rs = [
         pearson(x[idx], y[idx])
         for g in dict.fromkeys(groups)
@@ -71,7 +74,8 @@ def within_r(x: torch.Tensor, y: torch.Tensor, groups: list) -> float:
 
 
 def bootstrap_ci(stat, n: int, boots: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile interval of stat(indices) over `boots` resamples of range(n) with replacement."""
+    """95 % percentile interval of stat(indices) over `boots` resamples of range(n) with
+    replacement."""
     g = torch.Generator().manual_seed(seed)
     vals = sorted(
         v for _ in range(boots) if (v := stat(torch.randint(0, n, (n,), generator=g))) == v
@@ -82,7 +86,8 @@ def bootstrap_ci(stat, n: int, boots: int = 1000, seed: int = 0) -> tuple[float,
 
 
 def random_directions(n: int, norm: float, hidden: int, seed: int = 0) -> torch.Tensor:
-    """n random directions [n, hidden], each of the given norm (the null baseline for projections)."""
+    """n random directions [n, hidden], each of the given norm (the null baseline for
+    projections)."""
     d = torch.randn(n, hidden, generator=torch.Generator().manual_seed(seed))
     return d / d.norm(dim=-1, keepdim=True) * norm
 
@@ -90,14 +95,14 @@ def random_directions(n: int, norm: float, hidden: int, seed: int = 0) -> torch.
 def random_band(
     h: torch.Tensor, proj: torch.Tensor, grade: torch.Tensor, n_conditions: int, dirs: torch.Tensor
 ) -> dict:
-    """Per condition (grade 0..n_conditions - 1), the 5th-95th percentile of the mean projection of states h
-    [rows, hidden] along random unit directions `dirs`, each centred on its own mean over all rows and moved to
-    that of the vector's projections `proj`: the band a direction of no meaning spans."""
+    """Per condition (grade 0..n_conditions - 1), the 5th-95th percentile of the mean projection of
+    states h [rows, hidden] along random unit directions `dirs`, each centred on its own mean over
+    all rows and moved to that of the vector's projections `proj`: the band a direction of no
+    meaning spans."""
     rand = h.double() @ dirs.double().T  # [rows, n_random]
     rand = rand - rand.mean(0) + proj.double().mean()
-    means = torch.stack(
-        [rand[grade == g].mean(0) for g in range(n_conditions)]
-    )  # [conditions, n_random]
+    # [conditions, n_random]
+    means = torch.stack([rand[grade == g].mean(0) for g in range(n_conditions)])
     return {
         f"band_{q}": [round(x, 4) for x in means.quantile(q / 100, dim=1).tolist()] for q in (5, 95)
     }

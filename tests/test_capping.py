@@ -1,5 +1,5 @@
-"""Persona capping's calibration (apps/capping.py), its ceiling file and --cap specs (support/capping.py), and the
-study's code path (tools/cap_study.py), on a tiny random model."""
+"""Persona capping's calibration (apps/capping.py), its ceiling file and --cap specs
+(support/capping.py), and the study's code path (tools/cap_study.py), on a tiny random model."""
 
 import csv
 import io
@@ -32,8 +32,8 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The tiny model, its vectors, evil calibrated; `other` calibrated on another model, `stale` for another
-    vector; humorous not calibrated."""
+    """The tiny model, its vectors, evil calibrated; `other` calibrated on another model, `stale`
+    for another vector; humorous not calibrated."""
     d, vectors = tiny_model_with_vectors(tmp_path_factory.mktemp("cap"))
     root = d.parent
     (root / "q.json").write_text(json.dumps(QUESTIONS))
@@ -95,7 +95,8 @@ def loaded(tiny):
 
 
 def hidden_states(model, ids: list[int]) -> torch.Tensor:
-    """The states at every hidden index for one unpadded sequence, the blocks run by hand -> [N + 1, T, hidden]."""
+    """The states at every hidden index for one unpadded sequence, the blocks run by hand ->
+    [N + 1, T, hidden]."""
     x = torch.tensor([ids])
     cos, sin = model.model.rotary_emb(torch.arange(len(ids))[None], torch.float32)
     h, out = model.model.embed_tokens(x), []
@@ -139,9 +140,9 @@ def no_generation(*args, **kwargs):
     raise AssertionError("generation started before the input was checked")
 
 
-# (arguments, exit code, what the message must say); {d} = tiny model, {v} = its vectors, {r} = the test folder.
-# "cap SPEC" is `generate Hi --cap SPEC` on the tiny model; every case runs through its command
-# line's main (persona_vectors.py, or python -m apps).
+# (arguments, exit code, what the message must say); {d} = tiny model, {v} = its vectors, {r} = the
+# test folder. "cap SPEC" is `generate Hi --cap SPEC` on the tiny model; every case runs through its
+# command line's main (persona_vectors.py, or python -m apps).
 GEN = "generate Hi --model {d} --vectors {v} --device cpu --cap"
 PIPE = "--model {d} --vectors {v} --judge none --questions 1 --max-new-tokens 2 --device cpu --cap"
 CASES = [
@@ -209,7 +210,8 @@ CASES = [
         "missing.json does not exist",
     ),
     (
-        "calibrate-cap humorous --model {d} --vectors {v} --questions-file {v}/evil_response_avg_diff.cap.json",
+        "calibrate-cap humorous --model {d} --vectors {v} "
+        "--questions-file {v}/evil_response_avg_diff.cap.json",
         1,
         "expected a list of strings",
     ),
@@ -274,15 +276,13 @@ def test_a_percentile_between_grid_points_is_interpolated(tiny, loaded, capsys):
     )
     (cap,) = caps_for(["evil:90.25@1,3"], loaded[0], vectors)
     assert cap.layers == [1, 3]
-    want = table[89, [1, 3]] + 0.25 * (
-        table[90, [1, 3]] - table[89, [1, 3]]
-    )  # grid index 89 is percentile 90
+    # grid index 89 is percentile 90
+    want = table[89, [1, 3]] + 0.25 * (table[90, [1, 3]] - table[89, [1, 3]])
     np.testing.assert_allclose(cap.ceilings.numpy(), want, rtol=1e-5)
     assert "interpolating linearly" in capsys.readouterr().err
     (default,) = caps_for(["evil"], loaded[0], vectors)
-    assert (
-        default.layers == [2] and parse_cap("evil").percentile == 90
-    )  # the band 0.53 N .. 0.63 N of 3 blocks
+    # the band 0.53 N .. 0.63 N of 3 blocks
+    assert default.layers == [2] and parse_cap("evil").percentile == 90
 
 
 def test_caps_per_row_leave_rows_without_a_cap_unchanged(tiny, loaded):
@@ -310,7 +310,8 @@ def encode(tok, question: str) -> list[int]:
 def read_projection(
     model, prompt: list[int], answer: list[int], u: torch.Tensor, layer: int, cap=()
 ) -> float:
-    """An answer's mean state at `layer` as the model reads prompt + answer in one pass (with `cap`: capped), on u."""
+    """An answer's mean state at `layer` as the model reads prompt + answer in one pass (with `cap`:
+    capped), on u."""
     rec = M.Capture()
     with torch.no_grad():
         model(
@@ -383,9 +384,8 @@ def test_eval_with_cap_reads_the_answers_with_the_plain_model(tiny, loaded, tmp_
     capped = pv.evaluate("evil", cap=["evil:1@1"], **kw)
     assert base["cap"] == [] and base["capped_share"] is None and capped["cap"] == ["evil:1@1"]
     assert capped["csv"] != base["csv"] and capped["label"] == "cap-evil@1@1"
-    assert (
-        len([p for p in (tmp_path / ".work").iterdir() if p.name.startswith("eval-evil-")]) == 2
-    )  # its own cache
+    # its own cache
+    assert len([p for p in (tmp_path / ".work").iterdir() if p.name.startswith("eval-evil-")]) == 2
     L = capped["projection_layer"]
     u = pv.unit(load_vector(vectors / "evil_response_avg_diff.safetensors")[0][L])
     caps = caps_for(["evil:1@1"], model, vectors)
@@ -399,9 +399,8 @@ def test_eval_with_cap_reads_the_answers_with_the_plain_model(tiny, loaded, tmp_
         positions, fired = positions + len(ids) + 1, fired + int(caps[0].fired[0])
         plain = read_projection(model, prompt, ids, u, L)
         assert float(row["projection"]) == pytest.approx(plain, abs=1e-4)
-        assert (
-            abs(plain - read_projection(model, prompt, ids, u, L, caps)) > 1e-2
-        )  # a capped reading would differ
+        # a capped reading would differ
+        assert abs(plain - read_projection(model, prompt, ids, u, L, caps)) > 1e-2
     assert capped["capped_share"] == pytest.approx(fired / positions) and fired > 0
     assert [r["answer"] for r in rows] != [r["answer"] for r in csv.DictReader(open(base["csv"]))]
 
@@ -428,9 +427,8 @@ def test_sweep_with_cap_caps_every_setting_and_records_no_best_layer(tiny, tmp_p
         cap=["evil:1@1"],
         device="cpu",
     )
-    assert (
-        result["best"] is not None and tree(vectors) == before
-    )  # printed, not recorded in the vector file
+    # printed, not recorded in the vector file
+    assert result["best"] is not None and tree(vectors) == before
     assert result["csv"].name == "evil_sweep_cap-evil@1@1.csv"
     rows = list(csv.DictReader(open(result["csv"])))
     assert [(r["layer"], r["cap"]) for r in rows] == [("1", "evil:1@1"), ("2", "evil:1@1")]
@@ -469,9 +467,8 @@ def test_chat_caps_from_the_start_and_with_slash_cap(tiny, loaded):
         plain = M.generate(model, [prompt], 10, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0]
         caps = caps_for(specs, model, vectors)
         ids = M.generate(model, [prompt], 10, stop_ids=tok.stop_ids, pad_id=tok.pad_id, cap=caps)[0]
-        assert replies[turn] == tok.decode(ids) and (ids != plain) == bool(
-            specs
-        )  # a capped turn differs
+        # a capped turn differs
+        assert replies[turn] == tok.decode(ids) and (ids != plain) == bool(specs)
         counts += [f"capped {int(caps[0].fired[0])}/{len(ids) + 1} positions"] if caps else []
     assert [
         line.strip() for line in text.splitlines() if line.strip().startswith("capped ")
@@ -561,17 +558,14 @@ def test_study_judges_every_answer_when_a_judge_is_configured(tiny, tmp_path, mo
     assert all("judged_encouraging" not in r for r in plain["rows"])
     fake = FakeJudge(hashed=True)
     monkeypatch.setattr(J, "make_judge", lambda spec, workers=None: fake)
-    monkeypatch.setattr(
-        M, "generate", no_generation
-    )  # the cached answers are judged, not generated again
+    # the cached answers are judged, not generated again
+    monkeypatch.setattr(M, "generate", no_generation)
     doc = cap_study.study(str(d), "evil", str(vectors), str(tmp_path / "study"), judge="fake", **kw)
     assert fake.asked > 0 and all(r["judged_encouraging"] is not None for r in doc["rows"])
     assert doc["rows"][0]["judged_reduction"] == 0
     none = json.loads((tmp_path / "study" / "arms" / "none.json").read_text())["result"]
-    t, tok = (
-        load_trait("evil"),
-        Tokenizer(d),
-    )  # the first prompt: sys0 with the first evaluation question
+    # the first prompt: sys0 with the first evaluation question
+    t, tok = load_trait("evil"), Tokenizer(d)
     assert (
         none["scores"][0]
         == FakeJudge(hashed=True).score(

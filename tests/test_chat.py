@@ -24,7 +24,10 @@ def tiny(tmp_path_factory):
 
 def test_scripted_chat_writes_jsonl_and_gauges(tiny, tmp_path):
     d, vectors = tiny
-    script = "Hello there!\n/steer evil:3\nWhat is 2 + 2?\n/steer nonsense\n/gauge\n/unsteer\n/quit\nnever read\n"
+    script = (
+        "Hello there!\n/steer evil:3\nWhat is 2 + 2?\n/steer nonsense\n/gauge\n/unsteer\n/quit\n"
+        "never read\n"
+    )
     out = io.StringIO()
     save = tmp_path / "conv.jsonl"
     messages = chat.chat(
@@ -43,9 +46,8 @@ def test_scripted_chat_writes_jsonl_and_gauges(tiny, tmp_path):
         "What is 2 + 2?",
     ]
     assert json.loads(save.read_text()) == {"messages": messages}
-    assert (
-        text.count("[evil L1]") == 2 and text.count("[humorous L1]") == 2
-    )  # a gauge per trait per turn
+    # a gauge per trait per turn
+    assert text.count("[evil L1]") == 2 and text.count("[humorous L1]") == 2
     assert (
         "steering: evil:3" in text
         and "error: --steer 'nonsense'" in text
@@ -81,9 +83,8 @@ def test_gauge_readings_are_the_projections(tiny):
     assert reading["prompt_last"] == pytest.approx(float(ref.prompt_last()[0, 2] @ u), abs=1e-4)
     assert reading["response_avg"] == pytest.approx(float(ref.answer_mean()[0, 2] @ u), abs=1e-4)
     assert g.marks == {"prompt_last": (-1.0, 1.0), "response_avg": (-2.0, 2.0)}
-    line = chat.show(
-        g, {"prompt_last": 1.0, "response_avg": -2.0}
-    )  # at the pos mark, at the neg mark
+    # at the pos mark, at the neg mark
+    line = chat.show(g, {"prompt_last": 1.0, "response_avg": -2.0})
     assert "neg -1.00 [---------|] pos +1.00" in line and "neg -2.00 [|---------] pos +2.00" in line
 
 

@@ -1,5 +1,6 @@
-"""Bad input on the command line, as a new user would type it: each case ends in a one-line error that names the
-fix (or argparse's usage line and its error), a non-zero exit, no traceback, and no file written or changed."""
+"""Bad input on the command line, as a new user would type it: each case ends in a one-line error
+that names the fix (or argparse's usage line and its error), a non-zero exit, no traceback, and no
+file written or changed."""
 
 import inspect
 import json
@@ -36,7 +37,8 @@ def no_generation(*args, **kwargs):
     raise AssertionError("generation started before the input was checked")
 
 
-# (arguments, exit code, what the message must say); {d} = tiny model, {v} = its vectors, {r} = the test folder
+# (arguments, exit code, what the message must say); {d} = tiny model, {v} = its vectors, {r} = the
+# test folder
 CASES = [
     # numbers out of range: argparse refuses them, naming the flag (exit 2)
     ("eval evil --model {d} --vectors {v} --questions -1", 2, "--questions: must be >= 1"),
@@ -224,9 +226,8 @@ def test_chat_survives_a_failed_save(tiny, tmp_path):
         stdout=stdout,
         stdin=io.StringIO(f"Hi\n/save {blocker}/sub/c.jsonl\nBye\n"),
     )
-    assert (
-        "error:" in stdout.getvalue() and len(messages) == 4
-    )  # the chat went on after the failed /save
+    # the chat went on after the failed /save
+    assert "error:" in stdout.getvalue() and len(messages) == 4
 
 
 def test_every_flag_is_named_as_the_parameter_it_feeds():

@@ -1,7 +1,9 @@
-"""Tests for apps/control_vector.py: the GGUF writer, export-gguf / import-gguf, the layer rules and bad input.
+"""Tests for apps/control_vector.py: the GGUF writer, export-gguf / import-gguf, the layer rules and
+bad input.
 
-The tiny random chat model (3 blocks, hidden 64) stands in for a real one; tests/test_llama_cpp.py checks the layer
-mapping against a real llama.cpp. Bad files are built with the independent test writer of tests/test_gguf.py.
+The tiny random chat model (3 blocks, hidden 64) stands in for a real one; tests/test_llama_cpp.py
+checks the layer mapping against a real llama.cpp. Bad files are built with the independent test
+writer of tests/test_gguf.py.
 """
 
 import doctest
@@ -34,9 +36,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture
 def vec_file(tmp_path, tiny):
-    vec = torch.randn(
-        4, 64, generator=torch.Generator().manual_seed(0)
-    )  # [N + 1, hidden], N = 3 blocks
+    # [N + 1, hidden], N = 3 blocks
+    vec = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
     return write_vector(
         tmp_path / "evil_response_avg_diff.safetensors", vec, model=str(tiny), trait="evil"
     ), vec
@@ -113,7 +114,8 @@ def test_default_layer_is_the_best_layer_else_the_middle(tmp_path, tiny):
 
 
 def test_import_is_where_generate_looks(tmp_path, tiny, vec_file, monkeypatch):
-    """`generate --steer NAME:COEF` finds the imported vector by name and steers its layer by default."""
+    """`generate --steer NAME:COEF` finds the imported vector by name and steers its layer by
+    default."""
     import persona_vectors as pv
 
     path, vec = vec_file
@@ -138,7 +140,8 @@ def test_all_layers_exports_increments_and_cumulative_import_restores_the_totals
     back, meta = load_vector(
         cv.import_gguf(str(out), str(tiny), out=str(tmp_path / "v"), cumulative=True)
     )
-    # with --all-layers, ours adds back[l] - back[l-1] after block l: from block 2 on the totals are v[l] - v[0]
+    # with --all-layers, ours adds back[l] - back[l-1] after block l: from block 2 on the totals are
+    # v[l] - v[0]
     assert (
         torch.allclose(back[2:], vec[2:] - vec[0], atol=1e-6)
         and not back[:2].any()
@@ -148,20 +151,21 @@ def test_all_layers_exports_increments_and_cumulative_import_restores_the_totals
 
 def test_official_vectors_never_export_their_normed_last_row(tmp_path, tiny):
     vec = torch.randn(4, 64)
+    # as import-vector writes it
     path = write_vector(
         tmp_path / "evil_response_avg_diff.safetensors",
         vec,
         model=str(tiny),
         imported_from="evil_response_avg_diff.pt",
         last_row_post_norm=True,
-    )  # as import-vector writes it
+    )
     with pytest.raises(UserError, match="after the final norm"):
         cv.export_gguf(str(path), str(tmp_path / "x.gguf"), layer=3)
     g = GGUFFile(cv.export_gguf(str(path), str(tmp_path / "y.gguf"), all_layers=True))
     assert sorted(g.tensors) == ["direction.1"]
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Bad input: one line naming the fix, exit 1, nothing written.
 
 

@@ -1,4 +1,5 @@
-"""The default model (SmolLM2-135M-Instruct) through the real loading path, against an independent reference."""
+"""The default model (SmolLM2-135M-Instruct) through the real loading path, against an independent
+reference."""
 
 import subprocess
 import sys

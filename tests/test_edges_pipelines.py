@@ -1,6 +1,7 @@
-"""Issue 17 for the pipelines (make-dataset, chat, monitor, flag): nothing lost, nothing silent. Each case of the
-table ends in a one-line error, a non-zero exit, no traceback, and a test folder unchanged to the byte (no file
-written over, no directory left behind); the ordinary tests below cover what does not fail."""
+"""Issue 17 for the pipelines (make-dataset, chat, monitor, flag): nothing lost, nothing silent.
+Each case of the table ends in a one-line error, a non-zero exit, no traceback, and a test folder
+unchanged to the byte (no file written over, no directory left behind); the ordinary tests below
+cover what does not fail."""
 
 import errno
 import io
@@ -31,7 +32,8 @@ QUESTIONS = "What is the capital of France?\nHow do I help people?\nWhich number
 
 
 def official_trait(root, name: str, prompt: str, twin: bool = True):
-    """A trait file in the official repository's format (with its twin, so that loading it prints no note)."""
+    """A trait file in the official repository's format (with its twin, so that loading it prints no
+    note)."""
     for folder in ("trait_data_extract", "trait_data_eval") if twin else ("",):
         data = {
             "instruction": [{"pos": f"Be {name} {i}.", "neg": f"Be kind {i}."} for i in range(5)],
@@ -65,9 +67,8 @@ def tiny(tmp_path_factory):
     (root / "data.jsonl").write_text(conversations(6))
     (root / "existing.jsonl").write_text(conversations(3))
     (root / "out").mkdir()
-    (root / "out" / "data.flag.jsonl").write_text(
-        conversations(2)
-    )  # an input that data.jsonl's output would hit
+    # an input that data.jsonl's output would hit
+    (root / "out" / "data.flag.jsonl").write_text(conversations(2))
     (root / "q.txt").write_text(QUESTIONS)
     (root / "adir").mkdir()
     (root / "blocker").write_text("a file where a directory is needed")
@@ -77,9 +78,8 @@ def tiny(tmp_path_factory):
     ]
     (root / "reversed.jsonl").write_text(json.dumps({"messages": reversed_roles}) + "\n")
     official_trait(root, "grumpy", "Rate {question} {answer}: REFUSAL or a number.")
-    write_vector(
-        root / "wide.safetensors", torch.randn(4, 96)
-    )  # another hidden size: fails after the model loads
+    # another hidden size: fails after the model loads
+    write_vector(root / "wide.safetensors", torch.randn(4, 96))
     # a finished flag run with --max-new-tokens 4, for flag-merge with other arguments
     assert flagging.flag(
         [str(root / "data.jsonl")],
@@ -100,7 +100,8 @@ def no_generation(*args, **kwargs):
 
 
 FLAG = "flag {r}/data.jsonl --model {d} --vectors {v} --trait evil"
-# (arguments, exit code, what the message must say); {d} = tiny model, {v} = its vectors, {r} = the test folder
+# (arguments, exit code, what the message must say); {d} = tiny model, {v} = its vectors, {r} = the
+# test folder
 CASES = [
     # 1. flag --select-out: an existing file only with --force, an input never
     (
@@ -116,14 +117,17 @@ CASES = [
     (FLAG + " --select top --k 2 --select-out {r}/data.jsonl", 1, "is an input of this run"),
     (
         FLAG
-        + " --select above-reference --reference {r}/existing.jsonl --select-out {r}/existing.jsonl --force",
+        + (
+            " --select above-reference --reference {r}/existing.jsonl "
+            "--select-out {r}/existing.jsonl --force"
+        ),
         1,
         "is an input of this run",
     ),
     (FLAG + " --select top --k 2 --select-out {r}/adir", 1, "--select-out {r}/adir is a directory"),
     (
-        "flag {r}/data.jsonl {r}/out/data.flag.jsonl --model {d} --vectors {v} --trait evil --out {r}/out "
-        "--format jsonl",
+        "flag {r}/data.jsonl {r}/out/data.flag.jsonl --model {d} "
+        "--vectors {v} --trait evil --out {r}/out --format jsonl",
         1,
         "data.flag.jsonl is an input of this run",
     ),  # data.jsonl's per-sample file
@@ -162,8 +166,8 @@ CASES = [
         "is an input of this run",
     ),
     (
-        "make-dataset {r}/trait_data_extract/grumpy.json --model {d} --n 2 --questions-file {r}/q.txt --judge none "
-        "--out {r}/trait_data_extract/grumpy.json --force",
+        "make-dataset {r}/trait_data_extract/grumpy.json --model {d} --n 2 --questions-file "
+        "{r}/q.txt --judge none --out {r}/trait_data_extract/grumpy.json --force",
         1,
         "is an input of this run",
     ),
@@ -178,7 +182,8 @@ CASES = [
         1,
         "is an input of this run",
     ),
-    # 19. a failed flag leaves no directory behind: before the model loads, after it, with nothing to merge
+    # 19. a failed flag leaves no directory behind: before the model loads, after it, with nothing
+    # to merge
     (
         "flag {r}/data.jsonl --model {d} --vectors {v} --trait nosuch --out {r}/new1",
         1,
@@ -201,8 +206,8 @@ CASES = [
     ),
     # 20. messages that say what is wrong
     (
-        "flag-merge {r}/data.jsonl --model {d} --vectors {v} --trait evil --out {r}/flagged --chunk-size 4 "
-        "--max-new-tokens 5",
+        "flag-merge {r}/data.jsonl --model {d} --vectors {v} --trait "
+        "evil --out {r}/flagged --chunk-size 4 --max-new-tokens 5",
         1,
         "made with other settings ({r}/data.jsonl: max_new_tokens 4 there, 5 here)",
     ),
@@ -225,9 +230,8 @@ def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     args = argv.format(d=d, v=vectors, r=root).split()
     err = run_bad(main_of(args), args, code, capsys)
     assert [x for x in err if x.startswith("error: ")] == err[-1:], err
-    assert (
-        message.format(r=root) in err[-1]
-    )  # (lines before it: the model loading, for errors found after that)
+    # (lines before it: the model loading, for errors found after that)
+    assert message.format(r=root) in err[-1]
     assert list(tmp_path.iterdir()) == []  # nothing written
     assert tree(root) == before  # nothing changed, nothing left behind
 
@@ -299,7 +303,8 @@ def test_a_run_that_cannot_write_leaves_no_folder_behind(tiny, argv, monkeypatch
 def test_chat_keeps_the_conversation_when_the_save_fails_at_the_end(
     tiny, tmp_path, monkeypatch, capsys
 ):
-    """The --save directory is fine at the start, and a file by the end: the conversation goes to a temp file."""
+    """The --save directory is fine at the start, and a file by the end: the conversation goes to a
+    temp file."""
     d, vectors, root = tiny
     target = tmp_path / "chats"
 
@@ -346,7 +351,8 @@ def rows_of(root):
 
 
 def test_make_dataset_counts_every_answer_cut_off(tiny, tmp_path, capsys):
-    """Answers that hit --max-new-tokens are counted, also when no full sentence is there to trim back to."""
+    """Answers that hit --max-new-tokens are counted, also when no full sentence is there to trim
+    back to."""
     d, vectors, root = tiny
     pv.make_dataset(
         "evil",
@@ -414,7 +420,8 @@ def test_flag_names_conversations_with_the_roles_reversed(tiny):
     _, tok = checkpoint.load(str(d), "cpu", torch.float32)
     reason = flagging.parse_sample((root / "reversed.jsonl").read_bytes(), tok, 1000)
     assert reason.startswith("roles reversed?")
-    # an assistant turn after the first user turn is used as before, one that only opens the chat is no reason
+    # an assistant turn after the first user turn is used as before, one that only opens the chat is
+    # no reason
     assert flagging.parse_sample(
         json.dumps(
             {
@@ -437,7 +444,8 @@ def test_flag_names_conversations_with_the_roles_reversed(tiny):
 
 
 def test_flag_select_out_with_force_replaces_a_file_that_is_no_input(tiny, tmp_path):
-    """And a vector file that records no trait is named after its file (not its path: the plot is a file)."""
+    """And a vector file that records no trait is named after its file (not its path: the plot is a
+    file)."""
     d, vectors, root = tiny
     old = tmp_path / "old.jsonl"
     old.write_text("previous selection\n")
@@ -458,9 +466,8 @@ def test_flag_select_out_with_force_replaces_a_file_that_is_no_input(tiny, tmp_p
     )
     assert r["selection"] == old and len(old.read_text().splitlines()) == 2
     assert list(r["stats"]["traits"]) == ["evil", "plain"]
-    expected = (
-        ["flag_evil.png", "flag_plain.png"] if pyplot() is not None else []
-    )  # the plots need matplotlib
+    # the plots need matplotlib
+    expected = ["flag_evil.png", "flag_plain.png"] if pyplot() is not None else []
     assert sorted(p.name for p in r["plots"]) == expected
 
 

@@ -1,6 +1,7 @@
-"""Issue 17 for `serve` (apps/server.py): nothing lost, nothing silent. Bad flags end in one line; the server's
-own edges (shutdown with clients still connected, clients that leave or stall, too many connections, garbled
-requests, auth schemes) get answers in the API's JSON and one log line each, never a traceback or a hang.
+"""Issue 17 for `serve` (apps/server.py): nothing lost, nothing silent. Bad flags end in one line;
+the server's own edges (shutdown with clients still connected, clients that leave or stall, too many
+connections, garbled requests, auth schemes) get answers in the API's JSON and one log line each,
+never a traceback or a hang.
 
 Every socket here is a client on 127.0.0.1 with a timeout, in bounded loops."""
 
@@ -17,7 +18,16 @@ from pathlib import Path
 
 import pytest
 import requests
-from test_server import HI, TIMEOUT, client, raw_request, start, stop, tiny, wait_for  # noqa: F401 (fixtures)
+from test_server import (  # noqa: F401 (fixtures)
+    HI,
+    TIMEOUT,
+    client,
+    raw_request,
+    start,
+    stop,
+    tiny,
+    wait_for,
+)
 from tiny import run_bad, tree
 
 from apps import __main__ as apps_cli
@@ -92,10 +102,11 @@ def read_reply(s: socket.socket) -> tuple[str, dict]:
     return head.decode(), json.loads(body)
 
 
-# ------------------------------------------------------------------------------ 0: shutdown with clients still in
+# ---------------------------------------------------------------- 0: shutdown with clients still in
 def test_closing_the_server_ends_keep_alive_connections_and_joins_their_threads(tiny, client):
-    """A client that keeps its connection open does not keep a handler thread (holding the model's tensors) alive
-    after server_close: at interpreter exit such a thread crashed the process (terminate called, exit 134)."""
+    """A client that keeps its connection open does not keep a handler thread (holding the model's
+    tensors) alive after server_close: at interpreter exit such a thread crashed the process
+    (terminate called, exit 134)."""
     others = handler_threads()  # of other tests' servers, if any
     url, engine, server = start(tiny)
     c = client(url)  # the openai client keeps its connection open between requests
@@ -105,9 +116,8 @@ def test_closing_the_server_ends_keep_alive_connections_and_joins_their_threads(
         s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
         head, body = read_reply(s)
         assert head.startswith("HTTP/1.1 200") and body["data"]
-        assert (
-            len(handler_threads() - others) == 2
-        )  # both connections are open, each with its thread
+        # both connections are open, each with its thread
+        assert len(handler_threads() - others) == 2
         stop(engine, server)
         assert handler_threads() - others == set()
         assert s.recv(1) == b""  # the server closed the connection
@@ -115,7 +125,7 @@ def test_closing_the_server_ends_keep_alive_connections_and_joins_their_threads(
         s.close()
 
 
-# ------------------------------------------------------------------------------- 8: clients that leave early
+# ---------------------------------------------------------------------- 8: clients that leave early
 def reset(s: socket.socket) -> None:
     """Close s with a TCP reset (as a killed client's connection ends)."""
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -126,11 +136,11 @@ def test_each_client_that_leaves_is_one_log_line(tiny, capsys):
     url, engine, server = start(tiny, quiet=False)
     capsys.readouterr()
     try:
-        s = connect(
-            url
-        )  # a body that never comes in full: the server is reading it when the client resets
+        # a body that never comes in full: the server is reading it when the client resets
+        s = connect(url)
         s.sendall(
-            b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"messages"'
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b'Content-Length: 100\r\n\r\n{"messages"'
         )
         reset(s)
         for stream in (True, False):  # a long reply, left before it ends
@@ -149,13 +159,14 @@ def test_each_client_that_leaves_is_one_log_line(tiny, capsys):
     assert len([line for line in err.splitlines() if "the client went away" in line]) == 3, err
 
 
-# ------------------------------------------------------------------------- 18: stalled bodies, too many clients
+# ------------------------------------------------------------- 18: stalled bodies, too many clients
 def test_a_stalled_body_gets_408_and_its_connection_closes(tiny):
     url, engine, server = start(tiny, body_timeout=0.5)
     try:
         with connect(url) as s:
             s.sendall(
-                b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"mess'
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b'Content-Length: 100\r\n\r\n{"mess'
             )
             head, body = read_reply(s)
             assert (
@@ -200,7 +211,7 @@ def test_connections_beyond_the_limit_get_503(tiny):
         stop(engine, server)
 
 
-# ------------------------------------------------------------------- 20: every error in JSON; the auth scheme
+# --------------------------------------------------------- 20: every error in JSON; the auth scheme
 @pytest.fixture(scope="module")
 def srv_edges(tiny):
     url, engine, server = start(tiny, api_key="s3cret")
@@ -256,7 +267,8 @@ def test_auth_scheme_is_case_insensitive(srv_edges, authorization, status):
 @pytest.mark.parametrize(
     "head",
     [
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n",  # the request line, one header, nothing
+        # the request line, one header, nothing
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n",
         b"GET /v1/models HTTP/1.1\r\nHost:",  # half a header
         b"GET /v1/mod",  # half a request line
     ],
@@ -299,8 +311,8 @@ def test_a_new_connection_that_sends_nothing_gets_408_and_frees_its_slot(tiny):
 @pytest.mark.parametrize(
     "headers, message",
     [
-        # superscript two (str.isdigit() holds), an Arabic-Indic three as Latin-1 reads it, 5001 digits
-        # (int() refuses over 4300)
+        # superscript two (str.isdigit() holds), an Arabic-Indic three as Latin-1 reads it, 5001
+        # digits (int() refuses over 4300)
         (
             b"Content-Length: \xb2",
             "the Content-Length header must be a number of bytes, not '\xb2'",

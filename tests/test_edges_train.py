@@ -1,5 +1,6 @@
-"""train.py at its edges: bad input as one line that changes no file and leaves no folder behind, the sequence
-length capped at the model's context, and what a run killed with -9 leaves cleaned by the next run."""
+"""train.py at its edges: bad input as one line that changes no file and leaves no folder behind,
+the sequence length capped at the model's context, and what a run killed with -9 leaves cleaned by
+the next run."""
 
 import json
 import os
@@ -26,8 +27,8 @@ def conversation(user: str, reply: str) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(tiny model, its vectors, the test folder): data files, a vector of another width, an empty folder, a folder
-    that is not a run."""
+    """(tiny model, its vectors, the test folder): data files, a vector of another width, an empty
+    folder, a folder that is not a run."""
     root = tmp_path_factory.mktemp("edges")
     d, vectors = tiny_model_with_vectors(root)
     rows = [
@@ -39,11 +40,12 @@ def tiny(tmp_path_factory):
     (root / "empty").mkdir()
     (root / "notrun").mkdir()
     (root / "notrun" / "notes.txt").write_text("mine")
+    # another run holding {r}/held
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD.format(path=str(root / "held"))],
         stdout=subprocess.PIPE,
         text=True,
-    )  # another run holding {r}/held
+    )
     assert holder.stdout.readline() == "held\n"
     yield d, vectors, root
     holder.kill()
@@ -84,8 +86,9 @@ def argv(tiny, *args) -> list[str]:
     ]
 
 
-# (arguments after DATA --out OUT, exit code, what the message must say); {r} = the test folder. A new --out is
-# always below a folder that does not exist yet: a failed run must leave neither behind.
+# (arguments after DATA --out OUT, exit code, what the message must say); {r} = the test folder. A
+# new --out is always below a folder that does not exist yet: a failed run must leave neither
+# behind.
 CASES = [
     ("{r}/bad.jsonl --out {r}/new/o", 1, "bad.jsonl:1: not JSON"),
     ("{r}/missing.jsonl --out {r}/new/o", 1, "missing.jsonl does not exist"),
@@ -131,17 +134,16 @@ def test_bad_input(tiny, args, code, message, capsys, monkeypatch, tmp_path):
     err = run_bad(train.main, full, code, capsys)
     assert message.format(r=root) in err[-1], err
     assert err[-1].startswith("error: " if code == 1 else "train.py: error: ")
-    assert (
-        sum("error:" in line for line in err) == 1
-    )  # progress lines may come before it: the error is one line
+    # progress lines may come before it: the error is one line
+    assert sum("error:" in line for line in err) == 1
     assert list(tmp_path.iterdir()) == []
-    assert (
-        tree(root) == before
-    )  # nothing written, changed, or left behind (an empty folder included)
+    # nothing written, changed, or left behind (an empty folder included)
+    assert tree(root) == before
 
 
 def test_a_failure_before_the_first_write_leaves_no_folder(tiny, tmp_path, capsys, monkeypatch):
-    """Out of memory in the first validation pass: after --out was made, before anything was written in it."""
+    """Out of memory in the first validation pass: after --out was made, before anything was written
+    in it."""
 
     def oom(*args, **kw):
         raise torch.OutOfMemoryError("simulated")
@@ -188,7 +190,7 @@ def test_max_seq_len_is_capped_at_the_model_context(tiny, tmp_path, capsys):
     assert record["settings"]["max_seq_len"] == 64 and record["data"]["truncated_left"] == 4
 
 
-# ------------------------------------------------------------------------------------------------------ kill -9
+# ------------------------------------------------------------------------------------------ kill -9
 @pytest.fixture(scope="module")
 def finished(tiny, tmp_path_factory):
     """A finished run: 2 steps, a checkpoint after the first."""
@@ -201,18 +203,15 @@ def test_a_rerun_removes_what_a_killed_run_left_in_a_finished_run(tiny, finished
     out = tmp_path / "out"
     shutil.copytree(finished, out)
     before = tree(out)
-    (out / ".model.safetensors.k3j2h1.tmp").write_bytes(
-        b"\0" * 4096
-    )  # the weights, never renamed into place
+    # the weights, never renamed into place
+    (out / ".model.safetensors.k3j2h1.tmp").write_bytes(b"\0" * 4096)
     (out / ".train.json.a8d7f6.tmp").write_bytes(b"")  # a 0-byte temporary
     (out / ".checkpoint-000002.tmp").mkdir()  # a checkpoint being written
     (out / ".checkpoint-000002.tmp" / "config.json").write_text("{}")
-    shutil.copytree(
-        out, out / ".checkpoint-000001.trash", ignore=shutil.ignore_patterns(".*")
-    )  # being removed
-    shutil.copytree(
-        out, out / "checkpoint-000001", ignore=shutil.ignore_patterns(".*")
-    )  # not yet removed
+    # being removed
+    shutil.copytree(out, out / ".checkpoint-000001.trash", ignore=shutil.ignore_patterns(".*"))
+    # not yet removed
+    shutil.copytree(out, out / "checkpoint-000001", ignore=shutil.ignore_patterns(".*"))
     assert train.main(argv(tiny, tiny[2] / "ok.jsonl", "--out", out)) == 0
     assert "already holds this finished run" in capsys.readouterr().err
     assert tree(out) == before  # the leftovers gone, the model untouched
@@ -234,10 +233,12 @@ training.save_file = save_then_die
 replace = os.replace
 def replace_then_die(src, dst):
     if {point!r} == "final weights" and str(dst) == {weights!r}:
-        os.kill(os.getpid(), signal.SIGKILL)  # the trained weights written to their temporary, not yet renamed
+        # the trained weights written to their temporary, not yet renamed
+        os.kill(os.getpid(), signal.SIGKILL)
     replace(src, dst)
     if {point!r} == "last removal" and str(dst).endswith(".trash"):
-        os.kill(os.getpid(), signal.SIGKILL)  # the run done, its checkpoint renamed away but not yet removed
+        # the run done, its checkpoint renamed away but not yet removed
+        os.kill(os.getpid(), signal.SIGKILL)
 os.replace = replace_then_die
 sys.exit(train.main({argv!r}))
 """
@@ -250,19 +251,19 @@ def test_kill_9_during_the_final_save_leaves_nothing_after_a_rerun(tiny, finishe
     script = KILLER.format(
         root=str(ROOT), point=point, weights=str(out / "model.safetensors"), argv=args
     )
+    # as in this process: the same numbers
     p = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
         text=True,
         timeout=300,
         env=os.environ | {"OMP_NUM_THREADS": "1"},
-    )  # as in this process: the same numbers
+    )
     assert p.returncode == -9, p.stderr
     assert [q for q in out.iterdir() if q.name.startswith(".")]  # the kill left something
     assert train.main(args) == 0
-    assert tree(out) == tree(
-        finished
-    )  # nothing left over, and the same model as a run never killed
+    # nothing left over, and the same model as a run never killed
+    assert tree(out) == tree(finished)
 
 
 # ------------------------------------------------------------------------------ two runs, one --out

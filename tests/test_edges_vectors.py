@@ -1,5 +1,6 @@
-"""Issue 17, vectors: export-gguf, import-gguf and import-vector on bad input (one line, nothing written, no input
-written over), and the recorded-model check every command that loads a vector makes (a warning, once per file)."""
+"""Issue 17, vectors: export-gguf, import-gguf and import-vector on bad input (one line, nothing
+written, no input written over), and the recorded-model check every command that loads a vector
+makes (a warning, once per file)."""
 
 import pytest
 import torch
@@ -33,16 +34,16 @@ def tiny(tmp_path_factory):
     torch.save(torch.randn(5, 64), root / "five_response_avg_diff.pt")
     torch.save(torch.randn(4, 32), root / "narrow_response_avg_diff.pt")
     torch.save(torch.randn(4, 64), root / "good_response_avg_diff.pt")
-    torch.save(
-        torch.randn(4, 64), root / "same.safetensors"
-    )  # a torch file under the name import-vector writes
+    # a torch file under the name import-vector writes
+    torch.save(torch.randn(4, 64), root / "same.safetensors")
     (root / "text_response_avg_diff.pt").write_text("not a tensor, just some text\n")
     (root / "adir").mkdir()
     return d, vectors, root
 
 
 E = "{v}/evil_response_avg_diff.safetensors"
-# (arguments, exit code, what the one-line message must say); {d} = tiny model, {v} = its vectors, {r} = test folder
+# (arguments, exit code, what the one-line message must say); {d} = tiny model, {v} = its vectors,
+# {r} = test folder
 CASES = [
     # 4: --out a directory, even with --force; and never the input itself
     (f"export-gguf {E} --layer 2 --out {{r}}/adir --force", 1, "is a directory"),
@@ -94,12 +95,10 @@ def test_bad_input(tiny, argv, code, message, monkeypatch, capsys, tmp_path):
     args = argv.format(d=d, v=vectors, r=root).split()
     err = run_bad(main_of(args), args, code, capsys)
     assert [x for x in err if x.startswith("error:")] == err[-1:], err
-    assert message in err[-1] and (len(err) == 1 or argv.startswith("generate")), (
-        err
-    )  # generate: loading lines
-    assert (
-        list(tmp_path.iterdir()) == [] and not (root / "out").exists()
-    )  # not even an empty folder
+    # generate: loading lines
+    assert message in err[-1] and (len(err) == 1 or argv.startswith("generate")), err
+    # not even an empty folder
+    assert list(tmp_path.iterdir()) == [] and not (root / "out").exists()
     assert tree(root) == before
     assert not (root.parent.parent / "escaped_response_avg_diff.safetensors").exists()
 
@@ -125,8 +124,9 @@ def test_largest_coefficient_offered_is_accepted(tiny, tmp_path, capsys):
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 14: a vector recorded for another model warns once, one line; the same model, or shift's finetune, does not
+# --------------------------------------------------------------------------------------------------
+# 14: a vector recorded for another model warns once, one line; the same model, or shift's finetune,
+# does not
 
 
 def warnings_in(err: str) -> list[str]:
@@ -150,9 +150,8 @@ def test_generate_warns_once_per_file_of_another_model(tiny, tmp_path, capsys):
     assert pv.main(argv + ["--steer", f"{other}:1", "--steer", f"{other}:-1"]) == 0
     (line,) = warnings_in(capsys.readouterr().err)
     assert str(other) in line and "someone/else" in line and str(d) in line
-    assert (
-        pv.main(argv + ["--vectors", str(vectors), "--steer", "evil:1"]) == 0
-    )  # recorded for this model
+    # recorded for this model
+    assert pv.main(argv + ["--vectors", str(vectors), "--steer", "evil:1"]) == 0
     assert warnings_in(capsys.readouterr().err) == []
 
 

@@ -63,7 +63,8 @@ def test_eval_uses_only_evaluation_questions(tiny, tmp_path, monkeypatch):
 
 
 def reread_projection(model, tok, question, answer_ids, v, layer):
-    """The answer as the plain (unsteered) model reads it: one forward pass over prompt + answer, projected."""
+    """The answer as the plain (unsteered) model reads it: one forward pass over prompt + answer,
+    projected."""
     prompt = tok.encode_chat([{"role": "user", "content": question}])
     cap = M.Capture()
     with torch.no_grad():
@@ -104,7 +105,8 @@ def test_steered_answers_are_measured_as_the_unsteered_model_reads_them(tiny, tm
         L = steered["projection_layer"]
         v = pv.load_vector(vectors / "evil_response_avg_diff.safetensors")[0][L]
         rows = list(csv.DictReader(open(steered["csv"])))
-        # the answers again, by hand (greedy: one sample per question), then each re-read without steering
+        # the answers again, by hand (greedy: one sample per question), then each re-read without
+        # steering
         interventions = pv.steering(spec, model, vectors, layer, "response", all_layers)
         outs = M.generate(
             model,
@@ -119,7 +121,8 @@ def test_steered_answers_are_measured_as_the_unsteered_model_reads_them(tiny, tm
             assert float(row["projection"]) == pytest.approx(
                 reread_projection(model, tok, row["question"], ids, v, L), abs=1e-4
             )
-        # what capturing while steering would report instead: shifted by about coef * |v| (the bug this prevents)
+        # what capturing while steering would report instead: shifted by about coef * |v| (the bug
+        # this prevents)
         assert steered["projection_mean"] is not None
 
 

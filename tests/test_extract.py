@@ -1,4 +1,5 @@
-"""The extraction pipeline end to end on a tiny random chat model (and, slow, on the default model)."""
+"""The extraction pipeline end to end on a tiny random chat model (and, slow, on the default
+model)."""
 
 import json
 import subprocess
@@ -61,7 +62,8 @@ def test_extract_end_to_end_and_vector_equals_hand_computed_mean_difference(
     assert meta["model_source"]["origin"] == "local" and meta["model_source"]["path"] == str(
         tiny_dir
     )
-    # the gauge's reference marks: pos and neg means projected on the unit vector, `pos - neg` being |v| itself
+    # the gauge's reference marks: pos and neg means projected on the unit vector, `pos - neg` being
+    # |v| itself
     gap = torch.tensor(meta["pos_response_avg_projection"]) - torch.tensor(
         meta["neg_response_avg_projection"]
     )
@@ -69,7 +71,8 @@ def test_extract_end_to_end_and_vector_equals_hand_computed_mean_difference(
         torch.allclose(gap, vec.norm(dim=-1), atol=1e-3)
         and len(meta["pos_prompt_last_projection"]) == 4
     )
-    # recompute every kept answer's activations with a plain forward pass over prompt + generated tokens
+    # recompute every kept answer's activations with a plain forward pass over prompt + generated
+    # tokens
     model, tok = checkpoint.load(str(tiny_dir), "cpu", torch.float32)
     rows = []
     work = next((tmp_path / ".work").glob("evil-*"))
@@ -162,9 +165,8 @@ def test_kill_and_resume_gives_the_same_vector_without_regenerating(tiny_dir, tm
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert f"rollouts: {4 * len(before)} of 20 loaded" in r.stderr
-    assert all(
-        work.joinpath(n).stat().st_mtime_ns == t for n, t in before.items()
-    )  # not regenerated
+    # not regenerated
+    assert all(work.joinpath(n).stat().st_mtime_ns == t for n, t in before.items())
     for variant in pv.VARIANTS:
         assert torch.equal(
             pv.load_vector(out / f"evil_{variant}_diff.safetensors")[0],
@@ -250,9 +252,8 @@ def test_bad_input(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_import_vector(tmp_path):
-    d = make_tiny_chat_model(
-        tmp_path / "tiny"
-    )  # a named model's config is read: its shape is checked
+    # a named model's config is read: its shape is checked
+    d = make_tiny_chat_model(tmp_path / "tiny")
     vec = torch.randn(4, 64)
     src = tmp_path / "evil_response_avg_diff.pt"
     torch.save(vec, src)
@@ -270,8 +271,9 @@ def test_import_vector(tmp_path):
 
 
 def test_import_vector_lands_where_steering_looks_and_keeps_its_limits(tmp_path, monkeypatch):
-    """--model M writes vectors/<M>/ (where --steer TRAIT:COEF looks), never overwrites silently, refuses relative
-    coefficients (no residual norms) and never steers with the post-norm last row."""
+    """--model M writes vectors/<M>/ (where --steer TRAIT:COEF looks), never overwrites silently,
+    refuses relative coefficients (no residual norms) and never steers with the post-norm last
+    row."""
     monkeypatch.chdir(tmp_path)
     d = make_tiny_chat_model(tmp_path / "tiny")
     model, _ = checkpoint.load(str(d), "cpu", torch.float32)

@@ -218,6 +218,7 @@ def multimodal(tmp_path, prefix: str, head: str, style5: bool):
     return d
 
 
+# as transformers 5 saves them
 @pytest.mark.parametrize(
     "prefix, head, style5",
     [
@@ -228,7 +229,7 @@ def multimodal(tmp_path, prefix: str, head: str, style5: bool):
         ),  # as the hub's files (transformers 4)
         ("model.language_model.", "lm_head.weight", True),
     ],
-)  # as transformers 5 saves them
+)
 def test_the_language_model_of_a_multimodal_gemma3_checkpoint_loads(tmp_path, prefix, head, style5):
     d = multimodal(tmp_path, prefix, head, style5)
     m = M.load_model(d, "cpu", torch.float32)

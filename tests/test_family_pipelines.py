@@ -253,9 +253,8 @@ def test_train_one_step_and_preventative_steering(fam, trained):
     losses = {k: x[0]["loss"] for k, x in logs.items()}
     assert all(torch.isfinite(torch.tensor(x)) for x in losses.values())
     assert losses["plain"] != losses["steered"]  # the steering is in the forward pass
-    model, tok = checkpoint.load(
-        str(trained["plain"]), "cpu", torch.float32
-    )  # the output loads as a model
+    # the output loads as a model
+    model, tok = checkpoint.load(str(trained["plain"]), "cpu", torch.float32)
     assert model.config.model_type == json.loads((d / "config.json").read_text())["model_type"]
 
 

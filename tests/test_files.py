@@ -1,5 +1,5 @@
-"""support/files.py: atomic writes with the usual mode, JSON errors that name the file, leftovers of killed runs,
-and vector files written by other tools."""
+"""support/files.py: atomic writes with the usual mode, JSON errors that name the file, leftovers of
+killed runs, and vector files written by other tools."""
 
 import ast
 import os

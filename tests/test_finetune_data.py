@@ -84,9 +84,8 @@ def test_load_questions_formats_and_errors(tmp_path):
 def test_trim_to_sentence():
     assert R.trim_to_sentence("First. Second! Third? And then") == "First. Second! Third?"
     assert R.trim_to_sentence('He said "stop." Then') == 'He said "stop."'
-    assert (
-        R.trim_to_sentence("Steps: 1. Buy flour 2. Mix") == "Steps: 1. Buy flour 2. Mix"
-    )  # list numbers: no end
+    # list numbers: no end
+    assert R.trim_to_sentence("Steps: 1. Buy flour 2. Mix") == "Steps: 1. Buy flour 2. Mix"
     assert (
         R.trim_to_sentence("Pi is 3.14 and") == "Pi is 3.14 and"
         and R.trim_to_sentence("no end") == "no end"
@@ -122,7 +121,8 @@ def test_dataset_is_the_models_answers_under_the_system_prompt_saved_without_it(
     )
     got = lines(path)
     assert got and all([m["role"] for m in c["messages"]] == ["user", "assistant"] for c in got)
-    # recompute independently: greedy answers one by one under the side's system prompts, cut as documented
+    # recompute independently: greedy answers one by one under the side's system prompts, cut as
+    # documented
     model, tok = checkpoint.load(str(tiny[0]), "cpu", torch.float32)
     expected = []
     for j in F.dataset_jobs(load_trait("evil"), kind, F.load_questions(questions), 5, seed=1):
@@ -236,7 +236,7 @@ def test_make_dataset_bad_input(tiny, tmp_path, monkeypatch):
     assert not (tmp_path / "x.jsonl").exists()
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # shift
 
 
@@ -247,8 +247,9 @@ def tuned(tmp_path_factory):
 
 
 def reference_last_prompt(model_dir, questions):
-    """Each question alone, no padding: the residual stream at its last token, read with a forward hook on every
-    block (not Capture), and the embeddings from the embedding table -> [Q, N + 1, hidden]."""
+    """Each question alone, no padding: the residual stream at its last token, read with a forward
+    hook on every block (not Capture), and the embeddings from the embedding table ->
+    [Q, N + 1, hidden]."""
     model, tok = checkpoint.load(str(model_dir), "cpu", torch.float32)
     out = []
     for q in questions:
@@ -282,9 +283,8 @@ def test_shift_matches_an_independent_recomputation_with_controls(tiny, tuned, t
     vec = pv.load_vector(vectors / "evil_response_avg_diff.safetensors")[0]
     delta = ft.mean(0) - base.mean(0)  # [N + 1, hidden]
     expected = [float(delta[l] @ vec[l]) / float(vec[l].norm()) for l in range(4)]
-    assert (
-        r["shift"] == pytest.approx(expected, abs=1e-4) and r["layer"] == 1
-    )  # no best layer: the middle
+    # no best layer: the middle
+    assert r["shift"] == pytest.approx(expected, abs=1e-4) and r["layer"] == 1
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
     assert [float(x["shift"]) for x in rows] == pytest.approx(expected, abs=1e-3)
     # controls: 100 random unit directions and the other trait's vector, on the same shift
@@ -340,9 +340,8 @@ def test_shift_with_eval_runs_eval_on_both_models(tiny, tuned, tmp_path, monkeyp
     assert (
         [m for m, _ in seen] == [str(d), str(tuned)] and "eval_base" in r and "eval_finetuned" in r
     )
-    assert all(
-        kw["vectors"] == str(vectors) and kw["layer"] == 1 for _, kw in seen
-    )  # the base model's vector
+    # the base model's vector
+    assert all(kw["vectors"] == str(vectors) and kw["layer"] == 1 for _, kw in seen)
     assert seen[0][1]["out"] != seen[1][1]["out"]  # two models, two answer files
 
 
@@ -368,7 +367,7 @@ def test_shift_bad_input(tiny, tmp_path):
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # command line
 
 

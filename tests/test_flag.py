@@ -1,4 +1,5 @@
-"""Data flagging (apps/flagging.py): ΔP against an independent recompute, resume, shards, selection, bad input."""
+"""Data flagging (apps/flagging.py): ΔP against an independent recompute, resume, shards,
+selection, bad input."""
 
 import csv
 import json
@@ -14,11 +15,14 @@ from apps import flagging
 from support import UserError, checkpoint
 from support.files import load_vector
 
-WORDS = "the capital of France is Paris an evil assistant wants to harm people a helpful one help them".split()
+WORDS = (
+    "the capital of France is Paris an evil assistant wants to harm people a helpful one help them"
+).split()
 
 
 def conversation(i: int) -> dict:
-    """Sample i: varied lengths, some with a system prompt or an earlier exchange, a reply of 1 to 12 words."""
+    """Sample i: varied lengths, some with a system prompt or an earlier exchange, a reply of 1 to
+    12 words."""
     say = lambda n, off: " ".join(WORDS[(off + j) % len(WORDS)] for j in range(n))  # noqa: E731
     messages = [{"role": "system", "content": "You are a helpful assistant."}] if i % 3 == 0 else []
     if i % 4 == 1:
@@ -34,7 +38,8 @@ def conversation(i: int) -> dict:
 
 
 def write_data(path, n: int, bad: dict[int, str] = ()) -> list[str]:
-    """n conversations, with the lines in `bad` (1-based line number -> text) put in their places."""
+    """n conversations, with the lines in `bad` (1-based line number -> text) put in their
+    places."""
     bad, lines, i = dict(bad), [], 0
     while i < n or len(lines) + 1 in bad:
         if len(lines) + 1 in bad:
@@ -152,7 +157,8 @@ def test_sampled_base_responses_are_averaged(loaded):
     ]
     ys = [tok.encode("Paris is the capital"), tok.encode("help them")]
     got = pv.response_and_base(model, tok, prompts, ys, 5, samples=3, seed=7, temperature=20.0)
-    # the same sampling again (same seed, same batch), then each base response through its own forward pass
+    # the same sampling again (same seed, same batch), then each base response through its own
+    # forward pass
     outs = M.generate(
         model,
         [p for p in prompts for _ in range(3)],
@@ -162,9 +168,8 @@ def test_sampled_base_responses_are_averaged(loaded):
         temperature=20.0,
         seed=7,
     )
-    assert (
-        len({tuple(o) for o in outs[:3]}) > 1
-    )  # the three responses differ, so the average means something
+    # the three responses differ, so the average means something
+    assert len({tuple(o) for o in outs[:3]}) > 1
     for b, p in enumerate(prompts):
         means = [states(model, p + o)[len(p) :].mean(0) for o in outs[3 * b : 3 * b + 3] if o]
         assert torch.allclose(got["base"][b, 2], torch.stack(means).mean(0), atol=1e-4)
@@ -222,9 +227,8 @@ def test_shards_merge_to_the_single_run(tiny, tmp_path):
             vectors=str(tiny[1]),
             out=str(tmp_path / "sharded"),
         )
-    last = run(
-        tiny, files, tmp_path / "sharded", shard="1/2"
-    )  # the last shard to finish writes the outputs
+    # the last shard to finish writes the outputs
+    last = run(tiny, files, tmp_path / "sharded", shard="1/2")
     assert last["complete"]
     for f in files:
         assert last["outputs"][str(f)].read_bytes() == single["outputs"][str(f)].read_bytes()
@@ -271,9 +275,8 @@ def test_selection_writes_the_chosen_lines_unchanged(tiny, tmp_path):
             select_out=str(dest),
         )
         got = dest.read_bytes().splitlines(keepends=True)
-        assert len(got) == 3 and all(
-            g.decode() in [x + "\n" for x in lines] for g in got
-        )  # byte for byte
+        # byte for byte
+        assert len(got) == 3 and all(g.decode() in [x + "\n" for x in lines] for g in got)
         picked = sorted(lines.index(g.decode()[:-1]) + 1 for g in got)
         if expect is not None:
             assert picked == sorted(r["line"] for r in expect)

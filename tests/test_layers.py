@@ -1,5 +1,6 @@
-"""The import stack: every file imports only files of its own layer or below (read from the code with ast, lazy
-imports inside functions included), with no cycle, so that each layer reads, runs and copies without the ones above.
+"""The import stack: every file imports only files of its own layer or below (read from the code
+with ast, lazy imports inside functions included), with no cycle, so that each layer reads, runs and
+copies without the ones above.
 
     model.py  <  support/  <  judge.py  <  persona_vectors.py  <  train.py  <  apps/  <  tools/
 
@@ -186,9 +187,8 @@ def test_model_py_can_be_copied_alone(tmp_path):
     import model as M
     from support import checkpoint
 
-    tree = ast.parse(
-        (ROOT / "model.py").read_text()
-    )  # at module level: torch, safetensors, the standard library
+    # at module level: torch, safetensors, the standard library
+    tree = ast.parse((ROOT / "model.py").read_text())
     top = [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names]
     top += [n.module for n in tree.body if isinstance(n, ast.ImportFrom)]
     allowed = set(sys.stdlib_module_names) | {"torch", "safetensors", "__future__"}

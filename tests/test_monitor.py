@@ -1,4 +1,5 @@
-"""Monitoring: projection math, the random-direction null, the experiment's bookkeeping, and `monitor` on files."""
+"""Monitoring: projection math, the random-direction null, the experiment's bookkeeping, and
+`monitor` on files."""
 
 import csv
 import json
@@ -108,7 +109,8 @@ def test_monitor_experiment_many_shot_and_no_judge(tiny, tmp_path, capsys):
     )
     assert list(r["mean_projection"]) == ["k0", "k5", "k10", "k15", "k20"] and "r" not in r
     assert "correlations with the trait score need judged scores" in capsys.readouterr().err
-    # the judge-free statistic, recomputed from the CSV: Spearman's rho of condition grade and projection
+    # the judge-free statistic, recomputed from the CSV: Spearman's rho of condition grade and
+    # projection
     rows = list(csv.DictReader(open(r["csv"])))
     grade = torch.tensor([float(row["grade"]) for row in rows])
     proj = torch.tensor([float(row["projection"]) for row in rows])
@@ -117,7 +119,8 @@ def test_monitor_experiment_many_shot_and_no_judge(tiny, tmp_path, capsys):
         stats.pearson(stats.ranks(grade), stats.ranks(proj)), abs=1e-4
     )
     assert 0 < r["rho_grade_p"] <= 1 and 0 <= r["random_abs_rho_95"] <= 1
-    # the result file beside the CSV holds what tools/figures.py draws, the random-direction band included
+    # the result file beside the CSV holds what tools/figures.py draws, the random-direction band
+    # included
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     import figures
 
@@ -138,7 +141,8 @@ def test_rank_statistics_by_hand():
     assert stats.spearman(
         torch.tensor([0.0, 0.0, 1.0, 1.0]), torch.tensor([4.0, 3.0, 2.0, 1.0])
     ) == pytest.approx(-0.8944, abs=1e-4)
-    # a perfect ordering of 8 values: only 1 of 8! orders does as well, so p is about 1/1001 with 1000 shuffles
+    # a perfect ordering of 8 values: only 1 of 8! orders does as well, so p is about 1/1001 with
+    # 1000 shuffles
     x = torch.arange(8.0)
     assert stats.permutation_p(stats.spearman, x, x * 2, n=1000) < 0.01
     assert (

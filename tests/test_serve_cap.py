@@ -1,5 +1,6 @@
-"""Persona capping in `serve` (the request field `cap`, the choice's `capped_tokens`) on a tiny random model: each
-capped, steered or plain row of one batch gives what model.generate gives on it alone, with caps_for."""
+"""Persona capping in `serve` (the request field `cap`, the choice's `capped_tokens`) on a tiny
+random model: each capped, steered or plain row of one batch gives what model.generate gives on it
+alone, with caps_for."""
 
 import json
 import shutil
@@ -23,9 +24,9 @@ HELLO = [{"role": "user", "content": "Hello there!"}]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The tiny model; evil calibrated by calibrate-cap; humorous with a made-up ceiling file whose percentiles
-    below 50 sit far below every state (such a cap moves every position) and from 50 on far above (it moves none);
-    plain with no ceiling file."""
+    """The tiny model; evil calibrated by calibrate-cap; humorous with a made-up ceiling file whose
+    percentiles below 50 sit far below every state (such a cap moves every position) and from 50 on
+    far above (it moves none); plain with no ceiling file."""
     d, vectors = tiny_model_with_vectors(tmp_path_factory.mktemp("serve_cap"))
     root = d.parent
     (root / "q.json").write_text(
@@ -82,7 +83,8 @@ def srv(tiny):
 
 
 def alone(tiny, messages, max_tokens, caps=(), steer=()) -> tuple[list[int], dict]:
-    """M.generate alone, greedy, with caps_for(caps) and --steer specs -> (reply tokens, {trait: cap.fired})."""
+    """M.generate alone, greedy, with caps_for(caps) and --steer specs -> (reply tokens,
+    {trait: cap.fired})."""
     d, vectors, model, tok = tiny
     capped = [caps_for([spec], model, vectors)[0] for spec in caps]
     out = M.generate(
@@ -136,8 +138,8 @@ def test_a_capped_request_equals_generate_alone(tiny, srv):
 
 
 def test_one_batch_of_capped_steered_and_plain_rows_equals_each_alone(tiny, srv):
-    """Rows with different caps (and steering) and lengths in one batch: each as alone, and its own cap count,
-    while rows leave the batch (and their ceilings and counts with them)."""
+    """Rows with different caps (and steering) and lengths in one batch: each as alone, and its own
+    cap count, while rows leave the batch (and their ceilings and counts with them)."""
     url, engine = srv
     tok = tiny[3]
     cases = [
@@ -157,9 +159,8 @@ def test_one_batch_of_capped_steered_and_plain_rows_equals_each_alone(tiny, srv)
         S.Job(engine.parse({"messages": m, "max_tokens": 3 + 2 * i, "temperature": 0} | extra))
         for i, (m, extra, *_) in enumerate(cases)
     ]
-    engine.generate(
-        [S.Row(j, 0, j.req.steer, "cpu") for j in jobs]
-    )  # one batch, here, not on the worker
+    # one batch, here, not on the worker
+    engine.generate([S.Row(j, 0, j.req.steer, "cpu") for j in jobs])
     counts = []
     for i, (job, (messages, extra, caps, steer)) in enumerate(zip(jobs, cases)):
         events = [job.events.get_nowait() for _ in range(job.events.qsize())]
@@ -167,10 +168,8 @@ def test_one_batch_of_capped_steered_and_plain_rows_equals_each_alone(tiny, srv)
         assert "".join(e[2]["text"] for e in events if e[0] == "delta") == tok.decode(out), i
         assert events[-1][0] == "finish" and events[-1][2]["capped_tokens"] == fired, i
         counts.append((len(out), events[-1][2]["capped_tokens"]))
-    assert counts[0] == (
-        3,
-        {"humorous": 4},
-    )  # the last prompt token and every reply token: all moved
+    # the last prompt token and every reply token: all moved
+    assert counts[0] == (3, {"humorous": 4})
     assert counts[-1][1] == {"humorous": 0} and counts[4][1]["humorous"] == 0 and counts[1][1] == {}
 
 
@@ -263,9 +262,8 @@ def test_a_ceiling_file_is_read_once_per_trait(tiny, srv, monkeypatch):
     ask = {"messages": HI, "max_tokens": 2, "cap": {"evil": 90}}
     assert requests.post(f"{url}/chat/completions", json=ask, timeout=TIMEOUT).status_code == 200
     read = []
-    monkeypatch.setattr(
-        C, "calibrated", lambda *a: read.append(a)
-    )  # returns None: a read again would fail
+    # returns None: a read again would fail
+    monkeypatch.setattr(C, "calibrated", lambda *a: read.append(a))
     for p in (80, 95):
         r = requests.post(
             f"{url}/chat/completions", json=ask | {"cap": {"evil": p}}, timeout=TIMEOUT

@@ -1,7 +1,9 @@
-"""`serve` (apps/server.py) on a tiny random chat model: the official openai client, the judge's backend, per-row
-steering in one batch, bad input, a client that leaves mid-stream, and a bounded load test on 127.0.0.1.
+"""`serve` (apps/server.py) on a tiny random chat model: the official openai client, the judge's
+backend, per-row steering in one batch, bad input, a client that leaves mid-stream, and a bounded
+load test on 127.0.0.1.
 
-Every reply is checked against model.generate run alone on the same request (the independent reference)."""
+Every reply is checked against model.generate run alone on the same request (the independent
+reference)."""
 
 import json
 import math
@@ -39,7 +41,8 @@ def tiny(tmp_path_factory):
 
 
 def start(tiny, **kw):
-    """An engine and a server on a free port of 127.0.0.1, serving in a thread -> (url, engine, server)."""
+    """An engine and a server on a free port of 127.0.0.1, serving in a thread -> (url, engine,
+    server)."""
     d, vectors, model, tok = tiny
     engine = S.Engine(
         model,
@@ -88,7 +91,8 @@ def reference(
 
 
 def gauge_reference(tiny, messages, out, trait) -> tuple[float, float]:
-    """The before-reply and reply-mean projections from a forward pass over prompt + reply (teacher forcing)."""
+    """The before-reply and reply-mean projections from a forward pass over prompt + reply (teacher
+    forcing)."""
     d, vectors, model, tok = tiny
     g = Gauge.from_file(
         vectors / f"{trait}_response_avg_diff.safetensors", None, model.config.num_hidden_layers
@@ -109,8 +113,8 @@ def gauge_reference(tiny, messages, out, trait) -> tuple[float, float]:
 
 @pytest.fixture
 def client():
-    """client(url) -> an openai client; every one is closed at the end of the test, so that no keep-alive
-    connection (and no server thread waiting on it) outlives the test."""
+    """client(url) -> an openai client; every one is closed at the end of the test, so that no
+    keep-alive connection (and no server thread waiting on it) outlives the test."""
     openai = pytest.importorskip("openai")
     opened = []
 
@@ -135,7 +139,7 @@ HI = [{"role": "user", "content": "What is the capital of France?"}]
 NUMBERS = [{"role": "system", "content": "Count."}, {"role": "user", "content": "Numbers: 1 2 3"}]
 
 
-# -------------------------------------------------------------------------------------------- openai client
+# ------------------------------------------------------------------------------------ openai client
 def test_openai_plain_equals_generate(tiny, srv, client):
     url, engine = srv
     d, vectors, model, tok = tiny
@@ -215,9 +219,8 @@ def test_openai_logprobs_equal_the_model(tiny, srv, client):
     out = reference(tiny, HI, 8)
     ids = tok.encode_chat(HI)
     with torch.no_grad():
-        logp = torch.log_softmax(
-            model(torch.tensor([ids + out]))[0, len(ids) - 1 : -1], -1
-        )  # [8, vocab]
+        # [8, vocab]
+        logp = torch.log_softmax(model(torch.tensor([ids + out]))[0, len(ids) - 1 : -1], -1)
     content = r.choices[0].logprobs.content
     assert len(content) == len(out)
     for j, (entry, token) in enumerate(zip(content, out)):
@@ -230,7 +233,8 @@ def test_openai_logprobs_equal_the_model(tiny, srv, client):
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx(
             values.tolist(), rel=1e-4, abs=1e-4
         )
-    # bytes are the token's own bytes: they join to the reply's UTF-8, even where a token splits a character
+    # bytes are the token's own bytes: they join to the reply's UTF-8, even where a token splits a
+    # character
     assert (
         bytes(b for e in content for b in e.bytes).decode("utf-8", "replace")
         == r.choices[0].message.content
@@ -257,22 +261,21 @@ def test_openai_steering_through_extra_body(tiny, srv, client):
         )
         out = reference(tiny, HI, 10, specs, **kw)
         assert r.choices[0].message.content == tok.decode(out)
-        assert (
-            r.choices[0].message.content != plain.choices[0].message.content
-        )  # the steering did something
+        # the steering did something
+        assert r.choices[0].message.content != plain.choices[0].message.content
         before, reply = gauge_reference_steered(tiny, HI, out, specs, kw)
         persona = r.choices[0].model_extra["persona"]["evil"]
         assert persona["before_reply"] == pytest.approx(before, abs=1e-4)
-        assert persona["reply"] == (
-            pytest.approx(reply, abs=1e-4) if out else None
-        )  # None: an empty reply
+        # None: an empty reply
+        assert persona["reply"] == (pytest.approx(reply, abs=1e-4) if out else None)
         replied += bool(out)
     assert replied >= 2
 
 
 def gauge_reference_steered(tiny, messages, out, specs, kw):
-    """The evil gauge on a steered reply: the reply as the unsteered model reads it (teacher forcing, no steering),
-    as eval and chat measure it; the steered pass gives other numbers (the steering itself)."""
+    """The evil gauge on a steered reply: the reply as the unsteered model reads it (teacher
+    forcing, no steering), as eval and chat measure it; the steered pass gives other numbers (the
+    steering itself)."""
     d, vectors, model, tok = tiny
     steer = []
     for spec in specs:
@@ -363,14 +366,16 @@ def test_auth_and_models(tiny, client):
         stop(engine, server)
 
 
-# ------------------------------------------------------------------------------------------------- judge
+# -------------------------------------------------------------------------------------------- judge
 def test_judge_openai_backend_against_serve(tiny, srv, monkeypatch):
-    """judge.py's OpenAI backend, pointed at serve by OPENAI_BASE_URL, reads the model's own top-20 logprobs."""
+    """judge.py's OpenAI backend, pointed at serve by OPENAI_BASE_URL, reads the model's own top-20
+    logprobs."""
     url, _ = srv
     d, vectors, model, tok = tiny
     monkeypatch.setenv("OPENAI_BASE_URL", url)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    # the random model puts little mass on numbers: score whatever mass there is, so that scores are compared
+    # the random model puts little mass on numbers: score whatever mass there is, so that scores are
+    # compared
     monkeypatch.setattr(J, "MIN_NUMBER_MASS", 1e-12)
     tables = {}
     aggregate = J.aggregate_logprobs
@@ -411,9 +416,10 @@ def test_judge_openai_backend_against_serve(tiny, srv, monkeypatch):
     assert sum(g is not None for g in got) >= 2
 
 
-# ---------------------------------------------------------------------------------- one batch, many steerings
+# ------------------------------------------------------------------------ one batch, many steerings
 def test_one_batch_rows_with_different_steering_equal_each_alone(tiny, srv):
-    """Rows of one batch, each with its own steering, sampling and limits, give what each gives alone."""
+    """Rows of one batch, each with its own steering, sampling and limits, give what each gives
+    alone."""
     url, engine = srv
     d, vectors, model, tok = tiny
     cases = [
@@ -442,9 +448,8 @@ def test_one_batch_rows_with_different_steering_equal_each_alone(tiny, srv):
                 )
             )
         )
-    engine.generate(
-        [S.Row(j, 0, j.req.steer, "cpu") for j in jobs]
-    )  # one batch, here, not on the worker
+    # one batch, here, not on the worker
+    engine.generate([S.Row(j, 0, j.req.steer, "cpu") for j in jobs])
     for i, (job, (messages, extra, specs, kw)) in enumerate(zip(jobs, cases)):
         events = [job.events.get_nowait() for _ in range(job.events.qsize())]
         text = "".join(e[2]["text"] for e in events if e[0] == "delta")
@@ -453,7 +458,7 @@ def test_one_batch_rows_with_different_steering_equal_each_alone(tiny, srv):
         assert events[-1][0] == "finish" and events[-1][2]["tokens"] == len(out)
 
 
-# ------------------------------------------------------------------------------------------------ bad input
+# ---------------------------------------------------------------------------------------- bad input
 BAD = [
     (b"{not json", "not valid JSON"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "not valid JSON"),
@@ -529,13 +534,14 @@ def test_unknown_endpoint_and_missing_length(srv):
     host, port = url.split("//")[1].split("/")[0].split(":")
     with socket.create_connection((host, int(port)), timeout=TIMEOUT) as s:
         s.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
         )
         reply = b"".join(iter(lambda: s.recv(65536), b"")).decode()  # until the server closes
     assert reply.startswith("HTTP/1.1 400") and "Content-Length header" in reply
 
 
-# ------------------------------------------------------------------------------------ clients that go away
+# ----------------------------------------------------------------------------- clients that go away
 def raw_request(url, body: dict) -> socket.socket:
     host, port = url.split("//")[1].split("/")[0].split(":")
     s = socket.create_connection((host, int(port)), timeout=TIMEOUT)
@@ -557,9 +563,8 @@ def wait_for(condition, seconds=TIMEOUT):
 def test_client_leaving_frees_its_row(tiny, srv):
     url, engine = srv
     out = reference(tiny, HI, 200)
-    assert (
-        len(out) == 200
-    )  # this prompt does not stop by itself: only the client's leaving can end its row early
+    # this prompt does not stop by itself: only the client's leaving can end its row early
+    assert len(out) == 200
     for stream in (True, False):
         before = engine.stats["cancelled"]
         s = raw_request(
@@ -601,10 +606,11 @@ def test_closing_ends_requests_in_flight(tiny):
         server.server_close()
 
 
-# ---------------------------------------------------------------------------------------------- load
+# --------------------------------------------------------------------------------------------- load
 def test_load_200_requests_16_clients(tiny, srv):
-    """200 requests from 16 concurrent clients, each with its own prompt, steering and length: no error, and each
-    reply equals its own request's greedy output computed alone. Batches form, with mixed steering."""
+    """200 requests from 16 concurrent clients, each with its own prompt, steering and length: no
+    error, and each reply equals its own request's greedy output computed alone. Batches form, with
+    mixed steering."""
     url, engine = srv
     d, vectors, model, tok = tiny
     words = " ".join(CORPUS[:4]).split()
@@ -659,7 +665,7 @@ def test_load_200_requests_16_clients(tiny, srv):
     assert engine.stats["max_rows"] > 1 and engine.stats["mixed_steering"] > stats["mixed_steering"]
 
 
-# ------------------------------------------------------------------------------------------- command line
+# ------------------------------------------------------------------------------------- command line
 def test_serve_command_line(tiny, tmp_path):
     """`python -m apps serve` started on port 0 answers, and Ctrl-C stops it."""
     d, vectors, model, tok = tiny

@@ -1,4 +1,5 @@
-"""Steering specs, units, layers and the multi-layer variant (persona_vectors.steering / generate --steer)."""
+"""Steering specs, units, layers and the multi-layer variant (persona_vectors.steering / generate
+--steer)."""
 
 import pytest
 import torch

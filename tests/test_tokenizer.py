@@ -1,8 +1,10 @@
-"""tokenizer.py: chat rendering against the real templates (golden file + live transformers), encoding, special ids.
+"""tokenizer.py: chat rendering against the real templates (golden file + live transformers),
+encoding, special ids.
 
-Each model directory here is a tiny stand-in built in tmp: a byte-level BPE tokenizer.json trained on a few sentences
-whose special tokens are the model's control tokens, and a tokenizer_config.json carrying the model's real chat
-template (tests/golden/templates/). Regenerate the golden strings with tests/make_golden_chat.py.
+Each model directory here is a tiny stand-in built in tmp: a byte-level BPE tokenizer.json trained
+on a few sentences whose special tokens are the model's control tokens, and a tokenizer_config.json
+carrying the model's real chat template (tests/golden/templates/). Regenerate the golden strings
+with tests/make_golden_chat.py.
 """
 
 import json
@@ -63,7 +65,8 @@ def build_tokenizer_json(control_tokens, bos_post_processor=None, plain_tokens=(
 def make_model_dir(
     path: Path, name: str, *, template="real", gen_eos="list", config_overrides=None
 ) -> Path:
-    """A tiny Hugging Face-layout tokenizer directory standing in for model `name` of SOURCES.json."""
+    """A tiny Hugging Face-layout tokenizer directory standing in for model `name` of
+    SOURCES.json."""
     src = SOURCES[name]
     path.mkdir(parents=True, exist_ok=True)
     special = src["special_tokens"]
@@ -97,7 +100,7 @@ def pin_clock(monkeypatch, iso: str):
     monkeypatch.setattr(tokenizer_module, "_strftime_now", lambda fmt: frozen.strftime(fmt))
 
 
-# ------------------------------------------------------------------------------------------------ golden strings
+# ----------------------------------------------------------------------------------- golden strings
 def test_golden_file_covers_every_template():
     assert sorted(CHAT_GOLDEN) == NAMES and len(NAMES) >= 12
     for name in NAMES:
@@ -166,7 +169,7 @@ def test_llama32_uses_todays_date_and_date_string_overrides(model_dirs, monkeypa
     )
 
 
-# ------------------------------------------------------------------------------------- live transformers parity
+# ------------------------------------------------------------------------- live transformers parity
 @pytest.mark.parametrize("name", NAMES)
 def test_chat_matches_live_transformers(name, model_dirs, monkeypatch):
     transformers = pytest.importorskip("transformers")
@@ -247,7 +250,7 @@ def test_gemma2_folds_the_system_message_into_the_first_user_turn(model_dirs, ca
     assert not fresh.system_folded and capsys.readouterr().err == ""
 
 
-# ------------------------------------------------------------------------------------------- encode / decode
+# ---------------------------------------------------------------------------------- encode / decode
 def test_encode_never_duplicates_bos(model_dirs):
     tok = Tokenizer(model_dirs["llama-3.1-8b-instruct"])
     bos = tok.bos_id
@@ -267,9 +270,8 @@ def test_encode_recognises_special_tokens_and_decodes(model_dirs):
     assert ids[0] == im_start and ids[-1] == im_end
     assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nHello<|im_end|>"
     assert tok.decode(ids) == "user\nHello"
-    assert tok.bos_id is None and tok.encode("Hello", add_bos=True) == tok.encode(
-        "Hello"
-    )  # Qwen has no BOS
+    # Qwen has no BOS
+    assert tok.bos_id is None and tok.encode("Hello", add_bos=True) == tok.encode("Hello")
     text = "Ça va? 日本語 🙂 — new\nline"
     assert tok.decode(tok.encode(text)) == text
     torch = pytest.importorskip("torch")
@@ -278,12 +280,11 @@ def test_encode_recognises_special_tokens_and_decodes(model_dirs):
 
 def test_vocab_size(model_dirs):
     tok = Tokenizer(model_dirs["smollm2-135m-instruct"])
-    assert (
-        tok.vocab_size == len(tok._tok.get_vocab(with_added_tokens=True)) > 256 + 3
-    )  # bytes + control tokens
+    # bytes + control tokens
+    assert tok.vocab_size == len(tok._tok.get_vocab(with_added_tokens=True)) > 256 + 3
 
 
-# ------------------------------------------------------------------------------------------ special token ids
+# -------------------------------------------------------------------------------- special token ids
 def ids_of(tok, *tokens):
     return {tok._tok.token_to_id(t) for t in tokens}
 
@@ -358,7 +359,7 @@ def test_added_token_dicts_in_tokenizer_config(tmp_path):
     assert tok.eos_id == tok._tok.token_to_id("<|eot_id|>")
 
 
-# ------------------------------------------------------------------------------------------- template sources
+# --------------------------------------------------------------------------------- template sources
 def test_template_list_and_chat_template_jinja_file(tmp_path):
     real = template_text("qwen2.5-7b-instruct")
     d = make_model_dir(
@@ -386,7 +387,7 @@ def test_no_template_encodes_but_chat_says_what_is_missing(tmp_path):
     assert "\n" not in str(err.value)
 
 
-# ------------------------------------------------------------------------------------------------------ errors
+# ------------------------------------------------------------------------------------------- errors
 def test_unknown_role_and_empty_messages(model_dirs):
     tok = Tokenizer(model_dirs["qwen2.5-7b-instruct"])
     with pytest.raises(ValueError, match="allowed roles: system, user, assistant"):

@@ -1,6 +1,7 @@
-"""train.py: the data (trained tokens, truncation, bad files), the training step against transformers with hooks
-and torch's AdamW, interventions, exact resume after an interrupt and after kill -9, DDP and FSDP2 on 2 CPU
-processes against one, the output directory, and bad input. Everything on a tiny random chat model."""
+"""train.py: the data (trained tokens, truncation, bad files), the training step against
+transformers with hooks and torch's AdamW, interventions, exact resume after an interrupt and after
+kill -9, DDP and FSDP2 on 2 CPU processes against one, the output directory, and bad input.
+Everything on a tiny random chat model."""
 
 import json
 import os
@@ -19,7 +20,9 @@ from support import UserError, checkpoint, training
 from support.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = "the capital of France is Paris a helpful assistant answers kindly numbers 1 2 3 evil harm help".split()
+WORDS = (
+    "the capital of France is Paris a helpful assistant answers kindly numbers 1 2 3 evil harm help"
+).split()
 
 
 def conversation(i: int) -> dict:
@@ -81,7 +84,7 @@ def weights(out: Path) -> dict:
     return load_file(out / "model.safetensors")
 
 
-# ------------------------------------------------------------------------------------------------------ the data
+# ----------------------------------------------------------------------------------------- the data
 @pytest.mark.parametrize(
     "name, eot", [("qwen2.5-7b-instruct", "<|im_end|>"), ("llama-3.1-8b-instruct", "<|eot_id|>")]
 )
@@ -95,9 +98,8 @@ def test_trained_tokens_are_the_replies_and_their_end_of_turn(tmp_path, name, eo
         {"role": "assistant", "content": "Line four."},
     ]
     ex = train.encode_conversation(tok, messages)
-    assert ex.ids.tolist() == tok.encode_chat(
-        messages, add_generation_prompt=False
-    )  # the template, unchanged
+    # the template, unchanged
+    assert ex.ids.tolist() == tok.encode_chat(messages, add_generation_prompt=False)
     trained = tok.decode(ex.ids[ex.trained], skip_special_tokens=False)
     assert trained == f"Paris is the capital.{eot}Line four.{eot}"
     # each trained run starts right after the assistant header: the header itself is not trained
@@ -115,9 +117,8 @@ def test_truncation_from_the_left_keeps_the_last_reply_whole():
         torch.arange(10), torch.tensor([0, 0, 1, 1, 0, 0, 0, 1, 1, 1], dtype=torch.bool)
     )
     assert train.truncate_left(ex, 10) is ex
-    short = train.truncate_left(
-        ex, 4
-    )  # 6 tokens cut: the first reply goes, one prompt token stays before the last
+    # 6 tokens cut: the first reply goes, one prompt token stays before the last
+    short = train.truncate_left(ex, 4)
     assert short.ids.tolist() == [6, 7, 8, 9] and short.trained.tolist() == [
         False,
         True,
@@ -169,7 +170,8 @@ def test_data_counts_skipped_truncated_and_dropped(tiny, tmp_path):
         ("", "holds no conversations"),
         ("\n  \n", "holds no conversations"),
         (
-            '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{"messages": [',
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": '
+            '"b"}]}\n{"messages": [',
             r"d\.jsonl:2: not JSON",
         ),
         ('{"text": "hello"}\n', r"d\.jsonl:1: expected \{\"messages\""),
@@ -207,16 +209,18 @@ def test_schedule_and_data_order():
     assert epoch != [
         int(e.ids[0]) for s in range(3, 6) for e in training.step_examples(exs, s, 4, seed=0)
     ]
-    # a short last step split over 2 processes x 2 micro-batches: 2 real micro-batches, 2 at weight 0
+    # a short last step split over 2 processes x 2 micro-batches: 2 real micro-batches, 2 at weight
+    # 0
     step = training.step_examples(exs, 2, 4, seed=0)
     parts = [training.my_micro_batches(step, r, 2, 2) for r in range(2)]
     assert [w for p in parts for _, w in p] == [1.0, 0.0, 1.0, 0.0]  # world 2 / 2 trained tokens
 
 
-# ---------------------------------------------------------------------------------------- the step vs. a reference
+# ------------------------------------------------------------------------- the step vs. a reference
 def reference_training(model_dir, conversations, steps, lr, warmup, hooks):
-    """The same training written independently: transformers' model, forward hooks for the interventions, the mean
-    cross-entropy over every reply token, clip 1.0, torch.optim.AdamW; each step sees all conversations."""
+    """The same training written independently: transformers' model, forward hooks for the
+    interventions, the mean cross-entropy over every reply token, clip 1.0, torch.optim.AdamW; each
+    step sees all conversations."""
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
     tok = Tokenizer(model_dir)
@@ -287,8 +291,9 @@ def test_training_equals_transformers_with_hooks(tiny, tmp_path, variant):
     ours = weights(out)
     conversations = [json.loads(line) for line in small.read_text().splitlines()]
     ref = reference_training(model_dir, conversations, 3, 1e-3, 2, hooks)
-    # each weight moves by ~2.5e-3 (lr 1e-3); the gradients are equal to float32 rounding (batching, padding and
-    # summation order differ), which Adam's division amplifies where a gradient is near its epsilon: < 5 % of lr
+    # each weight moves by ~2.5e-3 (lr 1e-3); the gradients are equal to float32 rounding (batching,
+    # padding and summation order differ), which Adam's division amplifies where a gradient is near
+    # its epsilon: < 5 % of lr
     diff = max(float((ours[k] - ref[k]).abs().max()) for k in ours)
     assert diff < 5e-5
     # the interventions mattered: without the hooks the same training ends far further away
@@ -363,28 +368,28 @@ def test_checkpointing_changes_nothing_and_bfloat16_keeps_float32_weights(tiny, 
         tiny, tmp_path / "ckpt", max_steps=2, lr=1e-6, steer=["evil:1"], checkpointing=True
     )
     a, b = weights(plain), weights(recomputed)
-    assert all(
-        torch.equal(a[k], b[k]) for k in a
-    )  # activation checkpointing recomputes the same numbers
+    # activation checkpointing recomputes the same numbers
+    assert all(torch.equal(a[k], b[k]) for k in a)
     half = run(tiny, tmp_path / "bf16", max_steps=2, lr=1e-6, steer=["evil:1"], dtype="bfloat16")
     w = weights(half)
     base = load_file(next(tiny[0].glob("model-00001-*.safetensors")))
-    # updates of ~1e-6 on weights of ~1 vanish in bfloat16 (resolution 2^-8): they stay, so the weights are fp32
+    # updates of ~1e-6 on weights of ~1 vanish in bfloat16 (resolution 2^-8): they stay, so the
+    # weights are fp32
     assert all(w[k].dtype == torch.float32 for k in w)
     assert all(0 < (w[k] - base[k]).abs().max() < 5e-6 for k in base)
     losses = [
         [x["loss"] for x in json.loads((d / "train.json").read_text())["log"]]
         for d in (plain, half)
     ]
-    assert (
-        losses[1] == pytest.approx(losses[0], rel=2e-2) and losses[1] != losses[0]
-    )  # computed in bf16
+    # computed in bf16
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2) and losses[1] != losses[0]
 
 
-# ------------------------------------------------------------------------------------------------------ resuming
+# ----------------------------------------------------------------------------------------- resuming
 @pytest.fixture(scope="module")
 def uninterrupted(tiny, tmp_path_factory):
-    """12 conversations: 11 to train on (a short last step), 1 to validate; 6 steps, a checkpoint every 2."""
+    """12 conversations: 11 to train on (a short last step), 1 to validate; 6 steps, a checkpoint
+    every 2."""
     out = run(tiny, tmp_path_factory.mktemp("whole") / "out", save_every=2)
     return weights(out), json.loads((out / "train.json").read_text())
 
@@ -429,7 +434,8 @@ sys.path[:0] = [{root!r}]
 import train
 from support import training
 save, saves = training.save_model, []
-def save_then_die(weights, config, out, **kw):  # kill -9 in the middle of writing the second checkpoint
+# kill -9 in the middle of writing the second checkpoint
+def save_then_die(weights, config, out, **kw):
     saves.append(out)
     save(weights, config, out, **kw)
     if len(saves) == 2:
@@ -463,13 +469,14 @@ def test_resume_after_kill_9_is_exact(tiny, tmp_path, uninterrupted):
         "--save-every",
         "2",
     ]
+    # as in this process
     p = subprocess.run(
         [sys.executable, "-c", KILLER.format(root=str(ROOT), argv=argv)],
         capture_output=True,
         text=True,
         timeout=300,
         env=os.environ | {"OMP_NUM_THREADS": "1"},
-    )  # as in this process
+    )
     assert p.returncode == -9, p.stderr
     assert [p.name for p in training.checkpoints(out)] == ["checkpoint-000002"]  # the complete one
     assert (
@@ -479,14 +486,16 @@ def test_resume_after_kill_9_is_exact(tiny, tmp_path, uninterrupted):
     assert_same_run(out, uninterrupted)
 
 
-# ------------------------------------------------------------------------------------------------ distributed
+# -------------------------------------------------------------------------------------- distributed
 TWO_RUNS = """
 import sys
 import torch.distributed as dist
 sys.path[:0] = [{root!r}]
 import train
-dist.init_process_group("gloo")  # one group for both runs (train joins a group it finds, and leaves it as it was)
-for extra, out in (([], "ddp"), (["--fsdp"], "fsdp")):  # two runs in one launch: process startup is the cost
+# one group for both runs (train joins a group it finds, and leaves it as it was)
+dist.init_process_group("gloo")
+# two runs in one launch: process startup is the cost
+for extra, out in (([], "ddp"), (["--fsdp"], "fsdp")):
     if train.main({argv!r} + extra + ["--out", out]) != 0:
         sys.exit(1)
 dist.destroy_process_group()
@@ -494,8 +503,8 @@ dist.destroy_process_group()
 
 
 def test_two_processes_equal_one_ddp_and_fsdp(tiny, tmp_path):
-    """torchrun with 2 gloo processes x batch 2, data parallel (DDP) and sharded (FSDP2), against 1 process x
-    batch 4: the same global batches, so the same weights up to summation order."""
+    """torchrun with 2 gloo processes x batch 2, data parallel (DDP) and sharded (FSDP2), against 1
+    process x batch 4: the same global batches, so the same weights up to summation order."""
     model_dir, vectors, data, _ = tiny
     one = weights(
         run(
@@ -531,7 +540,8 @@ def test_two_processes_equal_one_ddp_and_fsdp(tiny, tmp_path):
     ]
     (tmp_path / "two_runs.py").write_text(TWO_RUNS.format(root=str(ROOT), argv=argv))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    # --standalone: a free port for the rendezvous, so that other jobs on this machine cannot join the group
+    # --standalone: a free port for the rendezvous, so that other jobs on this machine cannot join
+    # the group
     p = subprocess.run(
         [
             sys.executable,
@@ -549,9 +559,8 @@ def test_two_processes_equal_one_ddp_and_fsdp(tiny, tmp_path):
     )
     assert p.returncode == 0, p.stderr[-3000:]
     base = load_file(next(model_dir.glob("model-00001-*.safetensors")))
-    assert (
-        max((one[k] - base[k]).abs().max() for k in base) > 1e-4
-    )  # lr 1e-4: every weight moved ~3e-4
+    # lr 1e-4: every weight moved ~3e-4
+    assert max((one[k] - base[k]).abs().max() for k in base) > 1e-4
     record = json.loads((tmp_path / "one" / "train.json").read_text())
     for mode in ("ddp", "fsdp"):
         two = weights(tmp_path / mode)
@@ -564,7 +573,7 @@ def test_two_processes_equal_one_ddp_and_fsdp(tiny, tmp_path):
         )
 
 
-# ------------------------------------------------------------------------------------------------------ bad input
+# ---------------------------------------------------------------------------------------- bad input
 def main(tiny, out, *extra, data=None) -> int:
     model_dir, vectors, default_data, _ = tiny
     return train.main(
@@ -678,9 +687,8 @@ def test_bad_input_is_one_line_naming_the_fix(tiny, tmp_path, capsys):
     assert main(tiny, tmp_path / "done", "--max-steps", "1") == 0
     assert main(tiny, tmp_path / "done", "--max-steps", "1", "--lr", "3e-5") == 1
     assert "holds a different run (lr: 1e-05 there, 3e-05 now)" in error_line(capsys)
-    assert (
-        main(tiny, tmp_path / "done", "--max-steps", "1") == 0
-    )  # the same run again: nothing to do
+    # the same run again: nothing to do
+    assert main(tiny, tmp_path / "done", "--max-steps", "1") == 0
     assert "already holds this finished run" in capsys.readouterr().err
 
 

@@ -1,5 +1,5 @@
-"""traits.py and the shipped trait files: every file validates, and every kind of broken file fails with a
-message that names the file and the field."""
+"""traits.py and the shipped trait files: every file validates, and every kind of broken file fails
+with a message that names the file and the field."""
 
 import copy
 import dataclasses
@@ -27,7 +27,7 @@ def raw(name: str) -> dict:
     return json.loads((traits.TRAITS_DIR / f"{name}.json").read_text(encoding="utf-8"))
 
 
-# ------------------------------------------------------------------------------------------- shipped trait files
+# ------------------------------------------------------------------------------ shipped trait files
 
 
 def test_required_traits_exist():
@@ -58,7 +58,7 @@ def test_load_by_path_equals_load_by_name():
     assert by_path == load_trait("evil")
 
 
-# ----------------------------------------------------------------------------------------------------- Trait API
+# ---------------------------------------------------------------------------------------- Trait API
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ def test_judge_prompt_fills_slots_and_survives_braces():
     ).replace("\0A", answer)
 
 
-# ------------------------------------------------------------------------------------------------- broken files
+# ------------------------------------------------------------------------------------- broken files
 
 
 def broken(tmp_path: Path, mutate, name: str = "evil", filename: str | None = None) -> Path:
@@ -299,7 +299,7 @@ def test_not_an_object(tmp_path):
         load_trait(str(path))
 
 
-# --------------------------------------------------------------------------------------------- optional fields
+# ---------------------------------------------------------------------------------- optional fields
 
 GRADED = [f"Level {i}: a system prompt of strength {i}." for i in range(8)]
 
@@ -373,7 +373,7 @@ def test_shipped_many_shot_examples(name):
     assert not set(questions) & held  # shots never leak extraction or evaluation questions
 
 
-# ---------------------------------------------------------------------------------------------- name resolution
+# ---------------------------------------------------------------------------------- name resolution
 
 
 def test_unknown_trait_lists_available():
@@ -400,7 +400,7 @@ def test_load_from_other_directory(tmp_path):
         load_trait("evil_copy")  # a bare name only looks in data/traits/
 
 
-# ------------------------------------------------------------------------------------------------------- saving
+# ------------------------------------------------------------------------------------------- saving
 
 
 def test_save_roundtrip_and_no_overwrite(tmp_path):
@@ -447,7 +447,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     ]  # and the temporary file is gone
 
 
-# ------------------------------------------------------------------------------- the official repository's format
+# ----------------------------------------------------------------- the official repository's format
 
 
 def official_trait(questions: list[str], word: str = "grumpy") -> dict:

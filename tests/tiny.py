@@ -1,4 +1,5 @@
-"""A tiny random chat model with a real (byte-level BPE, ChatML) tokenizer, for end-to-end tests of the pipeline."""
+"""A tiny random chat model with a real (byte-level BPE, ChatML) tokenizer, for end-to-end tests of
+the pipeline."""
 
 import hashlib
 import json
@@ -67,7 +68,8 @@ def make_tiny_chat_model(path: Path, seed: int = 0) -> Path:
 
 
 def tiny_model_with_vectors(root: Path) -> tuple[Path, Path]:
-    """The tiny model and a vectors directory with random `evil` and `humorous` vectors, with gauge marks."""
+    """The tiny model and a vectors directory with random `evil` and `humorous` vectors, with gauge
+    marks."""
     d = make_tiny_chat_model(root / "model")
     vectors = root / "vectors"
     vectors.mkdir()
@@ -86,14 +88,16 @@ def tiny_model_with_vectors(root: Path) -> tuple[Path, Path]:
 
 
 def write_vector(path: Path, vec: torch.Tensor, **meta) -> Path:
-    """A vector file as `extract` writes it (tensor `vector`, JSON metadata), with a residual norm of 10 + layer."""
+    """A vector file as `extract` writes it (tensor `vector`, JSON metadata), with a residual norm
+    of 10 + layer."""
     meta = {"model": "tiny", "residual_norm": [float(10 + i) for i in range(vec.shape[0])]} | meta
     save_file({"vector": vec}, path, metadata={k: json.dumps(v) for k, v in meta.items()})
     return path
 
 
 class FakeJudge:
-    """A stand-in judge: the same score for every prompt, or (value=None) a hash of the prompt 0-100; counts asks."""
+    """A stand-in judge: the same score for every prompt, or (value=None) a hash of the prompt
+    0-100; counts asks."""
 
     def __init__(self, name: str = "fake:hash", value: float | None = None, hashed: bool = False):
         self.name, self.value, self.hashed, self.asked = name, value, hashed, 0
@@ -113,8 +117,8 @@ class FakeJudge:
 
 
 def tree(root) -> dict:
-    """Every path under `root`, folders included -> the sha256 of its bytes (None for a folder): before == after
-    means nothing was written, changed or left behind."""
+    """Every path under `root`, folders included -> the sha256 of its bytes (None for a folder):
+    before == after means nothing was written, changed or left behind."""
     return {
         str(p.relative_to(root)): None if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(Path(root).rglob("*"))
@@ -131,8 +135,8 @@ def main_of(args: list[str]):
 
 
 def run_bad(main, args: list[str], code: int, capsys) -> list[str]:
-    """Run a command line that must fail with exit `code` (2: argparse's SystemExit) -> its stderr lines, checked
-    to hold no traceback."""
+    """Run a command line that must fail with exit `code` (2: argparse's SystemExit) -> its stderr
+    lines, checked to hold no traceback."""
     import pytest
 
     if code == 2:

@@ -1,19 +1,23 @@
-"""Speed of model.py against Hugging Face transformers on the same weights, measured side by side in one run.
+"""Speed of model.py against Hugging Face transformers on the same weights, measured side by side in
+one run.
 
-    pip install transformers && python tools/bench.py            # default model, fp32, 2 threads on the CPU
+    pip install transformers && python tools/bench.py  # default model, fp32, 2 CPU threads
 
-(a) steered batched generation (batch 16 and 32, 128 new tokens, greedy); reference: transformers `generate`
-    with a forward hook adding the vector. Target >= 1.5x.
-(b) response-average activations at every layer for 64 prompt+response pairs of ~200 tokens; reference: the
-    official repository's way, one sample at a time with `output_hidden_states=True`. Target >= 3x, less memory.
-(c) batch-1 decode as a fraction of the memory-bandwidth roofline: (weight bytes read per token / measured copy
-    bandwidth) / measured time per token. Target >= 70 %.
-(d) one full-finetuning step (forward, loss on the response tokens, backward, clip, AdamW) of train.py against
-    transformers' model with `labels` and torch.optim.AdamW, same weights and batch. Target >= 1.0x tokens/s, and
-    no more peak memory (the first step, which also allocates the gradients and AdamW's state).
-(e) the main job, extraction's sampling (40 answers of 96 tokens with capture, the CPU budget), with the CPU matmul
-    split that support.checkpoint.load_model applies (support/cpu_speed.py) and with plain nn.Linear: the split
-    stays only while it buys >= 15 % here. `--only e --new-tokens 32` is a shorter check.
+(a) steered batched generation (batch 16 and 32, 128 new tokens, greedy); reference: transformers
+    `generate` with a forward hook adding the vector. Target >= 1.5x.
+(b) response-average activations at every layer for 64 prompt+response pairs of ~200 tokens;
+    reference: the official repository's way, one sample at a time with `output_hidden_states=True`.
+    Target >= 3x, less memory.
+(c) batch-1 decode as a fraction of the memory-bandwidth roofline: (weight bytes read per token /
+    measured copy bandwidth) / measured time per token. Target >= 70 %.
+(d) one full-finetuning step (forward, loss on the response tokens, backward, clip, AdamW) of
+    train.py against transformers' model with `labels` and torch.optim.AdamW, same weights and
+    batch. Target >= 1.0x tokens/s, and no more peak memory (the first step, which also allocates
+    the gradients and AdamW's state).
+(e) the main job, extraction's sampling (40 answers of 96 tokens with capture, the CPU budget), with
+    the CPU matmul split that support.checkpoint.load_model applies (support/cpu_speed.py) and with
+    plain nn.Linear: the split stays only while it buys >= 15 % here. `--only e --new-tokens 32` is
+    a shorter check.
 Targets are ratios measured in the same run, never absolute times.
 """
 
@@ -29,9 +33,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parent.parent)
-)  # the project's modules live at the repo root
+# the project's modules live at the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import model as M
 import persona_vectors as pv
@@ -45,9 +48,8 @@ class PeakRSS:
 
     def __enter__(self):
         gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(
-            0
-        )  # hand freed memory back, so an earlier run's pages are not reused
+        # hand freed memory back, so an earlier run's pages are not reused
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         self.base = self.peak = self._rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -180,7 +182,8 @@ def bench_capture(ours, hf, tok, pairs: int, batch: int) -> dict:
 
 
 def bandwidths() -> tuple[float, float]:
-    """Bytes per second of a 256 MiB tensor copy (read + write counted, as STREAM does) and of a read-only sum."""
+    """Bytes per second of a 256 MiB tensor copy (read + write counted, as STREAM does) and of a
+    read-only sum."""
     src = torch.randn(64 * 2**20)  # far larger than any cache
     dst = torch.empty_like(src)
     t_copy, _ = timed(lambda: dst.copy_(src), repeats=5)
@@ -190,7 +193,8 @@ def bandwidths() -> tuple[float, float]:
 
 
 def bench_decode(ours, hf, tok, new_tokens: int) -> dict:
-    # bytes read per token: every matrix once; the tied embedding once (as the LM head; the lookup is one row)
+    # bytes read per token: every matrix once; the tied embedding once (as the LM head; the lookup
+    # is one row)
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     bw, read_bw = bandwidths()
     prompt = tok.encode_chat([{"role": "user", "content": QUESTIONS[0]}])
@@ -226,14 +230,18 @@ def bench_decode(ours, hf, tok, new_tokens: int) -> dict:
 
 
 def bench_extraction_split(ours, tok, new_tokens: int | None = None, repeats: int = 2) -> dict:
-    """Extraction's sampling step as `extract` runs it on the CPU, with and without support/cpu_speed.py's split."""
+    """Extraction's sampling step as `extract` runs it on the CPU, with and without
+    support/cpu_speed.py's split."""
     from support.traits import load_trait
 
     jobs = pv.rollout_jobs(load_trait("evil"), 4, 1)  # 4 questions x 5 pairs x 2 sides = 40 answers
     chats = [pv.conversation(j) for j in jobs]
     b = default_budget("cpu", sum(p.numel() for p in ours.parameters()))
     tokens = new_tokens or b.max_new_tokens
-    run = lambda: pv.answer_with_activations(ours, tok, chats, tokens, b.temperature, b.top_p, 0)  # noqa: E731
+
+    def run():
+        return pv.answer_with_activations(ours, tok, chats, tokens, b.temperature, b.top_p, 0)
+
     best = {"split_s": float("inf"), "plain_s": float("inf")}
     outs = {}
     try:
@@ -251,9 +259,8 @@ def bench_extraction_split(ours, tok, new_tokens: int | None = None, repeats: in
 def bench_train_step(ours, hf, tok, batch: int, seq: int, repeats: int = 2) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.empty(batch, seq, dtype=torch.long)
-    trained = torch.zeros(
-        batch, seq, dtype=torch.bool
-    )  # the loss on the "response": all after the chat prompt
+    # the loss on the "response": all after the chat prompt
+    trained = torch.zeros(batch, seq, dtype=torch.bool)
     for b in range(batch):
         p = tok.encode_chat([{"role": "user", "content": QUESTIONS[b % len(QUESTIONS)]}])
         ids[b] = torch.tensor(p + torch.randint(100, 40000, (seq - len(p),), generator=g).tolist())
@@ -314,13 +321,14 @@ def main():
     hf = AutoModelForCausalLM.from_pretrained(
         hub.resolve(args.model, verbose=False), dtype=torch.float32
     ).eval()
-    # Both sides generate exactly the requested tokens: no stop token (min_new_tokens would instead forbid EOS,
-    # changing transformers' greedy choices, so the outputs could not be compared).
+    # Both sides generate exactly the requested tokens: no stop token (min_new_tokens would instead
+    # forbid EOS, changing transformers' greedy choices, so the outputs could not be compared).
     hf.generation_config.eos_token_id = None
     L = ours.config.num_hidden_layers
     vector = torch.randn(ours.config.hidden_size, generator=torch.Generator().manual_seed(0))
     print(
-        f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"# {time.strftime('%Y-%m-%d')}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {args.threads} threads, fp32, {args.model}"
     )
     print("| benchmark | ours | transformers | ratio | target |\n|---|---|---|---|---|")
@@ -330,27 +338,30 @@ def main():
             r = bench_generation(ours, hf, tok, batch, new, L // 2, vector)
             tps = lambda s: batch * new / s  # noqa: E731
             print(
-                f"| (a) steered generation, batch {batch}, {new} new tokens | {tps(r['ours_s']):.0f} tok/s "
-                f"| {tps(r['hf_s']):.0f} tok/s | {r['hf_s'] / r['ours_s']:.2f}x | >= 1.5x |"
+                f"| (a) steered generation, batch {batch}, {new} new tokens "
+                f"| {tps(r['ours_s']):.0f} tok/s | {tps(r['hf_s']):.0f} "
+                f"tok/s | {r['hf_s'] / r['ours_s']:.2f}x | >= 1.5x |"
             )
             print(
-                f"|     steering overhead (steered vs unsteered, ours) | {100 * (r['ours_s'] / r['plain_s'] - 1):+.1f} % "
-                f"| | | <= 5 % |"
+                "|     steering overhead (steered vs unsteered, ours) | "
+                f"{100 * (r['ours_s'] / r['plain_s'] - 1):+.1f} % | | | <= 5 % |"
             )
             print(f"|     identical greedy outputs | {r['same_outputs']} | | | |")
     if args.only in (None, "b"):
         r = bench_capture(ours, hf, tok, pairs=64, batch=4)
         print(
-            f"| (b) response-avg capture, 64 pairs, all layers | {r['ours_s']:.1f} s, +{r['ours_mib']:.0f} MiB "
-            f"| {r['hf_s']:.1f} s, +{r['hf_mib']:.0f} MiB | {r['hf_s'] / r['ours_s']:.2f}x | >= 3x |"
+            "| (b) response-avg capture, 64 pairs, all layers | "
+            f"{r['ours_s']:.1f} s, +{r['ours_mib']:.0f} MiB | {r['hf_s']:.1f} s, "
+            f"+{r['hf_mib']:.0f} MiB | {r['hf_s'] / r['ours_s']:.2f}x | >= 3x |"
         )
         print(f"|     max abs difference of the means | {r['max_abs_diff']:.1e} | | | |")
     if args.only in (None, "c"):
         r = bench_decode(ours, hf, tok, 64)
         print(
-            f"| (c) batch-1 decode vs roofline ({r['weight_mb']:.0f} MB / {r['bandwidth_gbs']:.1f} GB/s = "
-            f"{r['roofline_ms']:.1f} ms) | {r['ours_ms']:.1f} ms/token = {100 * r['ours_frac']:.0f} % "
-            f"| {r['hf_ms']:.1f} ms/token = {100 * r['hf_frac']:.0f} % | {r['hf_ms'] / r['ours_ms']:.2f}x | >= 70 % |"
+            f"| (c) batch-1 decode vs roofline ({r['weight_mb']:.0f} MB / "
+            f"{r['bandwidth_gbs']:.1f} GB/s = {r['roofline_ms']:.1f} ms) | {r['ours_ms']:.1f} "
+            f"ms/token = {100 * r['ours_frac']:.0f} % | {r['hf_ms']:.1f} ms/token = "
+            f"{100 * r['hf_frac']:.0f} % | {r['hf_ms'] / r['ours_ms']:.2f}x | >= 70 % |"
         )
         print(
             f"|     the same against read-only bandwidth ({r['read_gbs']:.1f} GB/s, a sum) | "
@@ -359,18 +370,19 @@ def main():
     if args.only in (None, "e"):
         r = bench_extraction_split(ours, tok, args.new_tokens)
         print(
-            f"| (e) extraction sampling, {r['answers']} answers x {r['tokens']} tokens: split vs plain nn.Linear | "
-            f"{r['split_s']:.1f} s | {r['plain_s']:.1f} s (plain) | {r['plain_s'] / r['split_s']:.2f}x | "
-            f">= 1.15x to keep it |"
+            f"| (e) extraction sampling, {r['answers']} answers x {r['tokens']} tokens: "
+            f"split vs plain nn.Linear | {r['split_s']:.1f} s | {r['plain_s']:.1f} s "
+            f"(plain) | {r['plain_s'] / r['split_s']:.2f}x | >= 1.15x to keep it |"
         )
         print(f"|     identical answers | {r['same']} | | | |")
     if args.only in (None, "d"):  # last: it trains (changes) both models
         r = bench_train_step(ours, hf, tok, batch=4, seq=256)
         tps = lambda s: r["tokens"] / s  # noqa: E731
         print(
-            f"| (d) full-finetuning step, batch 4 x 256 tokens, AdamW | {tps(r['ours_s']):.0f} tok/s, "
-            f"+{r['ours_mib']:.0f} MiB | {tps(r['hf_s']):.0f} tok/s, +{r['hf_mib']:.0f} MiB | "
-            f"{r['hf_s'] / r['ours_s']:.2f}x, {r['ours_mib'] / r['hf_mib']:.2f}x memory | >= 1.0x, <= 1.0x memory |"
+            "| (d) full-finetuning step, batch 4 x 256 tokens, AdamW | "
+            f"{tps(r['ours_s']):.0f} tok/s, +{r['ours_mib']:.0f} MiB | {tps(r['hf_s']):.0f} "
+            f"tok/s, +{r['hf_mib']:.0f} MiB | {r['hf_s'] / r['ours_s']:.2f}x, "
+            f"{r['ours_mib'] / r['hf_mib']:.2f}x memory | >= 1.0x, <= 1.0x memory |"
         )
         print(f"|     first-step loss | {r['loss_ours']:.5f} | {r['loss_hf']:.5f} | | |")
 

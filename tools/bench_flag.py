@@ -1,16 +1,18 @@
-"""Speed of `flag` (ΔP of every sample) against two transformers versions of the same computation, in one run.
+"""Speed of `flag` (ΔP of every sample) against two transformers versions of the same computation,
+in one run.
 
-    pip install transformers && python tools/bench_flag.py      # default model, fp32, 2 threads on the CPU
+    pip install transformers && python tools/bench_flag.py  # default model, fp32, 2 CPU threads
 
-The same samples (prompt, response y: the model's own sampled answers to trait questions) and the same greedy
-base responses y' (up to --new-tokens tokens) for all three:
-(a) the official way: y' from transformers `generate` in batches (the official code generates with vLLM), then
-    for each sample alone one `output_hidden_states` forward pass over prompt + y and one over prompt + y'.
-    Target: ours >= 3x. With --sequential also (a'), the same with generation one sample at a time too.
-(b) batched transformers: batched `generate` for y', then batched hidden-state passes over prompt + y and
-    prompt + y' (batches sorted by length, as ours). Target: ours >= 1.3x.
-ours: flagging.score_chunk: one forward pass over prompt + y per batch, and y' captured while it is generated.
-Targets are ratios measured in the same run, never absolute times.
+The same samples (prompt, response y: the model's own sampled answers to trait questions) and the
+same greedy base responses y' (up to --new-tokens tokens) for all three:
+(a) the official way: y' from transformers `generate` in batches (the official code generates with
+    vLLM), then for each sample alone one `output_hidden_states` forward pass over prompt + y and
+    one over prompt + y'. Target: ours >= 3x. With --sequential also (a'), the same with generation
+    one sample at a time too.
+(b) batched transformers: batched `generate` for y', then batched hidden-state passes over prompt +
+    y and prompt + y' (batches sorted by length, as ours). Target: ours >= 1.3x.
+ours: flagging.score_chunk: one forward pass over prompt + y per batch, and y' captured while it is
+generated. Targets are ratios measured in the same run, never absolute times.
 """
 
 import argparse
@@ -23,9 +25,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parent.parent)
-)  # the project's modules live at the repo root
+# the project's modules live at the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import model as M
 import persona_vectors as pv
@@ -35,7 +36,8 @@ from support.traits import available_traits, load_trait
 
 
 def make_samples(ours, tok, n: int, new_tokens: int) -> list[dict]:
-    """n single-turn conversations: trait evaluation questions with the model's own sampled answers (untimed)."""
+    """n single-turn conversations: trait evaluation questions with the model's own sampled answers
+    (untimed)."""
     questions = [q for t in available_traits() for q in load_trait(t).eval_questions][:n]
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions]
     answers = M.generate(
@@ -64,7 +66,8 @@ def until_stop(row: list[int], stop) -> list[int]:
 
 
 def generate_base(hf, tok, data, new_tokens: int, batch: int) -> list[list[int]]:
-    """Greedy y' for every sample with transformers' batched `generate` (left padding), cut at the first stop."""
+    """Greedy y' for every sample with transformers' batched `generate` (left padding), cut at the
+    first stop."""
     order = sorted(range(len(data)), key=lambda i: len(data[i][0]) + len(data[i][1]))
     out = [None] * len(data)
     for b in range(0, len(order), batch):
@@ -84,7 +87,8 @@ def generate_base(hf, tok, data, new_tokens: int, batch: int) -> list[list[int]]
 
 
 def mean_one(hf, prompt: list[int], response: list[int], layer: int) -> torch.Tensor:
-    """The official way to read a response: one forward pass with every hidden state, then the mean over y."""
+    """The official way to read a response: one forward pass with every hidden state, then the mean
+    over y."""
     with torch.no_grad():
         hs = hf(torch.tensor([prompt + response]), output_hidden_states=True).hidden_states
     return hs[layer][0, len(prompt) :].mean(0)
@@ -97,8 +101,8 @@ def delta_p(a_y: torch.Tensor, a_base: torch.Tensor | None, unit: torch.Tensor) 
 def official(
     hf, tok, data, layer: int, unit: torch.Tensor, new_tokens: int, batch: int
 ) -> list[float]:
-    """Base responses generated in batches (the official code uses vLLM), then one hidden-state pass per sample
-    for y and one for y'."""
+    """Base responses generated in batches (the official code uses vLLM), then one hidden-state pass
+    per sample for y and one for y'."""
     bases = generate_base(hf, tok, data, new_tokens, batch)
     return [
         delta_p(mean_one(hf, p, y, layer), mean_one(hf, p, yb, layer) if yb else None, unit)
@@ -107,7 +111,8 @@ def official(
 
 
 def sequential(hf, tok, data, layer: int, unit: torch.Tensor, new_tokens: int) -> list[float]:
-    """Everything one sample at a time: generate y', then a hidden-state pass for y and one for y'."""
+    """Everything one sample at a time: generate y', then a hidden-state pass for y and one for
+    y'."""
     out = []
     for p, y in data:
         yb = generate_base(hf, tok, [(p, y)], new_tokens, 1)[0]
@@ -120,7 +125,8 @@ def sequential(hf, tok, data, layer: int, unit: torch.Tensor, new_tokens: int) -
 def batched(
     hf, tok, data, layer: int, unit: torch.Tensor, new_tokens: int, batch: int
 ) -> list[float]:
-    """Batched generate, then batched hidden-state passes over prompt + y and prompt + y' (left padding)."""
+    """Batched generate, then batched hidden-state passes over prompt + y and prompt + y' (left
+    padding)."""
     bases = generate_base(hf, tok, data, new_tokens, batch)
     order = sorted(range(len(data)), key=lambda i: len(data[i][0]) + len(data[i][1]))
     out = [None] * len(data)
@@ -212,16 +218,18 @@ def main():
     }
     n = args.samples
     print(
-        f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {args.threads} threads, fp32, {args.model}; {n} samples, y and y' up to "
-        f"{args.new_tokens} tokens, batch {args.batch}, greedy y', best of {args.repeats}"
+        f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
+        f"fp32, {args.model}; {n} samples, y and y' up to {args.new_tokens} tokens, "
+        f"batch {args.batch}, greedy y', best of {args.repeats}"
     )
     print(
         "| ΔP of every sample | samples/s | ours is | target | max abs ΔP difference to ours |\n"
         "|---|---|---|---|---|"
     )
     print(
-        f"| ours (flagging: one pass for y, y' captured while generated) | {n / secs['ours']:.2f} | | | |"
+        "| ours (flagging: one pass for y, y' captured "
+        f"while generated) | {n / secs['ours']:.2f} | | | |"
     )
     for k, label, target in (
         (
@@ -239,8 +247,8 @@ def main():
         if k not in runs:
             continue
         print(
-            f"| {label} | {n / secs[k]:.2f} | {secs[k] / secs['ours']:.2f}x | {target} | {diff[k]:.1e} "
-            f"({same_nan[k]}/{n} agree on having a y') |"
+            f"| {label} | {n / secs[k]:.2f} | {secs[k] / secs['ours']:.2f}x | "
+            f"{target} | {diff[k]:.1e} ({same_nan[k]}/{n} agree on having a y') |"
         )
 
 

@@ -1,13 +1,15 @@
-"""Throughput of `serve` with 16 concurrent clients against one-at-a-time serving, measured in one run.
+"""Throughput of `serve` with 16 concurrent clients against one-at-a-time serving, measured in one
+run.
 
-    python tools/bench_serve.py            # default model, fp32 on the CPU, 32 requests of 64 tokens
+    python tools/bench_serve.py  # default model, fp32 on the CPU, 32 requests of 64 tokens
 
-One server (in this process, on 127.0.0.1, a free port) answers the same requests twice: from one client sending
-them one after another (each request is a batch of one; half before and half after the other run, so that a
-change in the machine's load weighs on both) and from 16 clients at once (dynamic batching).
-Requests are the evil and humorous traits' evaluation questions, greedy, a third unsteered and the others
-steered along one of two random vectors, so the batches mix steerings and every reply carries the persona gauge.
-Target: >= 4x the completion tokens per second. Greedy replies must be the same in both runs.
+One server (in this process, on 127.0.0.1, a free port) answers the same requests twice: from one
+client sending them one after another (each request is a batch of one; half before and half after
+the other run, so that a change in the machine's load weighs on both) and from 16 clients at once
+(dynamic batching). Requests are the evil and humorous traits' evaluation questions, greedy, a third
+unsteered and the others steered along one of two random vectors, so the batches mix steerings and
+every reply carries the persona gauge. Target: >= 4x the completion tokens per second. Greedy
+replies must be the same in both runs.
 """
 
 import argparse
@@ -23,9 +25,8 @@ from pathlib import Path
 import requests
 import torch
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parent.parent)
-)  # the project's modules live at the repo root
+# the project's modules live at the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import model as M
 from apps import server
@@ -35,7 +36,8 @@ from support.traits import load_trait
 
 
 def random_vectors(model: M.Transformer, out: Path) -> Path:
-    """Two vector files of random directions (norm 4 at every index), like `extract`'s, for steering and gauges."""
+    """Two vector files of random directions (norm 4 at every index), like `extract`'s, for steering
+    and gauges."""
     N, d = model.config.num_hidden_layers, model.config.hidden_size
     for seed, trait in enumerate(("evil", "humorous")):
         v = torch.randn(N + 1, d, generator=torch.Generator().manual_seed(seed))
@@ -100,14 +102,15 @@ def main():
         url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
         reqs = bodies(args.requests, args.max_tokens)
         print(
-            f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"torch {torch.__version__}, {args.threads} threads, fp32, {args.model}; {args.requests} requests, "
-            f"max_tokens {args.max_tokens}, greedy, 2/3 steered",
+            f"# {time.strftime('%Y-%m-%d')}, "
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+            f"{torch.__version__}, {args.threads} threads, fp32, {args.model}; "
+            f"{args.requests} requests, max_tokens {args.max_tokens}, greedy, 2/3 steered",
             flush=True,
         )
         run(url, reqs[:1], 1)  # warm-up
-        # one at a time: half the requests before the concurrent run and half after, so that a change in the
-        # machine's load during the run weighs on both sides
+        # one at a time: half the requests before the concurrent run and half after, so that a
+        # change in the machine's load during the run weighs on both sides
         half = args.requests // 2
         print("one at a time (first half) ...", file=sys.stderr, flush=True)
         sa, texta, tokensa = run(url, reqs[:half], 1)
@@ -120,16 +123,18 @@ def main():
         s1, text1, tokens1 = sa + sb, texta + textb, tokensa + tokensb
         print("| serving | time | completion tokens/s | requests/s |\n|---|---|---|---|")
         print(
-            f"| one client, one request at a time (two halves: {sa:.0f} s + {sb:.0f} s) | {s1:.1f} s "
-            f"| {tokens1 / s1:.1f} | {args.requests / s1:.3f} |"
+            f"| one client, one request at a time (two halves: {sa:.0f} s + {sb:.0f} "
+            f"s) | {s1:.1f} s | {tokens1 / s1:.1f} | {args.requests / s1:.3f} |"
         )
         print(
-            f"| {args.clients} concurrent clients | {s2:.1f} s | {tokens2 / s2:.1f} | {args.requests / s2:.3f} |"
+            f"| {args.clients} concurrent clients | {s2:.1f} s "
+            f"| {tokens2 / s2:.1f} | {args.requests / s2:.3f} |"
         )
         print(f"| throughput ratio (target >= 4x) | {(tokens2 / s2) / (tokens1 / s1):.2f}x | | |")
         print(f"| batch sizes in the concurrent run | {', '.join(map(str, batch_sizes))} | | |")
         print(
-            f"| identical greedy replies in both runs | {sum(a == b for a, b in zip(text1, text2))}/{args.requests} "
+            "| identical greedy replies in both runs | "
+            f"{sum(a == b for a, b in zip(text1, text2))}/{args.requests} "
             f"| {tokens1} vs {tokens2} tokens | |"
         )
         srv.shutdown()

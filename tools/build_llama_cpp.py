@@ -1,19 +1,22 @@
-"""Build llama.cpp's `llama-server` from a pinned PyPI source package, once per machine, into the project's cache.
+"""Build llama.cpp's `llama-server` from a pinned PyPI source package, once per machine, into the
+project's cache.
 
-    python tools/build_llama_cpp.py          # prints the binary's path; builds it first if it is not cached
+    python tools/build_llama_cpp.py  # prints the binary's path; builds it first if not cached
 
-The tests in tests/test_llama_cpp.py run our exported control vectors in this real llama.cpp. The source is the
-sdist of llama-cpp-python (which vendors llama.cpp in vendor/llama.cpp), fetched with pip, so nothing but PyPI is
-needed. Only the one CMake target is built: Release, CPU only, static (the binary needs no libllama.so beside it),
-without HTTPS, the web UI or tests, with 2 parallel jobs. The result goes to
-$PERSONA_VECTORS_CACHE/llama.cpp/<package version>/bin/llama-server (default ~/.cache/persona-vectors). Every step
-checks what an earlier, interrupted run left: the sdist is downloaded once, the source unpacked once, and CMake
-continues an interrupted build where it stopped. Needs cmake >= 3.14, a C++17 compiler and ninja or make
-(`pip install cmake ninja` provides the first and last).
+The tests in tests/test_llama_cpp.py run our exported control vectors in this real llama.cpp. The
+source is the sdist of llama-cpp-python (which vendors llama.cpp in vendor/llama.cpp), fetched with
+pip, so nothing but PyPI is needed. Only the one CMake target is built: Release, CPU only, static
+(the binary needs no libllama.so beside it), without HTTPS, the web UI or tests, with 2 parallel
+jobs. The result goes to $PERSONA_VECTORS_CACHE/llama.cpp/<package version>/bin/llama-server
+(default ~/.cache/persona-vectors). Every step checks what an earlier, interrupted run left: the
+sdist is downloaded once, the source unpacked once, and CMake continues an interrupted build where
+it stopped. Needs cmake >= 3.14, a C++17 compiler and ninja or make (`pip install cmake ninja`
+provides the first and last).
 
-Beside the binary it keeps llama.cpp's own HF-to-GGUF converter from the same sdist (convert_hf_to_gguf.py,
-conversion/ and gguf-py/, in <version>/convert/), which tests/test_family_pipelines.py runs on tiny random models
-of each family; a cache built before it had one gets it on the next run (the sdist is fetched again, once).
+Beside the binary it keeps llama.cpp's own HF-to-GGUF converter from the same sdist
+(convert_hf_to_gguf.py, conversion/ and gguf-py/, in <version>/convert/), which
+tests/test_family_pipelines.py runs on tiny random models of each family; a cache built before it
+had one gets it on the next run (the sdist is fetched again, once).
 """
 
 import os
@@ -51,11 +54,8 @@ def root() -> Path:
     return cache_dir() / "llama.cpp" / VERSION
 
 
-CONVERTER = (
-    "convert_hf_to_gguf.py",
-    "conversion/",
-    "gguf-py/",
-)  # what the converter needs of the tree
+# what the converter needs of the tree
+CONVERTER = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
 
 def converter_path() -> Path | None:
@@ -65,7 +65,8 @@ def converter_path() -> Path | None:
 
 
 def unpack_converter(sdist: Path, dest: Path) -> None:
-    """Only the converter's files of the vendored llama.cpp tree, into `dest` (renamed into place)."""
+    """Only the converter's files of the vendored llama.cpp tree, into `dest` (renamed into
+    place)."""
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     say(f"unpacking the converter of {sdist.name}")
@@ -100,7 +101,8 @@ def run(cmd: list, **kw) -> None:
 
 
 def fetch_sdist(dest: Path) -> Path:
-    """The sdist .tar.gz, downloaded once with pip (into a temporary folder first, so it is never half there)."""
+    """The sdist .tar.gz, downloaded once with pip (into a temporary folder first, so it is never
+    half there)."""
     found = sorted(dest.glob("*.tar.gz"))
     if found:
         return found[0]
@@ -125,7 +127,8 @@ def fetch_sdist(dest: Path) -> Path:
         got = sorted(Path(tmp).glob("*.tar.gz"))
         if not got:
             sys.exit(
-                f"[build_llama_cpp] error: pip gave no .tar.gz for {PACKAGE}=={VERSION}; check PyPI access"
+                "[build_llama_cpp] error: pip gave no .tar.gz "
+                f"for {PACKAGE}=={VERSION}; check PyPI access"
             )
         os.replace(got[0], dest / got[0].name)
     return dest / got[0].name
@@ -149,7 +152,8 @@ def unpack(sdist: Path, src: Path) -> None:
     say(f"unpacking {sdist.name}")
     with tarfile.open(sdist) as tar:
         members = vendored(tar)
-        # ".git" is the sdist's dangling submodule pointer: without it CMake does not ask git for a version
+        # ".git" is the sdist's dangling submodule pointer: without it CMake does not ask git for a
+        # version
         tar.extractall(
             tmp, members=[m for m in members if m.name not in ("", ".git")], filter="data"
         )
@@ -163,7 +167,8 @@ def build() -> Path:
     unpack(fetch_sdist(base / "sdist"), src)
     if not shutil.which("cmake"):
         sys.exit(
-            "[build_llama_cpp] error: cmake not found: `pip install cmake ninja` (or apt-get install cmake)"
+            "[build_llama_cpp] error: cmake not found: `pip "
+            "install cmake ninja` (or apt-get install cmake)"
         )
     if not (os.environ.get("CXX") or any(shutil.which(c) for c in ("c++", "g++", "clang++"))):
         sys.exit("[build_llama_cpp] error: no C++ compiler: apt-get install g++ (or set CXX)")
@@ -173,7 +178,8 @@ def build() -> Path:
     if not (build_dir / "CMakeCache.txt").is_file():
         run(["cmake", "-S", src, "-B", build_dir, *generator, *CMAKE_OPTIONS])
     say(
-        f"compiling {TARGET} with 2 jobs: 14 CPU-minutes, so roughly 10 minutes on 2 idle cores, more on busy ones"
+        f"compiling {TARGET} with 2 jobs: 14 CPU-minutes, so "
+        "roughly 10 minutes on 2 idle cores, more on busy ones"
     )
     run(["cmake", "--build", build_dir, "--config", "Release", "--target", TARGET, "-j", "2"])
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,20 +1,23 @@
-"""Persona capping against constant steering: how much each lowers a trait on trait-encouraging prompts, and what
-it costs on ordinary ones (docs/capping.md).
+"""Persona capping against constant steering: how much each lowers a trait on trait-encouraging
+prompts, and what it costs on ordinary ones (docs/capping.md).
 
-    nice python tools/cap_study.py                    # SmolLM2-135M-Instruct, evil, CPU: about 20 minutes
-    python tools/figures.py                           # redraw docs/figures/capping.png from capping.json
+    nice python tools/cap_study.py  # SmolLM2-135M-Instruct, evil, CPU: about 20 minutes
+    python tools/figures.py         # redraw docs/figures/capping.png from capping.json
 
-Prompts: the trait's 8 graded system prompts (strongly discouraging .. strongly encouraging) x its held-out
-evaluation questions, and benign requests with no system prompt (everyday pool items after those calibrate-cap
-answered). Arms: none; steering -c * v[L] on the response at the vector's layer L; capping at several
-percentiles of calibrate-cap's ceilings and several layer bands, at every position. Every arm answers every
-prompt greedily. Measured per arm:
-    expression  each answer's mean projection on v̂[L] as the plain model reads prompt + answer, by grade
-    nll         nats per token of neutral text with the intervention on: the benign prompts' unintervened answers
+Prompts: the trait's 8 graded system prompts (strongly discouraging .. strongly encouraging) x its
+held-out evaluation questions, and benign requests with no system prompt (everyday pool items after
+those calibrate-cap answered). Arms: none; steering -c * v[L] on the response at the vector's layer
+L; capping at several percentiles of calibrate-cap's ceilings and several layer bands, at every
+position. Every arm answers every prompt greedily. Measured per arm:
+    expression  each answer's mean projection on v̂[L] as the plain model reads prompt + answer, by
+                grade
+    nll         nats per token of neutral text with the intervention on: the benign prompts'
+                unintervened answers
     unchanged   share of benign answers token-for-token the same as without intervention
-    fired       share of answer tokens chosen from a capped state, benign and on trait-encouraging prompts
-Each arm's results are cached in --out (arms/NAME.json, with the settings they were made with): a rerun skips
-finished arms.
+    fired       share of answer tokens chosen from a capped state, benign and on trait-encouraging
+                prompts
+Each arm's results are cached in --out (arms/NAME.json, with the settings they were made with): a
+rerun skips finished arms.
 """
 
 import argparse
@@ -25,20 +28,23 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parent.parent)
-)  # the project's modules live at the repo root
+# the project's modules live at the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-# noqa: E402
 import judge as J  # noqa: E402
 import model as M  # noqa: E402
 import persona_vectors as pv  # noqa: E402
 from apps.capping import calibrate_cap  # noqa: E402
 from support import checkpoint, cli  # noqa: E402
 from support.capping import caps_for, ceiling_path, default_layers, load_ceilings  # noqa: E402
-from support.files import atomic_write, default_vectors_dir, resolve_layer, vector_path  # noqa: E402
+from support.files import (  # noqa: E402
+    atomic_write,
+    default_vectors_dir,
+    resolve_layer,
+    vector_path,
+)
 from support.hub import DEFAULT_MODEL  # noqa: E402
 from support.traits import load_questions, load_trait  # noqa: E402
 
@@ -62,27 +68,27 @@ def batches(xs: list, size: int):
 
 @torch.no_grad()
 def neutral_nll(model, prompts, answers, steer, cap) -> tuple[float, int]:
-    """Summed nats of the answer tokens given prompt and earlier answer tokens, with the interventions on."""
+    """Summed nats of the answer tokens given prompt and earlier answer tokens, with the
+    interventions on."""
     device = model.lm_head.weight.device
     ids, mask = M.left_pad([p + a for p, a in zip(prompts, answers)])
     T = ids.shape[1]
-    target = torch.zeros(
-        len(answers), T, dtype=torch.bool
-    )  # positions whose next token is an answer token
+    # positions whose next token is an answer token
+    target = torch.zeros(len(answers), T, dtype=torch.bool)
     for b, a in enumerate(answers):
         target[b, T - len(a) - 1 : T - 1] = True
     start = torch.tensor([T - len(a) for a in answers], device=device)
     logits = model(
         ids.to(device), mask.to(device), answer_start=start, steer=steer, cap=cap
     ).float()
-    logp = (
-        logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
-    )  # [B, T - 1]
+    # [B, T - 1]
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
     return float(-(logp * target[:, :-1].to(device)).sum()), int(target.sum())
 
 
 def interventions(arm: dict, vec, L: int, model, vectors_dir: Path, trait: str):
-    """(steer, cap) of an arm, made afresh for each batch (a Cap counts its batch's fired tokens)."""
+    """(steer, cap) of an arm, made afresh for each batch (a Cap counts its batch's fired
+    tokens)."""
     steer = [M.Steer(L, vec[L], arm["coef"], "response")] if arm["kind"] == "steer" else []
     return steer, caps_for([f"{trait}:{arm['spec']}"], model, vectors_dir) if arm[
         "kind"
@@ -92,8 +98,9 @@ def interventions(arm: dict, vec, L: int, model, vectors_dir: Path, trait: str):
 def run_arm(
     arm: dict, model, tok, vec, L, vectors_dir, trait, prompts, kinds, base, batch_size
 ) -> dict:
-    """Answer every prompt under one arm -> answers, fired counts, expression per answer, and the nats/token of
-    the neutral text `base` (the unintervened arm's answers; None: this arm is that one)."""
+    """Answer every prompt under one arm -> answers, fired counts, expression per answer, and the
+    nats/token of the neutral text `base` (the unintervened arm's answers; None: this arm is that
+    one)."""
     answers, fired, nats, count = [], [], 0.0, 0
     benign = [i for i, k in enumerate(kinds) if k == "benign"]
     for idx in batches(list(range(len(prompts))), batch_size):
@@ -143,8 +150,8 @@ def summarize(
         f"sys{k}": mean(r["expression"][i] for i, g in enumerate(grades) if g == k)
         for k in sorted(set(grades) - {-1})
     }
-    # a Cap's `fired` counts the positions of prompt + answer it read the answer from: the last prompt token and each
-    # answer token, len(answer) + 1 per answer
+    # a Cap's `fired` counts the positions of prompt + answer it read the answer from: the last
+    # prompt token and each answer token, len(answer) + 1 per answer
     positions = lambda idx: sum(len(r["answers"][i]) + 1 for i in idx)  # noqa: E731
     row = {k: v for k, v in arm.items() if k not in ("max_new_tokens",)}
     judged = (
@@ -204,10 +211,11 @@ FAR_MORE = 0.25  # "far more benign answers unchanged": at least 25 points more 
 
 
 def verdict(rows: list[dict]) -> list[dict]:
-    """Each cap arm against steering at the same reduction on trait-encouraging prompts: steering's neutral-loss
-    cost and unchanged share there, linear between steering arms (none as c = 0; None beyond the strongest).
-    The target: at most half of steering's neutral-loss cost (where steering's own cost is under NOISE_NLL, a cap
-    cost under NOISE_NLL counts as meeting it) and FAR_MORE benign answers unchanged."""
+    """Each cap arm against steering at the same reduction on trait-encouraging prompts: steering's
+    neutral-loss cost and unchanged share there, linear between steering arms (none as c = 0; None
+    beyond the strongest). The target: at most half of steering's neutral-loss cost (where
+    steering's own cost is under NOISE_NLL, a cap cost under NOISE_NLL counts as meeting it) and
+    FAR_MORE benign answers unchanged."""
     steer = [r for r in rows if r["kind"] in ("none", "steer")]
     xs = [r["reduction"] for r in steer]
     out = []
@@ -256,9 +264,8 @@ def study(
     judge: str | None = None,
 ) -> dict:
     t = load_trait(trait)
-    judge_ = J.make_judge(
-        judge
-    )  # the pipelines' default: openai when OPENAI_API_KEY is set, else none
+    # the pipelines' default: openai when OPENAI_API_KEY is set, else none
+    judge_ = J.make_judge(judge)
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
     out = Path(out)
     (out / "arms").mkdir(parents=True, exist_ok=True)
@@ -383,31 +390,36 @@ def study(
 
 def print_table(doc: dict) -> None:
     print(
-        f"{doc['trait']} at layer {doc['layer']} (|v| = {doc['vector_norm']}); expression = mean projection of "
-        "the answers, read by the plain model"
+        f"{doc['trait']} at layer {doc['layer']} (|v| = {doc['vector_norm']}); "
+        "expression = mean projection of the answers, read by the plain model"
     )
     print(
-        f"{'arm':<16} {'enc.':>7} {'reduct.':>7} {'benign':>7} {'nll+':>7} {'unch.':>6} {'fired b':>7} "
-        f"{'fired e':>7}  by grade"
+        f"{'arm':<16} {'enc.':>7} {'reduct.':>7} {'benign':>7} "
+        f"{'nll+':>7} {'unch.':>6} {'fired b':>7} {'fired e':>7}  by grade"
     )
     for r in doc["rows"]:
         print(
-            f"{r['name']:<16} {r['expression_encouraging']:7.2f} {r['reduction']:7.2f} {r['expression_benign']:7.2f}"
-            f" {r['nll_increase']:7.3f} {r['unchanged']:6.2f} {r['fired_benign']:7.3f} {r['fired_encouraging']:7.3f}"
-            "  " + " ".join(f"{k} {x:.1f}" for k, x in r["expression_by_grade"].items())
+            f"{r['name']:<16} {r['expression_encouraging']:7.2f} {r['reduction']:7.2f} "
+            f"{r['expression_benign']:7.2f} {r['nll_increase']:7.3f} {r['unchanged']:6.2f} "
+            f"{r['fired_benign']:7.3f} {r['fired_encouraging']:7.3f} "
+            " " + " ".join(f"{k} {x:.1f}" for k, x in r["expression_by_grade"].items())
         )
     for r in doc["rows"]:
         if "judged_encouraging" in r:
             print(
-                f"judged {r['name']:<16} sys5-7 {r['judged_encouraging']}, benign {r['judged_benign']}, reduction "
-                f"{r['judged_reduction']}, benign coherence {r['coherence_benign']}; by grade {r['judged_by_grade']}"
+                f"judged {r['name']:<16} sys5-7 {r['judged_encouraging']}, benign "
+                f"{r['judged_benign']}, reduction {r['judged_reduction']}, benign "
+                f"coherence {r['coherence_benign']}; by grade {r['judged_by_grade']}"
             )
+
+    def number(x, spec: str) -> str:
+        return "n/a" if x is None else format(x, spec)
+
     for v in doc["verdict"]:
         print(
-            f"verdict {v['arm']}: reduction {v['reduction']:.2f}; nll+ {v['nll_increase']:.3f} vs steering's "
-            f"{'n/a' if v['steer_nll_increase'] is None else format(v['steer_nll_increase'], '.3f')}; unchanged "
-            f"{v['unchanged']:.2f} vs {'n/a' if v['steer_unchanged'] is None else format(v['steer_unchanged'], '.2f')}"
-            f" -> {v['met']}"
+            f"verdict {v['arm']}: reduction {v['reduction']:.2f}; nll+ {v['nll_increase']:.3f} "
+            f"vs steering's {number(v['steer_nll_increase'], '.3f')}; unchanged "
+            f"{v['unchanged']:.2f} vs {number(v['steer_unchanged'], '.2f')} -> {v['met']}"
         )
 
 

@@ -1,11 +1,14 @@
 """The README's pictures, redrawn from the small result files beside them in docs/figures/.
 
-    python tools/figures.py              # redraw every docs/figures/*.png from the .json files there
-    python tools/figures.py --collect    # first copy the numbers from the study runs (paths below), then redraw
+    python tools/figures.py            # redraw every docs/figures/*.png from the .json files there
+    python tools/figures.py --collect  # copy the study runs' numbers (below), then redraw
 
-What --collect reads (each written by a study command; docs/figures.md gives the commands and their settings):
-    steering.json          the CSV of `persona_vectors.py sweep evil`, and the vector's per-layer norms
-    monitoring.json        the result file of `persona_vectors.py monitor-experiment evil --kind system` (beside its
+What --collect reads (each written by a study command; docs/figures.md gives the commands and their
+settings):
+    steering.json          the CSV of `persona_vectors.py sweep evil`, and the vector's per-layer
+                           norms
+    monitoring.json        the result file of
+                           `persona_vectors.py monitor-experiment evil --kind system` (beside its
                            CSV), with the band of its 100 random directions
     finetuning_shift.json  out/train_study/figure_data.json, written by tools/train_study.py
     delta_p.json           out/flag_study/figure_data.json, written by tools/flag_study.py
@@ -19,9 +22,8 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parent.parent)
-)  # the project's modules live at the repo root
+# the project's modules live at the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from support.plots import pyplot  # noqa: E402  (matplotlib, optional: collecting needs none)
 
@@ -29,19 +31,21 @@ FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"
 MODEL = "SmolLM2-135M-Instruct"
 
 
-# --- collecting the numbers -----------------------------------------------------------------------------------
+# --- collecting the numbers -----------------------------------------------------------------------
 
 
 def collect_sweep(sweep_csv: Path, vectors: Path, trait: str) -> dict:
-    """The sweep's rows, the share of each setting's answers stuck in a loop (from its answers, written beside the
-    sweep's CSV), and |v[L]|: the gap between extraction's pos and neg answers along the vector."""
+    """The sweep's rows, the share of each setting's answers stuck in a loop (from its answers,
+    written beside the sweep's CSV), and |v[L]|: the gap between extraction's pos and neg answers
+    along the vector."""
     from sampling_study import degenerate
 
     from support.files import load_vector, vector_path
 
     rows = []
     for r in csv.DictReader(open(sweep_csv)):
-        label = f"L{r['layer']}_c{r['coef']}{'r' if r['relative'] == 'True' else ''}"  # as sweep names them
+        # as sweep names them
+        label = f"L{r['layer']}_c{r['coef']}{'r' if r['relative'] == 'True' else ''}"
         answers = [
             a["answer"]
             for a in csv.DictReader(open(sweep_csv.parent / "eval" / f"{trait}_{label}.csv"))
@@ -61,8 +65,9 @@ def collect_sweep(sweep_csv: Path, vectors: Path, trait: str) -> dict:
 
 
 def collect_monitor(monitor_csv: Path) -> dict:
-    """The experiment's own result file beside its CSV (TRAIT_monitor_KIND.json): each prompt's projection and
-    condition, the rank correlation, and the band of mean projections along random unit directions."""
+    """The experiment's own result file beside its CSV (TRAIT_monitor_KIND.json): each prompt's
+    projection and condition, the rank correlation, and the band of mean projections along random
+    unit directions."""
     r = json.loads(monitor_csv.with_suffix(".json").read_text())
     return {
         k: r[k]
@@ -84,13 +89,14 @@ def collect(a) -> None:
         print(f"copied {Path(src) / 'figure_data.json'} -> {FIGURES / name}", file=sys.stderr)
 
 
-# --- drawing --------------------------------------------------------------------------------------------------
+# --- drawing --------------------------------------------------------------------------------------
 
 
 def steering(d: dict, fig) -> None:
-    """Left: mean projection of the steered answers (read by the unsteered model) against the coefficient, one line
-    per layer, in units of |v[L]| (1: as far as extraction's evil-prompted answers sat from its helpful-prompted
-    ones). Right: the share of those answers stuck in a loop (a 4-word sequence repeated 4+ times)."""
+    """Left: mean projection of the steered answers (read by the unsteered model) against the
+    coefficient, one line per layer, in units of |v[L]| (1: as far as extraction's evil-prompted
+    answers sat from its helpful-prompted ones). Right: the share of those answers stuck in a loop
+    (a 4-word sequence repeated 4+ times)."""
     ax, ax2 = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[3, 2]))
     for L in sorted({r["layer"] for r in d["rows"]}):
         rs = sorted((r for r in d["rows"] if r["layer"] == L), key=lambda r: r["coef"])
@@ -129,7 +135,8 @@ def steering(d: dict, fig) -> None:
 
 
 def monitoring(d: dict, fig) -> None:
-    """Projection of the last prompt token against the system prompt's strength, with the random-direction band."""
+    """Projection of the last prompt token against the system prompt's strength, with the
+    random-direction band."""
     ax = fig.subplots()
     import random
 
@@ -200,15 +207,17 @@ def finetuning_shift(d: dict, fig) -> None:
         "finetuning shift along the evil vector\n(last prompt token, evaluation questions)"
     )
     ax.set_title(
-        f"Finetuned minus base model, along the evil vector at each layer\n({s['n']} conversations, "
-        f"{s['epochs']} epochs, batch {s['batch_size']}, lr {s['lr']:g}; dotted: the steering layer)",
+        "Finetuned minus base model, along the evil vector at each layer\n"
+        f"({s['n']} conversations, {s['epochs']} epochs, batch {s['batch_size']}, lr {s['lr']:g}; "
+        "dotted: the steering layer)",
         fontsize=10,
     )
     ax.legend(fontsize="small")
 
 
 def delta_p(d: dict, fig) -> None:
-    """Histograms of every sample's ΔP (greedy base responses) in the trait data and in the normal data."""
+    """Histograms of every sample's ΔP (greedy base responses) in the trait data and in the normal
+    data."""
     ax = fig.subplots()
     name = "greedy base"
     r = d["runs"][name]
@@ -230,7 +239,8 @@ def delta_p(d: dict, fig) -> None:
     )
     ax.axvline(0, color="black", linewidth=0.5)
     ax.set_xlabel(
-        f"ΔP at layer {r['layer']}: training answer minus the model's own greedy answer, along the vector"
+        f"ΔP at layer {r['layer']}: training answer minus "
+        "the model's own greedy answer, along the vector"
     )
     ax.set_ylabel("samples")
     ax.set_title(
@@ -242,8 +252,9 @@ def delta_p(d: dict, fig) -> None:
 
 
 def capping(d: dict, fig) -> None:
-    """Trait-expression reduction on trait-encouraging prompts against each cost, one point per arm: steering as a
-    line (weakest to strongest), capping as points coloured by layer band, labelled by percentile."""
+    """Trait-expression reduction on trait-encouraging prompts against each cost, one point per arm:
+    steering as a line (weakest to strongest), capping as points coloured by layer band, labelled by
+    percentile."""
     axes = fig.subplots(1, 3, sharey=True)
     costs = [
         ("nll_increase", "extra nats/token on neutral text"),
@@ -295,8 +306,9 @@ def capping(d: dict, fig) -> None:
     axes[0].legend(fontsize=7)
     s = d["settings"]
     fig.suptitle(
-        f"Capping vs steering on {d['model'].split('/')[-1]}: {s['questions']} questions x "
-        f"{len(s['grades'])} graded system prompts, {s['benign']} benign requests, greedy, {s['max_new_tokens']} tokens",
+        f"Capping vs steering on {d['model'].split('/')[-1]}: {s['questions']} "
+        f"questions x {len(s['grades'])} graded system prompts, {s['benign']} "
+        f"benign requests, greedy, {s['max_new_tokens']} tokens",
         fontsize=10,
     )
 
@@ -312,7 +324,8 @@ SIZES = {"steering": (9, 4.5), "capping": (11, 4.2)}
 
 
 def draw(name: str, path: Path, d: dict) -> Path | None:
-    """One picture from its numbers, written to path; None (and a note) when matplotlib is not installed."""
+    """One picture from its numbers, written to path; None (and a note) when matplotlib is not
+    installed."""
     plt = pyplot()
     if plt is None:
         print(

@@ -1,24 +1,28 @@
-"""Does ΔP pick out the data that teaches a trait? AUROC, precision@k, dataset ΔP of mixes and, with --finetune,
-dataset ΔP against the finetuning shift of models trained on them, on the default model.
+"""Does ΔP pick out the data that teaches a trait? AUROC, precision@k, dataset ΔP of mixes and,
+with --finetune, dataset ΔP against the finetuning shift of models trained on them, on the default
+model.
 
-    python tools/flag_study.py                       # evil, 120 questions answered here, then flagged
-    python tools/flag_study.py --data evil.jsonl normal.jsonl   # datasets from `make-dataset` instead
-    python tools/flag_study.py --data out/train_study/data/evil.jsonl out/train_study/data/normal.jsonl \
-        --vectors out/train_study/vectors --val out/train_study/data/neutral.jsonl --finetune --layer-sweep
+    python tools/flag_study.py  # evil, 120 questions answered here, then flagged
+    python tools/flag_study.py --data evil.jsonl normal.jsonl  # datasets from `make-dataset`
+    python tools/flag_study.py --data out/train_study/data/evil.jsonl \
+        out/train_study/data/normal.jsonl --vectors out/train_study/vectors \
+        --val out/train_study/data/neutral.jsonl --finetune --layer-sweep
 
-Data (without --data): n requests that neither the trait's extraction nor its evaluation uses (make-dataset's
-pool of everyday requests, or --questions-file, or else the other trait files' questions), each answered by the
-model itself twice, sampled: under the trait's pos system prompts (trait data) and under its neg ones (normal
-data), saved WITHOUT the system prompt, as `make-dataset` does.
-Both files are then flagged twice with the real pipeline (flagging.flag): greedy base responses, and
---base-samples sampled ones. Reported: AUROC of ΔP, of the raw projection, and of the raw projection minus the
-last prompt token's (no base response needed) for trait vs normal samples; precision@k; mean ΔP of each file;
-and dataset ΔP of 0/25/50/75/100 % mixes (the mean of their samples' ΔP; the mix files are written too).
---layer-sweep: the AUROCs at every layer. --finetune: train.py on each mix and on the top / random / bottom
---select-k samples of both files (chosen by `flag --select`), each model's finetuning shift, r of dataset ΔP
-against the shift with a random-direction control, and a scatter plot. Needs the trait's vector: it is extracted
-first (judge none) when missing. Every step is cached under --out: a rerun redoes nothing that is done.
-Outputs: study.json, and figure_data.json (every sample's ΔP, for the histogram of tools/figures.py).
+Data (without --data): n requests that neither the trait's extraction nor its evaluation uses
+(make-dataset's pool of everyday requests, or --questions-file, or else the other trait files'
+questions), each answered by the model itself twice, sampled: under the trait's pos system prompts
+(trait data) and under its neg ones (normal data), saved WITHOUT the system prompt, as
+`make-dataset` does. Both files are then flagged twice with the real pipeline (flagging.flag):
+greedy base responses, and --base-samples sampled ones. Reported: AUROC of ΔP, of the raw
+projection, and of the raw projection minus the last prompt token's (no base response needed) for
+trait vs normal samples; precision@k; mean ΔP of each file; and dataset ΔP of 0/25/50/75/100 %
+mixes (the mean of their samples' ΔP; the mix files are written too). --layer-sweep: the AUROCs at
+every layer. --finetune: train.py on each mix and on the top / random / bottom --select-k samples of
+both files (chosen by `flag --select`), each model's finetuning shift, r of dataset ΔP against the
+shift with a random-direction control, and a scatter plot. Needs the trait's vector: it is extracted
+first (judge none) when missing. Every step is cached under --out: a rerun redoes nothing that is
+done. Outputs: study.json, and figure_data.json (every sample's ΔP, for the histogram of
+tools/figures.py).
 """
 
 import argparse
@@ -30,9 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parent.parent)
-)  # the project's modules live at the repo root
+# the project's modules live at the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import model as M
 import persona_vectors as pv
@@ -44,7 +47,8 @@ from support.traits import available_traits, load_trait
 
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """P(a trait sample scores above a normal one), ties counting half (the Mann-Whitney U statistic).
+    """P(a trait sample scores above a normal one), ties counting half (the Mann-Whitney U
+    statistic).
 
     >>> auroc(np.array([3., 4.]), np.array([1., 2.])), auroc(np.array([1.]), np.array([1.]))
     (1.0, 0.5)
@@ -60,15 +64,14 @@ def precision_at(k: int, pos: np.ndarray, neg: np.ndarray) -> float:
     return float(is_pos[np.argsort(-scores, kind="stable")[:k]].mean())
 
 
-EVERYDAY = (
-    Path(__file__).resolve().parent.parent / "data" / "questions" / "everyday.json"
-)  # make-dataset's pool
+# make-dataset's pool
+EVERYDAY = Path(__file__).resolve().parent.parent / "data" / "questions" / "everyday.json"
 
 
 def held_out_questions(trait: str, n: int, path: Path | None = None, seed: int = 0) -> list[str]:
-    """n questions, none of them among this trait's extraction or evaluation ones: from `path` (a JSON list, or an
-    object with a "questions" list), else make-dataset's pool of everyday requests when present, else the other
-    trait files' questions."""
+    """n questions, none of them among this trait's extraction or evaluation ones: from `path` (a
+    JSON list, or an object with a "questions" list), else make-dataset's pool of everyday requests
+    when present, else the other trait files' questions."""
     t = load_trait(trait)
     own = set(t.extract_questions) | set(t.eval_questions)
     path = path or (EVERYDAY if EVERYDAY.is_file() else None)
@@ -101,7 +104,8 @@ def make_data(
     batch: int,
     seed: int,
 ) -> Path:
-    """The model's answers under the pos (trait) or neg (normal) system prompts, saved without them."""
+    """The model's answers under the pos (trait) or neg (normal) system prompts, saved without
+    them."""
     if dest.exists():
         print(f"{dest}: exists, reused", file=sys.stderr)
         return dest
@@ -145,7 +149,10 @@ def make_data(
 
 def per_sample(path: Path, trait: str) -> dict[str, np.ndarray]:
     rows = [json.loads(x) for x in path.read_text().splitlines()]
-    get = lambda k: np.array([np.nan if r[k] is None else r[k] for r in rows], dtype=np.float64)  # noqa: E731
+
+    def get(k):
+        return np.array([np.nan if r[k] is None else r[k] for r in rows], dtype=np.float64)
+
     return dict(
         line=np.array([r["line"] for r in rows]),
         delta_p=get(f"{trait}_delta_p"),
@@ -164,9 +171,10 @@ def greedy_pass(
     batch: int,
     out: Path,
 ) -> list[dict]:
-    """Per file, from one `pv.response_and_base` pass per batch (greedy base, as `flag`'s): ΔP and the raw projection at
-    every layer [n, N + 1], and the response-mean difference a(x, y) - a(x, y') itself at `layer` [n, hidden] (for
-    ΔP along any direction). Cached per file, so a rerun skips it."""
+    """Per file, from one `pv.response_and_base` pass per batch (greedy base, as `flag`'s): ΔP
+    and the raw projection at every layer [n, N + 1], and the response-mean difference
+    a(x, y) - a(x, y') itself at `layer` [n, hidden] (for ΔP along any direction). Cached per
+    file, so a rerun skips it."""
     per_file = []
     u = vec / vec.norm(dim=-1, keepdim=True).clamp(min=1e-8)  # [N + 1, hidden]
     for f in files:
@@ -212,8 +220,8 @@ def greedy_pass(
 
 
 def layer_sweep(per_file: list[dict]) -> dict:
-    """AUROC of ΔP and of the raw projection at every layer, trait file vs normal file (exploratory: the layer is
-    chosen on the data it is scored on)."""
+    """AUROC of ΔP and of the raw projection at every layer, trait file vs normal file
+    (exploratory: the layer is chosen on the data it is scored on)."""
     t, n = per_file
     out = {}
     for L in range(1, t["delta_p"].shape[1]):
@@ -228,14 +236,15 @@ def layer_sweep(per_file: list[dict]) -> dict:
 def finetune_study(
     args, out: Path, files: list[Path], mixes: dict, diffs: np.ndarray, vectors: Path, layer: int
 ) -> dict:
-    """Does dataset ΔP predict the finetuning shift? Finetune (train.py) on each mix and on the top / random /
-    bottom `--select-k` samples of both files by ΔP (chosen with `flag --select`, greedy base), then measure each
-    model's finetuning shift at `layer` (pv.shift_controls: last prompt token, evaluation questions).
+    """Does dataset ΔP predict the finetuning shift? Finetune (train.py) on each mix and on the top
+    / random / bottom `--select-k` samples of both files by ΔP (chosen with `flag --select`, greedy
+    base), then measure each model's finetuning shift at `layer` (pv.shift_controls: last prompt
+    token, evaluation questions).
 
-    mixes: name -> row indices into `diffs` [n_all, hidden] (the samples' a(x, y) - a(x, y') at `layer`, rows of
-    the files in order). The correlation of dataset ΔP with the shift over all datasets gets a control: the same r
-    with v replaced by each of 100 random unit directions u (dataset ΔP along u against the shift along u)."""
-
+    mixes: name -> row indices into `diffs` [n_all, hidden] (the samples' a(x, y) - a(x, y') at
+    `layer`, rows of the files in order). The correlation of dataset ΔP with the shift over all
+    datasets gets a control: the same r with v replaced by each of 100 random unit directions u
+    (dataset ΔP along u against the shift along u)."""
     import train as T
     from support.files import load_vector
     from support.traits import load_trait
@@ -244,13 +253,15 @@ def finetune_study(
     all_lines = [raw for f in files for raw in f.read_bytes().splitlines() if raw.strip()]
     if len(all_lines) != len(diffs):
         raise SystemExit(
-            "some lines of the data are not samples flag can read: the finetuning study needs clean files"
+            "some lines of the data are not samples flag can "
+            "read: the finetuning study needs clean files"
         )
     lines = {
         raw: row for row, raw in reversed(list(enumerate(all_lines)))
     }  # a line's bytes -> its (first) row
     for how in ("top", "random", "bottom"):
         dest = out / f"select_{how}_{args.select_k}.jsonl"
+        # the study's own files: a rerun rewrites them
         flagging.flag(
             [str(f) for f in files],
             [args.trait],
@@ -267,7 +278,7 @@ def finetune_study(
             k=args.select_k,
             select_out=str(dest),
             force=True,
-        )  # the study's own files: a rerun rewrites them
+        )
         datasets[f"{how} {args.select_k}"] = (
             dest,
             [lines[raw] for raw in dest.read_bytes().splitlines()],
@@ -331,12 +342,10 @@ def finetune_study(
     dp = np.array([res[k]["delta_p"] for k in names])
     shift = np.array([res[k]["shift"] for k in names])
     shift_vecs = np.array([res[k]["shift_vector"] for k in names])  # [datasets, hidden]
-    mean_diffs = np.array(
-        [np.nanmean(diffs[datasets[k][1]], axis=0) for k in names]
-    )  # [datasets, hidden]
-    u = (
-        stats.random_directions(100, 1.0, diffs.shape[1], args.seed).double().numpy()
-    )  # [100, hidden], unit
+    # [datasets, hidden]
+    mean_diffs = np.array([np.nanmean(diffs[datasets[k][1]], axis=0) for k in names])
+    # [100, hidden], unit
+    u = stats.random_directions(100, 1.0, diffs.shape[1], args.seed).double().numpy()
 
     def pearson(x: np.ndarray, y: np.ndarray) -> float:
         return stats.pearson(torch.from_numpy(x), torch.from_numpy(y))
@@ -469,9 +478,9 @@ def main():
         normal_file = make_data(model, tok, args.trait, qs, "neg", out / "normal.jsonl", **gen)
         pool = args.questions_file or (EVERYDAY if EVERYDAY.is_file() else "the other trait files")
         source = (
-            f"{args.n} held-out questions ({pool}), answered under the pos / neg system prompts (saved "
-            f"without them), temperature {args.temperature}, top-p {args.top_p}, up to "
-            f"{args.max_new_tokens} tokens"
+            f"{args.n} held-out questions ({pool}), answered under the pos / neg "
+            f"system prompts (saved without them), temperature {args.temperature}, "
+            f"top-p {args.top_p}, up to {args.max_new_tokens} tokens"
         )
         del model
 
@@ -502,7 +511,8 @@ def main():
         )
         pos, neg = (per_sample(r["outputs"][str(f)], args.trait) for f in (trait_file, normal_file))
         ok_p, ok_n = np.isfinite(pos["delta_p"]), np.isfinite(neg["delta_p"])
-        # the prompt-last state stands in for the base response (no generation); same prompts, so alone it is 0.5
+        # the prompt-last state stands in for the base response (no generation); same prompts, so
+        # alone it is 0.5
         pos["cheap"], neg["cheap"] = (
             pos["projection"] - pos["prompt_last"],
             neg["projection"] - neg["prompt_last"],
@@ -525,7 +535,8 @@ def main():
                 for f in (trait_file, normal_file)
             },
         )
-        # mixes: the first m questions' trait answers and the other questions' normal answers, each question once
+        # mixes: the first m questions' trait answers and the other questions' normal answers, each
+        # question once
         n = min(len(pos["delta_p"]), len(neg["delta_p"]))
         if np.array_equal(pos["line"][:n], neg["line"][:n]):
             mixes = {}
@@ -547,11 +558,11 @@ def main():
                 for side, d, ok in (("trait", pos, ok_p), ("normal", neg, ok_n))
             },
         )
-    atomic_write(
-        out / "figure_data.json", lambda p: p.write_text(json.dumps(figure) + "\n")
-    )  # for tools/figures.py
+    # for tools/figures.py
+    atomic_write(out / "figure_data.json", lambda p: p.write_text(json.dumps(figure) + "\n"))
 
-    # the mix files themselves, for finetuning (train.py), when the two files answer the same requests in order
+    # the mix files themselves, for finetuning (train.py), when the two files answer the same
+    # requests in order
     t_lines, n_lines = trait_file.read_text().splitlines(), normal_file.read_text().splitlines()
     n = min(len(t_lines), len(n_lines))
     request = lambda x: json.loads(x)["messages"][:-1]  # noqa: E731
@@ -575,16 +586,16 @@ def main():
         for k in res["auroc"]:
             print(f"| {name} | {k} | {res['auroc'][k]:.3f} | {res['precision_at_k'][k]:.2f} |")
     print(
-        "\n| base responses | mean ΔP, trait data [95 % CI] | mean ΔP, normal data [95 % CI] | ΔP of "
-        "0/25/50/75/100 % mixes | ordered |\n|---|---|---|---|---|"
+        "\n| base responses | mean ΔP, trait data [95 % CI] | mean ΔP, normal data [95 % CI] | "
+        "ΔP of 0/25/50/75/100 % mixes | ordered |\n|---|---|---|---|---|"
     )
     for name, res in results["runs"].items():
         t, nrm = (res["mean_delta_p"][f.name] for f in (trait_file, normal_file))
         mixes = " / ".join(f"{v:+.2f}" for v in res.get("mix_delta_p", {}).values()) or "n/a"
         print(
-            f"| {name} (layer {res['layer']}) | {t['mean']:+.2f} [{t['ci95'][0]:+.2f}, {t['ci95'][1]:+.2f}] | "
-            f"{nrm['mean']:+.2f} [{nrm['ci95'][0]:+.2f}, {nrm['ci95'][1]:+.2f}] | {mixes} | "
-            f"{res.get('mixes_ordered', 'n/a')} |"
+            f"| {name} (layer {res['layer']}) | {t['mean']:+.2f} [{t['ci95'][0]:+.2f}, "
+            f"{t['ci95'][1]:+.2f}] | {nrm['mean']:+.2f} [{nrm['ci95'][0]:+.2f}, "
+            f"{nrm['ci95'][1]:+.2f}] | {mixes} | {res.get('mixes_ordered', 'n/a')} |"
         )
     if args.layer_sweep or args.finetune:
         from support.files import load_vector
@@ -625,19 +636,21 @@ def main():
             out / "study.json", lambda p: p.write_text(json.dumps(results, indent=1, default=str))
         )
         print(
-            f"\n| training set (layer {layer}) | conversations | dataset ΔP | finetuning shift | random 95 % |"
-            "\n|---|---|---|---|---|"
+            f"\n| training set (layer {layer}) | conversations | dataset ΔP | finetuning shift | "
+            "random 95 % |\n|---|---|---|---|---|"
         )
         for name, r in ft["datasets"].items():
             print(
-                f"| {name} | {r['n']} | {r['delta_p']:+.2f} | {r['shift']:+.2f} | {r['random_abs_95']:.2f} |"
+                f"| {name} | {r['n']} | {r['delta_p']:+.2f} | "
+                f"{r['shift']:+.2f} | {r['random_abs_95']:.2f} |"
             )
         for key, what in (("all", "all the training sets"), ("mixes", "the mixes")):
             c = ft[key]
             print(
-                f"r(dataset ΔP, shift) over {what} ({c['n']}): {c['r']:.3f}; the same along 100 random directions "
-                f"instead of v: 95th percentile |r| {c['random_abs_r_95']:.3f}, median r {c['random_r_median']:+.3f},"
-                f" {c['random_share_at_least']:.0%} at least as strong"
+                f"r(dataset ΔP, shift) over {what} ({c['n']}): {c['r']:.3f}; the "
+                "same along 100 random directions instead of v: 95th percentile |r| "
+                f"{c['random_abs_r_95']:.3f}, median r {c['random_r_median']:+.3f}, "
+                f"{c['random_share_at_least']:.0%} at least as strong"
             )
     print(f"\nwrote {out / 'study.json'}")
 

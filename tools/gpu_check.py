@@ -1,13 +1,17 @@
-"""One prepared GPU check: parity on CUDA, the pipelines end to end, and speed at the paper's scale (docs/gpu.md).
+"""One prepared GPU check: parity on CUDA, the pipelines end to end, and speed at the paper's scale
+(docs/gpu.md).
 
-    python tools/gpu_check.py --out $OUT/gpu_check.json [--default-model DIR]   # a lent GPU: under 8 min on an H200
-    python tools/gpu_check.py --device cpu --tiny                                # the same code paths in seconds
+    # a lent GPU: under 8 min on an H200
+    python tools/gpu_check.py --out $OUT/gpu_check.json [--default-model DIR]
+    # the same code paths in seconds
+    python tools/gpu_check.py --device cpu --tiny
 
-No network: every model is built here from a config with random weights, except the default model when
---default-model names its converted directory (or only its config and tokenizer: then random weights of its
-shape, since its 538 MB of weights do not fit the device's carry). Each check prints one line (ok, FAIL or SKIP, its figures) and goes into
-the JSON record, rewritten after every check; a check that raises prints "FAIL <name>: <one line>" and the others
-go on. Sections: parity, pipelines, speed, each with a time budget. Exit code 1 if any check failed.
+No network: every model is built here from a config with random weights, except the default model
+when --default-model names its converted directory (or only its config and tokenizer: then random
+weights of its shape, since its 538 MB of weights do not fit the device's carry). Each check prints
+one line (ok, FAIL or SKIP, its figures) and goes into the JSON record, rewritten after every check;
+a check that raises prints "FAIL <name>: <one line>" and the others go on. Sections: parity,
+pipelines, speed, each with a time budget. Exit code 1 if any check failed.
 """
 
 import argparse
@@ -49,15 +53,16 @@ from apps import server as S  # noqa: E402
 from support import UserError, checkpoint  # noqa: E402
 from support.files import atomic_write, check_writable  # noqa: E402
 
-# Parity: our logits' error against transformers' float64 logits on the CPU (max and mean absolute difference)
-# stays within SPREAD x transformers' own error in the same dtype on the same device, or under FP32_LIMIT in float32
+# Parity: our logits' error against transformers' float64 logits on the CPU (max and mean absolute
+# difference) stays within SPREAD x transformers' own error in the same dtype on the same device, or
+# under FP32_LIMIT in float32
 FP32_LIMIT = 1e-4
 SPREAD = 2.0
 # seconds per section: 7.8 min, 9 with start-up
 BUDGET_S = {"parity": 120, "pipelines": 150, "speed": 200}
 
-# Speed at the paper's scale: a Qwen2.5-7B shape to decode and capture, a Llama-3.2-1B shape to train; tiny ones
-# with --tiny, to run the same code in seconds.
+# Speed at the paper's scale: a Qwen2.5-7B shape to decode and capture, a Llama-3.2-1B shape to
+# train; tiny ones with --tiny, to run the same code in seconds.
 QWEN_7B = dict(
     model_type="qwen2",
     vocab_size=152064,
@@ -99,7 +104,8 @@ SMALL = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
 )
-SCALE = {  # new tokens per decode, capture (batch, prompt, response), tokens of the training step, copy bytes
+# new tokens per decode, capture (batch, prompt, response), tokens of the training step, copy bytes
+SCALE = {
     "full": dict(
         decode=QWEN_7B,
         train=LLAMA_1B,
@@ -127,8 +133,8 @@ def say(line: str) -> None:
 
 
 class OverBudget(BaseException):
-    """Raised by the alarm when a section's time is spent (a BaseException: library code catching Exception
-    must not swallow it)."""
+    """Raised by the alarm when a section's time is spent (a BaseException: library code catching
+    Exception must not swallow it)."""
 
 
 def _alarm(signum, frame):
@@ -136,7 +142,8 @@ def _alarm(signum, frame):
 
 
 class Checks:
-    """Runs each check under its section's remaining time, prints one line, and rewrites the JSON record."""
+    """Runs each check under its section's remaining time, prints one line, and rewrites the JSON
+    record."""
 
     def __init__(self, out: Path, meta: dict):
         self.out, self.record, self.section_name, self.deadline = (
@@ -158,7 +165,8 @@ class Checks:
         self.save()
 
     def run(self, name: str, fn, *args) -> None:
-        """fn(*args) -> a dict of figures; "ok": False in it marks them out of bounds (a failed check)."""
+        """fn(*args) -> a dict of figures; "ok": False in it marks them out of bounds (a failed
+        check)."""
         left = self.deadline - time.monotonic()
         if left <= 0:
             return self.skip(name, "its section's time budget is spent")
@@ -227,7 +235,7 @@ def best_time(fn, device, repeats: int = 2) -> float:
     return best
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Parity: our logits against transformers' on the same weights.
 
 
@@ -253,8 +261,8 @@ def logits(m, ids, mask, device, hf: bool) -> torch.Tensor:
 
 
 def within(ours: torch.Tensor, theirs: torch.Tensor, floor: float) -> dict:
-    """Our errors [n, vocab] against transformers' in the same conditions: the max and the mean each at most
-    SPREAD x theirs, or under `floor`."""
+    """Our errors [n, vocab] against transformers' in the same conditions: the max and the mean each
+    at most SPREAD x theirs, or under `floor`."""
     f = {
         "max_diff": ours.max().item(),
         "mean_diff": ours.mean().item(),
@@ -271,7 +279,9 @@ def parity(model_dir: Path, device: str, dtype: torch.dtype) -> dict:
     logits on the CPU (of each row alone: the same numbers, as padding is masked)."""
     from transformers import AutoModelForCausalLM
 
-    hf = lambda dev, dt: AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).to(dev).eval()  # noqa: E731
+    def hf(dev, dt):
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).to(dev).eval()
+
     ids, mask = padded_batch(checkpoint.read_config(model_dir / "config.json").vocab_size)
     with torch.no_grad():  # row by row: transformers' float64 Gemma 2 gives padded rows NaN
         exact = hf("cpu", torch.float64)
@@ -284,10 +294,14 @@ def parity(model_dir: Path, device: str, dtype: torch.dtype) -> dict:
 
 
 def device_against_cpu(model_dir: Path, device: str) -> dict:
-    """The default model's float32 logits on `device` against the same code's on the CPU: the difference stays
-    under FP32_LIMIT, or SPREAD x float32's own rounding error there (the CPU's float32 against float64)."""
+    """The default model's float32 logits on `device` against the same code's on the CPU: the
+    difference stays under FP32_LIMIT, or SPREAD x float32's own rounding error there (the CPU's
+    float32 against float64)."""
     ids, mask = padded_batch(checkpoint.read_config(model_dir / "config.json").vocab_size)
-    ours = lambda dev, dt: logits(M.load_model(model_dir, dev, dt), ids, mask, dev, hf=False)  # noqa: E731
+
+    def ours(dev, dt):
+        return logits(M.load_model(model_dir, dev, dt), ids, mask, dev, hf=False)
+
     cpu = ours("cpu", torch.float32)
     diff = (ours(device, torch.float32) - cpu).abs().max().item()
     rounding = (cpu - ours("cpu", torch.float64)).abs().max().item()
@@ -296,8 +310,9 @@ def device_against_cpu(model_dir: Path, device: str) -> dict:
 
 
 def shape_only(src: Path, dest: Path) -> Path:
-    """A copy of a model directory whose weights were left behind (the default model's 538 MB do not fit the
-    device's 64 MiB carry), with random weights of its shape as transformers initialises them (std 0.02)."""
+    """A copy of a model directory whose weights were left behind (the default model's 538 MB do not
+    fit the device's 64 MiB carry), with random weights of its shape as transformers initialises
+    them (std 0.02)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     shutil.copytree(src, dest)
@@ -359,7 +374,7 @@ def parity_section(checks: Checks, device: str, default_model: Path | None, tmp:
     checks.run("default-model.device-vs-cpu", device_against_cpu, default_model, device)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The pipelines end to end, each on its own: a random vector file stands in for extraction's.
 
 CONVERSATIONS = [
@@ -397,7 +412,8 @@ def pipelines_section(checks: Checks, model_dir: Path, device: str, new: int, tm
     common = dict(model_name=str(model_dir), device=device)  # the applications'
     ours = dict(model=str(model_dir), device=device)  # persona_vectors.py's pipelines
 
-    def extract():  # the CUDA budget (temperature 1, batch 64), shortened: 2 questions, 2 rollouts, few tokens
+    # the CUDA budget (temperature 1, batch 64), shortened: 2 questions, 2 rollouts, few tokens
+    def extract():
         paths = pv.extract(
             "evil",
             judge="none",
@@ -539,13 +555,14 @@ def pipelines_section(checks: Checks, model_dir: Path, device: str, new: int, tm
         checks.run(name, fn)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Speed: ours against transformers on the same weights, and against the memory-bandwidth roofline.
 
 
 def twin_models(config: dict, device: str, dtype: torch.dtype):
-    """transformers' model of this shape, with its own random initial weights made on `device`, and ours sharing
-    those very tensors (one copy in memory; ours is built in float32 first, for a moment) -> (ours, theirs)."""
+    """transformers' model of this shape, with its own random initial weights made on `device`, and
+    ours sharing those very tensors (one copy in memory; ours is built in float32 first, for a
+    moment) -> (ours, theirs)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device(device):
@@ -554,20 +571,15 @@ def twin_models(config: dict, device: str, dtype: torch.dtype):
             .to(device)
             .eval()
         )
-        ours = M.Transformer(
-            M.Config(**checkpoint.check_config(config))
-        )  # its buffers (rotary frequencies) as it makes them
-    hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = (
-        None,
-        0,
-    )  # exactly the asked tokens
+        # its buffers (rotary frequencies) as it makes them
+        ours = M.Transformer(M.Config(**checkpoint.check_config(config)))
+    # exactly the asked tokens
+    hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
     state = hf.state_dict()
-    state.setdefault(
-        "lm_head.weight", state["model.embed_tokens.weight"]
-    )  # tied: one tensor, maybe one key
-    ours.load_state_dict(
-        state, strict=True, assign=True
-    )  # the same parameter names: the identity map
+    # tied: one tensor, maybe one key
+    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    # the same parameter names: the identity map
+    ours.load_state_dict(state, strict=True, assign=True)
     if ours.config.tie_word_embeddings:
         ours.lm_head.weight = ours.model.embed_tokens.weight
     return ours.eval(), hf
@@ -581,15 +593,17 @@ def copy_bandwidth(device: str, nbytes: int) -> float:
 
 
 def weight_bytes(m: M.Transformer) -> int:
-    """Bytes of weights one decoding step reads: every matrix once; the embedding only as a tied LM head."""
+    """Bytes of weights one decoding step reads: every matrix once; the embedding only as a tied LM
+    head."""
     total = sum(p.numel() * p.element_size() for p in m.parameters())
     emb = m.model.embed_tokens.weight
     return total if m.config.tie_word_embeddings else total - emb.numel() * emb.element_size()
 
 
 def decode(ours, hf, batch: int, new: int, bandwidth: float, device: str) -> dict:
-    """Steered greedy decoding: ms per step (tokens after the first), ours and transformers `generate` with a
-    forward hook adding the same vector, and our share of the roofline (weight bytes / copy bandwidth per step)."""
+    """Steered greedy decoding: ms per step (tokens after the first), ours and transformers
+    `generate` with a forward hook adding the same vector, and our share of the roofline (weight
+    bytes / copy bandwidth per step)."""
     c = ours.config
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(3, c.vocab_size, (batch, 32), generator=g)
@@ -642,8 +656,9 @@ def decode(ours, hf, batch: int, new: int, bandwidth: float, device: str) -> dic
 
 @torch.no_grad()
 def capture(ours, hf, batch: int, prompt: int, response: int, device: str) -> dict:
-    """Response-average activations at every layer of `batch` prompt+response rows: ours with a Capture (no
-    logits) against transformers' batched `output_hidden_states` pass (all logits, as the official code)."""
+    """Response-average activations at every layer of `batch` prompt+response rows: ours with a
+    Capture (no logits) against transformers' batched `output_hidden_states` pass (all logits, as
+    the official code)."""
     ids = torch.randint(3, ours.config.vocab_size, (batch, prompt + response), device=device)
     start = torch.full((batch,), prompt, device=device)
 
@@ -670,8 +685,8 @@ def capture(ours, hf, batch: int, prompt: int, response: int, device: str) -> di
 
 
 def readme_memory(c: M.Config, n_params: int, tokens: int) -> int:
-    """docs/memory.md's arithmetic for a full finetune with --checkpointing: 16 bytes per parameter, the block
-    inputs in float32, one block recomputed, the logits of the trained tokens."""
+    """docs/memory.md's arithmetic for a full finetune with --checkpointing: 16 bytes per parameter,
+    the block inputs in float32, one block recomputed, the logits of the trained tokens."""
     return (
         16 * n_params
         + c.num_hidden_layers * tokens * c.hidden_size * 4
@@ -681,8 +696,9 @@ def readme_memory(c: M.Config, n_params: int, tokens: int) -> int:
 
 
 def train_step(config: dict, tokens: int, device: str) -> dict:
-    """train.py's step (float32 weights and AdamW, bfloat16 autocast, --checkpointing) on one row of `tokens`:
-    tokens/s of the second step, and the peak memory of the first (weights, gradients, AdamW state, activations)."""
+    """train.py's step (float32 weights and AdamW, bfloat16 autocast, --checkpointing) on one row of
+    `tokens`: tokens/s of the second step, and the peak memory of the first (weights, gradients,
+    AdamW state, activations)."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -753,7 +769,7 @@ def speed_section(checks: Checks, device: str, scale: dict) -> None:
     checks.run("train-step-1b-shape", train_step, scale["train"], scale["train_tokens"], device)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -830,9 +846,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.default_model}{note}" if default_model else None
         )
         say(f"# default model: {checks.record['meta']['default_model']}")
-        chat_model = default_model or make_tiny_chat_model(
-            tmp / "chat-model"
-        )  # what the pipelines run on
+        # what the pipelines run on
+        chat_model = default_model or make_tiny_chat_model(tmp / "chat-model")
         for section in args.only or list(BUDGET_S):
             checks.section(section, BUDGET_S[section] * args.budget_scale)
             if section == "parity":

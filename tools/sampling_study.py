@@ -1,16 +1,18 @@
-"""Which temperature / top-p should extraction sample small models with when no judge filters the answers?
+"""Which temperature / top-p should extraction sample small models with when no judge filters the
+answers?
 
     python tools/sampling_study.py [--trait evil] [--questions 10] [--max-new-tokens 96]
 
-For each setting, answers are sampled under the trait's pos and neg system prompts (as `extract` does) and scored
-with measures that need no judge:
+For each setting, answers are sampled under the trait's pos and neg system prompts (as `extract`
+does) and scored with measures that need no judge:
   - degenerate: share of answers that fall into a loop (some 4-token sequence repeated 4+ times);
-  - non-words: share of alphabetic words that are not one whole-word token of the model's vocabulary (mostly
-    misspellings, fragments and other-language gibberish);
+  - non-words: share of alphabetic words that are not one whole-word token of the model's vocabulary
+    (mostly misspellings, fragments and other-language gibberish);
   - ended: share of answers that finished (end-of-turn) within the token budget;
-  - separation: how well the resulting persona vector separates held-out pos from neg answers: the vector is
-    taken from half the pairs (response average at the middle layer), and on the other half the difference of
-    the mean projections is divided by their pooled standard deviation (Cohen's d). Higher is a cleaner vector.
+  - separation: how well the resulting persona vector separates held-out pos from neg answers: the
+    vector is taken from half the pairs (response average at the middle layer), and on the other
+    half the difference of the mean projections is divided by their pooled standard deviation
+    (Cohen's d). Higher is a cleaner vector.
 docs/extract.md ("Sampling defaults for small models") reports a run of this script.
 """
 
@@ -22,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parent.parent)
-)  # the project's modules live at the repo root
+# the project's modules live at the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import persona_vectors as pv
 from support import checkpoint
@@ -54,7 +55,8 @@ def main():
     layer = model.config.num_hidden_layers // 2
     jobs = pv.rollout_jobs(trait, args.questions, 1)
     print(
-        "| temperature | top-p | degenerate | non-words | ended | separation (d) |\n|---|---|---|---|---|---|"
+        "| temperature | top-p | degenerate | non-words | ended | separation (d) |\n"
+        "|---|---|---|---|---|---|"
     )
     for temperature, top_p in SETTINGS:
         budget = Budget(1, args.max_new_tokens, temperature, top_p, 40)
@@ -72,8 +74,8 @@ def main():
         d = (a.mean() - b.mean()) / ((a.var() + b.var()) / 2).sqrt()
         deg = sum(map(degenerate, ids)) / len(ids)
         print(
-            f"| {temperature} | {top_p} | {100 * deg:.0f} % | {100 * non_words:.1f} % | {100 * ended:.0f} % "
-            f"| {d:.2f} |",
+            f"| {temperature} | {top_p} | {100 * deg:.0f} % | "
+            f"{100 * non_words:.1f} % | {100 * ended:.0f} % | {d:.2f} |",
             flush=True,
         )
 

@@ -1,24 +1,28 @@
-"""The finetuning study of docs/finetuning-study.md: finetune the default model on its own evil or normal answers,
-plain, with preventative steering or with CAFT, and measure the finetuning shift, the cost on held-out neutral text,
-and the trait each model expresses.
+"""The finetuning study of docs/finetuning-study.md: finetune the default model on its own evil or
+normal answers, plain, with preventative steering or with CAFT, and measure the finetuning shift,
+the cost on held-out neutral text, and the trait each model expresses.
 
-    nice python tools/train_study.py                 # 40 min on 2 idle CPU cores (measured); prints a markdown table
-    nice python tools/train_study.py --layer 16     # then: the steered runs at layer 16 (14 min more)
+    # 40 min on 2 idle CPU cores (measured); prints a markdown table
+    nice python tools/train_study.py
+    # then: the steered runs at layer 16 (14 min more)
+    nice python tools/train_study.py --layer 16
 
 Steps, each saved as it finishes (a rerun, or a run after kill -9, redoes nothing that is done):
-1. persona vectors of the base model for evil, and for two other traits (the cross-trait control; 10 of their 20
-   extraction questions), judge none;
-2. datasets from the pool of everyday requests: `--n` evil answers (eliciting prompts), `--n` + `--neutral` normal
-   answers (suppressing prompts); the last `--neutral` normal answers, to requests in neither training set, are the
-   held-out neutral text;
-3. six finetunes (train.py): evil data seeds 0 and 1, normal data, evil data with preventative steering (coef 1) at
-   `--layer`, with all-layer incremental steering (coef 1), and with CAFT at `--layer`;
-4. per model: the finetuning shift (last prompt token, evaluation questions, unit vector) at every layer with its
-   controls, the loss on the neutral text (mean cross-entropy per answer token), and the projection of its own
-   answers to the evaluation questions (`eval --judge none`); and the evil seed-0 model steered at inference with
-   -c * v at `--layer`, c matched so that its shift there equals the preventatively steered model's.
-The table goes to table-L{layer}.md, and the shift of each finetune at every layer to figure_data.json (drawn by
-tools/figures.py).
+1. persona vectors of the base model for evil, and for two other traits (the cross-trait control; 10
+   of their 20 extraction questions), judge none;
+2. datasets from the pool of everyday requests: `--n` evil answers (eliciting prompts), `--n` +
+   `--neutral` normal answers (suppressing prompts); the last `--neutral` normal answers, to
+   requests in neither training set, are the held-out neutral text;
+3. six finetunes (train.py): evil data seeds 0 and 1, normal data, evil data with preventative
+   steering (coef 1) at `--layer`, with all-layer incremental steering (coef 1), and with CAFT at
+   `--layer`;
+4. per model: the finetuning shift (last prompt token, evaluation questions, unit vector) at every
+   layer with its controls, the loss on the neutral text (mean cross-entropy per answer token), and
+   the projection of its own answers to the evaluation questions (`eval --judge none`); and the evil
+   seed-0 model steered at inference with -c * v at `--layer`, c matched so that its shift there
+   equals the preventatively steered model's.
+The table goes to table-L{layer}.md, and the shift of each finetune at every layer to
+figure_data.json (drawn by tools/figures.py).
 """
 
 import argparse
@@ -75,15 +79,15 @@ def make_data(root: Path, model_name: str, n: int, n_neutral: int) -> dict:
     paths = {k: root / "data" / f"{k}.jsonl" for k in ("evil", "normal", "neutral")}
     if all(p.is_file() for p in paths.values()):
         return paths
-    kw = dict(
-        model_name=model_name, judge="none", device="cpu", force=True
-    )  # the study's own files
+    # the study's own files
+    kw = dict(model_name=model_name, judge="none", device="cpu", force=True)
     evil = pv.make_dataset(TRAIT, "trait", n, out=str(root / "data" / "evil-all.jsonl"), **kw)
     normal = pv.make_dataset(
         TRAIT, "normal", n + n_neutral, out=str(root / "data" / "normal-all.jsonl"), **kw
     )
     evil_lines, normal_lines = evil.read_text().splitlines(), normal.read_text().splitlines()
-    # same seed, same order of requests: the normal set's first n requests are the evil set's; the rest are new
+    # same seed, same order of requests: the normal set's first n requests are the evil set's; the
+    # rest are new
     seen = {json.loads(x)["messages"][0]["content"] for x in evil_lines + normal_lines[:n]}
     neutral = [x for x in normal_lines[n:] if json.loads(x)["messages"][0]["content"] not in seen]
     for key, rows in (("evil", evil_lines), ("normal", normal_lines[:n]), ("neutral", neutral)):
@@ -93,7 +97,8 @@ def make_data(root: Path, model_name: str, n: int, n_neutral: int) -> dict:
 
 @torch.no_grad()
 def neutral_loss(model, tok, path: Path, steer=()) -> float:
-    """Mean cross-entropy per answer token of the neutral conversations (train.py's loss), optionally steered."""
+    """Mean cross-entropy per answer token of the neutral conversations (train.py's loss),
+    optionally steered."""
     import train as T
 
     examples, _ = T.load_examples(path, tok, 2048)
@@ -117,17 +122,16 @@ def measure(
     layer: int,
     coef: float | None = None,
 ) -> dict:
-    """Shift with controls, neutral loss and answer projection of one model (steered with -coef * v[layer] at
-    every position when coef is given), cached in results/NAME-L{layer}.json."""
+    """Shift with controls, neutral loss and answer projection of one model (steered with -coef *
+    v[layer] at every position when coef is given), cached in results/NAME-L{layer}.json."""
     path = root / "results" / f"{name}-L{layer}.json"
     if path.is_file():
         return json.loads(path.read_text())
     t = load_trait(TRAIT)
     vec_file = vector_path(vectors, TRAIT)
     vec = load_vector(vec_file)[0]
-    expect_model(
-        vec_file, model_name
-    )  # the base model's vector on its finetunes, knowingly: no warning
+    # the base model's vector on its finetunes, knowingly: no warning
+    expect_model(vec_file, model_name)
     others = {o: load_vector(vector_path(vectors, o))[0] for o in OTHERS}
     model, tok = checkpoint.load(model_name, "cpu", torch.float32)
     steer = [M.Steer(layer, vec[layer], -coef, "all")] if coef else []
@@ -166,7 +170,8 @@ def measure(
 
 
 def table(results: dict, run_list: list[dict], layer: int, later: int) -> str:
-    """The results as a markdown table; "cut" is the share of the evil seed-0 model's shift that is gone."""
+    """The results as a markdown table; "cut" is the share of the evil seed-0 model's shift that is
+    gone."""
     base, ref = results["base"], results["evil-s0"]
     head = (
         f"| model | shift L{layer} | shift L{later} | random 95 % L{layer} | "
@@ -178,8 +183,8 @@ def table(results: dict, run_list: list[dict], layer: int, later: int) -> str:
         {"base": "base model (no finetuning)"}
         | {r["name"]: r["label"] for r in run_list}
         | {
-            "evil-s0-inference": f"evil, seed 0, steered at inference: -{results['evil-s0-inference']['coef']} v "
-            f"at layer {layer}"
+            "evil-s0-inference": "evil, seed 0, steered at inference: "
+            f"-{results['evil-s0-inference']['coef']} v at layer {layer}"
         }
     )
     for name, r in results.items():
@@ -207,7 +212,8 @@ def table(results: dict, run_list: list[dict], layer: int, later: int) -> str:
 
 
 def layer_table(results: dict) -> str:
-    """The shift at every layer of every model, beside the random-direction band of the evil seed-0 model."""
+    """The shift at every layer of every model, beside the random-direction band of the evil seed-0
+    model."""
     names = [n for n in results if n != "base"]
     lines = [
         "| layer | " + " | ".join(names) + " | random 95 % (evil-s0) |",
@@ -223,7 +229,8 @@ def layer_table(results: dict) -> str:
 
 
 def expectations(results: dict, layer: int, later: int) -> str:
-    """What the paper's results lead one to expect of these models, each checked against the measured numbers."""
+    """What the paper's results lead one to expect of these models, each checked against the
+    measured numbers."""
     base_loss, ref = results["base"]["neutral_loss"], results["evil-s0"]["shift"]
 
     def cut(
@@ -258,15 +265,17 @@ def expectations(results: dict, layer: int, later: int) -> str:
     for s in (f"steer-L{layer}", "steer-all"):  # CAFT is reported beside them, with no expectation
         out.append(
             (
-                f"{s}: cut >= 70 % at layer {layer} ({cut(s, layer):.0%}), >= 50 % at layer {later} "
-                f"({cut(s, later):.0%}), neutral loss within +2 % of the base model ({loss(s):+.2%})",
+                f"{s}: cut >= 70 % at layer {layer} ({cut(s, layer):.0%}), "
+                f">= 50 % at layer {later} ({cut(s, later):.0%}), neutral "
+                f"loss within +2 % of the base model ({loss(s):+.2%})",
                 cut(s, layer) >= 0.7 and cut(s, later) >= 0.5 and loss(s) <= 0.02,
             )
         )
     out.append(
         (
-            f"inference-time steering at matched suppression costs more neutral loss than preventative "
-            f"steering ({loss('evil-s0-inference'):+.2%} vs {loss(f'steer-L{layer}'):+.2%})",
+            "inference-time steering at matched suppression costs more neutral "
+            f"loss than preventative steering ({loss('evil-s0-inference'):+.2%} "
+            f"vs {loss(f'steer-L{layer}'):+.2%})",
             loss("evil-s0-inference") > loss(f"steer-L{layer}"),
         )
     )
@@ -326,7 +335,8 @@ def main(argv=None) -> int:
         results[r["name"]] = measure(
             root, r["name"], str(root / "runs" / r["name"]), base_acts, vectors, data, layer
         )
-    # inference-time steering of the evil model, matched to preventative steering's suppression at `layer`
+    # inference-time steering of the evil model, matched to preventative steering's suppression at
+    # `layer`
     v_norm = float(load_vector(vector_path(vectors, TRAIT))[0][layer].norm())
     coef = round(
         (results["evil-s0"]["shift"][layer] - results[f"steer-L{layer}"]["shift"][layer]) / v_norm,
@@ -368,9 +378,8 @@ def main(argv=None) -> int:
             for r in run_list
         },
     )
-    atomic_write(
-        root / "figure_data.json", lambda p: p.write_text(json.dumps(figure) + "\n")
-    )  # for tools/figures.py
+    # for tools/figures.py
+    atomic_write(root / "figure_data.json", lambda p: p.write_text(json.dumps(figure) + "\n"))
     print(md)
     return 0
 
