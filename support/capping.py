@@ -1,21 +1,24 @@
-"""Persona capping's inputs: the ceiling file `calibrate-cap` writes, --cap specs, and the model.Cap they make.
+"""Persona capping's inputs: the ceiling file `calibrate-cap` writes, --cap specs, and the model.Cap
+they make.
 
     caps = caps_for(["evil", "evil:99@12-20"], model, Path("vectors/SmolLM2-135M-Instruct"))
     M.generate(model, prompts, 100, cap=caps)
 
 A cap bounds the residual stream's component along a trait's unit vector u_l after block l,
     h <- h - u_l * max(h.u_l - ceiling_l, 0),
-with ceiling_l a percentile of where the model's own answers to everyday requests sit along u_l: ordinary text
-is (mostly) below it and passes unchanged, and only a state further along the trait than that is pulled back.
+with ceiling_l a percentile of where the model's own answers to everyday requests sit along u_l:
+ordinary text is (mostly) below it and passes unchanged, and only a state further along the trait
+than that is pulled back.
 
-The ceiling file, beside the vector (`evil_response_avg_diff.safetensors` -> `evil_response_avg_diff.cap.json`):
+The ceiling file, beside the vector
+(`evil_response_avg_diff.safetensors` -> `evil_response_avg_diff.cap.json`):
     percentiles  the grid, 1..99 step 1, 99.5, 99.9
-    ceilings     [percentile][hidden index 0..N]: that percentile of every answer token's projection on the unit
-                 vector of that hidden index (numpy's linear percentile)
+    ceilings     [percentile][hidden index 0..N]: that percentile of every answer token's
+                 projection on the unit vector of that hidden index (numpy's linear percentile)
     mean, std    [hidden index]: of the same projections
-and what they were measured on: model (name, path, source), vector (file name, sha256 of its float32 values, so
-that re-extracting invalidates the file but a sweep recording best_layer does not), questions (file, sha256),
-answers, tokens, max_new_tokens.
+and what they were measured on: model (name, path, source), vector (file name, sha256 of its
+float32 values, so that re-extracting invalidates the file but a sweep recording best_layer does
+not), questions (file, sha256), answers, tokens, max_new_tokens.
 """
 
 import hashlib
@@ -36,10 +39,8 @@ from support.files import atomic_write, check_fits, load_vector, read_json, vect
 FORMAT = "persona-vectors cap ceilings 1"
 PERCENTILES = [float(p) for p in range(1, 100)] + [99.5, 99.9]
 DEFAULT_PERCENTILE = 90.0  # chosen by tools/cap_study.py (docs/capping.md)
-DEFAULT_BAND = (
-    0.53,
-    0.63,
-)  # default layers: blocks round(0.53 N)..round(0.63 N), 16-19 of SmolLM2-135M's 30
+# default layers: blocks round(0.53 N)..round(0.63 N), 16-19 of SmolLM2-135M's 30
+DEFAULT_BAND = (0.53, 0.63)
 SPEC_RE = re.compile(r"(?P<trait>[^:@]+)(?::(?P<percentile>[^@]*))?(?:@(?P<layers>.*))?")
 
 
@@ -59,10 +60,10 @@ def default_layers(num_layers: int) -> list[int]:
 
 
 def percentile_table(proj: np.ndarray) -> dict:
-    """Projections [tokens, N + 1] -> the file's ceilings [percentile][N + 1], mean and std [N + 1]."""
-    table = np.percentile(
-        proj.astype(np.float64), PERCENTILES, axis=0
-    )  # [percentiles, N + 1], monotone per column
+    """Projections [tokens, N + 1] -> the file's ceilings [percentile][N + 1],
+    mean and std [N + 1]."""
+    # [percentiles, N + 1], monotone per column
+    table = np.percentile(proj.astype(np.float64), PERCENTILES, axis=0)
     return dict(
         percentiles=PERCENTILES,
         ceilings=table.round(4).tolist(),
@@ -78,7 +79,7 @@ def write_ceilings(path: Path, record: dict) -> Path:
     return path
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # --cap specs: TRAIT[:PERCENTILE][@LAYERS]
 
 
@@ -129,16 +130,16 @@ def parse_cap(spec: str, n_layers: int | None = None) -> CapSpec:
     >>> parse_cap("evil:99@16-19")
     CapSpec(source='evil', percentile=99.0, layers=[16, 17, 18, 19], text='evil:99@16-19')
     """
-    if isinstance(
-        spec, CapSpec
-    ):  # parsed already: again only to check its layers against this model
+    # parsed already: again only to check its layers against this model
+    if isinstance(spec, CapSpec):
         if n_layers is None:
             return spec
         spec = spec.text
     m = SPEC_RE.fullmatch(spec.strip())
     if not m or not m["trait"].strip():
         raise UserError(
-            f"--cap {spec!r}: expected TRAIT[:PERCENTILE][@LAYERS], e.g. evil, evil:90 or evil:99@12-20"
+            f"--cap {spec!r}: expected TRAIT[:PERCENTILE][@LAYERS], "
+            "e.g. evil, evil:90 or evil:99@12-20"
         )
     try:
         p = DEFAULT_PERCENTILE if m["percentile"] is None else float(m["percentile"])
@@ -152,7 +153,7 @@ def parse_cap(spec: str, n_layers: int | None = None) -> CapSpec:
     return CapSpec(m["trait"].strip(), p, layers, spec)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # From specs to caps: the vector, its checked ceilings, the percentile's values.
 
 
@@ -243,19 +244,20 @@ NOTED = set()
 
 
 def ceilings_at(c: dict, percentile: float, label: str = "--cap") -> np.ndarray:
-    """The ceiling at every hidden index for a percentile: a grid point's, or linear between the two around it."""
+    """The ceiling at every hidden index for a percentile: a grid point's, or linear between the
+    two around it."""
     grid, table = np.array(c["percentiles"]), np.array(c["ceilings"])  # [P], [P, N + 1]
     if not grid[0] <= percentile <= grid[-1]:
         raise UserError(
-            f"{label}: percentile {percentile:g} is outside the calibrated {grid[0]:g}..{grid[-1]:g}"
+            f"{label}: percentile {percentile:g} is outside the calibrated "
+            f"{grid[0]:g}..{grid[-1]:g}"
         )
-    if (
-        percentile not in grid and (label, percentile) not in NOTED
-    ):  # once per process (a server gets many)
+    # once per process (a server gets many)
+    if percentile not in grid and (label, percentile) not in NOTED:
         NOTED.add((label, percentile))
         print(
-            f"note: {label}: percentile {percentile:g} is not on the calibrated grid; interpolating linearly "
-            "between the two grid points around it",
+            f"note: {label}: percentile {percentile:g} is not on the calibrated grid; "
+            "interpolating linearly between the two grid points around it",
             file=sys.stderr,
         )
     return np.array([np.interp(percentile, grid, table[:, i]) for i in range(table.shape[1])])
@@ -276,8 +278,9 @@ def calibrated(spec: CapSpec, path: Path, model: M.Transformer) -> tuple[torch.T
 def resolved(
     specs: list[str], model: M.Transformer, vectors_dir: Path, cache: dict | None = None
 ) -> list[tuple[str, list[int], torch.Tensor, np.ndarray]]:
-    """Each spec -> (vector file, layers, unit directions [n, hidden], ceilings [n]), every check done.
-    cache: a dict that keeps each vector file's `calibrated` result, so that a server reads and checks it once."""
+    """Each spec -> (vector file, layers, unit directions [n, hidden], ceilings [n]), every check
+    done. cache: a dict that keeps each vector file's `calibrated` result, so that a server reads
+    and checks it once."""
     N, out, cache = model.config.num_hidden_layers, [], {} if cache is None else cache
     for text in specs:
         spec = parse_cap(text, N)  # layers checked against this model's blocks
@@ -301,8 +304,8 @@ def caps_for(specs: list[str], model: M.Transformer, vectors_dir: Path) -> list[
 
 
 def merged(caps: list[M.Cap]) -> list[M.Cap]:
-    """Several caps as one, with the same bounds applied in the same order at every layer, whose `fired` counts a
-    token capped by any of them once -> [] or [Cap]."""
+    """Several caps as one, with the same bounds applied in the same order at every layer, whose
+    `fired` counts a token capped by any of them once -> [] or [Cap]."""
     if len(caps) < 2:
         return list(caps)
     return [
@@ -317,8 +320,9 @@ def merged(caps: list[M.Cap]) -> list[M.Cap]:
 def caps_per_row(
     row_specs: list[list[str]], model: M.Transformer, vectors_dir: Path, cache: dict | None = None
 ) -> list[M.Cap]:
-    """One list of --cap specs per row of a batch -> model.Caps with per-row ceilings [B, n]: one Cap per (vector,
-    layers), and +inf where a row does not have it (such a row passes unchanged). cache: as for `resolved`."""
+    """One list of --cap specs per row of a batch -> model.Caps with per-row ceilings [B, n]: one
+    Cap per (vector, layers), and +inf where a row does not have it (such a row passes unchanged).
+    cache: as for `resolved`."""
     rows = [resolved(specs, model, vectors_dir, cache) for specs in row_specs]
     keys = list(dict.fromkeys((path, tuple(layers)) for row in rows for path, layers, _, _ in row))
     device, caps = model.lm_head.weight.device, []

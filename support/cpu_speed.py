@@ -1,9 +1,10 @@
 """A CPU speed trick for model.py, applied from outside (support.checkpoint.load_model calls it on
 the CPU); skip when reading.
 
-MKL runs the product of a few rows (decoding) by a weight matrix on one core. Viewing W [N, K] as g blocks of N/g
-rows in one batched product uses g cores: extraction's sampling ran 1.22x faster on 2 cores (tools/bench.py (e)),
-with identical answers. On a GPU, or for more than 64 rows, the layer is plain F.linear.
+MKL runs the product of a few rows (decoding) by a weight matrix on one core. Viewing W [N, K] as g
+blocks of N/g rows in one batched product uses g cores: extraction's sampling ran 1.22x faster on 2
+cores (tools/bench.py (e)), with identical answers. On a GPU, or for more than 64 rows, the layer is
+plain F.linear.
 """
 
 import torch
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 
 
 class SplitLinear(nn.Linear):
-    """nn.Linear whose small products on the CPU are split across the torch threads; the result is F.linear's."""
+    """nn.Linear whose small products on the CPU are split across the torch threads; the result is
+    F.linear's."""
 
     def forward(self, x):
         rows, (N, K), g = x.numel() // x.shape[-1], self.weight.shape, torch.get_num_threads()
@@ -26,7 +28,8 @@ class SplitLinear(nn.Linear):
 
 
 def split_linears(model: nn.Module, on: bool = True) -> nn.Module:
-    """Give every nn.Linear of `model` the split product (on=False: plain nn.Linear again); weights are untouched."""
+    """Give every nn.Linear of `model` the split product (on=False: plain nn.Linear again); weights
+    are untouched."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             m.__class__ = SplitLinear if on else nn.Linear

@@ -24,9 +24,8 @@ from safetensors.torch import save_file
 from support import UserError
 from support.limits import LABEL_BYTES, NAME_BYTES, TEXT_FILE_BYTES
 
-UMASK = os.umask(
-    0o022
-)  # read once, at import: os.umask can only be read by setting it, which races with threads
+# read once, at import: os.umask can only be read by setting it, which races with threads
+UMASK = os.umask(0o022)
 os.umask(UMASK)
 
 
@@ -56,8 +55,9 @@ def atomic_write(path: Path, write) -> None:
 
 
 def temp_path(path: Path) -> Path:
-    """The temporary name this process writes `path` under before renaming it into place: `.<name>.<pid>.tmp`
-    beside it. The pid lets a later run tell a leftover of a killed process (see remove_stale_temps)."""
+    """The temporary name this process writes `path` under before renaming it into place:
+    `.<name>.<pid>.tmp` beside it. The pid lets a later run tell a leftover of a killed process (see
+    remove_stale_temps)."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
@@ -67,8 +67,9 @@ TEMP_PID = re.compile(r"(\d+)(-\w+)?")
 
 
 def remove_stale_temps(path: Path, max_age: float = 3600.0) -> list[Path]:
-    """Delete the temporaries (files or folders) of `path` that killed processes left: those whose process is gone,
-    or older than max_age seconds (its pid may have been reused). Another live run's temporary is left alone."""
+    """Delete the temporaries (files or folders) of `path` that killed processes left: those whose
+    process is gone, or older than max_age seconds (its pid may have been reused). Another live
+    run's temporary is left alone."""
     path, removed = Path(path), []
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         pid = TEMP_PID.fullmatch(tmp.name[len(path.name) + 2 : -len(".tmp")])
@@ -148,7 +149,8 @@ def _lock(path: Path, what: str) -> int:
 
 
 def read_json(path: Path):
-    """The parsed JSON of a file; a missing, unreadable or malformed file is a UserError that names it."""
+    """The parsed JSON of a file; a missing, unreadable or malformed file is a UserError that names
+    it."""
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -192,7 +194,8 @@ def check_output(
         raise UserError(f"{option} {path} is a directory: give a file name")
     if any(path.resolve() == Path(i).resolve() for i in inputs if i):
         raise UserError(
-            f"{option} {path} is an input of this run and is never written over: choose another file"
+            f"{option} {path} is an input of this run and is never written over: "
+            "choose another file"
         )
     named = taken if isinstance(taken, dict) else dict.fromkeys(taken)
     for other, what in named.items():
@@ -245,13 +248,13 @@ def made_dirs(*paths):
         del _scopes[[s is scope for s in _scopes].index(True)]  # sets compare by value
 
 
-NAME_RE = re.compile(
-    r"\w[\w.-]{0,99}"
-)  # a name becomes a file name: no separator, no leading dot, no "..", no ""
+# a name becomes a file name: no separator, no leading dot, no "..", no ""
+NAME_RE = re.compile(r"\w[\w.-]{0,99}")
 
 
 def check_name(name: str, flag: str = "--name") -> str:
-    """A name that becomes part of a file name (e.g. --name of import-gguf) must be just a name, never a path."""
+    """A name that becomes part of a file name (e.g. --name of import-gguf) must be just a name,
+    never a path."""
     if not NAME_RE.fullmatch(name) or ".." in name:
         raise UserError(
             f"{flag} {name!r}: a name is up to 100 letters, digits, '_', '.' or '-' (not a path), "
@@ -286,9 +289,8 @@ def check_output_dir(path: Path, inputs=(), option: str = "--out") -> Path:
         raise UserError(
             f"{option} {path}: {nearest} is a file, not a folder: choose another {option}"
         )
-    check_writable(
-        path, option
-    )  # tries `nearest`; notes the folders missing below it for made_dirs
+    # tries `nearest`; notes the folders missing below it for made_dirs
+    check_writable(path, option)
     return path
 
 
@@ -356,18 +358,14 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     atomic_write(path, write)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Persona-vector files: tensor "vector" [num_layers + 1, hidden] (hidden index 0 = embeddings, L = output of
-# block L) and JSON-encoded metadata, named like the official repository's files.
+# --------------------------------------------------------------------------------------------------
+# Persona-vector files: tensor "vector" [num_layers + 1, hidden] (hidden index 0 = embeddings,
+# L = output of block L) and JSON-encoded metadata, named like the official repository's files.
 
-VARIANTS = (
-    "response_avg",
-    "prompt_avg",
-    "prompt_last",
-)  # the official file names: <trait>_<variant>_diff
-SUFFIX = (
-    "_response_avg_diff.safetensors"  # the paper's vector, the one every command uses by default
-)
+# the official file names: <trait>_<variant>_diff
+VARIANTS = ("response_avg", "prompt_avg", "prompt_last")
+# the paper's vector, the one every command uses by default
+SUFFIX = "_response_avg_diff.safetensors"
 
 
 def default_vectors_dir(model_name: str) -> Path:
@@ -380,7 +378,8 @@ def vector_path(vectors_dir: Path, trait: str, variant: str = "response_avg") ->
 
 
 def save_batch(path: Path, rows: list[dict], tensors: dict[str, torch.Tensor]) -> None:
-    """A finished batch of a pipeline's answers: its rows as JSON metadata beside their activations, atomically."""
+    """A finished batch of a pipeline's answers: its rows as JSON metadata beside their
+    activations, atomically."""
     atomic_write(
         path,
         lambda p: save_file(
@@ -392,7 +391,8 @@ def save_batch(path: Path, rows: list[dict], tensors: dict[str, torch.Tensor]) -
 
 
 def load_batch(path: Path, keys: list[str]) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """A batch written by save_batch -> (its rows, its tensors named by keys); a damaged file is a UserError."""
+    """A batch written by save_batch -> (its rows, its tensors named by keys); a damaged file is a
+    UserError."""
     try:
         with safe_open(str(path), framework="pt") as f:
             return json.loads(f.metadata()["rows"]), {k: f.get_tensor(k) for k in keys}
@@ -403,8 +403,9 @@ def load_batch(path: Path, keys: list[str]) -> tuple[list[dict], dict[str, torch
 
 
 def vector_file(name: str, vectors_dir: Path, context: str = "", check: bool = True) -> Path:
-    """A trait name (its vector in vectors_dir) or a .safetensors path -> the file, checked to exist unless not
-    `check` (the error message starts with `context`, e.g. the flag that named it)."""
+    """A trait name (its vector in vectors_dir) or a .safetensors path -> the file, checked to
+    exist unless not `check` (the error message starts with `context`, e.g. the flag that named
+    it)."""
     path = Path(name) if name.endswith(".safetensors") else vector_path(vectors_dir, name)
     if check and not path.is_file():
         raise UserError(
@@ -424,7 +425,8 @@ def traits_in(vectors_dir: Path) -> list[str]:
 
 
 def other_vectors(vectors_dir: Path, trait: str, like: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every other trait's vector in the directory with the shape of `like` (the cross-trait controls)."""
+    """Every other trait's vector in the directory with the shape of `like` (the cross-trait
+    controls)."""
     others = {
         o: load_vector(vector_path(vectors_dir, o))[0] for o in traits_in(vectors_dir) if o != trait
     }
@@ -444,7 +446,8 @@ def save_vector(path: Path, vector: torch.Tensor, meta: dict) -> Path:
 
 
 def load_vector(path: str | Path) -> tuple[torch.Tensor, dict]:
-    """A vector file of this project -> (tensor [L + 1, hidden], metadata with JSON values decoded)."""
+    """A vector file of this project -> (tensor [L + 1, hidden], metadata with JSON values
+    decoded)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no vector file {path}")
@@ -454,9 +457,8 @@ def load_vector(path: str | Path) -> tuple[torch.Tensor, dict]:
             for k, v in (f.metadata() or {}).items():
                 try:
                     meta[k] = json.loads(v)
-                except (
-                    json.JSONDecodeError
-                ):  # metadata written by other tools, e.g. {"format": "pt"}
+                except json.JSONDecodeError:
+                    # metadata written by other tools, e.g. {"format": "pt"}
                     meta[k] = v
             if "vector" not in f.keys():
                 raise UserError(
@@ -479,34 +481,37 @@ def load_vector(path: str | Path) -> tuple[torch.Tensor, dict]:
 def check_fits(
     vec: torch.Tensor, meta: dict, path: Path, num_layers: int, hidden: int, model=None
 ) -> None:
-    """The model-fit check: a vector must be [num_layers + 1, hidden] for the model it is used with; given that
-    model (loaded, or its name), a vector recorded for another model also gets a warning (see check_model)."""
+    """The model-fit check: a vector must be [num_layers + 1, hidden] for the model it is used
+    with; given that model (loaded, or its name), a vector recorded for another model also gets a
+    warning (see check_model)."""
     if tuple(vec.shape) != (num_layers + 1, hidden):
         raise UserError(
-            f"{path} is [{vec.shape[0]}, {vec.shape[1]}] (extracted from {meta.get('model', '?')}), but "
+            f"{path} is [{vec.shape[0]}, {vec.shape[1]}] "
+            f"(extracted from {meta.get('model', '?')}), but "
             f"this model needs [{num_layers + 1}, {hidden}]: use a vector extracted from this model"
         )
     if model is not None:
         check_model(meta, path, model)
 
 
-_settled = (
-    set()
-)  # (vector file, model name): warned about once already, or known to be a finetune (expect_model)
+# (vector file, model name): warned about once already, or known to be a finetune (expect_model)
+_settled = set()
 
 
 def expect_model(path: Path, model_name: str) -> None:
-    """Say that the vector file `path` is knowingly used with `model_name`, a finetune of the model it was extracted
-    from (as `shift` does): check_model stays silent for that pair."""
+    """Say that the vector file `path` is knowingly used with `model_name`, a finetune of the model
+    it was extracted from (as `shift` does): check_model stays silent for that pair."""
     _settled.add((Path(path).resolve(), str(model_name)))
 
 
 def check_model(meta: dict, path: Path, model) -> None:
-    """Warn on stderr, once per file, when a vector records another model than `model` (a loaded model or a name).
+    """Warn on stderr, once per file, when a vector records another model than `model` (a loaded
+    model or a name).
 
-    A warning, not an error: the method legitimately applies a base model's vector to its finetunes (`shift`,
-    preventative steering). Same model: the same name, or the same folder (the one the name resolved to when the
-    vector was made, `model_path`). Vectors that record no model (import-vector without --model) pass silently.
+    A warning, not an error: the method legitimately applies a base model's vector to its finetunes
+    (`shift`, preventative steering). Same model: the same name, or the same folder (the one the
+    name resolved to when the vector was made, `model_path`). Vectors that record no model
+    (import-vector without --model) pass silently.
     """
     recorded, name = meta.get("model"), str(getattr(model, "name_or_path", model))
     key = (Path(path).resolve(), name)
@@ -525,8 +530,8 @@ def check_model(meta: dict, path: Path, model) -> None:
     if not here & there:
         _settled.add(key)
         print(
-            f"warning: {path} was extracted from {recorded}, not {name}: fine for a finetune of that model, "
-            "otherwise extract the vector from this one",
+            f"warning: {path} was extracted from {recorded}, not {name}: "
+            "fine for a finetune of that model, otherwise extract the vector from this one",
             file=sys.stderr,
         )
 
@@ -584,20 +589,21 @@ def resolve_layer(
         raise UserError(f"--layer {L} out of range: this model has blocks 1..{num_layers}")
     if meta.get("last_row_post_norm") and L == num_layers:
         raise UserError(
-            f"--layer {L}: this imported vector's last row was taken after the final norm, unlike the "
-            f"residual stream steered here; use a layer below {num_layers}"
+            f"--layer {L}: this imported vector's last row was taken after the final norm, "
+            f"unlike the residual stream steered here; use a layer below {num_layers}"
         )
     return L
 
 
-# Conversation files: one {"messages": [...]} per line (what `monitor`, `flag` and `chat --save` read and write).
+# Conversation files: one {"messages": [...]} per line (what `monitor`, `flag` and `chat --save`
+# read and write).
 
 ROLES = ("system", "user", "assistant")
 
 
 def assistant_turns(record) -> tuple[list[dict], list[int]] | str:
-    """A JSONL record -> (messages, indices of the assistant turns that follow a user turn), or why it cannot be
-    used (a short reason, counted by the caller)."""
+    """A JSONL record -> (messages, indices of the assistant turns that follow a user turn), or why
+    it cannot be used (a short reason, counted by the caller)."""
     messages = record.get("messages") if isinstance(record, dict) else None
     if not isinstance(messages, list):
         return "no `messages` list"
@@ -616,8 +622,9 @@ def assistant_turns(record) -> tuple[list[dict], list[int]] | str:
 
 
 def jsonl_conversations(src: Path, skipped: dict):
-    """(line number, messages, indices of its assistant turns) for each usable line of a JSONL file; the others
-    are counted in `skipped` by reason, with their line numbers. Streamed: one line in memory at a time."""
+    """(line number, messages, indices of its assistant turns) for each usable line of a JSONL
+    file; the others are counted in `skipped` by reason, with their line numbers. Streamed: one line
+    in memory at a time."""
     with open(src, encoding="utf-8") as f:  # checked to be UTF-8 by check_text
         for lineno, line in enumerate(f, start=1):
             if not line.strip():

@@ -1,4 +1,5 @@
-"""The pipelines' pictures (optional: without matplotlib they are skipped), written atomically beside the CSVs."""
+"""The pipelines' pictures (optional: without matplotlib they are skipped), written atomically
+beside the CSVs."""
 
 from pathlib import Path
 
@@ -6,7 +7,8 @@ from support.files import atomic_write
 
 
 def pyplot():
-    """matplotlib.pyplot without a display, or None when matplotlib is not installed (plots are optional)."""
+    """matplotlib.pyplot without a display, or None when matplotlib is not installed (plots are
+    optional)."""
     try:
         import matplotlib
 
@@ -26,7 +28,8 @@ def save_figure(plt, fig, ax, path: Path) -> Path:
 
 
 def plot_sweep(results: list[dict], trait: str, path: Path) -> Path | None:
-    """Trait score against layer, one line per coefficient, coherence dashed (like the paper's Figure 3)."""
+    """Trait score against layer, one line per coefficient, coherence dashed (like the paper's
+    Figure 3)."""
     plt = pyplot()
     if plt is None:
         return None
@@ -53,7 +56,8 @@ def plot_sweep(results: list[dict], trait: str, path: Path) -> Path | None:
 
 
 def plot_monitor(rows: list[dict], trait: str, layer: int, path: Path) -> Path | None:
-    """Projection before the reply against the judged score, one colour per condition (like the paper's Figure 4)."""
+    """Projection before the reply against the judged score, one colour per condition (like the
+    paper's Figure 4)."""
     plt = pyplot()
     if plt is None:
         return None
