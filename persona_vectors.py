@@ -81,7 +81,7 @@ from support.files import (
 )
 from support.hub import DEFAULT_MODEL
 from support.plots import plot_monitor, plot_sweep
-from support.sampling import Budget, budget_for, check_count, settings_hash
+from support.sampling import Budget, budget_for, check_count, check_new_tokens, settings_hash
 from support.stats import (
     bootstrap_ci,
     mean_se,
@@ -865,7 +865,7 @@ def generate(
     )
     steers, caps = interventions(model, vectors_dir, steer, cap, layer, positions, all_layers)
     ids = [tok.encode_chat(conversation(dict(system=system, question=p))) for p in prompts]
-    M.check_new_tokens(model, max_new_tokens, max(len(x) for x in ids))
+    check_new_tokens(model, max_new_tokens, max(len(x) for x in ids))
     out = M.generate(
         model,
         ids,

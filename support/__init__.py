@@ -8,8 +8,9 @@ keeps it so.
     tokenizer.py     tokenization and the chat templates (ChatML, Llama-3) written out by hand
     traits.py        trait files: data/traits/*.json, their schema and validation; the pools of everyday requests
     files.py         atomic writes, CSV, the vector files (name, --steer specs, save, load, fit) and conversation files
-    sampling.py      the sampling budget (answers, tokens, temperature, batch) and the hash naming a cached run
-    checkpoint.py    `load`: a model and tokenizer by hub id or path, config and device checked first
+    sampling.py      the sampling budget (answers, tokens, temperature, batch), --max-new-tokens
+                     against the context, and the hash naming a cached run
+    checkpoint.py    `load`: a model and tokenizer by hub id or path, config, weights, device checked
     stats.py         correlations, permutation p-values, bootstrap intervals, random directions, means with errors
     plots.py         the sweep's and the monitoring experiment's pictures (optional: need matplotlib)
     cli.py           the command line's argument types, and `run` (a UserError as one line)
