@@ -88,6 +88,11 @@ def check_weights(model_dir: Path, config: M.Config) -> None:
         )
     with torch.device("meta"):
         expected = {k: v.shape for k, v in M.Transformer(config).state_dict().items()}
+    if not index.exists() and not (model_dir / "model.safetensors").exists():
+        raise UserError(
+            f"{model_dir}: no model.safetensors or model.safetensors.index.json "
+            "(only safetensors weights are supported; convert .bin checkpoints first)"
+        )
     seen, names = set(), sorted(set(weight_map.values())) or ["model.safetensors"]
     for path in [model_dir / name for name in names]:  # the shards, or the one file
         try:

@@ -133,6 +133,15 @@ def test_unreadable_config_and_index_name_the_file(tmp_path):
         checkpoint.load_model(d, "cpu")
 
 
+def test_a_folder_without_safetensors_names_the_fix(tmp_path):
+    d = tmp_path / "bin-only"
+    d.mkdir()
+    shutil.copy(GOLDEN / "tiny-tied" / "config.json", d / "config.json")
+    (d / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(UserError, match="no model.safetensors.*convert .bin checkpoints first"):
+        checkpoint.load_model(d, "cpu")
+
+
 def test_a_device_this_machine_lacks_is_a_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(
