@@ -70,7 +70,7 @@ from support.files import (
 )
 from support.hub import DEFAULT_MODEL
 from support.records import file_label
-from support.sampling import Budget, budget_for, check_count, settings_hash
+from support.sampling import Budget, budget_for, check_count, check_new_tokens, settings_hash
 from support.stats import random_band, random_directions
 from support.traits import QUESTIONS_FILE, load_questions, load_trait
 
@@ -576,7 +576,7 @@ def generate(
     )
     steers, caps = interventions(lm, vectors_dir, steer, cap, layer, positions, all_layers)
     ids = [tok.encode_chat(conversation(dict(system=system, question=p))) for p in prompts]
-    M.check_new_tokens(lm, max_new_tokens, max(len(x) for x in ids))
+    check_new_tokens(lm, max_new_tokens, max(len(x) for x in ids))
     sampling = dict(temperature=temperature, top_p=top_p, seed=seed, progress=True)
     kw = dict(stop_ids=tok.stop_ids, pad_id=tok.pad_id, steer=steers, cap=caps, **sampling)
     out = M.generate(lm, ids, max_new_tokens, **kw)

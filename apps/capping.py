@@ -24,7 +24,7 @@ from support import UserError, checkpoint, cli, records
 from support.capping import ceiling_path, percentile_table, vector_sha256, write_ceilings
 from support.files import check_fits, check_output, default_vectors_dir, load_vector, vector_file
 from support.hub import DEFAULT_MODEL
-from support.sampling import check_count
+from support.sampling import check_count, check_new_tokens
 from support.traits import QUESTIONS_FILE, load_questions
 
 
@@ -92,7 +92,7 @@ def calibrate_cap(
     checkpoint.check_device(device or checkpoint.default_device())
     model, tok = checkpoint.load(model_name, device, dtype)
     check_fits(vec, meta, vec_file, model.config.num_hidden_layers, model.config.hidden_size, model)
-    M.check_new_tokens(model, max_new_tokens)  # before any answer; each batch: in generate
+    check_new_tokens(model, max_new_tokens)  # before any answer; each batch: in generate
     units = pv.unit(vec)
     print(
         f"calibrate-cap {vec_file.name}: {len(questions)} requests from "

@@ -18,11 +18,10 @@ import torch
 
 import persona_vectors as pv
 from apps.monitor import Gauge, gauges_for
-from model import check_new_tokens
 from support import UserError, cli
 from support.files import atomic_write, check_output
 from support.hub import DEFAULT_MODEL
-from support.sampling import Budget
+from support.sampling import Budget, check_new_tokens
 
 CHAT_HELP = (
     "commands: /steer SPEC [SPEC ...] (replace the steering, e.g. /steer evil:1.5 humorous:-1), "

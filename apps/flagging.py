@@ -53,7 +53,7 @@ from support.files import (
 )
 from support.hub import DEFAULT_MODEL
 from support.plots import pyplot, save_figure
-from support.sampling import settings_hash
+from support.sampling import check_new_tokens, settings_hash
 
 SELECT = ("top", "bottom", "random", "above-reference")
 NOT_JSON = "not JSON"
@@ -835,6 +835,7 @@ def flag(
             ):  # a torchrun rank
                 device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
             model, tok = checkpoint.load(model_name, device, dtype)
+            check_new_tokens(model, max_new_tokens)  # before any work
             for p in probes:
                 check_fits(
                     p.vector,

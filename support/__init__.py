@@ -12,11 +12,11 @@ judge.py, apps/); tests/test_layers.py keeps it so.
                      everyday requests
     files.py         atomic writes, CSV, the vector files (name, --steer specs, save, load, fit) and
                      conversation files
-    sampling.py      the sampling budget (answers, tokens, temperature, batch) and the hash naming a
-                     cached run
+    sampling.py      the sampling budget (answers, tokens, temperature, batch), --max-new-tokens
+                     against the context, and the hash naming a cached run
     records.py       the pipelines' bookkeeping: cached batches, settings, vector metadata, CSVs,
                      summaries
-    checkpoint.py    `load`: a model and tokenizer by hub id or path, config and device
+    checkpoint.py    `load`: a model and tokenizer by hub id or path, config, weights and device
                      checked first
     stats.py         correlations, permutation p-values, bootstrap intervals, random directions,
                      means with errors

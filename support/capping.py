@@ -34,7 +34,14 @@ import torch
 
 import model as M
 from support import UserError
-from support.files import atomic_write, check_fits, load_vector, read_json, vector_file
+from support.files import (
+    atomic_write,
+    check_directions,
+    check_fits,
+    load_vector,
+    read_json,
+    vector_file,
+)
 
 FORMAT = "persona-vectors cap ceilings 1"
 PERCENTILES = [float(p) for p in range(1, 100)] + [99.5, 99.9]
@@ -289,6 +296,7 @@ def resolved(
         if path not in cache:
             cache[path] = calibrated(spec, path, model)
         vec, c = cache[path]
+        check_directions(vec, layers, path)
         ceil = ceilings_at(c, spec.percentile, spec.label())
         out.append((str(path), layers, vec[layers], ceil[layers]))
     return out

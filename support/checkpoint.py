@@ -1,7 +1,7 @@
-"""Loading a model by name, and the checks before it: config.json checked key by key (one-line
-errors), the device checked before anything is loaded, hub ids and the offline GGUF fallback
-resolved (hub.py), the tokenizer built, and the CPU speed-up applied. model.py's `load_model` then
-reads the directory strictly; this is the project's door to it.
+"""Loading a model by name, and the checks before it: config.json checked key by key and the
+weights' names and shapes (one-line errors), the device checked before anything is loaded, hub ids
+and the offline GGUF fallback resolved (hub.py), the tokenizer built, and the CPU speed-up applied.
+model.py's `load_model` then reads the directory strictly; this is the project's door to it.
 
     model, tok = checkpoint.load("HuggingFaceTB/SmolLM2-135M-Instruct")
 """
@@ -13,6 +13,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 import model as M
 from support import UserError
@@ -62,7 +63,8 @@ def load_model(
     from support import cpu_speed
 
     device = check_device(device or default_device())
-    read_config(Path(model_dir) / "config.json")  # checked here; model.py reads it again, unchecked
+    config = read_config(Path(model_dir) / "config.json")  # model.py reads it again, unchecked
+    check_weights(Path(model_dir), config)
     model = M.load_model(model_dir, device, dtype or default_dtype(device))
     return cpu_speed.split_linears(model) if torch.device(device).type == "cpu" else model
 
@@ -70,6 +72,64 @@ def load_model(
 def read_config(path: Path) -> M.Config:
     """A config.json -> model.Config, every key it reads checked by `check_config`."""
     return M.Config(**check_config(read_json(path), str(path)))
+
+
+def check_weights(model_dir: Path, config: M.Config) -> None:
+    """The checkpoint's tensor names and shapes against the model's, from the files' headers (no
+    tensor read), as model.load_model's strict loading will: each problem a one-line UserError
+    naming the tensor and the file. The harmless extras are skipped as there (model.our_name)."""
+    index = model_dir / "model.safetensors.index.json"
+    weight_map = read_json(index) if index.exists() else {"weight_map": {}}
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+        raise UserError(
+            f"{index}: expected an object with a `weight_map` of tensor name -> file name"
+        )
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in M.Transformer(config).state_dict().items()}
+    if not index.exists() and not (model_dir / "model.safetensors").exists():
+        raise UserError(
+            f"{model_dir}: no model.safetensors or model.safetensors.index.json "
+            "(only safetensors weights are supported; convert .bin checkpoints first)"
+        )
+    seen, names = set(), sorted(set(weight_map.values())) or ["model.safetensors"]
+    for path in [model_dir / name for name in names]:  # the shards, or the one file
+        try:
+            seen |= check_file(path, expected, config)
+        except (SafetensorError, OSError) as e:
+            raise UserError(
+                f"cannot read {path} ({e}); the file is missing or truncated: download it again"
+            ) from None
+    if "model.embed_tokens.weight" in seen:
+        seen.add("lm_head.weight")  # tied, or no separate head: the embedding serves
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise UserError(
+            f"{model_dir}: checkpoint lacks {len(missing)} tensor(s), first {missing[0]!r}: "
+            "incomplete download?"
+        )
+
+
+def check_file(path: Path, expected: dict, config: M.Config) -> set[str]:
+    """One safetensors file's tensors checked against `expected` (name -> shape) -> their names."""
+    seen = set()
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            name = M.our_name(key, config)
+            if name is None:
+                continue
+            if name not in expected:
+                raise UserError(
+                    f"unexpected tensor {key!r} in {path}: not a {config.model_type} checkpoint?"
+                )
+            shape = tuple(f.get_slice(key).get_shape())
+            if shape != tuple(expected[name]):
+                raise UserError(
+                    f"tensor {key!r} in {path} has shape {shape}, expected "
+                    f"{tuple(expected[name])}: config.json does not match the weights"
+                )
+            seen.add(name)
+    return seen
 
 
 def check_config(d: dict, source: str = "config.json") -> dict:

@@ -494,6 +494,16 @@ def check_fits(
         check_model(meta, path, model)
 
 
+def check_directions(vec: torch.Tensor, layers: list[int], path: Path) -> None:
+    """A direction to cap or ablate along at each of `layers`: a zero row has no unit vector."""
+    for layer in layers:
+        if not vec[layer].norm() > 0:
+            raise UserError(
+                f"{path}: the vector is zero at layer {layer}, so it has no direction there; "
+                "use other layers"
+            )
+
+
 # (vector file, model name): warned about once already, or known to be a finetune (expect_model)
 _settled = set()
 

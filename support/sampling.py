@@ -7,7 +7,6 @@ import json
 import math
 from dataclasses import dataclass
 
-from model import check_new_tokens
 from support import UserError
 
 SMALL_MODEL_TEMPERATURE, SMALL_MODEL_TOP_P = 0.7, 0.9
@@ -57,7 +56,7 @@ def budget_for(
     b = default_budget(dev, sum(p.numel() for p in model.parameters()))
     if max_new_tokens is not None:
         check_count("max-new-tokens", max_new_tokens)
-        check_new_tokens(model, max_new_tokens)  # before any work; each batch: in generate
+    check_new_tokens(model, max_new_tokens or b.max_new_tokens)  # before any work
     return Budget(
         b.rollouts if rollouts is None else rollouts,
         b.max_new_tokens if max_new_tokens is None else max_new_tokens,
@@ -65,6 +64,22 @@ def budget_for(
         b.top_p if top_p is None else top_p,
         b.batch_size if batch_size is None else batch_size,
     )
+
+
+def check_new_tokens(model, max_new_tokens: int, prompt_tokens: int = 1) -> int:
+    """The one check of --max-new-tokens against the model's context, used by every command once
+    the model is loaded (with the longest prompt where it is known, else 1), before any work:
+    positions past max_position_embeddings were never trained."""
+    n_ctx = model.config.max_position_embeddings
+    if prompt_tokens + max_new_tokens > n_ctx:
+        plural = "s" if prompt_tokens != 1 else ""
+        raise UserError(
+            f"--max-new-tokens {max_new_tokens} plus {prompt_tokens} prompt "
+            f"token{plural} is beyond this model's context of {n_ctx} tokens: use "
+            f"--max-new-tokens {max(1, n_ctx - prompt_tokens)} or less"
+            + (" (or a shorter prompt)" if prompt_tokens > 1 else "")
+        )
+    return max_new_tokens
 
 
 def check_count(name: str, value: int, least: int = 1) -> int:

@@ -35,6 +35,7 @@ from support.checkpoint import DTYPES
 from support.files import (
     LOCK,
     atomic_write,
+    check_directions,
     check_fits,
     check_writable,
     load_vector,
@@ -395,9 +396,10 @@ def ablation(
         path = vector_file(spec, vectors_dir, check=False)
         vec, meta = load_vector(path)
         check_fits(vec, meta, path, N, d, model)
-        L = resolve_layer(layer, meta, N)
+        layers = range(1, N + 1) if all_layers else [resolve_layer(layer, meta, N)]
+        check_directions(vec, layers, path)
         vec = vec.to(model.lm_head.weight.device)
-        out += [M.Ablate(l, vec[l], "all") for l in (range(1, N + 1) if all_layers else [L])]
+        out += [M.Ablate(l, vec[l], "all") for l in layers]
     return out
 
 

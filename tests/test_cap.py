@@ -229,36 +229,43 @@ def test_cap_trains_under_gradient_checkpointing():
 
 def test_cap_is_checked_once_per_sequence_and_kept_on_the_device(monkeypatch):
     m, calls = tiny("tiny-llama3"), []
-    check = M.check_fits
-    monkeypatch.setattr(M, "check_fits", lambda *a: calls.append(a) or check(*a))
+    check = M.Transformer.start_sequence
+    monkeypatch.setattr(M.Transformer, "start_sequence", lambda *a: calls.append(a) or check(*a))
     cap = M.Cap([1], unit(1, 64).double(), [0.0])
     M.generate(m, [[5, 6, 7]], 12, cap=[cap])
     assert len(calls) == 1 and cap.directions.dtype == torch.float32
 
 
 H = torch.randn(1, 64)
-CASES = [  # (Cap arguments, forward's batch size or None: fails at construction, message)
-    (([1, 2], H, [0.0, 0.0]), None, r"2 layers need directions \[2, hidden\]"),
-    (([1], torch.randn(64), [0.0]), None, r"directions \[1, hidden\]"),
-    (([1], H, [0.0, 1.0]), None, r"ceilings \[1\] or \[batch, 1\]"),
-    (([1], H, torch.zeros(2, 2, 1)), None, r"ceilings \[1\] or \[batch, 1\]"),
-    (([1], H, [float("nan")]), None, "NaN or -inf"),
-    (([1], H, [-float("inf")]), None, "NaN or -inf"),
-    (([1], torch.zeros(1, 64), [0.0]), None, "direction is zero"),
-    (([1], H * float("nan"), [0.0]), None, "non-finite"),
-    (([1], H, [0.0], "middle"), None, "positions must be all, prompt or response"),
-    (([4], H, [0.0]), 1, r"layer 4 out of range.*0\.\.3"),
-    (([-1], H, [0.0]), 1, "out of range"),
-    (([1], torch.randn(1, 32), [0.0]), 1, "hidden size is 64"),
-    (([1], H, torch.zeros(3, 1)), 2, r"expected \[1\] or \[batch = 2, 1\]"),
+CASES = [  # (Cap arguments, message at the first forward call)
+    (([4], H, [0.0]), r"layer out of range in \[4\]: hidden indices are 0\.\.3"),
+    (([1, -1], torch.randn(2, 64), [0.0, 0.0]), r"layer out of range in \[1, -1\]"),
+    (([1], H, [0.0], "middle"), "positions must be all, prompt or response"),
 ]
 
 
-@pytest.mark.parametrize("args, B, message", CASES)
-def test_bad_caps_are_one_line_user_errors(args, B, message):
+@pytest.mark.parametrize("args, message", CASES)
+def test_bad_caps_are_one_line_user_errors(args, message):
+    """What would cap nothing silently is refused at the first call (the values, finite and
+    nonzero, are the callers' to check: support/capping.py)."""
     m = tiny("tiny-llama3")
     with pytest.raises(UserError, match=message) as e:
-        cap = M.Cap(*args)
-        assert B is not None, "the Cap should have been refused when made"
-        m(torch.tensor([[5, 6, 7]] * B), cap=[cap])
+        m(torch.tensor([[5, 6, 7]]), cap=[M.Cap(*args)])
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ([1, 2], H, [0.0, 0.0]),
+        ([1], torch.randn(64), [0.0]),
+        ([1], H, [0.0, 1.0]),
+        ([1], H, torch.zeros(2, 2, 1)),
+    ],
+)
+def test_a_cap_has_a_direction_and_a_ceiling_per_layer(args):
+    with pytest.raises(AssertionError, match="one of each per layer"):
+        M.Cap(*args)
+    m = tiny("tiny-llama3")
+    with pytest.raises(RuntimeError):  # a direction of another size
+        m(torch.tensor([[5, 6, 7]]), cap=[M.Cap([1], torch.randn(1, 32), [0.0])])

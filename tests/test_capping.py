@@ -16,7 +16,7 @@ from tiny import main_of, run_bad, tiny_model_with_vectors, tree
 import model as M
 import persona_vectors as pv
 from apps import __main__ as apps_cli
-from support import checkpoint
+from support import UserError, checkpoint
 from support.capping import PERCENTILES, caps_for, caps_per_row, ceiling_path, parse_cap
 from support.files import load_vector
 from support.plots import pyplot
@@ -578,3 +578,30 @@ def test_study_judges_every_answer_when_a_judge_is_configured(tiny, tmp_path, mo
         == doc
     )
     assert fake.asked == asked  # judged once: a rerun reads the scores kept with each arm
+
+
+def test_a_zero_direction_is_refused_where_it_enters(loaded, tmp_path):
+    """model.Cap and model.Ablate divide by the direction's norm and leave its value to the
+    callers: a vector that is zero at a capped or ablated layer is a one-line error naming the
+    file and the layer (support/capping.py's `resolved`, support/training.py's `ablation`)."""
+    from tiny import write_vector
+
+    from support.files import check_directions
+    from support.training import ablation
+
+    model = loaded[0]
+    N, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    vec = torch.randn(N + 1, hidden)
+    vec[2] = 0
+    path = write_vector(tmp_path / "flat_response_avg_diff.safetensors", vec)
+    check_directions(vec, [1, 3], path)
+    with pytest.raises(
+        UserError, match=r"flat_response_avg_diff.safetensors: the vector is zero at layer 2"
+    ) as e:
+        check_directions(vec, [1, 2], path)
+    assert "\n" not in str(e.value)
+    assert [a.layer for a in ablation(["flat"], model, tmp_path, 1, False)] == [1]
+    with pytest.raises(UserError, match="the vector is zero at layer 2"):
+        ablation(["flat"], model, tmp_path, 2, False)
+    with pytest.raises(UserError, match="the vector is zero at layer 2"):
+        ablation(["flat"], model, tmp_path, None, True)  # CAFT at every block

@@ -247,7 +247,9 @@ def test_the_language_model_of_a_multimodal_gemma3_checkpoint_loads(tmp_path, pr
         UserError,
         match="unexpected tensor 'language_model.model.layers.9|unexpected tensor 'model.la",
     ):
-        M.load_model(d, "cpu")
+        checkpoint.load_model(d, "cpu")
+    with pytest.raises(RuntimeError, match="Unexpected key.*layers.9.mlp.up_proj.weight"):
+        M.load_model(d, "cpu")  # alone, as strict
 
 
 def test_a_vision_tower_in_a_text_only_checkpoint_is_still_unexpected(tmp_path):
@@ -256,6 +258,8 @@ def test_a_vision_tower_in_a_text_only_checkpoint_is_still_unexpected(tmp_path):
     w = load_file(d / "model.safetensors")
     save_file(w | {"vision_tower.x": torch.zeros(2)}, d / "model.safetensors")
     with pytest.raises(UserError, match="unexpected tensor 'vision_tower.x'"):
+        checkpoint.load_model(d, "cpu")
+    with pytest.raises(RuntimeError, match="Unexpected key.*vision_tower.x"):
         M.load_model(d, "cpu")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import model as M
@@ -134,6 +135,15 @@ def test_unreadable_config_and_index_name_the_file(tmp_path):
         checkpoint.load_model(d, "cpu")
 
 
+def test_a_folder_without_safetensors_names_the_fix(tmp_path):
+    d = tmp_path / "bin-only"
+    d.mkdir()
+    shutil.copy(GOLDEN / "tiny-tied" / "config.json", d / "config.json")
+    (d / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(UserError, match="no model.safetensors.*convert .bin checkpoints first"):
+        checkpoint.load_model(d, "cpu")
+
+
 def test_a_device_this_machine_lacks_is_a_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(
@@ -168,26 +178,31 @@ def corrupt(tmp_path, name="tiny-llama3"):
 
 
 def test_weight_errors_name_the_tensor_and_file(tmp_path):
+    """support.checkpoint checks the files' headers first (one-line errors naming the tensor and
+    the file); model.load_model alone is as strict, with torch's and safetensors' own errors."""
     d = corrupt(tmp_path)
     shard = d / "model-00001-of-00002.safetensors"
     w = load_file(shard)
     key = sorted(k for k in w if k.startswith("model.layers."))[0]
+
+    def refused(message, strict_error=RuntimeError):
+        with pytest.raises(UserError, match=message) as e:
+            checkpoint.load_model(d, "cpu")
+        assert "\n" not in str(e.value)
+        with pytest.raises(strict_error):
+            M.load_model(d, "cpu")
+
     save_file(w | {key: w[key][:-1]}, shard)
-    with pytest.raises(ValueError, match=f"{key}.*model-00001-of-00002.safetensors.*shape"):
-        M.load_model(d, "cpu")
+    refused(f"{key}.*model-00001-of-00002.safetensors.*shape")
     save_file(w | {"model.layers.9.mlp.up_proj.weight": w[key].clone()}, shard)
-    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.9.mlp.up_proj.weight'"):
-        M.load_model(d, "cpu")
+    refused("unexpected tensor 'model.layers.9.mlp.up_proj.weight'")
     save_file({k: v for k, v in w.items() if k != key}, shard)
-    with pytest.raises(ValueError, match="lacks 1 tensor"):
-        M.load_model(d, "cpu")
+    refused("lacks 1 tensor")
     data = (GOLDEN / "tiny-llama3" / shard.name).read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="truncated"):
-        M.load_model(d, "cpu")
+    refused("truncated", SafetensorError)
     shard.unlink()
-    with pytest.raises(ValueError, match="missing or truncated"):
-        M.load_model(d, "cpu")
+    refused("missing or truncated", OSError)
 
 
 def test_tied_head_shares_the_embedding():
@@ -277,9 +292,9 @@ def test_empty_spans_are_nan_not_zero():
 
 
 def test_generate_rejects_no_tokens():
-    m = tiny("tiny-llama3")
-    for bad in (0, -4):
-        with pytest.raises(UserError, match="max_new_tokens must be at least 1"):
+    m = tiny("tiny-llama3")  # max_position_embeddings 256
+    for bad in (0, -4, 256):
+        with pytest.raises(UserError, match=f"max_new_tokens {bad} not in 1..255"):
             M.generate(m, [[5, 6]], bad)
     with pytest.raises(UserError, match="empty prompt"):
         M.generate(m, [[5, 6], []], 4)
@@ -480,7 +495,7 @@ def test_per_row_steering_equals_each_row_steered_alone():
         both[:, 0], hidden_states(m, ids[:1], steer=[M.Steer(2, v[0], 1.5)])[:, 0]
     )
     torch.testing.assert_close(both[:, 1], hidden_states(m, ids[1:])[:, 0])
-    with pytest.raises(ValueError, match=r"\[batch = 2, hidden\]"):
+    with pytest.raises(RuntimeError):  # 3 vectors for 2 rows
         m(ids, steer=[M.Steer(2, torch.randn(3, 64))])
 
 
@@ -541,22 +556,18 @@ def test_capture_during_generation_matches_teacher_forcing():
 
 
 def test_bad_interventions_fail_clearly():
+    """An index past the model, or an unknown span, would steer nothing silently: refused at the
+    first call. A vector of another size fails in torch. (The values, finite and not too large,
+    are the callers' to check: files.load_vector, the --steer parser and `steering`.)"""
     m, ids = tiny("tiny-llama3"), torch.tensor([[5, 6, 7]])
-    with pytest.raises(ValueError, match=r"layer 4 out of range.*0\.\.3"):
+    with pytest.raises(UserError, match=r"layer out of range in \[4\]: hidden indices are 0\.\.3"):
         m(ids, steer=[M.Steer(4, torch.randn(64))])
-    with pytest.raises(ValueError, match="hidden size is 64: was it extracted from another model"):
+    with pytest.raises(UserError, match=r"layer out of range in \[-1\]"):
+        m(ids, ablate=[M.Ablate(-1, torch.randn(64))])
+    with pytest.raises(UserError, match="positions must be all, prompt or response, not 'middle'"):
+        m(ids, steer=[M.Steer(1, torch.randn(64), 1.0, "middle")])
+    with pytest.raises(RuntimeError):
         m(ids, steer=[M.Steer(1, torch.randn(32))])
-    with pytest.raises(ValueError, match="non-finite"):
-        M.Steer(1, torch.tensor([float("nan")] * 64))
-    with pytest.raises(ValueError, match="non-finite"):
-        M.Steer(1, torch.randn(64), float("inf"))
-    with pytest.raises(ValueError, match="positions"):
-        M.Steer(1, torch.randn(64), 1.0, "middle")
-    with pytest.raises(
-        UserError, match="coefficient 1e\\+30 is too large"
-    ):  # finite, but squared in the norm: inf
-        M.Steer(1, torch.ones(64), 1e30)
-    M.Steer(1, torch.ones(64), 1e15)  # large, but the norm's arithmetic holds
 
 
 def test_training_with_steering_and_checkpointing():
@@ -683,8 +694,8 @@ def test_written_out_attention_gives_the_models_outputs(name, monkeypatch):
 
 def test_interventions_are_checked_once_per_sequence_not_per_token(monkeypatch):
     m, calls = tiny("tiny-llama3"), []
-    check = M.check_fits
-    monkeypatch.setattr(M, "check_fits", lambda *a: calls.append(a) or check(*a))
+    check = M.Transformer.start_sequence
+    monkeypatch.setattr(M.Transformer, "start_sequence", lambda *a: calls.append(a) or check(*a))
     M.generate(m, [[5, 6, 7]], 12, steer=[M.Steer(2, torch.randn(64), 1.0)])
     assert len(calls) == 1
 
@@ -703,10 +714,10 @@ def test_model_py_copied_alone_runs(tmp_path):
         "assert m(torch.tensor([[5, 6, 7]]), steer=[M.Steer(1, torch.ones(64))]).shape "
         "== (1, 3, 96)\n"
         "try:\n"
-        "    M.Steer(1, torch.ones(64), positions='middle')\n"
+        "    m(torch.tensor([[5]]), steer=[M.Steer(1, torch.ones(64), positions='middle')])\n"
         "except ValueError as e:\n"
         "    print(type(e).__name__, e)\n"
-    )
+    )  # model.UserError, a ValueError
     r = subprocess.run(
         [sys.executable, "-c", script],
         cwd=tmp_path,
@@ -717,3 +728,19 @@ def test_model_py_copied_alone_runs(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "UserError positions must be all, prompt or response, not 'middle'"
+
+
+def test_model_py_reads_as_a_tutorial():
+    """Issue 25: model.py within 650 lines (as formatted by ruff, which .ci/run checks), none over
+    100 columns, no function over 50 lines (its decorators included)."""
+    import ast
+
+    src = Path(M.__file__).read_text(encoding="utf-8")
+    lines = src.splitlines()
+    assert len(lines) <= 650 and max(map(len, lines)) <= 100
+    functions = [n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef)]
+    lengths = {
+        f.name: f.end_lineno - min([f.lineno] + [d.lineno for d in f.decorator_list]) + 1
+        for f in functions
+    }
+    assert max(lengths.values()) <= 50, lengths
