@@ -1,10 +1,10 @@
-"""A CPU speed trick for model.py, applied from outside (support.checkpoint.load_model calls it on
-the CPU); skip when reading.
+"""A CPU speed trick for model.py, applied from outside (support.checkpoint.load calls it on the
+CPU); skip when reading.
 
 MKL runs the product of a few rows (decoding) by a weight matrix on one core. Viewing W [N, K] as g
-blocks of N/g rows in one batched product uses g cores: extraction's sampling ran 1.22x faster on 2
-cores (tools/bench.py (e)), with identical answers. On a GPU, or for more than 64 rows, the layer is
-plain F.linear.
+blocks of N/g rows in one batched product uses g cores: batch-1 decoding ran 1.34x and 1.53x faster
+on 2 cores, extraction's batched sampling 1.02x to 1.10x (tools/bench.py (e), docs/speed.md), with
+identical answers. On a GPU, or for more than 64 rows, the layer is plain F.linear.
 """
 
 import torch

@@ -14,10 +14,10 @@ one run.
     train.py against transformers' model with `labels` and torch.optim.AdamW, same weights and
     batch. Target >= 1.0x tokens/s, and no more peak memory (the first step, which also allocates
     the gradients and AdamW's state).
-(e) the main job, extraction's sampling (40 answers of 96 tokens with capture, the CPU budget), with
-    the CPU matmul split that support.checkpoint.load_model applies (support/cpu_speed.py) and with
-    plain nn.Linear: the split stays only while it buys >= 15 % here. `--only e --new-tokens 32` is
-    a shorter check.
+(e) the CPU matmul split that support.checkpoint.load applies (support/cpu_speed.py) against plain
+    nn.Linear, on the main job, extraction's sampling (40 answers of 96 tokens with capture, the CPU
+    budget), and on batch-1 decoding (chat, serve, one prompt): the split stays only while it buys
+    >= 15 % on one of them. `--only e --new-tokens 32` is a shorter check.
 Targets are ratios measured in the same run, never absolute times.
 """
 
@@ -256,6 +256,25 @@ def bench_extraction_split(ours, tok, new_tokens: int | None = None, repeats: in
     return best | {"answers": len(chats), "tokens": tokens, "same": f"{same}/{len(chats)}"}
 
 
+def bench_decode_split(ours, tok, new_tokens: int = 64, repeats: int = 3) -> dict:
+    """Batch-1 greedy decoding of `new_tokens` (no stop), with and without the split."""
+    ids = [tok.encode_chat([{"role": "user", "content": QUESTIONS[0]}])]
+
+    def run():
+        return M.generate(ours, ids, new_tokens, stop_ids=[], pad_id=tok.pad_id)
+
+    best, outs = {"split_s": float("inf"), "plain_s": float("inf")}, {}
+    try:
+        for _ in range(repeats):  # interleaved, best of each
+            for name, on in (("split_s", True), ("plain_s", False)):
+                cpu_speed.split_linears(ours, on)
+                t, outs[name] = timed(run)
+                best[name] = min(best[name], t)
+    finally:
+        cpu_speed.split_linears(ours)  # as the loader left it
+    return best | {"tokens": new_tokens, "same": outs["split_s"] == outs["plain_s"]}
+
+
 def bench_train_step(ours, hf, tok, batch: int, seq: int, repeats: int = 2) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.empty(batch, seq, dtype=torch.long)
@@ -375,6 +394,13 @@ def main():
             f"(plain) | {r['plain_s'] / r['split_s']:.2f}x | >= 1.15x to keep it |"
         )
         print(f"|     identical answers | {r['same']} | | | |")
+        r = bench_decode_split(ours, tok)
+        print(
+            f"| (e) batch-1 decoding, {r['tokens']} tokens: split vs plain nn.Linear | "
+            f"{r['split_s']:.2f} s | {r['plain_s']:.2f} s (plain) | "
+            f"{r['plain_s'] / r['split_s']:.2f}x | >= 1.15x to keep it |"
+        )
+        print(f"|     identical tokens | {r['same']} | | | |")
     if args.only in (None, "d"):  # last: it trains (changes) both models
         r = bench_train_step(ours, hf, tok, batch=4, seq=256)
         tps = lambda s: r["tokens"] / s  # noqa: E731
