@@ -2,7 +2,7 @@
 CPU); skip when reading.
 
 MKL runs the product of a few rows (decoding) by a weight matrix on one core. Viewing W [N, K] as g
-blocks of N/g rows in one batched product uses g cores: batch-1 decoding ran 1.34x and 1.53x faster
+blocks of N/g rows in one batched product uses g cores: batch-1 decoding ran 1.34x to 1.55x faster
 on 2 cores, extraction's batched sampling 1.02x to 1.10x (tools/bench.py (e), docs/speed.md), with
 identical answers. On a GPU, or for more than 64 rows, the layer is plain F.linear.
 """

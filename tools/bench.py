@@ -229,9 +229,23 @@ def bench_decode(ours, hf, tok, new_tokens: int) -> dict:
     }
 
 
+def split_vs_plain(ours, run, repeats: int) -> tuple[dict, dict]:
+    """`run` timed with support/cpu_speed.py's split and with plain nn.Linear, interleaved, best of
+    `repeats` each -> ({split_s, plain_s}, {split_s, plain_s: run's last output})."""
+    best, outs = {"split_s": float("inf"), "plain_s": float("inf")}, {}
+    try:
+        for _ in range(repeats):
+            for name, on in (("split_s", True), ("plain_s", False)):
+                cpu_speed.split_linears(ours, on)
+                t, outs[name] = timed(run)
+                best[name] = min(best[name], t)
+    finally:
+        cpu_speed.split_linears(ours)  # as the loader left it
+    return best, outs
+
+
 def bench_extraction_split(ours, tok, new_tokens: int | None = None, repeats: int = 2) -> dict:
-    """Extraction's sampling step as `extract` runs it on the CPU, with and without
-    support/cpu_speed.py's split."""
+    """Extraction's sampling step as `extract` runs it on the CPU, with and without the split."""
     from support.traits import load_trait
 
     jobs = pv.rollout_jobs(load_trait("evil"), 4, 1)  # 4 questions x 5 pairs x 2 sides = 40 answers
@@ -242,16 +256,7 @@ def bench_extraction_split(ours, tok, new_tokens: int | None = None, repeats: in
     def run():
         return pv.answer_with_activations(ours, tok, chats, tokens, b.temperature, b.top_p, 0)
 
-    best = {"split_s": float("inf"), "plain_s": float("inf")}
-    outs = {}
-    try:
-        for _ in range(repeats):  # interleaved, best of each
-            for name, on in (("split_s", True), ("plain_s", False)):
-                cpu_speed.split_linears(ours, on)
-                t, outs[name] = timed(run)
-                best[name] = min(best[name], t)
-    finally:
-        cpu_speed.split_linears(ours)  # as the loader left it
+    best, outs = split_vs_plain(ours, run, repeats)
     same = sum(a == b for a, b in zip(outs["split_s"][0], outs["plain_s"][0]))
     return best | {"answers": len(chats), "tokens": tokens, "same": f"{same}/{len(chats)}"}
 
@@ -263,15 +268,7 @@ def bench_decode_split(ours, tok, new_tokens: int = 64, repeats: int = 3) -> dic
     def run():
         return M.generate(ours, ids, new_tokens, stop_ids=[], pad_id=tok.pad_id)
 
-    best, outs = {"split_s": float("inf"), "plain_s": float("inf")}, {}
-    try:
-        for _ in range(repeats):  # interleaved, best of each
-            for name, on in (("split_s", True), ("plain_s", False)):
-                cpu_speed.split_linears(ours, on)
-                t, outs[name] = timed(run)
-                best[name] = min(best[name], t)
-    finally:
-        cpu_speed.split_linears(ours)  # as the loader left it
+    best, outs = split_vs_plain(ours, run, repeats)
     return best | {"tokens": new_tokens, "same": outs["split_s"] == outs["plain_s"]}
 
 
