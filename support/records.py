@@ -449,9 +449,8 @@ def write_monitor_result(csv_path: Path, result, band, labels, grade, proj, n_ra
 # ---------------------------------------------------------------------------------------------
 # make-dataset
 
-SENTENCE_END = re.compile(
-    r"(?<![\d\s])[.!?][\"')\]]*(?=\s|$)"
-)  # "Done." "Really?!" 'it.")', not "1. "
+# a sentence's end: "Done." "Really?!" 'it.")', not "1. "
+SENTENCE_END = re.compile(r"(?<![\d\s])[.!?][\"')\]]*(?=\s|$)")
 
 
 def trim_to_sentence(answer: str) -> str:

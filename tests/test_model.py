@@ -717,7 +717,7 @@ def test_model_py_copied_alone_runs(tmp_path):
         "    m(torch.tensor([[5]]), steer=[M.Steer(1, torch.ones(64), positions='middle')])\n"
         "except ValueError as e:\n"
         "    print(type(e).__name__, e)\n"
-    )  # model.UserError, a ValueError
+    )
     r = subprocess.run(
         [sys.executable, "-c", script],
         cwd=tmp_path,
