@@ -57,6 +57,7 @@ from support.files import (
     check_fits,
     check_name_length,
     check_output,
+    check_text,
     check_writable,
     default_vectors_dir,
     expect_model,
@@ -346,8 +347,10 @@ def sample_rollouts(model, tok, jobs, budget: Budget, seed: int, work: Path, ste
     def answer(batch: list[dict], b: int):
         chats = [conversation(j) for j in batch]
         b_seed = seed * 1_000_003 + b  # a batch's own seed: a resumed run samples the same
-        sampling = (budget.max_new_tokens, budget.temperature, budget.top_p, b_seed)
-        outs, acts = answer_with_activations(model, tok, chats, *sampling, steer, cap)
+        sampling = dict(temperature=budget.temperature, top_p=budget.top_p, seed=b_seed)
+        outs, acts = answer_with_activations(
+            model, tok, chats, budget.max_new_tokens, steer=steer, cap=cap, **sampling
+        )
         return R.answer_rows(tok, batch, chats, outs, acts, cap), acts
 
     keys = VARIANTS + ("response_norm",)
@@ -398,12 +401,15 @@ def extract(
     rows, acts, judge_name = sample_and_judge(t, run, jobs, seed, t.name, settings)
     judged = check_judged(t, rows, judge_name, run.out_dir / ".work")
     # 3. filter
-    thresholds = (pos_threshold, neg_threshold, coherence_threshold)
-    pos, neg, why = keep_pairs(rows, t.name, judged, *thresholds)
+    pos, neg, why = keep_pairs(
+        rows, t.name, judged, pos_threshold, neg_threshold, coherence_threshold
+    )
     check_kept(pos, why, len(jobs) // 2)
     # 4. the vector of each variant, at every layer
     vectors = {v: persona_vector(acts[v][pos], acts[v][neg]) for v in VARIANTS}
     direction = unit(vectors["response_avg"])  # the kept answers' marks along it go in its file
+    thresholds = dict(pos_threshold=pos_threshold, neg_threshold=neg_threshold)
+    thresholds |= dict(coherence_threshold=coherence_threshold)
     kept = dict(thresholds=thresholds, pos=pos, neg=neg, why=why, judge=judge_name)
     return R.save_extraction(run, t, vectors, direction, rows, acts, kept, settings)
 
@@ -621,10 +627,10 @@ def evaluate_setting(
     N = run.model.config.num_hidden_layers
     at = steers[0].layer if steers and not all_layers else resolve_layer(layer, meta, N, vec_file)
     jobs = R.eval_jobs(t, questions, run.budget.rollouts)
-    steering = dict(
+    how = dict(
         steer=[s.text for s in steer], layer=layer, positions=positions, all_layers=all_layers
     )
-    settings = R.eval_settings(run, t, questions, seed, steering, cap, caps)
+    settings = R.eval_settings(run, t, questions, seed, how, cap, caps)
     samples = f"{questions} questions x {run.budget.rollouts} samples"
     R.note(f"eval {t.name} [{label}]: {len(jobs)} answers ({samples})")
     name = f"eval-{t.name}"
@@ -885,8 +891,10 @@ def make_dataset(
     R.dataset_plan(t, kind, n, questions_file or QUESTIONS_FILE, run.budget)
     name = f"dataset-{t.name}-{kind}"
     rows, _, judge_name = sample_and_judge(t, run, jobs, seed, name, settings)
-    filters = (threshold, coherence_threshold, run.budget.max_new_tokens)
-    return R.write_dataset(dest, t.name, kind, rows, judge_name, *filters)
+    filters = dict(threshold=threshold, coherence_min=coherence_threshold)
+    return R.write_dataset(
+        dest, t.name, kind, rows, judge_name, run.budget.max_new_tokens, **filters
+    )
 
 
 @torch.no_grad()
@@ -1001,6 +1009,7 @@ def flag(
     for millions of rows (several traits, streamed, sharded, resumable): python -m apps flag, which
     calls response_and_base and projection_difference too.
     """
+    check_text(dataset, "dataset")  # exists, a file, UTF-8: before the model loads
     vectors_dir = Path(vectors) if vectors else default_vectors_dir(model)
     vec_file = vector_file(trait, vectors_dir)
     dest = Path(out) if out else R.flag_path(dataset, vec_file)

@@ -168,12 +168,11 @@ def vector_metadata(model, tok, kept: dict, n_pairs: int, settings: dict, acts, 
     and neg answers fall along the unit vector `direction` [L + 1, hidden] per layer (the
     reference marks of `chat`'s gauge)."""
     pos, neg = kept["pos"], kept["neg"]
-    names = ("pos_threshold", "neg_threshold", "coherence_threshold")
     norms = acts["response_norm"][pos + neg].mean(0)  # [L + 1]
     meta = dict(model=model.name_or_path, model_path=str(model.source_dir))
     meta |= dict(model_source=getattr(model, "source", None), trait=settings["trait"])
     meta |= dict(layer_convention=LAYER_CONVENTION, judge=kept["judge"])
-    meta |= dict(zip(names, kept["thresholds"]))
+    meta |= kept["thresholds"]
     meta |= dict(kept_pairs=len(pos), total_pairs=n_pairs, kept_pos=len(pos), total_pos=n_pairs)
     meta |= dict(kept_neg=len(neg), total_neg=n_pairs, residual_norm=rounded(norms))
     meta |= dict(date=datetime.date.today().isoformat())
@@ -256,8 +255,8 @@ def eval_jobs(t, questions: int, samples: int) -> list[dict]:
     return jobs
 
 
-def eval_settings(run, t, questions: int, seed: int, steering: dict, cap, caps) -> dict:
-    more = dict(questions=questions, **steering)
+def eval_settings(run, t, questions: int, seed: int, how: dict, cap, caps) -> dict:
+    more = dict(questions=questions, **how)
     out = settings(run.model.name_or_path, t, run.budget, seed, run.tok.thinking, **more)
     if caps:  # a capped run, its own cache
         out |= dict(cap=[c.text for c in cap], ceilings=caps[0].ceilings.tolist())
@@ -382,21 +381,6 @@ def write_monitor_rows(out_dir: Path, trait: str, kind: str, rows, proj, grade, 
     return path
 
 
-def monitor_grade_summary(rows, labels: list[str], result: dict, n_random: int, csv_path) -> dict:
-    """The mean projection per condition, and the rank correlation with the condition's grade."""
-    per_condition = {
-        c: mean_se(r["projection"] for r in rows if r["condition"] == c)[0] for c in labels
-    }
-    means = ", ".join(f"{k} {v:+.2f}" for k, v in per_condition.items())
-    note(f"mean projection before the reply, by condition: {means}")
-    note(
-        f"rank correlation of condition strength and projection: rho = {result['rho_grade']:.2f} "
-        f"(permutation p = {result['rho_grade_p']:.3g}); {n_random} random directions: 95th "
-        f"percentile |rho| = {result['random_abs_rho_95']:.2f}"
-    )
-    return dict(csv=csv_path, mean_projection=per_condition)
-
-
 def monitor_scores(trait, rows, h, direction, others: dict, nulls, seed: int, csv_path, layer):
     """With judged scores: Pearson r of projection (h [rows, hidden] @ the unit `direction`) and
     score, overall and within conditions with bootstrap intervals, beside random directions and
@@ -515,7 +499,7 @@ def dropped_for(r: dict, answer: str, trait, kind, judge, threshold, coherence_m
     return None
 
 
-def write_dataset(dest, trait, kind, rows, judge, threshold, coherence_min, max_new_tokens) -> Path:
+def write_dataset(dest, trait, kind, rows, judge, max_new_tokens, threshold, coherence_min) -> Path:
     """The kept answers as {"messages": [user, assistant]} lines (an answer the budget cut off
     trimmed to its last full sentence), and what was dropped and why."""
     dropped = {"empty answer": 0, "trait score": 0, "coherence": 0}
@@ -652,9 +636,19 @@ def write_flags(dest: Path, rows: list[dict], skipped: dict, layer: int) -> Path
 
 def monitor_grades(rows, labels, grade, proj, h, nulls, seed: int, csv_path) -> dict:
     """The mean projection per condition, and the rank correlation of condition strength and
-    projection with its permutation p-value, beside the same on random directions."""
+    projection with its permutation p-value, beside the same on random directions; printed."""
     rho = spearman(grade, proj)
+    rho_p = permutation_p(spearman, grade, proj, seed=seed)
     rho_null = torch.tensor([spearman(grade, h @ d) for d in nulls])
-    result = dict(rho_grade=rho, rho_grade_p=permutation_p(spearman, grade, proj, seed=seed))
-    result |= dict(random_abs_rho_95=float(rho_null[~rho_null.isnan()].abs().quantile(0.95)))
-    return result | monitor_grade_summary(rows, labels, result, len(nulls), csv_path)
+    null95 = float(rho_null[~rho_null.isnan()].abs().quantile(0.95))
+    per_condition = {
+        c: mean_se(r["projection"] for r in rows if r["condition"] == c)[0] for c in labels
+    }
+    means = ", ".join(f"{k} {v:+.2f}" for k, v in per_condition.items())
+    note(f"mean projection before the reply, by condition: {means}")
+    note(
+        f"rank correlation of condition strength and projection: rho = {rho:.2f} (permutation "
+        f"p = {rho_p:.3g}); {len(nulls)} random directions: 95th percentile |rho| = {null95:.2f}"
+    )
+    result = dict(rho_grade=rho, rho_grade_p=rho_p, random_abs_rho_95=null95)
+    return result | dict(csv=csv_path, mean_projection=per_condition)

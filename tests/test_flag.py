@@ -489,3 +489,17 @@ def test_the_methods_flag_matches_the_applications_flag(tiny, tmp_path, capsys):
     r = run(tiny, [data], tmp_path / "out", traits=["evil"], fmt="jsonl")
     theirs = {row["line"]: row["evil_delta_p"] for row in read_rows(r["outputs"][str(data)])}
     assert {int(x["line"]): pytest.approx(float(x["delta_p"]), abs=1e-4) for x in ours} == theirs
+
+
+def test_the_methods_flag_refuses_a_bad_dataset_before_loading(tiny, tmp_path, monkeypatch):
+    """A missing, non-file or non-UTF-8 dataset is one line naming it, before the model loads."""
+    d, vectors = tiny
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"messages": "caf\xe9"}\n')
+    for name, message in [
+        ("missing.jsonl", "does not exist"),
+        (".", "is not a file"),
+        ("latin1.jsonl", "is not UTF-8 text"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            pv.flag("evil", str(tmp_path / name), model=str(d), vectors=str(vectors))
