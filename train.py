@@ -16,7 +16,6 @@ bookkeeping around the loop (train.json, checkpoints, resuming, processes) is su
 import argparse
 import contextlib
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -346,4 +345,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    T.exit_process(main())  # under torchrun, without Python's teardown (see exit_process)

@@ -84,6 +84,18 @@ def run(call) -> int:
     return 0
 
 
+def exit_process(status: int):
+    """End train.py's process with `status`. Under torchrun, Python's teardown is skipped (stdout
+    and stderr flushed, then os._exit): PyTorch's gloo backend keeps its worker threads past
+    destroy_process_group, and one that frees a tensor while the interpreter finalizes aborts the
+    process (SIGABRT, "terminate called without an active exception") after a finished run."""
+    if "RANK" not in os.environ:
+        sys.exit(status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def check_settings(settings: dict) -> None:
     """train's keywords: each number at least its LOWEST value (grad_accum and max_steps may be
     unset), --save-every and --dtype readable; else a UserError naming the flag."""

@@ -499,7 +499,32 @@ for extra, out in (([], "ddp"), (["--fsdp"], "fsdp")):
     if train.main({argv!r} + extra + ["--out", out]) != 0:
         sys.exit(1)
 dist.destroy_process_group()
+train.T.exit_process(0)  # as train.py ends under torchrun: without Python's teardown
 """
+
+
+ENDS = """
+import atexit, sys
+sys.path[:0] = [{root!r}]
+from support import training
+atexit.register(lambda: print("teardown"))
+print("done", end="")  # left in the buffer: exit_process flushes it
+training.exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_train_py_ends_without_teardown_under_torchrun(tmp_path, torchrun):
+    """Under torchrun train.py's process ends without Python's teardown, in which gloo's worker
+    threads can abort a finished run (exit_process); its output is flushed, its status kept."""
+    script = tmp_path / "ends.py"
+    script.write_text(ENDS.format(root=str(ROOT)))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if torchrun:
+        env["RANK"] = "0"
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
+    assert p.returncode == 3
+    assert p.stdout == ("done" if torchrun else "doneteardown\n")
 
 
 def test_two_processes_equal_one_ddp_and_fsdp(tiny, tmp_path):
