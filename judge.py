@@ -137,7 +137,8 @@ class OpenAIJudge(OpenAIClient):
         workers: int | None = None,
         **retry_settings,
     ):
-        super().__init__(base_url, api_key, **retry_settings)
+        instead = "use --judge local:MODEL or --judge none"
+        super().__init__(base_url, api_key, **retry_settings, instead=instead)
         self.model, self.workers = model, workers or default_workers()
         if self.workers < 1:
             raise UserError(f"judge workers must be at least 1, not {self.workers}")

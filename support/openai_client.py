@@ -54,7 +54,9 @@ class OpenAIClient:
         max_retries: int = 6,
         backoff: float = 1.0,
         max_delay: float = MAX_WAIT,
+        instead: str = "",
     ):
+        """`instead`: what the caller's user can run instead, named when no key is set."""
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL).rstrip("/")
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY")
         url = urlsplit(self.base_url)
@@ -69,7 +71,7 @@ class OpenAIClient:
             # says so.
             raise UserError(
                 "OPENAI_API_KEY is not set: export OPENAI_API_KEY=sk-..., or point OPENAI_BASE_URL "
-                "at an OpenAI-compatible server, or use --judge local:MODEL or --judge none"
+                "at an OpenAI-compatible server" + (f", or {instead}" if instead else "")
             )
         self.timeout, self.max_retries = timeout, max_retries
         self.backoff, self.max_delay = backoff, max_delay

@@ -90,3 +90,13 @@ def test_bad_name_and_missing_key(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(ValueError, match="OPENAI_API_KEY"):
         new_trait.generate_trait("cruel", "x", out_dir=tmp_path)
+
+
+def test_no_key_names_what_generate_trait_can_use(monkeypatch, tmp_path):
+    """generate-trait has no --judge flag: its no-key error names only what it can use."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(pv.UserError, match="OPENAI_API_KEY is not set") as e:
+        new_trait.generate_trait("cruel", "x", out_dir=tmp_path)
+    assert "--judge" not in str(e.value) and "OPENAI_BASE_URL" in str(e.value)
+    assert list(tmp_path.iterdir()) == []

@@ -507,7 +507,7 @@ def test_make_judge_specs(env):
     assert isinstance(J.make_judge("none"), J.NoJudge)
     with pytest.raises(ValueError, match="OPENAI_API_KEY is not set") as e:
         J.make_judge("openai")  # fails at construction: no request, no model loaded
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and "--judge local:MODEL or --judge none" in str(e.value)
     with pytest.raises(ValueError, match="OPENAI_API_KEY is not set"):
         J.make_judge("openai:gpt-4.1")
     env.setenv("OPENAI_API_KEY", "sk-x")
