@@ -71,7 +71,7 @@ def calibrate_cap(
     max_new_tokens: int = 96,
     batch_size: int = 32,
     force: bool = False,
-    model_name: str = DEFAULT_MODEL,
+    model: str = DEFAULT_MODEL,
     vectors: str | None = None,
     device: str | None = None,
     dtype=None,
@@ -79,7 +79,7 @@ def calibrate_cap(
     """Answer n everyday requests (greedy, no system prompt) and write the percentiles of every
     answer token's projection at every hidden index beside the trait's vector -> the ceiling
     file."""
-    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
+    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model)
     vec_file = vector_file(trait, vectors_dir)
     dest = ceiling_path(vec_file)
     if dest.exists() and not force:
@@ -90,9 +90,9 @@ def calibrate_cap(
     questions = load_questions(questions_file)[:n]
     vec, meta = load_vector(vec_file)
     checkpoint.check_device(device or checkpoint.default_device())
-    model, tok = checkpoint.load(model_name, device, dtype)
-    check_fits(vec, meta, vec_file, model.config.num_hidden_layers, model.config.hidden_size, model)
-    check_new_tokens(model, max_new_tokens)  # before any answer; each batch: in generate
+    lm, tok = checkpoint.load(model, device, dtype)
+    check_fits(vec, meta, vec_file, lm.config.num_hidden_layers, lm.config.hidden_size, lm)
+    check_new_tokens(lm, max_new_tokens)  # before any answer; each batch: in generate
     units = pv.unit(vec)
     print(
         f"calibrate-cap {vec_file.name}: {len(questions)} requests from "
@@ -105,10 +105,8 @@ def calibrate_cap(
             tok.encode_chat(pv.conversation(dict(system=None, question=q)))
             for q in questions[i : i + batch_size]
         ]
-        answers = M.generate(
-            model, prompts, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id
-        )
-        proj += answer_projections(model, prompts, answers, units)
+        answers = M.generate(lm, prompts, max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+        proj += answer_projections(lm, prompts, answers, units)
         print(
             f"calibrate-cap: {min(i + batch_size, len(questions))}/{len(questions)} answers "
             f"({time.time() - t0:.0f} s)",
@@ -119,9 +117,9 @@ def calibrate_cap(
     qfile = Path(questions_file) if questions_file else QUESTIONS_FILE
     record = dict(
         trait=meta.get("trait", trait),
-        model=model.name_or_path,
-        model_path=str(model.source_dir),
-        model_source=getattr(model, "source", None),
+        model=lm.name_or_path,
+        model_path=str(lm.source_dir),
+        model_source=getattr(lm, "source", None),
         vector=vec_file.name,
         vector_sha256=vector_sha256(vec),
         questions_file=str(qfile),
@@ -134,7 +132,7 @@ def calibrate_cap(
         layer_convention=records.LAYER_CONVENTION,
     ) | percentile_table(tokens)
     write_ceilings(dest, record)
-    L = meta.get("best_layer", model.config.num_hidden_layers // 2)
+    L = meta.get("best_layer", lm.config.num_hidden_layers // 2)
     c = record["ceilings"]
     print(
         f"calibrate-cap: {len(tokens)} answer tokens; at layer {L} the projections' median "
@@ -183,7 +181,7 @@ def add_commands(sub) -> None:
             max_new_tokens=a.max_new_tokens,
             batch_size=a.batch_size,
             force=a.force,
-            model_name=a.model,
+            model=a.model,
             vectors=a.vectors,
             device=a.device,
             dtype=a.dtype,

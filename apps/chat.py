@@ -52,11 +52,11 @@ def show(g: Gauge, reading: dict) -> str:
 
 
 def chat(
-    model_name: str = DEFAULT_MODEL,
+    model: str = DEFAULT_MODEL,
     steer: list[str] = (),
     cap: list[str] = (),
     layer: int | None = None,
-    gauges: list[str] | None = None,
+    gauge: list[str] | None = None,
     vectors: str | None = None,
     system: str | None = None,
     max_new_tokens: int = 200,
@@ -84,12 +84,10 @@ def chat(
     if save:
         check_output(save, force=True, option="--save")  # appended to: an existing file is fine
     specs = pv.parsed(steer, cap)  # --steer and --cap parsed once: checked, then applied
-    model, tok, vectors_dir, _ = pv.load_checked(
-        model_name, device, dtype, specs[0], vectors, cap=specs[1]
-    )
-    check_new_tokens(model, max_new_tokens)  # each turn: its conversation's length, below
-    meters = gauges_for(model, vectors_dir, gauges, layer)
-    interventions, caps = pv.interventions(model, vectors_dir, *specs, layer)
+    lm, tok, vectors_dir, _ = pv.load_checked(model, device, dtype, specs[0], vectors, cap=specs[1])
+    check_new_tokens(lm, max_new_tokens)  # each turn: its conversation's length, below
+    meters = gauges_for(lm, vectors_dir, gauge, layer)
+    interventions, caps = pv.interventions(lm, vectors_dir, *specs, layer)
     messages = [{"role": "system", "content": system}] if system else []
     history = []
     interactive = stdin.isatty()
@@ -98,7 +96,7 @@ def chat(
         print(text, file=stdout, flush=True)
 
     say(
-        f"chat with {model_name}"
+        f"chat with {model}"
         + (f", steering {' '.join(steer)}" if steer else "")
         + (f", capping {' '.join(cap)}" if cap else "")
         + "; /help for commands"
@@ -121,14 +119,14 @@ def chat(
                     elif cmd == "/help":
                         say(CHAT_HELP)
                     elif cmd == "/steer":
-                        interventions, steer = pv.steering(args, model, vectors_dir, layer), args
+                        interventions, steer = pv.steering(args, lm, vectors_dir, layer), args
                         say(f"steering: {' '.join(args) or 'off'}")
                     elif cmd == "/unsteer":
                         interventions, steer = [], []
                         say("steering: off")
                     elif cmd == "/cap" and args:
                         new = [] if args == ["off"] else args
-                        caps, cap = pv.interventions(model, vectors_dir, cap=new)[1], new
+                        caps, cap = pv.interventions(lm, vectors_dir, cap=new)[1], new
                         say(f"capping: {' '.join(cap) or 'off'}")
                     elif cmd == "/gauge":
                         for h in history:
@@ -151,16 +149,16 @@ def chat(
                 continue
             messages.append({"role": "user", "content": line})
             prompt = tok.encode_chat(messages)
-            if len(prompt) + max_new_tokens > model.config.max_position_embeddings:
+            if len(prompt) + max_new_tokens > lm.config.max_position_embeddings:
                 messages.pop()
-                context = model.config.max_position_embeddings
+                context = lm.config.max_position_embeddings
                 say(
                     f"error: the conversation is longer than the model's context ({context} "
                     "tokens): /reset it"
                 )
                 continue
             outs, acts = pv.answer_with_activations(
-                model,
+                lm,
                 tok,
                 [messages],
                 max_new_tokens,
@@ -171,7 +169,7 @@ def chat(
                 caps,
             )
             if interventions or caps:  # gauge the turn as the plain model reads it
-                acts = pv.read_answers(model, [prompt], outs)
+                acts = pv.read_answers(lm, [prompt], outs)
             reply = tok.decode(outs[0])
             messages.append({"role": "assistant", "content": reply})
             say(reply)
@@ -273,11 +271,11 @@ def add_commands(sub) -> None:
     c.add_argument("--dtype", type=cli.torch_dtype, default=None, help=cli.HELP["dtype"])
     c.set_defaults(
         run=lambda a: chat(
-            model_name=a.model,
+            model=a.model,
             steer=a.steer,
             cap=a.cap,
             layer=a.layer,
-            gauges=a.gauge,
+            gauge=a.gauge,
             vectors=a.vectors,
             system=a.system,
             max_new_tokens=a.max_new_tokens,

@@ -218,14 +218,14 @@ def select_directions(
     return {2: vec[2] - vec[0], **{L: vec[L] - vec[L - 1] for L in range(3, top + 1)}}
 
 
-def _find_vector(vector: str, model_name: str | None) -> Path:
+def _find_vector(vector: str, model: str | None) -> Path:
     """A vector file path, or a trait name looked up in vectors/<model name>/ as --steer does."""
     path = Path(vector)
     if path.is_file() or vector.endswith(".safetensors"):
         return path
     from support.hub import DEFAULT_MODEL
 
-    found = vector_path(default_vectors_dir(model_name or DEFAULT_MODEL), vector)
+    found = vector_path(default_vectors_dir(model or DEFAULT_MODEL), vector)
     if not found.is_file():
         raise UserError(
             f"no vector file {vector!r} and no {found}: pass "
@@ -241,7 +241,7 @@ def export_gguf(
     layers: str | None = None,
     all_layers: bool = False,
     coef: float = 1.0,
-    model_name: str | None = None,
+    model: str | None = None,
     force: bool = False,
 ) -> Path:
     """Write a persona vector as a llama.cpp control vector:
@@ -251,16 +251,16 @@ def export_gguf(
     name>/TRAIT_response_avg_diff.safetensors). layer (default: the file's best layer, else the
     middle one, as `generate` does), layers 'A-B' or all_layers: see `select_directions`. coef
     multiplies the vector into the file (1: leave scaling to llama.cpp's
-    `--control-vector-scaled OUT SCALE`). model_name (default: the model recorded in the file) is
+    `--control-vector-scaled OUT SCALE`). model (default: the model recorded in the file) is
     checked against the vector's shape and gives controlvector.model_hint.
     """
-    path = _find_vector(vector, model_name)
+    path = _find_vector(vector, model)
     vec, meta = load_vector(path)
-    model_name = model_name or meta.get("model")
-    if not model_name or model_name == "unknown":
+    model = model or meta.get("model")
+    if not model or model == "unknown":
         raise UserError(f"{path} does not record its model: name it with --model")
-    num_layers, hidden, model_type = model_shape(model_name)
-    check_fits(vec, meta, path, num_layers, hidden, model_name)
+    num_layers, hidden, model_type = model_shape(model)
+    check_fits(vec, meta, path, num_layers, hidden, model)
     if not np.isfinite(coef):
         raise UserError(f"--coef {coef}: must be a finite number")
     if layer is None and layers is None and not all_layers:
@@ -299,7 +299,7 @@ def export_gguf(
         "controlvector.model_hint": model_type,
         "controlvector.layer_count": len(tensors),
         # ours, for a reader of the file (llama.cpp and repeng ignore them)
-        "persona_vectors.model": str(model_name),
+        "persona_vectors.model": str(model),
         "persona_vectors.trait": str(trait),
         "persona_vectors.coef": float(coef),
         "persona_vectors.hidden_layers": sorted(rows),
@@ -388,7 +388,7 @@ def read_control_vector(
 
 def import_gguf(
     file: str,
-    model_name: str | None = None,
+    model: str | None = None,
     name: str | None = None,
     out: str | None = None,
     cumulative: bool = False,
@@ -405,17 +405,17 @@ def import_gguf(
     """
     from support.hub import DEFAULT_MODEL
 
-    path, model_name = Path(file), model_name or DEFAULT_MODEL
+    path, model = Path(file), model or DEFAULT_MODEL
     name = (
         check_name(name) if name is not None else re.sub(r"^[^\w]+|[^\w.-]+", "_", path.stem)[:100]
     )
     dest = check_output(
-        vector_path(Path(out) if out else default_vectors_dir(model_name), name),
+        vector_path(Path(out) if out else default_vectors_dir(model), name),
         force,
         inputs=[path],
         option="--name or --out",
     )
-    num_layers, hidden, _ = model_shape(model_name)
+    num_layers, hidden, _ = model_shape(model)
     rows, gguf_meta = read_control_vector(path, num_layers, hidden)
     vec = torch.zeros(num_layers + 1, hidden)
     for L, d in rows.items():
@@ -426,7 +426,7 @@ def import_gguf(
     meta = dict(
         trait=name,
         variant="llama.cpp control vector",
-        model=model_name,
+        model=model,
         imported_from=str(path),
         model_hint=gguf_meta.get("controlvector.model_hint", "unknown"),
         layer_convention=LAYER_CONVENTION,
@@ -455,7 +455,7 @@ def import_gguf(
 
 
 def import_vector(
-    pt_file: str, out: str | None = None, model_name: str | None = None, force: bool = False
+    file: str, out: str | None = None, model: str | None = None, force: bool = False
 ) -> Path:
     """Convert an official-repository vector file (`torch.save` of an [L + 1, hidden] tensor) to
     this format.
@@ -467,12 +467,12 @@ def import_vector(
     final norm (Hugging Face's last hidden state), unlike ours: it is recorded, and steering or
     monitoring never uses that row.
     """
-    src = Path(pt_file)
+    src = Path(file)
     if not src.is_file():
         raise UserError(f"{src} does not exist")
-    dest_dir = Path(out) if out else default_vectors_dir(model_name) if model_name else src.parent
+    dest_dir = Path(out) if out else default_vectors_dir(model) if model else src.parent
     dest = check_output(dest_dir / f"{src.stem}.safetensors", force, inputs=[src])
-    shape = model_shape(model_name) if model_name else None
+    shape = model_shape(model) if model else None
     with open(src, "rb") as f:
         head = f.read(2)
     if head not in (
@@ -503,7 +503,7 @@ def import_vector(
         raise UserError(f"{src} has non-finite values (NaN or infinity): it is no usable vector")
     if shape and tuple(vec.shape) != (shape[0] + 1, shape[1]):
         raise UserError(
-            f"{src} is [{vec.shape[0]}, {vec.shape[1]}], but {model_name} "
+            f"{src} is [{vec.shape[0]}, {vec.shape[1]}], but {model} "
             f"needs [{shape[0] + 1}, {shape[1]}] ({shape[0]} blocks + the "
             "embeddings): pass the --model it was extracted from"
         )
@@ -513,7 +513,7 @@ def import_vector(
     meta = dict(
         trait=trait,
         variant=variant,
-        model=model_name or "unknown",
+        model=model or "unknown",
         imported_from=str(src),
         layer_convention=records.LAYER_CONVENTION,
         last_row_post_norm=True,
@@ -569,7 +569,7 @@ def add_commands(sub) -> None:
             layers=a.layers,
             all_layers=a.all_layers,
             coef=a.coef,
-            model_name=a.model,
+            model=a.model,
             force=a.force,
         )
     )
@@ -595,7 +595,7 @@ def add_commands(sub) -> None:
     i.set_defaults(
         run=lambda a: import_gguf(
             a.file,
-            model_name=a.model,
+            model=a.model,
             name=a.name,
             out=a.out,
             cumulative=a.cumulative,
@@ -622,6 +622,4 @@ def add_commands(sub) -> None:
         help="output directory (default: vectors/<model name>/ with --model, else beside the file)",
     )
     iv.add_argument("--force", action="store_true", help="replace an existing vector file")
-    iv.set_defaults(
-        run=lambda a: import_vector(a.file, out=a.out, model_name=a.model, force=a.force)
-    )
+    iv.set_defaults(run=lambda a: import_vector(a.file, out=a.out, model=a.model, force=a.force))

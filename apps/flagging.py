@@ -92,9 +92,7 @@ class Probe:
     sha: str  # of the file: a re-extracted vector invalidates finished chunks
 
 
-def load_probes(
-    traits: list[str], vectors_dir: Path, layer: int | None, model_name: str
-) -> list[Probe]:
+def load_probes(traits: list[str], vectors_dir: Path, layer: int | None, model: str) -> list[Probe]:
     """Each trait's vector (a name in vectors_dir or a .safetensors path) at `layer`, else its best
     layer, else the middle one."""
     probes = []
@@ -103,7 +101,7 @@ def load_probes(
         if not path.is_file():
             raise UserError(
                 f"no {t} vector ({path} does not exist): run `python persona_vectors.py "
-                f"extract {t} --model {model_name}` first, or pass --vectors DIR"
+                f"extract {t} --model {model}` first, or pass --vectors DIR"
                 if not t.endswith(".safetensors")
                 else f"{path} does not exist"
             )
@@ -530,7 +528,7 @@ def finish(
     select_out: Path | None,
     select_trait: str,
     seed: int,
-    model_name: str,
+    model: str,
 ) -> dict:
     """All chunks are done: check the selection first, then write every output (each atomically)."""
     traits = [p.trait for p in probes]
@@ -569,7 +567,7 @@ def finish(
     outputs, summary = (
         {},
         dict(
-            model=model_name,
+            model=model,
             traits={p.trait: dict(layer=p.layer, vector=str(p.path)) for p in probes},
             files={},
         ),
@@ -696,8 +694,8 @@ def own_outputs(jobs: list, probes: list[Probe], out_dir: Path, fmt: str) -> dic
 
 def flag(
     files: list[str],
-    traits: list[str] | None = None,
-    model_name: str = DEFAULT_MODEL,
+    trait: list[str] | None = None,
+    model: str = DEFAULT_MODEL,
     layer: int | None = None,
     base_temperature: float = 0.0,
     base_top_p: float = 1.0,
@@ -705,7 +703,7 @@ def flag(
     max_new_tokens: int = 200,
     max_tokens: int = 2048,
     out: str | None = None,
-    fmt: str = "csv",
+    format: str = "csv",
     select: str | None = None,
     k: int | None = None,
     select_out: str | None = None,
@@ -764,19 +762,19 @@ def flag(
         raise UserError("--select above-reference needs --reference CLEAN.jsonl")
     if (k is not None or select_out) and not select:
         raise UserError("--k and --select-out need --select top|bottom|random|above-reference")
-    if fmt not in ("csv", "jsonl"):
-        raise UserError(f"--format must be csv or jsonl, not {fmt!r}")
+    if format not in ("csv", "jsonl"):
+        raise UserError(f"--format must be csv or jsonl, not {format!r}")
     shard_i, shard_n = parse_shard(shard)
     out_dir = Path(out or "flags")
     sel_path = Path(select_out) if select_out else out_dir / f"selected_{select}_{k or 'all'}.jsonl"
-    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
-    traits = list(traits or traits_in(vectors_dir))
-    if not traits:
+    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model)
+    trait = list(trait or traits_in(vectors_dir))
+    if not trait:
         raise UserError(
             f"no vectors in {vectors_dir}: run `python persona_vectors.py "
             "extract TRAIT` first, or pass --trait and --vectors DIR"
         )
-    probes = load_probes(traits, vectors_dir, layer, model_name)
+    probes = load_probes(trait, vectors_dir, layer, model)
     select_trait = select_trait or probes[0].trait
     if select and select_trait not in [p.trait for p in probes]:
         raise UserError(
@@ -785,7 +783,7 @@ def flag(
         )
 
     settings = Settings(
-        model_name,
+        model,
         str(dtype).removeprefix("torch.") if dtype else None,
         float(base_temperature),
         float(base_top_p),
@@ -816,7 +814,7 @@ def flag(
     # while they are empty.
     with made_dirs(*(j.work for j in jobs)):
         check_writable(out_dir)
-        inputs, outputs = [j.src for j in jobs], own_outputs(jobs, probes, out_dir, fmt)
+        inputs, outputs = [j.src for j in jobs], own_outputs(jobs, probes, out_dir, format)
         for i, dest in enumerate(outputs):  # rewritten by every run, but never over an input
             check_output(dest, force=True, inputs=inputs, taken=dict(list(outputs.items())[:i]))
         if select:  # nor over another output of this run, whatever --force says
@@ -834,18 +832,18 @@ def flag(
                 device is None and shard is None and shard_n > 1 and torch.cuda.is_available()
             ):  # a torchrun rank
                 device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-            model, tok = checkpoint.load(model_name, device, dtype)
-            check_new_tokens(model, max_new_tokens)  # before any work
+            lm, tok = checkpoint.load(model, device, dtype)
+            check_new_tokens(lm, max_new_tokens)  # before any work
             for p in probes:
                 check_fits(
                     p.vector,
                     p.meta,
                     p.path,
-                    model.config.num_hidden_layers,
-                    model.config.hidden_size,
-                    model,
+                    lm.config.num_hidden_layers,
+                    lm.config.hidden_size,
+                    lm,
                 )
-            bs = batch_size or (64 if model.lm_head.weight.device.type == "cuda" else 16)
+            bs = batch_size or (64 if lm.lm_head.weight.device.type == "cuda" else 16)
             print(
                 f"flag: {', '.join(f'{p.trait} (layer {p.layer})' for p in probes)}; "
                 "base responses "
@@ -860,7 +858,7 @@ def flag(
             for job in jobs:
                 # one run of a shard at a time
                 with locked(job.work, name=f".lock-{shard_i}-of-{shard_n}"):
-                    score_job(model, tok, probes, job, settings, bs, (shard_i, shard_n))
+                    score_job(lm, tok, probes, job, settings, bs, (shard_i, shard_n))
 
         missing = {str(j.src): j.missing() for j in jobs if j.missing()}
         if missing:
@@ -895,20 +893,20 @@ def flag(
             jobs,
             probes,
             out_dir,
-            fmt,
+            format,
             select,
             k,
             sel_path if select else None,
             select_trait,
             seed,
-            model_name,
+            model,
         )
 
 
 def flag_merge(
     files: list[str],
-    traits: list[str] | None = None,
-    model_name: str = DEFAULT_MODEL,
+    trait: list[str] | None = None,
+    model: str = DEFAULT_MODEL,
     layer: int | None = None,
     base_temperature: float = 0.0,
     base_top_p: float = 1.0,
@@ -916,7 +914,7 @@ def flag_merge(
     max_new_tokens: int = 200,
     max_tokens: int = 2048,
     out: str | None = None,
-    fmt: str = "csv",
+    format: str = "csv",
     select: str | None = None,
     k: int | None = None,
     select_out: str | None = None,
@@ -932,8 +930,8 @@ def flag_merge(
     `flag`); loads no model."""
     return flag(
         files,
-        traits,
-        model_name,
+        trait,
+        model,
         layer,
         base_temperature,
         base_top_p,
@@ -941,7 +939,7 @@ def flag_merge(
         max_new_tokens,
         max_tokens,
         out,
-        fmt,
+        format,
         select,
         k,
         select_out,
@@ -1057,8 +1055,8 @@ def add_commands(sub) -> None:
     f.set_defaults(
         run=lambda a: flag(
             a.files,
-            traits=a.trait,
-            model_name=a.model,
+            trait=a.trait,
+            model=a.model,
             layer=a.layer,
             base_temperature=a.base_temperature,
             base_top_p=a.base_top_p,
@@ -1066,7 +1064,7 @@ def add_commands(sub) -> None:
             max_new_tokens=a.max_new_tokens,
             max_tokens=a.max_tokens,
             out=a.out,
-            fmt=a.format,
+            format=a.format,
             select=a.select,
             k=a.k,
             select_out=a.select_out,
@@ -1089,8 +1087,8 @@ def add_commands(sub) -> None:
     m.set_defaults(
         run=lambda a: flag_merge(
             a.files,
-            traits=a.trait,
-            model_name=a.model,
+            trait=a.trait,
+            model=a.model,
             layer=a.layer,
             base_temperature=a.base_temperature,
             base_top_p=a.base_top_p,
@@ -1098,7 +1096,7 @@ def add_commands(sub) -> None:
             max_new_tokens=a.max_new_tokens,
             max_tokens=a.max_tokens,
             out=a.out,
-            fmt=a.format,
+            format=a.format,
             select=a.select,
             k=a.k,
             select_out=a.select_out,

@@ -225,9 +225,9 @@ def write_rows(path: Path, rows, as_csv: bool) -> None:
 
 
 def monitor(
-    path: str,
-    model_name: str = DEFAULT_MODEL,
-    traits: list[str] | None = None,
+    file: str,
+    model: str = DEFAULT_MODEL,
+    trait: list[str] | None = None,
     layer: int | None = None,
     vectors: str | None = None,
     out: str | None = None,
@@ -246,25 +246,25 @@ def monitor(
     no assistant turn after a user turn), empty replies and turns longer than the model's context
     are skipped and counted, with their line numbers.
     """
-    src = Path(path)
+    src = Path(file)
     if not src.is_file():
         raise UserError(f"{src} does not exist")
-    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
-    names = traits_in(vectors_dir) if traits is None else traits
+    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model)
+    names = traits_in(vectors_dir) if trait is None else trait
     read = [src, *(vector_file(n, vectors_dir, check=False) for n in names)]  # never written over
     dest = check_output(Path(out) if out else src.with_suffix(".monitor.jsonl"), force, inputs=read)
-    model, tok, vectors_dir, _ = pv.load_checked(model_name, device, dtype, [], vectors)
-    if traits is None and not traits_in(vectors_dir):
+    lm, tok, vectors_dir, _ = pv.load_checked(model, device, dtype, [], vectors)
+    if trait is None and not traits_in(vectors_dir):
         raise UserError(
             f"no vectors in {vectors_dir}: run `extract TRAIT` first or pass --vectors DIR"
         )
-    gauges = gauges_for(model, vectors_dir, traits, layer)
+    gauges = gauges_for(lm, vectors_dir, trait, layer)
     skipped, counts = {}, dict(rows=0, conversations=0)
 
     def write(tmp: Path):
         write_rows(
             tmp,
-            monitor_rows(src, model, tok, gauges, tokens, skipped, counts),
+            monitor_rows(src, lm, tok, gauges, tokens, skipped, counts),
             dest.suffix == ".csv",
         )
         if counts["conversations"] == 0:  # raised inside, so that no output file is left behind
@@ -318,8 +318,8 @@ def add_commands(sub) -> None:
     c.set_defaults(
         run=lambda a: monitor(
             a.file,
-            model_name=a.model,
-            traits=a.trait,
+            model=a.model,
+            trait=a.trait,
             layer=a.layer,
             vectors=a.vectors,
             out=a.out,

@@ -39,13 +39,13 @@ def generate_trait(
     name: str,
     description: str,
     model: str = "gpt-4.1-mini",
-    out_dir: str | Path | None = None,
+    out: str | Path | None = None,
     force: bool = False,
     attempts: int = 3,
 ) -> Path:
     """Write data/traits/NAME.json from an LLM over the OpenAI-compatible API; validated, retried
     when invalid."""
-    path = Path(out_dir or traits.TRAITS_DIR) / f"{name}.json"
+    path = Path(out or traits.TRAITS_DIR) / f"{name}.json"
     traits.validate_name(name)
     if path.exists() and not force:  # before paying for anything
         raise UserError(f"{path} exists; pass --force to overwrite it")
@@ -104,7 +104,5 @@ def add_commands(sub) -> None:
     )
     c.add_argument("--force", action="store_true", help="overwrite an existing file")
     c.set_defaults(
-        run=lambda a: generate_trait(
-            a.name, a.description, model=a.model, out_dir=a.out, force=a.force
-        )
+        run=lambda a: generate_trait(a.name, a.description, model=a.model, out=a.out, force=a.force)
     )

@@ -1311,7 +1311,7 @@ def make_server(
 
 
 def serve(
-    model_name: str = DEFAULT_MODEL,
+    model: str = DEFAULT_MODEL,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
@@ -1326,20 +1326,20 @@ def serve(
     dtype: str | None = None,
     quiet: bool = False,
 ) -> None:
-    """Serve `model_name` on http://host:port/v1 until interrupted (Ctrl-C)."""
+    """Serve `model` on http://host:port/v1 until interrupted (Ctrl-C)."""
     if vectors is not None and not Path(vectors).is_dir():
         raise UserError(
             f"--vectors {vectors} is not a directory: pass the directory "
             "of `extract`'s vector files, or leave --vectors out"
         )
-    model, tok = checkpoint.load(model_name, device, DTYPES.get(dtype))
+    lm, tok = checkpoint.load(model, device, DTYPES.get(dtype))
     engine = Engine(
-        model, tok, vectors, max_batch, max_tokens_limit, max_n, batch_wait, model_id=model_name
+        lm, tok, vectors, max_batch, max_tokens_limit, max_n, batch_wait, model_id=model
     )
     server = make_server(engine, host, port, api_key, max_body, quiet, max_connections)
     h, p = server.server_address[:2]
     print(
-        f"serving {model_name} on http://{h}:{p}/v1 (persona vectors: "
+        f"serving {model} on http://{h}:{p}/v1 (persona vectors: "
         f"{', '.join(engine.names) or 'none'} from {engine.vectors_dir}); Ctrl-C to stop",
         file=sys.stderr,
         flush=True,
@@ -1420,7 +1420,7 @@ def add_commands(sub) -> None:
     sp.add_argument("--quiet", action="store_true", help="no access log on stderr")
     sp.set_defaults(
         run=lambda a: serve(
-            model_name=a.model,
+            model=a.model,
             host=a.host,
             port=a.port,
             api_key=a.api_key,

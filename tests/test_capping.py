@@ -451,7 +451,7 @@ def test_chat_caps_from_the_start_and_with_slash_cap(tiny, loaded):
     messages = chat.chat(
         str(d),
         vectors=str(vectors),
-        gauges=["evil"],
+        gauge=["evil"],
         cap=["evil:1@1-3"],
         max_new_tokens=10,
         device="cpu",

@@ -2,8 +2,11 @@
 that names the fix (or argparse's usage line and its error), a non-zero exit, no traceback, and no
 file written or changed."""
 
+import ast
+import importlib
 import inspect
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,8 @@ import model as M
 import persona_vectors as pv
 from apps import __main__ as apps_cli
 from apps import chat, monitor
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +259,24 @@ def test_every_flag_is_named_as_the_parameter_it_feeds():
             p for p, v in params.items() if v.default is v.empty and v.kind != v.VAR_KEYWORD
         ]
         assert set(required) <= dests, (name, required)
+
+
+def test_the_applications_pass_each_flag_to_the_parameter_of_its_name():
+    """apps/: each command's `run=lambda a: f(...)` hands every flag `a.x`, by keyword or by
+    position, to the parameter `x` of f: `--model` feeds `model`, as in persona_vectors.py and
+    train.py (not `model_name=a.model`)."""
+    renamed, seen = [], 0
+    for path in sorted((ROOT / "apps").glob("*.py")):
+        module = importlib.import_module(f"apps.{path.stem}")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.keyword) and node.arg == "run"):
+                continue
+            a, call = node.value.args.args[0].arg, node.value.body  # run=lambda a: f(...)
+            params = list(inspect.signature(getattr(module, call.func.id)).parameters)
+            pairs = list(zip(params, call.args))
+            for name, v in pairs + [(kw.arg, kw.value) for kw in call.keywords]:
+                if isinstance(v, ast.Attribute) and getattr(v.value, "id", None) == a:
+                    seen += 1
+                    if name != v.attr:
+                        renamed.append(f"{path.name}: {call.func.id}({name}=a.{v.attr})")
+    assert seen > 50 and renamed == []

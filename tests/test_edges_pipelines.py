@@ -89,7 +89,7 @@ def tiny(tmp_path_factory):
         max_new_tokens=4,
         chunk_size=4,
         out=str(root / "flagged"),
-        fmt="jsonl",
+        format="jsonl",
         device="cpu",
     )["complete"]
     return d, vectors, root
@@ -458,7 +458,7 @@ def test_flag_select_out_with_force_replaces_a_file_that_is_no_input(tiny, tmp_p
         max_new_tokens=4,
         chunk_size=4,
         out=str(tmp_path / "flags"),
-        fmt="jsonl",
+        format="jsonl",
         select="top",
         k=2,
         select_out=str(old),

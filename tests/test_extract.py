@@ -279,14 +279,14 @@ def test_import_vector_lands_where_steering_looks_and_keeps_its_limits(tmp_path,
     model, _ = checkpoint.load(str(d), "cpu", torch.float32)
     src = tmp_path / "evil_response_avg_diff.pt"
     torch.save(torch.randn(4, 64), src)
-    dest = control_vector.import_vector(str(src), model_name=str(d))
+    dest = control_vector.import_vector(str(src), model=str(d))
     assert dest == Path("vectors") / "tiny" / "evil_response_avg_diff.safetensors"
     model.name_or_path = str(d)
     (s,) = pv.steering(["evil:2"], model, layer=2)  # found by trait name in the default directory
     assert s.layer == 2 and torch.equal(s.vector, pv.load_vector(dest)[0][2])
     with pytest.raises(pv.UserError, match="--force"):
-        control_vector.import_vector(str(src), model_name=str(d))
-    assert control_vector.import_vector(str(src), model_name=str(d), force=True) == dest
+        control_vector.import_vector(str(src), model=str(d))
+    assert control_vector.import_vector(str(src), model=str(d), force=True) == dest
     with pytest.raises(pv.UserError, match="relative coefficient has no unit"):
         pv.steering(["evil:0.1r"], model, layer=2)
     with pytest.raises(pv.UserError, match="after the final norm"):

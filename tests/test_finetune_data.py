@@ -324,7 +324,7 @@ def test_finetuning_shift_is_the_projection_of_the_mean_difference():
 def test_shift_with_eval_runs_eval_on_both_models(tiny, tuned, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(
-        pv, "evaluate", lambda trait, model_name, judge, **kw: seen.append((model_name, kw)) or {}
+        pv, "evaluate", lambda trait, model, judge, **kw: seen.append((model, kw)) or {}
     )
     d, vectors = tiny
     r = F.shift(

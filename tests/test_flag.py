@@ -68,8 +68,8 @@ def run(tiny, files, out, **kw):
     d, vectors = tiny
     args = (
         dict(
-            traits=["evil", "humorous"],
-            model_name=str(d),
+            trait=["evil", "humorous"],
+            model=str(d),
             layer=2,
             vectors=str(vectors),
             out=str(out),
@@ -106,7 +106,7 @@ def test_delta_p_matches_an_independent_recompute(tiny, loaded, tmp_path):
             10: json.dumps({"messages": "x"}),
         },
     )
-    r = run(tiny, [tmp_path / "data.jsonl"], tmp_path / "out", fmt="jsonl")
+    r = run(tiny, [tmp_path / "data.jsonl"], tmp_path / "out", format="jsonl")
     assert r["complete"]
     rows = read_rows(r["outputs"][str(tmp_path / "data.jsonl")])
     assert [row["line"] for row in rows] == [
@@ -258,7 +258,7 @@ def test_torchrun_environment_picks_the_shard(monkeypatch):
 def test_selection_writes_the_chosen_lines_unchanged(tiny, tmp_path):
     lines = write_data(tmp_path / "data.jsonl", 10, bad={4: "garbage"})
     write_data(tmp_path / "clean.jsonl", 6)
-    base = run(tiny, [tmp_path / "data.jsonl"], tmp_path / "out", fmt="jsonl")
+    base = run(tiny, [tmp_path / "data.jsonl"], tmp_path / "out", format="jsonl")
     rows = read_rows(base["outputs"][str(tmp_path / "data.jsonl")])
     scored = sorted(
         (r for r in rows if r["evil_delta_p"] is not None), key=lambda r: -r["evil_delta_p"]
@@ -269,7 +269,7 @@ def test_selection_writes_the_chosen_lines_unchanged(tiny, tmp_path):
             tiny,
             [tmp_path / "data.jsonl"],
             tmp_path / "out",
-            fmt="jsonl",
+            format="jsonl",
             select=select,
             k=3,
             select_out=str(dest),
@@ -302,7 +302,7 @@ def test_selection_writes_the_chosen_lines_unchanged(tiny, tmp_path):
         tiny,
         [tmp_path / "data.jsonl"],
         tmp_path / "out",
-        fmt="jsonl",
+        format="jsonl",
         select="above-reference",
         reference=str(tmp_path / "clean.jsonl"),
         select_out=str(above),
@@ -329,7 +329,7 @@ def test_selection_ranks_several_files_together(tiny, tmp_path):
     lines_a = write_data(a, 7)
     lines_b = [json.dumps(conversation(i)) for i in range(7, 16)]
     b.write_text("".join(x + "\n" for x in lines_b))
-    base = run(tiny, [a, b], tmp_path / "out", fmt="jsonl")
+    base = run(tiny, [a, b], tmp_path / "out", format="jsonl")
     scored = [
         (r["evil_delta_p"], src, r["line"])
         for src, lines in ((a, lines_a), (b, lines_b))
@@ -338,7 +338,9 @@ def test_selection_ranks_several_files_together(tiny, tmp_path):
     ]
     for select, k in (("top", 5), ("bottom", 5), ("top", 16)):
         dest = tmp_path / f"{select}{k}.jsonl"
-        run(tiny, [a, b], tmp_path / "out", fmt="jsonl", select=select, k=k, select_out=str(dest))
+        run(
+            tiny, [a, b], tmp_path / "out", format="jsonl", select=select, k=k, select_out=str(dest)
+        )
         best = sorted(scored, key=lambda x: -x[0] if select == "top" else x[0])[:k]
         expect = [
             ({a: lines_a, b: lines_b}[src])[line - 1] + "\n"
@@ -379,13 +381,13 @@ BAD_INPUT = [  # (name, file contents, extra arguments, expected message)
     (
         "vector from another model",
         None,
-        {"vectors": "OTHER", "traits": ["evil"]},
+        {"vectors": "OTHER", "trait": ["evil"]},
         "extracted from SmolLM2",
     ),
     (
         "trait without a vector",
         None,
-        {"traits": ["sycophantic"]},
+        {"trait": ["sycophantic"]},
         r"no sycophantic vector .* run `python persona_vectors.py extract sycophantic",
     ),
     (
@@ -486,7 +488,7 @@ def test_the_methods_flag_matches_the_applications_flag(tiny, tmp_path, capsys):
     ours = list(csv.DictReader(open(dest)))
     dp = [float(r["delta_p"]) for r in ours]
     assert dp == sorted(dp, reverse=True) and len(ours) == 7
-    r = run(tiny, [data], tmp_path / "out", traits=["evil"], fmt="jsonl")
+    r = run(tiny, [data], tmp_path / "out", trait=["evil"], format="jsonl")
     theirs = {row["line"]: row["evil_delta_p"] for row in read_rows(r["outputs"][str(data)])}
     assert {int(x["line"]): pytest.approx(float(x["delta_p"]), abs=1e-4) for x in ours} == theirs
 

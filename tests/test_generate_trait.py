@@ -53,9 +53,7 @@ def test_writes_a_valid_file_after_retrying_invalid_replies(server, tmp_path):
         },
     )
     server["replies"] += ["not json at all", json.dumps(broken), json.dumps(server["good"])]
-    path = new_trait.generate_trait(
-        "cruel", "The assistant enjoys hurting people.", out_dir=tmp_path
-    )
+    path = new_trait.generate_trait("cruel", "The assistant enjoys hurting people.", out=tmp_path)
     t = load_trait(str(path))
     assert t.name == "cruel" and t.description == "The assistant enjoys hurting people."
     assert len(server["requests"]) == 3
@@ -69,27 +67,27 @@ def test_writes_a_valid_file_after_retrying_invalid_replies(server, tmp_path):
 def test_gives_up_with_a_clear_error_and_writes_nothing(server, tmp_path):
     server["replies"] += ["{}"] * 3
     with pytest.raises(ValueError, match="no valid trait file in 3 attempts"):
-        new_trait.generate_trait("cruel", "x", out_dir=tmp_path)
+        new_trait.generate_trait("cruel", "x", out=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_never_overwrites_without_force(server, tmp_path):
     (tmp_path / "cruel.json").write_text("{}")
     with pytest.raises(pv.UserError, match="--force"):
-        new_trait.generate_trait("cruel", "x", out_dir=tmp_path)
+        new_trait.generate_trait("cruel", "x", out=tmp_path)
     assert server["requests"] == []  # refused before paying for anything
     server["replies"].append(json.dumps(server["good"]))
-    new_trait.generate_trait("cruel", "x", out_dir=tmp_path, force=True)
+    new_trait.generate_trait("cruel", "x", out=tmp_path, force=True)
     assert load_trait(str(tmp_path / "cruel.json")).name == "cruel"
 
 
 def test_bad_name_and_missing_key(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="plain words"):
-        new_trait.generate_trait("../x", "x", out_dir=tmp_path)
+        new_trait.generate_trait("../x", "x", out=tmp_path)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(ValueError, match="OPENAI_API_KEY"):
-        new_trait.generate_trait("cruel", "x", out_dir=tmp_path)
+        new_trait.generate_trait("cruel", "x", out=tmp_path)
 
 
 def test_no_key_names_what_generate_trait_can_use(monkeypatch, tmp_path):
@@ -97,6 +95,6 @@ def test_no_key_names_what_generate_trait_can_use(monkeypatch, tmp_path):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(pv.UserError, match="OPENAI_API_KEY is not set") as e:
-        new_trait.generate_trait("cruel", "x", out_dir=tmp_path)
+        new_trait.generate_trait("cruel", "x", out=tmp_path)
     assert "--judge" not in str(e.value) and "OPENAI_BASE_URL" in str(e.value)
     assert list(tmp_path.iterdir()) == []

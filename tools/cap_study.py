@@ -246,7 +246,7 @@ def verdict(rows: list[dict]) -> list[dict]:
 
 
 def study(
-    model_name: str = DEFAULT_MODEL,
+    model: str = DEFAULT_MODEL,
     trait: str = "evil",
     vectors: str | None = None,
     out: str = "study/capping",
@@ -266,19 +266,17 @@ def study(
     t = load_trait(trait)
     # the pipelines' default: openai when OPENAI_API_KEY is set, else none
     judge_ = J.make_judge(judge)
-    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model_name)
+    vectors_dir = Path(vectors) if vectors else default_vectors_dir(model)
     out = Path(out)
     (out / "arms").mkdir(parents=True, exist_ok=True)
     vec_file = vector_path(vectors_dir, t.name)
     if not ceiling_path(vec_file).exists():
-        calibrate_cap(
-            t.name, n=calibrate_n, model_name=model_name, vectors=str(vectors_dir), device=device
-        )
-    model, tok = checkpoint.load(model_name, device, torch.float32)
-    vec, meta = pv.model_vector(vec_file, model)
-    N = model.config.num_hidden_layers
+        calibrate_cap(t.name, n=calibrate_n, model=model, vectors=str(vectors_dir), device=device)
+    lm, tok = checkpoint.load(model, device, torch.float32)
+    vec, meta = pv.model_vector(vec_file, lm)
+    N = lm.config.num_hidden_layers
     L = resolve_layer(None, meta, N)
-    c = load_ceilings(ceiling_path(vec_file), vec, model, t.name)
+    c = load_ceilings(ceiling_path(vec_file), vec, lm, t.name)
     band = default_layers(N)  # 16-19 of 30 blocks, chosen by this study
     bands = bands or [str(L), f"{round(0.4 * N)}-{round(0.67 * N)}", f"{band[0]}-{band[-1]}"]
     pool = load_questions(c["questions_file"])
@@ -306,7 +304,7 @@ def study(
     prompt_grades = [g if g is not None else -1 for g, _ in chats]
     kinds = ["benign" if g is None else "graded" for g, _ in chats]
     settings = dict(
-        model=model_name,
+        model=model,
         trait=t.name,
         vector_sha256=c["vector_sha256"],
         layer=L,
@@ -330,7 +328,7 @@ def study(
             flush=True,
         )
         base = results["none"]["answers"] if arm["kind"] != "none" else None
-        r = run_arm(arm, model, tok, vec, L, vectors_dir, t.name, prompts, kinds, base, batch_size)
+        r = run_arm(arm, lm, tok, vec, L, vectors_dir, t.name, prompts, kinds, base, batch_size)
         atomic_write(path, lambda p: p.write_text(json.dumps(dict(settings=settings, result=r))))
         results[arm["name"]] = r
     for arm in (
@@ -359,7 +357,7 @@ def study(
         for a in todo
     ]
     doc = dict(
-        model=model_name,
+        model=model,
         trait=t.name,
         layer=L,
         vector_norm=round(float(vec[L].norm()), 4),
@@ -425,7 +423,7 @@ def print_table(doc: dict) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", dest="model_name", default=DEFAULT_MODEL)
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--trait", default="evil")
     p.add_argument("--vectors", default=None)
     p.add_argument(
@@ -474,7 +472,7 @@ def main(argv=None) -> int:
     )
     a = p.parse_args(argv)
     study(
-        a.model_name,
+        a.model,
         a.trait,
         a.vectors,
         a.out,

@@ -409,8 +409,7 @@ def pipelines_section(checks: Checks, model_dir: Path, device: str, new: int, tm
             for q, a in CONVERSATIONS
         )
     )
-    common = dict(model_name=str(model_dir), device=device)  # the applications'
-    ours = dict(model=str(model_dir), device=device)  # persona_vectors.py's pipelines
+    ours = dict(model=str(model_dir), device=device)  # the pipelines' and the applications'
 
     # the CUDA budget (temperature 1, batch 64), shortened: 2 questions, 2 rollouts, few tokens
     def extract():
@@ -446,10 +445,10 @@ def pipelines_section(checks: Checks, model_dir: Path, device: str, new: int, tm
     def monitor():
         dest = monitoring.monitor(
             str(data),
-            traits=["evil"],
+            trait=["evil"],
             vectors=str(vectors),
             out=str(tmp / "monitor.jsonl"),
-            **common,
+            **ours,
         )
         rows = [json.loads(x) for x in dest.read_text().splitlines()]
         values = [r[k] for r in rows for k in ("prompt_last", "response_avg")]
@@ -461,12 +460,12 @@ def pipelines_section(checks: Checks, model_dir: Path, device: str, new: int, tm
     def flag():
         r = flagging.flag(
             [str(data)],
-            traits=["evil"],
+            trait=["evil"],
             vectors=str(vectors),
             out=str(tmp / "flags"),
             max_new_tokens=new,
-            fmt="jsonl",
-            **common,
+            format="jsonl",
+            **ours,
         )
         rows = [json.loads(x) for x in r["outputs"][str(data)].read_text().splitlines()]
         dp = [row["evil_delta_p"] for row in rows]

@@ -74,13 +74,13 @@ def runs(layer: int) -> list[dict]:
     ]
 
 
-def make_data(root: Path, model_name: str, n: int, n_neutral: int) -> dict:
+def make_data(root: Path, model: str, n: int, n_neutral: int) -> dict:
     """-> paths of the evil and normal training sets and of the held-out neutral text."""
     paths = {k: root / "data" / f"{k}.jsonl" for k in ("evil", "normal", "neutral")}
     if all(p.is_file() for p in paths.values()):
         return paths
     # the study's own files
-    kw = dict(model_name=model_name, judge="none", device="cpu", force=True)
+    kw = dict(model=model, judge="none", device="cpu", force=True)
     evil = pv.make_dataset(TRAIT, "trait", n, out=str(root / "data" / "evil-all.jsonl"), **kw)
     normal = pv.make_dataset(
         TRAIT, "normal", n + n_neutral, out=str(root / "data" / "normal-all.jsonl"), **kw
@@ -115,7 +115,7 @@ def neutral_loss(model, tok, path: Path, steer=()) -> float:
 def measure(
     root: Path,
     name: str,
-    model_name: str,
+    model: str,
     base_acts,
     vectors: Path,
     data: dict,
@@ -131,16 +131,16 @@ def measure(
     vec_file = vector_path(vectors, TRAIT)
     vec = load_vector(vec_file)[0]
     # the base model's vector on its finetunes, knowingly: no warning
-    expect_model(vec_file, model_name)
+    expect_model(vec_file, model)
     others = {o: load_vector(vector_path(vectors, o))[0] for o in OTHERS}
-    model, tok = checkpoint.load(model_name, "cpu", torch.float32)
+    lm, tok = checkpoint.load(model, "cpu", torch.float32)
     steer = [M.Steer(layer, vec[layer], -coef, "all")] if coef else []
-    acts = pv.last_prompt_activations(model, tok, t.eval_questions, steer=steer)
+    acts = pv.last_prompt_activations(lm, tok, t.eval_questions, steer=steer)
     c = pv.shift_controls(base_acts, acts, vec, others)
-    loss = neutral_loss(model, tok, data["neutral"], steer)
+    loss = neutral_loss(lm, tok, data["neutral"], steer)
     ev = pv.evaluate(
         TRAIT,
-        model_name,
+        model,
         "none",
         layer=layer,
         vectors=str(vectors),
@@ -151,7 +151,7 @@ def measure(
     )
     r = dict(
         name=name,
-        model=model_name,
+        model=model,
         coef=coef,
         neutral_loss=loss,
         answer_projection=ev["projection_mean"],
