@@ -22,8 +22,11 @@ from support.checkpoint import DTYPES
 from support.files import made_dirs
 
 
-def number(kind, least=None, most=None, strict_least=False):
-    """An argparse type: int or float within bounds, with a message that names the allowed range."""
+def bounded(name: str):
+    """The argparse type of a number whose range is the row `name` of support/limits.LIMITS (a
+    whole number when both bounds are), with a message that names the range."""
+    least, most, _ = limits.LIMITS[name]
+    kind = int if isinstance(least, int) and isinstance(most, int) else float
 
     def parse(text: str):
         try:
@@ -32,24 +35,13 @@ def number(kind, least=None, most=None, strict_least=False):
             raise argparse.ArgumentTypeError(
                 f"expected {'a whole number' if kind is int else 'a number'}, not {text!r}"
             ) from None
-        if isinstance(x, float) and not math.isfinite(x):
+        if not math.isfinite(x):
             raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
-        if least is not None and (x <= least if strict_least else x < least):
-            raise argparse.ArgumentTypeError(
-                f"must be {'>' if strict_least else '>='} {least}, not {text}"
-            )
-        if most is not None and x > most:
-            raise argparse.ArgumentTypeError(f"must be <= {most}, not {text}")
+        problem = limits.out_of_range(x, name)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, not {text}")
         return x
 
-    return parse
-
-
-def bounded(name: str):
-    """The argparse type of a number whose range is the row `name` of support/limits.LIMITS."""
-    least, most, strict = limits.LIMITS[name]
-    kind = int if isinstance(least, int) and isinstance(most, int) else float
-    parse = number(kind, least, most, strict_least=strict)
     parse.limit = name  # what tests/test_edges_mechanism.py looks for
     return parse
 

@@ -30,7 +30,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
-from support import UserError, checkpoint, hub
+from support import UserError, checkpoint, hub, limits
 from support.checkpoint import DTYPES
 from support.files import (
     LOCK,
@@ -57,8 +57,10 @@ DIVERGED = 5.0  # nats: a loss this far above its start (step 1's, or validation
 # The settings: checked once, before anything is read or written.
 
 
-LOWEST = {"epochs": 1, "lr": 1e-300, "warmup_steps": 0, "weight_decay": 0, "batch_size": 1}
-LOWEST |= {"grad_accum": 1, "max_seq_len": 2, "max_steps": 1}
+# train's numbers -> their rows in support/limits.LIMITS, the ranges train.py's flags take too
+LIMIT_OF = {"epochs": "count", "max_steps": "count", "lr": "learning_rate", "warmup_steps": "steps"}
+LIMIT_OF |= {"weight_decay": "weight_decay", "batch_size": "count", "grad_accum": "count"}
+LIMIT_OF |= {"max_seq_len": "max_seq_len"}
 INTERRUPTED = "\ninterrupted: run the same command again to resume from the last checkpoint"
 OUT_OF_MEMORY = (
     "error: out of memory: lower --batch-size (raise --grad-accum to keep the batch) or "
@@ -97,14 +99,15 @@ def exit_process(status: int):
 
 
 def check_settings(settings: dict) -> None:
-    """train's keywords: each number at least its LOWEST value (grad_accum and max_steps may be
+    """train's keywords: each number in the range its flag takes (grad_accum and max_steps may be
     unset), --save-every and --dtype readable; else a UserError naming the flag."""
-    for name, lowest in LOWEST.items():
+    for name, row in LIMIT_OF.items():
         value = settings[name]
-        if name in ("grad_accum", "max_steps") and value is None:
-            value = lowest  # unset: the default
-        if not value >= lowest:
-            raise UserError(f"--{name.replace('_', '-')} {value} must be at least {lowest:g}")
+        if value is None and name in ("grad_accum", "max_steps"):
+            continue  # unset: the default
+        problem = limits.out_of_range(value, row)
+        if problem:
+            raise UserError(f"--{name.replace('_', '-')} {value} {problem}")
     parse_save_every(settings["save_every"])
     if isinstance(settings["dtype"], str):
         compute_dtype(settings["dtype"], "cpu")

@@ -112,7 +112,7 @@ CASES = [
     ),  # a folder that was there stays
     ("{r}/ok.jsonl --out {r}/notrun", 1, "not empty and holds no training run"),
     ("{r}/ok.jsonl --out {r}/ok.jsonl", 1, "is an input of this run"),
-    ("{r}/ok.jsonl --out {r}/new/o --max-seq-len 1", 1, "--max-seq-len 1 must be at least 2"),
+    ("{r}/ok.jsonl --out {r}/new/o --max-seq-len 1", 2, "--max-seq-len: must be >= 2, not 1"),
     (
         "{r}/ok.jsonl --out {r}/new/o --save-every 10x",
         1,

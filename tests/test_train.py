@@ -4,7 +4,9 @@ kill -9, DDP and FSDP2 on 2 CPU processes against one, the output directory, and
 Everything on a tiny random chat model."""
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -745,7 +747,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path
     ).all()
 
 
-def test_grad_accum_zero_from_python_is_refused_not_taken_for_the_default():
+def test_numbers_from_python_are_checked_as_the_flags_are():
     from support import training as T
 
     settings = dict(
@@ -760,6 +762,17 @@ def test_grad_accum_zero_from_python_is_refused_not_taken_for_the_default():
         save_every="10m",
         dtype=None,
     )
-    with pytest.raises(UserError, match="--grad-accum 0 must be at least 1"):
+    with pytest.raises(UserError, match="--grad-accum 0 must be >= 1"):
         T.check_settings(settings)
     T.check_settings(settings | {"grad_accum": None})  # unset: the default
+    # the ranges the flags take (support/limits.LIMITS), inf and nan included
+    for key, value, message in (
+        ("weight_decay", math.inf, "--weight-decay inf must be a finite number"),
+        ("weight_decay", 2.0, "--weight-decay 2.0 must be <= 1.0"),
+        ("lr", math.nan, "--lr nan must be a finite number"),
+        ("lr", 0.0, "--lr 0.0 must be > 0.0"),
+        ("epochs", 1.5, "--epochs 1.5 must be a whole number"),
+        ("max_seq_len", 1, "--max-seq-len 1 must be >= 2"),
+    ):
+        with pytest.raises(UserError, match=re.escape(message)):
+            T.check_settings(settings | {"grad_accum": None, key: value})
