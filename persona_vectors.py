@@ -40,7 +40,6 @@ from support.cli import (
     CAP_SPEC,
     COEF,
     COUNT,
-    LAYER,
     MAX_NEW_TOKENS,
     OUTPUT_DIR,
     OUTPUT_FILE,
@@ -50,6 +49,7 @@ from support.cli import (
     TEXT_FILE,
     TOP_P,
     layer_or_sweep,
+    layers,
     listed,
 )
 from support.files import (
@@ -1105,7 +1105,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("trait", help=H["trait"])
     c.add_argument("--model", default=DEFAULT_MODEL, help=H["model"])
     c.add_argument("--judge", help=H["judge"])
-    c.add_argument("--layers", type=listed(LAYER), help="e.g. 8,12,16")
+    c.add_argument("--layers", type=layers, help="e.g. 8,12,16 or 14-20")
     c.add_argument("--coefs", type=listed(COEF), help="e.g. 0.5,1,2")
     c.add_argument("--relative", action="store_true", help="coefs relative to the residual norm")
     c.add_argument("--samples", type=COUNT, help="answers per question and setting")

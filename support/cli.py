@@ -141,6 +141,25 @@ def listed(item):
     return parse
 
 
+def layers(text: str) -> list[int]:
+    """An argparse type for --layers: blocks, comma-separated, where A-B stands for every block
+    from A to B ("8,16-19" -> 8, 16, 17, 18, 19); each once, in the order given."""
+    out = []
+    for part in text.split(","):
+        low, dash, high = part.partition("-")
+        if not dash:
+            out.append(LAYER(part))
+            continue
+        a, b = LAYER(low), LAYER(high)
+        if b < a:
+            raise argparse.ArgumentTypeError(f"the range {part} runs backwards: write {b}-{a}")
+        out += range(a, b + 1)
+    return list(dict.fromkeys(out))
+
+
+layers.limit = "layer"
+
+
 def layer_or_sweep(text: str) -> int | str:
     """An argparse type for --layer: a block (>= 1), or "sweep": the best layer of the trait's last
     `sweep` (support.files.sweep_layer)."""

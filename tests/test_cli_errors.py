@@ -56,6 +56,9 @@ CASES = [
     ("generate Hi --model {d} --top-p 1.5", 2, "--top-p: must be <= 1"),
     ("extract evil --model {d} --pos-threshold 150", 2, "--pos-threshold: must be <= 100"),
     ("sweep evil --model {d} --vectors {v} --layers 1,x", 2, "--layers"),
+    ("sweep evil --model {d} --vectors {v} --layers 3-1", 2, "runs backwards: write 1-3"),
+    ("sweep evil --model {d} --vectors {v} --layers 0-2", 2, "--layers: must be >= 1, not 0"),
+    ("sweep evil --model {d} --vectors {v} --layers 2-9", 1, "--layer 4 out of range"),
     ("chat --model {d} --vectors {v} --layer -1", 2, "--layer: must be >= 1"),
     ("generate Hi --model {d} --dtype float64", 2, "--dtype: choose from float32"),
     # layers outside the model, caught before any generation (exit 1)
@@ -280,3 +283,11 @@ def test_the_applications_pass_each_flag_to_the_parameter_of_its_name():
                     if name != v.attr:
                         renamed.append(f"{path.name}: {call.func.id}({name}=a.{v.attr})")
     assert seen > 50 and renamed == []
+
+
+def test_layers_takes_lists_and_ranges():
+    """sweep --layers: blocks and A-B ranges, each block once, in the order given."""
+    parse = pv.build_parser().parse_args
+    for text, expect in (("8", [8]), ("8,12,16", [8, 12, 16]), ("16-19", [16, 17, 18, 19])):
+        assert parse(["sweep", "evil", "--layers", text]).layers == expect
+    assert parse(["sweep", "evil", "--layers", "20,14-16,15"]).layers == [20, 14, 15, 16]
