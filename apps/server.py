@@ -857,8 +857,10 @@ class Handler(BaseHTTPRequestHandler):
         first = not getattr(self, "served", False)  # a new connection owes its first request now
         if first:
             self.connection.settimeout(self.server.body_timeout)
+        else:  # idle between requests: a new client at the limit may take this place
+            self.server.idle(self.connection, True)
         try:
-            if not self.rfile.peek(1):  # the client closed its idle connection
+            if not self.rfile.peek(1):  # the client closed its idle connection, or was evicted
                 self.close_connection = True
                 return
         except TimeoutError as e:
@@ -870,6 +872,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         finally:
+            self.server.idle(self.connection, False)
             self.connection.settimeout(self.timeout)
         self.served = True
         if not self.read_head():
@@ -1227,7 +1230,9 @@ class Busy(Handler):
 class Server(ThreadingHTTPServer):
     """One thread per connection, at most max_connections of them, and a record of the open
     connections: server_close closes them and joins their threads, so that no handler thread (which
-    may hold the model's tensors) outlives the server."""
+    may hold the model's tensors) outlives the server. At the limit, a new connection takes the
+    place of the connection idle longest between requests (a keep-alive client's, closed as it
+    would be after its 120 s); only when none is idle is it answered 503."""
 
     daemon_threads = (
         False  # joined by server_close (the standard library joins only non-daemon threads)
@@ -1235,6 +1240,7 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address, handler, max_connections: int, drain: float = 5):
         self.lock, self.connections, self.max_connections = threading.Lock(), set(), max_connections
+        self.idle_since: dict[socket.socket, None] = {}  # idle connections, longest idle first
         self.replies = threading.Condition(self.lock)  # notified when a reply from the engine ends
         self.in_reply, self.drain = 0, drain  # replies being written; how long server_close waits
         super().__init__(address, handler)
@@ -1252,8 +1258,24 @@ class Server(ThreadingHTTPServer):
                 self.in_reply -= 1
                 self.replies.notify_all()
 
+    def idle(self, conn: socket.socket, idle: bool) -> None:
+        """Record that `conn` waits for its next request (idle), or no longer does."""
+        with self.lock:
+            if idle:
+                self.idle_since[conn] = None
+            else:
+                self.idle_since.pop(conn, None)
+
     def process_request(self, request, client_address):
         with self.lock:
+            if len(self.connections) >= self.max_connections and self.idle_since:
+                evicted = next(iter(self.idle_since))  # its handler's wait ends: it closes
+                del self.idle_since[evicted]
+                self.connections.discard(evicted)
+                try:
+                    evicted.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             busy = len(self.connections) >= self.max_connections
             if not busy:
                 self.connections.add(request)

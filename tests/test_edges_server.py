@@ -189,12 +189,11 @@ def get_models(url) -> tuple[str, dict]:
 
 
 def test_connections_beyond_the_limit_get_503(tiny):
+    """At the limit, with no connection idle, a new client is answered 503 at once."""
     url, engine, server = start(tiny, max_connections=2)
-    held = [connect(url) for _ in range(2)]
+    held = [connect(url) for _ in range(2)]  # each owes its first request: not idle
     try:
-        for s in held:  # two keep-alive connections, each served and kept open
-            s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert read_reply(s)[0].startswith("HTTP/1.1 200")
+        wait_for(lambda: len(server.connections) == 2)
         for _ in range(3):
             head, body = get_models(url)
             assert head.startswith("HTTP/1.1 503") and "Content-Type: application/json" in head
@@ -205,6 +204,30 @@ def test_connections_beyond_the_limit_get_503(tiny):
         assert len(server.connections) == 2
         held.pop().close()  # a place frees up: the next client is served
         wait_for(lambda: get_models(url)[0].startswith("HTTP/1.1 200"))
+    finally:
+        for s in held:
+            s.close()
+        stop(engine, server)
+
+
+def test_at_the_limit_a_new_client_takes_the_place_of_the_longest_idle_one(tiny):
+    """Idle keep-alive connections do not hold the server's places for their 120 s: at the
+    limit, the one idle longest is closed (as its idle time running out would close it) and the
+    new client is served; its own next request is refused by no one but a closed socket."""
+    url, engine, server = start(tiny, max_connections=2)
+    held = [connect(url) for _ in range(2)]
+    try:
+        for s in held:  # two keep-alive connections, each served and kept open: both idle
+            s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_reply(s)[0].startswith("HTTP/1.1 200")
+        wait_for(lambda: len(server.idle_since) == 2)
+        head, body = get_models(url)  # a third client, at the limit
+        assert head.startswith("HTTP/1.1 200") and body["data"]
+        held[0].settimeout(10)
+        assert held[0].recv(1) == b""  # the first (longest idle) was closed to make room
+        held[1].sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")  # the other still works
+        assert read_reply(held[1])[0].startswith("HTTP/1.1 200")
+        assert len(server.connections) <= 2
     finally:
         for s in held:
             s.close()
