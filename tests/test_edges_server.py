@@ -190,8 +190,8 @@ def get_models(url) -> tuple[str, dict]:
 
 def test_connections_beyond_the_limit_get_503(tiny):
     """At the limit, with no connection idle, a new client is answered 503 at once."""
-    url, engine, server = start(tiny, max_connections=2)
-    held = [connect(url) for _ in range(2)]  # each owes its first request: not idle
+    url, engine, server = start(tiny, max_connections=2, body_timeout=60)
+    held = [connect(url) for _ in range(2)]  # each owes its first request (60 s): not idle
     try:
         wait_for(lambda: len(server.connections) == 2)
         for _ in range(3):
@@ -217,10 +217,10 @@ def test_at_the_limit_a_new_client_takes_the_place_of_the_longest_idle_one(tiny)
     url, engine, server = start(tiny, max_connections=2)
     held = [connect(url) for _ in range(2)]
     try:
-        for s in held:  # two keep-alive connections, each served and kept open: both idle
+        for i, s in enumerate(held):  # two keep-alive connections, served, kept open, idle
             s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_reply(s)[0].startswith("HTTP/1.1 200")
-        wait_for(lambda: len(server.idle_since) == 2)
+            wait_for(lambda i=i: len(server.idle_since) == i + 1)  # the first is idle longest
         head, body = get_models(url)  # a third client, at the limit
         assert head.startswith("HTTP/1.1 200") and body["data"]
         held[0].settimeout(10)
