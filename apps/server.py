@@ -1240,7 +1240,7 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address, handler, max_connections: int, drain: float = 5):
         self.lock, self.connections, self.max_connections = threading.Lock(), set(), max_connections
-        self.idle_since: dict[socket.socket, None] = {}  # idle connections, longest idle first
+        self.idle_connections: dict[socket.socket, None] = {}  # an ordered set: longest idle first
         self.replies = threading.Condition(self.lock)  # notified when a reply from the engine ends
         self.in_reply, self.drain = 0, drain  # replies being written; how long server_close waits
         super().__init__(address, handler)
@@ -1262,15 +1262,15 @@ class Server(ThreadingHTTPServer):
         """Record that `conn` waits for its next request (idle), or no longer does."""
         with self.lock:
             if idle:
-                self.idle_since[conn] = None
+                self.idle_connections[conn] = None
             else:
-                self.idle_since.pop(conn, None)
+                self.idle_connections.pop(conn, None)
 
     def process_request(self, request, client_address):
         with self.lock:
-            if len(self.connections) >= self.max_connections and self.idle_since:
-                evicted = next(iter(self.idle_since))  # its handler's wait ends: it closes
-                del self.idle_since[evicted]
+            if len(self.connections) >= self.max_connections and self.idle_connections:
+                evicted = next(iter(self.idle_connections))  # its handler's wait ends: it closes
+                del self.idle_connections[evicted]
                 self.connections.discard(evicted)
                 try:
                     evicted.shutdown(socket.SHUT_RDWR)

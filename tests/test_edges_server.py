@@ -220,7 +220,7 @@ def test_at_the_limit_a_new_client_takes_the_place_of_the_longest_idle_one(tiny)
         for i, s in enumerate(held):  # two keep-alive connections, served, kept open, idle
             s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_reply(s)[0].startswith("HTTP/1.1 200")
-            wait_for(lambda i=i: len(server.idle_since) == i + 1)  # the first is idle longest
+            wait_for(lambda i=i: len(server.idle_connections) == i + 1)  # the first is idle longest
         head, body = get_models(url)  # a third client, at the limit
         assert head.startswith("HTTP/1.1 200") and body["data"]
         held[0].settimeout(10)

@@ -747,6 +747,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path
     ).all()
 
 
+def test_trains_python_checks_use_the_rows_its_flags_use():
+    """check_settings' table names, for each number, the LIMITS row of its flag's argparse type."""
+    from support import training as T
+
+    types = {a.dest: getattr(a.type, "limit", None) for a in train.parser()._actions}
+    assert T.LIMIT_OF == {name: types[name] for name in T.LIMIT_OF}
+
+
 def test_numbers_from_python_are_checked_as_the_flags_are():
     from support import training as T
 
